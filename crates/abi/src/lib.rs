@@ -1,0 +1,347 @@
+//! The NetKernel ABI: the layout of a region (the shared memory of one attachment) and of the
+//! nqe, the fixed-size record a guest hands its NSM. No I/O lives here; both sides compile the
+//! same definitions, and ServiceLib validates every field a guest can write (DESIGN.md D2).
+//!
+//! ```text
+//! offset 0            RegionHeader (one page): magic, version, sizes, offsets, state, flags
+//! ring_off            job queue: SPSC ring of nqe indices, guest -> NSM
+//! nqe_off             nqe table: NQE_COUNT x Nqe; an nqe's state word is its completion
+//! slot_off            event table: SLOT_COUNT x Slot, readiness of each socket, NSM -> guest
+//! pool_off            buffer pool: data referenced by nqe.buf_off / nqe.buf_len
+//! ```
+//! See docs/ABI.md for the protocol.
+#![forbid(unsafe_code)]
+
+use core::sync::atomic::{AtomicU32, AtomicU64};
+
+/// "NETKRNL" plus a format byte, little endian.
+pub const MAGIC: u64 = u64::from_le_bytes(*b"NETKRNL1");
+/// Bumped on any incompatible change of this file.
+pub const ABI_VERSION: u32 = 1;
+
+/// Number of nqes (and job ring entries); a power of two.
+pub const NQE_COUNT: u32 = 64;
+/// Bytes of buffer pool that belong to each nqe by convention (the guest may reference any
+/// part of the pool; ServiceLib only checks bounds).
+pub const BUF_SIZE: u32 = 256 * 1024;
+/// Socket slots per attachment: the most sockets one guest process can hold open.
+pub const SLOT_COUNT: u32 = 16384;
+/// Regions are sized in units of this so that 2 MiB hugetlb pages can back them.
+pub const REGION_ALIGN: u64 = 2 * 1024 * 1024;
+/// Bytes of sockaddr an nqe carries: sizeof(struct sockaddr_storage).
+pub const ADDR_MAX: usize = 128;
+
+/// `RegionHeader::state`: the NSM serves this region.
+pub const STATE_LIVE: u32 = 1;
+/// `RegionHeader::state`: the NSM serving this region died or dropped the guest; every socket in
+/// it is gone (guests report ECONNRESET) and new sockets need a new attachment.
+pub const STATE_DEAD: u32 = 2;
+
+/// The first page of a region. Offsets are from the start of the region.
+#[repr(C)]
+pub struct RegionHeader {
+    pub magic: u64,
+    pub abi_version: u32,
+    pub header_size: u32,
+    pub region_size: u64,
+    pub nqe_count: u32,
+    pub nqe_size: u32,
+    pub slot_count: u32,
+    pub buf_size: u32,
+    pub ring_off: u64,
+    pub nqe_off: u64,
+    pub slot_off: u64,
+    pub pool_off: u64,
+    pub pool_size: u64,
+    pub attachment_id: u64,
+    _reserved: [u64; 4],
+    /// STATE_LIVE or STATE_DEAD; written by the engine and NSM, read by the guest.
+    pub state: AtomicU32,
+    _pad0: [u8; 60],
+    /// Non-zero while the NSM sleeps in epoll: the guest rings the NSM doorbell only then.
+    pub nsm_sleeping: AtomicU32,
+    _pad1: [u8; 60],
+    /// Number of guest threads sleeping in poll/select/epoll on NetKernel sockets: the NSM
+    /// rings the guest doorbell after a batch of slot updates only while it is non-zero.
+    pub bell_waiters: AtomicU32,
+    _pad2: [u8; 60],
+}
+
+/// The job queue's indices, each on its own cache line. Followed by `NQE_COUNT` u32 entries.
+#[repr(C)]
+pub struct RingHeader {
+    /// Next entry the consumer (NSM) reads. Written only by the NSM.
+    pub head: AtomicU32,
+    _pad0: [u8; 60],
+    /// Next entry the producer (guest) writes. Written only by the guest.
+    pub tail: AtomicU32,
+    _pad1: [u8; 60],
+}
+
+/// `Nqe::state` values. The guest owns an nqe while it is FREE or DONE.
+pub mod nqe_state {
+    pub const FREE: u32 = 0;
+    pub const SUBMITTED: u32 = 1;
+    pub const DONE: u32 = 2;
+    /// Or'ed into SUBMITTED by a guest thread about to futex-wait on the state word; the NSM
+    /// issues a futex wake only when it sees it.
+    pub const WAITER: u32 = 0x100;
+}
+
+/// NetKernel queue element: one socket operation and, once DONE, its result.
+#[repr(C)]
+pub struct Nqe {
+    /// See [`nqe_state`]; the futex word a guest thread waits on for completion.
+    pub state: AtomicU32,
+    /// An [`Op`] as u32.
+    pub op: u32,
+    /// Socket slot index the operation applies to.
+    pub sock: u32,
+    /// Op-specific: MSG_* flags, shutdown how, listen backlog, accept4 flags.
+    pub flags: u32,
+    /// Op-specific: domain, level, ...
+    pub arg0: u64,
+    /// Op-specific: type, optname, ...
+    pub arg1: u64,
+    /// Offset of the op's data in the region; must lie inside the buffer pool.
+    pub buf_off: u64,
+    /// Length of the op's data.
+    pub buf_len: u32,
+    /// Length of the sockaddr in `addr` (in: bind/connect/sendto; out: accept/getsockname/...).
+    pub addr_len: u32,
+    /// Result: >= 0 on success (bytes, new socket slot, ...), or -errno as Linux returns it.
+    pub result: i64,
+    /// Secondary result: the slot's event sequence when the op completed.
+    pub seq: u32,
+    _pad: u32,
+    pub addr: [u8; ADDR_MAX],
+}
+
+/// One socket's readiness as the NSM last saw it. Written by the NSM, read by the guest.
+#[repr(C)]
+pub struct Slot {
+    /// poll(2) bits (POLLIN, POLLOUT, POLLERR, POLLHUP, POLLRDHUP, POLLPRI) of the socket.
+    pub mask: AtomicU32,
+    /// Bumped on every wakeup the stack reports for the socket; the futex word for blocking
+    /// calls and the edge counter for EPOLLET.
+    pub seq: AtomicU32,
+    /// Guest threads futex-waiting on `seq`; the NSM wakes only when non-zero.
+    pub waiters: AtomicU32,
+    /// Bytes the NSM holds for the guest (reserved; 0 for the kernel NSM).
+    pub queued: AtomicU32,
+}
+
+/// Per-connection byte counters the NSM could export in shared memory; reserved for telemetry.
+#[repr(C)]
+pub struct Counter {
+    pub value: AtomicU64,
+}
+
+/// Socket operations a guest can request.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// arg0 = domain, arg1 = type (without SOCK_NONBLOCK/SOCK_CLOEXEC), flags = protocol.
+    Socket = 1,
+    /// addr/addr_len = local address.
+    Bind = 2,
+    /// flags = backlog.
+    Listen = 3,
+    /// flags = SOCK_* for the new socket (ignored by the NSM); out: result = new slot, addr.
+    Accept = 4,
+    /// addr/addr_len = peer. Non-blocking: EINPROGRESS then SO_ERROR, as Linux.
+    Connect = 5,
+    /// buf = data, flags = MSG_*, addr optional (sendto).
+    Send = 6,
+    /// buf = space, flags = MSG_*; out: addr (recvfrom).
+    Recv = 7,
+    /// flags = how.
+    Shutdown = 8,
+    Close = 9,
+    /// arg0 = level, arg1 = optname, buf = value (in/out), buf_len = optlen; result = new optlen.
+    GetSockOpt = 10,
+    /// arg0 = level, arg1 = optname, buf = value.
+    SetSockOpt = 11,
+    GetSockName = 12,
+    GetPeerName = 13,
+    /// arg1 = ioctl request (FIONREAD, SIOCOUTQ, SIOCATMARK); result = value.
+    Ioctl = 14,
+}
+
+impl Op {
+    /// Decodes an op a guest wrote; `None` for anything else (an ABI violation).
+    pub fn from_u32(v: u32) -> Option<Op> {
+        Some(match v {
+            1 => Op::Socket,
+            2 => Op::Bind,
+            3 => Op::Listen,
+            4 => Op::Accept,
+            5 => Op::Connect,
+            6 => Op::Send,
+            7 => Op::Recv,
+            8 => Op::Shutdown,
+            9 => Op::Close,
+            10 => Op::GetSockOpt,
+            11 => Op::SetSockOpt,
+            12 => Op::GetSockName,
+            13 => Op::GetPeerName,
+            14 => Op::Ioctl,
+            _ => return None,
+        })
+    }
+}
+
+/// Where everything lives in a region of the default geometry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    pub ring_off: u64,
+    pub nqe_off: u64,
+    pub slot_off: u64,
+    pub pool_off: u64,
+    pub pool_size: u64,
+    pub region_size: u64,
+}
+
+const fn align_up(v: u64, a: u64) -> u64 {
+    v.div_ceil(a) * a
+}
+
+impl Layout {
+    /// The layout every region of this ABI version uses.
+    pub const fn standard() -> Layout {
+        let header = 4096u64;
+        let ring_off = header;
+        let ring_size = core::mem::size_of::<RingHeader>() as u64 + 4 * NQE_COUNT as u64;
+        let nqe_off = align_up(ring_off + ring_size, 64);
+        let slot_off = align_up(nqe_off + NQE_COUNT as u64 * core::mem::size_of::<Nqe>() as u64, 64);
+        let pool_off = align_up(slot_off + SLOT_COUNT as u64 * core::mem::size_of::<Slot>() as u64, 4096);
+        let pool_size = NQE_COUNT as u64 * BUF_SIZE as u64;
+        let region_size = align_up(pool_off + pool_size, REGION_ALIGN);
+        Layout { ring_off, nqe_off, slot_off, pool_off, pool_size, region_size }
+    }
+
+    /// Whether `[off, off+len)` lies inside the buffer pool. The guest chose both numbers.
+    pub fn pool_contains(&self, off: u64, len: u32) -> bool {
+        off >= self.pool_off
+            && off
+                .checked_add(len as u64)
+                .is_some_and(|end| end <= self.pool_off + self.pool_size)
+    }
+
+    /// Offset of nqe `i`'s conventional buffer.
+    pub const fn buf_off(&self, i: u32) -> u64 {
+        self.pool_off + i as u64 * BUF_SIZE as u64
+    }
+}
+
+/// Why a header is not one this side can use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeaderError {
+    BadMagic(u64),
+    BadVersion(u32),
+    BadGeometry(&'static str),
+}
+
+impl core::fmt::Display for HeaderError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            HeaderError::BadMagic(m) => write!(f, "region magic {m:#x} is not NetKernel's"),
+            HeaderError::BadVersion(v) => {
+                write!(f, "region ABI version {v}, this build speaks {ABI_VERSION}")
+            }
+            HeaderError::BadGeometry(what) => write!(f, "region geometry differs: {what}"),
+        }
+    }
+}
+
+impl RegionHeader {
+    /// Checks that a header describes exactly the standard layout of this ABI version.
+    pub fn validate(&self, mapped_len: u64) -> Result<Layout, HeaderError> {
+        if self.magic != MAGIC {
+            return Err(HeaderError::BadMagic(self.magic));
+        }
+        if self.abi_version != ABI_VERSION {
+            return Err(HeaderError::BadVersion(self.abi_version));
+        }
+        let l = Layout::standard();
+        let checks: [(bool, &'static str); 10] = [
+            (self.header_size as usize == core::mem::size_of::<RegionHeader>(), "header_size"),
+            (self.region_size == l.region_size, "region_size"),
+            (self.region_size <= mapped_len, "region larger than its memfd"),
+            (self.nqe_count == NQE_COUNT, "nqe_count"),
+            (self.nqe_size as usize == core::mem::size_of::<Nqe>(), "nqe_size"),
+            (self.slot_count == SLOT_COUNT, "slot_count"),
+            (self.buf_size == BUF_SIZE, "buf_size"),
+            (self.ring_off == l.ring_off && self.nqe_off == l.nqe_off, "ring/nqe offsets"),
+            (self.slot_off == l.slot_off && self.pool_off == l.pool_off, "slot/pool offsets"),
+            (self.pool_size == l.pool_size, "pool_size"),
+        ];
+        match checks.iter().find(|(ok, _)| !ok) {
+            Some((_, what)) => Err(HeaderError::BadGeometry(what)),
+            None => Ok(l),
+        }
+    }
+
+    /// Fills in a fresh header for the standard layout (the engine does this once per region).
+    pub fn init(&mut self, attachment_id: u64) {
+        let l = Layout::standard();
+        self.magic = MAGIC;
+        self.abi_version = ABI_VERSION;
+        self.header_size = core::mem::size_of::<RegionHeader>() as u32;
+        self.region_size = l.region_size;
+        self.nqe_count = NQE_COUNT;
+        self.nqe_size = core::mem::size_of::<Nqe>() as u32;
+        self.slot_count = SLOT_COUNT;
+        self.buf_size = BUF_SIZE;
+        self.ring_off = l.ring_off;
+        self.nqe_off = l.nqe_off;
+        self.slot_off = l.slot_off;
+        self.pool_off = l.pool_off;
+        self.pool_size = l.pool_size;
+        self.attachment_id = attachment_id;
+        self.state = AtomicU32::new(STATE_LIVE);
+    }
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<RegionHeader>() <= 4096);
+    assert!(core::mem::size_of::<Nqe>() == 192);
+    assert!(core::mem::size_of::<Slot>() == 16);
+    assert!(core::mem::size_of::<RingHeader>() == 128);
+    assert!(NQE_COUNT.is_power_of_two());
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn standard_layout_is_ordered_and_aligned() {
+        let l = Layout::standard();
+        assert!(l.ring_off < l.nqe_off && l.nqe_off < l.slot_off && l.slot_off < l.pool_off);
+        assert_eq!(l.pool_off % 4096, 0);
+        assert_eq!(l.region_size % REGION_ALIGN, 0);
+        assert!(l.pool_off + l.pool_size <= l.region_size);
+    }
+
+    #[test]
+    fn pool_bounds_reject_outside_and_overflow() {
+        let l = Layout::standard();
+        assert!(l.pool_contains(l.pool_off, BUF_SIZE));
+        assert!(l.pool_contains(l.pool_off + l.pool_size - 1, 1));
+        assert!(!l.pool_contains(l.pool_off + l.pool_size - 1, 2));
+        assert!(!l.pool_contains(l.pool_off - 1, 1));
+        assert!(!l.pool_contains(u64::MAX - 2, 10));
+        assert!(!l.pool_contains(0, 16));
+    }
+
+    #[test]
+    fn op_roundtrip_and_garbage() {
+        for v in 1..=14 {
+            assert_eq!(Op::from_u32(v).map(|o| o as u32), Some(v));
+        }
+        assert_eq!(Op::from_u32(0), None);
+        assert_eq!(Op::from_u32(15), None);
+        assert_eq!(Op::from_u32(u32::MAX), None);
+    }
+}

@@ -1,0 +1,276 @@
+//! A region: the memfd-backed shared memory of one attachment, mapped MAP_SHARED by the engine
+//! (which creates and seals it), the NSM and the guest.
+
+use crate::spsc::RingRef;
+use crate::sys;
+use netkernel_abi::{HeaderError, Layout, Nqe, RegionHeader, RingHeader, Slot, NQE_COUNT, SLOT_COUNT};
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::atomic::AtomicU32;
+
+/// Which pages back a region; `ctl status` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backing {
+    /// 2 MiB hugetlb pages (the system has them reserved).
+    Huge2M,
+    /// Ordinary 4 KiB pages.
+    Normal,
+}
+
+impl Backing {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backing::Huge2M => "hugetlb-2MiB",
+            Backing::Normal => "4KiB",
+        }
+    }
+}
+
+/// Why a region could not be mapped.
+#[derive(Debug)]
+pub enum MapError {
+    Io(io::Error),
+    Header(HeaderError),
+}
+
+impl std::fmt::Display for MapError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MapError::Io(e) => write!(f, "mapping region: {e}"),
+            MapError::Header(e) => write!(f, "region header: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for MapError {}
+
+/// A mapped region. Dropping it unmaps it (and closes the memfd if this side kept it).
+pub struct Region {
+    base: *mut u8,
+    len: usize,
+    layout: Layout,
+    fd: Option<RawFd>,
+    backing: Backing,
+}
+
+// SAFETY: the region is shared memory accessed only through atomics and raw-pointer copies;
+// the pointer itself may move between threads.
+unsafe impl Send for Region {}
+// SAFETY: as above: no `&mut` into the mapping is ever handed out.
+unsafe impl Sync for Region {}
+
+fn hugepages_free() -> u64 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let field = |name: &str| {
+        meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    if field("Hugepagesize:") == 2048 {
+        field("HugePages_Free:") * 2 * 1024 * 1024
+    } else {
+        0
+    }
+}
+
+fn memfd(huge: bool) -> io::Result<RawFd> {
+    let mut flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
+    if huge {
+        flags |= libc::MFD_HUGETLB | libc::MFD_HUGE_2MB;
+    }
+    // SAFETY: the name is a NUL-terminated literal.
+    let fd = unsafe { libc::memfd_create(c"netkernel-region".as_ptr(), flags) };
+    if fd < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(fd)
+    }
+}
+
+fn sized_sealed_memfd(huge: bool, len: u64) -> io::Result<RawFd> {
+    let fd = memfd(huge)?;
+    // SAFETY: fd is ours; ftruncate and fcntl take integers.
+    let ok = unsafe {
+        libc::ftruncate(fd, len as libc::off_t) == 0
+            && libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL) == 0
+    };
+    if ok {
+        Ok(fd)
+    } else {
+        let e = io::Error::last_os_error();
+        sys::close(fd);
+        Err(e)
+    }
+}
+
+impl Region {
+    /// Creates, sizes and seals a new region (F_SEAL_SHRINK|F_SEAL_GROW, so no guest can
+    /// truncate it under the NSM) and writes its header. Uses hugetlb pages when enough are free.
+    pub fn create(attachment_id: u64) -> io::Result<Region> {
+        let layout = Layout::standard();
+        let (fd, backing) = match (hugepages_free() >= layout.region_size)
+            .then(|| sized_sealed_memfd(true, layout.region_size).ok())
+            .flatten()
+        {
+            Some(fd) => (fd, Backing::Huge2M),
+            None => (sized_sealed_memfd(false, layout.region_size)?, Backing::Normal),
+        };
+        let mut r = Self::mmap(fd, layout.region_size as usize, layout, backing)?;
+        r.fd = Some(fd);
+        // SAFETY: the mapping is fresh, zero-filled, at least a page long, and not yet shared.
+        unsafe { (*(r.base as *mut RegionHeader)).init(attachment_id) };
+        Ok(r)
+    }
+
+    /// Maps a region received over a unix socket and checks its header. Takes ownership of `fd`
+    /// only on success when `keep_fd` is set; otherwise the caller still owns it.
+    pub fn map(fd: RawFd) -> Result<Region, MapError> {
+        // SAFETY: stat is plain data, filled by fstat.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: st is a valid out-pointer.
+        if unsafe { libc::fstat(fd, &mut st) } != 0 {
+            return Err(MapError::Io(io::Error::last_os_error()));
+        }
+        let len = st.st_size as u64;
+        if len < 4096 {
+            return Err(MapError::Header(HeaderError::BadGeometry("memfd smaller than a header")));
+        }
+        // SAFETY: F_GET_SEALS only reads the fd's seals.
+        let seals = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) };
+        if seals < 0 || seals & (libc::F_SEAL_SHRINK | libc::F_SEAL_GROW) != libc::F_SEAL_SHRINK | libc::F_SEAL_GROW {
+            return Err(MapError::Header(HeaderError::BadGeometry("memfd is not sealed against resizing")));
+        }
+        let backing = if st.st_blksize >= 2 * 1024 * 1024 { Backing::Huge2M } else { Backing::Normal };
+        let r = Self::mmap(fd, len as usize, Layout::standard(), backing).map_err(MapError::Io)?;
+        r.header().validate(len).map_err(MapError::Header)?;
+        Ok(r)
+    }
+
+    fn mmap(fd: RawFd, len: usize, layout: Layout, backing: Backing) -> io::Result<Region> {
+        // SAFETY: mapping a file we hold; the kernel picks the address.
+        let p = unsafe {
+            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0)
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Region { base: p.cast(), len, layout, fd: None, backing })
+    }
+
+    /// The memfd, when this side created the region.
+    pub fn fd(&self) -> Option<RawFd> {
+        self.fd
+    }
+
+    pub fn backing(&self) -> Backing {
+        self.backing
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    pub fn header(&self) -> &RegionHeader {
+        // SAFETY: the header sits at offset 0 of a mapping at least a page long; its shared
+        // mutable fields are atomics.
+        unsafe { &*(self.base as *const RegionHeader) }
+    }
+
+    /// The job queue (guest -> NSM).
+    pub fn ring(&self) -> RingRef<'_> {
+        // SAFETY: ring_off and the entries that follow lie inside the mapping (Layout is
+        // checked at compile time to fit); all fields are atomics.
+        unsafe {
+            let h = &*(self.base.add(self.layout.ring_off as usize) as *const RingHeader);
+            let e = self.base.add(self.layout.ring_off as usize + std::mem::size_of::<RingHeader>()) as *const AtomicU32;
+            RingRef { head: &h.head, tail: &h.tail, entries: std::slice::from_raw_parts(e, NQE_COUNT as usize) }
+        }
+    }
+
+    /// Raw pointer to nqe `i` (`i < NQE_COUNT`). Its non-atomic fields may change under the
+    /// reader at any time: copy them out with volatile reads before trusting them.
+    pub fn nqe(&self, i: u32) -> *mut Nqe {
+        assert!(i < NQE_COUNT);
+        // SAFETY: in bounds of the nqe table, which lies inside the mapping.
+        unsafe { self.base.add(self.layout.nqe_off as usize).cast::<Nqe>().add(i as usize) }
+    }
+
+    /// The state word of nqe `i`.
+    pub fn nqe_state(&self, i: u32) -> &AtomicU32 {
+        // SAFETY: `nqe` returns an in-bounds, aligned pointer; `state` is an atomic.
+        unsafe { &(*self.nqe(i)).state }
+    }
+
+    /// Readiness slot `i` (`i < SLOT_COUNT`).
+    pub fn slot(&self, i: u32) -> &Slot {
+        assert!(i < SLOT_COUNT);
+        // SAFETY: in bounds of the slot table; all fields are atomics.
+        unsafe { &*self.base.add(self.layout.slot_off as usize).cast::<Slot>().add(i as usize) }
+    }
+
+    /// Pointer to `[off, off+len)`, which the caller has checked lies in the buffer pool.
+    pub fn pool_ptr(&self, off: u64, len: u32) -> *mut u8 {
+        assert!(self.layout.pool_contains(off, len));
+        // SAFETY: checked to lie inside the pool, which lies inside the mapping.
+        unsafe { self.base.add(off as usize) }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: base/len describe a mapping this value created and nobody else unmaps.
+        unsafe { libc::munmap(self.base.cast(), self.len) };
+        if let Some(fd) = self.fd {
+            sys::close(fd);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+
+    #[test]
+    fn create_then_map_shares_memory() {
+        let a = Region::create(7).unwrap();
+        let b = Region::map(a.fd().unwrap()).unwrap();
+        assert_eq!(b.header().attachment_id, 7);
+        a.slot(3).seq.store(42, Ordering::Release);
+        assert_eq!(b.slot(3).seq.load(Ordering::Acquire), 42);
+        a.ring().push(5).unwrap();
+        let mut c = crate::spsc::Consumer::new(b.ring());
+        assert_eq!(c.pop(), Ok(Some(5)));
+    }
+
+    #[test]
+    fn sealed_region_cannot_shrink() {
+        let a = Region::create(1).unwrap();
+        // SAFETY: fd is valid; the call must fail because of the seal.
+        let r = unsafe { libc::ftruncate(a.fd().unwrap(), 4096) };
+        assert_eq!(r, -1);
+        assert_eq!(io::Error::last_os_error().raw_os_error(), Some(libc::EPERM));
+    }
+
+    #[test]
+    fn unsealed_or_foreign_memfd_is_refused() {
+        let fd = memfd(false).unwrap();
+        // SAFETY: sizing our own memfd.
+        unsafe { libc::ftruncate(fd, Layout::standard().region_size as i64) };
+        assert!(matches!(Region::map(fd), Err(MapError::Header(_))));
+        sys::close(fd);
+        let fd = sized_sealed_memfd(false, Layout::standard().region_size).unwrap();
+        assert!(matches!(Region::map(fd), Err(MapError::Header(HeaderError::BadMagic(0)))));
+        sys::close(fd);
+    }
+}

@@ -1,0 +1,228 @@
+//! Raw system calls used on both sides of a region. They go through `libc::syscall` so that
+//! GuestLib, which interposes the libc wrappers of read/write/close/sendmsg/..., can use them
+//! without re-entering itself.
+
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::atomic::AtomicU32;
+use std::time::Duration;
+
+fn check(r: libc::c_long) -> io::Result<usize> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
+}
+
+/// Sleeps while `*word == expected`, at most `timeout`. Returns Ok(false) on timeout.
+/// The word lives in a MAP_SHARED region, so this is a shared (not PRIVATE) futex.
+/// A signal without SA_RESTART surfaces as EINTR, as it would from a blocking socket call.
+pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) -> io::Result<bool> {
+    let ts;
+    let tsp = match timeout {
+        Some(d) => {
+            ts = libc::timespec { tv_sec: d.as_secs() as _, tv_nsec: d.subsec_nanos() as _ };
+            &ts as *const libc::timespec
+        }
+        None => std::ptr::null(),
+    };
+    // SAFETY: `word` is a valid, aligned u32 for the duration of the call; `tsp` is null or
+    // points at `ts`, which outlives the call.
+    let r = unsafe {
+        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAIT, expected, tsp, 0, 0)
+    };
+    match check(r) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ETIMEDOUT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Wakes every waiter on `word`.
+pub fn futex_wake(word: &AtomicU32) {
+    // SAFETY: FUTEX_WAKE only uses the address as a key; `word` is valid.
+    unsafe {
+        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, i32::MAX, 0, 0, 0);
+    }
+}
+
+/// A new non-blocking, close-on-exec eventfd.
+pub fn eventfd() -> io::Result<RawFd> {
+    // SAFETY: plain system call with integer arguments.
+    let r = unsafe { libc::syscall(libc::SYS_eventfd2, 0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    check(r).map(|fd| fd as RawFd)
+}
+
+/// Rings a doorbell: adds 1 to an eventfd. A full counter (never in practice) is ignored.
+pub fn ring_bell(fd: RawFd) {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a live local.
+    unsafe {
+        libc::syscall(libc::SYS_write, fd, &one as *const u64, 8);
+    }
+}
+
+/// Drains an eventfd; returns the counter (0 when it was not readable).
+pub fn drain_bell(fd: RawFd) -> u64 {
+    let mut v: u64 = 0;
+    // SAFETY: reads at most 8 bytes into a live local.
+    let r = unsafe { libc::syscall(libc::SYS_read, fd, &mut v as *mut u64, 8) };
+    if r == 8 {
+        v
+    } else {
+        0
+    }
+}
+
+/// close(2) without going through libc's (possibly interposed) wrapper.
+pub fn close(fd: RawFd) {
+    // SAFETY: closing an fd the caller owns.
+    unsafe {
+        libc::syscall(libc::SYS_close, fd);
+    }
+}
+
+/// Sends `data` and `fds` as one message (SCM_RIGHTS) on a unix socket.
+pub fn send_with_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<usize> {
+    let mut iov = libc::iovec { iov_base: data.as_ptr() as *mut _, iov_len: data.len() };
+    let mut cbuf = [0u64; 16];
+    // SAFETY: msghdr is plain data; zeroed is a valid initial state.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if !fds.is_empty() {
+        assert!(fds.len() <= 8, "at most 8 fds per message");
+        let payload = std::mem::size_of_val(fds) as u32;
+        // SAFETY: CMSG_SPACE/CMSG_LEN are pure arithmetic.
+        let space = unsafe { libc::CMSG_SPACE(payload) } as usize;
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = space;
+        // SAFETY: msg_control points at cbuf, which has room for one cmsg of `space` bytes
+        // (128 bytes >= CMSG_SPACE(8 * 4)); the data pointer stays inside it.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(payload) as usize;
+            std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(c).cast(), fds.len());
+        }
+    }
+    // SAFETY: msg and everything it points to is alive for the call.
+    let r = unsafe { libc::syscall(libc::SYS_sendmsg, sock, &msg as *const libc::msghdr, libc::MSG_NOSIGNAL) };
+    check(r)
+}
+
+/// Receives one message and up to 8 fds (close-on-exec) from a unix socket.
+/// Returns the byte count (0 at end of stream) and the fds.
+pub fn recv_with_fds(sock: RawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<RawFd>)> {
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    let mut cbuf = [0u64; 16];
+    // SAFETY: msghdr is plain data; zeroed is a valid initial state.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&cbuf);
+    // SAFETY: msg points at live buffers for the call.
+    let r = unsafe {
+        libc::syscall(libc::SYS_recvmsg, sock, &mut msg as *mut libc::msghdr, libc::MSG_CMSG_CLOEXEC)
+    };
+    let n = check(r)?;
+    let mut fds = Vec::new();
+    // SAFETY: the kernel filled msg_control with well-formed cmsgs within msg_controllen;
+    // CMSG_FIRSTHDR/NXTHDR stay inside it and we copy out only whole fds.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let bytes = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                let p = libc::CMSG_DATA(c) as *const RawFd;
+                for i in 0..bytes / 4 {
+                    fds.push(std::ptr::read_unaligned(p.add(i)));
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Ok((n, fds))
+}
+
+/// Largest control frame accepted; anything bigger is garbage, not a message.
+pub const MAX_FRAME: usize = 64 << 20;
+
+fn write_all(sock: RawFd, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        // SAFETY: data is a live slice for the call.
+        let r = unsafe { libc::syscall(libc::SYS_sendto, sock, data.as_ptr(), data.len(), libc::MSG_NOSIGNAL, 0, 0) };
+        match check(r) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn read_exact(sock: RawFd, mut buf: &mut [u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        // SAFETY: buf is a live, writable slice for the call.
+        let r = unsafe { libc::syscall(libc::SYS_recvfrom, sock, buf.as_mut_ptr(), buf.len(), 0, 0, 0) };
+        match check(r) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => buf = &mut buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Sends one control frame on a unix stream socket: a u32 little-endian length, the payload,
+/// and `fds` attached to the frame's first byte.
+pub fn send_frame(sock: RawFd, payload: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    let len = (payload.len() as u32).to_le_bytes();
+    let mut first = Vec::with_capacity(4 + payload.len());
+    first.extend_from_slice(&len);
+    first.extend_from_slice(payload);
+    let n = loop {
+        match send_with_fds(sock, &first, fds) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => break r?,
+        }
+    };
+    write_all(sock, &first[n..])
+}
+
+/// Receives one control frame sent by [`send_frame`]. `Ok(None)` at a clean end of stream.
+/// A frame longer than [`MAX_FRAME`] is refused with `InvalidData`.
+pub fn recv_frame(sock: RawFd) -> io::Result<Option<(Vec<u8>, Vec<RawFd>)>> {
+    let mut len = [0u8; 4];
+    let (n, fds) = loop {
+        match recv_with_fds(sock, &mut len) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => break r?,
+        }
+    };
+    let close_all = |fds: &[RawFd]| fds.iter().for_each(|&fd| close(fd));
+    if n == 0 {
+        close_all(&fds);
+        return Ok(None);
+    }
+    if let Err(e) = read_exact(sock, &mut len[n..]) {
+        close_all(&fds);
+        return Err(e);
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_FRAME {
+        close_all(&fds);
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("control frame of {len} bytes")));
+    }
+    let mut payload = vec![0u8; len];
+    if let Err(e) = read_exact(sock, &mut payload) {
+        close_all(&fds);
+        return Err(e);
+    }
+    Ok(Some((payload, fds)))
+}
