@@ -217,6 +217,35 @@ impl Region {
         unsafe { self.base.add(off as usize) }
     }
 
+    /// Declares the region dead (its NSM died or refused the guest): every submitted nqe
+    /// completes with ECONNRESET and every sleeper is woken, so no guest thread hangs. Changing
+    /// the futex words before waking closes the race with a thread about to sleep.
+    pub fn mark_dead(&self, guest_bell: Option<RawFd>) {
+        use netkernel_abi::nqe_state;
+        use std::sync::atomic::Ordering;
+        self.header().state.store(netkernel_abi::STATE_DEAD, Ordering::SeqCst);
+        for i in 0..NQE_COUNT {
+            let st = self.nqe_state(i);
+            if st.load(Ordering::Acquire) & nqe_state::SUBMITTED != 0 {
+                // SAFETY: nqe(i) is in bounds; the guest reads `result` only after DONE.
+                unsafe { std::ptr::write_volatile(&mut (*self.nqe(i)).result, -(libc::ECONNRESET as i64)) };
+                st.store(nqe_state::DONE, Ordering::Release);
+            }
+            sys::futex_wake(st);
+        }
+        for i in 0..SLOT_COUNT {
+            let slot = self.slot(i);
+            slot.mask.fetch_or((libc::POLLERR | libc::POLLHUP) as u32, Ordering::Release);
+            slot.seq.fetch_add(1, Ordering::Release);
+            if slot.waiters.load(Ordering::Acquire) != 0 {
+                sys::futex_wake(&slot.seq);
+            }
+        }
+        if let Some(fd) = guest_bell {
+            sys::ring_bell(fd);
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }

@@ -61,6 +61,17 @@ impl<'a> Consumer<'a> {
         Consumer { ring, head }
     }
 
+    /// Resumes consuming at a head this side saved earlier (never one read back from the
+    /// shared memory, which the producer can overwrite).
+    pub fn resume(ring: RingRef<'a>, head: u32) -> Self {
+        Consumer { ring, head }
+    }
+
+    /// The head to save for [`Consumer::resume`].
+    pub fn head(&self) -> u32 {
+        self.head
+    }
+
     /// Whether an entry is waiting, without taking it.
     pub fn has_work(&self) -> bool {
         self.ring.tail.load(Ordering::Acquire) != self.head

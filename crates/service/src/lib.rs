@@ -1,0 +1,589 @@
+//! ServiceLib: the library every NSM links. It drives attachments (one region per guest
+//! process), validates every nqe a guest writes (DESIGN.md D2), publishes socket readiness into
+//! the guest's slot table, counts telemetry, and calls the network stack through [`Stack`].
+//!
+//! One thread runs [`Service::run`]: it drains the guests' job queues, spins briefly while there
+//! is work, and otherwise sleeps in epoll with `nsm_sleeping` published so that guests ring the
+//! doorbell only then (D5).
+
+pub mod control;
+pub mod stack;
+mod telemetry;
+
+pub use stack::{Errno, Stack};
+
+use control::{NsmRequest, NsmStats};
+use netkernel_abi::{nqe_state, Nqe, Op, ADDR_MAX, NQE_COUNT, SLOT_COUNT};
+use netkernel_ring::region::Region;
+use netkernel_ring::spsc::{Consumer, Corrupt};
+use netkernel_ring::sys;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{fence, Ordering};
+use std::time::{Duration, Instant};
+
+/// How long the loop keeps polling after the last piece of work before it sleeps.
+const SPIN: Duration = Duration::from_micros(50);
+
+const KIND_SHIFT: u64 = 62;
+const TOK_SOCK: u64 = 0;
+const TOK_BELL: u64 = 1;
+const TOK_PIDFD: u64 = 2;
+const TOK_CONTROL: u64 = 3 << KIND_SHIFT;
+
+fn tok(kind: u64, att: usize, slot: u32) -> u64 {
+    (kind << KIND_SHIFT) | ((att as u64) << 32) | slot as u64
+}
+
+/// Why a guest lost its attachment: it broke the ABI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Violation {
+    /// The job queue's tail claims more entries than the queue holds.
+    Queue(Corrupt),
+    /// A job queue entry names an nqe past the end of the nqe table.
+    NqeIndex(u32),
+    /// An nqe carries an opcode that does not exist.
+    Opcode { nqe: u32, op: u32 },
+    /// An nqe's buffer reference lies outside the region's buffer pool.
+    Buffer { nqe: u32, off: u64, len: u32 },
+    /// An nqe's address length exceeds sockaddr_storage.
+    AddrLen { nqe: u32, len: u32 },
+}
+
+impl std::fmt::Display for Violation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Violation::Queue(c) => write!(f, "job queue corrupt: head {} tail {}", c.head, c.tail),
+            Violation::NqeIndex(i) => write!(f, "job queue names nqe {i}, past the end ({NQE_COUNT})"),
+            Violation::Opcode { nqe, op } => write!(f, "nqe {nqe} has unknown opcode {op}"),
+            Violation::Buffer { nqe, off, len } => {
+                write!(f, "nqe {nqe} buffer [{off:#x}, +{len}) lies outside the buffer pool")
+            }
+            Violation::AddrLen { nqe, len } => write!(f, "nqe {nqe} address length {len} > {ADDR_MAX}"),
+        }
+    }
+}
+
+struct Sock {
+    fd: OwnedFd,
+    stream: bool,
+    bytes_in: u64,
+    bytes_out: u64,
+}
+
+struct Attachment {
+    id: u64,
+    tenant: String,
+    pid: i32,
+    uid: u32,
+    region: Region,
+    head: u32,
+    nsm_bell: OwnedFd,
+    guest_bell: OwnedFd,
+    _pidfd: OwnedFd,
+    socks: Vec<Option<Sock>>,
+    free: Vec<u32>,
+    bell_pending: bool,
+}
+
+impl Attachment {
+    fn sock(&self, id: u32) -> Result<&Sock, Errno> {
+        self.socks.get(id as usize).and_then(|s| s.as_ref()).ok_or(libc::EBADF)
+    }
+}
+
+/// A copy of an nqe's request fields, taken once so the guest cannot change them under us.
+struct Request {
+    op: Op,
+    sock: u32,
+    flags: u32,
+    arg0: u64,
+    arg1: u64,
+    buf_off: u64,
+    buf_len: u32,
+    addr_len: u32,
+    addr: [u8; ADDR_MAX],
+}
+
+/// An NSM's event loop over its attachments and one [`Stack`].
+pub struct Service<S: Stack> {
+    stack: S,
+    name: String,
+    epfd: OwnedFd,
+    control: OwnedFd,
+    atts: Vec<Option<Attachment>>,
+    stats: NsmStats,
+}
+
+fn epoll_ctl(epfd: RawFd, op: i32, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
+    let mut ev = libc::epoll_event { events, u64: token };
+    // SAFETY: ev is a live local; epoll_ctl validates the fds.
+    if unsafe { libc::epoll_ctl(epfd, op, fd, &mut ev) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Everything the NSM watches on a stack socket, edge-triggered: each kernel wakeup becomes one
+/// event, which is what the guest's own EPOLLET would have seen.
+const SOCK_EVENTS: u32 =
+    (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLPRI | libc::EPOLLET) as u32;
+
+impl<S: Stack> Service<S> {
+    /// A service for NSM `name` that takes orders from the engine on `control`.
+    pub fn new(stack: S, name: String, control: OwnedFd) -> io::Result<Self> {
+        // SAFETY: plain system call.
+        let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if ep < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: ep is a fresh fd we own.
+        let epfd = unsafe { OwnedFd::from_raw_fd(ep) };
+        epoll_ctl(epfd.as_raw_fd(), libc::EPOLL_CTL_ADD, control.as_raw_fd(), libc::EPOLLIN as u32, TOK_CONTROL)?;
+        let stats = NsmStats {
+            nsm: name.clone(),
+            kind: stack.kind().into(),
+            pid: std::process::id(),
+            congestion: stack.congestion(),
+            ..Default::default()
+        };
+        Ok(Service { stack, name, epfd, control, atts: Vec::new(), stats })
+    }
+
+    /// Runs until the engine closes the control channel.
+    pub fn run(&mut self) -> io::Result<()> {
+        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
+        let mut last_work = Instant::now();
+        loop {
+            let mut worked = self.drain_rings();
+            let sleep = !worked && last_work.elapsed() >= SPIN;
+            if sleep {
+                self.set_sleeping(1);
+                fence(Ordering::SeqCst);
+                if self.rings_have_work() {
+                    self.set_sleeping(0);
+                    continue;
+                }
+            }
+            // SAFETY: events is a live buffer of the length passed.
+            let n = unsafe {
+                libc::epoll_wait(self.epfd.as_raw_fd(), events.as_mut_ptr(), events.len() as i32, if sleep { -1 } else { 0 })
+            };
+            if sleep {
+                self.set_sleeping(0);
+            }
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            for ev in &events[..n as usize] {
+                let (token, bits) = (ev.u64, ev.events);
+                if token == TOK_CONTROL {
+                    if !self.on_control()? {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                worked = true;
+                self.on_event(token, bits);
+            }
+            self.flush_bells();
+            if worked {
+                last_work = Instant::now();
+            } else if !sleep {
+                std::hint::spin_loop();
+            }
+        }
+    }
+
+    fn set_sleeping(&self, v: u32) {
+        for a in self.atts.iter().flatten() {
+            a.region.header().nsm_sleeping.store(v, Ordering::SeqCst);
+        }
+    }
+
+    fn rings_have_work(&self) -> bool {
+        self.atts.iter().flatten().any(|a| Consumer::resume(a.region.ring(), a.head).has_work())
+    }
+
+    fn flush_bells(&mut self) {
+        for a in self.atts.iter_mut().flatten() {
+            if a.bell_pending {
+                a.bell_pending = false;
+                sys::ring_bell(a.guest_bell.as_raw_fd());
+            }
+        }
+    }
+
+    /// Processes every queued nqe of every attachment. Returns whether there was any.
+    fn drain_rings(&mut self) -> bool {
+        let mut worked = false;
+        for ai in 0..self.atts.len() {
+            loop {
+                let Some(a) = self.atts[ai].as_mut() else { break };
+                let mut c = Consumer::resume(a.region.ring(), a.head);
+                let next = c.pop();
+                a.head = c.head();
+                let r = match next {
+                    Ok(None) => break,
+                    Ok(Some(idx)) if idx >= NQE_COUNT => Err(Violation::NqeIndex(idx)),
+                    Ok(Some(idx)) => self.process(ai, idx),
+                    Err(c) => Err(Violation::Queue(c)),
+                };
+                worked = true;
+                if let Err(v) = r {
+                    self.refuse(ai, &v);
+                    break;
+                }
+            }
+        }
+        worked
+    }
+
+    /// Drops an attachment whose guest broke the ABI; nobody else notices.
+    fn refuse(&mut self, ai: usize, v: &Violation) {
+        if let Some(a) = self.atts[ai].take() {
+            eprintln!(
+                "netkernel nsm {}: refusing attachment {} (tenant {}, pid {}): {v}",
+                self.name, a.id, a.tenant, a.pid
+            );
+            self.stats.violations += 1;
+            a.region.mark_dead(Some(a.guest_bell.as_raw_fd()));
+        }
+    }
+
+    fn on_event(&mut self, token: u64, bits: u32) {
+        let ai = ((token >> 32) & 0x3fff_ffff) as usize;
+        let slot = token as u32;
+        match token >> KIND_SHIFT {
+            TOK_SOCK => {
+                let Some(a) = self.atts.get_mut(ai).and_then(|a| a.as_mut()) else { return };
+                if a.sock(slot).is_ok() {
+                    publish(a, slot, bits & !(libc::EPOLLET as u32), true);
+                }
+            }
+            TOK_BELL => {
+                if let Some(a) = self.atts.get(ai).and_then(|a| a.as_ref()) {
+                    sys::drain_bell(a.nsm_bell.as_raw_fd());
+                }
+            }
+            TOK_PIDFD => {
+                // The guest process exited: its sockets close as the kernel would close them.
+                self.atts[ai] = None;
+            }
+            _ => {}
+        }
+    }
+
+    /// Handles one engine message. Returns false when the engine went away.
+    fn on_control(&mut self) -> io::Result<bool> {
+        let Some((payload, fds)) = sys::recv_frame(self.control.as_raw_fd())? else { return Ok(false) };
+        // SAFETY: the fds were just received and are owned by nobody else.
+        let fds: Vec<OwnedFd> = fds.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }).collect();
+        let reply = match serde_json::from_slice::<NsmRequest>(&payload) {
+            Ok(NsmRequest::Attach { attachment, tenant, pid, uid }) => {
+                match self.attach(attachment, tenant, pid, uid, fds) {
+                    Ok(()) => control::Reply::ok(()),
+                    Err(e) => control::Reply::err(e),
+                }
+            }
+            Ok(NsmRequest::Stats) => control::Reply::ok(self.snapshot()),
+            Err(e) => control::Reply::err(format!("bad request: {e}")),
+        };
+        let bytes = serde_json::to_vec(&reply).unwrap_or_default();
+        sys::send_frame(self.control.as_raw_fd(), &bytes, &[])?;
+        Ok(true)
+    }
+
+    fn attach(&mut self, id: u64, tenant: String, pid: i32, uid: u32, fds: Vec<OwnedFd>) -> Result<(), String> {
+        let [memfd, nsm_bell, guest_bell, pidfd]: [OwnedFd; 4] =
+            fds.try_into().map_err(|v: Vec<OwnedFd>| format!("attach needs 4 fds, got {}", v.len()))?;
+        let region = Region::map(memfd.as_raw_fd()).map_err(|e| e.to_string())?;
+        let ai = match self.atts.iter().position(|a| a.is_none()) {
+            Some(i) => i,
+            None => {
+                self.atts.push(None);
+                self.atts.len() - 1
+            }
+        };
+        let ep = self.epfd.as_raw_fd();
+        epoll_ctl(ep, libc::EPOLL_CTL_ADD, nsm_bell.as_raw_fd(), libc::EPOLLIN as u32, tok(TOK_BELL, ai, 0))
+            .and_then(|()| epoll_ctl(ep, libc::EPOLL_CTL_ADD, pidfd.as_raw_fd(), libc::EPOLLIN as u32, tok(TOK_PIDFD, ai, 0)))
+            .map_err(|e| format!("epoll: {e}"))?;
+        let head = region.ring().head.load(Ordering::Acquire);
+        self.atts[ai] = Some(Attachment {
+            id,
+            tenant,
+            pid,
+            uid,
+            region,
+            head,
+            nsm_bell,
+            guest_bell,
+            _pidfd: pidfd,
+            socks: Vec::new(),
+            free: Vec::new(),
+            bell_pending: false,
+        });
+        Ok(())
+    }
+
+    fn snapshot(&mut self) -> NsmStats {
+        let mut s = self.stats.clone();
+        s.attachments = self.atts.iter().flatten().count();
+        for a in self.atts.iter().flatten() {
+            for sock in a.socks.iter().flatten() {
+                s.conns.push(telemetry::conn_info(&mut self.stack, a, sock, &self.name));
+            }
+        }
+        s
+    }
+
+    /// Validates and executes nqe `idx` of attachment `ai`, then completes it.
+    fn process(&mut self, ai: usize, idx: u32) -> Result<(), Violation> {
+        let a = self.atts[ai].as_mut().expect("caller checked");
+        let p = a.region.nqe(idx);
+        let req = read_request(p, idx)?;
+        let layout = *a.region.layout();
+        if req.buf_len > 0 && !layout.pool_contains(req.buf_off, req.buf_len) {
+            return Err(Violation::Buffer { nqe: idx, off: req.buf_off, len: req.buf_len });
+        }
+        let mut addr = [0u8; ADDR_MAX];
+        let mut addr_out = None;
+        let result = execute(&mut self.stack, &mut self.stats, ep_fd(&self.epfd), ai, a, &req, &mut addr, &mut addr_out);
+        let seq = a.region.slot(req.sock % SLOT_COUNT).seq.load(Ordering::Acquire);
+        // SAFETY: p points at nqe idx inside the mapping; the guest reads these fields only
+        // after it sees DONE, which the Release swap below orders after these writes.
+        unsafe {
+            std::ptr::write_volatile(&mut (*p).result, result);
+            std::ptr::write_volatile(&mut (*p).seq, seq);
+            if let Some(len) = addr_out {
+                std::ptr::write_volatile(&mut (*p).addr_len, len as u32);
+                std::ptr::copy_nonoverlapping(addr.as_ptr(), (*p).addr.as_mut_ptr(), ADDR_MAX);
+            }
+        }
+        let old = a.region.nqe_state(idx).swap(nqe_state::DONE, Ordering::AcqRel);
+        if old & nqe_state::WAITER != 0 {
+            sys::futex_wake(a.region.nqe_state(idx));
+        }
+        Ok(())
+    }
+}
+
+fn ep_fd(fd: &OwnedFd) -> RawFd {
+    fd.as_raw_fd()
+}
+
+fn read_request(p: *mut Nqe, idx: u32) -> Result<Request, Violation> {
+    // SAFETY: p points at an nqe inside the mapping; each field is read once, volatile, because
+    // the guest may change it concurrently; nothing read here is trusted before validation.
+    unsafe {
+        let op = std::ptr::read_volatile(&(*p).op);
+        let addr_len = std::ptr::read_volatile(&(*p).addr_len);
+        let op = Op::from_u32(op).ok_or(Violation::Opcode { nqe: idx, op })?;
+        if addr_len as usize > ADDR_MAX {
+            return Err(Violation::AddrLen { nqe: idx, len: addr_len });
+        }
+        let mut addr = [0u8; ADDR_MAX];
+        std::ptr::copy_nonoverlapping((*p).addr.as_ptr(), addr.as_mut_ptr(), addr_len as usize);
+        Ok(Request {
+            op,
+            sock: std::ptr::read_volatile(&(*p).sock),
+            flags: std::ptr::read_volatile(&(*p).flags),
+            arg0: std::ptr::read_volatile(&(*p).arg0),
+            arg1: std::ptr::read_volatile(&(*p).arg1),
+            buf_off: std::ptr::read_volatile(&(*p).buf_off),
+            buf_len: std::ptr::read_volatile(&(*p).buf_len),
+            addr_len,
+            addr,
+        })
+    }
+}
+
+/// Stores a socket's readiness in its slot. `wakeup` marks a stack wakeup (a new edge): it
+/// bumps the sequence and wakes sleepers; a refresh after the guest's own call only corrects
+/// the mask, as the guest's own call would cause no wakeup on Linux either.
+fn publish(a: &mut Attachment, slot: u32, mask: u32, wakeup: bool) {
+    let s = a.region.slot(slot);
+    s.mask.store(mask, Ordering::Release);
+    if !wakeup {
+        return;
+    }
+    s.seq.fetch_add(1, Ordering::Release);
+    fence(Ordering::SeqCst);
+    if s.waiters.load(Ordering::Relaxed) != 0 {
+        sys::futex_wake(&s.seq);
+    }
+    if a.region.header().bell_waiters.load(Ordering::Relaxed) != 0 {
+        a.bell_pending = true;
+    }
+}
+
+/// Socket options a guest may not set through a privileged NSM: Linux refuses them to an
+/// unprivileged process with EPERM, and the provider, not the tenant, picks congestion control.
+fn privileged_option(level: i32, name: i32) -> bool {
+    match level {
+        libc::SOL_SOCKET => matches!(
+            name,
+            libc::SO_BINDTODEVICE | libc::SO_MARK | libc::SO_RCVBUFFORCE | libc::SO_SNDBUFFORCE | libc::SO_DEBUG
+        ),
+        libc::IPPROTO_IP => matches!(name, libc::IP_TRANSPARENT | libc::IP_FREEBIND),
+        libc::IPPROTO_IPV6 => matches!(name, libc::IPV6_TRANSPARENT),
+        libc::IPPROTO_TCP => matches!(name, libc::TCP_CONGESTION | libc::TCP_REPAIR),
+        _ => false,
+    }
+}
+
+/// Whether `addr` binds a port below the unprivileged range, which a non-root guest may not.
+fn privileged_port(addr: &[u8]) -> bool {
+    if addr.len() < 4 {
+        return false;
+    }
+    let port = u16::from_be_bytes([addr[2], addr[3]]);
+    let start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .ok()
+        .and_then(|s| s.trim().parse::<u16>().ok())
+        .unwrap_or(1024);
+    port != 0 && port < start
+}
+
+#[allow(clippy::too_many_arguments)]
+fn execute<S: Stack>(
+    stack: &mut S,
+    stats: &mut NsmStats,
+    epfd: RawFd,
+    ai: usize,
+    a: &mut Attachment,
+    req: &Request,
+    addr: &mut [u8; ADDR_MAX],
+    addr_out: &mut Option<usize>,
+) -> i64 {
+    let bufp = if req.buf_len == 0 { std::ptr::null_mut() } else { a.region.pool_ptr(req.buf_off, req.buf_len) };
+    let region_buf = |_: &Attachment| -> &mut [u8] {
+        if bufp.is_null() {
+            return &mut [];
+        }
+        // SAFETY: process() checked [buf_off, +buf_len) lies in the pool of a region that
+        // outlives this call. The guest may write the bytes concurrently; they are only copied
+        // to or from the stack.
+        unsafe { std::slice::from_raw_parts_mut(bufp, req.buf_len as usize) }
+    };
+    let in_addr = &req.addr[..req.addr_len as usize];
+    let r: Result<i64, Errno> = (|| match req.op {
+        Op::Socket => {
+            let (domain, ty) = (req.arg0 as i32, req.arg1 as i32);
+            if domain != libc::AF_INET && domain != libc::AF_INET6 {
+                return Err(libc::EAFNOSUPPORT);
+            }
+            if ty == libc::SOCK_RAW {
+                return Err(libc::EPERM);
+            }
+            let fd = stack.socket(domain, ty, req.flags as i32)?;
+            let id = add_sock(stack, epfd, ai, a, fd, ty == libc::SOCK_STREAM)?;
+            Ok(id as i64)
+        }
+        Op::Bind => {
+            if a.uid != 0 && privileged_port(in_addr) {
+                return Err(libc::EACCES);
+            }
+            stack.bind(a.sock(req.sock)?.fd.as_fd(), in_addr).map(|()| 0)
+        }
+        Op::Listen => stack.listen(a.sock(req.sock)?.fd.as_fd(), req.flags as i32).map(|()| 0),
+        Op::Accept => {
+            let (fd, len) = stack.accept(a.sock(req.sock)?.fd.as_fd(), addr)?;
+            let id = add_sock(stack, epfd, ai, a, fd, true)?;
+            stats.conns_total += 1;
+            *addr_out = Some(len);
+            Ok(id as i64)
+        }
+        Op::Connect => {
+            let r = stack.connect(a.sock(req.sock)?.fd.as_fd(), in_addr);
+            if matches!(r, Ok(()) | Err(libc::EINPROGRESS)) && a.sock(req.sock)?.stream {
+                stats.conns_total += 1;
+            }
+            r.map(|()| 0)
+        }
+        Op::Send => {
+            let data = region_buf(a);
+            let n = stack.send(a.sock(req.sock)?.fd.as_fd(), data, req.flags as i32, in_addr)?;
+            stats.bytes_out += n as u64;
+            if let Some(Some(s)) = a.socks.get_mut(req.sock as usize) {
+                s.bytes_out += n as u64;
+            }
+            Ok(n as i64)
+        }
+        Op::Recv => {
+            let buf = region_buf(a);
+            let (n, alen) = stack.recv(a.sock(req.sock)?.fd.as_fd(), buf, req.flags as i32, addr)?;
+            if req.flags as i32 & libc::MSG_PEEK == 0 {
+                stats.bytes_in += n as u64;
+                if let Some(Some(s)) = a.socks.get_mut(req.sock as usize) {
+                    s.bytes_in += n as u64;
+                }
+            }
+            *addr_out = Some(alen);
+            Ok(n as i64)
+        }
+        Op::Shutdown => stack.shutdown(a.sock(req.sock)?.fd.as_fd(), req.flags as i32).map(|()| 0),
+        Op::Close => {
+            a.sock(req.sock)?;
+            let s = a.socks[req.sock as usize].take().expect("checked");
+            drop(s);
+            a.free.push(req.sock);
+            a.region.slot(req.sock).mask.store(0, Ordering::Release);
+            Ok(0)
+        }
+        Op::GetSockOpt => {
+            let buf = region_buf(a);
+            stack.getsockopt(a.sock(req.sock)?.fd.as_fd(), req.arg0 as i32, req.arg1 as i32, buf).map(|n| n as i64)
+        }
+        Op::SetSockOpt => {
+            let (level, name) = (req.arg0 as i32, req.arg1 as i32);
+            if privileged_option(level, name) {
+                return Err(libc::EPERM);
+            }
+            let buf = region_buf(a);
+            stack.setsockopt(a.sock(req.sock)?.fd.as_fd(), level, name, buf).map(|()| 0)
+        }
+        Op::GetSockName | Op::GetPeerName => {
+            let fd = a.sock(req.sock)?.fd.as_fd();
+            let len = if req.op == Op::GetSockName { stack.getsockname(fd, addr)? } else { stack.getpeername(fd, addr)? };
+            *addr_out = Some(len);
+            Ok(0)
+        }
+        Op::Ioctl => stack.ioctl(a.sock(req.sock)?.fd.as_fd(), req.arg1),
+    })();
+    if req.op != Op::Close {
+        if let Ok(s) = a.sock(req.sock) {
+            let mask = stack.poll_mask(s.fd.as_fd());
+            publish(a, req.sock, mask, false);
+        }
+    }
+    match r {
+        Ok(v) => v,
+        Err(e) => -(e as i64),
+    }
+}
+
+/// Gives a new stack socket a slot and starts watching it.
+fn add_sock<S: Stack>(stack: &mut S, epfd: RawFd, ai: usize, a: &mut Attachment, fd: OwnedFd, stream: bool) -> Result<u32, Errno> {
+    let id = match a.free.pop() {
+        Some(id) => id,
+        None if a.socks.len() < SLOT_COUNT as usize => {
+            a.socks.push(None);
+            (a.socks.len() - 1) as u32
+        }
+        None => return Err(libc::EMFILE),
+    };
+    if let Err(e) = epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd.as_raw_fd(), SOCK_EVENTS, tok(TOK_SOCK, ai, id)) {
+        a.free.push(id);
+        return Err(e.raw_os_error().unwrap_or(libc::ENOMEM));
+    }
+    let mask = stack.poll_mask(fd.as_fd());
+    a.socks[id as usize] = Some(Sock { fd, stream, bytes_in: 0, bytes_out: 0 });
+    publish(a, id, mask, true);
+    Ok(id)
+}

@@ -1,0 +1,92 @@
+//! Messages on the control channels: guest <-> engine (attach), ctl <-> engine, and
+//! engine <-> NSM. Each is one JSON document in a frame of `netkernel_ring::sys::send_frame`,
+//! with file descriptors passed alongside by SCM_RIGHTS.
+
+use serde::{Deserialize, Serialize};
+
+/// What a client of the engine's control socket asks.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum EngineRequest {
+    /// A guest process asks for an attachment. The engine identifies it by SO_PEERCRED; the
+    /// tenant named here must accept that uid. Reply fds: region memfd, NSM doorbell, guest doorbell.
+    Attach { tenant: Option<String> },
+    Status,
+    Tenants,
+    Nsms,
+    Conns,
+}
+
+/// The engine's answer to an attach.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AttachReply {
+    pub attachment: u64,
+    pub tenant: String,
+    pub nsm: String,
+}
+
+/// Every engine reply: `ok` and either `result` or `error`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Reply {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+}
+
+impl Reply {
+    pub fn ok(result: impl Serialize) -> Reply {
+        Reply { ok: true, error: None, result: Some(serde_json::to_value(result).unwrap_or_default()) }
+    }
+    pub fn err(msg: impl Into<String>) -> Reply {
+        Reply { ok: false, error: Some(msg.into()), result: None }
+    }
+}
+
+/// What the engine tells an NSM.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum NsmRequest {
+    /// Serve a new attachment. Fds: region memfd, NSM doorbell, guest doorbell, guest pidfd.
+    Attach { attachment: u64, tenant: String, pid: i32, uid: u32 },
+    /// Report telemetry.
+    Stats,
+}
+
+/// One connection (socket) as an NSM sees it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ConnInfo {
+    pub tenant: String,
+    pub nsm: String,
+    pub attachment: u64,
+    pub pid: i32,
+    pub proto: String,
+    pub local: String,
+    pub remote: String,
+    pub state: String,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub rtt_us: u32,
+    pub cwnd: u32,
+    pub retrans: u32,
+}
+
+/// An NSM's telemetry.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct NsmStats {
+    pub nsm: String,
+    pub kind: String,
+    pub pid: u32,
+    pub congestion: String,
+    pub attachments: usize,
+    /// Bytes the NSM received from the network for guests since it started.
+    pub bytes_in: u64,
+    /// Bytes the NSM sent to the network for guests since it started.
+    pub bytes_out: u64,
+    /// Connections established (accepted or connected) since it started.
+    pub conns_total: u64,
+    /// Attachments refused for breaking the ABI since it started.
+    pub violations: u64,
+    pub conns: Vec<ConnInfo>,
+}
