@@ -78,7 +78,7 @@ impl Stack for KernelStack {
         }
         // SAFETY: fd is fresh and ours.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        if let (Some(cc), libc::SOCK_STREAM) = (&self.congestion, ty) {
+        if let (Some(cc), libc::SOCK_STREAM) = (self.congestion.clone(), ty) {
             self.setsockopt(fd.as_fd(), libc::IPPROTO_TCP, libc::TCP_CONGESTION, cc.as_bytes())?;
         }
         Ok(fd)
