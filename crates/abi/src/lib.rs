@@ -21,6 +21,7 @@ pub const ABI_VERSION: u32 = 1;
 
 /// Number of nqes (and job ring entries); a power of two.
 pub const NQE_COUNT: u32 = 64;
+const _: () = assert!(NQE_COUNT <= 64, "guest_free_nqes is one u64");
 /// Bytes of buffer pool that belong to each nqe by convention (the guest may reference any
 /// part of the pool; ServiceLib only checks bounds).
 pub const BUF_SIZE: u32 = 256 * 1024;
@@ -54,7 +55,12 @@ pub struct RegionHeader {
     pub pool_off: u64,
     pub pool_size: u64,
     pub attachment_id: u64,
-    _reserved: [u64; 4],
+    /// Guest-owned: bitmap of free nqes, shared by the guest's threads and forked children.
+    /// ServiceLib never reads it.
+    pub guest_free_nqes: AtomicU64,
+    /// Guest-owned: serialises the guest's producers of the job queue. ServiceLib never reads it.
+    pub guest_push_lock: AtomicU32,
+    _reserved: [u32; 5],
     /// STATE_LIVE or STATE_DEAD; written by the engine and NSM, read by the guest.
     pub state: AtomicU32,
     _pad0: [u8; 60],
@@ -129,12 +135,6 @@ pub struct Slot {
     pub waiters: AtomicU32,
     /// Bytes the NSM holds for the guest (reserved; 0 for the kernel NSM).
     pub queued: AtomicU32,
-}
-
-/// Per-connection byte counters the NSM could export in shared memory; reserved for telemetry.
-#[repr(C)]
-pub struct Counter {
-    pub value: AtomicU64,
 }
 
 /// Socket operations a guest can request.
@@ -300,6 +300,7 @@ impl RegionHeader {
         self.pool_size = l.pool_size;
         self.attachment_id = attachment_id;
         self.state = AtomicU32::new(STATE_LIVE);
+        self.guest_free_nqes = AtomicU64::new(if NQE_COUNT == 64 { u64::MAX } else { (1u64 << NQE_COUNT) - 1 });
     }
 }
 

@@ -1,0 +1,738 @@
+//! GuestLib: loaded with LD_PRELOAD by `netkernel run`, it serves the program's AF_INET and
+//! AF_INET6 TCP and UDP sockets through a NetKernel NSM over shared memory, with Linux socket
+//! semantics, and sends every other fd straight to libc.
+//!
+//! Every interposed function starts with one load from the fd table; an fd GuestLib does not
+//! own goes to the next libc definition with no lock and no allocation (programs call write()
+//! from signal handlers). GuestLib's own system calls use `libc::syscall`, never the
+//! interposed wrappers, so it cannot re-enter itself. Panics are caught at every hook and turn
+//! into EIO.
+
+mod readiness;
+mod real;
+mod sock;
+mod state;
+
+use libc::{c_int, c_ulong, c_void, iovec, msghdr, nfds_t, pollfd, size_t, sockaddr, socklen_t, ssize_t};
+use state::{lookup, Errno, Fd};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+fn set_errno(e: Errno) {
+    // SAFETY: errno is thread-local and always valid to write.
+    unsafe { *libc::__errno_location() = e };
+}
+
+/// Runs a NetKernel operation: catches panics, maps Err(errno) to -1 with errno set.
+fn guard<T: From<i8>>(f: impl FnOnce() -> Result<T, Errno>) -> T {
+    match std::panic::catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => {
+            set_errno(e);
+            T::from(-1)
+        }
+        Err(_) => {
+            set_errno(libc::EIO);
+            T::from(-1)
+        }
+    }
+}
+
+/// Dispatches on what `fd` is: NetKernel socket, a stale one (its NSM died), or plain.
+macro_rules! on_fd {
+    ($fd:expr, |$slot:ident| $ours:expr, $plain:expr) => {
+        match lookup($fd) {
+            Fd::Plain => $plain,
+            Fd::Sock($slot) => guard(|| $ours),
+            Fd::Stale => guard(|| Err(libc::ECONNRESET)),
+        }
+    };
+}
+
+/// Whether GuestLib serves sockets at all in this process (`netkernel run` sets the socket).
+fn enabled() -> bool {
+    static ON: AtomicU8 = AtomicU8::new(0);
+    match ON.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let on = std::env::var_os("NETKERNEL_SOCKET").is_some();
+            ON.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+            on
+        }
+    }
+}
+
+fn served(domain: c_int, ty: c_int, proto: c_int) -> bool {
+    let base = ty & 0xf;
+    (domain == libc::AF_INET || domain == libc::AF_INET6)
+        && ((base == libc::SOCK_STREAM && (proto == 0 || proto == libc::IPPROTO_TCP))
+            || (base == libc::SOCK_DGRAM && (proto == 0 || proto == libc::IPPROTO_UDP)))
+        && enabled()
+}
+
+fn isize_of(r: Result<usize, Errno>) -> Result<isize, Errno> {
+    r.map(|n| n as isize)
+}
+
+/// # Safety
+/// `iov` is null or valid for `n` entries.
+unsafe fn iov_slice<'a>(iov: *const iovec, n: c_int) -> Result<&'a [iovec], Errno> {
+    if !(0..=libc::UIO_MAXIOV).contains(&n) {
+        return Err(libc::EINVAL);
+    }
+    if n == 0 {
+        return Ok(&[]);
+    }
+    if iov.is_null() {
+        return Err(libc::EFAULT);
+    }
+    // SAFETY: per the contract.
+    Ok(unsafe { std::slice::from_raw_parts(iov, n as usize) })
+}
+
+// ---- creation and connection management ----
+
+/// # Safety
+/// Interposes socket(2).
+#[no_mangle]
+pub unsafe extern "C" fn socket(domain: c_int, ty: c_int, proto: c_int) -> c_int {
+    if served(domain, ty, proto) {
+        guard(|| sock::socket(domain, ty, proto))
+    } else {
+        // SAFETY: forwarding.
+        unsafe { real::socket(domain, ty, proto) }
+    }
+}
+
+/// # Safety
+/// Interposes bind(2).
+#[no_mangle]
+pub unsafe extern "C" fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
+    // SAFETY: forwarding.
+    on_fd!(fd, |s| sock::bind(s, addr, len), unsafe { real::bind(fd, addr, len) })
+}
+
+/// # Safety
+/// Interposes listen(2).
+#[no_mangle]
+pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
+    // SAFETY: forwarding.
+    on_fd!(fd, |s| sock::listen(s, backlog), unsafe { real::listen(fd, backlog) })
+}
+
+/// # Safety
+/// Interposes accept(2).
+#[no_mangle]
+pub unsafe extern "C" fn accept(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    // SAFETY: forwarding the caller's pointers.
+    on_fd!(fd, |s| unsafe { sock::accept(s, addr, len, 0) }, unsafe { real::accept(fd, addr, len) })
+}
+
+/// # Safety
+/// Interposes accept4(2).
+#[no_mangle]
+pub unsafe extern "C" fn accept4(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t, flags: c_int) -> c_int {
+    // SAFETY: forwarding the caller's pointers.
+    on_fd!(fd, |s| unsafe { sock::accept(s, addr, len, flags) }, unsafe { real::accept4(fd, addr, len, flags) })
+}
+
+/// # Safety
+/// Interposes connect(2).
+#[no_mangle]
+pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
+    // SAFETY: forwarding.
+    on_fd!(fd, |s| sock::connect(s, addr, len), unsafe { real::connect(fd, addr, len) })
+}
+
+/// # Safety
+/// Interposes shutdown(2).
+#[no_mangle]
+pub unsafe extern "C" fn shutdown(fd: c_int, how: c_int) -> c_int {
+    // SAFETY: forwarding.
+    on_fd!(fd, |s| sock::shutdown(s, how), unsafe { real::shutdown(fd, how) })
+}
+
+/// # Safety
+/// Interposes close(2).
+#[no_mangle]
+pub unsafe extern "C" fn close(fd: c_int) -> c_int {
+    match lookup(fd) {
+        Fd::Plain => {
+            if readiness::is_mixed(fd) {
+                readiness::forget_epoll(fd);
+            }
+        }
+        _ => {
+            if let Some(slot) = state::unmap_fd(fd) {
+                let _ = std::panic::catch_unwind(|| sock::close_slot(slot));
+            }
+        }
+    }
+    // SAFETY: forwarding; the reserved fd of a NetKernel socket is a real fd to close.
+    unsafe { real::close(fd) }
+}
+
+/// # Safety
+/// Interposes getsockname(2).
+#[no_mangle]
+pub unsafe extern "C" fn getsockname(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    // SAFETY: forwarding the caller's pointers.
+    on_fd!(fd, |s| unsafe { sock::name(s, false, addr, len) }, unsafe { real::getsockname(fd, addr, len) })
+}
+
+/// # Safety
+/// Interposes getpeername(2).
+#[no_mangle]
+pub unsafe extern "C" fn getpeername(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    // SAFETY: forwarding the caller's pointers.
+    on_fd!(fd, |s| unsafe { sock::name(s, true, addr, len) }, unsafe { real::getpeername(fd, addr, len) })
+}
+
+/// # Safety
+/// Interposes getsockopt(2).
+#[no_mangle]
+pub unsafe extern "C" fn getsockopt(fd: c_int, level: c_int, name: c_int, val: *mut c_void, len: *mut socklen_t) -> c_int {
+    on_fd!(
+        fd,
+        // SAFETY: forwarding the caller's pointers.
+        |s| unsafe { sock::getsockopt(s, level, name, val.cast(), len) },
+        // SAFETY: forwarding.
+        unsafe { real::getsockopt(fd, level, name, val, len) }
+    )
+}
+
+/// # Safety
+/// Interposes setsockopt(2).
+#[no_mangle]
+pub unsafe extern "C" fn setsockopt(fd: c_int, level: c_int, name: c_int, val: *const c_void, len: socklen_t) -> c_int {
+    on_fd!(
+        fd,
+        // SAFETY: forwarding the caller's pointers.
+        |s| unsafe { sock::setsockopt(s, level, name, val.cast(), len) },
+        // SAFETY: forwarding.
+        unsafe { real::setsockopt(fd, level, name, val, len) }
+    )
+}
+
+// ---- data ----
+
+/// # Safety
+/// Interposes read(2).
+#[no_mangle]
+pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t {
+    let iov = [iovec { iov_base: buf, iov_len: n }];
+    on_fd!(
+        fd,
+        // SAFETY: the caller's buffer.
+        |s| isize_of(unsafe { sock::recv(s, &iov, 0, &mut Default::default()) }),
+        // SAFETY: forwarding.
+        unsafe { real::read(fd, buf, n) }
+    )
+}
+
+/// # Safety
+/// Interposes write(2).
+#[no_mangle]
+pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssize_t {
+    let iov = [iovec { iov_base: buf as *mut c_void, iov_len: n }];
+    on_fd!(
+        fd,
+        // SAFETY: the caller's buffer.
+        |s| isize_of(unsafe { sock::send(s, &iov, 0, std::ptr::null(), 0) }),
+        // SAFETY: forwarding.
+        unsafe { real::write(fd, buf, n) }
+    )
+}
+
+/// # Safety
+/// Interposes readv(2).
+#[no_mangle]
+pub unsafe extern "C" fn readv(fd: c_int, iov: *const iovec, n: c_int) -> ssize_t {
+    on_fd!(
+        fd,
+        // SAFETY: the caller's iovecs.
+        |s| isize_of(unsafe { sock::recv(s, iov_slice(iov, n)?, 0, &mut Default::default()) }),
+        // SAFETY: forwarding.
+        unsafe { real::readv(fd, iov, n) }
+    )
+}
+
+/// # Safety
+/// Interposes writev(2).
+#[no_mangle]
+pub unsafe extern "C" fn writev(fd: c_int, iov: *const iovec, n: c_int) -> ssize_t {
+    on_fd!(
+        fd,
+        // SAFETY: the caller's iovecs.
+        |s| isize_of(unsafe { sock::send(s, iov_slice(iov, n)?, 0, std::ptr::null(), 0) }),
+        // SAFETY: forwarding.
+        unsafe { real::writev(fd, iov, n) }
+    )
+}
+
+/// # Safety
+/// Interposes send(2).
+#[no_mangle]
+pub unsafe extern "C" fn send(fd: c_int, buf: *const c_void, n: size_t, flags: c_int) -> ssize_t {
+    let iov = [iovec { iov_base: buf as *mut c_void, iov_len: n }];
+    on_fd!(
+        fd,
+        // SAFETY: the caller's buffer.
+        |s| isize_of(unsafe { sock::send(s, &iov, flags, std::ptr::null(), 0) }),
+        // SAFETY: forwarding.
+        unsafe { real::send(fd, buf, n, flags) }
+    )
+}
+
+/// # Safety
+/// Interposes sendto(2).
+#[no_mangle]
+pub unsafe extern "C" fn sendto(
+    fd: c_int,
+    buf: *const c_void,
+    n: size_t,
+    flags: c_int,
+    addr: *const sockaddr,
+    alen: socklen_t,
+) -> ssize_t {
+    let iov = [iovec { iov_base: buf as *mut c_void, iov_len: n }];
+    on_fd!(
+        fd,
+        // SAFETY: the caller's buffer and address.
+        |s| isize_of(unsafe { sock::send(s, &iov, flags, addr, alen) }),
+        // SAFETY: forwarding.
+        unsafe { real::sendto(fd, buf, n, flags, addr, alen) }
+    )
+}
+
+/// # Safety
+/// Interposes sendmsg(2).
+#[no_mangle]
+pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) -> ssize_t {
+    on_fd!(
+        fd,
+        |s| {
+            // SAFETY: the caller's msghdr.
+            let m = unsafe { msg.as_ref() }.ok_or(libc::EFAULT)?;
+            // SAFETY: the caller's iovecs and address.
+            isize_of(unsafe {
+                sock::send(s, iov_slice(m.msg_iov, m.msg_iovlen as c_int)?, flags, m.msg_name.cast(), m.msg_namelen)
+            })
+        },
+        // SAFETY: forwarding.
+        unsafe { real::sendmsg(fd, msg, flags) }
+    )
+}
+
+/// # Safety
+/// `addr`/`alen` are null or valid as for recvfrom(2).
+unsafe fn recv_into(s: u32, iov: &[iovec], flags: c_int, addr: *mut sockaddr, alen: *mut socklen_t) -> Result<isize, Errno> {
+    let mut info = sock::RecvInfo::default();
+    // SAFETY: the caller's buffers.
+    let n = unsafe { sock::recv(s, iov, flags, &mut info) }?;
+    // SAFETY: the caller's address buffer.
+    unsafe { sock::addr_out(&info.from, info.from_len, addr, alen) };
+    Ok(n as isize)
+}
+
+/// # Safety
+/// Interposes recv(2).
+#[no_mangle]
+pub unsafe extern "C" fn recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int) -> ssize_t {
+    let iov = [iovec { iov_base: buf, iov_len: n }];
+    on_fd!(
+        fd,
+        // SAFETY: the caller's buffer.
+        |s| unsafe { recv_into(s, &iov, flags, std::ptr::null_mut(), std::ptr::null_mut()) },
+        // SAFETY: forwarding.
+        unsafe { real::recv(fd, buf, n, flags) }
+    )
+}
+
+/// # Safety
+/// Interposes recvfrom(2).
+#[no_mangle]
+pub unsafe extern "C" fn recvfrom(
+    fd: c_int,
+    buf: *mut c_void,
+    n: size_t,
+    flags: c_int,
+    addr: *mut sockaddr,
+    alen: *mut socklen_t,
+) -> ssize_t {
+    let iov = [iovec { iov_base: buf, iov_len: n }];
+    on_fd!(
+        fd,
+        // SAFETY: the caller's buffers.
+        |s| unsafe { recv_into(s, &iov, flags, addr, alen) },
+        // SAFETY: forwarding.
+        unsafe { real::recvfrom(fd, buf, n, flags, addr, alen) }
+    )
+}
+
+/// # Safety
+/// Interposes recvmsg(2).
+#[no_mangle]
+pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> ssize_t {
+    on_fd!(
+        fd,
+        |s| {
+            // SAFETY: the caller's msghdr.
+            let m = unsafe { msg.as_mut() }.ok_or(libc::EFAULT)?;
+            let mut info = sock::RecvInfo::default();
+            // SAFETY: the caller's iovecs.
+            let n = unsafe { sock::recv(s, iov_slice(m.msg_iov, m.msg_iovlen as c_int)?, flags, &mut info) }?;
+            // SAFETY: the caller's address buffer.
+            unsafe { sock::addr_out(&info.from, info.from_len, m.msg_name.cast(), &mut m.msg_namelen) };
+            m.msg_controllen = 0;
+            m.msg_flags = if info.truncated { libc::MSG_TRUNC } else { 0 };
+            Ok(n as isize)
+        },
+        // SAFETY: forwarding.
+        unsafe { real::recvmsg(fd, msg, flags) }
+    )
+}
+
+// ---- fd control ----
+
+/// # Safety
+/// Interposes fcntl(2) (variadic in C; the third argument arrives in a register either way).
+#[no_mangle]
+pub unsafe extern "C" fn fcntl(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
+    // SAFETY: forwarding; for a NetKernel socket this acts on its reserved fd, which keeps
+    // F_GETFL and FD_CLOEXEC truthful.
+    let r = unsafe { real::fcntl(fd, cmd, arg) };
+    if r < 0 {
+        return r;
+    }
+    match (lookup(fd), cmd) {
+        (Fd::Sock(s), libc::F_SETFL) => {
+            let st = state::sock_state(s);
+            if arg as c_int & libc::O_NONBLOCK != 0 {
+                st.flags.fetch_or(state::F_NONBLOCK, Ordering::Relaxed);
+            } else {
+                st.flags.fetch_and(!state::F_NONBLOCK, Ordering::Relaxed);
+            }
+        }
+        (Fd::Sock(s), libc::F_DUPFD | libc::F_DUPFD_CLOEXEC) => {
+            state::map_fd(r, s);
+        }
+        (Fd::Plain, libc::F_DUPFD | libc::F_DUPFD_CLOEXEC) => readiness::dup_epoll(fd, r),
+        _ => {}
+    }
+    r
+}
+
+/// # Safety
+/// Interposes fcntl64.
+#[no_mangle]
+pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
+    // SAFETY: same contract.
+    unsafe { fcntl(fd, cmd, arg) }
+}
+
+/// # Safety
+/// Interposes ioctl(2).
+#[no_mangle]
+pub unsafe extern "C" fn ioctl(fd: c_int, req: c_ulong, arg: c_ulong) -> c_int {
+    let Fd::Sock(s) = lookup(fd) else {
+        // SAFETY: forwarding.
+        return unsafe { real::ioctl(fd, req, arg) };
+    };
+    const SIOCATMARK: c_ulong = 0x8905;
+    match req {
+        libc::FIONBIO => {
+            // SAFETY: forwarding; mirrors O_NONBLOCK onto the reserved fd.
+            let r = unsafe { real::ioctl(fd, req, arg) };
+            if r == 0 {
+                // SAFETY: FIONBIO's argument is an int pointer the kernel just read.
+                let on = unsafe { *(arg as *const c_int) } != 0;
+                let st = state::sock_state(s);
+                if on {
+                    st.flags.fetch_or(state::F_NONBLOCK, Ordering::Relaxed);
+                } else {
+                    st.flags.fetch_and(!state::F_NONBLOCK, Ordering::Relaxed);
+                }
+            }
+            r
+        }
+        libc::FIONREAD | libc::TIOCOUTQ | SIOCATMARK => guard(|| {
+            let v = sock::ioctl_int(s, req as u64)?;
+            let p = arg as *mut c_int;
+            if p.is_null() {
+                return Err(libc::EFAULT);
+            }
+            // SAFETY: these requests take an int pointer.
+            unsafe { *p = v };
+            Ok(0)
+        }),
+        // SAFETY: forwarding to the reserved fd (interface queries and the like).
+        _ => unsafe { real::ioctl(fd, req, arg) },
+    }
+}
+
+fn after_dup(old: c_int, new: c_int) {
+    if new < 0 || old == new {
+        return;
+    }
+    if let Some(slot) = state::unmap_fd(new) {
+        sock::close_slot(slot);
+    }
+    match lookup(old) {
+        Fd::Sock(s) => {
+            state::map_fd(new, s);
+        }
+        Fd::Plain => readiness::dup_epoll(old, new),
+        Fd::Stale => {}
+    }
+}
+
+/// # Safety
+/// Interposes dup(2).
+#[no_mangle]
+pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
+    // SAFETY: forwarding.
+    let r = unsafe { real::dup(fd) };
+    after_dup(fd, r);
+    r
+}
+
+/// # Safety
+/// Interposes dup2(2).
+#[no_mangle]
+pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
+    // SAFETY: forwarding.
+    let r = unsafe { real::dup2(old, new) };
+    after_dup(old, r);
+    r
+}
+
+/// # Safety
+/// Interposes dup3(2).
+#[no_mangle]
+pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
+    // SAFETY: forwarding.
+    let r = unsafe { real::dup3(old, new, flags) };
+    after_dup(old, r);
+    r
+}
+
+// ---- readiness ----
+
+fn any_ours(fds: &[pollfd]) -> bool {
+    fds.iter().any(|p| lookup(p.fd) != Fd::Plain)
+}
+
+/// # Safety
+/// Interposes poll(2).
+#[no_mangle]
+pub unsafe extern "C" fn poll(fds: *mut pollfd, n: nfds_t, timeout: c_int) -> c_int {
+    if !fds.is_null() && n > 0 {
+        // SAFETY: the caller's array of n pollfds.
+        let s = unsafe { std::slice::from_raw_parts_mut(fds, n as usize) };
+        if any_ours(s) {
+            return guard(|| readiness::poll(s, readiness::ms(timeout), std::ptr::null()));
+        }
+    }
+    // SAFETY: forwarding.
+    unsafe { real::poll(fds, n, timeout) }
+}
+
+/// # Safety
+/// Interposes ppoll(2).
+#[no_mangle]
+pub unsafe extern "C" fn ppoll(fds: *mut pollfd, n: nfds_t, ts: *const libc::timespec, mask: *const libc::sigset_t) -> c_int {
+    if !fds.is_null() && n > 0 {
+        // SAFETY: the caller's array of n pollfds.
+        let s = unsafe { std::slice::from_raw_parts_mut(fds, n as usize) };
+        if any_ours(s) {
+            // SAFETY: the caller's timespec.
+            let t = unsafe { readiness::ts(ts) };
+            return guard(|| readiness::poll(s, t, mask));
+        }
+    }
+    // SAFETY: forwarding.
+    unsafe { real::ppoll(fds, n, ts, mask) }
+}
+
+/// # Safety
+/// Interposes __poll_chk (poll with _FORTIFY_SOURCE).
+#[no_mangle]
+pub unsafe extern "C" fn __poll_chk(fds: *mut pollfd, n: nfds_t, timeout: c_int, fdslen: size_t) -> c_int {
+    if fdslen / std::mem::size_of::<pollfd>() < n as usize {
+        // SAFETY: the fortify failure path, as glibc's.
+        unsafe { chk_fail() }
+    }
+    // SAFETY: same contract as poll.
+    unsafe { poll(fds, n, timeout) }
+}
+
+fn sets_hold_ours(n: c_int, sets: [*mut libc::fd_set; 3]) -> bool {
+    (0..n.min(libc::FD_SETSIZE as c_int)).any(|fd| {
+        // SAFETY: each set is null or valid for n bits (select's contract).
+        lookup(fd) != Fd::Plain && sets.iter().any(|&s| !s.is_null() && unsafe { libc::FD_ISSET(fd, s) })
+    })
+}
+
+/// # Safety
+/// Interposes select(2).
+#[no_mangle]
+pub unsafe extern "C" fn select(
+    n: c_int,
+    r: *mut libc::fd_set,
+    w: *mut libc::fd_set,
+    e: *mut libc::fd_set,
+    tv: *mut libc::timeval,
+) -> c_int {
+    if !sets_hold_ours(n, [r, w, e]) {
+        // SAFETY: forwarding.
+        return unsafe { real::select(n, r, w, e, tv) };
+    }
+    // SAFETY: the caller's timeval.
+    let t = unsafe { tv.as_ref() }
+        .map(|t| Duration::from_micros(t.tv_sec.max(0) as u64 * 1_000_000 + t.tv_usec.max(0) as u64));
+    let start = Instant::now();
+    // SAFETY: the caller's sets.
+    let res = guard(|| unsafe { readiness::select(n, r, w, e, t, std::ptr::null()) });
+    if let (Some(t), Some(tv)) = (t, unsafe { tv.as_mut() }) {
+        // Linux reports the time not slept.
+        let left = t.saturating_sub(start.elapsed());
+        tv.tv_sec = left.as_secs() as _;
+        tv.tv_usec = left.subsec_micros() as _;
+    }
+    res
+}
+
+/// # Safety
+/// Interposes pselect(2).
+#[no_mangle]
+pub unsafe extern "C" fn pselect(
+    n: c_int,
+    r: *mut libc::fd_set,
+    w: *mut libc::fd_set,
+    e: *mut libc::fd_set,
+    ts: *const libc::timespec,
+    mask: *const libc::sigset_t,
+) -> c_int {
+    if !sets_hold_ours(n, [r, w, e]) {
+        // SAFETY: forwarding.
+        return unsafe { real::pselect(n, r, w, e, ts, mask) };
+    }
+    // SAFETY: the caller's timespec and sets.
+    guard(|| unsafe { readiness::select(n, r, w, e, readiness::ts(ts), mask) })
+}
+
+/// # Safety
+/// Interposes epoll_ctl(2).
+#[no_mangle]
+pub unsafe extern "C" fn epoll_ctl(epfd: c_int, op: c_int, fd: c_int, ev: *mut libc::epoll_event) -> c_int {
+    // SAFETY: forwarding.
+    on_fd!(fd, |s| readiness::epoll_ctl(epfd, op, fd, s, ev), unsafe { real::epoll_ctl(epfd, op, fd, ev) })
+}
+
+/// # Safety
+/// Interposes epoll_wait(2).
+#[no_mangle]
+pub unsafe extern "C" fn epoll_wait(epfd: c_int, evs: *mut libc::epoll_event, max: c_int, timeout: c_int) -> c_int {
+    if readiness::is_mixed(epfd) {
+        // SAFETY: the caller's buffer.
+        return guard(|| unsafe { readiness::epoll_wait(epfd, evs, max, readiness::ms(timeout), std::ptr::null()) });
+    }
+    // SAFETY: forwarding.
+    unsafe { real::epoll_wait(epfd, evs, max, timeout) }
+}
+
+/// # Safety
+/// Interposes epoll_pwait(2).
+#[no_mangle]
+pub unsafe extern "C" fn epoll_pwait(
+    epfd: c_int,
+    evs: *mut libc::epoll_event,
+    max: c_int,
+    timeout: c_int,
+    mask: *const libc::sigset_t,
+) -> c_int {
+    if readiness::is_mixed(epfd) {
+        // SAFETY: the caller's buffer.
+        return guard(|| unsafe { readiness::epoll_wait(epfd, evs, max, readiness::ms(timeout), mask) });
+    }
+    // SAFETY: forwarding.
+    unsafe { real::epoll_pwait(epfd, evs, max, timeout, mask) }
+}
+
+/// # Safety
+/// Interposes epoll_pwait2(2).
+#[no_mangle]
+pub unsafe extern "C" fn epoll_pwait2(
+    epfd: c_int,
+    evs: *mut libc::epoll_event,
+    max: c_int,
+    ts: *const libc::timespec,
+    mask: *const libc::sigset_t,
+) -> c_int {
+    if readiness::is_mixed(epfd) {
+        // SAFETY: the caller's buffer and timespec.
+        return guard(|| unsafe { readiness::epoll_wait(epfd, evs, max, readiness::ts(ts), mask) });
+    }
+    // SAFETY: forwarding.
+    unsafe { real::epoll_pwait2(epfd, evs, max, ts, mask) }
+}
+
+// ---- _FORTIFY_SOURCE variants ----
+
+/// # Safety
+/// Aborts as glibc's __chk_fail does.
+unsafe fn chk_fail() -> ! {
+    const MSG: &[u8] = b"*** buffer overflow detected ***: terminated\n";
+    // SAFETY: writes a static buffer to stderr, then aborts.
+    unsafe {
+        libc::syscall(libc::SYS_write, 2, MSG.as_ptr(), MSG.len());
+        libc::abort()
+    }
+}
+
+/// # Safety
+/// Interposes __read_chk.
+#[no_mangle]
+pub unsafe extern "C" fn __read_chk(fd: c_int, buf: *mut c_void, n: size_t, buflen: size_t) -> ssize_t {
+    if n > buflen {
+        // SAFETY: fortify failure.
+        unsafe { chk_fail() }
+    }
+    // SAFETY: same contract as read.
+    unsafe { read(fd, buf, n) }
+}
+
+/// # Safety
+/// Interposes __recv_chk.
+#[no_mangle]
+pub unsafe extern "C" fn __recv_chk(fd: c_int, buf: *mut c_void, n: size_t, buflen: size_t, flags: c_int) -> ssize_t {
+    if n > buflen {
+        // SAFETY: fortify failure.
+        unsafe { chk_fail() }
+    }
+    // SAFETY: same contract as recv.
+    unsafe { recv(fd, buf, n, flags) }
+}
+
+/// # Safety
+/// Interposes __recvfrom_chk.
+#[no_mangle]
+pub unsafe extern "C" fn __recvfrom_chk(
+    fd: c_int,
+    buf: *mut c_void,
+    n: size_t,
+    buflen: size_t,
+    flags: c_int,
+    addr: *mut sockaddr,
+    alen: *mut socklen_t,
+) -> ssize_t {
+    if n > buflen {
+        // SAFETY: fortify failure.
+        unsafe { chk_fail() }
+    }
+    // SAFETY: same contract as recvfrom.
+    unsafe { recvfrom(fd, buf, n, flags, addr, alen) }
+}

@@ -1,0 +1,489 @@
+//! Socket calls on NetKernel sockets. The NSM runs every call non-blocking on its stack and
+//! returns the stack's own result and errno; blocking, timeouts, MSG_WAITALL and SIGPIPE are
+//! done here, the way the kernel does them for a blocking socket.
+
+use crate::state::{self, attachment, sock_state, Attachment, Errno, F_INET6, F_NONBLOCK, F_STREAM};
+use libc::{c_int, iovec, sockaddr, socklen_t};
+use netkernel_abi::{Op, ADDR_MAX, BUF_SIZE};
+use std::sync::atomic::Ordering;
+
+fn live() -> Result<&'static Attachment, Errno> {
+    match state::current() {
+        Some(a) if !a.dead() => Ok(a),
+        _ => Err(libc::ECONNRESET),
+    }
+}
+
+fn blocking(slot: u32, flags: c_int) -> bool {
+    flags & libc::MSG_DONTWAIT == 0 && sock_state(slot).flags.load(Ordering::Relaxed) & F_NONBLOCK == 0
+}
+
+/// A real kernel socket that holds the fd number of a NetKernel socket, so numbering, fstat,
+/// FD_CLOEXEC and close behave as for any socket (DESIGN.md D6). It never carries traffic.
+fn reserve_fd(inet6: bool, ty: c_int) -> Result<c_int, Errno> {
+    let domain = if inet6 { libc::AF_INET6 } else { libc::AF_INET };
+    // SAFETY: plain system call.
+    let fd = unsafe { libc::syscall(libc::SYS_socket, domain, ty, 0) } as c_int;
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EMFILE));
+    }
+    if fd as usize >= state::MAX_FD {
+        netkernel_ring::sys::close(fd);
+        return Err(libc::EMFILE);
+    }
+    Ok(fd)
+}
+
+/// Binds a new fd to a fresh NSM socket slot.
+fn adopt(slot: u32, inet6: bool, ty: c_int) -> Result<c_int, Errno> {
+    let fd = match reserve_fd(inet6, ty) {
+        Ok(fd) => fd,
+        Err(e) => {
+            close_slot(slot);
+            return Err(e);
+        }
+    };
+    let st = sock_state(slot);
+    let mut f = 0;
+    if ty & libc::SOCK_NONBLOCK != 0 {
+        f |= F_NONBLOCK;
+    }
+    if ty & 0xf == libc::SOCK_STREAM {
+        f |= F_STREAM;
+    }
+    if inet6 {
+        f |= F_INET6;
+    }
+    st.flags.store(f, Ordering::Relaxed);
+    st.rcvtimeo_us.store(0, Ordering::Relaxed);
+    st.sndtimeo_us.store(0, Ordering::Relaxed);
+    st.gen.fetch_add(1, Ordering::Release);
+    state::map_fd(fd, slot);
+    Ok(fd)
+}
+
+pub fn socket(domain: c_int, ty: c_int, proto: c_int) -> Result<c_int, Errno> {
+    let a = attachment()?;
+    let base = ty & !(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC);
+    let c = a.call(|w| {
+        w.set(Op::Socket, 0);
+        w.args(domain as u64, base as u64);
+        w.flags(proto as u32);
+    });
+    let slot = c.result()? as u32;
+    drop(c);
+    adopt(slot, domain == libc::AF_INET6, ty)
+}
+
+/// Tells the NSM the last fd of a socket is gone.
+pub fn close_slot(slot: u32) {
+    if let Ok(a) = live() {
+        drop(a.call(|w| w.set(Op::Close, slot)));
+    }
+}
+
+fn addr_in(addr: *const sockaddr, len: socklen_t) -> Result<(*const u8, usize), Errno> {
+    if len as usize > ADDR_MAX {
+        return Err(libc::EINVAL);
+    }
+    if addr.is_null() && len > 0 {
+        return Err(libc::EFAULT);
+    }
+    Ok((addr.cast(), len as usize))
+}
+
+/// Copies an address out as the kernel does: truncated to the caller's length, which is then
+/// set to the full length.
+///
+/// # Safety
+/// `addr`/`len` are null or valid as for accept(2).
+pub unsafe fn addr_out(src: &[u8], full: usize, addr: *mut sockaddr, len: *mut socklen_t) {
+    if addr.is_null() || len.is_null() {
+        return;
+    }
+    // SAFETY: the caller passed a buffer of *len bytes, as accept(2) requires.
+    unsafe {
+        let n = (*len as usize).min(full);
+        std::ptr::copy_nonoverlapping(src.as_ptr(), addr.cast::<u8>(), n);
+        *len = full as socklen_t;
+    }
+}
+
+/// One call that takes an address (bind, connect).
+fn addr_call(op: Op, slot: u32, addr: *const sockaddr, len: socklen_t) -> Result<(i64, u32), Errno> {
+    let (p, n) = addr_in(addr, len)?;
+    let a = live()?;
+    let c = a.call(|w| {
+        w.set(op, slot);
+        w.addr(p, n);
+    });
+    c.result().map(|r| (r, c.seq()))
+}
+
+pub fn bind(slot: u32, addr: *const sockaddr, len: socklen_t) -> Result<c_int, Errno> {
+    addr_call(Op::Bind, slot, addr, len).map(|_| 0)
+}
+
+pub fn listen(slot: u32, backlog: c_int) -> Result<c_int, Errno> {
+    let c = live()?.call(|w| {
+        w.set(Op::Listen, slot);
+        w.flags(backlog as u32);
+    });
+    c.result().map(|_| 0)
+}
+
+/// # Safety
+/// `addr`/`len` as for accept4(2).
+pub unsafe fn accept(slot: u32, addr: *mut sockaddr, len: *mut socklen_t, flags: c_int) -> Result<c_int, Errno> {
+    if flags & !(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) != 0 {
+        return Err(libc::EINVAL);
+    }
+    let a = live()?;
+    let st = sock_state(slot);
+    loop {
+        let c = a.call(|w| w.set(Op::Accept, slot));
+        match c.result() {
+            Ok(new) => {
+                let (sa, full) = c.addr();
+                drop(c);
+                let fd = adopt(new as u32, st.flags.load(Ordering::Relaxed) & F_INET6 != 0, libc::SOCK_STREAM | flags)?;
+                // SAFETY: forwarded from the caller.
+                unsafe { addr_out(&sa, full, addr, len) };
+                return Ok(fd);
+            }
+            Err(libc::EAGAIN) if blocking(slot, 0) => {
+                let seq = c.seq();
+                drop(c);
+                a.wait_slot(slot, seq, st.rcvtimeo_us.load(Ordering::Relaxed))?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn getsockopt_int(a: &Attachment, slot: u32, level: c_int, name: c_int) -> Result<c_int, Errno> {
+    let c = a.call(|w| {
+        w.set(Op::GetSockOpt, slot);
+        w.args(level as u64, name as u64);
+        w.use_buf(4);
+    });
+    c.result()?;
+    // SAFETY: the buffer holds at least 4 bytes the NSM wrote.
+    Ok(unsafe { std::ptr::read_unaligned(c.buf().cast::<c_int>()) })
+}
+
+pub fn connect(slot: u32, addr: *const sockaddr, len: socklen_t) -> Result<c_int, Errno> {
+    // A blocking connect is a non-blocking one followed by waiting for writability and
+    // reading SO_ERROR, which is what the kernel does internally.
+    match addr_call(Op::Connect, slot, addr, len) {
+        Ok(_) => return Ok(0),
+        Err(libc::EINPROGRESS) if blocking(slot, 0) => {}
+        Err(e) => return Err(e),
+    }
+    let a = live()?;
+    let s = a.region.slot(slot);
+    let timeout = sock_state(slot).sndtimeo_us.load(Ordering::Relaxed);
+    let done = (libc::POLLOUT | libc::POLLERR | libc::POLLHUP) as u32;
+    loop {
+        let seen = s.seq.load(Ordering::Acquire);
+        if s.mask.load(Ordering::Acquire) & done != 0 || a.dead() {
+            break;
+        }
+        match a.wait_slot(slot, seen, timeout) {
+            Ok(()) => {}
+            Err(libc::EAGAIN) => return Err(libc::EINPROGRESS),
+            Err(e) => return Err(e),
+        }
+    }
+    match getsockopt_int(live()?, slot, libc::SOL_SOCKET, libc::SO_ERROR)? {
+        0 => Ok(0),
+        e => Err(e),
+    }
+}
+
+fn iov_total(iov: &[iovec]) -> usize {
+    iov.iter().map(|v| v.iov_len).fold(0usize, |a, b| a.saturating_add(b))
+}
+
+/// Copies `len` bytes starting at byte `skip` of the iovecs to `dst`.
+///
+/// # Safety
+/// The iovecs describe readable memory; `dst` has room for `len` bytes.
+unsafe fn gather(iov: &[iovec], mut skip: usize, dst: *mut u8, mut len: usize) {
+    let mut out = 0;
+    for v in iov {
+        if len == 0 {
+            break;
+        }
+        if skip >= v.iov_len {
+            skip -= v.iov_len;
+            continue;
+        }
+        let n = (v.iov_len - skip).min(len);
+        // SAFETY: within the iovec and within dst, per the contract.
+        unsafe { std::ptr::copy_nonoverlapping((v.iov_base as *const u8).add(skip), dst.add(out), n) };
+        out += n;
+        len -= n;
+        skip = 0;
+    }
+}
+
+/// Copies `len` bytes from `src` into the iovecs starting at byte `skip`.
+///
+/// # Safety
+/// The iovecs describe writable memory; `src` holds `len` bytes.
+unsafe fn scatter(iov: &[iovec], mut skip: usize, src: *const u8, mut len: usize) {
+    let mut inp = 0;
+    for v in iov {
+        if len == 0 {
+            break;
+        }
+        if skip >= v.iov_len {
+            skip -= v.iov_len;
+            continue;
+        }
+        let n = (v.iov_len - skip).min(len);
+        // SAFETY: within the iovec and within src, per the contract.
+        unsafe { std::ptr::copy_nonoverlapping(src.add(inp), (v.iov_base as *mut u8).add(skip), n) };
+        inp += n;
+        len -= n;
+        skip = 0;
+    }
+}
+
+fn raise_sigpipe() {
+    // SAFETY: signals this thread, as the kernel does on EPIPE without MSG_NOSIGNAL.
+    unsafe {
+        libc::syscall(libc::SYS_tgkill, libc::getpid(), libc::syscall(libc::SYS_gettid), libc::SIGPIPE);
+    }
+}
+
+/// send/sendto/sendmsg/write/writev.
+///
+/// # Safety
+/// `iov` describes readable memory; `to` is null or a sockaddr of `to_len` bytes.
+pub unsafe fn send(slot: u32, iov: &[iovec], flags: c_int, to: *const sockaddr, to_len: socklen_t) -> Result<usize, Errno> {
+    let (to, to_len) = addr_in(to, to_len)?;
+    let a = live()?;
+    let st = sock_state(slot);
+    let stream = st.flags.load(Ordering::Relaxed) & F_STREAM != 0;
+    let total = iov_total(iov);
+    if !stream && total > BUF_SIZE as usize {
+        return Err(libc::EMSGSIZE);
+    }
+    let nsm_flags = (flags & !(libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)) as u32;
+    let mut sent = 0usize;
+    loop {
+        let chunk = (total - sent).min(BUF_SIZE as usize);
+        let c = a.call(|w| {
+            w.set(Op::Send, slot);
+            w.flags(nsm_flags);
+            // SAFETY: per this function's contract; the nqe buffer holds BUF_SIZE bytes.
+            unsafe { gather(iov, sent, w.buf(), chunk) };
+            w.use_buf(chunk);
+            if !to.is_null() {
+                w.addr(to, to_len);
+            }
+        });
+        match c.result() {
+            Ok(n) => {
+                sent += n as usize;
+                if sent >= total || !stream || n == 0 {
+                    return Ok(sent);
+                }
+            }
+            Err(libc::EAGAIN) if blocking(slot, flags) => {
+                let seq = c.seq();
+                drop(c);
+                match a.wait_slot(slot, seq, st.sndtimeo_us.load(Ordering::Relaxed)) {
+                    Ok(()) => {}
+                    Err(_) if sent > 0 => return Ok(sent),
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(_) if sent > 0 => return Ok(sent),
+            Err(e) => {
+                if e == libc::EPIPE && flags & libc::MSG_NOSIGNAL == 0 {
+                    raise_sigpipe();
+                }
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// What a receive returned besides its byte count.
+pub struct RecvInfo {
+    pub from: [u8; ADDR_MAX],
+    pub from_len: usize,
+    pub truncated: bool,
+}
+
+impl Default for RecvInfo {
+    fn default() -> Self {
+        RecvInfo { from: [0; ADDR_MAX], from_len: 0, truncated: false }
+    }
+}
+
+/// recv/recvfrom/recvmsg/read/readv.
+///
+/// # Safety
+/// `iov` describes writable memory.
+pub unsafe fn recv(slot: u32, iov: &[iovec], flags: c_int, info: &mut RecvInfo) -> Result<usize, Errno> {
+    let a = live()?;
+    let st = sock_state(slot);
+    let stream = st.flags.load(Ordering::Relaxed) & F_STREAM != 0;
+    let total = iov_total(iov);
+    let waitall = stream && flags & libc::MSG_WAITALL != 0 && flags & libc::MSG_PEEK == 0;
+    let user_trunc = flags & libc::MSG_TRUNC != 0;
+    // Datagrams: always learn the real length, to report truncation as the kernel does.
+    let mut nsm_flags = flags & !(libc::MSG_WAITALL | libc::MSG_DONTWAIT);
+    if !stream {
+        nsm_flags |= libc::MSG_TRUNC;
+    }
+    let mut got = 0usize;
+    loop {
+        let chunk = (total - got).min(BUF_SIZE as usize);
+        let c = a.call(|w| {
+            w.set(Op::Recv, slot);
+            w.flags(nsm_flags as u32);
+            w.use_buf(chunk);
+        });
+        match c.result() {
+            Ok(n) => {
+                let n = n as usize;
+                let copied = n.min(chunk);
+                if !(stream && user_trunc) {
+                    // SAFETY: the NSM wrote `copied` bytes to the buffer; iov per contract.
+                    unsafe { scatter(iov, got, c.buf(), copied) };
+                }
+                if got == 0 {
+                    let (from, len) = c.addr();
+                    info.from = from;
+                    info.from_len = len;
+                }
+                if !stream {
+                    info.truncated = n > chunk;
+                    return Ok(if user_trunc { n } else { copied });
+                }
+                got += n;
+                if !waitall || n == 0 || got >= total {
+                    return Ok(got);
+                }
+            }
+            Err(libc::EAGAIN) if blocking(slot, flags) => {
+                let seq = c.seq();
+                drop(c);
+                match a.wait_slot(slot, seq, st.rcvtimeo_us.load(Ordering::Relaxed)) {
+                    Ok(()) => {}
+                    Err(_) if got > 0 => return Ok(got),
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(_) if got > 0 => return Ok(got),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+pub fn shutdown(slot: u32, how: c_int) -> Result<c_int, Errno> {
+    let c = live()?.call(|w| {
+        w.set(Op::Shutdown, slot);
+        w.flags(how as u32);
+    });
+    c.result().map(|_| 0)
+}
+
+/// getsockname / getpeername.
+///
+/// # Safety
+/// `addr`/`len` as for getsockname(2).
+pub unsafe fn name(slot: u32, peer: bool, addr: *mut sockaddr, len: *mut socklen_t) -> Result<c_int, Errno> {
+    if addr.is_null() || len.is_null() {
+        return Err(libc::EFAULT);
+    }
+    let c = live()?.call(|w| w.set(if peer { Op::GetPeerName } else { Op::GetSockName }, slot));
+    c.result()?;
+    let (sa, full) = c.addr();
+    // SAFETY: forwarded from the caller.
+    unsafe { addr_out(&sa, full, addr, len) };
+    Ok(0)
+}
+
+fn timeval_us(p: *const u8, len: usize) -> u64 {
+    if len < std::mem::size_of::<libc::timeval>() {
+        return 0;
+    }
+    // SAFETY: len covers a timeval.
+    let tv = unsafe { std::ptr::read_unaligned(p.cast::<libc::timeval>()) };
+    (tv.tv_sec.max(0) as u64).saturating_mul(1_000_000).saturating_add(tv.tv_usec.max(0) as u64)
+}
+
+/// # Safety
+/// `val`/`len` as for getsockopt(2).
+pub unsafe fn getsockopt(slot: u32, level: c_int, name: c_int, val: *mut u8, len: *mut socklen_t) -> Result<c_int, Errno> {
+    if len.is_null() {
+        return Err(libc::EFAULT);
+    }
+    // SAFETY: len is non-null and the caller's.
+    let cap = unsafe { *len } as usize;
+    if (cap as i32) < 0 {
+        return Err(libc::EINVAL);
+    }
+    let cap = cap.min(BUF_SIZE as usize);
+    if val.is_null() && cap > 0 {
+        return Err(libc::EFAULT);
+    }
+    let c = live()?.call(|w| {
+        w.set(Op::GetSockOpt, slot);
+        w.args(level as u64, name as u64);
+        // SAFETY: the kernel reads the input value for a few options (e.g. TCP_INFO versions).
+        unsafe { std::ptr::copy_nonoverlapping(val, w.buf(), cap) };
+        w.use_buf(cap);
+    });
+    let n = c.result()? as usize;
+    // SAFETY: val has room for cap bytes; the NSM wrote n of them.
+    unsafe {
+        std::ptr::copy_nonoverlapping(c.buf(), val, n.min(cap));
+        *len = n as socklen_t;
+    }
+    Ok(0)
+}
+
+/// # Safety
+/// `val` points at `len` readable bytes.
+pub unsafe fn setsockopt(slot: u32, level: c_int, name: c_int, val: *const u8, len: socklen_t) -> Result<c_int, Errno> {
+    let len = len as usize;
+    if len > BUF_SIZE as usize {
+        return Err(libc::EINVAL);
+    }
+    if val.is_null() && len > 0 {
+        return Err(libc::EFAULT);
+    }
+    let c = live()?.call(|w| {
+        w.set(Op::SetSockOpt, slot);
+        w.args(level as u64, name as u64);
+        // SAFETY: per the contract.
+        unsafe { std::ptr::copy_nonoverlapping(val, w.buf(), len) };
+        w.use_buf(len);
+    });
+    c.result()?;
+    if level == libc::SOL_SOCKET {
+        let st = sock_state(slot);
+        match name {
+            libc::SO_RCVTIMEO => st.rcvtimeo_us.store(timeval_us(val, len), Ordering::Relaxed),
+            libc::SO_SNDTIMEO => st.sndtimeo_us.store(timeval_us(val, len), Ordering::Relaxed),
+            _ => {}
+        }
+    }
+    Ok(0)
+}
+
+/// FIONREAD / TIOCOUTQ / SIOCATMARK: an int the stack computes.
+pub fn ioctl_int(slot: u32, req: u64) -> Result<c_int, Errno> {
+    let c = live()?.call(|w| {
+        w.set(Op::Ioctl, slot);
+        w.args(0, req);
+    });
+    c.result().map(|v| v as c_int)
+}

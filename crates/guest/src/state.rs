@@ -1,0 +1,477 @@
+//! GuestLib's process state: the attachment (region and doorbells), the fd table that tells a
+//! NetKernel socket from any other fd, per-socket state, and the two ways a thread waits: for an
+//! nqe's completion and for a socket's next wakeup.
+
+use netkernel_abi::{nqe_state, Nqe, ADDR_MAX, BUF_SIZE, NQE_COUNT, SLOT_COUNT, STATE_DEAD};
+use netkernel_ring::region::Region;
+use netkernel_ring::sys;
+use std::sync::atomic::{fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// fds at or above this are never NetKernel sockets (the machine's limit is far below).
+pub const MAX_FD: usize = 1 << 16;
+/// GuestLib's own fds (control socket, doorbells, poll helpers) are moved at or above this so
+/// they do not take the low numbers programs expect to get.
+const HIDDEN_FD_MIN: i32 = 800;
+
+pub type Errno = i32;
+
+/// fd -> socket slot + 1 (0: not a NetKernel socket). The one load on every libc call.
+static FDS: [AtomicU32; MAX_FD] = [const { AtomicU32::new(0) }; MAX_FD];
+
+pub const F_NONBLOCK: u32 = 1;
+pub const F_STREAM: u32 = 2;
+pub const F_INET6: u32 = 4;
+
+/// Guest-side state of one socket slot, shared by every fd that refers to it (dup, fork):
+/// like the kernel's open file description.
+pub struct SockState {
+    pub refs: AtomicU32,
+    pub flags: AtomicU32,
+    /// Bumped when the slot is given to a new socket, so stale epoll interests can tell.
+    pub gen: AtomicU32,
+    /// SO_RCVTIMEO / SO_SNDTIMEO in microseconds, 0 = none.
+    pub rcvtimeo_us: AtomicU64,
+    pub sndtimeo_us: AtomicU64,
+}
+
+static SOCKS: [SockState; SLOT_COUNT as usize] = [const {
+    SockState {
+        refs: AtomicU32::new(0),
+        flags: AtomicU32::new(0),
+        gen: AtomicU32::new(0),
+        rcvtimeo_us: AtomicU64::new(0),
+        sndtimeo_us: AtomicU64::new(0),
+    }
+}; SLOT_COUNT as usize];
+
+pub fn sock_state(slot: u32) -> &'static SockState {
+    &SOCKS[slot as usize]
+}
+
+/// Attachments made by this process so far; fd table entries carry the one they belong to, so a
+/// socket of a dead attachment is never confused with a new socket in the same slot.
+static EPOCH: AtomicU32 = AtomicU32::new(0);
+
+/// What an fd is to GuestLib.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fd {
+    /// Not ours: straight to libc.
+    Plain,
+    /// A NetKernel socket in this slot of the live attachment.
+    Sock(u32),
+    /// A NetKernel socket of an attachment whose NSM died: it reports ECONNRESET.
+    Stale,
+}
+
+/// What GuestLib knows of `fd`: one relaxed-cost load on every interposed call.
+#[inline]
+pub fn lookup(fd: i32) -> Fd {
+    if fd < 0 || fd as usize >= MAX_FD {
+        return Fd::Plain;
+    }
+    match FDS[fd as usize].load(Ordering::Acquire) {
+        0 => Fd::Plain,
+        v if (v - 1) >> 16 == EPOCH.load(Ordering::Relaxed) => Fd::Sock((v - 1) & 0xffff),
+        _ => Fd::Stale,
+    }
+}
+
+/// Makes `fd` refer to `slot` (one more reference).
+pub fn map_fd(fd: i32, slot: u32) -> bool {
+    if fd < 0 || fd as usize >= MAX_FD {
+        return false;
+    }
+    SOCKS[slot as usize].refs.fetch_add(1, Ordering::AcqRel);
+    let v = (EPOCH.load(Ordering::Relaxed) << 16 | slot) + 1;
+    FDS[fd as usize].store(v, Ordering::Release);
+    true
+}
+
+/// Forgets `fd`; returns its slot when that was the last fd referring to a live socket.
+pub fn unmap_fd(fd: i32) -> Option<u32> {
+    let live = lookup(fd);
+    if live == Fd::Plain {
+        return None;
+    }
+    FDS[fd as usize].store(0, Ordering::Release);
+    match live {
+        Fd::Sock(slot) => (SOCKS[slot as usize].refs.fetch_sub(1, Ordering::AcqRel) == 1).then_some(slot),
+        _ => None,
+    }
+}
+
+/// Starts a new epoch: every socket state is fresh for the new attachment.
+fn new_epoch() {
+    for s in SOCKS.iter() {
+        s.refs.store(0, Ordering::Relaxed);
+        s.gen.fetch_add(1, Ordering::Relaxed);
+    }
+    EPOCH.fetch_add(1, Ordering::AcqRel);
+}
+
+/// One attachment: this process's region and doorbells.
+pub struct Attachment {
+    pub region: Region,
+    pub nsm_bell: i32,
+    pub guest_bell: i32,
+    /// Our end of the engine's control socket, kept open for the life of the process.
+    _ctl: i32,
+}
+
+static ATTACHMENT: AtomicPtr<Attachment> = AtomicPtr::new(std::ptr::null_mut());
+static ATTACH_LOCK: AtomicBool = AtomicBool::new(false);
+static WARNED: AtomicBool = AtomicBool::new(false);
+
+fn warn(msg: &str) {
+    if !WARNED.swap(true, Ordering::Relaxed) {
+        let line = format!("netkernel: {msg}\n");
+        // SAFETY: writes a live buffer to stderr.
+        unsafe { libc::syscall(libc::SYS_write, 2, line.as_ptr(), line.len()) };
+    }
+}
+
+/// Moves one of GuestLib's own fds out of the program's way (close-on-exec).
+fn hide_fd(fd: i32) -> i32 {
+    // SAFETY: fcntl on an fd we own.
+    let high = unsafe { libc::syscall(libc::SYS_fcntl, fd, libc::F_DUPFD_CLOEXEC, HIDDEN_FD_MIN) } as i32;
+    if high < 0 {
+        return fd;
+    }
+    sys::close(fd);
+    high
+}
+
+/// The live attachment, attaching on first use (a program that never opens a socket never
+/// talks to the engine). A dead one (its NSM died) is replaced by a new attachment.
+pub fn attachment() -> Result<&'static Attachment, Errno> {
+    let p = ATTACHMENT.load(Ordering::Acquire);
+    // SAFETY: attachments are leaked once published and never freed.
+    if let Some(a) = unsafe { p.as_ref() } {
+        if a.region.header().state.load(Ordering::Acquire) != STATE_DEAD {
+            return Ok(a);
+        }
+    }
+    while ATTACH_LOCK.swap(true, Ordering::Acquire) {
+        std::hint::spin_loop();
+    }
+    let r = (|| {
+        let cur = ATTACHMENT.load(Ordering::Acquire);
+        // SAFETY: as above.
+        if let Some(a) = unsafe { cur.as_ref() } {
+            if a.region.header().state.load(Ordering::Acquire) != STATE_DEAD {
+                return Ok(a);
+            }
+        }
+        let a = Box::leak(Box::new(attach().map_err(|msg| {
+            warn(&msg);
+            libc::ENETDOWN
+        })?));
+        // An older, dead attachment stays mapped (threads may still be reading it); its
+        // sockets are stale from now on.
+        if !cur.is_null() {
+            new_epoch();
+        }
+        ATTACHMENT.store(a, Ordering::Release);
+        Ok(&*a)
+    })();
+    ATTACH_LOCK.store(false, Ordering::Release);
+    r
+}
+
+/// The attachment if one exists, without attaching.
+pub fn current() -> Option<&'static Attachment> {
+    // SAFETY: attachments are leaked once published and never freed.
+    unsafe { ATTACHMENT.load(Ordering::Acquire).as_ref() }
+}
+
+fn attach() -> Result<Attachment, String> {
+    let path = std::env::var("NETKERNEL_SOCKET")
+        .map_err(|_| "NETKERNEL_SOCKET is not set; start programs with `netkernel run`".to_string())?;
+    let tenant = std::env::var("NETKERNEL_TENANT").ok();
+    // SAFETY: plain system call.
+    let fd = unsafe { libc::syscall(libc::SYS_socket, libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) } as i32;
+    if fd < 0 {
+        return Err(format!("control socket: {}", std::io::Error::last_os_error()));
+    }
+    let fd = hide_fd(fd);
+    // SAFETY: sockaddr_un is plain data.
+    let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    sa.sun_family = libc::AF_UNIX as u16;
+    if path.len() >= sa.sun_path.len() {
+        sys::close(fd);
+        return Err(format!("engine socket path too long: {path}"));
+    }
+    for (d, s) in sa.sun_path.iter_mut().zip(path.bytes()) {
+        *d = s as libc::c_char;
+    }
+    // SAFETY: sa is a live sockaddr_un.
+    let r = unsafe {
+        libc::syscall(libc::SYS_connect, fd, &sa as *const _, std::mem::size_of::<libc::sockaddr_un>())
+    };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        sys::close(fd);
+        return Err(format!("cannot reach the NetKernel engine at {path}: {e}"));
+    }
+    let req = match &tenant {
+        Some(t) => serde_json::json!({"op": "attach", "tenant": t}),
+        None => serde_json::json!({"op": "attach"}),
+    };
+    let fail = |fd: i32, m: String| {
+        sys::close(fd);
+        Err(m)
+    };
+    if let Err(e) = sys::send_frame(fd, req.to_string().as_bytes(), &[]) {
+        return fail(fd, format!("attach request: {e}"));
+    }
+    let (payload, fds) = match sys::recv_frame(fd) {
+        Ok(Some(x)) => x,
+        Ok(None) => return fail(fd, "engine closed the control socket".into()),
+        Err(e) => return fail(fd, format!("attach reply: {e}")),
+    };
+    let reply: serde_json::Value = serde_json::from_slice(&payload).unwrap_or_default();
+    if reply["ok"] != serde_json::Value::Bool(true) || fds.len() != 3 {
+        fds.iter().for_each(|&f| sys::close(f));
+        let why = reply["error"].as_str().unwrap_or("malformed reply").to_string();
+        return fail(fd, format!("engine refused attachment: {why}"));
+    }
+    let region = Region::map(fds[0]);
+    sys::close(fds[0]);
+    let region = match region {
+        Ok(r) => r,
+        Err(e) => {
+            sys::close(fds[1]);
+            sys::close(fds[2]);
+            return fail(fd, e.to_string());
+        }
+    };
+    Ok(Attachment { region, nsm_bell: hide_fd(fds[1]), guest_bell: hide_fd(fds[2]), _ctl: fd })
+}
+
+impl Attachment {
+    pub fn dead(&self) -> bool {
+        self.region.header().state.load(Ordering::Acquire) == STATE_DEAD
+    }
+
+    fn alloc_nqe(&self) -> u32 {
+        let free = &self.region.header().guest_free_nqes;
+        loop {
+            let bits = free.load(Ordering::Acquire);
+            if bits == 0 {
+                // Every nqe is in flight; they complete in microseconds.
+                std::thread::yield_now();
+                continue;
+            }
+            let i = bits.trailing_zeros();
+            if free.compare_exchange(bits, bits & !(1u64 << i), Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+                return i;
+            }
+        }
+    }
+
+    fn free_nqe(&self, i: u32) {
+        self.region.nqe_state(i).store(nqe_state::FREE, Ordering::Release);
+        self.region.header().guest_free_nqes.fetch_or(1u64 << i, Ordering::AcqRel);
+    }
+
+    /// Submits one nqe, filled in by `fill`, and waits for its completion. The returned call
+    /// keeps the nqe (and its buffer) until dropped.
+    pub fn call(&self, fill: impl FnOnce(&mut NqeWriter)) -> Call<'_> {
+        let idx = self.alloc_nqe();
+        let p = self.region.nqe(idx);
+        let buf_off = self.region.layout().buf_off(idx);
+        let mut w = NqeWriter { p, buf: self.region.pool_ptr(buf_off, BUF_SIZE), buf_off };
+        // SAFETY: nqe idx is ours (allocated above) until freed.
+        unsafe {
+            (*p).flags = 0;
+            (*p).arg0 = 0;
+            (*p).arg1 = 0;
+            (*p).buf_off = 0;
+            (*p).buf_len = 0;
+            (*p).addr_len = 0;
+        }
+        fill(&mut w);
+        let state = self.region.nqe_state(idx);
+        state.store(nqe_state::SUBMITTED, Ordering::Release);
+        let h = self.region.header();
+        while h.guest_push_lock.swap(1, Ordering::Acquire) != 0 {
+            std::hint::spin_loop();
+        }
+        // At most NQE_COUNT nqes exist, so the ring (of NQE_COUNT entries) has room.
+        let pushed = self.region.ring().push(idx);
+        h.guest_push_lock.store(0, Ordering::Release);
+        debug_assert!(pushed.is_ok());
+        fence(Ordering::SeqCst);
+        if h.nsm_sleeping.load(Ordering::Relaxed) != 0 {
+            sys::ring_bell(self.nsm_bell);
+        }
+        self.wait_done(idx);
+        Call { att: self, idx }
+    }
+
+    fn wait_done(&self, idx: u32) {
+        let state = self.region.nqe_state(idx);
+        let start = Instant::now();
+        let mut spins = 0u32;
+        loop {
+            let s = state.load(Ordering::Acquire);
+            if s == nqe_state::DONE {
+                return;
+            }
+            if self.dead() {
+                // mark_dead completes every submitted nqe; wait for that store.
+                std::hint::spin_loop();
+                continue;
+            }
+            spins += 1;
+            if spins < 64 || start.elapsed() < Duration::from_micros(20) {
+                std::hint::spin_loop();
+                continue;
+            }
+            if s == nqe_state::SUBMITTED
+                && state
+                    .compare_exchange(s, s | nqe_state::WAITER, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_err()
+            {
+                continue;
+            }
+            // The op is already running in the NSM and will complete promptly; a signal does
+            // not abandon it (its buffer is in use), so EINTR just waits again.
+            let _ = sys::futex_wait(state, nqe_state::SUBMITTED | nqe_state::WAITER, Some(Duration::from_millis(200)));
+        }
+    }
+
+    /// Waits until socket `slot` reports a wakeup after sequence `seen`, or `timeout_us` (0:
+    /// none) passes. Err(EAGAIN) on timeout, Err(EINTR) when a signal handler ran and the
+    /// kernel would not restart the call (the futex has socket semantics for SA_RESTART).
+    pub fn wait_slot(&self, slot: u32, seen: u32, timeout_us: u64) -> Result<(), Errno> {
+        let s = self.region.slot(slot);
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_micros(10) {
+            if s.seq.load(Ordering::Acquire) != seen {
+                return Ok(());
+            }
+            std::hint::spin_loop();
+        }
+        let deadline = (timeout_us > 0).then(|| start + Duration::from_micros(timeout_us));
+        s.waiters.fetch_add(1, Ordering::SeqCst);
+        let r = loop {
+            if s.seq.load(Ordering::SeqCst) != seen || self.dead() {
+                break Ok(());
+            }
+            let left = match deadline {
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    Some(l) if !l.is_zero() => Some(l),
+                    _ => break Err(libc::EAGAIN),
+                },
+                None => None,
+            };
+            match sys::futex_wait(&s.seq, seen, left) {
+                Ok(_) => {}
+                Err(e) => break Err(e.raw_os_error().unwrap_or(libc::EINTR)),
+            }
+        };
+        s.waiters.fetch_sub(1, Ordering::SeqCst);
+        r
+    }
+}
+
+/// Fills in an nqe before submission.
+pub struct NqeWriter {
+    p: *mut Nqe,
+    buf: *mut u8,
+    buf_off: u64,
+}
+
+impl NqeWriter {
+    pub fn set(&mut self, op: netkernel_abi::Op, sock: u32) {
+        // SAFETY: the nqe is ours until submitted.
+        unsafe {
+            (*self.p).op = op as u32;
+            (*self.p).sock = sock;
+        }
+    }
+    pub fn flags(&mut self, v: u32) {
+        // SAFETY: as above.
+        unsafe { (*self.p).flags = v }
+    }
+    pub fn args(&mut self, a0: u64, a1: u64) {
+        // SAFETY: as above.
+        unsafe {
+            (*self.p).arg0 = a0;
+            (*self.p).arg1 = a1;
+        }
+    }
+    /// Uses `len` bytes of this nqe's buffer (filled by the caller via `buf`).
+    pub fn use_buf(&mut self, len: usize) {
+        // SAFETY: as above.
+        unsafe {
+            (*self.p).buf_off = self.buf_off;
+            (*self.p).buf_len = len.min(BUF_SIZE as usize) as u32;
+        }
+    }
+    /// This nqe's buffer: BUF_SIZE bytes of the pool.
+    pub fn buf(&mut self) -> *mut u8 {
+        self.buf
+    }
+    pub fn addr(&mut self, a: *const u8, len: usize) {
+        let len = len.min(ADDR_MAX);
+        // SAFETY: the caller vouches for `a`; the nqe is ours.
+        unsafe {
+            std::ptr::copy_nonoverlapping(a, (*self.p).addr.as_mut_ptr(), len);
+            (*self.p).addr_len = len as u32;
+        }
+    }
+}
+
+/// A completed nqe; frees it when dropped.
+pub struct Call<'a> {
+    att: &'a Attachment,
+    idx: u32,
+}
+
+impl Call<'_> {
+    fn nqe(&self) -> *mut Nqe {
+        self.att.region.nqe(self.idx)
+    }
+    /// The result: Ok(value) or Err(errno).
+    pub fn result(&self) -> Result<i64, Errno> {
+        // SAFETY: DONE was observed with Acquire; the NSM no longer writes this nqe.
+        let r = unsafe { std::ptr::read_volatile(&(*self.nqe()).result) };
+        if r < 0 {
+            Err((-r) as Errno)
+        } else {
+            Ok(r)
+        }
+    }
+    /// The socket's event sequence when the op completed: what to wait past after EAGAIN.
+    pub fn seq(&self) -> u32 {
+        // SAFETY: as above.
+        unsafe { std::ptr::read_volatile(&(*self.nqe()).seq) }
+    }
+    /// The address the NSM returned and its full length.
+    pub fn addr(&self) -> ([u8; ADDR_MAX], usize) {
+        let mut a = [0u8; ADDR_MAX];
+        // SAFETY: as above.
+        let len = unsafe {
+            std::ptr::copy_nonoverlapping((*self.nqe()).addr.as_ptr(), a.as_mut_ptr(), ADDR_MAX);
+            std::ptr::read_volatile(&(*self.nqe()).addr_len) as usize
+        };
+        (a, len.min(ADDR_MAX))
+    }
+    /// This nqe's buffer.
+    pub fn buf(&self) -> *const u8 {
+        self.att.region.pool_ptr(self.att.region.layout().buf_off(self.idx), BUF_SIZE)
+    }
+}
+
+impl Drop for Call<'_> {
+    fn drop(&mut self) {
+        if !self.att.dead() {
+            self.att.free_nqe(self.idx);
+        }
+    }
+}
+
+const _: () = assert!(NQE_COUNT <= 64);
