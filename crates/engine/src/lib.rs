@@ -1,0 +1,535 @@
+//! CoreEngine: owns tenants, NSMs and attachments. It brokers each attachment (creates and
+//! seals the region, passes fds with SCM_RIGHTS, tells the NSM which tenant it serves) and then
+//! steps out of the data path (DESIGN.md D1). It supervises NSM processes and answers `ctl`.
+
+pub mod config;
+mod supervisor;
+
+use config::Config;
+use netkernel_ring::region::Region;
+use netkernel_ring::sys;
+use netkernel_service::control::{AttachReply, EngineRequest, NsmStats, Reply};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+pub use supervisor::Nsm;
+
+/// The control socket path when none is given: NETKERNEL_SOCKET, else /run/netkernel as root,
+/// else $XDG_RUNTIME_DIR/netkernel (or /tmp/netkernel-UID).
+pub fn default_socket() -> PathBuf {
+    if let Some(p) = std::env::var_os("NETKERNEL_SOCKET") {
+        return p.into();
+    }
+    // SAFETY: getuid cannot fail.
+    let uid = unsafe { libc::getuid() };
+    if uid == 0 {
+        return "/run/netkernel/engine.sock".into();
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) => Path::new(&d).join("netkernel/engine.sock"),
+        None => format!("/tmp/netkernel-{uid}/engine.sock").into(),
+    }
+}
+
+/// Engine errors a user can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// Another engine answers on the socket.
+    #[error("an engine is already running on {0} (stop it, or pass --socket)")]
+    AlreadyRunning(PathBuf),
+    /// The control socket could not be created.
+    #[error("cannot listen on {path}: {source}")]
+    Listen { path: PathBuf, source: io::Error },
+    /// An NSM could not be started.
+    #[error("cannot start NSM {name}: {source}")]
+    Spawn { name: String, source: io::Error },
+}
+
+/// What the engine remembers of one attachment.
+struct Attachment {
+    tenant: String,
+    nsm: String,
+    pid: i32,
+    uid: u32,
+    /// The engine's own mapping, used to declare the region dead if its NSM dies.
+    region: Region,
+    guest_bell: OwnedFd,
+    nsm_generation: u64,
+}
+
+/// The running engine.
+pub struct Engine {
+    cfg: Config,
+    socket: PathBuf,
+    nsms: Vec<Arc<Nsm>>,
+    attachments: Mutex<HashMap<u64, Attachment>>,
+    next_id: AtomicU64,
+    started: Instant,
+}
+
+#[derive(Serialize)]
+struct TenantView {
+    name: String,
+    nsm: String,
+    uids: Option<Vec<u32>>,
+    attachments: usize,
+}
+
+#[derive(Serialize)]
+struct NsmView {
+    name: String,
+    kind: String,
+    congestion: String,
+    pid: Option<u32>,
+    restarts: u64,
+    attachments: usize,
+    bytes_in: u64,
+    bytes_out: u64,
+    conns_total: u64,
+    conns_open: usize,
+    violations: u64,
+}
+
+#[derive(Serialize)]
+struct StatusView {
+    version: &'static str,
+    pid: u32,
+    socket: String,
+    uptime_s: f64,
+    region_backing: String,
+    region_bytes: u64,
+    attachments: usize,
+    tenants: usize,
+    nsms: Vec<NsmView>,
+}
+
+fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd returns a fresh fd we own.
+    sys::eventfd().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: plain system call.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fresh fd we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
+}
+
+fn peer_cred(s: &UnixStream) -> io::Result<libc::ucred> {
+    // SAFETY: ucred is plain data.
+    let mut c: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: c/len describe a live ucred.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut c as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(c)
+}
+
+fn log(msg: impl AsRef<str>) {
+    eprintln!("netkernel engine: {}", msg.as_ref());
+}
+
+impl Engine {
+    /// Starts the NSMs and binds the control socket.
+    pub fn start(cfg: Config, socket: PathBuf) -> Result<(Arc<Engine>, UnixListener), EngineError> {
+        if UnixStream::connect(&socket).is_ok() {
+            return Err(EngineError::AlreadyRunning(socket));
+        }
+        if let Some(dir) = socket.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let _ = std::fs::remove_file(&socket);
+        let listener = UnixListener::bind(&socket).map_err(|source| EngineError::Listen {
+            path: socket.clone(),
+            source,
+        })?;
+        // Guests of every uid connect here; tenants' uid lists decide who may attach.
+        let _ =
+            std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o666));
+        let mut nsms = Vec::new();
+        let mut children = Vec::new();
+        for n in &cfg.nsms {
+            let nsm = Nsm::new(
+                n.name.get_ref().clone(),
+                n.kind.clone(),
+                n.congestion.as_ref().map(|c| c.get_ref().clone()),
+            );
+            let child = nsm.spawn().map_err(|source| EngineError::Spawn {
+                name: n.name.get_ref().clone(),
+                source,
+            })?;
+            nsms.push(Arc::new(nsm));
+            children.push(child);
+        }
+        let engine = Arc::new(Engine {
+            cfg,
+            socket,
+            nsms,
+            attachments: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            started: Instant::now(),
+        });
+        for (nsm, child) in engine.nsms.iter().zip(children) {
+            let (e, n) = (Arc::downgrade(&engine), nsm.clone());
+            std::thread::spawn(move || {
+                supervisor::supervise(n, child, move |name, generation| {
+                    if let Some(e) = e.upgrade() {
+                        e.nsm_died(name, generation);
+                    }
+                })
+            });
+        }
+        log(format!(
+            "listening on {} with {} NSM(s), {} tenant(s)",
+            engine.socket.display(),
+            engine.nsms.len(),
+            engine.cfg.tenants.len()
+        ));
+        Ok((engine, listener))
+    }
+
+    /// Serves the control socket until the process ends.
+    pub fn serve(self: &Arc<Engine>, listener: UnixListener) {
+        for conn in listener.incoming() {
+            match conn {
+                Ok(c) => {
+                    let e = self.clone();
+                    std::thread::spawn(move || e.client(c));
+                }
+                Err(err) => log(format!("accept: {err}")),
+            }
+        }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Stops the NSMs and removes the socket.
+    pub fn shutdown(&self) {
+        for n in &self.nsms {
+            n.stop();
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+
+    /// Every region served by a dead NSM is declared dead: its guests' calls fail with
+    /// ECONNRESET instead of hanging, and their next socket attaches afresh.
+    fn nsm_died(&self, nsm: &str, generation: u64) {
+        let mut atts = self.attachments.lock().unwrap_or_else(|e| e.into_inner());
+        let dead: Vec<u64> = atts
+            .iter()
+            .filter(|(_, a)| a.nsm == nsm && a.nsm_generation == generation)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &dead {
+            if let Some(a) = atts.remove(id) {
+                a.region.mark_dead(Some(a.guest_bell.as_raw_fd()));
+            }
+        }
+        log(format!(
+            "NSM {nsm} died; {} attachment(s) reset",
+            dead.len()
+        ));
+    }
+
+    /// One control connection: a guest attaching, or `ctl`.
+    fn client(self: Arc<Engine>, conn: UnixStream) {
+        let fd = conn.as_raw_fd();
+        let mut attached = None;
+        loop {
+            let frame = match sys::recv_frame(fd) {
+                Ok(Some((payload, fds))) => {
+                    fds.into_iter().for_each(sys::close);
+                    payload
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    log(format!("control connection: {e}; closing it"));
+                    let _ = sys::send_frame(
+                        fd,
+                        &reply_bytes(Reply::err(format!("unreadable request: {e}"))),
+                        &[],
+                    );
+                    break;
+                }
+            };
+            let req = match serde_json::from_slice::<EngineRequest>(&frame) {
+                Ok(r) => r,
+                Err(e) => {
+                    log(format!(
+                        "garbage on control socket ({e}); closing that connection"
+                    ));
+                    let _ = sys::send_frame(
+                        fd,
+                        &reply_bytes(Reply::err(format!("bad request: {e}"))),
+                        &[],
+                    );
+                    break;
+                }
+            };
+            let sent = match req {
+                EngineRequest::Attach { tenant } if attached.is_none() => {
+                    match self.attach(&conn, tenant) {
+                        Ok((id, reply, fds)) => {
+                            attached = Some(id);
+                            let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+                            sys::send_frame(fd, &reply_bytes(Reply::ok(reply)), &raw)
+                        }
+                        Err(msg) => {
+                            log(&msg);
+                            sys::send_frame(fd, &reply_bytes(Reply::err(msg)), &[])
+                        }
+                    }
+                }
+                EngineRequest::Attach { .. } => {
+                    sys::send_frame(fd, &reply_bytes(Reply::err("already attached")), &[])
+                }
+                EngineRequest::Status => {
+                    sys::send_frame(fd, &reply_bytes(Reply::ok(self.status())), &[])
+                }
+                EngineRequest::Tenants => {
+                    sys::send_frame(fd, &reply_bytes(Reply::ok(self.tenants())), &[])
+                }
+                EngineRequest::Nsms => {
+                    sys::send_frame(fd, &reply_bytes(Reply::ok(self.nsm_views())), &[])
+                }
+                EngineRequest::Conns => {
+                    let conns: Vec<_> = self.stats().into_iter().flat_map(|s| s.conns).collect();
+                    sys::send_frame(fd, &reply_bytes(Reply::ok(conns)), &[])
+                }
+            };
+            if sent.is_err() {
+                break;
+            }
+        }
+        if let Some(id) = attached {
+            // The guest process is gone; the NSM notices by its pidfd and closes its sockets.
+            self.attachments
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+        }
+    }
+
+    fn attach(
+        &self,
+        conn: &UnixStream,
+        tenant: Option<String>,
+    ) -> Result<(u64, AttachReply, Vec<OwnedFd>), String> {
+        let cred = peer_cred(conn).map_err(|e| format!("SO_PEERCRED: {e}"))?;
+        let t = match &tenant {
+            Some(name) => self
+                .cfg
+                .tenants
+                .iter()
+                .find(|t| t.name.get_ref() == name)
+                .ok_or_else(|| {
+                    format!(
+                        "pid {} (uid {}) asked for unknown tenant {name:?}",
+                        cred.pid, cred.uid
+                    )
+                })?,
+            None => self
+                .cfg
+                .tenants
+                .iter()
+                .find(|t| t.uids.as_ref().is_none_or(|u| u.contains(&cred.uid)))
+                .ok_or_else(|| {
+                    format!(
+                        "pid {} (uid {}): no tenant admits this uid",
+                        cred.pid, cred.uid
+                    )
+                })?,
+        };
+        if let Some(uids) = &t.uids {
+            if !uids.contains(&cred.uid) {
+                return Err(format!(
+                    "pid {} (uid {}) may not attach as tenant {}",
+                    cred.pid,
+                    cred.uid,
+                    t.name.get_ref()
+                ));
+            }
+        }
+        let nsm = self
+            .nsms
+            .iter()
+            .find(|n| n.name == *t.nsm.get_ref())
+            .ok_or("tenant's NSM is not running")?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let region = Region::create(id).map_err(|e| format!("creating region: {e}"))?;
+        let memfd = region.fd().ok_or("region without memfd")?;
+        let nsm_bell = eventfd().map_err(|e| format!("eventfd: {e}"))?;
+        let guest_bell = eventfd().map_err(|e| format!("eventfd: {e}"))?;
+        let pidfd = pidfd_open(cred.pid).map_err(|e| format!("pidfd_open({}): {e}", cred.pid))?;
+        let generation = nsm
+            .attach(
+                id,
+                t.name.get_ref(),
+                cred.pid,
+                cred.uid,
+                &[
+                    memfd,
+                    nsm_bell.as_raw_fd(),
+                    guest_bell.as_raw_fd(),
+                    pidfd.as_raw_fd(),
+                ],
+            )
+            .map_err(|e| format!("NSM {}: {e}", nsm.name))?;
+        // SAFETY: dup of an fd the region owns; the copy is ours.
+        let memfd_copy =
+            unsafe { OwnedFd::from_raw_fd(libc::fcntl(memfd, libc::F_DUPFD_CLOEXEC, 0)) };
+        let reply = AttachReply {
+            attachment: id,
+            tenant: t.name.get_ref().clone(),
+            nsm: nsm.name.clone(),
+        };
+        let keep_bell = guest_bell.try_clone().map_err(|e| format!("dup: {e}"))?;
+        self.attachments
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                id,
+                Attachment {
+                    tenant: t.name.get_ref().clone(),
+                    nsm: nsm.name.clone(),
+                    pid: cred.pid,
+                    uid: cred.uid,
+                    region,
+                    guest_bell: keep_bell,
+                    nsm_generation: generation,
+                },
+            );
+        Ok((id, reply, vec![memfd_copy, nsm_bell, guest_bell]))
+    }
+
+    fn stats(&self) -> Vec<NsmStats> {
+        self.nsms.iter().filter_map(|n| n.stats().ok()).collect()
+    }
+
+    fn nsm_views(&self) -> Vec<NsmView> {
+        let atts = self.attachments.lock().unwrap_or_else(|e| e.into_inner());
+        self.nsms
+            .iter()
+            .map(|n| {
+                let s = n.stats().unwrap_or_default();
+                NsmView {
+                    name: n.name.clone(),
+                    kind: n.kind.clone(),
+                    congestion: s.congestion.clone(),
+                    pid: n.pid(),
+                    restarts: n.restarts(),
+                    attachments: atts.values().filter(|a| a.nsm == n.name).count(),
+                    bytes_in: s.bytes_in,
+                    bytes_out: s.bytes_out,
+                    conns_total: s.conns_total,
+                    conns_open: s.conns.len(),
+                    violations: s.violations,
+                }
+            })
+            .collect()
+    }
+
+    fn tenants(&self) -> Vec<TenantView> {
+        let atts = self.attachments.lock().unwrap_or_else(|e| e.into_inner());
+        self.cfg
+            .tenants
+            .iter()
+            .map(|t| TenantView {
+                name: t.name.get_ref().clone(),
+                nsm: t.nsm.get_ref().clone(),
+                uids: t.uids.clone(),
+                attachments: atts
+                    .values()
+                    .filter(|a| a.tenant == *t.name.get_ref())
+                    .count(),
+            })
+            .collect()
+    }
+
+    fn status(&self) -> StatusView {
+        let nsms = self.nsm_views();
+        let atts = self.attachments.lock().unwrap_or_else(|e| e.into_inner());
+        let backing = atts
+            .values()
+            .next()
+            .map(|a| a.region.backing().as_str().to_string())
+            .unwrap_or_else(|| probe_backing().to_string());
+        StatusView {
+            version: env!("CARGO_PKG_VERSION"),
+            pid: std::process::id(),
+            socket: self.socket.display().to_string(),
+            uptime_s: self.started.elapsed().as_secs_f64(),
+            region_backing: backing,
+            region_bytes: netkernel_abi::Layout::standard().region_size,
+            attachments: atts.len(),
+            tenants: self.cfg.tenants.len(),
+            nsms,
+        }
+    }
+
+    /// Guest pids and uids currently attached (for tests and ctl).
+    pub fn attached_pids(&self) -> Vec<(i32, u32)> {
+        self.attachments
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|a| (a.pid, a.uid))
+            .collect()
+    }
+}
+
+/// Which pages a new region would get.
+fn probe_backing() -> &'static str {
+    match Region::create(0) {
+        Ok(r) => r.backing().as_str(),
+        Err(_) => "unavailable",
+    }
+}
+
+fn reply_bytes(r: Reply) -> Vec<u8> {
+    serde_json::to_vec(&r).unwrap_or_default()
+}
+
+/// A `ctl` client's request/response over the control socket.
+pub fn request(socket: &Path, req: &EngineRequest) -> Result<serde_json::Value, String> {
+    let s = UnixStream::connect(socket).map_err(|e| {
+        format!(
+            "no NetKernel engine at {}: {e} (start one with `netkernel serve`)",
+            socket.display()
+        )
+    })?;
+    let body = serde_json::to_vec(req).map_err(|e| e.to_string())?;
+    sys::send_frame(s.as_raw_fd(), &body, &[]).map_err(|e| format!("sending to engine: {e}"))?;
+    let (payload, fds) = sys::recv_frame(s.as_raw_fd())
+        .map_err(|e| format!("reading engine reply: {e}"))?
+        .ok_or("engine closed the connection")?;
+    fds.into_iter().for_each(sys::close);
+    let reply: Reply =
+        serde_json::from_slice(&payload).map_err(|e| format!("malformed engine reply: {e}"))?;
+    if reply.ok {
+        Ok(reply.result.unwrap_or_default())
+    } else {
+        Err(reply.error.unwrap_or_else(|| "engine error".into()))
+    }
+}

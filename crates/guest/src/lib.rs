@@ -13,7 +13,9 @@ mod real;
 mod sock;
 mod state;
 
-use libc::{c_int, c_ulong, c_void, iovec, msghdr, nfds_t, pollfd, size_t, sockaddr, socklen_t, ssize_t};
+use libc::{
+    c_int, c_ulong, c_void, iovec, msghdr, nfds_t, pollfd, size_t, sockaddr, socklen_t, ssize_t,
+};
 use state::{lookup, Errno, Fd};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -111,7 +113,9 @@ pub unsafe extern "C" fn socket(domain: c_int, ty: c_int, proto: c_int) -> c_int
 #[no_mangle]
 pub unsafe extern "C" fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
     // SAFETY: forwarding.
-    on_fd!(fd, |s| sock::bind(s, addr, len), unsafe { real::bind(fd, addr, len) })
+    on_fd!(fd, |s| sock::bind(s, addr, len), unsafe {
+        real::bind(fd, addr, len)
+    })
 }
 
 /// # Safety
@@ -119,7 +123,9 @@ pub unsafe extern "C" fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t) 
 #[no_mangle]
 pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
     // SAFETY: forwarding.
-    on_fd!(fd, |s| sock::listen(s, backlog), unsafe { real::listen(fd, backlog) })
+    on_fd!(fd, |s| sock::listen(s, backlog), unsafe {
+        real::listen(fd, backlog)
+    })
 }
 
 /// # Safety
@@ -127,15 +133,26 @@ pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
 #[no_mangle]
 pub unsafe extern "C" fn accept(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
     // SAFETY: forwarding the caller's pointers.
-    on_fd!(fd, |s| unsafe { sock::accept(s, addr, len, 0) }, unsafe { real::accept(fd, addr, len) })
+    on_fd!(fd, |s| unsafe { sock::accept(s, addr, len, 0) }, unsafe {
+        real::accept(fd, addr, len)
+    })
 }
 
 /// # Safety
 /// Interposes accept4(2).
 #[no_mangle]
-pub unsafe extern "C" fn accept4(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t, flags: c_int) -> c_int {
+pub unsafe extern "C" fn accept4(
+    fd: c_int,
+    addr: *mut sockaddr,
+    len: *mut socklen_t,
+    flags: c_int,
+) -> c_int {
     // SAFETY: forwarding the caller's pointers.
-    on_fd!(fd, |s| unsafe { sock::accept(s, addr, len, flags) }, unsafe { real::accept4(fd, addr, len, flags) })
+    on_fd!(
+        fd,
+        |s| unsafe { sock::accept(s, addr, len, flags) },
+        unsafe { real::accept4(fd, addr, len, flags) }
+    )
 }
 
 /// # Safety
@@ -143,7 +160,9 @@ pub unsafe extern "C" fn accept4(fd: c_int, addr: *mut sockaddr, len: *mut sockl
 #[no_mangle]
 pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
     // SAFETY: forwarding.
-    on_fd!(fd, |s| sock::connect(s, addr, len), unsafe { real::connect(fd, addr, len) })
+    on_fd!(fd, |s| sock::connect(s, addr, len), unsafe {
+        real::connect(fd, addr, len)
+    })
 }
 
 /// # Safety
@@ -151,7 +170,9 @@ pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_
 #[no_mangle]
 pub unsafe extern "C" fn shutdown(fd: c_int, how: c_int) -> c_int {
     // SAFETY: forwarding.
-    on_fd!(fd, |s| sock::shutdown(s, how), unsafe { real::shutdown(fd, how) })
+    on_fd!(fd, |s| sock::shutdown(s, how), unsafe {
+        real::shutdown(fd, how)
+    })
 }
 
 /// # Safety
@@ -179,7 +200,9 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
 #[no_mangle]
 pub unsafe extern "C" fn getsockname(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
     // SAFETY: forwarding the caller's pointers.
-    on_fd!(fd, |s| unsafe { sock::name(s, false, addr, len) }, unsafe { real::getsockname(fd, addr, len) })
+    on_fd!(fd, |s| unsafe { sock::name(s, false, addr, len) }, unsafe {
+        real::getsockname(fd, addr, len)
+    })
 }
 
 /// # Safety
@@ -187,13 +210,21 @@ pub unsafe extern "C" fn getsockname(fd: c_int, addr: *mut sockaddr, len: *mut s
 #[no_mangle]
 pub unsafe extern "C" fn getpeername(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
     // SAFETY: forwarding the caller's pointers.
-    on_fd!(fd, |s| unsafe { sock::name(s, true, addr, len) }, unsafe { real::getpeername(fd, addr, len) })
+    on_fd!(fd, |s| unsafe { sock::name(s, true, addr, len) }, unsafe {
+        real::getpeername(fd, addr, len)
+    })
 }
 
 /// # Safety
 /// Interposes getsockopt(2).
 #[no_mangle]
-pub unsafe extern "C" fn getsockopt(fd: c_int, level: c_int, name: c_int, val: *mut c_void, len: *mut socklen_t) -> c_int {
+pub unsafe extern "C" fn getsockopt(
+    fd: c_int,
+    level: c_int,
+    name: c_int,
+    val: *mut c_void,
+    len: *mut socklen_t,
+) -> c_int {
     on_fd!(
         fd,
         // SAFETY: forwarding the caller's pointers.
@@ -206,7 +237,13 @@ pub unsafe extern "C" fn getsockopt(fd: c_int, level: c_int, name: c_int, val: *
 /// # Safety
 /// Interposes setsockopt(2).
 #[no_mangle]
-pub unsafe extern "C" fn setsockopt(fd: c_int, level: c_int, name: c_int, val: *const c_void, len: socklen_t) -> c_int {
+pub unsafe extern "C" fn setsockopt(
+    fd: c_int,
+    level: c_int,
+    name: c_int,
+    val: *const c_void,
+    len: socklen_t,
+) -> c_int {
     on_fd!(
         fd,
         // SAFETY: forwarding the caller's pointers.
@@ -222,7 +259,10 @@ pub unsafe extern "C" fn setsockopt(fd: c_int, level: c_int, name: c_int, val: *
 /// Interposes read(2).
 #[no_mangle]
 pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t {
-    let iov = [iovec { iov_base: buf, iov_len: n }];
+    let iov = [iovec {
+        iov_base: buf,
+        iov_len: n,
+    }];
     on_fd!(
         fd,
         // SAFETY: the caller's buffer.
@@ -236,7 +276,10 @@ pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t
 /// Interposes write(2).
 #[no_mangle]
 pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssize_t {
-    let iov = [iovec { iov_base: buf as *mut c_void, iov_len: n }];
+    let iov = [iovec {
+        iov_base: buf as *mut c_void,
+        iov_len: n,
+    }];
     on_fd!(
         fd,
         // SAFETY: the caller's buffer.
@@ -276,7 +319,10 @@ pub unsafe extern "C" fn writev(fd: c_int, iov: *const iovec, n: c_int) -> ssize
 /// Interposes send(2).
 #[no_mangle]
 pub unsafe extern "C" fn send(fd: c_int, buf: *const c_void, n: size_t, flags: c_int) -> ssize_t {
-    let iov = [iovec { iov_base: buf as *mut c_void, iov_len: n }];
+    let iov = [iovec {
+        iov_base: buf as *mut c_void,
+        iov_len: n,
+    }];
     on_fd!(
         fd,
         // SAFETY: the caller's buffer.
@@ -297,7 +343,10 @@ pub unsafe extern "C" fn sendto(
     addr: *const sockaddr,
     alen: socklen_t,
 ) -> ssize_t {
-    let iov = [iovec { iov_base: buf as *mut c_void, iov_len: n }];
+    let iov = [iovec {
+        iov_base: buf as *mut c_void,
+        iov_len: n,
+    }];
     on_fd!(
         fd,
         // SAFETY: the caller's buffer and address.
@@ -318,7 +367,13 @@ pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) ->
             let m = unsafe { msg.as_ref() }.ok_or(libc::EFAULT)?;
             // SAFETY: the caller's iovecs and address.
             isize_of(unsafe {
-                sock::send(s, iov_slice(m.msg_iov, m.msg_iovlen as c_int)?, flags, m.msg_name.cast(), m.msg_namelen)
+                sock::send(
+                    s,
+                    iov_slice(m.msg_iov, m.msg_iovlen as c_int)?,
+                    flags,
+                    m.msg_name.cast(),
+                    m.msg_namelen,
+                )
             })
         },
         // SAFETY: forwarding.
@@ -328,7 +383,13 @@ pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) ->
 
 /// # Safety
 /// `addr`/`alen` are null or valid as for recvfrom(2).
-unsafe fn recv_into(s: u32, iov: &[iovec], flags: c_int, addr: *mut sockaddr, alen: *mut socklen_t) -> Result<isize, Errno> {
+unsafe fn recv_into(
+    s: u32,
+    iov: &[iovec],
+    flags: c_int,
+    addr: *mut sockaddr,
+    alen: *mut socklen_t,
+) -> Result<isize, Errno> {
     let mut info = sock::RecvInfo::default();
     // SAFETY: the caller's buffers.
     let n = unsafe { sock::recv(s, iov, flags, &mut info) }?;
@@ -341,7 +402,10 @@ unsafe fn recv_into(s: u32, iov: &[iovec], flags: c_int, addr: *mut sockaddr, al
 /// Interposes recv(2).
 #[no_mangle]
 pub unsafe extern "C" fn recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int) -> ssize_t {
-    let iov = [iovec { iov_base: buf, iov_len: n }];
+    let iov = [iovec {
+        iov_base: buf,
+        iov_len: n,
+    }];
     on_fd!(
         fd,
         // SAFETY: the caller's buffer.
@@ -362,7 +426,10 @@ pub unsafe extern "C" fn recvfrom(
     addr: *mut sockaddr,
     alen: *mut socklen_t,
 ) -> ssize_t {
-    let iov = [iovec { iov_base: buf, iov_len: n }];
+    let iov = [iovec {
+        iov_base: buf,
+        iov_len: n,
+    }];
     on_fd!(
         fd,
         // SAFETY: the caller's buffers.
@@ -383,9 +450,23 @@ pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> s
             let m = unsafe { msg.as_mut() }.ok_or(libc::EFAULT)?;
             let mut info = sock::RecvInfo::default();
             // SAFETY: the caller's iovecs.
-            let n = unsafe { sock::recv(s, iov_slice(m.msg_iov, m.msg_iovlen as c_int)?, flags, &mut info) }?;
+            let n = unsafe {
+                sock::recv(
+                    s,
+                    iov_slice(m.msg_iov, m.msg_iovlen as c_int)?,
+                    flags,
+                    &mut info,
+                )
+            }?;
             // SAFETY: the caller's address buffer.
-            unsafe { sock::addr_out(&info.from, info.from_len, m.msg_name.cast(), &mut m.msg_namelen) };
+            unsafe {
+                sock::addr_out(
+                    &info.from,
+                    info.from_len,
+                    m.msg_name.cast(),
+                    &mut m.msg_namelen,
+                )
+            };
             m.msg_controllen = 0;
             m.msg_flags = if info.truncated { libc::MSG_TRUNC } else { 0 };
             Ok(n as isize)
@@ -543,7 +624,12 @@ pub unsafe extern "C" fn poll(fds: *mut pollfd, n: nfds_t, timeout: c_int) -> c_
 /// # Safety
 /// Interposes ppoll(2).
 #[no_mangle]
-pub unsafe extern "C" fn ppoll(fds: *mut pollfd, n: nfds_t, ts: *const libc::timespec, mask: *const libc::sigset_t) -> c_int {
+pub unsafe extern "C" fn ppoll(
+    fds: *mut pollfd,
+    n: nfds_t,
+    ts: *const libc::timespec,
+    mask: *const libc::sigset_t,
+) -> c_int {
     if !fds.is_null() && n > 0 {
         // SAFETY: the caller's array of n pollfds.
         let s = unsafe { std::slice::from_raw_parts_mut(fds, n as usize) };
@@ -560,7 +646,12 @@ pub unsafe extern "C" fn ppoll(fds: *mut pollfd, n: nfds_t, ts: *const libc::tim
 /// # Safety
 /// Interposes __poll_chk (poll with _FORTIFY_SOURCE).
 #[no_mangle]
-pub unsafe extern "C" fn __poll_chk(fds: *mut pollfd, n: nfds_t, timeout: c_int, fdslen: size_t) -> c_int {
+pub unsafe extern "C" fn __poll_chk(
+    fds: *mut pollfd,
+    n: nfds_t,
+    timeout: c_int,
+    fdslen: size_t,
+) -> c_int {
     if fdslen / std::mem::size_of::<pollfd>() < n as usize {
         // SAFETY: the fortify failure path, as glibc's.
         unsafe { chk_fail() }
@@ -572,7 +663,10 @@ pub unsafe extern "C" fn __poll_chk(fds: *mut pollfd, n: nfds_t, timeout: c_int,
 fn sets_hold_ours(n: c_int, sets: [*mut libc::fd_set; 3]) -> bool {
     (0..n.min(libc::FD_SETSIZE as c_int)).any(|fd| {
         // SAFETY: each set is null or valid for n bits (select's contract).
-        lookup(fd) != Fd::Plain && sets.iter().any(|&s| !s.is_null() && unsafe { libc::FD_ISSET(fd, s) })
+        lookup(fd) != Fd::Plain
+            && sets
+                .iter()
+                .any(|&s| !s.is_null() && unsafe { libc::FD_ISSET(fd, s) })
     })
 }
 
@@ -591,8 +685,9 @@ pub unsafe extern "C" fn select(
         return unsafe { real::select(n, r, w, e, tv) };
     }
     // SAFETY: the caller's timeval.
-    let t = unsafe { tv.as_ref() }
-        .map(|t| Duration::from_micros(t.tv_sec.max(0) as u64 * 1_000_000 + t.tv_usec.max(0) as u64));
+    let t = unsafe { tv.as_ref() }.map(|t| {
+        Duration::from_micros(t.tv_sec.max(0) as u64 * 1_000_000 + t.tv_usec.max(0) as u64)
+    });
     let start = Instant::now();
     // SAFETY: the caller's sets.
     let res = guard(|| unsafe { readiness::select(n, r, w, e, t, std::ptr::null()) });
@@ -627,18 +722,32 @@ pub unsafe extern "C" fn pselect(
 /// # Safety
 /// Interposes epoll_ctl(2).
 #[no_mangle]
-pub unsafe extern "C" fn epoll_ctl(epfd: c_int, op: c_int, fd: c_int, ev: *mut libc::epoll_event) -> c_int {
+pub unsafe extern "C" fn epoll_ctl(
+    epfd: c_int,
+    op: c_int,
+    fd: c_int,
+    ev: *mut libc::epoll_event,
+) -> c_int {
     // SAFETY: forwarding.
-    on_fd!(fd, |s| readiness::epoll_ctl(epfd, op, fd, s, ev), unsafe { real::epoll_ctl(epfd, op, fd, ev) })
+    on_fd!(fd, |s| readiness::epoll_ctl(epfd, op, fd, s, ev), unsafe {
+        real::epoll_ctl(epfd, op, fd, ev)
+    })
 }
 
 /// # Safety
 /// Interposes epoll_wait(2).
 #[no_mangle]
-pub unsafe extern "C" fn epoll_wait(epfd: c_int, evs: *mut libc::epoll_event, max: c_int, timeout: c_int) -> c_int {
+pub unsafe extern "C" fn epoll_wait(
+    epfd: c_int,
+    evs: *mut libc::epoll_event,
+    max: c_int,
+    timeout: c_int,
+) -> c_int {
     if readiness::is_mixed(epfd) {
         // SAFETY: the caller's buffer.
-        return guard(|| unsafe { readiness::epoll_wait(epfd, evs, max, readiness::ms(timeout), std::ptr::null()) });
+        return guard(|| unsafe {
+            readiness::epoll_wait(epfd, evs, max, readiness::ms(timeout), std::ptr::null())
+        });
     }
     // SAFETY: forwarding.
     unsafe { real::epoll_wait(epfd, evs, max, timeout) }
@@ -656,7 +765,9 @@ pub unsafe extern "C" fn epoll_pwait(
 ) -> c_int {
     if readiness::is_mixed(epfd) {
         // SAFETY: the caller's buffer.
-        return guard(|| unsafe { readiness::epoll_wait(epfd, evs, max, readiness::ms(timeout), mask) });
+        return guard(|| unsafe {
+            readiness::epoll_wait(epfd, evs, max, readiness::ms(timeout), mask)
+        });
     }
     // SAFETY: forwarding.
     unsafe { real::epoll_pwait(epfd, evs, max, timeout, mask) }
@@ -696,7 +807,12 @@ unsafe fn chk_fail() -> ! {
 /// # Safety
 /// Interposes __read_chk.
 #[no_mangle]
-pub unsafe extern "C" fn __read_chk(fd: c_int, buf: *mut c_void, n: size_t, buflen: size_t) -> ssize_t {
+pub unsafe extern "C" fn __read_chk(
+    fd: c_int,
+    buf: *mut c_void,
+    n: size_t,
+    buflen: size_t,
+) -> ssize_t {
     if n > buflen {
         // SAFETY: fortify failure.
         unsafe { chk_fail() }
@@ -708,7 +824,13 @@ pub unsafe extern "C" fn __read_chk(fd: c_int, buf: *mut c_void, n: size_t, bufl
 /// # Safety
 /// Interposes __recv_chk.
 #[no_mangle]
-pub unsafe extern "C" fn __recv_chk(fd: c_int, buf: *mut c_void, n: size_t, buflen: size_t, flags: c_int) -> ssize_t {
+pub unsafe extern "C" fn __recv_chk(
+    fd: c_int,
+    buf: *mut c_void,
+    n: size_t,
+    buflen: size_t,
+    flags: c_int,
+) -> ssize_t {
     if n > buflen {
         // SAFETY: fortify failure.
         unsafe { chk_fail() }

@@ -1,0 +1,273 @@
+//! The engine's TOML configuration. Every error names the file, the line and the field.
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use toml::Spanned;
+
+/// A configuration that cannot be used, with where and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or does not fit the schema, or a value is wrong.
+    #[error("{path}:{line}: {field}: {message}")]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        field: String,
+        message: String,
+    },
+}
+
+fn default_kind() -> String {
+    "kernel".into()
+}
+
+/// One NSM the engine runs and supervises.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NsmConfig {
+    pub name: Spanned<String>,
+    /// The stack: "kernel" (Linux TCP in the NSM's network namespace).
+    #[serde(default = "default_kind")]
+    pub kind: String,
+    /// TCP congestion control for every connection of this NSM (e.g. "cubic", "bbr").
+    #[serde(default)]
+    pub congestion: Option<Spanned<String>>,
+}
+
+/// One tenant: who may attach, and which NSM serves it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    pub name: Spanned<String>,
+    pub nsm: Spanned<String>,
+    /// Uids allowed to attach as this tenant; absent: any uid.
+    #[serde(default)]
+    pub uids: Option<Vec<u32>>,
+}
+
+/// Engine-wide settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineSection {
+    /// Path of the control socket (overridden by --socket and NETKERNEL_SOCKET).
+    pub socket: Option<PathBuf>,
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub engine: EngineSection,
+    #[serde(default, rename = "nsm")]
+    pub nsms: Vec<NsmConfig>,
+    #[serde(default, rename = "tenant")]
+    pub tenants: Vec<TenantConfig>,
+}
+
+fn spanned<T>(v: T) -> Spanned<T> {
+    Spanned::new(0..0, v)
+}
+
+impl Config {
+    /// With no config: one tenant, one kernel NSM in the engine's own network namespace, open
+    /// to every uid, so NetKernel works without root.
+    pub fn embedded() -> Config {
+        Config {
+            engine: EngineSection::default(),
+            nsms: vec![NsmConfig {
+                name: spanned("kernel".into()),
+                kind: "kernel".into(),
+                congestion: None,
+            }],
+            tenants: vec![TenantConfig {
+                name: spanned("default".into()),
+                nsm: spanned("kernel".into()),
+                uids: None,
+            }],
+        }
+    }
+
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses and checks a configuration; `path` is only used in error messages.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
+        let invalid = |offset: usize, field: &str, message: String| ConfigError::Invalid {
+            path: path.into(),
+            line: line_of(offset),
+            field: field.into(),
+            message,
+        };
+        let cfg: Config = toml::from_str(text).map_err(|e| {
+            let offset = e.span().map(|s| s.start).unwrap_or(0);
+            let msg = e.message().to_string();
+            // toml names the offending key in its message ("unknown field `x`", "missing field `y`").
+            let field = msg.split('`').nth(1).unwrap_or("-").to_string();
+            invalid(offset, &field, msg)
+        })?;
+        if cfg.nsms.is_empty() {
+            return Err(invalid(0, "nsm", "at least one [[nsm]] is required".into()));
+        }
+        if cfg.tenants.is_empty() {
+            return Err(invalid(
+                0,
+                "tenant",
+                "at least one [[tenant]] is required".into(),
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for n in &cfg.nsms {
+            if !valid_name(n.name.get_ref()) {
+                return Err(invalid(
+                    n.name.span().start,
+                    "nsm.name",
+                    format!(
+                        "{:?} is not a valid name (letters, digits, - and _)",
+                        n.name.get_ref()
+                    ),
+                ));
+            }
+            if !seen.insert(n.name.get_ref().clone()) {
+                return Err(invalid(
+                    n.name.span().start,
+                    "nsm.name",
+                    format!("NSM {:?} is defined twice", n.name.get_ref()),
+                ));
+            }
+            if n.kind != "kernel" {
+                return Err(invalid(
+                    n.name.span().start,
+                    "nsm.kind",
+                    format!("unknown kind {:?} (known: kernel)", n.kind),
+                ));
+            }
+            if let Some(cc) = &n.congestion {
+                let avail = available_congestion();
+                if !avail.is_empty()
+                    && !avail.iter().any(|a| a == cc.get_ref())
+                    && !loadable(cc.get_ref())
+                {
+                    return Err(invalid(
+                        cc.span().start,
+                        "nsm.congestion",
+                        format!(
+                            "{:?} is not offered by this kernel (available: {})",
+                            cc.get_ref(),
+                            avail.join(" ")
+                        ),
+                    ));
+                }
+            }
+        }
+        let mut tenants = std::collections::HashSet::new();
+        for t in &cfg.tenants {
+            if !valid_name(t.name.get_ref()) {
+                return Err(invalid(
+                    t.name.span().start,
+                    "tenant.name",
+                    format!("{:?} is not a valid name", t.name.get_ref()),
+                ));
+            }
+            if !tenants.insert(t.name.get_ref().clone()) {
+                return Err(invalid(
+                    t.name.span().start,
+                    "tenant.name",
+                    format!("tenant {:?} is defined twice", t.name.get_ref()),
+                ));
+            }
+            if !seen.contains(t.nsm.get_ref()) {
+                return Err(invalid(
+                    t.nsm.span().start,
+                    "tenant.nsm",
+                    format!("no [[nsm]] is named {:?}", t.nsm.get_ref()),
+                ));
+            }
+        }
+        Ok(cfg)
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+fn available_congestion() -> Vec<String> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(String::from)
+        .collect()
+}
+
+/// Whether the kernel has a module for this congestion control (loaded when the NSM starts).
+fn loadable(cc: &str) -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let dir = format!("/lib/modules/{}/kernel/net/ipv4", release.trim());
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten().any(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!("tcp_{cc}.ko"))
+            })
+        })
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        Config::parse(Path::new("/etc/nk.toml"), text)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn embedded_default_is_valid_and_minimal() {
+        let c = Config::embedded();
+        assert_eq!(c.nsms.len(), 1);
+        assert_eq!(c.tenants[0].nsm.get_ref(), c.nsms[0].name.get_ref());
+    }
+
+    #[test]
+    fn good_config_parses() {
+        let c = Config::parse(
+            Path::new("x.toml"),
+            "[[nsm]]\nname = \"k\"\ncongestion = \"cubic\"\n\n[[tenant]]\nname = \"a\"\nnsm = \"k\"\nuids = [0]\n",
+        )
+        .unwrap();
+        assert_eq!(c.tenants[0].uids, Some(vec![0]));
+    }
+
+    #[test]
+    fn errors_name_file_line_and_field() {
+        let e = err("[[nsm]]\nname = \"k\"\nkin = \"kernel\"\n");
+        assert!(e.starts_with("/etc/nk.toml:3: kin:"), "{e}");
+        let e = err("[[nsm]]\nname = \"k\"\n\n[[tenant]]\nname = \"a\"\nnsm = \"nope\"\n");
+        assert!(e.starts_with("/etc/nk.toml:6: tenant.nsm:"), "{e}");
+        let e = err("[[nsm]]\nname = \"k\"\ncongestion = \"warp-drive\"\n[[tenant]]\nname = \"a\"\nnsm = \"k\"\n");
+        assert!(e.starts_with("/etc/nk.toml:3: nsm.congestion:"), "{e}");
+        let e = err("[[nsm]]\nname = 5\n");
+        assert!(e.contains("/etc/nk.toml:2:"), "{e}");
+        let e = err("[[tenant]]\nname = \"a\"\n");
+        assert!(e.contains("tenant"), "{e}");
+    }
+}

@@ -1,0 +1,312 @@
+//! Command line: serve · run · ctl · nsm · bench · demo.
+
+use crate::{bench, demo, guestlib};
+use clap::{Parser, Subcommand};
+use netkernel_engine::config::Config;
+use netkernel_engine::{default_socket, request, Engine};
+use netkernel_service::control::EngineRequest;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "netkernel",
+    version,
+    about = "NetKernel: the network stack as a service"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the CoreEngine: tenants, NSMs, attachments, control socket.
+    Serve {
+        /// TOML configuration (without one: one tenant, one kernel NSM).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Control socket path (default: $NETKERNEL_SOCKET, /run/netkernel/engine.sock as root,
+        /// $XDG_RUNTIME_DIR/netkernel/engine.sock otherwise).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
+    /// Run an unmodified program with its sockets served by NetKernel.
+    Run {
+        /// Tenant to attach as (default: the first tenant that admits your uid).
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// The program and its arguments.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        program: Vec<String>,
+    },
+    /// Ask the engine: status, tenants, nsms, conns.
+    Ctl {
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[arg(value_parser = ["status", "tenants", "nsms", "conns"])]
+        what: String,
+    },
+    /// Run an NSM (started by the engine, not by hand).
+    #[command(hide = true)]
+    Nsm {
+        #[arg(long)]
+        kind: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        control_fd: i32,
+        #[arg(long)]
+        congestion: Option<String>,
+    },
+    /// Start an engine, serve an unmodified HTTP server and client through it, compare with native.
+    Demo {
+        /// Bytes to transfer.
+        #[arg(long, default_value_t = 64 << 20)]
+        bytes: u64,
+    },
+    /// Benchmark NetKernel against native kernel sockets, side by side in one run.
+    Bench(bench::Args),
+    /// Benchmark peer (used by `bench`).
+    #[command(hide = true)]
+    BenchPeer(bench::PeerArgs),
+}
+
+fn fail(msg: impl std::fmt::Display) -> i32 {
+    eprintln!("netkernel: {msg}");
+    1
+}
+
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Serve { config, socket } => serve(config, socket),
+        Cmd::Run {
+            tenant,
+            socket,
+            program,
+        } => run(tenant, socket, program),
+        Cmd::Ctl { socket, json, what } => ctl(socket, json, &what),
+        Cmd::Nsm {
+            kind,
+            name,
+            control_fd,
+            congestion,
+        } => nsm(&kind, name, control_fd, congestion),
+        Cmd::Demo { bytes } => demo::main(bytes),
+        Cmd::Bench(a) => bench::main(a),
+        Cmd::BenchPeer(a) => bench::peer(a),
+    }
+}
+
+fn serve(config: Option<PathBuf>, socket: Option<PathBuf>) -> i32 {
+    let cfg = match &config {
+        Some(p) => match Config::load(p) {
+            Ok(c) => c,
+            Err(e) => return fail(format!("bad config: {e}")),
+        },
+        None => Config::embedded(),
+    };
+    let socket = socket
+        .or_else(|| cfg.engine.socket.clone())
+        .unwrap_or_else(default_socket);
+    // SIGINT/SIGTERM are taken by a thread that shuts down cleanly (NSMs stopped, socket removed).
+    // SAFETY: sigset manipulation on a local set, before any thread exists.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    let (engine, listener) = match Engine::start(cfg, socket) {
+        Ok(x) => x,
+        Err(e) => return fail(e),
+    };
+    let e = engine.clone();
+    std::thread::spawn(move || {
+        let mut sig = 0;
+        // SAFETY: waits on the blocked set.
+        unsafe { libc::sigwait(&set, &mut sig) };
+        eprintln!("netkernel engine: signal {sig}, shutting down");
+        e.shutdown();
+        std::process::exit(0);
+    });
+    engine.serve(listener);
+    0
+}
+
+fn run(tenant: Option<String>, socket: Option<PathBuf>, program: Vec<String>) -> i32 {
+    let socket = socket.unwrap_or_else(default_socket);
+    let lib = match guestlib::find() {
+        Ok(l) => l,
+        Err(e) => return fail(e),
+    };
+    if let Err(e) = request(&socket, &EngineRequest::Status) {
+        return fail(e);
+    }
+    let err =
+        guestlib::command(&lib, &socket, tenant.as_deref(), &program[0], &program[1..]).exec();
+    fail(format!("cannot run {}: {err}", program[0]))
+}
+
+fn ctl(socket: Option<PathBuf>, json: bool, what: &str) -> i32 {
+    let socket = socket.unwrap_or_else(default_socket);
+    let req = match what {
+        "status" => EngineRequest::Status,
+        "tenants" => EngineRequest::Tenants,
+        "nsms" => EngineRequest::Nsms,
+        _ => EngineRequest::Conns,
+    };
+    let v = match request(&socket, &req) {
+        Ok(v) => v,
+        Err(e) => return fail(e),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return 0;
+    }
+    match what {
+        "status" => print_status(&v),
+        "tenants" => print_table(&v, &["name", "nsm", "uids", "attachments"]),
+        "nsms" => print_table(
+            &v,
+            &[
+                "name",
+                "kind",
+                "congestion",
+                "pid",
+                "restarts",
+                "attachments",
+                "conns_open",
+                "conns_total",
+                "bytes_in",
+                "bytes_out",
+                "violations",
+            ],
+        ),
+        _ => print_table(
+            &v,
+            &[
+                "tenant",
+                "nsm",
+                "pid",
+                "proto",
+                "local",
+                "remote",
+                "state",
+                "bytes_in",
+                "bytes_out",
+                "rtt_us",
+                "cwnd",
+                "retrans",
+            ],
+        ),
+    }
+    0
+}
+
+fn cell(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn print_table(v: &serde_json::Value, cols: &[&str]) {
+    let rows: Vec<Vec<String>> = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| cols.iter().map(|c| cell(&r[*c])).collect())
+        .collect();
+    let widths: Vec<usize> = cols
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            rows.iter()
+                .map(|r| r[i].len())
+                .chain([c.len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: Vec<String>| {
+        let s: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(cols.iter().map(|c| c.to_uppercase()).collect());
+    for r in rows {
+        line(r);
+    }
+}
+
+fn print_status(v: &serde_json::Value) {
+    println!(
+        "engine      pid {} · version {} · up {:.0}s",
+        cell(&v["pid"]),
+        cell(&v["version"]),
+        v["uptime_s"].as_f64().unwrap_or(0.0)
+    );
+    println!("socket      {}", cell(&v["socket"]));
+    println!(
+        "regions     {} bytes each, {} pages",
+        cell(&v["region_bytes"]),
+        cell(&v["region_backing"])
+    );
+    println!(
+        "attachments {}   tenants {}",
+        cell(&v["attachments"]),
+        cell(&v["tenants"])
+    );
+    println!();
+    print_table(
+        &v["nsms"],
+        &[
+            "name",
+            "kind",
+            "congestion",
+            "pid",
+            "restarts",
+            "attachments",
+            "conns_open",
+            "conns_total",
+            "bytes_in",
+            "bytes_out",
+        ],
+    );
+}
+
+fn nsm(kind: &str, name: String, control_fd: i32, congestion: Option<String>) -> i32 {
+    if kind != "kernel" {
+        return fail(format!("unknown NSM kind {kind:?}"));
+    }
+    let stack = match netkernel_nsm_kernel::KernelStack::new(congestion) {
+        Ok(s) => s,
+        Err(e) => return fail(format!("NSM {name}: {e}")),
+    };
+    // SAFETY: the engine passed this fd to us at exec and nothing else owns it.
+    let control = unsafe { OwnedFd::from_raw_fd(control_fd) };
+    // SAFETY: setting FD_CLOEXEC on our own fd.
+    unsafe { libc::fcntl(control_fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    let mut svc = match netkernel_service::Service::new(stack, name.clone(), control) {
+        Ok(s) => s,
+        Err(e) => return fail(format!("NSM {name}: {e}")),
+    };
+    match svc.run() {
+        Ok(()) => 0,
+        Err(e) => fail(format!("NSM {name}: {e}")),
+    }
+}

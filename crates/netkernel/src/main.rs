@@ -1,0 +1,10 @@
+//! `netkernel`: the one binary. See `netkernel --help`.
+
+mod bench;
+mod cli;
+mod demo;
+mod guestlib;
+
+fn main() {
+    std::process::exit(cli::main());
+}
