@@ -213,32 +213,16 @@ impl Layout {
         let ring_off = header;
         let ring_size = core::mem::size_of::<RingHeader>() as u64 + 4 * NQE_COUNT as u64;
         let nqe_off = align_up(ring_off + ring_size, 64);
-        let slot_off = align_up(
-            nqe_off + NQE_COUNT as u64 * core::mem::size_of::<Nqe>() as u64,
-            64,
-        );
-        let pool_off = align_up(
-            slot_off + SLOT_COUNT as u64 * core::mem::size_of::<Slot>() as u64,
-            4096,
-        );
+        let slot_off = align_up(nqe_off + NQE_COUNT as u64 * core::mem::size_of::<Nqe>() as u64, 64);
+        let pool_off = align_up(slot_off + SLOT_COUNT as u64 * core::mem::size_of::<Slot>() as u64, 4096);
         let pool_size = NQE_COUNT as u64 * BUF_SIZE as u64;
         let region_size = align_up(pool_off + pool_size, REGION_ALIGN);
-        Layout {
-            ring_off,
-            nqe_off,
-            slot_off,
-            pool_off,
-            pool_size,
-            region_size,
-        }
+        Layout { ring_off, nqe_off, slot_off, pool_off, pool_size, region_size }
     }
 
     /// Whether `[off, off+len)` lies inside the buffer pool. The guest chose both numbers.
     pub fn pool_contains(&self, off: u64, len: u32) -> bool {
-        off >= self.pool_off
-            && off
-                .checked_add(len as u64)
-                .is_some_and(|end| end <= self.pool_off + self.pool_size)
+        off >= self.pool_off && off.checked_add(len as u64).is_some_and(|end| end <= self.pool_off + self.pool_size)
     }
 
     /// Offset of nqe `i`'s conventional buffer.
@@ -278,30 +262,15 @@ impl RegionHeader {
         }
         let l = Layout::standard();
         let checks: [(bool, &'static str); 10] = [
-            (
-                self.header_size as usize == core::mem::size_of::<RegionHeader>(),
-                "header_size",
-            ),
+            (self.header_size as usize == core::mem::size_of::<RegionHeader>(), "header_size"),
             (self.region_size == l.region_size, "region_size"),
-            (
-                self.region_size <= mapped_len,
-                "region larger than its memfd",
-            ),
+            (self.region_size <= mapped_len, "region larger than its memfd"),
             (self.nqe_count == NQE_COUNT, "nqe_count"),
-            (
-                self.nqe_size as usize == core::mem::size_of::<Nqe>(),
-                "nqe_size",
-            ),
+            (self.nqe_size as usize == core::mem::size_of::<Nqe>(), "nqe_size"),
             (self.slot_count == SLOT_COUNT, "slot_count"),
             (self.buf_size == BUF_SIZE, "buf_size"),
-            (
-                self.ring_off == l.ring_off && self.nqe_off == l.nqe_off,
-                "ring/nqe offsets",
-            ),
-            (
-                self.slot_off == l.slot_off && self.pool_off == l.pool_off,
-                "slot/pool offsets",
-            ),
+            (self.ring_off == l.ring_off && self.nqe_off == l.nqe_off, "ring/nqe offsets"),
+            (self.slot_off == l.slot_off && self.pool_off == l.pool_off, "slot/pool offsets"),
             (self.pool_size == l.pool_size, "pool_size"),
         ];
         match checks.iter().find(|(ok, _)| !ok) {
@@ -328,11 +297,7 @@ impl RegionHeader {
         self.pool_size = l.pool_size;
         self.attachment_id = attachment_id;
         self.state = AtomicU32::new(STATE_LIVE);
-        self.guest_free_nqes = AtomicU64::new(if NQE_COUNT == 64 {
-            u64::MAX
-        } else {
-            (1u64 << NQE_COUNT) - 1
-        });
+        self.guest_free_nqes = AtomicU64::new(if NQE_COUNT == 64 { u64::MAX } else { (1u64 << NQE_COUNT) - 1 });
     }
 }
 

@@ -9,18 +9,10 @@ use toml::Spanned;
 pub enum ConfigError {
     /// The file could not be read.
     #[error("{path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     /// The file is not valid TOML or does not fit the schema, or a value is wrong.
     #[error("{path}:{line}: {field}: {message}")]
-    Invalid {
-        path: PathBuf,
-        line: usize,
-        field: String,
-        message: String,
-    },
+    Invalid { path: PathBuf, line: usize, field: String, message: String },
 }
 
 fn default_kind() -> String {
@@ -81,24 +73,13 @@ impl Config {
     pub fn embedded() -> Config {
         Config {
             engine: EngineSection::default(),
-            nsms: vec![NsmConfig {
-                name: spanned("kernel".into()),
-                kind: "kernel".into(),
-                congestion: None,
-            }],
-            tenants: vec![TenantConfig {
-                name: spanned("default".into()),
-                nsm: spanned("kernel".into()),
-                uids: None,
-            }],
+            nsms: vec![NsmConfig { name: spanned("kernel".into()), kind: "kernel".into(), congestion: None }],
+            tenants: vec![TenantConfig { name: spanned("default".into()), nsm: spanned("kernel".into()), uids: None }],
         }
     }
 
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.into(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
         Self::parse(path, &text)
     }
 
@@ -122,11 +103,7 @@ impl Config {
             return Err(invalid(0, "nsm", "at least one [[nsm]] is required".into()));
         }
         if cfg.tenants.is_empty() {
-            return Err(invalid(
-                0,
-                "tenant",
-                "at least one [[tenant]] is required".into(),
-            ));
+            return Err(invalid(0, "tenant", "at least one [[tenant]] is required".into()));
         }
         let mut seen = std::collections::HashSet::new();
         for n in &cfg.nsms {
@@ -134,10 +111,7 @@ impl Config {
                 return Err(invalid(
                     n.name.span().start,
                     "nsm.name",
-                    format!(
-                        "{:?} is not a valid name (letters, digits, - and _)",
-                        n.name.get_ref()
-                    ),
+                    format!("{:?} is not a valid name (letters, digits, - and _)", n.name.get_ref()),
                 ));
             }
             if !seen.insert(n.name.get_ref().clone()) {
@@ -156,18 +130,11 @@ impl Config {
             }
             if let Some(cc) = &n.congestion {
                 let avail = available_congestion();
-                if !avail.is_empty()
-                    && !avail.iter().any(|a| a == cc.get_ref())
-                    && !loadable(cc.get_ref())
-                {
+                if !avail.is_empty() && !avail.iter().any(|a| a == cc.get_ref()) && !loadable(cc.get_ref()) {
                     return Err(invalid(
                         cc.span().start,
                         "nsm.congestion",
-                        format!(
-                            "{:?} is not offered by this kernel (available: {})",
-                            cc.get_ref(),
-                            avail.join(" ")
-                        ),
+                        format!("{:?} is not offered by this kernel (available: {})", cc.get_ref(), avail.join(" ")),
                     ));
                 }
             }
@@ -201,10 +168,7 @@ impl Config {
 }
 
 fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 fn available_congestion() -> Vec<String> {
@@ -220,13 +184,7 @@ fn loadable(cc: &str) -> bool {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let dir = format!("/lib/modules/{}/kernel/net/ipv4", release.trim());
     std::fs::read_dir(dir)
-        .map(|d| {
-            d.flatten().any(|e| {
-                e.file_name()
-                    .to_string_lossy()
-                    .starts_with(&format!("tcp_{cc}.ko"))
-            })
-        })
+        .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().starts_with(&format!("tcp_{cc}.ko"))))
         .unwrap_or(false)
 }
 
@@ -235,9 +193,7 @@ mod tests {
     use super::*;
 
     fn err(text: &str) -> String {
-        Config::parse(Path::new("/etc/nk.toml"), text)
-            .unwrap_err()
-            .to_string()
+        Config::parse(Path::new("/etc/nk.toml"), text).unwrap_err().to_string()
     }
 
     #[test]

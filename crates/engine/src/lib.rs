@@ -158,25 +158,16 @@ impl Engine {
             let _ = std::fs::create_dir_all(dir);
         }
         let _ = std::fs::remove_file(&socket);
-        let listener = UnixListener::bind(&socket).map_err(|source| EngineError::Listen {
-            path: socket.clone(),
-            source,
-        })?;
+        let listener =
+            UnixListener::bind(&socket).map_err(|source| EngineError::Listen { path: socket.clone(), source })?;
         // Guests of every uid connect here; tenants' uid lists decide who may attach.
-        let _ =
-            std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o666));
+        let _ = std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o666));
         let mut nsms = Vec::new();
         let mut children = Vec::new();
         for n in &cfg.nsms {
-            let nsm = Nsm::new(
-                n.name.get_ref().clone(),
-                n.kind.clone(),
-                n.congestion.as_ref().map(|c| c.get_ref().clone()),
-            );
-            let child = nsm.spawn().map_err(|source| EngineError::Spawn {
-                name: n.name.get_ref().clone(),
-                source,
-            })?;
+            let nsm =
+                Nsm::new(n.name.get_ref().clone(), n.kind.clone(), n.congestion.as_ref().map(|c| c.get_ref().clone()));
+            let child = nsm.spawn().map_err(|source| EngineError::Spawn { name: n.name.get_ref().clone(), source })?;
             nsms.push(Arc::new(nsm));
             children.push(child);
         }
@@ -236,20 +227,14 @@ impl Engine {
     /// ECONNRESET instead of hanging, and their next socket attaches afresh.
     fn nsm_died(&self, nsm: &str, generation: u64) {
         let mut atts = self.attachments.lock().unwrap_or_else(|e| e.into_inner());
-        let dead: Vec<u64> = atts
-            .iter()
-            .filter(|(_, a)| a.nsm == nsm && a.nsm_generation == generation)
-            .map(|(id, _)| *id)
-            .collect();
+        let dead: Vec<u64> =
+            atts.iter().filter(|(_, a)| a.nsm == nsm && a.nsm_generation == generation).map(|(id, _)| *id).collect();
         for id in &dead {
             if let Some(a) = atts.remove(id) {
                 a.region.mark_dead(Some(a.guest_bell.as_raw_fd()));
             }
         }
-        log(format!(
-            "NSM {nsm} died; {} attachment(s) reset",
-            dead.len()
-        ));
+        log(format!("NSM {nsm} died; {} attachment(s) reset", dead.len()));
     }
 
     /// One control connection: a guest attaching, or `ctl`.
@@ -265,54 +250,34 @@ impl Engine {
                 Ok(None) => break,
                 Err(e) => {
                     log(format!("control connection: {e}; closing it"));
-                    let _ = sys::send_frame(
-                        fd,
-                        &reply_bytes(Reply::err(format!("unreadable request: {e}"))),
-                        &[],
-                    );
+                    let _ = sys::send_frame(fd, &reply_bytes(Reply::err(format!("unreadable request: {e}"))), &[]);
                     break;
                 }
             };
             let req = match serde_json::from_slice::<EngineRequest>(&frame) {
                 Ok(r) => r,
                 Err(e) => {
-                    log(format!(
-                        "garbage on control socket ({e}); closing that connection"
-                    ));
-                    let _ = sys::send_frame(
-                        fd,
-                        &reply_bytes(Reply::err(format!("bad request: {e}"))),
-                        &[],
-                    );
+                    log(format!("garbage on control socket ({e}); closing that connection"));
+                    let _ = sys::send_frame(fd, &reply_bytes(Reply::err(format!("bad request: {e}"))), &[]);
                     break;
                 }
             };
             let sent = match req {
-                EngineRequest::Attach { tenant } if attached.is_none() => {
-                    match self.attach(&conn, tenant) {
-                        Ok((id, reply, fds)) => {
-                            attached = Some(id);
-                            let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-                            sys::send_frame(fd, &reply_bytes(Reply::ok(reply)), &raw)
-                        }
-                        Err(msg) => {
-                            log(&msg);
-                            sys::send_frame(fd, &reply_bytes(Reply::err(msg)), &[])
-                        }
+                EngineRequest::Attach { tenant } if attached.is_none() => match self.attach(&conn, tenant) {
+                    Ok((id, reply, fds)) => {
+                        attached = Some(id);
+                        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+                        sys::send_frame(fd, &reply_bytes(Reply::ok(reply)), &raw)
                     }
-                }
-                EngineRequest::Attach { .. } => {
-                    sys::send_frame(fd, &reply_bytes(Reply::err("already attached")), &[])
-                }
-                EngineRequest::Status => {
-                    sys::send_frame(fd, &reply_bytes(Reply::ok(self.status())), &[])
-                }
-                EngineRequest::Tenants => {
-                    sys::send_frame(fd, &reply_bytes(Reply::ok(self.tenants())), &[])
-                }
-                EngineRequest::Nsms => {
-                    sys::send_frame(fd, &reply_bytes(Reply::ok(self.nsm_views())), &[])
-                }
+                    Err(msg) => {
+                        log(&msg);
+                        sys::send_frame(fd, &reply_bytes(Reply::err(msg)), &[])
+                    }
+                },
+                EngineRequest::Attach { .. } => sys::send_frame(fd, &reply_bytes(Reply::err("already attached")), &[]),
+                EngineRequest::Status => sys::send_frame(fd, &reply_bytes(Reply::ok(self.status())), &[]),
+                EngineRequest::Tenants => sys::send_frame(fd, &reply_bytes(Reply::ok(self.tenants())), &[]),
+                EngineRequest::Nsms => sys::send_frame(fd, &reply_bytes(Reply::ok(self.nsm_views())), &[]),
                 EngineRequest::Conns => {
                     let conns: Vec<_> = self.stats().into_iter().flat_map(|s| s.conns).collect();
                     sys::send_frame(fd, &reply_bytes(Reply::ok(conns)), &[])
@@ -324,18 +289,11 @@ impl Engine {
         }
         if let Some(id) = attached {
             // The guest process is gone; the NSM notices by its pidfd and closes its sockets.
-            self.attachments
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&id);
+            self.attachments.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
         }
     }
 
-    fn attach(
-        &self,
-        conn: &UnixStream,
-        tenant: Option<String>,
-    ) -> Result<(u64, AttachReply, Vec<OwnedFd>), String> {
+    fn attach(&self, conn: &UnixStream, tenant: Option<String>) -> Result<(u64, AttachReply, Vec<OwnedFd>), String> {
         let cred = peer_cred(conn).map_err(|e| format!("SO_PEERCRED: {e}"))?;
         let t = match &tenant {
             Some(name) => self
@@ -343,23 +301,13 @@ impl Engine {
                 .tenants
                 .iter()
                 .find(|t| t.name.get_ref() == name)
-                .ok_or_else(|| {
-                    format!(
-                        "pid {} (uid {}) asked for unknown tenant {name:?}",
-                        cred.pid, cred.uid
-                    )
-                })?,
+                .ok_or_else(|| format!("pid {} (uid {}) asked for unknown tenant {name:?}", cred.pid, cred.uid))?,
             None => self
                 .cfg
                 .tenants
                 .iter()
                 .find(|t| t.uids.as_ref().is_none_or(|u| u.contains(&cred.uid)))
-                .ok_or_else(|| {
-                    format!(
-                        "pid {} (uid {}): no tenant admits this uid",
-                        cred.pid, cred.uid
-                    )
-                })?,
+                .ok_or_else(|| format!("pid {} (uid {}): no tenant admits this uid", cred.pid, cred.uid))?,
         };
         if let Some(uids) = &t.uids {
             if !uids.contains(&cred.uid) {
@@ -371,11 +319,7 @@ impl Engine {
                 ));
             }
         }
-        let nsm = self
-            .nsms
-            .iter()
-            .find(|n| n.name == *t.nsm.get_ref())
-            .ok_or("tenant's NSM is not running")?;
+        let nsm = self.nsms.iter().find(|n| n.name == *t.nsm.get_ref()).ok_or("tenant's NSM is not running")?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let region = Region::create(id).map_err(|e| format!("creating region: {e}"))?;
         let memfd = region.fd().ok_or("region without memfd")?;
@@ -388,38 +332,25 @@ impl Engine {
                 t.name.get_ref(),
                 cred.pid,
                 cred.uid,
-                &[
-                    memfd,
-                    nsm_bell.as_raw_fd(),
-                    guest_bell.as_raw_fd(),
-                    pidfd.as_raw_fd(),
-                ],
+                &[memfd, nsm_bell.as_raw_fd(), guest_bell.as_raw_fd(), pidfd.as_raw_fd()],
             )
             .map_err(|e| format!("NSM {}: {e}", nsm.name))?;
         // SAFETY: dup of an fd the region owns; the copy is ours.
-        let memfd_copy =
-            unsafe { OwnedFd::from_raw_fd(libc::fcntl(memfd, libc::F_DUPFD_CLOEXEC, 0)) };
-        let reply = AttachReply {
-            attachment: id,
-            tenant: t.name.get_ref().clone(),
-            nsm: nsm.name.clone(),
-        };
+        let memfd_copy = unsafe { OwnedFd::from_raw_fd(libc::fcntl(memfd, libc::F_DUPFD_CLOEXEC, 0)) };
+        let reply = AttachReply { attachment: id, tenant: t.name.get_ref().clone(), nsm: nsm.name.clone() };
         let keep_bell = guest_bell.try_clone().map_err(|e| format!("dup: {e}"))?;
-        self.attachments
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(
-                id,
-                Attachment {
-                    tenant: t.name.get_ref().clone(),
-                    nsm: nsm.name.clone(),
-                    pid: cred.pid,
-                    uid: cred.uid,
-                    region,
-                    guest_bell: keep_bell,
-                    nsm_generation: generation,
-                },
-            );
+        self.attachments.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            id,
+            Attachment {
+                tenant: t.name.get_ref().clone(),
+                nsm: nsm.name.clone(),
+                pid: cred.pid,
+                uid: cred.uid,
+                region,
+                guest_bell: keep_bell,
+                nsm_generation: generation,
+            },
+        );
         Ok((id, reply, vec![memfd_copy, nsm_bell, guest_bell]))
     }
 
@@ -459,10 +390,7 @@ impl Engine {
                 name: t.name.get_ref().clone(),
                 nsm: t.nsm.get_ref().clone(),
                 uids: t.uids.clone(),
-                attachments: atts
-                    .values()
-                    .filter(|a| a.tenant == *t.name.get_ref())
-                    .count(),
+                attachments: atts.values().filter(|a| a.tenant == *t.name.get_ref()).count(),
             })
             .collect()
     }
@@ -490,12 +418,7 @@ impl Engine {
 
     /// Guest pids and uids currently attached (for tests and ctl).
     pub fn attached_pids(&self) -> Vec<(i32, u32)> {
-        self.attachments
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .map(|a| (a.pid, a.uid))
-            .collect()
+        self.attachments.lock().unwrap_or_else(|e| e.into_inner()).values().map(|a| (a.pid, a.uid)).collect()
     }
 }
 
@@ -513,20 +436,15 @@ fn reply_bytes(r: Reply) -> Vec<u8> {
 
 /// A `ctl` client's request/response over the control socket.
 pub fn request(socket: &Path, req: &EngineRequest) -> Result<serde_json::Value, String> {
-    let s = UnixStream::connect(socket).map_err(|e| {
-        format!(
-            "no NetKernel engine at {}: {e} (start one with `netkernel serve`)",
-            socket.display()
-        )
-    })?;
+    let s = UnixStream::connect(socket)
+        .map_err(|e| format!("no NetKernel engine at {}: {e} (start one with `netkernel serve`)", socket.display()))?;
     let body = serde_json::to_vec(req).map_err(|e| e.to_string())?;
     sys::send_frame(s.as_raw_fd(), &body, &[]).map_err(|e| format!("sending to engine: {e}"))?;
     let (payload, fds) = sys::recv_frame(s.as_raw_fd())
         .map_err(|e| format!("reading engine reply: {e}"))?
         .ok_or("engine closed the connection")?;
     fds.into_iter().for_each(sys::close);
-    let reply: Reply =
-        serde_json::from_slice(&payload).map_err(|e| format!("malformed engine reply: {e}"))?;
+    let reply: Reply = serde_json::from_slice(&payload).map_err(|e| format!("malformed engine reply: {e}"))?;
     if reply.ok {
         Ok(reply.result.unwrap_or_default())
     } else {

@@ -41,11 +41,7 @@ impl Nsm {
             name,
             kind,
             congestion,
-            proc_: Mutex::new(Proc {
-                pid: None,
-                control: None,
-                generation: 0,
-            }),
+            proc_: Mutex::new(Proc { pid: None, control: None, generation: 0 }),
             restarts: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
         }
@@ -61,15 +57,7 @@ impl Nsm {
         ours.set_read_timeout(Some(Duration::from_secs(10)))?;
         let exe = std::env::current_exe()?;
         let mut cmd = Command::new(exe);
-        cmd.args([
-            "nsm",
-            "--kind",
-            &self.kind,
-            "--name",
-            &self.name,
-            "--control-fd",
-            &CONTROL_FD.to_string(),
-        ]);
+        cmd.args(["nsm", "--kind", &self.kind, "--name", &self.name, "--control-fd", &CONTROL_FD.to_string()]);
         if let Some(cc) = &self.congestion {
             cmd.args(["--congestion", cc]);
         }
@@ -108,17 +96,12 @@ impl Nsm {
 
     /// One request/response with the NSM.
     fn call(p: &mut Proc, req: &NsmRequest, fds: &[RawFd]) -> io::Result<serde_json::Value> {
-        let c = p
-            .control
-            .as_ref()
-            .ok_or_else(|| other("NSM is not running".into()))?;
+        let c = p.control.as_ref().ok_or_else(|| other("NSM is not running".into()))?;
         let body = serde_json::to_vec(req).map_err(|e| other(e.to_string()))?;
         sys::send_frame(c.as_raw_fd(), &body, fds)?;
-        let (payload, extra) = sys::recv_frame(c.as_raw_fd())?
-            .ok_or_else(|| other("NSM closed its channel".into()))?;
+        let (payload, extra) = sys::recv_frame(c.as_raw_fd())?.ok_or_else(|| other("NSM closed its channel".into()))?;
         extra.into_iter().for_each(sys::close);
-        let reply: Reply = serde_json::from_slice(&payload)
-            .map_err(|e| other(format!("malformed NSM reply: {e}")))?;
+        let reply: Reply = serde_json::from_slice(&payload).map_err(|e| other(format!("malformed NSM reply: {e}")))?;
         if reply.ok {
             Ok(reply.result.unwrap_or_default())
         } else {
@@ -127,21 +110,9 @@ impl Nsm {
     }
 
     /// Hands an attachment to the NSM; returns the NSM generation that serves it.
-    pub fn attach(
-        &self,
-        id: u64,
-        tenant: &str,
-        pid: i32,
-        uid: u32,
-        fds: &[RawFd],
-    ) -> io::Result<u64> {
+    pub fn attach(&self, id: u64, tenant: &str, pid: i32, uid: u32, fds: &[RawFd]) -> io::Result<u64> {
         let mut p = self.lock();
-        let req = NsmRequest::Attach {
-            attachment: id,
-            tenant: tenant.into(),
-            pid,
-            uid,
-        };
+        let req = NsmRequest::Attach { attachment: id, tenant: tenant.into(), pid, uid };
         Self::call(&mut p, &req, fds)?;
         Ok(p.generation)
     }

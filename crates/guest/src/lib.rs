@@ -13,9 +13,7 @@ mod real;
 mod sock;
 mod state;
 
-use libc::{
-    c_int, c_ulong, c_void, iovec, msghdr, nfds_t, pollfd, size_t, sockaddr, socklen_t, ssize_t,
-};
+use libc::{c_int, c_ulong, c_void, iovec, msghdr, nfds_t, pollfd, size_t, sockaddr, socklen_t, ssize_t};
 use state::{lookup, Errno, Fd};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -113,9 +111,7 @@ pub unsafe extern "C" fn socket(domain: c_int, ty: c_int, proto: c_int) -> c_int
 #[no_mangle]
 pub unsafe extern "C" fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
     // SAFETY: forwarding.
-    on_fd!(fd, |s| sock::bind(s, addr, len), unsafe {
-        real::bind(fd, addr, len)
-    })
+    on_fd!(fd, |s| sock::bind(s, addr, len), unsafe { real::bind(fd, addr, len) })
 }
 
 /// # Safety
@@ -123,9 +119,7 @@ pub unsafe extern "C" fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t) 
 #[no_mangle]
 pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
     // SAFETY: forwarding.
-    on_fd!(fd, |s| sock::listen(s, backlog), unsafe {
-        real::listen(fd, backlog)
-    })
+    on_fd!(fd, |s| sock::listen(s, backlog), unsafe { real::listen(fd, backlog) })
 }
 
 /// # Safety
@@ -133,26 +127,15 @@ pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
 #[no_mangle]
 pub unsafe extern "C" fn accept(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
     // SAFETY: forwarding the caller's pointers.
-    on_fd!(fd, |s| unsafe { sock::accept(s, addr, len, 0) }, unsafe {
-        real::accept(fd, addr, len)
-    })
+    on_fd!(fd, |s| unsafe { sock::accept(s, addr, len, 0) }, unsafe { real::accept(fd, addr, len) })
 }
 
 /// # Safety
 /// Interposes accept4(2).
 #[no_mangle]
-pub unsafe extern "C" fn accept4(
-    fd: c_int,
-    addr: *mut sockaddr,
-    len: *mut socklen_t,
-    flags: c_int,
-) -> c_int {
+pub unsafe extern "C" fn accept4(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t, flags: c_int) -> c_int {
     // SAFETY: forwarding the caller's pointers.
-    on_fd!(
-        fd,
-        |s| unsafe { sock::accept(s, addr, len, flags) },
-        unsafe { real::accept4(fd, addr, len, flags) }
-    )
+    on_fd!(fd, |s| unsafe { sock::accept(s, addr, len, flags) }, unsafe { real::accept4(fd, addr, len, flags) })
 }
 
 /// # Safety
@@ -160,9 +143,7 @@ pub unsafe extern "C" fn accept4(
 #[no_mangle]
 pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
     // SAFETY: forwarding.
-    on_fd!(fd, |s| sock::connect(s, addr, len), unsafe {
-        real::connect(fd, addr, len)
-    })
+    on_fd!(fd, |s| sock::connect(s, addr, len), unsafe { real::connect(fd, addr, len) })
 }
 
 /// # Safety
@@ -170,9 +151,7 @@ pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_
 #[no_mangle]
 pub unsafe extern "C" fn shutdown(fd: c_int, how: c_int) -> c_int {
     // SAFETY: forwarding.
-    on_fd!(fd, |s| sock::shutdown(s, how), unsafe {
-        real::shutdown(fd, how)
-    })
+    on_fd!(fd, |s| sock::shutdown(s, how), unsafe { real::shutdown(fd, how) })
 }
 
 /// # Safety
@@ -200,9 +179,7 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
 #[no_mangle]
 pub unsafe extern "C" fn getsockname(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
     // SAFETY: forwarding the caller's pointers.
-    on_fd!(fd, |s| unsafe { sock::name(s, false, addr, len) }, unsafe {
-        real::getsockname(fd, addr, len)
-    })
+    on_fd!(fd, |s| unsafe { sock::name(s, false, addr, len) }, unsafe { real::getsockname(fd, addr, len) })
 }
 
 /// # Safety
@@ -210,9 +187,7 @@ pub unsafe extern "C" fn getsockname(fd: c_int, addr: *mut sockaddr, len: *mut s
 #[no_mangle]
 pub unsafe extern "C" fn getpeername(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
     // SAFETY: forwarding the caller's pointers.
-    on_fd!(fd, |s| unsafe { sock::name(s, true, addr, len) }, unsafe {
-        real::getpeername(fd, addr, len)
-    })
+    on_fd!(fd, |s| unsafe { sock::name(s, true, addr, len) }, unsafe { real::getpeername(fd, addr, len) })
 }
 
 /// # Safety
@@ -237,13 +212,7 @@ pub unsafe extern "C" fn getsockopt(
 /// # Safety
 /// Interposes setsockopt(2).
 #[no_mangle]
-pub unsafe extern "C" fn setsockopt(
-    fd: c_int,
-    level: c_int,
-    name: c_int,
-    val: *const c_void,
-    len: socklen_t,
-) -> c_int {
+pub unsafe extern "C" fn setsockopt(fd: c_int, level: c_int, name: c_int, val: *const c_void, len: socklen_t) -> c_int {
     on_fd!(
         fd,
         // SAFETY: forwarding the caller's pointers.
@@ -259,10 +228,7 @@ pub unsafe extern "C" fn setsockopt(
 /// Interposes read(2).
 #[no_mangle]
 pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t {
-    let iov = [iovec {
-        iov_base: buf,
-        iov_len: n,
-    }];
+    let iov = [iovec { iov_base: buf, iov_len: n }];
     on_fd!(
         fd,
         // SAFETY: the caller's buffer.
@@ -276,10 +242,7 @@ pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t
 /// Interposes write(2).
 #[no_mangle]
 pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssize_t {
-    let iov = [iovec {
-        iov_base: buf as *mut c_void,
-        iov_len: n,
-    }];
+    let iov = [iovec { iov_base: buf as *mut c_void, iov_len: n }];
     on_fd!(
         fd,
         // SAFETY: the caller's buffer.
@@ -319,10 +282,7 @@ pub unsafe extern "C" fn writev(fd: c_int, iov: *const iovec, n: c_int) -> ssize
 /// Interposes send(2).
 #[no_mangle]
 pub unsafe extern "C" fn send(fd: c_int, buf: *const c_void, n: size_t, flags: c_int) -> ssize_t {
-    let iov = [iovec {
-        iov_base: buf as *mut c_void,
-        iov_len: n,
-    }];
+    let iov = [iovec { iov_base: buf as *mut c_void, iov_len: n }];
     on_fd!(
         fd,
         // SAFETY: the caller's buffer.
@@ -343,10 +303,7 @@ pub unsafe extern "C" fn sendto(
     addr: *const sockaddr,
     alen: socklen_t,
 ) -> ssize_t {
-    let iov = [iovec {
-        iov_base: buf as *mut c_void,
-        iov_len: n,
-    }];
+    let iov = [iovec { iov_base: buf as *mut c_void, iov_len: n }];
     on_fd!(
         fd,
         // SAFETY: the caller's buffer and address.
@@ -367,13 +324,7 @@ pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) ->
             let m = unsafe { msg.as_ref() }.ok_or(libc::EFAULT)?;
             // SAFETY: the caller's iovecs and address.
             isize_of(unsafe {
-                sock::send(
-                    s,
-                    iov_slice(m.msg_iov, m.msg_iovlen as c_int)?,
-                    flags,
-                    m.msg_name.cast(),
-                    m.msg_namelen,
-                )
+                sock::send(s, iov_slice(m.msg_iov, m.msg_iovlen as c_int)?, flags, m.msg_name.cast(), m.msg_namelen)
             })
         },
         // SAFETY: forwarding.
@@ -402,10 +353,7 @@ unsafe fn recv_into(
 /// Interposes recv(2).
 #[no_mangle]
 pub unsafe extern "C" fn recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int) -> ssize_t {
-    let iov = [iovec {
-        iov_base: buf,
-        iov_len: n,
-    }];
+    let iov = [iovec { iov_base: buf, iov_len: n }];
     on_fd!(
         fd,
         // SAFETY: the caller's buffer.
@@ -426,10 +374,7 @@ pub unsafe extern "C" fn recvfrom(
     addr: *mut sockaddr,
     alen: *mut socklen_t,
 ) -> ssize_t {
-    let iov = [iovec {
-        iov_base: buf,
-        iov_len: n,
-    }];
+    let iov = [iovec { iov_base: buf, iov_len: n }];
     on_fd!(
         fd,
         // SAFETY: the caller's buffers.
@@ -450,23 +395,9 @@ pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> s
             let m = unsafe { msg.as_mut() }.ok_or(libc::EFAULT)?;
             let mut info = sock::RecvInfo::default();
             // SAFETY: the caller's iovecs.
-            let n = unsafe {
-                sock::recv(
-                    s,
-                    iov_slice(m.msg_iov, m.msg_iovlen as c_int)?,
-                    flags,
-                    &mut info,
-                )
-            }?;
+            let n = unsafe { sock::recv(s, iov_slice(m.msg_iov, m.msg_iovlen as c_int)?, flags, &mut info) }?;
             // SAFETY: the caller's address buffer.
-            unsafe {
-                sock::addr_out(
-                    &info.from,
-                    info.from_len,
-                    m.msg_name.cast(),
-                    &mut m.msg_namelen,
-                )
-            };
+            unsafe { sock::addr_out(&info.from, info.from_len, m.msg_name.cast(), &mut m.msg_namelen) };
             m.msg_controllen = 0;
             m.msg_flags = if info.truncated { libc::MSG_TRUNC } else { 0 };
             Ok(n as isize)
@@ -646,12 +577,7 @@ pub unsafe extern "C" fn ppoll(
 /// # Safety
 /// Interposes __poll_chk (poll with _FORTIFY_SOURCE).
 #[no_mangle]
-pub unsafe extern "C" fn __poll_chk(
-    fds: *mut pollfd,
-    n: nfds_t,
-    timeout: c_int,
-    fdslen: size_t,
-) -> c_int {
+pub unsafe extern "C" fn __poll_chk(fds: *mut pollfd, n: nfds_t, timeout: c_int, fdslen: size_t) -> c_int {
     if fdslen / std::mem::size_of::<pollfd>() < n as usize {
         // SAFETY: the fortify failure path, as glibc's.
         unsafe { chk_fail() }
@@ -663,10 +589,7 @@ pub unsafe extern "C" fn __poll_chk(
 fn sets_hold_ours(n: c_int, sets: [*mut libc::fd_set; 3]) -> bool {
     (0..n.min(libc::FD_SETSIZE as c_int)).any(|fd| {
         // SAFETY: each set is null or valid for n bits (select's contract).
-        lookup(fd) != Fd::Plain
-            && sets
-                .iter()
-                .any(|&s| !s.is_null() && unsafe { libc::FD_ISSET(fd, s) })
+        lookup(fd) != Fd::Plain && sets.iter().any(|&s| !s.is_null() && unsafe { libc::FD_ISSET(fd, s) })
     })
 }
 
@@ -685,9 +608,8 @@ pub unsafe extern "C" fn select(
         return unsafe { real::select(n, r, w, e, tv) };
     }
     // SAFETY: the caller's timeval.
-    let t = unsafe { tv.as_ref() }.map(|t| {
-        Duration::from_micros(t.tv_sec.max(0) as u64 * 1_000_000 + t.tv_usec.max(0) as u64)
-    });
+    let t = unsafe { tv.as_ref() }
+        .map(|t| Duration::from_micros(t.tv_sec.max(0) as u64 * 1_000_000 + t.tv_usec.max(0) as u64));
     let start = Instant::now();
     // SAFETY: the caller's sets.
     let res = guard(|| unsafe { readiness::select(n, r, w, e, t, std::ptr::null()) });
@@ -722,32 +644,18 @@ pub unsafe extern "C" fn pselect(
 /// # Safety
 /// Interposes epoll_ctl(2).
 #[no_mangle]
-pub unsafe extern "C" fn epoll_ctl(
-    epfd: c_int,
-    op: c_int,
-    fd: c_int,
-    ev: *mut libc::epoll_event,
-) -> c_int {
+pub unsafe extern "C" fn epoll_ctl(epfd: c_int, op: c_int, fd: c_int, ev: *mut libc::epoll_event) -> c_int {
     // SAFETY: forwarding.
-    on_fd!(fd, |s| readiness::epoll_ctl(epfd, op, fd, s, ev), unsafe {
-        real::epoll_ctl(epfd, op, fd, ev)
-    })
+    on_fd!(fd, |s| readiness::epoll_ctl(epfd, op, fd, s, ev), unsafe { real::epoll_ctl(epfd, op, fd, ev) })
 }
 
 /// # Safety
 /// Interposes epoll_wait(2).
 #[no_mangle]
-pub unsafe extern "C" fn epoll_wait(
-    epfd: c_int,
-    evs: *mut libc::epoll_event,
-    max: c_int,
-    timeout: c_int,
-) -> c_int {
+pub unsafe extern "C" fn epoll_wait(epfd: c_int, evs: *mut libc::epoll_event, max: c_int, timeout: c_int) -> c_int {
     if readiness::is_mixed(epfd) {
         // SAFETY: the caller's buffer.
-        return guard(|| unsafe {
-            readiness::epoll_wait(epfd, evs, max, readiness::ms(timeout), std::ptr::null())
-        });
+        return guard(|| unsafe { readiness::epoll_wait(epfd, evs, max, readiness::ms(timeout), std::ptr::null()) });
     }
     // SAFETY: forwarding.
     unsafe { real::epoll_wait(epfd, evs, max, timeout) }
@@ -765,9 +673,7 @@ pub unsafe extern "C" fn epoll_pwait(
 ) -> c_int {
     if readiness::is_mixed(epfd) {
         // SAFETY: the caller's buffer.
-        return guard(|| unsafe {
-            readiness::epoll_wait(epfd, evs, max, readiness::ms(timeout), mask)
-        });
+        return guard(|| unsafe { readiness::epoll_wait(epfd, evs, max, readiness::ms(timeout), mask) });
     }
     // SAFETY: forwarding.
     unsafe { real::epoll_pwait(epfd, evs, max, timeout, mask) }
@@ -807,12 +713,7 @@ unsafe fn chk_fail() -> ! {
 /// # Safety
 /// Interposes __read_chk.
 #[no_mangle]
-pub unsafe extern "C" fn __read_chk(
-    fd: c_int,
-    buf: *mut c_void,
-    n: size_t,
-    buflen: size_t,
-) -> ssize_t {
+pub unsafe extern "C" fn __read_chk(fd: c_int, buf: *mut c_void, n: size_t, buflen: size_t) -> ssize_t {
     if n > buflen {
         // SAFETY: fortify failure.
         unsafe { chk_fail() }
@@ -824,13 +725,7 @@ pub unsafe extern "C" fn __read_chk(
 /// # Safety
 /// Interposes __recv_chk.
 #[no_mangle]
-pub unsafe extern "C" fn __recv_chk(
-    fd: c_int,
-    buf: *mut c_void,
-    n: size_t,
-    buflen: size_t,
-    flags: c_int,
-) -> ssize_t {
+pub unsafe extern "C" fn __recv_chk(fd: c_int, buf: *mut c_void, n: size_t, buflen: size_t, flags: c_int) -> ssize_t {
     if n > buflen {
         // SAFETY: fortify failure.
         unsafe { chk_fail() }

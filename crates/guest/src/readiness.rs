@@ -52,10 +52,7 @@ impl Deadline {
     fn timespec(&self) -> Option<libc::timespec> {
         self.0.map(|d| {
             let left = d.saturating_duration_since(Instant::now());
-            libc::timespec {
-                tv_sec: left.as_secs() as _,
-                tv_nsec: left.subsec_nanos() as _,
-            }
+            libc::timespec { tv_sec: left.as_secs() as _, tv_nsec: left.subsec_nanos() as _ }
         })
     }
     fn is_zero(&self) -> bool {
@@ -92,15 +89,13 @@ fn thread_ep(a: &Attachment) -> Result<c_int, Errno> {
                 t.ep.set(-1);
             }
             // SAFETY: plain system calls on fds we own.
-            let ep =
-                unsafe { libc::syscall(libc::SYS_epoll_create1, libc::EPOLL_CLOEXEC) } as c_int;
+            let ep = unsafe { libc::syscall(libc::SYS_epoll_create1, libc::EPOLL_CLOEXEC) } as c_int;
             if ep < 0 {
                 return Err(libc::ENOMEM);
             }
             let ep = {
                 // SAFETY: as above.
-                let high = unsafe { libc::syscall(libc::SYS_fcntl, ep, libc::F_DUPFD_CLOEXEC, 800) }
-                    as c_int;
+                let high = unsafe { libc::syscall(libc::SYS_fcntl, ep, libc::F_DUPFD_CLOEXEC, 800) } as c_int;
                 if high >= 0 {
                     netkernel_ring::sys::close(ep);
                     high
@@ -108,20 +103,9 @@ fn thread_ep(a: &Attachment) -> Result<c_int, Errno> {
                     ep
                 }
             };
-            let mut ev = epoll_event {
-                events: (libc::EPOLLIN | libc::EPOLLET) as u32,
-                u64: BELL_MARK,
-            };
+            let mut ev = epoll_event { events: (libc::EPOLLIN | libc::EPOLLET) as u32, u64: BELL_MARK };
             // SAFETY: ev is a live local.
-            unsafe {
-                libc::syscall(
-                    libc::SYS_epoll_ctl,
-                    ep,
-                    libc::EPOLL_CTL_ADD,
-                    a.guest_bell,
-                    &mut ev as *mut _,
-                )
-            };
+            unsafe { libc::syscall(libc::SYS_epoll_ctl, ep, libc::EPOLL_CTL_ADD, a.guest_bell, &mut ev as *mut _) };
             t.ep.set(ep);
             t.bell.set(a.guest_bell);
             Ok(ep)
@@ -141,28 +125,19 @@ struct BellWaiter(&'static Attachment);
 
 impl BellWaiter {
     fn new(a: &'static Attachment) -> Self {
-        a.region
-            .header()
-            .bell_waiters
-            .fetch_add(1, Ordering::SeqCst);
+        a.region.header().bell_waiters.fetch_add(1, Ordering::SeqCst);
         BellWaiter(a)
     }
 }
 
 impl Drop for BellWaiter {
     fn drop(&mut self) {
-        self.0
-            .region
-            .header()
-            .bell_waiters
-            .fetch_sub(1, Ordering::SeqCst);
+        self.0.region.header().bell_waiters.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
 fn errno() -> Errno {
-    std::io::Error::last_os_error()
-        .raw_os_error()
-        .unwrap_or(libc::EINVAL)
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EINVAL)
 }
 
 /// Fills revents of NetKernel fds; returns how many are ready.
@@ -181,11 +156,7 @@ fn ours_ready(fds: &mut [pollfd]) -> c_int {
 }
 
 /// poll/ppoll over a set holding at least one NetKernel socket.
-pub fn poll(
-    fds: &mut [pollfd],
-    timeout: Option<Duration>,
-    sigmask: *const libc::sigset_t,
-) -> Result<c_int, Errno> {
+pub fn poll(fds: &mut [pollfd], timeout: Option<Duration>, sigmask: *const libc::sigset_t) -> Result<c_int, Errno> {
     let a = state::attachment()?;
     let deadline = Deadline::new(timeout);
     let mut copy: Vec<pollfd> = Vec::with_capacity(fds.len() + 1);
@@ -202,20 +173,9 @@ pub fn poll(
         }));
         let quick = ready > 0 || deadline.is_zero();
         if !quick {
-            copy.push(pollfd {
-                fd: ep,
-                events: libc::POLLIN,
-                revents: 0,
-            });
+            copy.push(pollfd { fd: ep, events: libc::POLLIN, revents: 0 });
         }
-        let ts = if quick {
-            Some(libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            })
-        } else {
-            deadline.timespec()
-        };
+        let ts = if quick { Some(libc::timespec { tv_sec: 0, tv_nsec: 0 }) } else { deadline.timespec() };
         let tsp = ts.as_ref().map_or(std::ptr::null(), |t| t as *const _);
         // SAFETY: copy is a live array of its length.
         let r = unsafe { real::ppoll(copy.as_mut_ptr(), copy.len() as _, tsp, sigmask) };
@@ -223,10 +183,7 @@ pub fn poll(
         if r < 0 {
             return Err(errno());
         }
-        let plain_ready = copy[..fds.len()]
-            .iter()
-            .filter(|p| p.fd >= 0 && p.revents != 0)
-            .count() as c_int;
+        let plain_ready = copy[..fds.len()].iter().filter(|p| p.fd >= 0 && p.revents != 0).count() as c_int;
         if quick || plain_ready > 0 || r == 0 {
             if !quick {
                 ready = ours_ready(fds);
@@ -268,11 +225,7 @@ pub unsafe fn select(
             ev |= libc::POLLPRI;
         }
         if ev != 0 {
-            fds.push(pollfd {
-                fd,
-                events: ev,
-                revents: 0,
-            });
+            fds.push(pollfd { fd, events: ev, revents: 0 });
         }
     }
     poll(&mut fds, timeout, sigmask)?;
@@ -285,16 +238,12 @@ pub unsafe fn select(
             unsafe { libc::FD_ZERO(s) };
         }
     }
-    let rset =
-        (libc::POLLIN | libc::POLLRDNORM | libc::POLLRDBAND | libc::POLLHUP | libc::POLLERR) as i16;
+    let rset = (libc::POLLIN | libc::POLLRDNORM | libc::POLLRDBAND | libc::POLLHUP | libc::POLLERR) as i16;
     let wset = (libc::POLLOUT | libc::POLLWRNORM | libc::POLLWRBAND | libc::POLLERR) as i16;
     let mut n = 0;
     for p in &fds {
-        for (set, bits, asked) in [
-            (r, rset, libc::POLLIN),
-            (w, wset, libc::POLLOUT),
-            (e, libc::POLLPRI, libc::POLLPRI),
-        ] {
+        for (set, bits, asked) in [(r, rset, libc::POLLIN), (w, wset, libc::POLLOUT), (e, libc::POLLPRI, libc::POLLPRI)]
+        {
             if p.events & asked != 0 && p.revents & bits != 0 && !set.is_null() {
                 // SAFETY: per the contract.
                 unsafe { libc::FD_SET(p.fd, set) };
@@ -320,8 +269,7 @@ pub struct EpollSet {
     list: Mutex<(Vec<Interest>, usize)>,
 }
 
-static EPOLLS: [AtomicPtr<EpollSet>; MAX_FD] =
-    [const { AtomicPtr::new(std::ptr::null_mut()) }; MAX_FD];
+static EPOLLS: [AtomicPtr<EpollSet>; MAX_FD] = [const { AtomicPtr::new(std::ptr::null_mut()) }; MAX_FD];
 
 fn set_of(epfd: c_int) -> Option<&'static EpollSet> {
     if epfd < 0 || epfd as usize >= MAX_FD {
@@ -363,13 +311,7 @@ pub fn dup_epoll(old: c_int, new: c_int) {
 }
 
 /// epoll_ctl for a NetKernel socket `fd` in `epfd`.
-pub fn epoll_ctl(
-    epfd: c_int,
-    op: c_int,
-    fd: c_int,
-    slot: u32,
-    ev: *const epoll_event,
-) -> Result<c_int, Errno> {
+pub fn epoll_ctl(epfd: c_int, op: c_int, fd: c_int, slot: u32, ev: *const epoll_event) -> Result<c_int, Errno> {
     if fd == epfd {
         return Err(libc::EINVAL);
     }
@@ -383,28 +325,18 @@ pub fn epoll_ctl(
         Some(unsafe { std::ptr::read_unaligned(ev) })
     };
     // The doorbell joins the kernel's set (this also checks that epfd is an epoll fd).
-    let mut bell = epoll_event {
-        events: (libc::EPOLLIN | libc::EPOLLET) as u32,
-        u64: BELL_MARK,
-    };
+    let mut bell = epoll_event { events: (libc::EPOLLIN | libc::EPOLLET) as u32, u64: BELL_MARK };
     // SAFETY: bell is a live local.
-    if unsafe { real::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, a.guest_bell, &mut bell) } < 0
-        && errno() != libc::EEXIST
-    {
+    if unsafe { real::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, a.guest_bell, &mut bell) } < 0 && errno() != libc::EEXIST {
         return Err(errno());
     }
     let set = match set_of(epfd) {
         Some(s) => s,
         None => {
-            let p = Arc::into_raw(Arc::new(EpollSet {
-                list: Mutex::new((Vec::new(), 0)),
-            })) as *mut EpollSet;
-            if let Err(cur) = EPOLLS[epfd as usize].compare_exchange(
-                std::ptr::null_mut(),
-                p,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
+            let p = Arc::into_raw(Arc::new(EpollSet { list: Mutex::new((Vec::new(), 0)) })) as *mut EpollSet;
+            if let Err(cur) =
+                EPOLLS[epfd as usize].compare_exchange(std::ptr::null_mut(), p, Ordering::AcqRel, Ordering::Acquire)
+            {
                 // SAFETY: p is ours and unpublished.
                 drop(unsafe { Arc::from_raw(p) });
                 // SAFETY: cur was published by another thread and is live.
@@ -418,41 +350,18 @@ pub fn epoll_ctl(
     let mut g = set.list.lock().unwrap_or_else(|e| e.into_inner());
     let list = &mut g.0;
     let gen = sock_state(slot).gen.load(Ordering::Acquire);
-    let pos = list
-        .iter()
-        .position(|i| i.fd == fd && i.slot == slot && i.gen == gen);
+    let pos = list.iter().position(|i| i.fd == fd && i.slot == slot && i.gen == gen);
     // Re-evaluating readiness on ADD and MOD, as Linux does: the next wait reports a ready
     // socket even when edge-triggered.
-    let seq = a
-        .region
-        .slot(slot)
-        .seq
-        .load(Ordering::Acquire)
-        .wrapping_sub(1);
+    let seq = a.region.slot(slot).seq.load(Ordering::Acquire).wrapping_sub(1);
     match (op, pos, ev) {
         (libc::EPOLL_CTL_ADD, Some(_), _) => Err(libc::EEXIST),
         (libc::EPOLL_CTL_ADD, None, Some(ev)) => {
-            list.push(Interest {
-                fd,
-                slot,
-                gen,
-                events: ev.events,
-                data: ev.u64,
-                last_seq: seq,
-                armed: true,
-            });
+            list.push(Interest { fd, slot, gen, events: ev.events, data: ev.u64, last_seq: seq, armed: true });
             Ok(0)
         }
         (libc::EPOLL_CTL_MOD, Some(i), Some(ev)) => {
-            list[i] = Interest {
-                fd,
-                slot,
-                gen,
-                events: ev.events,
-                data: ev.u64,
-                last_seq: seq,
-                armed: true,
-            };
+            list[i] = Interest { fd, slot, gen, events: ev.events, data: ev.u64, last_seq: seq, armed: true };
             Ok(0)
         }
         (libc::EPOLL_CTL_DEL, Some(i), _) => {
@@ -472,9 +381,7 @@ fn collect(set: &EpollSet, out: &mut [epoll_event]) -> usize {
     let mut g = set.list.lock().unwrap_or_else(|e| e.into_inner());
     let (list, cursor) = &mut *g;
     // Linux drops a registration when its socket is closed for good.
-    list.retain(|i| {
-        lookup(i.fd) == Fd::Sock(i.slot) && sock_state(i.slot).gen.load(Ordering::Acquire) == i.gen
-    });
+    list.retain(|i| lookup(i.fd) == Fd::Sock(i.slot) && sock_state(i.slot).gen.load(Ordering::Acquire) == i.gen);
     let a = match state::current() {
         Some(a) => a,
         None => return 0,
@@ -488,11 +395,7 @@ fn collect(set: &EpollSet, out: &mut [epoll_event]) -> usize {
         }
         let seq = a.region.slot(i.slot).seq.load(Ordering::Acquire);
         let want = i.events | (libc::EPOLLERR | libc::EPOLLHUP) as u32;
-        let ready = if a.dead() {
-            DEAD_MASK
-        } else {
-            full_mask(a, i.slot)
-        } & want;
+        let ready = if a.dead() { DEAD_MASK } else { full_mask(a, i.slot) } & want;
         if ready == 0 {
             continue;
         }
@@ -505,10 +408,7 @@ fn collect(set: &EpollSet, out: &mut [epoll_event]) -> usize {
         if i.events & libc::EPOLLONESHOT as u32 != 0 {
             i.armed = false;
         }
-        out[n] = epoll_event {
-            events: ready,
-            u64: i.data,
-        };
+        out[n] = epoll_event { events: ready, u64: i.data };
         n += 1;
         if n == out.len() {
             *cursor = (*cursor + k + 1) % len;
@@ -563,11 +463,7 @@ pub unsafe fn epoll_wait(
             }
             // SAFETY: rest is a live slice of the caller's buffer.
             let r = unsafe { real::epoll_wait(epfd, rest.as_mut_ptr(), rest.len() as c_int, 0) };
-            let k = if r > 0 {
-                strip_bell(&mut rest[..r as usize])
-            } else {
-                0
-            };
+            let k = if r > 0 { strip_bell(&mut rest[..r as usize]) } else { 0 };
             return Ok((n + k) as c_int);
         }
         let ts = deadline.timespec();
@@ -599,10 +495,5 @@ pub fn ms(timeout: c_int) -> Option<Duration> {
 /// `ts` is null or valid.
 pub unsafe fn ts(ts: *const libc::timespec) -> Option<Duration> {
     // SAFETY: per the contract.
-    unsafe { ts.as_ref() }.map(|t| {
-        Duration::new(
-            t.tv_sec.max(0) as u64,
-            t.tv_nsec.clamp(0, 999_999_999) as u32,
-        )
-    })
+    unsafe { ts.as_ref() }.map(|t| Duration::new(t.tv_sec.max(0) as u64, t.tv_nsec.clamp(0, 999_999_999) as u32))
 }

@@ -2,10 +2,7 @@
 //! GuestLib does not own go straight to libc. Resolution happens once per symbol; afterwards a
 //! call costs one relaxed load.
 
-use libc::{
-    c_int, c_uint, c_ulong, c_void, iovec, msghdr, nfds_t, pollfd, size_t, sockaddr, socklen_t,
-    ssize_t,
-};
+use libc::{c_int, c_uint, c_ulong, c_void, iovec, msghdr, nfds_t, pollfd, size_t, sockaddr, socklen_t, ssize_t};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 fn resolve(slot: &AtomicUsize, name: &'static [u8]) -> usize {
@@ -109,15 +106,5 @@ pub unsafe fn epoll_pwait2(
     mask: *const libc::sigset_t,
 ) -> c_int {
     // SAFETY: forwards the caller's arguments; the kernel checks them.
-    unsafe {
-        libc::syscall(
-            libc::SYS_epoll_pwait2,
-            epfd,
-            evs,
-            max,
-            ts,
-            mask,
-            8 as c_uint,
-        ) as c_int
-    }
+    unsafe { libc::syscall(libc::SYS_epoll_pwait2, epfd, evs, max, ts, mask, 8 as c_uint) as c_int }
 }

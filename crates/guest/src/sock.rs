@@ -2,9 +2,7 @@
 //! returns the stack's own result and errno; blocking, timeouts, MSG_WAITALL and SIGPIPE are
 //! done here, the way the kernel does them for a blocking socket.
 
-use crate::state::{
-    self, attachment, sock_state, Attachment, Errno, F_INET6, F_NONBLOCK, F_STREAM,
-};
+use crate::state::{self, attachment, sock_state, Attachment, Errno, F_INET6, F_NONBLOCK, F_STREAM};
 use libc::{c_int, iovec, sockaddr, socklen_t};
 use netkernel_abi::{Op, ADDR_MAX, BUF_SIZE};
 use std::sync::atomic::Ordering;
@@ -17,8 +15,7 @@ fn live() -> Result<&'static Attachment, Errno> {
 }
 
 fn blocking(slot: u32, flags: c_int) -> bool {
-    flags & libc::MSG_DONTWAIT == 0
-        && sock_state(slot).flags.load(Ordering::Relaxed) & F_NONBLOCK == 0
+    flags & libc::MSG_DONTWAIT == 0 && sock_state(slot).flags.load(Ordering::Relaxed) & F_NONBLOCK == 0
 }
 
 /// A real kernel socket that holds the fd number of a NetKernel socket, so numbering, fstat,
@@ -28,9 +25,7 @@ fn reserve_fd(inet6: bool, ty: c_int) -> Result<c_int, Errno> {
     // SAFETY: plain system call.
     let fd = unsafe { libc::syscall(libc::SYS_socket, domain, ty, 0) } as c_int;
     if fd < 0 {
-        return Err(std::io::Error::last_os_error()
-            .raw_os_error()
-            .unwrap_or(libc::EMFILE));
+        return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EMFILE));
     }
     if fd as usize >= state::MAX_FD {
         netkernel_ring::sys::close(fd);
@@ -115,12 +110,7 @@ pub unsafe fn addr_out(src: &[u8], full: usize, addr: *mut sockaddr, len: *mut s
 }
 
 /// One call that takes an address (bind, connect).
-fn addr_call(
-    op: Op,
-    slot: u32,
-    addr: *const sockaddr,
-    len: socklen_t,
-) -> Result<(i64, u32), Errno> {
+fn addr_call(op: Op, slot: u32, addr: *const sockaddr, len: socklen_t) -> Result<(i64, u32), Errno> {
     let (p, n) = addr_in(addr, len)?;
     let a = live()?;
     let c = a.call(|w| {
@@ -144,12 +134,7 @@ pub fn listen(slot: u32, backlog: c_int) -> Result<c_int, Errno> {
 
 /// # Safety
 /// `addr`/`len` as for accept4(2).
-pub unsafe fn accept(
-    slot: u32,
-    addr: *mut sockaddr,
-    len: *mut socklen_t,
-    flags: c_int,
-) -> Result<c_int, Errno> {
+pub unsafe fn accept(slot: u32, addr: *mut sockaddr, len: *mut socklen_t, flags: c_int) -> Result<c_int, Errno> {
     if flags & !(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) != 0 {
         return Err(libc::EINVAL);
     }
@@ -161,11 +146,7 @@ pub unsafe fn accept(
             Ok(new) => {
                 let (sa, full) = c.addr();
                 drop(c);
-                let fd = adopt(
-                    new as u32,
-                    st.flags.load(Ordering::Relaxed) & F_INET6 != 0,
-                    libc::SOCK_STREAM | flags,
-                )?;
+                let fd = adopt(new as u32, st.flags.load(Ordering::Relaxed) & F_INET6 != 0, libc::SOCK_STREAM | flags)?;
                 // SAFETY: forwarded from the caller.
                 unsafe { addr_out(&sa, full, addr, len) };
                 return Ok(fd);
@@ -180,20 +161,10 @@ pub unsafe fn accept(
     }
 }
 
-fn getsockopt_int(a: &Attachment, slot: u32, level: c_int, name: c_int) -> Result<c_int, Errno> {
-    let c = a.call(|w| {
-        w.set(Op::GetSockOpt, slot);
-        w.args(level as u64, name as u64);
-        w.use_buf(4);
-    });
-    c.result()?;
-    // SAFETY: the buffer holds at least 4 bytes the NSM wrote.
-    Ok(unsafe { std::ptr::read_unaligned(c.buf().cast::<c_int>()) })
-}
-
 pub fn connect(slot: u32, addr: *const sockaddr, len: socklen_t) -> Result<c_int, Errno> {
-    // A blocking connect is a non-blocking one followed by waiting for writability and
-    // reading SO_ERROR, which is what the kernel does internally.
+    // A blocking connect is a non-blocking one, a wait for writability, and a second connect
+    // that reports the outcome (0, or the error that ended the attempt) and moves the socket
+    // to connected, so a third connect says EISCONN: what the kernel does internally.
     match addr_call(Op::Connect, slot, addr, len) {
         Ok(_) => return Ok(0),
         Err(libc::EINPROGRESS) if blocking(slot, 0) => {}
@@ -206,7 +177,10 @@ pub fn connect(slot: u32, addr: *const sockaddr, len: socklen_t) -> Result<c_int
     loop {
         let seen = s.seq.load(Ordering::Acquire);
         if s.mask.load(Ordering::Acquire) & done != 0 || a.dead() {
-            break;
+            match addr_call(Op::Connect, slot, addr, len) {
+                Err(libc::EALREADY) => {}
+                r => return r.map(|_| 0),
+            }
         }
         match a.wait_slot(slot, seen, timeout) {
             Ok(()) => {}
@@ -214,16 +188,10 @@ pub fn connect(slot: u32, addr: *const sockaddr, len: socklen_t) -> Result<c_int
             Err(e) => return Err(e),
         }
     }
-    match getsockopt_int(live()?, slot, libc::SOL_SOCKET, libc::SO_ERROR)? {
-        0 => Ok(0),
-        e => Err(e),
-    }
 }
 
 fn iov_total(iov: &[iovec]) -> usize {
-    iov.iter()
-        .map(|v| v.iov_len)
-        .fold(0usize, |a, b| a.saturating_add(b))
+    iov.iter().map(|v| v.iov_len).fold(0usize, |a, b| a.saturating_add(b))
 }
 
 /// Copies `len` bytes starting at byte `skip` of the iovecs to `dst`.
@@ -242,9 +210,7 @@ unsafe fn gather(iov: &[iovec], mut skip: usize, dst: *mut u8, mut len: usize) {
         }
         let n = (v.iov_len - skip).min(len);
         // SAFETY: within the iovec and within dst, per the contract.
-        unsafe {
-            std::ptr::copy_nonoverlapping((v.iov_base as *const u8).add(skip), dst.add(out), n)
-        };
+        unsafe { std::ptr::copy_nonoverlapping((v.iov_base as *const u8).add(skip), dst.add(out), n) };
         out += n;
         len -= n;
         skip = 0;
@@ -267,9 +233,7 @@ unsafe fn scatter(iov: &[iovec], mut skip: usize, src: *const u8, mut len: usize
         }
         let n = (v.iov_len - skip).min(len);
         // SAFETY: within the iovec and within src, per the contract.
-        unsafe {
-            std::ptr::copy_nonoverlapping(src.add(inp), (v.iov_base as *mut u8).add(skip), n)
-        };
+        unsafe { std::ptr::copy_nonoverlapping(src.add(inp), (v.iov_base as *mut u8).add(skip), n) };
         inp += n;
         len -= n;
         skip = 0;
@@ -279,12 +243,7 @@ unsafe fn scatter(iov: &[iovec], mut skip: usize, src: *const u8, mut len: usize
 fn raise_sigpipe() {
     // SAFETY: signals this thread, as the kernel does on EPIPE without MSG_NOSIGNAL.
     unsafe {
-        libc::syscall(
-            libc::SYS_tgkill,
-            libc::getpid(),
-            libc::syscall(libc::SYS_gettid),
-            libc::SIGPIPE,
-        );
+        libc::syscall(libc::SYS_tgkill, libc::getpid(), libc::syscall(libc::SYS_gettid), libc::SIGPIPE);
     }
 }
 
@@ -357,11 +316,7 @@ pub struct RecvInfo {
 
 impl Default for RecvInfo {
     fn default() -> Self {
-        RecvInfo {
-            from: [0; ADDR_MAX],
-            from_len: 0,
-            truncated: false,
-        }
+        RecvInfo { from: [0; ADDR_MAX], from_len: 0, truncated: false }
     }
 }
 
@@ -369,12 +324,7 @@ impl Default for RecvInfo {
 ///
 /// # Safety
 /// `iov` describes writable memory.
-pub unsafe fn recv(
-    slot: u32,
-    iov: &[iovec],
-    flags: c_int,
-    info: &mut RecvInfo,
-) -> Result<usize, Errno> {
+pub unsafe fn recv(slot: u32, iov: &[iovec], flags: c_int, info: &mut RecvInfo) -> Result<usize, Errno> {
     let a = live()?;
     let st = sock_state(slot);
     let stream = st.flags.load(Ordering::Relaxed) & F_STREAM != 0;
@@ -443,25 +393,11 @@ pub fn shutdown(slot: u32, how: c_int) -> Result<c_int, Errno> {
 ///
 /// # Safety
 /// `addr`/`len` as for getsockname(2).
-pub unsafe fn name(
-    slot: u32,
-    peer: bool,
-    addr: *mut sockaddr,
-    len: *mut socklen_t,
-) -> Result<c_int, Errno> {
+pub unsafe fn name(slot: u32, peer: bool, addr: *mut sockaddr, len: *mut socklen_t) -> Result<c_int, Errno> {
     if addr.is_null() || len.is_null() {
         return Err(libc::EFAULT);
     }
-    let c = live()?.call(|w| {
-        w.set(
-            if peer {
-                Op::GetPeerName
-            } else {
-                Op::GetSockName
-            },
-            slot,
-        )
-    });
+    let c = live()?.call(|w| w.set(if peer { Op::GetPeerName } else { Op::GetSockName }, slot));
     c.result()?;
     let (sa, full) = c.addr();
     // SAFETY: forwarded from the caller.
@@ -475,9 +411,7 @@ fn timeval_us(p: *const u8, len: usize) -> u64 {
     }
     // SAFETY: len covers a timeval.
     let tv = unsafe { std::ptr::read_unaligned(p.cast::<libc::timeval>()) };
-    (tv.tv_sec.max(0) as u64)
-        .saturating_mul(1_000_000)
-        .saturating_add(tv.tv_usec.max(0) as u64)
+    (tv.tv_sec.max(0) as u64).saturating_mul(1_000_000).saturating_add(tv.tv_usec.max(0) as u64)
 }
 
 /// # Safety
@@ -519,13 +453,7 @@ pub unsafe fn getsockopt(
 
 /// # Safety
 /// `val` points at `len` readable bytes.
-pub unsafe fn setsockopt(
-    slot: u32,
-    level: c_int,
-    name: c_int,
-    val: *const u8,
-    len: socklen_t,
-) -> Result<c_int, Errno> {
+pub unsafe fn setsockopt(slot: u32, level: c_int, name: c_int, val: *const u8, len: socklen_t) -> Result<c_int, Errno> {
     let len = len as usize;
     if len > BUF_SIZE as usize {
         return Err(libc::EINVAL);
@@ -544,12 +472,8 @@ pub unsafe fn setsockopt(
     if level == libc::SOL_SOCKET {
         let st = sock_state(slot);
         match name {
-            libc::SO_RCVTIMEO => st
-                .rcvtimeo_us
-                .store(timeval_us(val, len), Ordering::Relaxed),
-            libc::SO_SNDTIMEO => st
-                .sndtimeo_us
-                .store(timeval_us(val, len), Ordering::Relaxed),
+            libc::SO_RCVTIMEO => st.rcvtimeo_us.store(timeval_us(val, len), Ordering::Relaxed),
+            libc::SO_SNDTIMEO => st.sndtimeo_us.store(timeval_us(val, len), Ordering::Relaxed),
             _ => {}
         }
     }

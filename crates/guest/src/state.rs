@@ -96,9 +96,7 @@ pub fn unmap_fd(fd: i32) -> Option<u32> {
     }
     FDS[fd as usize].store(0, Ordering::Release);
     match live {
-        Fd::Sock(slot) => {
-            (SOCKS[slot as usize].refs.fetch_sub(1, Ordering::AcqRel) == 1).then_some(slot)
-        }
+        Fd::Sock(slot) => (SOCKS[slot as usize].refs.fetch_sub(1, Ordering::AcqRel) == 1).then_some(slot),
         _ => None,
     }
 }
@@ -136,8 +134,7 @@ fn warn(msg: &str) {
 /// Moves one of GuestLib's own fds out of the program's way (close-on-exec).
 fn hide_fd(fd: i32) -> i32 {
     // SAFETY: fcntl on an fd we own.
-    let high =
-        unsafe { libc::syscall(libc::SYS_fcntl, fd, libc::F_DUPFD_CLOEXEC, HIDDEN_FD_MIN) } as i32;
+    let high = unsafe { libc::syscall(libc::SYS_fcntl, fd, libc::F_DUPFD_CLOEXEC, HIDDEN_FD_MIN) } as i32;
     if high < 0 {
         return fd;
     }
@@ -189,24 +186,14 @@ pub fn current() -> Option<&'static Attachment> {
 }
 
 fn attach() -> Result<Attachment, String> {
-    let path = std::env::var("NETKERNEL_SOCKET").map_err(|_| {
-        "NETKERNEL_SOCKET is not set; start programs with `netkernel run`".to_string()
-    })?;
+    let path = std::env::var("NETKERNEL_SOCKET")
+        .map_err(|_| "NETKERNEL_SOCKET is not set; start programs with `netkernel run`".to_string())?;
     let tenant = std::env::var("NETKERNEL_TENANT").ok();
     // SAFETY: plain system call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_socket,
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
-            0,
-        )
-    } as i32;
+    let fd =
+        unsafe { libc::syscall(libc::SYS_socket, libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) } as i32;
     if fd < 0 {
-        return Err(format!(
-            "control socket: {}",
-            std::io::Error::last_os_error()
-        ));
+        return Err(format!("control socket: {}", std::io::Error::last_os_error()));
     }
     let fd = hide_fd(fd);
     // SAFETY: sockaddr_un is plain data.
@@ -220,14 +207,7 @@ fn attach() -> Result<Attachment, String> {
         *d = s as libc::c_char;
     }
     // SAFETY: sa is a live sockaddr_un.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_connect,
-            fd,
-            &sa as *const _,
-            std::mem::size_of::<libc::sockaddr_un>(),
-        )
-    };
+    let r = unsafe { libc::syscall(libc::SYS_connect, fd, &sa as *const _, std::mem::size_of::<libc::sockaddr_un>()) };
     if r < 0 {
         let e = std::io::Error::last_os_error();
         sys::close(fd);
@@ -252,10 +232,7 @@ fn attach() -> Result<Attachment, String> {
     let reply: serde_json::Value = serde_json::from_slice(&payload).unwrap_or_default();
     if reply["ok"] != serde_json::Value::Bool(true) || fds.len() != 3 {
         fds.iter().for_each(|&f| sys::close(f));
-        let why = reply["error"]
-            .as_str()
-            .unwrap_or("malformed reply")
-            .to_string();
+        let why = reply["error"].as_str().unwrap_or("malformed reply").to_string();
         return fail(fd, format!("engine refused attachment: {why}"));
     }
     let region = Region::map(fds[0]);
@@ -268,12 +245,7 @@ fn attach() -> Result<Attachment, String> {
             return fail(fd, e.to_string());
         }
     };
-    Ok(Attachment {
-        region,
-        nsm_bell: hide_fd(fds[1]),
-        guest_bell: hide_fd(fds[2]),
-        _ctl: fd,
-    })
+    Ok(Attachment { region, nsm_bell: hide_fd(fds[1]), guest_bell: hide_fd(fds[2]), _ctl: fd })
 }
 
 impl Attachment {
@@ -291,28 +263,15 @@ impl Attachment {
                 continue;
             }
             let i = bits.trailing_zeros();
-            if free
-                .compare_exchange(
-                    bits,
-                    bits & !(1u64 << i),
-                    Ordering::AcqRel,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
-            {
+            if free.compare_exchange(bits, bits & !(1u64 << i), Ordering::AcqRel, Ordering::Relaxed).is_ok() {
                 return i;
             }
         }
     }
 
     fn free_nqe(&self, i: u32) {
-        self.region
-            .nqe_state(i)
-            .store(nqe_state::FREE, Ordering::Release);
-        self.region
-            .header()
-            .guest_free_nqes
-            .fetch_or(1u64 << i, Ordering::AcqRel);
+        self.region.nqe_state(i).store(nqe_state::FREE, Ordering::Release);
+        self.region.header().guest_free_nqes.fetch_or(1u64 << i, Ordering::AcqRel);
     }
 
     /// Submits one nqe, filled in by `fill`, and waits for its completion. The returned call
@@ -321,11 +280,7 @@ impl Attachment {
         let idx = self.alloc_nqe();
         let p = self.region.nqe(idx);
         let buf_off = self.region.layout().buf_off(idx);
-        let mut w = NqeWriter {
-            p,
-            buf: self.region.pool_ptr(buf_off, BUF_SIZE),
-            buf_off,
-        };
+        let mut w = NqeWriter { p, buf: self.region.pool_ptr(buf_off, BUF_SIZE), buf_off };
         // SAFETY: nqe idx is ours (allocated above) until freed.
         unsafe {
             (*p).flags = 0;
@@ -374,24 +329,13 @@ impl Attachment {
                 continue;
             }
             if s == nqe_state::SUBMITTED
-                && state
-                    .compare_exchange(
-                        s,
-                        s | nqe_state::WAITER,
-                        Ordering::AcqRel,
-                        Ordering::Relaxed,
-                    )
-                    .is_err()
+                && state.compare_exchange(s, s | nqe_state::WAITER, Ordering::AcqRel, Ordering::Relaxed).is_err()
             {
                 continue;
             }
             // The op is already running in the NSM and will complete promptly; a signal does
             // not abandon it (its buffer is in use), so EINTR just waits again.
-            let _ = sys::futex_wait(
-                state,
-                nqe_state::SUBMITTED | nqe_state::WAITER,
-                Some(Duration::from_millis(200)),
-            );
+            let _ = sys::futex_wait(state, nqe_state::SUBMITTED | nqe_state::WAITER, Some(Duration::from_millis(200)));
         }
     }
 
@@ -515,9 +459,7 @@ impl Call<'_> {
     }
     /// This nqe's buffer.
     pub fn buf(&self) -> *const u8 {
-        self.att
-            .region
-            .pool_ptr(self.att.region.layout().buf_off(self.idx), BUF_SIZE)
+        self.att.region.pool_ptr(self.att.region.layout().buf_off(self.idx), BUF_SIZE)
     }
 }
 

@@ -10,11 +10,7 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(
-    name = "netkernel",
-    version,
-    about = "NetKernel: the network stack as a service"
-)]
+#[command(name = "netkernel", version, about = "NetKernel: the network stack as a service")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -87,18 +83,9 @@ pub fn main() -> i32 {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Serve { config, socket } => serve(config, socket),
-        Cmd::Run {
-            tenant,
-            socket,
-            program,
-        } => run(tenant, socket, program),
+        Cmd::Run { tenant, socket, program } => run(tenant, socket, program),
         Cmd::Ctl { socket, json, what } => ctl(socket, json, &what),
-        Cmd::Nsm {
-            kind,
-            name,
-            control_fd,
-            congestion,
-        } => nsm(&kind, name, control_fd, congestion),
+        Cmd::Nsm { kind, name, control_fd, congestion } => nsm(&kind, name, control_fd, congestion),
         Cmd::Demo { bytes } => demo::main(bytes),
         Cmd::Bench(a) => bench::main(a),
         Cmd::BenchPeer(a) => bench::peer(a),
@@ -113,9 +100,7 @@ fn serve(config: Option<PathBuf>, socket: Option<PathBuf>) -> i32 {
         },
         None => Config::embedded(),
     };
-    let socket = socket
-        .or_else(|| cfg.engine.socket.clone())
-        .unwrap_or_else(default_socket);
+    let socket = socket.or_else(|| cfg.engine.socket.clone()).unwrap_or_else(default_socket);
     // SIGINT/SIGTERM are taken by a thread that shuts down cleanly (NSMs stopped, socket removed).
     // SAFETY: sigset manipulation on a local set, before any thread exists.
     let set = unsafe {
@@ -152,8 +137,7 @@ fn run(tenant: Option<String>, socket: Option<PathBuf>, program: Vec<String>) ->
     if let Err(e) = request(&socket, &EngineRequest::Status) {
         return fail(e);
     }
-    let err =
-        guestlib::command(&lib, &socket, tenant.as_deref(), &program[0], &program[1..]).exec();
+    let err = guestlib::command(&lib, &socket, tenant.as_deref(), &program[0], &program[1..]).exec();
     fail(format!("cannot run {}: {err}", program[0]))
 }
 
@@ -222,29 +206,15 @@ fn cell(v: &serde_json::Value) -> String {
 }
 
 fn print_table(v: &serde_json::Value, cols: &[&str]) {
-    let rows: Vec<Vec<String>> = v
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|r| cols.iter().map(|c| cell(&r[*c])).collect())
-        .collect();
+    let rows: Vec<Vec<String>> =
+        v.as_array().into_iter().flatten().map(|r| cols.iter().map(|c| cell(&r[*c])).collect()).collect();
     let widths: Vec<usize> = cols
         .iter()
         .enumerate()
-        .map(|(i, c)| {
-            rows.iter()
-                .map(|r| r[i].len())
-                .chain([c.len()])
-                .max()
-                .unwrap_or(0)
-        })
+        .map(|(i, c)| rows.iter().map(|r| r[i].len()).chain([c.len()]).max().unwrap_or(0))
         .collect();
     let line = |cells: Vec<String>| {
-        let s: Vec<String> = cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
+        let s: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
         println!("{}", s.join("  ").trim_end());
     };
     line(cols.iter().map(|c| c.to_uppercase()).collect());
@@ -261,16 +231,8 @@ fn print_status(v: &serde_json::Value) {
         v["uptime_s"].as_f64().unwrap_or(0.0)
     );
     println!("socket      {}", cell(&v["socket"]));
-    println!(
-        "regions     {} bytes each, {} pages",
-        cell(&v["region_bytes"]),
-        cell(&v["region_backing"])
-    );
-    println!(
-        "attachments {}   tenants {}",
-        cell(&v["attachments"]),
-        cell(&v["tenants"])
-    );
+    println!("regions     {} bytes each, {} pages", cell(&v["region_bytes"]), cell(&v["region_backing"]));
+    println!("attachments {}   tenants {}", cell(&v["attachments"]), cell(&v["tenants"]));
     println!();
     print_table(
         &v["nsms"],

@@ -10,19 +10,11 @@ const LIB: &str = "libnetkernel_guest.so";
 pub fn find() -> Result<PathBuf, String> {
     if let Some(p) = std::env::var_os("NETKERNEL_GUESTLIB") {
         let p = PathBuf::from(p);
-        return if p.is_file() {
-            Ok(p)
-        } else {
-            Err(format!("NETKERNEL_GUESTLIB={} does not exist", p.display()))
-        };
+        return if p.is_file() { Ok(p) } else { Err(format!("NETKERNEL_GUESTLIB={} does not exist", p.display())) };
     }
     let exe = std::env::current_exe().map_err(|e| format!("locating netkernel binary: {e}"))?;
     let dir = exe.parent().unwrap_or(Path::new("."));
-    let candidates = [
-        dir.join(LIB),
-        dir.join("../lib").join(LIB),
-        dir.join("..").join(LIB),
-    ];
+    let candidates = [dir.join(LIB), dir.join("../lib").join(LIB), dir.join("..").join(LIB)];
     if let Some(p) = candidates.iter().find(|p| p.is_file()) {
         return Ok(p.canonicalize().unwrap_or_else(|_| p.clone()));
     }
@@ -46,21 +38,14 @@ pub fn find() -> Result<PathBuf, String> {
 }
 
 /// A command that runs `program` under GuestLib, attached to the engine at `socket`.
-pub fn command(
-    lib: &Path,
-    socket: &Path,
-    tenant: Option<&str>,
-    program: &str,
-    args: &[String],
-) -> Command {
+pub fn command(lib: &Path, socket: &Path, tenant: Option<&str>, program: &str, args: &[String]) -> Command {
     let mut cmd = Command::new(program);
     cmd.args(args);
     let preload = match std::env::var("LD_PRELOAD") {
         Ok(v) if !v.is_empty() => format!("{}:{v}", lib.display()),
         _ => lib.display().to_string(),
     };
-    cmd.env("LD_PRELOAD", preload)
-        .env("NETKERNEL_SOCKET", socket);
+    cmd.env("LD_PRELOAD", preload).env("NETKERNEL_SOCKET", socket);
     match tenant {
         Some(t) => cmd.env("NETKERNEL_TENANT", t),
         None => cmd.env_remove("NETKERNEL_TENANT"),

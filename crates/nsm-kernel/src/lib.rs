@@ -13,9 +13,7 @@ pub struct KernelStack {
 }
 
 fn errno() -> Errno {
-    std::io::Error::last_os_error()
-        .raw_os_error()
-        .unwrap_or(libc::EIO)
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
 }
 
 fn ok(r: libc::c_int) -> Result<(), Errno> {
@@ -51,9 +49,7 @@ impl KernelStack {
             let avail = available_congestion();
             if !avail.iter().any(|a| a == cc) {
                 // Loading the module makes it available where the kernel has it built.
-                let _ = std::process::Command::new("modprobe")
-                    .arg(format!("tcp_{cc}"))
-                    .status();
+                let _ = std::process::Command::new("modprobe").arg(format!("tcp_{cc}")).status();
                 if !available_congestion().iter().any(|a| a == cc) {
                     return Err(format!(
                         "congestion control {cc:?} not available (kernel offers: {})",
@@ -73,34 +69,20 @@ impl Stack for KernelStack {
 
     fn congestion(&self) -> String {
         self.congestion.clone().unwrap_or_else(|| {
-            std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
-                .unwrap_or_default()
-                .trim()
-                .to_string()
+            std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control").unwrap_or_default().trim().to_string()
         })
     }
 
     fn socket(&mut self, domain: i32, ty: i32, protocol: i32) -> Result<OwnedFd, Errno> {
         // SAFETY: plain system call.
-        let fd = unsafe {
-            libc::socket(
-                domain,
-                ty | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                protocol,
-            )
-        };
+        let fd = unsafe { libc::socket(domain, ty | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, protocol) };
         if fd < 0 {
             return Err(errno());
         }
         // SAFETY: fd is fresh and ours.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         if let (Some(cc), libc::SOCK_STREAM) = (self.congestion.clone(), ty) {
-            self.setsockopt(
-                fd.as_fd(),
-                libc::IPPROTO_TCP,
-                libc::TCP_CONGESTION,
-                cc.as_bytes(),
-            )?;
+            self.setsockopt(fd.as_fd(), libc::IPPROTO_TCP, libc::TCP_CONGESTION, cc.as_bytes())?;
         }
         Ok(fd)
     }
@@ -119,12 +101,7 @@ impl Stack for KernelStack {
         let mut alen = addr.len() as libc::socklen_t;
         // SAFETY: addr/alen describe a live buffer.
         let fd = unsafe {
-            libc::accept4(
-                s.as_raw_fd(),
-                addr.as_mut_ptr().cast(),
-                &mut alen,
-                libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            )
+            libc::accept4(s.as_raw_fd(), addr.as_mut_ptr().cast(), &mut alen, libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
         };
         if fd < 0 {
             return Err(errno());
@@ -140,31 +117,12 @@ impl Stack for KernelStack {
 
     fn send(&mut self, s: BorrowedFd, data: &[u8], flags: i32, to: &[u8]) -> Result<usize, Errno> {
         let flags = flags | libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
-        let (tp, tl) = if to.is_empty() {
-            (std::ptr::null(), 0)
-        } else {
-            (to.as_ptr(), to.len())
-        };
+        let (tp, tl) = if to.is_empty() { (std::ptr::null(), 0) } else { (to.as_ptr(), to.len()) };
         // SAFETY: data and to are live buffers of the lengths passed.
-        len(unsafe {
-            libc::sendto(
-                s.as_raw_fd(),
-                data.as_ptr().cast(),
-                data.len(),
-                flags,
-                tp.cast(),
-                tl as u32,
-            )
-        })
+        len(unsafe { libc::sendto(s.as_raw_fd(), data.as_ptr().cast(), data.len(), flags, tp.cast(), tl as u32) })
     }
 
-    fn recv(
-        &mut self,
-        s: BorrowedFd,
-        buf: &mut [u8],
-        flags: i32,
-        from: &mut [u8],
-    ) -> Result<(usize, usize), Errno> {
+    fn recv(&mut self, s: BorrowedFd, buf: &mut [u8], flags: i32, from: &mut [u8]) -> Result<(usize, usize), Errno> {
         let mut flen = from.len() as libc::socklen_t;
         // SAFETY: buf and from/flen describe live buffers.
         let n = len(unsafe {
@@ -185,38 +143,16 @@ impl Stack for KernelStack {
         ok(unsafe { libc::shutdown(s.as_raw_fd(), how) })
     }
 
-    fn getsockopt(
-        &mut self,
-        s: BorrowedFd,
-        level: i32,
-        name: i32,
-        val: &mut [u8],
-    ) -> Result<usize, Errno> {
+    fn getsockopt(&mut self, s: BorrowedFd, level: i32, name: i32, val: &mut [u8]) -> Result<usize, Errno> {
         let mut l = val.len() as libc::socklen_t;
         // SAFETY: val/l describe a live buffer.
-        ok(unsafe {
-            libc::getsockopt(s.as_raw_fd(), level, name, val.as_mut_ptr().cast(), &mut l)
-        })?;
+        ok(unsafe { libc::getsockopt(s.as_raw_fd(), level, name, val.as_mut_ptr().cast(), &mut l) })?;
         Ok(l as usize)
     }
 
-    fn setsockopt(
-        &mut self,
-        s: BorrowedFd,
-        level: i32,
-        name: i32,
-        val: &[u8],
-    ) -> Result<(), Errno> {
+    fn setsockopt(&mut self, s: BorrowedFd, level: i32, name: i32, val: &[u8]) -> Result<(), Errno> {
         // SAFETY: val is a live buffer of the length passed.
-        ok(unsafe {
-            libc::setsockopt(
-                s.as_raw_fd(),
-                level,
-                name,
-                val.as_ptr().cast(),
-                val.len() as u32,
-            )
-        })
+        ok(unsafe { libc::setsockopt(s.as_raw_fd(), level, name, val.as_ptr().cast(), val.len() as u32) })
     }
 
     fn getsockname(&mut self, s: BorrowedFd, addr: &mut [u8]) -> Result<usize, Errno> {

@@ -3,9 +3,7 @@
 
 use crate::spsc::RingRef;
 use crate::sys;
-use netkernel_abi::{
-    HeaderError, Layout, Nqe, RegionHeader, RingHeader, Slot, NQE_COUNT, SLOT_COUNT,
-};
+use netkernel_abi::{HeaderError, Layout, Nqe, RegionHeader, RingHeader, Slot, NQE_COUNT, SLOT_COUNT};
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::atomic::AtomicU32;
@@ -96,11 +94,7 @@ fn sized_sealed_memfd(huge: bool, len: u64) -> io::Result<RawFd> {
     // SAFETY: fd is ours; ftruncate and fcntl take integers.
     let ok = unsafe {
         libc::ftruncate(fd, len as libc::off_t) == 0
-            && libc::fcntl(
-                fd,
-                libc::F_ADD_SEALS,
-                libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL,
-            ) == 0
+            && libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL) == 0
     };
     if ok {
         Ok(fd)
@@ -121,10 +115,7 @@ impl Region {
             .flatten()
         {
             Some(fd) => (fd, Backing::Huge2M),
-            None => (
-                sized_sealed_memfd(false, layout.region_size)?,
-                Backing::Normal,
-            ),
+            None => (sized_sealed_memfd(false, layout.region_size)?, Backing::Normal),
         };
         let mut r = Self::mmap(fd, layout.region_size as usize, layout, backing)?;
         r.fd = Some(fd);
@@ -144,25 +135,14 @@ impl Region {
         }
         let len = st.st_size as u64;
         if len < 4096 {
-            return Err(MapError::Header(HeaderError::BadGeometry(
-                "memfd smaller than a header",
-            )));
+            return Err(MapError::Header(HeaderError::BadGeometry("memfd smaller than a header")));
         }
         // SAFETY: F_GET_SEALS only reads the fd's seals.
         let seals = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) };
-        if seals < 0
-            || seals & (libc::F_SEAL_SHRINK | libc::F_SEAL_GROW)
-                != libc::F_SEAL_SHRINK | libc::F_SEAL_GROW
-        {
-            return Err(MapError::Header(HeaderError::BadGeometry(
-                "memfd is not sealed against resizing",
-            )));
+        if seals < 0 || seals & (libc::F_SEAL_SHRINK | libc::F_SEAL_GROW) != libc::F_SEAL_SHRINK | libc::F_SEAL_GROW {
+            return Err(MapError::Header(HeaderError::BadGeometry("memfd is not sealed against resizing")));
         }
-        let backing = if st.st_blksize >= 2 * 1024 * 1024 {
-            Backing::Huge2M
-        } else {
-            Backing::Normal
-        };
+        let backing = if st.st_blksize >= 2 * 1024 * 1024 { Backing::Huge2M } else { Backing::Normal };
         let r = Self::mmap(fd, len as usize, Layout::standard(), backing).map_err(MapError::Io)?;
         r.header().validate(len).map_err(MapError::Header)?;
         Ok(r)
@@ -171,25 +151,12 @@ impl Region {
     fn mmap(fd: RawFd, len: usize, layout: Layout, backing: Backing) -> io::Result<Region> {
         // SAFETY: mapping a file we hold; the kernel picks the address.
         let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            )
+            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0)
         };
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        Ok(Region {
-            base: p.cast(),
-            len,
-            layout,
-            fd: None,
-            backing,
-        })
+        Ok(Region { base: p.cast(), len, layout, fd: None, backing })
     }
 
     /// The memfd, when this side created the region.
@@ -217,15 +184,9 @@ impl Region {
         // checked at compile time to fit); all fields are atomics.
         unsafe {
             let h = &*(self.base.add(self.layout.ring_off as usize) as *const RingHeader);
-            let e = self
-                .base
-                .add(self.layout.ring_off as usize + std::mem::size_of::<RingHeader>())
-                as *const AtomicU32;
-            RingRef {
-                head: &h.head,
-                tail: &h.tail,
-                entries: std::slice::from_raw_parts(e, NQE_COUNT as usize),
-            }
+            let e =
+                self.base.add(self.layout.ring_off as usize + std::mem::size_of::<RingHeader>()) as *const AtomicU32;
+            RingRef { head: &h.head, tail: &h.tail, entries: std::slice::from_raw_parts(e, NQE_COUNT as usize) }
         }
     }
 
@@ -234,12 +195,7 @@ impl Region {
     pub fn nqe(&self, i: u32) -> *mut Nqe {
         assert!(i < NQE_COUNT);
         // SAFETY: in bounds of the nqe table, which lies inside the mapping.
-        unsafe {
-            self.base
-                .add(self.layout.nqe_off as usize)
-                .cast::<Nqe>()
-                .add(i as usize)
-        }
+        unsafe { self.base.add(self.layout.nqe_off as usize).cast::<Nqe>().add(i as usize) }
     }
 
     /// The state word of nqe `i`.
@@ -252,13 +208,7 @@ impl Region {
     pub fn slot(&self, i: u32) -> &Slot {
         assert!(i < SLOT_COUNT);
         // SAFETY: in bounds of the slot table; all fields are atomics.
-        unsafe {
-            &*self
-                .base
-                .add(self.layout.slot_off as usize)
-                .cast::<Slot>()
-                .add(i as usize)
-        }
+        unsafe { &*self.base.add(self.layout.slot_off as usize).cast::<Slot>().add(i as usize) }
     }
 
     /// Pointer to `[off, off+len)`, which the caller has checked lies in the buffer pool.
@@ -274,24 +224,19 @@ impl Region {
     pub fn mark_dead(&self, guest_bell: Option<RawFd>) {
         use netkernel_abi::nqe_state;
         use std::sync::atomic::Ordering;
-        self.header()
-            .state
-            .store(netkernel_abi::STATE_DEAD, Ordering::SeqCst);
+        self.header().state.store(netkernel_abi::STATE_DEAD, Ordering::SeqCst);
         for i in 0..NQE_COUNT {
             let st = self.nqe_state(i);
             if st.load(Ordering::Acquire) & nqe_state::SUBMITTED != 0 {
                 // SAFETY: nqe(i) is in bounds; the guest reads `result` only after DONE.
-                unsafe {
-                    std::ptr::write_volatile(&mut (*self.nqe(i)).result, -(libc::ECONNRESET as i64))
-                };
+                unsafe { std::ptr::write_volatile(&mut (*self.nqe(i)).result, -(libc::ECONNRESET as i64)) };
                 st.store(nqe_state::DONE, Ordering::Release);
             }
             sys::futex_wake(st);
         }
         for i in 0..SLOT_COUNT {
             let slot = self.slot(i);
-            slot.mask
-                .fetch_or((libc::POLLERR | libc::POLLHUP) as u32, Ordering::Release);
+            slot.mask.fetch_or((libc::POLLERR | libc::POLLHUP) as u32, Ordering::Release);
             slot.seq.fetch_add(1, Ordering::Release);
             if slot.waiters.load(Ordering::Acquire) != 0 {
                 sys::futex_wake(&slot.seq);
@@ -355,10 +300,7 @@ mod tests {
         assert!(matches!(Region::map(fd), Err(MapError::Header(_))));
         sys::close(fd);
         let fd = sized_sealed_memfd(false, Layout::standard().region_size).unwrap();
-        assert!(matches!(
-            Region::map(fd),
-            Err(MapError::Header(HeaderError::BadMagic(0)))
-        ));
+        assert!(matches!(Region::map(fd), Err(MapError::Header(HeaderError::BadMagic(0)))));
         sys::close(fd);
     }
 }

@@ -84,10 +84,7 @@ impl<'a> Consumer<'a> {
             return Ok(None);
         }
         if tail.wrapping_sub(self.head) > self.ring.cap() {
-            return Err(Corrupt {
-                head: self.head,
-                tail,
-            });
+            return Err(Corrupt { head: self.head, tail });
         }
         let v = self.ring.entries[(self.head % self.ring.cap()) as usize].load(Ordering::Relaxed);
         self.head = self.head.wrapping_add(1);
@@ -116,11 +113,7 @@ mod loom_tests {
     }
 
     fn rr(s: &Shared) -> RingRef<'_> {
-        RingRef {
-            head: &s.head,
-            tail: &s.tail,
-            entries: &s.entries,
-        }
+        RingRef { head: &s.head, tail: &s.tail, entries: &s.entries }
     }
 
     /// Every value pushed arrives once and in order, across wrap-around, with any interleaving.
@@ -161,21 +154,13 @@ mod tests {
     use super::*;
 
     fn ring(cap: usize) -> (AtomicU32, AtomicU32, Vec<AtomicU32>) {
-        (
-            AtomicU32::new(0),
-            AtomicU32::new(0),
-            (0..cap).map(|_| AtomicU32::new(0)).collect(),
-        )
+        (AtomicU32::new(0), AtomicU32::new(0), (0..cap).map(|_| AtomicU32::new(0)).collect())
     }
 
     #[test]
     fn full_ring_refuses_and_wraps() {
         let (h, t, e) = ring(4);
-        let r = RingRef {
-            head: &h,
-            tail: &t,
-            entries: &e,
-        };
+        let r = RingRef { head: &h, tail: &t, entries: &e };
         let mut c = Consumer::new(r);
         for round in 0..10u32 {
             for i in 0..4 {
@@ -192,20 +177,10 @@ mod tests {
     #[test]
     fn hostile_tail_is_detected() {
         let (h, t, e) = ring(4);
-        let r = RingRef {
-            head: &h,
-            tail: &t,
-            entries: &e,
-        };
+        let r = RingRef { head: &h, tail: &t, entries: &e };
         let mut c = Consumer::new(r);
         t.store(1000, Ordering::Relaxed);
-        assert_eq!(
-            c.pop(),
-            Err(Corrupt {
-                head: 0,
-                tail: 1000
-            })
-        );
+        assert_eq!(c.pop(), Err(Corrupt { head: 0, tail: 1000 }));
         // A producer that rewinds head cannot make the consumer re-read entries.
         t.store(0, Ordering::Relaxed);
         r.push(7).unwrap();

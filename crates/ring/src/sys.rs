@@ -22,27 +22,14 @@ pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) ->
     let ts;
     let tsp = match timeout {
         Some(d) => {
-            ts = libc::timespec {
-                tv_sec: d.as_secs() as _,
-                tv_nsec: d.subsec_nanos() as _,
-            };
+            ts = libc::timespec { tv_sec: d.as_secs() as _, tv_nsec: d.subsec_nanos() as _ };
             &ts as *const libc::timespec
         }
         None => std::ptr::null(),
     };
     // SAFETY: `word` is a valid, aligned u32 for the duration of the call; `tsp` is null or
     // points at `ts`, which outlives the call.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAIT,
-            expected,
-            tsp,
-            0,
-            0,
-        )
-    };
+    let r = unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAIT, expected, tsp, 0, 0) };
     match check(r) {
         Ok(_) => Ok(true),
         Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => Ok(true),
@@ -55,28 +42,14 @@ pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) ->
 pub fn futex_wake(word: &AtomicU32) {
     // SAFETY: FUTEX_WAKE only uses the address as a key; `word` is valid.
     unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAKE,
-            i32::MAX,
-            0,
-            0,
-            0,
-        );
+        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, i32::MAX, 0, 0, 0);
     }
 }
 
 /// A new non-blocking, close-on-exec eventfd.
 pub fn eventfd() -> io::Result<RawFd> {
     // SAFETY: plain system call with integer arguments.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_eventfd2,
-            0,
-            libc::EFD_CLOEXEC | libc::EFD_NONBLOCK,
-        )
-    };
+    let r = unsafe { libc::syscall(libc::SYS_eventfd2, 0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
     check(r).map(|fd| fd as RawFd)
 }
 
@@ -111,10 +84,7 @@ pub fn close(fd: RawFd) {
 
 /// Sends `data` and `fds` as one message (SCM_RIGHTS) on a unix socket.
 pub fn send_with_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<usize> {
-    let mut iov = libc::iovec {
-        iov_base: data.as_ptr() as *mut _,
-        iov_len: data.len(),
-    };
+    let mut iov = libc::iovec { iov_base: data.as_ptr() as *mut _, iov_len: data.len() };
     let mut cbuf = [0u64; 16];
     // SAFETY: msghdr is plain data; zeroed is a valid initial state.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -138,24 +108,14 @@ pub fn send_with_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<usiz
         }
     }
     // SAFETY: msg and everything it points to is alive for the call.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_sendmsg,
-            sock,
-            &msg as *const libc::msghdr,
-            libc::MSG_NOSIGNAL,
-        )
-    };
+    let r = unsafe { libc::syscall(libc::SYS_sendmsg, sock, &msg as *const libc::msghdr, libc::MSG_NOSIGNAL) };
     check(r)
 }
 
 /// Receives one message and up to 8 fds (close-on-exec) from a unix socket.
 /// Returns the byte count (0 at end of stream) and the fds.
 pub fn recv_with_fds(sock: RawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<RawFd>)> {
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
     let mut cbuf = [0u64; 16];
     // SAFETY: msghdr is plain data; zeroed is a valid initial state.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -164,14 +124,7 @@ pub fn recv_with_fds(sock: RawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<RawF
     msg.msg_control = cbuf.as_mut_ptr().cast();
     msg.msg_controllen = std::mem::size_of_val(&cbuf);
     // SAFETY: msg points at live buffers for the call.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_recvmsg,
-            sock,
-            &mut msg as *mut libc::msghdr,
-            libc::MSG_CMSG_CLOEXEC,
-        )
-    };
+    let r = unsafe { libc::syscall(libc::SYS_recvmsg, sock, &mut msg as *mut libc::msghdr, libc::MSG_CMSG_CLOEXEC) };
     let n = check(r)?;
     let mut fds = Vec::new();
     // SAFETY: the kernel filled msg_control with well-formed cmsgs within msg_controllen;
@@ -198,17 +151,7 @@ pub const MAX_FRAME: usize = 64 << 20;
 fn write_all(sock: RawFd, mut data: &[u8]) -> io::Result<()> {
     while !data.is_empty() {
         // SAFETY: data is a live slice for the call.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_sendto,
-                sock,
-                data.as_ptr(),
-                data.len(),
-                libc::MSG_NOSIGNAL,
-                0,
-                0,
-            )
-        };
+        let r = unsafe { libc::syscall(libc::SYS_sendto, sock, data.as_ptr(), data.len(), libc::MSG_NOSIGNAL, 0, 0) };
         match check(r) {
             Ok(n) => data = &data[n..],
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -221,17 +164,7 @@ fn write_all(sock: RawFd, mut data: &[u8]) -> io::Result<()> {
 fn read_exact(sock: RawFd, mut buf: &mut [u8]) -> io::Result<()> {
     while !buf.is_empty() {
         // SAFETY: buf is a live, writable slice for the call.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_recvfrom,
-                sock,
-                buf.as_mut_ptr(),
-                buf.len(),
-                0,
-                0,
-                0,
-            )
-        };
+        let r = unsafe { libc::syscall(libc::SYS_recvfrom, sock, buf.as_mut_ptr(), buf.len(), 0, 0, 0) };
         match check(r) {
             Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
             Ok(n) => buf = &mut buf[n..],
@@ -280,10 +213,7 @@ pub fn recv_frame(sock: RawFd) -> io::Result<Option<(Vec<u8>, Vec<RawFd>)>> {
     let len = u32::from_le_bytes(len) as usize;
     if len > MAX_FRAME {
         close_all(&fds);
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("control frame of {len} bytes"),
-        ));
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("control frame of {len} bytes")));
     }
     let mut payload = vec![0u8; len];
     if let Err(e) = read_exact(sock, &mut payload) {

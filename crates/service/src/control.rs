@@ -39,18 +39,10 @@ pub struct Reply {
 
 impl Reply {
     pub fn ok(result: impl Serialize) -> Reply {
-        Reply {
-            ok: true,
-            error: None,
-            result: Some(serde_json::to_value(result).unwrap_or_default()),
-        }
+        Reply { ok: true, error: None, result: Some(serde_json::to_value(result).unwrap_or_default()) }
     }
     pub fn err(msg: impl Into<String>) -> Reply {
-        Reply {
-            ok: false,
-            error: Some(msg.into()),
-            result: None,
-        }
+        Reply { ok: false, error: Some(msg.into()), result: None }
     }
 }
 
@@ -59,12 +51,7 @@ impl Reply {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum NsmRequest {
     /// Serve a new attachment. Fds: region memfd, NSM doorbell, guest doorbell, guest pidfd.
-    Attach {
-        attachment: u64,
-        tenant: String,
-        pid: i32,
-        uid: u32,
-    },
+    Attach { attachment: u64, tenant: String, pid: i32, uid: u32 },
     /// Report telemetry.
     Stats,
 }

@@ -59,10 +59,7 @@ impl std::fmt::Display for Violation {
             }
             Violation::Opcode { nqe, op } => write!(f, "nqe {nqe} has unknown opcode {op}"),
             Violation::Buffer { nqe, off, len } => {
-                write!(
-                    f,
-                    "nqe {nqe} buffer [{off:#x}, +{len}) lies outside the buffer pool"
-                )
+                write!(f, "nqe {nqe} buffer [{off:#x}, +{len}) lies outside the buffer pool")
             }
             Violation::AddrLen { nqe, len } => {
                 write!(f, "nqe {nqe} address length {len} > {ADDR_MAX}")
@@ -95,10 +92,7 @@ struct Attachment {
 
 impl Attachment {
     fn sock(&self, id: u32) -> Result<&Sock, Errno> {
-        self.socks
-            .get(id as usize)
-            .and_then(|s| s.as_ref())
-            .ok_or(libc::EBADF)
+        self.socks.get(id as usize).and_then(|s| s.as_ref()).ok_or(libc::EBADF)
     }
 }
 
@@ -136,8 +130,7 @@ fn epoll_ctl(epfd: RawFd, op: i32, fd: RawFd, events: u32, token: u64) -> io::Re
 
 /// Everything the NSM watches on a stack socket, edge-triggered: each kernel wakeup becomes one
 /// event, which is what the guest's own EPOLLET would have seen.
-const SOCK_EVENTS: u32 =
-    (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLPRI | libc::EPOLLET) as u32;
+const SOCK_EVENTS: u32 = (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLPRI | libc::EPOLLET) as u32;
 
 impl<S: Stack> Service<S> {
     /// A service for NSM `name` that takes orders from the engine on `control`.
@@ -149,13 +142,7 @@ impl<S: Stack> Service<S> {
         }
         // SAFETY: ep is a fresh fd we own.
         let epfd = unsafe { OwnedFd::from_raw_fd(ep) };
-        epoll_ctl(
-            epfd.as_raw_fd(),
-            libc::EPOLL_CTL_ADD,
-            control.as_raw_fd(),
-            libc::EPOLLIN as u32,
-            TOK_CONTROL,
-        )?;
+        epoll_ctl(epfd.as_raw_fd(), libc::EPOLL_CTL_ADD, control.as_raw_fd(), libc::EPOLLIN as u32, TOK_CONTROL)?;
         let stats = NsmStats {
             nsm: name.clone(),
             kind: stack.kind().into(),
@@ -163,14 +150,7 @@ impl<S: Stack> Service<S> {
             congestion: stack.congestion(),
             ..Default::default()
         };
-        Ok(Service {
-            stack,
-            name,
-            epfd,
-            control,
-            atts: Vec::new(),
-            stats,
-        })
+        Ok(Service { stack, name, epfd, control, atts: Vec::new(), stats })
     }
 
     /// Runs until the engine closes the control channel.
@@ -234,10 +214,7 @@ impl<S: Stack> Service<S> {
     }
 
     fn rings_have_work(&self) -> bool {
-        self.atts
-            .iter()
-            .flatten()
-            .any(|a| Consumer::resume(a.region.ring(), a.head).has_work())
+        self.atts.iter().flatten().any(|a| Consumer::resume(a.region.ring(), a.head).has_work())
     }
 
     fn flush_bells(&mut self) {
@@ -319,20 +296,14 @@ impl<S: Stack> Service<S> {
             return Ok(false);
         };
         // SAFETY: the fds were just received and are owned by nobody else.
-        let fds: Vec<OwnedFd> = fds
-            .into_iter()
-            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
-            .collect();
+        let fds: Vec<OwnedFd> = fds.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }).collect();
         let reply = match serde_json::from_slice::<NsmRequest>(&payload) {
-            Ok(NsmRequest::Attach {
-                attachment,
-                tenant,
-                pid,
-                uid,
-            }) => match self.attach(attachment, tenant, pid, uid, fds) {
-                Ok(()) => control::Reply::ok(()),
-                Err(e) => control::Reply::err(e),
-            },
+            Ok(NsmRequest::Attach { attachment, tenant, pid, uid }) => {
+                match self.attach(attachment, tenant, pid, uid, fds) {
+                    Ok(()) => control::Reply::ok(()),
+                    Err(e) => control::Reply::err(e),
+                }
+            }
             Ok(NsmRequest::Stats) => control::Reply::ok(self.snapshot()),
             Err(e) => control::Reply::err(format!("bad request: {e}")),
         };
@@ -341,17 +312,9 @@ impl<S: Stack> Service<S> {
         Ok(true)
     }
 
-    fn attach(
-        &mut self,
-        id: u64,
-        tenant: String,
-        pid: i32,
-        uid: u32,
-        fds: Vec<OwnedFd>,
-    ) -> Result<(), String> {
-        let [memfd, nsm_bell, guest_bell, pidfd]: [OwnedFd; 4] = fds
-            .try_into()
-            .map_err(|v: Vec<OwnedFd>| format!("attach needs 4 fds, got {}", v.len()))?;
+    fn attach(&mut self, id: u64, tenant: String, pid: i32, uid: u32, fds: Vec<OwnedFd>) -> Result<(), String> {
+        let [memfd, nsm_bell, guest_bell, pidfd]: [OwnedFd; 4] =
+            fds.try_into().map_err(|v: Vec<OwnedFd>| format!("attach needs 4 fds, got {}", v.len()))?;
         let region = Region::map(memfd.as_raw_fd()).map_err(|e| e.to_string())?;
         let ai = match self.atts.iter().position(|a| a.is_none()) {
             Some(i) => i,
@@ -361,23 +324,11 @@ impl<S: Stack> Service<S> {
             }
         };
         let ep = self.epfd.as_raw_fd();
-        epoll_ctl(
-            ep,
-            libc::EPOLL_CTL_ADD,
-            nsm_bell.as_raw_fd(),
-            libc::EPOLLIN as u32,
-            tok(TOK_BELL, ai, 0),
-        )
-        .and_then(|()| {
-            epoll_ctl(
-                ep,
-                libc::EPOLL_CTL_ADD,
-                pidfd.as_raw_fd(),
-                libc::EPOLLIN as u32,
-                tok(TOK_PIDFD, ai, 0),
-            )
-        })
-        .map_err(|e| format!("epoll: {e}"))?;
+        epoll_ctl(ep, libc::EPOLL_CTL_ADD, nsm_bell.as_raw_fd(), libc::EPOLLIN as u32, tok(TOK_BELL, ai, 0))
+            .and_then(|()| {
+                epoll_ctl(ep, libc::EPOLL_CTL_ADD, pidfd.as_raw_fd(), libc::EPOLLIN as u32, tok(TOK_PIDFD, ai, 0))
+            })
+            .map_err(|e| format!("epoll: {e}"))?;
         let head = region.ring().head.load(Ordering::Acquire);
         self.atts[ai] = Some(Attachment {
             id,
@@ -401,8 +352,7 @@ impl<S: Stack> Service<S> {
         s.attachments = self.atts.iter().flatten().count();
         for a in self.atts.iter().flatten() {
             for sock in a.socks.iter().flatten() {
-                s.conns
-                    .push(telemetry::conn_info(&mut self.stack, a, sock, &self.name));
+                s.conns.push(telemetry::conn_info(&mut self.stack, a, sock, &self.name));
             }
         }
         s
@@ -415,29 +365,13 @@ impl<S: Stack> Service<S> {
         let req = read_request(p, idx)?;
         let layout = *a.region.layout();
         if req.buf_len > 0 && !layout.pool_contains(req.buf_off, req.buf_len) {
-            return Err(Violation::Buffer {
-                nqe: idx,
-                off: req.buf_off,
-                len: req.buf_len,
-            });
+            return Err(Violation::Buffer { nqe: idx, off: req.buf_off, len: req.buf_len });
         }
         let mut addr = [0u8; ADDR_MAX];
         let mut addr_out = None;
-        let result = execute(
-            &mut self.stack,
-            &mut self.stats,
-            ep_fd(&self.epfd),
-            ai,
-            a,
-            &req,
-            &mut addr,
-            &mut addr_out,
-        );
-        let seq = a
-            .region
-            .slot(req.sock % SLOT_COUNT)
-            .seq
-            .load(Ordering::Acquire);
+        let result =
+            execute(&mut self.stack, &mut self.stats, ep_fd(&self.epfd), ai, a, &req, &mut addr, &mut addr_out);
+        let seq = a.region.slot(req.sock % SLOT_COUNT).seq.load(Ordering::Acquire);
         // SAFETY: p points at nqe idx inside the mapping; the guest reads these fields only
         // after it sees DONE, which the Release swap below orders after these writes.
         unsafe {
@@ -448,10 +382,7 @@ impl<S: Stack> Service<S> {
                 std::ptr::copy_nonoverlapping(addr.as_ptr(), (*p).addr.as_mut_ptr(), ADDR_MAX);
             }
         }
-        let old = a
-            .region
-            .nqe_state(idx)
-            .swap(nqe_state::DONE, Ordering::AcqRel);
+        let old = a.region.nqe_state(idx).swap(nqe_state::DONE, Ordering::AcqRel);
         if old & nqe_state::WAITER != 0 {
             sys::futex_wake(a.region.nqe_state(idx));
         }
@@ -471,10 +402,7 @@ fn read_request(p: *mut Nqe, idx: u32) -> Result<Request, Violation> {
         let addr_len = std::ptr::read_volatile(&(*p).addr_len);
         let op = Op::from_u32(op).ok_or(Violation::Opcode { nqe: idx, op })?;
         if addr_len as usize > ADDR_MAX {
-            return Err(Violation::AddrLen {
-                nqe: idx,
-                len: addr_len,
-            });
+            return Err(Violation::AddrLen { nqe: idx, len: addr_len });
         }
         let mut addr = [0u8; ADDR_MAX];
         std::ptr::copy_nonoverlapping((*p).addr.as_ptr(), addr.as_mut_ptr(), addr_len as usize);
@@ -517,11 +445,7 @@ fn privileged_option(level: i32, name: i32) -> bool {
     match level {
         libc::SOL_SOCKET => matches!(
             name,
-            libc::SO_BINDTODEVICE
-                | libc::SO_MARK
-                | libc::SO_RCVBUFFORCE
-                | libc::SO_SNDBUFFORCE
-                | libc::SO_DEBUG
+            libc::SO_BINDTODEVICE | libc::SO_MARK | libc::SO_RCVBUFFORCE | libc::SO_SNDBUFFORCE | libc::SO_DEBUG
         ),
         libc::IPPROTO_IP => matches!(name, libc::IP_TRANSPARENT | libc::IP_FREEBIND),
         libc::IPPROTO_IPV6 => matches!(name, libc::IPV6_TRANSPARENT),
@@ -554,11 +478,7 @@ fn execute<S: Stack>(
     addr: &mut [u8; ADDR_MAX],
     addr_out: &mut Option<usize>,
 ) -> i64 {
-    let bufp = if req.buf_len == 0 {
-        std::ptr::null_mut()
-    } else {
-        a.region.pool_ptr(req.buf_off, req.buf_len)
-    };
+    let bufp = if req.buf_len == 0 { std::ptr::null_mut() } else { a.region.pool_ptr(req.buf_off, req.buf_len) };
     let region_buf = |_: &Attachment| -> &mut [u8] {
         if bufp.is_null() {
             return &mut [];
@@ -586,13 +506,9 @@ fn execute<S: Stack>(
             if a.uid != 0 && privileged_port(in_addr) {
                 return Err(libc::EACCES);
             }
-            stack
-                .bind(a.sock(req.sock)?.fd.as_fd(), in_addr)
-                .map(|()| 0)
+            stack.bind(a.sock(req.sock)?.fd.as_fd(), in_addr).map(|()| 0)
         }
-        Op::Listen => stack
-            .listen(a.sock(req.sock)?.fd.as_fd(), req.flags as i32)
-            .map(|()| 0),
+        Op::Listen => stack.listen(a.sock(req.sock)?.fd.as_fd(), req.flags as i32).map(|()| 0),
         Op::Accept => {
             let (fd, len) = stack.accept(a.sock(req.sock)?.fd.as_fd(), addr)?;
             let id = add_sock(stack, epfd, ai, a, fd, true)?;
@@ -609,12 +525,7 @@ fn execute<S: Stack>(
         }
         Op::Send => {
             let data = region_buf(a);
-            let n = stack.send(
-                a.sock(req.sock)?.fd.as_fd(),
-                data,
-                req.flags as i32,
-                in_addr,
-            )?;
+            let n = stack.send(a.sock(req.sock)?.fd.as_fd(), data, req.flags as i32, in_addr)?;
             stats.bytes_out += n as u64;
             if let Some(Some(s)) = a.socks.get_mut(req.sock as usize) {
                 s.bytes_out += n as u64;
@@ -623,8 +534,7 @@ fn execute<S: Stack>(
         }
         Op::Recv => {
             let buf = region_buf(a);
-            let (n, alen) =
-                stack.recv(a.sock(req.sock)?.fd.as_fd(), buf, req.flags as i32, addr)?;
+            let (n, alen) = stack.recv(a.sock(req.sock)?.fd.as_fd(), buf, req.flags as i32, addr)?;
             if req.flags as i32 & libc::MSG_PEEK == 0 {
                 stats.bytes_in += n as u64;
                 if let Some(Some(s)) = a.socks.get_mut(req.sock as usize) {
@@ -634,9 +544,7 @@ fn execute<S: Stack>(
             *addr_out = Some(alen);
             Ok(n as i64)
         }
-        Op::Shutdown => stack
-            .shutdown(a.sock(req.sock)?.fd.as_fd(), req.flags as i32)
-            .map(|()| 0),
+        Op::Shutdown => stack.shutdown(a.sock(req.sock)?.fd.as_fd(), req.flags as i32).map(|()| 0),
         Op::Close => {
             a.sock(req.sock)?;
             let s = a.socks[req.sock as usize].take().expect("checked");
@@ -647,14 +555,7 @@ fn execute<S: Stack>(
         }
         Op::GetSockOpt => {
             let buf = region_buf(a);
-            stack
-                .getsockopt(
-                    a.sock(req.sock)?.fd.as_fd(),
-                    req.arg0 as i32,
-                    req.arg1 as i32,
-                    buf,
-                )
-                .map(|n| n as i64)
+            stack.getsockopt(a.sock(req.sock)?.fd.as_fd(), req.arg0 as i32, req.arg1 as i32, buf).map(|n| n as i64)
         }
         Op::SetSockOpt => {
             let (level, name) = (req.arg0 as i32, req.arg1 as i32);
@@ -662,17 +563,12 @@ fn execute<S: Stack>(
                 return Err(libc::EPERM);
             }
             let buf = region_buf(a);
-            stack
-                .setsockopt(a.sock(req.sock)?.fd.as_fd(), level, name, buf)
-                .map(|()| 0)
+            stack.setsockopt(a.sock(req.sock)?.fd.as_fd(), level, name, buf).map(|()| 0)
         }
         Op::GetSockName | Op::GetPeerName => {
             let fd = a.sock(req.sock)?.fd.as_fd();
-            let len = if req.op == Op::GetSockName {
-                stack.getsockname(fd, addr)?
-            } else {
-                stack.getpeername(fd, addr)?
-            };
+            let len =
+                if req.op == Op::GetSockName { stack.getsockname(fd, addr)? } else { stack.getpeername(fd, addr)? };
             *addr_out = Some(len);
             Ok(0)
         }
@@ -707,23 +603,12 @@ fn add_sock<S: Stack>(
         }
         None => return Err(libc::EMFILE),
     };
-    if let Err(e) = epoll_ctl(
-        epfd,
-        libc::EPOLL_CTL_ADD,
-        fd.as_raw_fd(),
-        SOCK_EVENTS,
-        tok(TOK_SOCK, ai, id),
-    ) {
+    if let Err(e) = epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd.as_raw_fd(), SOCK_EVENTS, tok(TOK_SOCK, ai, id)) {
         a.free.push(id);
         return Err(e.raw_os_error().unwrap_or(libc::ENOMEM));
     }
     let mask = stack.poll_mask(fd.as_fd());
-    a.socks[id as usize] = Some(Sock {
-        fd,
-        stream,
-        bytes_in: 0,
-        bytes_out: 0,
-    });
+    a.socks[id as usize] = Some(Sock { fd, stream, bytes_in: 0, bytes_out: 0 });
     publish(a, id, mask, true);
     Ok(id)
 }

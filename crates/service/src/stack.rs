@@ -22,24 +22,11 @@ pub trait Stack {
     fn connect(&mut self, s: BorrowedFd, addr: &[u8]) -> Result<(), Errno>;
     fn send(&mut self, s: BorrowedFd, data: &[u8], flags: i32, to: &[u8]) -> Result<usize, Errno>;
     /// Returns bytes received and the length of the source address written to `from`.
-    fn recv(
-        &mut self,
-        s: BorrowedFd,
-        buf: &mut [u8],
-        flags: i32,
-        from: &mut [u8],
-    ) -> Result<(usize, usize), Errno>;
+    fn recv(&mut self, s: BorrowedFd, buf: &mut [u8], flags: i32, from: &mut [u8]) -> Result<(usize, usize), Errno>;
     fn shutdown(&mut self, s: BorrowedFd, how: i32) -> Result<(), Errno>;
     /// Returns the option's length.
-    fn getsockopt(
-        &mut self,
-        s: BorrowedFd,
-        level: i32,
-        name: i32,
-        val: &mut [u8],
-    ) -> Result<usize, Errno>;
-    fn setsockopt(&mut self, s: BorrowedFd, level: i32, name: i32, val: &[u8])
-        -> Result<(), Errno>;
+    fn getsockopt(&mut self, s: BorrowedFd, level: i32, name: i32, val: &mut [u8]) -> Result<usize, Errno>;
+    fn setsockopt(&mut self, s: BorrowedFd, level: i32, name: i32, val: &[u8]) -> Result<(), Errno>;
     fn getsockname(&mut self, s: BorrowedFd, addr: &mut [u8]) -> Result<usize, Errno>;
     fn getpeername(&mut self, s: BorrowedFd, addr: &mut [u8]) -> Result<usize, Errno>;
     fn ioctl(&mut self, s: BorrowedFd, request: u64) -> Result<i64, Errno>;

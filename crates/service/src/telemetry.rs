@@ -10,18 +10,12 @@ pub fn sockaddr_to_std(b: &[u8]) -> Option<SocketAddr> {
     let family = u16::from_ne_bytes([*b.first()?, *b.get(1)?]) as i32;
     let port = u16::from_be_bytes([*b.get(2)?, *b.get(3)?]);
     match family {
-        libc::AF_INET if b.len() >= 8 => Some(SocketAddr::V4(SocketAddrV4::new(
-            Ipv4Addr::new(b[4], b[5], b[6], b[7]),
-            port,
-        ))),
+        libc::AF_INET if b.len() >= 8 => {
+            Some(SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(b[4], b[5], b[6], b[7]), port)))
+        }
         libc::AF_INET6 if b.len() >= 24 => {
             let ip: [u8; 16] = b[8..24].try_into().ok()?;
-            Some(SocketAddr::V6(SocketAddrV6::new(
-                Ipv6Addr::from(ip),
-                port,
-                0,
-                0,
-            )))
+            Some(SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::from(ip), port, 0, 0)))
         }
         _ => None,
     }
@@ -46,9 +40,7 @@ const TCP_STATES: [&str; 13] = [
 pub(crate) fn conn_info<S: Stack>(stack: &mut S, a: &Attachment, s: &Sock, nsm: &str) -> ConnInfo {
     let mut buf = [0u8; 128];
     let addr = |r: Result<usize, i32>, buf: &[u8]| match r {
-        Ok(n) => sockaddr_to_std(&buf[..n])
-            .map(|a| a.to_string())
-            .unwrap_or_else(|| "-".into()),
+        Ok(n) => sockaddr_to_std(&buf[..n]).map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
         Err(_) => "-".into(),
     };
     let r = stack.getsockname(s.fd.as_fd(), &mut buf);
@@ -78,15 +70,8 @@ pub(crate) fn conn_info<S: Stack>(stack: &mut S, a: &Attachment, s: &Sock, nsm: 
                 std::mem::size_of::<libc::tcp_info>(),
             )
         };
-        if stack
-            .getsockopt(s.fd.as_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, bytes)
-            .is_ok()
-        {
-            info.state = TCP_STATES
-                .get(ti.tcpi_state as usize)
-                .copied()
-                .unwrap_or("?")
-                .into();
+        if stack.getsockopt(s.fd.as_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, bytes).is_ok() {
+            info.state = TCP_STATES.get(ti.tcpi_state as usize).copied().unwrap_or("?").into();
             info.rtt_us = ti.tcpi_rtt;
             info.cwnd = ti.tcpi_snd_cwnd;
             info.retrans = ti.tcpi_total_retrans;

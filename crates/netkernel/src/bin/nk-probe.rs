@@ -1,0 +1,707 @@
+//! Conformance probe: runs one socket scenario and prints a trace of every call's return value,
+//! errno and data, with nothing machine-specific (no port numbers, no timings). The conformance
+//! test runs each scenario natively and under GuestLib and requires identical traces: the
+//! kernel is the oracle.
+
+use libc::{c_int, sockaddr, sockaddr_in, socklen_t};
+use sha2::{Digest, Sha256};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+fn errno() -> c_int {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+fn ename(e: c_int) -> String {
+    match e {
+        0 => "OK".into(),
+        libc::EAGAIN => "EAGAIN".into(),
+        libc::EINPROGRESS => "EINPROGRESS".into(),
+        libc::ECONNREFUSED => "ECONNREFUSED".into(),
+        libc::ECONNRESET => "ECONNRESET".into(),
+        libc::EADDRINUSE => "EADDRINUSE".into(),
+        libc::EPIPE => "EPIPE".into(),
+        libc::EINTR => "EINTR".into(),
+        libc::ENOTCONN => "ENOTCONN".into(),
+        libc::EISCONN => "EISCONN".into(),
+        libc::EINVAL => "EINVAL".into(),
+        libc::EBADF => "EBADF".into(),
+        libc::EALREADY => "EALREADY".into(),
+        e => format!("errno{e}"),
+    }
+}
+
+/// Prints one traced call: `label: ret errno`.
+fn t(label: &str, r: isize) -> isize {
+    let e = if r < 0 { errno() } else { 0 };
+    println!("{label}: {} {}", if r < 0 { -1 } else { r }, ename(e));
+    r
+}
+
+fn tcp() -> c_int {
+    // SAFETY: plain system call.
+    unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) }
+}
+
+fn loopback(port: u16) -> sockaddr_in {
+    // SAFETY: sockaddr_in is plain data.
+    let mut a: sockaddr_in = unsafe { std::mem::zeroed() };
+    a.sin_family = libc::AF_INET as u16;
+    a.sin_port = port.to_be();
+    a.sin_addr.s_addr = u32::from_ne_bytes([127, 0, 0, 1]);
+    a
+}
+
+fn sa(a: &sockaddr_in) -> (*const sockaddr, socklen_t) {
+    ((a as *const sockaddr_in).cast(), std::mem::size_of::<sockaddr_in>() as socklen_t)
+}
+
+fn port_of(fd: c_int) -> u16 {
+    let mut a = loopback(0);
+    let mut l = std::mem::size_of::<sockaddr_in>() as socklen_t;
+    // SAFETY: a/l describe a live sockaddr_in.
+    unsafe { libc::getsockname(fd, (&mut a as *mut sockaddr_in).cast(), &mut l) };
+    u16::from_be(a.sin_port)
+}
+
+/// A listener on an ephemeral loopback port.
+fn listener() -> (c_int, u16) {
+    let fd = tcp();
+    let a = loopback(0);
+    let (p, l) = sa(&a);
+    // SAFETY: plain calls on our socket.
+    unsafe {
+        assert_eq!(libc::bind(fd, p, l), 0, "bind: {}", errno());
+        assert_eq!(libc::listen(fd, 1024), 0);
+    }
+    (fd, port_of(fd))
+}
+
+fn connect_to(fd: c_int, port: u16) -> isize {
+    let a = loopback(port);
+    let (p, l) = sa(&a);
+    // SAFETY: live address.
+    unsafe { libc::connect(fd, p, l) as isize }
+}
+
+/// A connected pair (client, server side) on loopback.
+fn pair() -> (c_int, c_int) {
+    let (l, port) = listener();
+    let c = tcp();
+    assert_eq!(connect_to(c, port), 0, "connect: {}", errno());
+    // SAFETY: accept on our listener.
+    let s = unsafe { libc::accept(l, std::ptr::null_mut(), std::ptr::null_mut()) };
+    assert!(s >= 0);
+    close(l);
+    (c, s)
+}
+
+fn close(fd: c_int) {
+    // SAFETY: closing our fd.
+    unsafe { libc::close(fd) };
+}
+
+fn nonblock(fd: c_int) {
+    // SAFETY: fcntl on our fd.
+    unsafe {
+        let f = libc::fcntl(fd, libc::F_GETFL);
+        libc::fcntl(fd, libc::F_SETFL, f | libc::O_NONBLOCK);
+    }
+}
+
+fn send(fd: c_int, data: &[u8], flags: c_int) -> isize {
+    // SAFETY: live buffer.
+    unsafe { libc::send(fd, data.as_ptr().cast(), data.len(), flags) }
+}
+
+fn recv(fd: c_int, buf: &mut [u8], flags: c_int) -> isize {
+    // SAFETY: live buffer.
+    unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), flags) }
+}
+
+fn recv_trace(label: &str, fd: c_int, n: usize, flags: c_int) {
+    let mut buf = vec![0u8; n];
+    let r = t(label, recv(fd, &mut buf, flags));
+    if r > 0 {
+        println!("{label} data: {:?}", String::from_utf8_lossy(&buf[..r as usize]));
+    }
+}
+
+fn poll1(fd: c_int, events: i16, timeout: c_int) -> String {
+    let mut p = libc::pollfd { fd, events, revents: 0 };
+    // SAFETY: one live pollfd.
+    let r = unsafe { libc::poll(&mut p, 1, timeout) };
+    format!("{r} revents={:#x}", p.revents)
+}
+
+fn so_error(fd: c_int) -> String {
+    let mut v: c_int = 0;
+    let mut l = 4 as socklen_t;
+    // SAFETY: v/l describe a live int.
+    let r = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_ERROR, (&mut v as *mut c_int).cast(), &mut l) };
+    format!("{r} {}", ename(v))
+}
+
+/// A loopback port with nothing listening.
+fn closed_port() -> u16 {
+    let (l, port) = listener();
+    close(l);
+    port
+}
+
+fn connect_open() {
+    let (l, port) = listener();
+    let c = tcp();
+    t("connect", connect_to(c, port));
+    // SAFETY: accept on our listener.
+    let s = unsafe { libc::accept(l, std::ptr::null_mut(), std::ptr::null_mut()) };
+    println!("accepted: {}", s >= 0);
+    t("connect again", connect_to(c, port));
+    println!("peer port matches: {}", {
+        let mut a = loopback(0);
+        let mut len = std::mem::size_of::<sockaddr_in>() as socklen_t;
+        // SAFETY: live sockaddr.
+        unsafe { libc::getpeername(c, (&mut a as *mut sockaddr_in).cast(), &mut len) };
+        u16::from_be(a.sin_port) == port && len == 16
+    });
+    let mut ty: c_int = 0;
+    let mut len = 4 as socklen_t;
+    // SAFETY: live int.
+    unsafe { libc::getsockopt(c, libc::SOL_SOCKET, libc::SO_TYPE, (&mut ty as *mut c_int).cast(), &mut len) };
+    println!("SO_TYPE: {ty} len {len}");
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: live stat buffer.
+    unsafe { libc::fstat(c, &mut st) };
+    println!("fstat socket: {}", st.st_mode & libc::S_IFMT == libc::S_IFSOCK);
+    close(c);
+    close(s);
+    close(l);
+}
+
+fn connect_closed() {
+    let port = closed_port();
+    let c = tcp();
+    t("blocking connect to closed port", connect_to(c, port));
+    close(c);
+    let c = tcp();
+    nonblock(c);
+    t("nonblocking connect to closed port", connect_to(c, port));
+    println!("poll: {}", poll1(c, libc::POLLOUT, 2000));
+    println!("SO_ERROR: {}", so_error(c));
+    println!("SO_ERROR again: {}", so_error(c));
+    close(c);
+    let (l, port) = listener();
+    let c = tcp();
+    nonblock(c);
+    let r = connect_to(c, port);
+    println!("nonblocking connect to open port: {}", if r == 0 || errno() == libc::EINPROGRESS { "ok" } else { "bad" });
+    println!("poll: {}", poll1(c, libc::POLLOUT, 2000));
+    println!("SO_ERROR: {}", so_error(c));
+    t("connect after completion", connect_to(c, port));
+    close(c);
+    close(l);
+}
+
+fn addr_in_use() {
+    let (l, port) = listener();
+    let b = tcp();
+    let a = loopback(port);
+    let (p, len) = sa(&a);
+    // SAFETY: live address.
+    t("bind in-use port", unsafe { libc::bind(b, p, len) } as isize);
+    let one: c_int = 1;
+    // SAFETY: live int.
+    unsafe { libc::setsockopt(b, libc::SOL_SOCKET, libc::SO_REUSEADDR, (&one as *const c_int).cast(), 4) };
+    // SAFETY: live address.
+    t("bind in-use port with SO_REUSEADDR (listener active)", unsafe { libc::bind(b, p, len) } as isize);
+    // SAFETY: live address.
+    t("bind twice", unsafe { libc::bind(l, p, len) } as isize);
+    // SAFETY: plain call.
+    t("listen on unbound second socket", unsafe { libc::listen(tcp(), 5) } as isize);
+    close(b);
+    close(l);
+}
+
+fn accept_nonblocking() {
+    let (l, port) = listener();
+    nonblock(l);
+    // SAFETY: accept on our listener.
+    t("accept empty", unsafe { libc::accept(l, std::ptr::null_mut(), std::ptr::null_mut()) } as isize);
+    // SAFETY: as above.
+    t("accept4 bad flags", unsafe { libc::accept4(l, std::ptr::null_mut(), std::ptr::null_mut(), 0x1234) } as isize);
+    println!("poll empty: {}", poll1(l, libc::POLLIN, 0));
+    let c = tcp();
+    connect_to(c, port);
+    println!("poll pending: {}", poll1(l, libc::POLLIN, 2000));
+    let mut a = loopback(0);
+    let mut len = 4 as socklen_t;
+    // SAFETY: truncated address buffer: the kernel reports the full length.
+    let s = unsafe { libc::accept4(l, (&mut a as *mut sockaddr_in).cast(), &mut len, libc::SOCK_NONBLOCK) };
+    println!("accept4: {} addrlen={len} family={}", s >= 0, a.sin_family);
+    // SAFETY: fcntl on the accepted fd.
+    println!("accepted nonblocking: {}", unsafe { libc::fcntl(s, libc::F_GETFL) } & libc::O_NONBLOCK != 0);
+    recv_trace("recv on new nonblocking", s, 10, 0);
+    // SAFETY: accept on our listener.
+    t("accept drained", unsafe { libc::accept(l, std::ptr::null_mut(), std::ptr::null_mut()) } as isize);
+    let c2 = tcp();
+    // SAFETY: plain call.
+    t("accept on non-listening", unsafe { libc::accept(c2, std::ptr::null_mut(), std::ptr::null_mut()) } as isize);
+    close(c2);
+    close(s);
+    close(c);
+    close(l);
+}
+
+fn half_close() {
+    let (c, s) = pair();
+    t("client send", send(c, b"hello", 0));
+    // SAFETY: plain call.
+    t("client shutdown WR", unsafe { libc::shutdown(c, libc::SHUT_WR) } as isize);
+    t("client send after shutdown", send(c, b"x", libc::MSG_NOSIGNAL));
+    recv_trace("server recv", s, 100, 0);
+    recv_trace("server recv EOF", s, 100, 0);
+    println!("server poll: {}", poll1(s, libc::POLLIN | libc::POLLOUT | libc::POLLRDHUP, 1000));
+    t("server send", send(s, b"world", 0));
+    // SAFETY: plain call.
+    t("server shutdown RDWR", unsafe { libc::shutdown(s, libc::SHUT_RDWR) } as isize);
+    recv_trace("client recv", c, 100, 0);
+    recv_trace("client recv EOF", c, 100, 0);
+    // SAFETY: plain call.
+    t("shutdown bad how", unsafe { libc::shutdown(c, 7) } as isize);
+    let u = tcp();
+    // SAFETY: plain call.
+    t("shutdown unconnected", unsafe { libc::shutdown(u, libc::SHUT_RD) } as isize);
+    close(u);
+    close(c);
+    close(s);
+}
+
+fn peer_reset() {
+    let (c, s) = pair();
+    let lin = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: live linger.
+    unsafe {
+        libc::setsockopt(
+            s,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&lin as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as u32,
+        )
+    };
+    close(s);
+    println!("poll: {}", poll1(c, libc::POLLIN, 2000));
+    recv_trace("recv after reset", c, 10, 0);
+    recv_trace("recv again", c, 10, 0);
+    t("send after reset", send(c, b"x", libc::MSG_NOSIGNAL));
+    println!("SO_ERROR: {}", so_error(c));
+    close(c);
+}
+
+fn readiness() {
+    let (c, s) = pair();
+    let mut pipe = [0; 2];
+    // SAFETY: live array.
+    unsafe { libc::pipe(pipe.as_mut_ptr()) };
+    let mut fds = [
+        libc::pollfd { fd: s, events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: pipe[0], events: libc::POLLIN, revents: 0 },
+    ];
+    // SAFETY: live array.
+    let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, 50) };
+    println!("poll idle: {r} {:#x} {:#x}", fds[0].revents, fds[1].revents);
+    // SAFETY: pipe write.
+    unsafe { libc::write(pipe[1], b"p".as_ptr().cast(), 1) };
+    // SAFETY: live array.
+    let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) };
+    println!("poll pipe ready: {r} {:#x} {:#x}", fds[0].revents, fds[1].revents);
+    send(c, b"abc", 0);
+    std::thread::sleep(Duration::from_millis(50));
+    // SAFETY: live array.
+    let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) };
+    println!("poll both ready: {r} {:#x} {:#x}", fds[0].revents, fds[1].revents);
+
+    // select
+    // SAFETY: fd_set manipulation on locals.
+    unsafe {
+        let mut rs: libc::fd_set = std::mem::zeroed();
+        let mut ws: libc::fd_set = std::mem::zeroed();
+        libc::FD_SET(s, &mut rs);
+        libc::FD_SET(pipe[0], &mut rs);
+        libc::FD_SET(c, &mut ws);
+        let mut tv = libc::timeval { tv_sec: 1, tv_usec: 0 };
+        let n = s.max(pipe[0]).max(c) + 1;
+        let r = libc::select(n, &mut rs, &mut ws, std::ptr::null_mut(), &mut tv);
+        println!(
+            "select: {r} s={} pipe={} c_w={}",
+            libc::FD_ISSET(s, &rs),
+            libc::FD_ISSET(pipe[0], &rs),
+            libc::FD_ISSET(c, &ws)
+        );
+    }
+
+    // epoll: LT, ET, ONESHOT, with the pipe in the same set; one socket in two sets.
+    // SAFETY: epoll calls on our fds with live event structs.
+    unsafe {
+        let ep = libc::epoll_create1(0);
+        let ep2 = libc::epoll_create1(0);
+        let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: 1 };
+        t("epoll add s LT", libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, s, &mut ev) as isize);
+        t("epoll add s again", libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, s, &mut ev) as isize);
+        let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: 2 };
+        libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, pipe[0], &mut ev);
+        let mut ev = libc::epoll_event { events: (libc::EPOLLIN | libc::EPOLLET) as u32, u64: 3 };
+        t("epoll add s ET in second set", libc::epoll_ctl(ep2, libc::EPOLL_CTL_ADD, s, &mut ev) as isize);
+        let mut out = [libc::epoll_event { events: 0, u64: 0 }; 8];
+        let show = |label: &str, n: c_int, out: &[libc::epoll_event]| {
+            let mut v: Vec<(u64, u32)> = out[..n.max(0) as usize].iter().map(|e| (e.u64, e.events)).collect();
+            v.sort();
+            println!("{label}: {n} {v:?}");
+        };
+        let n = libc::epoll_wait(ep, out.as_mut_ptr(), 8, 1000);
+        show("epoll LT", n, &out);
+        let n = libc::epoll_wait(ep, out.as_mut_ptr(), 8, 1000);
+        show("epoll LT again", n, &out);
+        let n = libc::epoll_wait(ep2, out.as_mut_ptr(), 8, 1000);
+        show("epoll ET", n, &out);
+        let n = libc::epoll_wait(ep2, out.as_mut_ptr(), 8, 100);
+        show("epoll ET no new edge", n, &out);
+        send(c, b"d", 0);
+        let n = libc::epoll_wait(ep2, out.as_mut_ptr(), 8, 1000);
+        show("epoll ET new edge", n, &out);
+        let mut ev = libc::epoll_event { events: (libc::EPOLLIN | libc::EPOLLONESHOT) as u32, u64: 4 };
+        t("epoll mod oneshot", libc::epoll_ctl(ep, libc::EPOLL_CTL_MOD, s, &mut ev) as isize);
+        let mut pbuf = [0u8; 1];
+        libc::read(pipe[0], pbuf.as_mut_ptr().cast(), 1);
+        let n = libc::epoll_wait(ep, out.as_mut_ptr(), 8, 1000);
+        show("epoll oneshot", n, &out);
+        let n = libc::epoll_wait(ep, out.as_mut_ptr(), 8, 50);
+        show("epoll oneshot disarmed", n, &out);
+        t("epoll mod rearm", libc::epoll_ctl(ep, libc::EPOLL_CTL_MOD, s, &mut ev) as isize);
+        let n = libc::epoll_wait(ep, out.as_mut_ptr(), 8, 1000);
+        show("epoll rearmed", n, &out);
+        let mut buf = [0u8; 16];
+        recv(s, &mut buf, 0);
+        t("epoll del", libc::epoll_ctl(ep, libc::EPOLL_CTL_DEL, s, std::ptr::null_mut()) as isize);
+        t("epoll del again", libc::epoll_ctl(ep, libc::EPOLL_CTL_DEL, s, std::ptr::null_mut()) as isize);
+        t("epoll mod missing", libc::epoll_ctl(ep, libc::EPOLL_CTL_MOD, s, &mut ev) as isize);
+        let mut ev = libc::epoll_event { events: libc::EPOLLOUT as u32, u64: 5 };
+        libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, c, &mut ev);
+        let n = libc::epoll_wait(ep, out.as_mut_ptr(), 8, 1000);
+        show("epoll writable", n, &out);
+        // A socket waited on from another thread: data arrives while epoll_wait sleeps.
+        let cc = c;
+        let h = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            send(cc, b"late", 0);
+        });
+        let n = libc::epoll_wait(ep2, out.as_mut_ptr(), 8, 3000);
+        show("epoll ET wakes on late data", n, &out);
+        h.join().unwrap();
+        close(ep);
+        close(ep2);
+    }
+    close(pipe[0]);
+    close(pipe[1]);
+    close(c);
+    close(s);
+}
+
+fn flags() {
+    let (c, s) = pair();
+    nonblock(s);
+    recv_trace("MSG_DONTWAIT empty", s, 10, libc::MSG_DONTWAIT);
+    send(c, b"0123456789", 0);
+    std::thread::sleep(Duration::from_millis(50));
+    recv_trace("MSG_PEEK", s, 4, libc::MSG_PEEK);
+    recv_trace("MSG_PEEK again", s, 4, libc::MSG_PEEK);
+    let mut n: c_int = 0;
+    // SAFETY: live int.
+    unsafe { libc::ioctl(s, libc::FIONREAD, &mut n) };
+    println!("FIONREAD: {n}");
+    recv_trace("recv 4", s, 4, 0);
+    // Blocking MSG_WAITALL: the rest arrives in two pieces from another thread.
+    // SAFETY: fcntl on our fd.
+    unsafe { libc::fcntl(s, libc::F_SETFL, libc::O_RDWR) };
+    let cc = c;
+    let h = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        send(cc, b"ab", 0);
+        std::thread::sleep(Duration::from_millis(50));
+        send(cc, b"cd", 0);
+    });
+    recv_trace("MSG_WAITALL 10", s, 10, libc::MSG_WAITALL);
+    h.join().unwrap();
+    // SAFETY: ioctl FIONBIO on our fd.
+    let on: c_int = 1;
+    unsafe { libc::ioctl(s, libc::FIONBIO, &on) };
+    // SAFETY: fcntl on our fd.
+    println!("FIONBIO sets O_NONBLOCK: {}", unsafe { libc::fcntl(s, libc::F_GETFL) } & libc::O_NONBLOCK != 0);
+    recv_trace("recv nonblocking empty", s, 10, 0);
+    // readv/writev
+    let parts = [b"ve".as_slice(), b"ct".as_slice(), b"or".as_slice()];
+    let iov: Vec<libc::iovec> =
+        parts.iter().map(|p| libc::iovec { iov_base: p.as_ptr() as *mut _, iov_len: p.len() }).collect();
+    // SAFETY: live iovecs.
+    t("writev", unsafe { libc::writev(c, iov.as_ptr(), 3) });
+    std::thread::sleep(Duration::from_millis(50));
+    let mut a = [0u8; 3];
+    let mut bb = [0u8; 3];
+    let riov = [
+        libc::iovec { iov_base: a.as_mut_ptr().cast(), iov_len: 3 },
+        libc::iovec { iov_base: bb.as_mut_ptr().cast(), iov_len: 3 },
+    ];
+    // SAFETY: live iovecs.
+    t("readv", unsafe { libc::readv(s, riov.as_ptr(), 2) });
+    println!("readv data: {:?} {:?}", String::from_utf8_lossy(&a), String::from_utf8_lossy(&bb));
+    // sendmsg/recvmsg
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_ptr() as *mut _;
+    msg.msg_iovlen = 3;
+    // SAFETY: live msghdr.
+    t("sendmsg", unsafe { libc::sendmsg(c, &msg, 0) });
+    std::thread::sleep(Duration::from_millis(50));
+    let mut rmsg: libc::msghdr = unsafe { std::mem::zeroed() };
+    rmsg.msg_iov = riov.as_ptr() as *mut _;
+    rmsg.msg_iovlen = 2;
+    // SAFETY: live msghdr.
+    t("recvmsg", unsafe { libc::recvmsg(s, &mut rmsg, 0) });
+    println!(
+        "recvmsg flags {} data {:?} {:?}",
+        rmsg.msg_flags,
+        String::from_utf8_lossy(&a),
+        String::from_utf8_lossy(&bb)
+    );
+    close(c);
+    close(s);
+}
+
+static SIGS: AtomicU32 = AtomicU32::new(0);
+
+extern "C" fn on_signal(_: c_int) {
+    SIGS.fetch_add(1, Ordering::SeqCst);
+}
+
+fn handle(sig: c_int, restart: bool) {
+    // SAFETY: installing a handler that only touches an atomic.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_signal as *const () as usize;
+        sa.sa_flags = if restart { libc::SA_RESTART } else { 0 };
+        libc::sigaction(sig, &sa, std::ptr::null_mut());
+    }
+}
+
+fn sigpipe() {
+    handle(libc::SIGPIPE, true);
+    let (c, s) = pair();
+    close(s);
+    std::thread::sleep(Duration::from_millis(50));
+    // The first write may succeed (the peer answers with RST); then EPIPE.
+    let mut results = Vec::new();
+    for _ in 0..3 {
+        let r = send(c, b"data", libc::MSG_NOSIGNAL);
+        results.push(if r < 0 { ename(errno()) } else { "sent".into() });
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!("MSG_NOSIGNAL sends: {results:?} signals {}", SIGS.load(Ordering::SeqCst));
+    t("send without MSG_NOSIGNAL", send(c, b"data", 0));
+    println!("signals after send: {}", SIGS.load(Ordering::SeqCst));
+    // SAFETY: write on our fd.
+    t("write", unsafe { libc::write(c, b"data".as_ptr().cast(), 4) });
+    println!("signals after write: {}", SIGS.load(Ordering::SeqCst));
+    close(c);
+}
+
+fn rcvtimeo() {
+    let (c, s) = pair();
+    let tv = libc::timeval { tv_sec: 0, tv_usec: 150_000 };
+    // SAFETY: live timeval.
+    t("set SO_RCVTIMEO", unsafe {
+        libc::setsockopt(s, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&tv as *const libc::timeval).cast(), 16)
+    } as isize);
+    let mut back = libc::timeval { tv_sec: 9, tv_usec: 9 };
+    let mut len = 16 as socklen_t;
+    // SAFETY: live timeval.
+    unsafe {
+        libc::getsockopt(s, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&mut back as *mut libc::timeval).cast(), &mut len)
+    };
+    println!("SO_RCVTIMEO readback: {}s {}us len {len}", back.tv_sec, back.tv_usec);
+    let start = Instant::now();
+    recv_trace("recv times out", s, 10, 0);
+    let el = start.elapsed();
+    println!("waited about the timeout: {}", el >= Duration::from_millis(140) && el < Duration::from_millis(1500));
+    send(c, b"x", 0);
+    recv_trace("recv with data", s, 10, 0);
+    close(c);
+    close(s);
+}
+
+fn alarm_in(ms: u64) {
+    // SAFETY: setitimer with a live value; SIGALRM goes to the process.
+    unsafe {
+        let it = libc::itimerval {
+            it_interval: libc::timeval { tv_sec: 0, tv_usec: 0 },
+            it_value: libc::timeval { tv_sec: 0, tv_usec: (ms * 1000) as i64 },
+        };
+        libc::setitimer(libc::ITIMER_REAL, &it, std::ptr::null_mut());
+    }
+}
+
+fn eintr() {
+    let (c, s) = pair();
+    handle(libc::SIGALRM, false);
+    alarm_in(100);
+    recv_trace("recv interrupted (no SA_RESTART)", s, 10, 0);
+    println!("signals: {}", SIGS.load(Ordering::SeqCst));
+    let mut p = libc::pollfd { fd: s, events: libc::POLLIN, revents: 0 };
+    alarm_in(100);
+    // SAFETY: one live pollfd.
+    t("poll interrupted", unsafe { libc::poll(&mut p, 1, 5000) } as isize);
+    handle(libc::SIGALRM, true);
+    alarm_in(100);
+    let cc = c;
+    let h = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        send(cc, b"after", 0);
+    });
+    recv_trace("recv restarted (SA_RESTART)", s, 10, 0);
+    h.join().unwrap();
+    println!("signals: {}", SIGS.load(Ordering::SeqCst));
+    close(c);
+    close(s);
+}
+
+fn many() {
+    const N: usize = 1000;
+    let (l, port) = listener();
+    let mut clients = Vec::with_capacity(N);
+    let mut servers = Vec::with_capacity(N);
+    for _ in 0..N {
+        let c = tcp();
+        assert_eq!(connect_to(c, port), 0, "connect: {}", errno());
+        clients.push(c);
+        // SAFETY: accept on our listener.
+        let s = unsafe { libc::accept(l, std::ptr::null_mut(), std::ptr::null_mut()) };
+        assert!(s >= 0, "accept: {}", errno());
+        servers.push(s);
+    }
+    let mut ok = 0;
+    for (i, (&c, &s)) in clients.iter().zip(&servers).enumerate() {
+        let msg = format!("conn {i}");
+        send(c, msg.as_bytes(), 0);
+        let mut buf = [0u8; 32];
+        let r = recv(s, &mut buf, 0);
+        send(s, &buf[..r.max(0) as usize], 0);
+        let r = recv(c, &mut buf, 0);
+        if r > 0 && &buf[..r as usize] == msg.as_bytes() {
+            ok += 1;
+        }
+    }
+    println!("connections verified: {ok}/{N}");
+    clients.into_iter().chain(servers).for_each(close);
+    close(l);
+}
+
+fn bulk() {
+    const TOTAL: usize = 1 << 30;
+    let (c, s) = pair();
+    let h = std::thread::spawn(move || {
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0usize;
+        loop {
+            let r = recv(s, &mut buf, 0);
+            if r <= 0 {
+                break;
+            }
+            hasher.update(&buf[..r as usize]);
+            got += r as usize;
+        }
+        close(s);
+        (got, hex(&hasher.finalize()))
+    });
+    let mut hasher = Sha256::new();
+    let mut block = vec![0u8; 1 << 20];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut sent = 0usize;
+    while sent < TOTAL {
+        for w in block.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            w.copy_from_slice(&x.to_le_bytes());
+        }
+        hasher.update(&block);
+        let mut off = 0;
+        while off < block.len() {
+            let r = send(c, &block[off..], 0);
+            assert!(r > 0, "send: {}", errno());
+            off += r as usize;
+        }
+        sent += block.len();
+    }
+    // SAFETY: plain call.
+    unsafe { libc::shutdown(c, libc::SHUT_WR) };
+    let (got, digest) = h.join().unwrap();
+    println!("sent {sent} sha256 {}", hex(&hasher.finalize()));
+    println!("received {got} sha256 {digest}");
+    close(c);
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn dup_and_fcntl() {
+    let (c, s) = pair();
+    // SAFETY: dup calls on our fds.
+    let d = unsafe { libc::dup(c) };
+    close(c);
+    t("send on dup after closing original", send(d, b"dup", 0));
+    recv_trace("recv", s, 10, 0);
+    // SAFETY: plain calls.
+    let d2 = unsafe { libc::fcntl(d, libc::F_DUPFD_CLOEXEC, 100) };
+    println!("F_DUPFD_CLOEXEC >= 100: {}", d2 >= 100);
+    // SAFETY: plain call.
+    println!("FD_CLOEXEC: {}", unsafe { libc::fcntl(d2, libc::F_GETFD) } & libc::FD_CLOEXEC);
+    let target = 150;
+    // SAFETY: plain call.
+    t("dup2", (unsafe { libc::dup2(d2, target) } == target) as isize);
+    close(d);
+    close(d2);
+    t("send on dup2 target", send(target, b"two", 0));
+    recv_trace("recv", s, 10, 0);
+    close(target);
+    std::thread::sleep(Duration::from_millis(50));
+    recv_trace("recv EOF after last close", s, 10, 0);
+    t("send on closed fd", send(target, b"x", 0));
+    close(s);
+}
+
+fn main() {
+    let name = std::env::args().nth(1).unwrap_or_default();
+    match name.as_str() {
+        "connect_open" => connect_open(),
+        "connect_closed" => connect_closed(),
+        "addr_in_use" => addr_in_use(),
+        "accept_nonblocking" => accept_nonblocking(),
+        "half_close" => half_close(),
+        "peer_reset" => peer_reset(),
+        "readiness" => readiness(),
+        "flags" => flags(),
+        "sigpipe" => sigpipe(),
+        "rcvtimeo" => rcvtimeo(),
+        "eintr" => eintr(),
+        "many" => many(),
+        "bulk" => bulk(),
+        "dup" => dup_and_fcntl(),
+        "list" => println!(
+            "connect_open connect_closed addr_in_use accept_nonblocking half_close peer_reset readiness flags sigpipe rcvtimeo eintr many bulk dup"
+        ),
+        other => {
+            eprintln!("unknown scenario {other:?}");
+            std::process::exit(2);
+        }
+    }
+}
