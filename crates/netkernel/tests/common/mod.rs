@@ -1,0 +1,131 @@
+//! Shared test harness: a real engine (with its real NSM) on a private socket, and programs
+//! started under GuestLib through `netkernel run`.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const NETKERNEL: &str = env!("CARGO_BIN_EXE_netkernel");
+pub const PROBE: &str = env!("CARGO_BIN_EXE_nk-probe");
+
+/// A running `netkernel serve`, stopped and cleaned up on drop.
+pub struct TestEngine {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    child: Child,
+}
+
+impl TestEngine {
+    pub fn start() -> TestEngine {
+        Self::start_with(&[])
+    }
+
+    /// Starts an engine with extra `serve` arguments (e.g. --config).
+    pub fn start_with(args: &[&str]) -> TestEngine {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("engine.sock");
+        let log = std::fs::File::create(dir.path().join("engine.log")).unwrap();
+        let child = Command::new(NETKERNEL)
+            .arg("serve")
+            .arg("--socket")
+            .arg(&socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start netkernel serve");
+        let e = TestEngine { dir, socket, child };
+        let start = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&e.socket).is_err() {
+            assert!(start.elapsed() < Duration::from_secs(10), "engine did not start: {}", e.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        e
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("engine.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `netkernel run -- program args...` against this engine.
+    pub fn run(&self, program: &str, args: &[&str]) -> Command {
+        let mut c = Command::new(NETKERNEL);
+        c.arg("run").arg("--socket").arg(&self.socket).arg("--").arg(program).args(args);
+        c
+    }
+
+    /// `netkernel ctl WHAT --json`, parsed.
+    pub fn ctl(&self, what: &str) -> serde_json::Value {
+        let out = Command::new(NETKERNEL).args(["ctl", "--json", "--socket"]).arg(&self.socket).arg(what).output().unwrap();
+        assert!(out.status.success(), "ctl {what}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// The NSM's counters (first NSM).
+    pub fn nsm(&self) -> serde_json::Value {
+        self.ctl("nsms")[0].clone()
+    }
+}
+
+impl Drop for TestEngine {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a command with a time limit; a hang fails the test instead of stalling CI.
+pub fn output_within(mut cmd: Command, limit: Duration) -> Output {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let pid = child.id() as i32;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let d = done.clone();
+    let watchdog = std::thread::spawn(move || {
+        let start = Instant::now();
+        while !d.load(std::sync::atomic::Ordering::SeqCst) {
+            if start.elapsed() > limit {
+                // SAFETY: killing our own child that overran its limit.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    });
+    child.stdin.take();
+    let out = child.wait_with_output().expect("wait");
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(!watchdog.join().unwrap(), "command exceeded {limit:?}: {}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+/// Whether a program is on PATH; tests that need it fail with a clear message otherwise
+/// (scripts/test installs everything they need).
+pub fn require(program: &str) -> PathBuf {
+    which(program).unwrap_or_else(|| panic!("{program} is not installed: run scripts/test, which installs it"))
+}
+
+pub fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(program)).find(|p| p.is_file())
+}
+
+/// Whether the tests run as root (some scenarios need it).
+pub fn is_root() -> bool {
+    // SAFETY: getuid cannot fail.
+    unsafe { libc::getuid() == 0 }
+}

@@ -1,0 +1,62 @@
+//! Differential conformance: each scenario runs natively and under GuestLib, and the traces
+//! (return values, errno, bytes) must be identical. The kernel is the oracle.
+
+mod common;
+use common::*;
+use std::process::Command;
+use std::time::Duration;
+
+fn differential(scenario: &str) {
+    let native = output_within(
+        {
+            let mut c = Command::new(PROBE);
+            c.arg(scenario);
+            c
+        },
+        Duration::from_secs(120),
+    );
+    assert!(native.status.success(), "native {scenario} failed: {}", String::from_utf8_lossy(&native.stderr));
+    let engine = TestEngine::start();
+    let nk = output_within(engine.run(PROBE, &[scenario]), Duration::from_secs(120));
+    assert!(
+        nk.status.success(),
+        "{scenario} under NetKernel failed: {}\nengine log:\n{}",
+        String::from_utf8_lossy(&nk.stderr),
+        engine.log()
+    );
+    let (n, k) = (String::from_utf8_lossy(&native.stdout), String::from_utf8_lossy(&nk.stdout));
+    assert!(!n.trim().is_empty(), "{scenario} printed nothing");
+    for (i, (a, b)) in n.lines().zip(k.lines()).enumerate() {
+        assert_eq!(a, b, "{scenario}: line {} differs\nnative:\n{n}\nnetkernel:\n{k}", i + 1);
+    }
+    assert_eq!(n.lines().count(), k.lines().count(), "{scenario}: trace lengths differ\nnative:\n{n}\nnetkernel:\n{k}");
+    // The traffic went through the NSM, not around it.
+    let nsm = engine.nsm();
+    assert!(nsm["conns_total"].as_u64().unwrap() > 0 || scenario == "addr_in_use", "no connection through the NSM: {nsm}");
+}
+
+macro_rules! scenarios {
+    ($($name:ident),* $(,)?) => {$(
+        #[test]
+        fn $name() {
+            differential(stringify!($name));
+        }
+    )*};
+}
+
+scenarios!(
+    connect_open,
+    connect_closed,
+    addr_in_use,
+    accept_nonblocking,
+    half_close,
+    peer_reset,
+    readiness,
+    flags,
+    sigpipe,
+    rcvtimeo,
+    eintr,
+    many,
+    bulk,
+    dup,
+);
