@@ -603,8 +603,10 @@ fn many() {
     close(l);
 }
 
-fn bulk() {
-    const TOTAL: usize = 1 << 30;
+/// Sends `mib` MiB (default 1 GiB) of deterministic bytes through one connection and prints
+/// both sides' sha256.
+fn bulk(mib: usize) {
+    let total: usize = mib << 20;
     let (c, s) = pair();
     let h = std::thread::spawn(move || {
         let mut hasher = Sha256::new();
@@ -625,7 +627,7 @@ fn bulk() {
     let mut block = vec![0u8; 1 << 20];
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut sent = 0usize;
-    while sent < TOTAL {
+    while sent < total {
         for w in block.chunks_mut(8) {
             x ^= x << 13;
             x ^= x >> 7;
@@ -694,7 +696,7 @@ fn main() {
         "rcvtimeo" => rcvtimeo(),
         "eintr" => eintr(),
         "many" => many(),
-        "bulk" => bulk(),
+        "bulk" => bulk(std::env::args().nth(2).and_then(|a| a.parse().ok()).unwrap_or(1024)),
         "dup" => dup_and_fcntl(),
         "list" => println!(
             "connect_open connect_closed addr_in_use accept_nonblocking half_close peer_reset readiness flags sigpipe rcvtimeo eintr many bulk dup"

@@ -1,0 +1,150 @@
+//! Bad input: garbage on the control socket, and guests that write corrupt nqes. The NSM
+//! refuses the offender, logs why, and keeps serving everyone else intact.
+
+mod common;
+use common::*;
+use netkernel_abi::{Op, NQE_COUNT, STATE_DEAD};
+use netkernel_ring::region::Region;
+use netkernel_ring::sys;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// Attaches like GuestLib does, but by hand, so the test can then break the ABI.
+struct RawGuest {
+    _ctl: UnixStream,
+    region: Region,
+    nsm_bell: i32,
+}
+
+impl RawGuest {
+    fn attach(engine: &TestEngine) -> RawGuest {
+        let s = UnixStream::connect(&engine.socket).unwrap();
+        sys::send_frame(s.as_raw_fd(), br#"{"op":"attach"}"#, &[]).unwrap();
+        let (payload, fds) = sys::recv_frame(s.as_raw_fd()).unwrap().unwrap();
+        assert_eq!(fds.len(), 3, "attach failed: {}", String::from_utf8_lossy(&payload));
+        let region = Region::map(fds[0]).unwrap();
+        sys::close(fds[0]);
+        RawGuest { _ctl: s, region, nsm_bell: fds[1] }
+    }
+
+    fn submit(&self, idx: u32) {
+        self.region.ring().push(idx).unwrap();
+        sys::ring_bell(self.nsm_bell);
+    }
+
+    fn refused_within(&self, d: Duration) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < d {
+            if self.region.header().state.load(Ordering::Acquire) == STATE_DEAD {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+}
+
+fn corrupt(g: &RawGuest, kind: &str) {
+    let p = g.region.nqe(0);
+    let pool_end = g.region.layout().pool_off + g.region.layout().pool_size;
+    // SAFETY: nqe 0 of our own mapping; the point is to write nonsense into it.
+    unsafe {
+        (*p).op = Op::Send as u32;
+        (*p).buf_off = g.region.layout().pool_off;
+        (*p).buf_len = 0;
+        (*p).addr_len = 0;
+        match kind {
+            "opcode" => (*p).op = 999,
+            "buffer-before-pool" => (*p).buf_len = 64,
+            "buffer-past-pool" => {
+                (*p).buf_off = pool_end - 10;
+                (*p).buf_len = 64;
+            }
+            "buffer-overflow" => {
+                (*p).buf_off = u64::MAX - 8;
+                (*p).buf_len = 64;
+            }
+            "addr-len" => (*p).addr_len = 4096,
+            _ => {}
+        }
+        if kind == "buffer-before-pool" {
+            (*p).buf_off = 0;
+        }
+    }
+    match kind {
+        "queue-index" => g.submit(NQE_COUNT + 5),
+        "queue-tail" => {
+            g.region.ring().tail.store(12345, Ordering::Release);
+            sys::ring_bell(g.nsm_bell);
+        }
+        _ => g.submit(0),
+    }
+}
+
+const KINDS: [&str; 7] =
+    ["opcode", "buffer-before-pool", "buffer-past-pool", "buffer-overflow", "addr-len", "queue-index", "queue-tail"];
+
+#[test]
+fn corrupt_nqes_lose_only_the_offenders_attachment() {
+    let engine = TestEngine::start();
+    let nsm_pid = engine.nsm()["pid"].clone();
+    // A well-behaved guest moves 512 MiB while the hostile ones strike.
+    let good = {
+        let mut c = engine.run(PROBE, &["bulk", "512"]);
+        c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+        c.spawn().unwrap()
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    for kind in KINDS {
+        let g = RawGuest::attach(&engine);
+        corrupt(&g, kind);
+        assert!(g.refused_within(Duration::from_secs(5)), "{kind}: NSM did not refuse the guest\n{}", engine.log());
+    }
+    let out = good.wait_with_output().unwrap();
+    assert!(out.status.success(), "good guest failed: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let sums: Vec<&str> = text.lines().map(|l| l.rsplit(' ').next().unwrap()).collect();
+    assert_eq!(sums.len(), 2, "{text}");
+    assert_eq!(sums[0], sums[1], "good guest's bytes were corrupted: {text}");
+    let nsm = engine.nsm();
+    assert_eq!(nsm["pid"], nsm_pid, "the NSM restarted: {nsm}");
+    assert_eq!(nsm["violations"].as_u64(), Some(KINDS.len() as u64), "{nsm}");
+    let log = engine.log();
+    for why in ["unknown opcode 999", "outside the buffer pool", "address length 4096", "past the end", "job queue corrupt"] {
+        assert!(log.contains(why), "log does not say {why:?}:\n{log}");
+    }
+}
+
+#[test]
+fn garbage_on_the_control_socket_is_refused_and_the_engine_keeps_serving() {
+    let engine = TestEngine::start();
+    let garbage: [&[u8]; 4] = [
+        b"\x07\x00\x00\x00not json",
+        b"\xff\xff\xff\xffhuge frame",
+        b"\x0b\x00\x00\x00{\"op\":\"x\"}",
+        b"GET / HTTP/1.0\r\n\r\n",
+    ];
+    for g in garbage {
+        let mut s = UnixStream::connect(&engine.socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(g).unwrap();
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut reply = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut s, &mut reply);
+        let text = String::from_utf8_lossy(&reply);
+        assert!(reply.is_empty() || text.contains("\"ok\":false"), "garbage got a non-error reply: {text}");
+    }
+    // An attach with fds attached it did not ask for, then disconnect mid-frame.
+    {
+        let s = UnixStream::connect(&engine.socket).unwrap();
+        let (a, _b) = UnixStream::pair().unwrap();
+        sys::send_with_fds(s.as_raw_fd(), b"\x40\x00\x00\x00{\"op\"", &[a.as_raw_fd()]).unwrap();
+    }
+    assert_eq!(engine.ctl("status")["attachments"], 0);
+    let out = output_within(engine.run(PROBE, &["half_close"]), Duration::from_secs(60));
+    assert!(out.status.success(), "a guest after the garbage failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(engine.log().contains("garbage on control socket"), "{}", engine.log());
+}
