@@ -111,7 +111,14 @@ impl Nsm {
 
     /// Hands an attachment to the NSM; returns the NSM generation that serves it.
     pub fn attach(&self, id: u64, tenant: &str, pid: i32, uid: u32, fds: &[RawFd]) -> io::Result<u64> {
+        // A guest re-attaching right after its NSM crashed waits for the restart.
+        let deadline = Instant::now() + Duration::from_secs(5);
         let mut p = self.lock();
+        while p.control.is_none() && Instant::now() < deadline && !self.stopping.load(Ordering::SeqCst) {
+            drop(p);
+            std::thread::sleep(Duration::from_millis(20));
+            p = self.lock();
+        }
         let req = NsmRequest::Attach { attachment: id, tenant: tenant.into(), pid, uid };
         Self::call(&mut p, &req, fds)?;
         Ok(p.generation)

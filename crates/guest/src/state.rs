@@ -319,9 +319,11 @@ impl Attachment {
                 return;
             }
             if self.dead() {
-                // mark_dead completes every submitted nqe; wait for that store.
-                std::hint::spin_loop();
-                continue;
+                // Nobody serves this region any more: the call fails as the connection did.
+                // The nqe stays allocated; a dead region is never reused.
+                // SAFETY: the nqe is ours and no NSM writes a dead region.
+                unsafe { std::ptr::write_volatile(&mut (*self.region.nqe(idx)).result, -(libc::ECONNRESET as i64)) };
+                return;
             }
             spins += 1;
             if spins < 64 || start.elapsed() < Duration::from_micros(20) {

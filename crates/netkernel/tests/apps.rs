@@ -40,7 +40,8 @@ fn python_http_server_serves_100mib_to_curl() {
         std::fs::write(&file, &data).unwrap();
     }
     let port = free_port();
-    let mut server = engine.run(python.to_str().unwrap(), &["-u", "-m", "http.server", &port.to_string(), "--bind", "127.0.0.1"]);
+    let mut server =
+        engine.run(python.to_str().unwrap(), &["-u", "-m", "http.server", &port.to_string(), "--bind", "127.0.0.1"]);
     server.current_dir(&www).stdout(Stdio::piped()).stderr(Stdio::null());
     let mut server = server.spawn().unwrap();
     let mut lines = BufReader::new(server.stdout.take().unwrap()).lines();
@@ -49,7 +50,10 @@ fn python_http_server_serves_100mib_to_curl() {
     let out_file = engine.dir.path().join("got.bin");
     let start = Instant::now();
     let got = output_within(
-        engine.run(curl.to_str().unwrap(), &["-sS", "-o", out_file.to_str().unwrap(), &format!("http://127.0.0.1:{port}/blob.bin")]),
+        engine.run(
+            curl.to_str().unwrap(),
+            &["-sS", "-o", out_file.to_str().unwrap(), &format!("http://127.0.0.1:{port}/blob.bin")],
+        ),
         Duration::from_secs(120),
     );
     let took = start.elapsed();

@@ -32,7 +32,10 @@ fn differential(scenario: &str) {
     assert_eq!(n.lines().count(), k.lines().count(), "{scenario}: trace lengths differ\nnative:\n{n}\nnetkernel:\n{k}");
     // The traffic went through the NSM, not around it.
     let nsm = engine.nsm();
-    assert!(nsm["conns_total"].as_u64().unwrap() > 0 || scenario == "addr_in_use", "no connection through the NSM: {nsm}");
+    assert!(
+        nsm["conns_total"].as_u64().unwrap() > 0 || scenario == "addr_in_use",
+        "no connection through the NSM: {nsm}"
+    );
 }
 
 macro_rules! scenarios {

@@ -113,7 +113,9 @@ fn corrupt_nqes_lose_only_the_offenders_attachment() {
     assert_eq!(nsm["pid"], nsm_pid, "the NSM restarted: {nsm}");
     assert_eq!(nsm["violations"].as_u64(), Some(KINDS.len() as u64), "{nsm}");
     let log = engine.log();
-    for why in ["unknown opcode 999", "outside the buffer pool", "address length 4096", "past the end", "job queue corrupt"] {
+    for why in
+        ["unknown opcode 999", "outside the buffer pool", "address length 4096", "past the end", "job queue corrupt"]
+    {
         assert!(log.contains(why), "log does not say {why:?}:\n{log}");
     }
 }

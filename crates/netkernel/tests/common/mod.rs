@@ -62,7 +62,8 @@ impl TestEngine {
 
     /// `netkernel ctl WHAT --json`, parsed.
     pub fn ctl(&self, what: &str) -> serde_json::Value {
-        let out = Command::new(NETKERNEL).args(["ctl", "--json", "--socket"]).arg(&self.socket).arg(what).output().unwrap();
+        let out =
+            Command::new(NETKERNEL).args(["ctl", "--json", "--socket"]).arg(&self.socket).arg(what).output().unwrap();
         assert!(out.status.success(), "ctl {what}: {}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice(&out.stdout).unwrap()
     }
