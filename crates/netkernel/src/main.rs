@@ -4,6 +4,7 @@ mod bench;
 mod cli;
 mod demo;
 mod guestlib;
+mod tempengine;
 
 fn main() {
     std::process::exit(cli::main());

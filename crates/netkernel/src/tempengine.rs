@@ -1,0 +1,68 @@
+//! A private engine in a temporary directory, for `demo` and `bench`: started from this same
+//! binary, stopped and cleaned up on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct TempEngine {
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    child: Child,
+}
+
+impl TempEngine {
+    pub fn start() -> Result<TempEngine, String> {
+        let dir = std::env::temp_dir().join(format!("netkernel-{}-{}", std::process::id(), nanos()));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let socket = dir.join("engine.sock");
+        let log = std::fs::File::create(dir.join("engine.log")).map_err(|e| e.to_string())?;
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let child = Command::new(exe)
+            .args(["serve", "--socket"])
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("starting engine: {e}"))?;
+        let e = TempEngine { dir, socket, child };
+        let start = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&e.socket).is_err() {
+            if start.elapsed() > Duration::from_secs(10) {
+                return Err(format!("engine did not start:\n{}", e.log()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(e)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("engine.log")).unwrap_or_default()
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+}
+
+fn nanos() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+}
+
+impl Drop for TempEngine {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child; SIGTERM makes it stop its NSMs and remove its socket.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
