@@ -471,7 +471,7 @@ pub unsafe extern "C" fn ioctl(fd: c_int, req: c_ulong, arg: c_ulong) -> c_int {
             r
         }
         libc::FIONREAD | libc::TIOCOUTQ | SIOCATMARK => guard(|| {
-            let v = sock::ioctl_int(s, req as u64)?;
+            let v = sock::ioctl_int(s, req)?;
             let p = arg as *mut c_int;
             if p.is_null() {
                 return Err(libc::EFAULT);
@@ -613,6 +613,7 @@ pub unsafe extern "C" fn select(
     let start = Instant::now();
     // SAFETY: the caller's sets.
     let res = guard(|| unsafe { readiness::select(n, r, w, e, t, std::ptr::null()) });
+    // SAFETY: the caller's timeval, null or valid.
     if let (Some(t), Some(tv)) = (t, unsafe { tv.as_mut() }) {
         // Linux reports the time not slept.
         let left = t.saturating_sub(start.elapsed());

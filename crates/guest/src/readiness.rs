@@ -238,8 +238,8 @@ pub unsafe fn select(
             unsafe { libc::FD_ZERO(s) };
         }
     }
-    let rset = (libc::POLLIN | libc::POLLRDNORM | libc::POLLRDBAND | libc::POLLHUP | libc::POLLERR) as i16;
-    let wset = (libc::POLLOUT | libc::POLLWRNORM | libc::POLLWRBAND | libc::POLLERR) as i16;
+    let rset = libc::POLLIN | libc::POLLRDNORM | libc::POLLRDBAND | libc::POLLHUP | libc::POLLERR;
+    let wset = libc::POLLOUT | libc::POLLWRNORM | libc::POLLWRBAND | libc::POLLERR;
     let mut n = 0;
     for p in &fds {
         for (set, bits, asked) in [(r, rset, libc::POLLIN), (w, wset, libc::POLLOUT), (e, libc::POLLPRI, libc::POLLPRI)]

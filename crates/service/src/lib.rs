@@ -230,10 +230,7 @@ impl<S: Stack> Service<S> {
     fn drain_rings(&mut self) -> bool {
         let mut worked = false;
         for ai in 0..self.atts.len() {
-            loop {
-                let Some(a) = self.atts[ai].as_mut() else {
-                    break;
-                };
+            while let Some(a) = self.atts[ai].as_mut() {
                 let mut c = Consumer::resume(a.region.ring(), a.head);
                 let next = c.pop();
                 a.head = c.head();

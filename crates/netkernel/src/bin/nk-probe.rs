@@ -169,6 +169,7 @@ fn connect_open() {
     // SAFETY: live int.
     unsafe { libc::getsockopt(c, libc::SOL_SOCKET, libc::SO_TYPE, (&mut ty as *mut c_int).cast(), &mut len) };
     println!("SO_TYPE: {ty} len {len}");
+    // SAFETY: stat is plain data.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: live stat buffer.
     unsafe { libc::fstat(c, &mut st) };
@@ -432,8 +433,8 @@ fn flags() {
     });
     recv_trace("MSG_WAITALL 10", s, 10, libc::MSG_WAITALL);
     h.join().unwrap();
-    // SAFETY: ioctl FIONBIO on our fd.
     let on: c_int = 1;
+    // SAFETY: ioctl FIONBIO on our fd.
     unsafe { libc::ioctl(s, libc::FIONBIO, &on) };
     // SAFETY: fcntl on our fd.
     println!("FIONBIO sets O_NONBLOCK: {}", unsafe { libc::fcntl(s, libc::F_GETFL) } & libc::O_NONBLOCK != 0);
@@ -455,12 +456,14 @@ fn flags() {
     t("readv", unsafe { libc::readv(s, riov.as_ptr(), 2) });
     println!("readv data: {:?} {:?}", String::from_utf8_lossy(&a), String::from_utf8_lossy(&bb));
     // sendmsg/recvmsg
+    // SAFETY: msghdr is plain data.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = iov.as_ptr() as *mut _;
     msg.msg_iovlen = 3;
     // SAFETY: live msghdr.
     t("sendmsg", unsafe { libc::sendmsg(c, &msg, 0) });
     std::thread::sleep(Duration::from_millis(50));
+    // SAFETY: msghdr is plain data.
     let mut rmsg: libc::msghdr = unsafe { std::mem::zeroed() };
     rmsg.msg_iov = riov.as_ptr() as *mut _;
     rmsg.msg_iovlen = 2;
