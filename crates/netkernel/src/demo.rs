@@ -154,4 +154,3 @@ pub fn main(bytes: u64) -> i32 {
         }
     }
 }
-
