@@ -271,8 +271,13 @@ mod tests {
     use super::*;
     use std::sync::atomic::Ordering;
 
+    /// Region-creating tests run one at a time: the hugepage test changes which pages new
+    /// regions get.
+    pub(super) static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     #[test]
     fn create_then_map_shares_memory() {
+        let _serial = LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let a = Region::create(7).unwrap();
         let b = Region::map(a.fd().unwrap()).unwrap();
         assert_eq!(b.header().attachment_id, 7);
@@ -285,6 +290,7 @@ mod tests {
 
     #[test]
     fn sealed_region_cannot_shrink() {
+        let _serial = LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let a = Region::create(1).unwrap();
         // SAFETY: fd is valid; the call must fail because of the seal.
         let r = unsafe { libc::ftruncate(a.fd().unwrap(), 4096) };
@@ -294,6 +300,7 @@ mod tests {
 
     #[test]
     fn unsealed_or_foreign_memfd_is_refused() {
+        let _serial = LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let fd = memfd(false).unwrap();
         // SAFETY: sizing our own memfd.
         unsafe { libc::ftruncate(fd, Layout::standard().region_size as i64) };
@@ -302,5 +309,40 @@ mod tests {
         let fd = sized_sealed_memfd(false, Layout::standard().region_size).unwrap();
         assert!(matches!(Region::map(fd), Err(MapError::Header(HeaderError::BadMagic(0)))));
         sys::close(fd);
+    }
+}
+
+#[cfg(test)]
+mod hugetlb_tests {
+    use super::*;
+
+    /// With 2 MiB pages reserved, regions use them; without, they fall back to 4 KiB pages.
+    #[test]
+    fn regions_use_reserved_hugepages() {
+        let _serial = super::tests::LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: getuid cannot fail.
+        if unsafe { libc::getuid() } != 0 {
+            eprintln!("SKIP regions_use_reserved_hugepages: reserving hugepages needs root");
+            return;
+        }
+        let knob = "/proc/sys/vm/nr_hugepages";
+        let Ok(before) = std::fs::read_to_string(knob) else {
+            eprintln!("SKIP regions_use_reserved_hugepages: no {knob}");
+            return;
+        };
+        let pages = Layout::standard().region_size / (2 << 20);
+        let want = before.trim().parse::<u64>().unwrap_or(0) + pages;
+        if std::fs::write(knob, want.to_string()).is_err() || hugepages_free() < Layout::standard().region_size {
+            let _ = std::fs::write(knob, before.trim());
+            eprintln!("SKIP regions_use_reserved_hugepages: the kernel could not reserve {pages} hugepages");
+            return;
+        }
+        let r = Region::create(9);
+        let backing = r.as_ref().map(|r| r.backing()).map_err(|e| e.to_string());
+        let mapped = r.as_ref().ok().map(|r| Region::map(r.fd().unwrap()).map(|m| m.backing()).map_err(|e| e.to_string()));
+        drop(r);
+        let _ = std::fs::write(knob, before.trim());
+        assert_eq!(backing.unwrap(), Backing::Huge2M);
+        assert_eq!(mapped.unwrap().unwrap(), Backing::Huge2M);
     }
 }
