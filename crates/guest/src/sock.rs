@@ -2,7 +2,7 @@
 //! returns the stack's own result and errno; blocking, timeouts, MSG_WAITALL and SIGPIPE are
 //! done here, the way the kernel does them for a blocking socket.
 
-use crate::state::{self, attachment, sock_state, Attachment, Errno, F_INET6, F_NONBLOCK, F_STREAM};
+use crate::state::{self, attachment, sock_state, Attachment, Errno, F_INET6, F_LISTEN, F_NONBLOCK, F_STREAM};
 use libc::{c_int, iovec, sockaddr, socklen_t};
 use netkernel_abi::{Op, ADDR_MAX, BUF_SIZE};
 use std::sync::atomic::Ordering;
@@ -129,7 +129,28 @@ pub fn listen(slot: u32, backlog: c_int) -> Result<c_int, Errno> {
         w.set(Op::Listen, slot);
         w.flags(backlog as u32);
     });
-    c.result().map(|_| 0)
+    c.result()?;
+    sock_state(slot).flags.fetch_or(F_LISTEN, Ordering::Relaxed);
+    Ok(0)
+}
+
+/// What the slot's mask, kept current by the NSM after every call and wakeup, says about `want`
+/// (POLLIN or POLLOUT). Ok(()) when a call may make progress now (or fail: errors and hangups
+/// count); otherwise the guest waits (blocking) or answers EAGAIN (non-blocking) without a
+/// round trip to the NSM, as the kernel would with nothing queued.
+fn ready_or_wait(a: &Attachment, slot: u32, want: u32, flags: c_int, timeout_us: u64) -> Result<(), Errno> {
+    let any = want | (libc::POLLERR | libc::POLLHUP | libc::POLLRDHUP) as u32;
+    let s = a.region.slot(slot);
+    loop {
+        let seq = s.seq.load(Ordering::Acquire);
+        if s.mask.load(Ordering::Acquire) & any != 0 || a.dead() {
+            return Ok(());
+        }
+        if !blocking(slot, flags) {
+            return Err(libc::EAGAIN);
+        }
+        a.wait_slot(slot, seq, timeout_us)?;
+    }
 }
 
 /// # Safety
@@ -141,6 +162,7 @@ pub unsafe fn accept(slot: u32, addr: *mut sockaddr, len: *mut socklen_t, flags:
     let a = live()?;
     let st = sock_state(slot);
     loop {
+        ready_or_wait(a, slot, libc::POLLIN as u32, 0, st.rcvtimeo_us.load(Ordering::Relaxed))?;
         let c = a.call(|w| w.set(Op::Accept, slot));
         match c.result() {
             Ok(new) => {
@@ -262,6 +284,8 @@ pub unsafe fn send(
     let a = live()?;
     let st = sock_state(slot);
     let stream = st.flags.load(Ordering::Relaxed) & F_STREAM != 0;
+    // Listening sockets: the kernel answers recv/send with an error, which only it can give.
+    let listening = st.flags.load(Ordering::Relaxed) & F_LISTEN != 0;
     let total = iov_total(iov);
     if !stream && total > BUF_SIZE as usize {
         return Err(libc::EMSGSIZE);
@@ -269,6 +293,12 @@ pub unsafe fn send(
     let nsm_flags = (flags & !(libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)) as u32;
     let mut sent = 0usize;
     loop {
+        if !listening {
+            let timeout = st.sndtimeo_us.load(Ordering::Relaxed);
+            if let Err(e) = ready_or_wait(a, slot, libc::POLLOUT as u32, flags, timeout) {
+                return if sent > 0 { Ok(sent) } else { Err(e) };
+            }
+        }
         let chunk = (total - sent).min(BUF_SIZE as usize);
         let c = a.call(|w| {
             w.set(Op::Send, slot);
@@ -328,6 +358,7 @@ pub unsafe fn recv(slot: u32, iov: &[iovec], flags: c_int, info: &mut RecvInfo) 
     let a = live()?;
     let st = sock_state(slot);
     let stream = st.flags.load(Ordering::Relaxed) & F_STREAM != 0;
+    let listening = st.flags.load(Ordering::Relaxed) & F_LISTEN != 0;
     let total = iov_total(iov);
     let waitall = stream && flags & libc::MSG_WAITALL != 0 && flags & libc::MSG_PEEK == 0;
     let user_trunc = flags & libc::MSG_TRUNC != 0;
@@ -338,6 +369,12 @@ pub unsafe fn recv(slot: u32, iov: &[iovec], flags: c_int, info: &mut RecvInfo) 
     }
     let mut got = 0usize;
     loop {
+        if !listening {
+            let timeout = st.rcvtimeo_us.load(Ordering::Relaxed);
+            if let Err(e) = ready_or_wait(a, slot, libc::POLLIN as u32, flags, timeout) {
+                return if got > 0 { Ok(got) } else { Err(e) };
+            }
+        }
         let chunk = (total - got).min(BUF_SIZE as usize);
         let c = a.call(|w| {
             w.set(Op::Recv, slot);

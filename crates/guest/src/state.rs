@@ -22,6 +22,8 @@ static FDS: [AtomicU32; MAX_FD] = [const { AtomicU32::new(0) }; MAX_FD];
 pub const F_NONBLOCK: u32 = 1;
 pub const F_STREAM: u32 = 2;
 pub const F_INET6: u32 = 4;
+/// listen() succeeded: readiness says nothing about recv/send on it.
+pub const F_LISTEN: u32 = 8;
 
 /// Guest-side state of one socket slot, shared by every fd that refers to it (dup, fork):
 /// like the kernel's open file description.

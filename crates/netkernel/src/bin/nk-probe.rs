@@ -231,6 +231,8 @@ fn accept_nonblocking() {
     // SAFETY: as above.
     t("accept4 bad flags", unsafe { libc::accept4(l, std::ptr::null_mut(), std::ptr::null_mut(), 0x1234) } as isize);
     println!("poll empty: {}", poll1(l, libc::POLLIN, 0));
+    recv_trace("recv on listener", l, 10, 0);
+    t("send on listener", send(l, b"x", libc::MSG_NOSIGNAL));
     let c = tcp();
     connect_to(c, port);
     println!("poll pending: {}", poll1(l, libc::POLLIN, 2000));
