@@ -329,7 +329,7 @@ impl Attachment {
             }
             spins += 1;
             if spins < 64 || start.elapsed() < Duration::from_micros(20) {
-                std::hint::spin_loop();
+                sys::relax(spins);
                 continue;
             }
             if s == nqe_state::SUBMITTED
@@ -349,11 +349,13 @@ impl Attachment {
     pub fn wait_slot(&self, slot: u32, seen: u32, timeout_us: u64) -> Result<(), Errno> {
         let s = self.region.slot(slot);
         let start = Instant::now();
+        let mut step = 0;
         while start.elapsed() < Duration::from_micros(10) {
             if s.seq.load(Ordering::Acquire) != seen {
                 return Ok(());
             }
-            std::hint::spin_loop();
+            sys::relax(step);
+            step += 1;
         }
         let deadline = (timeout_us > 0).then(|| start + Duration::from_micros(timeout_us));
         s.waiters.fetch_add(1, Ordering::SeqCst);

@@ -339,7 +339,8 @@ mod hugetlb_tests {
         }
         let r = Region::create(9);
         let backing = r.as_ref().map(|r| r.backing()).map_err(|e| e.to_string());
-        let mapped = r.as_ref().ok().map(|r| Region::map(r.fd().unwrap()).map(|m| m.backing()).map_err(|e| e.to_string()));
+        let mapped =
+            r.as_ref().ok().map(|r| Region::map(r.fd().unwrap()).map(|m| m.backing()).map_err(|e| e.to_string()));
         drop(r);
         let _ = std::fs::write(knob, before.trim());
         assert_eq!(backing.unwrap(), Backing::Huge2M);

@@ -222,3 +222,15 @@ pub fn recv_frame(sock: RawFd) -> io::Result<Option<(Vec<u8>, Vec<RawFd>)>> {
     }
     Ok(Some((payload, fds)))
 }
+
+/// One step of a bounded busy-wait. Mostly a CPU pause; every 16th step yields, so that when
+/// the peer we wait for (app, NSM) shares this CPU it runs at once instead of after our whole
+/// spin budget.
+pub fn relax(step: u32) {
+    if step % 16 == 15 {
+        // SAFETY: plain system call.
+        unsafe { libc::syscall(libc::SYS_sched_yield) };
+    } else {
+        std::hint::spin_loop();
+    }
+}

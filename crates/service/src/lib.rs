@@ -157,6 +157,7 @@ impl<S: Stack> Service<S> {
     pub fn run(&mut self) -> io::Result<()> {
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
         let mut last_work = Instant::now();
+        let mut idle_steps = 0u32;
         loop {
             let mut worked = self.drain_rings();
             let sleep = !worked && last_work.elapsed() >= SPIN;
@@ -201,8 +202,10 @@ impl<S: Stack> Service<S> {
             self.flush_bells();
             if worked {
                 last_work = Instant::now();
+                idle_steps = 0;
             } else if !sleep {
-                std::hint::spin_loop();
+                sys::relax(idle_steps);
+                idle_steps += 1;
             }
         }
     }
