@@ -686,6 +686,73 @@ fn dup_and_fcntl() {
     close(s);
 }
 
+fn udp_socket() -> (c_int, u16) {
+    // SAFETY: plain system calls on our socket.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        let a = loopback(0);
+        let (p, l) = sa(&a);
+        assert_eq!(libc::bind(fd, p, l), 0);
+        (fd, port_of(fd))
+    }
+}
+
+fn sendto(fd: c_int, data: &[u8], port: u16) -> isize {
+    let a = loopback(port);
+    let (p, l) = sa(&a);
+    // SAFETY: live buffer and address.
+    unsafe { libc::sendto(fd, data.as_ptr().cast(), data.len(), 0, p, l) }
+}
+
+fn udp() {
+    let (a, pa) = udp_socket();
+    let (b, pb) = udp_socket();
+    t("sendto one", sendto(b, b"one", pa));
+    t("sendto two", sendto(b, b"two-longer", pa));
+    t("sendto three", sendto(b, b"three", pa));
+    println!("poll: {}", poll1(a, libc::POLLIN, 1000));
+    let mut from = loopback(0);
+    let mut flen = std::mem::size_of::<sockaddr_in>() as socklen_t;
+    let mut buf = [0u8; 100];
+    // SAFETY: live buffers.
+    let r = unsafe {
+        libc::recvfrom(a, buf.as_mut_ptr().cast(), 100, 0, (&mut from as *mut sockaddr_in).cast(), &mut flen)
+    };
+    println!(
+        "recvfrom: {r} {:?} from sender: {} len {flen}",
+        String::from_utf8_lossy(&buf[..r.max(0) as usize]),
+        u16::from_be(from.sin_port) == pb
+    );
+    t("recv MSG_TRUNC into 3 bytes", recv(a, &mut buf[..3], libc::MSG_TRUNC));
+    let mut small = [0u8; 2];
+    let iov = [libc::iovec { iov_base: small.as_mut_ptr().cast(), iov_len: 2 }];
+    // SAFETY: msghdr is plain data.
+    let mut m: libc::msghdr = unsafe { std::mem::zeroed() };
+    m.msg_iov = iov.as_ptr() as *mut _;
+    m.msg_iovlen = 1;
+    // SAFETY: live msghdr.
+    t("recvmsg truncating", unsafe { libc::recvmsg(a, &mut m, 0) });
+    println!("msg_flags MSG_TRUNC: {} data {:?}", m.msg_flags & libc::MSG_TRUNC != 0, String::from_utf8_lossy(&small));
+    recv_trace("recv empty DONTWAIT", a, 10, libc::MSG_DONTWAIT);
+    t("connect b to a", connect_to(b, pa));
+    t("send connected", send(b, b"conn", 0));
+    recv_trace("recv connected", a, 10, 0);
+    let mut peer = loopback(0);
+    let mut plen = std::mem::size_of::<sockaddr_in>() as socklen_t;
+    // SAFETY: live sockaddr.
+    unsafe { libc::getpeername(b, (&mut peer as *mut sockaddr_in).cast(), &mut plen) };
+    println!("getpeername matches: {}", u16::from_be(peer.sin_port) == pa);
+    let (c, _) = udp_socket();
+    t("connect to closed port", connect_to(c, closed_port()));
+    t("send to closed port", send(c, b"x", 0));
+    std::thread::sleep(Duration::from_millis(50));
+    recv_trace("recv after ICMP", c, 10, libc::MSG_DONTWAIT);
+    println!("SO_ERROR: {}", so_error(c));
+    let big = vec![7u8; 70000];
+    t("sendto oversized", sendto(a, &big, pb));
+    [a, b, c].into_iter().for_each(close);
+}
+
 fn main() {
     let name = std::env::args().nth(1).unwrap_or_default();
     match name.as_str() {
@@ -703,8 +770,9 @@ fn main() {
         "many" => many(),
         "bulk" => bulk(std::env::args().nth(2).and_then(|a| a.parse().ok()).unwrap_or(1024)),
         "dup" => dup_and_fcntl(),
+        "udp" => udp(),
         "list" => println!(
-            "connect_open connect_closed addr_in_use accept_nonblocking half_close peer_reset readiness flags sigpipe rcvtimeo eintr many bulk dup"
+            "connect_open connect_closed addr_in_use accept_nonblocking half_close peer_reset readiness flags sigpipe rcvtimeo eintr many bulk dup udp"
         ),
         other => {
             eprintln!("unknown scenario {other:?}");
