@@ -7,6 +7,7 @@
 //! ring_off            job queue: SPSC ring of nqe indices, guest -> NSM
 //! nqe_off             nqe table: NQE_COUNT x Nqe; an nqe's state word is its completion
 //! slot_off            event table: SLOT_COUNT x Slot, readiness of each socket, NSM -> guest
+//! guest_off           guest table: SLOT_COUNT x GuestSock, the guest's own per-socket state
 //! pool_off            buffer pool: data referenced by nqe.buf_off / nqe.buf_len
 //! ```
 //! See docs/ABI.md for the protocol.
@@ -17,7 +18,7 @@ use core::sync::atomic::{AtomicU32, AtomicU64};
 /// "NETKRNL" plus a format byte, little endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"NETKRNL1");
 /// Bumped on any incompatible change of this file.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Number of nqes (and job ring entries); a power of two.
 pub const NQE_COUNT: u32 = 64;
@@ -52,6 +53,7 @@ pub struct RegionHeader {
     pub ring_off: u64,
     pub nqe_off: u64,
     pub slot_off: u64,
+    pub guest_off: u64,
     pub pool_off: u64,
     pub pool_size: u64,
     pub attachment_id: u64,
@@ -60,7 +62,7 @@ pub struct RegionHeader {
     pub guest_free_nqes: AtomicU64,
     /// Guest-owned: serialises the guest's producers of the job queue. ServiceLib never reads it.
     pub guest_push_lock: AtomicU32,
-    _reserved: [u32; 5],
+    _reserved: [u32; 3],
     /// STATE_LIVE or STATE_DEAD; written by the engine and NSM, read by the guest.
     pub state: AtomicU32,
     _pad0: [u8; 60],
@@ -137,6 +139,23 @@ pub struct Slot {
     pub queued: AtomicU32,
 }
 
+/// Guest-owned state of one socket, in the region so that every process sharing the
+/// attachment (after fork) sees the same: like the kernel's open file description. ServiceLib
+/// never reads it.
+#[repr(C)]
+pub struct GuestSock {
+    /// File descriptors, in all processes of the guest, that refer to this socket.
+    pub refs: AtomicU32,
+    /// GuestLib's flags (non-blocking, stream, listening, ...).
+    pub flags: AtomicU32,
+    /// Bumped each time the slot is given to a new socket.
+    pub gen: AtomicU32,
+    _pad: u32,
+    /// SO_RCVTIMEO and SO_SNDTIMEO in microseconds; 0: none.
+    pub rcvtimeo_us: AtomicU64,
+    pub sndtimeo_us: AtomicU64,
+}
+
 /// Socket operations a guest can request.
 #[repr(u32)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -197,6 +216,7 @@ pub struct Layout {
     pub ring_off: u64,
     pub nqe_off: u64,
     pub slot_off: u64,
+    pub guest_off: u64,
     pub pool_off: u64,
     pub pool_size: u64,
     pub region_size: u64,
@@ -214,10 +234,11 @@ impl Layout {
         let ring_size = core::mem::size_of::<RingHeader>() as u64 + 4 * NQE_COUNT as u64;
         let nqe_off = align_up(ring_off + ring_size, 64);
         let slot_off = align_up(nqe_off + NQE_COUNT as u64 * core::mem::size_of::<Nqe>() as u64, 64);
-        let pool_off = align_up(slot_off + SLOT_COUNT as u64 * core::mem::size_of::<Slot>() as u64, 4096);
+        let guest_off = align_up(slot_off + SLOT_COUNT as u64 * core::mem::size_of::<Slot>() as u64, 64);
+        let pool_off = align_up(guest_off + SLOT_COUNT as u64 * core::mem::size_of::<GuestSock>() as u64, 4096);
         let pool_size = NQE_COUNT as u64 * BUF_SIZE as u64;
         let region_size = align_up(pool_off + pool_size, REGION_ALIGN);
-        Layout { ring_off, nqe_off, slot_off, pool_off, pool_size, region_size }
+        Layout { ring_off, nqe_off, slot_off, guest_off, pool_off, pool_size, region_size }
     }
 
     /// Whether `[off, off+len)` lies inside the buffer pool. The guest chose both numbers.
@@ -270,7 +291,10 @@ impl RegionHeader {
             (self.slot_count == SLOT_COUNT, "slot_count"),
             (self.buf_size == BUF_SIZE, "buf_size"),
             (self.ring_off == l.ring_off && self.nqe_off == l.nqe_off, "ring/nqe offsets"),
-            (self.slot_off == l.slot_off && self.pool_off == l.pool_off, "slot/pool offsets"),
+            (
+                self.slot_off == l.slot_off && self.pool_off == l.pool_off && self.guest_off == l.guest_off,
+                "slot/guest/pool offsets",
+            ),
             (self.pool_size == l.pool_size, "pool_size"),
         ];
         match checks.iter().find(|(ok, _)| !ok) {
@@ -293,6 +317,7 @@ impl RegionHeader {
         self.ring_off = l.ring_off;
         self.nqe_off = l.nqe_off;
         self.slot_off = l.slot_off;
+        self.guest_off = l.guest_off;
         self.pool_off = l.pool_off;
         self.pool_size = l.pool_size;
         self.attachment_id = attachment_id;
@@ -305,6 +330,7 @@ const _: () = {
     assert!(core::mem::size_of::<RegionHeader>() <= 4096);
     assert!(core::mem::size_of::<Nqe>() == 192);
     assert!(core::mem::size_of::<Slot>() == 16);
+    assert!(core::mem::size_of::<GuestSock>() == 32);
     assert!(core::mem::size_of::<RingHeader>() == 128);
     assert!(NQE_COUNT.is_power_of_two());
 };
@@ -316,7 +342,9 @@ mod tests {
     #[test]
     fn standard_layout_is_ordered_and_aligned() {
         let l = Layout::standard();
-        assert!(l.ring_off < l.nqe_off && l.nqe_off < l.slot_off && l.slot_off < l.pool_off);
+        assert!(
+            l.ring_off < l.nqe_off && l.nqe_off < l.slot_off && l.slot_off < l.guest_off && l.guest_off < l.pool_off
+        );
         assert_eq!(l.pool_off % 4096, 0);
         assert_eq!(l.region_size % REGION_ALIGN, 0);
         assert!(l.pool_off + l.pool_size <= l.region_size);

@@ -57,6 +57,8 @@ struct Attachment {
     nsm: String,
     pid: i32,
     uid: u32,
+    /// Processes sharing the attachment: the attaching one and its forked children.
+    holders: Vec<i32>,
     /// The engine's own mapping, used to declare the region dead if its NSM dies.
     region: Region,
     guest_bell: OwnedFd,
@@ -275,6 +277,13 @@ impl Engine {
                     }
                 },
                 EngineRequest::Attach { .. } => sys::send_frame(fd, &reply_bytes(Reply::err("already attached")), &[]),
+                EngineRequest::Hold { attachment, pid } => {
+                    let r = self.hold(&conn, attachment, pid);
+                    if let Err(msg) = &r {
+                        log(msg);
+                    }
+                    sys::send_frame(fd, &reply_bytes(r.map_or_else(Reply::err, Reply::ok)), &[])
+                }
                 EngineRequest::Status => sys::send_frame(fd, &reply_bytes(Reply::ok(self.status())), &[]),
                 EngineRequest::Tenants => sys::send_frame(fd, &reply_bytes(Reply::ok(self.tenants())), &[]),
                 EngineRequest::Nsms => sys::send_frame(fd, &reply_bytes(Reply::ok(self.nsm_views())), &[]),
@@ -288,8 +297,16 @@ impl Engine {
             }
         }
         if let Some(id) = attached {
-            // The guest process is gone; the NSM notices by its pidfd and closes its sockets.
-            self.attachments.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+            // The attaching process is gone; the attachment lives on while forked children
+            // hold it (the NSM watches their pidfds and closes the sockets after the last).
+            let mut atts = self.attachments.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(a) = atts.get_mut(&id) {
+                let gone = a.pid;
+                a.holders.retain(|&p| p != gone && alive(p));
+                if a.holders.is_empty() {
+                    atts.remove(&id);
+                }
+            }
         }
     }
 
@@ -346,12 +363,37 @@ impl Engine {
                 nsm: nsm.name.clone(),
                 pid: cred.pid,
                 uid: cred.uid,
+                holders: vec![cred.pid],
                 region,
                 guest_bell: keep_bell,
                 nsm_generation: generation,
             },
         );
         Ok((id, reply, vec![memfd_copy, nsm_bell, guest_bell]))
+    }
+
+    /// A guest that forked asks that its child share the attachment. Only a process that holds
+    /// the attachment may ask, and only for its own child.
+    fn hold(&self, conn: &UnixStream, id: u64, child: i32) -> Result<(), String> {
+        let cred = peer_cred(conn).map_err(|e| format!("SO_PEERCRED: {e}"))?;
+        let nsm_name = {
+            let atts = self.attachments.lock().unwrap_or_else(|e| e.into_inner());
+            let a = atts.get(&id).ok_or_else(|| format!("pid {} asked to share unknown attachment {id}", cred.pid))?;
+            if !a.holders.contains(&cred.pid) {
+                return Err(format!("pid {} does not hold attachment {id}", cred.pid));
+            }
+            a.nsm.clone()
+        };
+        if parent_of(child) != Some(cred.pid) {
+            return Err(format!("pid {child} is not a child of pid {}", cred.pid));
+        }
+        let pidfd = pidfd_open(child).map_err(|e| format!("pidfd_open({child}): {e}"))?;
+        let nsm = self.nsms.iter().find(|n| n.name == nsm_name).ok_or("attachment's NSM is gone")?;
+        nsm.hold(id, pidfd.as_raw_fd()).map_err(|e| format!("NSM {}: {e}", nsm.name))?;
+        if let Some(a) = self.attachments.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&id) {
+            a.holders.push(child);
+        }
+        Ok(())
     }
 
     fn stats(&self) -> Vec<NsmStats> {
@@ -420,6 +462,18 @@ impl Engine {
     pub fn attached_pids(&self) -> Vec<(i32, u32)> {
         self.attachments.lock().unwrap_or_else(|e| e.into_inner()).values().map(|a| (a.pid, a.uid)).collect()
     }
+}
+
+/// The parent of `pid`, from /proc.
+fn parent_of(pid: i32) -> Option<i32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("PPid:")).and_then(|v| v.trim().parse().ok())
+}
+
+/// Whether a process still exists.
+fn alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks for existence.
+    unsafe { libc::kill(pid, 0) == 0 || *libc::__errno_location() == libc::EPERM }
 }
 
 /// Which pages a new region would get.

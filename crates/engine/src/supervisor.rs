@@ -124,6 +124,12 @@ impl Nsm {
         Ok(p.generation)
     }
 
+    /// Tells the NSM another process (by pidfd) shares attachment `id`.
+    pub fn hold(&self, id: u64, pidfd: RawFd) -> io::Result<()> {
+        let mut p = self.lock();
+        Self::call(&mut p, &NsmRequest::Hold { attachment: id }, &[pidfd]).map(|_| ())
+    }
+
     pub fn stats(&self) -> io::Result<NsmStats> {
         let mut p = self.lock();
         let v = Self::call(&mut p, &NsmRequest::Stats, &[])?;

@@ -531,6 +531,34 @@ pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
     r
 }
 
+// ---- processes ----
+
+/// # Safety
+/// Interposes fork(2). The child shares the parent's attachment: every NetKernel fd gains a
+/// reference for it before the fork, and the parent asks the engine to keep the attachment
+/// alive until the child exits too.
+#[no_mangle]
+pub unsafe extern "C" fn fork() -> libc::pid_t {
+    let att = state::current().filter(|a| !a.dead());
+    if att.is_some() {
+        state::share_fds(1);
+    }
+    // SAFETY: forwarding.
+    let pid = unsafe { real::fork() };
+    match (pid, att) {
+        (0, _) => {
+            state::after_fork_in_child();
+            readiness::after_fork_in_child();
+        }
+        (p, Some(_)) if p < 0 => state::share_fds(-1),
+        (p, Some(a)) => {
+            let _ = std::panic::catch_unwind(|| a.hold_for(p));
+        }
+        _ => {}
+    }
+    pid
+}
+
 // ---- readiness ----
 
 fn any_ours(fds: &[pollfd]) -> bool {

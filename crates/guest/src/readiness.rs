@@ -113,6 +113,18 @@ fn thread_ep(a: &Attachment) -> Result<c_int, Errno> {
         .unwrap_or(Err(libc::ENOMEM))
 }
 
+/// In a forked child: the poll helper epoll is the parent's instance (shared, so its doorbell
+/// edges would be consumed by whichever process looks first); the child makes its own.
+pub fn after_fork_in_child() {
+    let _ = THREAD_EP.try_with(|t| {
+        if t.ep.get() >= 0 {
+            netkernel_ring::sys::close(t.ep.get());
+        }
+        t.ep.set(-1);
+        t.bell.set(-1);
+    });
+}
+
 /// Consumes doorbell edges that arrived before this thread looked.
 fn drain_thread_ep(ep: c_int) {
     let mut ev = [epoll_event { events: 0, u64: 0 }; 4];

@@ -70,6 +70,7 @@ real! {
     fn dup(fd: c_int) -> c_int;
     fn dup2(old: c_int, new: c_int) -> c_int;
     fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int;
+    fn fork() -> libc::pid_t;
 }
 
 /// fcntl is variadic in C; its third argument is an int or a pointer, both passed in a register.

@@ -2,10 +2,10 @@
 //! NetKernel socket from any other fd, per-socket state, and the two ways a thread waits: for an
 //! nqe's completion and for a socket's next wakeup.
 
-use netkernel_abi::{nqe_state, Nqe, ADDR_MAX, BUF_SIZE, NQE_COUNT, SLOT_COUNT, STATE_DEAD};
+use netkernel_abi::{nqe_state, GuestSock, Nqe, ADDR_MAX, BUF_SIZE, NQE_COUNT, STATE_DEAD};
 use netkernel_ring::region::Region;
 use netkernel_ring::sys;
-use std::sync::atomic::{fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicI32, AtomicPtr, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 /// fds at or above this are never NetKernel sockets (the machine's limit is far below).
@@ -25,30 +25,11 @@ pub const F_INET6: u32 = 4;
 /// listen() succeeded: readiness says nothing about recv/send on it.
 pub const F_LISTEN: u32 = 8;
 
-/// Guest-side state of one socket slot, shared by every fd that refers to it (dup, fork):
-/// like the kernel's open file description.
-pub struct SockState {
-    pub refs: AtomicU32,
-    pub flags: AtomicU32,
-    /// Bumped when the slot is given to a new socket, so stale epoll interests can tell.
-    pub gen: AtomicU32,
-    /// SO_RCVTIMEO / SO_SNDTIMEO in microseconds, 0 = none.
-    pub rcvtimeo_us: AtomicU64,
-    pub sndtimeo_us: AtomicU64,
-}
-
-static SOCKS: [SockState; SLOT_COUNT as usize] = [const {
-    SockState {
-        refs: AtomicU32::new(0),
-        flags: AtomicU32::new(0),
-        gen: AtomicU32::new(0),
-        rcvtimeo_us: AtomicU64::new(0),
-        sndtimeo_us: AtomicU64::new(0),
-    }
-}; SLOT_COUNT as usize];
-
-pub fn sock_state(slot: u32) -> &'static SockState {
-    &SOCKS[slot as usize]
+/// Guest-side state of socket `slot`, shared by every fd that refers to it in every process of
+/// the attachment (dup, fork): like the kernel's open file description. It lives in the region.
+pub fn sock_state(slot: u32) -> &'static GuestSock {
+    // Only called for sockets of the live attachment, which exists and is never freed.
+    current().expect("a NetKernel socket without an attachment").region.guest_sock(slot)
 }
 
 /// Attachments made by this process so far; fd table entries carry the one they belong to, so a
@@ -84,7 +65,7 @@ pub fn map_fd(fd: i32, slot: u32) -> bool {
     if fd < 0 || fd as usize >= MAX_FD {
         return false;
     }
-    SOCKS[slot as usize].refs.fetch_add(1, Ordering::AcqRel);
+    sock_state(slot).refs.fetch_add(1, Ordering::AcqRel);
     let v = (EPOCH.load(Ordering::Relaxed) << 16 | slot) + 1;
     FDS[fd as usize].store(v, Ordering::Release);
     true
@@ -98,17 +79,14 @@ pub fn unmap_fd(fd: i32) -> Option<u32> {
     }
     FDS[fd as usize].store(0, Ordering::Release);
     match live {
-        Fd::Sock(slot) => (SOCKS[slot as usize].refs.fetch_sub(1, Ordering::AcqRel) == 1).then_some(slot),
+        Fd::Sock(slot) => (sock_state(slot).refs.fetch_sub(1, Ordering::AcqRel) == 1).then_some(slot),
         _ => None,
     }
 }
 
-/// Starts a new epoch: every socket state is fresh for the new attachment.
+/// Starts a new epoch: fds of the old attachment become stale. Socket state lives in the new
+/// region, which starts zeroed.
 fn new_epoch() {
-    for s in SOCKS.iter() {
-        s.refs.store(0, Ordering::Relaxed);
-        s.gen.fetch_add(1, Ordering::Relaxed);
-    }
     EPOCH.fetch_add(1, Ordering::AcqRel);
 }
 
@@ -117,8 +95,9 @@ pub struct Attachment {
     pub region: Region,
     pub nsm_bell: i32,
     pub guest_bell: i32,
-    /// Our end of the engine's control socket, kept open for the life of the process.
-    _ctl: i32,
+    /// Our end of the engine's control socket, kept open for the life of the process (-1 in a
+    /// forked child until it needs one).
+    ctl: AtomicI32,
 }
 
 static ATTACHMENT: AtomicPtr<Attachment> = AtomicPtr::new(std::ptr::null_mut());
@@ -187,10 +166,10 @@ pub fn current() -> Option<&'static Attachment> {
     unsafe { ATTACHMENT.load(Ordering::Acquire).as_ref() }
 }
 
-fn attach() -> Result<Attachment, String> {
+/// A new connection to the engine's control socket.
+fn connect_engine() -> Result<i32, String> {
     let path = std::env::var("NETKERNEL_SOCKET")
         .map_err(|_| "NETKERNEL_SOCKET is not set; start programs with `netkernel run`".to_string())?;
-    let tenant = std::env::var("NETKERNEL_TENANT").ok();
     // SAFETY: plain system call.
     let fd =
         unsafe { libc::syscall(libc::SYS_socket, libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) } as i32;
@@ -215,6 +194,28 @@ fn attach() -> Result<Attachment, String> {
         sys::close(fd);
         return Err(format!("cannot reach the NetKernel engine at {path}: {e}"));
     }
+    Ok(fd)
+}
+
+/// One request/response with the engine on `fd`; the reply's fds are returned.
+fn engine_call(fd: i32, req: &serde_json::Value) -> Result<(serde_json::Value, Vec<i32>), String> {
+    sys::send_frame(fd, req.to_string().as_bytes(), &[]).map_err(|e| format!("request to engine: {e}"))?;
+    let (payload, fds) = match sys::recv_frame(fd) {
+        Ok(Some(x)) => x,
+        Ok(None) => return Err("engine closed the control socket".into()),
+        Err(e) => return Err(format!("engine reply: {e}")),
+    };
+    let reply: serde_json::Value = serde_json::from_slice(&payload).unwrap_or_default();
+    if reply["ok"] != serde_json::Value::Bool(true) {
+        fds.iter().for_each(|&f| sys::close(f));
+        return Err(reply["error"].as_str().unwrap_or("malformed reply").to_string());
+    }
+    Ok((reply, fds))
+}
+
+fn attach() -> Result<Attachment, String> {
+    let tenant = std::env::var("NETKERNEL_TENANT").ok();
+    let fd = connect_engine()?;
     let req = match &tenant {
         Some(t) => serde_json::json!({"op": "attach", "tenant": t}),
         None => serde_json::json!({"op": "attach"}),
@@ -223,20 +224,14 @@ fn attach() -> Result<Attachment, String> {
         sys::close(fd);
         Err(m)
     };
-    if let Err(e) = sys::send_frame(fd, req.to_string().as_bytes(), &[]) {
-        return fail(fd, format!("attach request: {e}"));
-    }
-    let (payload, fds) = match sys::recv_frame(fd) {
-        Ok(Some(x)) => x,
-        Ok(None) => return fail(fd, "engine closed the control socket".into()),
-        Err(e) => return fail(fd, format!("attach reply: {e}")),
+    let fds = match engine_call(fd, &req) {
+        Ok((_, fds)) if fds.len() == 3 => fds,
+        Ok((_, fds)) => {
+            fds.iter().for_each(|&f| sys::close(f));
+            return fail(fd, "engine sent an attach reply without the region".into());
+        }
+        Err(e) => return fail(fd, format!("engine refused attachment: {e}")),
     };
-    let reply: serde_json::Value = serde_json::from_slice(&payload).unwrap_or_default();
-    if reply["ok"] != serde_json::Value::Bool(true) || fds.len() != 3 {
-        fds.iter().for_each(|&f| sys::close(f));
-        let why = reply["error"].as_str().unwrap_or("malformed reply").to_string();
-        return fail(fd, format!("engine refused attachment: {why}"));
-    }
     let region = Region::map(fds[0]);
     sys::close(fds[0]);
     let region = match region {
@@ -247,10 +242,64 @@ fn attach() -> Result<Attachment, String> {
             return fail(fd, e.to_string());
         }
     };
-    Ok(Attachment { region, nsm_bell: hide_fd(fds[1]), guest_bell: hide_fd(fds[2]), _ctl: fd })
+    Ok(Attachment { region, nsm_bell: hide_fd(fds[1]), guest_bell: hide_fd(fds[2]), ctl: AtomicI32::new(fd) })
+}
+
+static CTL_LOCK: AtomicBool = AtomicBool::new(false);
+
+/// fork() is about to run: every NetKernel fd gains a reference for the child (`delta` = 1),
+/// or loses it again when fork failed (`delta` = -1). Done before the fork so that a parent
+/// closing its copy right away never closes the child's socket.
+pub fn share_fds(delta: i32) {
+    let epoch = EPOCH.load(Ordering::Relaxed);
+    for e in FDS.iter() {
+        let v = e.load(Ordering::Relaxed);
+        if v != 0 && (v - 1) >> 16 == epoch {
+            let refs = &sock_state((v - 1) & 0xffff).refs;
+            if delta > 0 {
+                refs.fetch_add(1, Ordering::AcqRel);
+            } else {
+                refs.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    }
+}
+
+/// In a forked child: locks another thread of the parent held are not held here, and the
+/// control connection is the parent's, not ours.
+pub fn after_fork_in_child() {
+    ATTACH_LOCK.store(false, Ordering::Release);
+    CTL_LOCK.store(false, Ordering::Release);
+    if let Some(a) = current() {
+        let fd = a.ctl.swap(-1, Ordering::AcqRel);
+        if fd >= 0 {
+            sys::close(fd);
+        }
+    }
 }
 
 impl Attachment {
+    /// In the parent right after fork: asks the engine to keep the attachment alive for the
+    /// child (the NSM ends an attachment when its last process exits).
+    pub fn hold_for(&self, child: i32) {
+        while CTL_LOCK.swap(true, Ordering::Acquire) {
+            std::hint::spin_loop();
+        }
+        let mut fd = self.ctl.load(Ordering::Acquire);
+        if fd < 0 {
+            if let Ok(new) = connect_engine() {
+                fd = new;
+                self.ctl.store(fd, Ordering::Release);
+            }
+        }
+        let id = self.region.header().attachment_id;
+        let r = engine_call(fd, &serde_json::json!({"op": "hold", "attachment": id, "pid": child}));
+        CTL_LOCK.store(false, Ordering::Release);
+        if let Err(e) = r {
+            warn(&format!("child {child} will lose its NetKernel sockets when this process exits: {e}"));
+        }
+    }
+
     pub fn dead(&self) -> bool {
         self.region.header().state.load(Ordering::Acquire) == STATE_DEAD
     }

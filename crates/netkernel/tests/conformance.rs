@@ -33,7 +33,7 @@ fn differential(scenario: &str) {
     // The traffic went through the NSM, not around it.
     let nsm = engine.nsm();
     assert!(
-        nsm["conns_total"].as_u64().unwrap() > 0 || matches!(scenario, "addr_in_use" | "udp"),
+        nsm["conns_total"].as_u64().unwrap() > 0 || matches!(scenario, "addr_in_use" | "udp" | "fork_parent_exits"),
         "no connection through the NSM: {nsm}"
     );
 }
@@ -63,4 +63,8 @@ scenarios!(
     bulk,
     dup,
     udp,
+    fork_accept,
+    fork_handoff,
+    fork_parent_exits,
+    threads,
 );

@@ -3,7 +3,7 @@
 
 use crate::spsc::RingRef;
 use crate::sys;
-use netkernel_abi::{HeaderError, Layout, Nqe, RegionHeader, RingHeader, Slot, NQE_COUNT, SLOT_COUNT};
+use netkernel_abi::{GuestSock, HeaderError, Layout, Nqe, RegionHeader, RingHeader, Slot, NQE_COUNT, SLOT_COUNT};
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::atomic::AtomicU32;
@@ -209,6 +209,13 @@ impl Region {
         assert!(i < SLOT_COUNT);
         // SAFETY: in bounds of the slot table; all fields are atomics.
         unsafe { &*self.base.add(self.layout.slot_off as usize).cast::<Slot>().add(i as usize) }
+    }
+
+    /// The guest's own state of socket `i` (`i < SLOT_COUNT`); only GuestLib uses it.
+    pub fn guest_sock(&self, i: u32) -> &GuestSock {
+        assert!(i < SLOT_COUNT);
+        // SAFETY: in bounds of the guest table; all fields are atomics.
+        unsafe { &*self.base.add(self.layout.guest_off as usize).cast::<GuestSock>().add(i as usize) }
     }
 
     /// Pointer to `[off, off+len)`, which the caller has checked lies in the buffer pool.

@@ -13,6 +13,12 @@ pub enum EngineRequest {
     Attach {
         tenant: Option<String>,
     },
+    /// A guest process that just forked `pid` asks to keep the attachment alive for the child:
+    /// the attachment lives until its last process exits.
+    Hold {
+        attachment: u64,
+        pid: i32,
+    },
     Status,
     Tenants,
     Nsms,
@@ -52,6 +58,8 @@ impl Reply {
 pub enum NsmRequest {
     /// Serve a new attachment. Fds: region memfd, NSM doorbell, guest doorbell, guest pidfd.
     Attach { attachment: u64, tenant: String, pid: i32, uid: u32 },
+    /// Another process (a forked child) shares the attachment. Fd: its pidfd.
+    Hold { attachment: u64 },
     /// Report telemetry.
     Stats,
 }

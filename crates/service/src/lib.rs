@@ -84,7 +84,9 @@ struct Attachment {
     head: u32,
     nsm_bell: OwnedFd,
     guest_bell: OwnedFd,
-    _pidfd: OwnedFd,
+    /// pidfds of the processes sharing the attachment (the attaching one and forked children);
+    /// the attachment ends when all have exited.
+    holders: Vec<Option<OwnedFd>>,
     socks: Vec<Option<Sock>>,
     free: Vec<u32>,
     bell_pending: bool,
@@ -283,8 +285,14 @@ impl<S: Stack> Service<S> {
                 }
             }
             TOK_PIDFD => {
-                // The guest process exited: its sockets close as the kernel would close them.
-                self.atts[ai] = None;
+                let Some(a) = self.atts.get_mut(ai).and_then(|a| a.as_mut()) else { return };
+                if let Some(h) = a.holders.get_mut(slot as usize) {
+                    *h = None;
+                }
+                // The guest's last process exited: its sockets close as the kernel would.
+                if a.holders.iter().all(|h| h.is_none()) {
+                    self.atts[ai] = None;
+                }
             }
             _ => {}
         }
@@ -304,6 +312,10 @@ impl<S: Stack> Service<S> {
                     Err(e) => control::Reply::err(e),
                 }
             }
+            Ok(NsmRequest::Hold { attachment }) => match self.hold(attachment, fds) {
+                Ok(()) => control::Reply::ok(()),
+                Err(e) => control::Reply::err(e),
+            },
             Ok(NsmRequest::Stats) => control::Reply::ok(self.snapshot()),
             Err(e) => control::Reply::err(format!("bad request: {e}")),
         };
@@ -339,11 +351,28 @@ impl<S: Stack> Service<S> {
             head,
             nsm_bell,
             guest_bell,
-            _pidfd: pidfd,
+            holders: vec![Some(pidfd)],
             socks: Vec::new(),
             free: Vec::new(),
             bell_pending: false,
         });
+        Ok(())
+    }
+
+    fn hold(&mut self, id: u64, fds: Vec<OwnedFd>) -> Result<(), String> {
+        let [pidfd]: [OwnedFd; 1] = fds.try_into().map_err(|_| "hold needs one pidfd".to_string())?;
+        let ai = self.atts.iter().position(|a| a.as_ref().is_some_and(|a| a.id == id)).ok_or("no such attachment")?;
+        let a = self.atts[ai].as_mut().expect("found above");
+        let h = a.holders.len() as u32;
+        epoll_ctl(
+            self.epfd.as_raw_fd(),
+            libc::EPOLL_CTL_ADD,
+            pidfd.as_raw_fd(),
+            libc::EPOLLIN as u32,
+            tok(TOK_PIDFD, ai, h),
+        )
+        .map_err(|e| format!("epoll: {e}"))?;
+        a.holders.push(Some(pidfd));
         Ok(())
     }
 

@@ -753,6 +753,153 @@ fn udp() {
     [a, b, c].into_iter().for_each(close);
 }
 
+fn wait_child(pid: libc::pid_t) -> c_int {
+    let mut st = 0;
+    // SAFETY: reaping our child.
+    unsafe { libc::waitpid(pid, &mut st, 0) };
+    st
+}
+
+/// Prefork servers: children accept on a listener created before fork.
+fn fork_accept() {
+    let (l, port) = listener();
+    let mut kids = Vec::new();
+    for _ in 0..2 {
+        // SAFETY: the child only makes socket calls and exits with _exit.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            for _ in 0..2 {
+                // SAFETY: accept on the inherited listener.
+                let s = unsafe { libc::accept(l, std::ptr::null_mut(), std::ptr::null_mut()) };
+                if s < 0 {
+                    // SAFETY: leaving the child.
+                    unsafe { libc::_exit(3) };
+                }
+                send(s, b"from child", 0);
+                close(s);
+            }
+            // SAFETY: leaving the child.
+            unsafe { libc::_exit(0) };
+        }
+        kids.push(pid);
+    }
+    let mut answers = 0;
+    for _ in 0..4 {
+        let c = tcp();
+        connect_to(c, port);
+        let mut buf = [0u8; 32];
+        if recv(c, &mut buf, libc::MSG_WAITALL) == 10 && &buf[..10] == b"from child" {
+            answers += 1;
+        }
+        close(c);
+    }
+    let codes: Vec<c_int> = kids.into_iter().map(wait_child).collect();
+    println!("answers from children: {answers}, exit statuses {codes:?}");
+    close(l);
+}
+
+/// Postgres-style hand-off: the parent accepts, forks, and closes its copy; the child serves.
+fn fork_handoff() {
+    let (l, port) = listener();
+    let c = tcp();
+    connect_to(c, port);
+    // SAFETY: accept on our listener.
+    let s = unsafe { libc::accept(l, std::ptr::null_mut(), std::ptr::null_mut()) };
+    // SAFETY: the child only makes socket calls and exits with _exit.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        std::thread::sleep(Duration::from_millis(100));
+        let mut buf = [0u8; 16];
+        let n = recv(s, &mut buf, 0);
+        send(s, &buf[..n.max(0) as usize], 0);
+        send(s, b"!", 0);
+        close(s);
+        // SAFETY: leaving the child.
+        unsafe { libc::_exit(0) };
+    }
+    close(s);
+    close(l);
+    t("send to child", send(c, b"ping", 0));
+    recv_trace("echo from child", c, 5, libc::MSG_WAITALL);
+    recv_trace("EOF after child closes", c, 5, 0);
+    println!("child status {}", wait_child(pid));
+    close(c);
+}
+
+/// The process that opened the sockets exits; its forked child keeps using them.
+fn fork_parent_exits() {
+    let mut pipe = [0; 2];
+    // SAFETY: live array.
+    unsafe { libc::pipe(pipe.as_mut_ptr()) };
+    // SAFETY: the children only make socket calls and exit with _exit.
+    let a = unsafe { libc::fork() };
+    if a == 0 {
+        let (c, s) = pair();
+        // SAFETY: as above.
+        let b = unsafe { libc::fork() };
+        if b == 0 {
+            std::thread::sleep(Duration::from_millis(300));
+            send(c, b"still here", 0);
+            let mut buf = [0u8; 10];
+            let n = recv(s, &mut buf, libc::MSG_WAITALL);
+            let msg: &[u8] = if n == 10 && &buf == b"still here" { b"ok" } else { b"no" };
+            // SAFETY: pipe write, then leaving.
+            unsafe {
+                libc::write(pipe[1], msg.as_ptr().cast(), 2);
+                libc::_exit(0);
+            }
+        }
+        // SAFETY: the attaching process leaves at once.
+        unsafe { libc::_exit(0) };
+    }
+    wait_child(a);
+    close(pipe[1]);
+    let mut buf = [0u8; 2];
+    // SAFETY: pipe read.
+    let n = unsafe { libc::read(pipe[0], buf.as_mut_ptr().cast(), 2) };
+    println!("grandchild after its parent exited: {n} {:?}", String::from_utf8_lossy(&buf[..n.max(0) as usize]));
+    close(pipe[0]);
+}
+
+/// shutdown() from another thread wakes a blocked recv and accept, as on Linux.
+fn threads() {
+    let (c, s) = pair();
+    let h = std::thread::spawn(move || {
+        let mut buf = [0u8; 8];
+        recv(s, &mut buf, 0)
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    // SAFETY: plain call.
+    unsafe { libc::shutdown(s, libc::SHUT_RD) };
+    println!("blocked recv after shutdown(SHUT_RD) from another thread: {}", h.join().unwrap());
+    let (l, _) = listener();
+    let h = std::thread::spawn(move || {
+        // SAFETY: accept on our listener.
+        let r = unsafe { libc::accept(l, std::ptr::null_mut(), std::ptr::null_mut()) };
+        (r, errno())
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    // SAFETY: plain call.
+    unsafe { libc::shutdown(l, libc::SHUT_RDWR) };
+    let (r, e) = h.join().unwrap();
+    println!("blocked accept after shutdown: {r} {}", ename(e));
+    // Two threads blocked on two sockets at once.
+    let (c2, s2) = pair();
+    let h1 = std::thread::spawn(move || {
+        let mut b = [0u8; 4];
+        recv(s2, &mut b, libc::MSG_WAITALL)
+    });
+    let h2 = std::thread::spawn(move || {
+        let mut b = [0u8; 4];
+        recv(c, &mut b, libc::MSG_WAITALL)
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    send(c2, b"abcd", 0);
+    send(s, b"wxyz", 0);
+    println!("two blocked threads: {} {}", h1.join().unwrap(), h2.join().unwrap());
+    [c, s, l, c2, s2].into_iter().for_each(close);
+}
+
 fn main() {
     let name = std::env::args().nth(1).unwrap_or_default();
     match name.as_str() {
@@ -771,8 +918,12 @@ fn main() {
         "bulk" => bulk(std::env::args().nth(2).and_then(|a| a.parse().ok()).unwrap_or(1024)),
         "dup" => dup_and_fcntl(),
         "udp" => udp(),
+        "fork_accept" => fork_accept(),
+        "fork_handoff" => fork_handoff(),
+        "fork_parent_exits" => fork_parent_exits(),
+        "threads" => threads(),
         "list" => println!(
-            "connect_open connect_closed addr_in_use accept_nonblocking half_close peer_reset readiness flags sigpipe rcvtimeo eintr many bulk dup udp"
+            "connect_open connect_closed addr_in_use accept_nonblocking half_close peer_reset readiness flags sigpipe rcvtimeo eintr many bulk dup udp fork_accept fork_handoff fork_parent_exits threads"
         ),
         other => {
             eprintln!("unknown scenario {other:?}");
