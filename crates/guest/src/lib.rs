@@ -559,6 +559,68 @@ pub unsafe extern "C" fn fork() -> libc::pid_t {
     pid
 }
 
+type CStr = *const libc::c_char;
+
+/// Runs an exec with close-on-exec NetKernel fds released first (and restored if it fails).
+fn exec_with(f: impl FnOnce() -> c_int) -> c_int {
+    let dropped = std::panic::catch_unwind(state::before_exec).unwrap_or_default();
+    let r = f();
+    let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+    state::exec_failed(dropped);
+    set_errno(e);
+    r
+}
+
+/// # Safety
+/// Interposes execve(2).
+#[no_mangle]
+pub unsafe extern "C" fn execve(path: CStr, argv: *const CStr, envp: *const CStr) -> c_int {
+    // SAFETY: forwarding.
+    exec_with(|| unsafe { real::execve(path, argv, envp) })
+}
+
+/// # Safety
+/// Interposes execv(3).
+#[no_mangle]
+pub unsafe extern "C" fn execv(path: CStr, argv: *const CStr) -> c_int {
+    // SAFETY: forwarding.
+    exec_with(|| unsafe { real::execv(path, argv) })
+}
+
+/// # Safety
+/// Interposes execvp(3).
+#[no_mangle]
+pub unsafe extern "C" fn execvp(file: CStr, argv: *const CStr) -> c_int {
+    // SAFETY: forwarding.
+    exec_with(|| unsafe { real::execvp(file, argv) })
+}
+
+/// # Safety
+/// Interposes execvpe(3).
+#[no_mangle]
+pub unsafe extern "C" fn execvpe(file: CStr, argv: *const CStr, envp: *const CStr) -> c_int {
+    // SAFETY: forwarding.
+    exec_with(|| unsafe { real::execvpe(file, argv, envp) })
+}
+
+/// # Safety
+/// Interposes sendfile(2): file bytes go through the socket's ordinary send path.
+#[no_mangle]
+pub unsafe extern "C" fn sendfile(out: c_int, inp: c_int, off: *mut libc::off_t, count: size_t) -> ssize_t {
+    // SAFETY: the caller's offset pointer.
+    on_fd!(out, |s| isize_of(unsafe { sock::sendfile(s, inp, off, count) }), unsafe {
+        real::sendfile(out, inp, off, count)
+    })
+}
+
+/// # Safety
+/// Interposes sendfile64 (the same call on 64-bit Linux).
+#[no_mangle]
+pub unsafe extern "C" fn sendfile64(out: c_int, inp: c_int, off: *mut libc::off_t, count: size_t) -> ssize_t {
+    // SAFETY: same contract.
+    unsafe { sendfile(out, inp, off, count) }
+}
+
 // ---- readiness ----
 
 fn any_ours(fds: &[pollfd]) -> bool {

@@ -337,6 +337,59 @@ pub unsafe fn send(
     }
 }
 
+/// sendfile(2) to a NetKernel socket: the file is read in pieces and each piece sent as by
+/// send(); the file offset (or `*off`) advances by what was sent, as the kernel's does.
+///
+/// # Safety
+/// `off` is null or valid.
+pub unsafe fn sendfile(slot: u32, inp: c_int, off: *mut libc::off_t, count: usize) -> Result<usize, Errno> {
+    let mut buf = vec![0u8; count.min(BUF_SIZE as usize)];
+    let mut done = 0usize;
+    while done < count {
+        let want = (count - done).min(buf.len());
+        // SAFETY: reading into our own buffer; `off` per the contract.
+        let n = unsafe {
+            match off.as_mut() {
+                Some(o) => libc::syscall(libc::SYS_pread64, inp, buf.as_mut_ptr(), want, *o + done as libc::off_t),
+                None => libc::syscall(libc::SYS_read, inp, buf.as_mut_ptr(), want),
+            }
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
+            return if done > 0 { Ok(done) } else { Err(e) };
+        }
+        if n == 0 {
+            break;
+        }
+        let iov = [iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: n as usize }];
+        let sent = match unsafe { send(slot, &iov, 0, std::ptr::null(), 0) } {
+            Ok(m) => m,
+            Err(e) => {
+                unread(inp, off, n as i64);
+                return if done > 0 { Ok(done) } else { Err(e) };
+            }
+        };
+        done += sent;
+        if sent < n as usize {
+            unread(inp, off, n as i64 - sent as i64);
+            break;
+        }
+    }
+    if let Some(o) = unsafe { off.as_mut() } {
+        *o += done as libc::off_t;
+    }
+    Ok(done)
+}
+
+/// Gives back file bytes read but not sent: with no explicit offset, the file position moves
+/// back; with one, nothing was moved.
+fn unread(inp: c_int, off: *mut libc::off_t, n: i64) {
+    if off.is_null() && n > 0 {
+        // SAFETY: plain system call.
+        unsafe { libc::syscall(libc::SYS_lseek, inp, -n, libc::SEEK_CUR) };
+    }
+}
+
 /// What a receive returned besides its byte count.
 pub struct RecvInfo {
     pub from: [u8; ADDR_MAX],

@@ -153,6 +153,7 @@ pub fn attachment() -> Result<&'static Attachment, Errno> {
         if !cur.is_null() {
             new_epoch();
         }
+        OWNER_PID.store(getpid(), Ordering::Relaxed);
         ATTACHMENT.store(a, Ordering::Release);
         Ok(&*a)
     })();
@@ -265,9 +266,52 @@ pub fn share_fds(delta: i32) {
     }
 }
 
+/// The process whose memory this is; a vfork child (sharing it) has another pid and must not
+/// touch GuestLib's tables.
+static OWNER_PID: AtomicI32 = AtomicI32::new(0);
+
+fn getpid() -> i32 {
+    // SAFETY: plain system call.
+    unsafe { libc::syscall(libc::SYS_getpid) as i32 }
+}
+
+/// Whether this process owns GuestLib's memory (false in a vfork child).
+pub fn owns_memory() -> bool {
+    OWNER_PID.load(Ordering::Relaxed) == getpid()
+}
+
+/// exec() is about to replace this program: close-on-exec NetKernel fds vanish with it, so they
+/// give up their references (a socket whose last reference this was is closed by the NSM when
+/// the process exits). Returns what to restore if exec fails.
+pub fn before_exec() -> Vec<(i32, u32)> {
+    let mut dropped = Vec::new();
+    if !owns_memory() {
+        return dropped;
+    }
+    for fd in 0..MAX_FD as i32 {
+        if let Fd::Sock(slot) = lookup(fd) {
+            // SAFETY: plain system call on an fd we track.
+            let flags = unsafe { libc::syscall(libc::SYS_fcntl, fd, libc::F_GETFD) };
+            if flags >= 0 && flags & libc::FD_CLOEXEC as i64 != 0 {
+                unmap_fd(fd);
+                dropped.push((fd, slot));
+            }
+        }
+    }
+    dropped
+}
+
+/// exec() failed: the program goes on with the fds it had.
+pub fn exec_failed(dropped: Vec<(i32, u32)>) {
+    for (fd, slot) in dropped {
+        map_fd(fd, slot);
+    }
+}
+
 /// In a forked child: locks another thread of the parent held are not held here, and the
 /// control connection is the parent's, not ours.
 pub fn after_fork_in_child() {
+    OWNER_PID.store(getpid(), Ordering::Relaxed);
     ATTACH_LOCK.store(false, Ordering::Release);
     CTL_LOCK.store(false, Ordering::Release);
     if let Some(a) = current() {

@@ -67,4 +67,6 @@ scenarios!(
     fork_handoff,
     fork_parent_exits,
     threads,
+    sendfile,
+    exec_cloexec,
 );

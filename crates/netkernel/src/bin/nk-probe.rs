@@ -900,6 +900,78 @@ fn threads() {
     [c, s, l, c2, s2].into_iter().for_each(close);
 }
 
+/// sendfile from a file to a socket, with and without an explicit offset.
+fn sendfile_scenario() {
+    let path = std::env::temp_dir().join(format!("nk-probe-sendfile-{}", std::process::id()));
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&path, &data).unwrap();
+    let cpath = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: opening our file.
+    let f = unsafe { libc::open(cpath.as_ptr(), libc::O_RDONLY) };
+    let (c, s) = pair();
+    let h = std::thread::spawn(move || {
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut got = 0;
+        loop {
+            let r = recv(s, &mut buf, 0);
+            if r <= 0 {
+                break;
+            }
+            hasher.update(&buf[..r as usize]);
+            got += r;
+        }
+        close(s);
+        (got, hex(&hasher.finalize()))
+    });
+    let mut off: libc::off_t = 1000;
+    // SAFETY: live offset.
+    t("sendfile with offset", unsafe { libc::sendfile(c, f, &mut off, 2_000_000) });
+    println!("offset after: {off}");
+    // SAFETY: plain call.
+    println!("file position untouched: {}", unsafe { libc::lseek(f, 0, libc::SEEK_CUR) });
+    // SAFETY: null offset: the file position moves.
+    t("sendfile at file position", unsafe { libc::sendfile(c, f, std::ptr::null_mut(), 500_000) });
+    // SAFETY: plain call.
+    println!("file position after: {}", unsafe { libc::lseek(f, 0, libc::SEEK_CUR) });
+    let mut end: libc::off_t = 2_999_000;
+    // SAFETY: live offset; fewer bytes remain than asked.
+    t("sendfile past end", unsafe { libc::sendfile(c, f, &mut end, 10_000) });
+    // SAFETY: plain call.
+    unsafe { libc::shutdown(c, libc::SHUT_WR) };
+    let (got, digest) = h.join().unwrap();
+    println!("received {got} sha256 {digest}");
+    close(c);
+    close(f);
+    let _ = std::fs::remove_file(&path);
+}
+
+/// A close-on-exec socket leaves with the image of a child that execs: when the parent then
+/// closes it, the peer sees EOF although the exec'd child still runs.
+fn exec_cloexec() {
+    let (c, s) = pair();
+    // SAFETY: setting FD_CLOEXEC on our fd.
+    unsafe { libc::fcntl(s, libc::F_SETFD, libc::FD_CLOEXEC) };
+    // SAFETY: the child only execs.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        let prog = std::ffi::CString::new("/bin/sleep").unwrap();
+        let arg = std::ffi::CString::new("1").unwrap();
+        let argv = [prog.as_ptr(), arg.as_ptr(), std::ptr::null()];
+        // SAFETY: valid argv; exits via _exit if exec fails.
+        unsafe {
+            libc::execv(prog.as_ptr(), argv.as_ptr());
+            libc::_exit(127);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    close(s);
+    println!("peer sees EOF while the exec'd child runs: {}", poll1(c, libc::POLLIN, 500));
+    recv_trace("recv", c, 10, 0);
+    println!("child status {}", wait_child(pid));
+    close(c);
+}
+
 fn main() {
     let name = std::env::args().nth(1).unwrap_or_default();
     match name.as_str() {
@@ -922,8 +994,10 @@ fn main() {
         "fork_handoff" => fork_handoff(),
         "fork_parent_exits" => fork_parent_exits(),
         "threads" => threads(),
+        "sendfile" => sendfile_scenario(),
+        "exec_cloexec" => exec_cloexec(),
         "list" => println!(
-            "connect_open connect_closed addr_in_use accept_nonblocking half_close peer_reset readiness flags sigpipe rcvtimeo eintr many bulk dup udp fork_accept fork_handoff fork_parent_exits threads"
+            "connect_open connect_closed addr_in_use accept_nonblocking half_close peer_reset readiness flags sigpipe rcvtimeo eintr many bulk dup udp fork_accept fork_handoff fork_parent_exits threads sendfile exec_cloexec"
         ),
         other => {
             eprintln!("unknown scenario {other:?}");
