@@ -362,6 +362,7 @@ pub unsafe fn sendfile(slot: u32, inp: c_int, off: *mut libc::off_t, count: usiz
             break;
         }
         let iov = [iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: n as usize }];
+        // SAFETY: iov describes our own buffer.
         let sent = match unsafe { send(slot, &iov, 0, std::ptr::null(), 0) } {
             Ok(m) => m,
             Err(e) => {
@@ -375,6 +376,7 @@ pub unsafe fn sendfile(slot: u32, inp: c_int, off: *mut libc::off_t, count: usiz
             break;
         }
     }
+    // SAFETY: `off` per the contract.
     if let Some(o) = unsafe { off.as_mut() } {
         *o += done as libc::off_t;
     }
