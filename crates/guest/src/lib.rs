@@ -317,19 +317,8 @@ pub unsafe extern "C" fn sendto(
 /// Interposes sendmsg(2).
 #[no_mangle]
 pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) -> ssize_t {
-    on_fd!(
-        fd,
-        |s| {
-            // SAFETY: the caller's msghdr.
-            let m = unsafe { msg.as_ref() }.ok_or(libc::EFAULT)?;
-            // SAFETY: the caller's iovecs and address.
-            isize_of(unsafe {
-                sock::send(s, iov_slice(m.msg_iov, m.msg_iovlen as c_int)?, flags, m.msg_name.cast(), m.msg_namelen)
-            })
-        },
-        // SAFETY: forwarding.
-        unsafe { real::sendmsg(fd, msg, flags) }
-    )
+    // SAFETY: the caller's msghdr.
+    on_fd!(fd, |s| unsafe { sendmsg_one(s, msg, flags) }, unsafe { real::sendmsg(fd, msg, flags) })
 }
 
 /// # Safety
@@ -388,22 +377,106 @@ pub unsafe extern "C" fn recvfrom(
 /// Interposes recvmsg(2).
 #[no_mangle]
 pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> ssize_t {
+    // SAFETY: the caller's msghdr.
+    on_fd!(fd, |s| unsafe { recvmsg_one(s, msg, flags) }, unsafe { real::recvmsg(fd, msg, flags) })
+}
+
+/// One recvmsg on a NetKernel socket. Ancillary data is not produced (msg_controllen = 0).
+///
+/// # Safety
+/// `msg` is null or a valid msghdr whose buffers are valid.
+unsafe fn recvmsg_one(s: u32, msg: *mut msghdr, flags: c_int) -> Result<isize, Errno> {
+    // SAFETY: per the contract.
+    let m = unsafe { msg.as_mut() }.ok_or(libc::EFAULT)?;
+    let mut info = sock::RecvInfo::default();
+    // SAFETY: the caller's iovecs.
+    let n = unsafe { sock::recv(s, iov_slice(m.msg_iov, m.msg_iovlen as c_int)?, flags, &mut info) }?;
+    // SAFETY: the caller's address buffer.
+    unsafe { sock::addr_out(&info.from, info.from_len, m.msg_name.cast(), &mut m.msg_namelen) };
+    m.msg_controllen = 0;
+    m.msg_flags = if info.truncated { libc::MSG_TRUNC } else { 0 };
+    Ok(n as isize)
+}
+
+/// One sendmsg on a NetKernel socket (ancillary data is ignored).
+///
+/// # Safety
+/// `msg` is null or a valid msghdr whose buffers are valid.
+unsafe fn sendmsg_one(s: u32, msg: *const msghdr, flags: c_int) -> Result<isize, Errno> {
+    // SAFETY: per the contract.
+    let m = unsafe { msg.as_ref() }.ok_or(libc::EFAULT)?;
+    // SAFETY: the caller's iovecs and address.
+    isize_of(unsafe {
+        sock::send(s, iov_slice(m.msg_iov, m.msg_iovlen as c_int)?, flags, m.msg_name.cast(), m.msg_namelen)
+    })
+}
+
+/// Applies `one` to each message of an mmsghdr vector, as sendmmsg/recvmmsg do: the count of
+/// messages done, or the first message's error when none was.
+///
+/// # Safety
+/// `vec` is valid for `n` entries.
+unsafe fn each_msg(
+    vec: *mut libc::mmsghdr,
+    n: libc::c_uint,
+    mut one: impl FnMut(usize, *mut msghdr) -> Result<isize, Errno>,
+) -> Result<c_int, Errno> {
+    if vec.is_null() {
+        return Err(libc::EFAULT);
+    }
+    let n = n.min(libc::UIO_MAXIOV as libc::c_uint) as usize;
+    for i in 0..n {
+        // SAFETY: per the contract.
+        let e = unsafe { &mut *vec.add(i) };
+        match one(i, &mut e.msg_hdr) {
+            Ok(len) => e.msg_len = len as libc::c_uint,
+            Err(err) if i == 0 => return Err(err),
+            Err(_) => return Ok(i as c_int),
+        }
+    }
+    Ok(n as c_int)
+}
+
+/// # Safety
+/// Interposes sendmmsg(2).
+#[no_mangle]
+pub unsafe extern "C" fn sendmmsg(fd: c_int, vec: *mut libc::mmsghdr, n: libc::c_uint, flags: c_int) -> c_int {
     on_fd!(
         fd,
-        |s| {
-            // SAFETY: the caller's msghdr.
-            let m = unsafe { msg.as_mut() }.ok_or(libc::EFAULT)?;
-            let mut info = sock::RecvInfo::default();
-            // SAFETY: the caller's iovecs.
-            let n = unsafe { sock::recv(s, iov_slice(m.msg_iov, m.msg_iovlen as c_int)?, flags, &mut info) }?;
-            // SAFETY: the caller's address buffer.
-            unsafe { sock::addr_out(&info.from, info.from_len, m.msg_name.cast(), &mut m.msg_namelen) };
-            m.msg_controllen = 0;
-            m.msg_flags = if info.truncated { libc::MSG_TRUNC } else { 0 };
-            Ok(n as isize)
+        // SAFETY: the caller's vector.
+        |s| unsafe { each_msg(vec, n, |_, m| sendmsg_one(s, m, flags)) },
+        // SAFETY: forwarding.
+        unsafe { real::sendmmsg(fd, vec, n, flags) }
+    )
+}
+
+/// # Safety
+/// Interposes recvmmsg(2). MSG_WAITFORONE makes every message after the first non-blocking;
+/// the timeout, as on Linux, is only looked at between messages.
+#[no_mangle]
+pub unsafe extern "C" fn recvmmsg(
+    fd: c_int,
+    vec: *mut libc::mmsghdr,
+    n: libc::c_uint,
+    flags: c_int,
+    timeout: *mut libc::timespec,
+) -> c_int {
+    // SAFETY: the caller's timespec.
+    let deadline = unsafe { readiness::ts(timeout) }.map(|d| Instant::now() + d);
+    on_fd!(
+        fd,
+        // SAFETY: the caller's vector.
+        |s| unsafe {
+            each_msg(vec, n, |i, m| {
+                if i > 0 && deadline.is_some_and(|d| Instant::now() >= d) {
+                    return Err(libc::EAGAIN);
+                }
+                let f = if i > 0 && flags & libc::MSG_WAITFORONE != 0 { flags | libc::MSG_DONTWAIT } else { flags };
+                recvmsg_one(s, m, f & !libc::MSG_WAITFORONE)
+            })
         },
         // SAFETY: forwarding.
-        unsafe { real::recvmsg(fd, msg, flags) }
+        unsafe { real::recvmmsg(fd, vec, n, flags, timeout) }
     )
 }
 
@@ -619,6 +692,93 @@ pub unsafe extern "C" fn sendfile(out: c_int, inp: c_int, off: *mut libc::off_t,
 pub unsafe extern "C" fn sendfile64(out: c_int, inp: c_int, off: *mut libc::off_t, count: size_t) -> ssize_t {
     // SAFETY: same contract.
     unsafe { sendfile(out, inp, off, count) }
+}
+
+/// # Safety
+/// Interposes splice(2) where one end is a NetKernel socket: bytes are moved through a buffer
+/// with the socket's own recv/send (no page moving, but the same results).
+#[no_mangle]
+pub unsafe extern "C" fn splice(
+    fd_in: c_int,
+    off_in: *mut libc::loff_t,
+    fd_out: c_int,
+    off_out: *mut libc::loff_t,
+    len: size_t,
+    flags: libc::c_uint,
+) -> ssize_t {
+    match (lookup(fd_in), lookup(fd_out)) {
+        // SAFETY: forwarding.
+        (Fd::Plain, Fd::Plain) => unsafe { real::splice(fd_in, off_in, fd_out, off_out, len, flags) },
+        (Fd::Stale, _) | (_, Fd::Stale) => guard(|| Err(libc::ECONNRESET)),
+        (Fd::Sock(_), Fd::Sock(_)) => guard(|| Err(libc::EINVAL)),
+        (Fd::Sock(s), Fd::Plain) => guard(|| {
+            if !off_in.is_null() {
+                return Err(libc::ESPIPE);
+            }
+            let mut buf = vec![0u8; len.min(1 << 16)];
+            let iov = [iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() }];
+            // SAFETY: our own buffer.
+            // SPLICE_F_NONBLOCK concerns the pipe; the socket blocks per its own O_NONBLOCK.
+            let n = unsafe { sock::recv(s, &iov, 0, &mut Default::default()) }?;
+            // SAFETY: writing our own buffer to the caller's fd, at the caller's offset if any.
+            unsafe { write_all_to(fd_out, off_out, &buf[..n]) }?;
+            Ok(n as isize)
+        }),
+        (Fd::Plain, Fd::Sock(s)) => guard(|| {
+            if !off_out.is_null() {
+                return Err(libc::ESPIPE);
+            }
+            let mut buf = vec![0u8; len.min(256 << 10)];
+            // SAFETY: reading into our own buffer, at the caller's offset if any.
+            let n = unsafe {
+                match off_in.as_mut() {
+                    Some(o) => libc::syscall(libc::SYS_pread64, fd_in, buf.as_mut_ptr(), buf.len(), *o),
+                    None => libc::syscall(libc::SYS_read, fd_in, buf.as_mut_ptr(), buf.len()),
+                }
+            };
+            if n < 0 {
+                return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO));
+            }
+            let iov = [iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: n as usize }];
+            // The bytes have left the pipe: send them all, blocking if need be.
+            // SAFETY: our own buffer.
+            let sent = unsafe { sock::send(s, &iov, 0, std::ptr::null(), 0) }?;
+            // SAFETY: the caller's offset.
+            if let Some(o) = unsafe { off_in.as_mut() } {
+                *o += sent as libc::loff_t;
+            }
+            Ok(sent as isize)
+        }),
+    }
+}
+
+/// Writes all of `data` to a plain fd (at `*off`, advancing it, when given).
+///
+/// # Safety
+/// `off` is null or valid.
+unsafe fn write_all_to(fd: c_int, off: *mut libc::loff_t, mut data: &[u8]) -> Result<(), Errno> {
+    while !data.is_empty() {
+        // SAFETY: our own buffer; the offset per the contract.
+        let r = unsafe {
+            match off.as_mut() {
+                Some(o) => libc::syscall(libc::SYS_pwrite64, fd, data.as_ptr(), data.len(), *o),
+                None => libc::syscall(libc::SYS_write, fd, data.as_ptr(), data.len()),
+            }
+        };
+        if r < 0 {
+            let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
+            if e == libc::EINTR {
+                continue;
+            }
+            return Err(e);
+        }
+        // SAFETY: the caller's offset.
+        if let Some(o) = unsafe { off.as_mut() } {
+            *o += r as libc::loff_t;
+        }
+        data = &data[r as usize..];
+    }
+    Ok(())
 }
 
 // ---- readiness ----

@@ -76,6 +76,9 @@ real! {
     fn execvp(file: *const libc::c_char, argv: *const *const libc::c_char) -> c_int;
     fn execvpe(file: *const libc::c_char, argv: *const *const libc::c_char, envp: *const *const libc::c_char) -> c_int;
     fn sendfile(out: c_int, inp: c_int, off: *mut libc::off_t, count: size_t) -> ssize_t;
+    fn splice(fd_in: c_int, off_in: *mut libc::loff_t, fd_out: c_int, off_out: *mut libc::loff_t, len: size_t, flags: c_uint) -> ssize_t;
+    fn sendmmsg(fd: c_int, vec: *mut libc::mmsghdr, n: c_uint, flags: c_int) -> c_int;
+    fn recvmmsg(fd: c_int, vec: *mut libc::mmsghdr, n: c_uint, flags: c_int, ts: *mut libc::timespec) -> c_int;
 }
 
 /// fcntl is variadic in C; its third argument is an int or a pointer, both passed in a register.

@@ -69,4 +69,5 @@ scenarios!(
     threads,
     sendfile,
     exec_cloexec,
+    mmsg_and_splice,
 );

@@ -972,6 +972,73 @@ fn exec_cloexec() {
     close(c);
 }
 
+/// sendmmsg/recvmmsg on UDP, and splice between pipes and a TCP connection.
+fn mmsg_and_splice() {
+    let (a, pa) = udp_socket();
+    let (b, _) = udp_socket();
+    connect_to(b, pa);
+    let msgs: [&[u8]; 3] = [b"first", b"second!", b"3"];
+    let mut iovs: Vec<libc::iovec> =
+        msgs.iter().map(|m| libc::iovec { iov_base: m.as_ptr() as *mut _, iov_len: m.len() }).collect();
+    // SAFETY: mmsghdr is plain data.
+    let mut vec: Vec<libc::mmsghdr> = (0..3).map(|_| unsafe { std::mem::zeroed() }).collect();
+    for (v, iov) in vec.iter_mut().zip(iovs.iter_mut()) {
+        v.msg_hdr.msg_iov = iov;
+        v.msg_hdr.msg_iovlen = 1;
+    }
+    // SAFETY: live vector.
+    t("sendmmsg", unsafe { libc::sendmmsg(b, vec.as_mut_ptr(), 3, 0) } as isize);
+    println!("sent lens: {:?}", vec.iter().map(|v| v.msg_len).collect::<Vec<_>>());
+    std::thread::sleep(Duration::from_millis(50));
+    let mut bufs = [[0u8; 16]; 5];
+    let mut riovs: Vec<libc::iovec> =
+        bufs.iter_mut().map(|b| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: 16 }).collect();
+    // SAFETY: mmsghdr is plain data.
+    let mut rvec: Vec<libc::mmsghdr> = (0..5).map(|_| unsafe { std::mem::zeroed() }).collect();
+    for (v, iov) in rvec.iter_mut().zip(riovs.iter_mut()) {
+        v.msg_hdr.msg_iov = iov;
+        v.msg_hdr.msg_iovlen = 1;
+    }
+    // SAFETY: live vector.
+    let n = t("recvmmsg WAITFORONE", unsafe {
+        libc::recvmmsg(a, rvec.as_mut_ptr(), 5, libc::MSG_WAITFORONE, std::ptr::null_mut())
+    } as isize);
+    for (i, v) in rvec.iter().take(n.max(0) as usize).enumerate() {
+        println!("  msg {i}: {:?}", String::from_utf8_lossy(&bufs[i][..v.msg_len as usize]));
+    }
+    // SAFETY: live vector.
+    t("recvmmsg empty DONTWAIT", unsafe {
+        libc::recvmmsg(a, rvec.as_mut_ptr(), 5, libc::MSG_DONTWAIT, std::ptr::null_mut())
+    } as isize);
+    close(a);
+    close(b);
+
+    let (c, s) = pair();
+    let (mut p1, mut p2) = ([0; 2], [0; 2]);
+    // SAFETY: live arrays; pipe I/O on our pipes.
+    unsafe {
+        libc::pipe(p1.as_mut_ptr());
+        libc::pipe(p2.as_mut_ptr());
+        libc::write(p1[1], b"spliced bytes".as_ptr().cast(), 13);
+        t("splice pipe -> socket", libc::splice(p1[0], std::ptr::null_mut(), c, std::ptr::null_mut(), 100, 0));
+        std::thread::sleep(Duration::from_millis(50));
+        t("splice socket -> pipe", libc::splice(s, std::ptr::null_mut(), p2[1], std::ptr::null_mut(), 100, 0));
+        let mut out = [0u8; 32];
+        let n = libc::read(p2[0], out.as_mut_ptr().cast(), 32);
+        println!("pipe got: {:?}", String::from_utf8_lossy(&out[..n.max(0) as usize]));
+        nonblock(s);
+        t(
+            "splice empty non-blocking socket",
+            libc::splice(s, std::ptr::null_mut(), p2[1], std::ptr::null_mut(), 100, 0),
+        );
+        for fd in p1.into_iter().chain(p2) {
+            close(fd);
+        }
+    }
+    close(c);
+    close(s);
+}
+
 fn main() {
     let name = std::env::args().nth(1).unwrap_or_default();
     match name.as_str() {
@@ -996,8 +1063,9 @@ fn main() {
         "threads" => threads(),
         "sendfile" => sendfile_scenario(),
         "exec_cloexec" => exec_cloexec(),
+        "mmsg_and_splice" => mmsg_and_splice(),
         "list" => println!(
-            "connect_open connect_closed addr_in_use accept_nonblocking half_close peer_reset readiness flags sigpipe rcvtimeo eintr many bulk dup udp fork_accept fork_handoff fork_parent_exits threads sendfile exec_cloexec"
+            "connect_open connect_closed addr_in_use accept_nonblocking half_close peer_reset readiness flags sigpipe rcvtimeo eintr many bulk dup udp fork_accept fork_handoff fork_parent_exits threads sendfile exec_cloexec mmsg_and_splice"
         ),
         other => {
             eprintln!("unknown scenario {other:?}");
