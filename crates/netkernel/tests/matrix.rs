@@ -364,3 +364,82 @@ fn node_http_server_and_client() {
     let want: Vec<String> = (0..20).map(|i| format!("POST /p{i} {}", 1000 * i)).collect();
     assert_eq!(out.trim(), want.join("\n"));
 }
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let f: Vec<u64> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    f.iter().sum()
+}
+
+fn descendants(pid: u32) -> Vec<u32> {
+    let mut all = vec![pid];
+    let mut i = 0;
+    while i < all.len() {
+        let p = all[i];
+        let kids = std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")).unwrap_or_default();
+        all.extend(kids.split_whitespace().filter_map(|k| k.parse::<u32>().ok()));
+        i += 1;
+    }
+    all
+}
+
+#[test]
+fn idle_redis_and_nginx_do_not_burn_cpu() {
+    let redis = require("redis-server");
+    let cli = require("redis-cli");
+    let nginx = require("nginx");
+    let curl = require("curl");
+    let engine = TestEngine::start();
+    let rport = free_port();
+    let p = rport.to_string();
+    let r = spawn_server(
+        Some(&engine),
+        redis.to_str().unwrap(),
+        &["--port", &p, "--bind", "127.0.0.1", "--save", ""],
+        rport,
+    );
+    run_ok(engine.run(cli.to_str().unwrap(), &["-p", &p, "set", "k", "v"]));
+    let dir = engine.dir.path().join("ng");
+    std::fs::create_dir_all(dir.join("logs")).unwrap();
+    std::fs::set_permissions(engine.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let nport = free_port();
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "worker_processes 2;\ndaemon off;\npid {d}/nginx.pid;\nevents {{}}\nhttp {{ access_log off;\n\
+             server {{ listen 127.0.0.1:{nport}; location / {{ return 200 'ok'; }} }} }}\n",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    let n = spawn_server(
+        Some(&engine),
+        nginx.to_str().unwrap(),
+        &["-c", conf.to_str().unwrap(), "-p", dir.to_str().unwrap(), "-e", "stderr"],
+        nport,
+    );
+    run_ok(engine.run(curl.to_str().unwrap(), &["-sS", &format!("http://127.0.0.1:{nport}/")]));
+    std::thread::sleep(Duration::from_millis(500));
+    let nsm = engine.nsm()["pid"].as_u64().unwrap() as u32;
+    let mut pids = descendants(r.0.id());
+    pids.extend(descendants(n.0.id()));
+    pids.push(nsm);
+    let before: u64 = pids.iter().map(|&p| cpu_ticks(p)).sum();
+    let start = Instant::now();
+    std::thread::sleep(Duration::from_secs(5));
+    let used = pids.iter().map(|&p| cpu_ticks(p)).sum::<u64>() - before;
+    // SAFETY: sysconf is always safe.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let share = used as f64 / hz / start.elapsed().as_secs_f64();
+    eprintln!("idle redis + nginx ({} processes) + NSM: {:.2}% of a core", pids.len(), share * 100.0);
+    assert!(share < 0.02, "idle servers under NetKernel used {:.2}% of a core", share * 100.0);
+}
