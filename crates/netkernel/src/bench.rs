@@ -33,6 +33,12 @@ pub struct Args {
     /// Print all results as one JSON object instead of the table.
     #[arg(long)]
     json: bool,
+    /// Benchmark real programs instead: redis-server with redis-benchmark, nginx with wrk.
+    #[arg(long)]
+    apps: bool,
+    /// With --apps: requests per redis-benchmark test.
+    #[arg(long, default_value_t = 100000)]
+    requests: u32,
 }
 
 #[derive(clap::Args)]
@@ -352,6 +358,23 @@ fn print_table(r: &Value) {
 }
 
 pub fn main(a: Args) -> i32 {
+    if a.apps {
+        let secs = a.seconds.ceil().max(1.0) as u32;
+        return match crate::bench_apps::run(a.requests, secs) {
+            Ok(v) if a.json => {
+                println!("{v}");
+                0
+            }
+            Ok(v) => {
+                crate::bench_apps::print(&v);
+                0
+            }
+            Err(e) => {
+                eprintln!("netkernel bench --apps: {e}");
+                1
+            }
+        };
+    }
     let r = run(&a);
     let code = i32::from(r.is_err());
     match r {

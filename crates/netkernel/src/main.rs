@@ -1,6 +1,7 @@
 //! `netkernel`: the one binary. See `netkernel --help`.
 
 mod bench;
+mod bench_apps;
 mod cli;
 mod demo;
 mod guestlib;

@@ -1,0 +1,266 @@
+//! `netkernel bench --apps`: real servers and load generators from Debian packages (redis with
+//! redis-benchmark, nginx with wrk), natively and under NetKernel in one run, with CPU per
+//! request counted over every process involved (servers, clients and, for NetKernel, the NSM).
+
+use crate::guestlib;
+use crate::tempengine::TempEngine;
+use netkernel_service::control::EngineRequest;
+use serde_json::{json, Value};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn which(p: &str) -> Result<String, String> {
+    std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .map(|d| Path::new(d).join(p))
+        .find(|x| x.is_file())
+        .map(|x| x.display().to_string())
+        .ok_or_else(|| format!("{p} is not installed (scripts/test installs it)"))
+}
+
+fn ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse::<u64>().ok())
+        .sum()
+}
+
+/// A process and all its descendants (nginx workers).
+fn tree(pid: u32) -> Vec<u32> {
+    let mut all = vec![pid];
+    let mut i = 0;
+    while i < all.len() {
+        let p = all[i];
+        let kids = std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")).unwrap_or_default();
+        all.extend(kids.split_whitespace().filter_map(|k| k.parse::<u32>().ok()));
+        i += 1;
+    }
+    all
+}
+
+fn cpu_s(pids: &[u32]) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    pids.iter().map(|&p| ticks(p)).sum::<u64>() as f64 / hz
+}
+
+/// CPU seconds of reaped children of this process (the load generators).
+fn children_cpu() -> f64 {
+    // SAFETY: rusage is plain data; getrusage only writes it.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru);
+        ru
+    };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child; nginx's master stops its workers on SIGTERM.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let end = Instant::now() + Duration::from_secs(5);
+        while matches!(self.0.try_wait(), Ok(None)) && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> Result<u16, String> {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).map_err(|e| e.to_string())
+}
+
+fn wait_port(port: u16) -> Result<(), String> {
+    let end = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > end {
+            return Err(format!("no server on port {port}"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Let the server finish with the probe connection.
+    std::thread::sleep(Duration::from_millis(200));
+    Ok(())
+}
+
+/// Everything one side (native or NetKernel) needs to start programs.
+struct Side<'a> {
+    nk: Option<(&'a Path, &'a TempEngine, u32)>,
+}
+
+impl Side<'_> {
+    fn cmd(&self, program: &str, args: &[&str]) -> Command {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        match self.nk {
+            Some((lib, e, _)) => guestlib::command(lib, e.socket(), None, program, &args),
+            None => {
+                let mut c = Command::new(program);
+                c.args(&args);
+                c
+            }
+        }
+    }
+
+    fn nsm(&self) -> Vec<u32> {
+        self.nk.map(|(_, _, pid)| vec![pid]).unwrap_or_default()
+    }
+
+    /// Runs a load generator against server `server`; returns its output, and the CPU seconds
+    /// of server, load generator and NSM together.
+    fn load(&self, server: u32, program: &str, args: &[&str]) -> Result<(String, f64), String> {
+        let watched: Vec<u32> = tree(server).into_iter().chain(self.nsm()).collect();
+        let (s0, c0) = (cpu_s(&watched), children_cpu());
+        let out = self.cmd(program, args).stderr(Stdio::null()).output().map_err(|e| format!("{program}: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("{program} failed: {}", String::from_utf8_lossy(&out.stdout)));
+        }
+        let cpu = cpu_s(&watched) - s0 + children_cpu() - c0;
+        Ok((String::from_utf8_lossy(&out.stdout).replace('\r', "\n"), cpu))
+    }
+}
+
+/// `GET: 123.45 requests per second` lines of redis-benchmark -q.
+fn redis_rates(out: &str) -> Vec<(String, f64)> {
+    out.lines()
+        .filter_map(|l| {
+            let (name, rest) = l.trim().split_once(": ")?;
+            let rate = rest.split_whitespace().next()?.parse::<f64>().ok()?;
+            rest.contains("requests per second").then(|| (name.to_string(), rate))
+        })
+        .collect()
+}
+
+fn redis(side: &Side, requests: u32) -> Result<Vec<(String, f64, f64)>, String> {
+    let port = free_port()?;
+    let p = port.to_string();
+    let server =
+        side.cmd(&which("redis-server")?, &["--port", &p, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+    let server = Killed(server_spawn(server)?);
+    wait_port(port)?;
+    let n = requests.to_string();
+    let mut rows = Vec::new();
+    for (label, extra) in [("", &[][..]), (" -P 16", &["-P", "16"][..])] {
+        let mut args = vec!["-p", &p, "-c", "50", "-n", &n, "-t", "get,set", "-q"];
+        args.extend_from_slice(extra);
+        let (out, cpu) = side.load(server.0.id(), &which("redis-benchmark")?, &args)?;
+        let rates = redis_rates(&out);
+        if rates.len() != 2 {
+            return Err(format!("unexpected redis-benchmark output: {out}"));
+        }
+        // Both tests ran `requests` requests; CPU is shared between them in proportion to time.
+        let total_time: f64 = rates.iter().map(|(_, r)| requests as f64 / r).sum();
+        for (name, rate) in rates {
+            let share = requests as f64 / rate / total_time;
+            rows.push((format!("redis {name}{label}"), rate, cpu * share / requests as f64 * 1e6));
+        }
+    }
+    Ok(rows)
+}
+
+fn server_spawn(mut c: Command) -> Result<Child, String> {
+    c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    c.spawn().map_err(|e| format!("starting server: {e}"))
+}
+
+fn nginx(side: &Side, dir: &Path, seconds: u32) -> Result<(String, f64, f64), String> {
+    let port = free_port()?;
+    let d = dir.join(format!("nginx-{}", if side.nk.is_some() { "nk" } else { "native" }));
+    std::fs::create_dir_all(d.join("logs")).map_err(|e| e.to_string())?;
+    let conf = d.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "worker_processes 2;\ndaemon off;\npid {p}/nginx.pid;\nerror_log {p}/logs/error.log;\nevents {{ worker_connections 1024; }}\n\
+             http {{ access_log off; keepalive_requests 100000;\n server {{ listen 127.0.0.1:{port}; location / {{ return 200 'hello'; }} }} }}\n",
+            p = d.display()
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let c = side
+        .cmd(&which("nginx")?, &["-c", &conf.display().to_string(), "-p", &d.display().to_string(), "-e", "stderr"]);
+    let server = Killed(server_spawn(c)?);
+    wait_port(port)?;
+    let url = format!("http://127.0.0.1:{port}/");
+    let dur = format!("{seconds}s");
+    let (out, cpu) = side.load(server.0.id(), &which("wrk")?, &["-t2", "-c50", &format!("-d{dur}"), &url])?;
+    let rate = out
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .ok_or_else(|| format!("unexpected wrk output: {out}"))?;
+    let total = out
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(rate * seconds as f64);
+    Ok(("nginx + wrk (50 conns)".into(), rate, cpu / total * 1e6))
+}
+
+fn side_rows(side: &Side, dir: &Path, requests: u32, seconds: u32) -> Result<Vec<(String, f64, f64)>, String> {
+    let mut rows = redis(side, requests)?;
+    rows.push(nginx(side, dir, seconds)?);
+    Ok(rows)
+}
+
+pub fn run(requests: u32, seconds: u32) -> Result<Value, String> {
+    let lib = guestlib::find()?;
+    let engine = TempEngine::start()?;
+    let nsm_pid = {
+        let v = netkernel_engine::request(engine.socket(), &EngineRequest::Nsms)?;
+        v[0]["pid"].as_u64().ok_or("engine has no NSM")? as u32
+    };
+    eprintln!("netkernel bench --apps: native ...");
+    let native = side_rows(&Side { nk: None }, &engine.dir, requests, seconds)?;
+    eprintln!("netkernel bench --apps: netkernel ...");
+    let nk = side_rows(&Side { nk: Some((&lib, &engine, nsm_pid)) }, &engine.dir, requests, seconds)?;
+    let nsm = netkernel_engine::request(engine.socket(), &EngineRequest::Nsms)?;
+    if nsm[0]["conns_total"].as_u64().unwrap_or(0) < 100 {
+        return Err("the NSM saw almost no connections: GuestLib did not serve the programs".into());
+    }
+    let rows: Vec<Value> = native
+        .iter()
+        .zip(&nk)
+        .map(|((name, nr, nc), (_, kr, kc))| {
+            json!({"test": name, "native_rps": nr, "netkernel_rps": kr, "ratio": kr / nr,
+                   "native_cpu_us_per_req": nc, "netkernel_cpu_us_per_req": kc})
+        })
+        .collect();
+    Ok(json!({"requests": requests, "wrk_seconds": seconds, "rows": rows}))
+}
+
+pub fn print(v: &Value) {
+    println!(
+        "redis-benchmark: 50 clients, {} requests per test; wrk: 2 threads, 50 connections, {} s",
+        v["requests"], v["wrk_seconds"]
+    );
+    println!(
+        "{:<26} {:>12} {:>12} {:>7} {:>14} {:>14}",
+        "test", "native rps", "netkernel", "ratio", "native us/req", "netkernel us/req"
+    );
+    for r in v["rows"].as_array().into_iter().flatten() {
+        let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "{:<26} {:>12.0} {:>12.0} {:>6.2}x {:>14.1} {:>14.1}",
+            r["test"].as_str().unwrap_or("?"),
+            f("native_rps"),
+            f("netkernel_rps"),
+            f("ratio"),
+            f("native_cpu_us_per_req"),
+            f("netkernel_cpu_us_per_req")
+        );
+    }
+    println!("CPU per request counts server, load generator and (for NetKernel) the NSM.");
+}
