@@ -71,10 +71,15 @@ pub fn peer(a: PeerArgs) -> i32 {
 
 /// CPU seconds (user + system, all threads) this process has used so far.
 fn self_cpu() -> f64 {
+    rusage_cpu(libc::RUSAGE_SELF)
+}
+
+/// User + system CPU seconds from getrusage(`who`).
+pub fn rusage_cpu(who: libc::c_int) -> f64 {
     // SAFETY: rusage is plain old data, so all-zero is valid; getrusage only writes into it.
     let ru = unsafe {
         let mut ru: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        libc::getrusage(who, &mut ru);
         ru
     };
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;

@@ -2,23 +2,13 @@
 //! redis-benchmark, nginx with wrk), natively and under NetKernel in one run, with CPU per
 //! request counted over every process involved (servers, clients and, for NetKernel, the NSM).
 
-use crate::guestlib;
+use crate::guestlib::{self, which};
 use crate::tempengine::TempEngine;
 use netkernel_service::control::EngineRequest;
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn which(p: &str) -> Result<String, String> {
-    std::env::var("PATH")
-        .unwrap_or_default()
-        .split(':')
-        .map(|d| Path::new(d).join(p))
-        .find(|x| x.is_file())
-        .map(|x| x.display().to_string())
-        .ok_or_else(|| format!("{p} is not installed (scripts/test installs it)"))
-}
 
 fn ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -53,14 +43,7 @@ fn cpu_s(pids: &[u32]) -> f64 {
 
 /// CPU seconds of reaped children of this process (the load generators).
 fn children_cpu() -> f64 {
-    // SAFETY: rusage is plain data; getrusage only writes it.
-    let ru = unsafe {
-        let mut ru: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru);
-        ru
-    };
-    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    tv(ru.ru_utime) + tv(ru.ru_stime)
+    crate::bench::rusage_cpu(libc::RUSAGE_CHILDREN)
 }
 
 struct Killed(Child);

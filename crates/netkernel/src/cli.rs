@@ -160,22 +160,7 @@ fn ctl(socket: Option<PathBuf>, json: bool, what: &str) -> i32 {
     match what {
         "status" => print_status(&v),
         "tenants" => print_table(&v, &["name", "nsm", "uids", "attachments"]),
-        "nsms" => print_table(
-            &v,
-            &[
-                "name",
-                "kind",
-                "congestion",
-                "pid",
-                "restarts",
-                "attachments",
-                "conns_open",
-                "conns_total",
-                "bytes_in",
-                "bytes_out",
-                "violations",
-            ],
-        ),
+        "nsms" => print_table(&v, NSM_COLUMNS),
         _ => print_table(
             &v,
             &[
@@ -234,22 +219,22 @@ fn print_status(v: &serde_json::Value) {
     println!("regions     {} bytes each, {} pages", cell(&v["region_bytes"]), cell(&v["region_backing"]));
     println!("attachments {}   tenants {}", cell(&v["attachments"]), cell(&v["tenants"]));
     println!();
-    print_table(
-        &v["nsms"],
-        &[
-            "name",
-            "kind",
-            "congestion",
-            "pid",
-            "restarts",
-            "attachments",
-            "conns_open",
-            "conns_total",
-            "bytes_in",
-            "bytes_out",
-        ],
-    );
+    print_table(&v["nsms"], NSM_COLUMNS);
 }
+
+const NSM_COLUMNS: &[&str] = &[
+    "name",
+    "kind",
+    "congestion",
+    "pid",
+    "restarts",
+    "attachments",
+    "conns_open",
+    "conns_total",
+    "bytes_in",
+    "bytes_out",
+    "violations",
+];
 
 fn nsm(kind: &str, name: String, control_fd: i32, congestion: Option<String>) -> i32 {
     if kind != "kernel" {

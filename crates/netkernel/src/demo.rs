@@ -1,7 +1,7 @@
 //! `netkernel demo`: an unmodified HTTP server (python3 -m http.server) and client (curl), both
 //! served by a kernel NSM through a private engine, then the same natively, side by side.
 
-use crate::guestlib;
+use crate::guestlib::{self, which};
 use crate::tempengine::TempEngine;
 use netkernel_engine::request;
 use netkernel_service::control::EngineRequest;
@@ -16,16 +16,6 @@ fn sha256(p: &Path) -> Result<String, String> {
     let mut f = std::fs::File::open(p).map_err(|e| format!("{}: {e}", p.display()))?;
     std::io::copy(&mut f, &mut h).map_err(|e| e.to_string())?;
     Ok(format!("{:x}", h.finalize()))
-}
-
-fn which(program: &str) -> Result<String, String> {
-    std::env::var("PATH")
-        .unwrap_or_default()
-        .split(':')
-        .map(|d| Path::new(d).join(program))
-        .find(|p| p.is_file())
-        .map(|p| p.display().to_string())
-        .ok_or_else(|| format!("{program} is not installed (Debian: apt-get install {program})"))
 }
 
 /// Starts the HTTP server and waits for its banner.

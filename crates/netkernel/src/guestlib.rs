@@ -37,6 +37,17 @@ pub fn find() -> Result<PathBuf, String> {
     ))
 }
 
+/// The path of `program` on PATH, or an error saying which Debian package to install.
+pub fn which(program: &str) -> Result<String, String> {
+    std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .map(|d| Path::new(d).join(program))
+        .find(|p| p.is_file())
+        .map(|p| p.display().to_string())
+        .ok_or_else(|| format!("{program} is not installed (scripts/test installs it from Debian)"))
+}
+
 /// A command that runs `program` under GuestLib, attached to the engine at `socket`.
 pub fn command(lib: &Path, socket: &Path, tenant: Option<&str>, program: &str, args: &[String]) -> Command {
     let mut cmd = Command::new(program);
