@@ -62,7 +62,10 @@ pub struct RegionHeader {
     pub guest_free_nqes: AtomicU64,
     /// Guest-owned: serialises the guest's producers of the job queue. ServiceLib never reads it.
     pub guest_push_lock: AtomicU32,
-    _reserved: [u32; 3],
+    _reserved: u32,
+    /// Guest-owned: nqes submitted without waiting (asynchronous sends), reclaimed by the guest
+    /// once DONE. ServiceLib never reads it.
+    pub guest_async_nqes: AtomicU64,
     /// STATE_LIVE or STATE_DEAD; written by the engine and NSM, read by the guest.
     pub state: AtomicU32,
     _pad0: [u8; 60],
@@ -135,7 +138,8 @@ pub struct Slot {
     pub seq: AtomicU32,
     /// Guest threads futex-waiting on `seq`; the NSM wakes only when non-zero.
     pub waiters: AtomicU32,
-    /// Bytes the NSM holds for the guest (reserved; 0 for the kernel NSM).
+    /// Bytes of asynchronous sends the NSM holds because the stack has not taken them yet.
+    /// While non-zero the NSM clears POLLOUT from `mask`.
     pub queued: AtomicU32,
 }
 
@@ -155,6 +159,11 @@ pub struct GuestSock {
     pub rcvtimeo_us: AtomicU64,
     pub sndtimeo_us: AtomicU64,
 }
+
+/// Or'ed into `Nqe::flags` of an `Op::Send`: the guest does not wait for the result. The NSM
+/// queues what the stack does not take at once and sends it, in order, as the stack allows; an
+/// error is reported by the socket's next call, as the kernel reports a pending socket error.
+pub const SEND_ASYNC: u32 = 1 << 31;
 
 /// Socket operations a guest can request.
 #[repr(u32)]

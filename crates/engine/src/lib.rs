@@ -217,8 +217,12 @@ impl Engine {
         &self.socket
     }
 
-    /// Stops the NSMs and removes the socket.
+    /// Stops the NSMs and removes the socket. Guests' connections end with ECONNRESET (their
+    /// regions are declared dead first), not with a hang.
     pub fn shutdown(&self) {
+        for a in self.attachments.lock().unwrap_or_else(|e| e.into_inner()).values() {
+            a.region.mark_dead(Some(a.guest_bell.as_raw_fd()));
+        }
         for n in &self.nsms {
             n.stop();
         }
@@ -352,8 +356,13 @@ impl Engine {
                 &[memfd, nsm_bell.as_raw_fd(), guest_bell.as_raw_fd(), pidfd.as_raw_fd()],
             )
             .map_err(|e| format!("NSM {}: {e}", nsm.name))?;
-        // SAFETY: dup of an fd the region owns; the copy is ours.
-        let memfd_copy = unsafe { OwnedFd::from_raw_fd(libc::fcntl(memfd, libc::F_DUPFD_CLOEXEC, 0)) };
+        // SAFETY: dup of an fd the region owns.
+        let dup = unsafe { libc::fcntl(memfd, libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            return Err(format!("dup of the region memfd: {}", io::Error::last_os_error()));
+        }
+        // SAFETY: a fresh fd, ours alone.
+        let memfd_copy = unsafe { OwnedFd::from_raw_fd(dup) };
         let reply = AttachReply { attachment: id, tenant: t.name.get_ref().clone(), nsm: nsm.name.clone() };
         let keep_bell = guest_bell.try_clone().map_err(|e| format!("dup: {e}"))?;
         self.attachments.lock().unwrap_or_else(|e| e.into_inner()).insert(

@@ -65,15 +65,15 @@ impl Nsm {
         cmd.env_remove("LD_PRELOAD").env_remove("NETKERNEL_SOCKET");
         cmd.stdin(Stdio::null());
         let fd = theirs.as_raw_fd();
-        // SAFETY: between fork and exec only async-signal-safe calls (dup2, fcntl, prctl).
+        // SAFETY: between fork and exec only async-signal-safe calls (dup2, fcntl).
         unsafe {
             cmd.pre_exec(move || {
                 if libc::dup2(fd, CONTROL_FD) < 0 {
                     return Err(io::Error::last_os_error());
                 }
                 libc::fcntl(CONTROL_FD, libc::F_SETFD, 0);
-                // The NSM dies with the engine rather than lingering unsupervised.
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                // No PDEATHSIG: if the engine dies, the NSM keeps serving its guests (D1) and
+                // exits after the last one.
                 Ok(())
             });
         }

@@ -2,7 +2,9 @@
 //! returns the stack's own result and errno; blocking, timeouts, MSG_WAITALL and SIGPIPE are
 //! done here, the way the kernel does them for a blocking socket.
 
-use crate::state::{self, attachment, sock_state, Attachment, Errno, F_INET6, F_LISTEN, F_NONBLOCK, F_STREAM};
+use crate::state::{
+    self, attachment, sock_state, Attachment, Errno, F_INET6, F_LISTEN, F_NONBLOCK, F_STREAM, F_WR_SHUT,
+};
 use libc::{c_int, iovec, sockaddr, socklen_t};
 use netkernel_abi::{Op, ADDR_MAX, BUF_SIZE};
 use std::sync::atomic::Ordering;
@@ -286,11 +288,31 @@ pub unsafe fn send(
     let stream = st.flags.load(Ordering::Relaxed) & F_STREAM != 0;
     // Listening sockets: the kernel answers recv/send with an error, which only it can give.
     let listening = st.flags.load(Ordering::Relaxed) & F_LISTEN != 0;
+    let wr_shut = st.flags.load(Ordering::Relaxed) & F_WR_SHUT != 0;
     let total = iov_total(iov);
     if !stream && total > BUF_SIZE as usize {
         return Err(libc::EMSGSIZE);
     }
     let nsm_flags = (flags & !(libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)) as u32;
+    // A TCP send the socket can take right now need not wait for the NSM: it queues what the
+    // stack does not take at once, and an error shows on the next call (as a kernel socket's
+    // pending error would). Anything unusual goes the synchronous way.
+    if stream && !listening && !wr_shut && to.is_null() && total > 0 && total <= ASYNC_MAX && nsm_flags == 0 {
+        let s = a.region.slot(slot);
+        let m = s.mask.load(Ordering::Acquire);
+        let out = libc::POLLOUT as u32;
+        let bad = (libc::POLLERR | libc::POLLHUP) as u32;
+        if m & out != 0 && m & bad == 0 && s.queued.load(Ordering::Acquire) == 0 {
+            a.call_async(|w| {
+                w.set(Op::Send, slot);
+                w.flags(netkernel_abi::SEND_ASYNC);
+                // SAFETY: per this function's contract; the nqe buffer holds BUF_SIZE bytes.
+                unsafe { gather(iov, 0, w.buf(), total) };
+                w.use_buf(total);
+            });
+            return Ok(total);
+        }
+    }
     let mut sent = 0usize;
     loop {
         if !listening {
@@ -336,6 +358,11 @@ pub unsafe fn send(
         }
     }
 }
+
+/// The largest send that may go asynchronously. Bulk writes gain nothing from not waiting (the
+/// stack rarely takes them whole, and the NSM would copy the rest aside); request/response
+/// traffic gains a round trip per write.
+const ASYNC_MAX: usize = 32 * 1024;
 
 /// sendfile(2) to a NetKernel socket: the file is read in pieces and each piece sent as by
 /// send(); the file offset (or `*off`) advances by what was sent, as the kernel's does.
@@ -478,7 +505,11 @@ pub fn shutdown(slot: u32, how: c_int) -> Result<c_int, Errno> {
         w.set(Op::Shutdown, slot);
         w.flags(how as u32);
     });
-    c.result().map(|_| 0)
+    c.result()?;
+    if how == libc::SHUT_WR || how == libc::SHUT_RDWR {
+        sock_state(slot).flags.fetch_or(F_WR_SHUT, Ordering::Relaxed);
+    }
+    Ok(0)
 }
 
 /// getsockname / getpeername.

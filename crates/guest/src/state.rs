@@ -24,6 +24,8 @@ pub const F_STREAM: u32 = 2;
 pub const F_INET6: u32 = 4;
 /// listen() succeeded: readiness says nothing about recv/send on it.
 pub const F_LISTEN: u32 = 8;
+/// shutdown(SHUT_WR) succeeded: sends fail (EPIPE), so none may go asynchronously.
+pub const F_WR_SHUT: u32 = 16;
 
 /// Guest-side state of socket `slot`, shared by every fd that refers to it in every process of
 /// the attachment (dup, fork): like the kernel's open file description. It lives in the region.
@@ -354,7 +356,9 @@ impl Attachment {
             let bits = free.load(Ordering::Acquire);
             if bits == 0 {
                 // Every nqe is in flight; they complete in microseconds.
-                std::thread::yield_now();
+                if !self.reap_async() {
+                    std::thread::yield_now();
+                }
                 continue;
             }
             let i = bits.trailing_zeros();
@@ -372,10 +376,46 @@ impl Attachment {
     /// Submits one nqe, filled in by `fill`, and waits for its completion. The returned call
     /// keeps the nqe (and its buffer) until dropped.
     pub fn call(&self, fill: impl FnOnce(&mut NqeWriter)) -> Call<'_> {
+        let idx = self.submit(fill);
+        self.wait_done(idx);
+        Call { att: self, idx }
+    }
+
+    /// Submits one nqe without waiting for it (an asynchronous send); the nqe is reclaimed by
+    /// a later call once the NSM completed it.
+    pub fn call_async(&self, fill: impl FnOnce(&mut NqeWriter)) {
+        let h = self.region.header();
+        self.submit(|w| {
+            fill(w);
+            h.guest_async_nqes.fetch_or(1u64 << w.idx, Ordering::AcqRel);
+        });
+    }
+
+    /// Frees completed asynchronous nqes; returns whether any was freed.
+    fn reap_async(&self) -> bool {
+        let pending = &self.region.header().guest_async_nqes;
+        let mut bits = pending.load(Ordering::Acquire);
+        let mut freed = false;
+        while bits != 0 {
+            let i = bits.trailing_zeros();
+            bits &= bits - 1;
+            if self.region.nqe_state(i).load(Ordering::Acquire) == nqe_state::DONE
+                && pending.fetch_and(!(1u64 << i), Ordering::AcqRel) & (1u64 << i) != 0
+            {
+                self.free_nqe(i);
+                freed = true;
+            }
+        }
+        freed
+    }
+
+    /// Allocates, fills and queues an nqe; returns its index.
+    fn submit(&self, fill: impl FnOnce(&mut NqeWriter)) -> u32 {
+        self.reap_async();
         let idx = self.alloc_nqe();
         let p = self.region.nqe(idx);
         let buf_off = self.region.layout().buf_off(idx);
-        let mut w = NqeWriter { p, buf: self.region.pool_ptr(buf_off, BUF_SIZE), buf_off };
+        let mut w = NqeWriter { p, buf: self.region.pool_ptr(buf_off, BUF_SIZE), buf_off, idx };
         // SAFETY: nqe idx is ours (allocated above) until freed.
         unsafe {
             (*p).flags = 0;
@@ -400,8 +440,7 @@ impl Attachment {
         if h.nsm_sleeping.load(Ordering::Relaxed) != 0 {
             sys::ring_bell(self.nsm_bell);
         }
-        self.wait_done(idx);
-        Call { att: self, idx }
+        idx
     }
 
     fn wait_done(&self, idx: u32) {
@@ -478,6 +517,7 @@ pub struct NqeWriter {
     p: *mut Nqe,
     buf: *mut u8,
     buf_off: u64,
+    idx: u32,
 }
 
 impl NqeWriter {

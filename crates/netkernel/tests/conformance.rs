@@ -70,4 +70,5 @@ scenarios!(
     sendfile,
     exec_cloexec,
     mmsg_and_splice,
+    small_writes,
 );

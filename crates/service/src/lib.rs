@@ -7,16 +7,18 @@
 //! doorbell only then (D5).
 
 pub mod control;
+mod sendq;
 pub mod stack;
 mod telemetry;
 
 pub use stack::{Errno, Stack};
 
 use control::{NsmRequest, NsmStats};
-use netkernel_abi::{nqe_state, Nqe, Op, ADDR_MAX, NQE_COUNT, SLOT_COUNT};
+use netkernel_abi::{nqe_state, Nqe, Op, ADDR_MAX, NQE_COUNT, SEND_ASYNC, SLOT_COUNT};
 use netkernel_ring::region::Region;
 use netkernel_ring::spsc::{Consumer, Corrupt};
 use netkernel_ring::sys;
+use sendq::SendQueue;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{fence, Ordering};
@@ -30,6 +32,8 @@ const TOK_SOCK: u64 = 0;
 const TOK_BELL: u64 = 1;
 const TOK_PIDFD: u64 = 2;
 const TOK_CONTROL: u64 = 3 << KIND_SHIFT;
+/// A closed socket still sending queued bytes: kind 3 with bit 32 set (TOK_CONTROL has none).
+const TOK_LINGER: u64 = (3 << KIND_SHIFT) | (1 << 32);
 
 fn tok(kind: u64, att: usize, slot: u32) -> u64 {
     (kind << KIND_SHIFT) | ((att as u64) << 32) | slot as u64
@@ -48,7 +52,12 @@ pub enum Violation {
     Buffer { nqe: u32, off: u64, len: u32 },
     /// An nqe's address length exceeds sockaddr_storage.
     AddrLen { nqe: u32, len: u32 },
+    /// Asynchronous sends past what any guest can have in flight.
+    SendFlood { nqe: u32 },
 }
+
+/// Not an errno: `execute`'s way of saying the guest broke the ABI (see Violation::SendFlood).
+const OVERFLOW: Errno = i32::MAX;
 
 impl std::fmt::Display for Violation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -64,6 +73,9 @@ impl std::fmt::Display for Violation {
             Violation::AddrLen { nqe, len } => {
                 write!(f, "nqe {nqe} address length {len} > {ADDR_MAX}")
             }
+            Violation::SendFlood { nqe } => {
+                write!(f, "nqe {nqe} queues asynchronous sends past {} bytes", sendq::MAX_QUEUED)
+            }
         }
     }
 }
@@ -73,6 +85,9 @@ struct Sock {
     stream: bool,
     bytes_in: u64,
     bytes_out: u64,
+    sendq: SendQueue,
+    /// Counted in conns_total already.
+    counted: bool,
 }
 
 struct Attachment {
@@ -118,7 +133,12 @@ pub struct Service<S: Stack> {
     epfd: OwnedFd,
     control: OwnedFd,
     atts: Vec<Option<Attachment>>,
+    /// Sockets closed by their guest (or whose guest exited) while asynchronous sends were still
+    /// queued: they send them, then close, as a kernel socket does after close().
+    lingering: Vec<Option<Sock>>,
     stats: NsmStats,
+    /// The engine closed the control channel.
+    orphaned: bool,
 }
 
 fn epoll_ctl(epfd: RawFd, op: i32, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
@@ -152,10 +172,10 @@ impl<S: Stack> Service<S> {
             congestion: stack.congestion(),
             ..Default::default()
         };
-        Ok(Service { stack, name, epfd, control, atts: Vec::new(), stats })
+        Ok(Service { stack, name, epfd, control, atts: Vec::new(), lingering: Vec::new(), stats, orphaned: false })
     }
 
-    /// Runs until the engine closes the control channel.
+    /// Runs until the engine has closed the control channel and no guest is left.
     pub fn run(&mut self) -> io::Result<()> {
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
         let mut last_work = Instant::now();
@@ -194,7 +214,10 @@ impl<S: Stack> Service<S> {
                 let (token, bits) = (ev.u64, ev.events);
                 if token == TOK_CONTROL {
                     if !self.on_control()? {
-                        return Ok(());
+                        // The engine is gone (D1): established traffic goes on; the NSM ends
+                        // with its last guest.
+                        let _ = epoll_ctl(self.epfd.as_raw_fd(), libc::EPOLL_CTL_DEL, self.control.as_raw_fd(), 0, 0);
+                        self.orphaned = true;
                     }
                     continue;
                 }
@@ -202,6 +225,9 @@ impl<S: Stack> Service<S> {
                 self.on_event(token, bits);
             }
             self.flush_bells();
+            if self.orphaned && self.atts.iter().all(|a| a.is_none()) && self.lingering.iter().all(|l| l.is_none()) {
+                return Ok(());
+            }
             if worked {
                 last_work = Instant::now();
                 idle_steps = 0;
@@ -235,24 +261,46 @@ impl<S: Stack> Service<S> {
     fn drain_rings(&mut self) -> bool {
         let mut worked = false;
         for ai in 0..self.atts.len() {
-            while let Some(a) = self.atts[ai].as_mut() {
-                let mut c = Consumer::resume(a.region.ring(), a.head);
-                let next = c.pop();
-                a.head = c.head();
-                let r = match next {
-                    Ok(None) => break,
-                    Ok(Some(idx)) if idx >= NQE_COUNT => Err(Violation::NqeIndex(idx)),
-                    Ok(Some(idx)) => self.process(ai, idx),
-                    Err(c) => Err(Violation::Queue(c)),
-                };
-                worked = true;
-                if let Err(v) = r {
-                    self.refuse(ai, &v);
-                    break;
-                }
+            worked |= self.drain(ai);
+        }
+        worked
+    }
+
+    /// Processes the queued nqes of attachment `ai`; refuses it if it broke the ABI.
+    fn drain(&mut self, ai: usize) -> bool {
+        let mut worked = false;
+        while let Some(a) = self.atts[ai].as_mut() {
+            let mut c = Consumer::resume(a.region.ring(), a.head);
+            let next = c.pop();
+            a.head = c.head();
+            let r = match next {
+                Ok(None) => break,
+                Ok(Some(idx)) if idx >= NQE_COUNT => Err(Violation::NqeIndex(idx)),
+                Ok(Some(idx)) => self.process(ai, idx),
+                Err(c) => Err(Violation::Queue(c)),
+            };
+            worked = true;
+            if let Err(v) = r {
+                self.refuse(ai, &v);
+                break;
             }
         }
         worked
+    }
+
+    /// Stops watching an attachment's doorbell and processes. The guest may still hold the same
+    /// files, so closing our copies alone would leave them registered.
+    fn forget(&self, a: &Attachment) {
+        let ep = self.epfd.as_raw_fd();
+        let _ = epoll_ctl(ep, libc::EPOLL_CTL_DEL, a.nsm_bell.as_raw_fd(), 0, 0);
+        for h in a.holders.iter().flatten() {
+            let _ = epoll_ctl(ep, libc::EPOLL_CTL_DEL, h.as_raw_fd(), 0, 0);
+        }
+    }
+
+    /// A socket its guest no longer has: closed now, or once its queued sends are out.
+    fn retire(&mut self, s: Sock) {
+        retire(&mut self.lingering, self.epfd.as_raw_fd(), s);
     }
 
     /// Drops an attachment whose guest broke the ABI; nobody else notices.
@@ -264,6 +312,7 @@ impl<S: Stack> Service<S> {
             );
             self.stats.violations += 1;
             a.region.mark_dead(Some(a.guest_bell.as_raw_fd()));
+            self.forget(&a);
         }
     }
 
@@ -275,9 +324,15 @@ impl<S: Stack> Service<S> {
                 let Some(a) = self.atts.get_mut(ai).and_then(|a| a.as_mut()) else {
                     return;
                 };
-                if a.sock(slot).is_ok() {
-                    publish(a, slot, bits & !(libc::EPOLLET as u32), true);
+                let Some(Some(s)) = a.socks.get_mut(slot as usize) else { return };
+                if s.sendq.queued() > 0 && bits & libc::EPOLLOUT as u32 != 0 {
+                    let n = s.sendq.flush(&mut self.stack, s.fd.as_fd()) as u64;
+                    s.bytes_out += n;
+                    self.stats.bytes_out += n;
                 }
+                let mask = s.sendq.adjust(bits & !(libc::EPOLLET as u32));
+                a.region.slot(slot).queued.store(s.sendq.queued() as u32, Ordering::Release);
+                publish(a, slot, mask, true);
             }
             TOK_BELL => {
                 if let Some(a) = self.atts.get(ai).and_then(|a| a.as_ref()) {
@@ -289,9 +344,25 @@ impl<S: Stack> Service<S> {
                 if let Some(h) = a.holders.get_mut(slot as usize) {
                     *h = None;
                 }
-                // The guest's last process exited: its sockets close as the kernel would.
+                // The guest's last process exited: its sockets close as the kernel would, after
+                // what it submitted before exiting (its last sends) is done.
                 if a.holders.iter().all(|h| h.is_none()) {
-                    self.atts[ai] = None;
+                    self.drain(ai);
+                    if let Some(a) = self.atts[ai].take() {
+                        self.forget(&a);
+                        for s in a.socks.into_iter().flatten() {
+                            self.retire(s);
+                        }
+                    }
+                }
+            }
+            _ if token & TOK_LINGER == TOK_LINGER && token != TOK_CONTROL => {
+                let i = slot as usize;
+                let Some(Some(s)) = self.lingering.get_mut(i) else { return };
+                let n = s.sendq.flush(&mut self.stack, s.fd.as_fd()) as u64;
+                self.stats.bytes_out += n;
+                if s.sendq.queued() == 0 || bits & (libc::EPOLLERR | libc::EPOLLHUP) as u32 != 0 {
+                    self.lingering[i] = None;
                 }
             }
             _ => {}
@@ -398,8 +469,20 @@ impl<S: Stack> Service<S> {
         }
         let mut addr = [0u8; ADDR_MAX];
         let mut addr_out = None;
-        let result =
-            execute(&mut self.stack, &mut self.stats, ep_fd(&self.epfd), ai, a, &req, &mut addr, &mut addr_out);
+        let result = execute(
+            &mut self.stack,
+            &mut self.stats,
+            &mut self.lingering,
+            ep_fd(&self.epfd),
+            ai,
+            a,
+            &req,
+            &mut addr,
+            &mut addr_out,
+        );
+        if result == -(OVERFLOW as i64) {
+            return Err(Violation::SendFlood { nqe: idx });
+        }
         let seq = a.region.slot(req.sock % SLOT_COUNT).seq.load(Ordering::Acquire);
         // SAFETY: p points at nqe idx inside the mapping; the guest reads these fields only
         // after it sees DONE, which the Release swap below orders after these writes.
@@ -416,6 +499,22 @@ impl<S: Stack> Service<S> {
             sys::futex_wake(a.region.nqe_state(idx));
         }
         Ok(())
+    }
+}
+
+/// Closes a socket its guest gave up, unless asynchronous sends are still queued: then it stays
+/// open, watched under a lingering token, until they are out.
+fn retire(lingering: &mut Vec<Option<Sock>>, epfd: RawFd, s: Sock) {
+    if s.sendq.queued() == 0 {
+        return;
+    }
+    let i = lingering.iter().position(|l| l.is_none()).unwrap_or_else(|| {
+        lingering.push(None);
+        lingering.len() - 1
+    });
+    let token = TOK_LINGER | i as u64;
+    if epoll_ctl(epfd, libc::EPOLL_CTL_MOD, s.fd.as_raw_fd(), SOCK_EVENTS, token).is_ok() {
+        lingering[i] = Some(s);
     }
 }
 
@@ -500,6 +599,7 @@ fn privileged_port(addr: &[u8]) -> bool {
 fn execute<S: Stack>(
     stack: &mut S,
     stats: &mut NsmStats,
+    lingering: &mut Vec<Option<Sock>>,
     epfd: RawFd,
     ai: usize,
     a: &mut Attachment,
@@ -524,7 +624,10 @@ fn execute<S: Stack>(
             if domain != libc::AF_INET && domain != libc::AF_INET6 {
                 return Err(libc::EAFNOSUPPORT);
             }
-            if ty == libc::SOCK_RAW {
+            // The NSM sets its own flags; a guest's are stripped so they cannot hide a type.
+            let ty = ty & !(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC);
+            const SOCK_PACKET: i32 = 10;
+            if ty == libc::SOCK_RAW || ty == SOCK_PACKET {
                 return Err(libc::EPERM);
             }
             let fd = stack.socket(domain, ty, req.flags as i32)?;
@@ -546,24 +649,64 @@ fn execute<S: Stack>(
             Ok(id as i64)
         }
         Op::Connect => {
-            let r = stack.connect(a.sock(req.sock)?.fd.as_fd(), in_addr);
-            if matches!(r, Ok(()) | Err(libc::EINPROGRESS)) && a.sock(req.sock)?.stream {
+            let s = a.socks.get_mut(req.sock as usize).and_then(|s| s.as_mut()).ok_or(libc::EBADF)?;
+            let r = stack.connect(s.fd.as_fd(), in_addr);
+            // GuestLib's blocking connect calls connect twice; the connection counts once.
+            if matches!(r, Ok(()) | Err(libc::EINPROGRESS)) && s.stream && !s.counted {
+                s.counted = true;
                 stats.conns_total += 1;
             }
             r.map(|()| 0)
         }
         Op::Send => {
             let data = region_buf(a);
-            let n = stack.send(a.sock(req.sock)?.fd.as_fd(), data, req.flags as i32, in_addr)?;
-            stats.bytes_out += n as u64;
-            if let Some(Some(s)) = a.socks.get_mut(req.sock as usize) {
+            let is_async = req.flags & SEND_ASYNC != 0;
+            let flags = (req.flags & !SEND_ASYNC) as i32;
+            let s = a.socks.get_mut(req.sock as usize).and_then(|s| s.as_mut()).ok_or(libc::EBADF)?;
+            if let Some(e) = s.sendq.deferred {
+                // A send reports the pending error; an asynchronous one leaves it for a call
+                // whose result the guest reads.
+                if !is_async {
+                    s.sendq.deferred = None;
+                }
+                return Err(e);
+            }
+            if s.sendq.queued() > 0 {
+                // Bytes are still queued: later bytes go behind them.
+                if !is_async {
+                    return Err(libc::EAGAIN);
+                }
+                if s.sendq.queued() + data.len() > sendq::MAX_QUEUED {
+                    // GuestLib sends asynchronously only to a socket with nothing queued: this
+                    // guest is flooding the NSM's memory.
+                    return Err(OVERFLOW);
+                }
+                s.sendq.push(data);
+                return Ok(data.len() as i64);
+            }
+            let r = stack.send(s.fd.as_fd(), data, flags, in_addr);
+            if let Ok(n) = r {
+                stats.bytes_out += n as u64;
                 s.bytes_out += n as u64;
             }
-            Ok(n as i64)
+            match r {
+                Ok(n) if is_async && n < data.len() => s.sendq.push(&data[n..]),
+                Err(libc::EAGAIN) if is_async => s.sendq.push(data),
+                Err(e) if is_async => s.sendq.fail(e),
+                _ => {}
+            }
+            r.map(|n| n as i64)
         }
         Op::Recv => {
             let buf = region_buf(a);
-            let (n, alen) = stack.recv(a.sock(req.sock)?.fd.as_fd(), buf, req.flags as i32, addr)?;
+            let s = a.socks.get_mut(req.sock as usize).and_then(|s| s.as_mut()).ok_or(libc::EBADF)?;
+            let (n, alen) = match stack.recv(s.fd.as_fd(), buf, req.flags as i32, addr) {
+                // With nothing to read, a pending error from an asynchronous send is reported.
+                Ok((0, _)) | Err(libc::EAGAIN) if s.sendq.deferred.is_some() => {
+                    return Err(s.sendq.deferred.take().expect("checked"))
+                }
+                r => r?,
+            };
             if req.flags as i32 & libc::MSG_PEEK == 0 {
                 stats.bytes_in += n as u64;
                 if let Some(Some(s)) = a.socks.get_mut(req.sock as usize) {
@@ -573,14 +716,35 @@ fn execute<S: Stack>(
             *addr_out = Some(alen);
             Ok(n as i64)
         }
-        Op::Shutdown => stack.shutdown(a.sock(req.sock)?.fd.as_fd(), req.flags as i32).map(|()| 0),
+        Op::Shutdown => {
+            let how = req.flags as i32;
+            let s = a.socks.get_mut(req.sock as usize).and_then(|s| s.as_mut()).ok_or(libc::EBADF)?;
+            if s.sendq.queued() > 0 && (how == libc::SHUT_WR || how == libc::SHUT_RDWR) {
+                // The FIN goes after the queued bytes.
+                s.sendq.shutdown_after = Some(how);
+                return Ok(0);
+            }
+            stack.shutdown(s.fd.as_fd(), how).map(|()| 0)
+        }
         Op::Close => {
             a.sock(req.sock)?;
             let s = a.socks[req.sock as usize].take().expect("checked");
-            drop(s);
+            retire(lingering, epfd, s);
             a.free.push(req.sock);
             a.region.slot(req.sock).mask.store(0, Ordering::Release);
+            a.region.slot(req.sock).queued.store(0, Ordering::Release);
             Ok(0)
+        }
+        Op::GetSockOpt if (req.arg0 as i32, req.arg1 as i32) == (libc::SOL_SOCKET, libc::SO_ERROR) => {
+            let buf = region_buf(a);
+            let s = a.socks.get_mut(req.sock as usize).and_then(|s| s.as_mut()).ok_or(libc::EBADF)?;
+            match s.sendq.deferred.take() {
+                Some(e) if buf.len() >= 4 => {
+                    buf[..4].copy_from_slice(&e.to_ne_bytes());
+                    Ok(4)
+                }
+                _ => stack.getsockopt(s.fd.as_fd(), libc::SOL_SOCKET, libc::SO_ERROR, buf).map(|n| n as i64),
+            }
         }
         Op::GetSockOpt => {
             let buf = region_buf(a);
@@ -605,7 +769,8 @@ fn execute<S: Stack>(
     })();
     if req.op != Op::Close {
         if let Ok(s) = a.sock(req.sock) {
-            let mask = stack.poll_mask(s.fd.as_fd());
+            let mask = s.sendq.adjust(stack.poll_mask(s.fd.as_fd()));
+            a.region.slot(req.sock).queued.store(s.sendq.queued() as u32, Ordering::Release);
             publish(a, req.sock, mask, false);
         }
     }
@@ -637,7 +802,8 @@ fn add_sock<S: Stack>(
         return Err(e.raw_os_error().unwrap_or(libc::ENOMEM));
     }
     let mask = stack.poll_mask(fd.as_fd());
-    a.socks[id as usize] = Some(Sock { fd, stream, bytes_in: 0, bytes_out: 0 });
+    a.socks[id as usize] =
+        Some(Sock { fd, stream, bytes_in: 0, bytes_out: 0, sendq: SendQueue::default(), counted: false });
     publish(a, id, mask, true);
     Ok(id)
 }

@@ -1039,6 +1039,59 @@ fn mmsg_and_splice() {
     close(s);
 }
 
+/// Many small writes, then an immediate close (and, in a child, an immediate exit): every byte
+/// still arrives, in order.
+fn small_writes() {
+    let pattern = |i: usize, len: usize| -> Vec<u8> { (0..len).map(|j| ((i * 31 + j) % 251) as u8).collect() };
+    let writer = |c: c_int| {
+        for i in 0..3000usize {
+            let len = if i % 10 == 0 { 20_000 } else { 100 + i % 400 };
+            let data = pattern(i, len);
+            let mut off = 0;
+            while off < data.len() {
+                let r = send(c, &data[off..], 0);
+                assert!(r > 0, "send: {}", errno());
+                off += r as usize;
+            }
+        }
+    };
+    let reader = |s: c_int| {
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut got = 0usize;
+        loop {
+            let r = recv(s, &mut buf, 0);
+            if r <= 0 {
+                break;
+            }
+            h.update(&buf[..r as usize]);
+            got += r as usize;
+        }
+        (got, hex(&h.finalize()))
+    };
+    let (c, s) = pair();
+    let h = std::thread::spawn(move || reader(s));
+    writer(c);
+    close(c);
+    let (got, digest) = h.join().unwrap();
+    println!("after close: received {got} sha256 {digest}");
+    close(s);
+    let (c, s) = pair();
+    // SAFETY: the child writes and leaves with _exit.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        close(s);
+        writer(c);
+        // SAFETY: leaving at once, without closing: the process exit closes the socket.
+        unsafe { libc::_exit(0) };
+    }
+    close(c);
+    let (got, digest) = reader(s);
+    println!("after the writer exited: received {got} sha256 {digest}");
+    wait_child(pid);
+    close(s);
+}
+
 fn main() {
     let name = std::env::args().nth(1).unwrap_or_default();
     match name.as_str() {
@@ -1064,8 +1117,9 @@ fn main() {
         "sendfile" => sendfile_scenario(),
         "exec_cloexec" => exec_cloexec(),
         "mmsg_and_splice" => mmsg_and_splice(),
+        "small_writes" => small_writes(),
         "list" => println!(
-            "connect_open connect_closed addr_in_use accept_nonblocking half_close peer_reset readiness flags sigpipe rcvtimeo eintr many bulk dup udp fork_accept fork_handoff fork_parent_exits threads sendfile exec_cloexec mmsg_and_splice"
+            "connect_open connect_closed addr_in_use accept_nonblocking half_close peer_reset readiness flags sigpipe rcvtimeo eintr many bulk dup udp fork_accept fork_handoff fork_parent_exits threads sendfile exec_cloexec mmsg_and_splice small_writes"
         ),
         other => {
             eprintln!("unknown scenario {other:?}");
