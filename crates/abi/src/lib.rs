@@ -63,6 +63,9 @@ pub struct RegionHeader {
     /// Guest-owned: serialises the guest's producers of the job queue. ServiceLib never reads it.
     pub guest_push_lock: AtomicU32,
     _reserved: u32,
+    /// Guest-owned: holder indices in use, one per process sharing the attachment (bit 0: the
+    /// process that attached; a parent takes a bit for its child before fork).
+    pub guest_holders: AtomicU64,
     /// Guest-owned: nqes submitted without waiting (asynchronous sends), reclaimed by the guest
     /// once DONE. ServiceLib never reads it.
     pub guest_async_nqes: AtomicU64,
@@ -148,13 +151,16 @@ pub struct Slot {
 /// never reads it.
 #[repr(C)]
 pub struct GuestSock {
-    /// File descriptors, in all processes of the guest, that refer to this socket.
-    pub refs: AtomicU32,
+    /// Processes of the guest (by holder index, see `RegionHeader::guest_holders`) that have
+    /// at least one fd referring to this socket. The guest clears its bit when its last fd
+    /// closes; the NSM clears the bit of a process that exited. The socket closes when no bit
+    /// is left. The only guest-owned field ServiceLib reads: a guest can only close or keep
+    /// its own sockets through it.
+    pub holders: AtomicU64,
     /// GuestLib's flags (non-blocking, stream, listening, ...).
     pub flags: AtomicU32,
     /// Bumped each time the slot is given to a new socket.
     pub gen: AtomicU32,
-    _pad: u32,
     /// SO_RCVTIMEO and SO_SNDTIMEO in microseconds; 0: none.
     pub rcvtimeo_us: AtomicU64,
     pub sndtimeo_us: AtomicU64,
@@ -332,6 +338,7 @@ impl RegionHeader {
         self.attachment_id = attachment_id;
         self.state = AtomicU32::new(STATE_LIVE);
         self.guest_free_nqes = AtomicU64::new(if NQE_COUNT == 64 { u64::MAX } else { (1u64 << NQE_COUNT) - 1 });
+        self.guest_holders = AtomicU64::new(1);
     }
 }
 

@@ -281,8 +281,8 @@ impl Engine {
                     }
                 },
                 EngineRequest::Attach { .. } => sys::send_frame(fd, &reply_bytes(Reply::err("already attached")), &[]),
-                EngineRequest::Hold { attachment, pid } => {
-                    let r = self.hold(&conn, attachment, pid);
+                EngineRequest::Hold { attachment, pid, holder } => {
+                    let r = self.hold(&conn, attachment, pid, holder);
                     if let Err(msg) = &r {
                         log(msg);
                     }
@@ -383,7 +383,7 @@ impl Engine {
 
     /// A guest that forked asks that its child share the attachment. Only a process that holds
     /// the attachment may ask, and only for its own child.
-    fn hold(&self, conn: &UnixStream, id: u64, child: i32) -> Result<(), String> {
+    fn hold(&self, conn: &UnixStream, id: u64, child: i32, holder: u32) -> Result<(), String> {
         let cred = peer_cred(conn).map_err(|e| format!("SO_PEERCRED: {e}"))?;
         let nsm_name = {
             let atts = self.attachments.lock().unwrap_or_else(|e| e.into_inner());
@@ -398,7 +398,7 @@ impl Engine {
         }
         let pidfd = pidfd_open(child).map_err(|e| format!("pidfd_open({child}): {e}"))?;
         let nsm = self.nsms.iter().find(|n| n.name == nsm_name).ok_or("attachment's NSM is gone")?;
-        nsm.hold(id, pidfd.as_raw_fd()).map_err(|e| format!("NSM {}: {e}", nsm.name))?;
+        nsm.hold(id, holder, pidfd.as_raw_fd()).map_err(|e| format!("NSM {}: {e}", nsm.name))?;
         if let Some(a) = self.attachments.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&id) {
             a.holders.push(child);
         }

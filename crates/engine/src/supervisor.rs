@@ -125,9 +125,9 @@ impl Nsm {
     }
 
     /// Tells the NSM another process (by pidfd) shares attachment `id`.
-    pub fn hold(&self, id: u64, pidfd: RawFd) -> io::Result<()> {
+    pub fn hold(&self, id: u64, holder: u32, pidfd: RawFd) -> io::Result<()> {
         let mut p = self.lock();
-        Self::call(&mut p, &NsmRequest::Hold { attachment: id }, &[pidfd]).map(|_| ())
+        Self::call(&mut p, &NsmRequest::Hold { attachment: id, holder }, &[pidfd]).map(|_| ())
     }
 
     pub fn stats(&self) -> io::Result<NsmStats> {

@@ -612,20 +612,18 @@ pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
 /// alive until the child exits too.
 #[no_mangle]
 pub unsafe extern "C" fn fork() -> libc::pid_t {
-    let att = state::current().filter(|a| !a.dead());
-    if att.is_some() {
-        state::share_fds(1);
-    }
+    let att = state::current().filter(|a| !a.dead() && state::owns_memory());
+    let holder = att.and_then(state::share_fds);
     // SAFETY: forwarding.
     let pid = unsafe { real::fork() };
-    match (pid, att) {
-        (0, _) => {
+    match (pid, att, holder) {
+        (0, _, _) => {
             state::after_fork_in_child();
             readiness::after_fork_in_child();
         }
-        (p, Some(_)) if p < 0 => state::share_fds(-1),
-        (p, Some(a)) => {
-            let _ = std::panic::catch_unwind(|| a.hold_for(p));
+        (p, Some(a), Some(h)) if p < 0 => state::unshare_fds(a, h),
+        (p, Some(a), Some(h)) if p > 0 => {
+            let _ = std::panic::catch_unwind(|| a.hold_for(p, h));
         }
         _ => {}
     }
@@ -636,7 +634,10 @@ type CStr = *const libc::c_char;
 
 /// Runs an exec with close-on-exec NetKernel fds released first (and restored if it fails).
 fn exec_with(f: impl FnOnce() -> c_int) -> c_int {
-    let dropped = std::panic::catch_unwind(state::before_exec).unwrap_or_default();
+    let (dropped, last) = std::panic::catch_unwind(state::before_exec).unwrap_or_default();
+    for slot in last {
+        let _ = std::panic::catch_unwind(|| sock::close_slot(slot));
+    }
     let r = f();
     let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
     state::exec_failed(dropped);

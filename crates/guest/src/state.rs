@@ -2,7 +2,7 @@
 //! NetKernel socket from any other fd, per-socket state, and the two ways a thread waits: for an
 //! nqe's completion and for a socket's next wakeup.
 
-use netkernel_abi::{nqe_state, GuestSock, Nqe, ADDR_MAX, BUF_SIZE, NQE_COUNT, STATE_DEAD};
+use netkernel_abi::{nqe_state, GuestSock, Nqe, ADDR_MAX, BUF_SIZE, NQE_COUNT, SLOT_COUNT, STATE_DEAD};
 use netkernel_ring::region::Region;
 use netkernel_ring::sys;
 use std::sync::atomic::{fence, AtomicBool, AtomicI32, AtomicPtr, AtomicU32, Ordering};
@@ -62,18 +62,33 @@ pub fn lookup(fd: i32) -> Fd {
     }
 }
 
+/// This process's holder index in the attachment (0: the process that attached).
+static HOLDER: AtomicU32 = AtomicU32::new(0);
+/// The holder index a parent reserved for the child it is about to fork.
+static CHILD_HOLDER: AtomicU32 = AtomicU32::new(0);
+/// fds of this process per socket slot (private memory: a forked child starts with its
+/// parent's counts, which are its own too).
+static LOCAL_REFS: [AtomicU32; SLOT_COUNT as usize] = [const { AtomicU32::new(0) }; SLOT_COUNT as usize];
+
+fn holder_bit() -> u64 {
+    1u64 << HOLDER.load(Ordering::Relaxed)
+}
+
 /// Makes `fd` refer to `slot` (one more reference).
 pub fn map_fd(fd: i32, slot: u32) -> bool {
     if fd < 0 || fd as usize >= MAX_FD {
         return false;
     }
-    sock_state(slot).refs.fetch_add(1, Ordering::AcqRel);
+    if LOCAL_REFS[slot as usize].fetch_add(1, Ordering::AcqRel) == 0 {
+        sock_state(slot).holders.fetch_or(holder_bit(), Ordering::AcqRel);
+    }
     let v = (EPOCH.load(Ordering::Relaxed) << 16 | slot) + 1;
     FDS[fd as usize].store(v, Ordering::Release);
     true
 }
 
-/// Forgets `fd`; returns its slot when that was the last fd referring to a live socket.
+/// Forgets `fd`; returns its slot when that was the last fd, in any process, referring to a
+/// live socket.
 pub fn unmap_fd(fd: i32) -> Option<u32> {
     let live = lookup(fd);
     if live == Fd::Plain {
@@ -81,7 +96,13 @@ pub fn unmap_fd(fd: i32) -> Option<u32> {
     }
     FDS[fd as usize].store(0, Ordering::Release);
     match live {
-        Fd::Sock(slot) => (sock_state(slot).refs.fetch_sub(1, Ordering::AcqRel) == 1).then_some(slot),
+        Fd::Sock(slot) => {
+            if LOCAL_REFS[slot as usize].fetch_sub(1, Ordering::AcqRel) != 1 {
+                return None;
+            }
+            let bit = holder_bit();
+            (sock_state(slot).holders.fetch_and(!bit, Ordering::AcqRel) & !bit == 0).then_some(slot)
+        }
         _ => None,
     }
 }
@@ -89,6 +110,8 @@ pub fn unmap_fd(fd: i32) -> Option<u32> {
 /// Starts a new epoch: fds of the old attachment become stale. Socket state lives in the new
 /// region, which starts zeroed.
 fn new_epoch() {
+    LOCAL_REFS.iter().for_each(|r| r.store(0, Ordering::Relaxed));
+    HOLDER.store(0, Ordering::Relaxed);
     EPOCH.fetch_add(1, Ordering::AcqRel);
 }
 
@@ -250,22 +273,39 @@ fn attach() -> Result<Attachment, String> {
 
 static CTL_LOCK: AtomicBool = AtomicBool::new(false);
 
-/// fork() is about to run: every NetKernel fd gains a reference for the child (`delta` = 1),
-/// or loses it again when fork failed (`delta` = -1). Done before the fork so that a parent
-/// closing its copy right away never closes the child's socket.
-pub fn share_fds(delta: i32) {
-    let epoch = EPOCH.load(Ordering::Relaxed);
-    for e in FDS.iter() {
-        let v = e.load(Ordering::Relaxed);
-        if v != 0 && (v - 1) >> 16 == epoch {
-            let refs = &sock_state((v - 1) & 0xffff).refs;
-            if delta > 0 {
-                refs.fetch_add(1, Ordering::AcqRel);
-            } else {
-                refs.fetch_sub(1, Ordering::AcqRel);
-            }
+/// fork() is about to run: reserves a holder index for the child and marks it as a holder of
+/// every socket this process has, before the fork, so that a parent closing its copy right
+/// away never closes the child's socket. Returns the index (None: all 64 are in use, and the
+/// child shares its parent's).
+pub fn share_fds(a: &Attachment) -> Option<u32> {
+    let holders = &a.region.header().guest_holders;
+    let mut cur = holders.load(Ordering::Acquire);
+    let h = loop {
+        if cur == u64::MAX {
+            CHILD_HOLDER.store(HOLDER.load(Ordering::Relaxed), Ordering::Relaxed);
+            return None;
+        }
+        let h = (!cur).trailing_zeros();
+        match holders.compare_exchange(cur, cur | 1u64 << h, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => break h,
+            Err(now) => cur = now,
+        }
+    };
+    for (slot, r) in LOCAL_REFS.iter().enumerate() {
+        if r.load(Ordering::Relaxed) > 0 {
+            a.region.guest_sock(slot as u32).holders.fetch_or(1u64 << h, Ordering::AcqRel);
         }
     }
+    CHILD_HOLDER.store(h, Ordering::Relaxed);
+    Some(h)
+}
+
+/// fork() failed: the reserved holder index goes back.
+pub fn unshare_fds(a: &Attachment, h: u32) {
+    for slot in 0..SLOT_COUNT {
+        a.region.guest_sock(slot).holders.fetch_and(!(1u64 << h), Ordering::AcqRel);
+    }
+    a.region.header().guest_holders.fetch_and(!(1u64 << h), Ordering::AcqRel);
 }
 
 /// The process whose memory this is; a vfork child (sharing it) has another pid and must not
@@ -283,24 +323,26 @@ pub fn owns_memory() -> bool {
 }
 
 /// exec() is about to replace this program: close-on-exec NetKernel fds vanish with it, so they
-/// give up their references (a socket whose last reference this was is closed by the NSM when
-/// the process exits). Returns what to restore if exec fails.
-pub fn before_exec() -> Vec<(i32, u32)> {
-    let mut dropped = Vec::new();
+/// give up their references. Returns what to restore if exec fails, and the sockets whose last
+/// reference this was (to close now, as the kernel would at exec).
+pub fn before_exec() -> (Vec<(i32, u32)>, Vec<u32>) {
+    let (mut dropped, mut last) = (Vec::new(), Vec::new());
     if !owns_memory() {
-        return dropped;
+        return (dropped, last);
     }
     for fd in 0..MAX_FD as i32 {
         if let Fd::Sock(slot) = lookup(fd) {
             // SAFETY: plain system call on an fd we track.
             let flags = unsafe { libc::syscall(libc::SYS_fcntl, fd, libc::F_GETFD) };
             if flags >= 0 && flags & libc::FD_CLOEXEC as i64 != 0 {
-                unmap_fd(fd);
+                if let Some(s) = unmap_fd(fd) {
+                    last.push(s);
+                }
                 dropped.push((fd, slot));
             }
         }
     }
-    dropped
+    (dropped, last)
 }
 
 /// exec() failed: the program goes on with the fds it had.
@@ -314,6 +356,7 @@ pub fn exec_failed(dropped: Vec<(i32, u32)>) {
 /// control connection is the parent's, not ours.
 pub fn after_fork_in_child() {
     OWNER_PID.store(getpid(), Ordering::Relaxed);
+    HOLDER.store(CHILD_HOLDER.load(Ordering::Relaxed), Ordering::Relaxed);
     ATTACH_LOCK.store(false, Ordering::Release);
     CTL_LOCK.store(false, Ordering::Release);
     if let Some(a) = current() {
@@ -327,7 +370,7 @@ pub fn after_fork_in_child() {
 impl Attachment {
     /// In the parent right after fork: asks the engine to keep the attachment alive for the
     /// child (the NSM ends an attachment when its last process exits).
-    pub fn hold_for(&self, child: i32) {
+    pub fn hold_for(&self, child: i32, holder: u32) {
         while CTL_LOCK.swap(true, Ordering::Acquire) {
             std::hint::spin_loop();
         }
@@ -339,7 +382,7 @@ impl Attachment {
             }
         }
         let id = self.region.header().attachment_id;
-        let r = engine_call(fd, &serde_json::json!({"op": "hold", "attachment": id, "pid": child}));
+        let r = engine_call(fd, &serde_json::json!({"op": "hold", "attachment": id, "pid": child, "holder": holder}));
         CTL_LOCK.store(false, Ordering::Release);
         if let Err(e) = r {
             warn(&format!("child {child} will lose its NetKernel sockets when this process exits: {e}"));

@@ -18,6 +18,8 @@ pub enum EngineRequest {
     Hold {
         attachment: u64,
         pid: i32,
+        /// The holder index the parent reserved for the child (see GuestSock::holders).
+        holder: u32,
     },
     Status,
     Tenants,
@@ -59,7 +61,7 @@ pub enum NsmRequest {
     /// Serve a new attachment. Fds: region memfd, NSM doorbell, guest doorbell, guest pidfd.
     Attach { attachment: u64, tenant: String, pid: i32, uid: u32 },
     /// Another process (a forked child) shares the attachment. Fd: its pidfd.
-    Hold { attachment: u64 },
+    Hold { attachment: u64, holder: u32 },
     /// Report telemetry.
     Stats,
 }

@@ -101,7 +101,7 @@ struct Attachment {
     guest_bell: OwnedFd,
     /// pidfds of the processes sharing the attachment (the attaching one and forked children);
     /// the attachment ends when all have exited.
-    holders: Vec<Option<OwnedFd>>,
+    holders: Vec<Option<(OwnedFd, u32)>>,
     socks: Vec<Option<Sock>>,
     free: Vec<u32>,
     bell_pending: bool,
@@ -293,7 +293,7 @@ impl<S: Stack> Service<S> {
     fn forget(&self, a: &Attachment) {
         let ep = self.epfd.as_raw_fd();
         let _ = epoll_ctl(ep, libc::EPOLL_CTL_DEL, a.nsm_bell.as_raw_fd(), 0, 0);
-        for h in a.holders.iter().flatten() {
+        for (h, _) in a.holders.iter().flatten() {
             let _ = epoll_ctl(ep, libc::EPOLL_CTL_DEL, h.as_raw_fd(), 0, 0);
         }
     }
@@ -341,13 +341,13 @@ impl<S: Stack> Service<S> {
             }
             TOK_PIDFD => {
                 let Some(a) = self.atts.get_mut(ai).and_then(|a| a.as_mut()) else { return };
-                if let Some(h) = a.holders.get_mut(slot as usize) {
-                    *h = None;
-                }
-                // The guest's last process exited: its sockets close as the kernel would, after
-                // what it submitted before exiting (its last sends) is done.
+                let Some((_, index)) = a.holders.get_mut(slot as usize).and_then(|h| h.take()) else { return };
+                // Whatever that process submitted before exiting is done first.
+                self.drain(ai);
+                self.release_holder(ai, index);
+                let Some(a) = self.atts.get_mut(ai).and_then(|a| a.as_mut()) else { return };
+                // The guest's last process exited: its sockets close as the kernel would.
                 if a.holders.iter().all(|h| h.is_none()) {
-                    self.drain(ai);
                     if let Some(a) = self.atts[ai].take() {
                         self.forget(&a);
                         for s in a.socks.into_iter().flatten() {
@@ -383,7 +383,7 @@ impl<S: Stack> Service<S> {
                     Err(e) => control::Reply::err(e),
                 }
             }
-            Ok(NsmRequest::Hold { attachment }) => match self.hold(attachment, fds) {
+            Ok(NsmRequest::Hold { attachment, holder }) => match self.hold(attachment, holder, fds) {
                 Ok(()) => control::Reply::ok(()),
                 Err(e) => control::Reply::err(e),
             },
@@ -422,7 +422,7 @@ impl<S: Stack> Service<S> {
             head,
             nsm_bell,
             guest_bell,
-            holders: vec![Some(pidfd)],
+            holders: vec![Some((pidfd, 0))],
             socks: Vec::new(),
             free: Vec::new(),
             bell_pending: false,
@@ -430,7 +430,30 @@ impl<S: Stack> Service<S> {
         Ok(())
     }
 
-    fn hold(&mut self, id: u64, fds: Vec<OwnedFd>) -> Result<(), String> {
+    /// A process of the guest exited: the sockets only it still held close, as the kernel
+    /// closes an exiting process's fds.
+    fn release_holder(&mut self, ai: usize, index: u32) {
+        let Some(a) = self.atts.get_mut(ai).and_then(|a| a.as_mut()) else { return };
+        let bit = 1u64 << (index % 64);
+        let mut closed = Vec::new();
+        for (slot, s) in a.socks.iter_mut().enumerate() {
+            if s.is_none() {
+                continue;
+            }
+            let old = a.region.guest_sock(slot as u32).holders.fetch_and(!bit, Ordering::AcqRel);
+            if old & bit != 0 && old & !bit == 0 {
+                closed.push(s.take().expect("checked"));
+                a.free.push(slot as u32);
+                a.region.slot(slot as u32).mask.store(0, Ordering::Release);
+            }
+        }
+        a.region.header().guest_holders.fetch_and(!bit, Ordering::AcqRel);
+        for s in closed {
+            self.retire(s);
+        }
+    }
+
+    fn hold(&mut self, id: u64, index: u32, fds: Vec<OwnedFd>) -> Result<(), String> {
         let [pidfd]: [OwnedFd; 1] = fds.try_into().map_err(|_| "hold needs one pidfd".to_string())?;
         let ai = self.atts.iter().position(|a| a.as_ref().is_some_and(|a| a.id == id)).ok_or("no such attachment")?;
         let a = self.atts[ai].as_mut().expect("found above");
@@ -443,7 +466,7 @@ impl<S: Stack> Service<S> {
             tok(TOK_PIDFD, ai, h),
         )
         .map_err(|e| format!("epoll: {e}"))?;
-        a.holders.push(Some(pidfd));
+        a.holders.push(Some((pidfd, index)));
         Ok(())
     }
 
