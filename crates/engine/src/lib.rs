@@ -56,7 +56,6 @@ struct Attachment {
     tenant: String,
     nsm: String,
     pid: i32,
-    uid: u32,
     /// Processes sharing the attachment: the attaching one and its forked children.
     holders: Vec<i32>,
     /// The engine's own mapping, used to declare the region dead if its NSM dies.
@@ -314,7 +313,18 @@ impl Engine {
         }
     }
 
+    /// Forgets attachments none of whose processes is alive any more (the attaching process's
+    /// connection closed earlier while forked children still ran).
+    fn prune(&self) {
+        let mut atts = self.attachments.lock().unwrap_or_else(|e| e.into_inner());
+        atts.retain(|_, a| {
+            a.holders.retain(|&p| alive(p));
+            !a.holders.is_empty()
+        });
+    }
+
     fn attach(&self, conn: &UnixStream, tenant: Option<String>) -> Result<(u64, AttachReply, Vec<OwnedFd>), String> {
+        self.prune();
         let cred = peer_cred(conn).map_err(|e| format!("SO_PEERCRED: {e}"))?;
         let t = match &tenant {
             Some(name) => self
@@ -371,7 +381,6 @@ impl Engine {
                 tenant: t.name.get_ref().clone(),
                 nsm: nsm.name.clone(),
                 pid: cred.pid,
-                uid: cred.uid,
                 holders: vec![cred.pid],
                 region,
                 guest_bell: keep_bell,
@@ -410,24 +419,24 @@ impl Engine {
     }
 
     fn nsm_views(&self) -> Vec<NsmView> {
+        // Ask the NSMs before taking the attachments lock: a slow NSM must not stall attaches.
+        let stats: Vec<NsmStats> = self.nsms.iter().map(|n| n.stats().unwrap_or_default()).collect();
         let atts = self.attachments.lock().unwrap_or_else(|e| e.into_inner());
         self.nsms
             .iter()
-            .map(|n| {
-                let s = n.stats().unwrap_or_default();
-                NsmView {
-                    name: n.name.clone(),
-                    kind: n.kind.clone(),
-                    congestion: s.congestion.clone(),
-                    pid: n.pid(),
-                    restarts: n.restarts(),
-                    attachments: atts.values().filter(|a| a.nsm == n.name).count(),
-                    bytes_in: s.bytes_in,
-                    bytes_out: s.bytes_out,
-                    conns_total: s.conns_total,
-                    conns_open: s.conns.len(),
-                    violations: s.violations,
-                }
+            .zip(stats)
+            .map(|(n, s)| NsmView {
+                name: n.name.clone(),
+                kind: n.kind.clone(),
+                congestion: s.congestion.clone(),
+                pid: n.pid(),
+                restarts: n.restarts(),
+                attachments: atts.values().filter(|a| a.nsm == n.name).count(),
+                bytes_in: s.bytes_in,
+                bytes_out: s.bytes_out,
+                conns_total: s.conns_total,
+                conns_open: s.conns.len(),
+                violations: s.violations,
             })
             .collect()
     }
@@ -447,6 +456,7 @@ impl Engine {
     }
 
     fn status(&self) -> StatusView {
+        self.prune();
         let nsms = self.nsm_views();
         let atts = self.attachments.lock().unwrap_or_else(|e| e.into_inner());
         let backing = atts
@@ -465,11 +475,6 @@ impl Engine {
             tenants: self.cfg.tenants.len(),
             nsms,
         }
-    }
-
-    /// Guest pids and uids currently attached (for tests and ctl).
-    pub fn attached_pids(&self) -> Vec<(i32, u32)> {
-        self.attachments.lock().unwrap_or_else(|e| e.into_inner()).values().map(|a| (a.pid, a.uid)).collect()
     }
 }
 

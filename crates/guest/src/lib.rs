@@ -505,6 +505,7 @@ pub unsafe extern "C" fn fcntl(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
             state::map_fd(r, s);
         }
         (Fd::Plain, libc::F_DUPFD | libc::F_DUPFD_CLOEXEC) => readiness::dup_epoll(fd, r),
+        (Fd::Stale, libc::F_DUPFD | libc::F_DUPFD_CLOEXEC) => state::dup_stale(fd, r),
         _ => {}
     }
     r
@@ -570,7 +571,7 @@ fn after_dup(old: c_int, new: c_int) {
             state::map_fd(new, s);
         }
         Fd::Plain => readiness::dup_epoll(old, new),
-        Fd::Stale => {}
+        Fd::Stale => state::dup_stale(old, new),
     }
 }
 

@@ -169,7 +169,9 @@ fn ours_ready(fds: &mut [pollfd]) -> c_int {
 
 /// poll/ppoll over a set holding at least one NetKernel socket.
 pub fn poll(fds: &mut [pollfd], timeout: Option<Duration>, sigmask: *const libc::sigset_t) -> Result<c_int, Errno> {
-    let a = state::attachment()?;
+    // The set holds a NetKernel socket, so an attachment exists; a dead one is not replaced
+    // here: its sockets are ready (POLLERR|POLLHUP).
+    let a = state::current().ok_or(libc::EBADF)?;
     let deadline = Deadline::new(timeout);
     let mut copy: Vec<pollfd> = Vec::with_capacity(fds.len() + 1);
     loop {
@@ -462,7 +464,7 @@ pub unsafe fn epoll_wait(
     }
     // SAFETY: per the contract.
     let out = unsafe { std::slice::from_raw_parts_mut(evs, max as usize) };
-    let a = state::attachment()?;
+    let a = state::current().ok_or(libc::EBADF)?;
     let deadline = Deadline::new(timeout);
     loop {
         let waiter = BellWaiter::new(a);

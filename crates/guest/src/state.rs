@@ -107,6 +107,13 @@ pub fn unmap_fd(fd: i32) -> Option<u32> {
     }
 }
 
+/// `new` is a duplicate of a socket of a dead attachment: it reports ECONNRESET too.
+pub fn dup_stale(old: i32, new: i32) {
+    if old >= 0 && new >= 0 && (old as usize) < MAX_FD && (new as usize) < MAX_FD {
+        FDS[new as usize].store(FDS[old as usize].load(Ordering::Acquire), Ordering::Release);
+    }
+}
+
 /// Starts a new epoch: fds of the old attachment become stale. Socket state lives in the new
 /// region, which starts zeroed.
 fn new_epoch() {
