@@ -35,6 +35,37 @@ impl RawGuest {
         sys::ring_bell(self.nsm_bell);
     }
 
+    /// Runs one op through nqe 0 and waits for it: Some(result), None if the region died.
+    fn call(&self, op: Op, sock: u32, flags: u32, args: (u64, u64), buf_len: u32, addr: &[u8]) -> Option<i64> {
+        let p = self.region.nqe(0);
+        // SAFETY: nqe 0 of our own mapping; we are its only user.
+        unsafe {
+            (*p).op = op as u32;
+            (*p).sock = sock;
+            (*p).flags = flags;
+            (*p).arg0 = args.0;
+            (*p).arg1 = args.1;
+            (*p).buf_off = self.region.layout().pool_off;
+            (*p).buf_len = buf_len;
+            (*p).addr_len = addr.len() as u32;
+            std::ptr::copy_nonoverlapping(addr.as_ptr(), (*p).addr.as_mut_ptr(), addr.len());
+        }
+        let state = self.region.nqe_state(0);
+        state.store(netkernel_abi::nqe_state::SUBMITTED, Ordering::Release);
+        self.submit(0);
+        let start = Instant::now();
+        while state.load(Ordering::Acquire) != netkernel_abi::nqe_state::DONE {
+            if self.region.header().state.load(Ordering::Acquire) == STATE_DEAD
+                || start.elapsed() > Duration::from_secs(5)
+            {
+                return None;
+            }
+            std::thread::yield_now();
+        }
+        // SAFETY: DONE: the NSM wrote the result.
+        Some(unsafe { std::ptr::read_volatile(&(*p).result) })
+    }
+
     fn refused_within(&self, d: Duration) -> bool {
         let start = Instant::now();
         while start.elapsed() < d {
@@ -149,4 +180,47 @@ fn garbage_on_the_control_socket_is_refused_and_the_engine_keeps_serving() {
     let out = output_within(engine.run(PROBE, &["half_close"]), Duration::from_secs(60));
     assert!(out.status.success(), "a guest after the garbage failed: {}", String::from_utf8_lossy(&out.stderr));
     assert!(engine.log().contains("garbage on control socket"), "{}", engine.log());
+}
+
+fn loopback(port: u16) -> Vec<u8> {
+    let mut a = vec![0u8; 16];
+    a[..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+    a[2..4].copy_from_slice(&port.to_be_bytes());
+    a[4..8].copy_from_slice(&[127, 0, 0, 1]);
+    a
+}
+
+#[test]
+fn raw_sockets_and_send_floods_are_refused() {
+    let engine = TestEngine::start();
+    let g = RawGuest::attach(&engine);
+    let inet = libc::AF_INET as u64;
+    for ty in [libc::SOCK_RAW, libc::SOCK_RAW | libc::SOCK_NONBLOCK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 10] {
+        let r = g.call(Op::Socket, 0, 0, (inet, ty as u64), 0, &[]);
+        assert_eq!(r, Some(-(libc::EPERM as i64)), "socket type {ty:#x} was not refused");
+    }
+    // A connection to a listener that never reads, then asynchronous sends past any sane limit.
+    let stream = (inet, libc::SOCK_STREAM as u64);
+    let l = g.call(Op::Socket, 0, 0, stream, 0, &[]).unwrap() as u32;
+    assert_eq!(g.call(Op::Bind, l, 0, (0, 0), 0, &loopback(0)), Some(0));
+    assert_eq!(g.call(Op::Listen, l, 16, (0, 0), 0, &[]), Some(0));
+    assert_eq!(g.call(Op::GetSockName, l, 0, (0, 0), 0, &[]), Some(0));
+    // SAFETY: the NSM wrote the listener's address into nqe 0.
+    let port = unsafe {
+        let a = std::ptr::read_volatile(&(*g.region.nqe(0)).addr);
+        u16::from_be_bytes([a[2], a[3]])
+    };
+    let c = g.call(Op::Socket, 0, 0, stream, 0, &[]).unwrap() as u32;
+    g.call(Op::Connect, c, 0, (0, 0), 0, &loopback(port));
+    std::thread::sleep(Duration::from_millis(100));
+    let mut sends = 0;
+    while g.call(Op::Send, c, netkernel_abi::SEND_ASYNC, (0, 0), netkernel_abi::BUF_SIZE, &[]).is_some() {
+        sends += 1;
+        assert!(sends < 1000, "the NSM queued {sends} asynchronous sends of 256 KiB without refusing the guest");
+    }
+    assert!(g.refused_within(Duration::from_secs(5)));
+    assert!(engine.log().contains("queues asynchronous sends past"), "{}", engine.log());
+    // The NSM still serves others.
+    let out = output_within(engine.run(PROBE, &["half_close"]), Duration::from_secs(60));
+    assert!(out.status.success());
 }
