@@ -35,6 +35,10 @@ enum Cmd {
         tenant: Option<String>,
         #[arg(long)]
         socket: Option<PathBuf>,
+        /// Start the program in a fresh network namespace with only loopback (root), so every
+        /// byte it exchanges must cross NetKernel.
+        #[arg(long)]
+        isolate: bool,
         /// The program and its arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         program: Vec<String>,
@@ -83,7 +87,7 @@ pub fn main() -> i32 {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Serve { config, socket } => serve(config, socket),
-        Cmd::Run { tenant, socket, program } => run(tenant, socket, program),
+        Cmd::Run { tenant, socket, isolate, program } => run(tenant, socket, isolate, program),
         Cmd::Ctl { socket, json, what } => ctl(socket, json, &what),
         Cmd::Nsm { kind, name, control_fd, congestion } => nsm(&kind, name, control_fd, congestion),
         Cmd::Demo { bytes } => demo::main(bytes),
@@ -128,7 +132,7 @@ fn serve(config: Option<PathBuf>, socket: Option<PathBuf>) -> i32 {
     0
 }
 
-fn run(tenant: Option<String>, socket: Option<PathBuf>, program: Vec<String>) -> i32 {
+fn run(tenant: Option<String>, socket: Option<PathBuf>, isolate: bool, program: Vec<String>) -> i32 {
     let socket = socket.unwrap_or_else(default_socket);
     let lib = match guestlib::find() {
         Ok(l) => l,
@@ -137,8 +141,49 @@ fn run(tenant: Option<String>, socket: Option<PathBuf>, program: Vec<String>) ->
     if let Err(e) = request(&socket, &EngineRequest::Status) {
         return fail(e);
     }
+    if isolate {
+        if let Err(e) = isolate_network() {
+            return fail(format!("--isolate: {e}"));
+        }
+    }
     let err = guestlib::command(&lib, &socket, tenant.as_deref(), &program[0], &program[1..]).exec();
     fail(format!("cannot run {}: {err}", program[0]))
+}
+
+/// Moves this process into a new network namespace holding only a loopback interface, up. The
+/// engine's socket is a path, so it stays reachable; the guest's NetKernel sockets are served in
+/// the NSM's namespace; anything GuestLib does not serve reaches nothing.
+fn isolate_network() -> Result<(), String> {
+    // SAFETY: unshare only changes this process's namespaces.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(format!("cannot create a network namespace ({e}); --isolate needs root (CAP_SYS_ADMIN)"));
+    }
+    // SAFETY: a throwaway socket for the interface ioctls, closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(format!("socket: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: ifreq is plain data.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write the ifreq we own.
+    let ok = unsafe {
+        libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut ifr) == 0 && {
+            ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as i16;
+            libc::ioctl(fd, libc::SIOCSIFFLAGS, &ifr) == 0
+        }
+    };
+    let e = std::io::Error::last_os_error();
+    // SAFETY: closing our socket.
+    unsafe { libc::close(fd) };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("bringing up loopback: {e}"))
+    }
 }
 
 fn ctl(socket: Option<PathBuf>, json: bool, what: &str) -> i32 {

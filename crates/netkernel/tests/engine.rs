@@ -181,3 +181,46 @@ fn nsm_crash_resets_connections_and_the_engine_restarts_it() {
     assert_ne!(nsm["pid"].as_u64().unwrap() as i32, pid);
     assert!(engine.log().contains("NSM kernel exited"), "{}", engine.log());
 }
+
+#[test]
+fn isolated_guest_reaches_only_what_netkernel_serves() {
+    if !is_root() {
+        eprintln!("SKIP isolated_guest_reaches_only_what_netkernel_serves: --isolate needs root");
+        return;
+    }
+    let python = require("python3");
+    let curl = require("curl");
+    let busybox = require("busybox");
+    let engine = TestEngine::start();
+    let www = engine.dir.path().join("www");
+    std::fs::create_dir(&www).unwrap();
+    std::fs::write(www.join("hi.txt"), "through netkernel\n").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut server =
+        engine.run(python.to_str().unwrap(), &["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1"]);
+    server.current_dir(&www).stdout(Stdio::null()).stderr(Stdio::null());
+    let mut server = server.spawn().unwrap();
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(start.elapsed() < Duration::from_secs(10), "server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let url = format!("http://127.0.0.1:{port}/hi.txt");
+    let isolated = |program: &str, args: &[&str]| {
+        let mut c = Command::new(NETKERNEL);
+        c.args(["run", "--isolate", "--socket"]).arg(&engine.socket).arg("--").arg(program).args(args);
+        output_within(c, Duration::from_secs(30))
+    };
+    // Served by GuestLib: reaches the server through the NSM.
+    let out = isolated(curl.to_str().unwrap(), &["-sS", &url]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "through netkernel\n");
+    // A statically linked program is not interposed: in the isolated namespace it reaches nothing.
+    let out = isolated(busybox.to_str().unwrap(), &["wget", "-q", "-O", "-", &url]);
+    assert!(!out.status.success(), "busybox reached the server without NetKernel");
+    // The same program outside the namespace does reach it, so the failure is the isolation.
+    let native = Command::new(&busybox).args(["wget", "-q", "-O", "-", &url]).output().unwrap();
+    assert!(native.status.success());
+    let _ = server.kill();
+    let _ = server.wait();
+}
