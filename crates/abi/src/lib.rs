@@ -200,7 +200,17 @@ pub enum Op {
     GetPeerName = 13,
     /// arg1 = ioctl request (FIONREAD, SIOCOUTQ, SIOCATMARK); result = value.
     Ioctl = 14,
+    /// Name resolution by the provider. In: buf = node NUL service NUL (service may be empty),
+    /// arg0 = ai_family, arg1 = ai_socktype, flags = ai_flags. Out: buf = `result` entries of
+    /// RESOLVED_SIZE bytes (family u16, socktype u16, protocol u16, addrlen u16, sockaddr[28]);
+    /// or result = RESOLVE_EAI_BASE + EAI_* code (negative). `sock` is ignored.
+    Resolve = 15,
 }
+
+/// Bytes of one resolved address in an `Op::Resolve` answer.
+pub const RESOLVED_SIZE: usize = 36;
+/// `Op::Resolve` failures are reported as this plus the (negative) EAI_* code.
+pub const RESOLVE_EAI_BASE: i64 = -1_000_000;
 
 impl Op {
     /// Decodes an op a guest wrote; `None` for anything else (an ABI violation).
@@ -220,6 +230,7 @@ impl Op {
             12 => Op::GetSockName,
             13 => Op::GetPeerName,
             14 => Op::Ioctl,
+            15 => Op::Resolve,
             _ => return None,
         })
     }
@@ -379,11 +390,11 @@ mod tests {
 
     #[test]
     fn op_roundtrip_and_garbage() {
-        for v in 1..=14 {
+        for v in 1..=15 {
             assert_eq!(Op::from_u32(v).map(|o| o as u32), Some(v));
         }
         assert_eq!(Op::from_u32(0), None);
-        assert_eq!(Op::from_u32(15), None);
+        assert_eq!(Op::from_u32(16), None);
         assert_eq!(Op::from_u32(u32::MAX), None);
     }
 }

@@ -30,6 +30,9 @@ pub struct NsmConfig {
     /// TCP congestion control for every connection of this NSM (e.g. "cubic", "bbr").
     #[serde(default)]
     pub congestion: Option<Spanned<String>>,
+    /// Names this NSM resolves for its guests before its system resolver: name = "address".
+    #[serde(default)]
+    pub hosts: Option<Spanned<std::collections::BTreeMap<String, String>>>,
 }
 
 /// One tenant: who may attach, and which NSM serves it.
@@ -73,7 +76,12 @@ impl Config {
     pub fn embedded() -> Config {
         Config {
             engine: EngineSection::default(),
-            nsms: vec![NsmConfig { name: spanned("kernel".into()), kind: "kernel".into(), congestion: None }],
+            nsms: vec![NsmConfig {
+                name: spanned("kernel".into()),
+                kind: "kernel".into(),
+                congestion: None,
+                hosts: None,
+            }],
             tenants: vec![TenantConfig { name: spanned("default".into()), nsm: spanned("kernel".into()), uids: None }],
         }
     }
@@ -127,6 +135,17 @@ impl Config {
                     "nsm.kind",
                     format!("unknown kind {:?} (known: kernel)", n.kind),
                 ));
+            }
+            if let Some(hosts) = &n.hosts {
+                for (name, addr) in hosts.get_ref() {
+                    if addr.parse::<std::net::IpAddr>().is_err() || name.is_empty() || name.contains(['=', ' ']) {
+                        return Err(invalid(
+                            hosts.span().start,
+                            "nsm.hosts",
+                            format!("{name:?} = {addr:?}: want a host name and an IP address"),
+                        ));
+                    }
+                }
             }
             if let Some(cc) = &n.congestion {
                 let avail = available_congestion();
@@ -221,6 +240,9 @@ mod tests {
         assert!(e.starts_with("/etc/nk.toml:6: tenant.nsm:"), "{e}");
         let e = err("[[nsm]]\nname = \"k\"\ncongestion = \"warp-drive\"\n[[tenant]]\nname = \"a\"\nnsm = \"k\"\n");
         assert!(e.starts_with("/etc/nk.toml:3: nsm.congestion:"), "{e}");
+        let e =
+            err("[[nsm]]\nname = \"k\"\nhosts = { \"a\" = \"not-an-ip\" }\n[[tenant]]\nname = \"t\"\nnsm = \"k\"\n");
+        assert!(e.starts_with("/etc/nk.toml:3: nsm.hosts:"), "{e}");
         let e = err("[[nsm]]\nname = 5\n");
         assert!(e.contains("/etc/nk.toml:2:"), "{e}");
         let e = err("[[tenant]]\nname = \"a\"\n");

@@ -166,8 +166,13 @@ impl Engine {
         let mut nsms = Vec::new();
         let mut children = Vec::new();
         for n in &cfg.nsms {
-            let nsm =
-                Nsm::new(n.name.get_ref().clone(), n.kind.clone(), n.congestion.as_ref().map(|c| c.get_ref().clone()));
+            let hosts = n.hosts.as_ref().map(|h| h.get_ref().clone().into_iter().collect()).unwrap_or_default();
+            let nsm = Nsm::new(
+                n.name.get_ref().clone(),
+                n.kind.clone(),
+                n.congestion.as_ref().map(|c| c.get_ref().clone()),
+                hosts,
+            );
             let child = nsm.spawn().map_err(|source| EngineError::Spawn { name: n.name.get_ref().clone(), source })?;
             nsms.push(Arc::new(nsm));
             children.push(child);

@@ -26,6 +26,7 @@ pub struct Nsm {
     pub name: String,
     pub kind: String,
     congestion: Option<String>,
+    hosts: Vec<(String, String)>,
     proc_: Mutex<Proc>,
     restarts: AtomicU64,
     stopping: AtomicBool,
@@ -36,11 +37,12 @@ fn other(msg: String) -> io::Error {
 }
 
 impl Nsm {
-    pub fn new(name: String, kind: String, congestion: Option<String>) -> Nsm {
+    pub fn new(name: String, kind: String, congestion: Option<String>, hosts: Vec<(String, String)>) -> Nsm {
         Nsm {
             name,
             kind,
             congestion,
+            hosts,
             proc_: Mutex::new(Proc { pid: None, control: None, generation: 0 }),
             restarts: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
@@ -60,6 +62,9 @@ impl Nsm {
         cmd.args(["nsm", "--kind", &self.kind, "--name", &self.name, "--control-fd", &CONTROL_FD.to_string()]);
         if let Some(cc) = &self.congestion {
             cmd.args(["--congestion", cc]);
+        }
+        for (name, addr) in &self.hosts {
+            cmd.arg("--host").arg(format!("{name}={addr}"));
         }
         // An NSM never serves its own sockets through NetKernel.
         cmd.env_remove("LD_PRELOAD").env_remove("NETKERNEL_SOCKET");

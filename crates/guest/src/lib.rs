@@ -10,6 +10,7 @@
 
 mod readiness;
 mod real;
+mod resolve;
 mod sock;
 mod state;
 
@@ -781,6 +782,44 @@ unsafe fn write_all_to(fd: c_int, off: *mut libc::loff_t, mut data: &[u8]) -> Re
         data = &data[r as usize..];
     }
     Ok(())
+}
+
+// ---- names ----
+
+/// # Safety
+/// Interposes getaddrinfo(3): names are resolved by the NSM (the provider's resolver), numeric
+/// hosts locally, as before.
+#[no_mangle]
+pub unsafe extern "C" fn getaddrinfo(
+    node: *const libc::c_char,
+    service: *const libc::c_char,
+    hints: *const libc::addrinfo,
+    res: *mut *mut libc::addrinfo,
+) -> c_int {
+    // SAFETY: the caller's arguments.
+    if enabled() && unsafe { resolve::wants_provider(node, hints) } {
+        // SAFETY: the caller's arguments.
+        return std::panic::catch_unwind(AssertUnwindSafe(|| unsafe {
+            resolve::getaddrinfo(node, service, hints, res)
+        }))
+        .unwrap_or(libc::EAI_SYSTEM);
+    }
+    // SAFETY: forwarding.
+    unsafe { real::getaddrinfo(node, service, hints, res) }
+}
+
+/// # Safety
+/// Interposes freeaddrinfo(3): lists GuestLib made are freed here, glibc's by glibc.
+#[no_mangle]
+pub unsafe extern "C" fn freeaddrinfo(ai: *mut libc::addrinfo) {
+    // SAFETY: the caller's list.
+    if unsafe { resolve::is_ours(ai) } {
+        // SAFETY: ours, per the check.
+        unsafe { resolve::freeaddrinfo(ai) }
+    } else {
+        // SAFETY: forwarding.
+        unsafe { real::freeaddrinfo(ai) }
+    }
 }
 
 // ---- readiness ----

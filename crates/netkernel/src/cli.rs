@@ -64,6 +64,9 @@ enum Cmd {
         control_fd: i32,
         #[arg(long)]
         congestion: Option<String>,
+        /// NAME=ADDRESS this NSM resolves itself (repeatable).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
     },
     /// Start an engine, serve an unmodified HTTP server and client through it, compare with native.
     Demo {
@@ -89,7 +92,7 @@ pub fn main() -> i32 {
         Cmd::Serve { config, socket } => serve(config, socket),
         Cmd::Run { tenant, socket, isolate, program } => run(tenant, socket, isolate, program),
         Cmd::Ctl { socket, json, what } => ctl(socket, json, &what),
-        Cmd::Nsm { kind, name, control_fd, congestion } => nsm(&kind, name, control_fd, congestion),
+        Cmd::Nsm { kind, name, control_fd, congestion, hosts } => nsm(&kind, name, control_fd, congestion, hosts),
         Cmd::Demo { bytes } => demo::main(bytes),
         Cmd::Bench(a) => bench::main(a),
         Cmd::BenchPeer(a) => bench::peer(a),
@@ -281,7 +284,8 @@ const NSM_COLUMNS: &[&str] = &[
     "violations",
 ];
 
-fn nsm(kind: &str, name: String, control_fd: i32, congestion: Option<String>) -> i32 {
+fn nsm(kind: &str, name: String, control_fd: i32, congestion: Option<String>, hosts: Vec<String>) -> i32 {
+    let hosts = hosts.iter().filter_map(|h| h.split_once('=')).map(|(n, a)| (n.to_string(), a.to_string())).collect();
     if kind != "kernel" {
         return fail(format!("unknown NSM kind {kind:?}"));
     }
@@ -294,7 +298,7 @@ fn nsm(kind: &str, name: String, control_fd: i32, congestion: Option<String>) ->
     // SAFETY: setting FD_CLOEXEC on our own fd.
     unsafe { libc::fcntl(control_fd, libc::F_SETFD, libc::FD_CLOEXEC) };
     let mut svc = match netkernel_service::Service::new(stack, name.clone(), control) {
-        Ok(s) => s,
+        Ok(s) => s.with_hosts(hosts),
         Err(e) => return fail(format!("NSM {name}: {e}")),
     };
     match svc.run() {

@@ -224,3 +224,65 @@ fn isolated_guest_reaches_only_what_netkernel_serves() {
     let _ = server.kill();
     let _ = server.wait();
 }
+
+#[test]
+fn names_are_resolved_by_the_provider() {
+    let python = require("python3");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("nk.toml");
+    std::fs::write(
+        &cfg,
+        "[[nsm]]\nname = \"k\"\nhosts = { \"nk-provider-name\" = \"127.0.0.1\" }\n\n[[tenant]]\nname = \"t\"\nnsm = \"k\"\n",
+    )
+    .unwrap();
+    let engine = TestEngine::start_with(&["--config", cfg.to_str().unwrap()]);
+    let script = "import socket\nprint(socket.getaddrinfo('nk-provider-name', 'http', type=socket.SOCK_STREAM)[0][4])\n\
+                  print(socket.getaddrinfo('127.0.0.1', 80, type=socket.SOCK_STREAM)[0][4])\n\
+                  try:\n    socket.getaddrinfo('no-such-name.invalid', 80)\nexcept socket.gaierror as e:\n    print('gaierror', e.errno)\n";
+    let out = output_within(engine.run(python.to_str().unwrap(), &["-c", script]), Duration::from_secs(30));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("('127.0.0.1', 80)\n('127.0.0.1', 80)\ngaierror {}\n", libc::EAI_NONAME)
+    );
+    // Natively the name does not exist: it is the provider's.
+    let native = output_within(
+        {
+            let mut c = Command::new(&python);
+            c.args(["-c", "import socket\nsocket.getaddrinfo('nk-provider-name', 80)\n"]);
+            c
+        },
+        Duration::from_secs(30),
+    );
+    assert!(!native.status.success());
+    if !is_root() {
+        eprintln!("SKIP the isolated half of names_are_resolved_by_the_provider: --isolate needs root");
+        return;
+    }
+    // In a guest with no network of its own, curl reaches a server by the provider's name.
+    let curl = require("curl");
+    let www = engine.dir.path().join("www");
+    std::fs::create_dir(&www).unwrap();
+    std::fs::write(www.join("n.txt"), "named\n").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut server =
+        engine.run(python.to_str().unwrap(), &["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1"]);
+    server.current_dir(&www).stdout(Stdio::null()).stderr(Stdio::null());
+    let mut server = server.spawn().unwrap();
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(start.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut c = Command::new(NETKERNEL);
+    c.args(["run", "--isolate", "--socket"])
+        .arg(&engine.socket)
+        .arg("--")
+        .arg(&curl)
+        .args(["-sS", &format!("http://nk-provider-name:{port}/n.txt")]);
+    let out = output_within(c, Duration::from_secs(30));
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "named\n");
+}

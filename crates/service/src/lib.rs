@@ -7,6 +7,7 @@
 //! doorbell only then (D5).
 
 pub mod control;
+mod resolve;
 mod sendq;
 pub mod stack;
 mod telemetry;
@@ -19,9 +20,11 @@ use netkernel_ring::region::Region;
 use netkernel_ring::spsc::{Consumer, Corrupt};
 use netkernel_ring::sys;
 use sendq::SendQueue;
+use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{fence, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How long the loop keeps polling after the last piece of work before it sleeps.
@@ -95,7 +98,8 @@ struct Attachment {
     tenant: String,
     pid: i32,
     uid: u32,
-    region: Region,
+    /// Shared with resolver threads, which may outlive the attachment.
+    region: Arc<Region>,
     head: u32,
     nsm_bell: OwnedFd,
     guest_bell: OwnedFd,
@@ -139,6 +143,8 @@ pub struct Service<S: Stack> {
     stats: NsmStats,
     /// The engine closed the control channel.
     orphaned: bool,
+    /// Names this NSM resolves itself (from the engine's config), before the system resolver.
+    hosts: Arc<HashMap<String, String>>,
 }
 
 fn epoll_ctl(epfd: RawFd, op: i32, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
@@ -172,7 +178,23 @@ impl<S: Stack> Service<S> {
             congestion: stack.congestion(),
             ..Default::default()
         };
-        Ok(Service { stack, name, epfd, control, atts: Vec::new(), lingering: Vec::new(), stats, orphaned: false })
+        Ok(Service {
+            stack,
+            name,
+            epfd,
+            control,
+            atts: Vec::new(),
+            lingering: Vec::new(),
+            stats,
+            orphaned: false,
+            hosts: Arc::default(),
+        })
+    }
+
+    /// Static host entries (name to address) this NSM answers Op::Resolve with.
+    pub fn with_hosts(mut self, hosts: HashMap<String, String>) -> Self {
+        self.hosts = Arc::new(hosts.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect());
+        self
     }
 
     /// Runs until the engine has closed the control channel and no guest is left.
@@ -398,7 +420,7 @@ impl<S: Stack> Service<S> {
     fn attach(&mut self, id: u64, tenant: String, pid: i32, uid: u32, fds: Vec<OwnedFd>) -> Result<(), String> {
         let [memfd, nsm_bell, guest_bell, pidfd]: [OwnedFd; 4] =
             fds.try_into().map_err(|v: Vec<OwnedFd>| format!("attach needs 4 fds, got {}", v.len()))?;
-        let region = Region::map(memfd.as_raw_fd()).map_err(|e| e.to_string())?;
+        let region = Arc::new(Region::map(memfd.as_raw_fd()).map_err(|e| e.to_string())?);
         let ai = match self.atts.iter().position(|a| a.is_none()) {
             Some(i) => i,
             None => {
@@ -492,6 +514,23 @@ impl<S: Stack> Service<S> {
         }
         let mut addr = [0u8; ADDR_MAX];
         let mut addr_out = None;
+        if req.op == Op::Resolve {
+            let query = if req.buf_len == 0 {
+                None
+            } else {
+                // SAFETY: the buffer lies in the pool (checked above); copied before parsing.
+                let bytes = unsafe {
+                    std::slice::from_raw_parts(a.region.pool_ptr(req.buf_off, req.buf_len), req.buf_len as usize)
+                }
+                .to_vec();
+                resolve::Query::parse(&bytes, req.arg0 as i32, req.arg1 as i32, req.flags as i32)
+            };
+            if let Some(q) = query {
+                // Completed by the resolver thread.
+                resolve::spawn(self.hosts.clone(), a.region.clone(), idx, req.buf_off, req.buf_len, q);
+                return Ok(());
+            }
+        }
         let result = execute(
             &mut self.stack,
             &mut self.stats,
@@ -789,6 +828,8 @@ fn execute<S: Stack>(
             Ok(0)
         }
         Op::Ioctl => stack.ioctl(a.sock(req.sock)?.fd.as_fd(), req.arg1),
+        // A well-formed one is answered by a resolver thread before execute().
+        Op::Resolve => Ok(netkernel_abi::RESOLVE_EAI_BASE + libc::EAI_NONAME as i64),
     })();
     if req.op != Op::Close {
         if let Ok(s) = a.sock(req.sock) {
