@@ -138,6 +138,9 @@ struct BellWaiter(&'static Attachment);
 impl BellWaiter {
     fn new(a: &'static Attachment) -> Self {
         a.region.header().bell_waiters.fetch_add(1, Ordering::SeqCst);
+        // Pairs with the NSM's fence between publishing a slot and reading bell_waiters: either
+        // it sees this waiter, or this thread sees its update.
+        std::sync::atomic::fence(Ordering::SeqCst);
         BellWaiter(a)
     }
 }

@@ -245,6 +245,7 @@ impl Region {
             let slot = self.slot(i);
             slot.mask.fetch_or((libc::POLLERR | libc::POLLHUP) as u32, Ordering::Release);
             slot.seq.fetch_add(1, Ordering::Release);
+            std::sync::atomic::fence(Ordering::SeqCst);
             if slot.waiters.load(Ordering::Acquire) != 0 {
                 sys::futex_wake(&slot.seq);
             }
