@@ -831,7 +831,9 @@ fn execute<S: Stack>(
         // A well-formed one is answered by a resolver thread before execute().
         Op::Resolve => Ok(netkernel_abi::RESOLVE_EAI_BASE + libc::EAI_NONAME as i64),
     })();
-    if req.op != Op::Close {
+    // Pure queries change no readiness (getsockopt can: reading SO_ERROR clears POLLERR).
+    let queries = matches!(req.op, Op::GetSockName | Op::GetPeerName | Op::Ioctl | Op::Resolve);
+    if req.op != Op::Close && !queries {
         if let Ok(s) = a.sock(req.sock) {
             let mask = s.sendq.adjust(stack.poll_mask(s.fd.as_fd()));
             a.region.slot(req.sock).queued.store(s.sendq.queued() as u32, Ordering::Release);
