@@ -52,6 +52,8 @@ pub struct TenantConfig {
 pub struct EngineSection {
     /// Path of the control socket (overridden by --socket and NETKERNEL_SOCKET).
     pub socket: Option<PathBuf>,
+    /// Address to serve Prometheus text on (`/metrics`), e.g. "127.0.0.1:9464".
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// The whole configuration.

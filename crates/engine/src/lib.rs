@@ -3,6 +3,7 @@
 //! steps out of the data path (DESIGN.md D1). It supervises NSM processes and answers `ctl`.
 
 pub mod config;
+pub mod metrics;
 mod supervisor;
 
 use config::Config;

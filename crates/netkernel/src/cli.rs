@@ -27,6 +27,9 @@ enum Cmd {
         /// $XDG_RUNTIME_DIR/netkernel/engine.sock otherwise).
         #[arg(long)]
         socket: Option<PathBuf>,
+        /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464), at /metrics.
+        #[arg(long)]
+        metrics: Option<std::net::SocketAddr>,
     },
     /// Run an unmodified program with its sockets served by NetKernel.
     Run {
@@ -50,7 +53,10 @@ enum Cmd {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
-        #[arg(value_parser = ["status", "tenants", "nsms", "conns"])]
+        /// With top: stop after this many refreshes (default: until interrupted).
+        #[arg(long)]
+        iterations: Option<u64>,
+        #[arg(value_parser = ["status", "tenants", "nsms", "conns", "top"])]
         what: String,
     },
     /// Run an NSM (started by the engine, not by hand).
@@ -89,9 +95,10 @@ fn fail(msg: impl std::fmt::Display) -> i32 {
 pub fn main() -> i32 {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Serve { config, socket } => serve(config, socket),
+        Cmd::Serve { config, socket, metrics } => serve(config, socket, metrics),
         Cmd::Run { tenant, socket, isolate, program } => run(tenant, socket, isolate, program),
-        Cmd::Ctl { socket, json, what } => ctl(socket, json, &what),
+        Cmd::Ctl { socket, what, iterations, .. } if what == "top" => top(socket, iterations),
+        Cmd::Ctl { socket, json, what, .. } => ctl(socket, json, &what),
         Cmd::Nsm { kind, name, control_fd, congestion, hosts } => nsm(&kind, name, control_fd, congestion, hosts),
         Cmd::Demo { bytes } => demo::main(bytes),
         Cmd::Bench(a) => bench::main(a),
@@ -99,7 +106,7 @@ pub fn main() -> i32 {
     }
 }
 
-fn serve(config: Option<PathBuf>, socket: Option<PathBuf>) -> i32 {
+fn serve(config: Option<PathBuf>, socket: Option<PathBuf>, metrics: Option<std::net::SocketAddr>) -> i32 {
     let cfg = match &config {
         Some(p) => match Config::load(p) {
             Ok(c) => c,
@@ -118,10 +125,20 @@ fn serve(config: Option<PathBuf>, socket: Option<PathBuf>) -> i32 {
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     };
+    let metrics = metrics.or(cfg.engine.metrics);
     let (engine, listener) = match Engine::start(cfg, socket) {
         Ok(x) => x,
         Err(e) => return fail(e),
     };
+    if let Some(addr) = metrics {
+        match netkernel_engine::metrics::serve(engine.clone(), addr) {
+            Ok(a) => eprintln!("netkernel engine: metrics on http://{a}/metrics"),
+            Err(e) => {
+                engine.shutdown();
+                return fail(format!("cannot serve metrics on {addr}: {e}"));
+            }
+        }
+    }
     let e = engine.clone();
     std::thread::spawn(move || {
         let mut sig = 0;
@@ -186,6 +203,59 @@ fn isolate_network() -> Result<(), String> {
         Ok(())
     } else {
         Err(format!("bringing up loopback: {e}"))
+    }
+}
+
+/// `ctl top`: the live connections every second, busiest first, with their throughput.
+fn top(socket: Option<PathBuf>, iterations: Option<u64>) -> i32 {
+    use std::collections::HashMap;
+    use std::io::IsTerminal;
+    let socket = socket.unwrap_or_else(default_socket);
+    let tty = std::io::stdout().is_terminal();
+    let mut last: HashMap<String, u64> = HashMap::new();
+    let mut at = std::time::Instant::now();
+    let mut n = 0u64;
+    loop {
+        let conns = match request(&socket, &EngineRequest::Conns) {
+            Ok(v) => v,
+            Err(e) => return fail(e),
+        };
+        let dt = at.elapsed().as_secs_f64().max(1e-3);
+        at = std::time::Instant::now();
+        let mut rows: Vec<(f64, Vec<String>)> = Vec::new();
+        let mut now: HashMap<String, u64> = HashMap::new();
+        for c in conns.as_array().into_iter().flatten() {
+            let key = format!("{}|{}|{}|{}", cell(&c["pid"]), cell(&c["proto"]), cell(&c["local"]), cell(&c["remote"]));
+            let bytes = c["bytes_in"].as_u64().unwrap_or(0) + c["bytes_out"].as_u64().unwrap_or(0);
+            let rate = last.get(&key).map_or(0.0, |b| bytes.saturating_sub(*b) as f64 * 8.0 / dt / 1e6);
+            now.insert(key, bytes);
+            let cols = ["tenant", "nsm", "pid", "local", "remote", "state", "rtt_us", "cwnd", "retrans"];
+            let mut row: Vec<String> = vec![format!("{rate:.1}")];
+            row.extend(cols.iter().map(|k| cell(&c[*k])));
+            rows.push((rate, row));
+        }
+        last = now;
+        rows.sort_by(|a, b| b.0.total_cmp(&a.0));
+        if tty {
+            print!("\x1b[2J\x1b[H");
+        }
+        println!("netkernel top — {} connection(s), Mbit/s over the last {dt:.1} s", rows.len());
+        let table: Vec<serde_json::Value> = rows
+            .into_iter()
+            .map(|(_, r)| {
+                let keys = ["mbps", "tenant", "nsm", "pid", "local", "remote", "state", "rtt_us", "cwnd", "retrans"];
+                serde_json::Value::Object(keys.iter().zip(r).map(|(k, v)| (k.to_string(), v.into())).collect())
+            })
+            .collect();
+        print_table(
+            &serde_json::Value::Array(table),
+            &["mbps", "tenant", "nsm", "pid", "local", "remote", "state", "rtt_us", "cwnd", "retrans"],
+        );
+        n += 1;
+        if iterations.is_some_and(|i| n >= i) {
+            return 0;
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
     }
 }
 

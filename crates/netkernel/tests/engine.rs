@@ -286,3 +286,64 @@ fn names_are_resolved_by_the_provider() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "named\n");
 }
+
+#[test]
+fn prometheus_metrics_and_ctl_top() {
+    let python = require("python3");
+    let promtool = require("promtool");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let engine = TestEngine::start_with(&["--metrics", &addr]);
+    // A guest with a connection that has moved bytes, kept open while we look.
+    let script = "import socket,sys\nl=socket.create_server(('127.0.0.1',0))\nc=socket.create_connection(l.getsockname())\n\
+                  s,_=l.accept()\nc.sendall(b'x'*200000)\nn=0\nwhile n<200000: n+=len(s.recv(65536))\nprint('ready',flush=True)\nsys.stdin.read()\n";
+    let mut child = engine.run(python.to_str().unwrap(), &["-c", script]);
+    child.stdin(Stdio::piped()).stdout(Stdio::piped());
+    let mut child = child.spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    // Fetched natively: /metrics is the operator's, not a guest's.
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    std::io::Read::read_to_string(&mut s, &mut resp).unwrap();
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200") && head.contains("text/plain; version=0.0.4"), "{head}");
+    for want in [
+        "netkernel_nsm_up{nsm=\"kernel\",kind=\"kernel\"} 1",
+        "netkernel_tenant_sent_bytes_total{tenant=\"default\",nsm=\"kernel\"} 200000",
+        "netkernel_tenant_connections_total{tenant=\"default\",nsm=\"kernel\"} 2",
+        "netkernel_connection_rtt_seconds{",
+        "netkernel_connection_delivery_rate_bytes_per_second{",
+    ] {
+        assert!(body.contains(want), "metrics lack {want}:\n{body}");
+    }
+    let mut check = Command::new(&promtool);
+    check.args(["check", "metrics"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut check = check.spawn().unwrap();
+    check.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Per-connection telemetry in ctl conns, and the live view.
+    let conns = engine.ctl("conns");
+    let est: Vec<_> = conns.as_array().unwrap().iter().filter(|c| c["state"] == "ESTABLISHED").collect();
+    assert_eq!(est.len(), 2);
+    assert!(est.iter().all(|c| c["rtt_us"].as_u64().unwrap() > 0 && c["cwnd"].as_u64().unwrap() > 0), "{conns}");
+    let out = Command::new(NETKERNEL)
+        .args(["ctl", "top", "--iterations", "2", "--socket"])
+        .arg(&engine.socket)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert_eq!(text.matches("netkernel top — 3 connection(s)").count(), 2, "{text}");
+    assert!(text.contains("MBPS") && text.contains("ESTABLISHED") && text.contains("LISTEN"), "{text}");
+    drop(child.stdin.take());
+    child.wait().unwrap();
+}

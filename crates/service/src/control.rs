@@ -82,6 +82,18 @@ pub struct ConnInfo {
     pub rtt_us: u32,
     pub cwnd: u32,
     pub retrans: u32,
+    /// The stack's estimate of the connection's delivery rate, bytes per second (TCP_INFO).
+    pub delivery_rate: u64,
+}
+
+/// One tenant's totals in one NSM since the NSM started.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct TenantTotals {
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub conns_total: u64,
+    /// Attachments refused for breaking the ABI.
+    pub violations: u64,
 }
 
 /// An NSM's telemetry.
@@ -100,5 +112,7 @@ pub struct NsmStats {
     pub conns_total: u64,
     /// Attachments refused for breaking the ABI since it started.
     pub violations: u64,
+    /// Totals per tenant served.
+    pub tenants: std::collections::BTreeMap<String, TenantTotals>,
     pub conns: Vec<ConnInfo>,
 }

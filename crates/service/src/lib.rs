@@ -333,6 +333,7 @@ impl<S: Stack> Service<S> {
                 self.name, a.id, a.tenant, a.pid
             );
             self.stats.violations += 1;
+            tenant(&mut self.stats, &a.tenant).violations += 1;
             a.region.mark_dead(Some(a.guest_bell.as_raw_fd()));
             self.forget(&a);
         }
@@ -351,6 +352,7 @@ impl<S: Stack> Service<S> {
                     let n = s.sendq.flush(&mut self.stack, s.fd.as_fd()) as u64;
                     s.bytes_out += n;
                     self.stats.bytes_out += n;
+                    tenant(&mut self.stats, &a.tenant).bytes_out += n;
                 }
                 let mask = s.sendq.adjust(bits & !(libc::EPOLLET as u32));
                 a.region.slot(slot).queued.store(s.sendq.queued() as u32, Ordering::Release);
@@ -564,6 +566,14 @@ impl<S: Stack> Service<S> {
     }
 }
 
+/// A tenant's totals, created on first use.
+fn tenant<'a>(stats: &'a mut NsmStats, name: &str) -> &'a mut control::TenantTotals {
+    if !stats.tenants.contains_key(name) {
+        stats.tenants.insert(name.to_string(), Default::default());
+    }
+    stats.tenants.get_mut(name).expect("inserted above")
+}
+
 /// Closes a socket its guest gave up, unless asynchronous sends are still queued: then it stays
 /// open, watched under a lingering token, until they are out.
 fn retire(lingering: &mut Vec<Option<Sock>>, epfd: RawFd, s: Sock) {
@@ -707,6 +717,7 @@ fn execute<S: Stack>(
             let (fd, len) = stack.accept(a.sock(req.sock)?.fd.as_fd(), addr)?;
             let id = add_sock(stack, epfd, ai, a, fd, true)?;
             stats.conns_total += 1;
+            tenant(stats, &a.tenant).conns_total += 1;
             *addr_out = Some(len);
             Ok(id as i64)
         }
@@ -717,6 +728,7 @@ fn execute<S: Stack>(
             if matches!(r, Ok(()) | Err(libc::EINPROGRESS)) && s.stream && !s.counted {
                 s.counted = true;
                 stats.conns_total += 1;
+                tenant(stats, &a.tenant).conns_total += 1;
             }
             r.map(|()| 0)
         }
@@ -750,6 +762,7 @@ fn execute<S: Stack>(
             if let Ok(n) = r {
                 stats.bytes_out += n as u64;
                 s.bytes_out += n as u64;
+                tenant(stats, &a.tenant).bytes_out += n as u64;
             }
             match r {
                 Ok(n) if is_async && n < data.len() => s.sendq.push(&data[n..]),
@@ -771,6 +784,7 @@ fn execute<S: Stack>(
             };
             if req.flags as i32 & libc::MSG_PEEK == 0 {
                 stats.bytes_in += n as u64;
+                tenant(stats, &a.tenant).bytes_in += n as u64;
                 if let Some(Some(s)) = a.socks.get_mut(req.sock as usize) {
                     s.bytes_in += n as u64;
                 }

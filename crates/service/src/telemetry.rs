@@ -75,6 +75,7 @@ pub(crate) fn conn_info<S: Stack>(stack: &mut S, a: &Attachment, s: &Sock, nsm: 
             info.rtt_us = ti.tcpi_rtt;
             info.cwnd = ti.tcpi_snd_cwnd;
             info.retrans = ti.tcpi_total_retrans;
+            info.delivery_rate = ti.tcpi_delivery_rate;
         }
     }
     info
