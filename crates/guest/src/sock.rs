@@ -264,6 +264,16 @@ unsafe fn scatter(iov: &[iovec], mut skip: usize, src: *const u8, mut len: usize
     }
 }
 
+/// What a stream call that moved `done` bytes returns when it stops on `e`: the bytes, if any
+/// (the error shows on the next call, as on Linux), else the error.
+fn partial(done: usize, e: Errno) -> Result<usize, Errno> {
+    if done > 0 {
+        Ok(done)
+    } else {
+        Err(e)
+    }
+}
+
 fn raise_sigpipe() {
     // SAFETY: signals this thread, as the kernel does on EPIPE without MSG_NOSIGNAL.
     unsafe {
@@ -318,7 +328,7 @@ pub unsafe fn send(
         if !listening {
             let timeout = st.sndtimeo_us.load(Ordering::Relaxed);
             if let Err(e) = ready_or_wait(a, slot, libc::POLLOUT as u32, flags, timeout) {
-                return if sent > 0 { Ok(sent) } else { Err(e) };
+                return partial(sent, e);
             }
         }
         let chunk = (total - sent).min(BUF_SIZE as usize);
@@ -342,18 +352,15 @@ pub unsafe fn send(
             Err(libc::EAGAIN) if blocking(slot, flags) => {
                 let seq = c.seq();
                 drop(c);
-                match a.wait_slot(slot, seq, st.sndtimeo_us.load(Ordering::Relaxed)) {
-                    Ok(()) => {}
-                    Err(_) if sent > 0 => return Ok(sent),
-                    Err(e) => return Err(e),
+                if let Err(e) = a.wait_slot(slot, seq, st.sndtimeo_us.load(Ordering::Relaxed)) {
+                    return partial(sent, e);
                 }
             }
-            Err(_) if sent > 0 => return Ok(sent),
             Err(e) => {
-                if e == libc::EPIPE && flags & libc::MSG_NOSIGNAL == 0 {
+                if sent == 0 && e == libc::EPIPE && flags & libc::MSG_NOSIGNAL == 0 {
                     raise_sigpipe();
                 }
-                return Err(e);
+                return partial(sent, e);
             }
         }
     }
@@ -454,7 +461,7 @@ pub unsafe fn recv(slot: u32, iov: &[iovec], flags: c_int, info: &mut RecvInfo) 
         if !listening {
             let timeout = st.rcvtimeo_us.load(Ordering::Relaxed);
             if let Err(e) = ready_or_wait(a, slot, libc::POLLIN as u32, flags, timeout) {
-                return if got > 0 { Ok(got) } else { Err(e) };
+                return partial(got, e);
             }
         }
         let chunk = (total - got).min(BUF_SIZE as usize);
@@ -488,14 +495,11 @@ pub unsafe fn recv(slot: u32, iov: &[iovec], flags: c_int, info: &mut RecvInfo) 
             Err(libc::EAGAIN) if blocking(slot, flags) => {
                 let seq = c.seq();
                 drop(c);
-                match a.wait_slot(slot, seq, st.rcvtimeo_us.load(Ordering::Relaxed)) {
-                    Ok(()) => {}
-                    Err(_) if got > 0 => return Ok(got),
-                    Err(e) => return Err(e),
+                if let Err(e) = a.wait_slot(slot, seq, st.rcvtimeo_us.load(Ordering::Relaxed)) {
+                    return partial(got, e);
                 }
             }
-            Err(_) if got > 0 => return Ok(got),
-            Err(e) => return Err(e),
+            Err(e) => return partial(got, e),
         }
     }
 }

@@ -88,13 +88,7 @@ fn ctl_reports_status_tenants_nsms_and_conns() {
     let engine = TestEngine::start();
     // A guest holding a listening socket and one connection open while we look.
     let script = "import socket,sys\nl=socket.socket();l.bind(('127.0.0.1',0));l.listen()\nc=socket.create_connection(l.getsockname())\ns,_=l.accept()\nc.sendall(b'x'*1000);s.recv(100)\nprint('ready',flush=True)\nsys.stdin.read()\n";
-    let python = require("python3");
-    let mut child = engine.run(python.to_str().unwrap(), &["-c", script]);
-    child.stdin(Stdio::piped()).stdout(Stdio::piped());
-    let mut child = child.spawn().unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "ready");
+    let mut child = engine.python_ready(script);
     let status = engine.ctl("status");
     assert_eq!(status["attachments"], 1);
     assert!(status["region_backing"].as_str().unwrap().contains("iB"), "{status}");
@@ -127,15 +121,9 @@ fn cpu_ticks(pid: u32) -> u64 {
 #[test]
 fn idle_engine_nsm_and_guest_use_under_one_percent_cpu() {
     let engine = TestEngine::start();
-    let python = require("python3");
     // A guest with a listener, a connection, and a thread blocked in accept and one in recv.
     let script = "import socket,threading,sys\nl=socket.socket();l.bind(('127.0.0.1',0));l.listen()\nc=socket.create_connection(l.getsockname())\ns,_=l.accept()\nthreading.Thread(target=l.accept,daemon=True).start()\nthreading.Thread(target=s.recv,args=(10,),daemon=True).start()\nprint('ready',flush=True)\nsys.stdin.read()\n";
-    let mut child = engine.run(python.to_str().unwrap(), &["-c", script]);
-    child.stdin(Stdio::piped()).stdout(Stdio::piped());
-    let mut child = child.spawn().unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "ready");
+    let mut child = engine.python_ready(script);
     std::thread::sleep(Duration::from_millis(500));
     let nsm_pid = engine.nsm()["pid"].as_u64().unwrap() as u32;
     let pids = [engine.pid(), nsm_pid, child.id()];
@@ -289,7 +277,6 @@ fn names_are_resolved_by_the_provider() {
 
 #[test]
 fn prometheus_metrics_and_ctl_top() {
-    let python = require("python3");
     let promtool = require("promtool");
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let addr = format!("127.0.0.1:{port}");
@@ -297,12 +284,7 @@ fn prometheus_metrics_and_ctl_top() {
     // A guest with a connection that has moved bytes, kept open while we look.
     let script = "import socket,sys\nl=socket.create_server(('127.0.0.1',0))\nc=socket.create_connection(l.getsockname())\n\
                   s,_=l.accept()\nc.sendall(b'x'*200000)\nn=0\nwhile n<200000: n+=len(s.recv(65536))\nprint('ready',flush=True)\nsys.stdin.read()\n";
-    let mut child = engine.run(python.to_str().unwrap(), &["-c", script]);
-    child.stdin(Stdio::piped()).stdout(Stdio::piped());
-    let mut child = child.spawn().unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "ready");
+    let mut child = engine.python_ready(script);
     // Fetched natively: /metrics is the operator's, not a guest's.
     let mut s = std::net::TcpStream::connect(&addr).unwrap();
     s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();

@@ -537,7 +537,7 @@ impl<S: Stack> Service<S> {
             &mut self.stack,
             &mut self.stats,
             &mut self.lingering,
-            ep_fd(&self.epfd),
+            self.epfd.as_raw_fd(),
             ai,
             a,
             &req,
@@ -588,10 +588,6 @@ fn retire(lingering: &mut Vec<Option<Sock>>, epfd: RawFd, s: Sock) {
     if epoll_ctl(epfd, libc::EPOLL_CTL_MOD, s.fd.as_raw_fd(), SOCK_EVENTS, token).is_ok() {
         lingering[i] = Some(s);
     }
-}
-
-fn ep_fd(fd: &OwnedFd) -> RawFd {
-    fd.as_raw_fd()
 }
 
 fn read_request(p: *mut Nqe, idx: u32) -> Result<Request, Violation> {

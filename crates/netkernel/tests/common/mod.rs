@@ -68,6 +68,19 @@ impl TestEngine {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
+    /// Starts a python3 guest running `script`, which prints "ready" once set up and then
+    /// waits for its stdin to close (drop the child's stdin to end it).
+    pub fn python_ready(&self, script: &str) -> Child {
+        let python = require("python3");
+        let mut c = self.run(python.to_str().unwrap(), &["-c", script]);
+        c.stdin(Stdio::piped()).stdout(Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.as_mut().unwrap()), &mut line).unwrap();
+        assert_eq!(line.trim(), "ready", "the guest script did not get ready");
+        child
+    }
+
     /// The NSM's counters (first NSM).
     pub fn nsm(&self) -> serde_json::Value {
         self.ctl("nsms")[0].clone()
