@@ -44,6 +44,45 @@ pub struct TenantConfig {
     /// Uids allowed to attach as this tenant; absent: any uid.
     #[serde(default)]
     pub uids: Option<Vec<u32>>,
+    /// The tenant's virtual addresses: wildcard and loopback binds land on them, and other
+    /// tenants cannot reach them.
+    #[serde(default)]
+    pub addresses: Option<Spanned<Vec<String>>>,
+    /// Sockets the tenant may hold open in its NSM at once.
+    #[serde(default)]
+    pub max_connections: Option<u32>,
+    /// Ports the tenant may listen on: numbers or "LOW-HIGH" ranges; absent: any.
+    #[serde(default)]
+    pub listen_ports: Option<Spanned<Vec<PortSpec>>>,
+}
+
+/// A port or an inclusive range of ports.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PortSpec {
+    One(u16),
+    Range(String),
+}
+
+impl PortSpec {
+    /// The inclusive range, or None when a range string is malformed.
+    pub fn range(&self) -> Option<(u16, u16)> {
+        match self {
+            PortSpec::One(p) => Some((*p, *p)),
+            PortSpec::Range(s) => {
+                let (lo, hi) = s.split_once('-')?;
+                let (lo, hi) = (lo.trim().parse().ok()?, hi.trim().parse().ok()?);
+                (lo <= hi).then_some((lo, hi))
+            }
+        }
+    }
+}
+
+impl TenantConfig {
+    /// The tenant's addresses (validated at load).
+    pub fn addresses(&self) -> Vec<std::net::IpAddr> {
+        self.addresses.as_ref().map(|a| a.get_ref().iter().filter_map(|s| s.parse().ok()).collect()).unwrap_or_default()
+    }
 }
 
 /// Engine-wide settings.
@@ -84,7 +123,14 @@ impl Config {
                 congestion: None,
                 hosts: None,
             }],
-            tenants: vec![TenantConfig { name: spanned("default".into()), nsm: spanned("kernel".into()), uids: None }],
+            tenants: vec![TenantConfig {
+                name: spanned("default".into()),
+                nsm: spanned("kernel".into()),
+                uids: None,
+                addresses: None,
+                max_connections: None,
+                listen_ports: None,
+            }],
         }
     }
 
@@ -175,6 +221,26 @@ impl Config {
                     "tenant.name",
                     format!("tenant {:?} is defined twice", t.name.get_ref()),
                 ));
+            }
+            if let Some(addrs) = &t.addresses {
+                for a in addrs.get_ref() {
+                    if a.parse::<std::net::IpAddr>().is_err() {
+                        return Err(invalid(
+                            addrs.span().start,
+                            "tenant.addresses",
+                            format!("{a:?} is not an IP address"),
+                        ));
+                    }
+                }
+            }
+            if let Some(ports) = &t.listen_ports {
+                if let Some(bad) = ports.get_ref().iter().find(|p| p.range().is_none()) {
+                    return Err(invalid(
+                        ports.span().start,
+                        "tenant.listen_ports",
+                        format!("{bad:?}: want a port or \"LOW-HIGH\""),
+                    ));
+                }
             }
             if !seen.contains(t.nsm.get_ref()) {
                 return Err(invalid(

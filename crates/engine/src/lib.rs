@@ -319,6 +319,22 @@ impl Engine {
         }
     }
 
+    /// What tenant `t`'s NSM enforces for it.
+    fn policy(&self, t: &config::TenantConfig) -> netkernel_service::control::TenantPolicy {
+        netkernel_service::control::TenantPolicy {
+            addresses: t.addresses(),
+            foreign: self
+                .cfg
+                .tenants
+                .iter()
+                .filter(|o| o.name.get_ref() != t.name.get_ref())
+                .flat_map(|o| o.addresses())
+                .collect(),
+            max_sockets: t.max_connections,
+            listen_ports: t.listen_ports.as_ref().map(|p| p.get_ref().iter().filter_map(|r| r.range()).collect()),
+        }
+    }
+
     /// Forgets attachments none of whose processes is alive any more (the attaching process's
     /// connection closed earlier while forked children still ran).
     fn prune(&self) {
@@ -369,6 +385,7 @@ impl Engine {
                 t.name.get_ref(),
                 cred.pid,
                 cred.uid,
+                self.policy(t),
                 &[memfd, nsm_bell.as_raw_fd(), guest_bell.as_raw_fd(), pidfd.as_raw_fd()],
             )
             .map_err(|e| format!("NSM {}: {e}", nsm.name))?;

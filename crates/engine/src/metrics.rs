@@ -58,13 +58,14 @@ pub fn render(engine: &Engine) -> String {
         }
     }
     type GetT = fn(&netkernel_service::control::TenantTotals) -> u64;
-    let per_tenant: [(&str, &str, GetT); 4] = [
+    let per_tenant: [(&str, &str, GetT); 5] = [
         ("netkernel_tenant_received_bytes_total", "Bytes received for the tenant.", |t| t.bytes_in),
         ("netkernel_tenant_sent_bytes_total", "Bytes sent for the tenant.", |t| t.bytes_out),
         ("netkernel_tenant_connections_total", "Connections the tenant accepted or opened.", |t| t.conns_total),
         ("netkernel_tenant_violations_total", "The tenant's attachments refused for breaking the ABI.", |t| {
             t.violations
         }),
+        ("netkernel_tenant_refused_total", "Operations the tenant's policy refused.", |t| t.refused),
     ];
     for (name, help, get) in per_tenant {
         f.head(name, "counter", help);

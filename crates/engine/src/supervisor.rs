@@ -2,7 +2,7 @@
 //! they die (DESIGN.md D3).
 
 use netkernel_ring::sys;
-use netkernel_service::control::{NsmRequest, NsmStats, Reply};
+use netkernel_service::control::{NsmRequest, NsmStats, Reply, TenantPolicy};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -115,7 +115,15 @@ impl Nsm {
     }
 
     /// Hands an attachment to the NSM; returns the NSM generation that serves it.
-    pub fn attach(&self, id: u64, tenant: &str, pid: i32, uid: u32, fds: &[RawFd]) -> io::Result<u64> {
+    pub fn attach(
+        &self,
+        id: u64,
+        tenant: &str,
+        pid: i32,
+        uid: u32,
+        policy: TenantPolicy,
+        fds: &[RawFd],
+    ) -> io::Result<u64> {
         // A guest re-attaching right after its NSM crashed waits for the restart.
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut p = self.lock();
@@ -124,7 +132,7 @@ impl Nsm {
             std::thread::sleep(Duration::from_millis(20));
             p = self.lock();
         }
-        let req = NsmRequest::Attach { attachment: id, tenant: tenant.into(), pid, uid };
+        let req = NsmRequest::Attach { attachment: id, tenant: tenant.into(), pid, uid, policy };
         Self::call(&mut p, &req, fds)?;
         Ok(p.generation)
     }

@@ -59,11 +59,25 @@ impl Reply {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum NsmRequest {
     /// Serve a new attachment. Fds: region memfd, NSM doorbell, guest doorbell, guest pidfd.
-    Attach { attachment: u64, tenant: String, pid: i32, uid: u32 },
+    Attach { attachment: u64, tenant: String, pid: i32, uid: u32, policy: TenantPolicy },
     /// Another process (a forked child) shares the attachment. Fd: its pidfd.
     Hold { attachment: u64, holder: u32 },
     /// Report telemetry.
     Stats,
+}
+
+/// What an NSM enforces for one tenant (DESIGN.md D7).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct TenantPolicy {
+    /// The tenant's virtual addresses: wildcard and loopback binds land on the first of the
+    /// family, loopback connects reach it. Empty: binds and connects as asked.
+    pub addresses: Vec<std::net::IpAddr>,
+    /// Other tenants' addresses, which this tenant cannot reach.
+    pub foreign: Vec<std::net::IpAddr>,
+    /// Sockets the tenant may hold open in this NSM at once.
+    pub max_sockets: Option<u32>,
+    /// Port ranges (inclusive) the tenant may listen on; None: any.
+    pub listen_ports: Option<Vec<(u16, u16)>>,
 }
 
 /// One connection (socket) as an NSM sees it.
@@ -94,6 +108,8 @@ pub struct TenantTotals {
     pub conns_total: u64,
     /// Attachments refused for breaking the ABI.
     pub violations: u64,
+    /// Operations the tenant's policy refused (binds, connects, listens, sockets over the limit).
+    pub refused: u64,
 }
 
 /// An NSM's telemetry.

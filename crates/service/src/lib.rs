@@ -7,6 +7,7 @@
 //! doorbell only then (D5).
 
 pub mod control;
+mod policy;
 mod resolve;
 mod sendq;
 pub mod stack;
@@ -98,6 +99,7 @@ struct Attachment {
     tenant: String,
     pid: i32,
     uid: u32,
+    policy: control::TenantPolicy,
     /// Shared with resolver threads, which may outlive the attachment.
     region: Arc<Region>,
     head: u32,
@@ -401,8 +403,8 @@ impl<S: Stack> Service<S> {
         // SAFETY: the fds were just received and are owned by nobody else.
         let fds: Vec<OwnedFd> = fds.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }).collect();
         let reply = match serde_json::from_slice::<NsmRequest>(&payload) {
-            Ok(NsmRequest::Attach { attachment, tenant, pid, uid }) => {
-                match self.attach(attachment, tenant, pid, uid, fds) {
+            Ok(NsmRequest::Attach { attachment, tenant, pid, uid, policy }) => {
+                match self.attach(attachment, tenant, pid, uid, policy, fds) {
                     Ok(()) => control::Reply::ok(()),
                     Err(e) => control::Reply::err(e),
                 }
@@ -419,7 +421,15 @@ impl<S: Stack> Service<S> {
         Ok(true)
     }
 
-    fn attach(&mut self, id: u64, tenant: String, pid: i32, uid: u32, fds: Vec<OwnedFd>) -> Result<(), String> {
+    fn attach(
+        &mut self,
+        id: u64,
+        tenant: String,
+        pid: i32,
+        uid: u32,
+        policy: control::TenantPolicy,
+        fds: Vec<OwnedFd>,
+    ) -> Result<(), String> {
         let [memfd, nsm_bell, guest_bell, pidfd]: [OwnedFd; 4] =
             fds.try_into().map_err(|v: Vec<OwnedFd>| format!("attach needs 4 fds, got {}", v.len()))?;
         let region = Arc::new(Region::map(memfd.as_raw_fd()).map_err(|e| e.to_string())?);
@@ -447,6 +457,7 @@ impl<S: Stack> Service<S> {
             nsm_bell,
             guest_bell,
             holders: vec![Some((pidfd, 0))],
+            policy,
             socks: Vec::new(),
             free: Vec::new(),
             bell_pending: false,
@@ -533,9 +544,17 @@ impl<S: Stack> Service<S> {
                 return Ok(());
             }
         }
+        let tenant_sockets = if matches!(req.op, Op::Socket | Op::Accept) && a.policy.max_sockets.is_some() {
+            let t = a.tenant.clone();
+            self.atts.iter().flatten().filter(|x| x.tenant == t).map(|x| x.socks.iter().flatten().count()).sum()
+        } else {
+            0
+        };
+        let a = self.atts[ai].as_mut().expect("caller checked");
         let result = execute(
             &mut self.stack,
             &mut self.stats,
+            tenant_sockets,
             &mut self.lingering,
             self.epfd.as_raw_fd(),
             ai,
@@ -564,6 +583,13 @@ impl<S: Stack> Service<S> {
         }
         Ok(())
     }
+}
+
+/// Counts and logs an operation the tenant's policy refused; returns the errno to answer.
+fn refused(stats: &mut NsmStats, a: &Attachment, what: &str, e: Errno) -> Errno {
+    tenant(stats, &a.tenant).refused += 1;
+    eprintln!("netkernel nsm {}: tenant {} (pid {}): refused {what}", stats.nsm, a.tenant, a.pid);
+    e
 }
 
 /// A tenant's totals, created on first use.
@@ -667,6 +693,7 @@ fn privileged_port(addr: &[u8]) -> bool {
 fn execute<S: Stack>(
     stack: &mut S,
     stats: &mut NsmStats,
+    tenant_sockets: usize,
     lingering: &mut Vec<Option<Sock>>,
     epfd: RawFd,
     ai: usize,
@@ -698,18 +725,39 @@ fn execute<S: Stack>(
             if ty == libc::SOCK_RAW || ty == SOCK_PACKET {
                 return Err(libc::EPERM);
             }
+            if a.policy.max_sockets.is_some_and(|m| tenant_sockets >= m as usize) {
+                return Err(refused(stats, a, "socket limit reached", libc::EMFILE));
+            }
             let fd = stack.socket(domain, ty, req.flags as i32)?;
             let id = add_sock(stack, epfd, ai, a, fd, ty == libc::SOCK_STREAM)?;
             Ok(id as i64)
         }
         Op::Bind => {
-            if a.uid != 0 && privileged_port(in_addr) {
+            let local =
+                policy::bind(&a.policy, in_addr).map_err(|e| refused(stats, a, "bind outside its addresses", e))?;
+            let local = local.as_deref().unwrap_or(in_addr);
+            if a.uid != 0 && privileged_port(local) {
                 return Err(libc::EACCES);
             }
-            stack.bind(a.sock(req.sock)?.fd.as_fd(), in_addr).map(|()| 0)
+            stack.bind(a.sock(req.sock)?.fd.as_fd(), local).map(|()| 0)
         }
-        Op::Listen => stack.listen(a.sock(req.sock)?.fd.as_fd(), req.flags as i32).map(|()| 0),
+        Op::Listen => {
+            let fd = a.sock(req.sock)?.fd.as_fd();
+            if a.policy.listen_ports.is_some() {
+                let mut local = [0u8; ADDR_MAX];
+                let n = stack.getsockname(fd, &mut local)?;
+                let port = policy::decode(&local[..n]).map_or(0, |a| a.port());
+                // An unbound socket (port 0) would listen on any port the stack picks.
+                if !policy::may_listen(&a.policy, port) {
+                    return Err(refused(stats, a, "listen on a port it may not use", libc::EACCES));
+                }
+            }
+            stack.listen(fd, req.flags as i32).map(|()| 0)
+        }
         Op::Accept => {
+            if a.policy.max_sockets.is_some_and(|m| tenant_sockets >= m as usize) {
+                return Err(refused(stats, a, "socket limit reached", libc::EMFILE));
+            }
             let (fd, len) = stack.accept(a.sock(req.sock)?.fd.as_fd(), addr)?;
             let id = add_sock(stack, epfd, ai, a, fd, true)?;
             stats.conns_total += 1;
@@ -718,8 +766,17 @@ fn execute<S: Stack>(
             Ok(id as i64)
         }
         Op::Connect => {
+            let peer =
+                policy::connect(&a.policy, in_addr).map_err(|e| refused(stats, a, "connect to another tenant", e))?;
+            let peer = peer.as_deref().unwrap_or(in_addr);
             let s = a.socks.get_mut(req.sock as usize).and_then(|s| s.as_mut()).ok_or(libc::EBADF)?;
-            let r = stack.connect(s.fd.as_fd(), in_addr);
+            // A tenant with addresses connects from its own address, not the NSM's.
+            let mut local = [0u8; ADDR_MAX];
+            let unbound = stack.getsockname(s.fd.as_fd(), &mut local).ok().and_then(|n| policy::decode(&local[..n]));
+            if let Some(src) = unbound.filter(|l| l.port() == 0).and_then(|l| policy::source(&a.policy, l.is_ipv6())) {
+                stack.bind(s.fd.as_fd(), &src)?;
+            }
+            let r = stack.connect(s.fd.as_fd(), peer);
             // GuestLib's blocking connect calls connect twice; the connection counts once.
             if matches!(r, Ok(()) | Err(libc::EINPROGRESS)) && s.stream && !s.counted {
                 s.counted = true;

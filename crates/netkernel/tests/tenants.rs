@@ -1,0 +1,102 @@
+//! Tenants on one NSM: their addresses, what they can reach, their limits.
+
+mod common;
+use common::*;
+use std::time::Duration;
+
+#[test]
+fn tenants_keep_to_their_addresses_and_limits() {
+    let python = require("python3");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("nk.toml");
+    std::fs::write(
+        &cfg,
+        "[[nsm]]\nname = \"k\"\n\n\
+         [[tenant]]\nname = \"blue\"\nnsm = \"k\"\naddresses = [\"127.0.1.1\"]\nmax_connections = 4\n\n\
+         [[tenant]]\nname = \"red\"\nnsm = \"k\"\naddresses = [\"127.0.2.1\"]\nlisten_ports = [9]\n",
+    )
+    .unwrap();
+    let engine = TestEngine::start_with(&["--config", cfg.to_str().unwrap()]);
+    // A service of the host's own loopback, which a tenant with addresses must not reach.
+    let host = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let host_port = host.local_addr().unwrap().port();
+    let blue = format!(
+        "import socket,sys\n\
+         l=socket.socket();l.bind(('0.0.0.0',0));l.listen()\nport=l.getsockname()[1]\n\
+         print('bound', l.getsockname()[0])\n\
+         c=socket.create_connection(('127.0.0.1',port));s,_=l.accept()\n\
+         print('loopback reaches', s.getsockname()[0], 'from', s.getpeername()[0])\n\
+         try:\n    socket.create_connection(('127.0.0.1',{host_port}),timeout=2)\n    print('host loopback reached')\nexcept OSError as e:\n    print('host loopback', e.errno)\n\
+         x=socket.socket()\n\
+         try:\n    socket.socket();print('no limit')\nexcept OSError as e:\n    print('limit', e.errno)\n\
+         print('port', port, flush=True)\nsys.stdin.read()\n"
+    );
+    let mut c = std::process::Command::new(NETKERNEL);
+    c.args(["run", "--tenant", "blue", "--socket"]).arg(&engine.socket).args([
+        "--",
+        python.to_str().unwrap(),
+        "-c",
+        &blue,
+    ]);
+    c.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped());
+    let mut blue = c.spawn().unwrap();
+    let mut out = std::io::BufReader::new(blue.stdout.take().unwrap());
+    let mut lines = Vec::new();
+    loop {
+        let mut l = String::new();
+        std::io::BufRead::read_line(&mut out, &mut l).unwrap();
+        assert!(!l.is_empty(), "blue ended early: {lines:?}\n{}", engine.log());
+        let done = l.starts_with("port");
+        lines.push(l.trim().to_string());
+        if done {
+            break;
+        }
+    }
+    assert_eq!(lines[0], "bound 127.0.1.1", "a wildcard bind lands on the tenant's address");
+    assert_eq!(lines[1], "loopback reaches 127.0.1.1 from 127.0.1.1", "127.0.0.1 is the tenant's own");
+    assert_eq!(lines[2], format!("host loopback {}", libc::ECONNREFUSED));
+    assert_eq!(lines[3], format!("limit {}", libc::EMFILE));
+    let port: u16 = lines[4].strip_prefix("port ").unwrap().parse().unwrap();
+    let red = format!(
+        "import socket\n\
+         try:\n    socket.create_connection(('127.0.1.1',{port}),timeout=2);print('reached blue')\nexcept OSError as e:\n    print('blue', e.errno)\n\
+         s=socket.socket()\n\
+         try:\n    s.bind(('127.0.1.1',0));print('bound blue')\nexcept OSError as e:\n    print('bind', e.errno)\n\
+         s.bind(('0.0.0.0',0))\n\
+         try:\n    s.listen();print('listening')\nexcept OSError as e:\n    print('listen', e.errno)\n"
+    );
+    let mut c = std::process::Command::new(NETKERNEL);
+    c.args(["run", "--tenant", "red", "--socket"]).arg(&engine.socket).args([
+        "--",
+        python.to_str().unwrap(),
+        "-c",
+        &red,
+    ]);
+    let out = output_within(c, Duration::from_secs(30));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("blue {}\nbind {}\nlisten {}\n", libc::ECONNREFUSED, libc::EADDRNOTAVAIL, libc::EACCES)
+    );
+    let conns = engine.ctl("conns");
+    assert!(
+        conns
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["tenant"] == "blue" && c["local"].as_str().unwrap().starts_with("127.0.1.1:")),
+        "{conns}"
+    );
+    let log = engine.log();
+    for want in [
+        "tenant red",
+        "refused connect to another tenant",
+        "refused bind outside its addresses",
+        "tenant blue",
+        "socket limit reached",
+    ] {
+        assert!(log.contains(want), "log lacks {want:?}:\n{log}");
+    }
+    drop(blue.stdin.take());
+    blue.wait().unwrap();
+    drop(host);
+}
