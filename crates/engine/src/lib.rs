@@ -297,7 +297,22 @@ impl Engine {
                 EngineRequest::Tenants => sys::send_frame(fd, &reply_bytes(Reply::ok(self.tenants())), &[]),
                 EngineRequest::Nsms => sys::send_frame(fd, &reply_bytes(Reply::ok(self.nsm_views())), &[]),
                 EngineRequest::Conns => {
-                    let conns: Vec<_> = self.stats().into_iter().flat_map(|s| s.conns).collect();
+                    // root sees every tenant's connections; anyone else only those of tenants
+                    // that admit their uid.
+                    let uid = peer_cred(&conn).map(|c| c.uid).unwrap_or(u32::MAX);
+                    let visible: Vec<&str> = self
+                        .cfg
+                        .tenants
+                        .iter()
+                        .filter(|t| uid == 0 || t.uids.as_ref().is_none_or(|u| u.contains(&uid)))
+                        .map(|t| t.name.get_ref().as_str())
+                        .collect();
+                    let conns: Vec<_> = self
+                        .stats()
+                        .into_iter()
+                        .flat_map(|s| s.conns)
+                        .filter(|c| visible.contains(&c.tenant.as_str()))
+                        .collect();
                     sys::send_frame(fd, &reply_bytes(Reply::ok(conns)), &[])
                 }
             };

@@ -100,3 +100,39 @@ fn tenants_keep_to_their_addresses_and_limits() {
     blue.wait().unwrap();
     drop(host);
 }
+
+#[test]
+fn ctl_shows_a_user_only_the_tenants_that_admit_them() {
+    if !is_root() {
+        eprintln!("SKIP ctl_shows_a_user_only_the_tenants_that_admit_them: needs root to act as user nobody");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cfg = dir.path().join("nk.toml");
+    std::fs::write(&cfg, "[[nsm]]\nname = \"k\"\n\n[[tenant]]\nname = \"admins\"\nnsm = \"k\"\nuids = [0]\n").unwrap();
+    let engine = TestEngine::start_with(&["--config", cfg.to_str().unwrap()]);
+    std::fs::set_permissions(engine.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut guest = engine.python_ready(
+        "import socket,sys\nl=socket.create_server(('127.0.0.1',0))\nc=socket.create_connection(l.getsockname())\n\
+         s,_=l.accept()\nprint('ready',flush=True)\nsys.stdin.read()\n",
+    );
+    assert_eq!(engine.ctl("conns").as_array().unwrap().len(), 3, "root sees the tenant's sockets");
+    let bin = dir.path().join("netkernel");
+    std::fs::copy(NETKERNEL, &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = std::process::Command::new("runuser")
+        .args(["-u", "nobody", "--"])
+        .arg(&bin)
+        .args(["ctl", "--json", "--socket"])
+        .arg(&engine.socket)
+        .arg("conns")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v, serde_json::json!([]), "nobody saw another tenant's connections");
+    drop(guest.stdin.take());
+    guest.wait().unwrap();
+}
