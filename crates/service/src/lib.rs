@@ -789,6 +789,13 @@ fn execute<S: Stack>(
             let data = region_buf(a);
             let is_async = req.flags & SEND_ASYNC != 0;
             let flags = (req.flags & !SEND_ASYNC) as i32;
+            // A datagram's destination obeys the tenant's policy as a connect's does.
+            let to = if in_addr.is_empty() {
+                None
+            } else {
+                policy::connect(&a.policy, in_addr).map_err(|e| refused(stats, a, "send to another tenant", e))?
+            };
+            let in_addr = to.as_deref().unwrap_or(in_addr);
             let s = a.socks.get_mut(req.sock as usize).and_then(|s| s.as_mut()).ok_or(libc::EBADF)?;
             if let Some(e) = s.sendq.deferred {
                 // A send reports the pending error; an asynchronous one leaves it for a call
