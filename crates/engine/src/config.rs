@@ -51,6 +51,12 @@ pub struct TenantConfig {
     /// Sockets the tenant may hold open in its NSM at once.
     #[serde(default)]
     pub max_connections: Option<u32>,
+    /// Bits per second the tenant may send, all its connections together.
+    #[serde(default)]
+    pub rate_limit: Option<u64>,
+    /// Bytes the tenant may send at once above its rate (default: a tenth of a second's worth).
+    #[serde(default)]
+    pub burst: Option<u64>,
     /// Ports the tenant may listen on: numbers or "LOW-HIGH" ranges; absent: any.
     #[serde(default)]
     pub listen_ports: Option<Spanned<Vec<PortSpec>>>,
@@ -129,6 +135,8 @@ impl Config {
                 uids: None,
                 addresses: None,
                 max_connections: None,
+                rate_limit: None,
+                burst: None,
                 listen_ports: None,
             }],
         }

@@ -347,6 +347,7 @@ impl Engine {
                 .collect(),
             max_sockets: t.max_connections,
             listen_ports: t.listen_ports.as_ref().map(|p| p.get_ref().iter().filter_map(|r| r.range()).collect()),
+            rate: t.rate_limit.map(|bits| (bits, t.burst.unwrap_or(bits / 80))),
         }
     }
 

@@ -136,3 +136,51 @@ fn ctl_shows_a_user_only_the_tenants_that_admit_them() {
     drop(guest.stdin.take());
     guest.wait().unwrap();
 }
+
+#[test]
+fn a_rate_limited_tenant_sends_at_its_rate() {
+    let python = require("python3");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("nk.toml");
+    std::fs::write(
+        &cfg,
+        "[[nsm]]\nname = \"k\"\n\n[[tenant]]\nname = \"free\"\nnsm = \"k\"\n\n\
+         [[tenant]]\nname = \"capped\"\nnsm = \"k\"\nrate_limit = 50000000\n",
+    )
+    .unwrap();
+    let engine = TestEngine::start_with(&["--config", cfg.to_str().unwrap()]);
+    // The receiver (free tenant) counts what arrives in 3 s after the first byte.
+    let mut rx = std::process::Command::new(NETKERNEL);
+    rx.args(["run", "--tenant", "free", "--socket"]).arg(&engine.socket).args([
+        "--",
+        python.to_str().unwrap(),
+        "-c",
+        "import socket,time\nl=socket.create_server(('127.0.0.1',0))\nprint(l.getsockname()[1],flush=True)\n\
+         s,_=l.accept()\nn=len(s.recv(65536))\nt=time.time()\nwhile time.time()-t<3:\n    n+=len(s.recv(1<<20))\n\
+         print(int(n*8/(time.time()-t)),flush=True)\n",
+    ]);
+    rx.stdout(std::process::Stdio::piped());
+    let mut rx = rx.spawn().unwrap();
+    let mut out = std::io::BufReader::new(rx.stdout.take().unwrap());
+    let mut port = String::new();
+    std::io::BufRead::read_line(&mut out, &mut port).unwrap();
+    let mut tx = std::process::Command::new(NETKERNEL);
+    tx.args(["run", "--tenant", "capped", "--socket"]).arg(&engine.socket).args([
+        "--",
+        python.to_str().unwrap(),
+        "-c",
+        &format!(
+            "import socket,time\nc=socket.create_connection(('127.0.0.1',{}))\nb=b'x'*65536\nt=time.time()\n\
+             try:\n    while time.time()-t<5:\n        c.sendall(b)\nexcept OSError:\n    pass\n",
+            port.trim()
+        ),
+    ]);
+    let tx = output_within(tx, Duration::from_secs(30));
+    assert!(tx.status.success(), "{}", String::from_utf8_lossy(&tx.stderr));
+    let mut rate = String::new();
+    std::io::BufRead::read_line(&mut out, &mut rate).unwrap();
+    rx.wait().unwrap();
+    let bps: f64 = rate.trim().parse().unwrap();
+    eprintln!("capped tenant: {:.1} Mbit/s for a 50 Mbit/s limit", bps / 1e6);
+    assert!((35e6..57e6).contains(&bps), "a tenant capped at 50 Mbit/s sent {:.1} Mbit/s", bps / 1e6);
+}

@@ -78,6 +78,8 @@ pub struct TenantPolicy {
     pub max_sockets: Option<u32>,
     /// Port ranges (inclusive) the tenant may listen on; None: any.
     pub listen_ports: Option<Vec<(u16, u16)>>,
+    /// Bits per second the tenant may send, and the burst in bytes; None: no limit.
+    pub rate: Option<(u64, u64)>,
 }
 
 /// One connection (socket) as an NSM sees it.

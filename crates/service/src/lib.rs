@@ -8,6 +8,7 @@
 
 pub mod control;
 mod policy;
+mod ratelimit;
 mod resolve;
 mod sendq;
 pub mod stack;
@@ -147,6 +148,11 @@ pub struct Service<S: Stack> {
     orphaned: bool,
     /// Names this NSM resolves itself (from the engine's config), before the system resolver.
     hosts: Arc<HashMap<String, String>>,
+    /// Rate limits of the tenants that have one.
+    buckets: HashMap<String, ratelimit::Bucket>,
+    /// Sockets (attachment, slot) held back by their tenant's rate limit, woken when tokens
+    /// are back.
+    throttled: Vec<(usize, u32)>,
 }
 
 fn epoll_ctl(epfd: RawFd, op: i32, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
@@ -190,6 +196,8 @@ impl<S: Stack> Service<S> {
             stats,
             orphaned: false,
             hosts: Arc::default(),
+            buckets: HashMap::new(),
+            throttled: Vec::new(),
         })
     }
 
@@ -207,6 +215,8 @@ impl<S: Stack> Service<S> {
         loop {
             let mut worked = self.drain_rings();
             let sleep = !worked && last_work.elapsed() >= SPIN;
+            // A throttled tenant is woken when its tokens are back, not by the stack.
+            let throttle_wait = self.throttle_wait();
             if sleep {
                 self.set_sleeping(1);
                 fence(Ordering::SeqCst);
@@ -221,7 +231,11 @@ impl<S: Stack> Service<S> {
                     self.epfd.as_raw_fd(),
                     events.as_mut_ptr(),
                     events.len() as i32,
-                    if sleep { -1 } else { 0 },
+                    match (sleep, throttle_wait) {
+                        (false, _) => 0,
+                        (true, None) => -1,
+                        (true, Some(d)) => d.as_millis().clamp(1, 1000) as i32,
+                    },
                 )
             };
             if sleep {
@@ -248,6 +262,7 @@ impl<S: Stack> Service<S> {
                 worked = true;
                 self.on_event(token, bits);
             }
+            self.unthrottle();
             self.flush_bells();
             if self.orphaned && self.atts.iter().all(|a| a.is_none()) && self.lingering.iter().all(|l| l.is_none()) {
                 return Ok(());
@@ -312,6 +327,57 @@ impl<S: Stack> Service<S> {
         worked
     }
 
+    /// How long until a throttled tenant may send again (None: nobody is throttled).
+    fn throttle_wait(&mut self) -> Option<Duration> {
+        let mut wait: Option<Duration> = None;
+        for &(ai, _) in &self.throttled {
+            let Some(a) = self.atts.get(ai).and_then(|a| a.as_ref()) else { continue };
+            if let Some(b) = self.buckets.get_mut(&a.tenant) {
+                let w = b.wait();
+                wait = Some(wait.map_or(w, |x| x.min(w)));
+            }
+        }
+        wait
+    }
+
+    /// Wakes the throttled sockets whose tenant has tokens again: their queued sends go out,
+    /// and a guest blocked in send sees the socket writable.
+    fn unthrottle(&mut self) {
+        let mut i = 0;
+        while i < self.throttled.len() {
+            let (ai, slot) = self.throttled[i];
+            let Some(a) = self.atts.get_mut(ai).and_then(|a| a.as_mut()) else {
+                self.throttled.swap_remove(i);
+                continue;
+            };
+            let Some(b) = self.buckets.get_mut(&a.tenant) else {
+                self.throttled.swap_remove(i);
+                continue;
+            };
+            if b.exhausted() {
+                i += 1;
+                continue;
+            }
+            self.throttled.swap_remove(i);
+            let Some(Some(s)) = a.socks.get_mut(slot as usize) else { continue };
+            if s.sendq.queued() > 0 {
+                let limit = b.take(s.sendq.queued());
+                let n = s.sendq.flush(&mut self.stack, s.fd.as_fd(), limit);
+                b.refund(limit - n);
+                s.bytes_out += n as u64;
+                self.stats.bytes_out += n as u64;
+                tenant(&mut self.stats, &a.tenant).bytes_out += n as u64;
+            }
+            let mut mask = s.sendq.adjust(self.stack.poll_mask(s.fd.as_fd()));
+            if b.exhausted() {
+                mask &= !((libc::POLLOUT | libc::POLLWRNORM) as u32);
+                self.throttled.push((ai, slot));
+            }
+            a.region.slot(slot).queued.store(s.sendq.queued() as u32, Ordering::Release);
+            publish(a, slot, mask, true);
+        }
+    }
+
     /// Stops watching an attachment's doorbell and processes. The guest may still hold the same
     /// files, so closing our copies alone would leave them registered.
     fn forget(&self, a: &Attachment) {
@@ -350,13 +416,24 @@ impl<S: Stack> Service<S> {
                     return;
                 };
                 let Some(Some(s)) = a.socks.get_mut(slot as usize) else { return };
+                let mut bucket = self.buckets.get_mut(&a.tenant);
                 if s.sendq.queued() > 0 && bits & libc::EPOLLOUT as u32 != 0 {
-                    let n = s.sendq.flush(&mut self.stack, s.fd.as_fd()) as u64;
-                    s.bytes_out += n;
-                    self.stats.bytes_out += n;
-                    tenant(&mut self.stats, &a.tenant).bytes_out += n;
+                    let limit = bucket.as_deref_mut().map_or(usize::MAX, |b| b.take(s.sendq.queued()));
+                    let n = s.sendq.flush(&mut self.stack, s.fd.as_fd(), limit);
+                    if let Some(b) = bucket.as_deref_mut() {
+                        b.refund(limit - n);
+                    }
+                    s.bytes_out += n as u64;
+                    self.stats.bytes_out += n as u64;
+                    tenant(&mut self.stats, &a.tenant).bytes_out += n as u64;
                 }
-                let mask = s.sendq.adjust(bits & !(libc::EPOLLET as u32));
+                let mut mask = s.sendq.adjust(bits & !(libc::EPOLLET as u32));
+                if bucket.is_some_and(|b| b.exhausted()) {
+                    mask &= !((libc::POLLOUT | libc::POLLWRNORM) as u32);
+                    if !self.throttled.contains(&(ai, slot)) {
+                        self.throttled.push((ai, slot));
+                    }
+                }
                 a.region.slot(slot).queued.store(s.sendq.queued() as u32, Ordering::Release);
                 publish(a, slot, mask, true);
             }
@@ -385,7 +462,7 @@ impl<S: Stack> Service<S> {
             _ if token & TOK_LINGER == TOK_LINGER && token != TOK_CONTROL => {
                 let i = slot as usize;
                 let Some(Some(s)) = self.lingering.get_mut(i) else { return };
-                let n = s.sendq.flush(&mut self.stack, s.fd.as_fd()) as u64;
+                let n = s.sendq.flush(&mut self.stack, s.fd.as_fd(), usize::MAX) as u64;
                 self.stats.bytes_out += n;
                 if s.sendq.queued() == 0 || bits & (libc::EPOLLERR | libc::EPOLLHUP) as u32 != 0 {
                     self.lingering[i] = None;
@@ -446,6 +523,9 @@ impl<S: Stack> Service<S> {
                 epoll_ctl(ep, libc::EPOLL_CTL_ADD, pidfd.as_raw_fd(), libc::EPOLLIN as u32, tok(TOK_PIDFD, ai, 0))
             })
             .map_err(|e| format!("epoll: {e}"))?;
+        if let Some((bits, burst)) = policy.rate {
+            self.buckets.entry(tenant.clone()).or_insert_with(|| ratelimit::Bucket::new(bits, burst));
+        }
         let head = region.ring().head.load(Ordering::Acquire);
         self.atts[ai] = Some(Attachment {
             id,
@@ -551,10 +631,14 @@ impl<S: Stack> Service<S> {
             0
         };
         let a = self.atts[ai].as_mut().expect("caller checked");
+        let bucket = self.buckets.get_mut(&a.tenant);
+        let mut throttled = false;
         let result = execute(
             &mut self.stack,
             &mut self.stats,
             tenant_sockets,
+            bucket,
+            &mut throttled,
             &mut self.lingering,
             self.epfd.as_raw_fd(),
             ai,
@@ -566,6 +650,10 @@ impl<S: Stack> Service<S> {
         if result == -(OVERFLOW as i64) {
             return Err(Violation::SendFlood { nqe: idx });
         }
+        if throttled && !self.throttled.contains(&(ai, req.sock)) {
+            self.throttled.push((ai, req.sock));
+        }
+        let a = self.atts[ai].as_mut().expect("caller checked");
         let seq = a.region.slot(req.sock % SLOT_COUNT).seq.load(Ordering::Acquire);
         // SAFETY: p points at nqe idx inside the mapping; the guest reads these fields only
         // after it sees DONE, which the Release swap below orders after these writes.
@@ -694,6 +782,8 @@ fn execute<S: Stack>(
     stack: &mut S,
     stats: &mut NsmStats,
     tenant_sockets: usize,
+    mut bucket: Option<&mut ratelimit::Bucket>,
+    throttled: &mut bool,
     lingering: &mut Vec<Option<Sock>>,
     epfd: RawFd,
     ai: usize,
@@ -818,14 +908,31 @@ fn execute<S: Stack>(
                 s.sendq.push(data);
                 return Ok(data.len() as i64);
             }
-            let r = stack.send(s.fd.as_fd(), data, flags, in_addr);
+            // The tenant's rate limit: what it has tokens for goes now, the rest waits.
+            let allowed = bucket.as_deref_mut().map_or(data.len(), |b| b.take(data.len()));
+            if allowed == 0 && !data.is_empty() {
+                *throttled = true;
+                if !is_async {
+                    return Err(libc::EAGAIN);
+                }
+                s.sendq.push(data);
+                return Ok(data.len() as i64);
+            }
+            let r = stack.send(s.fd.as_fd(), &data[..allowed], flags, in_addr);
+            if let Some(b) = bucket.as_deref_mut() {
+                b.refund(allowed - r.as_ref().map_or(0, |&n| n));
+                *throttled = b.exhausted();
+            }
             if let Ok(n) = r {
                 stats.bytes_out += n as u64;
                 s.bytes_out += n as u64;
                 tenant(stats, &a.tenant).bytes_out += n as u64;
             }
             match r {
-                Ok(n) if is_async && n < data.len() => s.sendq.push(&data[n..]),
+                Ok(n) if is_async && n < data.len() => {
+                    s.sendq.push(&data[n..]);
+                    return Ok(data.len() as i64);
+                }
                 Err(libc::EAGAIN) if is_async => s.sendq.push(data),
                 Err(e) if is_async => s.sendq.fail(e),
                 _ => {}
@@ -909,7 +1016,10 @@ fn execute<S: Stack>(
     let queries = matches!(req.op, Op::GetSockName | Op::GetPeerName | Op::Ioctl | Op::Resolve);
     if req.op != Op::Close && !queries {
         if let Ok(s) = a.sock(req.sock) {
-            let mask = s.sendq.adjust(stack.poll_mask(s.fd.as_fd()));
+            let mut mask = s.sendq.adjust(stack.poll_mask(s.fd.as_fd()));
+            if *throttled {
+                mask &= !((libc::POLLOUT | libc::POLLWRNORM) as u32);
+            }
             a.region.slot(req.sock).queued.store(s.sendq.queued() as u32, Ordering::Release);
             publish(a, req.sock, mask, false);
         }

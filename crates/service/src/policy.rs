@@ -144,6 +144,7 @@ mod tests {
             foreign: vec!["127.0.2.1".parse().unwrap()],
             max_sockets: None,
             listen_ports: Some(vec![(8000, 8010)]),
+            rate: None,
         }
     }
 
@@ -159,7 +160,7 @@ mod tests {
         assert_eq!(bind(&p, &sa("[::]:80")), Ok(Some(sa("[::ffff:127.0.1.1]:80"))));
         assert_eq!(bind(&p, &sa("127.0.1.1:80")), Ok(None));
         assert_eq!(bind(&p, &sa("127.0.2.1:80")), Err(libc::EADDRNOTAVAIL));
-        let open = TenantPolicy { addresses: vec![], foreign: vec![], max_sockets: None, listen_ports: None };
+        let open = TenantPolicy::default();
         assert_eq!(bind(&open, &sa("127.0.2.1:80")), Ok(None));
     }
 

@@ -33,12 +33,13 @@ impl SendQueue {
         self.buf.extend_from_slice(data);
     }
 
-    /// Hands queued bytes to the stack. Returns the bytes sent; the queue is empty afterwards
-    /// unless the stack is full.
-    pub fn flush<S: Stack>(&mut self, stack: &mut S, fd: BorrowedFd) -> usize {
+    /// Hands queued bytes to the stack, at most `limit` (the tenant's rate limit). Returns the
+    /// bytes sent; the queue is empty afterwards unless the stack is full or the limit hit.
+    pub fn flush<S: Stack>(&mut self, stack: &mut S, fd: BorrowedFd, limit: usize) -> usize {
         let mut sent = 0;
-        while self.off < self.buf.len() {
-            match stack.send(fd, &self.buf[self.off..], 0, &[]) {
+        while self.off < self.buf.len() && sent < limit {
+            let end = self.buf.len().min(self.off + (limit - sent));
+            match stack.send(fd, &self.buf[self.off..end], 0, &[]) {
                 Ok(n) => {
                     self.off += n;
                     sent += n;
@@ -49,6 +50,9 @@ impl SendQueue {
                     break;
                 }
             }
+        }
+        if self.off < self.buf.len() {
+            return sent;
         }
         self.buf.clear();
         self.off = 0;
