@@ -30,6 +30,9 @@ pub struct NsmConfig {
     /// TCP congestion control for every connection of this NSM (e.g. "cubic", "bbr").
     #[serde(default)]
     pub congestion: Option<Spanned<String>>,
+    /// Run the NSM in a network namespace of its own, joined to the host by a veth (root).
+    #[serde(default)]
+    pub netns: bool,
     /// Names this NSM resolves for its guests before its system resolver: name = "address".
     #[serde(default)]
     pub hosts: Option<Spanned<std::collections::BTreeMap<String, String>>>,
@@ -127,6 +130,7 @@ impl Config {
                 name: spanned("kernel".into()),
                 kind: "kernel".into(),
                 congestion: None,
+                netns: false,
                 hosts: None,
             }],
             tenants: vec![TenantConfig {

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod metrics;
+pub mod netns;
 mod supervisor;
 
 use config::Config;
@@ -96,6 +97,8 @@ struct NsmView {
     conns_total: u64,
     conns_open: usize,
     violations: u64,
+    /// Where the host reaches an NSM in a network namespace of its own.
+    address: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -166,13 +169,29 @@ impl Engine {
         let _ = std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o666));
         let mut nsms = Vec::new();
         let mut children = Vec::new();
-        for n in &cfg.nsms {
+        for (index, n) in cfg.nsms.iter().enumerate() {
+            let net = if n.netns {
+                let net = netns::NsmNet::create(n.name.get_ref(), index).map_err(|e| EngineError::Spawn {
+                    name: n.name.get_ref().clone(),
+                    source: std::io::Error::other(e),
+                })?;
+                log(format!(
+                    "NSM {} runs in network namespace {}, reachable at {}",
+                    n.name.get_ref(),
+                    net.name,
+                    net.nsm_addr
+                ));
+                Some(net)
+            } else {
+                None
+            };
             let hosts = n.hosts.as_ref().map(|h| h.get_ref().clone().into_iter().collect()).unwrap_or_default();
             let nsm = Nsm::new(
                 n.name.get_ref().clone(),
                 n.kind.clone(),
                 n.congestion.as_ref().map(|c| c.get_ref().clone()),
                 hosts,
+                net,
             );
             let child = nsm.spawn().map_err(|source| EngineError::Spawn { name: n.name.get_ref().clone(), source })?;
             nsms.push(Arc::new(nsm));
@@ -230,6 +249,9 @@ impl Engine {
         }
         for n in &self.nsms {
             n.stop();
+            if let Some(net) = &n.net {
+                net.remove();
+            }
         }
         let _ = std::fs::remove_file(&self.socket);
     }
@@ -476,6 +498,7 @@ impl Engine {
                 conns_total: s.conns_total,
                 conns_open: s.conns.len(),
                 violations: s.violations,
+                address: n.net.as_ref().map(|net| format!("{} ({})", net.nsm_addr, net.name)),
             })
             .collect()
     }

@@ -27,6 +27,8 @@ pub struct Nsm {
     pub kind: String,
     congestion: Option<String>,
     hosts: Vec<(String, String)>,
+    /// The network namespace the NSM runs in, if one of its own.
+    pub net: Option<crate::netns::NsmNet>,
     proc_: Mutex<Proc>,
     restarts: AtomicU64,
     stopping: AtomicBool,
@@ -37,12 +39,19 @@ fn other(msg: String) -> io::Error {
 }
 
 impl Nsm {
-    pub fn new(name: String, kind: String, congestion: Option<String>, hosts: Vec<(String, String)>) -> Nsm {
+    pub fn new(
+        name: String,
+        kind: String,
+        congestion: Option<String>,
+        hosts: Vec<(String, String)>,
+        net: Option<crate::netns::NsmNet>,
+    ) -> Nsm {
         Nsm {
             name,
             kind,
             congestion,
             hosts,
+            net,
             proc_: Mutex::new(Proc { pid: None, control: None, generation: 0 }),
             restarts: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
@@ -70,9 +79,19 @@ impl Nsm {
         cmd.env_remove("LD_PRELOAD").env_remove("NETKERNEL_SOCKET");
         cmd.stdin(Stdio::null());
         let fd = theirs.as_raw_fd();
-        // SAFETY: between fork and exec only async-signal-safe calls (dup2, fcntl).
+        let netns = match &self.net {
+            Some(n) => Some(std::fs::File::open(n.path())?),
+            None => None,
+        };
+        let ns_fd = netns.as_ref().map(|f| f.as_raw_fd());
+        // SAFETY: between fork and exec only async-signal-safe calls (setns, dup2, fcntl).
         unsafe {
             cmd.pre_exec(move || {
+                if let Some(ns) = ns_fd {
+                    if libc::setns(ns, libc::CLONE_NEWNET) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
                 if libc::dup2(fd, CONTROL_FD) < 0 {
                     return Err(io::Error::last_os_error());
                 }

@@ -184,3 +184,52 @@ fn a_rate_limited_tenant_sends_at_its_rate() {
     eprintln!("capped tenant: {:.1} Mbit/s for a 50 Mbit/s limit", bps / 1e6);
     assert!((35e6..57e6).contains(&bps), "a tenant capped at 50 Mbit/s sent {:.1} Mbit/s", bps / 1e6);
 }
+
+#[test]
+fn an_nsm_in_a_network_namespace_of_its_own() {
+    if !is_root() {
+        eprintln!("SKIP an_nsm_in_a_network_namespace_of_its_own: needs root to create namespaces");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("nk.toml");
+    std::fs::write(
+        &cfg,
+        "[[nsm]]\nname = \"ns0\"\nnetns = true\n\n[[tenant]]\nname = \"a\"\nnsm = \"ns0\"\n\n[[tenant]]\nname = \"b\"\nnsm = \"ns0\"\n",
+    )
+    .unwrap();
+    let engine = TestEngine::start_with(&["--config", cfg.to_str().unwrap()]);
+    let nsm = engine.nsm();
+    let address = nsm["address"].as_str().unwrap().to_string();
+    let (ip, ns) = address.split_once(' ').unwrap();
+    let ns = ns.trim_matches(|c| c == '(' || c == ')').to_string();
+    // Tenant a serves inside the NSM's namespace; the host reaches it at the NSM's address.
+    let mut server = engine.python_ready(
+        "import socket,sys,threading\nl=socket.create_server(('0.0.0.0',18097))\n\
+         def serve():\n    while True:\n        c,a=l.accept();c.sendall(('hello '+a[0]).encode());c.close()\n\
+         threading.Thread(target=serve,daemon=True).start()\nprint('ready',flush=True)\nsys.stdin.read()\n",
+    );
+    let mut s = std::net::TcpStream::connect((ip, 18097)).expect("the host reaches the NSM's namespace");
+    let mut got = String::new();
+    std::io::Read::read_to_string(&mut s, &mut got).unwrap();
+    assert!(got.starts_with("hello 10.213."), "{got}");
+    // Tenant b, on the same NSM process, reaches tenant a's server inside the namespace too.
+    let mut c = std::process::Command::new(NETKERNEL);
+    c.args(["run", "--tenant", "b", "--socket"]).arg(&engine.socket).args([
+        "--",
+        "python3",
+        "-c",
+        "import socket\nprint(socket.create_connection(('127.0.0.1',18097)).recv(100).decode())\n",
+    ]);
+    let out = output_within(c, Duration::from_secs(30));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "hello 127.0.0.1");
+    // The host's own loopback is not the NSM's: nothing listens on 18097 there.
+    assert!(std::net::TcpStream::connect(("127.0.0.1", 18097)).is_err());
+    drop(server.stdin.take());
+    server.wait().unwrap();
+    drop(engine);
+    let listed =
+        String::from_utf8_lossy(&std::process::Command::new("ip").args(["netns", "list"]).output().unwrap().stdout)
+            .into_owned();
+    assert!(!listed.contains(&ns), "namespace {ns} left behind: {listed}");
+}
