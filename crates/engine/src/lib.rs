@@ -82,6 +82,9 @@ struct TenantView {
     nsm: String,
     uids: Option<Vec<u32>>,
     attachments: usize,
+    /// Totals from the tenant's NSM since it started.
+    #[serde(flatten)]
+    totals: netkernel_service::control::TenantTotals,
 }
 
 #[derive(Serialize)]
@@ -504,6 +507,7 @@ impl Engine {
     }
 
     fn tenants(&self) -> Vec<TenantView> {
+        let stats = self.stats();
         let atts = self.attachments.lock().unwrap_or_else(|e| e.into_inner());
         self.cfg
             .tenants
@@ -513,6 +517,11 @@ impl Engine {
                 nsm: t.nsm.get_ref().clone(),
                 uids: t.uids.clone(),
                 attachments: atts.values().filter(|a| a.tenant == *t.name.get_ref()).count(),
+                totals: stats
+                    .iter()
+                    .filter(|s| s.nsm == *t.nsm.get_ref())
+                    .find_map(|s| s.tenants.get(t.name.get_ref()).cloned())
+                    .unwrap_or_default(),
             })
             .collect()
     }

@@ -277,7 +277,10 @@ fn ctl(socket: Option<PathBuf>, json: bool, what: &str) -> i32 {
     }
     match what {
         "status" => print_status(&v),
-        "tenants" => print_table(&v, &["name", "nsm", "uids", "attachments"]),
+        "tenants" => print_table(
+            &v,
+            &["name", "nsm", "uids", "attachments", "bytes_in", "bytes_out", "conns_total", "refused", "violations"],
+        ),
         "nsms" => print_table(&v, NSM_COLUMNS),
         _ => print_table(
             &v,

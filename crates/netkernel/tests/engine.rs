@@ -100,7 +100,10 @@ fn ctl_reports_status_tenants_nsms_and_conns() {
     assert_eq!(est.len(), 2, "{conns}");
     assert!(est.iter().any(|r| r["bytes_out"] == 1000) && est.iter().any(|r| r["bytes_in"] == 100), "{conns}");
     assert!(est.iter().all(|r| r["tenant"] == "default" && r["nsm"] == "kernel" && r["remote"] != "-"));
-    assert_eq!(engine.ctl("tenants")[0]["attachments"], 1);
+    let tenants = engine.ctl("tenants");
+    assert_eq!(tenants[0]["attachments"], 1);
+    assert!(tenants[0]["bytes_out"].as_u64().unwrap() >= 1000 && tenants[0]["conns_total"] == 2, "{tenants}");
+    assert_eq!(tenants[0]["refused"], 0);
     // The human-readable table has the same rows.
     let out = Command::new(NETKERNEL).args(["ctl", "--socket"]).arg(&engine.socket).arg("conns").output().unwrap();
     let table = String::from_utf8_lossy(&out.stdout);
