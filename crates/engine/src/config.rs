@@ -15,6 +15,10 @@ pub enum ConfigError {
     Invalid { path: PathBuf, line: usize, field: String, message: String },
 }
 
+fn yes() -> bool {
+    true
+}
+
 fn default_kind() -> String {
     "kernel".into()
 }
@@ -33,6 +37,12 @@ pub struct NsmConfig {
     /// Run the NSM in a network namespace of its own, joined to the host by a veth (root).
     #[serde(default)]
     pub netns: bool,
+    /// With netns: shape the NSM's egress to this many bits per second.
+    #[serde(default)]
+    pub egress_rate: Option<u64>,
+    /// With egress_rate: share it between tenants by weight (default), not between flows.
+    #[serde(default = "yes")]
+    pub fair: bool,
     /// Names this NSM resolves for its guests before its system resolver: name = "address".
     #[serde(default)]
     pub hosts: Option<Spanned<std::collections::BTreeMap<String, String>>>,
@@ -51,6 +61,9 @@ pub struct TenantConfig {
     /// tenants cannot reach them.
     #[serde(default)]
     pub addresses: Option<Spanned<Vec<String>>>,
+    /// The tenant's share of a shaped NSM's egress relative to the other tenants' (default 1).
+    #[serde(default)]
+    pub weight: Option<u32>,
     /// Sockets the tenant may hold open in its NSM at once.
     #[serde(default)]
     pub max_connections: Option<u32>,
@@ -131,6 +144,8 @@ impl Config {
                 kind: "kernel".into(),
                 congestion: None,
                 netns: false,
+                egress_rate: None,
+                fair: true,
                 hosts: None,
             }],
             tenants: vec![TenantConfig {
@@ -139,6 +154,7 @@ impl Config {
                 uids: None,
                 addresses: None,
                 max_connections: None,
+                weight: None,
                 rate_limit: None,
                 burst: None,
                 listen_ports: None,

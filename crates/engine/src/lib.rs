@@ -69,6 +69,8 @@ struct Attachment {
 /// The running engine.
 pub struct Engine {
     cfg: Config,
+    /// Source addresses the engine gave tenants of namespaced NSMs that configured no addresses.
+    auto_addresses: HashMap<String, std::net::IpAddr>,
     socket: PathBuf,
     nsms: Vec<Arc<Nsm>>,
     attachments: Mutex<HashMap<u64, Attachment>>,
@@ -172,6 +174,7 @@ impl Engine {
         let _ = std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o666));
         let mut nsms = Vec::new();
         let mut children = Vec::new();
+        let mut auto_addresses = HashMap::new();
         for (index, n) in cfg.nsms.iter().enumerate() {
             let net = if n.netns {
                 let net = netns::NsmNet::create(n.name.get_ref(), index).map_err(|e| EngineError::Spawn {
@@ -184,6 +187,23 @@ impl Engine {
                     net.name,
                     net.nsm_addr
                 ));
+                let spawn_err =
+                    |e: String| EngineError::Spawn { name: n.name.get_ref().clone(), source: std::io::Error::other(e) };
+                // Tenants of a namespaced NSM without addresses of their own get a source address
+                // in its subnet: their connections leave from it, and shaping tells tenants
+                // apart by it.
+                let mut shaped = Vec::new();
+                for (i, t) in cfg.tenants.iter().enumerate().filter(|(_, t)| t.nsm.get_ref() == n.name.get_ref()) {
+                    if t.addresses.is_none() {
+                        let a = net.tenant_addr(i);
+                        net.add_addr(a).map_err(spawn_err)?;
+                        auto_addresses.insert(t.name.get_ref().clone(), std::net::IpAddr::V4(a));
+                        shaped.push((a, t.weight.unwrap_or(1)));
+                    }
+                }
+                if let Some(bits) = n.egress_rate {
+                    net.shape(bits, n.fair, &shaped).map_err(spawn_err)?;
+                }
                 Some(net)
             } else {
                 None
@@ -202,6 +222,7 @@ impl Engine {
         }
         let engine = Arc::new(Engine {
             cfg,
+            auto_addresses,
             socket,
             nsms,
             attachments: Mutex::new(HashMap::new()),
@@ -363,6 +384,7 @@ impl Engine {
     fn policy(&self, t: &config::TenantConfig) -> netkernel_service::control::TenantPolicy {
         netkernel_service::control::TenantPolicy {
             addresses: t.addresses(),
+            source: self.auto_addresses.get(t.name.get_ref()).copied(),
             foreign: self
                 .cfg
                 .tenants

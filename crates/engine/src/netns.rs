@@ -9,6 +9,8 @@ pub struct NsmNet {
     pub name: String,
     pub host_addr: Ipv4Addr,
     pub nsm_addr: Ipv4Addr,
+    /// The NSM's end of the veth.
+    ns_if: String,
 }
 
 fn ip(args: &[&str]) -> Result<(), String> {
@@ -35,7 +37,7 @@ impl NsmNet {
         let subnet = ((pid as usize % 31) * 8 + index % 8) as u8;
         let host_addr = Ipv4Addr::new(10, 213, subnet, 1);
         let nsm_addr = Ipv4Addr::new(10, 213, subnet, 2);
-        let net = NsmNet { name: name.clone(), host_addr, nsm_addr };
+        let net = NsmNet { name: name.clone(), host_addr, nsm_addr, ns_if: ns_if.clone() };
         ip(&["netns", "add", &name])?;
         let steps: [Vec<String>; 8] = [
             vec![
@@ -77,6 +79,71 @@ impl NsmNet {
             ip(&args)?;
         }
         Ok(net)
+    }
+
+    /// An address in the namespace's subnet for tenant number `i` (its source address).
+    pub fn tenant_addr(&self, i: usize) -> Ipv4Addr {
+        let o = self.nsm_addr.octets();
+        Ipv4Addr::new(o[0], o[1], o[2], 10 + (i % 200) as u8)
+    }
+
+    /// Adds a tenant's address to the NSM's side of the veth.
+    pub fn add_addr(&self, a: Ipv4Addr) -> Result<(), String> {
+        ip(&["-n", &self.name, "addr", "add", &format!("{a}/24"), "dev", &self.ns_if])
+    }
+
+    /// Shapes the NSM's egress to `bits` per second with HTB. With `fair`, each tenant (by its
+    /// source address) gets a class whose guaranteed rate is its weight's share and which may
+    /// borrow up to the whole link: fairness between tenants, not between flows. Without, all
+    /// traffic shares one class, so a tenant with more flows gets more.
+    pub fn shape(&self, bits: u64, fair: bool, tenants: &[(Ipv4Addr, u32)]) -> Result<(), String> {
+        let tc = |args: &[&str]| -> Result<(), String> {
+            let mut full = vec!["-n", self.name.as_str()];
+            full.extend_from_slice(args);
+            let out = Command::new("tc").args(&full).output().map_err(|e| format!("running tc: {e}"))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!("tc {}: {}", full.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+            }
+        };
+        let dev = self.ns_if.as_str();
+        let rate = format!("{bits}bit");
+        tc(&["qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "999", "r2q", "1000"])?;
+        tc(&["class", "add", "dev", dev, "parent", "1:", "classid", "1:1", "htb", "rate", &rate, "ceil", &rate])?;
+        let total: u64 = tenants.iter().map(|(_, w)| *w as u64).sum::<u64>().max(1);
+        let default_rate = if fair { format!("{}bit", (bits / 100).max(8000)) } else { rate.clone() };
+        tc(&[
+            "class",
+            "add",
+            "dev",
+            dev,
+            "parent",
+            "1:1",
+            "classid",
+            "1:999",
+            "htb",
+            "rate",
+            &default_rate,
+            "ceil",
+            &rate,
+        ])?;
+        if fair {
+            for (i, (addr, w)) in tenants.iter().enumerate() {
+                let class = format!("1:{}", 10 + i);
+                let share = format!("{}bit", (bits * *w as u64 / total).max(8000));
+                tc(&[
+                    "class", "add", "dev", dev, "parent", "1:1", "classid", &class, "htb", "rate", &share, "ceil",
+                    &rate,
+                ])?;
+                let src = format!("{addr}/32");
+                tc(&[
+                    "filter", "add", "dev", dev, "parent", "1:", "protocol", "ip", "prio", "1", "u32", "match", "ip",
+                    "src", &src, "flowid", &class,
+                ])?;
+            }
+        }
+        Ok(())
     }
 
     /// The namespace's file, to setns(2) into.

@@ -233,3 +233,123 @@ fn an_nsm_in_a_network_namespace_of_its_own() {
             .into_owned();
     assert!(!listed.contains(&ns), "namespace {ns} left behind: {listed}");
 }
+
+const RECEIVER: &str = r#"import socket, threading, time, collections
+l = socket.create_server(('HOST', 0))
+l.listen(64)
+print(l.getsockname()[1], flush=True)
+count = collections.Counter()
+start = [None]
+lock = threading.Lock()
+def rd(c, a):
+    while True:
+        d = c.recv(1 << 16)
+        if not d:
+            return
+        with lock:
+            if start[0] is None:
+                start[0] = time.time()
+            if time.time() - start[0] < 3:
+                count[a[0]] += len(d)
+def acc():
+    while True:
+        c, a = l.accept()
+        threading.Thread(target=rd, args=(c, a), daemon=True).start()
+threading.Thread(target=acc, daemon=True).start()
+time.sleep(6)
+print(' '.join(f'{k}={v}' for k, v in count.items()), flush=True)
+"#;
+
+const SENDER: &str = r#"import socket, threading, time
+b = b'x' * 65536
+def go():
+    c = socket.create_connection(('HOST', PORT))
+    t = time.time()
+    try:
+        while time.time() - t < 4.5:
+            c.sendall(b)
+    except OSError:
+        pass
+ts = [threading.Thread(target=go) for _ in range(FLOWS)]
+[t.start() for t in ts]
+[t.join() for t in ts]
+"#;
+
+/// One run of the fairness experiment: tenant a sends on 1 flow, tenant b on 8, through one NSM
+/// whose egress is shaped to 200 Mbit/s; a native receiver on the host counts per tenant.
+/// Returns a's share of what arrived.
+fn share_of_one_flow_against_eight(weights: (u32, u32), fair: bool) -> f64 {
+    let python = require("python3");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("nk.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[nsm]]\nname = \"ns0\"\nnetns = true\negress_rate = 200000000\nfair = {fair}\n\n\
+             [[tenant]]\nname = \"a\"\nnsm = \"ns0\"\nweight = {}\n\n[[tenant]]\nname = \"b\"\nnsm = \"ns0\"\nweight = {}\n",
+            weights.0, weights.1
+        ),
+    )
+    .unwrap();
+    let engine = TestEngine::start_with(&["--config", cfg.to_str().unwrap()]);
+    let address = engine.nsm()["address"].as_str().unwrap().to_string();
+    let nsm_ip: std::net::Ipv4Addr = address.split(' ').next().unwrap().parse().unwrap();
+    let o = nsm_ip.octets();
+    let host_ip = std::net::Ipv4Addr::new(o[0], o[1], o[2], 1).to_string();
+    let mut rx = std::process::Command::new(&python);
+    rx.args(["-c", &RECEIVER.replace("HOST", &host_ip)]).stdout(std::process::Stdio::piped());
+    let mut rx = rx.spawn().unwrap();
+    let mut out = std::io::BufReader::new(rx.stdout.take().unwrap());
+    let mut port = String::new();
+    std::io::BufRead::read_line(&mut out, &mut port).unwrap();
+    let sender = |tenant: &str, flows: u32| {
+        let script = SENDER.replace("HOST", &host_ip).replace("PORT", port.trim()).replace("FLOWS", &flows.to_string());
+        let mut c = std::process::Command::new(NETKERNEL);
+        c.args(["run", "--tenant", tenant, "--socket"]).arg(&engine.socket).args([
+            "--",
+            python.to_str().unwrap(),
+            "-c",
+            &script,
+        ]);
+        c.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        c.spawn().unwrap()
+    };
+    let mut a = sender("a", 1);
+    let mut b = sender("b", 8);
+    let mut counts = String::new();
+    std::io::BufRead::read_line(&mut out, &mut counts).unwrap();
+    let _ = a.wait();
+    let _ = b.wait();
+    let _ = rx.wait();
+    let by_ip: std::collections::HashMap<String, f64> = counts
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.parse::<f64>().unwrap()))
+        .collect();
+    assert_eq!(by_ip.len(), 2, "want two tenants' source addresses: {counts:?}");
+    // Tenants are numbered in config order: a has the lower address.
+    let mut ips: Vec<&String> = by_ip.keys().collect();
+    ips.sort_by_key(|ip| ip.parse::<std::net::Ipv4Addr>().unwrap());
+    let total: f64 = by_ip.values().sum();
+    let share = by_ip[ips[0]] / total;
+    eprintln!(
+        "weights {weights:?}, fair={fair}: a {:.1} Mbit/s, b {:.1} Mbit/s (a's share {share:.2})",
+        by_ip[ips[0]] * 8.0 / 3e6,
+        by_ip[ips[1]] * 8.0 / 3e6
+    );
+    share
+}
+
+#[test]
+fn tenants_share_a_shaped_nsm_by_weight_not_by_flows() {
+    if !is_root() {
+        eprintln!("SKIP tenants_share_a_shaped_nsm_by_weight_not_by_flows: needs root for namespaces and tc");
+        return;
+    }
+    let equal = share_of_one_flow_against_eight((1, 1), true);
+    assert!((0.40..0.60).contains(&equal), "equal weights: the 1-flow tenant got {equal:.2}");
+    let two_to_one = share_of_one_flow_against_eight((2, 1), true);
+    assert!((0.58..0.76).contains(&two_to_one), "weights 2:1: the 1-flow tenant got {two_to_one:.2}");
+    let unfair = share_of_one_flow_against_eight((1, 1), false);
+    assert!(unfair < 0.35, "without fairness the 1-flow tenant should lose to 8 flows, got {unfair:.2}");
+}

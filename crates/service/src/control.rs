@@ -72,6 +72,9 @@ pub struct TenantPolicy {
     /// The tenant's virtual addresses: wildcard and loopback binds land on the first of the
     /// family, loopback connects reach it. Empty: binds and connects as asked.
     pub addresses: Vec<std::net::IpAddr>,
+    /// The address the tenant's connections leave from when it has no `addresses` (an NSM in a
+    /// namespace of its own gives each tenant one, to tell their traffic apart).
+    pub source: Option<std::net::IpAddr>,
     /// Other tenants' addresses, which this tenant cannot reach.
     pub foreign: Vec<std::net::IpAddr>,
     /// Sockets the tenant may hold open in this NSM at once.

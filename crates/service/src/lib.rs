@@ -863,7 +863,9 @@ fn execute<S: Stack>(
             // A tenant with addresses connects from its own address, not the NSM's.
             let mut local = [0u8; ADDR_MAX];
             let unbound = stack.getsockname(s.fd.as_fd(), &mut local).ok().and_then(|n| policy::decode(&local[..n]));
-            if let Some(src) = unbound.filter(|l| l.port() == 0).and_then(|l| policy::source(&a.policy, l.is_ipv6())) {
+            if let Some(src) =
+                unbound.filter(|l| l.port() == 0).and_then(|l| policy::source(&a.policy, l.is_ipv6(), peer))
+            {
                 stack.bind(s.fd.as_fd(), &src)?;
             }
             let r = stack.connect(s.fd.as_fd(), peer);

@@ -103,9 +103,14 @@ pub(crate) fn connect(p: &TenantPolicy, addr: &[u8]) -> Result<Option<Vec<u8>>, 
     Ok(None)
 }
 
-/// The source address an unbound socket of the tenant connects from (port chosen by the stack).
-pub(crate) fn source(p: &TenantPolicy, v6: bool) -> Option<Vec<u8>> {
-    let ip = own(p, v6)?;
+/// The source address an unbound socket of the tenant connects from to `peer` (port chosen by
+/// the stack). The NSM-given source address is for leaving the NSM, not for its loopback.
+pub(crate) fn source(p: &TenantPolicy, v6: bool, peer: &[u8]) -> Option<Vec<u8>> {
+    let to_loopback = decode(peer).is_some_and(|a| is_local(a.ip()));
+    let ip = own(p, v6).or(p.source.filter(|_| !to_loopback))?;
+    if !v6 && ip.is_ipv6() {
+        return None;
+    }
     let a = if v6 {
         SocketAddr::V6(SocketAddrV6::new(
             match ip {
@@ -145,6 +150,7 @@ mod tests {
             max_sockets: None,
             listen_ports: Some(vec![(8000, 8010)]),
             rate: None,
+            source: None,
         }
     }
 
@@ -172,7 +178,10 @@ mod tests {
         assert_eq!(connect(&p, &sa("[::ffff:127.0.2.1]:80")), Err(libc::ECONNREFUSED));
         assert_eq!(connect(&p, &sa("10.1.2.3:80")), Ok(None));
         assert!(may_listen(&p, 8005) && !may_listen(&p, 22));
-        assert_eq!(source(&p, false), Some(sa("127.0.1.1:0")));
+        assert_eq!(source(&p, false, &sa("127.0.0.1:80")), Some(sa("127.0.1.1:0")));
+        let auto = TenantPolicy { source: Some("10.0.0.7".parse().unwrap()), ..Default::default() };
+        assert_eq!(source(&auto, false, &sa("10.0.0.1:80")), Some(sa("10.0.0.7:0")));
+        assert_eq!(source(&auto, false, &sa("127.0.0.1:80")), None);
     }
 
     #[test]
