@@ -218,35 +218,21 @@ fn iov_total(iov: &[iovec]) -> usize {
     iov.iter().map(|v| v.iov_len).fold(0usize, |a, b| a.saturating_add(b))
 }
 
-/// Copies `len` bytes starting at byte `skip` of the iovecs to `dst`.
-///
-/// # Safety
-/// The iovecs describe readable memory; `dst` has room for `len` bytes.
-unsafe fn gather(iov: &[iovec], mut skip: usize, dst: *mut u8, mut len: usize) {
-    let mut out = 0;
-    for v in iov {
-        if len == 0 {
-            break;
-        }
-        if skip >= v.iov_len {
-            skip -= v.iov_len;
-            continue;
-        }
-        let n = (v.iov_len - skip).min(len);
-        // SAFETY: within the iovec and within dst, per the contract.
-        unsafe { std::ptr::copy_nonoverlapping((v.iov_base as *const u8).add(skip), dst.add(out), n) };
-        out += n;
-        len -= n;
-        skip = 0;
-    }
+/// Which way `copy_iov` copies.
+#[derive(Clone, Copy, PartialEq)]
+enum Dir {
+    /// From the iovecs into the buffer (a send).
+    Gather,
+    /// From the buffer into the iovecs (a receive).
+    Scatter,
 }
 
-/// Copies `len` bytes from `src` into the iovecs starting at byte `skip`.
+/// Copies `len` bytes between `buf` and the iovecs, starting at byte `skip` of the iovecs.
 ///
 /// # Safety
-/// The iovecs describe writable memory; `src` holds `len` bytes.
-unsafe fn scatter(iov: &[iovec], mut skip: usize, src: *const u8, mut len: usize) {
-    let mut inp = 0;
+/// The iovecs describe readable (Gather) or writable (Scatter) memory; `buf` holds `len` bytes.
+unsafe fn copy_iov(iov: &[iovec], mut skip: usize, buf: *mut u8, mut len: usize, dir: Dir) {
+    let mut at = 0;
     for v in iov {
         if len == 0 {
             break;
@@ -256,9 +242,15 @@ unsafe fn scatter(iov: &[iovec], mut skip: usize, src: *const u8, mut len: usize
             continue;
         }
         let n = (v.iov_len - skip).min(len);
-        // SAFETY: within the iovec and within src, per the contract.
-        unsafe { std::ptr::copy_nonoverlapping(src.add(inp), (v.iov_base as *mut u8).add(skip), n) };
-        inp += n;
+        let user = (v.iov_base as *mut u8).wrapping_add(skip);
+        // SAFETY: within the iovec and within buf, per the contract.
+        unsafe {
+            match dir {
+                Dir::Gather => std::ptr::copy_nonoverlapping(user, buf.add(at), n),
+                Dir::Scatter => std::ptr::copy_nonoverlapping(buf.add(at), user, n),
+            }
+        }
+        at += n;
         len -= n;
         skip = 0;
     }
@@ -317,7 +309,7 @@ pub unsafe fn send(
                 w.set(Op::Send, slot);
                 w.flags(netkernel_abi::SEND_ASYNC);
                 // SAFETY: per this function's contract; the nqe buffer holds BUF_SIZE bytes.
-                unsafe { gather(iov, 0, w.buf(), total) };
+                unsafe { copy_iov(iov, 0, w.buf(), total, Dir::Gather) };
                 w.use_buf(total);
             });
             return Ok(total);
@@ -336,7 +328,7 @@ pub unsafe fn send(
             w.set(Op::Send, slot);
             w.flags(nsm_flags);
             // SAFETY: per this function's contract; the nqe buffer holds BUF_SIZE bytes.
-            unsafe { gather(iov, sent, w.buf(), chunk) };
+            unsafe { copy_iov(iov, sent, w.buf(), chunk, Dir::Gather) };
             w.use_buf(chunk);
             if !to.is_null() {
                 w.addr(to, to_len);
@@ -476,7 +468,7 @@ pub unsafe fn recv(slot: u32, iov: &[iovec], flags: c_int, info: &mut RecvInfo) 
                 let copied = n.min(chunk);
                 if !(stream && user_trunc) {
                     // SAFETY: the NSM wrote `copied` bytes to the buffer; iov per contract.
-                    unsafe { scatter(iov, got, c.buf(), copied) };
+                    unsafe { copy_iov(iov, got, c.buf() as *mut u8, copied, Dir::Scatter) };
                 }
                 if got == 0 {
                     let (from, len) = c.addr();

@@ -32,14 +32,9 @@ fn bad_config_exits_naming_file_line_and_field() {
 
 #[test]
 fn config_file_sets_nsm_congestion_and_tenants() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("nk.toml");
-    std::fs::write(
-        &cfg,
+    let engine = TestEngine::with_config(
         "[[nsm]]\nname = \"cubic0\"\ncongestion = \"cubic\"\n\n[[tenant]]\nname = \"blue\"\nnsm = \"cubic0\"\n",
-    )
-    .unwrap();
-    let engine = TestEngine::start_with(&["--config", cfg.to_str().unwrap()]);
+    );
     let nsm = engine.nsm();
     assert_eq!(nsm["name"], "cubic0");
     assert_eq!(nsm["congestion"], "cubic");
@@ -219,14 +214,9 @@ fn isolated_guest_reaches_only_what_netkernel_serves() {
 #[test]
 fn names_are_resolved_by_the_provider() {
     let python = require("python3");
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("nk.toml");
-    std::fs::write(
-        &cfg,
+    let engine = TestEngine::with_config(
         "[[nsm]]\nname = \"k\"\nhosts = { \"nk-provider-name\" = \"127.0.0.1\" }\n\n[[tenant]]\nname = \"t\"\nnsm = \"k\"\n",
-    )
-    .unwrap();
-    let engine = TestEngine::start_with(&["--config", cfg.to_str().unwrap()]);
+    );
     let script = "import socket\nprint(socket.getaddrinfo('nk-provider-name', 'http', type=socket.SOCK_STREAM)[0][4])\n\
                   print(socket.getaddrinfo('127.0.0.1', 80, type=socket.SOCK_STREAM)[0][4])\n\
                   try:\n    socket.getaddrinfo('no-such-name.invalid', 80)\nexcept socket.gaierror as e:\n    print('gaierror', e.errno)\n";

@@ -7,16 +7,11 @@ use std::time::Duration;
 #[test]
 fn tenants_keep_to_their_addresses_and_limits() {
     let python = require("python3");
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("nk.toml");
-    std::fs::write(
-        &cfg,
+    let engine = TestEngine::with_config(
         "[[nsm]]\nname = \"k\"\n\n\
          [[tenant]]\nname = \"blue\"\nnsm = \"k\"\naddresses = [\"127.0.1.1\"]\nmax_connections = 4\n\n\
          [[tenant]]\nname = \"red\"\nnsm = \"k\"\naddresses = [\"127.0.2.1\"]\nlisten_ports = [9]\n",
-    )
-    .unwrap();
-    let engine = TestEngine::start_with(&["--config", cfg.to_str().unwrap()]);
+    );
     // A service of the host's own loopback, which a tenant with addresses must not reach.
     let host = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let host_port = host.local_addr().unwrap().port();
@@ -140,15 +135,10 @@ fn ctl_shows_a_user_only_the_tenants_that_admit_them() {
 #[test]
 fn a_rate_limited_tenant_sends_at_its_rate() {
     let python = require("python3");
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("nk.toml");
-    std::fs::write(
-        &cfg,
+    let engine = TestEngine::with_config(
         "[[nsm]]\nname = \"k\"\n\n[[tenant]]\nname = \"free\"\nnsm = \"k\"\n\n\
          [[tenant]]\nname = \"capped\"\nnsm = \"k\"\nrate_limit = 50000000\n",
-    )
-    .unwrap();
-    let engine = TestEngine::start_with(&["--config", cfg.to_str().unwrap()]);
+    );
     // The receiver (free tenant) counts what arrives in 3 s after the first byte.
     let mut rx = std::process::Command::new(NETKERNEL);
     rx.args(["run", "--tenant", "free", "--socket"]).arg(&engine.socket).args([
@@ -191,14 +181,9 @@ fn an_nsm_in_a_network_namespace_of_its_own() {
         eprintln!("SKIP an_nsm_in_a_network_namespace_of_its_own: needs root to create namespaces");
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("nk.toml");
-    std::fs::write(
-        &cfg,
+    let engine = TestEngine::with_config(
         "[[nsm]]\nname = \"ns0\"\nnetns = true\n\n[[tenant]]\nname = \"a\"\nnsm = \"ns0\"\n\n[[tenant]]\nname = \"b\"\nnsm = \"ns0\"\n",
-    )
-    .unwrap();
-    let engine = TestEngine::start_with(&["--config", cfg.to_str().unwrap()]);
+    );
     let nsm = engine.nsm();
     let address = nsm["address"].as_str().unwrap().to_string();
     let (ip, ns) = address.split_once(' ').unwrap();
@@ -280,18 +265,13 @@ ts = [threading.Thread(target=go) for _ in range(FLOWS)]
 /// Returns a's share of what arrived.
 fn share_of_one_flow_against_eight(weights: (u32, u32), fair: bool) -> f64 {
     let python = require("python3");
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("nk.toml");
-    std::fs::write(
-        &cfg,
-        format!(
+    let engine = TestEngine::with_config(
+        &format!(
             "[[nsm]]\nname = \"ns0\"\nnetns = true\negress_rate = 200000000\nfair = {fair}\n\n\
              [[tenant]]\nname = \"a\"\nnsm = \"ns0\"\nweight = {}\n\n[[tenant]]\nname = \"b\"\nnsm = \"ns0\"\nweight = {}\n",
             weights.0, weights.1
         ),
-    )
-    .unwrap();
-    let engine = TestEngine::start_with(&["--config", cfg.to_str().unwrap()]);
+    );
     let address = engine.nsm()["address"].as_str().unwrap().to_string();
     let nsm_ip: std::net::Ipv4Addr = address.split(' ').next().unwrap().parse().unwrap();
     let o = nsm_ip.octets();

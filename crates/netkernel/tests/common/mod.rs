@@ -21,6 +21,15 @@ impl TestEngine {
         Self::start_with(&[])
     }
 
+    /// Starts an engine with this TOML configuration.
+    pub fn with_config(toml: &str) -> TestEngine {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("netkernel.toml");
+        std::fs::write(&cfg, toml).unwrap();
+        // The engine reads its configuration once, at start.
+        Self::start_with(&["--config", cfg.to_str().unwrap()])
+    }
+
     /// Starts an engine with extra `serve` arguments (e.g. --config).
     pub fn start_with(args: &[&str]) -> TestEngine {
         let dir = tempfile::tempdir().unwrap();
