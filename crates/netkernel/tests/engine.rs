@@ -174,23 +174,10 @@ fn isolated_guest_reaches_only_what_netkernel_serves() {
         eprintln!("SKIP isolated_guest_reaches_only_what_netkernel_serves: --isolate needs root");
         return;
     }
-    let python = require("python3");
     let curl = require("curl");
     let busybox = require("busybox");
     let engine = TestEngine::start();
-    let www = engine.dir.path().join("www");
-    std::fs::create_dir(&www).unwrap();
-    std::fs::write(www.join("hi.txt"), "through netkernel\n").unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut server =
-        engine.run(python.to_str().unwrap(), &["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1"]);
-    server.current_dir(&www).stdout(Stdio::null()).stderr(Stdio::null());
-    let mut server = server.spawn().unwrap();
-    let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(start.elapsed() < Duration::from_secs(10), "server did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (mut server, port) = engine.http_server("hi.txt", "through netkernel\n");
     let url = format!("http://127.0.0.1:{port}/hi.txt");
     let isolated = |program: &str, args: &[&str]| {
         let mut c = Command::new(NETKERNEL);
@@ -242,19 +229,7 @@ fn names_are_resolved_by_the_provider() {
     }
     // In a guest with no network of its own, curl reaches a server by the provider's name.
     let curl = require("curl");
-    let www = engine.dir.path().join("www");
-    std::fs::create_dir(&www).unwrap();
-    std::fs::write(www.join("n.txt"), "named\n").unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut server =
-        engine.run(python.to_str().unwrap(), &["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1"]);
-    server.current_dir(&www).stdout(Stdio::null()).stderr(Stdio::null());
-    let mut server = server.spawn().unwrap();
-    let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(start.elapsed() < Duration::from_secs(10));
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (mut server, port) = engine.http_server("n.txt", "named\n");
     let mut c = Command::new(NETKERNEL);
     c.args(["run", "--isolate", "--socket"])
         .arg(&engine.socket)

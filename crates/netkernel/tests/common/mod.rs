@@ -90,6 +90,26 @@ impl TestEngine {
         child
     }
 
+    /// A python3 http.server under NetKernel on 127.0.0.1 serving one file; returns the server
+    /// (kill it when done) and its port.
+    pub fn http_server(&self, file: &str, content: &str) -> (Child, u16) {
+        let python = require("python3");
+        let www = self.dir.path().join(format!("www-{file}"));
+        std::fs::create_dir_all(&www).unwrap();
+        std::fs::write(www.join(file), content).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut c =
+            self.run(python.to_str().unwrap(), &["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1"]);
+        c.current_dir(&www).stdout(Stdio::null()).stderr(Stdio::null());
+        let server = c.spawn().unwrap();
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(start.elapsed() < Duration::from_secs(10), "http.server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        (server, port)
+    }
+
     /// The NSM's counters (first NSM).
     pub fn nsm(&self) -> serde_json::Value {
         self.ctl("nsms")[0].clone()
