@@ -32,10 +32,24 @@ impl TestEngine {
 
     /// Starts an engine with extra `serve` arguments (e.g. --config).
     pub fn start_with(args: &[&str]) -> TestEngine {
+        Self::start_in(None, args)
+    }
+
+    /// Starts an engine (and so its NSMs) inside network namespace `netns` (a testbed host).
+    pub fn start_in(netns: Option<&str>, args: &[&str]) -> TestEngine {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("engine.sock");
         let log = std::fs::File::create(dir.path().join("engine.log")).unwrap();
-        let child = Command::new(NETKERNEL)
+        let mut cmd = match netns {
+            // `ip netns exec` execs the engine, so the child's pid is the engine's.
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, NETKERNEL]);
+                c
+            }
+            None => Command::new(NETKERNEL),
+        };
+        let child = cmd
             .arg("serve")
             .arg("--socket")
             .arg(&socket)
