@@ -107,15 +107,6 @@ fn ctl_reports_status_tenants_nsms_and_conns() {
     child.wait().unwrap();
 }
 
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the comm.
-    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-}
-
 #[test]
 fn idle_engine_nsm_and_guest_use_under_one_percent_cpu() {
     let engine = TestEngine::start();

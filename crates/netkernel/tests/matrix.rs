@@ -365,32 +365,6 @@ fn node_http_server_and_client() {
     assert_eq!(out.trim(), want.join("\n"));
 }
 
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let f: Vec<u64> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .skip(11)
-        .take(2)
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    f.iter().sum()
-}
-
-fn descendants(pid: u32) -> Vec<u32> {
-    let mut all = vec![pid];
-    let mut i = 0;
-    while i < all.len() {
-        let p = all[i];
-        let kids = std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")).unwrap_or_default();
-        all.extend(kids.split_whitespace().filter_map(|k| k.parse::<u32>().ok()));
-        i += 1;
-    }
-    all
-}
-
 #[test]
 fn idle_redis_and_nginx_do_not_burn_cpu() {
     let redis = require("redis-server");
