@@ -85,6 +85,8 @@ enum Cmd {
     /// Benchmark peer (used by `bench`).
     #[command(hide = true)]
     BenchPeer(bench::PeerArgs),
+    /// Emulate a link between two TAP devices (delay, rate, loss, queue); see scripts/testbed.
+    Linkem(linkem::Args),
 }
 
 fn fail(msg: impl std::fmt::Display) -> i32 {
@@ -103,6 +105,7 @@ pub fn main() -> i32 {
         Cmd::Demo { bytes } => demo::main(bytes),
         Cmd::Bench(a) => bench::main(a),
         Cmd::BenchPeer(a) => bench::peer(a),
+        Cmd::Linkem(a) => linkem::main(a),
     }
 }
 
