@@ -5,6 +5,9 @@
 //! Peers measure their own latency, throughput and CPU over the timed section only (process start
 //! and GuestLib attach are excluded); the parent adds the NSM's CPU from /proc over the phase.
 
+mod apps;
+mod cpu;
+
 use crate::guestlib;
 use crate::tempengine::TempEngine;
 use netkernel_service::control::EngineRequest;
@@ -69,21 +72,8 @@ pub fn peer(a: PeerArgs) -> i32 {
     code
 }
 
-/// CPU seconds (user + system, all threads) this process has used so far.
 fn self_cpu() -> f64 {
-    rusage_cpu(libc::RUSAGE_SELF)
-}
-
-/// User + system CPU seconds from getrusage(`who`).
-pub fn rusage_cpu(who: libc::c_int) -> f64 {
-    // SAFETY: rusage is plain old data, so all-zero is valid; getrusage only writes into it.
-    let ru = unsafe {
-        let mut ru: libc::rusage = std::mem::zeroed();
-        libc::getrusage(who, &mut ru);
-        ru
-    };
-    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    tv(ru.ru_utime) + tv(ru.ru_stime)
+    cpu::rusage(libc::RUSAGE_SELF)
 }
 
 fn serve(rr: bool) -> io::Result<Value> {
@@ -219,20 +209,6 @@ fn log_tail(log: &Path) -> String {
     }
 }
 
-/// (user + system) CPU seconds of a process other than a child of ours.
-fn proc_cpu(pid: i64) -> Result<f64, String> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| format!("NSM pid {pid}: {e}"))?;
-    // The command name may contain spaces and parentheses; fields are counted after its last ')'.
-    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |x| x.1).split_whitespace().collect();
-    let f: Vec<f64> = fields.iter().skip(11).take(2).filter_map(|x| x.parse().ok()).collect();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    match f[..] {
-        [user, sys] => Ok((user + sys) / hz),
-        _ => Err(format!("cannot parse /proc/{pid}/stat")),
-    }
-}
-
 /// What every phase needs: the options, the binary, GuestLib, the scratch dir and the engine.
 struct Bench<'a> {
     a: &'a Args,
@@ -240,7 +216,7 @@ struct Bench<'a> {
     lib: PathBuf,
     dir: PathBuf,
     sock: PathBuf,
-    nsm_pid: i64,
+    nsm_pid: u32,
 }
 
 impl Bench<'_> {
@@ -259,7 +235,7 @@ impl Bench<'_> {
         };
         let extra = if phase == "bulk" { self.a.seconds } else { 0.0 };
         let deadline = Instant::now() + PEER_TIMEOUT + Duration::from_secs_f64(extra);
-        let nsm0 = proc_cpu(self.nsm_pid)?;
+        let nsm0 = cpu::process(self.nsm_pid)?;
         let mut server = Peer::spawn(cmd("server", 0), format!("{side} {phase} server"), &self.dir)?;
         let line = server.line(deadline)?;
         let port = line.trim().parse().map_err(|_| format!("{side} {phase} server printed {line:?}, not a port"))?;
@@ -268,7 +244,7 @@ impl Bench<'_> {
         client.wait(deadline)?;
         let s = server.line(deadline)?;
         server.wait(deadline)?;
-        let nsm = proc_cpu(self.nsm_pid)? - nsm0;
+        let nsm = cpu::process(self.nsm_pid)? - nsm0;
         let parse =
             |l: &str| serde_json::from_str::<Value>(l).map_err(|e| format!("{side} {phase}: bad result {l:?}: {e}"));
         Ok((parse(&c)?, parse(&s)?, nsm))
@@ -294,11 +270,11 @@ impl Bench<'_> {
 }
 
 /// The NSM's pid: it may come up a little after the engine's socket.
-fn nsm_pid(engine: &TempEngine) -> Result<i64, String> {
+fn nsm_pid(engine: &TempEngine) -> Result<u32, String> {
     for _ in 0..250 {
         let nsms = netkernel_engine::request(engine.socket(), &EngineRequest::Nsms)?;
-        if let Some(pid) = nsms[0]["pid"].as_i64().filter(|p| *p > 0) {
-            return Ok(pid);
+        if let Some(pid) = nsms[0]["pid"].as_u64().filter(|p| *p > 0) {
+            return Ok(pid as u32);
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -365,13 +341,13 @@ fn print_table(r: &Value) {
 pub fn main(a: Args) -> i32 {
     if a.apps {
         let secs = a.seconds.ceil().max(1.0) as u32;
-        return match crate::bench_apps::run(a.requests, secs) {
+        return match apps::run(a.requests, secs) {
             Ok(v) if a.json => {
                 println!("{v}");
                 0
             }
             Ok(v) => {
-                crate::bench_apps::print(&v);
+                apps::print(&v);
                 0
             }
             Err(e) => {

@@ -1,7 +1,6 @@
 //! `netkernel`: the one binary. See `netkernel --help`.
 
 mod bench;
-mod bench_apps;
 mod cli;
 mod demo;
 mod guestlib;

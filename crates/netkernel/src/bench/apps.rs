@@ -2,6 +2,7 @@
 //! redis-benchmark, nginx with wrk), natively and under NetKernel in one run, with CPU per
 //! request counted over every process involved (servers, clients and, for NetKernel, the NSM).
 
+use super::cpu;
 use crate::guestlib::{self, which};
 use crate::tempengine::TempEngine;
 use netkernel_service::control::EngineRequest;
@@ -9,18 +10,6 @@ use serde_json::{json, Value};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    stat.rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .skip(11)
-        .take(2)
-        .filter_map(|v| v.parse::<u64>().ok())
-        .sum()
-}
 
 /// A process and all its descendants (nginx workers).
 fn tree(pid: u32) -> Vec<u32> {
@@ -35,15 +24,9 @@ fn tree(pid: u32) -> Vec<u32> {
     all
 }
 
-fn cpu_s(pids: &[u32]) -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    pids.iter().map(|&p| ticks(p)).sum::<u64>() as f64 / hz
-}
-
 /// CPU seconds of reaped children of this process (the load generators).
 fn children_cpu() -> f64 {
-    crate::bench::rusage_cpu(libc::RUSAGE_CHILDREN)
+    cpu::rusage(libc::RUSAGE_CHILDREN)
 }
 
 struct Killed(Child);
@@ -104,12 +87,12 @@ impl Side<'_> {
     /// of server, load generator and NSM together.
     fn load(&self, server: u32, program: &str, args: &[&str]) -> Result<(String, f64), String> {
         let watched: Vec<u32> = tree(server).into_iter().chain(self.nsm()).collect();
-        let (s0, c0) = (cpu_s(&watched), children_cpu());
+        let (s0, c0) = (cpu::processes(&watched), children_cpu());
         let out = self.cmd(program, args).stderr(Stdio::null()).output().map_err(|e| format!("{program}: {e}"))?;
         if !out.status.success() {
             return Err(format!("{program} failed: {}", String::from_utf8_lossy(&out.stdout)));
         }
-        let cpu = cpu_s(&watched) - s0 + children_cpu() - c0;
+        let cpu = cpu::processes(&watched) - s0 + children_cpu() - c0;
         Ok((String::from_utf8_lossy(&out.stdout).replace('\r', "\n"), cpu))
     }
 }
