@@ -1,41 +1,74 @@
-//! `netkernel bench`: native kernel sockets against NetKernel, side by side in one run.
+//! `netkernel bench`: four ways for two processes on this machine to talk over a stream socket,
+//! side by side in one run: native kernel TCP over loopback, NetKernel through the kernel NSM
+//! (the co-located short cut off), NetKernel co-located (the short cut on, the default), and
+//! AF_UNIX stream sockets; plus the raw nqe queue without sockets.
 //!
-//! Every phase (request/response, then bulk) gets a fresh `bench-peer` server and client, so a
-//! GuestLib attachment, a slow start or a leftover socket of one phase cannot colour the other.
-//! Peers measure their own latency, throughput and CPU over the timed section only (process start
-//! and GuestLib attach are excluded); the parent adds the NSM's CPU from /proc over the phase.
+//! Every phase gets a fresh `bench-peer` server and client, so a GuestLib attachment, a slow
+//! start or a leftover socket of one phase cannot colour the next. Peers measure their own
+//! latency, throughput and CPU over the timed section only; the parent adds the NSM's CPU from
+//! /proc over the phase and checks, on the live connection, which path NetKernel gave it.
 
 mod apps;
+mod chart;
 mod cpu;
+mod peer;
+mod queue;
 
 use crate::guestlib;
 use crate::tempengine::TempEngine;
 use netkernel_service::control::EngineRequest;
-use serde_json::{json, Value};
+pub use peer::{main as peer, PeerArgs};
+use peer::{Addr, Phase, BULK_WRITE, RR_BYTES};
+use serde_json::{json, Map, Value};
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-const RR_BYTES: usize = 64;
-const BULK_WRITE: usize = 256 << 10;
 /// A peer still running this long after its phase should have ended is hung, not slow.
 const PEER_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// One NSM per NetKernel mode, so that each mode is charged its own NSM's CPU, and a tenant of
+/// the same name on each. Tenants admit any uid: the bench runs as whoever starts it.
+const ENGINE_CONFIG: &str = r#"# written by `netkernel bench`
+[[nsm]]
+name = "kernel"
+colocate = false   # every byte through the NSM's kernel TCP, even between two of its guests
+
+[[nsm]]
+name = "colocated" # the default: guests of this NSM talk through shared memory
+
+[[tenant]]
+name = "kernel"
+nsm = "kernel"
+
+[[tenant]]
+name = "colocated"
+nsm = "colocated"
+"#;
+
 #[derive(clap::Args)]
 pub struct Args {
-    /// Request/response round trips (64 bytes each way, TCP_NODELAY).
-    #[arg(long, default_value_t = 20000, value_parser = clap::value_parser!(u32).range(1..))]
-    rr_iters: u32,
-    /// Duration of the single-flow bulk transfer, in seconds.
-    #[arg(long, default_value_t = 3.0)]
-    seconds: f64,
+    /// Request/response round trips (64 bytes each way, TCP_NODELAY) [default: 20000, quick: 2000].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    rr_iters: Option<u32>,
+    /// Duration of each bulk transfer (1 flow, then 4), in seconds [default: 3, quick: 0.3].
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// Duration of the connection-rate phase, in seconds [default: 1, quick: 0.3].
+    #[arg(long)]
+    conn_seconds: Option<f64>,
+    /// A short run that still exercises every mode and metric (a CI smoke test, not a measurement).
+    #[arg(long)]
+    quick: bool,
     /// Print all results as one JSON object instead of the table.
     #[arg(long)]
     json: bool,
+    /// Also draw the results as an SVG chart into this file.
+    #[arg(long)]
+    svg: Option<PathBuf>,
     /// Benchmark real programs instead: redis-server with redis-benchmark, nginx with wrk.
     #[arg(long)]
     apps: bool,
@@ -44,113 +77,99 @@ pub struct Args {
     requests: u32,
 }
 
-#[derive(clap::Args)]
-pub struct PeerArgs {
-    #[arg(value_parser = ["server", "client"])]
-    role: String,
-    #[arg(value_parser = ["rr", "bulk"])]
-    phase: String,
-    #[arg(long, default_value_t = 0)]
-    port: u16,
-    #[arg(long, default_value_t = 20000)]
+/// The options with --quick and the defaults applied.
+struct Opts {
     rr_iters: u32,
-    #[arg(long, default_value_t = 3.0)]
     seconds: f64,
+    conn_seconds: f64,
+    /// Bytes streamed through the nqe queue per record size, and one-way samples per size.
+    queue_bytes: u64,
+    queue_samples: u64,
 }
 
-pub fn peer(a: PeerArgs) -> i32 {
-    let r = match (a.role.as_str(), a.phase.as_str()) {
-        ("server", phase) => serve(phase == "rr"),
-        (_, "rr") => rr_client(a.port, a.rr_iters.max(1)),
-        _ => bulk_client(a.port, a.seconds),
-    };
-    let code = i32::from(r.is_err());
-    match r {
-        Ok(v) => println!("{v}"),
-        Err(e) => eprintln!("netkernel bench-peer {} {}: {e}", a.role, a.phase),
+impl Opts {
+    fn new(a: &Args) -> Result<Opts, String> {
+        let q = a.quick;
+        let o = Opts {
+            rr_iters: a.rr_iters.unwrap_or(if q { 2000 } else { 20000 }),
+            seconds: a.seconds.unwrap_or(if q { 0.3 } else { 3.0 }),
+            conn_seconds: a.conn_seconds.unwrap_or(if q { 0.3 } else { 1.0 }),
+            queue_bytes: if q { 16 << 20 } else { 1 << 30 },
+            queue_samples: if q { 2000 } else { 20000 },
+        };
+        for (flag, v) in [("--seconds", o.seconds), ("--conn-seconds", o.conn_seconds)] {
+            if !(v > 0.0 && v <= 3600.0) {
+                return Err(format!("{flag} must be in (0, 3600], not {v}"));
+            }
+        }
+        Ok(o)
     }
-    code
 }
 
-fn self_cpu() -> f64 {
-    cpu::rusage(libc::RUSAGE_SELF)
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Native,
+    Kernel,
+    Colocated,
+    Unix,
 }
 
-fn serve(rr: bool) -> io::Result<Value> {
-    let l = TcpListener::bind("127.0.0.1:0")?;
-    println!("{}", l.local_addr()?.port());
-    io::stdout().flush()?;
-    let (mut s, _) = l.accept()?;
-    s.set_nodelay(true)?;
-    let cpu0 = self_cpu();
-    let mut buf = vec![0u8; if rr { RR_BYTES } else { BULK_WRITE }];
-    let mut total = 0u64;
-    loop {
-        match s.read(&mut buf)? {
-            0 => break,
-            n if rr => s.write_all(&buf[..n])?,
-            n => total += n as u64,
+const MODES: [Mode; 4] = [Mode::Native, Mode::Kernel, Mode::Colocated, Mode::Unix];
+
+impl Mode {
+    fn key(self) -> &'static str {
+        match self {
+            Mode::Native => "native",
+            Mode::Kernel => "nk_kernel",
+            Mode::Colocated => "nk_colocated",
+            Mode::Unix => "unix",
         }
     }
-    if !rr {
-        // The ack tells the client when the last byte has really arrived, not just left its buffer.
-        s.write_all(&total.to_le_bytes())?;
-    }
-    Ok(json!({"bytes": total, "cpu_s": self_cpu() - cpu0}))
-}
 
-fn rr_client(port: u16, iters: u32) -> io::Result<Value> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_nodelay(true)?;
-    let warmup = (iters / 10).min(1000);
-    let mut lat = Vec::with_capacity((warmup + iters) as usize);
-    let (mut out, mut back) = ([0x5au8; RR_BYTES], [0u8; RR_BYTES]);
-    let cpu0 = self_cpu();
-    for i in 0..warmup + iters {
-        // A sequence number in every request catches a data path that loses, reorders or mixes up bytes.
-        out[..4].copy_from_slice(&i.to_le_bytes());
-        let t = Instant::now();
-        s.write_all(&out)?;
-        s.read_exact(&mut back)?;
-        lat.push(t.elapsed().as_nanos() as u64);
-        if back != out {
-            return Err(io::Error::other(format!("round trip {i}: echo differs from request")));
+    fn label(self) -> &'static str {
+        match self {
+            Mode::Native => "native TCP",
+            Mode::Kernel => "NK kernel",
+            Mode::Colocated => "NK coloc",
+            Mode::Unix => "AF_UNIX",
         }
     }
-    let cpu = self_cpu() - cpu0;
-    lat.drain(..warmup as usize);
-    lat.sort_unstable();
-    let pct = |p: f64| lat[((p * lat.len() as f64).ceil() as usize).clamp(1, lat.len()) - 1] as f64 / 1e3;
-    let mean = lat.iter().sum::<u64>() as f64 / lat.len() as f64 / 1e3;
-    Ok(json!({"iters": iters, "warmup": warmup, "p50_us": pct(0.50), "p99_us": pct(0.99), "mean_us": mean,
-              "max_us": pct(1.0), "cpu_s": cpu}))
+
+    /// For NetKernel modes: the NSM and tenant serving the peers, which is also the path
+    /// (`ctl conns`) their connections must take.
+    fn nsm(self) -> Option<&'static str> {
+        match self {
+            Mode::Kernel => Some("kernel"),
+            Mode::Colocated => Some("colocated"),
+            Mode::Native | Mode::Unix => None,
+        }
+    }
 }
 
-fn bulk_client(port: u16, seconds: f64) -> io::Result<Value> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    let buf = vec![0xa5u8; BULK_WRITE];
-    let cpu0 = self_cpu();
-    let (start, mut sent) = (Instant::now(), 0u64);
-    let end = start + Duration::from_secs_f64(seconds);
-    while Instant::now() < end {
-        s.write_all(&buf)?;
-        sent += BULK_WRITE as u64;
-    }
-    s.shutdown(Shutdown::Write)?;
-    let mut ack = [0u8; 8];
-    s.read_exact(&mut ack)?;
-    let secs = start.elapsed().as_secs_f64();
-    let got = u64::from_le_bytes(ack);
-    if got != sent {
-        return Err(io::Error::other(format!("server received {got} bytes, client sent {sent}")));
-    }
-    Ok(json!({"bytes": sent, "secs": secs, "gbps": sent as f64 * 8e-9 / secs, "cpu_s": self_cpu() - cpu0}))
+/// The metrics of the comparison table, in order: JSON key, label, decimals.
+const METRICS: [(&str, &str, usize); 10] = [
+    ("rr_p50_us", "rr p50 (us)", 2),
+    ("rr_p99_us", "rr p99 (us)", 2),
+    ("rr_p999_us", "rr p99.9 (us)", 2),
+    ("rr_cpu_us_per_op", "rr CPU (us/round trip)", 2),
+    ("bulk1_gbps", "bulk 1 flow (Gbit/s)", 2),
+    ("bulk4_gbps", "bulk 4 flows (Gbit/s)", 2),
+    ("bulk1_cpu_s_per_gb", "CPU, 1 flow (s/GB)", 3),
+    ("bulk4_cpu_s_per_gb", "CPU, 4 flows (s/GB)", 3),
+    ("conn_per_s", "connections/s", 0),
+    ("conn_cpu_us_per_conn", "CPU (us/connection)", 1),
+];
+
+/// Latency at quantile `q` (0 < q <= 1) of a sorted, non-empty sample, in its own unit.
+fn quantile(sorted: &[u64], q: f64) -> f64 {
+    sorted[((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1] as f64
 }
 
 /// A child whose stdout lines arrive on a channel, so every read can have a deadline.
 struct Peer {
     name: String,
     child: Child,
+    stdin: Option<ChildStdin>,
     lines: mpsc::Receiver<String>,
     log: PathBuf,
 }
@@ -159,12 +178,13 @@ impl Peer {
     fn spawn(mut cmd: Command, name: String, dir: &Path) -> Result<Peer, String> {
         let log = dir.join(name.replace(' ', "-") + ".log");
         let err = File::create(&log).map_err(|e| format!("creating {}: {e}", log.display()))?;
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(err);
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(err);
         let mut child = cmd.spawn().map_err(|e| format!("cannot start {name}: {e}"))?;
         let out = child.stdout.take().ok_or("no stdout pipe")?;
+        let stdin = child.stdin.take();
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || BufReader::new(out).lines().map_while(Result::ok).try_for_each(|l| tx.send(l)));
-        Ok(Peer { name, child, lines, log })
+        Ok(Peer { name, child, stdin, lines, log })
     }
 
     fn line(&mut self, deadline: Instant) -> Result<String, String> {
@@ -173,6 +193,12 @@ impl Peer {
             Err(RecvTimeoutError::Timeout) => Err(self.fail("timed out")),
             Err(_) => Err(self.wait(deadline).err().unwrap_or_else(|| self.fail("printed no result"))),
         }
+    }
+
+    /// Tells a waiting rr server to start echoing.
+    fn go(&mut self) -> Result<(), String> {
+        let r = self.stdin.take().map(|mut s| s.write_all(b"go\n"));
+        r.unwrap_or(Ok(())).map_err(|e| self.fail(&format!("cannot be told to start ({e})")))
     }
 
     fn wait(&mut self, deadline: Instant) -> Result<(), String> {
@@ -209,138 +235,340 @@ fn log_tail(log: &Path) -> String {
     }
 }
 
+/// What one phase measured: the peers' own reports and the CPU of the NSMs over the phase.
+struct Measured {
+    client: Value,
+    server: Value,
+    /// CPU seconds of the mode's own NSM (0 for native and AF_UNIX).
+    nsm_cpu: f64,
+    /// CPU seconds of NSMs serving nobody during the phase (their idle cost).
+    idle_nsm_cpu: f64,
+    /// For the rr phase: "verified" when the engine reported the expected path for every
+    /// connection of the mode's NSM, "unreported" when it reports no paths.
+    path: Option<&'static str>,
+}
+
+impl Measured {
+    fn f(v: &Value, k: &str) -> f64 {
+        v[k].as_f64().unwrap_or(f64::NAN)
+    }
+
+    /// Client + server (+ the mode's NSM) CPU seconds.
+    fn cpu(&self) -> f64 {
+        Self::f(&self.client, "cpu_s") + Self::f(&self.server, "cpu_s") + self.nsm_cpu
+    }
+
+    fn cpu_split(&self) -> Value {
+        json!({"client": Self::f(&self.client, "cpu_s"), "server": Self::f(&self.server, "cpu_s"), "nsm": self.nsm_cpu})
+    }
+}
+
 /// What every phase needs: the options, the binary, GuestLib, the scratch dir and the engine.
 struct Bench<'a> {
-    a: &'a Args,
+    o: &'a Opts,
     exe: PathBuf,
     lib: PathBuf,
-    dir: PathBuf,
-    sock: PathBuf,
-    nsm_pid: u32,
+    engine: &'a TempEngine,
+    /// (name, pid) of every NSM.
+    nsms: Vec<(String, u32)>,
 }
 
 impl Bench<'_> {
-    /// One phase: server and client under GuestLib (`nk`) or native. Returns the client's and
-    /// server's results, plus the NSM's CPU seconds over the whole phase.
-    fn phase(&self, nk: bool, phase: &str) -> Result<(Value, Value, f64), String> {
-        let side = if nk { "netkernel" } else { "native" };
+    fn peer_cmd(&self, mode: Mode, args: &[String]) -> Command {
         let exe = self.exe.to_string_lossy();
-        let cmd = |role: &str, port: u16| {
-            let (iters, secs) = (self.a.rr_iters, self.a.seconds);
-            let args = format!("bench-peer {role} {phase} --port {port} --rr-iters {iters} --seconds {secs}");
-            let mut c =
-                if nk { guestlib::command(&self.lib, &self.sock, None, &exe, &[]) } else { Command::new(&self.exe) };
-            c.args(args.split(' '));
-            c
+        match mode.nsm() {
+            Some(tenant) => guestlib::command(&self.lib, self.engine.socket(), Some(tenant), &exe, args),
+            None => {
+                let mut c = Command::new(&self.exe);
+                c.args(args);
+                c
+            }
+        }
+    }
+
+    fn nsm_cpus(&self) -> Result<Vec<f64>, String> {
+        self.nsms.iter().map(|(name, pid)| cpu::process(*pid).map_err(|e| format!("NSM {name}: {e}"))).collect()
+    }
+
+    fn phase(&self, mode: Mode, phase: Phase, flows: u32) -> Result<Measured, String> {
+        let what =
+            format!("{} {}{}", mode.key(), phase.name(), if flows > 1 { format!("x{flows}") } else { "".into() });
+        let secs = match phase {
+            Phase::Rr => 0.0,
+            Phase::Bulk => self.o.seconds,
+            Phase::Conn => self.o.conn_seconds,
         };
-        let extra = if phase == "bulk" { self.a.seconds } else { 0.0 };
-        let deadline = Instant::now() + PEER_TIMEOUT + Duration::from_secs_f64(extra);
-        let nsm0 = cpu::process(self.nsm_pid)?;
-        let mut server = Peer::spawn(cmd("server", 0), format!("{side} {phase} server"), &self.dir)?;
-        let line = server.line(deadline)?;
-        let port = line.trim().parse().map_err(|_| format!("{side} {phase} server printed {line:?}, not a port"))?;
-        let mut client = Peer::spawn(cmd("client", port), format!("{side} {phase} client"), &self.dir)?;
+        let args = |role: &str, addr: &str| -> Vec<String> {
+            let (iters, flows) = (self.o.rr_iters.to_string(), flows.to_string());
+            let a = ["bench-peer", role, phase.name(), "--addr", addr, "--flows", &flows, "--rr-iters", &iters];
+            a.iter().map(|s| s.to_string()).chain(["--seconds".into(), secs.to_string()]).collect()
+        };
+        let listen = match mode {
+            Mode::Unix => format!("unix:{}", self.engine.dir.join(format!("{}.sock", phase.name())).display()),
+            _ => "tcp:127.0.0.1:0".into(),
+        };
+        let deadline = Instant::now() + PEER_TIMEOUT + Duration::from_secs_f64(secs);
+        let cpu0 = self.nsm_cpus()?;
+        let dir = &self.engine.dir;
+        let mut server = Peer::spawn(self.peer_cmd(mode, &args("server", &listen)), format!("{what} server"), dir)?;
+        let addr = server.line(deadline)?;
+        Addr::parse(&addr).map_err(|e| format!("{what} server printed {addr:?}, not an address: {e}"))?;
+        let mut client = Peer::spawn(self.peer_cmd(mode, &args("client", &addr)), format!("{what} client"), dir)?;
+        let mut path = None;
+        if phase == Phase::Rr {
+            match server.line(deadline)?.as_str() {
+                "accepted" => {}
+                other => return Err(format!("{what} server printed {other:?} instead of \"accepted\"")),
+            }
+            path = self.check_path(mode)?;
+            server.go()?;
+        }
         let c = client.line(deadline)?;
         client.wait(deadline)?;
         let s = server.line(deadline)?;
         server.wait(deadline)?;
-        let nsm = cpu::process(self.nsm_pid)? - nsm0;
-        let parse =
-            |l: &str| serde_json::from_str::<Value>(l).map_err(|e| format!("{side} {phase}: bad result {l:?}: {e}"));
-        Ok((parse(&c)?, parse(&s)?, nsm))
+        let cpu1 = self.nsm_cpus()?;
+        let parse = |l: &str| serde_json::from_str::<Value>(l).map_err(|e| format!("{what}: bad result {l:?}: {e}"));
+        let (mut nsm_cpu, mut idle_nsm_cpu) = (0.0, 0.0);
+        for ((name, _), (a, b)) in self.nsms.iter().zip(cpu0.iter().zip(&cpu1)) {
+            if mode.nsm() == Some(name.as_str()) {
+                nsm_cpu += b - a;
+            } else {
+                idle_nsm_cpu += b - a;
+            }
+        }
+        Ok(Measured { client: parse(&c)?, server: parse(&s)?, nsm_cpu, idle_nsm_cpu, path })
     }
 
-    fn side(&self, nk: bool) -> Result<Value, String> {
-        let (rr, rr_srv, rr_nsm) = self.phase(nk, "rr")?;
-        let (bulk, bulk_srv, bulk_nsm) = self.phase(nk, "bulk")?;
-        let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
-        // Natively the NSM plays no part; its (idle) CPU is still reported, but not charged.
-        let charge = if nk { 1.0 } else { 0.0 };
-        let rr_cpu = f(&rr, "cpu_s") + f(&rr_srv, "cpu_s") + charge * rr_nsm;
-        let bulk_cpu = f(&bulk, "cpu_s") + f(&bulk_srv, "cpu_s") + charge * bulk_nsm;
-        let cpu = |c: &Value, s: &Value, n: f64| json!({"client": f(c, "cpu_s"), "server": f(s, "cpu_s"), "nsm": n});
-        Ok(json!({
-            "rr_p50_us": f(&rr, "p50_us"), "rr_p99_us": f(&rr, "p99_us"), "rr_mean_us": f(&rr, "mean_us"),
-            "rr_max_us": f(&rr, "max_us"), "rr_cpu_us_per_op": rr_cpu * 1e6 / (f(&rr, "iters") + f(&rr, "warmup")),
-            "rr_cpu_s": cpu(&rr, &rr_srv, rr_nsm), "bulk_cpu_s": cpu(&bulk, &bulk_srv, bulk_nsm),
-            "bulk_gbps": f(&bulk, "gbps"), "bulk_bytes": f(&bulk, "bytes"), "bulk_secs": f(&bulk, "secs"),
-            "bulk_cpu_s_per_gb": bulk_cpu / (f(&bulk, "bytes") / 1e9),
-        }))
+    /// Checks, while the rr connection is open, that the mode's NSM serves it on the path the
+    /// mode claims: a bench that silently measured the other path would be worse than none.
+    fn check_path(&self, mode: Mode) -> Result<Option<&'static str>, String> {
+        let Some(nsm) = mode.nsm() else { return Ok(None) };
+        let conns = netkernel_engine::request(self.engine.socket(), &EngineRequest::Conns)?;
+        let ours: Vec<&Value> = conns
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|c| c["nsm"] == nsm && c["state"] != "LISTEN" && c["proto"] != "udp")
+            .collect();
+        if ours.is_empty() {
+            return Err(format!(
+                "{}: NSM {nsm} lists no connection while the peers are connected: GuestLib did not serve them",
+                mode.key()
+            ));
+        }
+        let mut reported = 0;
+        for c in &ours {
+            match c["path"].as_str() {
+                Some(p) if p == nsm => reported += 1,
+                Some(p) => {
+                    return Err(format!(
+                        "{}: connection {} -> {} took the {p:?} path, not {nsm:?}; the NSM's configuration \
+                         (colocate) did not take effect, so this mode would measure the wrong path",
+                        mode.key(),
+                        c["local"],
+                        c["remote"]
+                    ))
+                }
+                None => {}
+            }
+        }
+        Ok(Some(if reported == ours.len() { "verified" } else { "unreported" }))
+    }
+
+    /// All phases of one mode, reduced to the table's metrics plus the details.
+    fn mode(&self, mode: Mode) -> Result<(Value, f64), String> {
+        let before = mode.nsm().map(|n| nsm_stats(self.engine, n)).transpose()?;
+        let rr = self.phase(mode, Phase::Rr, 1)?;
+        let bulk1 = self.phase(mode, Phase::Bulk, 1)?;
+        let bulk4 = self.phase(mode, Phase::Bulk, 4)?;
+        let conn = self.phase(mode, Phase::Conn, 1)?;
+        if let (Some(name), Some(before)) = (mode.nsm(), before) {
+            let after = nsm_stats(self.engine, name)?;
+            let delta = |k: &str| after[k].as_i64().unwrap_or(0) - before[k].as_i64().unwrap_or(0);
+            if after["pid"] != before["pid"] || delta("restarts") != 0 {
+                return Err(format!("NSM {name} restarted during the run (pid {} -> {})", before["pid"], after["pid"]));
+            }
+            // Without this, a GuestLib that failed to hook the peers would silently report native figures.
+            if delta("conns_total") <= 0 {
+                return Err(format!("NSM {name} saw no connections: GuestLib did not serve the peers' sockets"));
+            }
+        }
+        let f = Measured::f;
+        let gb = |m: &Measured| f(&m.client, "bytes") / 1e9;
+        let idle = [&rr, &bulk1, &bulk4, &conn].iter().map(|m| m.idle_nsm_cpu).sum::<f64>();
+        let v = json!({
+            "rr_p50_us": f(&rr.client, "p50_us"), "rr_p99_us": f(&rr.client, "p99_us"),
+            "rr_p999_us": f(&rr.client, "p999_us"), "rr_mean_us": f(&rr.client, "mean_us"),
+            "rr_max_us": f(&rr.client, "max_us"),
+            "rr_cpu_us_per_op": rr.cpu() * 1e6 / (f(&rr.client, "iters") + f(&rr.client, "warmup")),
+            "bulk1_gbps": f(&bulk1.client, "gbps"), "bulk1_bytes": f(&bulk1.client, "bytes"),
+            "bulk1_cpu_s_per_gb": bulk1.cpu() / gb(&bulk1),
+            "bulk4_gbps": f(&bulk4.client, "gbps"), "bulk4_bytes": f(&bulk4.client, "bytes"),
+            "bulk4_cpu_s_per_gb": bulk4.cpu() / gb(&bulk4),
+            "conn_per_s": f(&conn.client, "per_s"), "conns": f(&conn.client, "conns"),
+            "conn_cpu_us_per_conn": conn.cpu() * 1e6 / f(&conn.client, "conns"),
+            "cpu_s": {"rr": rr.cpu_split(), "bulk1": bulk1.cpu_split(), "bulk4": bulk4.cpu_split(),
+                      "conn": conn.cpu_split()},
+            "path": rr.path.unwrap_or("n/a"),
+        });
+        Ok((v, idle))
     }
 }
 
-/// The NSM's pid: it may come up a little after the engine's socket.
-fn nsm_pid(engine: &TempEngine) -> Result<u32, String> {
+/// Host CPU time (jiffies) so far: (steal, total) from /proc/stat; the steal share over the
+/// run says how much the hypervisor took this VM's CPUs away for its other guests.
+fn host_cpu() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> =
+        stat.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    (v.get(7).copied().unwrap_or(0), v.iter().take(8).sum())
+}
+
+fn machine() -> Value {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let cpuinfo = read("/proc/cpuinfo");
+    let model =
+        cpuinfo.lines().find_map(|l| l.strip_prefix("model name")).map(|m| m.trim_start_matches([' ', '\t', ':']));
+    json!({
+        "nproc": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu": model.unwrap_or("unknown"),
+        "kernel": read("/proc/sys/kernel/osrelease").trim(),
+        "loadavg_before": read("/proc/loadavg").split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+    })
+}
+
+fn run(o: &Opts) -> Result<Value, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("locating netkernel binary: {e}"))?;
+    let lib = guestlib::find()?;
+    let machine = machine();
+    let host0 = host_cpu();
+    let t0 = Instant::now();
+    // First, while nothing else of the bench runs: the queue needs both CPUs to itself.
+    eprintln!("netkernel bench: nqe queue ...");
+    let queue = queue::run(o.queue_bytes, o.queue_samples)?;
+    let engine = TempEngine::with_config(Some(ENGINE_CONFIG))?;
+    let mut nsms = Vec::new();
+    for name in MODES.iter().filter_map(|m| m.nsm()) {
+        nsms.push((name.to_string(), nsm_pid(&engine, name)?));
+    }
+    let b = Bench { o, exe, lib, engine: &engine, nsms };
+    let mut modes = Map::new();
+    let mut idle_nsm_cpu = 0.0;
+    for mode in MODES {
+        eprintln!("netkernel bench: {} ...", mode.label());
+        let (v, idle) = b.mode(mode)?;
+        if mode.nsm().is_none() {
+            idle_nsm_cpu += idle;
+        }
+        modes.insert(mode.key().into(), v);
+    }
+    let host1 = host_cpu();
+    let native = &modes[Mode::Native.key()];
+    let mut ratio = Map::new();
+    for mode in &MODES[1..] {
+        let m = &modes[mode.key()];
+        let r: Map<String, Value> = METRICS
+            .iter()
+            .map(|(k, _, _)| {
+                (k.to_string(), json!(m[k].as_f64().unwrap_or(f64::NAN) / native[k].as_f64().unwrap_or(f64::NAN)))
+            })
+            .collect();
+        ratio.insert(mode.key().into(), Value::Object(r));
+    }
+    let steal = (host1.0 - host0.0) as f64 / (host1.1 - host0.1).max(1) as f64;
+    Ok(json!({
+        "config": {"rr_iters": o.rr_iters, "rr_bytes": RR_BYTES, "bulk_seconds": o.seconds, "write_bytes": BULK_WRITE,
+                   "conn_seconds": o.conn_seconds, "conn_kind": "connect + one 64-byte round trip + close",
+                   "queue_bytes_per_size": o.queue_bytes, "queue_latency_samples": o.queue_samples},
+        "machine": machine, "steal_share": steal, "wall_s": t0.elapsed().as_secs_f64(),
+        "modes": modes, "ratio": ratio, "queue": queue,
+        "idle_nsm_cpu_s": idle_nsm_cpu,
+    }))
+}
+
+/// What the engine reports of NSM `name` (`ctl nsms`).
+fn nsm_stats(engine: &TempEngine, name: &str) -> Result<Value, String> {
+    let nsms = netkernel_engine::request(engine.socket(), &EngineRequest::Nsms)?;
+    let found = nsms.as_array().into_iter().flatten().find(|n| n["name"] == name).cloned();
+    found.ok_or_else(|| format!("the engine has no NSM {name}:\n{}", engine.log()))
+}
+
+/// The pid of NSM `name`: it may come up a little after the engine's socket.
+fn nsm_pid(engine: &TempEngine, name: &str) -> Result<u32, String> {
     for _ in 0..250 {
-        let nsms = netkernel_engine::request(engine.socket(), &EngineRequest::Nsms)?;
-        if let Some(pid) = nsms[0]["pid"].as_u64().filter(|p| *p > 0) {
+        if let Some(pid) = nsm_stats(engine, name)?["pid"].as_u64().filter(|p| *p > 0) {
             return Ok(pid as u32);
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    Err(format!("engine has no running NSM after 5 s:\n{}", engine.log()))
-}
-
-fn run(a: &Args) -> Result<Value, String> {
-    if !(a.seconds > 0.0 && a.seconds <= 3600.0) {
-        return Err(format!("--seconds must be in (0, 3600], not {}", a.seconds));
-    }
-    let exe = std::env::current_exe().map_err(|e| format!("locating netkernel binary: {e}"))?;
-    let lib = guestlib::find()?;
-    let engine = TempEngine::start()?;
-    let nsm_pid = nsm_pid(&engine)?;
-    let (dir, sock) = (engine.dir.clone(), engine.socket.clone());
-    let b = Bench { a, exe, lib, dir, sock, nsm_pid };
-    let nsm_counters = || netkernel_engine::request(&b.sock, &EngineRequest::Nsms).map(|v| v[0].clone());
-    eprintln!("netkernel bench: native ...");
-    let native = b.side(false)?;
-    let before = nsm_counters()?;
-    eprintln!("netkernel bench: netkernel ...");
-    let nk = b.side(true)?;
-    let after = nsm_counters()?;
-    let delta = |k: &str| after[k].as_i64().unwrap_or(0) - before[k].as_i64().unwrap_or(0);
-    if after["pid"] != before["pid"] || delta("restarts") != 0 {
-        return Err(format!("the NSM restarted during the run (pid {} -> {})", before["pid"], after["pid"]));
-    }
-    // Without this, a GuestLib that failed to hook the peers would silently report native figures.
-    if delta("conns_total") <= 0 {
-        return Err("the NSM saw no connections: GuestLib did not serve the peers' sockets".into());
-    }
-    let ratio = |k: &str| nk[k].as_f64().unwrap_or(f64::NAN) / native[k].as_f64().unwrap_or(f64::NAN);
-    let keys = ["rr_p50_us", "rr_p99_us", "rr_cpu_us_per_op", "bulk_gbps", "bulk_cpu_s_per_gb"];
-    let ratios: serde_json::Map<String, Value> = keys.iter().map(|k| (k.to_string(), json!(ratio(k)))).collect();
-    Ok(json!({
-        "config": {"rr_iters": a.rr_iters, "rr_bytes": RR_BYTES, "seconds": a.seconds, "write_bytes": BULK_WRITE,
-                   "nproc": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)},
-        "native": native, "netkernel": nk, "ratio": ratios,
-        "nsm": {"pid": nsm_pid, "congestion": after["congestion"], "conns": delta("conns_total"),
-                "bytes_in": delta("bytes_in"), "bytes_out": delta("bytes_out"), "violations": delta("violations")},
-    }))
+    Err(format!("engine has no running NSM {name} after 5 s:\n{}", engine.log()))
 }
 
 fn print_table(r: &Value) {
-    let rows = [
-        ("rr p50 (us)", "rr_p50_us"),
-        ("rr p99 (us)", "rr_p99_us"),
-        ("rr CPU (us/round trip)", "rr_cpu_us_per_op"),
-        ("bulk (Gbit/s)", "bulk_gbps"),
-        ("bulk CPU (s/GB)", "bulk_cpu_s_per_gb"),
-    ];
-    let c = &r["config"];
-    let (n, b, s, w, cpus) = (&c["rr_iters"], &c["rr_bytes"], &c["seconds"], BULK_WRITE >> 10, &c["nproc"]);
-    println!("{n} x {b}-byte round trips; {s} s bulk, {w} KiB writes; {cpus} CPUs");
-    println!("{:<24} {:>10} {:>10} {:>8}", "metric", "native", "netkernel", "ratio");
-    for (label, k) in rows {
-        let v = |s: &str| r[s][k].as_f64().unwrap_or(f64::NAN);
-        println!("{label:<24} {:>10.2} {:>10.2} {:>7.2}x", v("native"), v("netkernel"), v("ratio"));
+    let (c, m) = (&r["config"], &r["machine"]);
+    println!(
+        "{} x {} B round trips; bulk {} s of {} KiB writes, 1 and 4 flows; {} s of connect + 1 round trip + close",
+        c["rr_iters"],
+        c["rr_bytes"],
+        c["bulk_seconds"],
+        BULK_WRITE >> 10,
+        c["conn_seconds"]
+    );
+    println!(
+        "{} CPUs ({}), kernel {}; steal over the run {:.1}%",
+        m["nproc"],
+        m["cpu"].as_str().unwrap_or("?"),
+        m["kernel"].as_str().unwrap_or("?"),
+        r["steal_share"].as_f64().unwrap_or(0.0) * 100.0
+    );
+    print!("{:<24} {:>10}", "metric", Mode::Native.label());
+    for mode in &MODES[1..] {
+        print!(" {:>10} {:>7}", mode.label(), "ratio");
     }
-    let idle = r["native"]["bulk_cpu_s"]["nsm"].as_f64().unwrap_or(f64::NAN);
-    println!("CPU = client + server (+ NSM for netkernel). Idle NSM CPU during the native bulk run: {idle:.3} s");
+    println!();
+    let modes = &r["modes"];
+    for (k, label, dp) in METRICS {
+        let v = |mode: Mode| modes[mode.key()][k].as_f64().unwrap_or(f64::NAN);
+        print!("{label:<24} {:>10.dp$}", v(Mode::Native));
+        for mode in &MODES[1..] {
+            print!(" {:>10.dp$} {:>6.2}x", v(*mode), r["ratio"][mode.key()][k].as_f64().unwrap_or(f64::NAN));
+        }
+        println!();
+    }
+    let path = |mode: Mode| modes[mode.key()]["path"].as_str().unwrap_or("?").to_string();
+    println!(
+        "ratio = mode / native TCP. CPU = client + server (+ the mode's NSM). Paths checked on the live \
+         connection: kernel {}, colocated {}. Idle NSM CPU during the native and AF_UNIX runs: {:.3} s",
+        path(Mode::Kernel),
+        path(Mode::Colocated),
+        r["idle_nsm_cpu_s"].as_f64().unwrap_or(f64::NAN)
+    );
+    println!();
+    println!("nqe queue: record copied into a region's pool, index pushed on the job ring, popped and copied out");
+    println!(
+        "{:>7} {:>12} {:>9} {:>14} {:>14} {:>10} {:>12}",
+        "bytes", "ns/record", "Gbit/s", "one-way p50 ns", "one-way p99 ns", "paper ns", "paper Gbit/s"
+    );
+    for q in r["queue"].as_array().into_iter().flatten() {
+        let f = |k: &str| q[k].as_f64().unwrap_or(f64::NAN);
+        let paper = |k: &str| q[k].as_f64().map_or("-".to_string(), |v| format!("{v:.0}"));
+        println!(
+            "{:>7} {:>12.1} {:>9.1} {:>14.0} {:>14.0} {:>10} {:>12}",
+            q["bytes"].as_u64().unwrap_or(0),
+            f("ns_per_record"),
+            f("gbps"),
+            f("one_way_p50_ns"),
+            f("one_way_p99_ns"),
+            paper("paper_ns"),
+            paper("paper_gbps")
+        );
+    }
 }
 
 pub fn main(a: Args) -> i32 {
     if a.apps {
-        let secs = a.seconds.ceil().max(1.0) as u32;
+        let secs = a.seconds.unwrap_or(3.0).ceil().max(1.0) as u32;
         return match apps::run(a.requests, secs) {
             Ok(v) if a.json => {
                 println!("{v}");
@@ -356,12 +584,18 @@ pub fn main(a: Args) -> i32 {
             }
         };
     }
-    let r = run(&a);
-    let code = i32::from(r.is_err());
+    let r = Opts::new(&a).and_then(|o| run(&o));
+    let r = r.and_then(|r| match &a.svg {
+        Some(p) => chart::write(&r, p).map(|()| r),
+        None => Ok(r),
+    });
     match r {
         Ok(r) if a.json => println!("{r}"),
         Ok(r) => print_table(&r),
-        Err(e) => eprintln!("netkernel bench: {e}"),
+        Err(e) => {
+            eprintln!("netkernel bench: {e}");
+            return 1;
+        }
     }
-    code
+    0
 }

@@ -13,22 +13,37 @@ pub struct TempEngine {
 
 impl TempEngine {
     pub fn start() -> Result<TempEngine, String> {
+        Self::with_config(None)
+    }
+
+    /// An engine running the TOML configuration `config` (written into its directory), or the
+    /// built-in one (one tenant, one kernel NSM) without.
+    pub fn with_config(config: Option<&str>) -> Result<TempEngine, String> {
         let dir = std::env::temp_dir().join(format!("netkernel-{}-{}", std::process::id(), nanos()));
         std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
         let socket = dir.join("engine.sock");
         let log = std::fs::File::create(dir.join("engine.log")).map_err(|e| e.to_string())?;
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-        let child = Command::new(exe)
-            .args(["serve", "--socket"])
-            .arg(&socket)
+        let mut cmd = Command::new(exe);
+        cmd.args(["serve", "--socket"]).arg(&socket);
+        if let Some(text) = config {
+            let path = dir.join("engine.toml");
+            std::fs::write(&path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;
+            cmd.arg("--config").arg(path);
+        }
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| e.to_string())?)
             .stderr(log)
             .spawn()
             .map_err(|e| format!("starting engine: {e}"))?;
-        let e = TempEngine { dir, socket, child };
+        let mut e = TempEngine { dir, socket, child };
         let start = Instant::now();
         while std::os::unix::net::UnixStream::connect(&e.socket).is_err() {
+            // A configuration the engine rejects makes it exit at once; say so without waiting.
+            if let Ok(Some(status)) = e.child.try_wait() {
+                return Err(format!("engine exited ({status}):\n{}", e.log()));
+            }
             if start.elapsed() > Duration::from_secs(10) {
                 return Err(format!("engine did not start:\n{}", e.log()));
             }
