@@ -63,6 +63,8 @@ struct Attachment {
     /// The engine's own mapping, used to declare the region dead if its NSM dies.
     region: Region,
     guest_bell: OwnedFd,
+    /// Given, with the guest doorbell, to a program that joins after exec.
+    nsm_bell: OwnedFd,
     nsm_generation: u64,
 }
 
@@ -299,10 +301,10 @@ impl Engine {
         let fd = conn.as_raw_fd();
         let mut attached = None;
         loop {
-            let frame = match sys::recv_frame(fd) {
+            let (frame, fds) = match sys::recv_frame(fd) {
                 Ok(Some((payload, fds))) => {
-                    fds.into_iter().for_each(sys::close);
-                    payload
+                    // SAFETY: fds just received, owned by nobody else.
+                    (payload, fds.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }).collect::<Vec<_>>())
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -339,6 +341,16 @@ impl Engine {
                     }
                     sys::send_frame(fd, &reply_bytes(r.map_or_else(Reply::err, Reply::ok)), &[])
                 }
+                EngineRequest::Join { attachment, holder } => match self.join(&conn, attachment, holder, &fds) {
+                    Ok(bells) => {
+                        let raw: Vec<RawFd> = bells.iter().map(|f| f.as_raw_fd()).collect();
+                        sys::send_frame(fd, &reply_bytes(Reply::ok(())), &raw)
+                    }
+                    Err(msg) => {
+                        log(&msg);
+                        sys::send_frame(fd, &reply_bytes(Reply::err(msg)), &[])
+                    }
+                },
                 EngineRequest::Status => sys::send_frame(fd, &reply_bytes(Reply::ok(self.status())), &[]),
                 EngineRequest::Tenants => sys::send_frame(fd, &reply_bytes(Reply::ok(self.tenants())), &[]),
                 EngineRequest::Nsms => sys::send_frame(fd, &reply_bytes(Reply::ok(self.nsm_views())), &[]),
@@ -461,6 +473,7 @@ impl Engine {
         let memfd_copy = unsafe { OwnedFd::from_raw_fd(dup) };
         let reply = AttachReply { attachment: id, tenant: t.name.get_ref().clone(), nsm: nsm.name.clone() };
         let keep_bell = guest_bell.try_clone().map_err(|e| format!("dup: {e}"))?;
+        let keep_nsm_bell = nsm_bell.try_clone().map_err(|e| format!("dup: {e}"))?;
         self.attachments.lock().unwrap_or_else(|e| e.into_inner()).insert(
             id,
             Attachment {
@@ -470,6 +483,7 @@ impl Engine {
                 holders: vec![cred.pid],
                 region,
                 guest_bell: keep_bell,
+                nsm_bell: keep_nsm_bell,
                 nsm_generation: generation,
             },
         );
@@ -491,13 +505,52 @@ impl Engine {
         if parent_of(child) != Some(cred.pid) {
             return Err(format!("pid {child} is not a child of pid {}", cred.pid));
         }
-        let pidfd = pidfd_open(child).map_err(|e| format!("pidfd_open({child}): {e}"))?;
+        self.add_holder(id, &nsm_name, child, holder)
+    }
+
+    /// Makes `pid` a holder of attachment `id` as index `holder` (the NSM watches its pidfd),
+    /// unless it is one already: a spawned child may join before its parent's `hold` arrives.
+    fn add_holder(&self, id: u64, nsm_name: &str, pid: i32, holder: u32) -> Result<(), String> {
+        let held = |atts: &HashMap<u64, Attachment>| atts.get(&id).is_some_and(|a| a.holders.contains(&pid));
+        if held(&self.attachments.lock().unwrap_or_else(|e| e.into_inner())) {
+            return Ok(());
+        }
+        let pidfd = pidfd_open(pid).map_err(|e| format!("pidfd_open({pid}): {e}"))?;
         let nsm = self.nsms.iter().find(|n| n.name == nsm_name).ok_or("attachment's NSM is gone")?;
         nsm.hold(id, holder, pidfd.as_raw_fd()).map_err(|e| format!("NSM {}: {e}", nsm.name))?;
-        if let Some(a) = self.attachments.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&id) {
-            a.holders.push(child);
+        let mut atts = self.attachments.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(a) = atts.get_mut(&id).filter(|a| !a.holders.contains(&pid)) {
+            a.holders.push(pid);
         }
         Ok(())
+    }
+
+    /// A program that inherited sockets of attachment `id` across exec holds it from now on.
+    /// Having the region's memfd is the proof: only processes the attachment's own processes
+    /// gave it to can have it. Returns the doorbells (NSM's, guest's) for it.
+    fn join(&self, conn: &UnixStream, id: u64, holder: u32, fds: &[OwnedFd]) -> Result<[OwnedFd; 2], String> {
+        let cred = peer_cred(conn).map_err(|e| format!("SO_PEERCRED: {e}"))?;
+        let ident = |fd: RawFd| {
+            // SAFETY: stat is plain data, filled by fstat.
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            // SAFETY: st is a valid out-pointer.
+            (unsafe { libc::fstat(fd, &mut st) } == 0).then_some((st.st_dev, st.st_ino))
+        };
+        let (nsm_name, bells) = {
+            let atts = self.attachments.lock().unwrap_or_else(|e| e.into_inner());
+            let a = atts.get(&id).ok_or_else(|| format!("pid {} asked to join unknown attachment {id}", cred.pid))?;
+            let proof = fds.first().and_then(|f| ident(f.as_raw_fd()));
+            if proof.is_none() || proof != a.region.fd().and_then(ident) {
+                return Err(format!("pid {} asked to join attachment {id} without its region", cred.pid));
+            }
+            let dup = |f: &OwnedFd| f.try_clone().map_err(|e| format!("dup: {e}"));
+            (a.nsm.clone(), [dup(&a.nsm_bell)?, dup(&a.guest_bell)?])
+        };
+        if holder >= 64 {
+            return Err(format!("pid {} asked to join attachment {id} as holder {holder}", cred.pid));
+        }
+        self.add_holder(id, &nsm_name, cred.pid, holder)?;
+        Ok(bells)
     }
 
     fn stats(&self) -> Vec<NsmStats> {

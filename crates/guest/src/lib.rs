@@ -8,6 +8,7 @@
 //! interposed wrappers, so it cannot re-enter itself. Panics are caught at every hook and turn
 //! into EIO.
 
+mod inherit;
 mod readiness;
 mod real;
 mod resolve;
@@ -161,10 +162,12 @@ pub unsafe extern "C" fn shutdown(fd: c_int, how: c_int) -> c_int {
 pub unsafe extern "C" fn close(fd: c_int) -> c_int {
     match lookup(fd) {
         Fd::Plain => {
-            if readiness::is_mixed(fd) {
+            if readiness::is_mixed(fd) && !state::vfork_child() {
                 readiness::forget_epoll(fd);
             }
         }
+        // A vfork child's fd table is its own but GuestLib's tables are its parent's.
+        _ if state::vfork_child() => {}
         _ => {
             if let Some(slot) = state::unmap_fd(fd) {
                 let _ = std::panic::catch_unwind(|| sock::close_slot(slot));
@@ -502,6 +505,7 @@ pub unsafe extern "C" fn fcntl(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
                 st.flags.fetch_and(!state::F_NONBLOCK, Ordering::Relaxed);
             }
         }
+        (_, libc::F_DUPFD | libc::F_DUPFD_CLOEXEC) if state::vfork_child() => {}
         (Fd::Sock(s), libc::F_DUPFD | libc::F_DUPFD_CLOEXEC) => {
             state::map_fd(r, s);
         }
@@ -561,7 +565,9 @@ pub unsafe extern "C" fn ioctl(fd: c_int, req: c_ulong, arg: c_ulong) -> c_int {
 }
 
 fn after_dup(old: c_int, new: c_int) {
-    if new < 0 || old == new {
+    // A vfork child (python's subprocess dup2()s in one) must leave its parent's tables alone;
+    // its exec finds the sockets it passes on by inode.
+    if new < 0 || old == new || state::vfork_child() {
         return;
     }
     if let Some(slot) = state::unmap_fd(new) {
@@ -616,8 +622,10 @@ pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
 pub unsafe extern "C" fn fork() -> libc::pid_t {
     let att = state::current().filter(|a| !a.dead() && state::owns_memory());
     let holder = att.and_then(state::share_fds);
+    IN_FORK.with(|f| f.set(true));
     // SAFETY: forwarding.
     let pid = unsafe { real::fork() };
+    IN_FORK.with(|f| f.set(false));
     match (pid, att, holder) {
         (0, _, _) => {
             state::after_fork_in_child();
@@ -632,16 +640,110 @@ pub unsafe extern "C" fn fork() -> libc::pid_t {
     pid
 }
 
+thread_local! {
+    /// This thread is inside the fork() wrapper, which does the sharing itself.
+    static IN_FORK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// A fork inside libc (daemon(), ...) seen by the atfork handlers: the holder index reserved
+    /// for the child and the pipe on which the child tells the parent its pid.
+    static LIBC_FORK: std::cell::Cell<Option<(u32, [c_int; 2])>> = const { std::cell::Cell::new(None) };
+}
+
+/// pthread_atfork prepare: a fork that did not go through the fork() wrapper (libc's own, in
+/// daemon() for one) shares the sockets the same way. The parent learns the child's pid from
+/// the child itself, and holds the attachment for it before the fork returns, so a daemon()
+/// parent that exits at once does not take the sockets with it.
+extern "C" fn atfork_prepare() {
+    if IN_FORK.with(|f| f.get()) {
+        return;
+    }
+    let Some(a) = state::current().filter(|a| !a.dead() && state::owns_memory()) else { return };
+    let Some(h) = state::share_fds(a) else { return };
+    let mut p = [-1; 2];
+    // SAFETY: p is a live array of two ints.
+    if unsafe { libc::syscall(libc::SYS_pipe2, p.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        state::unshare_fds(a, h);
+        return;
+    }
+    LIBC_FORK.with(|f| f.set(Some((h, p))));
+}
+
+extern "C" fn atfork_parent() {
+    let Some((h, p)) = LIBC_FORK.with(|f| f.take()) else { return };
+    netkernel_ring::sys::close(p[1]);
+    let mut pid = [0u8; 4];
+    let n = loop {
+        // SAFETY: reading into a live 4-byte buffer.
+        let n = unsafe { libc::syscall(libc::SYS_read, p[0], pid.as_mut_ptr(), 4) };
+        if n >= 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            break n;
+        }
+    };
+    netkernel_ring::sys::close(p[0]);
+    let Some(a) = state::current() else { return };
+    if n == 4 {
+        let _ = std::panic::catch_unwind(|| a.hold_for(i32::from_ne_bytes(pid), h));
+    } else {
+        // The fork failed: no child wrote.
+        state::unshare_fds(a, h);
+    }
+}
+
+extern "C" fn atfork_child() {
+    if IN_FORK.with(|f| f.get()) {
+        return;
+    }
+    let Some((_, p)) = LIBC_FORK.with(|f| f.take()) else { return };
+    state::after_fork_in_child();
+    readiness::after_fork_in_child();
+    let pid = state::getpid().to_ne_bytes();
+    // SAFETY: writes 4 bytes to the pipe the parent waits on.
+    unsafe { libc::syscall(libc::SYS_write, p[1], pid.as_ptr(), 4) };
+    netkernel_ring::sys::close(p[0]);
+    netkernel_ring::sys::close(p[1]);
+}
+
+/// Runs when the library is loaded, before main: registers the fork handlers for forks inside
+/// libc, and rejoins the attachment of NetKernel sockets inherited across exec.
+extern "C" fn at_load() {
+    // SAFETY: registers handlers that live as long as the process (the library is never unloaded).
+    unsafe { libc::pthread_atfork(Some(atfork_prepare), Some(atfork_parent), Some(atfork_child)) };
+    if enabled() {
+        let _ = std::panic::catch_unwind(inherit::rejoin_at_load);
+    }
+}
+
+#[used]
+#[link_section = ".init_array"]
+static AT_LOAD: extern "C" fn() = at_load;
+
 type CStr = *const libc::c_char;
 
-/// Runs an exec with close-on-exec NetKernel fds released first (and restored if it fails).
-fn exec_with(f: impl FnOnce() -> c_int) -> c_int {
-    let (dropped, last) = std::panic::catch_unwind(state::before_exec).unwrap_or_default();
+extern "C" {
+    static environ: *const CStr;
+}
+
+/// Runs an exec: close-on-exec NetKernel fds are released first (and restored if it fails), and
+/// the sockets that survive are handed to the new program (`inherit`). `f` gets the environment
+/// to use: `envp` or, with a handoff, a copy with NETKERNEL_INHERIT. Nothing here allocates in a
+/// vfork child.
+///
+/// # Safety
+/// `envp` is a NULL-terminated array of C strings.
+unsafe fn exec_with(envp: *const CStr, f: impl FnOnce(*const CStr) -> c_int) -> c_int {
+    let vfork = state::vfork_child();
+    let (dropped, last) =
+        if vfork { Default::default() } else { std::panic::catch_unwind(state::before_exec).unwrap_or_default() };
     for slot in last {
         let _ = std::panic::catch_unwind(|| sock::close_slot(slot));
     }
-    let r = f();
+    let to = if vfork { inherit::To::VforkExec } else { inherit::To::Exec };
+    // SAFETY: per the contract.
+    let handoff = if enabled() { unsafe { inherit::prepare(envp, to, &[]) } } else { None };
+    let r = f(handoff.as_ref().map_or(envp, |h| h.envp()));
     let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+    if let Some(h) = handoff {
+        h.finish(true);
+    }
     state::exec_failed(dropped);
     set_errno(e);
     r
@@ -652,23 +754,23 @@ fn exec_with(f: impl FnOnce() -> c_int) -> c_int {
 #[no_mangle]
 pub unsafe extern "C" fn execve(path: CStr, argv: *const CStr, envp: *const CStr) -> c_int {
     // SAFETY: forwarding.
-    exec_with(|| unsafe { real::execve(path, argv, envp) })
+    unsafe { exec_with(envp, |env| real::execve(path, argv, env)) }
 }
 
 /// # Safety
 /// Interposes execv(3).
 #[no_mangle]
 pub unsafe extern "C" fn execv(path: CStr, argv: *const CStr) -> c_int {
-    // SAFETY: forwarding.
-    exec_with(|| unsafe { real::execv(path, argv) })
+    // SAFETY: forwarding, with the process's environment made explicit.
+    unsafe { exec_with(environ, |env| real::execve(path, argv, env)) }
 }
 
 /// # Safety
 /// Interposes execvp(3).
 #[no_mangle]
 pub unsafe extern "C" fn execvp(file: CStr, argv: *const CStr) -> c_int {
-    // SAFETY: forwarding.
-    exec_with(|| unsafe { real::execvp(file, argv) })
+    // SAFETY: forwarding, with the process's environment made explicit.
+    unsafe { exec_with(environ, |env| real::execvpe(file, argv, env)) }
 }
 
 /// # Safety
@@ -676,7 +778,107 @@ pub unsafe extern "C" fn execvp(file: CStr, argv: *const CStr) -> c_int {
 #[no_mangle]
 pub unsafe extern "C" fn execvpe(file: CStr, argv: *const CStr, envp: *const CStr) -> c_int {
     // SAFETY: forwarding.
-    exec_with(|| unsafe { real::execvpe(file, argv, envp) })
+    unsafe { exec_with(envp, |env| real::execvpe(file, argv, env)) }
+}
+
+/// Slots that posix_spawn file actions dup2 onto other fd numbers, by file-actions object: the
+/// child gets them although the parent's fds may be close-on-exec.
+static SPAWN_DUPS: std::sync::Mutex<Vec<(usize, u32)>> = std::sync::Mutex::new(Vec::new());
+
+/// # Safety
+/// Interposes posix_spawn_file_actions_adddup2(3).
+#[no_mangle]
+pub unsafe extern "C" fn posix_spawn_file_actions_adddup2(
+    fa: *mut libc::posix_spawn_file_actions_t,
+    fd: c_int,
+    newfd: c_int,
+) -> c_int {
+    if let Fd::Sock(s) = lookup(fd) {
+        SPAWN_DUPS.lock().unwrap_or_else(|e| e.into_inner()).push((fa as usize, s));
+    }
+    // SAFETY: forwarding.
+    unsafe { real::posix_spawn_file_actions_adddup2(fa, fd, newfd) }
+}
+
+/// # Safety
+/// Interposes posix_spawn_file_actions_destroy(3).
+#[no_mangle]
+pub unsafe extern "C" fn posix_spawn_file_actions_destroy(fa: *mut libc::posix_spawn_file_actions_t) -> c_int {
+    SPAWN_DUPS.lock().unwrap_or_else(|e| e.into_inner()).retain(|&(f, _)| f != fa as usize);
+    // SAFETY: forwarding.
+    unsafe { real::posix_spawn_file_actions_destroy(fa) }
+}
+
+/// posix_spawn and posix_spawnp: glibc's child never runs GuestLib's fork or exec hooks, so the
+/// parent hands the sockets on itself: a holder index for the child, the handoff in the
+/// environment, then `hold` for the child once its pid is known.
+///
+/// # Safety
+/// As posix_spawn(3).
+unsafe fn spawn_with(
+    pid: *mut libc::pid_t,
+    fa: *const libc::posix_spawn_file_actions_t,
+    envp: *const CStr,
+    f: impl FnOnce(*mut libc::pid_t, *const CStr) -> c_int,
+) -> c_int {
+    let handoff = if enabled() && state::owns_memory() {
+        let extra: Vec<u32> = SPAWN_DUPS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|&&(f, _)| !fa.is_null() && f == fa as usize)
+            .map(|&(_, s)| s)
+            .collect();
+        // SAFETY: per the contract.
+        unsafe { inherit::prepare(envp, inherit::To::Spawn, &extra) }
+    } else {
+        None
+    };
+    let mut child: libc::pid_t = 0;
+    let r = f(&mut child, handoff.as_ref().map_or(envp, |h| h.envp()));
+    if !pid.is_null() {
+        // SAFETY: the caller's out-pointer.
+        unsafe { *pid = child };
+    }
+    if let Some(h) = handoff {
+        let ok = r == 0;
+        let holder = h.holder();
+        h.finish(!ok);
+        if let (true, Some(a), Some(holder)) = (ok, state::current(), holder) {
+            let _ = std::panic::catch_unwind(|| a.hold_for(child, holder));
+        }
+    }
+    r
+}
+
+/// # Safety
+/// Interposes posix_spawn(3).
+#[no_mangle]
+pub unsafe extern "C" fn posix_spawn(
+    pid: *mut libc::pid_t,
+    path: CStr,
+    fa: *const libc::posix_spawn_file_actions_t,
+    attr: *const libc::posix_spawnattr_t,
+    argv: *const *mut libc::c_char,
+    envp: *const *mut libc::c_char,
+) -> c_int {
+    // SAFETY: forwarding.
+    unsafe { spawn_with(pid, fa, envp.cast(), |p, env| real::posix_spawn(p, path, fa, attr, argv, env.cast())) }
+}
+
+/// # Safety
+/// Interposes posix_spawnp(3).
+#[no_mangle]
+pub unsafe extern "C" fn posix_spawnp(
+    pid: *mut libc::pid_t,
+    file: CStr,
+    fa: *const libc::posix_spawn_file_actions_t,
+    attr: *const libc::posix_spawnattr_t,
+    argv: *const *mut libc::c_char,
+    envp: *const *mut libc::c_char,
+) -> c_int {
+    // SAFETY: forwarding.
+    unsafe { spawn_with(pid, fa, envp.cast(), |p, env| real::posix_spawnp(p, file, fa, attr, argv, env.cast())) }
 }
 
 /// # Safety

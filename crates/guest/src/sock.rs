@@ -33,6 +33,12 @@ fn reserve_fd(inet6: bool, ty: c_int) -> Result<c_int, Errno> {
         netkernel_ring::sys::close(fd);
         return Err(libc::EMFILE);
     }
+    if ty & 0xf == libc::SOCK_DGRAM {
+        // A program without GuestLib that inherits this fd (exec'd with LD_PRELOAD removed)
+        // then reads EOF from it instead of blocking forever on a socket nobody sends to.
+        // SAFETY: plain system call on our fd; the kernel shuts even an unconnected socket.
+        unsafe { libc::syscall(libc::SYS_shutdown, fd, libc::SHUT_RDWR) };
+    }
     Ok(fd)
 }
 
@@ -60,6 +66,7 @@ fn adopt(slot: u32, inet6: bool, ty: c_int) -> Result<c_int, Errno> {
     st.rcvtimeo_us.store(0, Ordering::Relaxed);
     st.sndtimeo_us.store(0, Ordering::Relaxed);
     st.gen.fetch_add(1, Ordering::Release);
+    state::SLOT_INO[slot as usize].store(state::socket_ino(fd).unwrap_or(0), Ordering::Relaxed);
     state::map_fd(fd, slot);
     Ok(fd)
 }

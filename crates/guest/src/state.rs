@@ -5,14 +5,14 @@
 use netkernel_abi::{nqe_state, GuestSock, Nqe, ADDR_MAX, BUF_SIZE, NQE_COUNT, SLOT_COUNT, STATE_DEAD};
 use netkernel_ring::region::Region;
 use netkernel_ring::sys;
-use std::sync::atomic::{fence, AtomicBool, AtomicI32, AtomicPtr, AtomicU32, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// fds at or above this are never NetKernel sockets (the machine's limit is far below).
 pub const MAX_FD: usize = 1 << 16;
 /// GuestLib's own fds (control socket, doorbells, poll helpers) are moved at or above this so
 /// they do not take the low numbers programs expect to get.
-const HIDDEN_FD_MIN: i32 = 800;
+pub const HIDDEN_FD_MIN: i32 = 800;
 
 pub type Errno = i32;
 
@@ -63,12 +63,24 @@ pub fn lookup(fd: i32) -> Fd {
 }
 
 /// This process's holder index in the attachment (0: the process that attached).
-static HOLDER: AtomicU32 = AtomicU32::new(0);
+pub static HOLDER: AtomicU32 = AtomicU32::new(0);
 /// The holder index a parent reserved for the child it is about to fork.
 static CHILD_HOLDER: AtomicU32 = AtomicU32::new(0);
 /// fds of this process per socket slot (private memory: a forked child starts with its
 /// parent's counts, which are its own too).
-static LOCAL_REFS: [AtomicU32; SLOT_COUNT as usize] = [const { AtomicU32::new(0) }; SLOT_COUNT as usize];
+pub static LOCAL_REFS: [AtomicU32; SLOT_COUNT as usize] = [const { AtomicU32::new(0) }; SLOT_COUNT as usize];
+/// The inode of the kernel socket reserving each slot's fds in this process: what identifies
+/// an inherited NetKernel socket across exec, whatever fd number it ended up under.
+pub static SLOT_INO: [AtomicU64; SLOT_COUNT as usize] = [const { AtomicU64::new(0) }; SLOT_COUNT as usize];
+
+/// The inode of the file behind `fd`, if it is a socket.
+pub fn socket_ino(fd: i32) -> Option<u64> {
+    // SAFETY: stat is plain data, filled by fstat.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: st is a valid out-pointer; a raw system call, safe in a vfork child.
+    let r = unsafe { libc::syscall(libc::SYS_fstat, fd, &mut st) };
+    (r == 0 && st.st_mode & libc::S_IFMT == libc::S_IFSOCK).then_some(st.st_ino)
+}
 
 fn holder_bit() -> u64 {
     1u64 << HOLDER.load(Ordering::Relaxed)
@@ -107,6 +119,18 @@ pub fn unmap_fd(fd: i32) -> Option<u32> {
     }
 }
 
+/// An epoch no attachment reaches: fds marked with it are stale from the start.
+const NO_EPOCH: u32 = 0xffff;
+
+/// `fd` was a NetKernel socket this process cannot serve (an inherited one whose attachment it
+/// could not rejoin): it reports ECONNRESET rather than acting as the idle kernel socket that
+/// reserves its number.
+pub fn mark_stale(fd: i32) {
+    if fd >= 0 && (fd as usize) < MAX_FD {
+        FDS[fd as usize].store((NO_EPOCH << 16) + 1, Ordering::Release);
+    }
+}
+
 /// `new` is a duplicate of a socket of a dead attachment: it reports ECONNRESET too.
 pub fn dup_stale(old: i32, new: i32) {
     if old >= 0 && new >= 0 && (old as usize) < MAX_FD && (new as usize) < MAX_FD {
@@ -125,18 +149,21 @@ fn new_epoch() {
 /// One attachment: this process's region and doorbells.
 pub struct Attachment {
     pub region: Region,
+    /// The region's memfd, kept (close-on-exec) so that a program this process execs or spawns
+    /// can map the region and prove to the engine that it may hold the attachment.
+    pub memfd: i32,
     pub nsm_bell: i32,
     pub guest_bell: i32,
     /// Our end of the engine's control socket, kept open for the life of the process (-1 in a
     /// forked child until it needs one).
-    ctl: AtomicI32,
+    pub ctl: AtomicI32,
 }
 
 static ATTACHMENT: AtomicPtr<Attachment> = AtomicPtr::new(std::ptr::null_mut());
 static ATTACH_LOCK: AtomicBool = AtomicBool::new(false);
 static WARNED: AtomicBool = AtomicBool::new(false);
 
-fn warn(msg: &str) {
+pub fn warn(msg: &str) {
     if !WARNED.swap(true, Ordering::Relaxed) {
         let line = format!("netkernel: {msg}\n");
         // SAFETY: writes a live buffer to stderr.
@@ -145,7 +172,7 @@ fn warn(msg: &str) {
 }
 
 /// Moves one of GuestLib's own fds out of the program's way (close-on-exec).
-fn hide_fd(fd: i32) -> i32 {
+pub fn hide_fd(fd: i32) -> i32 {
     // SAFETY: fcntl on an fd we own.
     let high = unsafe { libc::syscall(libc::SYS_fcntl, fd, libc::F_DUPFD_CLOEXEC, HIDDEN_FD_MIN) } as i32;
     if high < 0 {
@@ -200,7 +227,7 @@ pub fn current() -> Option<&'static Attachment> {
 }
 
 /// A new connection to the engine's control socket.
-fn connect_engine() -> Result<i32, String> {
+pub fn connect_engine() -> Result<i32, String> {
     let path = std::env::var("NETKERNEL_SOCKET")
         .map_err(|_| "NETKERNEL_SOCKET is not set; start programs with `netkernel run`".to_string())?;
     // SAFETY: plain system call.
@@ -231,8 +258,8 @@ fn connect_engine() -> Result<i32, String> {
 }
 
 /// One request/response with the engine on `fd`; the reply's fds are returned.
-fn engine_call(fd: i32, req: &serde_json::Value) -> Result<(serde_json::Value, Vec<i32>), String> {
-    sys::send_frame(fd, req.to_string().as_bytes(), &[]).map_err(|e| format!("request to engine: {e}"))?;
+pub fn engine_call(fd: i32, req: &serde_json::Value, fds: &[i32]) -> Result<(serde_json::Value, Vec<i32>), String> {
+    sys::send_frame(fd, req.to_string().as_bytes(), fds).map_err(|e| format!("request to engine: {e}"))?;
     let (payload, fds) = match sys::recv_frame(fd) {
         Ok(Some(x)) => x,
         Ok(None) => return Err("engine closed the control socket".into()),
@@ -257,7 +284,7 @@ fn attach() -> Result<Attachment, String> {
         sys::close(fd);
         Err(m)
     };
-    let fds = match engine_call(fd, &req) {
+    let fds = match engine_call(fd, &req, &[]) {
         Ok((_, fds)) if fds.len() == 3 => fds,
         Ok((_, fds)) => {
             fds.iter().for_each(|&f| sys::close(f));
@@ -265,17 +292,30 @@ fn attach() -> Result<Attachment, String> {
         }
         Err(e) => return fail(fd, format!("engine refused attachment: {e}")),
     };
-    let region = Region::map(fds[0]);
-    sys::close(fds[0]);
-    let region = match region {
+    let region = match Region::map(fds[0]) {
         Ok(r) => r,
         Err(e) => {
-            sys::close(fds[1]);
-            sys::close(fds[2]);
+            fds.iter().for_each(|&f| sys::close(f));
             return fail(fd, e.to_string());
         }
     };
-    Ok(Attachment { region, nsm_bell: hide_fd(fds[1]), guest_bell: hide_fd(fds[2]), ctl: AtomicI32::new(fd) })
+    Ok(Attachment {
+        region,
+        memfd: hide_fd(fds[0]),
+        nsm_bell: hide_fd(fds[1]),
+        guest_bell: hide_fd(fds[2]),
+        ctl: AtomicI32::new(fd),
+    })
+}
+
+/// Makes `a`, an attachment this process inherited across exec, the live one (the program has
+/// not attached: this runs before main).
+pub fn adopt_inherited(a: Attachment, holder: u32) -> &'static Attachment {
+    let a = Box::leak(Box::new(a));
+    HOLDER.store(holder, Ordering::Relaxed);
+    OWNER_PID.store(getpid(), Ordering::Relaxed);
+    ATTACHMENT.store(a, Ordering::Release);
+    a
 }
 
 static CTL_LOCK: AtomicBool = AtomicBool::new(false);
@@ -285,18 +325,9 @@ static CTL_LOCK: AtomicBool = AtomicBool::new(false);
 /// away never closes the child's socket. Returns the index (None: all 64 are in use, and the
 /// child shares its parent's).
 pub fn share_fds(a: &Attachment) -> Option<u32> {
-    let holders = &a.region.header().guest_holders;
-    let mut cur = holders.load(Ordering::Acquire);
-    let h = loop {
-        if cur == u64::MAX {
-            CHILD_HOLDER.store(HOLDER.load(Ordering::Relaxed), Ordering::Relaxed);
-            return None;
-        }
-        let h = (!cur).trailing_zeros();
-        match holders.compare_exchange(cur, cur | 1u64 << h, Ordering::AcqRel, Ordering::Acquire) {
-            Ok(_) => break h,
-            Err(now) => cur = now,
-        }
+    let Some(h) = reserve_holder(a) else {
+        CHILD_HOLDER.store(HOLDER.load(Ordering::Relaxed), Ordering::Relaxed);
+        return None;
     };
     for (slot, r) in LOCAL_REFS.iter().enumerate() {
         if r.load(Ordering::Relaxed) > 0 {
@@ -305,6 +336,23 @@ pub fn share_fds(a: &Attachment) -> Option<u32> {
     }
     CHILD_HOLDER.store(h, Ordering::Relaxed);
     Some(h)
+}
+
+/// Takes a free holder index for another process (None: all 64 are in use). Lock-free and
+/// allocation-free, so a vfork child may call it.
+pub fn reserve_holder(a: &Attachment) -> Option<u32> {
+    let holders = &a.region.header().guest_holders;
+    let mut cur = holders.load(Ordering::Acquire);
+    loop {
+        if cur == u64::MAX {
+            return None;
+        }
+        let h = (!cur).trailing_zeros();
+        match holders.compare_exchange(cur, cur | 1u64 << h, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => return Some(h),
+            Err(now) => cur = now,
+        }
+    }
 }
 
 /// fork() failed: the reserved holder index goes back.
@@ -319,9 +367,16 @@ pub fn unshare_fds(a: &Attachment, h: u32) {
 /// touch GuestLib's tables.
 static OWNER_PID: AtomicI32 = AtomicI32::new(0);
 
-fn getpid() -> i32 {
+pub fn getpid() -> i32 {
     // SAFETY: plain system call.
     unsafe { libc::syscall(libc::SYS_getpid) as i32 }
+}
+
+/// Whether this is a vfork child of a process with an attachment: it shares that process's
+/// memory, so GuestLib's tables are not its own to change.
+pub fn vfork_child() -> bool {
+    let owner = OWNER_PID.load(Ordering::Relaxed);
+    owner != 0 && owner != getpid()
 }
 
 /// Whether this process owns GuestLib's memory (false in a vfork child).
@@ -389,7 +444,8 @@ impl Attachment {
             }
         }
         let id = self.region.header().attachment_id;
-        let r = engine_call(fd, &serde_json::json!({"op": "hold", "attachment": id, "pid": child, "holder": holder}));
+        let req = serde_json::json!({"op": "hold", "attachment": id, "pid": child, "holder": holder});
+        let r = engine_call(fd, &req, &[]);
         CTL_LOCK.store(false, Ordering::Release);
         if let Err(e) = r {
             warn(&format!("child {child} will lose its NetKernel sockets when this process exits: {e}"));

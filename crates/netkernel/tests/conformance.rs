@@ -71,4 +71,9 @@ scenarios!(
     exec_cloexec,
     mmsg_and_splice,
     small_writes,
+    exec_inherit,
+    vfork_exec,
+    spawn_listener,
+    spawn_dup2,
+    exec_no_guest,
 );

@@ -21,6 +21,12 @@ pub enum EngineRequest {
         /// The holder index the parent reserved for the child (see GuestSock::holders).
         holder: u32,
     },
+    /// A process that inherited NetKernel sockets across exec (or posix_spawn, vfork+exec) holds
+    /// the attachment as `holder`; the region's memfd, passed with the request, proves it.
+    Join {
+        attachment: u64,
+        holder: u32,
+    },
     Status,
     Tenants,
     Nsms,

@@ -1092,6 +1092,197 @@ fn small_writes() {
     close(s);
 }
 
+fn cstrings(args: &[&str]) -> Vec<std::ffi::CString> {
+    args.iter().map(|a| std::ffi::CString::new(*a).unwrap()).collect()
+}
+
+fn ptrs(v: &[std::ffi::CString]) -> Vec<*const libc::c_char> {
+    v.iter().map(|c| c.as_ptr()).chain(std::iter::once(std::ptr::null())).collect()
+}
+
+fn me() -> String {
+    std::env::current_exe().unwrap().to_string_lossy().into_owned()
+}
+
+/// The exec'd side of the inetd scenarios: a program that talks over stdin/stdout, which are
+/// the connection it inherited.
+fn stdio_echo() {
+    let mut buf = [0u8; 64];
+    // SAFETY: live buffer; fd 0 is the inherited connection.
+    let n = unsafe { libc::read(0, buf.as_mut_ptr().cast(), buf.len()) };
+    let mut reply = b"echo: ".to_vec();
+    reply.extend_from_slice(&buf[..n.max(0) as usize]);
+    // SAFETY: live buffer; fd 1 is the same connection.
+    unsafe { libc::write(1, reply.as_ptr().cast(), reply.len()) };
+    // SAFETY: leaving; the connection closes with the process.
+    unsafe { libc::_exit(if n > 0 { 0 } else { 3 }) };
+}
+
+/// inetd: the server accepts, forks, the child dup2()s the connection onto 0 and 1 and execs a
+/// program that talks over them; the server closes its copy at once.
+fn exec_inherit() {
+    let (l, port) = listener();
+    let c = tcp();
+    connect_to(c, port);
+    // SAFETY: accept on our listener.
+    let s = unsafe { libc::accept(l, std::ptr::null_mut(), std::ptr::null_mut()) };
+    let args = cstrings(&[&me(), "stdio_echo"]);
+    let argv = ptrs(&args);
+    // SAFETY: the child only dup2()s and execs.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: valid argv; exits via _exit if exec fails.
+        unsafe {
+            libc::dup2(s, 0);
+            libc::dup2(s, 1);
+            libc::close(s);
+            libc::close(l);
+            libc::execv(argv[0], argv.as_ptr());
+            libc::_exit(127);
+        }
+    }
+    close(s);
+    t("send to exec'd child", send(c, b"ping", 0));
+    recv_trace("reply", c, 10, libc::MSG_WAITALL);
+    recv_trace("EOF after the child exits", c, 10, 0);
+    println!("child status {}", wait_child(pid));
+    close(c);
+    close(l);
+}
+
+/// The same hand-off with vfork: the child shares the parent's memory until it execs.
+fn vfork_exec() {
+    let (l, port) = listener();
+    let c = tcp();
+    connect_to(c, port);
+    // SAFETY: accept on our listener.
+    let s = unsafe { libc::accept(l, std::ptr::null_mut(), std::ptr::null_mut()) };
+    let args = cstrings(&[&me(), "stdio_echo"]);
+    let argv = ptrs(&args);
+    // vfork is what programs (python's subprocess, shells) use; the child only dup2()s, execs
+    // or _exits with everything it needs computed beforehand, so it clobbers nothing.
+    // SAFETY: as above.
+    #[allow(deprecated)]
+    let pid = unsafe { libc::vfork() };
+    if pid == 0 {
+        // SAFETY: as above.
+        unsafe {
+            libc::dup2(s, 0);
+            libc::dup2(s, 1);
+            libc::execv(argv[0], argv.as_ptr());
+            libc::_exit(127);
+        }
+    }
+    close(s);
+    t("send to vfork+exec'd child", send(c, b"pong", 0));
+    recv_trace("reply", c, 10, libc::MSG_WAITALL);
+    recv_trace("EOF after the child exits", c, 10, 0);
+    println!("child status {}", wait_child(pid));
+    // The parent's sockets are untouched by what the vfork child did.
+    let c2 = tcp();
+    t("connect again", connect_to(c2, port));
+    // SAFETY: accept on our listener.
+    let s2 = unsafe { libc::accept(l, std::ptr::null_mut(), std::ptr::null_mut()) };
+    t("send on a new connection", send(c2, b"x", 0));
+    recv_trace("recv on it", s2, 1, 0);
+    close(s2);
+    close(c2);
+    close(c);
+    close(l);
+}
+
+fn spawn(args: &[&str], fa: *const libc::posix_spawn_file_actions_t) -> libc::pid_t {
+    let args = cstrings(args);
+    let argv = ptrs(&args);
+    extern "C" {
+        static environ: *const *mut libc::c_char;
+    }
+    let mut pid = 0;
+    // SAFETY: valid argv and environment.
+    let r = unsafe { libc::posix_spawn(&mut pid, argv[0], fa, std::ptr::null(), argv.as_ptr() as _, environ) };
+    assert_eq!(r, 0, "posix_spawn: {r}");
+    pid
+}
+
+/// A supervisor passes a listening socket down: posix_spawn a program that accepts on the fd
+/// number it is given; the supervisor closes its copy at once.
+fn spawn_listener() {
+    let (l, port) = listener();
+    let pid = spawn(&[&me(), "accept_on", &l.to_string()], std::ptr::null());
+    close(l);
+    for i in 0..2 {
+        let c = tcp();
+        t(&format!("connect {i}"), connect_to(c, port));
+        recv_trace("greeting", c, 32, libc::MSG_WAITALL);
+        close(c);
+    }
+    println!("child status {}", wait_child(pid));
+}
+
+/// posix_spawn with a dup2 file action: a close-on-exec connection becomes the child's stdin
+/// and stdout.
+fn spawn_dup2() {
+    let (c, s) = pair();
+    // SAFETY: setting FD_CLOEXEC on our fd.
+    unsafe { libc::fcntl(s, libc::F_SETFD, libc::FD_CLOEXEC) };
+    // SAFETY: file actions are plain data initialised by glibc, destroyed below.
+    let mut fa: libc::posix_spawn_file_actions_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe {
+        libc::posix_spawn_file_actions_init(&mut fa);
+        libc::posix_spawn_file_actions_adddup2(&mut fa, s, 0);
+        libc::posix_spawn_file_actions_adddup2(&mut fa, s, 1);
+    }
+    let pid = spawn(&[&me(), "stdio_echo"], &fa);
+    // SAFETY: as above.
+    unsafe { libc::posix_spawn_file_actions_destroy(&mut fa) };
+    close(s);
+    t("send to spawned child", send(c, b"spawn", 0));
+    recv_trace("reply", c, 11, libc::MSG_WAITALL);
+    recv_trace("EOF after the child exits", c, 10, 0);
+    println!("child status {}", wait_child(pid));
+    close(c);
+}
+
+/// The spawned side of spawn_listener: accepts twice on an inherited listener.
+fn accept_on(fd: c_int) {
+    for i in 0..2 {
+        // SAFETY: accept on the inherited listener.
+        let s = unsafe { libc::accept(fd, std::ptr::null_mut(), std::ptr::null_mut()) };
+        if s < 0 {
+            std::process::exit(3);
+        }
+        send(s, format!("hello {i} from the spawned child").as_bytes(), 0);
+        close(s);
+    }
+}
+
+/// A program exec'd without GuestLib (LD_PRELOAD removed) inherits a connection: the peer sees
+/// EOF once that program exits, not before and not never.
+fn exec_no_guest() {
+    let (c, s) = pair();
+    let args = cstrings(&["/bin/sleep", "0.5"]);
+    let argv = ptrs(&args);
+    let env = cstrings(&["PATH=/usr/bin:/bin"]);
+    let envp = ptrs(&env);
+    // SAFETY: the child only dup2()s and execs.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: valid argv and envp; exits via _exit if exec fails.
+        unsafe {
+            libc::dup2(s, 0);
+            libc::execve(argv[0], argv.as_ptr(), envp.as_ptr());
+            libc::_exit(127);
+        }
+    }
+    close(s);
+    println!("while the child runs: {}", poll1(c, libc::POLLIN, 200));
+    println!("child status {}", wait_child(pid));
+    println!("after it exits: {}", poll1(c, libc::POLLIN, 2000));
+    recv_trace("recv", c, 10, 0);
+    close(c);
+}
+
 fn main() {
     let name = std::env::args().nth(1).unwrap_or_default();
     match name.as_str() {
@@ -1118,8 +1309,15 @@ fn main() {
         "exec_cloexec" => exec_cloexec(),
         "mmsg_and_splice" => mmsg_and_splice(),
         "small_writes" => small_writes(),
+        "exec_inherit" => exec_inherit(),
+        "vfork_exec" => vfork_exec(),
+        "spawn_listener" => spawn_listener(),
+        "spawn_dup2" => spawn_dup2(),
+        "exec_no_guest" => exec_no_guest(),
+        "stdio_echo" => stdio_echo(),
+        "accept_on" => accept_on(std::env::args().nth(2).and_then(|a| a.parse().ok()).unwrap_or(-1)),
         "list" => println!(
-            "connect_open connect_closed addr_in_use accept_nonblocking half_close peer_reset readiness flags sigpipe rcvtimeo eintr many bulk dup udp fork_accept fork_handoff fork_parent_exits threads sendfile exec_cloexec mmsg_and_splice small_writes"
+            "connect_open connect_closed addr_in_use accept_nonblocking half_close peer_reset readiness flags sigpipe rcvtimeo eintr many bulk dup udp fork_accept fork_handoff fork_parent_exits threads sendfile exec_cloexec mmsg_and_splice small_writes exec_inherit vfork_exec spawn_listener spawn_dup2 exec_no_guest"
         ),
         other => {
             eprintln!("unknown scenario {other:?}");
