@@ -416,13 +416,22 @@ impl Bench<'_> {
     }
 }
 
-/// Host CPU time (jiffies) so far: (steal, total) from /proc/stat; the steal share over the
-/// run says how much the hypervisor took this VM's CPUs away for its other guests.
-fn host_cpu() -> (u64, u64) {
+/// CPU seconds the whole machine has spent so far: (busy, stolen by the hypervisor).
+fn host_cpu() -> (f64, f64) {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
     let v: Vec<u64> =
         stat.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
-    (v.get(7).copied().unwrap_or(0), v.iter().take(8).sum())
+    let field = |i: usize| v.get(i).copied().unwrap_or(0);
+    // user nice system idle iowait irq softirq steal; guest time is already counted in user.
+    let busy = field(0) + field(1) + field(2) + field(5) + field(6);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (busy as f64 / hz, field(7) as f64 / hz)
+}
+
+/// CPU seconds used by this process and its reaped children (the peers).
+fn own_cpu() -> f64 {
+    cpu::rusage(libc::RUSAGE_SELF) + cpu::rusage(libc::RUSAGE_CHILDREN)
 }
 
 fn machine() -> Value {
@@ -442,8 +451,7 @@ fn run(o: &Opts) -> Result<Value, String> {
     let exe = std::env::current_exe().map_err(|e| format!("locating netkernel binary: {e}"))?;
     let lib = guestlib::find()?;
     let machine = machine();
-    let host0 = host_cpu();
-    let t0 = Instant::now();
+    let (host0, own0, t0) = (host_cpu(), own_cpu(), Instant::now());
     // First, while nothing else of the bench runs: the queue needs both CPUs to itself.
     eprintln!("netkernel bench: nqe queue ...");
     let queue = queue::run(o.queue_bytes, o.queue_samples)?;
@@ -463,7 +471,12 @@ fn run(o: &Opts) -> Result<Value, String> {
         }
         modes.insert(mode.key().into(), v);
     }
-    let host1 = host_cpu();
+    // Everything the machine did during the run that was not the bench: its noise. The engine
+    // and NSMs started within the run, so all of their CPU is the bench's.
+    let (host1, wall) = (host_cpu(), t0.elapsed().as_secs_f64());
+    let engine_cpu = cpu::process(engine.pid())? + b.nsm_cpus()?.iter().sum::<f64>();
+    let others = (host1.0 - host0.0) - (own_cpu() - own0) - engine_cpu;
+    let machine_s = wall * machine["nproc"].as_f64().unwrap_or(1.0);
     let native = &modes[Mode::Native.key()];
     let mut ratio = Map::new();
     for mode in &MODES[1..] {
@@ -476,12 +489,13 @@ fn run(o: &Opts) -> Result<Value, String> {
             .collect();
         ratio.insert(mode.key().into(), Value::Object(r));
     }
-    let steal = (host1.0 - host0.0) as f64 / (host1.1 - host0.1).max(1) as f64;
     Ok(json!({
         "config": {"rr_iters": o.rr_iters, "rr_bytes": RR_BYTES, "bulk_seconds": o.seconds, "write_bytes": BULK_WRITE,
                    "conn_seconds": o.conn_seconds, "conn_kind": "connect + one 64-byte round trip + close",
                    "queue_bytes_per_size": o.queue_bytes, "queue_latency_samples": o.queue_samples},
-        "machine": machine, "steal_share": steal, "wall_s": t0.elapsed().as_secs_f64(),
+        "machine": machine, "wall_s": wall,
+        "noise": {"other_cpu_s": others.max(0.0), "other_share": others.max(0.0) / machine_s,
+                  "steal_s": host1.1 - host0.1, "steal_share": (host1.1 - host0.1) / machine_s},
         "modes": modes, "ratio": ratio, "queue": queue,
         "idle_nsm_cpu_s": idle_nsm_cpu,
     }))
@@ -515,12 +529,15 @@ fn print_table(r: &Value) {
         BULK_WRITE >> 10,
         c["conn_seconds"]
     );
+    let pct = |k: &str| r["noise"][k].as_f64().unwrap_or(f64::NAN) * 100.0;
     println!(
-        "{} CPUs ({}), kernel {}; steal over the run {:.1}%",
+        "{} CPUs ({}), kernel {}; other processes used {:.1}% of the machine during the run, the hypervisor \
+         stole {:.1}%",
         m["nproc"],
         m["cpu"].as_str().unwrap_or("?"),
         m["kernel"].as_str().unwrap_or("?"),
-        r["steal_share"].as_f64().unwrap_or(0.0) * 100.0
+        pct("other_share"),
+        pct("steal_share")
     );
     print!("{:<24} {:>10}", "metric", Mode::Native.label());
     for mode in &MODES[1..] {

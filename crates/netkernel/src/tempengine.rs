@@ -56,6 +56,10 @@ impl TempEngine {
         std::fs::read_to_string(self.dir.join("engine.log")).unwrap_or_default()
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn socket(&self) -> &Path {
         &self.socket
     }
