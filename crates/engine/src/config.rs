@@ -46,6 +46,10 @@ pub struct NsmConfig {
     /// Names this NSM resolves for its guests before its system resolver: name = "address".
     #[serde(default)]
     pub hosts: Option<Spanned<std::collections::BTreeMap<String, String>>>,
+    /// Connections between this NSM's guests skip TCP: the NSM carries their bytes from region
+    /// to region (default). Off: they go through the stack like any other.
+    #[serde(default = "yes")]
+    pub colocate: bool,
 }
 
 /// One tenant: who may attach, and which NSM serves it.
@@ -76,6 +80,10 @@ pub struct TenantConfig {
     /// Ports the tenant may listen on: numbers or "LOW-HIGH" ranges; absent: any.
     #[serde(default)]
     pub listen_ports: Option<Spanned<Vec<PortSpec>>>,
+    /// The co-located short cut for this tenant's connections (absent: its NSM's `colocate`).
+    /// A connection takes it only when both ends' tenants allow it.
+    #[serde(default)]
+    pub colocate: Option<bool>,
 }
 
 /// A port or an inclusive range of ports.
@@ -147,6 +155,7 @@ impl Config {
                 egress_rate: None,
                 fair: true,
                 hosts: None,
+                colocate: true,
             }],
             tenants: vec![TenantConfig {
                 name: spanned("default".into()),
@@ -158,6 +167,7 @@ impl Config {
                 rate_limit: None,
                 burst: None,
                 listen_ports: None,
+                colocate: None,
             }],
         }
     }

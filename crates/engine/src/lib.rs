@@ -102,6 +102,8 @@ struct NsmView {
     bytes_in: u64,
     bytes_out: u64,
     conns_total: u64,
+    /// Of those, connects that took the co-located short cut.
+    conns_colocated: u64,
     conns_open: usize,
     violations: u64,
     /// Where the host reaches an NSM in a network namespace of its own.
@@ -407,6 +409,9 @@ impl Engine {
             max_sockets: t.max_connections,
             listen_ports: t.listen_ports.as_ref().map(|p| p.get_ref().iter().filter_map(|r| r.range()).collect()),
             rate: t.rate_limit.map(|bits| (bits, t.burst.unwrap_or(bits / 80))),
+            colocate: t.colocate.unwrap_or_else(|| {
+                self.cfg.nsms.iter().find(|n| n.name.get_ref() == t.nsm.get_ref()).is_none_or(|n| n.colocate)
+            }),
         }
     }
 
@@ -574,6 +579,7 @@ impl Engine {
                 bytes_in: s.bytes_in,
                 bytes_out: s.bytes_out,
                 conns_total: s.conns_total,
+                conns_colocated: s.conns_colocated,
                 conns_open: s.conns.len(),
                 violations: s.violations,
                 address: n.net.as_ref().map(|net| format!("{} ({})", net.nsm_addr, net.name)),

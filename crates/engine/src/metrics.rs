@@ -41,10 +41,16 @@ pub fn render(engine: &Engine) -> String {
         f.sample("netkernel_nsm_restarts_total", &[("nsm", &n.name)], n.restarts());
     }
     type Get = fn(&NsmStats) -> u64;
-    let per_nsm: [(&str, &str, &str, Get); 6] = [
+    let per_nsm: [(&str, &str, &str, Get); 7] = [
         ("netkernel_nsm_received_bytes_total", "counter", "Bytes the NSM received for its guests.", |s| s.bytes_in),
         ("netkernel_nsm_sent_bytes_total", "counter", "Bytes the NSM sent for its guests.", |s| s.bytes_out),
         ("netkernel_nsm_connections_total", "counter", "Connections accepted or opened.", |s| s.conns_total),
+        (
+            "netkernel_nsm_colocated_connections_total",
+            "counter",
+            "Connects between guests of the NSM that took the co-located short cut.",
+            |s| s.conns_colocated,
+        ),
         ("netkernel_nsm_violations_total", "counter", "Attachments refused for breaking the ABI.", |s| s.violations),
         ("netkernel_nsm_attachments", "gauge", "Guest processes attached.", |s| s.attachments as u64),
         ("netkernel_nsm_sockets", "gauge", "Sockets open in the NSM.", |s| s.conns.len() as u64),

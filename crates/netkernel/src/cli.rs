@@ -232,7 +232,7 @@ fn top(socket: Option<PathBuf>, iterations: Option<u64>) -> i32 {
             let bytes = c["bytes_in"].as_u64().unwrap_or(0) + c["bytes_out"].as_u64().unwrap_or(0);
             let rate = last.get(&key).map_or(0.0, |b| bytes.saturating_sub(*b) as f64 * 8.0 / dt / 1e6);
             now.insert(key, bytes);
-            let cols = ["tenant", "nsm", "pid", "local", "remote", "state", "rtt_us", "cwnd", "retrans"];
+            let cols = ["tenant", "nsm", "pid", "local", "remote", "state", "path", "rtt_us", "cwnd", "retrans"];
             let mut row: Vec<String> = vec![format!("{rate:.1}")];
             row.extend(cols.iter().map(|k| cell(&c[*k])));
             rows.push((rate, row));
@@ -246,13 +246,14 @@ fn top(socket: Option<PathBuf>, iterations: Option<u64>) -> i32 {
         let table: Vec<serde_json::Value> = rows
             .into_iter()
             .map(|(_, r)| {
-                let keys = ["mbps", "tenant", "nsm", "pid", "local", "remote", "state", "rtt_us", "cwnd", "retrans"];
+                let keys =
+                    ["mbps", "tenant", "nsm", "pid", "local", "remote", "state", "path", "rtt_us", "cwnd", "retrans"];
                 serde_json::Value::Object(keys.iter().zip(r).map(|(k, v)| (k.to_string(), v.into())).collect())
             })
             .collect();
         print_table(
             &serde_json::Value::Array(table),
-            &["mbps", "tenant", "nsm", "pid", "local", "remote", "state", "rtt_us", "cwnd", "retrans"],
+            &["mbps", "tenant", "nsm", "pid", "local", "remote", "state", "path", "rtt_us", "cwnd", "retrans"],
         );
         n += 1;
         if iterations.is_some_and(|i| n >= i) {
@@ -295,6 +296,7 @@ fn ctl(socket: Option<PathBuf>, json: bool, what: &str) -> i32 {
                 "local",
                 "remote",
                 "state",
+                "path",
                 "bytes_in",
                 "bytes_out",
                 "rtt_us",

@@ -1,12 +1,17 @@
 //! Differential conformance: each scenario runs natively and under GuestLib, and the traces
-//! (return values, errno, bytes) must be identical. The kernel is the oracle.
+//! (return values, errno, bytes) must be identical. The kernel is the oracle. Every scenario
+//! runs twice under GuestLib: with the co-located short cut (both ends are guests of one NSM,
+//! so the NSM's pipe carries the bytes) and with it off (the NSM's kernel stack carries them).
 
 mod common;
 use common::*;
 use std::process::Command;
 use std::time::Duration;
 
-fn differential(scenario: &str) {
+/// The embedded configuration with the co-located short cut off.
+const KERNEL_PATH: &str = "[[nsm]]\nname = \"kernel\"\ncolocate = false\n\n[[tenant]]\nname = \"default\"\nnsm = \"kernel\"\n";
+
+fn differential(scenario: &str, colocate: bool) {
     let native = output_within(
         {
             let mut c = Command::new(PROBE);
@@ -16,7 +21,7 @@ fn differential(scenario: &str) {
         Duration::from_secs(120),
     );
     assert!(native.status.success(), "native {scenario} failed: {}", String::from_utf8_lossy(&native.stderr));
-    let engine = TestEngine::start();
+    let engine = if colocate { TestEngine::start() } else { TestEngine::with_config(KERNEL_PATH) };
     let nk = output_within(engine.run(PROBE, &[scenario]), Duration::from_secs(120));
     assert!(
         nk.status.success(),
@@ -32,19 +37,36 @@ fn differential(scenario: &str) {
     assert_eq!(n.lines().count(), k.lines().count(), "{scenario}: trace lengths differ\nnative:\n{n}\nnetkernel:\n{k}");
     // The traffic went through the NSM, not around it.
     let nsm = engine.nsm();
-    assert!(
-        nsm["conns_total"].as_u64().unwrap() > 0 || matches!(scenario, "addr_in_use" | "udp" | "fork_parent_exits"),
-        "no connection through the NSM: {nsm}"
-    );
+    let tcp = !matches!(scenario, "addr_in_use" | "udp" | "fork_parent_exits");
+    assert!(nsm["conns_total"].as_u64().unwrap() > 0 || !tcp, "no connection through the NSM: {nsm}");
+    // ... and on the path this run is about.
+    let colocated = nsm["conns_colocated"].as_u64().unwrap();
+    if colocate {
+        assert!(colocated > 0 || !tcp, "no connection took the co-located path: {nsm}");
+    } else {
+        assert_eq!(colocated, 0, "a connection took the co-located path with it off: {nsm}");
+    }
 }
 
 macro_rules! scenarios {
-    ($($name:ident),* $(,)?) => {$(
-        #[test]
-        fn $name() {
-            differential(stringify!($name));
+    ($($name:ident),* $(,)?) => {
+        mod colocated {
+            $(
+                #[test]
+                fn $name() {
+                    super::differential(stringify!($name), true);
+                }
+            )*
         }
-    )*};
+        mod kernel_path {
+            $(
+                #[test]
+                fn $name() {
+                    super::differential(stringify!($name), false);
+                }
+            )*
+        }
+    };
 }
 
 scenarios!(

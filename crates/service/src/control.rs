@@ -73,7 +73,7 @@ pub enum NsmRequest {
 }
 
 /// What an NSM enforces for one tenant (DESIGN.md D7).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TenantPolicy {
     /// The tenant's virtual addresses: wildcard and loopback binds land on the first of the
     /// family, loopback connects reach it. Empty: binds and connects as asked.
@@ -89,6 +89,28 @@ pub struct TenantPolicy {
     pub listen_ports: Option<Vec<(u16, u16)>>,
     /// Bits per second the tenant may send, and the burst in bytes; None: no limit.
     pub rate: Option<(u64, u64)>,
+    /// Connections between guests of this NSM take the co-located short cut (D4) when both
+    /// tenants allow it.
+    #[serde(default = "yes")]
+    pub colocate: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for TenantPolicy {
+    fn default() -> Self {
+        TenantPolicy {
+            addresses: vec![],
+            source: None,
+            foreign: vec![],
+            max_sockets: None,
+            listen_ports: None,
+            rate: None,
+            colocate: true,
+        }
+    }
 }
 
 /// One connection (socket) as an NSM sees it.
@@ -102,6 +124,9 @@ pub struct ConnInfo {
     pub local: String,
     pub remote: String,
     pub state: String,
+    /// "kernel" (the stack carries the bytes) or "colocated" (the NSM's pipe does).
+    #[serde(default)]
+    pub path: String,
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub rtt_us: u32,
@@ -137,6 +162,9 @@ pub struct NsmStats {
     pub bytes_out: u64,
     /// Connections established (accepted or connected) since it started.
     pub conns_total: u64,
+    /// Of those, connects that took the co-located short cut.
+    #[serde(default)]
+    pub conns_colocated: u64,
     /// Attachments refused for breaking the ABI since it started.
     pub violations: u64,
     /// Totals per tenant served.

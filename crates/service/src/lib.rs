@@ -6,6 +6,7 @@
 //! is work, and otherwise sleeps in epoll with `nsm_sleeping` published so that guests ring the
 //! doorbell only then (D5).
 
+mod colocated;
 pub mod control;
 mod policy;
 mod ratelimit;
@@ -22,9 +23,12 @@ use netkernel_ring::region::Region;
 use netkernel_ring::spsc::{Consumer, Corrupt};
 use netkernel_ring::sys;
 use sendq::SendQueue;
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -86,13 +90,64 @@ impl std::fmt::Display for Violation {
 }
 
 struct Sock {
-    fd: OwnedFd,
+    /// The stack's socket; None for the accepted end of a co-located connection, which needs
+    /// none.
+    fd: Option<OwnedFd>,
     stream: bool,
     bytes_in: u64,
     bytes_out: u64,
     sendq: SendQueue,
     /// Counted in conns_total already.
     counted: bool,
+    /// This NSM's name for the socket, never reused (slots are).
+    serial: u64,
+    /// A co-located connection's end: the pipe carries its bytes, not the stack.
+    pipe: Option<colocated::End>,
+    /// A listening socket's co-located connections waiting for accept().
+    backlog: Option<colocated::Backlog>,
+}
+
+/// Serials for sockets; an NSM has one service, so one counter.
+static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+impl Sock {
+    fn new(fd: Option<OwnedFd>, stream: bool) -> Sock {
+        Sock {
+            fd,
+            stream,
+            bytes_in: 0,
+            bytes_out: 0,
+            sendq: SendQueue::default(),
+            counted: false,
+            serial: SERIAL.fetch_add(1, Ordering::Relaxed),
+            pipe: None,
+            backlog: None,
+        }
+    }
+
+    fn fd(&self) -> Result<BorrowedFd<'_>, Errno> {
+        self.fd.as_ref().map(|f| f.as_fd()).ok_or(libc::EBADF)
+    }
+
+    /// Hands queued asynchronous sends to the stack, at most `limit` bytes.
+    fn flush<S: Stack>(&mut self, stack: &mut S, limit: usize) -> usize {
+        match &self.fd {
+            Some(fd) => self.sendq.flush(stack, fd.as_fd(), limit),
+            None => 0,
+        }
+    }
+
+    /// The readiness its guest should see.
+    fn mask<S: Stack>(&self, stack: &mut S) -> u32 {
+        if let Some(p) = &self.pipe {
+            return p.mask();
+        }
+        let mut mask = self.fd().map_or(0, |fd| stack.poll_mask(fd));
+        if self.backlog.as_ref().is_some_and(|b| !b.queue.is_empty()) {
+            mask |= (libc::POLLIN | libc::POLLRDNORM) as u32;
+        }
+        self.sendq.adjust(mask)
+    }
 }
 
 struct Attachment {
@@ -111,13 +166,32 @@ struct Attachment {
     holders: Vec<Option<(OwnedFd, u32)>>,
     socks: Vec<Option<Sock>>,
     free: Vec<u32>,
-    bell_pending: bool,
+    /// The guest's doorbell should ring: set by this attachment's sockets and by co-located
+    /// peers in other attachments.
+    bell: Rc<Cell<bool>>,
 }
 
 impl Attachment {
     fn sock(&self, id: u32) -> Result<&Sock, Errno> {
         self.socks.get(id as usize).and_then(|s| s.as_ref()).ok_or(libc::EBADF)
     }
+
+    fn sock_mut(&mut self, id: u32) -> Result<&mut Sock, Errno> {
+        self.socks.get_mut(id as usize).and_then(|s| s.as_mut()).ok_or(libc::EBADF)
+    }
+
+    /// Where readiness of socket `slot` goes, for a co-located peer.
+    fn owner(&self, slot: u32) -> colocated::Owner {
+        colocated::Owner { region: self.region.clone(), slot, bell: self.bell.clone() }
+    }
+}
+
+/// A listening socket, found again by its serial (its slot may have been reused since).
+#[derive(Clone, Copy, PartialEq)]
+struct ListenerRef {
+    ai: usize,
+    slot: u32,
+    serial: u64,
 }
 
 /// A copy of an nqe's request fields, taken once so the guest cannot change them under us.
@@ -153,6 +227,11 @@ pub struct Service<S: Stack> {
     /// Sockets (attachment, slot) held back by their tenant's rate limit, woken when tokens
     /// are back.
     throttled: Vec<(usize, u32)>,
+    /// Listening sockets by local address, for co-located connects.
+    listeners: HashMap<SocketAddr, Vec<ListenerRef>>,
+    /// Fresh stack sockets (IPv4, IPv6) whose options are the defaults a co-located socket
+    /// reports for options never set.
+    templates: [Option<OwnedFd>; 2],
 }
 
 fn epoll_ctl(epfd: RawFd, op: i32, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
@@ -198,6 +277,8 @@ impl<S: Stack> Service<S> {
             hosts: Arc::default(),
             buckets: HashMap::new(),
             throttled: Vec::new(),
+            listeners: HashMap::new(),
+            templates: [None, None],
         })
     }
 
@@ -289,8 +370,7 @@ impl<S: Stack> Service<S> {
 
     fn flush_bells(&mut self) {
         for a in self.atts.iter_mut().flatten() {
-            if a.bell_pending {
-                a.bell_pending = false;
+            if a.bell.replace(false) {
                 sys::ring_bell(a.guest_bell.as_raw_fd());
             }
         }
@@ -362,13 +442,13 @@ impl<S: Stack> Service<S> {
             let Some(Some(s)) = a.socks.get_mut(slot as usize) else { continue };
             if s.sendq.queued() > 0 {
                 let limit = b.take(s.sendq.queued());
-                let n = s.sendq.flush(&mut self.stack, s.fd.as_fd(), limit);
+                let n = s.flush(&mut self.stack, limit);
                 b.refund(limit - n);
                 s.bytes_out += n as u64;
                 self.stats.bytes_out += n as u64;
                 tenant(&mut self.stats, &a.tenant).bytes_out += n as u64;
             }
-            let mut mask = s.sendq.adjust(self.stack.poll_mask(s.fd.as_fd()));
+            let mut mask = s.mask(&mut self.stack);
             if b.exhausted() {
                 mask &= !((libc::POLLOUT | libc::POLLWRNORM) as u32);
                 self.throttled.push((ai, slot));
@@ -419,7 +499,7 @@ impl<S: Stack> Service<S> {
                 let mut bucket = self.buckets.get_mut(&a.tenant);
                 if s.sendq.queued() > 0 && bits & libc::EPOLLOUT as u32 != 0 {
                     let limit = bucket.as_deref_mut().map_or(usize::MAX, |b| b.take(s.sendq.queued()));
-                    let n = s.sendq.flush(&mut self.stack, s.fd.as_fd(), limit);
+                    let n = s.flush(&mut self.stack, limit);
                     if let Some(b) = bucket.as_deref_mut() {
                         b.refund(limit - n);
                     }
@@ -428,6 +508,9 @@ impl<S: Stack> Service<S> {
                     tenant(&mut self.stats, &a.tenant).bytes_out += n as u64;
                 }
                 let mut mask = s.sendq.adjust(bits & !(libc::EPOLLET as u32));
+                if s.backlog.as_ref().is_some_and(|b| !b.queue.is_empty()) {
+                    mask |= (libc::POLLIN | libc::POLLRDNORM) as u32;
+                }
                 if bucket.is_some_and(|b| b.exhausted()) {
                     mask &= !((libc::POLLOUT | libc::POLLWRNORM) as u32);
                     if !self.throttled.contains(&(ai, slot)) {
@@ -462,7 +545,7 @@ impl<S: Stack> Service<S> {
             _ if token & TOK_LINGER == TOK_LINGER && token != TOK_CONTROL => {
                 let i = slot as usize;
                 let Some(Some(s)) = self.lingering.get_mut(i) else { return };
-                let n = s.sendq.flush(&mut self.stack, s.fd.as_fd(), usize::MAX) as u64;
+                let n = s.flush(&mut self.stack, usize::MAX) as u64;
                 self.stats.bytes_out += n;
                 if s.sendq.queued() == 0 || bits & (libc::EPOLLERR | libc::EPOLLHUP) as u32 != 0 {
                     self.lingering[i] = None;
@@ -540,7 +623,7 @@ impl<S: Stack> Service<S> {
             policy,
             socks: Vec::new(),
             free: Vec::new(),
-            bell_pending: false,
+            bell: Rc::default(),
         });
         Ok(())
     }
@@ -624,34 +707,12 @@ impl<S: Stack> Service<S> {
                 return Ok(());
             }
         }
-        let tenant_sockets = if matches!(req.op, Op::Socket | Op::Accept) && a.policy.max_sockets.is_some() {
-            let t = a.tenant.clone();
-            self.atts.iter().flatten().filter(|x| x.tenant == t).map(|x| x.socks.iter().flatten().count()).sum()
-        } else {
-            0
+        let result = match self.connect_colocated(ai, &req) {
+            Some(r) => r.unwrap_or_else(|e| -(e as i64)),
+            None => self.perform(ai, idx, &req, &mut addr, &mut addr_out)?,
         };
-        let a = self.atts[ai].as_mut().expect("caller checked");
-        let bucket = self.buckets.get_mut(&a.tenant);
-        let mut throttled = false;
-        let result = execute(
-            &mut self.stack,
-            &mut self.stats,
-            tenant_sockets,
-            bucket,
-            &mut throttled,
-            &mut self.lingering,
-            self.epfd.as_raw_fd(),
-            ai,
-            a,
-            &req,
-            &mut addr,
-            &mut addr_out,
-        );
-        if result == -(OVERFLOW as i64) {
-            return Err(Violation::SendFlood { nqe: idx });
-        }
-        if throttled && !self.throttled.contains(&(ai, req.sock)) {
-            self.throttled.push((ai, req.sock));
+        if req.op == Op::Listen && result == 0 {
+            self.register_listener(ai, req.sock, req.flags as i32);
         }
         let a = self.atts[ai].as_mut().expect("caller checked");
         let seq = a.region.slot(req.sock % SLOT_COUNT).seq.load(Ordering::Acquire);
@@ -670,6 +731,223 @@ impl<S: Stack> Service<S> {
             sys::futex_wake(a.region.nqe_state(idx));
         }
         Ok(())
+    }
+
+    /// Runs a request on the stack (or on a co-located socket's pipe).
+    fn perform(
+        &mut self,
+        ai: usize,
+        idx: u32,
+        req: &Request,
+        addr: &mut [u8; ADDR_MAX],
+        addr_out: &mut Option<usize>,
+    ) -> Result<i64, Violation> {
+        let a = self.atts[ai].as_ref().expect("caller checked");
+        let tenant_sockets = if matches!(req.op, Op::Socket | Op::Accept) && a.policy.max_sockets.is_some() {
+            let t = a.tenant.clone();
+            self.atts.iter().flatten().filter(|x| x.tenant == t).map(|x| x.socks.iter().flatten().count()).sum()
+        } else {
+            0
+        };
+        let a = self.atts[ai].as_mut().expect("caller checked");
+        let bucket = self.buckets.get_mut(&a.tenant);
+        let mut throttled = false;
+        let result = execute(
+            &mut self.stack,
+            &mut self.stats,
+            tenant_sockets,
+            bucket,
+            &mut throttled,
+            &mut self.lingering,
+            &mut self.templates,
+            self.epfd.as_raw_fd(),
+            ai,
+            a,
+            req,
+            addr,
+            addr_out,
+        );
+        if result == -(OVERFLOW as i64) {
+            return Err(Violation::SendFlood { nqe: idx });
+        }
+        if throttled && !self.throttled.contains(&(ai, req.sock)) {
+            self.throttled.push((ai, req.sock));
+        }
+        Ok(result)
+    }
+
+    /// A listening socket becomes findable by co-located connects (once; a second listen()
+    /// only changes the backlog).
+    fn register_listener(&mut self, ai: usize, slot: u32, backlog: i32) {
+        let Some(a) = self.atts[ai].as_mut() else { return };
+        let Ok(s) = a.sock_mut(slot) else { return };
+        let somaxconn = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .unwrap_or(4096);
+        let limit = if backlog < 0 { somaxconn } else { (backlog as usize).min(somaxconn) };
+        if let Some(b) = s.backlog.as_mut() {
+            b.limit = limit;
+            return;
+        }
+        let mut local = [0u8; ADDR_MAX];
+        let Some(addr) = s
+            .fd()
+            .ok()
+            .and_then(|fd| self.stack.getsockname(fd, &mut local).ok())
+            .and_then(|n| policy::decode(&local[..n]))
+        else {
+            return;
+        };
+        s.backlog = Some(colocated::Backlog { limit, queue: Default::default() });
+        self.listeners.entry(addr).or_default().push(ListenerRef { ai, slot, serial: s.serial });
+    }
+
+    /// The listener a connect to `target` reaches inside this NSM, if one may take a
+    /// co-located connection now.
+    fn find_listener(&mut self, target: SocketAddr) -> Option<ListenerRef> {
+        let port = target.port();
+        let (v4, v6) = match target.ip() {
+            IpAddr::V4(ip) => (Some(ip), ip.to_ipv6_mapped()),
+            IpAddr::V6(ip) => (ip.to_ipv4_mapped(), ip),
+        };
+        // Most specific first, as the kernel's lookup does; a v6 wildcard listener takes IPv4
+        // connections unless it is IPV6_V6ONLY.
+        let mut keys = vec![(SocketAddr::new(IpAddr::V6(v6), port), false)];
+        if let Some(v4) = v4 {
+            keys.insert(0, (SocketAddr::new(IpAddr::V4(v4), port), false));
+            keys.push((SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), port), true));
+        }
+        keys.push((SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port), true));
+        let mut local: Option<bool> = None;
+        for (key, wildcard) in keys {
+            let Some(list) = self.listeners.get_mut(&key) else { continue };
+            let atts = &self.atts;
+            let live = |l: &ListenerRef| {
+                atts.get(l.ai)
+                    .and_then(|a| a.as_ref())
+                    .and_then(|a| a.sock(l.slot).ok())
+                    .is_some_and(|s| s.serial == l.serial && s.backlog.is_some())
+            };
+            list.retain(live);
+            if list.is_empty() {
+                self.listeners.remove(&key);
+                continue;
+            }
+            if wildcard && !*local.get_or_insert_with(|| colocated::is_local_address(target.ip())) {
+                return None;
+            }
+            // SO_REUSEPORT listeners take turns.
+            list.rotate_left(1);
+            let l = *list.last().expect("not empty");
+            let a = self.atts[l.ai].as_ref().expect("live");
+            let s = a.sock(l.slot).expect("live");
+            if !a.policy.colocate || s.backlog.as_ref().is_some_and(|b| b.full()) {
+                return None;
+            }
+            if key.is_ipv6() && v4.is_some() && target.is_ipv4() {
+                let mut only = [0u8; 4];
+                let v6only = s
+                    .fd()
+                    .ok()
+                    .and_then(|fd| self.stack.getsockopt(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, &mut only).ok())
+                    .is_some_and(|_| only != [0; 4]);
+                if v6only {
+                    continue;
+                }
+            }
+            return Some(l);
+        }
+        None
+    }
+
+    /// The co-located short cut (D4): a connect to a listener of this NSM is joined to it by a
+    /// pipe instead of TCP. None: the stack connects as usual.
+    fn connect_colocated(&mut self, ai: usize, req: &Request) -> Option<Result<i64, Errno>> {
+        if req.op != Op::Connect {
+            return None;
+        }
+        let a = self.atts[ai].as_ref()?;
+        let s = a.sock(req.sock).ok()?;
+        if !a.policy.colocate || !s.stream || s.pipe.is_some() || s.backlog.is_some() {
+            return None;
+        }
+        let in_addr = &req.addr[..req.addr_len as usize];
+        // Refusals are the stack path's to answer and log.
+        let peer = policy::connect(&a.policy, in_addr).ok()?.unwrap_or_else(|| in_addr.to_vec());
+        let target = policy::decode(&peer)?;
+        let fd = s.fd().ok()?;
+        // Only a socket that has not begun connecting: a connect in progress is the stack's.
+        if tcp_state(&mut self.stack, fd) != Some(TCP_CLOSE) {
+            return None;
+        }
+        let l = self.find_listener(target)?;
+        let a = self.atts[ai].as_ref().expect("checked");
+        let fd = a.sock(req.sock).ok()?.fd().ok()?;
+        let mut buf = [0u8; ADDR_MAX];
+        let n = self.stack.getsockname(fd, &mut buf).ok()?;
+        let mut me = policy::decode(&buf[..n])?;
+        if me.port() == 0 || me.ip().is_unspecified() {
+            let src = policy::source(&a.policy, me.is_ipv6(), &peer)
+                .and_then(|b| policy::decode(&b))
+                .map_or(target.ip(), |s| s.ip());
+            if me.port() == 0 {
+                // The stack picks the port, so no other connection of this NSM has it.
+                if let Err(e) = self.stack.bind(fd, &policy::encode(&SocketAddr::new(src, 0))) {
+                    return Some(Err(e));
+                }
+                let n = self.stack.getsockname(fd, &mut buf).ok()?;
+                me = policy::decode(&buf[..n])?;
+            }
+            me.set_ip(src);
+        }
+        let la = self.atts[l.ai].as_ref().expect("live");
+        let lfd = la.sock(l.slot).ok()?.fd().ok()?;
+        let n = self.stack.getsockname(lfd, &mut buf).ok()?;
+        let listener_v6 = policy::decode(&buf[..n])?.is_ipv6();
+        let as_family = |a: SocketAddr| policy::encode(&same_family(a, listener_v6));
+        let (client, server) = colocated::pair((policy::encode(&me), peer.clone()), (as_family(target), as_family(me)));
+        // The listener's guest learns of the connection (accept() will find it).
+        let la = self.atts[l.ai].as_mut().expect("live");
+        let ls = la.sock_mut(l.slot).expect("live");
+        ls.backlog.as_mut().expect("listening").queue.push_back(server);
+        let mask = ls.mask(&mut self.stack);
+        publish(la, l.slot, mask, true);
+        let a = self.atts[ai].as_mut().expect("checked");
+        let owner = a.owner(req.sock);
+        let s = a.sock_mut(req.sock).expect("checked");
+        // The stack socket only holds the port now; its events would misreport the socket.
+        if let Some(fd) = &s.fd {
+            let _ = epoll_ctl(self.epfd.as_raw_fd(), libc::EPOLL_CTL_DEL, fd.as_raw_fd(), 0, 0);
+        }
+        let mut client = client;
+        client.adopt(owner);
+        s.pipe = Some(client);
+        s.counted = true;
+        let mask = s.mask(&mut self.stack);
+        self.stats.conns_total += 1;
+        self.stats.conns_colocated += 1;
+        tenant(&mut self.stats, &a.tenant).conns_total += 1;
+        publish(a, req.sock, mask, true);
+        // As a loopback TCP connect answers: the guest's next connect() reports completion.
+        Some(Err(libc::EINPROGRESS))
+    }
+}
+
+const TCP_CLOSE: u8 = 7;
+
+/// A TCP socket's state (TCP_INFO's first byte).
+fn tcp_state<S: Stack>(stack: &mut S, fd: BorrowedFd) -> Option<u8> {
+    let mut info = [0u8; 8];
+    stack.getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, &mut info).ok().map(|_| info[0])
+}
+
+/// `a` as a socket of the other family sees it (IPv4 as v4-mapped IPv6 and back).
+fn same_family(a: SocketAddr, v6: bool) -> SocketAddr {
+    match (a.ip(), v6) {
+        (IpAddr::V4(ip), true) => SocketAddr::new(IpAddr::V6(ip.to_ipv6_mapped()), a.port()),
+        (IpAddr::V6(ip), false) => ip.to_ipv4_mapped().map_or(a, |ip| SocketAddr::new(IpAddr::V4(ip), a.port())),
+        _ => a,
     }
 }
 
@@ -699,7 +977,8 @@ fn retire(lingering: &mut Vec<Option<Sock>>, epfd: RawFd, s: Sock) {
         lingering.len() - 1
     });
     let token = TOK_LINGER | i as u64;
-    if epoll_ctl(epfd, libc::EPOLL_CTL_MOD, s.fd.as_raw_fd(), SOCK_EVENTS, token).is_ok() {
+    let Some(fd) = s.fd.as_ref() else { return };
+    if epoll_ctl(epfd, libc::EPOLL_CTL_MOD, fd.as_raw_fd(), SOCK_EVENTS, token).is_ok() {
         lingering[i] = Some(s);
     }
 }
@@ -733,20 +1012,8 @@ fn read_request(p: *mut Nqe, idx: u32) -> Result<Request, Violation> {
 /// Stores a socket's readiness in its slot. `wakeup` marks a stack wakeup (a new edge): it
 /// bumps the sequence and wakes sleepers; a refresh after the guest's own call only corrects
 /// the mask, as the guest's own call would cause no wakeup on Linux either.
-fn publish(a: &mut Attachment, slot: u32, mask: u32, wakeup: bool) {
-    let s = a.region.slot(slot);
-    s.mask.store(mask, Ordering::Release);
-    if !wakeup {
-        return;
-    }
-    s.seq.fetch_add(1, Ordering::Release);
-    fence(Ordering::SeqCst);
-    if s.waiters.load(Ordering::Relaxed) != 0 {
-        sys::futex_wake(&s.seq);
-    }
-    if a.region.header().bell_waiters.load(Ordering::Relaxed) != 0 {
-        a.bell_pending = true;
-    }
+fn publish(a: &Attachment, slot: u32, mask: u32, wakeup: bool) {
+    colocated::publish(&a.region, slot, mask, wakeup, &a.bell);
 }
 
 /// Socket options a guest may not set through a privileged NSM: Linux refuses them to an
@@ -785,6 +1052,7 @@ fn execute<S: Stack>(
     mut bucket: Option<&mut ratelimit::Bucket>,
     throttled: &mut bool,
     lingering: &mut Vec<Option<Sock>>,
+    templates: &mut [Option<OwnedFd>; 2],
     epfd: RawFd,
     ai: usize,
     a: &mut Attachment,
@@ -803,7 +1071,25 @@ fn execute<S: Stack>(
         unsafe { std::slice::from_raw_parts_mut(bufp, req.buf_len as usize) }
     };
     let in_addr = &req.addr[..req.addr_len as usize];
+    let colocated = a.sock(req.sock).is_ok_and(|s| s.pipe.is_some());
     let r: Result<i64, Errno> = (|| match req.op {
+        Op::Send
+        | Op::Recv
+        | Op::Shutdown
+        | Op::GetSockOpt
+        | Op::SetSockOpt
+        | Op::GetSockName
+        | Op::GetPeerName
+        | Op::Ioctl
+        | Op::Bind
+        | Op::Listen
+        | Op::Accept
+        | Op::Connect
+            if colocated =>
+        {
+            let buf = region_buf(a);
+            colocated_op(stack, stats, templates, a, req, buf, addr, addr_out)
+        }
         Op::Socket => {
             let (domain, ty) = (req.arg0 as i32, req.arg1 as i32);
             if domain != libc::AF_INET && domain != libc::AF_INET6 {
@@ -819,7 +1105,7 @@ fn execute<S: Stack>(
                 return Err(refused(stats, a, "socket limit reached", libc::EMFILE));
             }
             let fd = stack.socket(domain, ty, req.flags as i32)?;
-            let id = add_sock(stack, epfd, ai, a, fd, ty == libc::SOCK_STREAM)?;
+            let id = add_sock(stack, epfd, ai, a, Sock::new(Some(fd), ty == libc::SOCK_STREAM), None)?;
             Ok(id as i64)
         }
         Op::Bind => {
@@ -829,10 +1115,10 @@ fn execute<S: Stack>(
             if a.uid != 0 && privileged_port(local) {
                 return Err(libc::EACCES);
             }
-            stack.bind(a.sock(req.sock)?.fd.as_fd(), local).map(|()| 0)
+            stack.bind(a.sock(req.sock)?.fd()?, local).map(|()| 0)
         }
         Op::Listen => {
-            let fd = a.sock(req.sock)?.fd.as_fd();
+            let fd = a.sock(req.sock)?.fd()?;
             if a.policy.listen_ports.is_some() {
                 let mut local = [0u8; ADDR_MAX];
                 let n = stack.getsockname(fd, &mut local)?;
@@ -848,8 +1134,18 @@ fn execute<S: Stack>(
             if a.policy.max_sockets.is_some_and(|m| tenant_sockets >= m as usize) {
                 return Err(refused(stats, a, "socket limit reached", libc::EMFILE));
             }
-            let (fd, len) = stack.accept(a.sock(req.sock)?.fd.as_fd(), addr)?;
-            let id = add_sock(stack, epfd, ai, a, fd, true)?;
+            let pending = a.sock_mut(req.sock)?.backlog.as_mut().and_then(|b| b.queue.pop_front());
+            let (id, len) = match pending {
+                Some(end) => {
+                    let len = end.peer.len();
+                    addr[..len].copy_from_slice(&end.peer);
+                    (add_sock(stack, epfd, ai, a, Sock::new(None, true), Some(end))?, len)
+                }
+                None => {
+                    let (fd, len) = stack.accept(a.sock(req.sock)?.fd()?, addr)?;
+                    (add_sock(stack, epfd, ai, a, Sock::new(Some(fd), true), None)?, len)
+                }
+            };
             stats.conns_total += 1;
             tenant(stats, &a.tenant).conns_total += 1;
             *addr_out = Some(len);
@@ -862,13 +1158,14 @@ fn execute<S: Stack>(
             let s = a.socks.get_mut(req.sock as usize).and_then(|s| s.as_mut()).ok_or(libc::EBADF)?;
             // A tenant with addresses connects from its own address, not the NSM's.
             let mut local = [0u8; ADDR_MAX];
-            let unbound = stack.getsockname(s.fd.as_fd(), &mut local).ok().and_then(|n| policy::decode(&local[..n]));
+            let fd = s.fd.as_ref().ok_or(libc::EBADF)?.as_fd();
+            let unbound = stack.getsockname(fd, &mut local).ok().and_then(|n| policy::decode(&local[..n]));
             if let Some(src) =
                 unbound.filter(|l| l.port() == 0).and_then(|l| policy::source(&a.policy, l.is_ipv6(), peer))
             {
-                stack.bind(s.fd.as_fd(), &src)?;
+                stack.bind(fd, &src)?;
             }
-            let r = stack.connect(s.fd.as_fd(), peer);
+            let r = stack.connect(fd, peer);
             // GuestLib's blocking connect calls connect twice; the connection counts once.
             if matches!(r, Ok(()) | Err(libc::EINPROGRESS)) && s.stream && !s.counted {
                 s.counted = true;
@@ -920,7 +1217,7 @@ fn execute<S: Stack>(
                 s.sendq.push(data);
                 return Ok(data.len() as i64);
             }
-            let r = stack.send(s.fd.as_fd(), &data[..allowed], flags, in_addr);
+            let r = stack.send(s.fd()?, &data[..allowed], flags, in_addr);
             if let Some(b) = bucket.as_deref_mut() {
                 b.refund(allowed - r.as_ref().map_or(0, |&n| n));
                 *throttled = b.exhausted();
@@ -944,7 +1241,7 @@ fn execute<S: Stack>(
         Op::Recv => {
             let buf = region_buf(a);
             let s = a.socks.get_mut(req.sock as usize).and_then(|s| s.as_mut()).ok_or(libc::EBADF)?;
-            let (n, alen) = match stack.recv(s.fd.as_fd(), buf, req.flags as i32, addr) {
+            let (n, alen) = match stack.recv(s.fd()?, buf, req.flags as i32, addr) {
                 // With nothing to read, a pending error from an asynchronous send is reported.
                 Ok((0, _)) | Err(libc::EAGAIN) if s.sendq.deferred.is_some() => {
                     return Err(s.sendq.deferred.take().expect("checked"))
@@ -969,7 +1266,7 @@ fn execute<S: Stack>(
                 s.sendq.shutdown_after = Some(how);
                 return Ok(0);
             }
-            stack.shutdown(s.fd.as_fd(), how).map(|()| 0)
+            stack.shutdown(s.fd()?, how).map(|()| 0)
         }
         Op::Close => {
             a.sock(req.sock)?;
@@ -988,12 +1285,12 @@ fn execute<S: Stack>(
                     buf[..4].copy_from_slice(&e.to_ne_bytes());
                     Ok(4)
                 }
-                _ => stack.getsockopt(s.fd.as_fd(), libc::SOL_SOCKET, libc::SO_ERROR, buf).map(|n| n as i64),
+                _ => stack.getsockopt(s.fd()?, libc::SOL_SOCKET, libc::SO_ERROR, buf).map(|n| n as i64),
             }
         }
         Op::GetSockOpt => {
             let buf = region_buf(a);
-            stack.getsockopt(a.sock(req.sock)?.fd.as_fd(), req.arg0 as i32, req.arg1 as i32, buf).map(|n| n as i64)
+            stack.getsockopt(a.sock(req.sock)?.fd()?, req.arg0 as i32, req.arg1 as i32, buf).map(|n| n as i64)
         }
         Op::SetSockOpt => {
             let (level, name) = (req.arg0 as i32, req.arg1 as i32);
@@ -1001,16 +1298,16 @@ fn execute<S: Stack>(
                 return Err(libc::EPERM);
             }
             let buf = region_buf(a);
-            stack.setsockopt(a.sock(req.sock)?.fd.as_fd(), level, name, buf).map(|()| 0)
+            stack.setsockopt(a.sock(req.sock)?.fd()?, level, name, buf).map(|()| 0)
         }
         Op::GetSockName | Op::GetPeerName => {
-            let fd = a.sock(req.sock)?.fd.as_fd();
+            let fd = a.sock(req.sock)?.fd()?;
             let len =
                 if req.op == Op::GetSockName { stack.getsockname(fd, addr)? } else { stack.getpeername(fd, addr)? };
             *addr_out = Some(len);
             Ok(0)
         }
-        Op::Ioctl => stack.ioctl(a.sock(req.sock)?.fd.as_fd(), req.arg1),
+        Op::Ioctl => stack.ioctl(a.sock(req.sock)?.fd()?, req.arg1),
         // A well-formed one is answered by a resolver thread before execute().
         Op::Resolve => Ok(netkernel_abi::RESOLVE_EAI_BASE + libc::EAI_NONAME as i64),
     })();
@@ -1018,7 +1315,7 @@ fn execute<S: Stack>(
     let queries = matches!(req.op, Op::GetSockName | Op::GetPeerName | Op::Ioctl | Op::Resolve);
     if req.op != Op::Close && !queries {
         if let Ok(s) = a.sock(req.sock) {
-            let mut mask = s.sendq.adjust(stack.poll_mask(s.fd.as_fd()));
+            let mut mask = s.mask(stack);
             if *throttled {
                 mask &= !((libc::POLLOUT | libc::POLLWRNORM) as u32);
             }
@@ -1032,14 +1329,15 @@ fn execute<S: Stack>(
     }
 }
 
-/// Gives a new stack socket a slot and starts watching it.
+/// Gives a new socket a slot and starts watching it: its stack socket with epoll, or its
+/// co-located end by telling the pipe where the socket lives.
 fn add_sock<S: Stack>(
     stack: &mut S,
     epfd: RawFd,
     ai: usize,
     a: &mut Attachment,
-    fd: OwnedFd,
-    stream: bool,
+    mut sock: Sock,
+    pipe: Option<colocated::End>,
 ) -> Result<u32, Errno> {
     let id = match a.free.pop() {
         Some(id) => id,
@@ -1049,13 +1347,122 @@ fn add_sock<S: Stack>(
         }
         None => return Err(libc::EMFILE),
     };
-    if let Err(e) = epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd.as_raw_fd(), SOCK_EVENTS, tok(TOK_SOCK, ai, id)) {
-        a.free.push(id);
-        return Err(e.raw_os_error().unwrap_or(libc::ENOMEM));
+    if let Some(fd) = &sock.fd {
+        if let Err(e) = epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd.as_raw_fd(), SOCK_EVENTS, tok(TOK_SOCK, ai, id)) {
+            a.free.push(id);
+            return Err(e.raw_os_error().unwrap_or(libc::ENOMEM));
+        }
     }
-    let mask = stack.poll_mask(fd.as_fd());
-    a.socks[id as usize] =
-        Some(Sock { fd, stream, bytes_in: 0, bytes_out: 0, sendq: SendQueue::default(), counted: false });
+    if let Some(mut end) = pipe {
+        end.adopt(a.owner(id));
+        sock.pipe = Some(end);
+    }
+    let mask = sock.mask(stack);
+    a.socks[id as usize] = Some(sock);
     publish(a, id, mask, true);
     Ok(id)
+}
+
+/// A request on a co-located socket: the pipe answers as a connected TCP socket would.
+#[allow(clippy::too_many_arguments)]
+fn colocated_op<S: Stack>(
+    stack: &mut S,
+    stats: &mut NsmStats,
+    templates: &mut [Option<OwnedFd>; 2],
+    a: &mut Attachment,
+    req: &Request,
+    buf: &mut [u8],
+    addr: &mut [u8; ADDR_MAX],
+    addr_out: &mut Option<usize>,
+) -> Result<i64, Errno> {
+    let s = a.socks.get_mut(req.sock as usize).and_then(|s| s.as_mut()).ok_or(libc::EBADF)?;
+    let end = s.pipe.as_mut().expect("caller checked");
+    let v6 = end.local.len() > 16;
+    let (level, name) = (req.arg0 as i32, req.arg1 as i32);
+    match req.op {
+        Op::Bind | Op::Listen | Op::Accept => Err(libc::EINVAL),
+        Op::Connect => end.connect_again().map(|()| 0),
+        Op::Send => {
+            let is_async = req.flags & SEND_ASYNC != 0;
+            let n = end.send(buf, is_async, sendq::MAX_QUEUED).map_err(|e| e.unwrap_or(OVERFLOW))?;
+            s.bytes_out += n as u64;
+            stats.bytes_out += n as u64;
+            tenant(stats, &a.tenant).bytes_out += n as u64;
+            Ok(n as i64)
+        }
+        Op::Recv => {
+            let flags = req.flags as i32;
+            let n = end.recv(buf, flags)?;
+            if flags & libc::MSG_PEEK == 0 {
+                s.bytes_in += n as u64;
+                stats.bytes_in += n as u64;
+                tenant(stats, &a.tenant).bytes_in += n as u64;
+            }
+            // A stream socket reports no source address.
+            *addr_out = Some(0);
+            Ok(n as i64)
+        }
+        Op::Shutdown => end.shutdown(req.flags as i32).map(|()| 0),
+        Op::GetSockName | Op::GetPeerName => {
+            let src = if req.op == Op::GetSockName { &end.local } else { &end.peer };
+            addr[..src.len()].copy_from_slice(src);
+            *addr_out = Some(src.len());
+            Ok(0)
+        }
+        Op::GetSockOpt if (level, name) == (libc::SOL_SOCKET, libc::SO_ERROR) => {
+            let e = end.take_error().unwrap_or(0);
+            let n = buf.len().min(4);
+            buf[..n].copy_from_slice(&e.to_ne_bytes()[..n]);
+            Ok(n as i64)
+        }
+        Op::GetSockOpt => {
+            if let Some(v) = end.option(level, name) {
+                let n = buf.len().min(v.len());
+                buf[..n].copy_from_slice(&v[..n]);
+                return Ok(n as i64);
+            }
+            // Never set: the default a fresh socket of the family reports.
+            let t = template(stack, templates, v6)?;
+            let n = stack.getsockopt(t, level, name, buf)?;
+            if (level, name) == (libc::IPPROTO_TCP, libc::TCP_INFO) && n > 0 {
+                buf[0] = end.tcp_state();
+            }
+            Ok(n as i64)
+        }
+        Op::SetSockOpt => {
+            // The kernel validates and normalises the value (SO_RCVBUF doubles, ...) on a
+            // scratch socket; the socket keeps what it would read back.
+            let scratch = stack.socket(if v6 { libc::AF_INET6 } else { libc::AF_INET }, libc::SOCK_STREAM, 0)?;
+            stack.setsockopt(scratch.as_fd(), level, name, buf)?;
+            let mut back = [0u8; 256];
+            let value = match stack.getsockopt(scratch.as_fd(), level, name, &mut back) {
+                Ok(n) => back[..n].to_vec(),
+                Err(_) => buf.to_vec(),
+            };
+            end.set_option(level, name, value);
+            Ok(0)
+        }
+        Op::Ioctl => match req.arg1 {
+            libc::FIONREAD => Ok(end.unread() as i64),
+            // Loopback acknowledges at once: nothing stays unsent or unacknowledged.
+            libc::TIOCOUTQ | SIOCATMARK => Ok(0),
+            _ => Err(libc::ENOTTY),
+        },
+        Op::Socket | Op::Close | Op::Resolve => unreachable!("not dispatched to the pipe"),
+    }
+}
+
+const SIOCATMARK: u64 = 0x8905;
+
+/// The fresh stack socket of the family, made on first use.
+fn template<'a, S: Stack>(
+    stack: &mut S,
+    templates: &'a mut [Option<OwnedFd>; 2],
+    v6: bool,
+) -> Result<BorrowedFd<'a>, Errno> {
+    let t = &mut templates[v6 as usize];
+    if t.is_none() {
+        *t = Some(stack.socket(if v6 { libc::AF_INET6 } else { libc::AF_INET }, libc::SOCK_STREAM, 0)?);
+    }
+    Ok(t.as_ref().expect("made above").as_fd())
 }

@@ -149,8 +149,7 @@ mod tests {
             foreign: vec!["127.0.2.1".parse().unwrap()],
             max_sockets: None,
             listen_ports: Some(vec![(8000, 8010)]),
-            rate: None,
-            source: None,
+            ..Default::default()
         }
     }
 

@@ -3,7 +3,6 @@
 use crate::control::ConnInfo;
 use crate::{Attachment, Sock, Stack};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::AsFd;
 
 /// Decodes a sockaddr_in/sockaddr_in6 as the kernel wrote it.
 pub fn sockaddr_to_std(b: &[u8]) -> Option<SocketAddr> {
@@ -43,10 +42,16 @@ pub(crate) fn conn_info<S: Stack>(stack: &mut S, a: &Attachment, s: &Sock, nsm: 
         Ok(n) => sockaddr_to_std(&buf[..n]).map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
         Err(_) => "-".into(),
     };
-    let r = stack.getsockname(s.fd.as_fd(), &mut buf);
-    let local = addr(r, &buf);
-    let r = stack.getpeername(s.fd.as_fd(), &mut buf);
-    let remote = addr(r, &buf);
+    let (local, remote) = match (&s.pipe, s.fd()) {
+        (Some(p), _) => (addr(Ok(p.local.len()), &p.local), addr(Ok(p.peer.len()), &p.peer)),
+        (None, Ok(fd)) => {
+            let r = stack.getsockname(fd, &mut buf);
+            let local = addr(r, &buf);
+            let r = stack.getpeername(fd, &mut buf);
+            (local, addr(r, &buf))
+        }
+        (None, Err(_)) => ("-".into(), "-".into()),
+    };
     let mut info = ConnInfo {
         tenant: a.tenant.clone(),
         nsm: nsm.into(),
@@ -56,11 +61,14 @@ pub(crate) fn conn_info<S: Stack>(stack: &mut S, a: &Attachment, s: &Sock, nsm: 
         local,
         remote,
         state: if s.stream { "?" } else { "-" }.into(),
+        path: if s.pipe.is_some() { "colocated" } else { "kernel" }.into(),
         bytes_in: s.bytes_in,
         bytes_out: s.bytes_out,
         ..Default::default()
     };
-    if s.stream {
+    if let Some(p) = &s.pipe {
+        info.state = TCP_STATES[p.tcp_state() as usize].into();
+    } else if let (true, Ok(fd)) = (s.stream, s.fd()) {
         // SAFETY: tcp_info is plain data; any byte pattern is valid.
         let mut ti: libc::tcp_info = unsafe { std::mem::zeroed() };
         // SAFETY: viewing a plain-data struct as bytes for the stack to fill.
@@ -70,7 +78,7 @@ pub(crate) fn conn_info<S: Stack>(stack: &mut S, a: &Attachment, s: &Sock, nsm: 
                 std::mem::size_of::<libc::tcp_info>(),
             )
         };
-        if stack.getsockopt(s.fd.as_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, bytes).is_ok() {
+        if stack.getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, bytes).is_ok() {
             info.state = TCP_STATES.get(ti.tcpi_state as usize).copied().unwrap_or("?").into();
             info.rtt_us = ti.tcpi_rtt;
             info.cwnd = ti.tcpi_snd_cwnd;
