@@ -18,7 +18,7 @@ use core::sync::atomic::{AtomicU32, AtomicU64};
 /// "NETKRNL" plus a format byte, little endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"NETKRNL1");
 /// Bumped on any incompatible change of this file.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// Number of nqes (and job ring entries); a power of two.
 pub const NQE_COUNT: u32 = 64;
@@ -204,11 +204,15 @@ pub enum Op {
     /// arg0 = ai_family, arg1 = ai_socktype, flags = ai_flags. Out: buf = `result` entries of
     /// RESOLVED_SIZE bytes (family u16, socktype u16, protocol u16, addrlen u16, sockaddr[28]);
     /// or result = RESOLVE_EAI_BASE + EAI_* code (negative). `sock` is ignored.
+    /// With RESOLVE_REVERSE in flags, a reverse lookup: in: buf = numeric address NUL,
+    /// arg0 = its family; out: buf = the host name, result = its length (no NUL).
     Resolve = 15,
 }
 
 /// Bytes of one resolved address in an `Op::Resolve` answer.
 pub const RESOLVED_SIZE: usize = 36;
+/// Or'ed into `Op::Resolve`'s flags: a reverse lookup (address to name).
+pub const RESOLVE_REVERSE: u32 = 1 << 31;
 /// `Op::Resolve` failures are reported as this plus the (negative) EAI_* code.
 pub const RESOLVE_EAI_BASE: i64 = -1_000_000;
 

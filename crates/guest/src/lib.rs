@@ -1024,6 +1024,129 @@ pub unsafe extern "C" fn freeaddrinfo(ai: *mut libc::addrinfo) {
     }
 }
 
+/// # Safety
+/// Interposes gethostbyname(3): names go to the provider, numeric addresses to glibc.
+#[no_mangle]
+pub unsafe extern "C" fn gethostbyname(name: *const libc::c_char) -> *mut libc::hostent {
+    // SAFETY: the caller's name.
+    if enabled() && unsafe { resolve::is_name(name) } {
+        return std::panic::catch_unwind(|| resolve::gethostbyname2(name, libc::AF_INET))
+            .unwrap_or(std::ptr::null_mut());
+    }
+    // SAFETY: forwarding.
+    unsafe { real::gethostbyname(name) }
+}
+
+/// # Safety
+/// Interposes gethostbyname2(3).
+#[no_mangle]
+pub unsafe extern "C" fn gethostbyname2(name: *const libc::c_char, af: c_int) -> *mut libc::hostent {
+    // SAFETY: the caller's name.
+    if enabled() && unsafe { resolve::is_name(name) } {
+        return std::panic::catch_unwind(|| resolve::gethostbyname2(name, af)).unwrap_or(std::ptr::null_mut());
+    }
+    // SAFETY: forwarding.
+    unsafe { real::gethostbyname2(name, af) }
+}
+
+/// # Safety
+/// Interposes gethostbyname_r(3).
+#[no_mangle]
+pub unsafe extern "C" fn gethostbyname_r(
+    name: *const libc::c_char,
+    ret: *mut libc::hostent,
+    buf: *mut libc::c_char,
+    buflen: size_t,
+    result: *mut *mut libc::hostent,
+    h_errnop: *mut c_int,
+) -> c_int {
+    // SAFETY: the caller's arguments.
+    unsafe { gethostbyname2_r(name, libc::AF_INET, ret, buf, buflen, result, h_errnop) }
+}
+
+/// # Safety
+/// Interposes gethostbyname2_r(3).
+#[no_mangle]
+pub unsafe extern "C" fn gethostbyname2_r(
+    name: *const libc::c_char,
+    af: c_int,
+    ret: *mut libc::hostent,
+    buf: *mut libc::c_char,
+    buflen: size_t,
+    result: *mut *mut libc::hostent,
+    h_errnop: *mut c_int,
+) -> c_int {
+    // SAFETY: the caller's name.
+    if enabled() && unsafe { resolve::is_name(name) } {
+        // SAFETY: the caller's arguments.
+        return std::panic::catch_unwind(AssertUnwindSafe(|| unsafe {
+            resolve::gethostbyname2_r(name, af, ret, buf, buflen, result, h_errnop)
+        }))
+        .unwrap_or(libc::EIO);
+    }
+    // SAFETY: forwarding.
+    unsafe { real::gethostbyname2_r(name, af, ret, buf, buflen, result, h_errnop) }
+}
+
+/// # Safety
+/// Interposes gethostbyaddr(3): reverse lookups go to the provider.
+#[no_mangle]
+pub unsafe extern "C" fn gethostbyaddr(addr: *const c_void, len: socklen_t, af: c_int) -> *mut libc::hostent {
+    if enabled() {
+        return std::panic::catch_unwind(|| resolve::gethostbyaddr(addr, len, af)).unwrap_or(std::ptr::null_mut());
+    }
+    // SAFETY: forwarding.
+    unsafe { real::gethostbyaddr(addr, len, af) }
+}
+
+/// # Safety
+/// Interposes gethostbyaddr_r(3).
+#[no_mangle]
+pub unsafe extern "C" fn gethostbyaddr_r(
+    addr: *const c_void,
+    len: socklen_t,
+    af: c_int,
+    ret: *mut libc::hostent,
+    buf: *mut libc::c_char,
+    buflen: size_t,
+    result: *mut *mut libc::hostent,
+    h_errnop: *mut c_int,
+) -> c_int {
+    if enabled() {
+        // SAFETY: the caller's arguments.
+        return std::panic::catch_unwind(AssertUnwindSafe(|| unsafe {
+            resolve::gethostbyaddr_r(addr, len, af, ret, buf, buflen, result, h_errnop)
+        }))
+        .unwrap_or(libc::EIO);
+    }
+    // SAFETY: forwarding.
+    unsafe { real::gethostbyaddr_r(addr, len, af, ret, buf, buflen, result, h_errnop) }
+}
+
+/// # Safety
+/// Interposes getnameinfo(3): a host name is the provider's; numeric hosts (NI_NUMERICHOST) and
+/// services are glibc's, which looks nothing up for them.
+#[no_mangle]
+pub unsafe extern "C" fn getnameinfo(
+    sa: *const sockaddr,
+    salen: socklen_t,
+    host: *mut libc::c_char,
+    hostlen: socklen_t,
+    serv: *mut libc::c_char,
+    servlen: socklen_t,
+    flags: c_int,
+) -> c_int {
+    if enabled() && !host.is_null() && hostlen > 0 && flags & libc::NI_NUMERICHOST == 0 && !sa.is_null() {
+        // SAFETY: the caller's arguments.
+        return std::panic::catch_unwind(AssertUnwindSafe(|| unsafe {
+            resolve::getnameinfo(sa, salen, host, hostlen, serv, servlen, flags)
+        }))
+        .unwrap_or(libc::EAI_SYSTEM);
+    }
+    // SAFETY: forwarding.
+    unsafe { real::getnameinfo(sa, salen, host, hostlen, serv, servlen, flags) }
+}
+
 // ---- readiness ----
 
 fn any_ours(fds: &[pollfd]) -> bool {

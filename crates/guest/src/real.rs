@@ -24,7 +24,8 @@ fn resolve(slot: &AtomicUsize, name: &'static [u8]) -> usize {
 macro_rules! real {
     ($( fn $name:ident($($a:ident: $t:ty),*) -> $r:ty; )*) => {$(
         /// The next definition of this libc function after GuestLib's.
-        #[allow(clippy::missing_safety_doc)]
+        // Each mirrors a C signature, however many arguments it has.
+        #[allow(clippy::missing_safety_doc, clippy::too_many_arguments)]
         pub unsafe fn $name($($a: $t),*) -> $r {
             static P: AtomicUsize = AtomicUsize::new(0);
             let f = resolve(&P, concat!(stringify!($name), "\0").as_bytes());
@@ -81,6 +82,12 @@ real! {
     fn splice(fd_in: c_int, off_in: *mut libc::loff_t, fd_out: c_int, off_out: *mut libc::loff_t, len: size_t, flags: c_uint) -> ssize_t;
     fn getaddrinfo(node: *const libc::c_char, service: *const libc::c_char, hints: *const libc::addrinfo, res: *mut *mut libc::addrinfo) -> c_int;
     fn freeaddrinfo(ai: *mut libc::addrinfo) -> ();
+    fn getnameinfo(sa: *const sockaddr, salen: socklen_t, host: *mut libc::c_char, hostlen: socklen_t, serv: *mut libc::c_char, servlen: socklen_t, flags: c_int) -> c_int;
+    fn gethostbyname(name: *const libc::c_char) -> *mut libc::hostent;
+    fn gethostbyname2(name: *const libc::c_char, af: c_int) -> *mut libc::hostent;
+    fn gethostbyname2_r(name: *const libc::c_char, af: c_int, ret: *mut libc::hostent, buf: *mut libc::c_char, buflen: size_t, result: *mut *mut libc::hostent, h_errnop: *mut c_int) -> c_int;
+    fn gethostbyaddr(addr: *const c_void, len: socklen_t, af: c_int) -> *mut libc::hostent;
+    fn gethostbyaddr_r(addr: *const c_void, len: socklen_t, af: c_int, ret: *mut libc::hostent, buf: *mut libc::c_char, buflen: size_t, result: *mut *mut libc::hostent, h_errnop: *mut c_int) -> c_int;
     fn sendmmsg(fd: c_int, vec: *mut libc::mmsghdr, n: c_uint, flags: c_int) -> c_int;
     fn recvmmsg(fd: c_int, vec: *mut libc::mmsghdr, n: c_uint, flags: c_int, ts: *mut libc::timespec) -> c_int;
 }

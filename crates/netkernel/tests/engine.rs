@@ -234,6 +234,66 @@ fn names_are_resolved_by_the_provider() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "named\n");
 }
 
+/// gethostbyname(_ex), gethostbyaddr and getnameinfo answer from the provider like getaddrinfo:
+/// names only the NSM's `hosts` knows resolve, both ways, in an isolated guest too; numeric
+/// getnameinfo needs no NSM; unknown names fail with the codes glibc gives natively.
+#[test]
+fn host_and_reverse_names_are_the_providers() {
+    let python = require("python3");
+    let engine = TestEngine::with_config(
+        "[[nsm]]\nname = \"k\"\nhosts = { \"nk-provider-name\" = \"127.0.0.9\", \"nk-v6-name\" = \"::1\" }\n\n\
+         [[tenant]]\nname = \"t\"\nnsm = \"k\"\n",
+    );
+    let lookups = "import socket\n\
+                   def t(f, *a):\n    try: print(f(*a))\n    except OSError as e: print(type(e).__name__, e.args[0])\n";
+    let known = format!(
+        "{lookups}t(socket.gethostbyname, 'nk-provider-name')\nt(socket.gethostbyname_ex, 'nk-provider-name')\n\
+         t(socket.gethostbyaddr, '127.0.0.9')\nt(socket.getnameinfo, ('127.0.0.9', 80), 0)\n\
+         t(socket.getnameinfo, ('::1', 80, 0, 0), socket.NI_NAMEREQD)\n"
+    );
+    let want = "127.0.0.9\n('nk-provider-name', [], ['127.0.0.9'])\n('nk-provider-name', [], ['127.0.0.9'])\n\
+                ('nk-provider-name', 'http')\n('nk-v6-name', 'http')\n";
+    let unknown = format!(
+        "{lookups}t(socket.gethostbyname, 'no-such-name.invalid')\nt(socket.gethostbyname_ex, 'no-such-name.invalid')\n\
+         t(socket.gethostbyaddr, '192.0.2.77')\nt(socket.getnameinfo, ('192.0.2.77', 80), socket.NI_NAMEREQD)\n\
+         t(socket.getnameinfo, ('192.0.2.77', 80), 0)\n\
+         t(socket.getnameinfo, ('127.0.0.9', 80), socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)\n"
+    );
+    let python_cmd = |script: &str, isolate: bool| {
+        let mut c = Command::new(NETKERNEL);
+        c.arg("run");
+        if isolate {
+            c.arg("--isolate");
+        }
+        c.arg("--socket").arg(&engine.socket).arg("--").arg(&python).args(["-c", script]);
+        c
+    };
+    let out = output_within(python_cmd(&known, false), Duration::from_secs(30));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), want);
+    let native = output_within(
+        {
+            let mut c = Command::new(&python);
+            c.args(["-c", &unknown]);
+            c
+        },
+        Duration::from_secs(30),
+    );
+    let nk = output_within(python_cmd(&unknown, false), Duration::from_secs(30));
+    assert!(nk.status.success(), "{}", String::from_utf8_lossy(&nk.stderr));
+    assert_eq!(String::from_utf8_lossy(&nk.stdout), String::from_utf8_lossy(&native.stdout));
+    assert!(String::from_utf8_lossy(&nk.stdout).contains("herror 1\n"), "{}", String::from_utf8_lossy(&nk.stdout));
+    if !is_root() {
+        eprintln!("SKIP the isolated half of host_and_reverse_names_are_the_providers: --isolate needs root");
+        return;
+    }
+    let out = output_within(python_cmd(&known, true), Duration::from_secs(30));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), want);
+    let out = output_within(python_cmd(&unknown, true), Duration::from_secs(30));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&native.stdout));
+}
+
 #[test]
 fn prometheus_metrics_and_ctl_top() {
     let promtool = require("promtool");

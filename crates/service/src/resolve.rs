@@ -3,7 +3,7 @@
 //! NSM's namespace), on a thread of its own, since a resolver may block for seconds and the
 //! event loop serves every guest.
 
-use netkernel_abi::{nqe_state, RESOLVED_SIZE, RESOLVE_EAI_BASE};
+use netkernel_abi::{nqe_state, RESOLVED_SIZE, RESOLVE_EAI_BASE, RESOLVE_REVERSE};
 use netkernel_ring::region::Region;
 use netkernel_ring::sys;
 use std::collections::HashMap;
@@ -80,6 +80,55 @@ pub(crate) fn resolve(hosts: &HashMap<String, String>, q: &Query) -> Result<Vec<
     Ok(out)
 }
 
+/// The name of a numeric address (`q.node`, of family `q.family`): from the configured
+/// `hosts` (the first name in order, when several share the address), else from the NSM's
+/// system resolver (getnameinfo with NI_NAMEREQD, so an address without a name is EAI_NONAME).
+pub(crate) fn reverse(hosts: &HashMap<String, String>, q: &Query) -> Result<String, i32> {
+    let ip: std::net::IpAddr = q.node.parse().map_err(|_| libc::EAI_NONAME)?;
+    let mut names: Vec<&String> =
+        hosts.iter().filter(|(_, a)| a.parse::<std::net::IpAddr>().ok() == Some(ip)).map(|(n, _)| n).collect();
+    names.sort();
+    if let Some(n) = names.first() {
+        return Ok(n.to_string());
+    }
+    let sa = sockaddr_of(ip);
+    let mut host = [0 as libc::c_char; 1025];
+    // SAFETY: sa is a live sockaddr of the length given; host is a live buffer of its length.
+    let r = unsafe {
+        libc::getnameinfo(
+            sa.0.as_ptr().cast(),
+            sa.1,
+            host.as_mut_ptr(),
+            host.len() as libc::socklen_t,
+            std::ptr::null_mut(),
+            0,
+            libc::NI_NAMEREQD,
+        )
+    };
+    if r != 0 {
+        return Err(r);
+    }
+    // SAFETY: getnameinfo wrote a NUL-terminated name.
+    Ok(unsafe { std::ffi::CStr::from_ptr(host.as_ptr()) }.to_string_lossy().into_owned())
+}
+
+/// A sockaddr for `ip` (port 0), as bytes and length.
+fn sockaddr_of(ip: std::net::IpAddr) -> ([u8; 28], libc::socklen_t) {
+    let mut b = [0u8; 28];
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            b[..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+            b[4..8].copy_from_slice(&v4.octets());
+            (b, std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t)
+        }
+        std::net::IpAddr::V6(v6) => {
+            b[..2].copy_from_slice(&(libc::AF_INET6 as u16).to_ne_bytes());
+            b[8..24].copy_from_slice(&v6.octets());
+            (b, std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t)
+        }
+    }
+}
+
 /// Resolves on a thread and completes nqe `idx` of `region` from there. The thread holds the
 /// region, so the mapping outlives a guest that goes away meanwhile.
 pub(crate) fn spawn(
@@ -91,20 +140,36 @@ pub(crate) fn spawn(
     q: Query,
 ) {
     std::thread::spawn(move || {
-        let answer = resolve(&hosts, &q);
-        let result = match answer {
-            Ok(entries) => {
-                let fit = entries.len().min(buf_len as usize / RESOLVED_SIZE);
-                if fit > 0 {
-                    let dst = region.pool_ptr(buf_off, (fit * RESOLVED_SIZE) as u32);
-                    for (i, e) in entries.iter().take(fit).enumerate() {
-                        // SAFETY: dst covers fit entries inside the pool (checked by pool_ptr).
-                        unsafe { std::ptr::copy_nonoverlapping(e.as_ptr(), dst.add(i * RESOLVED_SIZE), RESOLVED_SIZE) };
+        let result = if q.flags as u32 & RESOLVE_REVERSE != 0 {
+            match reverse(&hosts, &q) {
+                Ok(name) => {
+                    let n = name.len().min(buf_len as usize);
+                    if n > 0 {
+                        let dst = region.pool_ptr(buf_off, n as u32);
+                        // SAFETY: dst covers n bytes inside the pool (checked by pool_ptr).
+                        unsafe { std::ptr::copy_nonoverlapping(name.as_ptr(), dst, n) };
                     }
+                    n as i64
                 }
-                fit as i64
+                Err(eai) => RESOLVE_EAI_BASE + eai as i64,
             }
-            Err(eai) => RESOLVE_EAI_BASE + eai as i64,
+        } else {
+            match resolve(&hosts, &q) {
+                Ok(entries) => {
+                    let fit = entries.len().min(buf_len as usize / RESOLVED_SIZE);
+                    if fit > 0 {
+                        let dst = region.pool_ptr(buf_off, (fit * RESOLVED_SIZE) as u32);
+                        for (i, e) in entries.iter().take(fit).enumerate() {
+                            // SAFETY: dst covers fit entries inside the pool (checked by pool_ptr).
+                            unsafe {
+                                std::ptr::copy_nonoverlapping(e.as_ptr(), dst.add(i * RESOLVED_SIZE), RESOLVED_SIZE)
+                            };
+                        }
+                    }
+                    fit as i64
+                }
+                Err(eai) => RESOLVE_EAI_BASE + eai as i64,
+            }
         };
         // SAFETY: nqe idx is in bounds; the guest reads result only after DONE.
         unsafe { std::ptr::write_volatile(&mut (*region.nqe(idx)).result, result) };
@@ -130,5 +195,17 @@ mod tests {
         let q = Query::parse(b"no-such-name.invalid\0\0", 0, 0, 0).unwrap();
         assert!(resolve(&hosts, &q).is_err());
         assert!(Query::parse(b"\0x\0", 0, 0, 0).is_none());
+    }
+
+    #[test]
+    fn reverse_from_hosts_then_the_system() {
+        let mut hosts = HashMap::new();
+        hosts.insert("b-name".to_string(), "127.0.0.9".to_string());
+        hosts.insert("a-name".to_string(), "127.0.0.9".to_string());
+        let rev = RESOLVE_REVERSE as i32;
+        let q = Query::parse(b"127.0.0.9\0\0", libc::AF_INET, 0, rev).unwrap();
+        assert_eq!(reverse(&hosts, &q).unwrap(), "a-name");
+        let q = Query::parse(b"not-an-address\0\0", libc::AF_INET, 0, rev).unwrap();
+        assert_eq!(reverse(&hosts, &q), Err(libc::EAI_NONAME));
     }
 }
