@@ -224,3 +224,85 @@ fn raw_sockets_and_send_floods_are_refused() {
     let out = output_within(engine.run(PROBE, &["half_close"]), Duration::from_secs(60));
     assert!(out.status.success());
 }
+
+/// The co-located short cut joins two guests' sockets inside the NSM: a hostile peer on such a
+/// connection gets exactly the bytes sent to it, and when it breaks the ABI it loses its own
+/// attachment while the server it talked to, and everyone else, go on intact.
+#[test]
+fn a_hostile_colocated_peer_gets_only_its_own_bytes() {
+    let engine = TestEngine::start();
+    let content: String = (0..200_000).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+    let (mut server, port) = engine.http_server("page.txt", &content);
+    let good = {
+        let mut c = engine.run(PROBE, &["bulk", "256"]);
+        c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+        c.spawn().unwrap()
+    };
+    let g = RawGuest::attach(&engine);
+    let inet = libc::AF_INET as u64;
+    let c = g.call(Op::Socket, 0, 0, (inet, libc::SOCK_STREAM as u64), 0, &[]).unwrap() as u32;
+    assert_eq!(g.call(Op::Connect, c, 0, (0, 0), 0, &loopback(port)), Some(-(libc::EINPROGRESS as i64)));
+    assert_eq!(g.call(Op::Connect, c, 0, (0, 0), 0, &loopback(port)), Some(0));
+    let conns = engine.ctl("conns");
+    let ours = conns.as_array().unwrap().iter().find(|x| x["pid"] == std::process::id() && x["proto"] == "tcp");
+    assert_eq!(ours.map(|x| x["path"].clone()), Some("colocated".into()), "{conns}");
+    let pool = g.region.layout().pool_off;
+    let request = b"GET /page.txt HTTP/1.0\r\n\r\n";
+    // SAFETY: the start of our own buffer pool.
+    unsafe { std::ptr::copy_nonoverlapping(request.as_ptr(), g.region.pool_ptr(pool, 4096), request.len()) };
+    assert_eq!(g.call(Op::Send, c, 0, (0, 0), request.len() as u32, &[]), Some(request.len() as i64));
+    let mut reply = Vec::new();
+    let start = Instant::now();
+    loop {
+        let r = g.call(Op::Recv, c, 0, (0, 0), 65536, &[]).unwrap();
+        if r == 0 {
+            break;
+        }
+        if r == -(libc::EAGAIN as i64) {
+            assert!(start.elapsed() < Duration::from_secs(10), "no reply from the server");
+            std::thread::sleep(Duration::from_millis(5));
+            continue;
+        }
+        assert!(r > 0, "recv: {r}");
+        // SAFETY: the NSM wrote r bytes at the start of our pool.
+        reply.extend_from_slice(unsafe { std::slice::from_raw_parts(g.region.pool_ptr(pool, r as u32), r as usize) });
+    }
+    let text = String::from_utf8_lossy(&reply);
+    assert!(text.starts_with("HTTP/1.0 200"), "{}", &text[..text.len().min(200)]);
+    assert!(text.ends_with(&content), "the reply is not the page");
+    // Now a receive into memory outside its pool: refused, nothing copied anywhere.
+    let c2 = g.call(Op::Socket, 0, 0, (inet, libc::SOCK_STREAM as u64), 0, &[]).unwrap() as u32;
+    g.call(Op::Connect, c2, 0, (0, 0), 0, &loopback(port));
+    g.call(Op::Send, c2, 0, (0, 0), request.len() as u32, &[]);
+    let p = g.region.nqe(0);
+    // SAFETY: nqe 0 of our own mapping.
+    unsafe {
+        (*p).op = Op::Recv as u32;
+        (*p).sock = c2;
+        (*p).buf_off = g.region.layout().pool_off + g.region.layout().pool_size - 10;
+        (*p).buf_len = 65536;
+        (*p).addr_len = 0;
+    }
+    g.submit(0);
+    assert!(g.refused_within(Duration::from_secs(5)), "the NSM did not refuse the guest\n{}", engine.log());
+    // The server and the other guests go on.
+    let curl = require("curl");
+    let out = output_within(
+        {
+            let mut c = engine.run(curl.to_str().unwrap(), &["-sS", &format!("http://127.0.0.1:{port}/page.txt")]);
+            c.stdout(std::process::Stdio::piped());
+            c
+        },
+        Duration::from_secs(30),
+    );
+    assert!(out.status.success(), "curl after the hostile peer: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), content);
+    let out = good.wait_with_output().unwrap();
+    assert!(out.status.success(), "good guest failed: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let sums: Vec<&str> = text.lines().map(|l| l.rsplit(' ').next().unwrap()).collect();
+    assert_eq!(sums.len(), 2, "{text}");
+    assert_eq!(sums[0], sums[1], "good guest's bytes were corrupted: {text}");
+    let _ = server.kill();
+    let _ = server.wait();
+}
