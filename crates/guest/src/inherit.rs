@@ -14,7 +14,7 @@
 use crate::state::{self, lookup, Attachment, Fd, HIDDEN_FD_MIN, HOLDER, LOCAL_REFS, SLOT_INO};
 use libc::c_char;
 use netkernel_abi::SLOT_COUNT;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 pub const VAR: &[u8] = b"NETKERNEL_INHERIT=";
 /// An env string may be at most 32 pages (MAX_ARG_STRLEN); sockets past this are not passed.
@@ -268,8 +268,17 @@ pub unsafe fn prepare(envp: *const *const c_char, to: To, extra: &[u32]) -> Opti
         h.finish(false);
         return None;
     }
+    let me = state::getpid() as u64;
+    let joined = VFORK_JOINED.load(Ordering::Relaxed);
     let holder = if to == To::Exec {
         HOLDER.load(Ordering::Relaxed)
+    } else if to == To::VforkExec && joined >> 32 == me {
+        // An earlier exec attempt of this vfork child (execvp tries each PATH entry) joined.
+        let h0 = joined as u32;
+        for s in h.slots() {
+            a.region.guest_sock(s).holders.fetch_or(1u64 << h0, Ordering::AcqRel);
+        }
+        h0
     } else {
         let Some(new) = state::reserve_holder(a) else {
             raw_warn(b"netkernel: 64 processes share this attachment; inherited sockets are not served after exec\n");
@@ -284,6 +293,19 @@ pub unsafe fn prepare(envp: *const *const c_char, to: To, extra: &[u32]) -> Opti
     };
     let ctl = if to == To::Exec { a.ctl.load(Ordering::Acquire) } else { -1 };
     h.dups = [memfd_for_exec(a.memfd), dup_open(ctl)];
+    // A vfork child joins here, before exec: the program it becomes may have no GuestLib to do
+    // it, and only a holder the engine knows of gives its sockets back when it exits.
+    if h.dups[0] >= 0 && h.reserved.is_some() && to == To::VforkExec {
+        if join_raw(a.region.header().attachment_id, holder, h.dups[0]) {
+            // The engine watches this process now: its exit, exec'd or not, releases the
+            // holder, so a failed attempt keeps it for the next one.
+            h.reserved = None;
+            VFORK_JOINED.store(me << 32 | holder as u64, Ordering::Relaxed);
+        } else {
+            netkernel_ring::sys::close(h.dups[0]);
+            h.dups[0] = -1;
+        }
+    }
     if h.dups[0] < 0 {
         // The new program still learns which of its sockets it cannot serve (attachment 0), so
         // they fail at once instead of idling as the kernel sockets reserving their numbers.
@@ -293,6 +315,68 @@ pub unsafe fn prepare(envp: *const *const c_char, to: To, extra: &[u32]) -> Opti
     }
     write_env(&mut h, a.region.header().attachment_id, holder, envp, n);
     Some(h)
+}
+
+/// The vfork child that joined the engine (pid << 32 | holder). It lives in the parent's memory,
+/// which the child shares; keyed by pid, it means nothing to anyone else.
+static VFORK_JOINED: AtomicU64 = AtomicU64::new(0);
+
+/// `join` for this process, with system calls and stack buffers only (a vfork child may not
+/// allocate): the framing of `netkernel_ring::sys::send_frame`, the memfd as SCM_RIGHTS.
+/// Whether the engine took it.
+fn join_raw(att: u64, holder: u32, memfd: i32) -> bool {
+    let fd = state::connect_engine_raw();
+    if fd < 0 {
+        return false;
+    }
+    let mut frame = [0u8; 128];
+    let mut at = 4;
+    for (part, v) in [(&b"{\"op\":\"join\",\"attachment\":"[..], att as i64), (&b",\"holder\":"[..], holder as i64)] {
+        frame[at..at + part.len()].copy_from_slice(part);
+        at += part.len();
+        put_num(&mut frame, &mut at, v);
+    }
+    frame[at] = b'}';
+    at += 1;
+    frame[..4].copy_from_slice(&((at - 4) as u32).to_le_bytes());
+    // SAFETY: msghdr, iovec and the control buffer are live stack data for both calls; raw
+    // system calls only.
+    let ok = unsafe {
+        let mut cbuf = [0u64; 8];
+        let mut iov = libc::iovec { iov_base: frame.as_mut_ptr().cast(), iov_len: at };
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = libc::CMSG_SPACE(4) as usize;
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(4) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<i32>(), memfd);
+        let sent = libc::syscall(libc::SYS_sendmsg, fd, &msg, libc::MSG_NOSIGNAL) == at as i64;
+        // The reply: its doorbells arrive close-on-exec and go with this image; only "ok" matters.
+        let mut reply = [0u8; 256];
+        let mut got = 0usize;
+        while sent && got < reply.len() {
+            iov = libc::iovec { iov_base: reply.as_mut_ptr().add(got).cast(), iov_len: reply.len() - got };
+            msg.msg_iov = &mut iov;
+            msg.msg_control = cbuf.as_mut_ptr().cast();
+            msg.msg_controllen = std::mem::size_of_val(&cbuf);
+            let n = libc::syscall(libc::SYS_recvmsg, fd, &mut msg, libc::MSG_CMSG_CLOEXEC);
+            if n <= 0 {
+                break;
+            }
+            got += n as usize;
+            if got >= 4 && got >= 4 + u32::from_le_bytes([reply[0], reply[1], reply[2], reply[3]]) as usize {
+                break;
+            }
+        }
+        const OK: &[u8] = b"\"ok\":true";
+        sent && reply[4..got].windows(OK.len()).any(|w| w == OK)
+    };
+    netkernel_ring::sys::close(fd);
+    ok
 }
 
 /// Writes `NETKERNEL_INHERIT=att,holder,memfd,ctl;ino:slot,...` and the new

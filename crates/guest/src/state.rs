@@ -5,7 +5,7 @@
 use netkernel_abi::{nqe_state, GuestSock, Nqe, ADDR_MAX, BUF_SIZE, NQE_COUNT, SLOT_COUNT, STATE_DEAD};
 use netkernel_ring::region::Region;
 use netkernel_ring::sys;
-use std::sync::atomic::{fence, AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 /// fds at or above this are never NetKernel sockets (the machine's limit is far below).
@@ -247,6 +247,7 @@ pub fn connect_engine() -> Result<i32, String> {
     for (d, s) in sa.sun_path.iter_mut().zip(path.bytes()) {
         *d = s as libc::c_char;
     }
+    remember_engine(&sa);
     // SAFETY: sa is a live sockaddr_un.
     let r = unsafe { libc::syscall(libc::SYS_connect, fd, &sa as *const _, std::mem::size_of::<libc::sockaddr_un>()) };
     if r < 0 {
@@ -255,6 +256,39 @@ pub fn connect_engine() -> Result<i32, String> {
         return Err(format!("cannot reach the NetKernel engine at {path}: {e}"));
     }
     Ok(fd)
+}
+
+/// The engine's address, kept for a vfork child, which may not allocate to build it again.
+static ENGINE_ADDR: [AtomicU8; 108] = [const { AtomicU8::new(0) }; 108];
+
+fn remember_engine(sa: &libc::sockaddr_un) {
+    for (d, &c) in ENGINE_ADDR.iter().zip(sa.sun_path.iter()) {
+        d.store(c as u8, Ordering::Relaxed);
+    }
+}
+
+/// A connection to the engine made with system calls alone (for a vfork child), or -1.
+pub fn connect_engine_raw() -> i32 {
+    // SAFETY: sockaddr_un is plain data.
+    let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    sa.sun_family = libc::AF_UNIX as u16;
+    for (d, s) in sa.sun_path.iter_mut().zip(ENGINE_ADDR.iter()) {
+        *d = s.load(Ordering::Relaxed) as libc::c_char;
+    }
+    if sa.sun_path[0] == 0 {
+        return -1;
+    }
+    // SAFETY: plain system calls; sa is a live sockaddr_un.
+    unsafe {
+        let fd = libc::syscall(libc::SYS_socket, libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) as i32;
+        if fd >= 0
+            && libc::syscall(libc::SYS_connect, fd, &sa as *const _, std::mem::size_of::<libc::sockaddr_un>()) < 0
+        {
+            sys::close(fd);
+            return -1;
+        }
+        fd
+    }
 }
 
 /// One request/response with the engine on `fd`; the reply's fds are returned.

@@ -67,3 +67,96 @@ fn python_http_server_serves_100mib_to_curl() {
     assert!(out >= 100 << 20 && inb >= 100 << 20, "NSM counters do not show the transfer: {nsm}");
     eprintln!("100 MiB through the kernel NSM in {took:?}; NSM counters {nsm}");
 }
+
+/// Sockets inherited across exec, with real programs, NetKernel against native: a supervisor
+/// that execs itself with a listening fd in argv; inetd-style hand-offs of a connection as
+/// stdin/stdout through python's subprocess (vfork+exec, the child closing every other fd) to
+/// python and to socat; posix_spawn of a program given a socket's fd number; a daemon() child
+/// (glibc forks internally, the parent exits at once) serving a listener; and a program exec'd
+/// without GuestLib, whose exit ends its copy of the connection.
+const EXEC_SCRIPT: &str = r#"
+import ctypes, os, socket, subprocess, sys, time
+if sys.argv[1:2] == ['child']:
+    l = socket.socket(fileno=int(sys.argv[2]))
+    for i in range(2):
+        c, _ = l.accept()
+        c.sendall(b'served by the exec\'d supervisor %d\n' % i)
+        c.close()
+    sys.exit(0)
+l = socket.socket(); l.bind(('127.0.0.1', 0)); l.listen()
+port = l.getsockname()[1]
+def conn():
+    c = socket.create_connection(('127.0.0.1', port))
+    s, _ = l.accept()
+    return c, s
+def drain(c):
+    data = b''
+    while True:
+        d = c.recv(100)
+        if not d: return data
+        data += d
+c, s = conn()
+p = subprocess.Popen([sys.executable, '-c', 'import sys; d=sys.stdin.buffer.readline(); sys.stdout.buffer.write(b"python child got " + d)'], stdin=s, stdout=s)
+s.close(); c.sendall(b'hello\n')
+print(drain(c).decode().strip(), p.wait())
+c, s = conn()
+p = subprocess.Popen(['socat', 'STDIO', 'EXEC:cat'], stdin=s, stdout=s)
+s.close(); c.sendall(b'through socat\n'); c.shutdown(socket.SHUT_WR)
+print(drain(c).decode().strip(), p.wait())
+c, s = conn()
+s.set_inheritable(True)
+pid = os.posix_spawn(sys.executable, [sys.executable, '-c', 'import socket,sys; s=socket.socket(fileno=int(sys.argv[1])); s.sendall(b"spawned says hi")', str(s.fileno())], os.environ)
+s.close()
+print(drain(c).decode(), os.waitpid(pid, 0)[1])
+c, s = conn()
+env = {k: v for k, v in os.environ.items() if k != 'LD_PRELOAD'}
+p = subprocess.Popen(['sleep', '0.5'], stdin=s, env=env)
+s.close()
+c.settimeout(0.2)
+try: print('early', c.recv(10))
+except socket.timeout: print('open while the program without GuestLib runs')
+p.wait(); c.settimeout(5)
+print('after it exits', c.recv(10))
+r, w = os.pipe()
+a = os.fork()
+if a == 0:
+    d = socket.socket(); d.bind(('127.0.0.1', 0)); d.listen()
+    os.write(w, b'%d' % d.getsockname()[1])
+    ctypes.CDLL(None).daemon(1, 1)
+    x, _ = d.accept(); x.sendall(b'daemon says hi'); x.close()
+    os._exit(0)
+dport = int(os.read(r, 16)); os.waitpid(a, 0)
+print(drain(socket.create_connection(('127.0.0.1', dport))).decode())
+if os.fork() == 0:
+    for i in range(2):
+        print(drain(socket.create_connection(('127.0.0.1', port))).decode().strip(), flush=True)
+    os._exit(0)
+l.set_inheritable(True)
+sys.stdout.flush()
+os.execv(sys.executable, [sys.executable, sys.argv[0], 'child', str(l.fileno())])
+"#;
+
+#[test]
+fn sockets_survive_exec_in_real_programs() {
+    let python = require("python3");
+    require("socat");
+    let engine = TestEngine::start();
+    let script = engine.dir.path().join("exec.py");
+    std::fs::write(&script, EXEC_SCRIPT).unwrap();
+    let native = output_within(
+        {
+            let mut c = std::process::Command::new(&python);
+            c.arg(&script);
+            c
+        },
+        Duration::from_secs(60),
+    );
+    assert!(native.status.success(), "native: {}", String::from_utf8_lossy(&native.stderr));
+    let nk = output_within(engine.run(python.to_str().unwrap(), &[script.to_str().unwrap()]), Duration::from_secs(60));
+    let (n, k) = (String::from_utf8_lossy(&native.stdout), String::from_utf8_lossy(&nk.stdout));
+    assert!(nk.status.success(), "under NetKernel: {}\n{k}\n{}", String::from_utf8_lossy(&nk.stderr), engine.log());
+    assert_eq!(n, k, "native and NetKernel differ");
+    assert!(k.contains("daemon says hi") && k.contains("served by the exec'd supervisor 1"), "{k}");
+    assert!(!String::from_utf8_lossy(&nk.stderr).contains("netkernel:"), "{}", String::from_utf8_lossy(&nk.stderr));
+    assert!(engine.nsm()["conns_total"].as_u64().unwrap() >= 8, "not through the NSM: {}", engine.nsm());
+}
