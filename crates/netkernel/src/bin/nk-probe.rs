@@ -1257,30 +1257,39 @@ fn accept_on(fd: c_int) {
     }
 }
 
-/// A program exec'd without GuestLib (LD_PRELOAD removed) inherits a connection: the peer sees
-/// EOF once that program exits, not before and not never.
+/// A program exec'd without GuestLib (LD_PRELOAD removed) inherits a connection, after fork and
+/// after vfork: the peer sees EOF once that program exits, not before and not never.
 fn exec_no_guest() {
-    let (c, s) = pair();
     let args = cstrings(&["/bin/sleep", "0.5"]);
     let argv = ptrs(&args);
     let env = cstrings(&["PATH=/usr/bin:/bin"]);
     let envp = ptrs(&env);
-    // SAFETY: the child only dup2()s and execs.
-    let pid = unsafe { libc::fork() };
-    if pid == 0 {
-        // SAFETY: valid argv and envp; exits via _exit if exec fails.
-        unsafe {
-            libc::dup2(s, 0);
-            libc::execve(argv[0], argv.as_ptr(), envp.as_ptr());
-            libc::_exit(127);
+    for how in ["fork", "vfork"] {
+        let (c, s) = pair();
+        // SAFETY: the child only dup2()s and execs (or _exits), with everything computed before.
+        #[allow(deprecated)]
+        let pid = unsafe {
+            if how == "fork" {
+                libc::fork()
+            } else {
+                libc::vfork()
+            }
+        };
+        if pid == 0 {
+            // SAFETY: valid argv and envp; exits via _exit if exec fails.
+            unsafe {
+                libc::dup2(s, 0);
+                libc::execve(argv[0], argv.as_ptr(), envp.as_ptr());
+                libc::_exit(127);
+            }
         }
+        close(s);
+        println!("{how}: while the child runs: {}", poll1(c, libc::POLLIN, 200));
+        println!("{how}: child status {}", wait_child(pid));
+        println!("{how}: after it exits: {}", poll1(c, libc::POLLIN, 2000));
+        recv_trace("recv", c, 10, 0);
+        close(c);
     }
-    close(s);
-    println!("while the child runs: {}", poll1(c, libc::POLLIN, 200));
-    println!("child status {}", wait_child(pid));
-    println!("after it exits: {}", poll1(c, libc::POLLIN, 2000));
-    recv_trace("recv", c, 10, 0);
-    close(c);
 }
 
 fn main() {
