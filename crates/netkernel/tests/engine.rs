@@ -299,7 +299,12 @@ fn prometheus_metrics_and_ctl_top() {
     let promtool = require("promtool");
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let addr = format!("127.0.0.1:{port}");
-    let engine = TestEngine::start_with(&["--metrics", &addr]);
+    // TCP's own telemetry (RTT, cwnd) needs the connection to go through the kernel stack, not
+    // the co-located short cut.
+    let engine = TestEngine::with_config(&format!(
+        "[engine]\nmetrics = \"{addr}\"\n\n[[nsm]]\nname = \"kernel\"\ncolocate = false\n\n\
+         [[tenant]]\nname = \"default\"\nnsm = \"kernel\"\n"
+    ));
     // A guest with a connection that has moved bytes, kept open while we look.
     let script = "import socket,sys\nl=socket.create_server(('127.0.0.1',0))\nc=socket.create_connection(l.getsockname())\n\
                   s,_=l.accept()\nc.sendall(b'x'*200000)\nn=0\nwhile n<200000: n+=len(s.recv(65536))\nprint('ready',flush=True)\nsys.stdin.read()\n";

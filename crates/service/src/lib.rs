@@ -1088,7 +1088,7 @@ fn execute<S: Stack>(
             if colocated =>
         {
             let buf = region_buf(a);
-            colocated_op(stack, stats, templates, a, req, buf, addr, addr_out)
+            colocated_op(stack, stats, templates, bucket.as_deref_mut(), throttled, a, req, buf, addr, addr_out)
         }
         Op::Socket => {
             let (domain, ty) = (req.arg0 as i32, req.arg1 as i32);
@@ -1369,6 +1369,8 @@ fn colocated_op<S: Stack>(
     stack: &mut S,
     stats: &mut NsmStats,
     templates: &mut [Option<OwnedFd>; 2],
+    bucket: Option<&mut ratelimit::Bucket>,
+    throttled: &mut bool,
     a: &mut Attachment,
     req: &Request,
     buf: &mut [u8],
@@ -1384,7 +1386,27 @@ fn colocated_op<S: Stack>(
         Op::Connect => end.connect_again().map(|()| 0),
         Op::Send => {
             let is_async = req.flags & SEND_ASYNC != 0;
-            let n = end.send(buf, is_async, sendq::MAX_QUEUED).map_err(|e| e.unwrap_or(OVERFLOW))?;
+            // The tenant's rate limit holds for bytes that stay on the host too. An asynchronous
+            // send cannot wait: it is charged, and the tenant waits until the debt is paid.
+            let (n, bucket) = match bucket {
+                Some(b) if is_async => {
+                    let n = end.send(buf, true, sendq::MAX_QUEUED).map_err(|e| e.unwrap_or(OVERFLOW))?;
+                    b.charge(n);
+                    (n, Some(b))
+                }
+                Some(b) => {
+                    let allowed = b.take(buf.len());
+                    if allowed == 0 && !buf.is_empty() {
+                        *throttled = true;
+                        return Err(libc::EAGAIN);
+                    }
+                    let r = end.send(&buf[..allowed], false, 0).map_err(|e| e.unwrap_or(OVERFLOW));
+                    b.refund(allowed - r.as_ref().map_or(0, |&n| n));
+                    (r?, Some(b))
+                }
+                None => (end.send(buf, is_async, sendq::MAX_QUEUED).map_err(|e| e.unwrap_or(OVERFLOW))?, None),
+            };
+            *throttled = bucket.is_some_and(|b| b.exhausted());
             s.bytes_out += n as u64;
             stats.bytes_out += n as u64;
             tenant(stats, &a.tenant).bytes_out += n as u64;

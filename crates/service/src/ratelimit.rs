@@ -36,6 +36,13 @@ impl Bucket {
         n as usize
     }
 
+    /// Takes tokens for `n` bytes that went already (an asynchronous send, which cannot wait):
+    /// the bucket may go into debt, and the tenant waits until it is paid.
+    pub fn charge(&mut self, n: usize) {
+        self.refill();
+        self.tokens -= n as f64;
+    }
+
     /// Gives back tokens taken for bytes the stack did not take.
     pub fn refund(&mut self, n: usize) {
         self.tokens = (self.tokens + n as f64).min(self.burst);
