@@ -58,8 +58,9 @@ struct Attachment {
     tenant: String,
     nsm: String,
     pid: i32,
-    /// Processes sharing the attachment: the attaching one and its forked children.
-    holders: Vec<i32>,
+    /// Processes sharing the attachment (the attaching one, its forked children, programs that
+    /// joined after exec) with their holder indices.
+    holders: Vec<(i32, u32)>,
     /// The engine's own mapping, used to declare the region dead if its NSM dies.
     region: Region,
     guest_bell: OwnedFd,
@@ -344,9 +345,9 @@ impl Engine {
                     sys::send_frame(fd, &reply_bytes(r.map_or_else(Reply::err, Reply::ok)), &[])
                 }
                 EngineRequest::Join { attachment, holder } => match self.join(&conn, attachment, holder, &fds) {
-                    Ok(bells) => {
+                    Ok((holder, bells)) => {
                         let raw: Vec<RawFd> = bells.iter().map(|f| f.as_raw_fd()).collect();
-                        sys::send_frame(fd, &reply_bytes(Reply::ok(())), &raw)
+                        sys::send_frame(fd, &reply_bytes(Reply::ok(serde_json::json!({ "holder": holder }))), &raw)
                     }
                     Err(msg) => {
                         log(&msg);
@@ -386,7 +387,7 @@ impl Engine {
             let mut atts = self.attachments.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(a) = atts.get_mut(&id) {
                 let gone = a.pid;
-                a.holders.retain(|&p| p != gone && alive(p));
+                a.holders.retain(|&(p, _)| p != gone && alive(p));
                 if a.holders.is_empty() {
                     atts.remove(&id);
                 }
@@ -420,7 +421,7 @@ impl Engine {
     fn prune(&self) {
         let mut atts = self.attachments.lock().unwrap_or_else(|e| e.into_inner());
         atts.retain(|_, a| {
-            a.holders.retain(|&p| alive(p));
+            a.holders.retain(|&(p, _)| alive(p));
             !a.holders.is_empty()
         });
     }
@@ -485,7 +486,7 @@ impl Engine {
                 tenant: t.name.get_ref().clone(),
                 nsm: nsm.name.clone(),
                 pid: cred.pid,
-                holders: vec![cred.pid],
+                holders: vec![(cred.pid, 0)],
                 region,
                 guest_bell: keep_bell,
                 nsm_bell: keep_nsm_bell,
@@ -502,7 +503,7 @@ impl Engine {
         let nsm_name = {
             let atts = self.attachments.lock().unwrap_or_else(|e| e.into_inner());
             let a = atts.get(&id).ok_or_else(|| format!("pid {} asked to share unknown attachment {id}", cred.pid))?;
-            if !a.holders.contains(&cred.pid) {
+            if !a.holders.iter().any(|&(p, _)| p == cred.pid) {
                 return Err(format!("pid {} does not hold attachment {id}", cred.pid));
             }
             a.nsm.clone()
@@ -510,30 +511,36 @@ impl Engine {
         if parent_of(child) != Some(cred.pid) {
             return Err(format!("pid {child} is not a child of pid {}", cred.pid));
         }
-        self.add_holder(id, &nsm_name, child, holder)
+        self.add_holder(id, &nsm_name, child, holder).map(|_| ())
     }
 
     /// Makes `pid` a holder of attachment `id` as index `holder` (the NSM watches its pidfd),
-    /// unless it is one already: a spawned child may join before its parent's `hold` arrives.
-    fn add_holder(&self, id: u64, nsm_name: &str, pid: i32, holder: u32) -> Result<(), String> {
-        let held = |atts: &HashMap<u64, Attachment>| atts.get(&id).is_some_and(|a| a.holders.contains(&pid));
-        if held(&self.attachments.lock().unwrap_or_else(|e| e.into_inner())) {
-            return Ok(());
+    /// unless it is one already: a spawned child may join before its parent's `hold` arrives, a
+    /// vfork child joins once for all its exec attempts. Returns the index `pid` holds with.
+    fn add_holder(&self, id: u64, nsm_name: &str, pid: i32, holder: u32) -> Result<u32, String> {
+        let held = |atts: &HashMap<u64, Attachment>| {
+            atts.get(&id).and_then(|a| a.holders.iter().find(|&&(p, _)| p == pid).map(|&(_, h)| h))
+        };
+        if let Some(h) = held(&self.attachments.lock().unwrap_or_else(|e| e.into_inner())) {
+            return Ok(h);
         }
         let pidfd = pidfd_open(pid).map_err(|e| format!("pidfd_open({pid}): {e}"))?;
         let nsm = self.nsms.iter().find(|n| n.name == nsm_name).ok_or("attachment's NSM is gone")?;
         nsm.hold(id, holder, pidfd.as_raw_fd()).map_err(|e| format!("NSM {}: {e}", nsm.name))?;
         let mut atts = self.attachments.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(a) = atts.get_mut(&id).filter(|a| !a.holders.contains(&pid)) {
-            a.holders.push(pid);
+        if let Some(a) = atts.get_mut(&id) {
+            if !a.holders.iter().any(|&(p, _)| p == pid) {
+                a.holders.push((pid, holder));
+            }
         }
-        Ok(())
+        Ok(holder)
     }
 
     /// A program that inherited sockets of attachment `id` across exec holds it from now on.
     /// Having the region's memfd is the proof: only processes the attachment's own processes
-    /// gave it to can have it. Returns the doorbells (NSM's, guest's) for it.
-    fn join(&self, conn: &UnixStream, id: u64, holder: u32, fds: &[OwnedFd]) -> Result<[OwnedFd; 2], String> {
+    /// gave it to can have it. Returns the holder index it has (`holder`, unless it held the
+    /// attachment already) and the doorbells (NSM's, guest's) for it.
+    fn join(&self, conn: &UnixStream, id: u64, holder: u32, fds: &[OwnedFd]) -> Result<(u32, [OwnedFd; 2]), String> {
         let cred = peer_cred(conn).map_err(|e| format!("SO_PEERCRED: {e}"))?;
         let ident = |fd: RawFd| {
             // SAFETY: stat is plain data, filled by fstat.
@@ -554,8 +561,7 @@ impl Engine {
         if holder >= 64 {
             return Err(format!("pid {} asked to join attachment {id} as holder {holder}", cred.pid));
         }
-        self.add_holder(id, &nsm_name, cred.pid, holder)?;
-        Ok(bells)
+        Ok((self.add_holder(id, &nsm_name, cred.pid, holder)?, bells))
     }
 
     fn stats(&self) -> Vec<NsmStats> {

@@ -2,11 +2,12 @@
 //! program, but that fd is only the idle kernel socket reserving its number; the region, the
 //! doorbells and the fd table are gone with the old image. So before exec (or posix_spawn) the
 //! old program passes the new one, in `NETKERNEL_INHERIT`, what it needs to rejoin the same
-//! attachment: the attachment id, a holder index of its own, fd numbers of the region memfd and
-//! the doorbells (kept open across exec for this), and, per inherited socket, the inode of its
-//! reserving kernel socket and its slot. The new GuestLib consumes the variable before main,
-//! finds its inherited sockets by inode (whatever fd numbers dup2 gave them), and tells the
-//! engine it holds the attachment (`join`, proving it with the memfd).
+//! attachment: the attachment id, a holder index of its own, the fd number of a copy of the
+//! region memfd (and, for the exec of a process, of its control connection), and, per inherited
+//! socket, the inode of its reserving kernel socket and its slot. The new GuestLib consumes the
+//! variable before main, finds its inherited sockets by inode (whatever fd numbers dup2 gave
+//! them), and tells the engine it holds the attachment (`join`, proving it with the memfd), which
+//! hands back the doorbells.
 //!
 //! The exec side runs in vfork children too (they share the parent's memory and stack), so it
 //! never allocates: its memory is one anonymous mapping, unmapped again if exec fails.
@@ -14,7 +15,7 @@
 use crate::state::{self, lookup, Attachment, Fd, HIDDEN_FD_MIN, HOLDER, LOCAL_REFS, SLOT_INO};
 use libc::c_char;
 use netkernel_abi::SLOT_COUNT;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 pub const VAR: &[u8] = b"NETKERNEL_INHERIT=";
 /// An env string may be at most 32 pages (MAX_ARG_STRLEN); sockets past this are not passed.
@@ -45,6 +46,13 @@ impl Handoff {
     fn slots(&self) -> impl Iterator<Item = u32> + '_ {
         // SAFETY: as in `mark`.
         (0..SLOT_COUNT).filter(move |&s| unsafe { *self.base.add(s as usize / 8) } & (1 << (s % 8)) != 0)
+    }
+
+    /// Marks holder `h` as holding every socket handed on.
+    fn claim(&self, a: &Attachment, h: u32) {
+        for s in self.slots() {
+            a.region.guest_sock(s).holders.fetch_or(1u64 << h, Ordering::AcqRel);
+        }
     }
 
     /// Gives back the holder index reserved for the new process and its claim on the sockets.
@@ -82,8 +90,7 @@ pub enum To {
     Exec,
     /// A vfork child execing: a new process that has not told the engine it holds anything.
     VforkExec,
-    /// A child posix_spawn is about to start; `extra` are slots its file actions dup2 onto
-    /// other numbers.
+    /// A child posix_spawn is about to start.
     Spawn,
 }
 
@@ -127,7 +134,7 @@ fn memfd_for_exec(memfd: i32) -> i32 {
     high
 }
 
-/// Marks in `bm` the slots of this process's open fds that survive exec, found by the inode of
+/// Marks the slots of this process's open fds that survive exec, found by the inode of
 /// their reserving socket, so a vfork child's dup2 onto 0/1 is seen although GuestLib's fd
 /// table (the parent's) does not know it.
 fn mark_surviving(h: &mut Handoff) {
@@ -268,26 +275,15 @@ pub unsafe fn prepare(envp: *const *const c_char, to: To, extra: &[u32]) -> Opti
         h.finish(false);
         return None;
     }
-    let me = state::getpid() as u64;
-    let joined = VFORK_JOINED.load(Ordering::Relaxed);
     let holder = if to == To::Exec {
         HOLDER.load(Ordering::Relaxed)
-    } else if to == To::VforkExec && joined >> 32 == me {
-        // An earlier exec attempt of this vfork child (execvp tries each PATH entry) joined.
-        let h0 = joined as u32;
-        for s in h.slots() {
-            a.region.guest_sock(s).holders.fetch_or(1u64 << h0, Ordering::AcqRel);
-        }
-        h0
     } else {
         let Some(new) = state::reserve_holder(a) else {
-            raw_warn(b"netkernel: 64 processes share this attachment; inherited sockets are not served after exec\n");
-            h.finish(false);
-            return None;
+            raw_warn(b"netkernel: 64 processes share this attachment; inherited sockets fail after exec\n");
+            write_env(&mut h, 0, 0, envp, n);
+            return Some(h);
         };
-        for s in h.slots() {
-            a.region.guest_sock(s).holders.fetch_or(1u64 << new, Ordering::AcqRel);
-        }
+        h.claim(a, new);
         h.reserved = Some(new);
         new
     };
@@ -295,15 +291,25 @@ pub unsafe fn prepare(envp: *const *const c_char, to: To, extra: &[u32]) -> Opti
     h.dups = [memfd_for_exec(a.memfd), dup_open(ctl)];
     // A vfork child joins here, before exec: the program it becomes may have no GuestLib to do
     // it, and only a holder the engine knows of gives its sockets back when it exits.
-    if h.dups[0] >= 0 && h.reserved.is_some() && to == To::VforkExec {
-        if join_raw(a.region.header().attachment_id, holder, h.dups[0]) {
-            // The engine watches this process now: its exit, exec'd or not, releases the
-            // holder, so a failed attempt keeps it for the next one.
-            h.reserved = None;
-            VFORK_JOINED.store(me << 32 | holder as u64, Ordering::Relaxed);
-        } else {
-            netkernel_ring::sys::close(h.dups[0]);
-            h.dups[0] = -1;
+    let mut holder = holder;
+    if h.dups[0] >= 0 && to == To::VforkExec {
+        match join_raw(a.region.header().attachment_id, holder, h.dups[0]) {
+            Some(held) => {
+                // An earlier exec attempt of this child (execvp tries each PATH entry) joined
+                // with another index: that one is the engine's, the new one goes back.
+                if held != holder {
+                    h.claim(a, held);
+                    h.release_holder();
+                    holder = held;
+                }
+                // The engine watches this process now: its exit, exec'd or not, releases the
+                // holder, so a failed attempt leaves it for the next one.
+                h.reserved = None;
+            }
+            None => {
+                netkernel_ring::sys::close(h.dups[0]);
+                h.dups[0] = -1;
+            }
         }
     }
     if h.dups[0] < 0 {
@@ -317,17 +323,13 @@ pub unsafe fn prepare(envp: *const *const c_char, to: To, extra: &[u32]) -> Opti
     Some(h)
 }
 
-/// The vfork child that joined the engine (pid << 32 | holder). It lives in the parent's memory,
-/// which the child shares; keyed by pid, it means nothing to anyone else.
-static VFORK_JOINED: AtomicU64 = AtomicU64::new(0);
-
 /// `join` for this process, with system calls and stack buffers only (a vfork child may not
 /// allocate): the framing of `netkernel_ring::sys::send_frame`, the memfd as SCM_RIGHTS.
-/// Whether the engine took it.
-fn join_raw(att: u64, holder: u32, memfd: i32) -> bool {
+/// The holder index the engine has for this process, or None if it refused.
+fn join_raw(att: u64, holder: u32, memfd: i32) -> Option<u32> {
     let fd = state::connect_engine_raw();
     if fd < 0 {
-        return false;
+        return None;
     }
     let mut frame = [0u8; 128];
     let mut at = 4;
@@ -373,7 +375,17 @@ fn join_raw(att: u64, holder: u32, memfd: i32) -> bool {
             }
         }
         const OK: &[u8] = b"\"ok\":true";
-        sent && reply[4..got].windows(OK.len()).any(|w| w == OK)
+        const HOLDER_IS: &[u8] = b"\"holder\":";
+        let reply = &reply[4.min(got)..got];
+        let at = reply.windows(HOLDER_IS.len()).position(|w| w == HOLDER_IS).map(|i| i + HOLDER_IS.len());
+        let digits = at.map(|i| {
+            let end = reply[i..].iter().position(|b| !b.is_ascii_digit()).map_or(reply.len(), |e| i + e);
+            &reply[i..end]
+        });
+        match digits.and_then(parse_u64) {
+            Some(h) if sent && h < 64 && reply.windows(OK.len()).any(|w| w == OK) => Some(h as u32),
+            _ => None,
+        }
     };
     netkernel_ring::sys::close(fd);
     ok
@@ -501,7 +513,7 @@ pub fn rejoin_at_load() {
             unsafe { libc::syscall(libc::SYS_fcntl, fd, libc::F_SETFD, libc::FD_CLOEXEC) };
         }
     }
-    let (ctl, bells) = match join(p.fds[1], p.att, p.holder, p.fds[0]) {
+    let (ctl, holder, bells) = match join(p.fds[1], p.att, p.holder, p.fds[0]) {
         Ok(x) => x,
         Err(e) => return fail(format!("the engine did not take this program as their holder: {e}")),
     };
@@ -513,7 +525,7 @@ pub fn rejoin_at_load() {
             guest_bell: state::hide_fd(bells[1]),
             ctl: std::sync::atomic::AtomicI32::new(ctl),
         },
-        p.holder,
+        holder,
     );
     for &(fd, slot) in &inherited {
         SLOT_INO[slot as usize].store(mine.iter().find(|m| m.0 == fd).map_or(0, |m| m.1), Ordering::Relaxed);
@@ -521,7 +533,7 @@ pub fn rejoin_at_load() {
     }
     // Sockets passed on that this program does not have (a spawn's file actions closed them):
     // give up its claim, closing any that nobody else holds.
-    let bit = 1u64 << p.holder;
+    let bit = 1u64 << holder;
     for &(_, slot) in p.socks.iter().filter(|(_, s)| !inherited.iter().any(|i| i.1 == *s)) {
         if a.region.guest_sock(slot).holders.fetch_and(!bit, Ordering::AcqRel) == bit {
             crate::sock::close_slot(slot);
@@ -531,12 +543,16 @@ pub fn rejoin_at_load() {
 
 /// Tells the engine this process holds attachment `id` as `holder`, proving it with the
 /// region's memfd, on the control connection passed on (`ctl`) or a new one. Returns the
-/// connection and the doorbells the engine hands back.
-fn join(ctl: i32, id: u64, holder: u32, memfd: i32) -> Result<(i32, [i32; 2]), String> {
+/// connection, the holder index the engine has for this process (the one passed, unless it
+/// held the attachment already) and the doorbells the engine hands back.
+fn join(ctl: i32, id: u64, holder: u32, memfd: i32) -> Result<(i32, u32, [i32; 2]), String> {
     let fd = if ctl >= 0 { ctl } else { state::connect_engine()? };
     let req = serde_json::json!({"op": "join", "attachment": id, "holder": holder});
     match state::engine_call(fd, &req, &[memfd]) {
-        Ok((_, bells)) if bells.len() == 2 => Ok((fd, [bells[0], bells[1]])),
+        Ok((reply, bells)) if bells.len() == 2 => {
+            let held = reply["result"]["holder"].as_u64().filter(|&h| h < 64).map_or(holder, |h| h as u32);
+            Ok((fd, held, [bells[0], bells[1]]))
+        }
         Ok((_, other)) => {
             other.iter().for_each(|&f| netkernel_ring::sys::close(f));
             Err("no doorbells in the reply".into())
