@@ -1266,7 +1266,13 @@ fn execute<S: Stack>(
                 s.sendq.shutdown_after = Some(how);
                 return Ok(0);
             }
-            stack.shutdown(s.fd()?, how).map(|()| 0)
+            stack.shutdown(s.fd()?, how)?;
+            // A listener whose receive side is shut down stops listening: its waiting
+            // co-located connections are reset, and no new one finds it.
+            if how != libc::SHUT_WR {
+                s.backlog = None;
+            }
+            Ok(0)
         }
         Op::Close => {
             a.sock(req.sock)?;
