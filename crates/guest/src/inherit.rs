@@ -565,3 +565,28 @@ fn join(ctl: i32, id: u64, holder: u32, memfd: i32) -> Result<(i32, u32, [i32; 2
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_and_the_variable_round_trip() {
+        let mut out = [0u8; 64];
+        let mut at = 0;
+        for v in [0i64, 7, -1, 1234567890123] {
+            put_num(&mut out, &mut at, v);
+            out[at] = b',';
+            at += 1;
+        }
+        assert_eq!(&out[..at], b"0,7,-1,1234567890123,");
+        assert_eq!(parse_u64(b"801"), Some(801));
+        assert_eq!(parse_u64(b"8x"), None);
+        let p = parse("12,3,805,-1;4711:0,4712:16383,").unwrap();
+        assert_eq!((p.att, p.holder, p.fds), (12, 3, [805, -1]));
+        assert_eq!(p.socks, vec![(4711, 0), (4712, 16383)]);
+        assert!(parse("12,64,805,-1;").is_none(), "holder out of range");
+        assert!(parse("12,3,805,-1;1:16384,").is_none(), "slot out of range");
+        assert!(parse("12,3,805;").is_none(), "missing field");
+    }
+}
