@@ -671,10 +671,25 @@ extern "C" fn atfork_parent() {
     let Some((h, p)) = LIBC_FORK.with(|f| f.take()) else { return };
     netkernel_ring::sys::close(p[1]);
     let mut pid = [0u8; 4];
+    // The child writes at once. If the fork failed, the pipe reads EOF, unless a child another
+    // thread forked meanwhile inherited its write end: hence the bound on the wait.
+    let mut pfd = libc::pollfd { fd: p[0], events: libc::POLLIN, revents: 0 };
+    let deadline = Instant::now() + Duration::from_secs(5);
     let n = loop {
-        // SAFETY: reading into a live 4-byte buffer.
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ts = libc::timespec { tv_sec: left.as_secs() as i64, tv_nsec: left.subsec_nanos() as i64 };
+        // SAFETY: one live pollfd and timespec; a raw system call, not the interposed poll.
+        let r = unsafe { libc::syscall(libc::SYS_ppoll, &mut pfd, 1, &ts, std::ptr::null::<u8>(), 8) };
+        let interrupted = || std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR);
+        if r == 0 || (r < 0 && !interrupted()) {
+            break -1;
+        }
+        if r < 0 {
+            continue;
+        }
+        // SAFETY: reading into a live 4-byte buffer; the pipe is readable.
         let n = unsafe { libc::syscall(libc::SYS_read, p[0], pid.as_mut_ptr(), 4) };
-        if n >= 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+        if n >= 0 || !interrupted() {
             break n;
         }
     };
@@ -683,7 +698,8 @@ extern "C" fn atfork_parent() {
     if n == 4 {
         let _ = std::panic::catch_unwind(|| a.hold_for(i32::from_ne_bytes(pid), h));
     } else {
-        // The fork failed: no child wrote.
+        // The fork failed: no child wrote (or none within the bound: the child's sockets then
+        // close with this process, as when the engine refuses a hold).
         state::unshare_fds(a, h);
     }
 }
