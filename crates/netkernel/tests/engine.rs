@@ -353,3 +353,35 @@ fn prometheus_metrics_and_ctl_top() {
     drop(child.stdin.take());
     child.wait().unwrap();
 }
+
+/// SO_LINGER with a timeout makes a kernel close() wait until the bytes are out: the NSM must not
+/// wait with it, or every guest it serves would stall.
+#[test]
+fn a_lingering_close_does_not_stall_the_nsm() {
+    // A native peer that accepts and never reads, so the guest's bytes cannot leave.
+    let sink = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = sink.local_addr().unwrap().port();
+    let keep = std::thread::spawn(move || {
+        let conn = sink.accept().unwrap();
+        std::thread::sleep(Duration::from_secs(8));
+        drop(conn);
+    });
+    let engine = TestEngine::start();
+    let script = format!(
+        "import socket,struct,time\n\
+         c=socket.create_connection(('127.0.0.1',{port}))\nc.setblocking(False)\n\
+         try:\n    while True: c.send(b'x'*65536)\nexcept BlockingIOError: pass\n\
+         c.setsockopt(socket.SOL_SOCKET,socket.SO_LINGER,struct.pack('ii',1,5))\n\
+         t=time.time()\nc.close()\n\
+         l=socket.create_server(('127.0.0.1',0))\nd=socket.create_connection(l.getsockname())\n\
+         s,_=l.accept()\nd.sendall(b'ping')\nassert s.recv(4)==b'ping'\n\
+         print('close and a new connection: %.3f s' % (time.time()-t))\n"
+    );
+    let python = require("python3");
+    let out = output_within(engine.run(python.to_str().unwrap(), &["-c", &script]), Duration::from_secs(30));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let secs: f64 = text.trim().rsplit(' ').nth(1).unwrap().parse().unwrap();
+    assert!(secs < 1.0, "the NSM stalled behind a lingering close: {text}");
+    keep.join().unwrap();
+}

@@ -105,6 +105,20 @@ struct Sock {
     pipe: Option<colocated::End>,
     /// A listening socket's co-located connections waiting for accept().
     backlog: Option<colocated::Backlog>,
+    /// SO_LINGER with a timeout: closing the stack socket blocks until its bytes are out.
+    linger_wait: bool,
+}
+
+impl Drop for Sock {
+    /// A close that may block (SO_LINGER with a timeout) happens on a thread of its own, so the
+    /// NSM's loop and every other guest go on; the guest's close() has returned already.
+    fn drop(&mut self) {
+        if let (true, Some(fd)) = (self.linger_wait, self.fd.take()) {
+            if let Err(e) = std::thread::Builder::new().name("linger".into()).spawn(move || drop(fd)) {
+                eprintln!("netkernel nsm: closing a lingering socket inline: {e}");
+            }
+        }
+    }
 }
 
 /// Serials for sockets; an NSM has one service, so one counter.
@@ -122,6 +136,7 @@ impl Sock {
             serial: SERIAL.fetch_add(1, Ordering::Relaxed),
             pipe: None,
             backlog: None,
+            linger_wait: false,
         }
     }
 
@@ -1304,7 +1319,14 @@ fn execute<S: Stack>(
                 return Err(libc::EPERM);
             }
             let buf = region_buf(a);
-            stack.setsockopt(a.sock(req.sock)?.fd()?, level, name, buf).map(|()| 0)
+            let s = a.sock_mut(req.sock)?;
+            stack.setsockopt(s.fd()?, level, name, buf)?;
+            if (level, name) == (libc::SOL_SOCKET, libc::SO_LINGER) && buf.len() >= 8 {
+                let on = i32::from_ne_bytes(buf[..4].try_into().expect("4 bytes"));
+                let secs = i32::from_ne_bytes(buf[4..8].try_into().expect("4 bytes"));
+                s.linger_wait = on != 0 && secs > 0;
+            }
+            Ok(0)
         }
         Op::GetSockName | Op::GetPeerName => {
             let fd = a.sock(req.sock)?.fd()?;
