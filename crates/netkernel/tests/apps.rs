@@ -159,4 +159,27 @@ fn sockets_survive_exec_in_real_programs() {
     assert!(k.contains("daemon says hi") && k.contains("served by the exec'd supervisor 1"), "{k}");
     assert!(!String::from_utf8_lossy(&nk.stderr).contains("netkernel:"), "{}", String::from_utf8_lossy(&nk.stderr));
     assert!(engine.nsm()["conns_total"].as_u64().unwrap() >= 8, "not through the NSM: {}", engine.nsm());
+    // socat as an inetd: it forks per connection and execs the service with the connection as
+    // its stdin and stdout (nofork: no relay process in between).
+    let socat = require("socat");
+    let port = free_port();
+    let mut server = engine
+        .run(socat.to_str().unwrap(), &[&format!("TCP-LISTEN:{port},fork,reuseaddr,bind=127.0.0.1"), "EXEC:cat,nofork"])
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for i in 0..3 {
+        let line = format!("inetd request {i}\n");
+        let mut client = engine.run(socat.to_str().unwrap(), &["-t", "2", "-", &format!("TCP:127.0.0.1:{port}")]);
+        client.stdin(Stdio::piped()).stdout(Stdio::piped());
+        let mut child = client.spawn().unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), line.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), line, "{}", engine.log());
+    }
+    let _ = server.kill();
+    let _ = server.wait();
 }
