@@ -31,7 +31,7 @@ pub struct Args {
     /// Random loss, e.g. 1% or 0.01; A/B per direction.
     #[arg(long, default_value = "0", value_parser = |s: &str| model::split(s, model::loss))]
     pub loss: (f64, f64),
-    /// Drop-tail queue limit in bytes at the bottleneck, e.g. 500kb (default 1000 full frames).
+    /// Drop-tail queue limit in bytes at the bottleneck, e.g. 500kb (the default is 1000 full frames).
     #[arg(long, default_value = "1514000", value_parser = |s: &str| model::split(s, model::bytes))]
     pub limit: (u64, u64),
     /// Seed of the loss generator: the same seed loses the same frames.
