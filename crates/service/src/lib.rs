@@ -400,10 +400,16 @@ impl<S: Stack> Service<S> {
         worked
     }
 
-    /// Processes the queued nqes of attachment `ai`; refuses it if it broke the ABI.
+    /// Processes the queued nqes of attachment `ai`, at most one queue's worth so that a guest
+    /// that keeps submitting cannot starve the others; refuses it if it broke the ABI.
     fn drain(&mut self, ai: usize) -> bool {
         let mut worked = false;
+        let mut budget = NQE_COUNT;
         while let Some(a) = self.atts[ai].as_mut() {
+            if budget == 0 {
+                break;
+            }
+            budget -= 1;
             let mut c = Consumer::resume(a.region.ring(), a.head);
             let next = c.pop();
             a.head = c.head();
