@@ -52,8 +52,12 @@ fn quick_bench_reports_every_mode_and_metric() {
     for mode in ["nk_kernel", "nk_colocated"] {
         // Their NSM did work for them (the bench itself also fails if the NSM saw no connection).
         positive(&r["modes"][mode]["cpu_s"]["bulk1"]["nsm"], &format!("{mode}: NSM CPU over the bulk run"));
-        let path = r["modes"][mode]["path"].as_str().unwrap_or("");
-        assert!(["verified", "unreported"].contains(&path), "{mode}: path check {path:?}");
+        let want = if mode == "nk_kernel" { "kernel" } else { "colocated" };
+        assert_eq!(r["modes"][mode]["path_checked"], want, "{mode}: the bench did not check its path");
+    }
+    for k in ["other_share", "steal_share"] {
+        let x = r["noise"][k].as_f64().unwrap_or(f64::NAN);
+        assert!(x.is_finite() && x >= 0.0, "noise.{k} = {x}");
     }
     let queue = r["queue"].as_array().expect("queue rows");
     let sizes: Vec<u64> = queue.iter().filter_map(|q| q["bytes"].as_u64()).collect();

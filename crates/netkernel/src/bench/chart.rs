@@ -98,11 +98,12 @@ fn comparison(svg: &mut String, r: &Value, top: f64) {
     );
     let _ = writeln!(
         svg,
-        r#"<text x="{left}" y="{:.0}" font-size="11">{} CPUs, {}; kernel {}</text>"#,
+        r#"<text x="{left}" y="{:.0}" font-size="11">{} CPUs, {}; kernel {}; other processes used {:.1}% of the machine during the run</text>"#,
         top + 30.0,
         m["nproc"],
         esc(m["cpu"].as_str().unwrap_or("?")),
-        esc(m["kernel"].as_str().unwrap_or("?"))
+        esc(m["kernel"].as_str().unwrap_or("?")),
+        r["noise"]["other_share"].as_f64().unwrap_or(f64::NAN) * 100.0
     );
     let ticks = [
         (0.0625, "1/16x"),
