@@ -159,6 +159,42 @@ fn nsm_crash_resets_connections_and_the_engine_restarts_it() {
     assert!(engine.log().contains("NSM kernel exited"), "{}", engine.log());
 }
 
+/// With the engine gone, nobody supervises the NSM: if it then crashes, its guests must still
+/// learn of it (the NSM's reaper marks their regions dead) instead of waiting forever.
+#[test]
+fn an_orphaned_nsm_that_crashes_still_resets_its_guests() {
+    let engine = TestEngine::start();
+    let python = require("python3");
+    let script =
+        "import socket\nl=socket.create_server(('127.0.0.1',0))\nc=socket.create_connection(l.getsockname())\n\
+                  s,_=l.accept()\nprint('ready',flush=True)\ntry:\n    s.recv(10)\n    print('recv returned')\n\
+                  except OSError as e:\n    print('recv failed', e.errno)\n";
+    let mut child = engine.run(python.to_str().unwrap(), &["-c", script]);
+    child.stdout(Stdio::piped());
+    let mut child = child.spawn().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    let nsm = engine.nsm()["pid"].as_u64().unwrap() as i32;
+    // SAFETY: killing the engine we started, then its NSM: the failures under test.
+    unsafe { libc::kill(engine.pid() as i32, libc::SIGKILL) };
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: as above.
+    unsafe { libc::kill(nsm, libc::SIGKILL) };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+        let _ = tx.send(rest);
+    });
+    let rest = rx.recv_timeout(Duration::from_secs(10));
+    let _ = child.kill();
+    let _ = child.wait();
+    let rest = rest.expect("the guest still waits on its dead NSM");
+    assert!(rest.contains(&format!("recv failed {}", libc::ECONNRESET)), "{rest}");
+}
+
 #[test]
 fn isolated_guest_reaches_only_what_netkernel_serves() {
     if !is_root() {

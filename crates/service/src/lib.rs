@@ -352,6 +352,9 @@ impl<S: Stack> Service<S> {
                         // with its last guest.
                         let _ = epoll_ctl(self.epfd.as_raw_fd(), libc::EPOLL_CTL_DEL, self.control.as_raw_fd(), 0, 0);
                         self.orphaned = true;
+                        if let Err(e) = self.spawn_reaper() {
+                            eprintln!("netkernel nsm {}: no reaper; a crash now would go unnoticed: {e}", self.name);
+                        }
                     }
                     continue;
                 }
@@ -369,6 +372,54 @@ impl<S: Stack> Service<S> {
             } else if !sleep {
                 sys::relax(idle_steps);
                 idle_steps += 1;
+            }
+        }
+    }
+
+    /// The engine, which tells guests when their NSM died, is gone: a child process that shares
+    /// the regions' mappings takes over that duty. It closes every fd but the doorbells, waits for
+    /// this process to end (a crash or the normal exit after the last guest) and marks every
+    /// region dead, so no guest waits forever on an NSM that is not there.
+    fn spawn_reaper(&self) -> io::Result<()> {
+        // SAFETY: plain system call.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) } as i32;
+        if pidfd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let regions: Vec<(&Region, RawFd)> =
+            self.atts.iter().flatten().map(|a| (&*a.region, a.guest_bell.as_raw_fd())).collect();
+        let mut keep: Vec<u32> = regions.iter().map(|&(_, fd)| fd as u32).chain([pidfd as u32]).collect();
+        keep.sort_unstable();
+        // SAFETY: the child only makes system calls and touches the shared mappings, which is
+        // what a child of a multi-threaded process may do; it never returns.
+        match unsafe { libc::fork() } {
+            -1 => {
+                sys::close(pidfd);
+                Err(io::Error::last_os_error())
+            }
+            0 => {
+                let mut from = 3u32;
+                for &fd in &keep {
+                    if fd > from {
+                        // SAFETY: closes fds this child must not keep (kernel sockets above all).
+                        unsafe { libc::syscall(libc::SYS_close_range, from, fd - 1, 0) };
+                    }
+                    from = fd + 1;
+                }
+                // SAFETY: as above.
+                unsafe { libc::syscall(libc::SYS_close_range, from, u32::MAX, 0) };
+                let mut p = libc::pollfd { fd: pidfd, events: libc::POLLIN, revents: 0 };
+                // SAFETY: one live pollfd; POLLIN on a pidfd means the process ended.
+                while unsafe { libc::poll(&mut p, 1, -1) } < 0 {}
+                for (region, bell) in regions {
+                    region.mark_dead(Some(bell));
+                }
+                // SAFETY: leaving without running the parent's exit handlers.
+                unsafe { libc::_exit(0) }
+            }
+            _ => {
+                sys::close(pidfd);
+                Ok(())
             }
         }
     }
