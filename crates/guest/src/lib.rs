@@ -14,6 +14,7 @@ mod real;
 mod resolve;
 mod sock;
 mod state;
+mod stdio;
 
 use libc::{c_int, c_ulong, c_void, iovec, msghdr, nfds_t, pollfd, size_t, sockaddr, socklen_t, ssize_t};
 use state::{lookup, Errno, Fd};
@@ -725,6 +726,7 @@ extern "C" fn at_load() {
     unsafe { libc::pthread_atfork(Some(atfork_prepare), Some(atfork_parent), Some(atfork_child)) };
     if enabled() {
         let _ = std::panic::catch_unwind(inherit::rejoin_at_load);
+        stdio::adopt_std_streams();
     }
 }
 

@@ -71,7 +71,7 @@ fn python_http_server_serves_100mib_to_curl() {
 /// Sockets inherited across exec, with real programs, NetKernel against native: a supervisor
 /// that execs itself with a listening fd in argv; inetd-style hand-offs of a connection as
 /// stdin/stdout through python's subprocess (vfork+exec, the child closing every other fd) to
-/// python and to socat; posix_spawn of a program given a socket's fd number; a daemon() child
+/// python, sed (C stdio) and socat; posix_spawn of a program given a socket's fd number; a daemon() child
 /// (glibc forks internally, the parent exits at once) serving a listener; and a program exec'd
 /// without GuestLib, whose exit ends its copy of the connection.
 const EXEC_SCRIPT: &str = r#"
@@ -98,6 +98,10 @@ def drain(c):
 c, s = conn()
 p = subprocess.Popen([sys.executable, '-c', 'import sys; d=sys.stdin.buffer.readline(); sys.stdout.buffer.write(b"python child got " + d)'], stdin=s, stdout=s)
 s.close(); c.sendall(b'hello\n')
+print(drain(c).decode().strip(), p.wait())
+c, s = conn()
+p = subprocess.Popen(['sed', 's/hello/bonjour/'], stdin=s, stdout=s)
+s.close(); c.sendall(b'hello from C stdio\n'); c.shutdown(socket.SHUT_WR)
 print(drain(c).decode().strip(), p.wait())
 c, s = conn()
 p = subprocess.Popen(['socat', 'STDIO', 'EXEC:cat'], stdin=s, stdout=s)
@@ -160,11 +164,14 @@ fn sockets_survive_exec_in_real_programs() {
     assert!(!String::from_utf8_lossy(&nk.stderr).contains("netkernel:"), "{}", String::from_utf8_lossy(&nk.stderr));
     assert!(engine.nsm()["conns_total"].as_u64().unwrap() >= 8, "not through the NSM: {}", engine.nsm());
     // socat as an inetd: it forks per connection and execs the service with the connection as
-    // its stdin and stdout (nofork: no relay process in between).
+    // its stdin and stdout (nofork: no relay process in between). tr answers through C stdio.
     let socat = require("socat");
     let port = free_port();
     let mut server = engine
-        .run(socat.to_str().unwrap(), &[&format!("TCP-LISTEN:{port},fork,reuseaddr,bind=127.0.0.1"), "EXEC:cat,nofork"])
+        .run(
+            socat.to_str().unwrap(),
+            &[&format!("TCP-LISTEN:{port},fork,reuseaddr,bind=127.0.0.1"), "EXEC:tr a-z A-Z,nofork"],
+        )
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -178,7 +185,7 @@ fn sockets_survive_exec_in_real_programs() {
         let mut child = client.spawn().unwrap();
         std::io::Write::write_all(&mut child.stdin.take().unwrap(), line.as_bytes()).unwrap();
         let out = child.wait_with_output().unwrap();
-        assert_eq!(String::from_utf8_lossy(&out.stdout), line, "{}", engine.log());
+        assert_eq!(String::from_utf8_lossy(&out.stdout), line.to_uppercase(), "{}", engine.log());
     }
     let _ = server.kill();
     let _ = server.wait();
