@@ -348,6 +348,8 @@ impl Drop for End {
 #[derive(Default)]
 pub(crate) struct Backlog {
     pub limit: usize,
+    /// The listener is an IPv6 socket: it sees addresses in that family.
+    pub v6: bool,
     pub queue: VecDeque<End>,
 }
 

@@ -97,7 +97,7 @@ struct Sock {
     bytes_in: u64,
     bytes_out: u64,
     sendq: SendQueue,
-    /// Counted in conns_total already.
+    /// A connect was started (and counted in conns_total).
     counted: bool,
     /// This NSM's name for the socket, never reused (slots are).
     serial: u64,
@@ -871,7 +871,7 @@ impl<S: Stack> Service<S> {
         else {
             return;
         };
-        s.backlog = Some(colocated::Backlog { limit, queue: Default::default() });
+        s.backlog = Some(colocated::Backlog { limit, v6: addr.is_ipv6(), queue: Default::default() });
         self.listeners.entry(addr).or_default().push(ListenerRef { ai, slot, serial: s.serial });
     }
 
@@ -948,9 +948,8 @@ impl<S: Stack> Service<S> {
         // Refusals are the stack path's to answer and log.
         let peer = policy::connect(&a.policy, in_addr).ok()?.unwrap_or_else(|| in_addr.to_vec());
         let target = policy::decode(&peer)?;
-        let fd = s.fd().ok()?;
         // Only a socket that has not begun connecting: a connect in progress is the stack's.
-        if tcp_state(&mut self.stack, fd) != Some(TCP_CLOSE) {
+        if s.counted {
             return None;
         }
         let l = self.find_listener(target)?;
@@ -973,10 +972,7 @@ impl<S: Stack> Service<S> {
             }
             me.set_ip(src);
         }
-        let la = self.atts[l.ai].as_ref().expect("live");
-        let lfd = la.sock(l.slot).ok()?.fd().ok()?;
-        let n = self.stack.getsockname(lfd, &mut buf).ok()?;
-        let listener_v6 = policy::decode(&buf[..n])?.is_ipv6();
+        let listener_v6 = self.atts[l.ai].as_ref()?.sock(l.slot).ok()?.backlog.as_ref()?.v6;
         let as_family = |a: SocketAddr| policy::encode(&same_family(a, listener_v6));
         let (client, server) = colocated::pair((policy::encode(&me), peer.clone()), (as_family(target), as_family(me)));
         // The listener's guest learns of the connection (accept() will find it).
@@ -1004,14 +1000,6 @@ impl<S: Stack> Service<S> {
         // As a loopback TCP connect answers: the guest's next connect() reports completion.
         Some(Err(libc::EINPROGRESS))
     }
-}
-
-const TCP_CLOSE: u8 = 7;
-
-/// A TCP socket's state (TCP_INFO's first byte).
-fn tcp_state<S: Stack>(stack: &mut S, fd: BorrowedFd) -> Option<u8> {
-    let mut info = [0u8; 8];
-    stack.getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, &mut info).ok().map(|_| info[0])
 }
 
 /// `a` as a socket of the other family sees it (IPv4 as v4-mapped IPv6 and back).
