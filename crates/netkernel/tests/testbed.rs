@@ -1,5 +1,7 @@
 //! Two testbed hosts (scripts/testbed), each with its own engine and NSM, joined by a veth with
 //! a 50 Mbit/s bottleneck: a guest of one host sends to a guest of the other through both NSMs.
+//! And the plumbing of the congestion-control experiment (scripts/bench-provider cc): a guest
+//! sends through a BBR NSM over linkem.
 
 mod common;
 use common::*;
@@ -14,6 +16,18 @@ impl Testbed {
     fn up(prefix: &str, rate: &str) -> Testbed {
         let out = Command::new("bash").args([TESTBED, "up", prefix, rate]).output().unwrap();
         assert!(out.status.success(), "testbed up: {}", String::from_utf8_lossy(&out.stderr));
+        Testbed(prefix.to_string())
+    }
+
+    /// The hosts joined by linkem (`netkernel linkem`) with these options.
+    fn up_linkem(prefix: &str, opts: &[&str]) -> Testbed {
+        let out = Command::new("bash")
+            .args([TESTBED, "up-linkem", prefix])
+            .args(opts)
+            .env("LINKEM", format!("{NETKERNEL} linkem"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "testbed up-linkem: {}", String::from_utf8_lossy(&out.stderr));
         Testbed(prefix.to_string())
     }
 }
@@ -83,4 +97,75 @@ fn two_hosts_through_a_bottleneck() {
     assert!((30e6..55e6).contains(&bps), "{:.1} Mbit/s through a 50 Mbit/s bottleneck", bps / 1e6);
     assert!(h1.nsm()["bytes_out"].as_u64().unwrap() > 1 << 20, "host 1's NSM did not carry the traffic");
     assert!(h2.nsm()["bytes_in"].as_u64().unwrap() > 1 << 20, "host 2's NSM did not carry the traffic");
+}
+
+/// Sends for 3 s, then reports the congestion control its socket uses, as getsockopt tells it.
+const CC_SENDER: &str = r#"import socket, time
+c = socket.create_connection(('10.214.0.2', PORT))
+b = b'x' * 65536
+t = time.time()
+while time.time() - t < 3:
+    c.sendall(b)
+print(c.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).rstrip(b'\0').decode(), flush=True)
+"#;
+
+#[test]
+fn a_guest_sends_through_a_bbr_nsm_over_linkem() {
+    if !is_root() {
+        eprintln!("SKIP a_guest_sends_through_a_bbr_nsm_over_linkem: the testbed needs root");
+        return;
+    }
+    let python = require("python3");
+    let prefix = format!("nkbb{}", std::process::id() % 100_000);
+    let tb = Testbed::up_linkem(&prefix, &["--delay", "20ms", "--rate", "20mbit", "--loss", "1%"]);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bbr.toml");
+    std::fs::write(
+        &cfg,
+        "[[nsm]]\nname = \"bbr0\"\ncongestion = \"bbr\"\n\n[[tenant]]\nname = \"t\"\nnsm = \"bbr0\"\n",
+    )
+    .unwrap();
+    let h1 = TestEngine::start_in(Some(&format!("{prefix}-h1")), &["--config", cfg.to_str().unwrap()]);
+    assert_eq!(h1.nsm()["congestion"], "bbr", "{}", h1.log());
+    // A native receiver in host 2.
+    let mut rx = Command::new("ip");
+    rx.args(["netns", "exec", &format!("{prefix}-h2")]).arg(&python).args(["-c", RECEIVER]).stdout(Stdio::piped());
+    let mut rx = rx.spawn().unwrap();
+    let mut out = std::io::BufReader::new(rx.stdout.take().unwrap());
+    let mut port = String::new();
+    std::io::BufRead::read_line(&mut out, &mut port).unwrap();
+    let mut tx = h1.run(python.to_str().unwrap(), &["-c", &CC_SENDER.replace("PORT", port.trim())]);
+    tx.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let tx = tx.spawn().unwrap();
+    // While it sends, the engine sees the connection, with the link's round-trip time.
+    let remote = format!("10.214.0.2:{}", port.trim());
+    let mut seen = None;
+    for _ in 0..50 {
+        let conns = h1.ctl("conns");
+        if let Some(c) =
+            conns.as_array().unwrap().iter().find(|c| c["remote"] == remote.as_str() && c["rtt_us"].as_u64() > Some(0))
+        {
+            seen = Some(c.clone());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let tx = tx.wait_with_output().unwrap();
+    assert!(tx.status.success(), "{}", String::from_utf8_lossy(&tx.stderr));
+    let conn = seen.unwrap_or_else(|| panic!("ctl conns never showed the connection to {remote}"));
+    eprintln!("ctl conns during the transfer: {conn}");
+    assert_eq!(conn["nsm"], "bbr0");
+    assert!(conn["rtt_us"].as_u64().unwrap() >= 40_000, "RTT below the link's 2 x 20 ms: {conn}");
+    assert_eq!(String::from_utf8_lossy(&tx.stdout).trim(), "bbr", "the guest's socket should use the NSM's BBR");
+    let mut result = String::new();
+    std::io::BufRead::read_line(&mut out, &mut result).unwrap();
+    let _ = rx.wait();
+    let bps: f64 = result.split_whitespace().nth(1).unwrap_or("0").parse().unwrap();
+    eprintln!("through BBR over 20 Mbit/s, 40 ms, 1% loss: {:.1} Mbit/s (not asserted)", bps / 1e6);
+    assert!(bps > 0.0, "nothing arrived: {result:?}");
+    drop(h1);
+    drop(tb);
+    let listed =
+        String::from_utf8_lossy(&Command::new("ip").args(["-o", "link"]).output().unwrap().stdout).into_owned();
+    assert!(!listed.contains(&prefix), "linkem's devices left behind: {listed}");
 }
