@@ -9,7 +9,8 @@ use std::process::Command;
 use std::time::Duration;
 
 /// The embedded configuration with the co-located short cut off.
-const KERNEL_PATH: &str = "[[nsm]]\nname = \"kernel\"\ncolocate = false\n\n[[tenant]]\nname = \"default\"\nnsm = \"kernel\"\n";
+const KERNEL_PATH: &str =
+    "[[nsm]]\nname = \"kernel\"\ncolocate = false\n\n[[tenant]]\nname = \"default\"\nnsm = \"kernel\"\n";
 
 fn differential(scenario: &str, colocate: bool) {
     let native = output_within(
