@@ -190,3 +190,28 @@ fn sockets_survive_exec_in_real_programs() {
     let _ = server.kill();
     let _ = server.wait();
 }
+
+/// A program that cannot rejoin what it inherited (here: a handoff naming a region fd it does
+/// not have) gets ECONNRESET on those sockets at once and one line on stderr, never a hang.
+#[test]
+fn unservable_inherited_sockets_fail_at_once() {
+    let python = require("python3");
+    let engine = TestEngine::start();
+    let script = r#"
+import os, socket, sys
+a, b = socket.socketpair()
+os.set_inheritable(a.fileno(), True)
+env = dict(os.environ, NETKERNEL_INHERIT='7,1,999,-1;%d:0,' % os.fstat(a.fileno()).st_ino)
+child = "import os,sys\ntry: os.read(int(sys.argv[1]), 10)\nexcept OSError as e: print(e.errno, 'NETKERNEL_INHERIT' in os.environ)"
+os.execve(sys.executable, [sys.executable, '-c', child, str(a.fileno())], env)
+"#;
+    let out = output_within(engine.run(python.to_str().unwrap(), &["-c", script]), Duration::from_secs(30));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{} False\n", libc::ECONNRESET));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err.lines().filter(|l| l.starts_with("netkernel: inherited sockets are not served")).count(),
+        1,
+        "{err}"
+    );
+}
