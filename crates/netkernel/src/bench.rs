@@ -260,7 +260,8 @@ impl Measured {
     }
 }
 
-/// What every phase needs: the options, the binary, GuestLib, the scratch dir and the engine.
+/// What every phase needs: the options, the binary, GuestLib and the engine (whose directory also
+/// holds the peers' logs and AF_UNIX sockets).
 struct Bench<'a> {
     o: &'a Opts,
     exe: PathBuf,
@@ -339,33 +340,10 @@ impl Bench<'_> {
     /// Checks, while the rr connection is open, that the mode's NSM serves it on the path the
     /// mode claims: a bench that silently measured the other path would be worse than none.
     fn check_path(&self, mode: Mode) -> Result<(), String> {
-        let Some(nsm) = mode.nsm() else { return Ok(()) };
-        let conns = netkernel_engine::request(self.engine.socket(), &EngineRequest::Conns)?;
-        let ours: Vec<&Value> = conns
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|c| c["nsm"] == nsm && c["state"] != "LISTEN" && c["proto"] != "udp")
-            .collect();
-        if ours.is_empty() {
-            return Err(format!(
-                "{}: NSM {nsm} lists no connection while the peers are connected: GuestLib did not serve them",
-                mode.key()
-            ));
+        match mode.nsm() {
+            Some(_) => path_taken(mode, &netkernel_engine::request(self.engine.socket(), &EngineRequest::Conns)?),
+            None => Ok(()),
         }
-        for c in ours {
-            let path = c["path"].as_str().unwrap_or("none");
-            if path != nsm {
-                return Err(format!(
-                    "{}: connection {} -> {} took the {path:?} path, not {nsm:?}; the NSM's `colocate` setting did \
-                     not take effect, so this mode would measure the wrong path",
-                    mode.key(),
-                    c["local"],
-                    c["remote"]
-                ));
-            }
-        }
-        Ok(())
     }
 
     /// All phases of one mode, reduced to the table's metrics plus the details.
@@ -406,6 +384,37 @@ impl Bench<'_> {
         });
         Ok((v, idle))
     }
+}
+
+/// Whether `conns` (`ctl conns`) shows the peers of NetKernel mode `mode` connected through its
+/// NSM, every connection on the mode's path.
+fn path_taken(mode: Mode, conns: &Value) -> Result<(), String> {
+    let nsm = mode.nsm().unwrap_or("none");
+    let ours: Vec<&Value> = conns
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["nsm"] == nsm && c["state"] != "LISTEN" && c["proto"] != "udp")
+        .collect();
+    if ours.is_empty() {
+        return Err(format!(
+            "{}: NSM {nsm} lists no connection while the peers are connected: GuestLib did not serve them",
+            mode.key()
+        ));
+    }
+    for c in ours {
+        let path = c["path"].as_str().unwrap_or("none");
+        if path != nsm {
+            return Err(format!(
+                "{}: connection {} -> {} took the {path:?} path, not {nsm:?}; the NSM's `colocate` setting did not \
+                 take effect, so this mode would measure the wrong path",
+                mode.key(),
+                c["local"],
+                c["remote"]
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// CPU seconds the whole machine has spent so far: (busy, stolen by the hypervisor).
@@ -604,4 +613,28 @@ pub fn main(a: Args) -> i32 {
         }
     }
     0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(nsm: &str, state: &str, path: &str) -> Value {
+        json!({"nsm": nsm, "proto": "tcp", "state": state, "path": path, "local": "127.0.0.1:1", "remote": "127.0.0.1:2"})
+    }
+
+    #[test]
+    fn a_connection_on_the_other_path_fails_the_mode() {
+        let listener = conn("colocated", "LISTEN", "kernel");
+        let good =
+            json!([listener, conn("colocated", "ESTABLISHED", "colocated"), conn("kernel", "ESTABLISHED", "kernel")]);
+        assert_eq!(path_taken(Mode::Colocated, &good), Ok(()));
+        assert_eq!(path_taken(Mode::Kernel, &good), Ok(()));
+        let wrong = json!([conn("colocated", "ESTABLISHED", "colocated"), conn("colocated", "ESTABLISHED", "kernel")]);
+        let e = path_taken(Mode::Colocated, &wrong).unwrap_err();
+        assert!(e.contains("took the \"kernel\" path"), "{e}");
+        let unreported = json!([{"nsm": "kernel", "proto": "tcp", "state": "ESTABLISHED"}]);
+        assert!(path_taken(Mode::Kernel, &unreported).is_err());
+        assert!(path_taken(Mode::Kernel, &json!([])).unwrap_err().contains("did not serve them"));
+    }
 }
