@@ -15,12 +15,13 @@ use serde_json::{json, Value};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-/// One step of a wait for the other side. The queue is measured with pure spinning, as the paper
-/// did, not with NetKernel's own waits (`sys::relax`, which yields every 16 steps to a peer that
-/// shares the CPU): those add a system call to every wait and would measure the scheduler. It
-/// yields only after a long spin, so a thread that lost its CPU to another process still ends.
+/// One step of a wait for the other side. The queue is measured with spinning waits, not with
+/// NetKernel's own (`sys::relax`, which yields every 16 steps to a peer that may share the CPU):
+/// those add a system call to many waits and would measure the scheduler. It yields after ~1000
+/// steps (microseconds), so that producer and consumer confined to one CPU (taskset, or another
+/// process holding the other CPU) still take turns instead of spinning out their time slices.
 fn relax(step: u32) {
-    if step < 1 << 14 {
+    if step < 1 << 10 {
         std::hint::spin_loop();
     } else {
         std::thread::yield_now();
