@@ -88,8 +88,9 @@ impl Handoff {
 pub enum To {
     /// This process, execing (its holder index stays its own).
     Exec,
-    /// A vfork child execing: a new process that has not told the engine it holds anything.
-    VforkExec,
+    /// A process execing that has no holder index of its own the engine knows of: a vfork
+    /// child, or a forked child sharing its parent's index (all 64 were in use at its fork).
+    ExecNewHolder,
     /// A child posix_spawn is about to start.
     Spawn,
 }
@@ -269,7 +270,7 @@ pub unsafe fn prepare(envp: *const *const c_char, to: To, extra: &[u32]) -> Opti
                 h.mark(s);
             }
         }
-        To::Exec | To::VforkExec => mark_surviving(&mut h),
+        To::Exec | To::ExecNewHolder => mark_surviving(&mut h),
     }
     if h.slots().next().is_none() {
         h.finish(false);
@@ -289,10 +290,10 @@ pub unsafe fn prepare(envp: *const *const c_char, to: To, extra: &[u32]) -> Opti
     };
     let ctl = if to == To::Exec { a.ctl.load(Ordering::Acquire) } else { -1 };
     h.dups = [memfd_for_exec(a.memfd), dup_open(ctl)];
-    // A vfork child joins here, before exec: the program it becomes may have no GuestLib to do
+    // Such a process joins here, before exec: the program it becomes may have no GuestLib to do
     // it, and only a holder the engine knows of gives its sockets back when it exits.
     let mut holder = holder;
-    if h.dups[0] >= 0 && to == To::VforkExec {
+    if h.dups[0] >= 0 && to == To::ExecNewHolder {
         match join_raw(a.region.header().attachment_id, holder, h.dups[0]) {
             Some(held) => {
                 // An earlier exec attempt of this child (execvp tries each PATH entry) joined

@@ -754,7 +754,7 @@ unsafe fn exec_with(envp: *const CStr, f: impl FnOnce(*const CStr) -> c_int) -> 
     for slot in last {
         let _ = std::panic::catch_unwind(|| sock::close_slot(slot));
     }
-    let to = if vfork { inherit::To::VforkExec } else { inherit::To::Exec };
+    let to = if vfork || state::holder_shared() { inherit::To::ExecNewHolder } else { inherit::To::Exec };
     // SAFETY: per the contract.
     let handoff = if enabled() { unsafe { inherit::prepare(envp, to, &[]) } } else { None };
     let r = f(handoff.as_ref().map_or(envp, |h| h.envp()));

@@ -66,6 +66,16 @@ pub fn lookup(fd: i32) -> Fd {
 pub static HOLDER: AtomicU32 = AtomicU32::new(0);
 /// The holder index a parent reserved for the child it is about to fork.
 static CHILD_HOLDER: AtomicU32 = AtomicU32::new(0);
+/// No index was free for that child: it shares its parent's.
+static CHILD_SHARES: AtomicBool = AtomicBool::new(false);
+/// This process shares its parent's holder index (it was forked while all 64 were in use), so
+/// the engine knows no index of its own for it.
+static HOLDER_SHARED: AtomicBool = AtomicBool::new(false);
+
+/// Whether this process holds its sockets under its parent's holder index.
+pub fn holder_shared() -> bool {
+    HOLDER_SHARED.load(Ordering::Relaxed)
+}
 /// fds of this process per socket slot (private memory: a forked child starts with its
 /// parent's counts, which are its own too).
 pub static LOCAL_REFS: [AtomicU32; SLOT_COUNT as usize] = [const { AtomicU32::new(0) }; SLOT_COUNT as usize];
@@ -109,7 +119,9 @@ pub fn unmap_fd(fd: i32) -> Option<u32> {
     FDS[fd as usize].store(0, Ordering::Release);
     match live {
         Fd::Sock(slot) => {
-            if LOCAL_REFS[slot as usize].fetch_sub(1, Ordering::AcqRel) != 1 {
+            // A process sharing its parent's holder bit cannot tell whether the parent still
+            // has the socket: it never clears the bit (its copies close with the parent's).
+            if LOCAL_REFS[slot as usize].fetch_sub(1, Ordering::AcqRel) != 1 || holder_shared() {
                 return None;
             }
             let bit = holder_bit();
@@ -143,6 +155,7 @@ pub fn dup_stale(old: i32, new: i32) {
 fn new_epoch() {
     LOCAL_REFS.iter().for_each(|r| r.store(0, Ordering::Relaxed));
     HOLDER.store(0, Ordering::Relaxed);
+    HOLDER_SHARED.store(false, Ordering::Relaxed);
     EPOCH.fetch_add(1, Ordering::AcqRel);
 }
 
@@ -212,6 +225,8 @@ pub fn attachment() -> Result<&'static Attachment, Errno> {
         if !cur.is_null() {
             new_epoch();
         }
+        // The attaching process is holder 0 of its own attachment, whatever its parent was.
+        HOLDER_SHARED.store(false, Ordering::Relaxed);
         OWNER_PID.store(getpid(), Ordering::Relaxed);
         ATTACHMENT.store(a, Ordering::Release);
         Ok(&*a)
@@ -347,6 +362,7 @@ fn attach() -> Result<Attachment, String> {
 pub fn adopt_inherited(a: Attachment, holder: u32) -> &'static Attachment {
     let a = Box::leak(Box::new(a));
     HOLDER.store(holder, Ordering::Relaxed);
+    HOLDER_SHARED.store(false, Ordering::Relaxed);
     OWNER_PID.store(getpid(), Ordering::Relaxed);
     ATTACHMENT.store(a, Ordering::Release);
     a
@@ -361,8 +377,10 @@ static CTL_LOCK: AtomicBool = AtomicBool::new(false);
 pub fn share_fds(a: &Attachment) -> Option<u32> {
     let Some(h) = reserve_holder(a) else {
         CHILD_HOLDER.store(HOLDER.load(Ordering::Relaxed), Ordering::Relaxed);
+        CHILD_SHARES.store(true, Ordering::Relaxed);
         return None;
     };
+    CHILD_SHARES.store(false, Ordering::Relaxed);
     for (slot, r) in LOCAL_REFS.iter().enumerate() {
         if r.load(Ordering::Relaxed) > 0 {
             a.region.guest_sock(slot as u32).holders.fetch_or(1u64 << h, Ordering::AcqRel);
@@ -453,6 +471,7 @@ pub fn exec_failed(dropped: Vec<(i32, u32)>) {
 pub fn after_fork_in_child() {
     OWNER_PID.store(getpid(), Ordering::Relaxed);
     HOLDER.store(CHILD_HOLDER.load(Ordering::Relaxed), Ordering::Relaxed);
+    HOLDER_SHARED.store(CHILD_SHARES.load(Ordering::Relaxed), Ordering::Relaxed);
     ATTACH_LOCK.store(false, Ordering::Release);
     CTL_LOCK.store(false, Ordering::Release);
     if let Some(a) = current() {

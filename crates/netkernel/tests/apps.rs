@@ -215,3 +215,45 @@ os.execve(sys.executable, [sys.executable, '-c', child, str(a.fileno())], env)
         "{err}"
     );
 }
+
+/// More processes than holder indices: a child forked while all 64 are in use shares its
+/// parent's. When it execs (dropping its close-on-exec copies of the parent's sockets) the
+/// parent's sockets stay open, and the program it becomes, with an index of its own by then,
+/// serves the connection it inherited.
+#[test]
+fn a_child_sharing_its_parents_holder_index_execs() {
+    let python = require("python3");
+    let engine = TestEngine::start();
+    let script = r#"
+import os, socket, sys, time
+l = socket.socket(); l.bind(('127.0.0.1', 0)); l.listen()
+c = socket.create_connection(l.getsockname()); s, _ = l.accept()
+kids = []
+for i in range(63):
+    p = os.fork()
+    if p == 0:
+        time.sleep(0.5); os._exit(0)
+    kids.append(p)
+x = os.fork()
+if x == 0:
+    time.sleep(1.5); os.dup2(s.fileno(), 0)
+    os.execv(sys.executable, [sys.executable, '-c', "import os; os.write(0, b'from the 65th process')"])
+os.waitpid(x, 0)
+print(c.recv(100))
+c2 = socket.create_connection(l.getsockname()); s2, _ = l.accept()
+c2.sendall(b'listener still open'); print(s2.recv(100))
+c.sendall(b'connection still open'); print(s.recv(100))
+for p in kids: os.waitpid(p, 0)
+"#;
+    let native = output_within(
+        {
+            let mut c = std::process::Command::new(&python);
+            c.args(["-c", script]);
+            c
+        },
+        Duration::from_secs(30),
+    );
+    let nk = output_within(engine.run(python.to_str().unwrap(), &["-c", script]), Duration::from_secs(30));
+    assert!(nk.status.success(), "{}\n{}", String::from_utf8_lossy(&nk.stderr), engine.log());
+    assert_eq!(String::from_utf8_lossy(&nk.stdout), String::from_utf8_lossy(&native.stdout));
+}
