@@ -99,4 +99,5 @@ scenarios!(
     spawn_listener,
     spawn_dup2,
     exec_no_guest,
+    addresses,
 );

@@ -947,7 +947,16 @@ impl<S: Stack> Service<S> {
         let in_addr = &req.addr[..req.addr_len as usize];
         // Refusals are the stack path's to answer and log.
         let peer = policy::connect(&a.policy, in_addr).ok()?.unwrap_or_else(|| in_addr.to_vec());
-        let target = policy::decode(&peer)?;
+        let mut target = policy::decode(&peer)?;
+        // Linux takes a connect to the unspecified address for one to loopback.
+        if target.ip().is_unspecified() {
+            target.set_ip(if target.is_ipv6() {
+                Ipv6Addr::LOCALHOST.into()
+            } else {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            });
+        }
+        let peer = policy::encode(&target);
         // Only a socket that has not begun connecting: a connect in progress is the stack's.
         if s.counted {
             return None;
@@ -974,7 +983,7 @@ impl<S: Stack> Service<S> {
         }
         let listener_v6 = self.atts[l.ai].as_ref()?.sock(l.slot).ok()?.backlog.as_ref()?.v6;
         let as_family = |a: SocketAddr| policy::encode(&same_family(a, listener_v6));
-        let (client, server) = colocated::pair((policy::encode(&me), peer.clone()), (as_family(target), as_family(me)));
+        let (client, server) = colocated::pair((policy::encode(&me), peer), (as_family(target), as_family(me)));
         // The listener's guest learns of the connection (accept() will find it).
         let la = self.atts[l.ai].as_mut().expect("live");
         let ls = la.sock_mut(l.slot).expect("live");

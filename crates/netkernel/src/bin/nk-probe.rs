@@ -1292,6 +1292,44 @@ fn exec_no_guest() {
     }
 }
 
+/// Which addresses each end reports: a connect to the unspecified address, a dual-stack IPv6
+/// listener reached over IPv4 and over IPv6, an IPv6 client of an IPv4 listener (v4-mapped).
+fn addresses() {
+    use std::net::{Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+    let show = |label: &str, c: &TcpStream, s: &TcpStream, from: SocketAddr| {
+        let (cl, cp) = (c.local_addr().unwrap(), c.peer_addr().unwrap());
+        let (sl, sp) = (s.local_addr().unwrap(), s.peer_addr().unwrap());
+        println!(
+            "{label}: client {} -> {}; server {} <- {} (accept said the same: {}; ports pair up: {})",
+            cl.ip(),
+            cp.ip(),
+            sl.ip(),
+            sp.ip(),
+            from == sp,
+            cl.port() == sp.port() && cp.port() == sl.port()
+        );
+    };
+    let l = TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let c = TcpStream::connect(("0.0.0.0", port)).unwrap();
+    let (s, from) = l.accept().unwrap();
+    show("connect to 0.0.0.0", &c, &s, from);
+    let l6 = TcpListener::bind((Ipv6Addr::UNSPECIFIED, 0)).unwrap();
+    let port6 = l6.local_addr().unwrap().port();
+    let c = TcpStream::connect(("127.0.0.1", port6)).unwrap();
+    let (s, from) = l6.accept().unwrap();
+    show("IPv4 client, [::] listener", &c, &s, from);
+    let c = TcpStream::connect((Ipv6Addr::LOCALHOST, port6)).unwrap();
+    let (s, from) = l6.accept().unwrap();
+    show("IPv6 client, [::] listener", &c, &s, from);
+    let c = TcpStream::connect(("::ffff:127.0.0.1", port)).unwrap();
+    let (s, from) = l.accept().unwrap();
+    show("v4-mapped client, 0.0.0.0 listener", &c, &s, from);
+    let l4 = TcpListener::bind("127.0.0.1:0").unwrap();
+    let r = TcpStream::connect(("127.0.0.2", l4.local_addr().unwrap().port()));
+    println!("connect to 127.0.0.2 with a listener on 127.0.0.1 only: {:?}", r.map(|_| ()).map_err(|e| e.kind()));
+}
+
 fn main() {
     let name = std::env::args().nth(1).unwrap_or_default();
     match name.as_str() {
@@ -1318,6 +1356,7 @@ fn main() {
         "exec_cloexec" => exec_cloexec(),
         "mmsg_and_splice" => mmsg_and_splice(),
         "small_writes" => small_writes(),
+        "addresses" => addresses(),
         "exec_inherit" => exec_inherit(),
         "vfork_exec" => vfork_exec(),
         "spawn_listener" => spawn_listener(),
@@ -1326,7 +1365,7 @@ fn main() {
         "stdio_echo" => stdio_echo(),
         "accept_on" => accept_on(std::env::args().nth(2).and_then(|a| a.parse().ok()).unwrap_or(-1)),
         "list" => println!(
-            "connect_open connect_closed addr_in_use accept_nonblocking half_close peer_reset readiness flags sigpipe rcvtimeo eintr many bulk dup udp fork_accept fork_handoff fork_parent_exits threads sendfile exec_cloexec mmsg_and_splice small_writes exec_inherit vfork_exec spawn_listener spawn_dup2 exec_no_guest"
+            "connect_open connect_closed addr_in_use accept_nonblocking half_close peer_reset readiness flags sigpipe rcvtimeo eintr many bulk dup udp fork_accept fork_handoff fork_parent_exits threads sendfile exec_cloexec mmsg_and_splice small_writes exec_inherit vfork_exec spawn_listener spawn_dup2 exec_no_guest addresses"
         ),
         other => {
             eprintln!("unknown scenario {other:?}");
