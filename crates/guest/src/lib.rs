@@ -799,6 +799,28 @@ pub unsafe extern "C" fn execvpe(file: CStr, argv: *const CStr, envp: *const CSt
     unsafe { exec_with(envp, |env| real::execvpe(file, argv, env)) }
 }
 
+/// # Safety
+/// Interposes fexecve(3).
+#[no_mangle]
+pub unsafe extern "C" fn fexecve(fd: c_int, argv: *const CStr, envp: *const CStr) -> c_int {
+    // SAFETY: forwarding.
+    unsafe { exec_with(envp, |env| real::fexecve(fd, argv, env)) }
+}
+
+/// # Safety
+/// Interposes execveat(2) (glibc ≥ 2.34 wraps it).
+#[no_mangle]
+pub unsafe extern "C" fn execveat(
+    dirfd: c_int,
+    path: CStr,
+    argv: *const CStr,
+    envp: *const CStr,
+    flags: c_int,
+) -> c_int {
+    // SAFETY: forwarding.
+    unsafe { exec_with(envp, |env| real::execveat(dirfd, path, argv, env, flags)) }
+}
+
 /// Slots that posix_spawn file actions dup2 onto other fd numbers, by file-actions object: the
 /// child gets them although the parent's fds may be close-on-exec.
 static SPAWN_DUPS: std::sync::Mutex<Vec<(usize, u32)>> = std::sync::Mutex::new(Vec::new());

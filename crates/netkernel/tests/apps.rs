@@ -71,7 +71,7 @@ fn python_http_server_serves_100mib_to_curl() {
 /// Sockets inherited across exec, with real programs, NetKernel against native: a supervisor
 /// that execs itself with a listening fd in argv; inetd-style hand-offs of a connection as
 /// stdin/stdout through python's subprocess (vfork+exec, the child closing every other fd) to
-/// python, sed (C stdio) and socat; posix_spawn of a program given a socket's fd number; a daemon() child
+/// python, sed (C stdio) and socat; fexecve; posix_spawn of a program given a socket's fd number; a daemon() child
 /// (glibc forks internally, the parent exits at once) serving a listener; and a program exec'd
 /// without GuestLib, whose exit ends its copy of the connection.
 const EXEC_SCRIPT: &str = r#"
@@ -103,6 +103,12 @@ c, s = conn()
 p = subprocess.Popen(['sed', 's/hello/bonjour/'], stdin=s, stdout=s)
 s.close(); c.sendall(b'hello from C stdio\n'); c.shutdown(socket.SHUT_WR)
 print(drain(c).decode().strip(), p.wait())
+c, s = conn()
+if os.fork() == 0:
+    os.dup2(s.fileno(), 0)
+    os.execve(os.open(sys.executable, os.O_RDONLY), [sys.executable, '-c', "import os; os.write(0, b'via fexecve')"], dict(os.environ))
+s.close()
+print(drain(c).decode(), os.wait()[1])
 c, s = conn()
 p = subprocess.Popen(['socat', 'STDIO', 'EXEC:cat'], stdin=s, stdout=s)
 s.close(); c.sendall(b'through socat\n'); c.shutdown(socket.SHUT_WR)
