@@ -1118,15 +1118,40 @@ fn stdio_echo() {
     unsafe { libc::_exit(if n > 0 { 0 } else { 3 }) };
 }
 
+/// The same through C stdio: a line from stdin with fgets, the answer with printf.
+fn c_stdio_echo() {
+    extern "C" {
+        static stdin: *mut libc::FILE;
+        static stdout: *mut libc::FILE;
+    }
+    let mut buf = [0 as libc::c_char; 64];
+    // SAFETY: glibc's standard streams; buf is a live buffer of its length.
+    unsafe {
+        if libc::fgets(buf.as_mut_ptr(), buf.len() as c_int, stdin).is_null() {
+            libc::_exit(3);
+        }
+        libc::printf(c"stdio: %s".as_ptr(), buf.as_ptr());
+        libc::fflush(stdout);
+        libc::_exit(0);
+    }
+}
+
 /// inetd: the server accepts, forks, the child dup2()s the connection onto 0 and 1 and execs a
-/// program that talks over them; the server closes its copy at once.
+/// program that talks over them (with read/write, then with C stdio); the server closes its copy
+/// at once.
 fn exec_inherit() {
+    for helper in ["stdio_echo", "c_stdio_echo"] {
+        exec_inherit_with(helper);
+    }
+}
+
+fn exec_inherit_with(helper: &str) {
     let (l, port) = listener();
     let c = tcp();
     connect_to(c, port);
     // SAFETY: accept on our listener.
     let s = unsafe { libc::accept(l, std::ptr::null_mut(), std::ptr::null_mut()) };
-    let args = cstrings(&[&me(), "stdio_echo"]);
+    let args = cstrings(&[&me(), helper]);
     let argv = ptrs(&args);
     // SAFETY: the child only dup2()s and execs.
     let pid = unsafe { libc::fork() };
@@ -1142,8 +1167,8 @@ fn exec_inherit() {
         }
     }
     close(s);
-    t("send to exec'd child", send(c, b"ping", 0));
-    recv_trace("reply", c, 10, libc::MSG_WAITALL);
+    t("send to exec'd child", send(c, b"ping\n", 0));
+    recv_trace("reply", c, if helper == "stdio_echo" { 11 } else { 12 }, libc::MSG_WAITALL);
     recv_trace("EOF after the child exits", c, 10, 0);
     println!("child status {}", wait_child(pid));
     close(c);
@@ -1363,6 +1388,7 @@ fn main() {
         "spawn_dup2" => spawn_dup2(),
         "exec_no_guest" => exec_no_guest(),
         "stdio_echo" => stdio_echo(),
+        "c_stdio_echo" => c_stdio_echo(),
         "accept_on" => accept_on(std::env::args().nth(2).and_then(|a| a.parse().ok()).unwrap_or(-1)),
         "list" => println!(
             "connect_open connect_closed addr_in_use accept_nonblocking half_close peer_reset readiness flags sigpipe rcvtimeo eintr many bulk dup udp fork_accept fork_handoff fork_parent_exits threads sendfile exec_cloexec mmsg_and_splice small_writes exec_inherit vfork_exec spawn_listener spawn_dup2 exec_no_guest addresses"
