@@ -54,7 +54,8 @@ pub struct Args {
     /// Request/response round trips (64 bytes each way, TCP_NODELAY) [default: 20000, quick: 2000].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     rr_iters: Option<u32>,
-    /// Duration of each bulk transfer (1 flow, then 4), in seconds [default: 3, quick: 0.3].
+    /// Duration of each bulk transfer (1 flow, then 4), in seconds [default: 3, quick: 0.3]; with --apps,
+    /// of the wrk run.
     #[arg(long)]
     seconds: Option<f64>,
     /// Duration of the connection-rate phase, in seconds [default: 1, quick: 0.3].

@@ -80,7 +80,7 @@ enum Cmd {
         #[arg(long, default_value_t = 64 << 20)]
         bytes: u64,
     },
-    /// Benchmark NetKernel against native kernel sockets, side by side in one run.
+    /// Benchmark native TCP, NetKernel (kernel NSM, co-located), AF_UNIX and the nqe queue in one run.
     Bench(bench::Args),
     /// Benchmark peer (used by `bench`).
     #[command(hide = true)]
