@@ -32,7 +32,7 @@ const PEER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One NSM per NetKernel mode, so that each mode is charged its own NSM's CPU, and a tenant of
 /// the same name on each. Tenants admit any uid: the bench runs as whoever starts it.
-const ENGINE_CONFIG: &str = r#"# written by `netkernel bench`
+pub(crate) const ENGINE_CONFIG: &str = r#"# written by `netkernel bench`
 [[nsm]]
 name = "kernel"
 colocate = false   # every byte through the NSM's kernel TCP, even between two of its guests

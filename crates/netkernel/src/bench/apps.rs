@@ -1,6 +1,7 @@
 //! `netkernel bench --apps`: real servers and load generators from Debian packages (redis with
-//! redis-benchmark, nginx with wrk), natively and under NetKernel in one run, with CPU per
-//! request counted over every process involved (servers, clients and, for NetKernel, the NSM).
+//! redis-benchmark, nginx with wrk), natively and under NetKernel in one run (through the kernel
+//! NSM, and co-located), with CPU per request counted over every process involved (servers,
+//! clients and, for NetKernel, the NSM).
 
 use super::cpu;
 use crate::guestlib::{self, which};
@@ -63,14 +64,15 @@ fn wait_port(port: u16) -> Result<(), String> {
 
 /// Everything one side (native or NetKernel) needs to start programs.
 struct Side<'a> {
-    nk: Option<(&'a Path, &'a TempEngine, u32)>,
+    /// GuestLib, the engine, the NSM's pid and the tenant (which picks the NSM).
+    nk: Option<(&'a Path, &'a TempEngine, u32, &'a str)>,
 }
 
 impl Side<'_> {
     fn cmd(&self, program: &str, args: &[&str]) -> Command {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         match self.nk {
-            Some((lib, e, _)) => guestlib::command(lib, e.socket(), None, program, &args),
+            Some((lib, e, _, tenant)) => guestlib::command(lib, e.socket(), Some(tenant), program, &args),
             None => {
                 let mut c = Command::new(program);
                 c.args(&args);
@@ -80,7 +82,7 @@ impl Side<'_> {
     }
 
     fn nsm(&self) -> Vec<u32> {
-        self.nk.map(|(_, _, pid)| vec![pid]).unwrap_or_default()
+        self.nk.map(|(_, _, pid, _)| vec![pid]).unwrap_or_default()
     }
 
     /// Runs a load generator against server `server`; returns its output, and the CPU seconds
@@ -183,25 +185,36 @@ fn side_rows(side: &Side, dir: &Path, requests: u32, seconds: u32) -> Result<Vec
 
 pub fn run(requests: u32, seconds: u32) -> Result<Value, String> {
     let lib = guestlib::find()?;
-    let engine = TempEngine::start()?;
-    let nsm_pid = {
+    let engine = TempEngine::with_config(Some(super::ENGINE_CONFIG))?;
+    // The bench's engine has an NSM and a tenant of the same name per path.
+    let nsm = |name: &str| -> Result<Value, String> {
         let v = netkernel_engine::request(engine.socket(), &EngineRequest::Nsms)?;
-        v[0]["pid"].as_u64().ok_or("engine has no NSM")? as u32
+        v.as_array().into_iter().flatten().find(|n| n["name"] == name).cloned().ok_or(format!("no NSM {name}"))
     };
     eprintln!("netkernel bench --apps: native ...");
     let native = side_rows(&Side { nk: None }, &engine.dir, requests, seconds)?;
-    eprintln!("netkernel bench --apps: netkernel ...");
-    let nk = side_rows(&Side { nk: Some((&lib, &engine, nsm_pid)) }, &engine.dir, requests, seconds)?;
-    let nsm = netkernel_engine::request(engine.socket(), &EngineRequest::Nsms)?;
-    if nsm[0]["conns_total"].as_u64().unwrap_or(0) < 100 {
-        return Err("the NSM saw almost no connections: GuestLib did not serve the programs".into());
+    let mut paths = Vec::new();
+    for path in ["kernel", "colocated"] {
+        eprintln!("netkernel bench --apps: netkernel, {path} path ...");
+        let pid = nsm(path)?["pid"].as_u64().ok_or("NSM without a pid")? as u32;
+        paths.push(side_rows(&Side { nk: Some((&lib, &engine, pid, path)) }, &engine.dir, requests, seconds)?);
+        let n = nsm(path)?;
+        let (total, colocated) = (n["conns_total"].as_u64().unwrap_or(0), n["conns_colocated"].as_u64().unwrap_or(0));
+        if total < 100 {
+            return Err(format!("NSM {path} saw almost no connections: GuestLib did not serve the programs"));
+        }
+        if (path == "colocated") != (colocated > 0) {
+            return Err(format!("NSM {path}: {colocated} of {total} connections were co-located"));
+        }
     }
     let rows: Vec<Value> = native
         .iter()
-        .zip(&nk)
-        .map(|((name, nr, nc), (_, kr, kc))| {
-            json!({"test": name, "native_rps": nr, "netkernel_rps": kr, "ratio": kr / nr,
-                   "native_cpu_us_per_req": nc, "netkernel_cpu_us_per_req": kc})
+        .zip(&paths[0])
+        .zip(&paths[1])
+        .map(|(((name, nr, nc), (_, kr, kc)), (_, cr, cc))| {
+            json!({"test": name, "native_rps": nr, "kernel_rps": kr, "kernel_ratio": kr / nr,
+                   "colocated_rps": cr, "colocated_ratio": cr / nr,
+                   "native_cpu_us_per_req": nc, "kernel_cpu_us_per_req": kc, "colocated_cpu_us_per_req": cc})
         })
         .collect();
     Ok(json!({"requests": requests, "wrk_seconds": seconds, "rows": rows}))
@@ -213,20 +226,23 @@ pub fn print(v: &Value) {
         v["requests"], v["wrk_seconds"]
     );
     println!(
-        "{:<26} {:>12} {:>12} {:>7} {:>14} {:>14}",
-        "test", "native rps", "netkernel", "ratio", "native us/req", "netkernel us/req"
+        "{:<24} {:>10} {:>10} {:>7} {:>10} {:>7}   {:>20}",
+        "test", "native rps", "NK kernel", "ratio", "NK coloc", "ratio", "us/req nat/ker/col"
     );
     for r in v["rows"].as_array().into_iter().flatten() {
         let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
         println!(
-            "{:<26} {:>12.0} {:>12.0} {:>6.2}x {:>14.1} {:>14.1}",
+            "{:<24} {:>10.0} {:>10.0} {:>6.2}x {:>10.0} {:>6.2}x   {:>6.1} {:>6.1} {:>6.1}",
             r["test"].as_str().unwrap_or("?"),
             f("native_rps"),
-            f("netkernel_rps"),
-            f("ratio"),
+            f("kernel_rps"),
+            f("kernel_ratio"),
+            f("colocated_rps"),
+            f("colocated_ratio"),
             f("native_cpu_us_per_req"),
-            f("netkernel_cpu_us_per_req")
+            f("kernel_cpu_us_per_req"),
+            f("colocated_cpu_us_per_req")
         );
     }
-    println!("CPU per request counts server, load generator and (for NetKernel) the NSM.");
+    println!("CPU per request counts server, load generator and (for NetKernel) the NSM of the path.");
 }
