@@ -171,6 +171,10 @@ pub struct GuestSock {
 /// error is reported by the socket's next call, as the kernel reports a pending socket error.
 pub const SEND_ASYNC: u32 = 1 << 31;
 
+/// Flag of an Op::Connect nqe: the caller waits for the outcome anyway, so a connect the NSM
+/// completes at once (a co-located one) answers 0 rather than EINPROGRESS and a second connect.
+pub const CONNECT_BLOCKING: u32 = 1;
+
 /// Socket operations a guest can request.
 #[repr(u32)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

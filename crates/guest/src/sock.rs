@@ -6,7 +6,7 @@ use crate::state::{
     self, attachment, sock_state, Attachment, Errno, F_INET6, F_LISTEN, F_NONBLOCK, F_STREAM, F_WR_SHUT,
 };
 use libc::{c_int, iovec, sockaddr, socklen_t};
-use netkernel_abi::{Op, ADDR_MAX, BUF_SIZE};
+use netkernel_abi::{Op, ADDR_MAX, BUF_SIZE, CONNECT_BLOCKING};
 use std::sync::atomic::Ordering;
 
 fn live() -> Result<&'static Attachment, Errno> {
@@ -120,10 +120,15 @@ pub unsafe fn addr_out(src: &[u8], full: usize, addr: *mut sockaddr, len: *mut s
 
 /// One call that takes an address (bind, connect).
 fn addr_call(op: Op, slot: u32, addr: *const sockaddr, len: socklen_t) -> Result<(i64, u32), Errno> {
+    addr_call_flags(op, slot, 0, addr, len)
+}
+
+fn addr_call_flags(op: Op, slot: u32, flags: u32, addr: *const sockaddr, len: socklen_t) -> Result<(i64, u32), Errno> {
     let (p, n) = addr_in(addr, len)?;
     let a = live()?;
     let c = a.call(|w| {
         w.set(op, slot);
+        w.flags(flags);
         w.addr(p, n);
     });
     c.result().map(|r| (r, c.seq()))
@@ -196,9 +201,10 @@ pub fn connect(slot: u32, addr: *const sockaddr, len: socklen_t) -> Result<c_int
     // A blocking connect is a non-blocking one, a wait for writability, and a second connect
     // that reports the outcome (0, or the error that ended the attempt) and moves the socket
     // to connected, so a third connect says EISCONN: what the kernel does internally.
-    match addr_call(Op::Connect, slot, addr, len) {
+    let wait = blocking(slot, 0);
+    match addr_call_flags(Op::Connect, slot, if wait { CONNECT_BLOCKING } else { 0 }, addr, len) {
         Ok(_) => return Ok(0),
-        Err(libc::EINPROGRESS) if blocking(slot, 0) => {}
+        Err(libc::EINPROGRESS) if wait => {}
         Err(e) => return Err(e),
     }
     let a = live()?;

@@ -999,6 +999,11 @@ impl<S: Stack> Service<S> {
         }
         let mut client = client;
         client.adopt(owner);
+        let waits = req.flags & netkernel_abi::CONNECT_BLOCKING != 0;
+        if waits {
+            // The guest would only wait for writability and ask again.
+            let _ = client.connect_again();
+        }
         s.pipe = Some(client);
         s.counted = true;
         let mask = s.mask(&mut self.stack);
@@ -1007,7 +1012,7 @@ impl<S: Stack> Service<S> {
         tenant(&mut self.stats, &a.tenant).conns_total += 1;
         publish(a, req.sock, mask, true);
         // As a loopback TCP connect answers: the guest's next connect() reports completion.
-        Some(Err(libc::EINPROGRESS))
+        Some(if waits { Ok(0) } else { Err(libc::EINPROGRESS) })
     }
 }
 
