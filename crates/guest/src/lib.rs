@@ -8,6 +8,7 @@
 //! interposed wrappers, so it cannot re-enter itself. Panics are caught at every hook and turn
 //! into EIO.
 
+mod exec_l;
 mod inherit;
 mod readiness;
 mod real;

@@ -100,4 +100,5 @@ scenarios!(
     spawn_dup2,
     exec_no_guest,
     addresses,
+    execl_family,
 );

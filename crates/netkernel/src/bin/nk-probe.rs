@@ -1141,11 +1141,24 @@ fn c_stdio_echo() {
 /// at once.
 fn exec_inherit() {
     for helper in ["stdio_echo", "c_stdio_echo"] {
-        exec_inherit_with(helper);
+        exec_inherit_with(helper, "execv");
     }
 }
 
-fn exec_inherit_with(helper: &str) {
+/// The same hand-off through the variadic exec calls, which glibc implements on its internal
+/// execve.
+fn execl_family() {
+    for via in ["execl", "execlp", "execle"] {
+        println!("{via}:");
+        exec_inherit_with("stdio_echo", via);
+    }
+}
+
+extern "C" {
+    static environ: *const *const libc::c_char;
+}
+
+fn exec_inherit_with(helper: &str, via: &str) {
     let (l, port) = listener();
     let c = tcp();
     connect_to(c, port);
@@ -1153,16 +1166,22 @@ fn exec_inherit_with(helper: &str) {
     let s = unsafe { libc::accept(l, std::ptr::null_mut(), std::ptr::null_mut()) };
     let args = cstrings(&[&me(), helper]);
     let argv = ptrs(&args);
+    let null: *const libc::c_char = std::ptr::null();
     // SAFETY: the child only dup2()s and execs.
     let pid = unsafe { libc::fork() };
     if pid == 0 {
-        // SAFETY: valid argv; exits via _exit if exec fails.
+        // SAFETY: valid argv, NULL-terminated variadic lists; exits via _exit if exec fails.
         unsafe {
             libc::dup2(s, 0);
             libc::dup2(s, 1);
             libc::close(s);
             libc::close(l);
-            libc::execv(argv[0], argv.as_ptr());
+            match via {
+                "execl" => libc::execl(argv[0], argv[0], argv[1], null),
+                "execlp" => libc::execlp(argv[0], argv[0], argv[1], null),
+                "execle" => libc::execle(argv[0], argv[0], argv[1], null, environ),
+                _ => libc::execv(argv[0], argv.as_ptr()),
+            };
             libc::_exit(127);
         }
     }
@@ -1382,6 +1401,7 @@ fn main() {
         "mmsg_and_splice" => mmsg_and_splice(),
         "small_writes" => small_writes(),
         "addresses" => addresses(),
+        "execl_family" => execl_family(),
         "exec_inherit" => exec_inherit(),
         "vfork_exec" => vfork_exec(),
         "spawn_listener" => spawn_listener(),
@@ -1391,7 +1411,7 @@ fn main() {
         "c_stdio_echo" => c_stdio_echo(),
         "accept_on" => accept_on(std::env::args().nth(2).and_then(|a| a.parse().ok()).unwrap_or(-1)),
         "list" => println!(
-            "connect_open connect_closed addr_in_use accept_nonblocking half_close peer_reset readiness flags sigpipe rcvtimeo eintr many bulk dup udp fork_accept fork_handoff fork_parent_exits threads sendfile exec_cloexec mmsg_and_splice small_writes exec_inherit vfork_exec spawn_listener spawn_dup2 exec_no_guest addresses"
+            "connect_open connect_closed addr_in_use accept_nonblocking half_close peer_reset readiness flags sigpipe rcvtimeo eintr many bulk dup udp fork_accept fork_handoff fork_parent_exits threads sendfile exec_cloexec mmsg_and_splice small_writes exec_inherit vfork_exec spawn_listener spawn_dup2 exec_no_guest addresses execl_family"
         ),
         other => {
             eprintln!("unknown scenario {other:?}");
