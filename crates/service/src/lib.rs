@@ -983,7 +983,7 @@ impl<S: Stack> Service<S> {
         }
         let listener_v6 = self.atts[l.ai].as_ref()?.sock(l.slot).ok()?.backlog.as_ref()?.v6;
         let as_family = |a: SocketAddr| policy::encode(&same_family(a, listener_v6));
-        let (client, server) = colocated::pair((policy::encode(&me), peer), (as_family(target), as_family(me)));
+        let (mut client, server) = colocated::pair((policy::encode(&me), peer), (as_family(target), as_family(me)));
         // The listener's guest learns of the connection (accept() will find it).
         let la = self.atts[l.ai].as_mut().expect("live");
         let ls = la.sock_mut(l.slot).expect("live");
@@ -997,7 +997,6 @@ impl<S: Stack> Service<S> {
         if let Some(fd) = &s.fd {
             let _ = epoll_ctl(self.epfd.as_raw_fd(), libc::EPOLL_CTL_DEL, fd.as_raw_fd(), 0, 0);
         }
-        let mut client = client;
         client.adopt(owner);
         let waits = req.flags & netkernel_abi::CONNECT_BLOCKING != 0;
         if waits {
