@@ -62,8 +62,8 @@ pub enum Error {
     OpenTun(io::Error),
     #[error("TAP name {0:?}: give 1 to 15 bytes, no '/' or spaces")]
     Name(String),
-    #[error("cannot create TAP device {0:?}: {1} (does an interface of that name exist already?)")]
-    CreateTap(String, io::Error),
+    #[error("cannot create TAP device {0:?}: {1} ({2})")]
+    CreateTap(String, io::Error, &'static str),
     #[error("TAP device {0:?} went away (its namespace was deleted?)")]
     Gone(String),
     #[error("{0}: {1}")]
@@ -112,7 +112,15 @@ impl Tap {
         req.name[..name.len()].copy_from_slice(name.as_bytes());
         // SAFETY: TUNSETIFF reads (and writes back the name into) an ifreq-sized buffer we own.
         if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut req as *mut IfReq) } < 0 {
-            return Err(Error::CreateTap(name.to_string(), io::Error::last_os_error()));
+            let e = io::Error::last_os_error();
+            let hint = match e.raw_os_error() {
+                Some(libc::EPERM) => "linkem needs root or CAP_NET_ADMIN",
+                Some(libc::EBUSY) | Some(libc::EEXIST) | Some(libc::EINVAL) => {
+                    "an interface of that name exists already, or is not a TAP device"
+                }
+                _ => "is the tun module loaded?",
+            };
+            return Err(Error::CreateTap(name.to_string(), e, hint));
         }
         Ok(Tap { name: name.to_string(), fd })
     }
