@@ -17,9 +17,11 @@ pub(crate) struct Bucket {
 }
 
 impl Bucket {
+    /// A bucket that starts empty: a burst is credit saved up while the tenant sends less than
+    /// its rate, so over any stretch from the start it never gets more than its rate.
     pub fn new(bits_per_s: u64, burst_bytes: u64) -> Bucket {
         let burst = (burst_bytes as f64).max(QUANTUM);
-        Bucket { rate: (bits_per_s as f64 / 8.0).max(1.0), burst, tokens: burst, last: Instant::now() }
+        Bucket { rate: (bits_per_s as f64 / 8.0).max(1.0), burst, tokens: 0.0, last: Instant::now() }
     }
 
     fn refill(&mut self) {
@@ -73,7 +75,9 @@ mod tests {
     #[test]
     fn burst_then_rate() {
         let mut b = Bucket::new(8_000_000, 100_000); // 1 MB/s
-        assert_eq!(b.take(150_000), 100_000);
+        assert!(b.exhausted(), "a new bucket has saved nothing up");
+        std::thread::sleep(Duration::from_millis(150));
+        assert_eq!(b.take(150_000), 100_000, "credit stops at the burst");
         assert!(b.exhausted());
         let w = b.wait();
         assert!(w > Duration::from_millis(10) && w < Duration::from_millis(20), "{w:?}");
