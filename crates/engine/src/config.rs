@@ -75,7 +75,7 @@ pub struct TenantConfig {
     #[serde(default)]
     pub rate_limit: Option<u64>,
     /// Bytes the tenant may send at once above its rate, saved up while it sends less (default: a
-    /// tenth of a second's worth; nothing is saved up at first).
+    /// hundredth of a second's worth; nothing is saved up at first).
     #[serde(default)]
     pub burst: Option<u64>,
     /// Ports the tenant may listen on: numbers or "LOW-HIGH" ranges; absent: any.

@@ -409,7 +409,7 @@ impl Engine {
                 .collect(),
             max_sockets: t.max_connections,
             listen_ports: t.listen_ports.as_ref().map(|p| p.get_ref().iter().filter_map(|r| r.range()).collect()),
-            rate: t.rate_limit.map(|bits| (bits, t.burst.unwrap_or(bits / 80))),
+            rate: t.rate_limit.map(|bits| (bits, t.burst.unwrap_or(bits / 800))),
             colocate: t.colocate.unwrap_or_else(|| {
                 self.cfg.nsms.iter().find(|n| n.name.get_ref() == t.nsm.get_ref()).is_none_or(|n| n.colocate)
             }),
