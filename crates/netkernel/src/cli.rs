@@ -357,6 +357,7 @@ const NSM_COLUMNS: &[&str] = &[
     "attachments",
     "conns_open",
     "conns_total",
+    "conns_colocated",
     "bytes_in",
     "bytes_out",
     "violations",
