@@ -58,9 +58,16 @@ pub struct NsmConfig {
 pub struct TenantConfig {
     pub name: Spanned<String>,
     pub nsm: Spanned<String>,
-    /// Uids allowed to attach as this tenant; absent: any uid.
+    /// Uids allowed to attach as this tenant. With none of uids, gids and token_file: anyone.
     #[serde(default)]
     pub uids: Option<Vec<u32>>,
+    /// Gids whose processes may attach as this tenant (primary or supplementary group).
+    #[serde(default)]
+    pub gids: Option<Vec<u32>>,
+    /// A file holding a secret: a process that presents it (`netkernel run --token-file FILE`)
+    /// may attach as this tenant whatever its uid. Keep it readable only by the tenant's users.
+    #[serde(default)]
+    pub token_file: Option<Spanned<PathBuf>>,
     /// The tenant's virtual addresses: wildcard and loopback binds land on them, and other
     /// tenants cannot reach them.
     #[serde(default)]
@@ -110,6 +117,17 @@ impl PortSpec {
 }
 
 impl TenantConfig {
+    /// Whether the tenant admits a process with these credentials (`groups`: its primary and
+    /// supplementary gids) that presented `token` (checked by the caller against the file's).
+    pub fn admits(&self, uid: u32, groups: &[u32], token_ok: bool) -> bool {
+        if self.uids.is_none() && self.gids.is_none() && self.token_file.is_none() {
+            return true;
+        }
+        self.uids.as_ref().is_some_and(|u| u.contains(&uid))
+            || self.gids.as_ref().is_some_and(|g| groups.iter().any(|x| g.contains(x)))
+            || token_ok
+    }
+
     /// The tenant's addresses (validated at load).
     pub fn addresses(&self) -> Vec<std::net::IpAddr> {
         self.addresses.as_ref().map(|a| a.get_ref().iter().filter_map(|s| s.parse().ok()).collect()).unwrap_or_default()
@@ -162,6 +180,8 @@ impl Config {
                 name: spanned("default".into()),
                 nsm: spanned("kernel".into()),
                 uids: None,
+                gids: None,
+                token_file: None,
                 addresses: None,
                 max_connections: None,
                 weight: None,
@@ -281,6 +301,25 @@ impl Config {
                     ));
                 }
             }
+            if let Some(f) = &t.token_file {
+                match std::fs::read_to_string(f.get_ref()) {
+                    Ok(s) if s.trim().len() >= 16 => {}
+                    Ok(_) => {
+                        return Err(invalid(
+                            f.span().start,
+                            "tenant.token_file",
+                            format!("{}: a token needs at least 16 characters", f.get_ref().display()),
+                        ))
+                    }
+                    Err(e) => {
+                        return Err(invalid(
+                            f.span().start,
+                            "tenant.token_file",
+                            format!("cannot read {}: {e}", f.get_ref().display()),
+                        ))
+                    }
+                }
+            }
             if !seen.contains(t.nsm.get_ref()) {
                 return Err(invalid(
                     t.nsm.span().start,
@@ -337,6 +376,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.tenants[0].uids, Some(vec![0]));
+        let t = &c.tenants[0];
+        assert!(t.admits(0, &[], false) && !t.admits(1, &[0], false) && t.admits(1, &[], true));
     }
 
     #[test]

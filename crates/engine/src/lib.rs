@@ -79,6 +79,8 @@ pub struct Engine {
     attachments: Mutex<HashMap<u64, Attachment>>,
     next_id: AtomicU64,
     started: Instant,
+    /// The secrets of tenants with a token_file, read once at start.
+    tokens: HashMap<String, String>,
 }
 
 #[derive(Serialize)]
@@ -137,6 +139,29 @@ fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     }
     // SAFETY: fresh fd we own.
     Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
+}
+
+/// The peer's primary and supplementary groups (SO_PEERGROUPS: as they were when it connected).
+fn peer_groups(s: &UnixStream, primary: u32) -> Vec<u32> {
+    let mut groups = vec![0 as libc::gid_t; 256];
+    let mut len = (groups.len() * std::mem::size_of::<libc::gid_t>()) as libc::socklen_t;
+    // SAFETY: groups/len describe a live buffer.
+    let r = unsafe {
+        libc::getsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PEERGROUPS, groups.as_mut_ptr().cast(), &mut len)
+    };
+    groups.truncate(if r < 0 { 0 } else { len as usize / std::mem::size_of::<libc::gid_t>() });
+    groups.push(primary);
+    groups
+}
+
+/// Compares a presented token with a tenant's without an early exit.
+fn token_matches(presented: Option<&str>, expected: Option<&String>) -> bool {
+    match (presented, expected) {
+        (Some(p), Some(e)) if p.len() == e.len() => {
+            p.bytes().zip(e.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+        }
+        _ => false,
+    }
 }
 
 fn peer_cred(s: &UnixStream) -> io::Result<libc::ucred> {
@@ -225,9 +250,18 @@ impl Engine {
             nsms.push(Arc::new(nsm));
             children.push(child);
         }
+        let tokens = cfg
+            .tenants
+            .iter()
+            .filter_map(|t| {
+                let token = std::fs::read_to_string(t.token_file.as_ref()?.get_ref()).ok()?;
+                Some((t.name.get_ref().clone(), token.trim().to_string()))
+            })
+            .collect();
         let engine = Arc::new(Engine {
             cfg,
             auto_addresses,
+            tokens,
             socket,
             nsms,
             attachments: Mutex::new(HashMap::new()),
@@ -325,17 +359,19 @@ impl Engine {
                 }
             };
             let sent = match req {
-                EngineRequest::Attach { tenant } if attached.is_none() => match self.attach(&conn, tenant) {
-                    Ok((id, reply, fds)) => {
-                        attached = Some(id);
-                        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-                        sys::send_frame(fd, &reply_bytes(Reply::ok(reply)), &raw)
+                EngineRequest::Attach { tenant, token } if attached.is_none() => {
+                    match self.attach(&conn, tenant, token) {
+                        Ok((id, reply, fds)) => {
+                            attached = Some(id);
+                            let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+                            sys::send_frame(fd, &reply_bytes(Reply::ok(reply)), &raw)
+                        }
+                        Err(msg) => {
+                            log(&msg);
+                            sys::send_frame(fd, &reply_bytes(Reply::err(msg)), &[])
+                        }
                     }
-                    Err(msg) => {
-                        log(&msg);
-                        sys::send_frame(fd, &reply_bytes(Reply::err(msg)), &[])
-                    }
-                },
+                }
                 EngineRequest::Attach { .. } => sys::send_frame(fd, &reply_bytes(Reply::err("already attached")), &[]),
                 EngineRequest::Hold { attachment, pid, holder } => {
                     let r = self.hold(&conn, attachment, pid, holder);
@@ -359,13 +395,13 @@ impl Engine {
                 EngineRequest::Nsms => sys::send_frame(fd, &reply_bytes(Reply::ok(self.nsm_views())), &[]),
                 EngineRequest::Conns => {
                     // root sees every tenant's connections; anyone else only those of tenants
-                    // that admit their uid.
-                    let uid = peer_cred(&conn).map(|c| c.uid).unwrap_or(u32::MAX);
+                    // that admit their uid or groups.
+                    let (uid, gid) = peer_cred(&conn).map(|c| (c.uid, c.gid)).unwrap_or((u32::MAX, u32::MAX));
                     let visible: Vec<&str> = self
                         .cfg
                         .tenants
                         .iter()
-                        .filter(|t| uid == 0 || t.uids.as_ref().is_none_or(|u| u.contains(&uid)))
+                        .filter(|t| uid == 0 || t.admits(uid, &peer_groups(&conn, gid), false))
                         .map(|t| t.name.get_ref().as_str())
                         .collect();
                     let conns: Vec<_> = self
@@ -426,9 +462,18 @@ impl Engine {
         });
     }
 
-    fn attach(&self, conn: &UnixStream, tenant: Option<String>) -> Result<(u64, AttachReply, Vec<OwnedFd>), String> {
+    fn attach(
+        &self,
+        conn: &UnixStream,
+        tenant: Option<String>,
+        token: Option<String>,
+    ) -> Result<(u64, AttachReply, Vec<OwnedFd>), String> {
         self.prune();
         let cred = peer_cred(conn).map_err(|e| format!("SO_PEERCRED: {e}"))?;
+        let groups = peer_groups(conn, cred.gid);
+        let admits = |t: &config::TenantConfig| {
+            t.admits(cred.uid, &groups, token_matches(token.as_deref(), self.tokens.get(t.name.get_ref())))
+        };
         let t = match &tenant {
             Some(name) => self
                 .cfg
@@ -440,18 +485,21 @@ impl Engine {
                 .cfg
                 .tenants
                 .iter()
-                .find(|t| t.uids.as_ref().is_none_or(|u| u.contains(&cred.uid)))
-                .ok_or_else(|| format!("pid {} (uid {}): no tenant admits this uid", cred.pid, cred.uid))?,
+                .find(|t| admits(t))
+                .ok_or_else(|| format!("pid {} (uid {}): no tenant admits this process", cred.pid, cred.uid))?,
         };
-        if let Some(uids) = &t.uids {
-            if !uids.contains(&cred.uid) {
-                return Err(format!(
-                    "pid {} (uid {}) may not attach as tenant {}",
-                    cred.pid,
-                    cred.uid,
-                    t.name.get_ref()
-                ));
-            }
+        if !admits(t) {
+            let why = if token.is_some() {
+                "its token is not the tenant's"
+            } else {
+                "its uid and groups are not the tenant's"
+            };
+            return Err(format!(
+                "pid {} (uid {}) may not attach as tenant {}: {why}",
+                cred.pid,
+                cred.uid,
+                t.name.get_ref()
+            ));
         }
         let nsm = self.nsms.iter().find(|n| n.name == *t.nsm.get_ref()).ok_or("tenant's NSM is not running")?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);

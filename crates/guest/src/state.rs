@@ -324,11 +324,12 @@ pub fn engine_call(fd: i32, req: &serde_json::Value, fds: &[i32]) -> Result<(ser
 
 fn attach() -> Result<Attachment, String> {
     let tenant = std::env::var("NETKERNEL_TENANT").ok();
+    let mut req = serde_json::json!({"op": "attach", "tenant": tenant});
+    if let Ok(path) = std::env::var("NETKERNEL_TOKEN_FILE") {
+        let token = std::fs::read_to_string(&path).map_err(|e| format!("NETKERNEL_TOKEN_FILE {path}: {e}"))?;
+        req["token"] = token.trim().into();
+    }
     let fd = connect_engine()?;
-    let req = match &tenant {
-        Some(t) => serde_json::json!({"op": "attach", "tenant": t}),
-        None => serde_json::json!({"op": "attach"}),
-    };
     let fail = |fd: i32, m: String| {
         sys::close(fd);
         Err(m)

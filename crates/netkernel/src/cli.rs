@@ -42,6 +42,9 @@ enum Cmd {
         /// byte it exchanges must cross NetKernel.
         #[arg(long)]
         isolate: bool,
+        /// Attach with the secret in this file (a tenant's `token_file`), whatever your uid.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
         /// The program and its arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         program: Vec<String>,
@@ -98,7 +101,7 @@ pub fn main() -> i32 {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Serve { config, socket, metrics } => serve(config, socket, metrics),
-        Cmd::Run { tenant, socket, isolate, program } => run(tenant, socket, isolate, program),
+        Cmd::Run { tenant, socket, isolate, token_file, program } => run(tenant, socket, isolate, token_file, program),
         Cmd::Ctl { socket, what, iterations, .. } if what == "top" => top(socket, iterations),
         Cmd::Ctl { socket, json, what, .. } => ctl(socket, json, &what),
         Cmd::Nsm { kind, name, control_fd, congestion, hosts } => nsm(&kind, name, control_fd, congestion, hosts),
@@ -155,8 +158,23 @@ fn serve(config: Option<PathBuf>, socket: Option<PathBuf>, metrics: Option<std::
     0
 }
 
-fn run(tenant: Option<String>, socket: Option<PathBuf>, isolate: bool, program: Vec<String>) -> i32 {
+fn run(
+    tenant: Option<String>,
+    socket: Option<PathBuf>,
+    isolate: bool,
+    token_file: Option<PathBuf>,
+    program: Vec<String>,
+) -> i32 {
     let socket = socket.unwrap_or_else(default_socket);
+    // Read here so a wrong path fails now, with a message, rather than at the first socket.
+    let token_file = match token_file.map(|f| std::fs::canonicalize(&f).map_err(|e| (f, e))) {
+        Some(Err((f, e))) => return fail(format!("--token-file {}: {e}", f.display())),
+        Some(Ok(f)) => match std::fs::read_to_string(&f) {
+            Ok(_) => Some(f),
+            Err(e) => return fail(format!("--token-file {}: {e}", f.display())),
+        },
+        None => None,
+    };
     let lib = match guestlib::find() {
         Ok(l) => l,
         Err(e) => return fail(e),
@@ -169,7 +187,11 @@ fn run(tenant: Option<String>, socket: Option<PathBuf>, isolate: bool, program: 
             return fail(format!("--isolate: {e}"));
         }
     }
-    let err = guestlib::command(&lib, &socket, tenant.as_deref(), &program[0], &program[1..]).exec();
+    let mut cmd = guestlib::command(&lib, &socket, tenant.as_deref(), &program[0], &program[1..]);
+    if let Some(f) = token_file {
+        cmd.env("NETKERNEL_TOKEN_FILE", f);
+    }
+    let err = cmd.exec();
     fail(format!("cannot run {}: {err}", program[0]))
 }
 

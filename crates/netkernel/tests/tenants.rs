@@ -333,3 +333,59 @@ fn tenants_share_a_shaped_nsm_by_weight_not_by_flows() {
     let unfair = share_of_one_flow_against_eight((1, 1), false);
     assert!(unfair < 0.35, "without fairness the 1-flow tenant should lose to 8 flows, got {unfair:.2}");
 }
+
+/// Who may attach: a tenant names uids, gids, or a token file; a process is admitted by any of
+/// them, and refused (with the reason in the engine's log) otherwise.
+#[test]
+fn tenants_admit_by_uid_group_or_token() {
+    use std::os::unix::fs::PermissionsExt;
+    let python = require("python3");
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("tok.token");
+    std::fs::write(&token, "s3cret-token-0123456789\n").unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let wrong = dir.path().join("wrong.token");
+    std::fs::write(&wrong, "not-the-token-0123456789\n").unwrap();
+    // SAFETY: plain calls.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let other = uid.wrapping_add(4242);
+    let engine = TestEngine::with_config(&format!(
+        "[[nsm]]\nname = \"k\"\n\n\
+         [[tenant]]\nname = \"group\"\nnsm = \"k\"\nuids = [{other}]\ngids = [{gid}]\n\n\
+         [[tenant]]\nname = \"tok\"\nnsm = \"k\"\nuids = [{other}]\ntoken_file = \"{}\"\n",
+        token.display()
+    ));
+    let script = "import socket\ntry:\n    socket.socket().close()\n    print('attached')\nexcept OSError as e:\n    print('refused', e.errno)\n";
+    let attach = |tenant: &str, token: Option<&std::path::Path>| {
+        let mut c = std::process::Command::new(NETKERNEL);
+        c.args(["run", "--tenant", tenant, "--socket"]).arg(&engine.socket);
+        if let Some(t) = token {
+            c.arg("--token-file").arg(t);
+        }
+        c.args(["--", python.to_str().unwrap(), "-c", script]);
+        let out = output_within(c, Duration::from_secs(30));
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let refused = format!("refused {}", libc::ENETDOWN);
+    assert_eq!(attach("group", None), "attached", "admitted by its group");
+    assert_eq!(attach("tok", Some(&token)), "attached", "admitted by the token");
+    assert_eq!(attach("tok", None), refused, "no token, uid not listed");
+    assert_eq!(attach("tok", Some(&wrong)), refused, "a wrong token");
+    let log = engine.log();
+    assert!(log.contains("may not attach as tenant tok: its token is not the tenant's"), "{log}");
+    assert!(log.contains("may not attach as tenant tok: its uid and groups are not the tenant's"), "{log}");
+    // A token file the engine cannot use is a config error naming file, line and field.
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(
+        &cfg,
+        "[[nsm]]\nname = \"k\"\n\n[[tenant]]\nname = \"t\"\nnsm = \"k\"\ntoken_file = \"/nonexistent/t\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(NETKERNEL).args(["serve", "--config"]).arg(&cfg).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("bad.toml:7: tenant.token_file: cannot read /nonexistent/t"),
+        "{err}"
+    );
+}

@@ -12,6 +12,9 @@ pub enum EngineRequest {
     /// tenant named here must accept that uid. Reply fds: region memfd, NSM doorbell, guest doorbell.
     Attach {
         tenant: Option<String>,
+        /// The secret of a tenant with a token_file, read by GuestLib from NETKERNEL_TOKEN_FILE.
+        #[serde(default)]
+        token: Option<String>,
     },
     /// A guest process that just forked `pid` asks to keep the attachment alive for the child:
     /// the attachment lives until its last process exits.
