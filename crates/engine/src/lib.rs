@@ -88,6 +88,9 @@ struct TenantView {
     name: String,
     nsm: String,
     uids: Option<Vec<u32>>,
+    gids: Option<Vec<u32>>,
+    /// Whether a token file admits processes too.
+    token: bool,
     attachments: usize,
     /// Totals from the tenant's NSM since it started.
     #[serde(flatten)]
@@ -651,6 +654,8 @@ impl Engine {
                 name: t.name.get_ref().clone(),
                 nsm: t.nsm.get_ref().clone(),
                 uids: t.uids.clone(),
+                gids: t.gids.clone(),
+                token: t.token_file.is_some(),
                 attachments: atts.values().filter(|a| a.tenant == *t.name.get_ref()).count(),
                 totals: stats
                     .iter()

@@ -305,7 +305,19 @@ fn ctl(socket: Option<PathBuf>, json: bool, what: &str) -> i32 {
         "status" => print_status(&v),
         "tenants" => print_table(
             &v,
-            &["name", "nsm", "uids", "attachments", "bytes_in", "bytes_out", "conns_total", "refused", "violations"],
+            &[
+                "name",
+                "nsm",
+                "uids",
+                "gids",
+                "token",
+                "attachments",
+                "bytes_in",
+                "bytes_out",
+                "conns_total",
+                "refused",
+                "violations",
+            ],
         ),
         "nsms" => print_table(&v, NSM_COLUMNS),
         _ => print_table(
