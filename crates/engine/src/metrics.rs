@@ -64,7 +64,7 @@ pub fn render(engine: &Engine) -> String {
         }
     }
     type GetT = fn(&netkernel_service::control::TenantTotals) -> u64;
-    let per_tenant: [(&str, &str, GetT); 5] = [
+    let per_tenant: [(&str, &str, GetT); 6] = [
         ("netkernel_tenant_received_bytes_total", "Bytes received for the tenant.", |t| t.bytes_in),
         ("netkernel_tenant_sent_bytes_total", "Bytes sent for the tenant.", |t| t.bytes_out),
         ("netkernel_tenant_connections_total", "Connections the tenant accepted or opened.", |t| t.conns_total),
@@ -72,6 +72,9 @@ pub fn render(engine: &Engine) -> String {
             t.violations
         }),
         ("netkernel_tenant_refused_total", "Operations the tenant's policy refused.", |t| t.refused),
+        ("netkernel_tenant_throttled_total", "Times a socket of the tenant waited for its rate limit.", |t| {
+            t.throttled
+        }),
     ];
     for (name, help, get) in per_tenant {
         f.head(name, "counter", help);

@@ -316,6 +316,7 @@ fn ctl(socket: Option<PathBuf>, json: bool, what: &str) -> i32 {
                 "bytes_out",
                 "conns_total",
                 "refused",
+                "throttled",
                 "violations",
             ],
         ),

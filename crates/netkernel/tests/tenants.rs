@@ -173,6 +173,12 @@ fn a_rate_limited_tenant_sends_at_its_rate() {
     let bps: f64 = rate.trim().parse().unwrap();
     eprintln!("capped tenant: {:.1} Mbit/s for a 50 Mbit/s limit", bps / 1e6);
     assert!((35e6..57e6).contains(&bps), "a tenant capped at 50 Mbit/s sent {:.1} Mbit/s", bps / 1e6);
+    // The waits show in the tenant's telemetry, and only in the capped tenant's.
+    let tenants = engine.ctl("tenants");
+    let throttled = |name: &str| {
+        tenants.as_array().unwrap().iter().find(|t| t["name"] == name).unwrap()["throttled"].as_u64().unwrap()
+    };
+    assert!(throttled("capped") > 0 && throttled("free") == 0, "{tenants}");
 }
 
 #[test]

@@ -149,6 +149,9 @@ pub struct TenantTotals {
     pub violations: u64,
     /// Operations the tenant's policy refused (binds, connects, listens, sockets over the limit).
     pub refused: u64,
+    /// Times one of its sockets had to wait for its rate limit's tokens.
+    #[serde(default)]
+    pub throttled: u64,
 }
 
 /// An NSM's telemetry.

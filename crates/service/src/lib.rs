@@ -492,6 +492,17 @@ impl<S: Stack> Service<S> {
         wait
     }
 
+    /// Socket `slot` of attachment `ai` waits for its tenant's tokens (counted once per wait).
+    fn hold_back(&mut self, ai: usize, slot: u32) {
+        if self.throttled.contains(&(ai, slot)) {
+            return;
+        }
+        self.throttled.push((ai, slot));
+        if let Some(a) = self.atts.get(ai).and_then(|a| a.as_ref()) {
+            tenant(&mut self.stats, &a.tenant).throttled += 1;
+        }
+    }
+
     /// Wakes the throttled sockets whose tenant has tokens again: their queued sends go out,
     /// and a guest blocked in send sees the socket writable.
     fn unthrottle(&mut self) {
@@ -583,14 +594,15 @@ impl<S: Stack> Service<S> {
                 if s.backlog.as_ref().is_some_and(|b| !b.queue.is_empty()) {
                     mask |= (libc::POLLIN | libc::POLLRDNORM) as u32;
                 }
-                if bucket.is_some_and(|b| b.exhausted()) {
+                let exhausted = bucket.is_some_and(|b| b.exhausted());
+                if exhausted {
                     mask &= !((libc::POLLOUT | libc::POLLWRNORM) as u32);
-                    if !self.throttled.contains(&(ai, slot)) {
-                        self.throttled.push((ai, slot));
-                    }
                 }
                 a.region.slot(slot).queued.store(s.sendq.queued() as u32, Ordering::Release);
                 publish(a, slot, mask, true);
+                if exhausted {
+                    self.hold_back(ai, slot);
+                }
             }
             TOK_BELL => {
                 if let Some(a) = self.atts.get(ai).and_then(|a| a.as_ref()) {
@@ -842,8 +854,8 @@ impl<S: Stack> Service<S> {
         if result == -(OVERFLOW as i64) {
             return Err(Violation::SendFlood { nqe: idx });
         }
-        if throttled && !self.throttled.contains(&(ai, req.sock)) {
-            self.throttled.push((ai, req.sock));
+        if throttled {
+            self.hold_back(ai, req.sock);
         }
         Ok(result)
     }
