@@ -42,12 +42,6 @@ pub(crate) struct Owner {
     pub bell: Rc<Cell<bool>>,
 }
 
-impl Owner {
-    fn publish(&self, mask: u32, wakeup: bool) {
-        publish(&self.region, self.slot, mask, wakeup, &self.bell);
-    }
-}
-
 /// Stores a socket's readiness in its slot. `wakeup` marks a new edge (a stack wakeup, or the
 /// co-located peer did something): it bumps the sequence and wakes sleepers. A refresh after the
 /// guest's own call only corrects the mask, as that call would cause no wakeup on Linux either.
@@ -119,9 +113,10 @@ impl Pipe {
         m
     }
 
-    fn notify(&self, i: usize, wakeup: bool) {
+    /// End `i`'s readiness changed because of its peer (or another thread): a new edge.
+    fn notify(&self, i: usize) {
         if let Some(o) = &self.sides[i].owner {
-            o.publish(self.mask(i), wakeup);
+            publish(&o.region, o.slot, self.mask(i), true, &o.bell);
         }
     }
 
@@ -134,7 +129,7 @@ impl Pipe {
         }
         s.err = Some(if s.fin { libc::EPIPE } else { libc::ECONNRESET });
         s.reset = true;
-        self.notify(i, true);
+        self.notify(i);
     }
 
     fn tcp_state(&self, i: usize) -> u8 {
@@ -221,7 +216,7 @@ impl End {
             return Err(Some(libc::EAGAIN));
         }
         p.sides[j].rx.extend(&data[..n]);
-        p.notify(j, true);
+        p.notify(j);
         Ok(n)
     }
 
@@ -245,7 +240,7 @@ impl End {
                 let was = p.mask(j) & OUT;
                 p.sides[i].rx.drain(..n);
                 if p.mask(j) & OUT != was {
-                    p.notify(j, true);
+                    p.notify(j);
                 }
             }
             return Ok(n);
@@ -279,10 +274,10 @@ impl End {
         if how != libc::SHUT_RD && !p.sides[i].wr_shut {
             p.sides[i].wr_shut = true;
             p.sides[j].fin = true;
-            p.notify(j, true);
+            p.notify(j);
         }
         // A thread of the guest blocked on this socket wakes up, as sk_state_change wakes it.
-        p.notify(i, true);
+        p.notify(i);
         Ok(())
     }
 
@@ -335,11 +330,10 @@ impl Drop for End {
         s.rx = VecDeque::new();
         if reset {
             p.reset(j);
-        } else if !sent_fin {
-            p.sides[j].fin = true;
-            p.notify(j, true);
         } else {
-            p.notify(j, true);
+            // A FIN, unless shutdown(SHUT_WR) sent it already.
+            p.sides[j].fin |= !sent_fin;
+            p.notify(j);
         }
     }
 }
