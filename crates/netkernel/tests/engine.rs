@@ -130,18 +130,33 @@ fn idle_engine_nsm_and_guest_use_under_one_percent_cpu() {
     child.wait().unwrap();
 }
 
-#[test]
-fn nsm_crash_resets_connections_and_the_engine_restarts_it() {
-    let engine = TestEngine::start();
+/// A python guest with a connection to itself, blocked in recv on it once it has printed "ready";
+/// it prints how the recv ended, then runs `then`. Returns it with its stdout after "ready".
+fn blocked_in_recv(engine: &TestEngine, then: &str) -> (std::process::Child, BufReader<std::process::ChildStdout>) {
     let python = require("python3");
-    let script = "import socket,sys\nl=socket.socket();l.bind(('127.0.0.1',0));l.listen()\nc=socket.create_connection(l.getsockname())\ns,_=l.accept()\nprint('ready',flush=True)\ntry:\n    s.recv(10)\n    print('recv returned')\nexcept OSError as e:\n    print('recv failed', e.errno)\nn=socket.socket();n2=socket.socket();n2.bind(('127.0.0.1',0));n2.listen()\nn.connect(n2.getsockname());print('new connection ok',flush=True)\n";
-    let mut child = engine.run(python.to_str().unwrap(), &["-c", script]);
+    let script = format!(
+        "import socket\nl=socket.create_server(('127.0.0.1',0))\nc=socket.create_connection(l.getsockname())\n\
+         s,_=l.accept()\nprint('ready',flush=True)\ntry:\n    s.recv(10)\n    print('recv returned')\n\
+         except OSError as e:\n    print('recv failed', e.errno)\n{then}"
+    );
+    let mut child = engine.run(python.to_str().unwrap(), &["-c", &script]);
     child.stdout(Stdio::piped());
     let mut child = child.spawn().unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "ready");
+    (child, out)
+}
+
+#[test]
+fn nsm_crash_resets_connections_and_the_engine_restarts_it() {
+    let engine = TestEngine::start();
+    let (mut child, mut out) = blocked_in_recv(
+        &engine,
+        "n=socket.socket();n2=socket.create_server(('127.0.0.1',0))\n\
+         n.connect(n2.getsockname());print('new connection ok',flush=True)\n",
+    );
     let nsm = engine.nsm();
     let pid = nsm["pid"].as_u64().unwrap() as i32;
     std::thread::sleep(Duration::from_millis(200));
@@ -164,18 +179,7 @@ fn nsm_crash_resets_connections_and_the_engine_restarts_it() {
 #[test]
 fn an_orphaned_nsm_that_crashes_still_resets_its_guests() {
     let engine = TestEngine::start();
-    let python = require("python3");
-    let script =
-        "import socket\nl=socket.create_server(('127.0.0.1',0))\nc=socket.create_connection(l.getsockname())\n\
-                  s,_=l.accept()\nprint('ready',flush=True)\ntry:\n    s.recv(10)\n    print('recv returned')\n\
-                  except OSError as e:\n    print('recv failed', e.errno)\n";
-    let mut child = engine.run(python.to_str().unwrap(), &["-c", script]);
-    child.stdout(Stdio::piped());
-    let mut child = child.spawn().unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "ready");
+    let (mut child, mut out) = blocked_in_recv(&engine, "");
     let nsm = engine.nsm()["pid"].as_u64().unwrap() as i32;
     // SAFETY: killing the engine we started, then its NSM: the failures under test.
     unsafe { libc::kill(engine.pid() as i32, libc::SIGKILL) };

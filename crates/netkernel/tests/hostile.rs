@@ -78,6 +78,23 @@ impl RawGuest {
     }
 }
 
+/// A well-behaved guest moving `mib` MiB through one connection while others misbehave.
+fn good_bulk(engine: &TestEngine, mib: usize) -> std::process::Child {
+    let mut c = engine.run(PROBE, &["bulk", &mib.to_string()]);
+    c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    c.spawn().unwrap()
+}
+
+/// The good guest finished, and what arrived is what was sent (sha256 of both ends).
+fn assert_intact(good: std::process::Child) {
+    let out = good.wait_with_output().unwrap();
+    assert!(out.status.success(), "good guest failed: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let sums: Vec<&str> = text.lines().map(|l| l.rsplit(' ').next().unwrap()).collect();
+    assert_eq!(sums.len(), 2, "{text}");
+    assert_eq!(sums[0], sums[1], "good guest's bytes were corrupted: {text}");
+}
+
 fn corrupt(g: &RawGuest, kind: &str) {
     let p = g.region.nqe(0);
     let pool_end = g.region.layout().pool_off + g.region.layout().pool_size;
@@ -123,23 +140,14 @@ fn corrupt_nqes_lose_only_the_offenders_attachment() {
     let engine = TestEngine::start();
     let nsm_pid = engine.nsm()["pid"].clone();
     // A well-behaved guest moves 512 MiB while the hostile ones strike.
-    let good = {
-        let mut c = engine.run(PROBE, &["bulk", "512"]);
-        c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
-        c.spawn().unwrap()
-    };
+    let good = good_bulk(&engine, 512);
     std::thread::sleep(Duration::from_millis(200));
     for kind in KINDS {
         let g = RawGuest::attach(&engine);
         corrupt(&g, kind);
         assert!(g.refused_within(Duration::from_secs(5)), "{kind}: NSM did not refuse the guest\n{}", engine.log());
     }
-    let out = good.wait_with_output().unwrap();
-    assert!(out.status.success(), "good guest failed: {}", String::from_utf8_lossy(&out.stderr));
-    let text = String::from_utf8_lossy(&out.stdout);
-    let sums: Vec<&str> = text.lines().map(|l| l.rsplit(' ').next().unwrap()).collect();
-    assert_eq!(sums.len(), 2, "{text}");
-    assert_eq!(sums[0], sums[1], "good guest's bytes were corrupted: {text}");
+    assert_intact(good);
     let nsm = engine.nsm();
     assert_eq!(nsm["pid"], nsm_pid, "the NSM restarted: {nsm}");
     assert_eq!(nsm["violations"].as_u64(), Some(KINDS.len() as u64), "{nsm}");
@@ -233,11 +241,7 @@ fn a_hostile_colocated_peer_gets_only_its_own_bytes() {
     let engine = TestEngine::start();
     let content: String = (0..200_000).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
     let (mut server, port) = engine.http_server("page.txt", &content);
-    let good = {
-        let mut c = engine.run(PROBE, &["bulk", "256"]);
-        c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
-        c.spawn().unwrap()
-    };
+    let good = good_bulk(&engine, 256);
     let g = RawGuest::attach(&engine);
     let inet = libc::AF_INET as u64;
     let c = g.call(Op::Socket, 0, 0, (inet, libc::SOCK_STREAM as u64), 0, &[]).unwrap() as u32;
@@ -297,12 +301,7 @@ fn a_hostile_colocated_peer_gets_only_its_own_bytes() {
     );
     assert!(out.status.success(), "curl after the hostile peer: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout), content);
-    let out = good.wait_with_output().unwrap();
-    assert!(out.status.success(), "good guest failed: {}", String::from_utf8_lossy(&out.stderr));
-    let text = String::from_utf8_lossy(&out.stdout);
-    let sums: Vec<&str> = text.lines().map(|l| l.rsplit(' ').next().unwrap()).collect();
-    assert_eq!(sums.len(), 2, "{text}");
-    assert_eq!(sums[0], sums[1], "good guest's bytes were corrupted: {text}");
+    assert_intact(good);
     let _ = server.kill();
     let _ = server.wait();
 }
