@@ -336,8 +336,12 @@ fn tenants_share_a_shaped_nsm_by_weight_not_by_flows() {
     assert!((0.40..0.60).contains(&equal), "equal weights: the 1-flow tenant got {equal:.2}");
     let two_to_one = share_of_one_flow_against_eight((2, 1), true);
     assert!((0.58..0.76).contains(&two_to_one), "weights 2:1: the 1-flow tenant got {two_to_one:.2}");
+    // Without fairness the split is whatever TCP and the CPUs make of it: usually the 8 flows win
+    // (0.11-0.39 for the 1-flow tenant on a quiet machine), but a loaded machine starves the
+    // 8-flow sender and has read 0.74. It is reported, not asserted (issue 4 asks for the report).
     let unfair = share_of_one_flow_against_eight((1, 1), false);
-    assert!(unfair < 0.35, "without fairness the 1-flow tenant should lose to 8 flows, got {unfair:.2}");
+    assert!((0.0..=1.0).contains(&unfair), "a share must be a fraction: {unfair}");
+    eprintln!("without fairness the 1-flow tenant got {unfair:.2} of the link");
 }
 
 /// Who may attach: a tenant names uids, gids, or a token file; a process is admitted by any of
