@@ -417,3 +417,84 @@ fn idle_redis_and_nginx_do_not_burn_cpu() {
     eprintln!("idle redis + nginx ({} processes) + NSM: {:.2}% of a core", pids.len(), share * 100.0);
     assert!(share < 0.02, "idle servers under NetKernel used {:.2}% of a core", share * 100.0);
 }
+
+/// The PostgreSQL server's binaries (Debian installs them under a versioned directory).
+fn postgres_bin(name: &str) -> String {
+    let found = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|d| d.path().join("bin").join(name))
+        .find(|p| p.is_file());
+    found
+        .unwrap_or_else(|| panic!("PostgreSQL's {name} is not installed (scripts/test installs postgresql)"))
+        .display()
+        .to_string()
+}
+
+/// postgres (a process per connection, forked by the postmaster) with psql and pgbench, natively
+/// and with server and clients under NetKernel. PostgreSQL refuses to run as root: it runs as the
+/// `postgres` user the Debian package creates.
+#[test]
+fn postgres_with_psql_and_pgbench() {
+    if !is_root() {
+        eprintln!("SKIP postgres_with_psql_and_pgbench: needs root to run PostgreSQL as user postgres");
+        return;
+    }
+    let (initdb, postgres) = (postgres_bin("initdb"), postgres_bin("postgres"));
+    let (psql, pgbench) = (require("psql"), require("pgbench"));
+    let engine = TestEngine::start();
+    // The postgres user must reach the engine's socket and the data directory.
+    std::fs::set_permissions(engine.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let data = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(data.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let as_postgres = |engine: Option<&TestEngine>, program: &str, args: &[&str]| {
+        let mut all = vec!["-u", "postgres", "--", program];
+        all.extend_from_slice(args);
+        cmd(engine, "runuser", &all)
+    };
+    let db = data.path().join("db");
+    let out =
+        as_postgres(None, &initdb, &["-D", db.to_str().unwrap(), "-A", "trust", "-U", "postgres"]).output().unwrap();
+    assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
+    let run = |engine: Option<&TestEngine>| -> (String, String) {
+        let port = free_port();
+        let p = port.to_string();
+        let mut server = as_postgres(
+            engine,
+            &postgres,
+            &["-D", db.to_str().unwrap(), "-k", data.path().to_str().unwrap(), "-h", "127.0.0.1", "-p", &p],
+        );
+        server.stdout(Stdio::null()).stderr(Stdio::null());
+        let mut server = Server(server.spawn().unwrap());
+        wait_port(port, &mut server.0);
+        let conn = ["-h", "127.0.0.1", "-p", &p, "-U", "postgres"];
+        let sql = "create table if not exists t(k int primary key, v text); delete from t; \
+                   insert into t select g, md5(g::text) from generate_series(1, 5000) g; \
+                   select count(*), md5(string_agg(v, ',' order by k)) from t;";
+        let query = [&conn[..], &["-At", "-c", sql]].concat();
+        let out = output_within(as_postgres(engine, psql.to_str().unwrap(), &query), Duration::from_secs(60));
+        assert!(out.status.success(), "psql: {}", String::from_utf8_lossy(&out.stderr));
+        // The last line: the rows' count and checksum (the others say what each statement did).
+        let result = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("").to_string();
+        let init = [&conn[..], &["-i", "-s", "1", "-q", "postgres"]].concat();
+        let out = output_within(as_postgres(engine, pgbench.to_str().unwrap(), &init), Duration::from_secs(120));
+        assert!(out.status.success(), "pgbench -i: {}", String::from_utf8_lossy(&out.stderr));
+        let bench = [&conn[..], &["-c", "8", "-j", "2", "-t", "200", "postgres"]].concat();
+        let out = output_within(as_postgres(engine, pgbench.to_str().unwrap(), &bench), Duration::from_secs(120));
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(out.status.success(), "pgbench: {text}{}", String::from_utf8_lossy(&out.stderr));
+        let processed = text.lines().find(|l| l.starts_with("number of transactions actually processed")).unwrap_or("");
+        (result, processed.to_string())
+    };
+    let native = run(None);
+    let nk = run(Some(&engine));
+    assert_eq!(native.0, nk.0, "psql's answer differs");
+    assert!(nk.0.starts_with("5000|"), "{}", nk.0);
+    assert_eq!(native.1, nk.1, "pgbench's transactions differ");
+    assert!(nk.1.ends_with("1600/1600"), "{}", nk.1);
+    // Through the NSM: pgbench's 8 clients and psql, each with a backend process of its own.
+    let nsm = engine.nsm();
+    assert!(nsm["conns_total"].as_u64().unwrap() >= 20, "{nsm}");
+}
