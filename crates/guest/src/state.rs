@@ -552,6 +552,11 @@ impl Attachment {
     }
 
     /// Frees completed asynchronous nqes; returns whether any was freed.
+    ///
+    /// Every process of the attachment reaps, so an nqe is claimed by clearing its bit first and
+    /// only then looked at: checking DONE first would let a reaper, between its check and its
+    /// claim, take the bit a new owner of the same nqe has just set, and free that nqe while it
+    /// is being filled or is in flight (two requests in one nqe: bytes on the wrong socket).
     fn reap_async(&self) -> bool {
         let pending = &self.region.header().guest_async_nqes;
         let mut bits = pending.load(Ordering::Acquire);
@@ -559,11 +564,16 @@ impl Attachment {
         while bits != 0 {
             let i = bits.trailing_zeros();
             bits &= bits - 1;
-            if self.region.nqe_state(i).load(Ordering::Acquire) == nqe_state::DONE
-                && pending.fetch_and(!(1u64 << i), Ordering::AcqRel) & (1u64 << i) != 0
-            {
+            let bit = 1u64 << i;
+            if pending.fetch_and(!bit, Ordering::AcqRel) & bit == 0 {
+                continue;
+            }
+            if self.region.nqe_state(i).load(Ordering::Acquire) == nqe_state::DONE {
                 self.free_nqe(i);
                 freed = true;
+            } else {
+                // Still in flight (or its owner is still filling it): not ours to free yet.
+                pending.fetch_or(bit, Ordering::AcqRel);
             }
         }
         freed
