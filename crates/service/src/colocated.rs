@@ -193,7 +193,10 @@ impl End {
     pub fn send(&mut self, data: &[u8], is_async: bool, slack: usize) -> Result<usize, Option<Errno>> {
         let mut p = self.pipe.borrow_mut();
         let (i, j) = (self.side, 1 - self.side);
-        if let Some(e) = p.sides[i].err.take() {
+        // A pending error is reported once, by a call whose result the guest reads: an
+        // asynchronous send leaves it in place (its own bytes are dropped, as the kernel drops a
+        // send that meets the error).
+        if let Some(e) = if is_async { p.sides[i].err } else { p.sides[i].err.take() } {
             return Err(Some(e));
         }
         if p.sides[i].wr_shut || p.sides[i].reset {
@@ -467,6 +470,16 @@ mod tests {
         assert_eq!(c.send(b"data", false, 0), Err(Some(libc::EPIPE)));
         assert_eq!(c.send(b"data", false, 0), Err(Some(libc::EPIPE)));
         assert_eq!(c.tcp_state(), TCP_CLOSE);
+    }
+
+    #[test]
+    fn an_asynchronous_send_leaves_a_pending_error_for_the_next_call() {
+        let (mut c, s) = ends();
+        c.send(b"unread", false, 0).unwrap();
+        drop(s);
+        assert_eq!(c.send(b"x", true, 0), Err(Some(libc::ECONNRESET)));
+        let mut buf = [0u8; 8];
+        assert_eq!(c.recv(&mut buf, 0), Err(libc::ECONNRESET));
     }
 
     #[test]
