@@ -18,7 +18,7 @@ use core::sync::atomic::{AtomicU32, AtomicU64};
 /// "NETKRNL" plus a format byte, little endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"NETKRNL1");
 /// Bumped on any incompatible change of this file.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 /// Number of nqes (and job ring entries); a power of two.
 pub const NQE_COUNT: u32 = 64;
@@ -62,10 +62,15 @@ pub struct RegionHeader {
     pub guest_free_nqes: AtomicU64,
     /// Guest-owned: serialises the guest's producers of the job queue. ServiceLib never reads it.
     pub guest_push_lock: AtomicU32,
-    _reserved: u32,
-    /// Guest-owned: holder indices in use, one per process sharing the attachment (bit 0: the
-    /// process that attached; a parent takes a bit for its child before fork).
-    pub guest_holders: AtomicU64,
+    /// Guest-owned: bumped each time an nqe is freed; the futex word a guest thread sleeps on
+    /// while every nqe is in flight. ServiceLib never reads it.
+    pub guest_nqe_freed: AtomicU32,
+    /// Guest-owned: threads sleeping on `guest_nqe_freed`; a freer wakes only while non-zero.
+    pub guest_nqe_waiters: AtomicU32,
+    /// The pid of the NSM process serving the region (written by the NSM when it takes the
+    /// attachment): the guest watches it with a pidfd, so a dead NSM is noticed even when no
+    /// engine is left to mark the region dead.
+    pub nsm_pid: AtomicU32,
     /// Guest-owned: nqes submitted without waiting (asynchronous sends), reclaimed by the guest
     /// once DONE. ServiceLib never reads it.
     pub guest_async_nqes: AtomicU64,
@@ -127,7 +132,9 @@ pub struct Nqe {
     pub result: i64,
     /// Secondary result: the slot's event sequence when the op completed.
     pub seq: u32,
-    _pad: u32,
+    /// The submitting process's holder id (see `Op::Share`): whose reference a `Close` drops,
+    /// who holds a socket that `Socket` or `Accept` creates.
+    pub holder: u32,
     pub addr: [u8; ADDR_MAX],
 }
 
@@ -148,15 +155,9 @@ pub struct Slot {
 
 /// Guest-owned state of one socket, in the region so that every process sharing the
 /// attachment (after fork) sees the same: like the kernel's open file description. ServiceLib
-/// never reads it.
+/// never reads it. (Which processes hold the socket is the NSM's to know: see `Op::Share`.)
 #[repr(C)]
 pub struct GuestSock {
-    /// Processes of the guest (by holder index, see `RegionHeader::guest_holders`) that have
-    /// at least one fd referring to this socket. The guest clears its bit when its last fd
-    /// closes; the NSM clears the bit of a process that exited. The socket closes when no bit
-    /// is left. The only guest-owned field ServiceLib reads: a guest can only close or keep
-    /// its own sockets through it.
-    pub holders: AtomicU64,
     /// GuestLib's flags (non-blocking, stream, listening, ...).
     pub flags: AtomicU32,
     /// Bumped each time the slot is given to a new socket.
@@ -211,7 +212,18 @@ pub enum Op {
     /// With RESOLVE_REVERSE in flags, a reverse lookup: in: buf = numeric address NUL,
     /// arg0 = its family; out: buf = the host name, result = its length (no NUL).
     Resolve = 15,
+    /// A new process (a child about to be forked or spawned) will hold sockets the submitting
+    /// holder holds: all of them with SHARE_ALL in flags, else those whose slots buf lists
+    /// (u32 each). Result: the new process's holder id. Its sockets are released when the
+    /// process the engine later ties to that id (`hold`, `join`) exits. `sock` is ignored.
+    Share = 16,
+    /// arg0 = a holder id from `Share` whose process will not exist (the fork failed): its
+    /// references are dropped. `sock` is ignored.
+    Unshare = 17,
 }
+
+/// `Op::Share` flag: the new process holds every socket the submitting holder holds (fork).
+pub const SHARE_ALL: u32 = 1;
 
 /// Bytes of one resolved address in an `Op::Resolve` answer.
 pub const RESOLVED_SIZE: usize = 36;
@@ -239,6 +251,8 @@ impl Op {
             13 => Op::GetPeerName,
             14 => Op::Ioctl,
             15 => Op::Resolve,
+            16 => Op::Share,
+            17 => Op::Unshare,
             _ => return None,
         })
     }
@@ -357,7 +371,6 @@ impl RegionHeader {
         self.attachment_id = attachment_id;
         self.state = AtomicU32::new(STATE_LIVE);
         self.guest_free_nqes = AtomicU64::new(if NQE_COUNT == 64 { u64::MAX } else { (1u64 << NQE_COUNT) - 1 });
-        self.guest_holders = AtomicU64::new(1);
     }
 }
 
@@ -365,7 +378,7 @@ const _: () = {
     assert!(core::mem::size_of::<RegionHeader>() <= 4096);
     assert!(core::mem::size_of::<Nqe>() == 192);
     assert!(core::mem::size_of::<Slot>() == 16);
-    assert!(core::mem::size_of::<GuestSock>() == 32);
+    assert!(core::mem::size_of::<GuestSock>() == 24);
     assert!(core::mem::size_of::<RingHeader>() == 128);
     assert!(NQE_COUNT.is_power_of_two());
 };
@@ -398,11 +411,11 @@ mod tests {
 
     #[test]
     fn op_roundtrip_and_garbage() {
-        for v in 1..=15 {
+        for v in 1..=17 {
             assert_eq!(Op::from_u32(v).map(|o| o as u32), Some(v));
         }
         assert_eq!(Op::from_u32(0), None);
-        assert_eq!(Op::from_u32(16), None);
+        assert_eq!(Op::from_u32(18), None);
         assert_eq!(Op::from_u32(u32::MAX), None);
     }
 }

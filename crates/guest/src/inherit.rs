@@ -29,7 +29,7 @@ pub struct Handoff {
     envp: *const *const c_char,
     /// Fds duplicated (without close-on-exec) for the new program: memfd and control socket.
     dups: [i32; 2],
-    /// A holder index reserved for a new process (not the exec of this one).
+    /// A holder id the NSM made for a new process (not the exec of this one).
     reserved: Option<u32>,
 }
 
@@ -48,20 +48,15 @@ impl Handoff {
         (0..SLOT_COUNT).filter(move |&s| unsafe { *self.base.add(s as usize / 8) } & (1 << (s % 8)) != 0)
     }
 
-    /// Marks holder `h` as holding every socket handed on.
-    fn claim(&self, a: &Attachment, h: u32) {
-        for s in self.slots() {
-            a.region.guest_sock(s).holders.fetch_or(1u64 << h, Ordering::AcqRel);
-        }
+    /// Asks the NSM for a holder id that holds every socket handed on.
+    fn claim(&self, a: &Attachment) -> Option<u32> {
+        state::share(a, Some(&mut self.slots()))
     }
 
-    /// Gives back the holder index reserved for the new process and its claim on the sockets.
+    /// Gives back the holder id made for the new process and its claim on the sockets.
     fn release_holder(&mut self) {
         if let (Some(h), Some(a)) = (self.reserved.take(), state::current()) {
-            for s in self.slots() {
-                a.region.guest_sock(s).holders.fetch_and(!(1u64 << h), Ordering::AcqRel);
-            }
-            a.region.header().guest_holders.fetch_and(!(1u64 << h), Ordering::AcqRel);
+            state::unshare_fds(a, h);
         }
     }
 
@@ -88,8 +83,8 @@ impl Handoff {
 pub enum To {
     /// This process, execing (its holder index stays its own).
     Exec,
-    /// A process execing that has no holder index of its own the engine knows of: a vfork
-    /// child, or a forked child sharing its parent's index (all 64 were in use at its fork).
+    /// A process execing that has no holder id of its own the engine knows of: a vfork child,
+    /// or a forked child sharing its parent's id (the NSM gave it none at its fork).
     ExecNewHolder,
     /// A child posix_spawn is about to start.
     Spawn,
@@ -279,12 +274,11 @@ pub unsafe fn prepare(envp: *const *const c_char, to: To, extra: &[u32]) -> Opti
     let holder = if to == To::Exec {
         HOLDER.load(Ordering::Relaxed)
     } else {
-        let Some(new) = state::reserve_holder(a) else {
-            raw_warn(b"netkernel: 64 processes share this attachment; inherited sockets fail after exec\n");
+        let Some(new) = h.claim(a) else {
+            raw_warn(b"netkernel: the NSM took no new holder; inherited sockets fail after exec\n");
             write_env(&mut h, 0, 0, envp, n);
             return Some(h);
         };
-        h.claim(a, new);
         h.reserved = Some(new);
         new
     };
@@ -297,9 +291,9 @@ pub unsafe fn prepare(envp: *const *const c_char, to: To, extra: &[u32]) -> Opti
         match join_raw(a.region.header().attachment_id, holder, h.dups[0]) {
             Some(held) => {
                 // An earlier exec attempt of this child (execvp tries each PATH entry) joined
-                // with another index: that one is the engine's, the new one goes back.
+                // with another id, holding the same sockets: that one is the engine's, the new
+                // one goes back.
                 if held != holder {
-                    h.claim(a, held);
                     h.release_holder();
                     holder = held;
                 }
@@ -463,7 +457,7 @@ fn parse(v: &str) -> Option<Passed> {
         .collect::<Option<_>>()?;
     Some(Passed {
         att: att as u64,
-        holder: u32::try_from(holder).ok().filter(|&h| h < 64)?,
+        holder: u32::try_from(holder).ok()?,
         fds: [memfd as i32, ctl as i32],
         socks,
     })
@@ -518,13 +512,14 @@ pub fn rejoin_at_load() {
         Ok(x) => x,
         Err(e) => return fail(format!("the engine did not take this program as their holder: {e}")),
     };
-    let a = state::adopt_inherited(
+    state::adopt_inherited(
         Attachment {
             region,
             memfd: p.fds[0],
             nsm_bell: state::hide_fd(bells[0]),
             guest_bell: state::hide_fd(bells[1]),
             ctl: std::sync::atomic::AtomicI32::new(ctl),
+            nsm_pidfd: std::sync::atomic::AtomicU64::new(0),
         },
         holder,
     );
@@ -533,12 +528,9 @@ pub fn rejoin_at_load() {
         state::map_fd(fd, slot);
     }
     // Sockets passed on that this program does not have (a spawn's file actions closed them):
-    // give up its claim, closing any that nobody else holds.
-    let bit = 1u64 << holder;
+    // give up its claim (the NSM closes any that nobody else holds).
     for &(_, slot) in p.socks.iter().filter(|(_, s)| !inherited.iter().any(|i| i.1 == *s)) {
-        if a.region.guest_sock(slot).holders.fetch_and(!bit, Ordering::AcqRel) == bit {
-            crate::sock::close_slot(slot);
-        }
+        crate::sock::close_slot(slot);
     }
 }
 
@@ -551,7 +543,7 @@ fn join(ctl: i32, id: u64, holder: u32, memfd: i32) -> Result<(i32, u32, [i32; 2
     let req = serde_json::json!({"op": "join", "attachment": id, "holder": holder});
     match state::engine_call(fd, &req, &[memfd]) {
         Ok((reply, bells)) if bells.len() == 2 => {
-            let held = reply["result"]["holder"].as_u64().filter(|&h| h < 64).map_or(holder, |h| h as u32);
+            let held = reply["result"]["holder"].as_u64().and_then(|h| u32::try_from(h).ok()).unwrap_or(holder);
             Ok((fd, held, [bells[0], bells[1]]))
         }
         Ok((_, other)) => {
@@ -586,7 +578,7 @@ mod tests {
         let p = parse("12,3,805,-1;4711:0,4712:16383,").unwrap();
         assert_eq!((p.att, p.holder, p.fds), (12, 3, [805, -1]));
         assert_eq!(p.socks, vec![(4711, 0), (4712, 16383)]);
-        assert!(parse("12,64,805,-1;").is_none(), "holder out of range");
+        assert!(parse("12,4294967296,805,-1;").is_none(), "holder out of range");
         assert!(parse("12,3,805,-1;1:16384,").is_none(), "slot out of range");
         assert!(parse("12,3,805;").is_none(), "missing field");
     }

@@ -92,8 +92,8 @@ pub unsafe fn getaddrinfo(
         }
         w.use_buf(BUF_SIZE as usize);
     });
-    let n = match c.result() {
-        Ok(n) => n as usize,
+    let (n, c) = match c.and_then(|c| c.result().map(|n| (n as usize, c))) {
+        Ok(x) => x,
         Err(e) => return eai_of(e),
     };
     let mut head: *mut addrinfo = std::ptr::null_mut();
@@ -191,7 +191,8 @@ fn ask(node: &[u8], family: c_int, socktype: c_int, flags: u32) -> Result<(Vec<u
             *b.add(node.len() + 1) = 0;
         }
         w.use_buf(BUF_SIZE as usize);
-    });
+    })
+    .map_err(eai_of)?;
     let n = c.result().map_err(eai_of)? as usize;
     let len = if flags & RESOLVE_REVERSE != 0 { n } else { n * RESOLVED_SIZE }.min(BUF_SIZE as usize);
     let mut out = vec![0u8; len];

@@ -78,7 +78,7 @@ pub fn socket(domain: c_int, ty: c_int, proto: c_int) -> Result<c_int, Errno> {
         w.set(Op::Socket, 0);
         w.args(domain as u64, base as u64);
         w.flags(proto as u32);
-    });
+    })?;
     let slot = c.result()? as u32;
     drop(c);
     adopt(slot, domain == libc::AF_INET6, ty)
@@ -130,7 +130,7 @@ fn addr_call_flags(op: Op, slot: u32, flags: u32, addr: *const sockaddr, len: so
         w.set(op, slot);
         w.flags(flags);
         w.addr(p, n);
-    });
+    })?;
     c.result().map(|r| (r, c.seq()))
 }
 
@@ -142,7 +142,7 @@ pub fn listen(slot: u32, backlog: c_int) -> Result<c_int, Errno> {
     let c = live()?.call(|w| {
         w.set(Op::Listen, slot);
         w.flags(backlog as u32);
-    });
+    })?;
     c.result()?;
     sock_state(slot).flags.fetch_or(F_LISTEN, Ordering::Relaxed);
     Ok(0)
@@ -177,7 +177,7 @@ pub unsafe fn accept(slot: u32, addr: *mut sockaddr, len: *mut socklen_t, flags:
     let st = sock_state(slot);
     loop {
         ready_or_wait(a, slot, libc::POLLIN as u32, 0, st.rcvtimeo_us.load(Ordering::Relaxed))?;
-        let c = a.call(|w| w.set(Op::Accept, slot));
+        let c = a.call(|w| w.set(Op::Accept, slot))?;
         match c.result() {
             Ok(new) => {
                 let (sa, full) = c.addr();
@@ -324,7 +324,7 @@ pub unsafe fn send(
                 // SAFETY: per this function's contract; the nqe buffer holds BUF_SIZE bytes.
                 unsafe { copy_iov(iov, 0, w.buf(), total, Dir::Gather) };
                 w.use_buf(total);
-            });
+            })?;
             return Ok(total);
         }
     }
@@ -337,7 +337,7 @@ pub unsafe fn send(
             }
         }
         let chunk = (total - sent).min(BUF_SIZE as usize);
-        let c = a.call(|w| {
+        let c = match a.call(|w| {
             w.set(Op::Send, slot);
             w.flags(nsm_flags);
             // SAFETY: per this function's contract; the nqe buffer holds BUF_SIZE bytes.
@@ -346,7 +346,10 @@ pub unsafe fn send(
             if !to.is_null() {
                 w.addr(to, to_len);
             }
-        });
+        }){
+            Ok(c) => c,
+            Err(e) => return partial(sent, e),
+        };
         match c.result() {
             Ok(n) => {
                 sent += n as usize;
@@ -470,11 +473,14 @@ pub unsafe fn recv(slot: u32, iov: &[iovec], flags: c_int, info: &mut RecvInfo) 
             }
         }
         let chunk = (total - got).min(BUF_SIZE as usize);
-        let c = a.call(|w| {
+        let c = match a.call(|w| {
             w.set(Op::Recv, slot);
             w.flags(nsm_flags as u32);
             w.use_buf(chunk);
-        });
+        }){
+            Ok(c) => c,
+            Err(e) => return partial(got, e),
+        };
         match c.result() {
             Ok(n) => {
                 let n = n as usize;
@@ -513,7 +519,7 @@ pub fn shutdown(slot: u32, how: c_int) -> Result<c_int, Errno> {
     let c = live()?.call(|w| {
         w.set(Op::Shutdown, slot);
         w.flags(how as u32);
-    });
+    })?;
     c.result()?;
     if how == libc::SHUT_WR || how == libc::SHUT_RDWR {
         sock_state(slot).flags.fetch_or(F_WR_SHUT, Ordering::Relaxed);
@@ -529,7 +535,7 @@ pub unsafe fn name(slot: u32, peer: bool, addr: *mut sockaddr, len: *mut socklen
     if addr.is_null() || len.is_null() {
         return Err(libc::EFAULT);
     }
-    let c = live()?.call(|w| w.set(if peer { Op::GetPeerName } else { Op::GetSockName }, slot));
+    let c = live()?.call(|w| w.set(if peer { Op::GetPeerName } else { Op::GetSockName }, slot))?;
     c.result()?;
     let (sa, full) = c.addr();
     // SAFETY: forwarded from the caller.
@@ -573,7 +579,7 @@ pub unsafe fn getsockopt(
         // SAFETY: the kernel reads the input value for a few options (e.g. TCP_INFO versions).
         unsafe { std::ptr::copy_nonoverlapping(val, w.buf(), cap) };
         w.use_buf(cap);
-    });
+    })?;
     let n = c.result()? as usize;
     // SAFETY: val has room for cap bytes; the NSM wrote n of them.
     unsafe {
@@ -599,7 +605,7 @@ pub unsafe fn setsockopt(slot: u32, level: c_int, name: c_int, val: *const u8, l
         // SAFETY: per the contract.
         unsafe { std::ptr::copy_nonoverlapping(val, w.buf(), len) };
         w.use_buf(len);
-    });
+    })?;
     c.result()?;
     if level == libc::SOL_SOCKET {
         let st = sock_state(slot);
@@ -617,6 +623,6 @@ pub fn ioctl_int(slot: u32, req: u64) -> Result<c_int, Errno> {
     let c = live()?.call(|w| {
         w.set(Op::Ioctl, slot);
         w.args(0, req);
-    });
+    })?;
     c.result().map(|v| v as c_int)
 }

@@ -2,7 +2,7 @@
 //! NetKernel socket from any other fd, per-socket state, and the two ways a thread waits: for an
 //! nqe's completion and for a socket's next wakeup.
 
-use netkernel_abi::{nqe_state, GuestSock, Nqe, ADDR_MAX, BUF_SIZE, NQE_COUNT, SLOT_COUNT, STATE_DEAD};
+use netkernel_abi::{nqe_state, GuestSock, Nqe, Op, ADDR_MAX, BUF_SIZE, NQE_COUNT, SHARE_ALL, SLOT_COUNT, STATE_DEAD};
 use netkernel_ring::region::Region;
 use netkernel_ring::sys;
 use std::sync::atomic::{fence, AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, Ordering};
@@ -62,14 +62,15 @@ pub fn lookup(fd: i32) -> Fd {
     }
 }
 
-/// This process's holder index in the attachment (0: the process that attached).
+/// This process's holder id in the attachment (0: the process that attached). The NSM keeps,
+/// per holder, the sockets it holds, and releases them when the process exits.
 pub static HOLDER: AtomicU32 = AtomicU32::new(0);
-/// The holder index a parent reserved for the child it is about to fork.
+/// The holder id the NSM gave the child this process is about to fork.
 static CHILD_HOLDER: AtomicU32 = AtomicU32::new(0);
-/// No index was free for that child: it shares its parent's.
+/// The NSM gave that child no id (its attachment was dying): it shares its parent's.
 static CHILD_SHARES: AtomicBool = AtomicBool::new(false);
-/// This process shares its parent's holder index (it was forked while all 64 were in use), so
-/// the engine knows no index of its own for it.
+/// This process shares its parent's holder id, so the NSM cannot tell its references from
+/// its parent's: it never drops one (its copies close with the parent's).
 static HOLDER_SHARED: AtomicBool = AtomicBool::new(false);
 
 /// Whether this process holds its sockets under its parent's holder index.
@@ -92,25 +93,21 @@ pub fn socket_ino(fd: i32) -> Option<u64> {
     (r == 0 && st.st_mode & libc::S_IFMT == libc::S_IFSOCK).then_some(st.st_ino)
 }
 
-fn holder_bit() -> u64 {
-    1u64 << HOLDER.load(Ordering::Relaxed)
-}
-
-/// Makes `fd` refer to `slot` (one more reference).
+/// Makes `fd` refer to `slot` (one more reference). The NSM already counts this process as a
+/// holder of the socket: it made it, or this process inherited it (`Op::Share`).
 pub fn map_fd(fd: i32, slot: u32) -> bool {
     if fd < 0 || fd as usize >= MAX_FD {
         return false;
     }
-    if LOCAL_REFS[slot as usize].fetch_add(1, Ordering::AcqRel) == 0 {
-        sock_state(slot).holders.fetch_or(holder_bit(), Ordering::AcqRel);
-    }
+    LOCAL_REFS[slot as usize].fetch_add(1, Ordering::AcqRel);
     let v = (EPOCH.load(Ordering::Relaxed) << 16 | slot) + 1;
     FDS[fd as usize].store(v, Ordering::Release);
     true
 }
 
-/// Forgets `fd`; returns its slot when that was the last fd, in any process, referring to a
-/// live socket.
+/// Forgets `fd`; returns its slot when that was this process's last fd referring to a live
+/// socket: the NSM is then told (`Op::Close`), and closes the socket if no process is left
+/// holding it.
 pub fn unmap_fd(fd: i32) -> Option<u32> {
     let live = lookup(fd);
     if live == Fd::Plain {
@@ -119,13 +116,7 @@ pub fn unmap_fd(fd: i32) -> Option<u32> {
     FDS[fd as usize].store(0, Ordering::Release);
     match live {
         Fd::Sock(slot) => {
-            // A process sharing its parent's holder bit cannot tell whether the parent still
-            // has the socket: it never clears the bit (its copies close with the parent's).
-            if LOCAL_REFS[slot as usize].fetch_sub(1, Ordering::AcqRel) != 1 || holder_shared() {
-                return None;
-            }
-            let bit = holder_bit();
-            (sock_state(slot).holders.fetch_and(!bit, Ordering::AcqRel) & !bit == 0).then_some(slot)
+            (LOCAL_REFS[slot as usize].fetch_sub(1, Ordering::AcqRel) == 1 && !holder_shared()).then_some(slot)
         }
         _ => None,
     }
@@ -159,6 +150,10 @@ fn new_epoch() {
     EPOCH.fetch_add(1, Ordering::AcqRel);
 }
 
+/// How long a blocked thread sleeps before it looks whether the NSM still lives (where the
+/// wait has a timeout to spare: see `wait_slot`).
+const LIVENESS_CHECK: Duration = Duration::from_millis(250);
+
 /// One attachment: this process's region and doorbells.
 pub struct Attachment {
     pub region: Region,
@@ -170,6 +165,8 @@ pub struct Attachment {
     /// Our end of the engine's control socket, kept open for the life of the process (-1 in a
     /// forked child until it needs one).
     pub ctl: AtomicI32,
+    /// A pidfd of the NSM (pid << 32 | fd), opened the first time a wait looks (0: none yet).
+    pub nsm_pidfd: AtomicU64,
 }
 
 static ATTACHMENT: AtomicPtr<Attachment> = AtomicPtr::new(std::ptr::null_mut());
@@ -355,6 +352,7 @@ fn attach() -> Result<Attachment, String> {
         nsm_bell: hide_fd(fds[1]),
         guest_bell: hide_fd(fds[2]),
         ctl: AtomicI32::new(fd),
+        nsm_pidfd: AtomicU64::new(0),
     })
 }
 
@@ -371,49 +369,46 @@ pub fn adopt_inherited(a: Attachment, holder: u32) -> &'static Attachment {
 
 static CTL_LOCK: AtomicBool = AtomicBool::new(false);
 
-/// fork() is about to run: reserves a holder index for the child and marks it as a holder of
-/// every socket this process has, before the fork, so that a parent closing its copy right
-/// away never closes the child's socket. Returns the index (None: all 64 are in use, and the
-/// child shares its parent's).
+/// fork() is about to run: asks the NSM for a holder id for the child, holding every socket
+/// this process holds, before the fork, so that a parent closing its copy right away never
+/// closes the child's socket. Returns the id (None: the NSM gave none, and the child shares
+/// its parent's).
 pub fn share_fds(a: &Attachment) -> Option<u32> {
-    let Some(h) = reserve_holder(a) else {
-        CHILD_HOLDER.store(HOLDER.load(Ordering::Relaxed), Ordering::Relaxed);
-        CHILD_SHARES.store(true, Ordering::Relaxed);
-        return None;
-    };
-    CHILD_SHARES.store(false, Ordering::Relaxed);
-    for (slot, r) in LOCAL_REFS.iter().enumerate() {
-        if r.load(Ordering::Relaxed) > 0 {
-            a.region.guest_sock(slot as u32).holders.fetch_or(1u64 << h, Ordering::AcqRel);
-        }
-    }
-    CHILD_HOLDER.store(h, Ordering::Relaxed);
-    Some(h)
+    let h = share(a, None);
+    CHILD_SHARES.store(h.is_none(), Ordering::Relaxed);
+    CHILD_HOLDER.store(h.unwrap_or_else(|| HOLDER.load(Ordering::Relaxed)), Ordering::Relaxed);
+    h
 }
 
-/// Takes a free holder index for another process (None: all 64 are in use). Lock-free and
-/// allocation-free, so a vfork child may call it.
-pub fn reserve_holder(a: &Attachment) -> Option<u32> {
-    let holders = &a.region.header().guest_holders;
-    let mut cur = holders.load(Ordering::Acquire);
-    loop {
-        if cur == u64::MAX {
-            return None;
+/// A holder id for a new process that will hold `slots` (None: every socket this process
+/// holds). Allocation-free, so a vfork child may call it (on its parent's behalf: the nqe
+/// carries the parent's holder id, whose sockets these are).
+pub fn share(a: &Attachment, slots: Option<&mut dyn Iterator<Item = u32>>) -> Option<u32> {
+    let call = a.call(|w| {
+        w.set(Op::Share, 0);
+        match slots {
+            None => w.flags(SHARE_ALL),
+            Some(slots) => {
+                let buf = w.buf();
+                let mut n = 0;
+                for s in slots.take(BUF_SIZE as usize / 4) {
+                    // SAFETY: n < BUF_SIZE / 4, inside this nqe's buffer of BUF_SIZE bytes.
+                    unsafe { buf.add(n * 4).cast::<[u8; 4]>().write_unaligned(s.to_ne_bytes()) };
+                    n += 1;
+                }
+                w.use_buf(n * 4);
+            }
         }
-        let h = (!cur).trailing_zeros();
-        match holders.compare_exchange(cur, cur | 1u64 << h, Ordering::AcqRel, Ordering::Acquire) {
-            Ok(_) => return Some(h),
-            Err(now) => cur = now,
-        }
-    }
+    });
+    call.ok()?.result().ok().map(|h| h as u32)
 }
 
-/// fork() failed: the reserved holder index goes back.
+/// The process holder `h` was made for will not exist (fork failed): its references go.
 pub fn unshare_fds(a: &Attachment, h: u32) {
-    for slot in 0..SLOT_COUNT {
-        a.region.guest_sock(slot).holders.fetch_and(!(1u64 << h), Ordering::AcqRel);
-    }
-    a.region.header().guest_holders.fetch_and(!(1u64 << h), Ordering::AcqRel);
+    drop(a.call(|w| {
+        w.set(Op::Unshare, 0);
+        w.args(h as u64, 0);
+    }));
 }
 
 /// The process whose memory this is; a vfork child (sharing it) has another pid and must not
@@ -510,45 +505,117 @@ impl Attachment {
         self.region.header().state.load(Ordering::Acquire) == STATE_DEAD
     }
 
-    fn alloc_nqe(&self) -> u32 {
-        let free = &self.region.header().guest_free_nqes;
+    /// Whether the NSM serving the region has gone: marked dead, or its process ended (seen on
+    /// a pidfd, so it is noticed even when no engine is left to mark the region). A region
+    /// found so is marked dead here, which wakes every waiter in every process sharing it.
+    pub fn nsm_gone(&self) -> bool {
+        if self.dead() {
+            return true;
+        }
+        let pid = self.region.header().nsm_pid.load(Ordering::Acquire);
+        if pid == 0 {
+            return false;
+        }
+        let cached = self.nsm_pidfd.load(Ordering::Acquire);
+        let fd = if cached >> 32 == pid as u64 {
+            cached as u32 as i32
+        } else {
+            // SAFETY: plain system call.
+            let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+            if fd < 0 {
+                let gone = std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+                if gone {
+                    self.region.mark_dead(Some(self.guest_bell));
+                }
+                return gone;
+            }
+            let fd = hide_fd(fd);
+            let packed = (pid as u64) << 32 | fd as u32 as u64;
+            if self.nsm_pidfd.compare_exchange(cached, packed, Ordering::AcqRel, Ordering::Acquire).is_err() {
+                sys::close(fd);
+                return false;
+            }
+            fd
+        };
+        let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one live pollfd, no wait; POLLIN on a pidfd means the process ended.
+        let ended = unsafe { libc::syscall(libc::SYS_poll, &mut p, 1, 0) } == 1;
+        if ended {
+            self.region.mark_dead(Some(self.guest_bell));
+        }
+        ended
+    }
+
+    /// Takes a free nqe. While every nqe is in flight the thread sleeps (they complete in
+    /// microseconds, and a freer wakes it); an asynchronous nqe's completion wakes nobody, so
+    /// the sleep is bounded and grows, and each wake-up reaps and looks at the NSM's liveness.
+    fn alloc_nqe(&self) -> Result<u32, Errno> {
+        let h = self.region.header();
+        let free = &h.guest_free_nqes;
+        let mut spins = 0u32;
+        let mut nap = Duration::from_micros(500);
         loop {
             let bits = free.load(Ordering::Acquire);
             if bits == 0 {
-                // Every nqe is in flight; they complete in microseconds.
-                if !self.reap_async() {
-                    std::thread::yield_now();
+                if self.reap_async() {
+                    continue;
+                }
+                if self.dead() {
+                    return Err(libc::ECONNRESET);
+                }
+                spins += 1;
+                if spins < 64 {
+                    sys::relax(spins);
+                    continue;
+                }
+                let seen = h.guest_nqe_freed.load(Ordering::Acquire);
+                h.guest_nqe_waiters.fetch_add(1, Ordering::SeqCst);
+                if free.load(Ordering::SeqCst) == 0 {
+                    let _ = sys::futex_wait(&h.guest_nqe_freed, seen, Some(nap));
+                }
+                h.guest_nqe_waiters.fetch_sub(1, Ordering::SeqCst);
+                nap = (nap * 2).min(LIVENESS_CHECK);
+                if nap == LIVENESS_CHECK && self.nsm_gone() {
+                    return Err(libc::ECONNRESET);
                 }
                 continue;
             }
             let i = bits.trailing_zeros();
             if free.compare_exchange(bits, bits & !(1u64 << i), Ordering::AcqRel, Ordering::Relaxed).is_ok() {
-                return i;
+                return Ok(i);
             }
         }
     }
 
     fn free_nqe(&self, i: u32) {
+        let h = self.region.header();
         self.region.nqe_state(i).store(nqe_state::FREE, Ordering::Release);
-        self.region.header().guest_free_nqes.fetch_or(1u64 << i, Ordering::AcqRel);
+        // SeqCst pairs with the sleeper in alloc_nqe: it counts itself, then looks at the bits;
+        // we set a bit, then look at the count. One of the two sees the other.
+        h.guest_free_nqes.fetch_or(1u64 << i, Ordering::SeqCst);
+        if h.guest_nqe_waiters.load(Ordering::SeqCst) != 0 {
+            h.guest_nqe_freed.fetch_add(1, Ordering::SeqCst);
+            sys::futex_wake(&h.guest_nqe_freed);
+        }
     }
 
     /// Submits one nqe, filled in by `fill`, and waits for its completion. The returned call
-    /// keeps the nqe (and its buffer) until dropped.
-    pub fn call(&self, fill: impl FnOnce(&mut NqeWriter)) -> Call<'_> {
-        let idx = self.submit(fill);
+    /// keeps the nqe (and its buffer) until dropped. Err(ECONNRESET): the NSM is gone.
+    pub fn call(&self, fill: impl FnOnce(&mut NqeWriter)) -> Result<Call<'_>, Errno> {
+        let idx = self.submit(fill)?;
         self.wait_done(idx);
-        Call { att: self, idx }
+        Ok(Call { att: self, idx })
     }
 
     /// Submits one nqe without waiting for it (an asynchronous send); the nqe is reclaimed by
     /// a later call once the NSM completed it.
-    pub fn call_async(&self, fill: impl FnOnce(&mut NqeWriter)) {
+    pub fn call_async(&self, fill: impl FnOnce(&mut NqeWriter)) -> Result<(), Errno> {
         let h = self.region.header();
         self.submit(|w| {
             fill(w);
             h.guest_async_nqes.fetch_or(1u64 << w.idx, Ordering::AcqRel);
-        });
+        })
+        .map(drop)
     }
 
     /// Frees completed asynchronous nqes; returns whether any was freed.
@@ -580,9 +647,9 @@ impl Attachment {
     }
 
     /// Allocates, fills and queues an nqe; returns its index.
-    fn submit(&self, fill: impl FnOnce(&mut NqeWriter)) -> u32 {
+    fn submit(&self, fill: impl FnOnce(&mut NqeWriter)) -> Result<u32, Errno> {
         self.reap_async();
-        let idx = self.alloc_nqe();
+        let idx = self.alloc_nqe()?;
         let p = self.region.nqe(idx);
         let buf_off = self.region.layout().buf_off(idx);
         let mut w = NqeWriter { p, buf: self.region.pool_ptr(buf_off, BUF_SIZE), buf_off, idx };
@@ -594,6 +661,7 @@ impl Attachment {
             (*p).buf_off = 0;
             (*p).buf_len = 0;
             (*p).addr_len = 0;
+            (*p).holder = HOLDER.load(Ordering::Relaxed);
         }
         fill(&mut w);
         let state = self.region.nqe_state(idx);
@@ -610,7 +678,7 @@ impl Attachment {
         if h.nsm_sleeping.load(Ordering::Relaxed) != 0 {
             sys::ring_bell(self.nsm_bell);
         }
-        idx
+        Ok(idx)
     }
 
     fn wait_done(&self, idx: u32) {
@@ -622,7 +690,7 @@ impl Attachment {
             if s == nqe_state::DONE {
                 return;
             }
-            if self.dead() {
+            if self.dead() || (spins > 0 && start.elapsed() >= LIVENESS_CHECK && self.nsm_gone()) {
                 // Nobody serves this region any more: the call fails as the connection did.
                 // The nqe stays allocated; a dead region is never reused.
                 // SAFETY: the nqe is ours and no NSM writes a dead region.
@@ -641,7 +709,7 @@ impl Attachment {
             }
             // The op is already running in the NSM and will complete promptly; a signal does
             // not abandon it (its buffer is in use), so EINTR just waits again.
-            let _ = sys::futex_wait(state, nqe_state::SUBMITTED | nqe_state::WAITER, Some(Duration::from_millis(200)));
+            let _ = sys::futex_wait(state, nqe_state::SUBMITTED | nqe_state::WAITER, Some(LIVENESS_CHECK));
         }
     }
 

@@ -222,12 +222,11 @@ os.execve(sys.executable, [sys.executable, '-c', child, str(a.fileno())], env)
     );
 }
 
-/// More processes than holder indices: a child forked while all 64 are in use shares its
-/// parent's. When it execs (dropping its close-on-exec copies of the parent's sockets) the
-/// parent's sockets stay open, and the program it becomes, with an index of its own by then,
-/// serves the connection it inherited.
+/// The 65th process of a guest (64 was once the limit): when it execs (dropping its
+/// close-on-exec copies of the parent's sockets) the parent's sockets stay open, and the
+/// program it becomes serves the connection it inherited.
 #[test]
-fn a_child_sharing_its_parents_holder_index_execs() {
+fn the_65th_process_execs_and_serves_what_it_inherited() {
     let python = require("python3");
     let engine = TestEngine::start();
     let script = r#"

@@ -250,6 +250,9 @@ impl Region {
                 sys::futex_wake(&slot.seq);
             }
         }
+        // Threads waiting for a free nqe look at the state too.
+        self.header().guest_nqe_freed.fetch_add(1, Ordering::SeqCst);
+        sys::futex_wake(&self.header().guest_nqe_freed);
         if let Some(fd) = guest_bell {
             sys::ring_bell(fd);
         }

@@ -8,6 +8,7 @@
 
 mod colocated;
 pub mod control;
+mod holders;
 mod policy;
 mod ratelimit;
 mod resolve;
@@ -176,9 +177,9 @@ struct Attachment {
     head: u32,
     nsm_bell: OwnedFd,
     guest_bell: OwnedFd,
-    /// pidfds of the processes sharing the attachment (the attaching one and forked children);
-    /// the attachment ends when all have exited.
-    holders: Vec<Option<(OwnedFd, u32)>>,
+    /// The processes sharing the attachment (the attaching one, forked and spawned children)
+    /// and the sockets each holds; the attachment ends when all have exited.
+    holders: holders::Holders,
     socks: Vec<Option<Sock>>,
     free: Vec<u32>,
     /// The guest's doorbell should ring: set by this attachment's sockets and by co-located
@@ -220,6 +221,8 @@ struct Request {
     buf_len: u32,
     addr_len: u32,
     addr: [u8; ADDR_MAX],
+    /// The submitting process's holder id.
+    holder: u32,
 }
 
 /// An NSM's event loop over its attachments and one [`Stack`].
@@ -546,8 +549,8 @@ impl<S: Stack> Service<S> {
     fn forget(&self, a: &Attachment) {
         let ep = self.epfd.as_raw_fd();
         let _ = epoll_ctl(ep, libc::EPOLL_CTL_DEL, a.nsm_bell.as_raw_fd(), 0, 0);
-        for (h, _) in a.holders.iter().flatten() {
-            let _ = epoll_ctl(ep, libc::EPOLL_CTL_DEL, h.as_raw_fd(), 0, 0);
+        for (_, pidfd) in a.holders.pidfds() {
+            let _ = epoll_ctl(ep, libc::EPOLL_CTL_DEL, pidfd.as_raw_fd(), 0, 0);
         }
     }
 
@@ -610,14 +613,15 @@ impl<S: Stack> Service<S> {
                 }
             }
             TOK_PIDFD => {
-                let Some(a) = self.atts.get_mut(ai).and_then(|a| a.as_mut()) else { return };
-                let Some((_, index)) = a.holders.get_mut(slot as usize).and_then(|h| h.take()) else { return };
+                if self.atts.get(ai).and_then(|a| a.as_ref()).is_none() {
+                    return;
+                }
                 // Whatever that process submitted before exiting is done first.
                 self.drain(ai);
-                self.release_holder(ai, index);
+                self.release_holder(ai, slot);
                 let Some(a) = self.atts.get_mut(ai).and_then(|a| a.as_mut()) else { return };
                 // The guest's last process exited: its sockets close as the kernel would.
-                if a.holders.iter().all(|h| h.is_none()) {
+                if !a.holders.any_process() {
                     if let Some(a) = self.atts[ai].take() {
                         self.forget(&a);
                         for s in a.socks.into_iter().flatten() {
@@ -677,6 +681,8 @@ impl<S: Stack> Service<S> {
         let [memfd, nsm_bell, guest_bell, pidfd]: [OwnedFd; 4] =
             fds.try_into().map_err(|v: Vec<OwnedFd>| format!("attach needs 4 fds, got {}", v.len()))?;
         let region = Arc::new(Region::map(memfd.as_raw_fd()).map_err(|e| e.to_string())?);
+        // Guests watch this process, so they notice its death with no engine to tell them.
+        region.header().nsm_pid.store(std::process::id(), Ordering::Release);
         let ai = match self.atts.iter().position(|a| a.is_none()) {
             Some(i) => i,
             None => {
@@ -703,7 +709,7 @@ impl<S: Stack> Service<S> {
             head,
             nsm_bell,
             guest_bell,
-            holders: vec![Some((pidfd, 0))],
+            holders: holders::Holders::new(pidfd),
             policy,
             socks: Vec::new(),
             free: Vec::new(),
@@ -712,43 +718,31 @@ impl<S: Stack> Service<S> {
         Ok(())
     }
 
-    /// A process of the guest exited: the sockets only it still held close, as the kernel
-    /// closes an exiting process's fds.
-    fn release_holder(&mut self, ai: usize, index: u32) {
+    /// A process of the guest exited (or will never exist): the sockets only it still held
+    /// close, as the kernel closes an exiting process's fds.
+    fn release_holder(&mut self, ai: usize, holder: u32) {
         let Some(a) = self.atts.get_mut(ai).and_then(|a| a.as_mut()) else { return };
-        let bit = 1u64 << (index % 64);
-        let mut closed = Vec::new();
-        for (slot, s) in a.socks.iter_mut().enumerate() {
-            if s.is_none() {
-                continue;
-            }
-            let old = a.region.guest_sock(slot as u32).holders.fetch_and(!bit, Ordering::AcqRel);
-            if old & bit != 0 && old & !bit == 0 {
-                closed.push(s.take().expect("checked"));
-                a.free.push(slot as u32);
-                a.region.slot(slot as u32).mask.store(0, Ordering::Release);
-            }
+        let (pidfd, unheld) = a.holders.remove(holder);
+        if let Some(p) = pidfd {
+            let _ = epoll_ctl(self.epfd.as_raw_fd(), libc::EPOLL_CTL_DEL, p.as_raw_fd(), 0, 0);
         }
-        a.region.header().guest_holders.fetch_and(!bit, Ordering::AcqRel);
+        let closed: Vec<Sock> = unheld.into_iter().filter_map(|slot| close_slot(a, slot)).collect();
         for s in closed {
             self.retire(s);
         }
     }
 
-    fn hold(&mut self, id: u64, index: u32, fds: Vec<OwnedFd>) -> Result<(), String> {
+    /// The engine ties a process (by its pidfd) to holder `holder` of attachment `id`.
+    fn hold(&mut self, id: u64, holder: u32, fds: Vec<OwnedFd>) -> Result<(), String> {
         let [pidfd]: [OwnedFd; 1] = fds.try_into().map_err(|_| "hold needs one pidfd".to_string())?;
         let ai = self.atts.iter().position(|a| a.as_ref().is_some_and(|a| a.id == id)).ok_or("no such attachment")?;
         let a = self.atts[ai].as_mut().expect("found above");
-        let h = a.holders.len() as u32;
-        epoll_ctl(
-            self.epfd.as_raw_fd(),
-            libc::EPOLL_CTL_ADD,
-            pidfd.as_raw_fd(),
-            libc::EPOLLIN as u32,
-            tok(TOK_PIDFD, ai, h),
-        )
-        .map_err(|e| format!("epoll: {e}"))?;
-        a.holders.push(Some((pidfd, index)));
+        let ep = self.epfd.as_raw_fd();
+        epoll_ctl(ep, libc::EPOLL_CTL_ADD, pidfd.as_raw_fd(), libc::EPOLLIN as u32, tok(TOK_PIDFD, ai, holder))
+            .map_err(|e| format!("epoll: {e}"))?;
+        if let Some(old) = a.holders.tie(holder, pidfd) {
+            let _ = epoll_ctl(ep, libc::EPOLL_CTL_DEL, old.as_raw_fd(), 0, 0);
+        }
         Ok(())
     }
 
@@ -1090,6 +1084,7 @@ fn read_request(p: *mut Nqe, idx: u32) -> Result<Request, Violation> {
             buf_len: std::ptr::read_volatile(&(*p).buf_len),
             addr_len,
             addr,
+            holder: std::ptr::read_volatile(&(*p).holder),
         })
     }
 }
@@ -1190,7 +1185,7 @@ fn execute<S: Stack>(
                 return Err(refused(stats, a, "socket limit reached", libc::EMFILE));
             }
             let fd = stack.socket(domain, ty, req.flags as i32)?;
-            let id = add_sock(stack, epfd, ai, a, Sock::new(Some(fd), ty == libc::SOCK_STREAM), None)?;
+            let id = add_sock(stack, epfd, ai, a, req.holder, Sock::new(Some(fd), ty == libc::SOCK_STREAM), None)?;
             Ok(id as i64)
         }
         Op::Bind => {
@@ -1224,11 +1219,11 @@ fn execute<S: Stack>(
                 Some(end) => {
                     let len = end.peer.len();
                     addr[..len].copy_from_slice(&end.peer);
-                    (add_sock(stack, epfd, ai, a, Sock::new(None, true), Some(end))?, len)
+                    (add_sock(stack, epfd, ai, a, req.holder, Sock::new(None, true), Some(end))?, len)
                 }
                 None => {
                     let (fd, len) = stack.accept(a.sock(req.sock)?.fd()?, addr)?;
-                    (add_sock(stack, epfd, ai, a, Sock::new(Some(fd), true), None)?, len)
+                    (add_sock(stack, epfd, ai, a, req.holder, Sock::new(Some(fd), true), None)?, len)
                 }
             };
             stats.conns_total += 1;
@@ -1361,11 +1356,31 @@ fn execute<S: Stack>(
         }
         Op::Close => {
             a.sock(req.sock)?;
-            let s = a.socks[req.sock as usize].take().expect("checked");
-            retire(lingering, epfd, s);
-            a.free.push(req.sock);
-            a.region.slot(req.sock).mask.store(0, Ordering::Release);
-            a.region.slot(req.sock).queued.store(0, Ordering::Release);
+            // Other processes holding the socket keep it open.
+            if a.holders.closed(req.holder, req.sock) {
+                if let Some(s) = close_slot(a, req.sock) {
+                    retire(lingering, epfd, s);
+                }
+            }
+            Ok(0)
+        }
+        Op::Share => {
+            let buf = region_buf(a);
+            let slots: Option<Vec<u32>> = (req.flags & netkernel_abi::SHARE_ALL == 0)
+                .then(|| buf.chunks_exact(4).map(|c| u32::from_ne_bytes(c.try_into().expect("4 bytes"))).collect());
+            a.holders.share(req.holder, slots.as_deref()).map(i64::from)
+        }
+        Op::Unshare => {
+            let holder = u32::try_from(req.arg0).map_err(|_| libc::EINVAL)?;
+            let (pidfd, unheld) = a.holders.remove(holder);
+            if let Some(p) = pidfd {
+                let _ = epoll_ctl(epfd, libc::EPOLL_CTL_DEL, p.as_raw_fd(), 0, 0);
+            }
+            for slot in unheld {
+                if let Some(s) = close_slot(a, slot) {
+                    retire(lingering, epfd, s);
+                }
+            }
             Ok(0)
         }
         Op::GetSockOpt if (req.arg0 as i32, req.arg1 as i32) == (libc::SOL_SOCKET, libc::SO_ERROR) => {
@@ -1410,7 +1425,7 @@ fn execute<S: Stack>(
         Op::Resolve => Ok(netkernel_abi::RESOLVE_EAI_BASE + libc::EAI_NONAME as i64),
     })();
     // Pure queries change no readiness (getsockopt can: reading SO_ERROR clears POLLERR).
-    let queries = matches!(req.op, Op::GetSockName | Op::GetPeerName | Op::Ioctl | Op::Resolve);
+    let queries = matches!(req.op, Op::GetSockName | Op::GetPeerName | Op::Ioctl | Op::Resolve | Op::Share | Op::Unshare);
     if req.op != Op::Close && !queries {
         if let Ok(s) = a.sock(req.sock) {
             let mut mask = s.mask(stack);
@@ -1427,6 +1442,15 @@ fn execute<S: Stack>(
     }
 }
 
+/// Takes socket `slot` out of its attachment (nobody holds it any more) for the caller to retire.
+fn close_slot(a: &mut Attachment, slot: u32) -> Option<Sock> {
+    let s = a.socks.get_mut(slot as usize)?.take()?;
+    a.free.push(slot);
+    a.region.slot(slot).mask.store(0, Ordering::Release);
+    a.region.slot(slot).queued.store(0, Ordering::Release);
+    Some(s)
+}
+
 /// Gives a new socket a slot and starts watching it: its stack socket with epoll, or its
 /// co-located end by telling the pipe where the socket lives.
 fn add_sock<S: Stack>(
@@ -1434,6 +1458,7 @@ fn add_sock<S: Stack>(
     epfd: RawFd,
     ai: usize,
     a: &mut Attachment,
+    holder: u32,
     mut sock: Sock,
     pipe: Option<colocated::End>,
 ) -> Result<u32, Errno> {
@@ -1457,6 +1482,7 @@ fn add_sock<S: Stack>(
     }
     let mask = sock.mask(stack);
     a.socks[id as usize] = Some(sock);
+    a.holders.created(holder, id);
     publish(a, id, mask, true);
     Ok(id)
 }
@@ -1568,7 +1594,7 @@ fn colocated_op<S: Stack>(
             libc::TIOCOUTQ | SIOCATMARK => Ok(0),
             _ => Err(libc::ENOTTY),
         },
-        Op::Socket | Op::Close | Op::Resolve => unreachable!("not dispatched to the pipe"),
+        Op::Socket | Op::Close | Op::Resolve | Op::Share | Op::Unshare => unreachable!("not dispatched to the pipe"),
     }
 }
 
