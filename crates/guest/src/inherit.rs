@@ -455,12 +455,7 @@ fn parse(v: &str) -> Option<Passed> {
             Some((ino.parse().ok()?, slot.parse().ok().filter(|&s| s < SLOT_COUNT)?))
         })
         .collect::<Option<_>>()?;
-    Some(Passed {
-        att: att as u64,
-        holder: u32::try_from(holder).ok()?,
-        fds: [memfd as i32, ctl as i32],
-        socks,
-    })
+    Some(Passed { att: att as u64, holder: u32::try_from(holder).ok()?, fds: [memfd as i32, ctl as i32], socks })
 }
 
 /// This program's open fds that are sockets, with their inodes.

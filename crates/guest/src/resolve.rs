@@ -179,20 +179,21 @@ fn ask(node: &[u8], family: c_int, socktype: c_int, flags: u32) -> Result<(Vec<u
         return Err(libc::EAI_OVERFLOW);
     }
     let a = state::attachment().map_err(|_| libc::EAI_AGAIN)?;
-    let c = a.call(|w| {
-        w.set(Op::Resolve, 0);
-        w.args(family as u64, socktype as u64);
-        w.flags(flags);
-        // SAFETY: the nqe buffer holds BUF_SIZE bytes; the request fits (checked above).
-        unsafe {
-            let b = w.buf();
-            std::ptr::copy_nonoverlapping(node.as_ptr(), b, node.len());
-            *b.add(node.len()) = 0;
-            *b.add(node.len() + 1) = 0;
-        }
-        w.use_buf(BUF_SIZE as usize);
-    })
-    .map_err(eai_of)?;
+    let c = a
+        .call(|w| {
+            w.set(Op::Resolve, 0);
+            w.args(family as u64, socktype as u64);
+            w.flags(flags);
+            // SAFETY: the nqe buffer holds BUF_SIZE bytes; the request fits (checked above).
+            unsafe {
+                let b = w.buf();
+                std::ptr::copy_nonoverlapping(node.as_ptr(), b, node.len());
+                *b.add(node.len()) = 0;
+                *b.add(node.len() + 1) = 0;
+            }
+            w.use_buf(BUF_SIZE as usize);
+        })
+        .map_err(eai_of)?;
     let n = c.result().map_err(eai_of)? as usize;
     let len = if flags & RESOLVE_REVERSE != 0 { n } else { n * RESOLVED_SIZE }.min(BUF_SIZE as usize);
     let mut out = vec![0u8; len];

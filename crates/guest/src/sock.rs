@@ -346,7 +346,7 @@ pub unsafe fn send(
             if !to.is_null() {
                 w.addr(to, to_len);
             }
-        }){
+        }) {
             Ok(c) => c,
             Err(e) => return partial(sent, e),
         };
@@ -477,7 +477,7 @@ pub unsafe fn recv(slot: u32, iov: &[iovec], flags: c_int, info: &mut RecvInfo) 
             w.set(Op::Recv, slot);
             w.flags(nsm_flags as u32);
             w.use_buf(chunk);
-        }){
+        }) {
             Ok(c) => c,
             Err(e) => return partial(got, e),
         };

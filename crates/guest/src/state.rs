@@ -202,9 +202,7 @@ pub fn attachment() -> Result<&'static Attachment, Errno> {
             return Ok(a);
         }
     }
-    while ATTACH_LOCK.swap(true, Ordering::Acquire) {
-        std::hint::spin_loop();
-    }
+    lock(&ATTACH_LOCK);
     let r = (|| {
         let cur = ATTACHMENT.load(Ordering::Acquire);
         // SAFETY: as above.
@@ -369,6 +367,21 @@ pub fn adopt_inherited(a: Attachment, holder: u32) -> &'static Attachment {
 
 static CTL_LOCK: AtomicBool = AtomicBool::new(false);
 
+/// Takes one of the locks held across a talk with the engine (which may take a while, or wait
+/// for an engine that is restarting): a waiter sleeps rather than spins. Plain flags rather than
+/// a Mutex, so that a forked child can reset them (the holder may be a thread it lacks).
+fn lock(flag: &AtomicBool) {
+    let mut spins = 0u32;
+    while flag.swap(true, Ordering::Acquire) {
+        spins += 1;
+        if spins < 64 {
+            std::hint::spin_loop();
+        } else {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+}
+
 /// fork() is about to run: asks the NSM for a holder id for the child, holding every socket
 /// this process holds, before the fork, so that a parent closing its copy right away never
 /// closes the child's socket. Returns the id (None: the NSM gave none, and the child shares
@@ -482,9 +495,7 @@ impl Attachment {
     /// In the parent right after fork: asks the engine to keep the attachment alive for the
     /// child (the NSM ends an attachment when its last process exits).
     pub fn hold_for(&self, child: i32, holder: u32) {
-        while CTL_LOCK.swap(true, Ordering::Acquire) {
-            std::hint::spin_loop();
-        }
+        lock(&CTL_LOCK);
         let mut fd = self.ctl.load(Ordering::Acquire);
         if fd < 0 {
             if let Ok(new) = connect_engine() {

@@ -1425,7 +1425,8 @@ fn execute<S: Stack>(
         Op::Resolve => Ok(netkernel_abi::RESOLVE_EAI_BASE + libc::EAI_NONAME as i64),
     })();
     // Pure queries change no readiness (getsockopt can: reading SO_ERROR clears POLLERR).
-    let queries = matches!(req.op, Op::GetSockName | Op::GetPeerName | Op::Ioctl | Op::Resolve | Op::Share | Op::Unshare);
+    let queries =
+        matches!(req.op, Op::GetSockName | Op::GetPeerName | Op::Ioctl | Op::Resolve | Op::Share | Op::Unshare);
     if req.op != Op::Close && !queries {
         if let Ok(s) = a.sock(req.sock) {
             let mut mask = s.mask(stack);
