@@ -76,7 +76,10 @@ pub struct RegionHeader {
     pub guest_async_nqes: AtomicU64,
     /// STATE_LIVE or STATE_DEAD; written by the engine and NSM, read by the guest.
     pub state: AtomicU32,
-    _pad0: [u8; 60],
+    /// Guest-owned: the next holder id to give a new process (`Op::Share`); 0 is the process
+    /// that attached.
+    pub guest_next_holder: AtomicU32,
+    _pad0: [u8; 56],
     /// Non-zero while the NSM sleeps in epoll: the guest rings the NSM doorbell only then.
     pub nsm_sleeping: AtomicU32,
     _pad1: [u8; 60],
@@ -212,10 +215,11 @@ pub enum Op {
     /// With RESOLVE_REVERSE in flags, a reverse lookup: in: buf = numeric address NUL,
     /// arg0 = its family; out: buf = the host name, result = its length (no NUL).
     Resolve = 15,
-    /// A new process (a child about to be forked or spawned) will hold sockets the submitting
+    /// arg0 = the holder id of a new process (a child about to be forked or spawned, its id
+    /// taken from `RegionHeader::guest_next_holder`), which also holds sockets the submitting
     /// holder holds: all of them with SHARE_ALL in flags, else those whose slots buf lists
-    /// (u32 each). Result: the new process's holder id. Its sockets are released when the
-    /// process the engine later ties to that id (`hold`, `join`) exits. `sock` is ignored.
+    /// (u32 each). They are released when the process the engine ties to that id (`hold`,
+    /// `join`) exits. May arrive before or after that tie. `sock` is ignored.
     Share = 16,
     /// arg0 = a holder id from `Share` whose process will not exist (the fork failed): its
     /// references are dropped. `sock` is ignored.
@@ -371,6 +375,7 @@ impl RegionHeader {
         self.attachment_id = attachment_id;
         self.state = AtomicU32::new(STATE_LIVE);
         self.guest_free_nqes = AtomicU64::new(if NQE_COUNT == 64 { u64::MAX } else { (1u64 << NQE_COUNT) - 1 });
+        self.guest_next_holder = AtomicU32::new(1);
     }
 }
 

@@ -395,10 +395,15 @@ pub fn share_fds(a: &Attachment) -> Option<u32> {
 
 /// A holder id for a new process that will hold `slots` (None: every socket this process
 /// holds). Allocation-free, so a vfork child may call it (on its parent's behalf: the nqe
-/// carries the parent's holder id, whose sockets these are).
+/// carries the parent's holder id, whose sockets these are). Such a child may have closed the
+/// doorbell (python's close_fds), so the NSM may see the request only when the engine ties the
+/// child to the id (its `join` wakes the NSM): the request is not waited for, and the NSM takes
+/// it before anything the child's program asks later.
 pub fn share(a: &Attachment, slots: Option<&mut dyn Iterator<Item = u32>>) -> Option<u32> {
-    let call = a.call(|w| {
+    let id = a.region.header().guest_next_holder.fetch_add(1, Ordering::AcqRel);
+    let sent = a.call_async(|w| {
         w.set(Op::Share, 0);
+        w.args(id as u64, 0);
         match slots {
             None => w.flags(SHARE_ALL),
             Some(slots) => {
@@ -413,15 +418,16 @@ pub fn share(a: &Attachment, slots: Option<&mut dyn Iterator<Item = u32>>) -> Op
             }
         }
     });
-    call.ok()?.result().ok().map(|h| h as u32)
+    sent.ok().map(|()| id)
 }
 
-/// The process holder `h` was made for will not exist (fork failed): its references go.
+/// The process holder `h` was made for will not exist (fork failed): its references go. Not
+/// waited for, as `share`.
 pub fn unshare_fds(a: &Attachment, h: u32) {
-    drop(a.call(|w| {
+    let _ = a.call_async(|w| {
         w.set(Op::Unshare, 0);
         w.args(h as u64, 0);
-    }));
+    });
 }
 
 /// The process whose memory this is; a vfork child (sharing it) has another pid and must not

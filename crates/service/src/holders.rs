@@ -4,8 +4,10 @@
 //! process's fds. The table grows with the processes and frees them at exit: a guest with
 //! 10,000 processes costs memory in proportion, and an exit costs what that process held.
 //!
-//! Holder ids are this table's to give (`Op::Share`); a guest only names them. Nothing here
-//! does I/O: the caller watches the pidfds and closes the sockets this table says are unheld.
+//! Holder ids are the guest's to choose (a counter in its region): a vfork child must name its
+//! own before it can hear back from the NSM. A guest naming ids badly only confuses its own
+//! bookkeeping. Nothing here does I/O: the caller watches the pidfds and closes the sockets this
+//! table says are unheld.
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::OwnedFd;
@@ -26,20 +28,21 @@ pub struct Holders {
     by_id: HashMap<u32, Holder>,
     /// Socket slot -> how many holders hold it.
     refs: HashMap<u32, u32>,
-    next: u32,
+    /// Holders no process is tied to.
+    pending: usize,
 }
 
 impl Holders {
     /// The table of a new attachment: holder 0 is the process that attached.
     pub fn new(first: OwnedFd) -> Holders {
-        let mut h = Holders { next: 1, ..Default::default() };
+        let mut h = Holders::default();
         h.by_id.insert(0, Holder { pidfd: Some(first), slots: HashSet::new() });
         h
     }
 
     /// Holder `holder` made socket `slot` (socket, accept): it holds it, alone.
     pub fn created(&mut self, holder: u32, slot: u32) {
-        if self.by_id.entry(holder).or_default().slots.insert(slot) {
+        if self.entry(holder).slots.insert(slot) {
             *self.refs.entry(slot).or_default() += 1;
         }
     }
@@ -61,40 +64,61 @@ impl Holders {
         false
     }
 
-    /// A new holder for a process about to be made by `from`, holding what `from` holds of
-    /// `slots` (None: all of it). Err(EAGAIN) past MAX_PENDING untied holders.
-    pub fn share(&mut self, from: u32, slots: Option<&[u32]>) -> Result<u32, i32> {
-        if self.by_id.values().filter(|h| h.pidfd.is_none()).count() >= MAX_PENDING {
+    /// Holder `to`, a process about to be made by `from`, also holds what `from` holds of
+    /// `slots` (None: all of it). `to` may be new, or already tied (the tie came first).
+    /// Err(EAGAIN) past MAX_PENDING untied holders; Err(EINVAL) for `to == from`.
+    pub fn share(&mut self, from: u32, to: u32, slots: Option<&[u32]>) -> Result<(), i32> {
+        if to == from {
+            return Err(libc::EINVAL);
+        }
+        if !self.by_id.contains_key(&to) && self.pending >= MAX_PENDING {
             return Err(libc::EAGAIN);
         }
         let held = self.by_id.get(&from).map(|h| &h.slots);
-        let shared: HashSet<u32> = match (held, slots) {
-            (None, _) => HashSet::new(),
-            (Some(h), None) => h.clone(),
+        let shared: Vec<u32> = match (held, slots) {
+            (None, _) => Vec::new(),
+            (Some(h), None) => h.iter().copied().collect(),
             (Some(h), Some(list)) => list.iter().copied().filter(|s| h.contains(s)).collect(),
         };
-        for &s in &shared {
-            *self.refs.entry(s).or_default() += 1;
+        let pending = &mut self.pending;
+        let target = self.by_id.entry(to).or_insert_with(|| {
+            *pending += 1;
+            Holder::default()
+        });
+        for s in shared {
+            if target.slots.insert(s) {
+                *self.refs.entry(s).or_default() += 1;
+            }
         }
-        while self.by_id.contains_key(&self.next) {
-            self.next = self.next.wrapping_add(1);
-        }
-        let id = self.next;
-        self.next = self.next.wrapping_add(1);
-        self.by_id.insert(id, Holder { pidfd: None, slots: shared });
-        Ok(id)
+        Ok(())
     }
 
     /// Ties a process to `holder` (engine `hold`/`join`); returns the pidfd it replaces, if
     /// any, for the caller to stop watching. An id the table never gave holds nothing.
     pub fn tie(&mut self, holder: u32, pidfd: OwnedFd) -> Option<OwnedFd> {
-        self.by_id.entry(holder).or_default().pidfd.replace(pidfd)
+        let old = self.entry(holder).pidfd.replace(pidfd);
+        if old.is_none() {
+            self.pending -= 1;
+        }
+        old
+    }
+
+    /// Holder `id`'s record, made (untied) if new.
+    fn entry(&mut self, id: u32) -> &mut Holder {
+        let pending = &mut self.pending;
+        self.by_id.entry(id).or_insert_with(|| {
+            *pending += 1;
+            Holder::default()
+        })
     }
 
     /// Holder `holder` is gone (its process exited, or will never exist): returns its pidfd,
     /// for the caller to stop watching, and the slots nobody holds any more.
     pub fn remove(&mut self, holder: u32) -> (Option<OwnedFd>, Vec<u32>) {
         let Some(h) = self.by_id.remove(&holder) else { return (None, Vec::new()) };
+        if h.pidfd.is_none() {
+            self.pending -= 1;
+        }
         let unheld = h.slots.iter().copied().filter(|&s| self.unref(s)).collect();
         (h.pidfd, unheld)
     }
@@ -122,7 +146,8 @@ mod tests {
     fn a_socket_closes_with_its_last_holder() {
         let mut h = Holders::new(fd());
         h.created(0, 5);
-        let child = h.share(0, None).expect("share");
+        let child = 1;
+        h.share(0, child, None).expect("share");
         assert!(!h.closed(0, 5), "the child still holds it");
         assert!(!h.closed(0, 5), "a second close by the same holder changes nothing");
         assert!(h.closed(child, 5));
@@ -133,8 +158,9 @@ mod tests {
         let mut h = Holders::new(fd());
         h.created(0, 1);
         h.created(0, 2);
-        let child = h.share(0, Some(&[2, 9])).expect("share");
+        let child = 7;
         h.tie(child, fd());
+        h.share(0, child, Some(&[2, 9])).expect("a share may come after the tie");
         h.created(child, 3);
         let (pidfd, unheld) = h.remove(child);
         assert!(pidfd.is_some());
@@ -149,14 +175,12 @@ mod tests {
     fn thousands_of_processes_have_their_own_ids_and_are_freed() {
         let mut h = Holders::new(fd());
         h.created(0, 0);
-        let ids: Vec<u32> = (0..10_000)
-            .map(|_| {
-                let id = h.share(0, None).expect("share");
-                h.tie(id, fd());
-                id
-            })
-            .collect();
-        assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 10_000);
+        let ids: Vec<u32> = (1..=10_000).collect();
+        for &id in &ids {
+            h.share(0, id, None).expect("share");
+            h.tie(id, fd());
+        }
+        assert_eq!(h.pending, 0);
         assert!(!h.closed(0, 0), "10,000 children hold it still");
         for id in &ids[..9_999] {
             assert!(h.remove(*id).1.is_empty());
@@ -169,9 +193,13 @@ mod tests {
     #[test]
     fn untied_holders_are_bounded() {
         let mut h = Holders::new(fd());
-        for _ in 0..MAX_PENDING {
-            h.share(0, None).expect("share");
+        for id in 1..=MAX_PENDING as u32 {
+            h.share(0, id, None).expect("share");
         }
-        assert_eq!(h.share(0, None), Err(libc::EAGAIN));
+        assert_eq!(h.share(0, u32::MAX, None), Err(libc::EAGAIN));
+        assert_eq!(h.share(0, 1, None), Ok(()), "an existing holder may get more");
+        h.remove(1);
+        assert_eq!(h.share(0, u32::MAX, None), Ok(()), "a removed one makes room");
+        assert_eq!(h.share(0, 0, None), Err(libc::EINVAL));
     }
 }

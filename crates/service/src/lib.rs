@@ -1368,7 +1368,8 @@ fn execute<S: Stack>(
             let buf = region_buf(a);
             let slots: Option<Vec<u32>> = (req.flags & netkernel_abi::SHARE_ALL == 0)
                 .then(|| buf.chunks_exact(4).map(|c| u32::from_ne_bytes(c.try_into().expect("4 bytes"))).collect());
-            a.holders.share(req.holder, slots.as_deref()).map(i64::from)
+            let to = u32::try_from(req.arg0).map_err(|_| libc::EINVAL)?;
+            a.holders.share(req.holder, to, slots.as_deref()).map(|()| 0)
         }
         Op::Unshare => {
             let holder = u32::try_from(req.arg0).map_err(|_| libc::EINVAL)?;
