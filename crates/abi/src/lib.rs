@@ -60,7 +60,8 @@ pub struct RegionHeader {
     /// Guest-owned: bitmap of free nqes, shared by the guest's threads and forked children.
     /// ServiceLib never reads it.
     pub guest_free_nqes: AtomicU64,
-    /// Guest-owned: serialises the guest's producers of the job queue. ServiceLib never reads it.
+    /// Guest-owned: serialises the guest's producers of the job queue; holds the locker's pid, so
+    /// a lock whose holder died can be taken over. ServiceLib never reads it.
     pub guest_push_lock: AtomicU32,
     /// Guest-owned: bumped each time an nqe is freed; the futex word a guest thread sleeps on
     /// while every nqe is in flight. ServiceLib never reads it.

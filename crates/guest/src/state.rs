@@ -684,9 +684,7 @@ impl Attachment {
         let state = self.region.nqe_state(idx);
         state.store(nqe_state::SUBMITTED, Ordering::Release);
         let h = self.region.header();
-        while h.guest_push_lock.swap(1, Ordering::Acquire) != 0 {
-            std::hint::spin_loop();
-        }
+        self.lock_push();
         // At most NQE_COUNT nqes exist, so the ring (of NQE_COUNT entries) has room.
         let pushed = self.region.ring().push(idx);
         h.guest_push_lock.store(0, Ordering::Release);
@@ -696,6 +694,32 @@ impl Attachment {
             sys::ring_bell(self.nsm_bell);
         }
         Ok(idx)
+    }
+
+    /// Takes the job queue's producer lock, which holds the locker's pid. It is held for a few
+    /// instructions, so waiting spins; but a process killed while holding it would stall every
+    /// other process of the attachment, so a long wait looks whether the holder still lives and
+    /// takes the lock over from a dead one. That is safe: the push commits with its one store
+    /// of `tail`, so a dead holder either pushed or left nothing behind.
+    fn lock_push(&self) {
+        let lock = &self.region.header().guest_push_lock;
+        let me = OWNER_PID.load(Ordering::Relaxed).max(1) as u32;
+        let mut step = 0u32;
+        loop {
+            let held = match lock.compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed) {
+                Ok(_) => return,
+                Err(held) => held,
+            };
+            step += 1;
+            sys::relax(step);
+            // SAFETY: kill with signal 0 only asks whether the process exists.
+            if step % 4096 == 0 && unsafe { libc::syscall(libc::SYS_kill, held, 0) } < 0 {
+                let gone = std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+                if gone && lock.compare_exchange(held, me, Ordering::Acquire, Ordering::Relaxed).is_ok() {
+                    return;
+                }
+            }
+        }
     }
 
     fn wait_done(&self, idx: u32) {

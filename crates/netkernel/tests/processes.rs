@@ -354,3 +354,71 @@ print(done)
     assert!(after.3 <= before.3 + 4096, "NSM memory grew: {before:?} -> {after:?}");
     let _ = std::io::stdout().flush();
 }
+
+/// A guest killed with SIGKILL in the middle of a transfer: its peer gets a prefix of exactly
+/// what was sent, then the end of the connection, at once; the NSM keeps nothing of the dead
+/// guest. On both paths: the peer a guest of the same NSM (co-located) and a native program.
+#[test]
+fn a_guest_killed_mid_transfer_leaves_its_peer_an_exact_prefix() {
+    let python = require("python3");
+    let engine = TestEngine::start();
+    let receiver = r#"
+import socket, sys, time
+P = bytes(range(251)) * 4096
+l = socket.socket(); l.bind(('127.0.0.1', 0)); l.listen(1)
+print(l.getsockname()[1], flush=True)
+c, _ = l.accept()
+got, end, last = 0, 'eof', time.monotonic()
+while True:
+    try:
+        b = c.recv(65536)
+    except OSError as e:
+        end = 'errno%d' % e.errno
+        break
+    if not b:
+        break
+    o = got % 251
+    if b != P[o:o + len(b)]:
+        print('corrupt at', got, flush=True); sys.exit(1)
+    got += len(b)
+    if got >= 8 << 20 and last:
+        print('halfway', flush=True); last = None
+print('intact', got > 0, end, flush=True)
+"#;
+    let sender = r#"
+import socket, sys
+P = bytes(range(251)) * 4096
+c = socket.create_connection(('127.0.0.1', int(sys.argv[1])))
+sent = 0
+while True:
+    o = sent % 251
+    sent += c.send(P[o:o + 65536])
+"#;
+    for colocated in [true, false] {
+        let mut recv = if colocated {
+            engine.run(python.to_str().unwrap(), &["-c", receiver])
+        } else {
+            let mut c = Command::new(&python);
+            c.args(["-c", receiver]);
+            c
+        };
+        let mut recv = recv.stdout(Stdio::piped()).spawn().unwrap();
+        let mut lines = BufReader::new(recv.stdout.take().unwrap()).lines();
+        let port = lines.next().unwrap().unwrap();
+        let mut send = engine.run(python.to_str().unwrap(), &["-c", sender, &port]).spawn().unwrap();
+        assert_eq!(lines.next().unwrap().unwrap(), "halfway");
+        let _ = send.kill();
+        let killed = Instant::now();
+        let _ = send.wait();
+        let end = lines.next().unwrap().unwrap();
+        let ended = killed.elapsed();
+        assert!(end.starts_with("intact True "), "colocated={colocated}: {end}");
+        assert!(ended < Duration::from_secs(1), "colocated={colocated}: the peer saw the end after {ended:?}");
+        let _ = recv.wait();
+        let start = Instant::now();
+        while engine.nsm()["attachments"] != 0 {
+            assert!(start.elapsed() < Duration::from_secs(2), "the dead guest's attachment stayed: {}", engine.nsm());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
