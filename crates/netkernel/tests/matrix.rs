@@ -131,12 +131,18 @@ fn nginx_master_and_two_workers_with_curl_and_wrk() {
     .unwrap();
     let args = ["-c", conf.to_str().unwrap(), "-p", dir.to_str().unwrap(), "-e", "stderr"];
     let server = spawn_server(Some(&engine), nginx.to_str().unwrap(), &args, port);
-    // SAFETY: reading /proc for the worker count.
-    let workers = std::fs::read_to_string(format!("/proc/{}/task/{}/children", server.0.id(), server.0.id()))
-        .unwrap_or_default()
-        .split_whitespace()
-        .count();
-    assert_eq!(workers, 2, "nginx should run two workers");
+    // The master listens before it forks its workers: give them a moment on a loaded machine.
+    let count_workers = || {
+        std::fs::read_to_string(format!("/proc/{}/task/{}/children", server.0.id(), server.0.id()))
+            .unwrap_or_default()
+            .split_whitespace()
+            .count()
+    };
+    let start = Instant::now();
+    while count_workers() < 2 && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(count_workers(), 2, "nginx should run two workers");
     let conns0 = nsm_conns(&engine);
     let url = |p: &str| format!("http://127.0.0.1:{port}/{p}");
     let c = curl.to_str().unwrap();
