@@ -514,7 +514,6 @@ pub fn rejoin_at_load() {
             nsm_bell: state::hide_fd(bells[0]),
             guest_bell: state::hide_fd(bells[1]),
             ctl: std::sync::atomic::AtomicI32::new(ctl),
-            nsm_pidfd: std::sync::atomic::AtomicU64::new(0),
         },
         holder,
     );

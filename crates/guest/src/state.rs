@@ -165,8 +165,6 @@ pub struct Attachment {
     /// Our end of the engine's control socket, kept open for the life of the process (-1 in a
     /// forked child until it needs one).
     pub ctl: AtomicI32,
-    /// A pidfd of the NSM (pid << 32 | fd), opened the first time a wait looks (0: none yet).
-    pub nsm_pidfd: AtomicU64,
 }
 
 static ATTACHMENT: AtomicPtr<Attachment> = AtomicPtr::new(std::ptr::null_mut());
@@ -350,7 +348,6 @@ fn attach() -> Result<Attachment, String> {
         nsm_bell: hide_fd(fds[1]),
         guest_bell: hide_fd(fds[2]),
         ctl: AtomicI32::new(fd),
-        nsm_pidfd: AtomicU64::new(0),
     })
 }
 
@@ -533,30 +530,20 @@ impl Attachment {
         if pid == 0 {
             return false;
         }
-        let cached = self.nsm_pidfd.load(Ordering::Acquire);
-        let fd = if cached >> 32 == pid as u64 {
-            cached as u32 as i32
+        // A pidfd opened for each look rather than kept: a program may close GuestLib's fds
+        // (close_range before exec), and a kept number could then name another file. The look
+        // comes after a long sleep only, so three system calls cost nothing.
+        // SAFETY: plain system call.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+        let ended = if fd < 0 {
+            std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
         } else {
-            // SAFETY: plain system call.
-            let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
-            if fd < 0 {
-                let gone = std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
-                if gone {
-                    self.region.mark_dead(Some(self.guest_bell));
-                }
-                return gone;
-            }
-            let fd = hide_fd(fd);
-            let packed = (pid as u64) << 32 | fd as u32 as u64;
-            if self.nsm_pidfd.compare_exchange(cached, packed, Ordering::AcqRel, Ordering::Acquire).is_err() {
-                sys::close(fd);
-                return false;
-            }
-            fd
+            let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+            // SAFETY: one live pollfd, no wait; POLLIN on a pidfd means the process ended.
+            let r = unsafe { libc::syscall(libc::SYS_poll, &mut p, 1, 0) };
+            sys::close(fd);
+            r == 1
         };
-        let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-        // SAFETY: one live pollfd, no wait; POLLIN on a pidfd means the process ended.
-        let ended = unsafe { libc::syscall(libc::SYS_poll, &mut p, 1, 0) } == 1;
         if ended {
             self.region.mark_dead(Some(self.guest_bell));
         }
