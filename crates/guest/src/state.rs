@@ -700,7 +700,7 @@ impl Attachment {
             step += 1;
             sys::relax(step);
             // SAFETY: kill with signal 0 only asks whether the process exists.
-            if step % 4096 == 0 && unsafe { libc::syscall(libc::SYS_kill, held, 0) } < 0 {
+            if step.is_multiple_of(4096) && unsafe { libc::syscall(libc::SYS_kill, held, 0) } < 0 {
                 let gone = std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
                 if gone && lock.compare_exchange(held, me, Ordering::Acquire, Ordering::Relaxed).is_ok() {
                     return;
