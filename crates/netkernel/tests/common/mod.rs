@@ -132,8 +132,20 @@ impl TestEngine {
 
 impl Drop for TestEngine {
     fn drop(&mut self) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        // `ctl shutdown` stops the NSMs too (SIGTERM would leave those serving guests running
+        // for a next engine); SIGTERM if the engine does not answer.
+        let stopped = Command::new(NETKERNEL)
+            .args(["ctl", "--socket"])
+            .arg(&self.socket)
+            .arg("shutdown")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !stopped {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        }
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(5) {
             if let Ok(Some(_)) = self.child.try_wait() {
