@@ -543,15 +543,19 @@ impl Attachment {
             fd = -1;
             self.ctl.store(-1, Ordering::Release);
         }
+        let mut r = Ok(());
         if fd < 0 {
-            if let Ok(new) = connect_engine() {
-                fd = new;
-                self.ctl.store(fd, Ordering::Release);
+            match connect_engine() {
+                Ok(new) => {
+                    fd = new;
+                    self.ctl.store(fd, Ordering::Release);
+                }
+                Err(e) => r = Err(e),
             }
         }
         let id = self.region.header().attachment_id;
         let req = serde_json::json!({"op": "hold", "attachment": id, "pid": child, "holder": holder});
-        let r = engine_call(fd, &req, &[]);
+        let r = r.and_then(|()| engine_call(fd, &req, &[]).map(|_| ()));
         CTL_LOCK.store(false, Ordering::Release);
         if let Err(e) = r {
             warn(&format!("child {child} will lose its NetKernel sockets when this process exits: {e}"));
