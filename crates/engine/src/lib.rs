@@ -598,8 +598,17 @@ impl Engine {
         }
     }
 
-    /// What tenant `t`'s NSM enforces for it.
-    fn policy(&self, t: &config::TenantConfig) -> netkernel_service::control::TenantPolicy {
+    /// The private loopback address of the tenant at `index` in the configuration: 127.77.0.0/16
+    /// holds one per tenant (the isolated guests of one tenant share it, as they share a tenant).
+    fn private_loopback(index: usize) -> std::net::IpAddr {
+        let n = index + 1;
+        std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 77, (n >> 8) as u8, n as u8))
+    }
+
+    /// What tenant `t`'s NSM enforces for an attachment of it; `isolated`: the guest runs in a
+    /// network namespace of its own.
+    fn policy(&self, t: &config::TenantConfig, isolated: bool) -> netkernel_service::control::TenantPolicy {
+        let index = self.cfg.tenants.iter().position(|o| o.name.get_ref() == t.name.get_ref()).unwrap_or(0);
         netkernel_service::control::TenantPolicy {
             addresses: t.addresses(),
             source: self.auto_addresses.get(t.name.get_ref()).copied(),
@@ -607,9 +616,14 @@ impl Engine {
                 .cfg
                 .tenants
                 .iter()
-                .filter(|o| o.name.get_ref() != t.name.get_ref())
-                .flat_map(|o| o.addresses())
+                .enumerate()
+                .filter(|(i, _)| *i != index)
+                .flat_map(|(i, o)| {
+                    let private = o.private_loopback().then(|| Self::private_loopback(i));
+                    o.addresses().into_iter().chain(private)
+                })
                 .collect(),
+            loopback: (isolated && t.private_loopback()).then(|| Self::private_loopback(index)),
             max_sockets: t.max_connections,
             listen_ports: t.listen_ports.as_ref().map(|p| p.get_ref().iter().filter_map(|r| r.range()).collect()),
             rate: t.rate_limit.map(|bits| (bits, t.burst.unwrap_or(bits / 800))),
@@ -670,6 +684,18 @@ impl Engine {
             ));
         }
         let nsm = self.nsms.iter().find(|n| n.name == *t.nsm.get_ref()).ok_or("tenant's NSM is not running")?;
+        // The guest's word is checked: isolated means a network namespace other than ours.
+        let isolated = isolated && {
+            let theirs = net_namespace(cred.pid);
+            let differs = theirs.is_some() && theirs != net_namespace(std::process::id() as i32);
+            if !differs {
+                log(format!(
+                    "pid {} says it is isolated but shares the engine's network namespace: no private loopback",
+                    cred.pid
+                ));
+            }
+            differs
+        };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let region = Region::create(id).map_err(|e| format!("creating region: {e}"))?;
         let memfd = region.fd().ok_or("region without memfd")?;
@@ -682,7 +708,7 @@ impl Engine {
                 t.name.get_ref(),
                 cred.pid,
                 cred.uid,
-                self.policy(t),
+                self.policy(t, isolated),
                 &[memfd, nsm_bell.as_raw_fd(), guest_bell.as_raw_fd(), pidfd.as_raw_fd()],
             )
             .map_err(|e| format!("NSM {}: {e}", nsm.name))?;
@@ -849,6 +875,12 @@ impl Engine {
             nsms,
         }
     }
+}
+
+/// The network namespace `pid` is in (device and inode of /proc/PID/ns/net).
+fn net_namespace(pid: i32) -> Option<(u64, u64)> {
+    let m = std::fs::metadata(format!("/proc/{pid}/ns/net")).ok()?;
+    Some((std::os::unix::fs::MetadataExt::dev(&m), std::os::unix::fs::MetadataExt::ino(&m)))
 }
 
 /// The parent of `pid`, from /proc.

@@ -206,6 +206,10 @@ fn run(
     if let Some(f) = token_file {
         cmd.env("NETKERNEL_TOKEN_FILE", f);
     }
+    if isolate {
+        // GuestLib says so when it attaches; the engine checks it against the namespace.
+        cmd.env("NETKERNEL_ISOLATED", "1");
+    }
     let err = cmd.exec();
     fail(format!("cannot run {}: {err}", program[0]))
 }

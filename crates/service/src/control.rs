@@ -120,8 +120,13 @@ pub struct TenantPolicy {
     /// The address the tenant's connections leave from when it has no `addresses` (an NSM in a
     /// namespace of its own gives each tenant one, to tell their traffic apart).
     pub source: Option<std::net::IpAddr>,
-    /// Other tenants' addresses, which this tenant cannot reach.
+    /// Other tenants' addresses (and private loopbacks), which this tenant cannot reach.
     pub foreign: Vec<std::net::IpAddr>,
+    /// A private loopback address (an isolated guest of a tenant without `addresses`): loopback
+    /// and wildcard binds land on it and loopback connects reach it, as in a network namespace
+    /// whose only interface is its own loopback; the host's 127.0.0.1 is out of reach.
+    #[serde(default)]
+    pub loopback: Option<std::net::IpAddr>,
     /// Sockets the tenant may hold open in this NSM at once.
     pub max_sockets: Option<u32>,
     /// Port ranges (inclusive) the tenant may listen on; None: any.
@@ -144,6 +149,7 @@ impl Default for TenantPolicy {
             addresses: vec![],
             source: None,
             foreign: vec![],
+            loopback: None,
             max_sockets: None,
             listen_ports: None,
             rate: None,
