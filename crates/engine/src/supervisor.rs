@@ -129,7 +129,8 @@ impl Nsm {
             None => None,
         };
         let ns_fd = netns.as_ref().map(|f| f.as_raw_fd());
-        // SAFETY: between fork and exec only async-signal-safe calls (setns, dup2, fcntl).
+        // SAFETY: between fork and exec only async-signal-safe calls (setns, dup2, fcntl,
+        // sigemptyset, pthread_sigmask), on a sigset_t local to the child.
         unsafe {
             cmd.pre_exec(move || {
                 if let Some(ns) = ns_fd {
@@ -141,6 +142,13 @@ impl Nsm {
                     return Err(io::Error::last_os_error());
                 }
                 libc::fcntl(CONTROL_FD, libc::F_SETFD, 0);
+                // The engine blocks SIGINT and SIGTERM in every thread (its signal thread takes
+                // them with sigwait), and a blocked mask survives exec: an NSM started with it
+                // ignored SIGTERM, lingered after its engine had declared its guests' regions
+                // dead, and kept their listening sockets open with nobody to accept on them.
+                let mut none: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut none);
+                libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
                 // No PDEATHSIG: if the engine dies, the NSM keeps serving its guests (D1) and
                 // exits after the last one.
                 Ok(())

@@ -398,3 +398,65 @@ fn nsm_killed_under_load_resets_and_serves_again_kernel_path() {
 fn nsm_killed_under_load_resets_and_serves_again_colocated() {
     nsm_crash_under_load(true);
 }
+
+/// The engine blocks SIGTERM and SIGINT for its signal thread; its NSMs must not inherit that
+/// mask (an NSM that ignored SIGTERM once lingered after its guests' regions were declared dead,
+/// keeping their listening sockets open with nobody to accept on them).
+#[test]
+fn nsms_start_with_no_signal_blocked_and_sigterm_stops_them() {
+    let engine = TestEngine::start();
+    let nsm = engine.nsm()["pid"].as_u64().unwrap() as i32;
+    let status = std::fs::read_to_string(format!("/proc/{nsm}/status")).unwrap();
+    let blocked = status.lines().find_map(|l| l.strip_prefix("SigBlk:")).unwrap().trim();
+    assert_eq!(u64::from_str_radix(blocked, 16).unwrap(), 0, "the NSM starts with signals blocked: {blocked}");
+    // SAFETY: signals our engine's NSM.
+    unsafe { libc::kill(nsm, libc::SIGTERM) };
+    let start = Instant::now();
+    while engine.nsm()["restarts"] != 1 {
+        assert!(start.elapsed() < Duration::from_secs(2), "SIGTERM did not stop the NSM: {}", engine.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A configuration change between two engines: the NSM the new configuration still has is
+/// adopted (its guest goes on), the one it dropped is stopped cleanly (its guest is reset).
+#[test]
+fn a_restarted_engine_adopts_the_nsms_its_configuration_keeps_and_stops_the_others() {
+    let both = "[[nsm]]\nname = \"keep\"\n\n[[nsm]]\nname = \"drop\"\n\n\
+                [[tenant]]\nname = \"k\"\nnsm = \"keep\"\n\n[[tenant]]\nname = \"d\"\nnsm = \"drop\"\n";
+    let mut engine = TestEngine::with_config(both);
+    let blocked = "import socket\nl=socket.create_server(('127.0.0.1',0))\nc=socket.create_connection(l.getsockname())\n\
+                   s,_=l.accept()\nprint('ready',flush=True)\ntry:\n    s.recv(10)\n    print('recv returned',flush=True)\n\
+                   except OSError as e:\n    print('recv failed', e.errno, flush=True)\n";
+    let guest = |tenant: &str| {
+        let python = require("python3");
+        let mut c = std::process::Command::new(NETKERNEL);
+        c.args(["run", "--tenant", tenant, "--socket"]).arg(&engine.socket).arg("--").arg(python).args(["-c", blocked]);
+        c.stdout(Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ready");
+        (child, out)
+    };
+    let (mut kept, _kept_out) = guest("k");
+    let (mut dropped, mut dropped_out) = guest("d");
+    engine.stop_with(libc::SIGTERM);
+    std::fs::write(
+        engine.config_path().unwrap(),
+        "[[nsm]]\nname = \"keep\"\n\n[[tenant]]\nname = \"k\"\nnsm = \"keep\"\n",
+    )
+    .unwrap();
+    engine.restart();
+    let mut line = String::new();
+    dropped_out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), format!("recv failed {}", libc::ECONNRESET), "{}", engine.log());
+    assert!(dropped.wait().unwrap().success());
+    assert!(engine.log().contains("stopped NSM drop"), "{}", engine.log());
+    assert!(engine.log().contains("adopted NSM keep"), "{}", engine.log());
+    assert!(conns_of(&engine, kept.id()).iter().any(|c| c["state"] == "ESTABLISHED"), "{}", engine.ctl("conns"));
+    assert_eq!(kept.try_wait().unwrap(), None, "the kept NSM's guest was disturbed");
+    let _ = kept.kill();
+    let _ = kept.wait();
+}

@@ -44,7 +44,9 @@ impl TestEngine {
     pub fn start_in(netns: Option<&str>, args: &[&str]) -> TestEngine {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("engine.sock");
-        let log = std::fs::File::create(dir.path().join("engine.log")).unwrap();
+        // Appending: NSMs outlive an engine that is restarted, and all write to this log.
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(dir.path().join("engine.log")).unwrap();
         let cmd = match netns {
             // `ip netns exec` execs the engine, so the child's pid is the engine's.
             Some(ns) => {
@@ -75,6 +77,11 @@ impl TestEngine {
         unsafe { libc::kill(self.child.id() as i32, signal) };
         let status = self.child.wait().unwrap();
         assert!(signal == libc::SIGKILL || status.success(), "engine exited with {status}: {}", self.log());
+    }
+
+    /// The configuration file given by with_config (rewrite it before `restart` to change it).
+    pub fn config_path(&self) -> Option<PathBuf> {
+        self.config_dir.as_ref().map(|d| d.path().join("netkernel.toml"))
     }
 
     /// Starts a new engine on the same socket with the same arguments (the previous one must
