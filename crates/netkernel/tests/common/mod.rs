@@ -45,8 +45,7 @@ impl TestEngine {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("engine.sock");
         // Appending: NSMs outlive an engine that is restarted, and all write to this log.
-        let log =
-            std::fs::OpenOptions::new().create(true).append(true).open(dir.path().join("engine.log")).unwrap();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.path().join("engine.log")).unwrap();
         let cmd = match netns {
             // `ip netns exec` execs the engine, so the child's pid is the engine's.
             Some(ns) => {
