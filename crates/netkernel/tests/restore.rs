@@ -460,3 +460,41 @@ fn a_restarted_engine_adopts_the_nsms_its_configuration_keeps_and_stops_the_othe
     let _ = kept.kill();
     let _ = kept.wait();
 }
+
+/// Processes attached before an engine restart fork and exec afterwards: the new engine knows
+/// them as holders (from the NSM) and the region (handed back by the NSM) proves `join`. The
+/// exec'd child keeps the connection after its parent exits, which it could not had `hold` or
+/// `join` failed.
+#[test]
+fn guests_attached_before_a_restart_fork_and_exec_after_it() {
+    let mut engine = TestEngine::start();
+    let port = free_port();
+    let (mut server, _o) = guest_ready(&engine, ECHO_SERVER, &[&port.to_string()]);
+    // The child waits until its parent has surely exited.
+    let child = "import socket,sys,time\ntime.sleep(0.3)\ns=socket.socket(fileno=int(sys.argv[1]))\nfor i in range(3):\n    \
+                 s.sendall(b'child%d' % i)\n    print(s.recv(6).decode(),flush=True)\n";
+    let (mut parent, mut out) = guest_ready(
+        &engine,
+        &format!(
+            "import os,socket,sys\ns=socket.create_connection(('127.0.0.1',int(sys.argv[1])))\n\
+             s.set_inheritable(True)\nprint('ready',flush=True)\nsys.stdin.readline()\n\
+             if os.fork()==0:\n    os.execv(sys.executable,[sys.executable,'-c',{child:?},str(s.fileno())])\n\
+             print('forked',flush=True)\n"
+        ),
+        &[&port.to_string()],
+    );
+    engine.stop_with(libc::SIGKILL);
+    engine.restart();
+    let tenants = engine.ctl("tenants");
+    assert!(tenants[0]["attachments"].as_u64().unwrap() >= 2, "the new engine's tenants: {tenants}");
+    parent.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    let mut text = String::new();
+    out.read_to_string(&mut text).unwrap();
+    assert!(parent.wait().unwrap().success());
+    let mut err = String::new();
+    parent.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert_eq!(text, "forked\nchild0\nchild1\nchild2\n", "stderr: {err}\n{}", engine.log());
+    assert!(!err.contains("netkernel:"), "{err}");
+    let _ = server.kill();
+    let _ = server.wait();
+}
