@@ -141,6 +141,19 @@ fn engine_restart_is_invisible(signal: i32) {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(native_echo(echo_port, b"while the engine is down"), b"while the engine is down");
 
+    // A program started now waits (asleep) for the engine to be back, then attaches.
+    let mut l = engine.run(
+        python.to_str().unwrap(),
+        &[
+            "-c",
+            "import socket,sys\ns=socket.create_connection(('127.0.0.1',int(sys.argv[1])))\ns.sendall(b'late')\n\
+                 print(s.recv(4).decode())\n",
+            &echo_port.to_string(),
+        ],
+    );
+    let late = l.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+
     let restarted = Instant::now();
     engine.restart();
     let adopted = loop {
@@ -154,6 +167,14 @@ fn engine_restart_is_invisible(signal: i32) {
     eprintln!("engine stopped by signal {signal}: old connections listed {adopted:?} after the new engine started");
     assert!(adopted < Duration::from_secs(1), "adoption took {adopted:?}: {}", engine.log());
     assert!(engine.log().contains("adopted NSM kernel"), "{}", engine.log());
+
+    let out = output_within_child(late, Duration::from_secs(30));
+    assert!(
+        out.status.success(),
+        "a program started while the engine was down: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "late\n");
 
     let out = output_within_child(iperf_client, Duration::from_secs(30));
     assert!(out.status.success(), "iperf3 -c failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -471,7 +492,8 @@ fn guests_attached_before_a_restart_fork_and_exec_after_it() {
     let port = free_port();
     let (mut server, _o) = guest_ready(&engine, ECHO_SERVER, &[&port.to_string()]);
     // The child waits until its parent has surely exited.
-    let child = "import socket,sys,time\ntime.sleep(0.3)\ns=socket.socket(fileno=int(sys.argv[1]))\nfor i in range(3):\n    \
+    let child =
+        "import socket,sys,time\ntime.sleep(0.3)\ns=socket.socket(fileno=int(sys.argv[1]))\nfor i in range(3):\n    \
                  s.sendall(b'child%d' % i)\n    print(s.recv(6).decode(),flush=True)\n";
     let (mut parent, mut out) = guest_ready(
         &engine,
