@@ -358,18 +358,28 @@ fn attach() -> Result<Attachment, String> {
         let token = std::fs::read_to_string(&path).map_err(|e| format!("NETKERNEL_TOKEN_FILE {path}: {e}"))?;
         req["token"] = token.trim().into();
     }
-    let fd = connect_engine()?;
+    let mut fd = connect_engine()?;
     let fail = |fd: i32, m: String| {
         sys::close(fd);
         Err(m)
     };
-    let fds = match engine_call(fd, &req, &[]) {
-        Ok((_, fds)) if fds.len() == 3 => fds,
-        Ok((_, fds)) => {
-            fds.iter().for_each(|&f| sys::close(f));
-            return fail(fd, "engine sent an attach reply without the region".into());
+    let mut asked_again = false;
+    let fds = loop {
+        match engine_call(fd, &req, &[]) {
+            Ok((_, fds)) if fds.len() == 3 => break fds,
+            Ok((_, fds)) => {
+                fds.iter().for_each(|&f| sys::close(f));
+                return fail(fd, "engine sent an attach reply without the region".into());
+            }
+            // The engine exited with our request unanswered (it is being restarted): ask the
+            // next one, once. A refusal leaves the connection open.
+            Err(_) if !asked_again && !engine_conn_alive(fd) => {
+                sys::close(fd);
+                fd = connect_engine()?;
+                asked_again = true;
+            }
+            Err(e) => return fail(fd, format!("engine refused attachment: {e}")),
         }
-        Err(e) => return fail(fd, format!("engine refused attachment: {e}")),
     };
     let region = match Region::map(fds[0]) {
         Ok(r) => r,
@@ -555,7 +565,16 @@ impl Attachment {
         }
         let id = self.region.header().attachment_id;
         let req = serde_json::json!({"op": "hold", "attachment": id, "pid": child, "holder": holder});
-        let r = r.and_then(|()| engine_call(fd, &req, &[]).map(|_| ()));
+        let mut r = r.and_then(|()| engine_call(fd, &req, &[]).map(|_| ()));
+        if r.is_err() && fd >= 0 && !engine_conn_alive(fd) {
+            // The engine exited with the request unanswered: ask the next one, once.
+            sys::close(fd);
+            self.ctl.store(-1, Ordering::Release);
+            r = connect_engine().and_then(|new| {
+                self.ctl.store(new, Ordering::Release);
+                engine_call(new, &req, &[]).map(|_| ())
+            });
+        }
         CTL_LOCK.store(false, Ordering::Release);
         if let Err(e) = r {
             warn(&format!("child {child} will lose its NetKernel sockets when this process exits: {e}"));
