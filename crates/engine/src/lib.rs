@@ -247,7 +247,17 @@ impl Engine {
         let _ = std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o666));
         let state_dir = state_dir(&socket);
         std::fs::create_dir_all(&state_dir)
-            .and_then(|()| std::fs::set_permissions(&state_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)))
+            .and_then(|()| {
+                // What the engine finds there it trusts (it adopts the NSMs listening there), so
+                // the directory must be its own.
+                let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::symlink_metadata(&state_dir)?);
+                // SAFETY: geteuid cannot fail.
+                let me = unsafe { libc::geteuid() };
+                if owner != me {
+                    return Err(io::Error::other(format!("owned by uid {owner}, not this engine's uid {me}")));
+                }
+                std::fs::set_permissions(&state_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            })
             .map_err(|source| EngineError::StateDir { path: state_dir.clone(), source })?;
         stop_strays(&state_dir, &cfg);
         let mut nsms = Vec::new();

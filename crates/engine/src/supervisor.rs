@@ -170,6 +170,13 @@ impl Nsm {
     /// changed) is stopped cleanly and not adopted.
     pub fn adopt(&self) -> Option<(Running, NsmState)> {
         let c = UnixStream::connect(&self.rendezvous).ok()?;
+        // An NSM runs as the engine's uid; anything else listening there is not one of ours.
+        // SAFETY: geteuid cannot fail.
+        let me = unsafe { libc::geteuid() };
+        if crate::peer_cred(&c).map(|cred| cred.uid).ok() != Some(me) {
+            eprintln!("netkernel engine: {} is not an NSM of this engine's uid; not adopted", self.rendezvous.display());
+            return None;
+        }
         // A live NSM answers within its event loop's next turn; a stuck one is not adopted.
         c.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
         let mut p = Proc { pid: None, pidfd: None, control: Some(c), generation: 0 };
