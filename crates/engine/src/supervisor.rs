@@ -174,7 +174,10 @@ impl Nsm {
         // SAFETY: geteuid cannot fail.
         let me = unsafe { libc::geteuid() };
         if crate::peer_cred(&c).map(|cred| cred.uid).ok() != Some(me) {
-            eprintln!("netkernel engine: {} is not an NSM of this engine's uid; not adopted", self.rendezvous.display());
+            eprintln!(
+                "netkernel engine: {} is not an NSM of this engine's uid; not adopted",
+                self.rendezvous.display()
+            );
             return None;
         }
         // A live NSM answers within its event loop's next turn; a stuck one is not adopted.
