@@ -520,3 +520,38 @@ fn guests_attached_before_a_restart_fork_and_exec_after_it() {
     let _ = server.kill();
     let _ = server.wait();
 }
+
+/// An NSM in a network namespace of its own is adopted with its namespace (recorded in the
+/// state directory): the host still reaches a guest's server at the NSM's address, `ctl nsms`
+/// shows that address, and `ctl shutdown` removes the namespace.
+#[test]
+fn a_namespaced_nsm_is_adopted_with_its_namespace() {
+    assert!(is_root(), "network namespaces need root; run the tests as root (scripts/test does)");
+    let mut engine =
+        TestEngine::with_config("[[nsm]]\nname = \"ns0\"\nnetns = true\n\n[[tenant]]\nname = \"a\"\nnsm = \"ns0\"\n");
+    let address = engine.nsm()["address"].as_str().unwrap().to_string();
+    let (ip, _) = address.split_once(' ').unwrap();
+    let ip = ip.to_string();
+    let port = free_port();
+    let (mut server, _o) = guest_ready(&engine, &ECHO_SERVER.replace("'127.0.0.1'", "'0.0.0.0'"), &[&port.to_string()]);
+    let echo = |what: &[u8]| {
+        let mut s = std::net::TcpStream::connect((ip.as_str(), port)).expect("the host reaches the NSM's namespace");
+        s.write_all(what).unwrap();
+        let mut got = vec![0u8; what.len()];
+        s.read_exact(&mut got).unwrap();
+        got
+    };
+    assert_eq!(echo(b"before"), b"before");
+    engine.stop_with(libc::SIGTERM);
+    assert_eq!(echo(b"between"), b"between");
+    engine.restart();
+    assert!(engine.log().contains("adopted NSM ns0"), "{}", engine.log());
+    assert_eq!(engine.nsm()["address"].as_str(), Some(address.as_str()));
+    assert_eq!(echo(b"after"), b"after");
+    let ns = address.split_once(" (").unwrap().1.trim_end_matches(')').to_string();
+    let _ = server.kill();
+    let _ = server.wait();
+    drop(engine);
+    let list = std::process::Command::new("ip").args(["netns", "list"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&list.stdout).contains(&ns), "namespace {ns} left behind");
+}
