@@ -92,6 +92,10 @@ pub struct TenantConfig {
     /// A connection takes it only when both ends' tenants allow it.
     #[serde(default)]
     pub colocate: Option<bool>,
+    /// Isolated guests (`netkernel run --isolate`) of a tenant without `addresses` get a
+    /// loopback of their own; true gives them the host's 127.0.0.1 instead.
+    #[serde(default)]
+    pub host_loopback: Option<Spanned<bool>>,
 }
 
 /// A port or an inclusive range of ports.
@@ -126,6 +130,11 @@ impl TenantConfig {
         self.uids.as_ref().is_some_and(|u| u.contains(&uid))
             || self.gids.as_ref().is_some_and(|g| groups.iter().any(|x| g.contains(x)))
             || token_ok
+    }
+
+    /// Whether isolated guests of this tenant get a private loopback (see `private_loopback`).
+    pub fn private_loopback(&self) -> bool {
+        self.addresses.is_none() && !self.host_loopback.as_ref().is_some_and(|h| *h.get_ref())
     }
 
     /// The tenant's addresses (validated at load).
@@ -189,6 +198,7 @@ impl Config {
                 burst: None,
                 listen_ports: None,
                 colocate: None,
+                host_loopback: None,
             }],
         }
     }
@@ -291,6 +301,13 @@ impl Config {
                         ));
                     }
                 }
+            }
+            if let (Some(h), Some(_)) = (&t.host_loopback, &t.addresses) {
+                return Err(invalid(
+                    h.span().start,
+                    "tenant.host_loopback",
+                    "a tenant with addresses has them as its loopback; drop host_loopback or addresses".into(),
+                ));
             }
             if let Some(ports) = &t.listen_ports {
                 if let Some(bad) = ports.get_ref().iter().find(|p| p.range().is_none()) {

@@ -51,6 +51,43 @@ pub enum EngineError {
     /// An NSM could not be started.
     #[error("cannot start NSM {name}: {source}")]
     Spawn { name: String, source: io::Error },
+    /// The state directory (where NSMs wait for a restarted engine) could not be made.
+    #[error("cannot make the state directory {path}: {source} (it lives next to the control socket)")]
+    StateDir { path: PathBuf, source: io::Error },
+}
+
+/// The engine's state directory: next to the control socket, named after it.
+pub fn state_dir(socket: &Path) -> PathBuf {
+    let mut name = socket.as_os_str().to_owned();
+    name.push(".d");
+    name.into()
+}
+
+/// Stops, cleanly, NSMs a previous engine left whose names the configuration no longer has.
+fn stop_strays(state_dir: &Path, cfg: &Config) {
+    let Ok(dir) = std::fs::read_dir(state_dir) else { return };
+    for entry in dir.flatten() {
+        let path = entry.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".sock")) else {
+            continue;
+        };
+        if cfg.nsms.iter().any(|n| n.name.get_ref() == name) {
+            continue;
+        }
+        let net_file = state_dir.join(format!("{name}.net"));
+        let net: Option<netns::NsmNet> = std::fs::read(&net_file).ok().and_then(|b| serde_json::from_slice(&b).ok());
+        if let Ok(c) = UnixStream::connect(&path) {
+            let _ = c.set_read_timeout(Some(std::time::Duration::from_secs(2)));
+            let body = serde_json::to_vec(&netkernel_service::control::NsmRequest::Shutdown).unwrap_or_default();
+            if sys::send_frame(c.as_raw_fd(), &body, &[]).is_ok() && sys::recv_frame(c.as_raw_fd()).is_ok() {
+                log(format!("stopped NSM {name}: the configuration has no NSM of that name"));
+            }
+        }
+        // Dropping the namespace removes it.
+        drop(net);
+        let _ = std::fs::remove_file(&net_file);
+        let _ = std::fs::remove_file(&path);
+    }
 }
 
 /// What the engine remembers of one attachment.
@@ -75,6 +112,8 @@ pub struct Engine {
     /// Source addresses the engine gave tenants of namespaced NSMs that configured no addresses.
     auto_addresses: HashMap<String, std::net::IpAddr>,
     socket: PathBuf,
+    /// Where NSMs wait to be adopted by the next engine (next to the socket).
+    state_dir: PathBuf,
     nsms: Vec<Arc<Nsm>>,
     attachments: Mutex<HashMap<u64, Attachment>>,
     next_id: AtomicU64,
@@ -192,7 +231,8 @@ fn log(msg: impl AsRef<str>) {
 }
 
 impl Engine {
-    /// Starts the NSMs and binds the control socket.
+    /// Binds the control socket, adopts the NSMs a previous engine left running (those whose
+    /// name and kind the configuration still has) and starts the others.
     pub fn start(cfg: Config, socket: PathBuf) -> Result<(Arc<Engine>, UnixListener), EngineError> {
         if UnixStream::connect(&socket).is_ok() {
             return Err(EngineError::AlreadyRunning(socket));
@@ -205,28 +245,76 @@ impl Engine {
             UnixListener::bind(&socket).map_err(|source| EngineError::Listen { path: socket.clone(), source })?;
         // Guests of every uid connect here; tenants' uid lists decide who may attach.
         let _ = std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o666));
+        let state_dir = state_dir(&socket);
+        std::fs::create_dir_all(&state_dir)
+            .and_then(|()| {
+                // What the engine finds there it trusts (it adopts the NSMs listening there), so
+                // the directory must be its own.
+                let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::symlink_metadata(&state_dir)?);
+                // SAFETY: geteuid cannot fail.
+                let me = unsafe { libc::geteuid() };
+                if owner != me {
+                    return Err(io::Error::other(format!("owned by uid {owner}, not this engine's uid {me}")));
+                }
+                std::fs::set_permissions(&state_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            })
+            .map_err(|source| EngineError::StateDir { path: state_dir.clone(), source })?;
+        stop_strays(&state_dir, &cfg);
         let mut nsms = Vec::new();
-        let mut children = Vec::new();
+        let mut running = Vec::new();
+        let mut adopted = Vec::new();
         let mut auto_addresses = HashMap::new();
         for (index, n) in cfg.nsms.iter().enumerate() {
+            let name = n.name.get_ref();
+            let hosts: Vec<(String, String)> =
+                n.hosts.as_ref().map(|h| h.get_ref().clone().into_iter().collect()).unwrap_or_default();
+            let congestion = n.congestion.as_ref().map(|c| c.get_ref().clone());
+            let rendezvous = state_dir.join(format!("{name}.sock"));
+            let net_file = state_dir.join(format!("{name}.net"));
+            let old_net: Option<netns::NsmNet> =
+                std::fs::read(&net_file).ok().and_then(|b| serde_json::from_slice(&b).ok());
+            let had_net = old_net.is_some();
+            let candidate =
+                Nsm::new(name.clone(), n.kind.clone(), congestion.clone(), hosts.clone(), old_net, rendezvous.clone());
+            match candidate.adopt() {
+                Some((r, state)) if had_net == n.netns => {
+                    log(format!(
+                        "adopted NSM {name} (pid {}) serving {} attachment(s)",
+                        state.pid,
+                        state.attachments.len()
+                    ));
+                    if let Some(net) = &candidate.net {
+                        for (i, t) in cfg.tenants.iter().enumerate().filter(|(_, t)| t.nsm.get_ref() == name) {
+                            if t.addresses.is_none() {
+                                auto_addresses
+                                    .insert(t.name.get_ref().clone(), std::net::IpAddr::V4(net.tenant_addr(i)));
+                            }
+                        }
+                    }
+                    nsms.push(Arc::new(candidate));
+                    running.push(r);
+                    adopted.push(state);
+                    continue;
+                }
+                Some((_, state)) => {
+                    log(format!("stopping NSM {name} (pid {}): its network namespace setting changed", state.pid));
+                    candidate.stop();
+                }
+                None => {}
+            }
+            // Whatever namespace the old NSM had goes with it.
+            drop(candidate);
+            let _ = std::fs::remove_file(&net_file);
             let net = if n.netns {
-                let net = netns::NsmNet::create(n.name.get_ref(), index).map_err(|e| EngineError::Spawn {
-                    name: n.name.get_ref().clone(),
-                    source: std::io::Error::other(e),
-                })?;
-                log(format!(
-                    "NSM {} runs in network namespace {}, reachable at {}",
-                    n.name.get_ref(),
-                    net.name,
-                    net.nsm_addr
-                ));
-                let spawn_err =
-                    |e: String| EngineError::Spawn { name: n.name.get_ref().clone(), source: std::io::Error::other(e) };
+                let net = netns::NsmNet::create(name, index)
+                    .map_err(|e| EngineError::Spawn { name: name.clone(), source: std::io::Error::other(e) })?;
+                log(format!("NSM {name} runs in network namespace {}, reachable at {}", net.name, net.nsm_addr));
+                let spawn_err = |e: String| EngineError::Spawn { name: name.clone(), source: std::io::Error::other(e) };
                 // Tenants of a namespaced NSM without addresses of their own get a source address
                 // in its subnet: their connections leave from it, and shaping tells tenants
                 // apart by it.
                 let mut shaped = Vec::new();
-                for (i, t) in cfg.tenants.iter().enumerate().filter(|(_, t)| t.nsm.get_ref() == n.name.get_ref()) {
+                for (i, t) in cfg.tenants.iter().enumerate().filter(|(_, t)| t.nsm.get_ref() == name) {
                     if t.addresses.is_none() {
                         let a = net.tenant_addr(i);
                         net.add_addr(a).map_err(spawn_err)?;
@@ -237,21 +325,17 @@ impl Engine {
                 if let Some(bits) = n.egress_rate {
                     net.shape(bits, n.fair, &shaped).map_err(spawn_err)?;
                 }
+                // An engine that adopts this NSM later needs to know its namespace.
+                let json = serde_json::to_vec(&net).map_err(|e| spawn_err(e.to_string()))?;
+                std::fs::write(&net_file, json).map_err(|e| spawn_err(format!("{}: {e}", net_file.display())))?;
                 Some(net)
             } else {
                 None
             };
-            let hosts = n.hosts.as_ref().map(|h| h.get_ref().clone().into_iter().collect()).unwrap_or_default();
-            let nsm = Nsm::new(
-                n.name.get_ref().clone(),
-                n.kind.clone(),
-                n.congestion.as_ref().map(|c| c.get_ref().clone()),
-                hosts,
-                net,
-            );
-            let child = nsm.spawn().map_err(|source| EngineError::Spawn { name: n.name.get_ref().clone(), source })?;
+            let nsm = Nsm::new(name.clone(), n.kind.clone(), congestion, hosts, net, rendezvous);
+            let r = nsm.spawn().map_err(|source| EngineError::Spawn { name: name.clone(), source })?;
             nsms.push(Arc::new(nsm));
-            children.push(child);
+            running.push(r);
         }
         let tokens = cfg
             .tenants
@@ -266,15 +350,19 @@ impl Engine {
             auto_addresses,
             tokens,
             socket,
+            state_dir,
             nsms,
             attachments: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             started: Instant::now(),
         });
-        for (nsm, child) in engine.nsms.iter().zip(children) {
+        for state in adopted {
+            engine.rebuild(state);
+        }
+        for (nsm, r) in engine.nsms.iter().zip(running) {
             let (e, n) = (Arc::downgrade(&engine), nsm.clone());
             std::thread::spawn(move || {
-                supervisor::supervise(n, child, move |name, generation| {
+                supervisor::supervise(n, r, move |name, generation| {
                     if let Some(e) = e.upgrade() {
                         e.nsm_died(name, generation);
                     }
@@ -288,6 +376,45 @@ impl Engine {
             engine.cfg.tenants.len()
         ));
         Ok((engine, listener))
+    }
+
+    /// Takes over the attachments an adopted NSM serves: the engine's own mapping of each region
+    /// and its doorbells come back from the NSM, holders from its pidfds. New attachment ids
+    /// start past every id it serves.
+    fn rebuild(&self, state: netkernel_service::control::NsmState) {
+        let Some(nsm) = self.nsms.iter().find(|n| n.name == state.name) else { return };
+        let generation = nsm.generation();
+        let mut atts = self.attachments.lock().unwrap_or_else(|e| e.into_inner());
+        for a in state.attachments {
+            self.next_id.fetch_max(a.attachment + 1, Ordering::Relaxed);
+            let [memfd, nsm_bell, guest_bell] = match nsm.region(a.attachment) {
+                Ok(fds) => fds,
+                Err(e) => {
+                    log(format!("NSM {}: attachment {} not taken over: {e}", nsm.name, a.attachment));
+                    continue;
+                }
+            };
+            let region = match Region::map_owned(memfd) {
+                Ok(r) => r,
+                Err(e) => {
+                    log(format!("NSM {}: attachment {}: its region: {e}", nsm.name, a.attachment));
+                    continue;
+                }
+            };
+            atts.insert(
+                a.attachment,
+                Attachment {
+                    tenant: a.tenant,
+                    nsm: nsm.name.clone(),
+                    pid: a.pid,
+                    holders: a.holders,
+                    region,
+                    guest_bell,
+                    nsm_bell,
+                    nsm_generation: generation,
+                },
+            );
+        }
     }
 
     /// Serves the control socket until the process ends.
@@ -307,8 +434,9 @@ impl Engine {
         &self.socket
     }
 
-    /// Stops the NSMs and removes the socket. Guests' connections end with ECONNRESET (their
-    /// regions are declared dead first), not with a hang.
+    /// Stops the engine for good (`ctl shutdown`): the NSMs and the socket and state directory
+    /// go. Guests' connections end with ECONNRESET (their regions are declared dead first), not
+    /// with a hang.
     pub fn shutdown(&self) {
         for a in self.attachments.lock().unwrap_or_else(|e| e.into_inner()).values() {
             a.region.mark_dead(Some(a.guest_bell.as_raw_fd()));
@@ -317,6 +445,27 @@ impl Engine {
             n.stop();
             if let Some(net) = &n.net {
                 net.remove();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.state_dir);
+        let _ = std::fs::remove_file(&self.socket);
+    }
+
+    /// The engine exits but its guests do not notice (SIGTERM, SIGINT; live restore): NSMs that
+    /// serve guests keep serving them and wait in the state directory for the next engine to
+    /// adopt them. Idle ones are stopped (with their namespaces), as nothing would need them.
+    pub fn detach(&self) {
+        let atts = self.attachments.lock().unwrap_or_else(|e| e.into_inner());
+        for n in &self.nsms {
+            let serving = atts.values().filter(|a| a.nsm == n.name).count();
+            if serving > 0 {
+                log(format!("NSM {} keeps serving {serving} attachment(s) for the next engine", n.name));
+                continue;
+            }
+            n.stop();
+            if let Some(net) = &n.net {
+                net.remove();
+                let _ = std::fs::remove_file(self.state_dir.join(format!("{}.net", n.name)));
             }
         }
         let _ = std::fs::remove_file(&self.socket);
@@ -362,8 +511,8 @@ impl Engine {
                 }
             };
             let sent = match req {
-                EngineRequest::Attach { tenant, token } if attached.is_none() => {
-                    match self.attach(&conn, tenant, token) {
+                EngineRequest::Attach { tenant, token, isolated } if attached.is_none() => {
+                    match self.attach(&conn, tenant, token, isolated) {
                         Ok((id, reply, fds)) => {
                             attached = Some(id);
                             let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
@@ -393,6 +542,31 @@ impl Engine {
                         sys::send_frame(fd, &reply_bytes(Reply::err(msg)), &[])
                     }
                 },
+                EngineRequest::Shutdown => {
+                    // Only root or the engine's own uid may stop it.
+                    // SAFETY: geteuid cannot fail.
+                    let me = unsafe { libc::geteuid() };
+                    match peer_cred(&conn) {
+                        Ok(c) if c.uid == 0 || c.uid == me => {
+                            log(format!(
+                                "shutdown asked by pid {} (uid {}): resetting guests, stopping NSMs",
+                                c.pid, c.uid
+                            ));
+                            self.shutdown();
+                            let _ = sys::send_frame(fd, &reply_bytes(Reply::ok(())), &[]);
+                            std::process::exit(0);
+                        }
+                        Ok(c) => sys::send_frame(
+                            fd,
+                            &reply_bytes(Reply::err(format!(
+                                "uid {} may not stop the engine (root or uid {me} may)",
+                                c.uid
+                            ))),
+                            &[],
+                        ),
+                        Err(e) => sys::send_frame(fd, &reply_bytes(Reply::err(format!("SO_PEERCRED: {e}"))), &[]),
+                    }
+                }
                 EngineRequest::Status => sys::send_frame(fd, &reply_bytes(Reply::ok(self.status())), &[]),
                 EngineRequest::Tenants => sys::send_frame(fd, &reply_bytes(Reply::ok(self.tenants())), &[]),
                 EngineRequest::Nsms => sys::send_frame(fd, &reply_bytes(Reply::ok(self.nsm_views())), &[]),
@@ -434,8 +608,17 @@ impl Engine {
         }
     }
 
-    /// What tenant `t`'s NSM enforces for it.
-    fn policy(&self, t: &config::TenantConfig) -> netkernel_service::control::TenantPolicy {
+    /// The private loopback address of the tenant at `index` in the configuration: 127.77.0.0/16
+    /// holds one per tenant (the isolated guests of one tenant share it, as they share a tenant).
+    fn private_loopback(index: usize) -> std::net::IpAddr {
+        let n = index + 1;
+        std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 77, (n >> 8) as u8, n as u8))
+    }
+
+    /// What tenant `t`'s NSM enforces for an attachment of it; `isolated`: the guest runs in a
+    /// network namespace of its own.
+    fn policy(&self, t: &config::TenantConfig, isolated: bool) -> netkernel_service::control::TenantPolicy {
+        let index = self.cfg.tenants.iter().position(|o| o.name.get_ref() == t.name.get_ref()).unwrap_or(0);
         netkernel_service::control::TenantPolicy {
             addresses: t.addresses(),
             source: self.auto_addresses.get(t.name.get_ref()).copied(),
@@ -443,9 +626,14 @@ impl Engine {
                 .cfg
                 .tenants
                 .iter()
-                .filter(|o| o.name.get_ref() != t.name.get_ref())
-                .flat_map(|o| o.addresses())
+                .enumerate()
+                .filter(|(i, _)| *i != index)
+                .flat_map(|(i, o)| {
+                    let private = o.private_loopback().then(|| Self::private_loopback(i));
+                    o.addresses().into_iter().chain(private)
+                })
                 .collect(),
+            loopback: (isolated && t.private_loopback()).then(|| Self::private_loopback(index)),
             max_sockets: t.max_connections,
             listen_ports: t.listen_ports.as_ref().map(|p| p.get_ref().iter().filter_map(|r| r.range()).collect()),
             rate: t.rate_limit.map(|bits| (bits, t.burst.unwrap_or(bits / 800))),
@@ -470,6 +658,7 @@ impl Engine {
         conn: &UnixStream,
         tenant: Option<String>,
         token: Option<String>,
+        isolated: bool,
     ) -> Result<(u64, AttachReply, Vec<OwnedFd>), String> {
         self.prune();
         let cred = peer_cred(conn).map_err(|e| format!("SO_PEERCRED: {e}"))?;
@@ -505,6 +694,18 @@ impl Engine {
             ));
         }
         let nsm = self.nsms.iter().find(|n| n.name == *t.nsm.get_ref()).ok_or("tenant's NSM is not running")?;
+        // The guest's word is checked: isolated means a network namespace other than ours.
+        let isolated = isolated && {
+            let theirs = net_namespace(cred.pid);
+            let differs = theirs.is_some() && theirs != net_namespace(std::process::id() as i32);
+            if !differs {
+                log(format!(
+                    "pid {} says it is isolated but shares the engine's network namespace: no private loopback",
+                    cred.pid
+                ));
+            }
+            differs
+        };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let region = Region::create(id).map_err(|e| format!("creating region: {e}"))?;
         let memfd = region.fd().ok_or("region without memfd")?;
@@ -517,7 +718,7 @@ impl Engine {
                 t.name.get_ref(),
                 cred.pid,
                 cred.uid,
-                self.policy(t),
+                self.policy(t, isolated),
                 &[memfd, nsm_bell.as_raw_fd(), guest_bell.as_raw_fd(), pidfd.as_raw_fd()],
             )
             .map_err(|e| format!("NSM {}: {e}", nsm.name))?;
@@ -684,6 +885,12 @@ impl Engine {
             nsms,
         }
     }
+}
+
+/// The network namespace `pid` is in (device and inode of /proc/PID/ns/net).
+fn net_namespace(pid: i32) -> Option<(u64, u64)> {
+    let m = std::fs::metadata(format!("/proc/{pid}/ns/net")).ok()?;
+    Some((std::os::unix::fs::MetadataExt::dev(&m), std::os::unix::fs::MetadataExt::ino(&m)))
 }
 
 /// The parent of `pid`, from /proc.

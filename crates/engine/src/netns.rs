@@ -4,7 +4,9 @@
 use std::net::Ipv4Addr;
 use std::process::Command;
 
-/// A namespace the engine made, removed (with its veth) when dropped.
+/// A namespace the engine made, removed (with its veth) when dropped. Recorded in the engine's
+/// state directory, so that an engine adopting the NSM knows it (and removes it at shutdown).
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct NsmNet {
     pub name: String,
     pub host_addr: Ipv4Addr,

@@ -1,12 +1,14 @@
 //! NSM processes: spawned by the engine, talked to over a unix socket pair, restarted when
-//! they die (DESIGN.md D3).
+//! they die (DESIGN.md D3). An NSM outlives its engine; a restarted engine adopts it through
+//! the rendezvous socket the NSM listens on in the engine's state directory (D11).
 
 use netkernel_ring::sys;
-use netkernel_service::control::{NsmRequest, NsmStats, Reply, TenantPolicy};
+use netkernel_service::control::{NsmRequest, NsmState, NsmStats, Reply, TenantPolicy};
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -17,8 +19,46 @@ pub const CONTROL_FD: RawFd = 3;
 
 struct Proc {
     pid: Option<u32>,
+    /// A pidfd of the process, to signal it without mistaking a reused pid for it.
+    pidfd: Option<OwnedFd>,
     control: Option<UnixStream>,
     generation: u64,
+}
+
+/// An NSM process the supervisor waits for.
+pub enum Running {
+    /// Started by this engine.
+    Child(Child),
+    /// Adopted from an engine that went away: not our child, so watched through its pidfd.
+    Adopted(OwnedFd),
+}
+
+impl Running {
+    /// Blocks until the process has ended; says how, as far as the engine can know.
+    fn wait(&mut self) -> String {
+        match self {
+            Running::Child(c) => match c.wait() {
+                Ok(s) => s.to_string(),
+                Err(e) => e.to_string(),
+            },
+            Running::Adopted(pidfd) => {
+                let mut p = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                // SAFETY: one live pollfd; a pidfd polls readable once its process has ended.
+                while unsafe { libc::poll(&mut p, 1, -1) } < 0 {}
+                "ended; it was adopted, so its status is its old engine's to read".into()
+            }
+        }
+    }
+}
+
+fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    // SAFETY: plain system call.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd, ours alone.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
 }
 
 /// One supervised NSM.
@@ -29,6 +69,8 @@ pub struct Nsm {
     hosts: Vec<(String, String)>,
     /// The network namespace the NSM runs in, if one of its own.
     pub net: Option<crate::netns::NsmNet>,
+    /// Where the NSM listens for a restarted engine (in the engine's state directory).
+    rendezvous: PathBuf,
     proc_: Mutex<Proc>,
     restarts: AtomicU64,
     stopping: AtomicBool,
@@ -45,6 +87,7 @@ impl Nsm {
         congestion: Option<String>,
         hosts: Vec<(String, String)>,
         net: Option<crate::netns::NsmNet>,
+        rendezvous: PathBuf,
     ) -> Nsm {
         Nsm {
             name,
@@ -52,7 +95,8 @@ impl Nsm {
             congestion,
             hosts,
             net,
-            proc_: Mutex::new(Proc { pid: None, control: None, generation: 0 }),
+            rendezvous,
+            proc_: Mutex::new(Proc { pid: None, pidfd: None, control: None, generation: 0 }),
             restarts: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
         }
@@ -63,7 +107,7 @@ impl Nsm {
     }
 
     /// Starts the NSM process (`netkernel nsm ...`, the same binary as the engine).
-    pub fn spawn(&self) -> io::Result<Child> {
+    pub fn spawn(&self) -> io::Result<Running> {
         let (ours, theirs) = UnixStream::pair()?;
         ours.set_read_timeout(Some(Duration::from_secs(10)))?;
         let exe = std::env::current_exe()?;
@@ -75,6 +119,7 @@ impl Nsm {
         for (name, addr) in &self.hosts {
             cmd.arg("--host").arg(format!("{name}={addr}"));
         }
+        cmd.arg("--listen").arg(&self.rendezvous);
         // An NSM never serves its own sockets through NetKernel.
         cmd.env_remove("LD_PRELOAD").env_remove("NETKERNEL_SOCKET");
         cmd.stdin(Stdio::null());
@@ -84,7 +129,8 @@ impl Nsm {
             None => None,
         };
         let ns_fd = netns.as_ref().map(|f| f.as_raw_fd());
-        // SAFETY: between fork and exec only async-signal-safe calls (setns, dup2, fcntl).
+        // SAFETY: between fork and exec only async-signal-safe calls (setns, dup2, fcntl,
+        // sigemptyset, pthread_sigmask), on a sigset_t local to the child.
         unsafe {
             cmd.pre_exec(move || {
                 if let Some(ns) = ns_fd {
@@ -96,6 +142,13 @@ impl Nsm {
                     return Err(io::Error::last_os_error());
                 }
                 libc::fcntl(CONTROL_FD, libc::F_SETFD, 0);
+                // The engine blocks SIGINT and SIGTERM in every thread (its signal thread takes
+                // them with sigwait), and a blocked mask survives exec: an NSM started with it
+                // ignored SIGTERM, lingered after its engine had declared its guests' regions
+                // dead, and kept their listening sockets open with nobody to accept on them.
+                let mut none: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut none);
+                libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
                 // No PDEATHSIG: if the engine dies, the NSM keeps serving its guests (D1) and
                 // exits after the last one.
                 Ok(())
@@ -103,15 +156,79 @@ impl Nsm {
         }
         let child = cmd.spawn()?;
         drop(theirs);
+        let pidfd = pidfd_open(child.id())?;
         let mut p = self.lock();
         p.pid = Some(child.id());
+        p.pidfd = Some(pidfd);
         p.control = Some(ours);
         p.generation += 1;
-        Ok(child)
+        Ok(Running::Child(child))
+    }
+
+    /// Takes over the NSM a previous engine left running, if one listens on the rendezvous
+    /// socket: returns it and what it serves. One of another name or kind (the configuration
+    /// changed) is stopped cleanly and not adopted.
+    pub fn adopt(&self) -> Option<(Running, NsmState)> {
+        let c = UnixStream::connect(&self.rendezvous).ok()?;
+        // An NSM runs as the engine's uid; anything else listening there is not one of ours.
+        // SAFETY: geteuid cannot fail.
+        let me = unsafe { libc::geteuid() };
+        if crate::peer_cred(&c).map(|cred| cred.uid).ok() != Some(me) {
+            eprintln!(
+                "netkernel engine: {} is not an NSM of this engine's uid; not adopted",
+                self.rendezvous.display()
+            );
+            return None;
+        }
+        // A live NSM answers within its event loop's next turn; a stuck one is not adopted.
+        c.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        let mut p = Proc { pid: None, pidfd: None, control: Some(c), generation: 0 };
+        let state: NsmState = match Self::call(&mut p, &NsmRequest::Adopt, &[])
+            .and_then(|v| serde_json::from_value(v).map_err(|e| other(e.to_string())))
+        {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!(
+                    "netkernel engine: the NSM at {} did not answer ({e}); starting a new one",
+                    self.rendezvous.display()
+                );
+                return None;
+            }
+        };
+        if state.name != self.name || state.kind != self.kind {
+            eprintln!(
+                "netkernel engine: stopping NSM {} (kind {}, pid {}): the configuration wants {} of kind {} there",
+                state.name, state.kind, state.pid, self.name, self.kind
+            );
+            let _ = Self::call(&mut p, &NsmRequest::Shutdown, &[]);
+            return None;
+        }
+        let pidfd = match pidfd_open(state.pid) {
+            Ok(fd) => fd,
+            Err(e) => {
+                eprintln!(
+                    "netkernel engine: NSM {} (pid {}) is going away ({e}); starting a new one",
+                    self.name, state.pid
+                );
+                return None;
+            }
+        };
+        let watch = pidfd.try_clone().ok()?;
+        let mut mine = self.lock();
+        mine.pid = Some(state.pid);
+        mine.pidfd = Some(pidfd);
+        mine.control = p.control.take();
+        mine.generation += 1;
+        Some((Running::Adopted(watch), state))
     }
 
     pub fn pid(&self) -> Option<u32> {
         self.lock().pid
+    }
+
+    /// The NSM process's number: each spawn or adoption is a new one.
+    pub fn generation(&self) -> u64 {
+        self.lock().generation
     }
 
     pub fn restarts(&self) -> u64 {
@@ -120,17 +237,30 @@ impl Nsm {
 
     /// One request/response with the NSM.
     fn call(p: &mut Proc, req: &NsmRequest, fds: &[RawFd]) -> io::Result<serde_json::Value> {
+        Self::call_fds(p, req, fds).map(|(v, _)| v)
+    }
+
+    /// One request/response with the NSM; also returns the fds that came with the reply.
+    fn call_fds(p: &mut Proc, req: &NsmRequest, fds: &[RawFd]) -> io::Result<(serde_json::Value, Vec<OwnedFd>)> {
         let c = p.control.as_ref().ok_or_else(|| other("NSM is not running".into()))?;
         let body = serde_json::to_vec(req).map_err(|e| other(e.to_string()))?;
         sys::send_frame(c.as_raw_fd(), &body, fds)?;
         let (payload, extra) = sys::recv_frame(c.as_raw_fd())?.ok_or_else(|| other("NSM closed its channel".into()))?;
-        extra.into_iter().for_each(sys::close);
+        // SAFETY: fds just received, owned by nobody else.
+        let extra: Vec<OwnedFd> = extra.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }).collect();
         let reply: Reply = serde_json::from_slice(&payload).map_err(|e| other(format!("malformed NSM reply: {e}")))?;
         if reply.ok {
-            Ok(reply.result.unwrap_or_default())
+            Ok((reply.result.unwrap_or_default(), extra))
         } else {
             Err(other(reply.error.unwrap_or_default()))
         }
+    }
+
+    /// Attachment `id`'s region memfd, NSM doorbell and guest doorbell, from an adopted NSM.
+    pub fn region(&self, id: u64) -> io::Result<[OwnedFd; 3]> {
+        let mut p = self.lock();
+        let (_, fds) = Self::call_fds(&mut p, &NsmRequest::Region { attachment: id }, &[])?;
+        fds.try_into().map_err(|v: Vec<OwnedFd>| other(format!("NSM sent {} fds for a region, not 3", v.len())))
     }
 
     /// Hands an attachment to the NSM; returns the NSM generation that serves it.
@@ -168,41 +298,42 @@ impl Nsm {
         serde_json::from_value(v).map_err(|e| other(e.to_string()))
     }
 
-    /// Stops the NSM for good (engine shutdown).
+    /// Stops the NSM for good: it resets its guests (their regions are declared dead) and
+    /// exits; one that does not answer gets SIGTERM.
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
         let mut p = self.lock();
-        p.control = None;
-        if let Some(pid) = p.pid.take() {
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        if Self::call(&mut p, &NsmRequest::Shutdown, &[]).is_err() {
+            if let Some(pidfd) = &p.pidfd {
+                // SAFETY: pidfd_send_signal on a pidfd we own; it cannot reach a reused pid.
+                unsafe { libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), libc::SIGTERM, 0usize, 0u32) };
+            }
         }
+        p.control = None;
+        p.pid = None;
+        p.pidfd = None;
     }
 }
 
 /// Waits for the NSM to die, reports it, and starts it again, backing off when it keeps dying.
-pub fn supervise(nsm: std::sync::Arc<Nsm>, mut child: Child, on_death: impl Fn(&str, u64)) {
+/// An adopted NSM, no child of ours, is watched the same way through its pidfd; the NSM
+/// started in its place is our child.
+pub fn supervise(nsm: std::sync::Arc<Nsm>, mut running: Running, on_death: impl Fn(&str, u64)) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let started = Instant::now();
-        let status = child.wait();
+        let status = running.wait();
         let generation = {
             let mut p = nsm.lock();
             p.control = None;
             p.pid = None;
+            p.pidfd = None;
             p.generation
         };
         if nsm.stopping.load(Ordering::SeqCst) {
             return;
         }
-        eprintln!(
-            "netkernel engine: NSM {} exited ({}); restarting",
-            nsm.name,
-            match status {
-                Ok(s) => s.to_string(),
-                Err(e) => e.to_string(),
-            }
-        );
+        eprintln!("netkernel engine: NSM {} exited ({status}); restarting", nsm.name);
         on_death(&nsm.name, generation);
         if started.elapsed() > Duration::from_secs(10) {
             backoff = Duration::from_millis(100);
@@ -214,8 +345,8 @@ pub fn supervise(nsm: std::sync::Arc<Nsm>, mut child: Child, on_death: impl Fn(&
                 return;
             }
             match nsm.spawn() {
-                Ok(c) => {
-                    child = c;
+                Ok(r) => {
+                    running = r;
                     nsm.restarts.fetch_add(1, Ordering::Relaxed);
                     break;
                 }

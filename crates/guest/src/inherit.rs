@@ -533,6 +533,13 @@ pub fn rejoin_at_load() {
 /// connection, the holder index the engine has for this process (the one passed, unless it
 /// held the attachment already) and the doorbells the engine hands back.
 fn join(ctl: i32, id: u64, holder: u32, memfd: i32) -> Result<(i32, u32, [i32; 2]), String> {
+    // A connection passed from before an engine restart leads nowhere: use a new one.
+    let ctl = if ctl >= 0 && !state::engine_conn_alive(ctl) {
+        netkernel_ring::sys::close(ctl);
+        -1
+    } else {
+        ctl
+    };
     let fd = if ctl >= 0 { ctl } else { state::connect_engine()? };
     let req = serde_json::json!({"op": "join", "attachment": id, "holder": holder});
     match state::engine_call(fd, &req, &[memfd]) {

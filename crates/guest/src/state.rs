@@ -256,15 +256,38 @@ pub fn connect_engine() -> Result<i32, String> {
         *d = s as libc::c_char;
     }
     remember_engine(&sa);
-    // SAFETY: sa is a live sockaddr_un.
-    let r = unsafe { libc::syscall(libc::SYS_connect, fd, &sa as *const _, std::mem::size_of::<libc::sockaddr_un>()) };
-    if r < 0 {
+    // An engine being restarted is back within a second or so (its NSMs go on serving
+    // meanwhile): wait for it, asleep, rather than fail at once or spin.
+    let deadline = Instant::now() + ENGINE_WAIT;
+    loop {
+        // SAFETY: sa is a live sockaddr_un.
+        let r =
+            unsafe { libc::syscall(libc::SYS_connect, fd, &sa as *const _, std::mem::size_of::<libc::sockaddr_un>()) };
+        if r == 0 {
+            return Ok(fd);
+        }
         let e = std::io::Error::last_os_error();
-        sys::close(fd);
-        return Err(format!("cannot reach the NetKernel engine at {path}: {e}"));
+        let absent = matches!(e.raw_os_error(), Some(libc::ECONNREFUSED | libc::ENOENT));
+        if !absent || Instant::now() >= deadline {
+            sys::close(fd);
+            let waited = if absent { format!(" (waited {} s for it)", ENGINE_WAIT.as_secs()) } else { String::new() };
+            return Err(format!("cannot reach the NetKernel engine at {path}: {e}{waited}"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
-    Ok(fd)
 }
+
+/// Whether a connection to the engine still leads to it. The engine never speaks unasked, so
+/// anything readable is its end closing (it exited; a new one may run now).
+pub fn engine_conn_alive(fd: i32) -> bool {
+    let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: one live pollfd, no wait.
+    let r = unsafe { libc::syscall(libc::SYS_poll, &mut p as *mut libc::pollfd, 1, 0) };
+    r == 0
+}
+
+/// How long a guest waits for an engine that does not answer (one may be restarting).
+const ENGINE_WAIT: Duration = Duration::from_secs(2);
 
 /// The engine's address, kept for a vfork child, which may not allocate to build it again.
 static ENGINE_ADDR: [AtomicU8; 108] = [const { AtomicU8::new(0) }; 108];
@@ -286,16 +309,25 @@ pub fn connect_engine_raw() -> i32 {
     if sa.sun_path[0] == 0 {
         return -1;
     }
-    // SAFETY: plain system calls; sa is a live sockaddr_un.
+    // SAFETY: plain system calls; sa and the timespec are live stack data.
     unsafe {
         let fd = libc::syscall(libc::SYS_socket, libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) as i32;
-        if fd >= 0
-            && libc::syscall(libc::SYS_connect, fd, &sa as *const _, std::mem::size_of::<libc::sockaddr_un>()) < 0
-        {
-            sys::close(fd);
+        if fd < 0 {
             return -1;
         }
-        fd
+        // As connect_engine: wait, asleep, for an engine being restarted.
+        let nap = libc::timespec { tv_sec: 0, tv_nsec: 50_000_000 };
+        for _ in 0..ENGINE_WAIT.as_millis() / 50 {
+            if libc::syscall(libc::SYS_connect, fd, &sa as *const _, std::mem::size_of::<libc::sockaddr_un>()) == 0 {
+                return fd;
+            }
+            if !matches!(*libc::__errno_location(), libc::ECONNREFUSED | libc::ENOENT) {
+                break;
+            }
+            libc::syscall(libc::SYS_nanosleep, &nap as *const libc::timespec, std::ptr::null_mut::<libc::timespec>());
+        }
+        sys::close(fd);
+        -1
     }
 }
 
@@ -317,23 +349,35 @@ pub fn engine_call(fd: i32, req: &serde_json::Value, fds: &[i32]) -> Result<(ser
 
 fn attach() -> Result<Attachment, String> {
     let tenant = std::env::var("NETKERNEL_TENANT").ok();
-    let mut req = serde_json::json!({"op": "attach", "tenant": tenant});
+    // `netkernel run --isolate` says so; the engine checks it against our network namespace.
+    let isolated = std::env::var_os("NETKERNEL_ISOLATED").is_some_and(|v| v == "1");
+    let mut req = serde_json::json!({"op": "attach", "tenant": tenant, "isolated": isolated});
     if let Ok(path) = std::env::var("NETKERNEL_TOKEN_FILE") {
         let token = std::fs::read_to_string(&path).map_err(|e| format!("NETKERNEL_TOKEN_FILE {path}: {e}"))?;
         req["token"] = token.trim().into();
     }
-    let fd = connect_engine()?;
+    let mut fd = connect_engine()?;
     let fail = |fd: i32, m: String| {
         sys::close(fd);
         Err(m)
     };
-    let fds = match engine_call(fd, &req, &[]) {
-        Ok((_, fds)) if fds.len() == 3 => fds,
-        Ok((_, fds)) => {
-            fds.iter().for_each(|&f| sys::close(f));
-            return fail(fd, "engine sent an attach reply without the region".into());
+    let mut asked_again = false;
+    let fds = loop {
+        match engine_call(fd, &req, &[]) {
+            Ok((_, fds)) if fds.len() == 3 => break fds,
+            Ok((_, fds)) => {
+                fds.iter().for_each(|&f| sys::close(f));
+                return fail(fd, "engine sent an attach reply without the region".into());
+            }
+            // The engine exited with our request unanswered (it is being restarted): ask the
+            // next one, once. A refusal leaves the connection open.
+            Err(_) if !asked_again && !engine_conn_alive(fd) => {
+                sys::close(fd);
+                fd = connect_engine()?;
+                asked_again = true;
+            }
+            Err(e) => return fail(fd, format!("engine refused attachment: {e}")),
         }
-        Err(e) => return fail(fd, format!("engine refused attachment: {e}")),
     };
     let region = match Region::map(fds[0]) {
         Ok(r) => r,
@@ -500,15 +544,34 @@ impl Attachment {
     pub fn hold_for(&self, child: i32, holder: u32) {
         lock(&CTL_LOCK);
         let mut fd = self.ctl.load(Ordering::Acquire);
+        if fd >= 0 && !engine_conn_alive(fd) {
+            // The engine that attached us was restarted: talk to the new one.
+            sys::close(fd);
+            fd = -1;
+            self.ctl.store(-1, Ordering::Release);
+        }
+        let mut r = Ok(());
         if fd < 0 {
-            if let Ok(new) = connect_engine() {
-                fd = new;
-                self.ctl.store(fd, Ordering::Release);
+            match connect_engine() {
+                Ok(new) => {
+                    fd = new;
+                    self.ctl.store(fd, Ordering::Release);
+                }
+                Err(e) => r = Err(e),
             }
         }
         let id = self.region.header().attachment_id;
         let req = serde_json::json!({"op": "hold", "attachment": id, "pid": child, "holder": holder});
-        let r = engine_call(fd, &req, &[]);
+        let mut r = r.and_then(|()| engine_call(fd, &req, &[]).map(|_| ()));
+        if r.is_err() && fd >= 0 && !engine_conn_alive(fd) {
+            // The engine exited with the request unanswered: ask the next one, once.
+            sys::close(fd);
+            self.ctl.store(-1, Ordering::Release);
+            r = connect_engine().and_then(|new| {
+                self.ctl.store(new, Ordering::Release);
+                engine_call(new, &req, &[]).map(|_| ())
+            });
+        }
         CTL_LOCK.store(false, Ordering::Release);
         if let Err(e) = r {
             warn(&format!("child {child} will lose its NetKernel sockets when this process exits: {e}"));

@@ -49,7 +49,7 @@ enum Cmd {
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         program: Vec<String>,
     },
-    /// Ask the engine: status, tenants, nsms, conns.
+    /// Ask the engine: status, tenants, nsms, conns; or stop it and its NSMs (shutdown).
     Ctl {
         #[arg(long)]
         socket: Option<PathBuf>,
@@ -59,7 +59,7 @@ enum Cmd {
         /// With top: stop after this many refreshes (default: until interrupted).
         #[arg(long)]
         iterations: Option<u64>,
-        #[arg(value_parser = ["status", "tenants", "nsms", "conns", "top"])]
+        #[arg(value_parser = ["status", "tenants", "nsms", "conns", "top", "shutdown"])]
         what: String,
     },
     /// Run an NSM (started by the engine, not by hand).
@@ -76,6 +76,9 @@ enum Cmd {
         /// NAME=ADDRESS this NSM resolves itself (repeatable).
         #[arg(long = "host")]
         hosts: Vec<String>,
+        /// A unix socket path where a restarted engine reconnects to adopt this NSM.
+        #[arg(long)]
+        listen: Option<PathBuf>,
     },
     /// Start an engine, serve an unmodified HTTP server and client through it, compare with native.
     Demo {
@@ -104,7 +107,9 @@ pub fn main() -> i32 {
         Cmd::Run { tenant, socket, isolate, token_file, program } => run(tenant, socket, isolate, token_file, program),
         Cmd::Ctl { socket, what, iterations, .. } if what == "top" => top(socket, iterations),
         Cmd::Ctl { socket, json, what, .. } => ctl(socket, json, &what),
-        Cmd::Nsm { kind, name, control_fd, congestion, hosts } => nsm(&kind, name, control_fd, congestion, hosts),
+        Cmd::Nsm { kind, name, control_fd, congestion, hosts, listen } => {
+            nsm(&kind, name, control_fd, congestion, hosts, listen)
+        }
         Cmd::Demo { bytes } => demo::main(bytes),
         Cmd::Bench(a) => bench::main(a),
         Cmd::BenchPeer(a) => bench::peer(a),
@@ -121,7 +126,8 @@ fn serve(config: Option<PathBuf>, socket: Option<PathBuf>, metrics: Option<std::
         None => Config::embedded(),
     };
     let socket = socket.or_else(|| cfg.engine.socket.clone()).unwrap_or_else(default_socket);
-    // SIGINT/SIGTERM are taken by a thread that shuts down cleanly (NSMs stopped, socket removed).
+    // SIGINT/SIGTERM are taken by a thread that exits cleanly, leaving the NSMs that serve guests
+    // to the next engine (`ctl shutdown` stops them too).
     // SAFETY: sigset manipulation on a local set, before any thread exists.
     let set = unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -140,7 +146,7 @@ fn serve(config: Option<PathBuf>, socket: Option<PathBuf>, metrics: Option<std::
         match netkernel_engine::metrics::serve(engine.clone(), addr) {
             Ok(a) => eprintln!("netkernel engine: metrics on http://{a}/metrics"),
             Err(e) => {
-                engine.shutdown();
+                engine.detach();
                 return fail(format!("cannot serve metrics on {addr}: {e}"));
             }
         }
@@ -150,13 +156,17 @@ fn serve(config: Option<PathBuf>, socket: Option<PathBuf>, metrics: Option<std::
         let mut sig = 0;
         // SAFETY: waits on the blocked set.
         unsafe { libc::sigwait(&set, &mut sig) };
-        eprintln!("netkernel engine: signal {sig}, shutting down");
-        e.shutdown();
+        // Live restore: the guests keep their NSMs; the next engine adopts them.
+        eprintln!("netkernel engine: signal {sig}, exiting; NSMs serving guests keep running");
+        e.detach();
         std::process::exit(0);
     });
     engine.serve(listener);
     0
 }
+
+/// How long `run` waits for an engine to answer (one may be restarting).
+const ENGINE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn run(
     tenant: Option<String>,
@@ -179,8 +189,13 @@ fn run(
         Ok(l) => l,
         Err(e) => return fail(e),
     };
-    if let Err(e) = request(&socket, &EngineRequest::Status) {
-        return fail(e);
+    // An engine being restarted answers again within a second or two.
+    let deadline = std::time::Instant::now() + ENGINE_WAIT;
+    while let Err(e) = request(&socket, &EngineRequest::Status) {
+        if std::time::Instant::now() >= deadline {
+            return fail(format!("{e}; waited {} s for it", ENGINE_WAIT.as_secs()));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
     if isolate {
         if let Err(e) = isolate_network() {
@@ -190,6 +205,10 @@ fn run(
     let mut cmd = guestlib::command(&lib, &socket, tenant.as_deref(), &program[0], &program[1..]);
     if let Some(f) = token_file {
         cmd.env("NETKERNEL_TOKEN_FILE", f);
+    }
+    if isolate {
+        // GuestLib says so when it attaches; the engine checks it against the namespace.
+        cmd.env("NETKERNEL_ISOLATED", "1");
     }
     let err = cmd.exec();
     fail(format!("cannot run {}: {err}", program[0]))
@@ -291,6 +310,7 @@ fn ctl(socket: Option<PathBuf>, json: bool, what: &str) -> i32 {
         "status" => EngineRequest::Status,
         "tenants" => EngineRequest::Tenants,
         "nsms" => EngineRequest::Nsms,
+        "shutdown" => EngineRequest::Shutdown,
         _ => EngineRequest::Conns,
     };
     let v = match request(&socket, &req) {
@@ -303,6 +323,7 @@ fn ctl(socket: Option<PathBuf>, json: bool, what: &str) -> i32 {
     }
     match what {
         "status" => print_status(&v),
+        "shutdown" => println!("engine stopped; its NSMs are stopped and their guests' sockets reset"),
         "tenants" => print_table(
             &v,
             &[
@@ -398,7 +419,14 @@ const NSM_COLUMNS: &[&str] = &[
     "violations",
 ];
 
-fn nsm(kind: &str, name: String, control_fd: i32, congestion: Option<String>, hosts: Vec<String>) -> i32 {
+fn nsm(
+    kind: &str,
+    name: String,
+    control_fd: i32,
+    congestion: Option<String>,
+    hosts: Vec<String>,
+    listen: Option<PathBuf>,
+) -> i32 {
     let hosts = hosts.iter().filter_map(|h| h.split_once('=')).map(|(n, a)| (n.to_string(), a.to_string())).collect();
     if kind != "kernel" {
         return fail(format!("unknown NSM kind {kind:?}"));
@@ -415,6 +443,21 @@ fn nsm(kind: &str, name: String, control_fd: i32, congestion: Option<String>, ho
         Ok(s) => s.with_hosts(hosts),
         Err(e) => return fail(format!("NSM {name}: {e}")),
     };
+    if let Some(path) = listen {
+        // A socket left by this NSM's predecessor (which is gone: the engine starts one NSM per
+        // name) is replaced.
+        let _ = std::fs::remove_file(&path);
+        let listener = match std::os::unix::net::UnixListener::bind(&path) {
+            Ok(l) => l,
+            Err(e) => return fail(format!("NSM {name}: cannot listen on {}: {e}", path.display())),
+        };
+        // Only the engine's uid may adopt the NSM (it checks SO_PEERCRED too).
+        let _ = std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600));
+        svc = match svc.with_rendezvous(listener) {
+            Ok(s) => s,
+            Err(e) => return fail(format!("NSM {name}: {e}")),
+        };
+    }
     match svc.run() {
         Ok(()) => 0,
         Err(e) => fail(format!("NSM {name}: {e}")),

@@ -61,5 +61,7 @@ pub fn command(lib: &Path, socket: &Path, tenant: Option<&str>, program: &str, a
         Some(t) => cmd.env("NETKERNEL_TENANT", t),
         None => cmd.env_remove("NETKERNEL_TENANT"),
     };
+    // Only `run --isolate` says the guest is isolated.
+    cmd.env_remove("NETKERNEL_ISOLATED");
     cmd
 }

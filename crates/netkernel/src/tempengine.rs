@@ -71,8 +71,12 @@ fn nanos() -> u128 {
 
 impl Drop for TempEngine {
     fn drop(&mut self) {
-        // SAFETY: signalling our own child; SIGTERM makes it stop its NSMs and remove its socket.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        // Stops the engine and its NSMs (SIGTERM would leave NSMs serving guests running, for
+        // a next engine); SIGTERM only if it does not answer.
+        if netkernel_engine::request(&self.socket, &netkernel_service::control::EngineRequest::Shutdown).is_err() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        }
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(5) {
             if let Ok(Some(_)) = self.child.try_wait() {

@@ -207,7 +207,10 @@ fn isolated_guest_reaches_only_what_netkernel_serves() {
     }
     let curl = require("curl");
     let busybox = require("busybox");
-    let engine = TestEngine::start();
+    // The server is not isolated: the isolated guests need the host's loopback to reach it.
+    let engine = TestEngine::with_config(
+        "[[nsm]]\nname = \"kernel\"\n\n[[tenant]]\nname = \"default\"\nnsm = \"kernel\"\nhost_loopback = true\n",
+    );
     let (mut server, port) = engine.http_server("hi.txt", "through netkernel\n");
     let url = format!("http://127.0.0.1:{port}/hi.txt");
     let isolated = |program: &str, args: &[&str]| {
@@ -233,7 +236,8 @@ fn isolated_guest_reaches_only_what_netkernel_serves() {
 fn names_are_resolved_by_the_provider() {
     let python = require("python3");
     let engine = TestEngine::with_config(
-        "[[nsm]]\nname = \"k\"\nhosts = { \"nk-provider-name\" = \"127.0.0.1\" }\n\n[[tenant]]\nname = \"t\"\nnsm = \"k\"\n",
+        "[[nsm]]\nname = \"k\"\nhosts = { \"nk-provider-name\" = \"127.0.0.1\" }\n\n[[tenant]]\nname = \"t\"\nnsm = \"k\"\n\
+         host_loopback = true\n",
     );
     let script = "import socket\nprint(socket.getaddrinfo('nk-provider-name', 'http', type=socket.SOCK_STREAM)[0][4])\n\
                   print(socket.getaddrinfo('127.0.0.1', 80, type=socket.SOCK_STREAM)[0][4])\n\

@@ -5,7 +5,7 @@ use crate::spsc::RingRef;
 use crate::sys;
 use netkernel_abi::{GuestSock, HeaderError, Layout, Nqe, RegionHeader, RingHeader, Slot, NQE_COUNT, SLOT_COUNT};
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::AtomicU32;
 
 /// Which pages back a region; `ctl status` reports it.
@@ -145,6 +145,15 @@ impl Region {
         let backing = if st.st_blksize >= 2 * 1024 * 1024 { Backing::Huge2M } else { Backing::Normal };
         let r = Self::mmap(fd, len as usize, Layout::standard(), backing).map_err(MapError::Io)?;
         r.header().validate(len).map_err(MapError::Header)?;
+        Ok(r)
+    }
+
+    /// Maps a region like [`Region::map`] and keeps its memfd (closed with the region): an
+    /// engine that adopts a running NSM gets the memfds back from it and needs them as the
+    /// engine that created them did.
+    pub fn map_owned(fd: std::os::fd::OwnedFd) -> Result<Region, MapError> {
+        let mut r = Self::map(fd.as_raw_fd())?;
+        r.fd = Some(std::os::fd::IntoRawFd::into_raw_fd(fd));
         Ok(r)
     }
 

@@ -15,6 +15,10 @@ pub enum EngineRequest {
         /// The secret of a tenant with a token_file, read by GuestLib from NETKERNEL_TOKEN_FILE.
         #[serde(default)]
         token: Option<String>,
+        /// The guest says it runs in a network namespace of its own (`netkernel run --isolate`);
+        /// the engine checks that before giving it a private loopback.
+        #[serde(default)]
+        isolated: bool,
     },
     /// A guest process that just forked `pid` asks to keep the attachment alive for the child:
     /// the attachment lives until its last process exits.
@@ -34,6 +38,8 @@ pub enum EngineRequest {
     Tenants,
     Nsms,
     Conns,
+    /// Stop the engine and its NSMs for good: guests' sockets are reset (`ctl shutdown`).
+    Shutdown,
 }
 
 /// The engine's answer to an attach.
@@ -73,6 +79,36 @@ pub enum NsmRequest {
     Hold { attachment: u64, holder: u32 },
     /// Report telemetry.
     Stats,
+    /// A new engine takes this NSM over (it reconnected on the NSM's rendezvous socket):
+    /// reply with an [`NsmState`].
+    Adopt,
+    /// Hand back attachment `attachment`'s region memfd, NSM doorbell and guest doorbell, so an
+    /// engine that adopted the NSM can declare the region dead and let programs join it.
+    Region { attachment: u64 },
+    /// Reset every guest (regions declared dead) and exit.
+    Shutdown,
+}
+
+/// What an NSM serves, as an adopting engine needs it to rebuild its attachment table.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct NsmState {
+    pub name: String,
+    pub kind: String,
+    pub pid: u32,
+    pub attachments: Vec<AttachmentState>,
+}
+
+/// One attachment an NSM serves.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct AttachmentState {
+    pub attachment: u64,
+    pub tenant: String,
+    /// The process that attached.
+    pub pid: i32,
+    pub uid: u32,
+    /// (pid, holder id) of every live process holding the attachment, read from the NSM's
+    /// pidfds.
+    pub holders: Vec<(i32, u32)>,
 }
 
 /// What an NSM enforces for one tenant (DESIGN.md D7).
@@ -84,8 +120,13 @@ pub struct TenantPolicy {
     /// The address the tenant's connections leave from when it has no `addresses` (an NSM in a
     /// namespace of its own gives each tenant one, to tell their traffic apart).
     pub source: Option<std::net::IpAddr>,
-    /// Other tenants' addresses, which this tenant cannot reach.
+    /// Other tenants' addresses (and private loopbacks), which this tenant cannot reach.
     pub foreign: Vec<std::net::IpAddr>,
+    /// A private loopback address (an isolated guest of a tenant without `addresses`): loopback
+    /// and wildcard binds land on it and loopback connects reach it, as in a network namespace
+    /// whose only interface is its own loopback; the host's 127.0.0.1 is out of reach.
+    #[serde(default)]
+    pub loopback: Option<std::net::IpAddr>,
     /// Sockets the tenant may hold open in this NSM at once.
     pub max_sockets: Option<u32>,
     /// Port ranges (inclusive) the tenant may listen on; None: any.
@@ -108,6 +149,7 @@ impl Default for TenantPolicy {
             addresses: vec![],
             source: None,
             foreign: vec![],
+            loopback: None,
             max_sockets: None,
             listen_ports: None,
             rate: None,

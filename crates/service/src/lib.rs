@@ -6,6 +6,7 @@
 //! is work, and otherwise sleeps in epoll with `nsm_sleeping` published so that guests ring the
 //! doorbell only then (D5).
 
+mod adopt;
 mod colocated;
 pub mod control;
 mod holders;
@@ -44,6 +45,8 @@ const TOK_PIDFD: u64 = 2;
 const TOK_CONTROL: u64 = 3 << KIND_SHIFT;
 /// A closed socket still sending queued bytes: kind 3 with bit 32 set (TOK_CONTROL has none).
 const TOK_LINGER: u64 = (3 << KIND_SHIFT) | (1 << 32);
+/// The rendezvous socket a restarted engine reconnects on: kind 3 with bit 33 set.
+const TOK_RENDEZVOUS: u64 = (3 << KIND_SHIFT) | (1 << 33);
 
 fn tok(kind: u64, att: usize, slot: u32) -> u64 {
     (kind << KIND_SHIFT) | ((att as u64) << 32) | slot as u64
@@ -174,6 +177,8 @@ struct Attachment {
     policy: control::TenantPolicy,
     /// Shared with resolver threads, which may outlive the attachment.
     region: Arc<Region>,
+    /// Kept to hand back to an engine that adopts this NSM (it proves `join`s with it).
+    memfd: OwnedFd,
     head: u32,
     nsm_bell: OwnedFd,
     guest_bell: OwnedFd,
@@ -238,6 +243,12 @@ pub struct Service<S: Stack> {
     stats: NsmStats,
     /// The engine closed the control channel.
     orphaned: bool,
+    /// Where a restarted engine reconnects to adopt this NSM (None: it cannot).
+    rendezvous: Option<std::os::unix::net::UnixListener>,
+    /// The child that marks the regions dead if this process dies while no engine watches.
+    reaper: Option<libc::pid_t>,
+    /// The engine asked this NSM to exit (`ctl shutdown`, or a config without it).
+    stopping: bool,
     /// Names this NSM resolves itself (from the engine's config), before the system resolver.
     hosts: Arc<HashMap<String, String>>,
     /// Rate limits of the tenants that have one.
@@ -292,6 +303,9 @@ impl<S: Stack> Service<S> {
             lingering: Vec::new(),
             stats,
             orphaned: false,
+            rendezvous: None,
+            reaper: None,
+            stopping: false,
             hosts: Arc::default(),
             buckets: HashMap::new(),
             throttled: Vec::new(),
@@ -349,10 +363,19 @@ impl<S: Stack> Service<S> {
             }
             for ev in &events[..n as usize] {
                 let (token, bits) = (ev.u64, ev.events);
+                if token == TOK_RENDEZVOUS {
+                    self.on_rendezvous();
+                    continue;
+                }
                 if token == TOK_CONTROL {
-                    if !self.on_control()? {
-                        // The engine is gone (D1): established traffic goes on; the NSM ends
-                        // with its last guest.
+                    // An engine that died mid-request leaves an error, not an EOF: gone all the same.
+                    let engine_alive = self.on_control().unwrap_or_else(|e| {
+                        eprintln!("netkernel nsm {}: engine channel: {e}", self.name);
+                        false
+                    });
+                    if !engine_alive {
+                        // The engine is gone (D1): established traffic goes on, a restarted
+                        // engine may adopt this NSM; without one it ends with its last guest.
                         let _ = epoll_ctl(self.epfd.as_raw_fd(), libc::EPOLL_CTL_DEL, self.control.as_raw_fd(), 0, 0);
                         self.orphaned = true;
                         if let Err(e) = self.spawn_reaper() {
@@ -366,7 +389,9 @@ impl<S: Stack> Service<S> {
             }
             self.unthrottle();
             self.flush_bells();
-            if self.orphaned && self.atts.iter().all(|a| a.is_none()) && self.lingering.iter().all(|l| l.is_none()) {
+            if self.stopping
+                || self.orphaned && self.atts.iter().all(|a| a.is_none()) && self.lingering.iter().all(|l| l.is_none())
+            {
                 return Ok(());
             }
             if worked {
@@ -383,7 +408,7 @@ impl<S: Stack> Service<S> {
     /// the regions' mappings takes over that duty. It closes every fd but the doorbells, waits for
     /// this process to end (a crash or the normal exit after the last guest) and marks every
     /// region dead, so no guest waits forever on an NSM that is not there.
-    fn spawn_reaper(&self) -> io::Result<()> {
+    fn spawn_reaper(&mut self) -> io::Result<()> {
         // SAFETY: plain system call.
         let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) } as i32;
         if pidfd < 0 {
@@ -420,8 +445,9 @@ impl<S: Stack> Service<S> {
                 // SAFETY: leaving without running the parent's exit handlers.
                 unsafe { libc::_exit(0) }
             }
-            _ => {
+            child => {
                 sys::close(pidfd);
+                self.reaper = Some(child);
                 Ok(())
             }
         }
@@ -662,6 +688,19 @@ impl<S: Stack> Service<S> {
                 Err(e) => control::Reply::err(e),
             },
             Ok(NsmRequest::Stats) => control::Reply::ok(self.snapshot()),
+            Ok(NsmRequest::Adopt) => control::Reply::ok(self.state()),
+            Ok(NsmRequest::Region { attachment }) => match self.region_fds(attachment) {
+                Ok(fds) => {
+                    let bytes = serde_json::to_vec(&control::Reply::ok(())).unwrap_or_default();
+                    sys::send_frame(self.control.as_raw_fd(), &bytes, &fds)?;
+                    return Ok(true);
+                }
+                Err(e) => control::Reply::err(e),
+            },
+            Ok(NsmRequest::Shutdown) => {
+                self.shutdown();
+                control::Reply::ok(())
+            }
             Err(e) => control::Reply::err(format!("bad request: {e}")),
         };
         let bytes = serde_json::to_vec(&reply).unwrap_or_default();
@@ -706,6 +745,7 @@ impl<S: Stack> Service<S> {
             pid,
             uid,
             region,
+            memfd,
             head,
             nsm_bell,
             guest_bell,

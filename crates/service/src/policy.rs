@@ -32,17 +32,31 @@ pub(crate) fn encode(a: &SocketAddr) -> Vec<u8> {
     }
 }
 
+/// The addresses that stand in for wildcard and loopback ones: the tenant's own, else its
+/// private loopback.
+fn local_addresses(p: &TenantPolicy) -> &[IpAddr] {
+    if p.addresses.is_empty() {
+        p.loopback.as_slice()
+    } else {
+        &p.addresses
+    }
+}
+
 /// The address of the tenant's that stands in for `ip` (a wildcard or loopback address), in
 /// the same family (IPv4 addresses as v4-mapped for IPv6 sockets).
 fn own(p: &TenantPolicy, v6: bool) -> Option<IpAddr> {
-    let v4 = p.addresses.iter().find_map(|a| match a {
+    own_of(local_addresses(p), v6)
+}
+
+fn own_of(addresses: &[IpAddr], v6: bool) -> Option<IpAddr> {
+    let v4 = addresses.iter().find_map(|a| match a {
         IpAddr::V4(a) => Some(*a),
         _ => None,
     });
     if !v6 {
         return v4.map(IpAddr::V4);
     }
-    p.addresses.iter().find(|a| a.is_ipv6()).copied().or(v4.map(|a| IpAddr::V6(a.to_ipv6_mapped())))
+    addresses.iter().find(|a| a.is_ipv6()).copied().or(v4.map(|a| IpAddr::V6(a.to_ipv6_mapped())))
 }
 
 fn with_ip(a: &SocketAddr, ip: IpAddr) -> SocketAddr {
@@ -75,8 +89,9 @@ fn canonical(ip: IpAddr) -> IpAddr {
 /// The address to bind instead of `addr`, or the errno Linux gives for an address the host
 /// does not have. Tenants without addresses bind as asked.
 pub(crate) fn bind(p: &TenantPolicy, addr: &[u8]) -> Result<Option<Vec<u8>>, i32> {
-    let Some(a) = decode(addr).filter(|_| !p.addresses.is_empty()) else { return Ok(None) };
-    if p.addresses.iter().any(|x| canonical(*x) == canonical(a.ip())) {
+    let mine = local_addresses(p);
+    let Some(a) = decode(addr).filter(|_| !mine.is_empty()) else { return Ok(None) };
+    if mine.iter().any(|x| canonical(*x) == canonical(a.ip())) {
         return Ok(None);
     }
     // Tenant addresses may themselves be loopback ones (127.0.1.1): another tenant's is not
@@ -95,8 +110,9 @@ pub(crate) fn connect(p: &TenantPolicy, addr: &[u8]) -> Result<Option<Vec<u8>>, 
     if p.foreign.iter().any(|x| canonical(*x) == canonical(a.ip())) {
         return Err(libc::ECONNREFUSED);
     }
-    let mine = p.addresses.iter().any(|x| canonical(*x) == canonical(a.ip()));
-    if !p.addresses.is_empty() && !mine && is_local(a.ip()) {
+    let local = local_addresses(p);
+    let mine = local.iter().any(|x| canonical(*x) == canonical(a.ip()));
+    if !local.is_empty() && !mine && is_local(a.ip()) {
         let ip = own(p, a.is_ipv6()).ok_or(libc::ENETUNREACH)?;
         return Ok(Some(encode(&with_ip(&a, ip))));
     }
@@ -104,10 +120,11 @@ pub(crate) fn connect(p: &TenantPolicy, addr: &[u8]) -> Result<Option<Vec<u8>>, 
 }
 
 /// The source address an unbound socket of the tenant connects from to `peer` (port chosen by
-/// the stack). The NSM-given source address is for leaving the NSM, not for its loopback.
+/// the stack). The NSM-given source address is for leaving the NSM, not for its loopback; a
+/// private loopback is for the loopback only.
 pub(crate) fn source(p: &TenantPolicy, v6: bool, peer: &[u8]) -> Option<Vec<u8>> {
     let to_loopback = decode(peer).is_some_and(|a| is_local(a.ip()));
-    let ip = own(p, v6).or(p.source.filter(|_| !to_loopback))?;
+    let ip = own_of(&p.addresses, v6).or(p.source.filter(|_| !to_loopback))?;
     if !v6 && ip.is_ipv6() {
         return None;
     }
@@ -181,6 +198,26 @@ mod tests {
         let auto = TenantPolicy { source: Some("10.0.0.7".parse().unwrap()), ..Default::default() };
         assert_eq!(source(&auto, false, &sa("10.0.0.1:80")), Some(sa("10.0.0.7:0")));
         assert_eq!(source(&auto, false, &sa("127.0.0.1:80")), None);
+    }
+
+    #[test]
+    fn a_private_loopback_stands_in_for_loopback_only() {
+        let p = TenantPolicy {
+            loopback: Some("127.77.0.1".parse().unwrap()),
+            foreign: vec!["127.77.0.2".parse().unwrap()],
+            ..Default::default()
+        };
+        assert_eq!(bind(&p, &sa("127.0.0.1:80")), Ok(Some(sa("127.77.0.1:80"))));
+        assert_eq!(bind(&p, &sa("0.0.0.0:80")), Ok(Some(sa("127.77.0.1:80"))));
+        assert_eq!(bind(&p, &sa("[::1]:80")), Ok(Some(sa("[::ffff:127.77.0.1]:80"))));
+        assert_eq!(connect(&p, &sa("127.0.0.1:80")), Ok(Some(sa("127.77.0.1:80"))));
+        assert_eq!(connect(&p, &sa("127.77.0.2:80")), Err(libc::ECONNREFUSED));
+        assert_eq!(connect(&p, &sa("10.1.2.3:80")), Ok(None));
+        // Leaving the NSM, the stack picks the source: a loopback one could not leave.
+        assert_eq!(source(&p, false, &sa("10.1.2.3:80")), None);
+        // Tenant addresses take precedence over a private loopback.
+        let both = TenantPolicy { addresses: vec!["127.0.1.1".parse().unwrap()], ..p };
+        assert_eq!(connect(&both, &sa("127.0.0.1:80")), Ok(Some(sa("127.0.1.1:80"))));
     }
 
     #[test]

@@ -14,6 +14,10 @@ pub struct TestEngine {
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
     child: Child,
+    /// `serve` arguments beyond --socket, for a restart.
+    args: Vec<String>,
+    /// Where with_config's configuration lives while the engine may be restarted with it.
+    config_dir: Option<tempfile::TempDir>,
 }
 
 impl TestEngine {
@@ -26,8 +30,9 @@ impl TestEngine {
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("netkernel.toml");
         std::fs::write(&cfg, toml).unwrap();
-        // The engine reads its configuration once, at start.
-        Self::start_with(&["--config", cfg.to_str().unwrap()])
+        let mut e = Self::start_with(&["--config", cfg.to_str().unwrap()]);
+        e.config_dir = Some(dir);
+        e
     }
 
     /// Starts an engine with extra `serve` arguments (e.g. --config).
@@ -39,8 +44,9 @@ impl TestEngine {
     pub fn start_in(netns: Option<&str>, args: &[&str]) -> TestEngine {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("engine.sock");
-        let log = std::fs::File::create(dir.path().join("engine.log")).unwrap();
-        let mut cmd = match netns {
+        // Appending: NSMs outlive an engine that is restarted, and all write to this log.
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.path().join("engine.log")).unwrap();
+        let cmd = match netns {
             // `ip netns exec` execs the engine, so the child's pid is the engine's.
             Some(ns) => {
                 let mut c = Command::new("ip");
@@ -49,23 +55,41 @@ impl TestEngine {
             }
             None => Command::new(NETKERNEL),
         };
-        let child = cmd
-            .arg("serve")
-            .arg("--socket")
-            .arg(&socket)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start netkernel serve");
-        let e = TestEngine { dir, socket, child };
-        let start = Instant::now();
-        while std::os::unix::net::UnixStream::connect(&e.socket).is_err() {
-            assert!(start.elapsed() < Duration::from_secs(10), "engine did not start: {}", e.log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let child = spawn_serve(cmd, &socket, args, log);
+        let args = args.iter().map(|a| a.to_string()).collect();
+        let e = TestEngine { dir, socket, child, args, config_dir: None };
+        e.wait_until_answering();
         e
+    }
+
+    fn wait_until_answering(&self) {
+        let start = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            assert!(start.elapsed() < Duration::from_secs(10), "engine did not start: {}", self.log());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Sends the engine process `signal` and waits for it to end.
+    pub fn stop_with(&mut self, signal: i32) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+        let status = self.child.wait().unwrap();
+        assert!(signal == libc::SIGKILL || status.success(), "engine exited with {status}: {}", self.log());
+    }
+
+    /// The configuration file given by with_config (rewrite it before `restart` to change it).
+    pub fn config_path(&self) -> Option<PathBuf> {
+        self.config_dir.as_ref().map(|d| d.path().join("netkernel.toml"))
+    }
+
+    /// Starts a new engine on the same socket with the same arguments (the previous one must
+    /// have ended); returns once it answers.
+    pub fn restart(&mut self) {
+        let log = std::fs::OpenOptions::new().append(true).open(self.dir.path().join("engine.log")).unwrap();
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        self.child = spawn_serve(Command::new(NETKERNEL), &self.socket, &args, log);
+        self.wait_until_answering();
     }
 
     pub fn log(&self) -> String {
@@ -132,8 +156,20 @@ impl TestEngine {
 
 impl Drop for TestEngine {
     fn drop(&mut self) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        // `ctl shutdown` stops the NSMs too (SIGTERM would leave those serving guests running
+        // for a next engine); SIGTERM if the engine does not answer.
+        let stopped = Command::new(NETKERNEL)
+            .args(["ctl", "--socket"])
+            .arg(&self.socket)
+            .arg("shutdown")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !stopped {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        }
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(5) {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -144,6 +180,18 @@ impl Drop for TestEngine {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+fn spawn_serve(mut cmd: Command, socket: &Path, args: &[&str], log: std::fs::File) -> Child {
+    cmd.arg("serve")
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("start netkernel serve")
 }
 
 /// Runs a command with a time limit; a hang fails the test instead of stalling CI.
