@@ -1,6 +1,7 @@
 //! The NetKernel ABI: the layout of a region (the shared memory of one attachment) and of the
 //! nqe, the fixed-size record a guest hands its NSM. No I/O lives here; both sides compile the
-//! same definitions, and ServiceLib validates every field a guest can write (DESIGN.md D2).
+//! same definitions, and ServiceLib validates every field a guest can write with the pure
+//! functions of [`validate`] (DESIGN.md D2).
 //!
 //! ```text
 //! offset 0            RegionHeader (one page): magic, version, sizes, offsets, state, flags
@@ -12,6 +13,8 @@
 //! ```
 //! See docs/ABI.md for the protocol.
 #![forbid(unsafe_code)]
+
+pub mod validate;
 
 use core::sync::atomic::{AtomicU32, AtomicU64};
 
@@ -305,8 +308,8 @@ impl Layout {
     }
 }
 
-/// Why a header is not one this side can use.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Why a header is not one this side can use (see [`validate::HeaderSnapshot::validate`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HeaderError {
     BadMagic(u64),
     BadVersion(u32),
@@ -326,36 +329,6 @@ impl core::fmt::Display for HeaderError {
 }
 
 impl RegionHeader {
-    /// Checks that a header describes exactly the standard layout of this ABI version.
-    pub fn validate(&self, mapped_len: u64) -> Result<Layout, HeaderError> {
-        if self.magic != MAGIC {
-            return Err(HeaderError::BadMagic(self.magic));
-        }
-        if self.abi_version != ABI_VERSION {
-            return Err(HeaderError::BadVersion(self.abi_version));
-        }
-        let l = Layout::standard();
-        let checks: [(bool, &'static str); 10] = [
-            (self.header_size as usize == core::mem::size_of::<RegionHeader>(), "header_size"),
-            (self.region_size == l.region_size, "region_size"),
-            (self.region_size <= mapped_len, "region larger than its memfd"),
-            (self.nqe_count == NQE_COUNT, "nqe_count"),
-            (self.nqe_size as usize == core::mem::size_of::<Nqe>(), "nqe_size"),
-            (self.slot_count == SLOT_COUNT, "slot_count"),
-            (self.buf_size == BUF_SIZE, "buf_size"),
-            (self.ring_off == l.ring_off && self.nqe_off == l.nqe_off, "ring/nqe offsets"),
-            (
-                self.slot_off == l.slot_off && self.pool_off == l.pool_off && self.guest_off == l.guest_off,
-                "slot/guest/pool offsets",
-            ),
-            (self.pool_size == l.pool_size, "pool_size"),
-        ];
-        match checks.iter().find(|(ok, _)| !ok) {
-            Some((_, what)) => Err(HeaderError::BadGeometry(what)),
-            None => Ok(l),
-        }
-    }
-
     /// Fills in a fresh header for the standard layout (the engine does this once per region).
     pub fn init(&mut self, attachment_id: u64) {
         let l = Layout::standard();

@@ -6,6 +6,7 @@
 //! system calls go through `libc::syscall`, so this crate is safe to use inside the preload
 //! library without re-entering it.
 
+pub mod frame;
 pub mod spsc;
 
 #[cfg(not(loom))]

@@ -3,6 +3,7 @@
 
 use crate::spsc::RingRef;
 use crate::sys;
+use netkernel_abi::validate::{HeaderSnapshot, NqeSnapshot};
 use netkernel_abi::{GuestSock, HeaderError, Layout, Nqe, RegionHeader, RingHeader, Slot, NQE_COUNT, SLOT_COUNT};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -144,7 +145,7 @@ impl Region {
         }
         let backing = if st.st_blksize >= 2 * 1024 * 1024 { Backing::Huge2M } else { Backing::Normal };
         let r = Self::mmap(fd, len as usize, Layout::standard(), backing).map_err(MapError::Io)?;
-        r.header().validate(len).map_err(MapError::Header)?;
+        r.header_snapshot().validate(len).map_err(MapError::Header)?;
         Ok(r)
     }
 
@@ -187,6 +188,31 @@ impl Region {
         unsafe { &*(self.base as *const RegionHeader) }
     }
 
+    /// The header's geometry fields, each read once: the guest can rewrite them at any time.
+    pub fn header_snapshot(&self) -> HeaderSnapshot {
+        let h = self.base as *const RegionHeader;
+        // SAFETY: the header sits at offset 0 of a mapping at least a page long (map checked
+        // the memfd's size); volatile reads of plain integers, whatever the guest wrote there.
+        unsafe {
+            HeaderSnapshot {
+                magic: std::ptr::read_volatile(&(*h).magic),
+                abi_version: std::ptr::read_volatile(&(*h).abi_version),
+                header_size: std::ptr::read_volatile(&(*h).header_size),
+                region_size: std::ptr::read_volatile(&(*h).region_size),
+                nqe_count: std::ptr::read_volatile(&(*h).nqe_count),
+                nqe_size: std::ptr::read_volatile(&(*h).nqe_size),
+                slot_count: std::ptr::read_volatile(&(*h).slot_count),
+                buf_size: std::ptr::read_volatile(&(*h).buf_size),
+                ring_off: std::ptr::read_volatile(&(*h).ring_off),
+                nqe_off: std::ptr::read_volatile(&(*h).nqe_off),
+                slot_off: std::ptr::read_volatile(&(*h).slot_off),
+                guest_off: std::ptr::read_volatile(&(*h).guest_off),
+                pool_off: std::ptr::read_volatile(&(*h).pool_off),
+                pool_size: std::ptr::read_volatile(&(*h).pool_size),
+            }
+        }
+    }
+
     /// The job queue (guest -> NSM).
     pub fn ring(&self) -> RingRef<'_> {
         // SAFETY: ring_off and the entries that follow lie inside the mapping (Layout is
@@ -205,6 +231,28 @@ impl Region {
         assert!(i < NQE_COUNT);
         // SAFETY: in bounds of the nqe table, which lies inside the mapping.
         unsafe { self.base.add(self.layout.nqe_off as usize).cast::<Nqe>().add(i as usize) }
+    }
+
+    /// The request fields of nqe `i` (`i < NQE_COUNT`), each read once: the guest may change
+    /// them while they are read, so the copy is what gets validated and used.
+    pub fn nqe_snapshot(&self, i: u32) -> NqeSnapshot {
+        let p = self.nqe(i);
+        // SAFETY: `nqe` returns an in-bounds, aligned pointer into the mapping; volatile reads
+        // of plain integers and bytes, any value of which is representable.
+        unsafe {
+            NqeSnapshot {
+                op: std::ptr::read_volatile(&(*p).op),
+                sock: std::ptr::read_volatile(&(*p).sock),
+                flags: std::ptr::read_volatile(&(*p).flags),
+                arg0: std::ptr::read_volatile(&(*p).arg0),
+                arg1: std::ptr::read_volatile(&(*p).arg1),
+                buf_off: std::ptr::read_volatile(&(*p).buf_off),
+                buf_len: std::ptr::read_volatile(&(*p).buf_len),
+                addr_len: std::ptr::read_volatile(&(*p).addr_len),
+                addr: std::ptr::read_volatile(&(*p).addr),
+                holder: std::ptr::read_volatile(&(*p).holder),
+            }
+        }
     }
 
     /// The state word of nqe `i`.

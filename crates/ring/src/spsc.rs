@@ -18,12 +18,7 @@ pub struct RingRef<'a> {
     pub entries: &'a [AtomicU32],
 }
 
-/// The producer misbehaved: its tail claims more entries than the ring holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Corrupt {
-    pub head: u32,
-    pub tail: u32,
-}
+pub use netkernel_abi::validate::Corrupt;
 
 impl<'a> RingRef<'a> {
     fn cap(&self) -> u32 {
@@ -83,9 +78,7 @@ impl<'a> Consumer<'a> {
         if tail == self.head {
             return Ok(None);
         }
-        if tail.wrapping_sub(self.head) > self.ring.cap() {
-            return Err(Corrupt { head: self.head, tail });
-        }
+        netkernel_abi::validate::queue_len(self.head, tail, self.ring.cap())?;
         let v = self.ring.entries[(self.head % self.ring.cap()) as usize].load(Ordering::Relaxed);
         self.head = self.head.wrapping_add(1);
         self.ring.head.store(self.head, Ordering::Release);

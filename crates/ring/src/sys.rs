@@ -2,6 +2,7 @@
 //! GuestLib, which interposes the libc wrappers of read/write/close/sendmsg/..., can use them
 //! without re-entering itself.
 
+use crate::frame;
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::atomic::AtomicU32;
@@ -161,27 +162,16 @@ fn write_all(sock: RawFd, mut data: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-fn read_exact(sock: RawFd, mut buf: &mut [u8]) -> io::Result<()> {
-    while !buf.is_empty() {
-        // SAFETY: buf is a live, writable slice for the call.
-        let r = unsafe { libc::syscall(libc::SYS_recvfrom, sock, buf.as_mut_ptr(), buf.len(), 0, 0, 0) };
-        match check(r) {
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => buf = &mut buf[n..],
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
+/// One read of at most `buf.len()` bytes; 0 at end of stream.
+fn read_some(sock: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: buf is a live, writable slice for the call.
+    check(unsafe { libc::syscall(libc::SYS_recvfrom, sock, buf.as_mut_ptr(), buf.len(), 0, 0, 0) })
 }
 
 /// Sends one control frame on a unix stream socket: a u32 little-endian length, the payload,
 /// and `fds` attached to the frame's first byte.
 pub fn send_frame(sock: RawFd, payload: &[u8], fds: &[RawFd]) -> io::Result<()> {
-    let len = (payload.len() as u32).to_le_bytes();
-    let mut first = Vec::with_capacity(4 + payload.len());
-    first.extend_from_slice(&len);
-    first.extend_from_slice(payload);
+    let first = frame::encode(payload);
     let n = loop {
         match send_with_fds(sock, &first, fds) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -194,33 +184,48 @@ pub fn send_frame(sock: RawFd, payload: &[u8], fds: &[RawFd]) -> io::Result<()> 
 /// Receives one control frame sent by [`send_frame`]. `Ok(None)` at a clean end of stream.
 /// A frame longer than [`MAX_FRAME`] is refused with `InvalidData`.
 pub fn recv_frame(sock: RawFd) -> io::Result<Option<(Vec<u8>, Vec<RawFd>)>> {
-    let mut len = [0u8; 4];
-    let (n, fds) = loop {
-        match recv_with_fds(sock, &mut len) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            r => break r?,
-        }
+    recv_frame_max(sock, MAX_FRAME)
+}
+
+/// [`recv_frame`] refusing frames longer than `max` bytes. On any error the fds that came
+/// with the frame are closed.
+pub fn recv_frame_max(sock: RawFd, max: usize) -> io::Result<Option<(Vec<u8>, Vec<RawFd>)>> {
+    let mut decoder = frame::Decoder::new(max);
+    let mut fds = Vec::new();
+    let fail = |fds: &[RawFd], e: io::Error| {
+        fds.iter().for_each(|&fd| close(fd));
+        Err(e)
     };
-    let close_all = |fds: &[RawFd]| fds.iter().for_each(|&fd| close(fd));
-    if n == 0 {
-        close_all(&fds);
-        return Ok(None);
+    loop {
+        let first = !decoder.in_frame();
+        let buf = decoder.buffer();
+        // The fds ride on the frame's first byte: only that read needs recvmsg.
+        let r = if first {
+            recv_with_fds(sock, buf).map(|(n, got)| {
+                fds.extend(got);
+                n
+            })
+        } else {
+            read_some(sock, buf)
+        };
+        let n = match r {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return fail(&fds, e),
+        };
+        if n == 0 {
+            if decoder.in_frame() {
+                return fail(&fds, io::ErrorKind::UnexpectedEof.into());
+            }
+            fds.iter().for_each(|&fd| close(fd));
+            return Ok(None);
+        }
+        match decoder.filled(n) {
+            Ok(Some(payload)) => return Ok(Some((payload, fds))),
+            Ok(None) => {}
+            Err(e) => return fail(&fds, io::Error::new(io::ErrorKind::InvalidData, e)),
+        }
     }
-    if let Err(e) = read_exact(sock, &mut len[n..]) {
-        close_all(&fds);
-        return Err(e);
-    }
-    let len = u32::from_le_bytes(len) as usize;
-    if len > MAX_FRAME {
-        close_all(&fds);
-        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("control frame of {len} bytes")));
-    }
-    let mut payload = vec![0u8; len];
-    if let Err(e) = read_exact(sock, &mut payload) {
-        close_all(&fds);
-        return Err(e);
-    }
-    Ok(Some((payload, fds)))
 }
 
 /// One step of a bounded busy-wait. Mostly a CPU pause; every 16th step yields, so that when

@@ -20,9 +20,10 @@ mod telemetry;
 pub use stack::{Errno, Stack};
 
 use control::{NsmRequest, NsmStats};
-use netkernel_abi::{nqe_state, Nqe, Op, ADDR_MAX, NQE_COUNT, SEND_ASYNC, SLOT_COUNT};
+use netkernel_abi::validate::{self, Call, Request, Violation};
+use netkernel_abi::{nqe_state, ADDR_MAX, NQE_COUNT, SLOT_COUNT};
 use netkernel_ring::region::Region;
-use netkernel_ring::spsc::{Consumer, Corrupt};
+use netkernel_ring::spsc::Consumer;
 use netkernel_ring::sys;
 use sendq::SendQueue;
 use std::cell::Cell;
@@ -52,46 +53,8 @@ fn tok(kind: u64, att: usize, slot: u32) -> u64 {
     (kind << KIND_SHIFT) | ((att as u64) << 32) | slot as u64
 }
 
-/// Why a guest lost its attachment: it broke the ABI.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Violation {
-    /// The job queue's tail claims more entries than the queue holds.
-    Queue(Corrupt),
-    /// A job queue entry names an nqe past the end of the nqe table.
-    NqeIndex(u32),
-    /// An nqe carries an opcode that does not exist.
-    Opcode { nqe: u32, op: u32 },
-    /// An nqe's buffer reference lies outside the region's buffer pool.
-    Buffer { nqe: u32, off: u64, len: u32 },
-    /// An nqe's address length exceeds sockaddr_storage.
-    AddrLen { nqe: u32, len: u32 },
-    /// Asynchronous sends past what any guest can have in flight.
-    SendFlood { nqe: u32 },
-}
-
 /// Not an errno: `execute`'s way of saying the guest broke the ABI (see Violation::SendFlood).
 const OVERFLOW: Errno = i32::MAX;
-
-impl std::fmt::Display for Violation {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Violation::Queue(c) => write!(f, "job queue corrupt: head {} tail {}", c.head, c.tail),
-            Violation::NqeIndex(i) => {
-                write!(f, "job queue names nqe {i}, past the end ({NQE_COUNT})")
-            }
-            Violation::Opcode { nqe, op } => write!(f, "nqe {nqe} has unknown opcode {op}"),
-            Violation::Buffer { nqe, off, len } => {
-                write!(f, "nqe {nqe} buffer [{off:#x}, +{len}) lies outside the buffer pool")
-            }
-            Violation::AddrLen { nqe, len } => {
-                write!(f, "nqe {nqe} address length {len} > {ADDR_MAX}")
-            }
-            Violation::SendFlood { nqe } => {
-                write!(f, "nqe {nqe} queues asynchronous sends past {} bytes", sendq::MAX_QUEUED)
-            }
-        }
-    }
-}
 
 struct Sock {
     /// The stack's socket; None for the accepted end of a co-located connection, which needs
@@ -213,21 +176,6 @@ struct ListenerRef {
     ai: usize,
     slot: u32,
     serial: u64,
-}
-
-/// A copy of an nqe's request fields, taken once so the guest cannot change them under us.
-struct Request {
-    op: Op,
-    sock: u32,
-    flags: u32,
-    arg0: u64,
-    arg1: u64,
-    buf_off: u64,
-    buf_len: u32,
-    addr_len: u32,
-    addr: [u8; ADDR_MAX],
-    /// The submitting process's holder id.
-    holder: u32,
 }
 
 /// An NSM's event loop over its attachments and one [`Stack`].
@@ -495,8 +443,7 @@ impl<S: Stack> Service<S> {
             a.head = c.head();
             let r = match next {
                 Ok(None) => break,
-                Ok(Some(idx)) if idx >= NQE_COUNT => Err(Violation::NqeIndex(idx)),
-                Ok(Some(idx)) => self.process(ai, idx),
+                Ok(Some(entry)) => validate::nqe_index(entry).and_then(|idx| self.process(ai, idx)),
                 Err(c) => Err(Violation::Queue(c)),
             };
             worked = true;
@@ -801,27 +748,23 @@ impl<S: Stack> Service<S> {
     fn process(&mut self, ai: usize, idx: u32) -> Result<(), Violation> {
         let a = self.atts[ai].as_mut().expect("caller checked");
         let p = a.region.nqe(idx);
-        let req = read_request(p, idx)?;
-        let layout = *a.region.layout();
-        if req.buf_len > 0 && !layout.pool_contains(req.buf_off, req.buf_len) {
-            return Err(Violation::Buffer { nqe: idx, off: req.buf_off, len: req.buf_len });
-        }
+        let req = validate::validate(idx, &a.region.nqe_snapshot(idx), a.region.layout())?;
         let mut addr = [0u8; ADDR_MAX];
         let mut addr_out = None;
-        if req.op == Op::Resolve {
-            let query = if req.buf_len == 0 {
+        if let Call::Resolve { query, family, socktype, flags } = req.call {
+            let parsed = if query.is_empty() {
                 None
             } else {
-                // SAFETY: the buffer lies in the pool (checked above); copied before parsing.
+                // SAFETY: validate() checked the buffer lies in the pool; copied before parsing.
                 let bytes = unsafe {
-                    std::slice::from_raw_parts(a.region.pool_ptr(req.buf_off, req.buf_len), req.buf_len as usize)
+                    std::slice::from_raw_parts(a.region.pool_ptr(query.off(), query.len()), query.len() as usize)
                 }
                 .to_vec();
-                resolve::Query::parse(&bytes, req.arg0 as i32, req.arg1 as i32, req.flags as i32)
+                resolve::Query::parse(&bytes, family, socktype, flags)
             };
-            if let Some(q) = query {
+            if let Some(q) = parsed {
                 // Completed by the resolver thread.
-                resolve::spawn(self.hosts.clone(), a.region.clone(), idx, req.buf_off, req.buf_len, q);
+                resolve::spawn(self.hosts.clone(), a.region.clone(), idx, query.off(), query.len(), q);
                 return Ok(());
             }
         }
@@ -829,11 +772,11 @@ impl<S: Stack> Service<S> {
             Some(r) => r.unwrap_or_else(|e| -(e as i64)),
             None => self.perform(ai, idx, &req, &mut addr, &mut addr_out)?,
         };
-        if req.op == Op::Listen && result == 0 {
-            self.register_listener(ai, req.sock, req.flags as i32);
+        if let (Call::Listen { backlog }, 0) = (req.call, result) {
+            self.register_listener(ai, req.sock, backlog);
         }
         let a = self.atts[ai].as_mut().expect("caller checked");
-        let seq = a.region.slot(req.sock % SLOT_COUNT).seq.load(Ordering::Acquire);
+        let seq = a.region.slot(req.seq_slot()).seq.load(Ordering::Acquire);
         // SAFETY: p points at nqe idx inside the mapping; the guest reads these fields only
         // after it sees DONE, which the Release swap below orders after these writes.
         unsafe {
@@ -861,7 +804,8 @@ impl<S: Stack> Service<S> {
         addr_out: &mut Option<usize>,
     ) -> Result<i64, Violation> {
         let a = self.atts[ai].as_ref().expect("caller checked");
-        let tenant_sockets = if matches!(req.op, Op::Socket | Op::Accept) && a.policy.max_sockets.is_some() {
+        let tenant_sockets = if matches!(req.call, Call::Socket { .. } | Call::Accept) && a.policy.max_sockets.is_some()
+        {
             let t = a.tenant.clone();
             self.atts.iter().flatten().filter(|x| x.tenant == t).map(|x| x.socks.iter().flatten().count()).sum()
         } else {
@@ -982,15 +926,13 @@ impl<S: Stack> Service<S> {
     /// The co-located short cut (D4): a connect to a listener of this NSM is joined to it by a
     /// pipe instead of TCP. None: the stack connects as usual.
     fn connect_colocated(&mut self, ai: usize, req: &Request) -> Option<Result<i64, Errno>> {
-        if req.op != Op::Connect {
-            return None;
-        }
+        let Call::Connect { addr, blocking } = req.call else { return None };
         let a = self.atts[ai].as_ref()?;
         let s = a.sock(req.sock).ok()?;
         if !a.policy.colocate || !s.stream || s.pipe.is_some() || s.backlog.is_some() {
             return None;
         }
-        let in_addr = &req.addr[..req.addr_len as usize];
+        let in_addr = addr.as_bytes();
         // Refusals are the stack path's to answer and log.
         let peer = policy::connect(&a.policy, in_addr).ok()?.unwrap_or_else(|| in_addr.to_vec());
         let mut target = policy::decode(&peer)?;
@@ -1044,8 +986,7 @@ impl<S: Stack> Service<S> {
             let _ = epoll_ctl(self.epfd.as_raw_fd(), libc::EPOLL_CTL_DEL, fd.as_raw_fd(), 0, 0);
         }
         client.adopt(owner);
-        let waits = req.flags & netkernel_abi::CONNECT_BLOCKING != 0;
-        if waits {
+        if blocking {
             // The guest would only wait for writability and ask again.
             let _ = client.connect_again();
         }
@@ -1057,7 +998,7 @@ impl<S: Stack> Service<S> {
         tenant(&mut self.stats, &a.tenant).conns_total += 1;
         publish(a, req.sock, mask, true);
         // As a loopback TCP connect answers: the guest's next connect() reports completion.
-        Some(if waits { Ok(0) } else { Err(libc::EINPROGRESS) })
+        Some(if blocking { Ok(0) } else { Err(libc::EINPROGRESS) })
     }
 }
 
@@ -1099,33 +1040,6 @@ fn retire(lingering: &mut Vec<Option<Sock>>, epfd: RawFd, s: Sock) {
     let Some(fd) = s.fd.as_ref() else { return };
     if epoll_ctl(epfd, libc::EPOLL_CTL_MOD, fd.as_raw_fd(), SOCK_EVENTS, token).is_ok() {
         lingering[i] = Some(s);
-    }
-}
-
-fn read_request(p: *mut Nqe, idx: u32) -> Result<Request, Violation> {
-    // SAFETY: p points at an nqe inside the mapping; each field is read once, volatile, because
-    // the guest may change it concurrently; nothing read here is trusted before validation.
-    unsafe {
-        let op = std::ptr::read_volatile(&(*p).op);
-        let addr_len = std::ptr::read_volatile(&(*p).addr_len);
-        let op = Op::from_u32(op).ok_or(Violation::Opcode { nqe: idx, op })?;
-        if addr_len as usize > ADDR_MAX {
-            return Err(Violation::AddrLen { nqe: idx, len: addr_len });
-        }
-        let mut addr = [0u8; ADDR_MAX];
-        std::ptr::copy_nonoverlapping((*p).addr.as_ptr(), addr.as_mut_ptr(), addr_len as usize);
-        Ok(Request {
-            op,
-            sock: std::ptr::read_volatile(&(*p).sock),
-            flags: std::ptr::read_volatile(&(*p).flags),
-            arg0: std::ptr::read_volatile(&(*p).arg0),
-            arg1: std::ptr::read_volatile(&(*p).arg1),
-            buf_off: std::ptr::read_volatile(&(*p).buf_off),
-            buf_len: std::ptr::read_volatile(&(*p).buf_len),
-            addr_len,
-            addr,
-            holder: std::ptr::read_volatile(&(*p).holder),
-        })
     }
 }
 
@@ -1180,38 +1094,41 @@ fn execute<S: Stack>(
     addr: &mut [u8; ADDR_MAX],
     addr_out: &mut Option<usize>,
 ) -> i64 {
-    let bufp = if req.buf_len == 0 { std::ptr::null_mut() } else { a.region.pool_ptr(req.buf_off, req.buf_len) };
+    let pool = req.call.buf();
+    let bufp = if pool.is_empty() { std::ptr::null_mut() } else { a.region.pool_ptr(pool.off(), pool.len()) };
     let region_buf = |_: &Attachment| -> &mut [u8] {
         if bufp.is_null() {
             return &mut [];
         }
-        // SAFETY: process() checked [buf_off, +buf_len) lies in the pool of a region that
-        // outlives this call. The guest may write the bytes concurrently; they are only copied
-        // to or from the stack.
-        unsafe { std::slice::from_raw_parts_mut(bufp, req.buf_len as usize) }
+        // SAFETY: validate() checked [off, +len) lies in the pool of a region that outlives
+        // this call. The guest may write the bytes concurrently; they are only copied to or
+        // from the stack.
+        unsafe { std::slice::from_raw_parts_mut(bufp, pool.len() as usize) }
     };
-    let in_addr = &req.addr[..req.addr_len as usize];
+    let in_addr = match &req.call {
+        Call::Bind { addr } | Call::Connect { addr, .. } | Call::Send { to: addr, .. } => addr.as_bytes(),
+        _ => &[],
+    };
     let colocated = a.sock(req.sock).is_ok_and(|s| s.pipe.is_some());
-    let r: Result<i64, Errno> = (|| match req.op {
-        Op::Send
-        | Op::Recv
-        | Op::Shutdown
-        | Op::GetSockOpt
-        | Op::SetSockOpt
-        | Op::GetSockName
-        | Op::GetPeerName
-        | Op::Ioctl
-        | Op::Bind
-        | Op::Listen
-        | Op::Accept
-        | Op::Connect
+    let r: Result<i64, Errno> = (|| match req.call {
+        Call::Send { .. }
+        | Call::Recv { .. }
+        | Call::Shutdown { .. }
+        | Call::GetSockOpt { .. }
+        | Call::SetSockOpt { .. }
+        | Call::GetSockName
+        | Call::GetPeerName
+        | Call::Ioctl { .. }
+        | Call::Bind { .. }
+        | Call::Listen { .. }
+        | Call::Accept
+        | Call::Connect { .. }
             if colocated =>
         {
             let buf = region_buf(a);
             colocated_op(stack, stats, templates, bucket.as_deref_mut(), throttled, a, req, buf, addr, addr_out)
         }
-        Op::Socket => {
-            let (domain, ty) = (req.arg0 as i32, req.arg1 as i32);
+        Call::Socket { domain, ty, protocol } => {
             if domain != libc::AF_INET && domain != libc::AF_INET6 {
                 return Err(libc::EAFNOSUPPORT);
             }
@@ -1224,11 +1141,11 @@ fn execute<S: Stack>(
             if a.policy.max_sockets.is_some_and(|m| tenant_sockets >= m as usize) {
                 return Err(refused(stats, a, "socket limit reached", libc::EMFILE));
             }
-            let fd = stack.socket(domain, ty, req.flags as i32)?;
+            let fd = stack.socket(domain, ty, protocol)?;
             let id = add_sock(stack, epfd, ai, a, req.holder, Sock::new(Some(fd), ty == libc::SOCK_STREAM), None)?;
             Ok(id as i64)
         }
-        Op::Bind => {
+        Call::Bind { .. } => {
             let local =
                 policy::bind(&a.policy, in_addr).map_err(|e| refused(stats, a, "bind outside its addresses", e))?;
             let local = local.as_deref().unwrap_or(in_addr);
@@ -1237,7 +1154,7 @@ fn execute<S: Stack>(
             }
             stack.bind(a.sock(req.sock)?.fd()?, local).map(|()| 0)
         }
-        Op::Listen => {
+        Call::Listen { backlog } => {
             let fd = a.sock(req.sock)?.fd()?;
             if a.policy.listen_ports.is_some() {
                 let mut local = [0u8; ADDR_MAX];
@@ -1248,9 +1165,9 @@ fn execute<S: Stack>(
                     return Err(refused(stats, a, "listen on a port it may not use", libc::EACCES));
                 }
             }
-            stack.listen(fd, req.flags as i32).map(|()| 0)
+            stack.listen(fd, backlog).map(|()| 0)
         }
-        Op::Accept => {
+        Call::Accept => {
             if a.policy.max_sockets.is_some_and(|m| tenant_sockets >= m as usize) {
                 return Err(refused(stats, a, "socket limit reached", libc::EMFILE));
             }
@@ -1271,7 +1188,7 @@ fn execute<S: Stack>(
             *addr_out = Some(len);
             Ok(id as i64)
         }
-        Op::Connect => {
+        Call::Connect { .. } => {
             let peer =
                 policy::connect(&a.policy, in_addr).map_err(|e| refused(stats, a, "connect to another tenant", e))?;
             let peer = peer.as_deref().unwrap_or(in_addr);
@@ -1294,10 +1211,8 @@ fn execute<S: Stack>(
             }
             r.map(|()| 0)
         }
-        Op::Send => {
+        Call::Send { flags, nowait: is_async, .. } => {
             let data = region_buf(a);
-            let is_async = req.flags & SEND_ASYNC != 0;
-            let flags = (req.flags & !SEND_ASYNC) as i32;
             // A datagram's destination obeys the tenant's policy as a connect's does.
             let to = if in_addr.is_empty() {
                 None
@@ -1358,17 +1273,17 @@ fn execute<S: Stack>(
             }
             r.map(|n| n as i64)
         }
-        Op::Recv => {
+        Call::Recv { flags, .. } => {
             let buf = region_buf(a);
             let s = a.socks.get_mut(req.sock as usize).and_then(|s| s.as_mut()).ok_or(libc::EBADF)?;
-            let (n, alen) = match stack.recv(s.fd()?, buf, req.flags as i32, addr) {
+            let (n, alen) = match stack.recv(s.fd()?, buf, flags, addr) {
                 // With nothing to read, a pending error from an asynchronous send is reported.
                 Ok((0, _)) | Err(libc::EAGAIN) if s.sendq.deferred.is_some() => {
                     return Err(s.sendq.deferred.take().expect("checked"))
                 }
                 r => r?,
             };
-            if req.flags as i32 & libc::MSG_PEEK == 0 {
+            if flags & libc::MSG_PEEK == 0 {
                 stats.bytes_in += n as u64;
                 tenant(stats, &a.tenant).bytes_in += n as u64;
                 if let Some(Some(s)) = a.socks.get_mut(req.sock as usize) {
@@ -1378,8 +1293,7 @@ fn execute<S: Stack>(
             *addr_out = Some(alen);
             Ok(n as i64)
         }
-        Op::Shutdown => {
-            let how = req.flags as i32;
+        Call::Shutdown { how } => {
             let s = a.socks.get_mut(req.sock as usize).and_then(|s| s.as_mut()).ok_or(libc::EBADF)?;
             if s.sendq.queued() > 0 && (how == libc::SHUT_WR || how == libc::SHUT_RDWR) {
                 // The FIN goes after the queued bytes.
@@ -1394,7 +1308,7 @@ fn execute<S: Stack>(
             }
             Ok(0)
         }
-        Op::Close => {
+        Call::Close => {
             a.sock(req.sock)?;
             // Other processes holding the socket keep it open.
             if a.holders.closed(req.holder, req.sock) {
@@ -1404,15 +1318,15 @@ fn execute<S: Stack>(
             }
             Ok(0)
         }
-        Op::Share => {
+        Call::Share { holder: to, all, .. } => {
             let buf = region_buf(a);
-            let slots: Option<Vec<u32>> = (req.flags & netkernel_abi::SHARE_ALL == 0)
+            let slots: Option<Vec<u32>> = (!all)
                 .then(|| buf.chunks_exact(4).map(|c| u32::from_ne_bytes(c.try_into().expect("4 bytes"))).collect());
-            let to = u32::try_from(req.arg0).map_err(|_| libc::EINVAL)?;
+            let to = u32::try_from(to).map_err(|_| libc::EINVAL)?;
             a.holders.share(req.holder, to, slots.as_deref()).map(|()| 0)
         }
-        Op::Unshare => {
-            let holder = u32::try_from(req.arg0).map_err(|_| libc::EINVAL)?;
+        Call::Unshare { holder } => {
+            let holder = u32::try_from(holder).map_err(|_| libc::EINVAL)?;
             let (pidfd, unheld) = a.holders.remove(holder);
             if let Some(p) = pidfd {
                 let _ = epoll_ctl(epfd, libc::EPOLL_CTL_DEL, p.as_raw_fd(), 0, 0);
@@ -1424,7 +1338,7 @@ fn execute<S: Stack>(
             }
             Ok(0)
         }
-        Op::GetSockOpt if (req.arg0 as i32, req.arg1 as i32) == (libc::SOL_SOCKET, libc::SO_ERROR) => {
+        Call::GetSockOpt { level: libc::SOL_SOCKET, name: libc::SO_ERROR, .. } => {
             let buf = region_buf(a);
             let s = a.socks.get_mut(req.sock as usize).and_then(|s| s.as_mut()).ok_or(libc::EBADF)?;
             match s.sendq.deferred.take() {
@@ -1435,12 +1349,11 @@ fn execute<S: Stack>(
                 _ => stack.getsockopt(s.fd()?, libc::SOL_SOCKET, libc::SO_ERROR, buf).map(|n| n as i64),
             }
         }
-        Op::GetSockOpt => {
+        Call::GetSockOpt { level, name, .. } => {
             let buf = region_buf(a);
-            stack.getsockopt(a.sock(req.sock)?.fd()?, req.arg0 as i32, req.arg1 as i32, buf).map(|n| n as i64)
+            stack.getsockopt(a.sock(req.sock)?.fd()?, level, name, buf).map(|n| n as i64)
         }
-        Op::SetSockOpt => {
-            let (level, name) = (req.arg0 as i32, req.arg1 as i32);
+        Call::SetSockOpt { level, name, .. } => {
             if privileged_option(level, name) {
                 return Err(libc::EPERM);
             }
@@ -1454,21 +1367,31 @@ fn execute<S: Stack>(
             }
             Ok(0)
         }
-        Op::GetSockName | Op::GetPeerName => {
+        Call::GetSockName | Call::GetPeerName => {
             let fd = a.sock(req.sock)?.fd()?;
-            let len =
-                if req.op == Op::GetSockName { stack.getsockname(fd, addr)? } else { stack.getpeername(fd, addr)? };
+            let len = if req.call == Call::GetSockName {
+                stack.getsockname(fd, addr)?
+            } else {
+                stack.getpeername(fd, addr)?
+            };
             *addr_out = Some(len);
             Ok(0)
         }
-        Op::Ioctl => stack.ioctl(a.sock(req.sock)?.fd()?, req.arg1),
+        Call::Ioctl { request } => stack.ioctl(a.sock(req.sock)?.fd()?, request),
         // A well-formed one is answered by a resolver thread before execute().
-        Op::Resolve => Ok(netkernel_abi::RESOLVE_EAI_BASE + libc::EAI_NONAME as i64),
+        Call::Resolve { .. } => Ok(netkernel_abi::RESOLVE_EAI_BASE + libc::EAI_NONAME as i64),
     })();
     // Pure queries change no readiness (getsockopt can: reading SO_ERROR clears POLLERR).
-    let queries =
-        matches!(req.op, Op::GetSockName | Op::GetPeerName | Op::Ioctl | Op::Resolve | Op::Share | Op::Unshare);
-    if req.op != Op::Close && !queries {
+    let queries = matches!(
+        req.call,
+        Call::GetSockName
+            | Call::GetPeerName
+            | Call::Ioctl { .. }
+            | Call::Resolve { .. }
+            | Call::Share { .. }
+            | Call::Unshare { .. }
+    );
+    if req.call != Call::Close && !queries {
         if let Ok(s) = a.sock(req.sock) {
             let mut mask = s.mask(stack);
             if *throttled {
@@ -1546,12 +1469,10 @@ fn colocated_op<S: Stack>(
     let s = a.socks.get_mut(req.sock as usize).and_then(|s| s.as_mut()).ok_or(libc::EBADF)?;
     let end = s.pipe.as_mut().expect("caller checked");
     let v6 = end.local.len() > 16;
-    let (level, name) = (req.arg0 as i32, req.arg1 as i32);
-    match req.op {
-        Op::Bind | Op::Listen | Op::Accept => Err(libc::EINVAL),
-        Op::Connect => end.connect_again().map(|()| 0),
-        Op::Send => {
-            let is_async = req.flags & SEND_ASYNC != 0;
+    match req.call {
+        Call::Bind { .. } | Call::Listen { .. } | Call::Accept => Err(libc::EINVAL),
+        Call::Connect { .. } => end.connect_again().map(|()| 0),
+        Call::Send { nowait: is_async, .. } => {
             // The tenant's rate limit holds for bytes that stay on the host too. An asynchronous
             // send cannot wait: it is charged, and the tenant waits until the debt is paid.
             let (n, bucket) = match bucket {
@@ -1578,8 +1499,7 @@ fn colocated_op<S: Stack>(
             tenant(stats, &a.tenant).bytes_out += n as u64;
             Ok(n as i64)
         }
-        Op::Recv => {
-            let flags = req.flags as i32;
+        Call::Recv { flags, .. } => {
             let n = end.recv(buf, flags)?;
             if flags & libc::MSG_PEEK == 0 {
                 s.bytes_in += n as u64;
@@ -1590,20 +1510,20 @@ fn colocated_op<S: Stack>(
             *addr_out = Some(0);
             Ok(n as i64)
         }
-        Op::Shutdown => end.shutdown(req.flags as i32).map(|()| 0),
-        Op::GetSockName | Op::GetPeerName => {
-            let src = if req.op == Op::GetSockName { &end.local } else { &end.peer };
+        Call::Shutdown { how } => end.shutdown(how).map(|()| 0),
+        Call::GetSockName | Call::GetPeerName => {
+            let src = if req.call == Call::GetSockName { &end.local } else { &end.peer };
             addr[..src.len()].copy_from_slice(src);
             *addr_out = Some(src.len());
             Ok(0)
         }
-        Op::GetSockOpt if (level, name) == (libc::SOL_SOCKET, libc::SO_ERROR) => {
+        Call::GetSockOpt { level: libc::SOL_SOCKET, name: libc::SO_ERROR, .. } => {
             let e = end.take_error().unwrap_or(0);
             let n = buf.len().min(4);
             buf[..n].copy_from_slice(&e.to_ne_bytes()[..n]);
             Ok(n as i64)
         }
-        Op::GetSockOpt => {
+        Call::GetSockOpt { level, name, .. } => {
             if let Some(v) = end.option(level, name) {
                 let n = buf.len().min(v.len());
                 buf[..n].copy_from_slice(&v[..n]);
@@ -1617,7 +1537,7 @@ fn colocated_op<S: Stack>(
             }
             Ok(n as i64)
         }
-        Op::SetSockOpt => {
+        Call::SetSockOpt { level, name, .. } => {
             // The kernel validates and normalises the value (SO_RCVBUF doubles, ...) on a
             // scratch socket; the socket keeps what it would read back.
             let scratch = stack.socket(if v6 { libc::AF_INET6 } else { libc::AF_INET }, libc::SOCK_STREAM, 0)?;
@@ -1630,13 +1550,15 @@ fn colocated_op<S: Stack>(
             end.set_option(level, name, value);
             Ok(0)
         }
-        Op::Ioctl => match req.arg1 {
+        Call::Ioctl { request } => match request {
             libc::FIONREAD => Ok(end.unread() as i64),
             // Loopback acknowledges at once: nothing stays unsent or unacknowledged.
             libc::TIOCOUTQ | SIOCATMARK => Ok(0),
             _ => Err(libc::ENOTTY),
         },
-        Op::Socket | Op::Close | Op::Resolve | Op::Share | Op::Unshare => unreachable!("not dispatched to the pipe"),
+        Call::Socket { .. } | Call::Close | Call::Resolve { .. } | Call::Share { .. } | Call::Unshare { .. } => {
+            unreachable!("not dispatched to the pipe")
+        }
     }
 }
 
