@@ -3,6 +3,7 @@
 //! steps out of the data path (DESIGN.md D1). It supervises NSM processes and answers `ctl`.
 
 pub mod config;
+mod lobby;
 pub mod metrics;
 pub mod netns;
 mod supervisor;
@@ -88,6 +89,16 @@ fn stop_strays(state_dir: &Path, cfg: &Config) {
         let _ = std::fs::remove_file(&net_file);
         let _ = std::fs::remove_file(&path);
     }
+}
+
+/// What becomes of a control connection after a request.
+enum Next {
+    /// Its reply could not be sent, or the request was garbage: close it.
+    Close,
+    /// Wait for its next request (in the lobby, with its limits).
+    More,
+    /// Its process keeps it for life (Engine::keep).
+    Keep,
 }
 
 /// What the engine remembers of one attachment.
@@ -417,17 +428,10 @@ impl Engine {
         }
     }
 
-    /// Serves the control socket until the process ends.
-    pub fn serve(self: &Arc<Engine>, listener: UnixListener) {
-        for conn in listener.incoming() {
-            match conn {
-                Ok(c) => {
-                    let e = self.clone();
-                    std::thread::spawn(move || e.client(c));
-                }
-                Err(err) => log(format!("accept: {err}")),
-            }
-        }
+    /// Serves the control socket until the process ends (see lobby.rs for how connections
+    /// are read).
+    pub fn serve(self: &Arc<Engine>, listener: UnixListener) -> Result<(), lobby::LobbyError> {
+        lobby::serve(self.clone(), listener)
     }
 
     pub fn socket(&self) -> &Path {
@@ -485,12 +489,13 @@ impl Engine {
         log(format!("NSM {nsm} died; {} attachment(s) reset", dead.len()));
     }
 
-    /// One control connection: a guest attaching, or `ctl`.
-    fn client(self: Arc<Engine>, conn: UnixStream) {
+    /// A control connection its process keeps for life (it attached, held or joined): later
+    /// requests (hold after fork, join after exec) are read here with no time limit, and its
+    /// end lets go of what it attached.
+    fn keep(self: Arc<Engine>, conn: UnixStream, mut attached: Option<u64>) {
         let fd = conn.as_raw_fd();
-        let mut attached = None;
         loop {
-            let (frame, fds) = match sys::recv_frame(fd) {
+            let (frame, fds) = match sys::recv_frame_max(fd, lobby::MAX_REQUEST) {
                 Ok(Some((payload, fds))) => {
                     // SAFETY: fds just received, owned by nobody else.
                     (payload, fds.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }).collect::<Vec<_>>())
@@ -502,95 +507,7 @@ impl Engine {
                     break;
                 }
             };
-            let req = match serde_json::from_slice::<EngineRequest>(&frame) {
-                Ok(r) => r,
-                Err(e) => {
-                    log(format!("garbage on control socket ({e}); closing that connection"));
-                    let _ = sys::send_frame(fd, &reply_bytes(Reply::err(format!("bad request: {e}"))), &[]);
-                    break;
-                }
-            };
-            let sent = match req {
-                EngineRequest::Attach { tenant, token, isolated } if attached.is_none() => {
-                    match self.attach(&conn, tenant, token, isolated) {
-                        Ok((id, reply, fds)) => {
-                            attached = Some(id);
-                            let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-                            sys::send_frame(fd, &reply_bytes(Reply::ok(reply)), &raw)
-                        }
-                        Err(msg) => {
-                            log(&msg);
-                            sys::send_frame(fd, &reply_bytes(Reply::err(msg)), &[])
-                        }
-                    }
-                }
-                EngineRequest::Attach { .. } => sys::send_frame(fd, &reply_bytes(Reply::err("already attached")), &[]),
-                EngineRequest::Hold { attachment, pid, holder } => {
-                    let r = self.hold(&conn, attachment, pid, holder);
-                    if let Err(msg) = &r {
-                        log(msg);
-                    }
-                    sys::send_frame(fd, &reply_bytes(r.map_or_else(Reply::err, Reply::ok)), &[])
-                }
-                EngineRequest::Join { attachment, holder } => match self.join(&conn, attachment, holder, &fds) {
-                    Ok((holder, bells)) => {
-                        let raw: Vec<RawFd> = bells.iter().map(|f| f.as_raw_fd()).collect();
-                        sys::send_frame(fd, &reply_bytes(Reply::ok(serde_json::json!({ "holder": holder }))), &raw)
-                    }
-                    Err(msg) => {
-                        log(&msg);
-                        sys::send_frame(fd, &reply_bytes(Reply::err(msg)), &[])
-                    }
-                },
-                EngineRequest::Shutdown => {
-                    // Only root or the engine's own uid may stop it.
-                    // SAFETY: geteuid cannot fail.
-                    let me = unsafe { libc::geteuid() };
-                    match peer_cred(&conn) {
-                        Ok(c) if c.uid == 0 || c.uid == me => {
-                            log(format!(
-                                "shutdown asked by pid {} (uid {}): resetting guests, stopping NSMs",
-                                c.pid, c.uid
-                            ));
-                            self.shutdown();
-                            let _ = sys::send_frame(fd, &reply_bytes(Reply::ok(())), &[]);
-                            std::process::exit(0);
-                        }
-                        Ok(c) => sys::send_frame(
-                            fd,
-                            &reply_bytes(Reply::err(format!(
-                                "uid {} may not stop the engine (root or uid {me} may)",
-                                c.uid
-                            ))),
-                            &[],
-                        ),
-                        Err(e) => sys::send_frame(fd, &reply_bytes(Reply::err(format!("SO_PEERCRED: {e}"))), &[]),
-                    }
-                }
-                EngineRequest::Status => sys::send_frame(fd, &reply_bytes(Reply::ok(self.status())), &[]),
-                EngineRequest::Tenants => sys::send_frame(fd, &reply_bytes(Reply::ok(self.tenants())), &[]),
-                EngineRequest::Nsms => sys::send_frame(fd, &reply_bytes(Reply::ok(self.nsm_views())), &[]),
-                EngineRequest::Conns => {
-                    // root sees every tenant's connections; anyone else only those of tenants
-                    // that admit their uid or groups.
-                    let (uid, gid) = peer_cred(&conn).map(|c| (c.uid, c.gid)).unwrap_or((u32::MAX, u32::MAX));
-                    let visible: Vec<&str> = self
-                        .cfg
-                        .tenants
-                        .iter()
-                        .filter(|t| uid == 0 || t.admits(uid, &peer_groups(&conn, gid), false))
-                        .map(|t| t.name.get_ref().as_str())
-                        .collect();
-                    let conns: Vec<_> = self
-                        .stats()
-                        .into_iter()
-                        .flat_map(|s| s.conns)
-                        .filter(|c| visible.contains(&c.tenant.as_str()))
-                        .collect();
-                    sys::send_frame(fd, &reply_bytes(Reply::ok(conns)), &[])
-                }
-            };
-            if sent.is_err() {
+            if let Next::Close = self.serve_request(&conn, &mut attached, &frame, fds) {
                 break;
             }
         }
@@ -605,6 +522,110 @@ impl Engine {
                     atts.remove(&id);
                 }
             }
+        }
+    }
+
+    /// Answers one request on a control connection (`attached`: the attachment it made, if
+    /// any) and says what becomes of the connection.
+    fn serve_request(&self, conn: &UnixStream, attached: &mut Option<u64>, frame: &[u8], fds: Vec<OwnedFd>) -> Next {
+        let fd = conn.as_raw_fd();
+        let req = match serde_json::from_slice::<EngineRequest>(frame) {
+            Ok(r) => r,
+            Err(e) => {
+                log(format!("garbage on control socket ({e}); closing that connection"));
+                let _ = sys::send_frame(fd, &reply_bytes(Reply::err(format!("bad request: {e}"))), &[]);
+                return Next::Close;
+            }
+        };
+        // A process that attached, or holds or joined an attachment, keeps its connection.
+        let mut kept = attached.is_some();
+        let sent = match req {
+            EngineRequest::Attach { tenant, token, isolated } if attached.is_none() => {
+                match self.attach(conn, tenant, token, isolated) {
+                    Ok((id, reply, fds)) => {
+                        *attached = Some(id);
+                        kept = true;
+                        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+                        sys::send_frame(fd, &reply_bytes(Reply::ok(reply)), &raw)
+                    }
+                    Err(msg) => {
+                        log(&msg);
+                        sys::send_frame(fd, &reply_bytes(Reply::err(msg)), &[])
+                    }
+                }
+            }
+            EngineRequest::Attach { .. } => sys::send_frame(fd, &reply_bytes(Reply::err("already attached")), &[]),
+            EngineRequest::Hold { attachment, pid, holder } => {
+                let r = self.hold(conn, attachment, pid, holder);
+                match &r {
+                    Ok(()) => kept = true,
+                    Err(msg) => log(msg),
+                }
+                sys::send_frame(fd, &reply_bytes(r.map_or_else(Reply::err, Reply::ok)), &[])
+            }
+            EngineRequest::Join { attachment, holder } => match self.join(conn, attachment, holder, &fds) {
+                Ok((holder, bells)) => {
+                    kept = true;
+                    let raw: Vec<RawFd> = bells.iter().map(|f| f.as_raw_fd()).collect();
+                    sys::send_frame(fd, &reply_bytes(Reply::ok(serde_json::json!({ "holder": holder }))), &raw)
+                }
+                Err(msg) => {
+                    log(&msg);
+                    sys::send_frame(fd, &reply_bytes(Reply::err(msg)), &[])
+                }
+            },
+            EngineRequest::Shutdown => {
+                // Only root or the engine's own uid may stop it.
+                // SAFETY: geteuid cannot fail.
+                let me = unsafe { libc::geteuid() };
+                match peer_cred(conn) {
+                    Ok(c) if c.uid == 0 || c.uid == me => {
+                        log(format!(
+                            "shutdown asked by pid {} (uid {}): resetting guests, stopping NSMs",
+                            c.pid, c.uid
+                        ));
+                        self.shutdown();
+                        let _ = sys::send_frame(fd, &reply_bytes(Reply::ok(())), &[]);
+                        std::process::exit(0);
+                    }
+                    Ok(c) => sys::send_frame(
+                        fd,
+                        &reply_bytes(Reply::err(format!(
+                            "uid {} may not stop the engine (root or uid {me} may)",
+                            c.uid
+                        ))),
+                        &[],
+                    ),
+                    Err(e) => sys::send_frame(fd, &reply_bytes(Reply::err(format!("SO_PEERCRED: {e}"))), &[]),
+                }
+            }
+            EngineRequest::Status => sys::send_frame(fd, &reply_bytes(Reply::ok(self.status())), &[]),
+            EngineRequest::Tenants => sys::send_frame(fd, &reply_bytes(Reply::ok(self.tenants())), &[]),
+            EngineRequest::Nsms => sys::send_frame(fd, &reply_bytes(Reply::ok(self.nsm_views())), &[]),
+            EngineRequest::Conns => {
+                // root sees every tenant's connections; anyone else only those of tenants
+                // that admit their uid or groups.
+                let (uid, gid) = peer_cred(conn).map(|c| (c.uid, c.gid)).unwrap_or((u32::MAX, u32::MAX));
+                let visible: Vec<&str> = self
+                    .cfg
+                    .tenants
+                    .iter()
+                    .filter(|t| uid == 0 || t.admits(uid, &peer_groups(conn, gid), false))
+                    .map(|t| t.name.get_ref().as_str())
+                    .collect();
+                let conns: Vec<_> = self
+                    .stats()
+                    .into_iter()
+                    .flat_map(|s| s.conns)
+                    .filter(|c| visible.contains(&c.tenant.as_str()))
+                    .collect();
+                sys::send_frame(fd, &reply_bytes(Reply::ok(conns)), &[])
+            }
+        };
+        match (sent, kept) {
+            (Err(_), _) => Next::Close,
+            (Ok(()), true) => Next::Keep,
+            (Ok(()), false) => Next::More,
         }
     }
 

@@ -161,8 +161,10 @@ fn serve(config: Option<PathBuf>, socket: Option<PathBuf>, metrics: Option<std::
         e.detach();
         std::process::exit(0);
     });
-    engine.serve(listener);
-    0
+    match engine.serve(listener) {
+        Ok(()) => 0,
+        Err(e) => fail(e.to_string()),
+    }
 }
 
 /// How long `run` waits for an engine to answer (one may be restarting).

@@ -305,3 +305,78 @@ fn a_hostile_colocated_peer_gets_only_its_own_bytes() {
     let _ = server.kill();
     let _ = server.wait();
 }
+
+/// One request on a connection of its own making, the way ctl sends it: the reply's `ok`.
+fn status_on(s: &UnixStream) -> bool {
+    sys::send_frame(s.as_raw_fd(), br#"{"op":"status"}"#, &[]).unwrap();
+    let (payload, _) = sys::recv_frame(s.as_raw_fd()).unwrap().expect("a reply");
+    serde_json::from_slice::<serde_json::Value>(&payload).unwrap()["ok"] == true
+}
+
+/// What the engine answered a connection before closing it.
+fn reply_then_close(mut s: UnixStream) -> String {
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut reply = Vec::new();
+    std::io::Read::read_to_end(&mut s, &mut reply).expect("the engine closes the connection");
+    String::from_utf8_lossy(&reply).into_owned()
+}
+
+fn engine_threads(engine: &TestEngine) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", engine.pid())).unwrap();
+    status.lines().find_map(|l| l.strip_prefix("Threads:")).unwrap().trim().parse().unwrap()
+}
+
+/// Anyone on the host may connect to the engine's control socket. Hundreds of connections that
+/// never send anything, garbage, an endless length and half a frame that never finishes must not
+/// keep the engine from answering `ctl status` and attaching guests promptly, nor cost a thread
+/// each; the half frame is dropped after its time limit, the idle connections are still served.
+#[test]
+fn idle_connections_garbage_and_half_frames_do_not_stall_the_control_socket() {
+    let engine = TestEngine::start();
+    let threads_before = engine_threads(&engine);
+    let idle: Vec<UnixStream> = (0..500).map(|_| UnixStream::connect(&engine.socket).unwrap()).collect();
+    let mut slow = UnixStream::connect(&engine.socket).unwrap();
+    slow.write_all(b"\x40\x00\x00\x00{\"op\"").unwrap();
+    let slow_since = Instant::now();
+    let mut huge = UnixStream::connect(&engine.socket).unwrap();
+    huge.write_all(b"\xff\xff\xff\x7f").unwrap();
+    let mut junk = UnixStream::connect(&engine.socket).unwrap();
+    junk.write_all(b"\x05\x00\x00\x00junk!").unwrap();
+
+    let start = Instant::now();
+    assert_eq!(engine.ctl("status")["attachments"], 0);
+    let guest = RawGuest::attach(&engine);
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(3), "ctl status and an attach took {took:?}\n{}", engine.log());
+    let out = output_within(engine.run(PROBE, &["half_close"]), Duration::from_secs(60));
+    assert!(out.status.success(), "a guest beside the abuse failed: {}", String::from_utf8_lossy(&out.stderr));
+
+    // Waiting connections cost no thread each (the attached guest keeps one, for life).
+    let threads = engine_threads(&engine);
+    assert!(threads < threads_before + 20, "{threads} engine threads with 500 idle connections");
+    assert!(status_on(&idle[0]) && status_on(&idle[499]), "idle connections are no longer served");
+    let huge = reply_then_close(huge);
+    assert!(huge.contains("\"ok\":false") && huge.contains("more than the 65536"), "{huge}");
+    assert!(reply_then_close(junk).contains("bad request"));
+    let cut = reply_then_close(slow);
+    let after = slow_since.elapsed();
+    assert!(cut.is_empty(), "{cut}");
+    assert!(after >= Duration::from_secs(4) && after < Duration::from_secs(9), "half frame dropped after {after:?}");
+    assert!(engine.log().contains("unfinished"), "{}", engine.log());
+    assert!(!guest.refused_within(Duration::from_millis(10)), "the attached guest lost its region");
+}
+
+/// Past MAX_WAITING (4096) idle connections the engine closes the ones idle longest instead of
+/// running out of file descriptors, and still answers newcomers.
+#[test]
+fn idle_connections_past_the_cap_make_room_for_new_ones() {
+    let engine = TestEngine::start();
+    let first = UnixStream::connect(&engine.socket).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let rest: Vec<UnixStream> = (0..4200).map(|_| UnixStream::connect(&engine.socket).unwrap()).collect();
+    let fresh = UnixStream::connect(&engine.socket).unwrap();
+    assert!(status_on(&fresh));
+    assert!(reply_then_close(first).is_empty(), "the connection idle longest was not closed");
+    assert!(status_on(rest.last().unwrap()));
+    assert!(engine.log().contains("closing the one idle longest"), "{}", engine.log());
+}
