@@ -6,7 +6,9 @@
 //! system calls go through `libc::syscall`, so this crate is safe to use inside the preload
 //! library without re-entering it.
 
+pub mod doorbell;
 pub mod frame;
+pub mod nqes;
 pub mod spsc;
 
 #[cfg(not(loom))]

@@ -1,6 +1,7 @@
 //! A region: the memfd-backed shared memory of one attachment, mapped MAP_SHARED by the engine
 //! (which creates and seals it), the NSM and the guest.
 
+use crate::nqes::{NqePool, NqeStates};
 use crate::spsc::RingRef;
 use crate::sys;
 use netkernel_abi::validate::{HeaderSnapshot, NqeSnapshot};
@@ -261,6 +262,12 @@ impl Region {
         unsafe { &(*self.nqe(i)).state }
     }
 
+    /// The guest's free and asynchronous nqe bitmaps, with the nqes' state words.
+    pub fn nqe_pool(&self) -> NqePool<'_, Region> {
+        let h = self.header();
+        NqePool { free: &h.guest_free_nqes, pending: &h.guest_async_nqes, states: self }
+    }
+
     /// Readiness slot `i` (`i < SLOT_COUNT`).
     pub fn slot(&self, i: u32) -> &Slot {
         assert!(i < SLOT_COUNT);
@@ -321,6 +328,12 @@ impl Region {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+}
+
+impl NqeStates for Region {
+    fn state(&self, i: u32) -> &AtomicU32 {
+        self.nqe_state(i)
     }
 }
 

@@ -22,6 +22,7 @@ pub use stack::{Errno, Stack};
 use control::{NsmRequest, NsmStats};
 use netkernel_abi::validate::{self, Call, Request, Violation};
 use netkernel_abi::{nqe_state, ADDR_MAX, NQE_COUNT, SLOT_COUNT};
+use netkernel_ring::doorbell;
 use netkernel_ring::region::Region;
 use netkernel_ring::spsc::Consumer;
 use netkernel_ring::sys;
@@ -32,7 +33,7 @@ use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
-use std::sync::atomic::{fence, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -278,13 +279,8 @@ impl<S: Stack> Service<S> {
             let sleep = !worked && last_work.elapsed() >= SPIN;
             // A throttled tenant is woken when its tokens are back, not by the stack.
             let throttle_wait = self.throttle_wait();
-            if sleep {
-                self.set_sleeping(1);
-                fence(Ordering::SeqCst);
-                if self.rings_have_work() {
-                    self.set_sleeping(0);
-                    continue;
-                }
+            if sleep && !doorbell::nsm_may_sleep(|v| self.set_sleeping(v), || self.rings_have_work()) {
+                continue;
             }
             // SAFETY: events is a live buffer of the length passed.
             let n = unsafe {
