@@ -511,6 +511,11 @@ impl Engine {
                 break;
             }
         }
+        self.hang_up(attached);
+    }
+
+    /// A control connection closed: the attachment it made (if any) loses its attaching process.
+    fn hang_up(&self, attached: Option<u64>) {
         if let Some(id) = attached {
             // The attaching process is gone; the attachment lives on while forked children
             // hold it (the NSM watches their pidfds and closes the sockets after the last).

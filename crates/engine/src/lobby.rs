@@ -35,6 +35,9 @@ pub(crate) const FRAME_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most connections waiting for their next request at once (far below the usual open-files
 /// limits, leaving descriptors for attachments).
 pub(crate) const MAX_WAITING: usize = 4096;
+/// Most file descriptors one request may carry (ABI.md section 12.1: at most 8, with the
+/// frame's first byte). Each one received takes a slot in the engine's descriptor table.
+const MAX_FDS: usize = 8;
 /// How long a reply may wait for a client that does not read it before the connection is
 /// dropped (applies until the connection is attached).
 pub(crate) const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -215,6 +218,7 @@ impl Lobby {
         loop {
             let Some(w) = self.waiting.get_mut(slot).and_then(|w| w.as_mut()) else { return };
             let fd = w.conn.as_raw_fd();
+            let first = !w.decoder.in_frame();
             let (n, fds) = match sys::recv_with_fds(fd, w.decoder.buffer()) {
                 Ok(r) => r,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -224,8 +228,17 @@ impl Lobby {
                     return;
                 }
             };
+            let late = !first && !fds.is_empty();
             // SAFETY: the fds were just received and are owned by nobody else.
             w.fds.extend(fds.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }));
+            if late || w.fds.len() > MAX_FDS {
+                log(format!(
+                    "a control connection sent file descriptors past a request's first byte or more than \
+                     {MAX_FDS} with one; closing it"
+                ));
+                self.take(slot);
+                return;
+            }
             if n == 0 {
                 if w.decoder.in_frame() {
                     log("a control connection ended in the middle of a request");
@@ -281,7 +294,7 @@ fn answer(
     }
     let mut attached = None;
     match engine.serve_request(&conn, &mut attached, request, fds) {
-        Next::Close => {}
+        Next::Close => engine.hang_up(attached),
         Next::More => {
             if back.send(conn).is_ok() {
                 sys::ring_bell(bell.as_raw_fd());

@@ -342,6 +342,12 @@ fn idle_connections_garbage_and_half_frames_do_not_stall_the_control_socket() {
     huge.write_all(b"\xff\xff\xff\x7f").unwrap();
     let mut junk = UnixStream::connect(&engine.socket).unwrap();
     junk.write_all(b"\x05\x00\x00\x00junk!").unwrap();
+    // File descriptors after a request's first byte: each would take a slot in the engine's
+    // descriptor table, so they close the connection.
+    let late_fds = UnixStream::connect(&engine.socket).unwrap();
+    let (a, _b) = UnixStream::pair().unwrap();
+    sys::send_with_fds(late_fds.as_raw_fd(), b"\x0f\x00\x00\x00{\"op\"", &[a.as_raw_fd()]).unwrap();
+    sys::send_with_fds(late_fds.as_raw_fd(), b":\"status\"}", &[a.as_raw_fd()]).unwrap();
 
     let start = Instant::now();
     assert_eq!(engine.ctl("status")["attachments"], 0);
@@ -358,11 +364,13 @@ fn idle_connections_garbage_and_half_frames_do_not_stall_the_control_socket() {
     let huge = reply_then_close(huge);
     assert!(huge.contains("\"ok\":false") && huge.contains("more than the 65536"), "{huge}");
     assert!(reply_then_close(junk).contains("bad request"));
+    assert_eq!(reply_then_close(late_fds), "", "a request with late file descriptors was answered");
     let cut = reply_then_close(slow);
     let after = slow_since.elapsed();
     assert!(cut.is_empty(), "{cut}");
     assert!(after >= Duration::from_secs(4) && after < Duration::from_secs(9), "half frame dropped after {after:?}");
-    assert!(engine.log().contains("unfinished"), "{}", engine.log());
+    let log = engine.log();
+    assert!(log.contains("unfinished") && log.contains("file descriptors past"), "{log}");
     assert!(!guest.refused_within(Duration::from_millis(10)), "the attached guest lost its region");
 }
 
