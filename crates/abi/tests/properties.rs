@@ -27,7 +27,7 @@ fn offset() -> impl Strategy<Value = u64> {
 fn snapshot() -> impl Strategy<Value = NqeSnapshot> {
     (
         prop_oneof![0u32..20, any::<u32>()],
-        any::<u32>(),
+        any::<(u32, u32)>(),
         any::<u32>(),
         any::<(u64, u64)>(),
         offset(),
@@ -35,9 +35,10 @@ fn snapshot() -> impl Strategy<Value = NqeSnapshot> {
         prop_oneof![0u32..=140, any::<u32>()],
         proptest::collection::vec(any::<u8>(), ADDR_MAX),
     )
-        .prop_map(|(op, sock, flags, (arg0, arg1), buf_off, buf_len, addr_len, addr)| NqeSnapshot {
+        .prop_map(|(op, (sock, holder), flags, (arg0, arg1), buf_off, buf_len, addr_len, addr)| NqeSnapshot {
             op,
             sock,
+            holder,
             flags,
             arg0,
             arg1,
@@ -88,6 +89,8 @@ fn call() -> impl Strategy<Value = Call> {
             socktype,
             flags
         }),
+        (any::<bool>(), pool_buf()).prop_map(|(all, slots)| Call::Share { all, slots }),
+        any::<u64>().prop_map(|holder| Call::Unshare { holder }),
     ]
 }
 
@@ -106,7 +109,7 @@ proptest! {
             Ok(r) => {
                 prop_assert!(known && addr_ok && buf_ok);
                 prop_assert_eq!(r.call.op() as u32, s.op);
-                prop_assert_eq!(r.sock, s.sock);
+                prop_assert_eq!((r.sock, r.holder), (s.sock, s.holder));
                 let b = r.call.buf();
                 prop_assert!(b.is_empty() || l.pool_contains(b.off(), b.len()), "{:?}", r);
                 prop_assert_eq!(validate(idx, &r.encode(), &l), Ok(r));
@@ -122,8 +125,8 @@ proptest! {
 
     /// A request a well-behaved guest encodes is validated back to itself.
     #[test]
-    fn encode_then_validate_round_trips(sock in any::<u32>(), call in call()) {
-        let r = Request { sock, call };
+    fn encode_then_validate_round_trips(sock in any::<u32>(), holder in any::<u32>(), call in call()) {
+        let r = Request { sock, holder, call };
         prop_assert_eq!(validate(3, &r.encode(), &layout()), Ok(r));
     }
 
