@@ -9,6 +9,7 @@ pub mod netns;
 mod supervisor;
 
 use config::Config;
+pub use lobby::LobbyError;
 use netkernel_ring::region::Region;
 use netkernel_ring::sys;
 use netkernel_service::control::{AttachReply, EngineRequest, NsmStats, Reply};
@@ -429,8 +430,8 @@ impl Engine {
     }
 
     /// Serves the control socket until the process ends (see lobby.rs for how connections
-    /// are read).
-    pub fn serve(self: &Arc<Engine>, listener: UnixListener) -> Result<(), lobby::LobbyError> {
+    /// are read); returns only if it cannot.
+    pub fn serve(self: &Arc<Engine>, listener: UnixListener) -> Result<std::convert::Infallible, LobbyError> {
         lobby::serve(self.clone(), listener)
     }
 

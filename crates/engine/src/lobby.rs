@@ -19,6 +19,7 @@ use crate::{log, reply_bytes, Engine, Next};
 use netkernel_ring::frame::Decoder;
 use netkernel_ring::sys;
 use netkernel_service::control::Reply;
+use std::convert::Infallible;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -60,8 +61,8 @@ struct Waiting {
 /// Why the lobby cannot run.
 #[derive(Debug, thiserror::Error)]
 pub enum LobbyError {
-    #[error("control socket: cannot set up epoll: {0}")]
-    Epoll(io::Error),
+    #[error("control socket: cannot set up its event loop: {0}")]
+    Setup(io::Error),
 }
 
 struct Lobby {
@@ -69,7 +70,8 @@ struct Lobby {
     epfd: OwnedFd,
     listener: UnixListener,
     waiting: Vec<Option<Waiting>>,
-    /// Connections a request thread hands back, and the eventfd that says so.
+    /// Connections request threads hand back (through `back`) to wait for their next request;
+    /// `bell` (an eventfd in the epoll) says one is there.
     returned: Receiver<UnixStream>,
     back: Sender<UnixStream>,
     bell: Arc<OwnedFd>,
@@ -84,28 +86,27 @@ fn epoll_ctl(epfd: RawFd, op: i32, fd: RawFd, token: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// Serves the control socket until the process ends.
-pub(crate) fn serve(engine: Arc<Engine>, listener: UnixListener) -> Result<(), LobbyError> {
+/// Serves the control socket until the process ends; returns only if it cannot start.
+pub(crate) fn serve(engine: Arc<Engine>, listener: UnixListener) -> Result<Infallible, LobbyError> {
     // SAFETY: plain system call; the result is checked before use.
     let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
     if ep < 0 {
-        return Err(LobbyError::Epoll(io::Error::last_os_error()));
+        return Err(LobbyError::Setup(io::Error::last_os_error()));
     }
     // SAFETY: a fresh fd, ours alone.
     let epfd = unsafe { OwnedFd::from_raw_fd(ep) };
     // SAFETY: a fresh eventfd, ours alone.
-    let bell = Arc::new(unsafe { OwnedFd::from_raw_fd(sys::eventfd().map_err(LobbyError::Epoll)?) });
-    listener.set_nonblocking(true).map_err(LobbyError::Epoll)?;
-    epoll_ctl(epfd.as_raw_fd(), libc::EPOLL_CTL_ADD, listener.as_raw_fd(), TOK_LISTENER).map_err(LobbyError::Epoll)?;
-    epoll_ctl(epfd.as_raw_fd(), libc::EPOLL_CTL_ADD, bell.as_raw_fd(), TOK_RETURNED).map_err(LobbyError::Epoll)?;
+    let bell = Arc::new(unsafe { OwnedFd::from_raw_fd(sys::eventfd().map_err(LobbyError::Setup)?) });
+    listener.set_nonblocking(true).map_err(LobbyError::Setup)?;
+    epoll_ctl(epfd.as_raw_fd(), libc::EPOLL_CTL_ADD, listener.as_raw_fd(), TOK_LISTENER).map_err(LobbyError::Setup)?;
+    epoll_ctl(epfd.as_raw_fd(), libc::EPOLL_CTL_ADD, bell.as_raw_fd(), TOK_RETURNED).map_err(LobbyError::Setup)?;
     let (back, returned) = channel();
     let mut lobby = Lobby { engine, epfd, listener, waiting: Vec::new(), returned, back, bell };
-    lobby.run();
-    Ok(())
+    lobby.run()
 }
 
 impl Lobby {
-    fn run(&mut self) {
+    fn run(&mut self) -> ! {
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
         loop {
             let timeout = self.next_deadline().map_or(-1, |d| {

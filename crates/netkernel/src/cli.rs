@@ -161,10 +161,8 @@ fn serve(config: Option<PathBuf>, socket: Option<PathBuf>, metrics: Option<std::
         e.detach();
         std::process::exit(0);
     });
-    match engine.serve(listener) {
-        Ok(()) => 0,
-        Err(e) => fail(e.to_string()),
-    }
+    let Err(e) = engine.serve(listener);
+    fail(e)
 }
 
 /// How long `run` waits for an engine to answer (one may be restarting).
