@@ -145,7 +145,7 @@ impl Lobby {
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
                     // Out of descriptors: the connection idle longest makes room. With none to
                     // close, wait a little rather than spin on a listener that stays readable.
-                    if !self.evict() {
+                    if !self.evict(&format!("accept: {e}")) {
                         log(format!("accept: {e}; no idle connection to close"));
                         std::thread::sleep(Duration::from_millis(50));
                         return;
@@ -162,7 +162,7 @@ impl Lobby {
     /// A new connection, or one back from a request, waits for its next request.
     fn admit(&mut self, conn: UnixStream) {
         if self.waiting.iter().flatten().count() >= MAX_WAITING {
-            self.evict();
+            self.evict(&format!("{MAX_WAITING} control connections wait"));
         }
         if let Err(e) = conn.set_nonblocking(true) {
             log(format!("control connection: {e}; closing it"));
@@ -188,13 +188,13 @@ impl Lobby {
         Some(w)
     }
 
-    /// Closes the waiting connection idle longest; false when none waits.
-    fn evict(&mut self) -> bool {
+    /// Closes the waiting connection idle longest, saying `why`; false when none waits.
+    fn evict(&mut self, why: &str) -> bool {
         let oldest =
             self.waiting.iter().enumerate().filter_map(|(i, w)| Some((i, w.as_ref()?.active))).min_by_key(|&(_, t)| t);
         match oldest {
             Some((slot, _)) => {
-                log(format!("{MAX_WAITING} control connections wait; closing the one idle longest"));
+                log(format!("{why}; closing the control connection idle longest"));
                 self.take(slot);
                 true
             }
