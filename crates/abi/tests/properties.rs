@@ -89,7 +89,7 @@ fn call() -> impl Strategy<Value = Call> {
             socktype,
             flags
         }),
-        (any::<bool>(), pool_buf()).prop_map(|(all, slots)| Call::Share { all, slots }),
+        (any::<u64>(), any::<bool>(), pool_buf()).prop_map(|(holder, all, slots)| Call::Share { holder, all, slots }),
         any::<u64>().prop_map(|holder| Call::Unshare { holder }),
     ]
 }

@@ -8,7 +8,11 @@ use proptest::prelude::*;
 fn engine_request() -> impl Strategy<Value = EngineRequest> {
     let name = || proptest::option::of(".{0,40}");
     prop_oneof![
-        (name(), name()).prop_map(|(tenant, token)| EngineRequest::Attach { tenant, token }),
+        (name(), name(), any::<bool>()).prop_map(|(tenant, token, isolated)| EngineRequest::Attach {
+            tenant,
+            token,
+            isolated
+        }),
         (any::<u64>(), any::<i32>(), any::<u32>()).prop_map(|(attachment, pid, holder)| EngineRequest::Hold {
             attachment,
             pid,
@@ -19,6 +23,7 @@ fn engine_request() -> impl Strategy<Value = EngineRequest> {
         Just(EngineRequest::Tenants),
         Just(EngineRequest::Nsms),
         Just(EngineRequest::Conns),
+        Just(EngineRequest::Shutdown),
     ]
 }
 
