@@ -3,9 +3,11 @@
 //! nqe's completion and for a socket's next wakeup.
 
 use netkernel_abi::{nqe_state, GuestSock, Nqe, Op, ADDR_MAX, BUF_SIZE, NQE_COUNT, SHARE_ALL, SLOT_COUNT, STATE_DEAD};
+use netkernel_ring::doorbell;
+use netkernel_ring::nqes::NqePool;
 use netkernel_ring::region::Region;
 use netkernel_ring::sys;
-use std::sync::atomic::{fence, AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 /// fds at or above this are never NetKernel sockets (the machine's limit is far below).
@@ -617,52 +619,48 @@ impl Attachment {
     /// microseconds, and a freer wakes it); an asynchronous nqe's completion wakes nobody, so
     /// the sleep is bounded and grows, and each wake-up reaps and looks at the NSM's liveness.
     fn alloc_nqe(&self) -> Result<u32, Errno> {
-        let h = self.region.header();
-        let free = &h.guest_free_nqes;
+        let pool = self.region.nqe_pool();
+        let freed = &self.region.header().guest_nqe_freed;
         let mut spins = 0u32;
         let mut nap = Duration::from_micros(500);
         loop {
-            let bits = free.load(Ordering::Acquire);
-            if bits == 0 {
-                if self.reap_async() {
-                    continue;
-                }
-                if self.dead() {
-                    return Err(libc::ECONNRESET);
-                }
-                spins += 1;
-                if spins < 64 {
-                    sys::relax(spins);
-                    continue;
-                }
-                let seen = h.guest_nqe_freed.load(Ordering::Acquire);
-                h.guest_nqe_waiters.fetch_add(1, Ordering::SeqCst);
-                if free.load(Ordering::SeqCst) == 0 {
-                    let _ = sys::futex_wait(&h.guest_nqe_freed, seen, Some(nap));
-                }
-                h.guest_nqe_waiters.fetch_sub(1, Ordering::SeqCst);
-                nap = (nap * 2).min(LIVENESS_CHECK);
-                if nap == LIVENESS_CHECK && self.nsm_gone() {
-                    return Err(libc::ECONNRESET);
-                }
+            if let Some(i) = pool.try_alloc() {
+                return Ok(i);
+            }
+            if self.reap_async() {
                 continue;
             }
-            let i = bits.trailing_zeros();
-            if free.compare_exchange(bits, bits & !(1u64 << i), Ordering::AcqRel, Ordering::Relaxed).is_ok() {
-                return Ok(i);
+            if self.dead() {
+                return Err(libc::ECONNRESET);
+            }
+            spins += 1;
+            if spins < 64 {
+                sys::relax(spins);
+                continue;
+            }
+            let seen = freed.load(Ordering::Acquire);
+            if pool.will_sleep() {
+                let _ = sys::futex_wait(freed, seen, Some(nap));
+            }
+            pool.woke();
+            nap = (nap * 2).min(LIVENESS_CHECK);
+            if nap == LIVENESS_CHECK && self.nsm_gone() {
+                return Err(libc::ECONNRESET);
             }
         }
     }
 
     fn free_nqe(&self, i: u32) {
-        let h = self.region.header();
-        self.region.nqe_state(i).store(nqe_state::FREE, Ordering::Release);
-        // SeqCst pairs with the sleeper in alloc_nqe: it counts itself, then looks at the bits;
-        // we set a bit, then look at the count. One of the two sees the other.
-        h.guest_free_nqes.fetch_or(1u64 << i, Ordering::SeqCst);
-        if h.guest_nqe_waiters.load(Ordering::SeqCst) != 0 {
-            h.guest_nqe_freed.fetch_add(1, Ordering::SeqCst);
-            sys::futex_wake(&h.guest_nqe_freed);
+        let pool = self.region.nqe_pool();
+        pool.free(i);
+        self.wake_nqe_sleepers(&pool);
+    }
+
+    fn wake_nqe_sleepers(&self, pool: &NqePool<'_, Region>) {
+        if pool.has_sleepers() {
+            let freed = &self.region.header().guest_nqe_freed;
+            freed.fetch_add(1, Ordering::SeqCst);
+            sys::futex_wake(freed);
         }
     }
 
@@ -677,38 +675,21 @@ impl Attachment {
     /// Submits one nqe without waiting for it (an asynchronous send); the nqe is reclaimed by
     /// a later call once the NSM completed it.
     pub fn call_async(&self, fill: impl FnOnce(&mut NqeWriter)) -> Result<(), Errno> {
-        let h = self.region.header();
+        let pool = self.region.nqe_pool();
         self.submit(|w| {
             fill(w);
-            h.guest_async_nqes.fetch_or(1u64 << w.idx, Ordering::AcqRel);
+            pool.mark_async(w.idx);
         })
         .map(drop)
     }
 
-    /// Frees completed asynchronous nqes; returns whether any was freed.
-    ///
-    /// Every process of the attachment reaps, so an nqe is claimed by clearing its bit first and
-    /// only then looked at: checking DONE first would let a reaper, between its check and its
-    /// claim, take the bit a new owner of the same nqe has just set, and free that nqe while it
-    /// is being filled or is in flight (two requests in one nqe: bytes on the wrong socket).
+    /// Frees completed asynchronous nqes (every process of the attachment reaps, by the rule
+    /// `NqePool::reap` keeps and loom checks); returns whether any was freed.
     fn reap_async(&self) -> bool {
-        let pending = &self.region.header().guest_async_nqes;
-        let mut bits = pending.load(Ordering::Acquire);
-        let mut freed = false;
-        while bits != 0 {
-            let i = bits.trailing_zeros();
-            bits &= bits - 1;
-            let bit = 1u64 << i;
-            if pending.fetch_and(!bit, Ordering::AcqRel) & bit == 0 {
-                continue;
-            }
-            if self.region.nqe_state(i).load(Ordering::Acquire) == nqe_state::DONE {
-                self.free_nqe(i);
-                freed = true;
-            } else {
-                // Still in flight (or its owner is still filling it): not ours to free yet.
-                pending.fetch_or(bit, Ordering::AcqRel);
-            }
+        let pool = self.region.nqe_pool();
+        let freed = pool.reap();
+        if freed {
+            self.wake_nqe_sleepers(&pool);
         }
         freed
     }
@@ -739,8 +720,7 @@ impl Attachment {
         let pushed = self.region.ring().push(idx);
         h.guest_push_lock.store(0, Ordering::Release);
         debug_assert!(pushed.is_ok());
-        fence(Ordering::SeqCst);
-        if h.nsm_sleeping.load(Ordering::Relaxed) != 0 {
+        if doorbell::guest_must_ring(&h.nsm_sleeping) {
             sys::ring_bell(self.nsm_bell);
         }
         Ok(idx)

@@ -9,9 +9,9 @@
 //! finds that interleaving in the old order and none in this one).
 
 #[cfg(loom)]
-use loom::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use loom::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 #[cfg(not(loom))]
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 
 use netkernel_abi::nqe_state;
 
@@ -25,6 +25,8 @@ pub struct NqePool<'a, T: NqeStates + ?Sized> {
     pub free: &'a AtomicU64,
     pub pending: &'a AtomicU64,
     pub states: &'a T,
+    /// Threads sleeping until an nqe is freed (`RegionHeader::guest_nqe_waiters`).
+    pub sleepers: &'a AtomicU32,
 }
 
 impl<T: NqeStates + ?Sized> NqePool<'_, T> {
@@ -45,6 +47,30 @@ impl<T: NqeStates + ?Sized> NqePool<'_, T> {
     pub fn free(&self, i: u32) {
         self.states.state(i).store(nqe_state::FREE, Ordering::Release);
         self.free.fetch_or(1u64 << i, Ordering::AcqRel);
+    }
+
+    /// Whether a thread sleeps for a free nqe (after `free` or a `reap` that freed one): the
+    /// freer must wake it.
+    pub fn has_sleepers(&self) -> bool {
+        // The fence pairs with `will_sleep`'s: a freer sets a bit, then looks for sleepers; a
+        // sleeper counts itself, then looks at the bits; with a full fence between the store and
+        // the load on both sides, one of the two sees the other (store buffering otherwise lets
+        // both miss: loom finds that without the fences).
+        fence(Ordering::SeqCst);
+        self.sleepers.load(Ordering::Relaxed) != 0
+    }
+
+    /// A thread found no free nqe and is about to sleep: counts it among the sleepers and says
+    /// whether it still should (no nqe was freed meanwhile). Pair with `woke`.
+    pub fn will_sleep(&self) -> bool {
+        self.sleepers.fetch_add(1, Ordering::AcqRel);
+        fence(Ordering::SeqCst);
+        self.free.load(Ordering::Relaxed) == 0
+    }
+
+    /// The thread counted by `will_sleep` is awake again.
+    pub fn woke(&self) {
+        self.sleepers.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Nqe `i` (allocated, about to be submitted) will be reclaimed by whoever reaps after the
@@ -87,6 +113,7 @@ mod loom_tests {
         free: AtomicU64,
         pending: AtomicU64,
         states: [AtomicU32; 2],
+        sleepers: AtomicU32,
     }
 
     impl NqeStates for Shared {
@@ -96,7 +123,7 @@ mod loom_tests {
     }
 
     fn pool(s: &Shared) -> NqePool<'_, Shared> {
-        NqePool { free: &s.free, pending: &s.pending, states: s }
+        NqePool { free: &s.free, pending: &s.pending, states: s, sleepers: &s.sleepers }
     }
 
     /// Nqe 0 was submitted asynchronously and completed by the NSM (DONE, its bit pending).
@@ -109,6 +136,7 @@ mod loom_tests {
                 free: AtomicU64::new(0),
                 pending: AtomicU64::new(1),
                 states: [AtomicU32::new(nqe_state::DONE), AtomicU32::new(nqe_state::FREE)],
+                sleepers: AtomicU32::new(0),
             });
             let other = s.clone();
             let reaper = loom::thread::spawn(move || {
@@ -157,6 +185,7 @@ mod loom_tests {
                 free: AtomicU64::new(0b11),
                 pending: AtomicU64::new(0),
                 states: [AtomicU32::new(nqe_state::FREE), AtomicU32::new(nqe_state::FREE)],
+                sleepers: AtomicU32::new(0),
             });
             let owners = Arc::new([AtomicU32::new(0), AtomicU32::new(0)]);
             let threads: Vec<_> = (0..2)
@@ -175,6 +204,31 @@ mod loom_tests {
                 t.join().unwrap();
             }
             assert_eq!(s.free.load(Ordering::Acquire), 0b11);
+        });
+    }
+
+    /// Every nqe is in flight; one thread goes to sleep for a free one while another frees
+    /// one. Never both: the sleeper sleeping and the freer seeing nobody to wake (a lost
+    /// wakeup: the sleeper would wait for its timeout).
+    #[test]
+    fn a_sleeper_for_a_free_nqe_is_never_missed() {
+        loom::model(|| {
+            let s = Arc::new(Shared {
+                free: AtomicU64::new(0),
+                pending: AtomicU64::new(0),
+                states: [AtomicU32::new(nqe_state::DONE), AtomicU32::new(nqe_state::DONE)],
+                sleepers: AtomicU32::new(0),
+            });
+            let other = s.clone();
+            let freer = loom::thread::spawn(move || {
+                let p = pool(&other);
+                p.free(0);
+                p.has_sleepers()
+            });
+            let p = pool(&s);
+            let sleeps = p.will_sleep();
+            let woken = freer.join().unwrap();
+            assert!(!sleeps || woken, "the sleeper slept and nobody woke it");
         });
     }
 }

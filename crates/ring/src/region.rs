@@ -265,7 +265,7 @@ impl Region {
     /// The guest's free and asynchronous nqe bitmaps, with the nqes' state words.
     pub fn nqe_pool(&self) -> NqePool<'_, Region> {
         let h = self.header();
-        NqePool { free: &h.guest_free_nqes, pending: &h.guest_async_nqes, states: self }
+        NqePool { free: &h.guest_free_nqes, pending: &h.guest_async_nqes, states: self, sleepers: &h.guest_nqe_waiters }
     }
 
     /// Readiness slot `i` (`i < SLOT_COUNT`).
