@@ -183,6 +183,30 @@ pub const SEND_ASYNC: u32 = 1 << 31;
 /// completes at once (a co-located one) answers 0 rather than EINPROGRESS and a second connect.
 pub const CONNECT_BLOCKING: u32 = 1;
 
+/// `Op::Ioctl` request 0 (no ioctl has it): a readiness refresh. The NSM completes it only
+/// after it has run every nqe queued before it (of every attachment) and published what its
+/// stack reported meanwhile, so a guest sees what a loopback peer just sent, as Linux, which
+/// delivers loopback synchronously, shows it. Result 0; an NSM without it answers ENOTTY.
+pub const IOCTL_REFRESH: u64 = 0;
+
+/// Or'ed into `Op::Recv`'s `arg0`: the guest wants ancillary data and the message flags, as
+/// recvmsg(2) returns them. The low 32 bits of `arg0` are the caller's control buffer size
+/// (at most [`CONTROL_MAX`]). The NSM writes a [`RecvControl`] header at `buf_off + buf_len`
+/// followed by the control messages, all of which must lie in the buffer pool.
+pub const RECV_CONTROL: u64 = 1 << 32;
+/// The largest control buffer a Recv carries.
+pub const CONTROL_MAX: u32 = 4096;
+
+/// What the NSM writes after a Recv's data when RECV_CONTROL is set: the length of the control
+/// messages that follow (recvmsg's msg_controllen) and recvmsg's msg_flags (MSG_CTRUNC,
+/// MSG_OOB, MSG_TRUNC).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RecvControl {
+    pub len: u32,
+    pub flags: u32,
+}
+
 /// Socket operations a guest can request.
 #[repr(u32)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -199,7 +223,8 @@ pub enum Op {
     Connect = 5,
     /// buf = data, flags = MSG_*, addr optional (sendto).
     Send = 6,
-    /// buf = space, flags = MSG_*; out: addr (recvfrom).
+    /// buf = space, flags = MSG_*; out: addr (recvfrom). arg0 = RECV_CONTROL | capacity:
+    /// ancillary data and flags after the data (RecvControl).
     Recv = 7,
     /// flags = how.
     Shutdown = 8,
@@ -210,7 +235,7 @@ pub enum Op {
     SetSockOpt = 11,
     GetSockName = 12,
     GetPeerName = 13,
-    /// arg1 = ioctl request (FIONREAD, SIOCOUTQ, SIOCATMARK); result = value.
+    /// arg1 = ioctl request (FIONREAD, SIOCOUTQ, SIOCATMARK, IOCTL_REFRESH); result = value.
     Ioctl = 14,
     /// Name resolution by the provider. In: buf = node NUL service NUL (service may be empty),
     /// arg0 = ai_family, arg1 = ai_socktype, flags = ai_flags. Out: buf = `result` entries of

@@ -155,16 +155,39 @@ pub fn listen(slot: u32, backlog: c_int) -> Result<c_int, Errno> {
 fn ready_or_wait(a: &Attachment, slot: u32, want: u32, flags: c_int, timeout_us: u64) -> Result<(), Errno> {
     let any = want | (libc::POLLERR | libc::POLLHUP | libc::POLLRDHUP) as u32;
     let s = a.region.slot(slot);
+    let mut refreshed = false;
     loop {
         let seq = s.seq.load(Ordering::Acquire);
         if s.mask.load(Ordering::Acquire) & any != 0 || a.dead() {
             return Ok(());
         }
         if !blocking(slot, flags) {
+            if !refreshed && async_pending(a) {
+                refresh(a, slot);
+                refreshed = true;
+                continue;
+            }
             return Err(libc::EAGAIN);
         }
         a.wait_slot(slot, seq, timeout_us)?;
     }
+}
+
+/// Whether asynchronous sends of this attachment may not have reached their peers yet: the
+/// sender's call returned before the NSM ran them, so a loopback peer's mask may lag what
+/// Linux, which delivers loopback synchronously, would show.
+pub fn async_pending(a: &Attachment) -> bool {
+    a.region.header().guest_async_nqes.load(Ordering::Acquire) != 0
+}
+
+/// Waits until the NSM has run everything this attachment queued and published the readiness
+/// that changed meanwhile (IOCTL_REFRESH). Submitting reclaims finished asynchronous sends, so
+/// a refresh is asked for at most once per burst of them.
+pub fn refresh(a: &Attachment, slot: u32) {
+    drop(a.call(|w| {
+        w.set(Op::Ioctl, slot);
+        w.args(0, netkernel_abi::IOCTL_REFRESH);
+    }));
 }
 
 /// # Safety
@@ -316,7 +339,9 @@ pub unsafe fn send(
         let s = a.region.slot(slot);
         let m = s.mask.load(Ordering::Acquire);
         let out = libc::POLLOUT as u32;
-        let bad = (libc::POLLERR | libc::POLLHUP) as u32;
+        // After the peer's FIN a send may draw a reset, which Linux reports to the next send:
+        // such sends wait for their result.
+        let bad = (libc::POLLERR | libc::POLLHUP | libc::POLLRDHUP) as u32;
         if m & out != 0 && m & bad == 0 && s.queued.load(Ordering::Acquire) == 0 {
             a.call_async(|w| {
                 w.set(Op::Send, slot);

@@ -38,7 +38,7 @@ fn differential(scenario: &str, colocate: bool) {
     assert_eq!(n.lines().count(), k.lines().count(), "{scenario}: trace lengths differ\nnative:\n{n}\nnetkernel:\n{k}");
     // The traffic went through the NSM, not around it.
     let nsm = engine.nsm();
-    let tcp = !matches!(scenario, "addr_in_use" | "udp" | "fork_parent_exits");
+    let tcp = !matches!(scenario, "addr_in_use" | "udp" | "fork_parent_exits" | "cmsg_udp");
     assert!(nsm["conns_total"].as_u64().unwrap() > 0 || !tcp, "no connection through the NSM: {nsm}");
     // ... and on the path this run is about.
     let colocated = nsm["conns_colocated"].as_u64().unwrap();
@@ -101,4 +101,11 @@ scenarios!(
     exec_no_guest,
     addresses,
     execl_family,
+    cmsg_udp,
+    cmsg_tcp,
+    oob,
+    names_after_reset,
+    send_after_close,
+    loopback_sync,
+    sockbuf,
 );

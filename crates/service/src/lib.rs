@@ -210,6 +210,9 @@ pub struct Service<S: Stack> {
     /// Fresh stack sockets (IPv4, IPv6) whose options are the defaults a co-located socket
     /// reports for options never set.
     templates: [Option<OwnedFd>; 2],
+    /// Readiness refreshes (attachment index, its id, nqe) to complete at the end of this round
+    /// of the loop.
+    refreshes: Vec<(usize, u64, u32)>,
 }
 
 fn epoll_ctl(epfd: RawFd, op: i32, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
@@ -260,6 +263,7 @@ impl<S: Stack> Service<S> {
             throttled: Vec::new(),
             listeners: HashMap::new(),
             templates: [None, None],
+            refreshes: Vec::new(),
         })
     }
 
@@ -331,6 +335,7 @@ impl<S: Stack> Service<S> {
                 worked = true;
                 self.on_event(token, bits);
             }
+            self.finish_refreshes();
             self.unthrottle();
             self.flush_bells();
             if self.stopping
@@ -764,10 +769,17 @@ impl<S: Stack> Service<S> {
                 return Ok(());
             }
         }
+        if let Call::Ioctl { request: netkernel_abi::IOCTL_REFRESH } = req.call {
+            self.refreshes.push((ai, a.id, idx));
+            return Ok(());
+        }
         let result = match self.connect_colocated(ai, &req) {
             Some(r) => r.unwrap_or_else(|e| -(e as i64)),
             None => self.perform(ai, idx, &req, &mut addr, &mut addr_out)?,
         };
+        if settles(&req, result) {
+            self.settle();
+        }
         if let (Call::Listen { backlog }, 0) = (req.call, result) {
             self.register_listener(ai, req.sock, backlog);
         }
@@ -788,6 +800,32 @@ impl<S: Stack> Service<S> {
             sys::futex_wake(a.region.nqe_state(idx));
         }
         Ok(())
+    }
+
+    /// Publishes the readiness the stack changed during the call just run, before its guest
+    /// learns the result: Linux delivers loopback synchronously, so a peer's poll right after a
+    /// send, shutdown, close or connect returns already sees its effect. Stack sockets only;
+    /// doorbells, pidfds and the control channel are level-triggered and wait for the loop.
+    fn settle(&mut self) {
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 64];
+        // SAFETY: events is a live buffer of the length passed.
+        let n = unsafe { libc::epoll_wait(self.epfd.as_raw_fd(), events.as_mut_ptr(), events.len() as i32, 0) };
+        for ev in &events[..n.max(0) as usize] {
+            let (token, bits) = (ev.u64, ev.events);
+            if token >> KIND_SHIFT == TOK_SOCK || (token & TOK_LINGER == TOK_LINGER && token != TOK_CONTROL) {
+                self.on_event(token, bits);
+            }
+        }
+    }
+
+    /// Completes this round's readiness refreshes: every nqe queued before them has run and the
+    /// stack's wakeups since are published.
+    fn finish_refreshes(&mut self) {
+        for (ai, id, idx) in std::mem::take(&mut self.refreshes) {
+            if let Some(a) = self.atts.get(ai).and_then(|a| a.as_ref()).filter(|a| a.id == id) {
+                complete(&a.region, idx, 0);
+            }
+        }
     }
 
     /// Runs a request on the stack (or on a co-located socket's pipe).
@@ -995,6 +1033,29 @@ impl<S: Stack> Service<S> {
         publish(a, req.sock, mask, true);
         // As a loopback TCP connect answers: the guest's next connect() reports completion.
         Some(if blocking { Ok(0) } else { Err(libc::EINPROGRESS) })
+    }
+}
+
+/// Whether a call's effect on other sockets must be published before it completes (see
+/// `settle`). Not after EAGAIN: the guest then waits for a wakeup after the completion's `seq`,
+/// and one consumed before it would be lost.
+fn settles(req: &Request, result: i64) -> bool {
+    let call = match req.call {
+        Call::Send { nowait, .. } => !nowait,
+        Call::Shutdown { .. } | Call::Close | Call::Connect { .. } => true,
+        _ => false,
+    };
+    call && (result >= 0 || result == -(libc::EINPROGRESS as i64))
+}
+
+/// Completes nqe `idx` with `result` (an op with no address or data to return).
+fn complete(region: &Region, idx: u32, result: i64) {
+    let p = region.nqe(idx);
+    // SAFETY: p points at nqe idx inside the mapping; the guest reads it only after DONE, which
+    // the Release swap below orders after this write.
+    unsafe { std::ptr::write_volatile(&mut (*p).result, result) };
+    if region.nqe_state(idx).swap(nqe_state::DONE, Ordering::AcqRel) & nqe_state::WAITER != 0 {
+        sys::futex_wake(region.nqe_state(idx));
     }
 }
 
