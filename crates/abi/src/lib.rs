@@ -207,6 +207,12 @@ pub struct RecvControl {
     pub flags: u32,
 }
 
+/// A bit of `Slot::mask` that is no poll event: the socket's next byte is its urgent byte
+/// (SIOCATMARK), which a receive skips (unless SO_OOBINLINE) even when nothing else is there
+/// to read, so a receive must reach the stack although POLLIN is clear. GuestLib never reports
+/// it to the application.
+pub const MASK_AT_MARK: u32 = 1 << 16;
+
 /// Socket operations a guest can request.
 #[repr(u32)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

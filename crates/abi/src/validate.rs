@@ -12,7 +12,7 @@
 //! are the stack's to judge, not a violation.
 
 use crate::{HeaderError, Layout, Nqe, Op, RegionHeader, ABI_VERSION, ADDR_MAX, BUF_SIZE, CONNECT_BLOCKING, MAGIC};
-use crate::{NQE_COUNT, SEND_ASYNC, SHARE_ALL, SLOT_COUNT};
+use crate::{RecvControl, CONTROL_MAX, NQE_COUNT, RECV_CONTROL, SEND_ASYNC, SHARE_ALL, SLOT_COUNT};
 
 /// The request fields of an nqe as the guest wrote them, copied out of shared memory once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,9 +157,12 @@ pub enum Call {
         nowait: bool,
         to: SockAddr,
     },
+    /// `arg0` = [`RECV_CONTROL`] | capacity: `control` is the caller's control buffer size;
+    /// a [`RecvControl`] and that many bytes follow `buf` in the pool.
     Recv {
         buf: PoolBuf,
         flags: i32,
+        control: Option<u32>,
     },
     /// `flags` how.
     Shutdown {
@@ -318,7 +321,7 @@ pub fn validate(idx: u32, s: &NqeSnapshot, layout: &Layout) -> Result<Request, V
         Op::Send => {
             Call::Send { buf, flags: (s.flags & !SEND_ASYNC) as i32, nowait: s.flags & SEND_ASYNC != 0, to: addr }
         }
-        Op::Recv => Call::Recv { buf, flags },
+        Op::Recv => Call::Recv { buf, flags, control: control_after(idx, s, layout, RECV_CONTROL, RECV_HEADER)? },
         Op::Shutdown => Call::Shutdown { how: flags },
         Op::Close => Call::Close,
         Op::GetSockOpt => Call::GetSockOpt { level: arg0, name: arg1, buf },
@@ -331,6 +334,23 @@ pub fn validate(idx: u32, s: &NqeSnapshot, layout: &Layout) -> Result<Request, V
         Op::Unshare => Call::Unshare { holder: s.arg0 },
     };
     Ok(Request { sock: s.sock, holder: s.holder, call })
+}
+
+const RECV_HEADER: u32 = std::mem::size_of::<RecvControl>() as u32;
+
+/// The control area `flag` in `arg0` announces (its size in the low 32 bits, at most
+/// CONTROL_MAX): after the op's buffer, `header` + size bytes, all in the pool.
+fn control_after(idx: u32, s: &NqeSnapshot, layout: &Layout, flag: u64, header: u32) -> Result<Option<u32>, Violation> {
+    if s.arg0 & flag == 0 {
+        return Ok(None);
+    }
+    let size = s.arg0 as u32;
+    let off = s.buf_off.saturating_add(s.buf_len as u64);
+    let len = header.saturating_add(size);
+    if size > CONTROL_MAX || !layout.pool_contains(off, len) {
+        return Err(Violation::Buffer { nqe: idx, off, len });
+    }
+    Ok(Some(size))
 }
 
 impl Request {
@@ -364,9 +384,10 @@ impl Request {
                 put_addr(&mut s, &to);
                 s.flags = int(flags) | if nowait { SEND_ASYNC } else { 0 };
             }
-            Call::Recv { buf, flags } => {
+            Call::Recv { buf, flags, control } => {
                 put_buf(&mut s, buf);
                 s.flags = int(flags);
+                s.arg0 = control.map_or(0, |cap| RECV_CONTROL | cap as u64);
             }
             Call::Shutdown { how } => s.flags = int(how),
             Call::GetSockOpt { level, name, buf } | Call::SetSockOpt { level, name, buf } => {

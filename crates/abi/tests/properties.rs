@@ -75,7 +75,7 @@ fn call() -> impl Strategy<Value = Call> {
             nowait,
             to
         }),
-        (pool_buf(), int()).prop_map(|(buf, flags)| Call::Recv { buf, flags }),
+        (pool_buf(), int()).prop_map(|(buf, flags)| Call::Recv { buf, flags, control: None }),
         int().prop_map(|how| Call::Shutdown { how }),
         Just(Call::Close),
         (int(), int(), pool_buf()).prop_map(|(level, name, buf)| Call::GetSockOpt { level, name, buf }),

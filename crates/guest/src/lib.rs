@@ -387,20 +387,21 @@ pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> s
     on_fd!(fd, |s| unsafe { recvmsg_one(s, msg, flags) }, unsafe { real::recvmsg(fd, msg, flags) })
 }
 
-/// One recvmsg on a NetKernel socket. Ancillary data is not produced (msg_controllen = 0).
+/// One recvmsg on a NetKernel socket, with the ancillary data the NSM's recvmsg produced.
 ///
 /// # Safety
 /// `msg` is null or a valid msghdr whose buffers are valid.
 unsafe fn recvmsg_one(s: u32, msg: *mut msghdr, flags: c_int) -> Result<isize, Errno> {
     // SAFETY: per the contract.
     let m = unsafe { msg.as_mut() }.ok_or(libc::EFAULT)?;
-    let mut info = sock::RecvInfo::default();
+    let cap = if m.msg_control.is_null() { 0 } else { m.msg_controllen };
+    let mut info = sock::RecvInfo { control: Some((m.msg_control.cast(), cap)), ..Default::default() };
     // SAFETY: the caller's iovecs.
     let n = unsafe { sock::recv(s, iov_slice(m.msg_iov, m.msg_iovlen as c_int)?, flags, &mut info) }?;
     // SAFETY: the caller's address buffer.
     unsafe { sock::addr_out(&info.from, info.from_len, m.msg_name.cast(), &mut m.msg_namelen) };
-    m.msg_controllen = 0;
-    m.msg_flags = if info.truncated { libc::MSG_TRUNC } else { 0 };
+    m.msg_controllen = info.control_len;
+    m.msg_flags = info.msg_flags | if info.truncated { libc::MSG_TRUNC } else { 0 };
     Ok(n as isize)
 }
 

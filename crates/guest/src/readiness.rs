@@ -24,7 +24,7 @@ const POLLOUT: u32 = libc::POLLOUT as u32;
 
 /// A socket's current poll(2) bits, with the *NORM bits Linux reports alongside IN and OUT.
 fn full_mask(a: &Attachment, slot: u32) -> u32 {
-    let mut m = a.region.slot(slot).mask.load(Ordering::Acquire);
+    let mut m = a.region.slot(slot).mask.load(Ordering::Acquire) & !netkernel_abi::MASK_AT_MARK;
     if m & POLLIN != 0 {
         m |= libc::POLLRDNORM as u32;
     }

@@ -6,7 +6,8 @@ use crate::state::{
     self, attachment, sock_state, Attachment, Errno, F_INET6, F_LISTEN, F_NONBLOCK, F_STREAM, F_WR_SHUT,
 };
 use libc::{c_int, iovec, sockaddr, socklen_t};
-use netkernel_abi::{Op, ADDR_MAX, BUF_SIZE, CONNECT_BLOCKING};
+use netkernel_abi::{Op, RecvControl, ADDR_MAX, BUF_SIZE, CONNECT_BLOCKING, CONTROL_MAX, RECV_CONTROL};
+use std::mem::size_of;
 use std::sync::atomic::Ordering;
 
 fn live() -> Result<&'static Attachment, Errno> {
@@ -459,16 +460,22 @@ fn unread(inp: c_int, off: *mut libc::off_t, n: i64) {
     }
 }
 
-/// What a receive returned besides its byte count.
+/// What a receive returned besides its byte count. For recvmsg, `control` is the caller's
+/// control buffer (null with a capacity of 0 is a real request: the kernel then reports
+/// MSG_CTRUNC for what did not fit).
 pub struct RecvInfo {
     pub from: [u8; ADDR_MAX],
     pub from_len: usize,
     pub truncated: bool,
+    pub control: Option<(*mut u8, usize)>,
+    /// msg_controllen and msg_flags (MSG_CTRUNC, MSG_OOB) as the NSM's recvmsg returned them.
+    pub control_len: usize,
+    pub msg_flags: c_int,
 }
 
 impl Default for RecvInfo {
     fn default() -> Self {
-        RecvInfo { from: [0; ADDR_MAX], from_len: 0, truncated: false }
+        RecvInfo { from: [0; ADDR_MAX], from_len: 0, truncated: false, control: None, control_len: 0, msg_flags: 0 }
     }
 }
 
@@ -482,26 +489,38 @@ pub unsafe fn recv(slot: u32, iov: &[iovec], flags: c_int, info: &mut RecvInfo) 
     let stream = st.flags.load(Ordering::Relaxed) & F_STREAM != 0;
     let listening = st.flags.load(Ordering::Relaxed) & F_LISTEN != 0;
     let total = iov_total(iov);
-    let waitall = stream && flags & libc::MSG_WAITALL != 0 && flags & libc::MSG_PEEK == 0;
+    let waitall = stream && flags & libc::MSG_WAITALL != 0 && flags & (libc::MSG_PEEK | libc::MSG_OOB) == 0;
     let user_trunc = flags & libc::MSG_TRUNC != 0;
     // Datagrams: always learn the real length, to report truncation as the kernel does.
     let mut nsm_flags = flags & !(libc::MSG_WAITALL | libc::MSG_DONTWAIT);
     if !stream {
         nsm_flags |= libc::MSG_TRUNC;
     }
+    // Urgent data is never waited for: Linux answers at once (EAGAIN, EINVAL or the byte), and
+    // the slot's POLLIN says nothing about it.
+    let urgent = flags & libc::MSG_OOB != 0;
+    // The control buffer's room travels after the data, in the same nqe buffer.
+    let control_cap = info.control.map_or(0, |(_, cap)| cap.min(CONTROL_MAX as usize));
+    let room = BUF_SIZE as usize - if info.control.is_some() { control_cap + size_of::<RecvControl>() } else { 0 };
     let mut got = 0usize;
     loop {
-        if !listening {
+        if !listening && !urgent {
             let timeout = st.rcvtimeo_us.load(Ordering::Relaxed);
-            if let Err(e) = ready_or_wait(a, slot, libc::POLLIN as u32, flags, timeout) {
+            // With urgent data waiting the call goes to the stack even without POLLIN: there
+            // it skips the urgent byte, as Linux's would.
+            let want = (libc::POLLIN | libc::POLLPRI) as u32 | netkernel_abi::MASK_AT_MARK;
+            if let Err(e) = ready_or_wait(a, slot, want, flags, timeout) {
                 return partial(got, e);
             }
         }
-        let chunk = (total - got).min(BUF_SIZE as usize);
+        let chunk = (total - got).min(room);
         let c = match a.call(|w| {
             w.set(Op::Recv, slot);
             w.flags(nsm_flags as u32);
             w.use_buf(chunk);
+            if info.control.is_some() {
+                w.args(RECV_CONTROL | control_cap as u64, 0);
+            }
         }) {
             Ok(c) => c,
             Err(e) => return partial(got, e),
@@ -509,6 +528,21 @@ pub unsafe fn recv(slot: u32, iov: &[iovec], flags: c_int, info: &mut RecvInfo) 
         match c.result() {
             Ok(n) => {
                 let n = n as usize;
+                if let Some((dst, _)) = info.control {
+                    // SAFETY: the NSM wrote a RecvControl after the chunk and at most
+                    // control_cap bytes after it; dst has room for control_cap bytes.
+                    unsafe {
+                        let at = c.buf().add(chunk);
+                        let h = std::ptr::read_unaligned(at.cast::<RecvControl>());
+                        let len = (h.len as usize).min(control_cap);
+                        // A stream read in several pieces reports the last piece's messages.
+                        if len > 0 || got == 0 {
+                            std::ptr::copy_nonoverlapping(at.add(size_of::<RecvControl>()), dst, len);
+                            info.control_len = len;
+                        }
+                        info.msg_flags |= h.flags as c_int & (libc::MSG_CTRUNC | libc::MSG_OOB);
+                    }
+                }
                 let copied = n.min(chunk);
                 if !(stream && user_trunc) {
                     // SAFETY: the NSM wrote `copied` bytes to the buffer; iov per contract.
@@ -528,7 +562,7 @@ pub unsafe fn recv(slot: u32, iov: &[iovec], flags: c_int, info: &mut RecvInfo) 
                     return Ok(got);
                 }
             }
-            Err(libc::EAGAIN) if blocking(slot, flags) => {
+            Err(libc::EAGAIN) if blocking(slot, flags) && !urgent => {
                 let seq = c.seq();
                 drop(c);
                 if let Err(e) = a.wait_slot(slot, seq, st.rcvtimeo_us.load(Ordering::Relaxed)) {

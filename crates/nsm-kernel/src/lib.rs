@@ -2,6 +2,7 @@
 //! the congestion control the provider configured. Every result and errno is the kernel's own,
 //! which is what makes guests see Linux semantics.
 
+use netkernel_service::stack::Received;
 use netkernel_service::{Errno, Stack};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
@@ -136,6 +137,32 @@ impl Stack for KernelStack {
             )
         })?;
         Ok((n, flen as usize))
+    }
+
+    fn recvmsg(
+        &mut self,
+        s: BorrowedFd,
+        buf: &mut [u8],
+        flags: i32,
+        from: &mut [u8],
+        control: &mut [u8],
+    ) -> Result<Received, Errno> {
+        let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+        // SAFETY: msghdr is plain data.
+        let mut m: libc::msghdr = unsafe { std::mem::zeroed() };
+        m.msg_name = from.as_mut_ptr().cast();
+        m.msg_namelen = from.len() as u32;
+        m.msg_iov = &mut iov;
+        m.msg_iovlen = 1;
+        // An empty control buffer is a null one, as the guest's was: the kernel then reports
+        // MSG_CTRUNC for any control message it had.
+        if !control.is_empty() {
+            m.msg_control = control.as_mut_ptr().cast();
+            m.msg_controllen = control.len();
+        }
+        // SAFETY: m describes live buffers (buf, from, control) of the lengths given.
+        let n = len(unsafe { libc::recvmsg(s.as_raw_fd(), &mut m, flags | libc::MSG_DONTWAIT) })?;
+        Ok(Received { len: n, from_len: m.msg_namelen as usize, control_len: m.msg_controllen, flags: m.msg_flags })
     }
 
     fn shutdown(&mut self, s: BorrowedFd, how: i32) -> Result<(), Errno> {

@@ -7,6 +7,7 @@
 //! doorbell only then (D5).
 
 mod adopt;
+mod cmsg;
 mod colocated;
 pub mod control;
 mod holders;
@@ -75,6 +76,9 @@ struct Sock {
     backlog: Option<colocated::Backlog>,
     /// SO_LINGER with a timeout: closing the stack socket blocks until its bytes are out.
     linger_wait: bool,
+    /// Urgent data came and its mark is not passed yet: readiness then asks the stack whether
+    /// the next byte is the urgent one (MASK_AT_MARK).
+    urgent: Cell<bool>,
 }
 
 impl Drop for Sock {
@@ -105,6 +109,7 @@ impl Sock {
             pipe: None,
             backlog: None,
             linger_wait: false,
+            urgent: Cell::new(false),
         }
     }
 
@@ -129,7 +134,25 @@ impl Sock {
         if self.backlog.as_ref().is_some_and(|b| !b.queue.is_empty()) {
             mask |= (libc::POLLIN | libc::POLLRDNORM) as u32;
         }
-        self.sendq.adjust(mask)
+        self.sendq.adjust(self.with_mark(stack, mask))
+    }
+
+    /// Adds MASK_AT_MARK to a stack socket's mask while it sits at an urgent mark. Only
+    /// sockets that saw urgent data pay the ioctl.
+    fn with_mark<S: Stack>(&self, stack: &mut S, mask: u32) -> u32 {
+        if mask & libc::POLLPRI as u32 != 0 {
+            self.urgent.set(true);
+        }
+        if !self.urgent.get() {
+            return mask;
+        }
+        let at_mark = self.fd().is_ok_and(|fd| stack.ioctl(fd, SIOCATMARK) == Ok(1));
+        self.urgent.set(at_mark || mask & libc::POLLPRI as u32 != 0);
+        if at_mark {
+            mask | netkernel_abi::MASK_AT_MARK
+        } else {
+            mask
+        }
     }
 }
 
@@ -567,7 +590,7 @@ impl<S: Stack> Service<S> {
                     self.stats.bytes_out += n as u64;
                     tenant(&mut self.stats, &a.tenant).bytes_out += n as u64;
                 }
-                let mut mask = s.sendq.adjust(bits & !(libc::EPOLLET as u32));
+                let mut mask = s.sendq.adjust(s.with_mark(&mut self.stack, bits & !(libc::EPOLLET as u32)));
                 if s.backlog.as_ref().is_some_and(|b| !b.queue.is_empty()) {
                     mask |= (libc::POLLIN | libc::POLLRDNORM) as u32;
                 }
@@ -1005,7 +1028,14 @@ impl<S: Stack> Service<S> {
         }
         let listener_v6 = self.atts[l.ai].as_ref()?.sock(l.slot).ok()?.backlog.as_ref()?.v6;
         let as_family = |a: SocketAddr| policy::encode(&same_family(a, listener_v6));
-        let (mut client, server) = colocated::pair((policy::encode(&me), peer), (as_family(target), as_family(me)));
+        let (mut client, mut server) = colocated::pair((policy::encode(&me), peer), (as_family(target), as_family(me)));
+        // Options set before connect (and on the listener, which its connections inherit)
+        // hold for the pipe's ends too.
+        let a = self.atts[ai].as_ref().expect("checked");
+        let fd = a.sock(req.sock).ok()?.fd().ok()?;
+        inherit_options(&mut self.stack, &mut self.templates, fd, &mut client, me.is_ipv6());
+        let lfd = self.atts[l.ai].as_ref()?.sock(l.slot).ok()?.fd().ok()?;
+        inherit_options(&mut self.stack, &mut self.templates, lfd, &mut server, listener_v6);
         // The listener's guest learns of the connection (accept() will find it).
         let la = self.atts[l.ai].as_mut().expect("live");
         let ls = la.sock_mut(l.slot).expect("live");
@@ -1056,6 +1086,35 @@ fn complete(region: &Region, idx: u32, result: i64) {
     unsafe { std::ptr::write_volatile(&mut (*p).result, result) };
     if region.nqe_state(idx).swap(nqe_state::DONE, Ordering::AcqRel) & nqe_state::WAITER != 0 {
         sys::futex_wake(region.nqe_state(idx));
+    }
+}
+
+/// Copies the options a program may have set on `from` (the stack socket before a co-located
+/// connect, or the listener) to a pipe end, where they differ from a fresh socket's.
+fn inherit_options<S: Stack>(
+    stack: &mut S,
+    templates: &mut [Option<OwnedFd>; 2],
+    from: BorrowedFd,
+    end: &mut colocated::End,
+    v6: bool,
+) {
+    const INHERITED: [(i32, i32); 8] = [
+        (libc::SOL_SOCKET, libc::SO_SNDBUF),
+        (libc::SOL_SOCKET, libc::SO_RCVBUF),
+        (libc::SOL_SOCKET, libc::SO_OOBINLINE),
+        (libc::SOL_SOCKET, libc::SO_TIMESTAMP),
+        (libc::SOL_SOCKET, libc::SO_TIMESTAMPNS),
+        (libc::SOL_SOCKET, libc::SO_KEEPALIVE),
+        (libc::SOL_SOCKET, libc::SO_LINGER),
+        (libc::IPPROTO_TCP, libc::TCP_NODELAY),
+    ];
+    for (level, name) in INHERITED {
+        let (mut v, mut fresh) = ([0u8; 16], [0u8; 16]);
+        let Ok(n) = stack.getsockopt(from, level, name, &mut v) else { continue };
+        let Ok(t) = template(stack, templates, v6) else { return };
+        if stack.getsockopt(t, level, name, &mut fresh).is_ok_and(|m| v[..n] != fresh[..m]) {
+            end.set_option(level, name, v[..n].to_vec());
+        }
     }
 }
 
@@ -1333,7 +1392,8 @@ fn execute<S: Stack>(
         Call::Recv { flags, .. } => {
             let buf = region_buf(a);
             let s = a.socks.get_mut(req.sock as usize).and_then(|s| s.as_mut()).ok_or(libc::EBADF)?;
-            let (n, alen) = match stack.recv(s.fd()?, buf, flags, addr) {
+            let area = cmsg::area(&a.region, req);
+            let (n, alen) = match cmsg::recv(stack, s.fd()?, buf, flags, addr, area) {
                 // With nothing to read, a pending error from an asynchronous send is reported.
                 Ok((0, _)) | Err(libc::EAGAIN) if s.sendq.deferred.is_some() => {
                     return Err(s.sendq.deferred.take().expect("checked"))
@@ -1529,12 +1589,13 @@ fn colocated_op<S: Stack>(
     match req.call {
         Call::Bind { .. } | Call::Listen { .. } | Call::Accept => Err(libc::EINVAL),
         Call::Connect { .. } => end.connect_again().map(|()| 0),
-        Call::Send { nowait: is_async, .. } => {
+        Call::Send { nowait: is_async, flags, .. } => {
+            let urgent = flags & libc::MSG_OOB != 0;
             // The tenant's rate limit holds for bytes that stay on the host too. An asynchronous
             // send cannot wait: it is charged, and the tenant waits until the debt is paid.
             let (n, bucket) = match bucket {
                 Some(b) if is_async => {
-                    let n = end.send(buf, true, sendq::MAX_QUEUED).map_err(|e| e.unwrap_or(OVERFLOW))?;
+                    let n = end.send(buf, true, sendq::MAX_QUEUED, urgent).map_err(|e| e.unwrap_or(OVERFLOW))?;
                     b.charge(n);
                     (n, Some(b))
                 }
@@ -1544,11 +1605,11 @@ fn colocated_op<S: Stack>(
                         *throttled = true;
                         return Err(libc::EAGAIN);
                     }
-                    let r = end.send(&buf[..allowed], false, 0).map_err(|e| e.unwrap_or(OVERFLOW));
+                    let r = end.send(&buf[..allowed], false, 0, urgent).map_err(|e| e.unwrap_or(OVERFLOW));
                     b.refund(allowed - r.as_ref().map_or(0, |&n| n));
                     (r?, Some(b))
                 }
-                None => (end.send(buf, is_async, sendq::MAX_QUEUED).map_err(|e| e.unwrap_or(OVERFLOW))?, None),
+                None => (end.send(buf, is_async, sendq::MAX_QUEUED, urgent).map_err(|e| e.unwrap_or(OVERFLOW))?, None),
             };
             *throttled = bucket.is_some_and(|b| b.exhausted());
             s.bytes_out += n as u64;
@@ -1558,6 +1619,9 @@ fn colocated_op<S: Stack>(
         }
         Call::Recv { flags, .. } => {
             let n = end.recv(buf, flags)?;
+            if let Some(area) = cmsg::area(&a.region, req) {
+                cmsg::colocated(area, end.stamp(), flags & libc::MSG_OOB);
+            }
             if flags & libc::MSG_PEEK == 0 {
                 s.bytes_in += n as u64;
                 stats.bytes_in += n as u64;
@@ -1568,6 +1632,7 @@ fn colocated_op<S: Stack>(
             Ok(n as i64)
         }
         Call::Shutdown { how } => end.shutdown(how).map(|()| 0),
+        Call::GetPeerName if end.closed() => Err(libc::ENOTCONN),
         Call::GetSockName | Call::GetPeerName => {
             let src = if req.call == Call::GetSockName { &end.local } else { &end.peer };
             addr[..src.len()].copy_from_slice(src);
@@ -1610,7 +1675,8 @@ fn colocated_op<S: Stack>(
         Call::Ioctl { request } => match request {
             libc::FIONREAD => Ok(end.unread() as i64),
             // Loopback acknowledges at once: nothing stays unsent or unacknowledged.
-            libc::TIOCOUTQ | SIOCATMARK => Ok(0),
+            libc::TIOCOUTQ => Ok(0),
+            SIOCATMARK => Ok(end.at_mark() as i64),
             _ => Err(libc::ENOTTY),
         },
         Call::Socket { .. } | Call::Close | Call::Resolve { .. } | Call::Share { .. } | Call::Unshare { .. } => {

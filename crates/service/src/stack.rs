@@ -5,6 +5,14 @@ use std::os::fd::{BorrowedFd, OwnedFd};
 /// A Linux errno value (positive).
 pub type Errno = i32;
 
+/// What a recvmsg returned: bytes, source address length, msg_controllen and msg_flags.
+pub struct Received {
+    pub len: usize,
+    pub from_len: usize,
+    pub control_len: usize,
+    pub flags: i32,
+}
+
 /// A network stack an NSM runs. Sockets are file descriptors whose readiness ServiceLib watches
 /// with epoll (edge-triggered); all of them are non-blocking: blocking is the guest's business.
 /// Return values and errors must be what Linux would return for the same call, since guests
@@ -23,6 +31,20 @@ pub trait Stack {
     fn send(&mut self, s: BorrowedFd, data: &[u8], flags: i32, to: &[u8]) -> Result<usize, Errno>;
     /// Returns bytes received and the length of the source address written to `from`.
     fn recv(&mut self, s: BorrowedFd, buf: &mut [u8], flags: i32, from: &mut [u8]) -> Result<(usize, usize), Errno>;
+    /// A receive with ancillary data into `control` (recvmsg(2)); a stack without any returns
+    /// none.
+    fn recvmsg(
+        &mut self,
+        s: BorrowedFd,
+        buf: &mut [u8],
+        flags: i32,
+        from: &mut [u8],
+        control: &mut [u8],
+    ) -> Result<Received, Errno> {
+        let _ = control;
+        let (len, from_len) = self.recv(s, buf, flags, from)?;
+        Ok(Received { len, from_len, control_len: 0, flags: 0 })
+    }
     fn shutdown(&mut self, s: BorrowedFd, how: i32) -> Result<(), Errno>;
     /// Returns the option's length.
     fn getsockopt(&mut self, s: BorrowedFd, level: i32, name: i32, val: &mut [u8]) -> Result<usize, Errno>;
