@@ -520,6 +520,9 @@ pub unsafe fn recv(slot: u32, iov: &[iovec], flags: c_int, info: &mut RecvInfo) 
             w.use_buf(chunk);
             if info.control.is_some() {
                 w.args(RECV_CONTROL | control_cap as u64, 0);
+                // An NSM that does not know RECV_CONTROL leaves this: no ancillary data.
+                // SAFETY: the header lies within this nqe's buffer (room keeps it there).
+                unsafe { std::ptr::write_unaligned(w.buf().add(chunk).cast::<RecvControl>(), RecvControl::default()) };
             }
         }) {
             Ok(c) => c,
