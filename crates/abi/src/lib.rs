@@ -194,7 +194,11 @@ pub const IOCTL_REFRESH: u64 = 0;
 /// (at most [`CONTROL_MAX`]). The NSM writes a [`RecvControl`] header at `buf_off + buf_len`
 /// followed by the control messages, all of which must lie in the buffer pool.
 pub const RECV_CONTROL: u64 = 1 << 32;
-/// The largest control buffer a Recv carries.
+/// Or'ed into `Op::Send`'s `arg0`: control messages (sendmsg's msg_control) follow the data.
+/// The low 32 bits of `arg0` are their length (at most [`CONTROL_MAX`]); they lie at
+/// `buf_off + buf_len`, in the buffer pool.
+pub const SEND_CONTROL: u64 = 1 << 32;
+/// The largest control buffer a Recv or Send carries.
 pub const CONTROL_MAX: u32 = 4096;
 
 /// What the NSM writes after a Recv's data when RECV_CONTROL is set: the length of the control

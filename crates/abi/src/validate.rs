@@ -12,7 +12,7 @@
 //! are the stack's to judge, not a violation.
 
 use crate::{HeaderError, Layout, Nqe, Op, RegionHeader, ABI_VERSION, ADDR_MAX, BUF_SIZE, CONNECT_BLOCKING, MAGIC};
-use crate::{RecvControl, CONTROL_MAX, NQE_COUNT, RECV_CONTROL, SEND_ASYNC, SHARE_ALL, SLOT_COUNT};
+use crate::{RecvControl, CONTROL_MAX, NQE_COUNT, RECV_CONTROL, SEND_ASYNC, SEND_CONTROL, SHARE_ALL, SLOT_COUNT};
 
 /// The request fields of an nqe as the guest wrote them, copied out of shared memory once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,11 +151,13 @@ pub enum Call {
         blocking: bool,
     },
     /// `flags` MSG_* without [`SEND_ASYNC`], which is `nowait`; `to` empty unless a sendto.
+    /// `arg0` = [`SEND_CONTROL`] | length: `control` bytes of control messages follow `buf`.
     Send {
         buf: PoolBuf,
         flags: i32,
         nowait: bool,
         to: SockAddr,
+        control: Option<u32>,
     },
     /// `arg0` = [`RECV_CONTROL`] | capacity: `control` is the caller's control buffer size;
     /// a [`RecvControl`] and that many bytes follow `buf` in the pool.
@@ -319,7 +321,8 @@ pub fn validate(idx: u32, s: &NqeSnapshot, layout: &Layout) -> Result<Request, V
         Op::Accept => Call::Accept,
         Op::Connect => Call::Connect { addr, blocking: s.flags & CONNECT_BLOCKING != 0 },
         Op::Send => {
-            Call::Send { buf, flags: (s.flags & !SEND_ASYNC) as i32, nowait: s.flags & SEND_ASYNC != 0, to: addr }
+            let control = control_after(idx, s, layout, SEND_CONTROL, 0)?;
+            Call::Send { buf, flags: (s.flags & !SEND_ASYNC) as i32, nowait: s.flags & SEND_ASYNC != 0, to: addr, control }
         }
         Op::Recv => Call::Recv { buf, flags, control: control_after(idx, s, layout, RECV_CONTROL, RECV_HEADER)? },
         Op::Shutdown => Call::Shutdown { how: flags },
@@ -379,10 +382,11 @@ impl Request {
                 put_addr(&mut s, &addr);
                 s.flags = if blocking { CONNECT_BLOCKING } else { 0 };
             }
-            Call::Send { buf, flags, nowait, to } => {
+            Call::Send { buf, flags, nowait, to, control } => {
                 put_buf(&mut s, buf);
                 put_addr(&mut s, &to);
                 s.flags = int(flags) | if nowait { SEND_ASYNC } else { 0 };
+                s.arg0 = control.map_or(0, |len| SEND_CONTROL | len as u64);
             }
             Call::Recv { buf, flags, control } => {
                 put_buf(&mut s, buf);
@@ -568,12 +572,39 @@ mod tests {
         };
         let r = validate(0, &s, &l).unwrap();
         assert_eq!(r.sock, 7);
-        let Call::Send { buf, flags, nowait, to } = r.call else { panic!("{r:?}") };
+        let Call::Send { buf, flags, nowait, to, control } = r.call else { panic!("{r:?}") };
         assert_eq!(
-            (buf.off(), buf.len(), flags, nowait, to),
-            (l.buf_off(2), 100, libc_msg_more() as i32, true, SockAddr::NONE)
+            (buf.off(), buf.len(), flags, nowait, to, control),
+            (l.buf_off(2), 100, libc_msg_more() as i32, true, SockAddr::NONE, None)
         );
         assert_eq!(validate(0, &r.encode(), &l), Ok(r));
+    }
+
+    #[test]
+    fn control_areas_follow_the_buffer_inside_the_pool() {
+        let l = Layout::standard();
+        let recv = |off: u64, len: u32, arg0: u64| NqeSnapshot {
+            op: Op::Recv as u32,
+            buf_off: off,
+            buf_len: len,
+            arg0,
+            ..NqeSnapshot::default()
+        };
+        let r = validate(0, &recv(l.buf_off(1), 1000, RECV_CONTROL | 64), &l).unwrap();
+        assert!(matches!(r.call, Call::Recv { control: Some(64), .. }));
+        assert_eq!(validate(0, &r.encode(), &l), Ok(r));
+        // The header and the control bytes must fit in the pool too, at most CONTROL_MAX.
+        let end = l.pool_off + l.pool_size;
+        assert!(validate(0, &recv(end - 1000, 1000, RECV_CONTROL), &l).is_err());
+        assert!(validate(0, &recv(l.buf_off(1), 0, RECV_CONTROL | (CONTROL_MAX as u64 + 1)), &l).is_err());
+        let send = NqeSnapshot {
+            op: Op::Send as u32,
+            buf_off: end - 100,
+            buf_len: 90,
+            arg0: SEND_CONTROL | 11,
+            ..NqeSnapshot::default()
+        };
+        assert_eq!(validate(3, &send, &l), Err(Violation::Buffer { nqe: 3, off: end - 10, len: 11 }));
     }
 
     /// MSG_MORE (the abi crate has no libc).

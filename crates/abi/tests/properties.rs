@@ -4,7 +4,7 @@
 use netkernel_abi::validate::{
     nqe_index, queue_len, validate, Call, HeaderSnapshot, NqeSnapshot, PoolBuf, Request, SockAddr, Violation,
 };
-use netkernel_abi::{Layout, Op, ADDR_MAX, NQE_COUNT};
+use netkernel_abi::{Layout, Op, ADDR_MAX, CONTROL_MAX, NQE_COUNT, RECV_CONTROL, SEND_CONTROL};
 use proptest::prelude::*;
 
 fn layout() -> Layout {
@@ -73,7 +73,8 @@ fn call() -> impl Strategy<Value = Call> {
             buf,
             flags: f & i32::MAX,
             nowait,
-            to
+            to,
+            control: None
         }),
         (pool_buf(), int()).prop_map(|(buf, flags)| Call::Recv { buf, flags, control: None }),
         int().prop_map(|how| Call::Shutdown { how }),
@@ -105,9 +106,18 @@ proptest! {
         let known = Op::from_u32(s.op).is_some();
         let addr_ok = s.addr_len as usize <= ADDR_MAX;
         let buf_ok = s.buf_len == 0 || l.pool_contains(s.buf_off, s.buf_len);
+        // A Recv or Send may carry a control area after its buffer (header, then size bytes).
+        let ctl = match Op::from_u32(s.op) {
+            Some(Op::Recv) if s.arg0 & RECV_CONTROL != 0 => Some((s.arg0 as u32, 8u32)),
+            Some(Op::Send) if s.arg0 & SEND_CONTROL != 0 => Some((s.arg0 as u32, 0)),
+            _ => None,
+        };
+        let ctl_off = s.buf_off.saturating_add(s.buf_len as u64);
+        let ctl_len = ctl.map_or(0, |(n, h)| h.saturating_add(n));
+        let ctl_ok = ctl.is_none_or(|(n, _)| n <= CONTROL_MAX && l.pool_contains(ctl_off, ctl_len));
         match validate(idx, &s, &l) {
             Ok(r) => {
-                prop_assert!(known && addr_ok && buf_ok);
+                prop_assert!(known && addr_ok && buf_ok && ctl_ok);
                 prop_assert_eq!(r.call.op() as u32, s.op);
                 prop_assert_eq!((r.sock, r.holder), (s.sock, s.holder));
                 let b = r.call.buf();
@@ -116,9 +126,13 @@ proptest! {
             }
             Err(Violation::Opcode { nqe, op }) => prop_assert!(!known && nqe == idx && op == s.op),
             Err(Violation::AddrLen { nqe, len }) => prop_assert!(known && !addr_ok && nqe == idx && len == s.addr_len),
-            Err(Violation::Buffer { nqe, off, len }) => {
-                prop_assert!(known && addr_ok && !buf_ok && nqe == idx && (off, len) == (s.buf_off, s.buf_len))
-            }
+            Err(Violation::Buffer { nqe, off, len }) => prop_assert!(
+                known
+                    && addr_ok
+                    && nqe == idx
+                    && ((!buf_ok && (off, len) == (s.buf_off, s.buf_len))
+                        || (buf_ok && !ctl_ok && (off, len) == (ctl_off, ctl_len)))
+            ),
             Err(v) => prop_assert!(false, "validate never reports {v:?}"),
         }
     }

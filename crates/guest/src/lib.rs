@@ -405,16 +405,29 @@ unsafe fn recvmsg_one(s: u32, msg: *mut msghdr, flags: c_int) -> Result<isize, E
     Ok(n as isize)
 }
 
-/// One sendmsg on a NetKernel socket (ancillary data is ignored).
+/// One sendmsg on a NetKernel socket, its control messages passed to the NSM's sendmsg.
 ///
 /// # Safety
 /// `msg` is null or a valid msghdr whose buffers are valid.
 unsafe fn sendmsg_one(s: u32, msg: *const msghdr, flags: c_int) -> Result<isize, Errno> {
     // SAFETY: per the contract.
     let m = unsafe { msg.as_ref() }.ok_or(libc::EFAULT)?;
+    let control: &[u8] = if m.msg_control.is_null() || m.msg_controllen == 0 {
+        &[]
+    } else {
+        // SAFETY: the caller's control buffer of msg_controllen bytes.
+        unsafe { std::slice::from_raw_parts(m.msg_control.cast(), m.msg_controllen) }
+    };
     // SAFETY: the caller's iovecs and address.
     isize_of(unsafe {
-        sock::send(s, iov_slice(m.msg_iov, m.msg_iovlen as c_int)?, flags, m.msg_name.cast(), m.msg_namelen)
+        sock::send_msg(
+            s,
+            iov_slice(m.msg_iov, m.msg_iovlen as c_int)?,
+            flags,
+            m.msg_name.cast(),
+            m.msg_namelen,
+            control,
+        )
     })
 }
 

@@ -6,7 +6,7 @@ use crate::state::{
     self, attachment, sock_state, Attachment, Errno, F_INET6, F_LISTEN, F_NONBLOCK, F_STREAM, F_WR_SHUT,
 };
 use libc::{c_int, iovec, sockaddr, socklen_t};
-use netkernel_abi::{Op, RecvControl, ADDR_MAX, BUF_SIZE, CONNECT_BLOCKING, CONTROL_MAX, RECV_CONTROL};
+use netkernel_abi::{Op, RecvControl, ADDR_MAX, BUF_SIZE, CONNECT_BLOCKING, CONTROL_MAX, RECV_CONTROL, SEND_CONTROL};
 use std::mem::size_of;
 use std::sync::atomic::Ordering;
 
@@ -321,6 +321,26 @@ pub unsafe fn send(
     to: *const sockaddr,
     to_len: socklen_t,
 ) -> Result<usize, Errno> {
+    // SAFETY: per this function's contract.
+    unsafe { send_msg(slot, iov, flags, to, to_len, &[]) }
+}
+
+/// send with control messages (sendmsg's msg_control), which go to the stack with the data.
+///
+/// # Safety
+/// As for `send`.
+pub unsafe fn send_msg(
+    slot: u32,
+    iov: &[iovec],
+    flags: c_int,
+    to: *const sockaddr,
+    to_len: socklen_t,
+    control: &[u8],
+) -> Result<usize, Errno> {
+    if control.len() > CONTROL_MAX as usize {
+        // More than GuestLib carries; Linux's own limit (optmem_max) answers the same way.
+        return Err(libc::ENOBUFS);
+    }
     let (to, to_len) = addr_in(to, to_len)?;
     let a = live()?;
     let st = sock_state(slot);
@@ -329,14 +349,23 @@ pub unsafe fn send(
     let listening = st.flags.load(Ordering::Relaxed) & F_LISTEN != 0;
     let wr_shut = st.flags.load(Ordering::Relaxed) & F_WR_SHUT != 0;
     let total = iov_total(iov);
-    if !stream && total > BUF_SIZE as usize {
+    let room = BUF_SIZE as usize - control.len();
+    if !stream && total > room {
         return Err(libc::EMSGSIZE);
     }
     let nsm_flags = (flags & !(libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)) as u32;
     // A TCP send the socket can take right now need not wait for the NSM: it queues what the
     // stack does not take at once, and an error shows on the next call (as a kernel socket's
     // pending error would). Anything unusual goes the synchronous way.
-    if stream && !listening && !wr_shut && to.is_null() && total > 0 && total <= ASYNC_MAX && nsm_flags == 0 {
+    if stream
+        && !listening
+        && !wr_shut
+        && to.is_null()
+        && control.is_empty()
+        && total > 0
+        && total <= ASYNC_MAX
+        && nsm_flags == 0
+    {
         let s = a.region.slot(slot);
         let m = s.mask.load(Ordering::Acquire);
         let out = libc::POLLOUT as u32;
@@ -362,12 +391,19 @@ pub unsafe fn send(
                 return partial(sent, e);
             }
         }
-        let chunk = (total - sent).min(BUF_SIZE as usize);
+        let chunk = (total - sent).min(room);
         let c = match a.call(|w| {
             w.set(Op::Send, slot);
             w.flags(nsm_flags);
-            // SAFETY: per this function's contract; the nqe buffer holds BUF_SIZE bytes.
-            unsafe { copy_iov(iov, sent, w.buf(), chunk, Dir::Gather) };
+            // SAFETY: per this function's contract; the nqe buffer holds BUF_SIZE bytes, of
+            // which room for the data and the control messages after it.
+            unsafe {
+                copy_iov(iov, sent, w.buf(), chunk, Dir::Gather);
+                if !control.is_empty() {
+                    std::ptr::copy_nonoverlapping(control.as_ptr(), w.buf().add(chunk), control.len());
+                    w.args(SEND_CONTROL | control.len() as u64, 0);
+                }
+            }
             w.use_buf(chunk);
             if !to.is_null() {
                 w.addr(to, to_len);

@@ -165,6 +165,25 @@ impl Stack for KernelStack {
         Ok(Received { len: n, from_len: m.msg_namelen as usize, control_len: m.msg_controllen, flags: m.msg_flags })
     }
 
+    fn sendmsg(&mut self, s: BorrowedFd, data: &[u8], flags: i32, to: &[u8], control: &[u8]) -> Result<usize, Errno> {
+        let mut iov = libc::iovec { iov_base: data.as_ptr() as *mut _, iov_len: data.len() };
+        // The guest's bytes are copied out of the shared pool into memory of our own.
+        let mut ctl = control.to_vec();
+        // SAFETY: msghdr is plain data.
+        let mut m: libc::msghdr = unsafe { std::mem::zeroed() };
+        if !to.is_empty() {
+            m.msg_name = to.as_ptr() as *mut _;
+            m.msg_namelen = to.len() as u32;
+        }
+        m.msg_iov = &mut iov;
+        m.msg_iovlen = 1;
+        m.msg_control = ctl.as_mut_ptr().cast();
+        m.msg_controllen = ctl.len();
+        // SAFETY: m describes live buffers (data, to, ctl) of the lengths given; the kernel only
+        // reads them.
+        len(unsafe { libc::sendmsg(s.as_raw_fd(), &m, flags | libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) })
+    }
+
     fn shutdown(&mut self, s: BorrowedFd, how: i32) -> Result<(), Errno> {
         // SAFETY: plain system call.
         ok(unsafe { libc::shutdown(s.as_raw_fd(), how) })

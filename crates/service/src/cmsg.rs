@@ -17,6 +17,20 @@ pub(crate) struct Area<'a> {
     pub space: &'a mut [u8],
 }
 
+/// The control messages of a Send that carries some (validate() checked they lie in the pool).
+pub(crate) fn sent<'a>(region: &'a Region, req: &Request) -> &'a [u8] {
+    let Call::Send { buf, control: Some(len), .. } = req.call else {
+        return &[];
+    };
+    if len == 0 {
+        return &[];
+    }
+    let p = region.pool_ptr(buf.off() + buf.len() as u64, len);
+    // SAFETY: validate() put [p, +len) inside the pool of a region that outlives the request;
+    // the stack copies the bytes before parsing them.
+    unsafe { std::slice::from_raw_parts(p, len as usize) }
+}
+
 /// The control area of a Recv that asked for one (validate() checked it lies in the pool).
 pub(crate) fn area<'a>(region: &'a Region, req: &Request) -> Option<Area<'a>> {
     let Call::Recv { buf, control: Some(cap), .. } = req.call else {

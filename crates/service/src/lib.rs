@@ -1368,7 +1368,12 @@ fn execute<S: Stack>(
                 s.sendq.push(data);
                 return Ok(data.len() as i64);
             }
-            let r = stack.send(s.fd()?, &data[..allowed], flags, in_addr);
+            let control = cmsg::sent(&a.region, req);
+            let r = if control.is_empty() {
+                stack.send(s.fd()?, &data[..allowed], flags, in_addr)
+            } else {
+                stack.sendmsg(s.fd()?, &data[..allowed], flags, in_addr, control)
+            };
             if let Some(b) = bucket.as_deref_mut() {
                 b.refund(allowed - r.as_ref().map_or(0, |&n| n));
                 *throttled = b.exhausted();

@@ -45,6 +45,11 @@ pub trait Stack {
         let (len, from_len) = self.recv(s, buf, flags, from)?;
         Ok(Received { len, from_len, control_len: 0, flags: 0 })
     }
+    /// A send with control messages (sendmsg(2)); a stack that takes none ignores them.
+    fn sendmsg(&mut self, s: BorrowedFd, data: &[u8], flags: i32, to: &[u8], control: &[u8]) -> Result<usize, Errno> {
+        let _ = control;
+        self.send(s, data, flags, to)
+    }
     fn shutdown(&mut self, s: BorrowedFd, how: i32) -> Result<(), Errno>;
     /// Returns the option's length.
     fn getsockopt(&mut self, s: BorrowedFd, level: i32, name: i32, val: &mut [u8]) -> Result<usize, Errno>;

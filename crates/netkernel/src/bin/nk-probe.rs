@@ -1550,6 +1550,29 @@ fn sendto6(fd: c_int, data: &[u8], port: u16) -> isize {
     }
 }
 
+/// sendmsg of `data` to `dest` with one int control message (level, type, value).
+fn sendmsg_int(fd: c_int, data: &[u8], dest: (*const sockaddr, socklen_t), level: c_int, ty: c_int, v: c_int) -> isize {
+    let mut ctl = [0u64; 4];
+    let iov = [libc::iovec { iov_base: data.as_ptr() as *mut _, iov_len: data.len() }];
+    // SAFETY: msghdr is plain data; ctl has room for one int cmsg (CMSG_SPACE(4) = 24 bytes),
+    // which CMSG_FIRSTHDR/CMSG_DATA lay out inside it.
+    unsafe {
+        let mut m: libc::msghdr = std::mem::zeroed();
+        m.msg_name = dest.0 as *mut _;
+        m.msg_namelen = dest.1;
+        m.msg_iov = iov.as_ptr() as *mut _;
+        m.msg_iovlen = 1;
+        m.msg_control = ctl.as_mut_ptr().cast();
+        m.msg_controllen = libc::CMSG_SPACE(4) as usize;
+        let c = libc::CMSG_FIRSTHDR(&m);
+        (*c).cmsg_level = level;
+        (*c).cmsg_type = ty;
+        (*c).cmsg_len = libc::CMSG_LEN(4) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<c_int>(), v);
+        libc::sendmsg(fd, &m, 0)
+    }
+}
+
 fn cmsg_udp() {
     let (a, pa) = udp_socket();
     let (b, _) = udp_socket();
@@ -1574,6 +1597,13 @@ fn cmsg_udp() {
     t("sendto 5", sendto(b, b"nanoseconds", pa));
     recvmsg_trace("recvmsg timestampns", a, 100, Some(256), 0);
     recvmsg_trace("recvmsg empty DONTWAIT", a, 100, Some(256), libc::MSG_DONTWAIT);
+    // Control messages sent: TOS and TTL for one datagram.
+    let dest = loopback(pa);
+    t("sendmsg IP_TOS 0x10", sendmsg_int(b, b"tos", sa(&dest), libc::IPPROTO_IP, libc::IP_TOS, 0x10));
+    t("sendmsg IP_TTL 9", sendmsg_int(b, b"ttl", sa(&dest), libc::IPPROTO_IP, libc::IP_TTL, 9));
+    t("sendmsg bad cmsg", sendmsg_int(b, b"bad", sa(&dest), libc::IPPROTO_IP, 12345, 1));
+    recvmsg_trace("recvmsg of sendmsg IP_TOS", a, 100, Some(256), 0);
+    recvmsg_trace("recvmsg of sendmsg IP_TTL", a, 100, Some(256), 0);
     [a, b].into_iter().for_each(close);
 
     let (a, pa) = udp6_socket();
@@ -1591,6 +1621,14 @@ fn cmsg_udp() {
     t("sendto6 two", sendto6(b, b"six two", pa));
     recvmsg_trace("recvmsg6 with room", a, 100, Some(256), 0);
     recvmsg_trace("recvmsg6 control 40 bytes", a, 100, Some(40), 0);
+    // SAFETY: sockaddr_in6 is plain data.
+    let mut d6: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+    d6.sin6_family = libc::AF_INET6 as u16;
+    d6.sin6_addr.s6_addr[15] = 1;
+    d6.sin6_port = pa.to_be();
+    let dest = ((&d6 as *const libc::sockaddr_in6).cast(), std::mem::size_of::<libc::sockaddr_in6>() as socklen_t);
+    t("sendmsg IPV6_HOPLIMIT 2", sendmsg_int(b, b"hop", dest, libc::IPPROTO_IPV6, libc::IPV6_HOPLIMIT, 2));
+    recvmsg_trace("recvmsg6 of sendmsg IPV6_HOPLIMIT", a, 100, Some(256), 0);
     [a, b].into_iter().for_each(close);
 }
 
