@@ -316,8 +316,10 @@ impl End {
             return Err(Some(libc::EPIPE));
         }
         if p.sides[j].closed {
+            // The send that meets the reset takes what the window would; a larger one comes
+            // back short, and the next reports the error, as Linux's send into its buffer does.
             p.reset(i);
-            return Ok(data.len());
+            return Ok(if is_async { data.len() } else { data.len().min(p.capacity(j)) });
         }
         let queued = p.sides[j].rx.len();
         let cap = p.capacity(j);

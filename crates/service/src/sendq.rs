@@ -38,7 +38,8 @@ impl SendQueue {
     pub fn flush<S: Stack>(&mut self, stack: &mut S, fd: BorrowedFd, limit: usize) -> usize {
         let mut sent = 0;
         while self.off < self.buf.len() && sent < limit {
-            let end = self.buf.len().min(self.off + (limit - sent));
+            // limit is usize::MAX without a rate limit: the sum must not wrap.
+            let end = self.buf.len().min(self.off.saturating_add(limit - sent));
             match stack.send(fd, &self.buf[self.off..end], 0, &[]) {
                 Ok(n) => {
                     self.off += n;
