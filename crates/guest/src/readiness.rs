@@ -482,7 +482,15 @@ pub unsafe fn epoll_wait(
     let deadline = Deadline::new(timeout);
     loop {
         let waiter = BellWaiter::new(a);
-        let n = collect(set, out);
+        let mut n = collect(set, out);
+        // As for poll: a wait of zero reports loopback bytes sent asynchronously.
+        if n == 0 && deadline.is_zero() && sock::async_pending(a) {
+            let slot = set.list.lock().unwrap_or_else(|e| e.into_inner()).0.first().map(|i| i.slot);
+            if let Some(slot) = slot {
+                sock::refresh(a, slot);
+                n = collect(set, out);
+            }
+        }
         if n > 0 || deadline.is_zero() {
             drop(waiter);
             let rest = &mut out[n..];

@@ -1863,6 +1863,19 @@ fn loopback_sync() {
         println!("select 0: {n} {}", libc::FD_ISSET(s, &r));
     }
     recv_trace("recv", s, 10, 0);
+    // epoll_wait(0) too.
+    // SAFETY: a fresh epoll set of our own and live event buffers.
+    unsafe {
+        let ep = libc::epoll_create1(0);
+        let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: 1 };
+        libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, s, &mut ev);
+        t("send", send(c, b"epo", 0));
+        let mut out = [libc::epoll_event { events: 0, u64: 0 }; 2];
+        let n = libc::epoll_wait(ep, out.as_mut_ptr(), 2, 0);
+        println!("epoll_wait 0: {n} events={:#x}", if n > 0 { out[0].events } else { 0 });
+        libc::close(ep);
+    }
+    recv_trace("recv", s, 10, 0);
     // shutdown and close are seen at once too.
     // SAFETY: plain call.
     t("shutdown SHUT_WR", unsafe { libc::shutdown(c, libc::SHUT_WR) } as isize);
