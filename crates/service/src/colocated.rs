@@ -33,7 +33,6 @@ const TCP_ESTABLISHED: u8 = 1;
 const TCP_FIN_WAIT2: u8 = 5;
 const TCP_CLOSE: u8 = 7;
 const TCP_CLOSE_WAIT: u8 = 8;
-const TCP_LAST_ACK: u8 = 9;
 
 /// Where a socket's readiness goes: its slot in its guest's region, and the attachment's flag
 /// that asks for its doorbell to be rung.
@@ -222,8 +221,9 @@ impl Pipe {
     fn tcp_state(&self, i: usize) -> u8 {
         let s = &self.sides[i];
         match (s.reset, s.fin, s.wr_shut) {
-            (true, _, _) => TCP_CLOSE,
-            (_, true, true) => TCP_LAST_ACK,
+            // Both FINs sent and acknowledged, which loopback does at once: LAST_ACK and
+            // TIME_WAIT end there, and the socket a program holds reads CLOSE.
+            (true, _, _) | (_, true, true) => TCP_CLOSE,
             (_, true, false) => TCP_CLOSE_WAIT,
             (_, false, true) => TCP_FIN_WAIT2,
             _ => TCP_ESTABLISHED,

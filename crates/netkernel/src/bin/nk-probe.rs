@@ -1759,6 +1759,19 @@ fn addr_trace(label: &str, fd: c_int, peer: bool) {
     println!("{label}: {r} {} len {l} loopback {}", ename(e), a.sin_addr.s_addr == u32::from_ne_bytes([127, 0, 0, 1]));
 }
 
+/// tcpi_state, the first byte of TCP_INFO.
+fn tcp_state(fd: c_int) -> String {
+    let mut info = [0u8; 256];
+    let mut l = info.len() as socklen_t;
+    // SAFETY: info/l describe a live buffer.
+    let r = unsafe { libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, info.as_mut_ptr().cast(), &mut l) };
+    if r < 0 {
+        format!("-1 {}", ename(errno()))
+    } else {
+        info[0].to_string()
+    }
+}
+
 fn names_after_reset() {
     let (c, s) = pair();
     // SAFETY: plain calls.
@@ -1769,6 +1782,7 @@ fn names_after_reset() {
     println!("poll after both FINs: {}", poll1(c, libc::POLLIN, 1000));
     addr_trace("getpeername after both FINs, first to shut", c, true);
     addr_trace("getpeername after both FINs, second to shut", s, true);
+    println!("TCP_INFO state after both FINs: {} {}", tcp_state(c), tcp_state(s));
     [c, s].into_iter().for_each(close);
     let (c, s) = pair();
     addr_trace("getpeername connected", c, true);
@@ -1779,6 +1793,7 @@ fn names_after_reset() {
     println!("poll after the reset: {}", poll1(c, libc::POLLIN, 1000));
     addr_trace("getpeername after the peer reset", c, true);
     addr_trace("getsockname after the peer reset", c, false);
+    println!("TCP_INFO state after the peer reset: {}", tcp_state(c));
     recv_trace("recv after the reset", c, 10, 0);
     addr_trace("getpeername after reading the error", c, true);
     close(c);
