@@ -322,7 +322,13 @@ pub fn validate(idx: u32, s: &NqeSnapshot, layout: &Layout) -> Result<Request, V
         Op::Connect => Call::Connect { addr, blocking: s.flags & CONNECT_BLOCKING != 0 },
         Op::Send => {
             let control = control_after(idx, s, layout, SEND_CONTROL, 0)?;
-            Call::Send { buf, flags: (s.flags & !SEND_ASYNC) as i32, nowait: s.flags & SEND_ASYNC != 0, to: addr, control }
+            Call::Send {
+                buf,
+                flags: (s.flags & !SEND_ASYNC) as i32,
+                nowait: s.flags & SEND_ASYNC != 0,
+                to: addr,
+                control,
+            }
         }
         Op::Recv => Call::Recv { buf, flags, control: control_after(idx, s, layout, RECV_CONTROL, RECV_HEADER)? },
         Op::Shutdown => Call::Shutdown { how: flags },
