@@ -2,15 +2,70 @@
 //! the congestion control the provider configured. Every result and errno is the kernel's own,
 //! which is what makes guests see Linux semantics.
 
-use netkernel_service::stack::Received;
+use netkernel_service::stack::{Ready, Received, TcpStats};
 use netkernel_service::{Errno, Stack};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Instant;
 
 const SIOCATMARK: u64 = 0x8905;
 
 /// Linux kernel TCP/UDP as a NetKernel stack.
 pub struct KernelStack {
     congestion: Option<String>,
+    /// Watches the sockets, edge-triggered: each kernel wakeup becomes one event, which is what
+    /// the guest's own EPOLLET would have seen.
+    epfd: OwnedFd,
+    events: Vec<libc::epoll_event>,
+}
+
+/// A kernel socket of the NSM.
+pub struct KernelSocket(Option<OwnedFd>);
+
+impl KernelSocket {
+    fn raw(&self) -> RawFd {
+        self.0.as_ref().expect("taken only by drop").as_raw_fd()
+    }
+}
+
+impl AsFd for KernelSocket {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_ref().expect("taken only by drop").as_fd()
+    }
+}
+
+impl Drop for KernelSocket {
+    /// With SO_LINGER and a timeout, close(2) blocks until the bytes are out or the time is up:
+    /// that close happens on a thread of its own, so the NSM's loop and every other guest go on
+    /// (the guest's close() has returned already, as Linux's returns for a non-blocking socket).
+    fn drop(&mut self) {
+        let Some(fd) = self.0.take() else { return };
+        let mut l = libc::linger { l_onoff: 0, l_linger: 0 };
+        let mut len = std::mem::size_of::<libc::linger>() as libc::socklen_t;
+        // SAFETY: l and len describe a live linger struct of the size passed.
+        let r = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&mut l as *mut libc::linger).cast(),
+                &mut len,
+            )
+        };
+        if r == 0 && l.l_onoff != 0 && l.l_linger > 0 {
+            if let Err(e) = std::thread::Builder::new().name("linger".into()).spawn(move || drop(fd)) {
+                eprintln!("netkernel nsm: closing a lingering socket inline: {e}");
+            }
+        }
+    }
+}
+
+/// What the NSM watches on a socket (EPOLLERR and EPOLLHUP come always).
+const SOCK_EVENTS: u32 = (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLPRI | libc::EPOLLET) as u32;
+
+fn epoll_ctl(epfd: RawFd, op: i32, fd: RawFd, events: u32, key: u64) -> Result<(), Errno> {
+    let mut ev = libc::epoll_event { events, u64: key };
+    // SAFETY: ev is a live local the kernel only reads; bad fds are refused with an errno.
+    ok(unsafe { libc::epoll_ctl(epfd, op, fd, &mut ev) })
 }
 
 fn errno() -> Errno {
@@ -59,11 +114,20 @@ impl KernelStack {
                 }
             }
         }
-        Ok(KernelStack { congestion })
+        // SAFETY: no pointers; the result is checked.
+        let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if ep < 0 {
+            return Err(format!("epoll_create1: {}", std::io::Error::last_os_error()));
+        }
+        // SAFETY: ep is a fresh fd nobody else owns.
+        let epfd = unsafe { OwnedFd::from_raw_fd(ep) };
+        Ok(KernelStack { congestion, epfd, events: vec![libc::epoll_event { events: 0, u64: 0 }; 256] })
     }
 }
 
 impl Stack for KernelStack {
+    type Handle = KernelSocket;
+
     fn kind(&self) -> &'static str {
         "kernel"
     }
@@ -74,61 +138,61 @@ impl Stack for KernelStack {
         })
     }
 
-    fn socket(&mut self, domain: i32, ty: i32, protocol: i32) -> Result<OwnedFd, Errno> {
+    fn socket(&mut self, domain: i32, ty: i32, protocol: i32) -> Result<KernelSocket, Errno> {
         // SAFETY: plain system call.
         let fd = unsafe { libc::socket(domain, ty | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, protocol) };
         if fd < 0 {
             return Err(errno());
         }
         // SAFETY: fd is fresh and ours.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let sock = KernelSocket(Some(unsafe { OwnedFd::from_raw_fd(fd) }));
         if let (Some(cc), libc::SOCK_STREAM) = (self.congestion.clone(), ty) {
-            self.setsockopt(fd.as_fd(), libc::IPPROTO_TCP, libc::TCP_CONGESTION, cc.as_bytes())?;
+            self.setsockopt(&sock, libc::IPPROTO_TCP, libc::TCP_CONGESTION, cc.as_bytes())?;
         }
-        Ok(fd)
+        Ok(sock)
     }
 
-    fn bind(&mut self, s: BorrowedFd, addr: &[u8]) -> Result<(), Errno> {
+    fn bind(&mut self, s: &KernelSocket, addr: &[u8]) -> Result<(), Errno> {
         // SAFETY: addr is a live buffer of the length passed.
-        ok(unsafe { libc::bind(s.as_raw_fd(), addr.as_ptr().cast(), addr.len() as u32) })
+        ok(unsafe { libc::bind(s.raw(), addr.as_ptr().cast(), addr.len() as u32) })
     }
 
-    fn listen(&mut self, s: BorrowedFd, backlog: i32) -> Result<(), Errno> {
+    fn listen(&mut self, s: &KernelSocket, backlog: i32) -> Result<(), Errno> {
         // SAFETY: plain system call.
-        ok(unsafe { libc::listen(s.as_raw_fd(), backlog) })
+        ok(unsafe { libc::listen(s.raw(), backlog) })
     }
 
-    fn accept(&mut self, s: BorrowedFd, addr: &mut [u8]) -> Result<(OwnedFd, usize), Errno> {
+    fn accept(&mut self, s: &KernelSocket, addr: &mut [u8]) -> Result<(KernelSocket, usize), Errno> {
         let mut alen = addr.len() as libc::socklen_t;
         // SAFETY: addr/alen describe a live buffer.
         let fd = unsafe {
-            libc::accept4(s.as_raw_fd(), addr.as_mut_ptr().cast(), &mut alen, libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+            libc::accept4(s.raw(), addr.as_mut_ptr().cast(), &mut alen, libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
         };
         if fd < 0 {
             return Err(errno());
         }
         // SAFETY: fd is fresh and ours.
-        Ok((unsafe { OwnedFd::from_raw_fd(fd) }, alen as usize))
+        Ok((KernelSocket(Some(unsafe { OwnedFd::from_raw_fd(fd) })), alen as usize))
     }
 
-    fn connect(&mut self, s: BorrowedFd, addr: &[u8]) -> Result<(), Errno> {
+    fn connect(&mut self, s: &KernelSocket, addr: &[u8]) -> Result<(), Errno> {
         // SAFETY: addr is a live buffer of the length passed.
-        ok(unsafe { libc::connect(s.as_raw_fd(), addr.as_ptr().cast(), addr.len() as u32) })
+        ok(unsafe { libc::connect(s.raw(), addr.as_ptr().cast(), addr.len() as u32) })
     }
 
-    fn send(&mut self, s: BorrowedFd, data: &[u8], flags: i32, to: &[u8]) -> Result<usize, Errno> {
+    fn send(&mut self, s: &KernelSocket, data: &[u8], flags: i32, to: &[u8]) -> Result<usize, Errno> {
         let flags = flags | libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
         let (tp, tl) = if to.is_empty() { (std::ptr::null(), 0) } else { (to.as_ptr(), to.len()) };
         // SAFETY: data and to are live buffers of the lengths passed.
-        len(unsafe { libc::sendto(s.as_raw_fd(), data.as_ptr().cast(), data.len(), flags, tp.cast(), tl as u32) })
+        len(unsafe { libc::sendto(s.raw(), data.as_ptr().cast(), data.len(), flags, tp.cast(), tl as u32) })
     }
 
-    fn recv(&mut self, s: BorrowedFd, buf: &mut [u8], flags: i32, from: &mut [u8]) -> Result<(usize, usize), Errno> {
+    fn recv(&mut self, s: &KernelSocket, buf: &mut [u8], flags: i32, from: &mut [u8]) -> Result<(usize, usize), Errno> {
         let mut flen = from.len() as libc::socklen_t;
         // SAFETY: buf and from/flen describe live buffers.
         let n = len(unsafe {
             libc::recvfrom(
-                s.as_raw_fd(),
+                s.raw(),
                 buf.as_mut_ptr().cast(),
                 buf.len(),
                 flags | libc::MSG_DONTWAIT,
@@ -141,7 +205,7 @@ impl Stack for KernelStack {
 
     fn recvmsg(
         &mut self,
-        s: BorrowedFd,
+        s: &KernelSocket,
         buf: &mut [u8],
         flags: i32,
         from: &mut [u8],
@@ -161,11 +225,18 @@ impl Stack for KernelStack {
             m.msg_controllen = control.len();
         }
         // SAFETY: m describes live buffers (buf, from, control) of the lengths given.
-        let n = len(unsafe { libc::recvmsg(s.as_raw_fd(), &mut m, flags | libc::MSG_DONTWAIT) })?;
+        let n = len(unsafe { libc::recvmsg(s.raw(), &mut m, flags | libc::MSG_DONTWAIT) })?;
         Ok(Received { len: n, from_len: m.msg_namelen as usize, control_len: m.msg_controllen, flags: m.msg_flags })
     }
 
-    fn sendmsg(&mut self, s: BorrowedFd, data: &[u8], flags: i32, to: &[u8], control: &[u8]) -> Result<usize, Errno> {
+    fn sendmsg(
+        &mut self,
+        s: &KernelSocket,
+        data: &[u8],
+        flags: i32,
+        to: &[u8],
+        control: &[u8],
+    ) -> Result<usize, Errno> {
         let mut iov = libc::iovec { iov_base: data.as_ptr() as *mut _, iov_len: data.len() };
         // The guest's bytes are copied out of the shared pool into memory of our own.
         let mut ctl = control.to_vec();
@@ -181,58 +252,110 @@ impl Stack for KernelStack {
         m.msg_controllen = ctl.len();
         // SAFETY: m describes live buffers (data, to, ctl) of the lengths given; the kernel only
         // reads them.
-        len(unsafe { libc::sendmsg(s.as_raw_fd(), &m, flags | libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) })
+        len(unsafe { libc::sendmsg(s.raw(), &m, flags | libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) })
     }
 
-    fn shutdown(&mut self, s: BorrowedFd, how: i32) -> Result<(), Errno> {
+    fn shutdown(&mut self, s: &KernelSocket, how: i32) -> Result<(), Errno> {
         // SAFETY: plain system call.
-        ok(unsafe { libc::shutdown(s.as_raw_fd(), how) })
+        ok(unsafe { libc::shutdown(s.raw(), how) })
     }
 
-    fn getsockopt(&mut self, s: BorrowedFd, level: i32, name: i32, val: &mut [u8]) -> Result<usize, Errno> {
+    fn getsockopt(&mut self, s: &KernelSocket, level: i32, name: i32, val: &mut [u8]) -> Result<usize, Errno> {
         let mut l = val.len() as libc::socklen_t;
         // SAFETY: val/l describe a live buffer.
-        ok(unsafe { libc::getsockopt(s.as_raw_fd(), level, name, val.as_mut_ptr().cast(), &mut l) })?;
+        ok(unsafe { libc::getsockopt(s.raw(), level, name, val.as_mut_ptr().cast(), &mut l) })?;
         Ok(l as usize)
     }
 
-    fn setsockopt(&mut self, s: BorrowedFd, level: i32, name: i32, val: &[u8]) -> Result<(), Errno> {
+    fn setsockopt(&mut self, s: &KernelSocket, level: i32, name: i32, val: &[u8]) -> Result<(), Errno> {
         // SAFETY: val is a live buffer of the length passed.
-        ok(unsafe { libc::setsockopt(s.as_raw_fd(), level, name, val.as_ptr().cast(), val.len() as u32) })
+        ok(unsafe { libc::setsockopt(s.raw(), level, name, val.as_ptr().cast(), val.len() as u32) })
     }
 
-    fn getsockname(&mut self, s: BorrowedFd, addr: &mut [u8]) -> Result<usize, Errno> {
+    fn getsockname(&mut self, s: &KernelSocket, addr: &mut [u8]) -> Result<usize, Errno> {
         let mut l = addr.len() as libc::socklen_t;
         // SAFETY: addr/l describe a live buffer.
-        ok(unsafe { libc::getsockname(s.as_raw_fd(), addr.as_mut_ptr().cast(), &mut l) })?;
+        ok(unsafe { libc::getsockname(s.raw(), addr.as_mut_ptr().cast(), &mut l) })?;
         Ok(l as usize)
     }
 
-    fn getpeername(&mut self, s: BorrowedFd, addr: &mut [u8]) -> Result<usize, Errno> {
+    fn getpeername(&mut self, s: &KernelSocket, addr: &mut [u8]) -> Result<usize, Errno> {
         let mut l = addr.len() as libc::socklen_t;
         // SAFETY: addr/l describe a live buffer.
-        ok(unsafe { libc::getpeername(s.as_raw_fd(), addr.as_mut_ptr().cast(), &mut l) })?;
+        ok(unsafe { libc::getpeername(s.raw(), addr.as_mut_ptr().cast(), &mut l) })?;
         Ok(l as usize)
     }
 
-    fn ioctl(&mut self, s: BorrowedFd, request: u64) -> Result<i64, Errno> {
+    fn ioctl(&mut self, s: &KernelSocket, request: u64) -> Result<i64, Errno> {
         if !matches!(request, libc::FIONREAD | libc::TIOCOUTQ | SIOCATMARK) {
             return Err(libc::ENOTTY);
         }
         let mut v: libc::c_int = 0;
         // SAFETY: the three requests allowed above write one int.
-        ok(unsafe { libc::ioctl(s.as_raw_fd(), request as _, &mut v) })?;
+        ok(unsafe { libc::ioctl(s.raw(), request as _, &mut v) })?;
         Ok(v as i64)
     }
 
-    fn poll_mask(&mut self, s: BorrowedFd) -> u32 {
+    fn poll_mask(&mut self, s: &KernelSocket) -> u32 {
         let mut p = libc::pollfd {
-            fd: s.as_raw_fd(),
+            fd: s.raw(),
             events: libc::POLLIN | libc::POLLOUT | libc::POLLPRI | libc::POLLRDHUP,
             revents: 0,
         };
         // SAFETY: one live pollfd.
         unsafe { libc::poll(&mut p, 1, 0) };
         p.revents as u16 as u32
+    }
+
+    fn tcp_stats(&mut self, s: &KernelSocket) -> Option<TcpStats> {
+        // SAFETY: tcp_info is plain data; all zeroes is a valid value.
+        let mut ti: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        // SAFETY: ti and len describe a live tcp_info of the size passed.
+        let r = unsafe {
+            libc::getsockopt(
+                s.raw(),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&mut ti as *mut libc::tcp_info).cast(),
+                &mut len,
+            )
+        };
+        (r == 0).then_some(TcpStats {
+            state: ti.tcpi_state,
+            rtt_us: ti.tcpi_rtt,
+            cwnd: ti.tcpi_snd_cwnd,
+            retrans: ti.tcpi_total_retrans,
+            delivery_rate: ti.tcpi_delivery_rate,
+        })
+    }
+
+    fn watch(&mut self, s: &KernelSocket, key: u64) -> Result<(), Errno> {
+        let ep = self.epfd.as_raw_fd();
+        match epoll_ctl(ep, libc::EPOLL_CTL_MOD, s.raw(), SOCK_EVENTS, key) {
+            Err(libc::ENOENT) => epoll_ctl(ep, libc::EPOLL_CTL_ADD, s.raw(), SOCK_EVENTS, key),
+            r => r,
+        }
+    }
+
+    fn unwatch(&mut self, s: &KernelSocket) {
+        let _ = epoll_ctl(self.epfd.as_raw_fd(), libc::EPOLL_CTL_DEL, s.raw(), 0, 0);
+    }
+
+    fn wait_fd(&self) -> BorrowedFd<'_> {
+        self.epfd.as_fd()
+    }
+
+    /// The kernel moves the packets and runs the timers; this only collects the wakeups.
+    fn poll(&mut self, _now: Instant, woken: bool, ready: &mut Vec<Ready>) -> Option<Instant> {
+        if woken {
+            // SAFETY: events is a live buffer of the length passed.
+            let n = unsafe {
+                libc::epoll_wait(self.epfd.as_raw_fd(), self.events.as_mut_ptr(), self.events.len() as i32, 0)
+            };
+            let got = &self.events[..n.max(0) as usize];
+            ready.extend(got.iter().map(|e| Ready { key: e.u64, events: e.events & !(libc::EPOLLET as u32) }));
+        }
+        None
     }
 }

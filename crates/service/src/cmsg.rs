@@ -6,7 +6,6 @@ use crate::stack::{Errno, Stack};
 use netkernel_abi::validate::{Call, Request};
 use netkernel_abi::RecvControl;
 use netkernel_ring::region::Region;
-use std::os::fd::BorrowedFd;
 
 const HEADER: u32 = std::mem::size_of::<RecvControl>() as u32;
 
@@ -55,7 +54,7 @@ impl Area<'_> {
 /// A receive on the stack, with the ancillary data when the guest asked for it.
 pub(crate) fn recv<S: Stack>(
     stack: &mut S,
-    fd: BorrowedFd,
+    fd: &S::Handle,
     buf: &mut [u8],
     flags: i32,
     from: &mut [u8],

@@ -169,7 +169,7 @@ pub struct ConnInfo {
     pub local: String,
     pub remote: String,
     pub state: String,
-    /// "kernel" (the stack carries the bytes) or "colocated" (the NSM's pipe does).
+    /// The stack's kind ("kernel", "user": the stack carries the bytes) or "colocated" (the NSM's pipe does).
     #[serde(default)]
     pub path: String,
     pub bytes_in: u64,

@@ -32,7 +32,7 @@ use std::cell::Cell;
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -50,6 +50,8 @@ const TOK_CONTROL: u64 = 3 << KIND_SHIFT;
 const TOK_LINGER: u64 = (3 << KIND_SHIFT) | (1 << 32);
 /// The rendezvous socket a restarted engine reconnects on: kind 3 with bit 33 set.
 const TOK_RENDEZVOUS: u64 = (3 << KIND_SHIFT) | (1 << 33);
+/// The stack's wait fd: kind 3 with bit 34 set.
+const TOK_STACK: u64 = (3 << KIND_SHIFT) | (1 << 34);
 
 fn tok(kind: u64, att: usize, slot: u32) -> u64 {
     (kind << KIND_SHIFT) | ((att as u64) << 32) | slot as u64
@@ -58,10 +60,10 @@ fn tok(kind: u64, att: usize, slot: u32) -> u64 {
 /// Not an errno: `execute`'s way of saying the guest broke the ABI (see Violation::SendFlood).
 const OVERFLOW: Errno = i32::MAX;
 
-struct Sock {
+struct Sock<H> {
     /// The stack's socket; None for the accepted end of a co-located connection, which needs
     /// none.
-    fd: Option<OwnedFd>,
+    handle: Option<H>,
     stream: bool,
     bytes_in: u64,
     bytes_out: u64,
@@ -74,32 +76,18 @@ struct Sock {
     pipe: Option<colocated::End>,
     /// A listening socket's co-located connections waiting for accept().
     backlog: Option<colocated::Backlog>,
-    /// SO_LINGER with a timeout: closing the stack socket blocks until its bytes are out.
-    linger_wait: bool,
     /// Urgent data came and its mark is not passed yet: readiness then asks the stack whether
     /// the next byte is the urgent one (MASK_AT_MARK).
     urgent: Cell<bool>,
 }
 
-impl Drop for Sock {
-    /// A close that may block (SO_LINGER with a timeout) happens on a thread of its own, so the
-    /// NSM's loop and every other guest go on; the guest's close() has returned already.
-    fn drop(&mut self) {
-        if let (true, Some(fd)) = (self.linger_wait, self.fd.take()) {
-            if let Err(e) = std::thread::Builder::new().name("linger".into()).spawn(move || drop(fd)) {
-                eprintln!("netkernel nsm: closing a lingering socket inline: {e}");
-            }
-        }
-    }
-}
-
 /// Serials for sockets; an NSM has one service, so one counter.
 static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
-impl Sock {
-    fn new(fd: Option<OwnedFd>, stream: bool) -> Sock {
+impl<H> Sock<H> {
+    fn new(handle: Option<H>, stream: bool) -> Self {
         Sock {
-            fd,
+            handle,
             stream,
             bytes_in: 0,
             bytes_out: 0,
@@ -108,29 +96,28 @@ impl Sock {
             serial: SERIAL.fetch_add(1, Ordering::Relaxed),
             pipe: None,
             backlog: None,
-            linger_wait: false,
             urgent: Cell::new(false),
         }
     }
 
-    fn fd(&self) -> Result<BorrowedFd<'_>, Errno> {
-        self.fd.as_ref().map(|f| f.as_fd()).ok_or(libc::EBADF)
+    fn handle(&self) -> Result<&H, Errno> {
+        self.handle.as_ref().ok_or(libc::EBADF)
     }
 
     /// Hands queued asynchronous sends to the stack, at most `limit` bytes.
-    fn flush<S: Stack>(&mut self, stack: &mut S, limit: usize) -> usize {
-        match &self.fd {
-            Some(fd) => self.sendq.flush(stack, fd.as_fd(), limit),
+    fn flush<S: Stack<Handle = H>>(&mut self, stack: &mut S, limit: usize) -> usize {
+        match &self.handle {
+            Some(h) => self.sendq.flush(stack, h, limit),
             None => 0,
         }
     }
 
     /// The readiness its guest should see.
-    fn mask<S: Stack>(&self, stack: &mut S) -> u32 {
+    fn mask<S: Stack<Handle = H>>(&self, stack: &mut S) -> u32 {
         if let Some(p) = &self.pipe {
             return p.mask();
         }
-        let mut mask = self.fd().map_or(0, |fd| stack.poll_mask(fd));
+        let mut mask = self.handle().map_or(0, |h| stack.poll_mask(h));
         if self.backlog.as_ref().is_some_and(|b| !b.queue.is_empty()) {
             mask |= (libc::POLLIN | libc::POLLRDNORM) as u32;
         }
@@ -139,14 +126,14 @@ impl Sock {
 
     /// Adds MASK_AT_MARK to a stack socket's mask while it sits at an urgent mark. Only
     /// sockets that saw urgent data pay the ioctl.
-    fn with_mark<S: Stack>(&self, stack: &mut S, mask: u32) -> u32 {
+    fn with_mark<S: Stack<Handle = H>>(&self, stack: &mut S, mask: u32) -> u32 {
         if mask & libc::POLLPRI as u32 != 0 {
             self.urgent.set(true);
         }
         if !self.urgent.get() {
             return mask;
         }
-        let at_mark = self.fd().is_ok_and(|fd| stack.ioctl(fd, SIOCATMARK) == Ok(1));
+        let at_mark = self.handle().is_ok_and(|h| stack.ioctl(h, SIOCATMARK) == Ok(1));
         self.urgent.set(at_mark || mask & libc::POLLPRI as u32 != 0);
         if at_mark {
             mask | netkernel_abi::MASK_AT_MARK
@@ -156,7 +143,7 @@ impl Sock {
     }
 }
 
-struct Attachment {
+struct Attachment<H> {
     id: u64,
     tenant: String,
     pid: i32,
@@ -172,19 +159,19 @@ struct Attachment {
     /// The processes sharing the attachment (the attaching one, forked and spawned children)
     /// and the sockets each holds; the attachment ends when all have exited.
     holders: holders::Holders,
-    socks: Vec<Option<Sock>>,
+    socks: Vec<Option<Sock<H>>>,
     free: Vec<u32>,
     /// The guest's doorbell should ring: set by this attachment's sockets and by co-located
     /// peers in other attachments.
     bell: Rc<Cell<bool>>,
 }
 
-impl Attachment {
-    fn sock(&self, id: u32) -> Result<&Sock, Errno> {
+impl<H> Attachment<H> {
+    fn sock(&self, id: u32) -> Result<&Sock<H>, Errno> {
         self.socks.get(id as usize).and_then(|s| s.as_ref()).ok_or(libc::EBADF)
     }
 
-    fn sock_mut(&mut self, id: u32) -> Result<&mut Sock, Errno> {
+    fn sock_mut(&mut self, id: u32) -> Result<&mut Sock<H>, Errno> {
         self.socks.get_mut(id as usize).and_then(|s| s.as_mut()).ok_or(libc::EBADF)
     }
 
@@ -208,10 +195,10 @@ pub struct Service<S: Stack> {
     name: String,
     epfd: OwnedFd,
     control: OwnedFd,
-    atts: Vec<Option<Attachment>>,
+    atts: Vec<Option<Attachment<S::Handle>>>,
     /// Sockets closed by their guest (or whose guest exited) while asynchronous sends were still
     /// queued: they send them, then close, as a kernel socket does after close().
-    lingering: Vec<Option<Sock>>,
+    lingering: Vec<Option<Sock<S::Handle>>>,
     stats: NsmStats,
     /// The engine closed the control channel.
     orphaned: bool,
@@ -232,10 +219,14 @@ pub struct Service<S: Stack> {
     listeners: HashMap<SocketAddr, Vec<ListenerRef>>,
     /// Fresh stack sockets (IPv4, IPv6) whose options are the defaults a co-located socket
     /// reports for options never set.
-    templates: [Option<OwnedFd>; 2],
+    templates: [Option<S::Handle>; 2],
     /// Readiness refreshes (attachment index, its id, nqe) to complete at the end of this round
     /// of the loop.
     refreshes: Vec<(usize, u64, u32)>,
+    /// Readiness changes the stack reported, to dispatch.
+    ready: Vec<stack::Ready>,
+    /// When the stack next needs a poll though nothing arrives.
+    stack_deadline: Option<Instant>,
 }
 
 fn epoll_ctl(epfd: RawFd, op: i32, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
@@ -246,10 +237,6 @@ fn epoll_ctl(epfd: RawFd, op: i32, fd: RawFd, events: u32, token: u64) -> io::Re
     }
     Ok(())
 }
-
-/// Everything the NSM watches on a stack socket, edge-triggered: each kernel wakeup becomes one
-/// event, which is what the guest's own EPOLLET would have seen.
-const SOCK_EVENTS: u32 = (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLPRI | libc::EPOLLET) as u32;
 
 impl<S: Stack> Service<S> {
     /// A service for NSM `name` that takes orders from the engine on `control`.
@@ -262,6 +249,7 @@ impl<S: Stack> Service<S> {
         // SAFETY: ep is a fresh fd we own.
         let epfd = unsafe { OwnedFd::from_raw_fd(ep) };
         epoll_ctl(epfd.as_raw_fd(), libc::EPOLL_CTL_ADD, control.as_raw_fd(), libc::EPOLLIN as u32, TOK_CONTROL)?;
+        epoll_ctl(epfd.as_raw_fd(), libc::EPOLL_CTL_ADD, stack.wait_fd().as_raw_fd(), libc::EPOLLIN as u32, TOK_STACK)?;
         let stats = NsmStats {
             nsm: name.clone(),
             kind: stack.kind().into(),
@@ -287,6 +275,8 @@ impl<S: Stack> Service<S> {
             listeners: HashMap::new(),
             templates: [None, None],
             refreshes: Vec::new(),
+            ready: Vec::new(),
+            stack_deadline: None,
         })
     }
 
@@ -304,8 +294,13 @@ impl<S: Stack> Service<S> {
         loop {
             let mut worked = self.drain_rings();
             let sleep = !worked && last_work.elapsed() >= SPIN;
-            // A throttled tenant is woken when its tokens are back, not by the stack.
-            let throttle_wait = self.throttle_wait();
+            // A throttled tenant is woken when its tokens are back, not by the stack; the stack
+            // may have a timer of its own.
+            let now = Instant::now();
+            let wait = [self.throttle_wait(), self.stack_deadline.map(|d| d.saturating_duration_since(now))]
+                .into_iter()
+                .flatten()
+                .min();
             if sleep && !doorbell::nsm_may_sleep(|v| self.set_sleeping(v), || self.rings_have_work()) {
                 continue;
             }
@@ -315,10 +310,11 @@ impl<S: Stack> Service<S> {
                     self.epfd.as_raw_fd(),
                     events.as_mut_ptr(),
                     events.len() as i32,
-                    match (sleep, throttle_wait) {
+                    match (sleep, wait) {
                         (false, _) => 0,
                         (true, None) => -1,
-                        (true, Some(d)) => d.as_millis().clamp(1, 1000) as i32,
+                        // Rounded up: waking early would only find the timer not yet due.
+                        (true, Some(d)) => (d.as_micros().div_ceil(1000)).clamp(1, 1000) as i32,
                     },
                 )
             };
@@ -332,8 +328,13 @@ impl<S: Stack> Service<S> {
                 }
                 return Err(e);
             }
+            let mut woken = false;
             for ev in &events[..n as usize] {
                 let (token, bits) = (ev.u64, ev.events);
+                if token == TOK_STACK {
+                    woken = true;
+                    continue;
+                }
                 if token == TOK_RENDEZVOUS {
                     self.on_rendezvous();
                     continue;
@@ -358,6 +359,7 @@ impl<S: Stack> Service<S> {
                 worked = true;
                 self.on_event(token, bits);
             }
+            worked |= self.poll_stack(woken);
             self.finish_refreshes();
             self.unthrottle();
             self.flush_bells();
@@ -543,7 +545,7 @@ impl<S: Stack> Service<S> {
 
     /// Stops watching an attachment's doorbell and processes. The guest may still hold the same
     /// files, so closing our copies alone would leave them registered.
-    fn forget(&self, a: &Attachment) {
+    fn forget(&self, a: &Attachment<S::Handle>) {
         let ep = self.epfd.as_raw_fd();
         let _ = epoll_ctl(ep, libc::EPOLL_CTL_DEL, a.nsm_bell.as_raw_fd(), 0, 0);
         for (_, pidfd) in a.holders.pidfds() {
@@ -552,8 +554,8 @@ impl<S: Stack> Service<S> {
     }
 
     /// A socket its guest no longer has: closed now, or once its queued sends are out.
-    fn retire(&mut self, s: Sock) {
-        retire(&mut self.lingering, self.epfd.as_raw_fd(), s);
+    fn retire(&mut self, s: Sock<S::Handle>) {
+        retire(&mut self.stack, &mut self.lingering, s);
     }
 
     /// Drops an attachment whose guest broke the ABI; nobody else notices.
@@ -567,6 +569,10 @@ impl<S: Stack> Service<S> {
             tenant(&mut self.stats, &a.tenant).violations += 1;
             a.region.mark_dead(Some(a.guest_bell.as_raw_fd()));
             self.forget(&a);
+            // Its connections end as a crashed process's do: nothing queued is sent.
+            for h in a.socks.into_iter().flatten().filter_map(|s| s.handle) {
+                self.stack.close(h);
+            }
         }
     }
 
@@ -633,7 +639,9 @@ impl<S: Stack> Service<S> {
                 let n = s.flush(&mut self.stack, usize::MAX) as u64;
                 self.stats.bytes_out += n;
                 if s.sendq.queued() == 0 || bits & (libc::EPOLLERR | libc::EPOLLHUP) as u32 != 0 {
-                    self.lingering[i] = None;
+                    if let Some(h) = self.lingering[i].take().and_then(|s| s.handle) {
+                        self.stack.close(h);
+                    }
                 }
             }
             _ => {}
@@ -737,7 +745,7 @@ impl<S: Stack> Service<S> {
         if let Some(p) = pidfd {
             let _ = epoll_ctl(self.epfd.as_raw_fd(), libc::EPOLL_CTL_DEL, p.as_raw_fd(), 0, 0);
         }
-        let closed: Vec<Sock> = unheld.into_iter().filter_map(|slot| close_slot(a, slot)).collect();
+        let closed: Vec<Sock<S::Handle>> = unheld.into_iter().filter_map(|slot| close_slot(a, slot)).collect();
         for s in closed {
             self.retire(s);
         }
@@ -830,15 +838,20 @@ impl<S: Stack> Service<S> {
     /// send, shutdown, close or connect returns already sees its effect. Stack sockets only;
     /// doorbells, pidfds and the control channel are level-triggered and wait for the loop.
     fn settle(&mut self) {
-        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 64];
-        // SAFETY: events is a live buffer of the length passed.
-        let n = unsafe { libc::epoll_wait(self.epfd.as_raw_fd(), events.as_mut_ptr(), events.len() as i32, 0) };
-        for ev in &events[..n.max(0) as usize] {
-            let (token, bits) = (ev.u64, ev.events);
-            if token >> KIND_SHIFT == TOK_SOCK || (token & TOK_LINGER == TOK_LINGER && token != TOK_CONTROL) {
-                self.on_event(token, bits);
-            }
+        self.poll_stack(true);
+    }
+
+    /// Lets the stack advance (`woken`: its wait fd was readable) and publishes the readiness
+    /// changes it reports. Returns whether there were any.
+    fn poll_stack(&mut self, woken: bool) -> bool {
+        let mut ready = std::mem::take(&mut self.ready);
+        self.stack_deadline = self.stack.poll(Instant::now(), woken, &mut ready);
+        let any = !ready.is_empty();
+        for r in ready.drain(..) {
+            self.on_event(r.key, r.events);
         }
+        self.ready = ready;
+        any
     }
 
     /// Completes this round's readiness refreshes: every nqe queued before them has run and the
@@ -879,7 +892,6 @@ impl<S: Stack> Service<S> {
             &mut throttled,
             &mut self.lingering,
             &mut self.templates,
-            self.epfd.as_raw_fd(),
             ai,
             a,
             req,
@@ -911,9 +923,9 @@ impl<S: Stack> Service<S> {
         }
         let mut local = [0u8; ADDR_MAX];
         let Some(addr) = s
-            .fd()
+            .handle()
             .ok()
-            .and_then(|fd| self.stack.getsockname(fd, &mut local).ok())
+            .and_then(|h| self.stack.getsockname(h, &mut local).ok())
             .and_then(|n| policy::decode(&local[..n]))
         else {
             return;
@@ -967,9 +979,9 @@ impl<S: Stack> Service<S> {
             if key.is_ipv6() && v4.is_some() && target.is_ipv4() {
                 let mut only = [0u8; 4];
                 let v6only = s
-                    .fd()
+                    .handle()
                     .ok()
-                    .and_then(|fd| self.stack.getsockopt(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, &mut only).ok())
+                    .and_then(|h| self.stack.getsockopt(h, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, &mut only).ok())
                     .is_some_and(|_| only != [0; 4]);
                 if v6only {
                     continue;
@@ -1008,7 +1020,7 @@ impl<S: Stack> Service<S> {
         }
         let l = self.find_listener(target)?;
         let a = self.atts[ai].as_ref().expect("checked");
-        let fd = a.sock(req.sock).ok()?.fd().ok()?;
+        let fd = a.sock(req.sock).ok()?.handle().ok()?;
         let mut buf = [0u8; ADDR_MAX];
         let n = self.stack.getsockname(fd, &mut buf).ok()?;
         let mut me = policy::decode(&buf[..n])?;
@@ -1032,9 +1044,9 @@ impl<S: Stack> Service<S> {
         // Options set before connect (and on the listener, which its connections inherit)
         // hold for the pipe's ends too.
         let a = self.atts[ai].as_ref().expect("checked");
-        let fd = a.sock(req.sock).ok()?.fd().ok()?;
+        let fd = a.sock(req.sock).ok()?.handle().ok()?;
         inherit_options(&mut self.stack, &mut self.templates, fd, &mut client, me.is_ipv6());
-        let lfd = self.atts[l.ai].as_ref()?.sock(l.slot).ok()?.fd().ok()?;
+        let lfd = self.atts[l.ai].as_ref()?.sock(l.slot).ok()?.handle().ok()?;
         inherit_options(&mut self.stack, &mut self.templates, lfd, &mut server, listener_v6);
         // The listener's guest learns of the connection (accept() will find it).
         let la = self.atts[l.ai].as_mut().expect("live");
@@ -1046,8 +1058,8 @@ impl<S: Stack> Service<S> {
         let owner = a.owner(req.sock);
         let s = a.sock_mut(req.sock).expect("checked");
         // The stack socket only holds the port now; its events would misreport the socket.
-        if let Some(fd) = &s.fd {
-            let _ = epoll_ctl(self.epfd.as_raw_fd(), libc::EPOLL_CTL_DEL, fd.as_raw_fd(), 0, 0);
+        if let Some(h) = &s.handle {
+            self.stack.unwatch(h);
         }
         client.adopt(owner);
         if blocking {
@@ -1093,8 +1105,8 @@ fn complete(region: &Region, idx: u32, result: i64) {
 /// connect, or the listener) to a pipe end, where they differ from a fresh socket's.
 fn inherit_options<S: Stack>(
     stack: &mut S,
-    templates: &mut [Option<OwnedFd>; 2],
-    from: BorrowedFd,
+    templates: &mut [Option<S::Handle>; 2],
+    from: &S::Handle,
     end: &mut colocated::End,
     v6: bool,
 ) {
@@ -1128,7 +1140,7 @@ fn same_family(a: SocketAddr, v6: bool) -> SocketAddr {
 }
 
 /// Counts and logs an operation the tenant's policy refused; returns the errno to answer.
-fn refused(stats: &mut NsmStats, a: &Attachment, what: &str, e: Errno) -> Errno {
+fn refused<H>(stats: &mut NsmStats, a: &Attachment<H>, what: &str, e: Errno) -> Errno {
     tenant(stats, &a.tenant).refused += 1;
     eprintln!("netkernel nsm {}: tenant {} (pid {}): refused {what}", stats.nsm, a.tenant, a.pid);
     e
@@ -1144,25 +1156,29 @@ fn tenant<'a>(stats: &'a mut NsmStats, name: &str) -> &'a mut control::TenantTot
 
 /// Closes a socket its guest gave up, unless asynchronous sends are still queued: then it stays
 /// open, watched under a lingering token, until they are out.
-fn retire(lingering: &mut Vec<Option<Sock>>, epfd: RawFd, s: Sock) {
+fn retire<S: Stack>(stack: &mut S, lingering: &mut Vec<Option<Sock<S::Handle>>>, mut s: Sock<S::Handle>) {
+    let Some(h) = s.handle.take() else { return };
     if s.sendq.queued() == 0 {
+        stack.close(h);
         return;
     }
     let i = lingering.iter().position(|l| l.is_none()).unwrap_or_else(|| {
         lingering.push(None);
         lingering.len() - 1
     });
-    let token = TOK_LINGER | i as u64;
-    let Some(fd) = s.fd.as_ref() else { return };
-    if epoll_ctl(epfd, libc::EPOLL_CTL_MOD, fd.as_raw_fd(), SOCK_EVENTS, token).is_ok() {
-        lingering[i] = Some(s);
+    match stack.watch(&h, TOK_LINGER | i as u64) {
+        Ok(()) => {
+            s.handle = Some(h);
+            lingering[i] = Some(s);
+        }
+        Err(_) => stack.close(h),
     }
 }
 
 /// Stores a socket's readiness in its slot. `wakeup` marks a stack wakeup (a new edge): it
 /// bumps the sequence and wakes sleepers; a refresh after the guest's own call only corrects
 /// the mask, as the guest's own call would cause no wakeup on Linux either.
-fn publish(a: &Attachment, slot: u32, mask: u32, wakeup: bool) {
+fn publish<H>(a: &Attachment<H>, slot: u32, mask: u32, wakeup: bool) {
     colocated::publish(&a.region, slot, mask, wakeup, &a.bell);
 }
 
@@ -1201,18 +1217,17 @@ fn execute<S: Stack>(
     tenant_sockets: usize,
     mut bucket: Option<&mut ratelimit::Bucket>,
     throttled: &mut bool,
-    lingering: &mut Vec<Option<Sock>>,
-    templates: &mut [Option<OwnedFd>; 2],
-    epfd: RawFd,
+    lingering: &mut Vec<Option<Sock<S::Handle>>>,
+    templates: &mut [Option<S::Handle>; 2],
     ai: usize,
-    a: &mut Attachment,
+    a: &mut Attachment<S::Handle>,
     req: &Request,
     addr: &mut [u8; ADDR_MAX],
     addr_out: &mut Option<usize>,
 ) -> i64 {
     let pool = req.call.buf();
     let bufp = if pool.is_empty() { std::ptr::null_mut() } else { a.region.pool_ptr(pool.off(), pool.len()) };
-    let region_buf = |_: &Attachment| -> &mut [u8] {
+    let region_buf = |_: &Attachment<S::Handle>| -> &mut [u8] {
         if bufp.is_null() {
             return &mut [];
         }
@@ -1258,7 +1273,7 @@ fn execute<S: Stack>(
                 return Err(refused(stats, a, "socket limit reached", libc::EMFILE));
             }
             let fd = stack.socket(domain, ty, protocol)?;
-            let id = add_sock(stack, epfd, ai, a, req.holder, Sock::new(Some(fd), ty == libc::SOCK_STREAM), None)?;
+            let id = add_sock(stack, ai, a, req.holder, Sock::new(Some(fd), ty == libc::SOCK_STREAM), None)?;
             Ok(id as i64)
         }
         Call::Bind { .. } => {
@@ -1268,10 +1283,10 @@ fn execute<S: Stack>(
             if a.uid != 0 && privileged_port(local) {
                 return Err(libc::EACCES);
             }
-            stack.bind(a.sock(req.sock)?.fd()?, local).map(|()| 0)
+            stack.bind(a.sock(req.sock)?.handle()?, local).map(|()| 0)
         }
         Call::Listen { backlog } => {
-            let fd = a.sock(req.sock)?.fd()?;
+            let fd = a.sock(req.sock)?.handle()?;
             if a.policy.listen_ports.is_some() {
                 let mut local = [0u8; ADDR_MAX];
                 let n = stack.getsockname(fd, &mut local)?;
@@ -1292,11 +1307,11 @@ fn execute<S: Stack>(
                 Some(end) => {
                     let len = end.peer.len();
                     addr[..len].copy_from_slice(&end.peer);
-                    (add_sock(stack, epfd, ai, a, req.holder, Sock::new(None, true), Some(end))?, len)
+                    (add_sock(stack, ai, a, req.holder, Sock::new(None, true), Some(end))?, len)
                 }
                 None => {
-                    let (fd, len) = stack.accept(a.sock(req.sock)?.fd()?, addr)?;
-                    (add_sock(stack, epfd, ai, a, req.holder, Sock::new(Some(fd), true), None)?, len)
+                    let (fd, len) = stack.accept(a.sock(req.sock)?.handle()?, addr)?;
+                    (add_sock(stack, ai, a, req.holder, Sock::new(Some(fd), true), None)?, len)
                 }
             };
             stats.conns_total += 1;
@@ -1311,7 +1326,7 @@ fn execute<S: Stack>(
             let s = a.socks.get_mut(req.sock as usize).and_then(|s| s.as_mut()).ok_or(libc::EBADF)?;
             // A tenant with addresses connects from its own address, not the NSM's.
             let mut local = [0u8; ADDR_MAX];
-            let fd = s.fd.as_ref().ok_or(libc::EBADF)?.as_fd();
+            let fd = s.handle()?;
             let unbound = stack.getsockname(fd, &mut local).ok().and_then(|n| policy::decode(&local[..n]));
             if let Some(src) =
                 unbound.filter(|l| l.port() == 0).and_then(|l| policy::source(&a.policy, l.is_ipv6(), peer))
@@ -1370,9 +1385,9 @@ fn execute<S: Stack>(
             }
             let control = cmsg::sent(&a.region, req);
             let r = if control.is_empty() {
-                stack.send(s.fd()?, &data[..allowed], flags, in_addr)
+                stack.send(s.handle()?, &data[..allowed], flags, in_addr)
             } else {
-                stack.sendmsg(s.fd()?, &data[..allowed], flags, in_addr, control)
+                stack.sendmsg(s.handle()?, &data[..allowed], flags, in_addr, control)
             };
             if let Some(b) = bucket.as_deref_mut() {
                 b.refund(allowed - r.as_ref().map_or(0, |&n| n));
@@ -1398,7 +1413,7 @@ fn execute<S: Stack>(
             let buf = region_buf(a);
             let s = a.socks.get_mut(req.sock as usize).and_then(|s| s.as_mut()).ok_or(libc::EBADF)?;
             let area = cmsg::area(&a.region, req);
-            let (n, alen) = match cmsg::recv(stack, s.fd()?, buf, flags, addr, area) {
+            let (n, alen) = match cmsg::recv(stack, s.handle()?, buf, flags, addr, area) {
                 // With nothing to read, a pending error from an asynchronous send is reported.
                 Ok((0, _)) | Err(libc::EAGAIN) if s.sendq.deferred.is_some() => {
                     return Err(s.sendq.deferred.take().expect("checked"))
@@ -1422,7 +1437,7 @@ fn execute<S: Stack>(
                 s.sendq.shutdown_after = Some(how);
                 return Ok(0);
             }
-            stack.shutdown(s.fd()?, how)?;
+            stack.shutdown(s.handle()?, how)?;
             // A listener whose receive side is shut down stops listening: its waiting
             // co-located connections are reset, and no new one finds it.
             if how != libc::SHUT_WR {
@@ -1435,7 +1450,7 @@ fn execute<S: Stack>(
             // Other processes holding the socket keep it open.
             if a.holders.closed(req.holder, req.sock) {
                 if let Some(s) = close_slot(a, req.sock) {
-                    retire(lingering, epfd, s);
+                    retire(stack, lingering, s);
                 }
             }
             Ok(0)
@@ -1449,13 +1464,12 @@ fn execute<S: Stack>(
         }
         Call::Unshare { holder } => {
             let holder = u32::try_from(holder).map_err(|_| libc::EINVAL)?;
-            let (pidfd, unheld) = a.holders.remove(holder);
-            if let Some(p) = pidfd {
-                let _ = epoll_ctl(epfd, libc::EPOLL_CTL_DEL, p.as_raw_fd(), 0, 0);
-            }
+            // The pidfd (if the engine tied one) leaves the epoll set when it closes: only this
+            // process has it.
+            let (_pidfd, unheld) = a.holders.remove(holder);
             for slot in unheld {
                 if let Some(s) = close_slot(a, slot) {
-                    retire(lingering, epfd, s);
+                    retire(stack, lingering, s);
                 }
             }
             Ok(0)
@@ -1468,29 +1482,22 @@ fn execute<S: Stack>(
                     buf[..4].copy_from_slice(&e.to_ne_bytes());
                     Ok(4)
                 }
-                _ => stack.getsockopt(s.fd()?, libc::SOL_SOCKET, libc::SO_ERROR, buf).map(|n| n as i64),
+                _ => stack.getsockopt(s.handle()?, libc::SOL_SOCKET, libc::SO_ERROR, buf).map(|n| n as i64),
             }
         }
         Call::GetSockOpt { level, name, .. } => {
             let buf = region_buf(a);
-            stack.getsockopt(a.sock(req.sock)?.fd()?, level, name, buf).map(|n| n as i64)
+            stack.getsockopt(a.sock(req.sock)?.handle()?, level, name, buf).map(|n| n as i64)
         }
         Call::SetSockOpt { level, name, .. } => {
             if privileged_option(level, name) {
                 return Err(libc::EPERM);
             }
             let buf = region_buf(a);
-            let s = a.sock_mut(req.sock)?;
-            stack.setsockopt(s.fd()?, level, name, buf)?;
-            if (level, name) == (libc::SOL_SOCKET, libc::SO_LINGER) && buf.len() >= 8 {
-                let on = i32::from_ne_bytes(buf[..4].try_into().expect("4 bytes"));
-                let secs = i32::from_ne_bytes(buf[4..8].try_into().expect("4 bytes"));
-                s.linger_wait = on != 0 && secs > 0;
-            }
-            Ok(0)
+            stack.setsockopt(a.sock(req.sock)?.handle()?, level, name, buf).map(|()| 0)
         }
         Call::GetSockName | Call::GetPeerName => {
-            let fd = a.sock(req.sock)?.fd()?;
+            let fd = a.sock(req.sock)?.handle()?;
             let len = if req.call == Call::GetSockName {
                 stack.getsockname(fd, addr)?
             } else {
@@ -1499,7 +1506,7 @@ fn execute<S: Stack>(
             *addr_out = Some(len);
             Ok(0)
         }
-        Call::Ioctl { request } => stack.ioctl(a.sock(req.sock)?.fd()?, request),
+        Call::Ioctl { request } => stack.ioctl(a.sock(req.sock)?.handle()?, request),
         // A well-formed one is answered by a resolver thread before execute().
         Call::Resolve { .. } => Ok(netkernel_abi::RESOLVE_EAI_BASE + libc::EAI_NONAME as i64),
     })();
@@ -1530,7 +1537,7 @@ fn execute<S: Stack>(
 }
 
 /// Takes socket `slot` out of its attachment (nobody holds it any more) for the caller to retire.
-fn close_slot(a: &mut Attachment, slot: u32) -> Option<Sock> {
+fn close_slot<H>(a: &mut Attachment<H>, slot: u32) -> Option<Sock<H>> {
     let s = a.socks.get_mut(slot as usize)?.take()?;
     a.free.push(slot);
     a.region.slot(slot).mask.store(0, Ordering::Release);
@@ -1542,11 +1549,10 @@ fn close_slot(a: &mut Attachment, slot: u32) -> Option<Sock> {
 /// co-located end by telling the pipe where the socket lives.
 fn add_sock<S: Stack>(
     stack: &mut S,
-    epfd: RawFd,
     ai: usize,
-    a: &mut Attachment,
+    a: &mut Attachment<S::Handle>,
     holder: u32,
-    mut sock: Sock,
+    mut sock: Sock<S::Handle>,
     pipe: Option<colocated::End>,
 ) -> Result<u32, Errno> {
     let id = match a.free.pop() {
@@ -1557,10 +1563,10 @@ fn add_sock<S: Stack>(
         }
         None => return Err(libc::EMFILE),
     };
-    if let Some(fd) = &sock.fd {
-        if let Err(e) = epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd.as_raw_fd(), SOCK_EVENTS, tok(TOK_SOCK, ai, id)) {
+    if let Some(h) = &sock.handle {
+        if let Err(e) = stack.watch(h, tok(TOK_SOCK, ai, id)) {
             a.free.push(id);
-            return Err(e.raw_os_error().unwrap_or(libc::ENOMEM));
+            return Err(e);
         }
     }
     if let Some(mut end) = pipe {
@@ -1579,10 +1585,10 @@ fn add_sock<S: Stack>(
 fn colocated_op<S: Stack>(
     stack: &mut S,
     stats: &mut NsmStats,
-    templates: &mut [Option<OwnedFd>; 2],
+    templates: &mut [Option<S::Handle>; 2],
     bucket: Option<&mut ratelimit::Bucket>,
     throttled: &mut bool,
-    a: &mut Attachment,
+    a: &mut Attachment<S::Handle>,
     req: &Request,
     buf: &mut [u8],
     addr: &mut [u8; ADDR_MAX],
@@ -1668,12 +1674,13 @@ fn colocated_op<S: Stack>(
             // The kernel validates and normalises the value (SO_RCVBUF doubles, ...) on a
             // scratch socket; the socket keeps what it would read back.
             let scratch = stack.socket(if v6 { libc::AF_INET6 } else { libc::AF_INET }, libc::SOCK_STREAM, 0)?;
-            stack.setsockopt(scratch.as_fd(), level, name, buf)?;
+            stack.setsockopt(&scratch, level, name, buf)?;
             let mut back = [0u8; 256];
-            let value = match stack.getsockopt(scratch.as_fd(), level, name, &mut back) {
+            let value = match stack.getsockopt(&scratch, level, name, &mut back) {
                 Ok(n) => back[..n].to_vec(),
                 Err(_) => buf.to_vec(),
             };
+            stack.close(scratch);
             end.set_option(level, name, value);
             Ok(0)
         }
@@ -1695,12 +1702,12 @@ const SIOCATMARK: u64 = 0x8905;
 /// The fresh stack socket of the family, made on first use.
 fn template<'a, S: Stack>(
     stack: &mut S,
-    templates: &'a mut [Option<OwnedFd>; 2],
+    templates: &'a mut [Option<S::Handle>; 2],
     v6: bool,
-) -> Result<BorrowedFd<'a>, Errno> {
+) -> Result<&'a S::Handle, Errno> {
     let t = &mut templates[v6 as usize];
     if t.is_none() {
         *t = Some(stack.socket(if v6 { libc::AF_INET6 } else { libc::AF_INET }, libc::SOCK_STREAM, 0)?);
     }
-    Ok(t.as_ref().expect("made above").as_fd())
+    Ok(t.as_ref().expect("made above"))
 }

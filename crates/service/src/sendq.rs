@@ -4,7 +4,6 @@
 //! keeps a pending socket error.
 
 use crate::stack::{Errno, Stack};
-use std::os::fd::BorrowedFd;
 
 /// More than a guest can have in flight (every nqe an asynchronous send of BUF_SIZE bytes);
 /// a queue past it means a guest that does not follow the protocol.
@@ -35,7 +34,7 @@ impl SendQueue {
 
     /// Hands queued bytes to the stack, at most `limit` (the tenant's rate limit). Returns the
     /// bytes sent; the queue is empty afterwards unless the stack is full or the limit hit.
-    pub fn flush<S: Stack>(&mut self, stack: &mut S, fd: BorrowedFd, limit: usize) -> usize {
+    pub fn flush<S: Stack>(&mut self, stack: &mut S, fd: &S::Handle, limit: usize) -> usize {
         let mut sent = 0;
         while self.off < self.buf.len() && sent < limit {
             // limit is usize::MAX without a rate limit: the sum must not wrap.
@@ -90,37 +89,42 @@ impl SendQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::{AsFd, OwnedFd};
+    use crate::stack::{Ready, TcpStats};
+    use std::os::fd::{AsFd, BorrowedFd};
+    use std::time::Instant;
 
     /// A stack whose sockets take `room` bytes per send, then EAGAIN until refilled.
     struct Trickle {
         room: usize,
         taken: Vec<u8>,
+        wait: std::fs::File,
     }
 
     impl Stack for Trickle {
+        type Handle = ();
+
         fn kind(&self) -> &'static str {
             "trickle"
         }
         fn congestion(&self) -> String {
             String::new()
         }
-        fn socket(&mut self, _: i32, _: i32, _: i32) -> Result<OwnedFd, Errno> {
+        fn socket(&mut self, _: i32, _: i32, _: i32) -> Result<(), Errno> {
             Err(libc::EAFNOSUPPORT)
         }
-        fn bind(&mut self, _: BorrowedFd, _: &[u8]) -> Result<(), Errno> {
+        fn bind(&mut self, _: &(), _: &[u8]) -> Result<(), Errno> {
             Ok(())
         }
-        fn listen(&mut self, _: BorrowedFd, _: i32) -> Result<(), Errno> {
+        fn listen(&mut self, _: &(), _: i32) -> Result<(), Errno> {
             Ok(())
         }
-        fn accept(&mut self, _: BorrowedFd, _: &mut [u8]) -> Result<(OwnedFd, usize), Errno> {
+        fn accept(&mut self, _: &(), _: &mut [u8]) -> Result<((), usize), Errno> {
             Err(libc::EAGAIN)
         }
-        fn connect(&mut self, _: BorrowedFd, _: &[u8]) -> Result<(), Errno> {
+        fn connect(&mut self, _: &(), _: &[u8]) -> Result<(), Errno> {
             Ok(())
         }
-        fn send(&mut self, _: BorrowedFd, data: &[u8], _: i32, _: &[u8]) -> Result<usize, Errno> {
+        fn send(&mut self, _: &(), data: &[u8], _: i32, _: &[u8]) -> Result<usize, Errno> {
             let n = data.len().min(self.room);
             if n == 0 {
                 return Err(libc::EAGAIN);
@@ -129,45 +133,58 @@ mod tests {
             self.taken.extend_from_slice(&data[..n]);
             Ok(n)
         }
-        fn recv(&mut self, _: BorrowedFd, _: &mut [u8], _: i32, _: &mut [u8]) -> Result<(usize, usize), Errno> {
+        fn recv(&mut self, _: &(), _: &mut [u8], _: i32, _: &mut [u8]) -> Result<(usize, usize), Errno> {
             Err(libc::EAGAIN)
         }
-        fn shutdown(&mut self, _: BorrowedFd, _: i32) -> Result<(), Errno> {
+        fn shutdown(&mut self, _: &(), _: i32) -> Result<(), Errno> {
             Ok(())
         }
-        fn getsockopt(&mut self, _: BorrowedFd, _: i32, _: i32, _: &mut [u8]) -> Result<usize, Errno> {
+        fn getsockopt(&mut self, _: &(), _: i32, _: i32, _: &mut [u8]) -> Result<usize, Errno> {
             Ok(0)
         }
-        fn setsockopt(&mut self, _: BorrowedFd, _: i32, _: i32, _: &[u8]) -> Result<(), Errno> {
+        fn setsockopt(&mut self, _: &(), _: i32, _: i32, _: &[u8]) -> Result<(), Errno> {
             Ok(())
         }
-        fn getsockname(&mut self, _: BorrowedFd, _: &mut [u8]) -> Result<usize, Errno> {
+        fn getsockname(&mut self, _: &(), _: &mut [u8]) -> Result<usize, Errno> {
             Ok(0)
         }
-        fn getpeername(&mut self, _: BorrowedFd, _: &mut [u8]) -> Result<usize, Errno> {
+        fn getpeername(&mut self, _: &(), _: &mut [u8]) -> Result<usize, Errno> {
             Ok(0)
         }
-        fn ioctl(&mut self, _: BorrowedFd, _: u64) -> Result<i64, Errno> {
+        fn ioctl(&mut self, _: &(), _: u64) -> Result<i64, Errno> {
             Ok(0)
         }
-        fn poll_mask(&mut self, _: BorrowedFd) -> u32 {
+        fn poll_mask(&mut self, _: &()) -> u32 {
             0
+        }
+        fn tcp_stats(&mut self, _: &()) -> Option<TcpStats> {
+            None
+        }
+        fn watch(&mut self, _: &(), _: u64) -> Result<(), Errno> {
+            Ok(())
+        }
+        fn unwatch(&mut self, _: &()) {}
+        fn wait_fd(&self) -> BorrowedFd<'_> {
+            self.wait.as_fd()
+        }
+        fn poll(&mut self, _: Instant, _: bool, _: &mut Vec<Ready>) -> Option<Instant> {
+            None
         }
     }
 
     #[test]
     fn a_queue_flushed_in_pieces_without_a_limit_goes_out_in_order() {
-        let fd = std::fs::File::open("/dev/null").unwrap();
-        let mut stack = Trickle { room: 3, taken: vec![] };
+        let wait = std::fs::File::open("/dev/null").unwrap();
+        let mut stack = Trickle { room: 3, taken: vec![], wait };
         let mut q = SendQueue::default();
         q.push(b"0123456789");
-        assert_eq!(q.flush(&mut stack, fd.as_fd(), usize::MAX), 3);
+        assert_eq!(q.flush(&mut stack, &(), usize::MAX), 3);
         assert_eq!(q.queued(), 7);
         // The second flush starts inside the queue (off > 0) with no rate limit.
         stack.room = 4;
-        assert_eq!(q.flush(&mut stack, fd.as_fd(), usize::MAX), 4);
+        assert_eq!(q.flush(&mut stack, &(), usize::MAX), 4);
         stack.room = 100;
-        assert_eq!(q.flush(&mut stack, fd.as_fd(), usize::MAX), 3);
+        assert_eq!(q.flush(&mut stack, &(), usize::MAX), 3);
         assert_eq!(q.queued(), 0);
         assert_eq!(stack.taken, b"0123456789");
     }

@@ -36,18 +36,23 @@ const TCP_STATES: [&str; 13] = [
     "NEW_SYN_RECV",
 ];
 
-pub(crate) fn conn_info<S: Stack>(stack: &mut S, a: &Attachment, s: &Sock, nsm: &str) -> ConnInfo {
+pub(crate) fn conn_info<S: Stack>(
+    stack: &mut S,
+    a: &Attachment<S::Handle>,
+    s: &Sock<S::Handle>,
+    nsm: &str,
+) -> ConnInfo {
     let mut buf = [0u8; 128];
     let addr = |r: Result<usize, i32>, buf: &[u8]| match r {
         Ok(n) => sockaddr_to_std(&buf[..n]).map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
         Err(_) => "-".into(),
     };
-    let (local, remote) = match (&s.pipe, s.fd()) {
+    let (local, remote) = match (&s.pipe, s.handle()) {
         (Some(p), _) => (addr(Ok(p.local.len()), &p.local), addr(Ok(p.peer.len()), &p.peer)),
-        (None, Ok(fd)) => {
-            let r = stack.getsockname(fd, &mut buf);
+        (None, Ok(h)) => {
+            let r = stack.getsockname(h, &mut buf);
             let local = addr(r, &buf);
-            let r = stack.getpeername(fd, &mut buf);
+            let r = stack.getpeername(h, &mut buf);
             (local, addr(r, &buf))
         }
         (None, Err(_)) => ("-".into(), "-".into()),
@@ -61,30 +66,19 @@ pub(crate) fn conn_info<S: Stack>(stack: &mut S, a: &Attachment, s: &Sock, nsm: 
         local,
         remote,
         state: if s.stream { "?" } else { "-" }.into(),
-        path: if s.pipe.is_some() { "colocated" } else { "kernel" }.into(),
+        path: if s.pipe.is_some() { "colocated" } else { stack.kind() }.into(),
         bytes_in: s.bytes_in,
         bytes_out: s.bytes_out,
         ..Default::default()
     };
     if let Some(p) = &s.pipe {
         info.state = TCP_STATES[p.tcp_state() as usize].into();
-    } else if let (true, Ok(fd)) = (s.stream, s.fd()) {
-        // SAFETY: tcp_info is plain data; any byte pattern is valid.
-        let mut ti: libc::tcp_info = unsafe { std::mem::zeroed() };
-        // SAFETY: viewing a plain-data struct as bytes for the stack to fill.
-        let bytes = unsafe {
-            std::slice::from_raw_parts_mut(
-                &mut ti as *mut libc::tcp_info as *mut u8,
-                std::mem::size_of::<libc::tcp_info>(),
-            )
-        };
-        if stack.getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, bytes).is_ok() {
-            info.state = TCP_STATES.get(ti.tcpi_state as usize).copied().unwrap_or("?").into();
-            info.rtt_us = ti.tcpi_rtt;
-            info.cwnd = ti.tcpi_snd_cwnd;
-            info.retrans = ti.tcpi_total_retrans;
-            info.delivery_rate = ti.tcpi_delivery_rate;
-        }
+    } else if let (true, Some(t)) = (s.stream, s.handle().ok().and_then(|h| stack.tcp_stats(h))) {
+        info.state = TCP_STATES.get(t.state as usize).copied().unwrap_or("?").into();
+        info.rtt_us = t.rtt_us;
+        info.cwnd = t.cwnd;
+        info.retrans = t.retrans;
+        info.delivery_rate = t.delivery_rate;
     }
     info
 }
