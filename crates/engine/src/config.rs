@@ -28,9 +28,25 @@ fn default_kind() -> String {
 #[serde(deny_unknown_fields)]
 pub struct NsmConfig {
     pub name: Spanned<String>,
-    /// The stack: "kernel" (Linux TCP in the NSM's network namespace).
+    /// The stack: "kernel" (Linux TCP in the NSM's network namespace) or "user" (a TCP/IP
+    /// stack inside the NSM process on a TAP device).
     #[serde(default = "default_kind")]
     pub kind: String,
+    /// A user NSM's link: "tap" (the default).
+    #[serde(default)]
+    pub link: Option<Spanned<String>>,
+    /// A user NSM's address and subnet, e.g. "10.77.0.2/24".
+    #[serde(default)]
+    pub address: Option<Spanned<String>>,
+    /// A user NSM's IPv6 address and prefix, e.g. "fd77::2/64".
+    #[serde(default)]
+    pub address6: Option<Spanned<String>>,
+    /// The host's address on a user NSM's link (its default route), e.g. "10.77.0.1".
+    #[serde(default)]
+    pub gateway: Option<Spanned<String>>,
+    /// The host's IPv6 address on the link.
+    #[serde(default)]
+    pub gateway6: Option<Spanned<String>>,
     /// TCP congestion control for every connection of this NSM (e.g. "cubic", "bbr").
     #[serde(default)]
     pub congestion: Option<Spanned<String>>,
@@ -50,6 +66,61 @@ pub struct NsmConfig {
     /// to region (default). Off: they go through the stack like any other.
     #[serde(default = "yes")]
     pub colocate: bool,
+}
+
+impl NsmConfig {
+    /// A user NSM's link, checked: the span, field and message of the first thing wrong.
+    pub fn user_link(&self) -> Result<crate::link::UserLink, (usize, &'static str, String)> {
+        use crate::link::Cidr;
+        let at = self.name.span().start;
+        if let Some(l) = self.link.as_ref().filter(|l| l.get_ref() != "tap") {
+            return Err((
+                l.span().start,
+                "nsm.link",
+                format!("{:?} is not a link this NetKernel makes (known: tap)", l.get_ref()),
+            ));
+        }
+        let need = |v: &Option<Spanned<String>>, field: &'static str, example: &str| {
+            v.clone().ok_or((at, field, format!("a kind = \"user\" NSM needs {field} (e.g. {example:?})")))
+        };
+        let address = need(&self.address, "nsm.address", "10.77.0.2/24")?;
+        let gateway = need(&self.gateway, "nsm.gateway", "10.77.0.1")?;
+        let cidr: Cidr = address.get_ref().parse().map_err(|e| (address.span().start, "nsm.address", e))?;
+        let gw = gateway.get_ref().parse::<std::net::Ipv4Addr>().map_err(|_| {
+            (gateway.span().start, "nsm.gateway", format!("{:?} is not an IPv4 address", gateway.get_ref()))
+        })?;
+        if !cidr.addr.is_ipv4() || !cidr.contains(gw.into()) || cidr.addr == std::net::IpAddr::V4(gw) {
+            return Err((gateway.span().start, "nsm.gateway", format!("{gw} must be another IPv4 address in {cidr}")));
+        }
+        let address6 = match &self.address6 {
+            Some(a) => {
+                let c: Cidr = a.get_ref().parse().map_err(|e| (a.span().start, "nsm.address6", e))?;
+                if !c.addr.is_ipv6() {
+                    return Err((a.span().start, "nsm.address6", format!("{c} is not an IPv6 address")));
+                }
+                Some(c)
+            }
+            None => None,
+        };
+        let gateway6 = match (&self.gateway6, address6) {
+            (Some(g), Some(c)) => {
+                let ip = g
+                    .get_ref()
+                    .parse::<std::net::Ipv6Addr>()
+                    .ok()
+                    .filter(|ip| c.contains((*ip).into()) && c.addr != std::net::IpAddr::V6(*ip));
+                Some(ip.ok_or((
+                    g.span().start,
+                    "nsm.gateway6",
+                    format!("{:?} must be another IPv6 address in {c}", g.get_ref()),
+                ))?)
+            }
+            (Some(g), None) => return Err((g.span().start, "nsm.gateway6", "needs nsm.address6".into())),
+            (None, Some(_)) => return Err((at, "nsm.gateway6", "nsm.address6 needs nsm.gateway6".into())),
+            (None, None) => None,
+        };
+        Ok(crate::link::UserLink { address: cidr, gateway: gw, address6, gateway6 })
+    }
 }
 
 /// One tenant: who may attach, and which NSM serves it.
@@ -178,6 +249,11 @@ impl Config {
             nsms: vec![NsmConfig {
                 name: spanned("kernel".into()),
                 kind: "kernel".into(),
+                link: None,
+                address: None,
+                address6: None,
+                gateway: None,
+                gateway6: None,
                 congestion: None,
                 netns: false,
                 egress_rate: None,
@@ -246,12 +322,29 @@ impl Config {
                     format!("NSM {:?} is defined twice", n.name.get_ref()),
                 ));
             }
-            if n.kind != "kernel" {
-                return Err(invalid(
-                    n.name.span().start,
-                    "nsm.kind",
-                    format!("unknown kind {:?} (known: kernel)", n.kind),
-                ));
+            match n.kind.as_str() {
+                "kernel" => {
+                    let user_only = [("nsm.link", &n.link), ("nsm.address", &n.address), ("nsm.address6", &n.address6)];
+                    let user_only =
+                        user_only.into_iter().chain([("nsm.gateway", &n.gateway), ("nsm.gateway6", &n.gateway6)]);
+                    if let Some((field, v)) = user_only.filter_map(|(f, v)| Some((f, v.as_ref()?))).next() {
+                        return Err(invalid(
+                            v.span().start,
+                            field,
+                            "only a kind = \"user\" NSM has a link of its own".into(),
+                        ));
+                    }
+                }
+                "user" => {
+                    n.user_link().map_err(|(span, field, message)| invalid(span, field, message))?;
+                }
+                other => {
+                    return Err(invalid(
+                        n.name.span().start,
+                        "nsm.kind",
+                        format!("unknown kind {other:?} (known: kernel, user)"),
+                    ))
+                }
             }
             if let Some(hosts) = &n.hosts {
                 for (name, addr) in hosts.get_ref() {
@@ -412,5 +505,30 @@ mod tests {
         assert!(e.contains("/etc/nk.toml:2:"), "{e}");
         let e = err("[[tenant]]\nname = \"a\"\n");
         assert!(e.starts_with("/etc/nk.toml:1: nsm: missing field"), "{e}");
+    }
+
+    #[test]
+    fn a_user_nsm_needs_a_consistent_link() {
+        let cfg = |nsm: &str| format!("[[nsm]]\nname = \"u\"\n{nsm}\n[[tenant]]\nname = \"t\"\nnsm = \"u\"\n");
+        let good = "kind = \"user\"\naddress = \"10.77.0.2/24\"\ngateway = \"10.77.0.1\"\naddress6 = \"fd77::2/64\"\ngateway6 = \"fd77::1\"";
+        let c = Config::parse(Path::new("x.toml"), &cfg(good)).unwrap();
+        let l = c.nsms[0].user_link().unwrap();
+        assert_eq!((l.address.to_string(), l.gateway.to_string()), ("10.77.0.2/24".into(), "10.77.0.1".into()));
+        assert_eq!(l.gateway6.unwrap().to_string(), "fd77::1");
+        let e = err(&cfg("kind = \"user\"\ngateway = \"10.77.0.1\""));
+        assert!(e.starts_with("/etc/nk.toml:2: nsm.address: a kind = \"user\" NSM needs"), "{e}");
+        let e = err(&cfg("kind = \"user\"\naddress = \"10.77.0.2/24\"\ngateway = \"10.78.0.1\""));
+        assert!(
+            e.starts_with("/etc/nk.toml:5: nsm.gateway: 10.78.0.1 must be another IPv4 address in 10.77.0.2/24"),
+            "{e}"
+        );
+        let e = err(&cfg("kind = \"user\"\naddress = \"10.77.0.2\"\ngateway = \"10.77.0.1\""));
+        assert!(e.starts_with("/etc/nk.toml:4: nsm.address:"), "{e}");
+        let e = err(&cfg("kind = \"user\"\nlink = \"wifi\"\naddress = \"10.77.0.2/24\"\ngateway = \"10.77.0.1\""));
+        assert!(e.starts_with("/etc/nk.toml:4: nsm.link:"), "{e}");
+        let e = err(&cfg("address = \"10.77.0.2/24\""));
+        assert!(e.starts_with("/etc/nk.toml:3: nsm.address: only a kind = \"user\" NSM"), "{e}");
+        let e = err(&cfg("kind = \"smoke\""));
+        assert!(e.contains("nsm.kind: unknown kind \"smoke\" (known: kernel, user)"), "{e}");
     }
 }

@@ -3,6 +3,7 @@
 //! steps out of the data path (DESIGN.md D1). It supervises NSM processes and answers `ctl`.
 
 pub mod config;
+pub mod link;
 mod lobby;
 pub mod metrics;
 pub mod netns;
@@ -286,8 +287,21 @@ impl Engine {
             let old_net: Option<netns::NsmNet> =
                 std::fs::read(&net_file).ok().and_then(|b| serde_json::from_slice(&b).ok());
             let had_net = old_net.is_some();
-            let candidate =
-                Nsm::new(name.clone(), n.kind.clone(), congestion.clone(), hosts.clone(), old_net, rendezvous.clone());
+            // A user NSM's TAP device, named for this engine so that engines side by side (tests)
+            // do not collide; validated with the configuration.
+            let link = (n.kind == "user").then(|| n.user_link().ok()).flatten().map(|l| {
+                // SAFETY: getpid cannot fail.
+                (l, format!("nku{index}p{}", unsafe { libc::getpid() } % 100_000))
+            });
+            let candidate = Nsm::new(
+                name.clone(),
+                n.kind.clone(),
+                congestion.clone(),
+                hosts.clone(),
+                old_net,
+                link.clone(),
+                rendezvous.clone(),
+            );
             match candidate.adopt() {
                 Some((r, state)) if had_net == n.netns => {
                     log(format!(
@@ -344,7 +358,7 @@ impl Engine {
             } else {
                 None
             };
-            let nsm = Nsm::new(name.clone(), n.kind.clone(), congestion, hosts, net, rendezvous);
+            let nsm = Nsm::new(name.clone(), n.kind.clone(), congestion, hosts, net, link, rendezvous);
             let r = nsm.spawn().map_err(|source| EngineError::Spawn { name: name.clone(), source })?;
             nsms.push(Arc::new(nsm));
             running.push(r);

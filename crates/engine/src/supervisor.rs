@@ -69,6 +69,8 @@ pub struct Nsm {
     hosts: Vec<(String, String)>,
     /// The network namespace the NSM runs in, if one of its own.
     pub net: Option<crate::netns::NsmNet>,
+    /// A user NSM's link and the name of its TAP device.
+    link: Option<(crate::link::UserLink, String)>,
     /// Where the NSM listens for a restarted engine (in the engine's state directory).
     rendezvous: PathBuf,
     proc_: Mutex<Proc>,
@@ -87,6 +89,7 @@ impl Nsm {
         congestion: Option<String>,
         hosts: Vec<(String, String)>,
         net: Option<crate::netns::NsmNet>,
+        link: Option<(crate::link::UserLink, String)>,
         rendezvous: PathBuf,
     ) -> Nsm {
         Nsm {
@@ -95,6 +98,7 @@ impl Nsm {
             congestion,
             hosts,
             net,
+            link,
             rendezvous,
             proc_: Mutex::new(Proc { pid: None, pidfd: None, control: None, generation: 0 }),
             restarts: AtomicU64::new(0),
@@ -120,6 +124,15 @@ impl Nsm {
             cmd.arg("--host").arg(format!("{name}={addr}"));
         }
         cmd.arg("--listen").arg(&self.rendezvous);
+        // A user NSM's device: made anew for each process (it goes with the last fd to it).
+        let device = match &self.link {
+            Some((link, ifname)) => {
+                cmd.args(["--device-fd", &crate::link::DEVICE_FD.to_string()]).args(link.nsm_args());
+                Some(link.open_tap(ifname).map_err(other)?)
+            }
+            None => None,
+        };
+        let device_fd = device.as_ref().map(|d| d.as_raw_fd());
         // An NSM never serves its own sockets through NetKernel.
         cmd.env_remove("LD_PRELOAD").env_remove("NETKERNEL_SOCKET");
         cmd.stdin(Stdio::null());
@@ -129,7 +142,7 @@ impl Nsm {
             None => None,
         };
         let ns_fd = netns.as_ref().map(|f| f.as_raw_fd());
-        // SAFETY: between fork and exec only async-signal-safe calls (setns, dup2, fcntl,
+        // SAFETY: between fork and exec only async-signal-safe calls (setns, unshare, dup2, fcntl,
         // sigemptyset, pthread_sigmask), on a sigset_t local to the child.
         unsafe {
             cmd.pre_exec(move || {
@@ -138,10 +151,23 @@ impl Nsm {
                         return Err(io::Error::last_os_error());
                     }
                 }
-                if libc::dup2(fd, CONTROL_FD) < 0 {
+                // Both fds are moved above their targets first, so that neither target clobbers
+                // the other's source.
+                let control = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 16);
+                let dev = device_fd.map(|d| libc::fcntl(d, libc::F_DUPFD_CLOEXEC, 16));
+                if control < 0 || dev.is_some_and(|d| d < 0) || libc::dup2(control, CONTROL_FD) < 0 {
                     return Err(io::Error::last_os_error());
                 }
-                libc::fcntl(CONTROL_FD, libc::F_SETFD, 0);
+                if let Some(dev) = dev {
+                    if libc::dup2(dev, crate::link::DEVICE_FD) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    // The user NSM's namespace has nothing but its device fd (the device stays
+                    // in the host's namespace): every packet it exchanges crosses the TAP.
+                    if libc::unshare(libc::CLONE_NEWNET) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
                 // The engine blocks SIGINT and SIGTERM in every thread (its signal thread takes
                 // them with sigwait), and a blocked mask survives exec: an NSM started with it
                 // ignored SIGTERM, lingered after its engine had declared its guests' regions
@@ -156,6 +182,7 @@ impl Nsm {
         }
         let child = cmd.spawn()?;
         drop(theirs);
+        drop(device);
         let pidfd = pidfd_open(child.id())?;
         let mut p = self.lock();
         p.pid = Some(child.id());
