@@ -63,21 +63,21 @@ impl<S: Stack> Service<S> {
             match peer_uid(&conn) {
                 Ok(uid) if uid == me && self.orphaned => {}
                 Ok(uid) if uid != me => {
-                    eprintln!("netkernel nsm {}: uid {uid} may not adopt this NSM; closing", self.name);
+                    eprintln!("netkernel nsm {}: uid {uid} may not adopt this NSM; closing", self.core.name);
                     continue;
                 }
                 Ok(_) => {
-                    eprintln!("netkernel nsm {}: an engine still gives orders; refusing a second one", self.name);
+                    eprintln!("netkernel nsm {}: an engine still gives orders; refusing a second one", self.core.name);
                     continue;
                 }
                 Err(e) => {
-                    eprintln!("netkernel nsm {}: rendezvous: {e}", self.name);
+                    eprintln!("netkernel nsm {}: rendezvous: {e}", self.core.name);
                     continue;
                 }
             }
             let ep = self.epfd.as_raw_fd();
             if let Err(e) = epoll_ctl(ep, libc::EPOLL_CTL_ADD, conn.as_raw_fd(), libc::EPOLLIN as u32, TOK_CONTROL) {
-                eprintln!("netkernel nsm {}: cannot watch the new engine's channel: {e}", self.name);
+                eprintln!("netkernel nsm {}: cannot watch the new engine's channel: {e}", self.core.name);
                 continue;
             }
             self.control = OwnedFd::from(conn);
@@ -90,17 +90,18 @@ impl<S: Stack> Service<S> {
                     libc::waitpid(pid, std::ptr::null_mut(), 0);
                 }
             }
-            eprintln!("netkernel nsm {}: adopted by a new engine", self.name);
+            eprintln!("netkernel nsm {}: adopted by a new engine", self.core.name);
         }
     }
 
     /// What this NSM serves, for an adopting engine.
     pub(crate) fn state(&self) -> NsmState {
         NsmState {
-            name: self.name.clone(),
-            kind: self.stack.kind().into(),
+            name: self.core.name.clone(),
+            kind: self.core.stack.kind().into(),
             pid: std::process::id(),
             attachments: self
+                .core
                 .atts
                 .iter()
                 .flatten()
@@ -117,16 +118,16 @@ impl<S: Stack> Service<S> {
 
     /// Attachment `id`'s region memfd, NSM doorbell and guest doorbell (ours stay open).
     pub(crate) fn region_fds(&self, id: u64) -> Result<Vec<RawFd>, String> {
-        let a = self.atts.iter().flatten().find(|a| a.id == id).ok_or_else(|| format!("no attachment {id}"))?;
+        let a = self.core.atts.iter().flatten().find(|a| a.id == id).ok_or_else(|| format!("no attachment {id}"))?;
         Ok(vec![a.memfd.as_raw_fd(), a.nsm_bell.as_raw_fd(), a.guest_bell.as_raw_fd()])
     }
 
     /// Ends every attachment with ECONNRESET for its guest, and the loop with it.
     pub(crate) fn shutdown(&mut self) {
-        for a in self.atts.iter().flatten() {
+        for a in self.core.atts.iter().flatten() {
             a.region.mark_dead(Some(a.guest_bell.as_raw_fd()));
         }
-        eprintln!("netkernel nsm {}: stopping at the engine's request", self.name);
+        eprintln!("netkernel nsm {}: stopping at the engine's request", self.core.name);
         self.stopping = true;
     }
 }

@@ -89,103 +89,31 @@ impl SendQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stack::{Ready, TcpStats};
-    use std::os::fd::{AsFd, BorrowedFd};
-    use std::time::Instant;
-
-    /// A stack whose sockets take `room` bytes per send, then EAGAIN until refilled.
-    struct Trickle {
-        room: usize,
-        taken: Vec<u8>,
-        wait: std::fs::File,
-    }
-
-    impl Stack for Trickle {
-        type Handle = ();
-
-        fn kind(&self) -> &'static str {
-            "trickle"
-        }
-        fn congestion(&self) -> String {
-            String::new()
-        }
-        fn socket(&mut self, _: i32, _: i32, _: i32) -> Result<(), Errno> {
-            Err(libc::EAFNOSUPPORT)
-        }
-        fn bind(&mut self, _: &(), _: &[u8]) -> Result<(), Errno> {
-            Ok(())
-        }
-        fn listen(&mut self, _: &(), _: i32) -> Result<(), Errno> {
-            Ok(())
-        }
-        fn accept(&mut self, _: &(), _: &mut [u8]) -> Result<((), usize), Errno> {
-            Err(libc::EAGAIN)
-        }
-        fn connect(&mut self, _: &(), _: &[u8]) -> Result<(), Errno> {
-            Ok(())
-        }
-        fn send(&mut self, _: &(), data: &[u8], _: i32, _: &[u8]) -> Result<usize, Errno> {
-            let n = data.len().min(self.room);
-            if n == 0 {
-                return Err(libc::EAGAIN);
-            }
-            self.room -= n;
-            self.taken.extend_from_slice(&data[..n]);
-            Ok(n)
-        }
-        fn recv(&mut self, _: &(), _: &mut [u8], _: i32, _: &mut [u8]) -> Result<(usize, usize), Errno> {
-            Err(libc::EAGAIN)
-        }
-        fn shutdown(&mut self, _: &(), _: i32) -> Result<(), Errno> {
-            Ok(())
-        }
-        fn getsockopt(&mut self, _: &(), _: i32, _: i32, _: &mut [u8]) -> Result<usize, Errno> {
-            Ok(0)
-        }
-        fn setsockopt(&mut self, _: &(), _: i32, _: i32, _: &[u8]) -> Result<(), Errno> {
-            Ok(())
-        }
-        fn getsockname(&mut self, _: &(), _: &mut [u8]) -> Result<usize, Errno> {
-            Ok(0)
-        }
-        fn getpeername(&mut self, _: &(), _: &mut [u8]) -> Result<usize, Errno> {
-            Ok(0)
-        }
-        fn ioctl(&mut self, _: &(), _: u64) -> Result<i64, Errno> {
-            Ok(0)
-        }
-        fn poll_mask(&mut self, _: &()) -> u32 {
-            0
-        }
-        fn tcp_stats(&mut self, _: &()) -> Option<TcpStats> {
-            None
-        }
-        fn watch(&mut self, _: &(), _: u64) -> Result<(), Errno> {
-            Ok(())
-        }
-        fn unwatch(&mut self, _: &()) {}
-        fn wait_fd(&self) -> BorrowedFd<'_> {
-            self.wait.as_fd()
-        }
-        fn poll(&mut self, _: Instant, _: bool, _: &mut Vec<Ready>) -> Option<Instant> {
-            None
-        }
-    }
+    use crate::fake::{sockaddr, FakeStack};
 
     #[test]
     fn a_queue_flushed_in_pieces_without_a_limit_goes_out_in_order() {
-        let wait = std::fs::File::open("/dev/null").unwrap();
-        let mut stack = Trickle { room: 3, taken: vec![], wait };
+        let mut stack = FakeStack::new();
+        let l = stack.socket(libc::AF_INET, libc::SOCK_STREAM, 0).unwrap();
+        stack.bind(&l, &sockaddr(7000)).unwrap();
+        stack.listen(&l, 1).unwrap();
+        let c = stack.socket(libc::AF_INET, libc::SOCK_STREAM, 0).unwrap();
+        stack.connect(&c, &sockaddr(7000)).unwrap();
+        let (s, _) = stack.accept(&l, &mut [0; 128]).unwrap();
         let mut q = SendQueue::default();
         q.push(b"0123456789");
-        assert_eq!(q.flush(&mut stack, &(), usize::MAX), 3);
+        stack.rcvbuf = 3;
+        assert_eq!(q.flush(&mut stack, &c, usize::MAX), 3);
         assert_eq!(q.queued(), 7);
+        let mut taken = stack.drain(s);
         // The second flush starts inside the queue (off > 0) with no rate limit.
-        stack.room = 4;
-        assert_eq!(q.flush(&mut stack, &(), usize::MAX), 4);
-        stack.room = 100;
-        assert_eq!(q.flush(&mut stack, &(), usize::MAX), 3);
+        stack.rcvbuf = 4;
+        assert_eq!(q.flush(&mut stack, &c, usize::MAX), 4);
+        taken.extend(stack.drain(s));
+        stack.rcvbuf = 100;
+        assert_eq!(q.flush(&mut stack, &c, usize::MAX), 3);
         assert_eq!(q.queued(), 0);
-        assert_eq!(stack.taken, b"0123456789");
+        taken.extend(stack.drain(s));
+        assert_eq!(taken, b"0123456789");
     }
 }

@@ -1,7 +1,8 @@
 //! Per-connection telemetry, read from the stack when the engine asks.
 
 use crate::control::ConnInfo;
-use crate::{Attachment, Sock, Stack};
+use crate::sock::{Attachment, Sock};
+use crate::Stack;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 /// Decodes a sockaddr_in/sockaddr_in6 as the kernel wrote it.

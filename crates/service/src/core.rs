@@ -1,0 +1,659 @@
+//! ServiceLib's core: the state of an NSM's attachments and sockets and the steps that change
+//! it. It reads no clock (every step gets `now`), reads nothing from /proc, owns no epoll and
+//! spawns nothing: the driver (lib.rs) wires it to the engine, the doorbells and the clock, and
+//! the stack behind [`Stack`] does the networking. Its only system calls are the futex wakes of
+//! the region protocol (docs/ABI.md) and whatever the stack makes.
+
+use crate::control::NsmStats;
+use crate::exec::{execute, inherit_options, same_family, settles, tenant, OVERFLOW};
+use crate::sock::{close_slot, complete, publish, retire, Attachment, ListenerRef, Sock};
+use crate::stack::{Errno, Ready, Stack};
+use crate::{colocated, policy, ratelimit, resolve, telemetry};
+use netkernel_abi::validate::{self, Call, Request, Violation};
+use netkernel_abi::{nqe_state, ADDR_MAX, NQE_COUNT};
+use netkernel_ring::region::Region;
+use netkernel_ring::spsc::Consumer;
+use netkernel_ring::sys;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub(crate) const KIND_SHIFT: u64 = 62;
+pub(crate) const TOK_SOCK: u64 = 0;
+pub(crate) const TOK_BELL: u64 = 1;
+pub(crate) const TOK_PIDFD: u64 = 2;
+pub(crate) const TOK_CONTROL: u64 = 3 << KIND_SHIFT;
+/// A closed socket still sending queued bytes: kind 3 with bit 32 set (TOK_CONTROL has none).
+pub(crate) const TOK_LINGER: u64 = (3 << KIND_SHIFT) | (1 << 32);
+
+pub(crate) fn tok(kind: u64, att: usize, slot: u32) -> u64 {
+    (kind << KIND_SHIFT) | ((att as u64) << 32) | slot as u64
+}
+
+/// What the core needs to know of the host, read once by the driver.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    /// net.core.somaxconn: the longest listen backlog.
+    pub somaxconn: usize,
+    /// net.ipv4.ip_unprivileged_port_start: a non-root guest binds only from here up.
+    pub unprivileged_port_start: u16,
+}
+
+impl Limits {
+    pub(crate) fn of_host() -> Limits {
+        let read = |p: &str| std::fs::read_to_string(p).ok().and_then(|s| s.trim().parse::<u64>().ok());
+        Limits {
+            somaxconn: read("/proc/sys/net/core/somaxconn").unwrap_or(4096) as usize,
+            unprivileged_port_start: read("/proc/sys/net/ipv4/ip_unprivileged_port_start").unwrap_or(1024) as u16,
+        }
+    }
+}
+
+/// A name lookup for a resolver thread to answer (the driver starts it).
+pub(crate) struct Lookup {
+    pub region: Arc<Region>,
+    pub idx: u32,
+    pub off: u64,
+    pub len: u32,
+    pub query: resolve::Query,
+}
+
+/// The NSM's state: attachments, their sockets, telemetry and policy, over one stack.
+pub(crate) struct Core<S: Stack> {
+    pub stack: S,
+    pub name: String,
+    pub limits: Limits,
+    pub atts: Vec<Option<Attachment<S::Handle>>>,
+    /// Sockets closed by their guest (or whose guest exited) while asynchronous sends were still
+    /// queued: they send them, then close, as a kernel socket does after close().
+    pub lingering: Vec<Option<Sock<S::Handle>>>,
+    pub stats: NsmStats,
+    /// Names this NSM resolves itself (from the engine's config), before the system resolver.
+    pub hosts: Arc<HashMap<String, String>>,
+    /// Rate limits of the tenants that have one.
+    pub buckets: HashMap<String, ratelimit::Bucket>,
+    /// Sockets (attachment, slot) held back by their tenant's rate limit, woken when tokens
+    /// are back.
+    pub throttled: Vec<(usize, u32)>,
+    /// Listening sockets by local address, for co-located connects.
+    pub listeners: HashMap<SocketAddr, Vec<ListenerRef>>,
+    /// Fresh stack sockets (IPv4, IPv6) whose options are the defaults a co-located socket
+    /// reports for options never set.
+    pub templates: [Option<S::Handle>; 2],
+    /// Readiness refreshes (attachment index, its id, nqe) to complete at the end of this round
+    /// of the loop.
+    pub refreshes: Vec<(usize, u64, u32)>,
+    /// Readiness changes the stack reported, to dispatch.
+    pub ready: Vec<Ready>,
+    /// When the stack next needs a poll though nothing arrives.
+    pub stack_deadline: Option<Instant>,
+    /// The time of this step, as the driver read it.
+    pub now: Instant,
+    /// Outbox: attachments that ended, for the driver to stop watching and drop.
+    pub ended: Vec<Attachment<S::Handle>>,
+    /// Outbox: lookups for the driver to hand to resolver threads.
+    pub lookups: Vec<Lookup>,
+}
+
+impl<S: Stack> Core<S> {
+    pub(crate) fn new(stack: S, name: String, limits: Limits) -> Self {
+        let stats = NsmStats {
+            nsm: name.clone(),
+            kind: stack.kind().into(),
+            pid: std::process::id(),
+            congestion: stack.congestion(),
+            ..Default::default()
+        };
+        Core {
+            stack,
+            name,
+            limits,
+            atts: Vec::new(),
+            lingering: Vec::new(),
+            stats,
+            hosts: Arc::default(),
+            buckets: HashMap::new(),
+            throttled: Vec::new(),
+            listeners: HashMap::new(),
+            templates: [None, None],
+            refreshes: Vec::new(),
+            ready: Vec::new(),
+            stack_deadline: None,
+            now: Instant::now(),
+            ended: Vec::new(),
+            lookups: Vec::new(),
+        }
+    }
+
+    /// Processes every queued nqe of every attachment. Returns whether there was any.
+    pub(crate) fn drain_rings(&mut self) -> bool {
+        let mut worked = false;
+        for ai in 0..self.atts.len() {
+            worked |= self.drain(ai);
+        }
+        worked
+    }
+
+    /// Processes the queued nqes of attachment `ai`, at most one queue's worth so that a guest
+    /// that keeps submitting cannot starve the others; refuses it if it broke the ABI.
+    pub(crate) fn drain(&mut self, ai: usize) -> bool {
+        let mut worked = false;
+        let mut budget = NQE_COUNT;
+        while let Some(a) = self.atts[ai].as_mut() {
+            if budget == 0 {
+                break;
+            }
+            budget -= 1;
+            let mut c = Consumer::resume(a.region.ring(), a.head);
+            let next = c.pop();
+            a.head = c.head();
+            let r = match next {
+                Ok(None) => break,
+                Ok(Some(entry)) => validate::nqe_index(entry).and_then(|idx| self.process(ai, idx)),
+                Err(c) => Err(Violation::Queue(c)),
+            };
+            worked = true;
+            if let Err(v) = r {
+                self.refuse(ai, &v);
+                break;
+            }
+        }
+        worked
+    }
+
+    /// How long until a throttled tenant may send again (None: nobody is throttled).
+    pub(crate) fn throttle_wait(&mut self) -> Option<Duration> {
+        let mut wait: Option<Duration> = None;
+        for &(ai, _) in &self.throttled {
+            let Some(a) = self.atts.get(ai).and_then(|a| a.as_ref()) else { continue };
+            if let Some(b) = self.buckets.get_mut(&a.tenant) {
+                b.advance(self.now);
+                let w = b.wait();
+                wait = Some(wait.map_or(w, |x| x.min(w)));
+            }
+        }
+        wait
+    }
+
+    /// Socket `slot` of attachment `ai` waits for its tenant's tokens (counted once per wait).
+    pub(crate) fn hold_back(&mut self, ai: usize, slot: u32) {
+        if self.throttled.contains(&(ai, slot)) {
+            return;
+        }
+        self.throttled.push((ai, slot));
+        if let Some(a) = self.atts.get(ai).and_then(|a| a.as_ref()) {
+            tenant(&mut self.stats, &a.tenant).throttled += 1;
+        }
+    }
+
+    /// Wakes the throttled sockets whose tenant has tokens again: their queued sends go out,
+    /// and a guest blocked in send sees the socket writable.
+    pub(crate) fn unthrottle(&mut self) {
+        let mut i = 0;
+        while i < self.throttled.len() {
+            let (ai, slot) = self.throttled[i];
+            let Some(a) = self.atts.get_mut(ai).and_then(|a| a.as_mut()) else {
+                self.throttled.swap_remove(i);
+                continue;
+            };
+            let Some(b) = self.buckets.get_mut(&a.tenant) else {
+                self.throttled.swap_remove(i);
+                continue;
+            };
+            b.advance(self.now);
+            if b.exhausted() {
+                i += 1;
+                continue;
+            }
+            self.throttled.swap_remove(i);
+            let Some(Some(s)) = a.socks.get_mut(slot as usize) else { continue };
+            if s.sendq.queued() > 0 {
+                let limit = b.take(s.sendq.queued());
+                let n = s.flush(&mut self.stack, limit);
+                b.refund(limit - n);
+                s.bytes_out += n as u64;
+                self.stats.bytes_out += n as u64;
+                tenant(&mut self.stats, &a.tenant).bytes_out += n as u64;
+            }
+            let mut mask = s.mask(&mut self.stack);
+            if b.exhausted() {
+                mask &= !((libc::POLLOUT | libc::POLLWRNORM) as u32);
+                self.throttled.push((ai, slot));
+            }
+            a.region.slot(slot).queued.store(s.sendq.queued() as u32, Ordering::Release);
+            publish(a, slot, mask, true);
+        }
+    }
+
+    /// A socket its guest no longer has: closed now, or once its queued sends are out.
+    pub(crate) fn retire(&mut self, s: Sock<S::Handle>) {
+        retire(&mut self.stack, &mut self.lingering, s);
+    }
+
+    /// Drops an attachment whose guest broke the ABI; nobody else notices.
+    pub(crate) fn refuse(&mut self, ai: usize, v: &Violation) {
+        if let Some(a) = self.atts[ai].take() {
+            eprintln!(
+                "netkernel nsm {}: refusing attachment {} (tenant {}, pid {}): {v}",
+                self.name, a.id, a.tenant, a.pid
+            );
+            self.stats.violations += 1;
+            tenant(&mut self.stats, &a.tenant).violations += 1;
+            a.region.mark_dead(Some(a.guest_bell.as_raw_fd()));
+            self.end(a, false);
+        }
+    }
+
+    /// A process of the guest exited (or will never exist): the sockets only it still held
+    /// close, as the kernel closes an exiting process's fds.
+    /// Returns the process's pidfd, for the driver to stop watching.
+    pub(crate) fn release_holder(&mut self, ai: usize, holder: u32) -> Option<OwnedFd> {
+        let a = self.atts.get_mut(ai).and_then(|a| a.as_mut())?;
+        let (pidfd, unheld) = a.holders.remove(holder);
+        let closed: Vec<Sock<S::Handle>> = unheld.into_iter().filter_map(|slot| close_slot(a, slot)).collect();
+        for s in closed {
+            self.retire(s);
+        }
+        pidfd
+    }
+
+    /// Ends attachment `a`: its sockets close (`drain`: after their queued bytes, as an exited
+    /// process's do; otherwise at once, as a crashed one's) and the driver gets it to forget.
+    pub(crate) fn end(&mut self, mut a: Attachment<S::Handle>, drain: bool) {
+        for s in std::mem::take(&mut a.socks).into_iter().flatten() {
+            if drain {
+                self.retire(s);
+            } else if let Some(h) = s.handle {
+                self.stack.close(h);
+            }
+        }
+        self.ended.push(a);
+    }
+
+    /// A guest process exited (its pidfd became readable): whatever it submitted before is done
+    /// first, then its sockets close, and the attachment ends with its last process. Returns the
+    /// pidfd to stop watching.
+    pub(crate) fn exited(&mut self, ai: usize, holder: u32) -> Option<OwnedFd> {
+        self.atts.get(ai)?.as_ref()?;
+        self.drain(ai);
+        let pidfd = self.release_holder(ai, holder);
+        if self.atts.get(ai).and_then(|a| a.as_ref()).is_some_and(|a| !a.holders.any_process()) {
+            let a = self.atts[ai].take().expect("checked");
+            self.end(a, true);
+        }
+        pidfd
+    }
+
+    pub(crate) fn snapshot(&mut self) -> NsmStats {
+        let mut s = self.stats.clone();
+        s.attachments = self.atts.iter().flatten().count();
+        for a in self.atts.iter().flatten() {
+            for sock in a.socks.iter().flatten() {
+                s.conns.push(telemetry::conn_info(&mut self.stack, a, sock, &self.name));
+            }
+        }
+        s
+    }
+
+    /// Validates and executes nqe `idx` of attachment `ai`, then completes it.
+    pub(crate) fn process(&mut self, ai: usize, idx: u32) -> Result<(), Violation> {
+        let a = self.atts[ai].as_mut().expect("caller checked");
+        let p = a.region.nqe(idx);
+        let req = validate::validate(idx, &a.region.nqe_snapshot(idx), a.region.layout())?;
+        let mut addr = [0u8; ADDR_MAX];
+        let mut addr_out = None;
+        if let Call::Resolve { query, family, socktype, flags } = req.call {
+            let parsed = if query.is_empty() {
+                None
+            } else {
+                // SAFETY: validate() checked the buffer lies in the pool; copied before parsing.
+                let bytes = unsafe {
+                    std::slice::from_raw_parts(a.region.pool_ptr(query.off(), query.len()), query.len() as usize)
+                }
+                .to_vec();
+                resolve::Query::parse(&bytes, family, socktype, flags)
+            };
+            if let Some(q) = parsed {
+                // Completed by a resolver thread the driver starts.
+                self.lookups.push(Lookup {
+                    region: a.region.clone(),
+                    idx,
+                    off: query.off(),
+                    len: query.len(),
+                    query: q,
+                });
+                return Ok(());
+            }
+        }
+        if let Call::Ioctl { request: netkernel_abi::IOCTL_REFRESH } = req.call {
+            self.refreshes.push((ai, a.id, idx));
+            return Ok(());
+        }
+        let result = match self.connect_colocated(ai, &req) {
+            Some(r) => r.unwrap_or_else(|e| -(e as i64)),
+            None => self.perform(ai, idx, &req, &mut addr, &mut addr_out)?,
+        };
+        if settles(&req, result) {
+            self.settle();
+        }
+        if let (Call::Listen { backlog }, 0) = (req.call, result) {
+            self.register_listener(ai, req.sock, backlog);
+        }
+        let a = self.atts[ai].as_mut().expect("caller checked");
+        let seq = a.region.slot(req.seq_slot()).seq.load(Ordering::Acquire);
+        // SAFETY: p points at nqe idx inside the mapping; the guest reads these fields only
+        // after it sees DONE, which the Release swap below orders after these writes.
+        unsafe {
+            std::ptr::write_volatile(&mut (*p).result, result);
+            std::ptr::write_volatile(&mut (*p).seq, seq);
+            if let Some(len) = addr_out {
+                std::ptr::write_volatile(&mut (*p).addr_len, len as u32);
+                std::ptr::copy_nonoverlapping(addr.as_ptr(), (*p).addr.as_mut_ptr(), ADDR_MAX);
+            }
+        }
+        let old = a.region.nqe_state(idx).swap(nqe_state::DONE, Ordering::AcqRel);
+        if old & nqe_state::WAITER != 0 {
+            sys::futex_wake(a.region.nqe_state(idx));
+        }
+        Ok(())
+    }
+
+    /// Publishes the readiness the stack changed during the call just run, before its guest
+    /// learns the result: Linux delivers loopback synchronously, so a peer's poll right after a
+    /// send, shutdown, close or connect returns already sees its effect. Stack sockets only;
+    /// doorbells, pidfds and the control channel are level-triggered and wait for the loop.
+    pub(crate) fn settle(&mut self) {
+        self.poll_stack(true);
+    }
+
+    /// Lets the stack advance (`woken`: its wait fd was readable) and publishes the readiness
+    /// changes it reports. Returns whether there were any.
+    pub(crate) fn poll_stack(&mut self, woken: bool) -> bool {
+        let mut ready = std::mem::take(&mut self.ready);
+        self.stack_deadline = self.stack.poll(self.now, woken, &mut ready);
+        let any = !ready.is_empty();
+        for r in ready.drain(..) {
+            self.on_ready(r.key, r.events);
+        }
+        self.ready = ready;
+        any
+    }
+
+    /// A watched stack socket's readiness changed (`key` from `Stack::watch`): queued sends go
+    /// out as far as the tenant's rate allows, and the guest sees the new mask.
+    pub(crate) fn on_ready(&mut self, key: u64, events: u32) {
+        let ai = ((key >> 32) & 0x3fff_ffff) as usize;
+        let slot = key as u32;
+        if key >> KIND_SHIFT == TOK_SOCK {
+            let Some(a) = self.atts.get_mut(ai).and_then(|a| a.as_mut()) else { return };
+            let Some(Some(s)) = a.socks.get_mut(slot as usize) else { return };
+            let mut bucket = self.buckets.get_mut(&a.tenant);
+            if let Some(b) = bucket.as_deref_mut() {
+                b.advance(self.now);
+            }
+            if s.sendq.queued() > 0 && events & libc::EPOLLOUT as u32 != 0 {
+                let limit = bucket.as_deref_mut().map_or(usize::MAX, |b| b.take(s.sendq.queued()));
+                let n = s.flush(&mut self.stack, limit);
+                if let Some(b) = bucket.as_deref_mut() {
+                    b.refund(limit - n);
+                }
+                s.bytes_out += n as u64;
+                self.stats.bytes_out += n as u64;
+                tenant(&mut self.stats, &a.tenant).bytes_out += n as u64;
+            }
+            let mut mask = s.sendq.adjust(s.with_mark(&mut self.stack, events));
+            if s.backlog.as_ref().is_some_and(|b| !b.queue.is_empty()) {
+                mask |= (libc::POLLIN | libc::POLLRDNORM) as u32;
+            }
+            let exhausted = bucket.is_some_and(|b| b.exhausted());
+            if exhausted {
+                mask &= !((libc::POLLOUT | libc::POLLWRNORM) as u32);
+            }
+            a.region.slot(slot).queued.store(s.sendq.queued() as u32, Ordering::Release);
+            publish(a, slot, mask, true);
+            if exhausted {
+                self.hold_back(ai, slot);
+            }
+        } else if key & TOK_LINGER == TOK_LINGER && key != TOK_CONTROL {
+            let i = slot as usize;
+            let Some(Some(s)) = self.lingering.get_mut(i) else { return };
+            let n = s.flush(&mut self.stack, usize::MAX) as u64;
+            self.stats.bytes_out += n;
+            if s.sendq.queued() == 0 || events & (libc::EPOLLERR | libc::EPOLLHUP) as u32 != 0 {
+                if let Some(h) = self.lingering[i].take().and_then(|s| s.handle) {
+                    self.stack.close(h);
+                }
+            }
+        }
+    }
+
+    /// Completes this round's readiness refreshes: every nqe queued before them has run and the
+    /// stack's wakeups since are published.
+    pub(crate) fn finish_refreshes(&mut self) {
+        for (ai, id, idx) in std::mem::take(&mut self.refreshes) {
+            if let Some(a) = self.atts.get(ai).and_then(|a| a.as_ref()).filter(|a| a.id == id) {
+                complete(&a.region, idx, 0);
+            }
+        }
+    }
+
+    /// Runs a request on the stack (or on a co-located socket's pipe).
+    pub(crate) fn perform(
+        &mut self,
+        ai: usize,
+        idx: u32,
+        req: &Request,
+        addr: &mut [u8; ADDR_MAX],
+        addr_out: &mut Option<usize>,
+    ) -> Result<i64, Violation> {
+        let a = self.atts[ai].as_ref().expect("caller checked");
+        let tenant_sockets = if matches!(req.call, Call::Socket { .. } | Call::Accept) && a.policy.max_sockets.is_some()
+        {
+            let t = a.tenant.clone();
+            self.atts.iter().flatten().filter(|x| x.tenant == t).map(|x| x.socks.iter().flatten().count()).sum()
+        } else {
+            0
+        };
+        let a = self.atts[ai].as_mut().expect("caller checked");
+        let mut bucket = self.buckets.get_mut(&a.tenant);
+        if let Some(b) = bucket.as_deref_mut() {
+            b.advance(self.now);
+        }
+        let mut throttled = false;
+        let result = execute(
+            &mut self.stack,
+            &self.limits,
+            &mut self.stats,
+            tenant_sockets,
+            bucket,
+            &mut throttled,
+            &mut self.lingering,
+            &mut self.templates,
+            ai,
+            a,
+            req,
+            addr,
+            addr_out,
+        );
+        if result == -(OVERFLOW as i64) {
+            return Err(Violation::SendFlood { nqe: idx });
+        }
+        if throttled {
+            self.hold_back(ai, req.sock);
+        }
+        Ok(result)
+    }
+
+    /// A listening socket becomes findable by co-located connects (once; a second listen()
+    /// only changes the backlog).
+    pub(crate) fn register_listener(&mut self, ai: usize, slot: u32, backlog: i32) {
+        let Some(a) = self.atts[ai].as_mut() else { return };
+        let Ok(s) = a.sock_mut(slot) else { return };
+        let somaxconn = self.limits.somaxconn;
+        let limit = if backlog < 0 { somaxconn } else { (backlog as usize).min(somaxconn) };
+        if let Some(b) = s.backlog.as_mut() {
+            b.limit = limit;
+            return;
+        }
+        let mut local = [0u8; ADDR_MAX];
+        let Some(addr) = s
+            .handle()
+            .ok()
+            .and_then(|h| self.stack.getsockname(h, &mut local).ok())
+            .and_then(|n| policy::decode(&local[..n]))
+        else {
+            return;
+        };
+        s.backlog = Some(colocated::Backlog { limit, v6: addr.is_ipv6(), queue: Default::default() });
+        self.listeners.entry(addr).or_default().push(ListenerRef { ai, slot, serial: s.serial });
+    }
+
+    /// The listener a connect to `target` reaches inside this NSM, if one may take a
+    /// co-located connection now.
+    pub(crate) fn find_listener(&mut self, target: SocketAddr) -> Option<ListenerRef> {
+        let port = target.port();
+        let (v4, v6) = match target.ip() {
+            IpAddr::V4(ip) => (Some(ip), ip.to_ipv6_mapped()),
+            IpAddr::V6(ip) => (ip.to_ipv4_mapped(), ip),
+        };
+        // Most specific first, as the kernel's lookup does; a v6 wildcard listener takes IPv4
+        // connections unless it is IPV6_V6ONLY.
+        let mut keys = vec![(SocketAddr::new(IpAddr::V6(v6), port), false)];
+        if let Some(v4) = v4 {
+            keys.insert(0, (SocketAddr::new(IpAddr::V4(v4), port), false));
+            keys.push((SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), port), true));
+        }
+        keys.push((SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port), true));
+        let mut local: Option<bool> = None;
+        for (key, wildcard) in keys {
+            let Some(list) = self.listeners.get_mut(&key) else { continue };
+            let atts = &self.atts;
+            let live = |l: &ListenerRef| {
+                atts.get(l.ai)
+                    .and_then(|a| a.as_ref())
+                    .and_then(|a| a.sock(l.slot).ok())
+                    .is_some_and(|s| s.serial == l.serial && s.backlog.is_some())
+            };
+            list.retain(live);
+            if list.is_empty() {
+                self.listeners.remove(&key);
+                continue;
+            }
+            if wildcard && !*local.get_or_insert_with(|| colocated::is_local_address(target.ip())) {
+                return None;
+            }
+            // SO_REUSEPORT listeners take turns.
+            list.rotate_left(1);
+            let l = *list.last().expect("not empty");
+            let a = self.atts[l.ai].as_ref().expect("live");
+            let s = a.sock(l.slot).expect("live");
+            if !a.policy.colocate || s.backlog.as_ref().is_some_and(|b| b.full()) {
+                return None;
+            }
+            if key.is_ipv6() && v4.is_some() && target.is_ipv4() {
+                let mut only = [0u8; 4];
+                let v6only = s
+                    .handle()
+                    .ok()
+                    .and_then(|h| self.stack.getsockopt(h, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, &mut only).ok())
+                    .is_some_and(|_| only != [0; 4]);
+                if v6only {
+                    continue;
+                }
+            }
+            return Some(l);
+        }
+        None
+    }
+
+    /// The co-located short cut (D4): a connect to a listener of this NSM is joined to it by a
+    /// pipe instead of TCP. None: the stack connects as usual.
+    pub(crate) fn connect_colocated(&mut self, ai: usize, req: &Request) -> Option<Result<i64, Errno>> {
+        let Call::Connect { addr, blocking } = req.call else { return None };
+        let a = self.atts[ai].as_ref()?;
+        let s = a.sock(req.sock).ok()?;
+        if !a.policy.colocate || !s.stream || s.pipe.is_some() || s.backlog.is_some() {
+            return None;
+        }
+        let in_addr = addr.as_bytes();
+        // Refusals are the stack path's to answer and log.
+        let peer = policy::connect(&a.policy, in_addr).ok()?.unwrap_or_else(|| in_addr.to_vec());
+        let mut target = policy::decode(&peer)?;
+        // Linux takes a connect to the unspecified address for one to loopback.
+        if target.ip().is_unspecified() {
+            target.set_ip(if target.is_ipv6() {
+                Ipv6Addr::LOCALHOST.into()
+            } else {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            });
+        }
+        let peer = policy::encode(&target);
+        // Only a socket that has not begun connecting: a connect in progress is the stack's.
+        if s.counted {
+            return None;
+        }
+        let l = self.find_listener(target)?;
+        let a = self.atts[ai].as_ref().expect("checked");
+        let fd = a.sock(req.sock).ok()?.handle().ok()?;
+        let mut buf = [0u8; ADDR_MAX];
+        let n = self.stack.getsockname(fd, &mut buf).ok()?;
+        let mut me = policy::decode(&buf[..n])?;
+        if me.port() == 0 || me.ip().is_unspecified() {
+            let src = policy::source(&a.policy, me.is_ipv6(), &peer)
+                .and_then(|b| policy::decode(&b))
+                .map_or(target.ip(), |s| s.ip());
+            if me.port() == 0 {
+                // The stack picks the port, so no other connection of this NSM has it.
+                if let Err(e) = self.stack.bind(fd, &policy::encode(&SocketAddr::new(src, 0))) {
+                    return Some(Err(e));
+                }
+                let n = self.stack.getsockname(fd, &mut buf).ok()?;
+                me = policy::decode(&buf[..n])?;
+            }
+            me.set_ip(src);
+        }
+        let listener_v6 = self.atts[l.ai].as_ref()?.sock(l.slot).ok()?.backlog.as_ref()?.v6;
+        let as_family = |a: SocketAddr| policy::encode(&same_family(a, listener_v6));
+        let (mut client, mut server) = colocated::pair((policy::encode(&me), peer), (as_family(target), as_family(me)));
+        // Options set before connect (and on the listener, which its connections inherit)
+        // hold for the pipe's ends too.
+        let a = self.atts[ai].as_ref().expect("checked");
+        let fd = a.sock(req.sock).ok()?.handle().ok()?;
+        inherit_options(&mut self.stack, &mut self.templates, fd, &mut client, me.is_ipv6());
+        let lfd = self.atts[l.ai].as_ref()?.sock(l.slot).ok()?.handle().ok()?;
+        inherit_options(&mut self.stack, &mut self.templates, lfd, &mut server, listener_v6);
+        // The listener's guest learns of the connection (accept() will find it).
+        let la = self.atts[l.ai].as_mut().expect("live");
+        let ls = la.sock_mut(l.slot).expect("live");
+        ls.backlog.as_mut().expect("listening").queue.push_back(server);
+        let mask = ls.mask(&mut self.stack);
+        publish(la, l.slot, mask, true);
+        let a = self.atts[ai].as_mut().expect("checked");
+        let owner = a.owner(req.sock);
+        let s = a.sock_mut(req.sock).expect("checked");
+        // The stack socket only holds the port now; its events would misreport the socket.
+        if let Some(h) = &s.handle {
+            self.stack.unwatch(h);
+        }
+        client.adopt(owner);
+        if blocking {
+            // The guest would only wait for writability and ask again.
+            let _ = client.connect_again();
+        }
+        s.pipe = Some(client);
+        s.counted = true;
+        let mask = s.mask(&mut self.stack);
+        self.stats.conns_total += 1;
+        self.stats.conns_colocated += 1;
+        tenant(&mut self.stats, &a.tenant).conns_total += 1;
+        publish(a, req.sock, mask, true);
+        // As a loopback TCP connect answers: the guest's next connect() reports completion.
+        Some(if blocking { Ok(0) } else { Err(libc::EINPROGRESS) })
+    }
+}
+
+#[cfg(test)]
+mod tests;
