@@ -4,6 +4,7 @@
 
 use netkernel_service::stack::{Ready, Received, TcpStats};
 use netkernel_service::{Errno, Stack};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Instant;
 
@@ -305,6 +306,48 @@ impl Stack for KernelStack {
         // SAFETY: one live pollfd.
         unsafe { libc::poll(&mut p, 1, 0) };
         p.revents as u16 as u32
+    }
+
+    /// Loopback, or an address of an interface of the NSM's network namespace.
+    fn is_local(&mut self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(a) => a.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(a)),
+            v4 => v4,
+        };
+        if ip.is_loopback() {
+            return true;
+        }
+        let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+        // SAFETY: getifaddrs only writes the list head, which is freed below.
+        if unsafe { libc::getifaddrs(&mut head) } != 0 {
+            return false;
+        }
+        let mut found = false;
+        let mut cur = head;
+        while !cur.is_null() && !found {
+            // SAFETY: cur is a node of the list getifaddrs returned, alive until freeifaddrs;
+            // ifa_addr is null or points at a sockaddr of the family it names, so reading it
+            // as sockaddr_in or sockaddr_in6 after checking the family stays in bounds.
+            unsafe {
+                let sa = (*cur).ifa_addr;
+                if !sa.is_null() {
+                    found = match i32::from((*sa).sa_family) {
+                        libc::AF_INET => {
+                            let a = &*sa.cast::<libc::sockaddr_in>();
+                            IpAddr::V4(Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr))) == ip
+                        }
+                        libc::AF_INET6 => {
+                            IpAddr::V6(Ipv6Addr::from((*sa.cast::<libc::sockaddr_in6>()).sin6_addr.s6_addr)) == ip
+                        }
+                        _ => false,
+                    };
+                }
+                cur = (*cur).ifa_next;
+            }
+        }
+        // SAFETY: head came from getifaddrs and is freed once.
+        unsafe { libc::freeifaddrs(head) };
+        found
     }
 
     fn tcp_stats(&mut self, s: &KernelSocket) -> Option<TcpStats> {

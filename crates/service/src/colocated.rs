@@ -13,10 +13,12 @@ use netkernel_ring::region::Region;
 use netkernel_ring::sys;
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
+
+mod path;
+pub(crate) use path::colocated_op;
 
 /// Bytes one direction of a pipe holds before the sender must wait.
 pub(crate) const CAPACITY: usize = 1 << 20;
@@ -530,50 +532,6 @@ impl Backlog {
     pub fn full(&self) -> bool {
         self.queue.len() > self.limit
     }
-}
-
-/// Whether `ip` is an address of this NSM's network namespace, so a wildcard listener here
-/// is what a connection to it would reach.
-pub(crate) fn is_local_address(ip: IpAddr) -> bool {
-    let ip = match ip {
-        IpAddr::V6(a) => a.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(a)),
-        v4 => v4,
-    };
-    if ip.is_loopback() {
-        return true;
-    }
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills head with a list we free below.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return false;
-    }
-    let mut found = false;
-    let mut cur = head;
-    while !cur.is_null() {
-        // SAFETY: cur is a node of the list getifaddrs returned; ifa_addr is null or a sockaddr
-        // of the family it names.
-        unsafe {
-            let sa = (*cur).ifa_addr;
-            if !sa.is_null() {
-                let family = (*sa).sa_family as i32;
-                let len = match family {
-                    libc::AF_INET => std::mem::size_of::<libc::sockaddr_in>(),
-                    libc::AF_INET6 => std::mem::size_of::<libc::sockaddr_in6>(),
-                    _ => 0,
-                };
-                if len > 0 {
-                    let bytes = std::slice::from_raw_parts(sa.cast::<u8>(), len);
-                    if crate::telemetry::sockaddr_to_std(bytes).is_some_and(|a: SocketAddr| a.ip() == ip) {
-                        found = true;
-                    }
-                }
-            }
-            cur = (*cur).ifa_next;
-        }
-    }
-    // SAFETY: head came from getifaddrs and is freed once.
-    unsafe { libc::freeifaddrs(head) };
-    found
 }
 
 #[cfg(test)]

@@ -5,17 +5,17 @@
 //! the region protocol (docs/ABI.md) and whatever the stack makes.
 
 use crate::control::NsmStats;
-use crate::exec::{execute, inherit_options, same_family, settles, tenant, OVERFLOW};
+use crate::exec::{execute, settles, tenant, OVERFLOW};
 use crate::sock::{close_slot, complete, publish, retire, Attachment, ListenerRef, Sock};
-use crate::stack::{Errno, Ready, Stack};
-use crate::{colocated, policy, ratelimit, resolve, telemetry};
+use crate::stack::{Ready, Stack};
+use crate::{ratelimit, resolve, telemetry};
 use netkernel_abi::validate::{self, Call, Request, Violation};
 use netkernel_abi::{nqe_state, ADDR_MAX, NQE_COUNT};
 use netkernel_ring::region::Region;
 use netkernel_ring::spsc::Consumer;
 use netkernel_ring::sys;
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -485,173 +485,6 @@ impl<S: Stack> Core<S> {
             self.hold_back(ai, req.sock);
         }
         Ok(result)
-    }
-
-    /// A listening socket becomes findable by co-located connects (once; a second listen()
-    /// only changes the backlog).
-    pub(crate) fn register_listener(&mut self, ai: usize, slot: u32, backlog: i32) {
-        let Some(a) = self.atts[ai].as_mut() else { return };
-        let Ok(s) = a.sock_mut(slot) else { return };
-        let somaxconn = self.limits.somaxconn;
-        let limit = if backlog < 0 { somaxconn } else { (backlog as usize).min(somaxconn) };
-        if let Some(b) = s.backlog.as_mut() {
-            b.limit = limit;
-            return;
-        }
-        let mut local = [0u8; ADDR_MAX];
-        let Some(addr) = s
-            .handle()
-            .ok()
-            .and_then(|h| self.stack.getsockname(h, &mut local).ok())
-            .and_then(|n| policy::decode(&local[..n]))
-        else {
-            return;
-        };
-        s.backlog = Some(colocated::Backlog { limit, v6: addr.is_ipv6(), queue: Default::default() });
-        self.listeners.entry(addr).or_default().push(ListenerRef { ai, slot, serial: s.serial });
-    }
-
-    /// The listener a connect to `target` reaches inside this NSM, if one may take a
-    /// co-located connection now.
-    pub(crate) fn find_listener(&mut self, target: SocketAddr) -> Option<ListenerRef> {
-        let port = target.port();
-        let (v4, v6) = match target.ip() {
-            IpAddr::V4(ip) => (Some(ip), ip.to_ipv6_mapped()),
-            IpAddr::V6(ip) => (ip.to_ipv4_mapped(), ip),
-        };
-        // Most specific first, as the kernel's lookup does; a v6 wildcard listener takes IPv4
-        // connections unless it is IPV6_V6ONLY.
-        let mut keys = vec![(SocketAddr::new(IpAddr::V6(v6), port), false)];
-        if let Some(v4) = v4 {
-            keys.insert(0, (SocketAddr::new(IpAddr::V4(v4), port), false));
-            keys.push((SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), port), true));
-        }
-        keys.push((SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port), true));
-        let mut local: Option<bool> = None;
-        for (key, wildcard) in keys {
-            let Some(list) = self.listeners.get_mut(&key) else { continue };
-            let atts = &self.atts;
-            let live = |l: &ListenerRef| {
-                atts.get(l.ai)
-                    .and_then(|a| a.as_ref())
-                    .and_then(|a| a.sock(l.slot).ok())
-                    .is_some_and(|s| s.serial == l.serial && s.backlog.is_some())
-            };
-            list.retain(live);
-            if list.is_empty() {
-                self.listeners.remove(&key);
-                continue;
-            }
-            if wildcard && !*local.get_or_insert_with(|| colocated::is_local_address(target.ip())) {
-                return None;
-            }
-            // SO_REUSEPORT listeners take turns.
-            list.rotate_left(1);
-            let l = *list.last().expect("not empty");
-            let a = self.atts[l.ai].as_ref().expect("live");
-            let s = a.sock(l.slot).expect("live");
-            if !a.policy.colocate || s.backlog.as_ref().is_some_and(|b| b.full()) {
-                return None;
-            }
-            if key.is_ipv6() && v4.is_some() && target.is_ipv4() {
-                let mut only = [0u8; 4];
-                let v6only = s
-                    .handle()
-                    .ok()
-                    .and_then(|h| self.stack.getsockopt(h, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, &mut only).ok())
-                    .is_some_and(|_| only != [0; 4]);
-                if v6only {
-                    continue;
-                }
-            }
-            return Some(l);
-        }
-        None
-    }
-
-    /// The co-located short cut (D4): a connect to a listener of this NSM is joined to it by a
-    /// pipe instead of TCP. None: the stack connects as usual.
-    pub(crate) fn connect_colocated(&mut self, ai: usize, req: &Request) -> Option<Result<i64, Errno>> {
-        let Call::Connect { addr, blocking } = req.call else { return None };
-        let a = self.atts[ai].as_ref()?;
-        let s = a.sock(req.sock).ok()?;
-        if !a.policy.colocate || !s.stream || s.pipe.is_some() || s.backlog.is_some() {
-            return None;
-        }
-        let in_addr = addr.as_bytes();
-        // Refusals are the stack path's to answer and log.
-        let peer = policy::connect(&a.policy, in_addr).ok()?.unwrap_or_else(|| in_addr.to_vec());
-        let mut target = policy::decode(&peer)?;
-        // Linux takes a connect to the unspecified address for one to loopback.
-        if target.ip().is_unspecified() {
-            target.set_ip(if target.is_ipv6() {
-                Ipv6Addr::LOCALHOST.into()
-            } else {
-                std::net::Ipv4Addr::LOCALHOST.into()
-            });
-        }
-        let peer = policy::encode(&target);
-        // Only a socket that has not begun connecting: a connect in progress is the stack's.
-        if s.counted {
-            return None;
-        }
-        let l = self.find_listener(target)?;
-        let a = self.atts[ai].as_ref().expect("checked");
-        let fd = a.sock(req.sock).ok()?.handle().ok()?;
-        let mut buf = [0u8; ADDR_MAX];
-        let n = self.stack.getsockname(fd, &mut buf).ok()?;
-        let mut me = policy::decode(&buf[..n])?;
-        if me.port() == 0 || me.ip().is_unspecified() {
-            let src = policy::source(&a.policy, me.is_ipv6(), &peer)
-                .and_then(|b| policy::decode(&b))
-                .map_or(target.ip(), |s| s.ip());
-            if me.port() == 0 {
-                // The stack picks the port, so no other connection of this NSM has it.
-                if let Err(e) = self.stack.bind(fd, &policy::encode(&SocketAddr::new(src, 0))) {
-                    return Some(Err(e));
-                }
-                let n = self.stack.getsockname(fd, &mut buf).ok()?;
-                me = policy::decode(&buf[..n])?;
-            }
-            me.set_ip(src);
-        }
-        let listener_v6 = self.atts[l.ai].as_ref()?.sock(l.slot).ok()?.backlog.as_ref()?.v6;
-        let as_family = |a: SocketAddr| policy::encode(&same_family(a, listener_v6));
-        let (mut client, mut server) = colocated::pair((policy::encode(&me), peer), (as_family(target), as_family(me)));
-        // Options set before connect (and on the listener, which its connections inherit)
-        // hold for the pipe's ends too.
-        let a = self.atts[ai].as_ref().expect("checked");
-        let fd = a.sock(req.sock).ok()?.handle().ok()?;
-        inherit_options(&mut self.stack, &mut self.templates, fd, &mut client, me.is_ipv6());
-        let lfd = self.atts[l.ai].as_ref()?.sock(l.slot).ok()?.handle().ok()?;
-        inherit_options(&mut self.stack, &mut self.templates, lfd, &mut server, listener_v6);
-        // The listener's guest learns of the connection (accept() will find it).
-        let la = self.atts[l.ai].as_mut().expect("live");
-        let ls = la.sock_mut(l.slot).expect("live");
-        ls.backlog.as_mut().expect("listening").queue.push_back(server);
-        let mask = ls.mask(&mut self.stack);
-        publish(la, l.slot, mask, true);
-        let a = self.atts[ai].as_mut().expect("checked");
-        let owner = a.owner(req.sock);
-        let s = a.sock_mut(req.sock).expect("checked");
-        // The stack socket only holds the port now; its events would misreport the socket.
-        if let Some(h) = &s.handle {
-            self.stack.unwatch(h);
-        }
-        client.adopt(owner);
-        if blocking {
-            // The guest would only wait for writability and ask again.
-            let _ = client.connect_again();
-        }
-        s.pipe = Some(client);
-        s.counted = true;
-        let mask = s.mask(&mut self.stack);
-        self.stats.conns_total += 1;
-        self.stats.conns_colocated += 1;
-        tenant(&mut self.stats, &a.tenant).conns_total += 1;
-        publish(a, req.sock, mask, true);
-        // As a loopback TCP connect answers: the guest's next connect() reports completion.
-        Some(if blocking { Ok(0) } else { Err(libc::EINPROGRESS) })
     }
 }
 

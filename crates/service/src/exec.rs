@@ -1,14 +1,14 @@
 //! One validated request run against the stack, or against a co-located socket's pipe: the
 //! semantics of each socket call (policy, rate limits, queued sends, Linux's errnos).
 
+use crate::colocated::colocated_op;
 use crate::control::{self, NsmStats};
 use crate::core::{tok, Limits, TOK_SOCK};
 use crate::sock::{close_slot, publish, retire, Attachment, Sock};
 use crate::stack::{Errno, Stack};
-use crate::{cmsg, colocated, policy, ratelimit, sendq, SIOCATMARK};
+use crate::{cmsg, colocated, policy, ratelimit, sendq};
 use netkernel_abi::validate::{Call, Request};
 use netkernel_abi::{ADDR_MAX, SLOT_COUNT};
-use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 
 /// Not an errno: `execute`'s way of saying the guest broke the ABI (see Violation::SendFlood).
@@ -24,44 +24,6 @@ pub(crate) fn settles(req: &Request, result: i64) -> bool {
         _ => false,
     };
     call && (result >= 0 || result == -(libc::EINPROGRESS as i64))
-}
-
-/// Copies the options a program may have set on `from` (the stack socket before a co-located
-/// connect, or the listener) to a pipe end, where they differ from a fresh socket's.
-pub(crate) fn inherit_options<S: Stack>(
-    stack: &mut S,
-    templates: &mut [Option<S::Handle>; 2],
-    from: &S::Handle,
-    end: &mut colocated::End,
-    v6: bool,
-) {
-    const INHERITED: [(i32, i32); 8] = [
-        (libc::SOL_SOCKET, libc::SO_SNDBUF),
-        (libc::SOL_SOCKET, libc::SO_RCVBUF),
-        (libc::SOL_SOCKET, libc::SO_OOBINLINE),
-        (libc::SOL_SOCKET, libc::SO_TIMESTAMP),
-        (libc::SOL_SOCKET, libc::SO_TIMESTAMPNS),
-        (libc::SOL_SOCKET, libc::SO_KEEPALIVE),
-        (libc::SOL_SOCKET, libc::SO_LINGER),
-        (libc::IPPROTO_TCP, libc::TCP_NODELAY),
-    ];
-    for (level, name) in INHERITED {
-        let (mut v, mut fresh) = ([0u8; 16], [0u8; 16]);
-        let Ok(n) = stack.getsockopt(from, level, name, &mut v) else { continue };
-        let Ok(t) = template(stack, templates, v6) else { return };
-        if stack.getsockopt(t, level, name, &mut fresh).is_ok_and(|m| v[..n] != fresh[..m]) {
-            end.set_option(level, name, v[..n].to_vec());
-        }
-    }
-}
-
-/// `a` as a socket of the other family sees it (IPv4 as v4-mapped IPv6 and back).
-pub(crate) fn same_family(a: SocketAddr, v6: bool) -> SocketAddr {
-    match (a.ip(), v6) {
-        (IpAddr::V4(ip), true) => SocketAddr::new(IpAddr::V6(ip.to_ipv6_mapped()), a.port()),
-        (IpAddr::V6(ip), false) => ip.to_ipv4_mapped().map_or(a, |ip| SocketAddr::new(IpAddr::V4(ip), a.port())),
-        _ => a,
-    }
 }
 
 /// Counts and logs an operation the tenant's policy refused; returns the errno to answer.
@@ -464,134 +426,4 @@ pub(crate) fn add_sock<S: Stack>(
     a.holders.created(holder, id);
     publish(a, id, mask, true);
     Ok(id)
-}
-
-/// A request on a co-located socket: the pipe answers as a connected TCP socket would.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn colocated_op<S: Stack>(
-    stack: &mut S,
-    stats: &mut NsmStats,
-    templates: &mut [Option<S::Handle>; 2],
-    bucket: Option<&mut ratelimit::Bucket>,
-    throttled: &mut bool,
-    a: &mut Attachment<S::Handle>,
-    req: &Request,
-    buf: &mut [u8],
-    addr: &mut [u8; ADDR_MAX],
-    addr_out: &mut Option<usize>,
-) -> Result<i64, Errno> {
-    let s = a.socks.get_mut(req.sock as usize).and_then(|s| s.as_mut()).ok_or(libc::EBADF)?;
-    let end = s.pipe.as_mut().expect("caller checked");
-    let v6 = end.local.len() > 16;
-    match req.call {
-        Call::Bind { .. } | Call::Listen { .. } | Call::Accept => Err(libc::EINVAL),
-        Call::Connect { .. } => end.connect_again().map(|()| 0),
-        Call::Send { nowait: is_async, flags, .. } => {
-            let urgent = flags & libc::MSG_OOB != 0;
-            // The tenant's rate limit holds for bytes that stay on the host too. An asynchronous
-            // send cannot wait: it is charged, and the tenant waits until the debt is paid.
-            let (n, bucket) = match bucket {
-                Some(b) if is_async => {
-                    let n = end.send(buf, true, sendq::MAX_QUEUED, urgent).map_err(|e| e.unwrap_or(OVERFLOW))?;
-                    b.charge(n);
-                    (n, Some(b))
-                }
-                Some(b) => {
-                    let allowed = b.take(buf.len());
-                    if allowed == 0 && !buf.is_empty() {
-                        *throttled = true;
-                        return Err(libc::EAGAIN);
-                    }
-                    let r = end.send(&buf[..allowed], false, 0, urgent).map_err(|e| e.unwrap_or(OVERFLOW));
-                    b.refund(allowed - r.as_ref().map_or(0, |&n| n));
-                    (r?, Some(b))
-                }
-                None => (end.send(buf, is_async, sendq::MAX_QUEUED, urgent).map_err(|e| e.unwrap_or(OVERFLOW))?, None),
-            };
-            *throttled = bucket.is_some_and(|b| b.exhausted());
-            s.bytes_out += n as u64;
-            stats.bytes_out += n as u64;
-            tenant(stats, &a.tenant).bytes_out += n as u64;
-            Ok(n as i64)
-        }
-        Call::Recv { flags, .. } => {
-            let n = end.recv(buf, flags)?;
-            if let Some(area) = cmsg::area(&a.region, req) {
-                cmsg::colocated(area, end.stamp(), flags & libc::MSG_OOB);
-            }
-            if flags & libc::MSG_PEEK == 0 {
-                s.bytes_in += n as u64;
-                stats.bytes_in += n as u64;
-                tenant(stats, &a.tenant).bytes_in += n as u64;
-            }
-            // A stream socket reports no source address.
-            *addr_out = Some(0);
-            Ok(n as i64)
-        }
-        Call::Shutdown { how } => end.shutdown(how).map(|()| 0),
-        Call::GetPeerName if end.closed() => Err(libc::ENOTCONN),
-        Call::GetSockName | Call::GetPeerName => {
-            let src = if req.call == Call::GetSockName { &end.local } else { &end.peer };
-            addr[..src.len()].copy_from_slice(src);
-            *addr_out = Some(src.len());
-            Ok(0)
-        }
-        Call::GetSockOpt { level: libc::SOL_SOCKET, name: libc::SO_ERROR, .. } => {
-            let e = end.take_error().unwrap_or(0);
-            let n = buf.len().min(4);
-            buf[..n].copy_from_slice(&e.to_ne_bytes()[..n]);
-            Ok(n as i64)
-        }
-        Call::GetSockOpt { level, name, .. } => {
-            if let Some(v) = end.option(level, name) {
-                let n = buf.len().min(v.len());
-                buf[..n].copy_from_slice(&v[..n]);
-                return Ok(n as i64);
-            }
-            // Never set: the default a fresh socket of the family reports.
-            let t = template(stack, templates, v6)?;
-            let n = stack.getsockopt(t, level, name, buf)?;
-            if (level, name) == (libc::IPPROTO_TCP, libc::TCP_INFO) && n > 0 {
-                buf[0] = end.tcp_state();
-            }
-            Ok(n as i64)
-        }
-        Call::SetSockOpt { level, name, .. } => {
-            // The kernel validates and normalises the value (SO_RCVBUF doubles, ...) on a
-            // scratch socket; the socket keeps what it would read back.
-            let scratch = stack.socket(if v6 { libc::AF_INET6 } else { libc::AF_INET }, libc::SOCK_STREAM, 0)?;
-            stack.setsockopt(&scratch, level, name, buf)?;
-            let mut back = [0u8; 256];
-            let value = match stack.getsockopt(&scratch, level, name, &mut back) {
-                Ok(n) => back[..n].to_vec(),
-                Err(_) => buf.to_vec(),
-            };
-            stack.close(scratch);
-            end.set_option(level, name, value);
-            Ok(0)
-        }
-        Call::Ioctl { request } => match request {
-            libc::FIONREAD => Ok(end.unread() as i64),
-            // Loopback acknowledges at once: nothing stays unsent or unacknowledged.
-            libc::TIOCOUTQ => Ok(0),
-            SIOCATMARK => Ok(end.at_mark() as i64),
-            _ => Err(libc::ENOTTY),
-        },
-        Call::Socket { .. } | Call::Close | Call::Resolve { .. } | Call::Share { .. } | Call::Unshare { .. } => {
-            unreachable!("not dispatched to the pipe")
-        }
-    }
-}
-
-/// The fresh stack socket of the family, made on first use.
-pub(crate) fn template<'a, S: Stack>(
-    stack: &mut S,
-    templates: &'a mut [Option<S::Handle>; 2],
-    v6: bool,
-) -> Result<&'a S::Handle, Errno> {
-    let t = &mut templates[v6 as usize];
-    if t.is_none() {
-        *t = Some(stack.socket(if v6 { libc::AF_INET6 } else { libc::AF_INET }, libc::SOCK_STREAM, 0)?);
-    }
-    Ok(t.as_ref().expect("made above"))
 }

@@ -181,6 +181,9 @@ impl Stack for FakeStack {
             self.socks[p].eof = true;
         }
     }
+    fn is_local(&mut self, ip: std::net::IpAddr) -> bool {
+        ip.is_loopback()
+    }
     fn tcp_stats(&mut self, s: &usize) -> Option<TcpStats> {
         self.socks[*s].peer.map(|_| TcpStats { state: 1, rtt_us: 50, cwnd: 10, retrans: 0, delivery_rate: 0 })
     }

@@ -108,6 +108,9 @@ pub trait Stack {
     fn close(&mut self, s: Self::Handle) {
         drop(s);
     }
+    /// Whether `ip` (IPv4 also as v4-mapped IPv6) is one of the stack's own addresses or
+    /// loopback: where a connection to a wildcard listener of this stack stays.
+    fn is_local(&mut self, ip: std::net::IpAddr) -> bool;
     /// TCP state, RTT, cwnd, retransmits and delivery rate of a stream socket (None: not TCP).
     fn tcp_stats(&mut self, s: &Self::Handle) -> Option<TcpStats>;
 
