@@ -140,7 +140,7 @@ impl Stack for KernelStack {
     }
 
     fn socket(&mut self, domain: i32, ty: i32, protocol: i32) -> Result<KernelSocket, Errno> {
-        // SAFETY: plain system call.
+        // SAFETY: no pointers; the kernel checks domain, type and protocol, and the result is checked.
         let fd = unsafe { libc::socket(domain, ty | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, protocol) };
         if fd < 0 {
             return Err(errno());
@@ -159,7 +159,7 @@ impl Stack for KernelStack {
     }
 
     fn listen(&mut self, s: &KernelSocket, backlog: i32) -> Result<(), Errno> {
-        // SAFETY: plain system call.
+        // SAFETY: no pointers; s is a socket this stack owns for the call's duration.
         ok(unsafe { libc::listen(s.raw(), backlog) })
     }
 
@@ -257,7 +257,7 @@ impl Stack for KernelStack {
     }
 
     fn shutdown(&mut self, s: &KernelSocket, how: i32) -> Result<(), Errno> {
-        // SAFETY: plain system call.
+        // SAFETY: no pointers; s is a socket this stack owns for the call's duration.
         ok(unsafe { libc::shutdown(s.raw(), how) })
     }
 
