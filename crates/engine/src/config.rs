@@ -32,7 +32,7 @@ pub struct NsmConfig {
     /// stack inside the NSM process on a TAP device).
     #[serde(default = "default_kind")]
     pub kind: String,
-    /// A user NSM's link: "tap" (the default).
+    /// A user NSM's link: "tap" (the default) or "veth".
     #[serde(default)]
     pub link: Option<Spanned<String>>,
     /// A user NSM's address and subnet, e.g. "10.77.0.2/24".
@@ -73,12 +73,16 @@ impl NsmConfig {
     pub fn user_link(&self) -> Result<crate::link::UserLink, (usize, &'static str, String)> {
         use crate::link::Cidr;
         let at = self.name.span().start;
-        if let Some(l) = self.link.as_ref().filter(|l| l.get_ref() != "tap") {
-            return Err((
-                l.span().start,
-                "nsm.link",
-                format!("{:?} is not a link this NetKernel makes (known: tap)", l.get_ref()),
-            ));
+        let medium = match self.link.as_ref().map(|l| (l, l.get_ref().as_str())) {
+            None | Some((_, "tap")) => crate::link::Medium::Tap,
+            Some((_, "veth")) => crate::link::Medium::Veth,
+            Some((l, other)) => {
+                let msg = format!("{other:?} is not a link this NetKernel makes (known: tap, veth)");
+                return Err((l.span().start, "nsm.link", msg));
+            }
+        };
+        if self.netns {
+            return Err((at, "nsm.netns", "a kind = \"user\" NSM always has a network namespace of its own".into()));
         }
         let need = |v: &Option<Spanned<String>>, field: &'static str, example: &str| {
             v.clone().ok_or((at, field, format!("a kind = \"user\" NSM needs {field} (e.g. {example:?})")))
@@ -119,7 +123,7 @@ impl NsmConfig {
             (None, Some(_)) => return Err((at, "nsm.gateway6", "nsm.address6 needs nsm.gateway6".into())),
             (None, None) => None,
         };
-        Ok(crate::link::UserLink { address: cidr, gateway: gw, address6, gateway6 })
+        Ok(crate::link::UserLink { medium, address: cidr, gateway: gw, address6, gateway6 })
     }
 }
 
@@ -526,6 +530,11 @@ mod tests {
         assert!(e.starts_with("/etc/nk.toml:4: nsm.address:"), "{e}");
         let e = err(&cfg("kind = \"user\"\nlink = \"wifi\"\naddress = \"10.77.0.2/24\"\ngateway = \"10.77.0.1\""));
         assert!(e.starts_with("/etc/nk.toml:4: nsm.link:"), "{e}");
+        let veth = format!("{good}\nlink = \"veth\"");
+        let l = Config::parse(Path::new("x.toml"), &cfg(&veth)).unwrap().nsms[0].user_link().unwrap();
+        assert_eq!(l.medium, crate::link::Medium::Veth);
+        let e = err(&cfg(&format!("{good}\nnetns = true")));
+        assert!(e.contains("nsm.netns: a kind = \"user\" NSM always has a network namespace"), "{e}");
         let e = err(&cfg("address = \"10.77.0.2/24\""));
         assert!(e.starts_with("/etc/nk.toml:3: nsm.address: only a kind = \"user\" NSM"), "{e}");
         let e = err(&cfg("kind = \"smoke\""));

@@ -302,14 +302,15 @@ impl Engine {
                 link.clone(),
                 rendezvous.clone(),
             );
+            let veth = link.as_ref().is_some_and(|(l, _)| l.medium == link::Medium::Veth);
             match candidate.adopt() {
-                Some((r, state)) if had_net == n.netns => {
+                Some((r, state)) if had_net == (n.netns || veth) => {
                     log(format!(
                         "adopted NSM {name} (pid {}) serving {} attachment(s)",
                         state.pid,
                         state.attachments.len()
                     ));
-                    if let Some(net) = &candidate.net {
+                    if let Some(net) = candidate.net.as_ref().filter(|_| n.netns) {
                         for (i, t) in cfg.tenants.iter().enumerate().filter(|(_, t)| t.nsm.get_ref() == name) {
                             if t.addresses.is_none() {
                                 auto_addresses
@@ -352,6 +353,13 @@ impl Engine {
                     net.shape(bits, n.fair, &shaped).map_err(spawn_err)?;
                 }
                 // An engine that adopts this NSM later needs to know its namespace.
+                let json = serde_json::to_vec(&net).map_err(|e| spawn_err(e.to_string()))?;
+                std::fs::write(&net_file, json).map_err(|e| spawn_err(format!("{}: {e}", net_file.display())))?;
+                Some(net)
+            } else if let (true, Some((l, _))) = (veth, &link) {
+                let spawn_err = |e: String| EngineError::Spawn { name: name.clone(), source: std::io::Error::other(e) };
+                let net = netns::NsmNet::create_for_user(name, index, l).map_err(spawn_err)?;
+                log(format!("user NSM {name} runs in network namespace {} on veth, at {}", net.name, l.address));
                 let json = serde_json::to_vec(&net).map_err(|e| spawn_err(e.to_string()))?;
                 std::fs::write(&net_file, json).map_err(|e| spawn_err(format!("{}: {e}", net_file.display())))?;
                 Some(net)

@@ -1,8 +1,11 @@
-//! The link of a userspace NSM (`kind = "user"`): the most basic NIC a host can give a process,
-//! a TAP device. The engine creates it in the host's namespace with the gateway address, so the
-//! host answers at the gateway and routes to the NSM's address; the NSM gets only the device's
-//! fd, in a network namespace of its own with nothing in it, and runs TCP/IP itself on the
-//! frames (the Machnet "least common denominator" model).
+//! The link of a userspace NSM (`kind = "user"`): the most basic NIC a host can give a process
+//! (the Machnet "least common denominator" model), on which the NSM runs TCP/IP itself.
+//!
+//! - `link = "tap"` (the default): a TAP device the engine creates in the host's namespace with
+//!   the gateway address, so the host answers at the gateway and routes to the NSM's address.
+//!   The NSM gets only the device's fd, in a network namespace of its own with nothing in it.
+//! - `link = "veth"`: a veth pair, the gateway on the host's end, the other end up but without an
+//!   address in a namespace the engine makes for the NSM, which opens an AF_PACKET socket on it.
 
 use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -51,9 +54,17 @@ impl Cidr {
     }
 }
 
+/// The device a user NSM's frames cross.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Medium {
+    Tap,
+    Veth,
+}
+
 /// How the userspace NSM reaches the wire.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserLink {
+    pub medium: Medium,
     /// The NSM's address and subnet.
     pub address: Cidr,
     /// The host's address on the link, the NSM's default route.
@@ -86,9 +97,10 @@ struct IfReq {
 }
 
 impl UserLink {
-    /// The NSM's arguments for this link (after `--device-fd`).
+    /// The NSM's arguments for this link's addresses.
     pub fn nsm_args(&self) -> Vec<String> {
-        let mut v = vec!["--link".into(), "tap".into(), "--address".into(), self.address.to_string()];
+        let medium = if self.medium == Medium::Tap { "tap" } else { "veth" };
+        let mut v = vec!["--link".into(), medium.into(), "--address".into(), self.address.to_string()];
         v.extend(["--gateway".into(), self.gateway.to_string()]);
         if let Some(a) = self.address6 {
             v.extend(["--address6".into(), a.to_string()]);
@@ -122,14 +134,20 @@ impl UserLink {
         if unsafe { libc::ioctl(tap.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
             return Err(format!("creating TAP device {name}: {}", std::io::Error::last_os_error()));
         }
-        run("ip", &["addr", "add", &format!("{}/{}", self.gateway, self.address.prefix), "dev", name])?;
-        if let (Some(g), Some(a)) = (self.gateway6, self.address6) {
-            run("ip", &["-6", "addr", "add", &format!("{g}/{}", a.prefix), "dev", name, "nodad"])?;
-        }
-        run("ip", &["link", "set", name, "up"])?;
-        // The host routes for the NSM beyond the link (where the host forwards at all).
-        let _ = std::fs::write(format!("/proc/sys/net/ipv4/conf/{name}/forwarding"), "1");
+        self.host_side(name)?;
         Ok(tap)
+    }
+
+    /// Gives the host's end of the link, `dev`, the gateway addresses and brings it up.
+    pub fn host_side(&self, dev: &str) -> Result<(), String> {
+        run("ip", &["addr", "add", &format!("{}/{}", self.gateway, self.address.prefix), "dev", dev])?;
+        if let (Some(g), Some(a)) = (self.gateway6, self.address6) {
+            run("ip", &["-6", "addr", "add", &format!("{g}/{}", a.prefix), "dev", dev, "nodad"])?;
+        }
+        run("ip", &["link", "set", dev, "up"])?;
+        // The host routes for the NSM beyond the link (where the host forwards at all).
+        let _ = std::fs::write(format!("/proc/sys/net/ipv4/conf/{dev}/forwarding"), "1");
+        Ok(())
     }
 }
 

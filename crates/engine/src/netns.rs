@@ -24,6 +24,14 @@ fn ip(args: &[&str]) -> Result<(), String> {
     }
 }
 
+/// The namespace and veth ends of NSM number `index`, named for this engine so that engines
+/// side by side (tests run several) do not collide.
+fn names(nsm: &str, index: usize) -> (String, String, String) {
+    // SAFETY: getpid cannot fail.
+    let pid = unsafe { libc::getpid() } % 100_000;
+    (format!("nk-{nsm}-{pid}"), format!("nkh{index}p{pid}"), format!("nkn{index}p{pid}"))
+}
+
 impl NsmNet {
     /// Creates namespace `nk-NSM-PID` and a veth pair on a 10.213.X.0/24: the host side .1,
     /// the NSM's side .2 with a default route through the host. Needs root.
@@ -33,8 +41,7 @@ impl NsmNet {
         if uid != 0 {
             return Err("a network namespace of its own needs the engine to run as root".into());
         }
-        let name = format!("nk-{nsm}-{pid}");
-        let (host_if, ns_if) = (format!("nkh{index}p{}", pid % 100_000), format!("nkn{index}p{}", pid % 100_000));
+        let (name, host_if, ns_if) = names(nsm, index);
         // Engines on one host (tests run several) take different subnets.
         let subnet = ((pid as usize % 31) * 8 + index % 8) as u8;
         let host_addr = Ipv4Addr::new(10, 213, subnet, 1);
@@ -81,6 +88,30 @@ impl NsmNet {
             ip(&args)?;
         }
         Ok(net)
+    }
+
+    /// A user NSM's namespace (`link = "veth"`): the veth's host end gets the gateway address,
+    /// its NSM end is up with no address (the NSM's own stack owns the address, on an AF_PACKET
+    /// socket), and loopback is up. Needs root.
+    pub fn create_for_user(nsm: &str, index: usize, link: &crate::link::UserLink) -> Result<NsmNet, String> {
+        let (name, host_if, ns_if) = names(nsm, index);
+        let nsm_addr = match link.address.addr {
+            std::net::IpAddr::V4(a) => a,
+            std::net::IpAddr::V6(_) => return Err("a user NSM's address must be IPv4".into()),
+        };
+        let net = NsmNet { name: name.clone(), host_addr: link.gateway, nsm_addr, ns_if: ns_if.clone() };
+        ip(&["netns", "add", &name])?;
+        ip(&["link", "add", &host_if, "type", "veth", "peer", "name", &ns_if])?;
+        ip(&["link", "set", &ns_if, "netns", &name])?;
+        link.host_side(&host_if)?;
+        ip(&["-n", &name, "link", "set", &ns_if, "up"])?;
+        ip(&["-n", &name, "link", "set", "lo", "up"])?;
+        Ok(net)
+    }
+
+    /// The NSM's end of the veth (inside its namespace).
+    pub fn nsm_if(&self) -> &str {
+        &self.ns_if
     }
 
     /// An address in the namespace's subnet for tenant number `i` (its source address).

@@ -125,12 +125,17 @@ impl Nsm {
         }
         cmd.arg("--listen").arg(&self.rendezvous);
         // A user NSM's device: made anew for each process (it goes with the last fd to it).
-        let device = match &self.link {
-            Some((link, ifname)) => {
+        let device = match (&self.link, &self.net) {
+            (Some((link, _)), Some(net)) => {
+                // A veth: the NSM opens its packet socket on its end, inside its namespace.
+                cmd.args(["--device", net.nsm_if()]).args(link.nsm_args());
+                None
+            }
+            (Some((link, ifname)), None) => {
                 cmd.args(["--device-fd", &crate::link::DEVICE_FD.to_string()]).args(link.nsm_args());
                 Some(link.open_tap(ifname).map_err(other)?)
             }
-            None => None,
+            (None, _) => None,
         };
         let device_fd = device.as_ref().map(|d| d.as_raw_fd());
         // An NSM never serves its own sockets through NetKernel.
