@@ -210,6 +210,8 @@ pub struct UserStack {
     pub(crate) timed: HashSet<usize>,
     next_timer: Option<std::time::Instant>,
     rng: u64,
+    /// Sockets looked at by polls so far (the cost the dirty sets keep small).
+    refreshed: u64,
 }
 
 /// Maps the configured name to smoltcp's controller; the error lists the choices.
@@ -295,6 +297,7 @@ impl UserStack {
             timed: HashSet::new(),
             next_timer: None,
             rng: seed | 1,
+            refreshed: 0,
         })
     }
 
@@ -305,6 +308,11 @@ impl UserStack {
     /// Number of sockets in the table (open ones and closing ones the guest let go of).
     pub fn socket_count(&self) -> usize {
         self.socks.len()
+    }
+
+    /// How many sockets polls have looked at so far.
+    pub fn refreshes(&self) -> u64 {
+        self.refreshed
     }
 
     /// Frames written to and read from the wire.
@@ -671,6 +679,7 @@ impl UserStack {
         more |= !self.lo_dev.tx.is_empty();
 
         let dirty: Vec<usize> = self.dirty.drain().collect();
+        self.refreshed += dirty.len() as u64;
         for id in dirty {
             self.refresh(id);
             self.report(id, ready);
