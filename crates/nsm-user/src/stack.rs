@@ -661,6 +661,11 @@ impl UserStack {
         }
 
         let mut frames = std::mem::take(&mut self.ext_dev.rx);
+        if std::env::var_os("NK_DEBUG").is_some() {
+            for f in &frames {
+                eprintln!("{} rx {:02x?} {:?}", self.cfg.address.0, &f[..f.len().min(64)], frame::peek_ethernet(f));
+            }
+        }
         frames.retain(|f| frame::peek_ethernet(f).map_or(true, |p| self.note(EXT, p)));
         self.ext_dev.rx = frames;
         let Net { iface, set } = &mut self.nets[EXT];
@@ -726,6 +731,11 @@ impl UserStack {
                     }
                     if matches!(state, T::CloseWait | T::LastAck | T::Closing | T::TimeWait) {
                         c.peer_fin = true;
+                    }
+                    // Linux hands TIME_WAIT to a minisocket and the socket itself is TCP_CLOSE;
+                    // the smoltcp socket stays to hold the port and answer late segments.
+                    if state == T::TimeWait && !c.dead {
+                        c.dead = true;
                     }
                     if state == T::Closed && !c.dead {
                         c.dead = true;

@@ -95,12 +95,20 @@ impl UserStack {
                 continue;
             }
             let other_listens = matches!(other.st, St::Listen { .. });
+            if listening {
+                // Bind already settled sharing; at listen only another listener is in the way
+                // (SO_REUSEADDR never lets two TCP sockets listen on one address).
+                if other_listens {
+                    return true;
+                }
+                continue;
+            }
             let time_wait = other.orphan
                 && match &other.st {
                     St::Tcp(c) => self.nets[c.ifx].set.get::<tcp::Socket>(c.h).state() == tcp::State::TimeWait,
                     _ => false,
                 };
-            let reuse = me.opts.reuseaddr && (time_wait || (other.opts.reuseaddr && !other_listens && !listening));
+            let reuse = me.opts.reuseaddr && (time_wait || (other.opts.reuseaddr && !other_listens));
             if !reuse {
                 return true;
             }
