@@ -152,9 +152,6 @@ impl FdDevice {
     }
 
     fn send_frame(&mut self, frame: &[u8]) {
-        if std::env::var_os("NK_DEBUG").is_some() {
-            eprintln!("tx {:02x?}", &frame[..frame.len().min(40)]);
-        }
         let n = match self.link {
             // SAFETY: frame is a live buffer of the length passed.
             Link::Tap => unsafe { libc::write(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len()) },

@@ -210,6 +210,9 @@ pub struct UserStack {
     pub(crate) timed: HashSet<usize>,
     next_timer: Option<std::time::Instant>,
     rng: u64,
+    /// A datagram larger than the wire's MTU was queued: smoltcp sends one IPv4 fragment per
+    /// egress pass, so the poll keeps passing until they are all out.
+    pub(crate) fragmenting: bool,
     /// Sockets looked at by polls so far (the cost the dirty sets keep small).
     refreshed: u64,
 }
@@ -298,6 +301,7 @@ impl UserStack {
             next_timer: None,
             rng: seed | 1,
             refreshed: 0,
+            fragmenting: false,
         })
     }
 
@@ -661,15 +665,21 @@ impl UserStack {
         }
 
         let mut frames = std::mem::take(&mut self.ext_dev.rx);
-        if std::env::var_os("NK_DEBUG").is_some() {
-            for f in &frames {
-                eprintln!("{} rx {:02x?} {:?}", self.cfg.address.0, &f[..f.len().min(64)], frame::peek_ethernet(f));
-            }
-        }
         frames.retain(|f| frame::peek_ethernet(f).map_or(true, |p| self.note(EXT, p)));
         self.ext_dev.rx = frames;
         let Net { iface, set } = &mut self.nets[EXT];
         iface.poll(ts, &mut self.ext_dev, set);
+        if self.fragmenting {
+            self.fragmenting = false;
+            // 64 KiB is 45 fragments at MTU 1500.
+            for _ in 0..64 {
+                let sent = self.ext_dev.tx_frames + self.ext_dev.tx_dropped;
+                iface.poll_egress(ts, &mut self.ext_dev, set);
+                if self.ext_dev.tx_frames + self.ext_dev.tx_dropped == sent {
+                    break;
+                }
+            }
+        }
 
         for round in 0..LO_ROUNDS {
             let mut out = std::mem::take(&mut self.lo_dev.tx);

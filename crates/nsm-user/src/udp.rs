@@ -144,7 +144,10 @@ impl UserStack {
         let sk = self.nets[ifx].set.get_mut::<udp::Socket>(h);
         let meta = udp::UdpMetadata { endpoint: dst.into(), local_address: Some(src.into()), meta: Default::default() };
         match sk.send_slice(data, meta) {
-            Ok(()) => Ok(data.len()),
+            Ok(()) => {
+                self.fragmenting |= ifx == EXT && data.len() > 1500 - 28;
+                Ok(data.len())
+            }
             Err(udp::SendError::BufferFull) => Err(libc::EAGAIN),
             Err(udp::SendError::Unaddressable) => Err(libc::EINVAL),
         }
