@@ -180,7 +180,14 @@ mod tests {
         assert!(e.0.contains("reno"), "{e}");
         let e = UserConfig::parse("tap", "10.77.0.2/24", Some("10.1.1.1/24"), "10.77.0.1", None, None).unwrap_err();
         assert!(e.0.contains("must be IPv6"), "{e}");
-        let ok = UserConfig::parse("packet", "10.77.0.2/24", Some("fd77::2/64"), "10.77.0.1", Some("fd77::1"), Some("cubic"));
+        let ok = UserConfig::parse(
+            "packet",
+            "10.77.0.2/24",
+            Some("fd77::2/64"),
+            "10.77.0.1",
+            Some("fd77::1"),
+            Some("cubic"),
+        );
         assert!(ok.is_ok());
     }
 }

@@ -106,7 +106,9 @@ impl FdDevice {
         while out.frames < max {
             let n = match self.link {
                 // SAFETY: scratch is a live, writable buffer of the length passed.
-                Link::Tap => unsafe { libc::read(self.fd.as_raw_fd(), self.scratch.as_mut_ptr().cast(), self.scratch.len()) },
+                Link::Tap => unsafe {
+                    libc::read(self.fd.as_raw_fd(), self.scratch.as_mut_ptr().cast(), self.scratch.len())
+                },
                 Link::Packet => {
                     // SAFETY: an all-zero sockaddr_ll is a valid value of this plain C struct.
                     let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
@@ -123,7 +125,10 @@ impl FdDevice {
                         )
                     };
                     // A packet socket also sees the frames we sent: they are not for us.
-                    if n >= 0 && sl as usize >= std::mem::size_of::<libc::sockaddr_ll>() && sll.sll_pkttype == libc::PACKET_OUTGOING {
+                    if n >= 0
+                        && sl as usize >= std::mem::size_of::<libc::sockaddr_ll>()
+                        && sll.sll_pkttype == libc::PACKET_OUTGOING
+                    {
                         continue;
                     }
                     n
@@ -157,7 +162,12 @@ impl FdDevice {
             Link::Tap => unsafe { libc::write(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len()) },
             // SAFETY: as above; MSG_NOSIGNAL keeps a closed socketpair from raising SIGPIPE.
             Link::Packet => unsafe {
-                libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+                libc::send(
+                    self.fd.as_raw_fd(),
+                    frame.as_ptr().cast(),
+                    frame.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
             },
         };
         if n < 0 {

@@ -11,6 +11,8 @@ pub mod config;
 pub mod device;
 mod frame;
 mod opts;
+// Kept byte for byte as ServiceLib has it, so the merge is a deletion.
+#[rustfmt::skip]
 pub mod seam;
 pub mod sockaddr;
 mod stack;

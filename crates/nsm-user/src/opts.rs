@@ -73,9 +73,21 @@ impl UserStack {
         let int = |v: bool| i32::from(v);
         let v: i32 = match (level, name) {
             (libc::SOL_SOCKET, libc::SO_ERROR) => std::mem::take(&mut s.error),
-            (libc::SOL_SOCKET, libc::SO_TYPE) => if tcp { libc::SOCK_STREAM } else { libc::SOCK_DGRAM },
+            (libc::SOL_SOCKET, libc::SO_TYPE) => {
+                if tcp {
+                    libc::SOCK_STREAM
+                } else {
+                    libc::SOCK_DGRAM
+                }
+            }
             (libc::SOL_SOCKET, libc::SO_DOMAIN) => s.family.domain(),
-            (libc::SOL_SOCKET, libc::SO_PROTOCOL) => if tcp { libc::IPPROTO_TCP } else { libc::IPPROTO_UDP },
+            (libc::SOL_SOCKET, libc::SO_PROTOCOL) => {
+                if tcp {
+                    libc::IPPROTO_TCP
+                } else {
+                    libc::IPPROTO_UDP
+                }
+            }
             (libc::SOL_SOCKET, libc::SO_ACCEPTCONN) => int(matches!(s.st, St::Listen { .. })),
             (libc::SOL_SOCKET, libc::SO_REUSEADDR) => int(o.reuseaddr),
             (libc::SOL_SOCKET, libc::SO_KEEPALIVE) => int(o.keepalive),
@@ -123,7 +135,10 @@ impl UserStack {
                 }
                 // SAFETY: ti is a live tcp_info; viewing its bytes is sound for its full size.
                 let b = unsafe {
-                    std::slice::from_raw_parts((&ti as *const libc::tcp_info).cast::<u8>(), std::mem::size_of::<libc::tcp_info>())
+                    std::slice::from_raw_parts(
+                        (&ti as *const libc::tcp_info).cast::<u8>(),
+                        std::mem::size_of::<libc::tcp_info>(),
+                    )
                 };
                 return Ok(put_bytes(val, b));
             }
@@ -146,11 +161,11 @@ impl UserStack {
             // connect/listen read back as set but apply to the next connection only.
             (libc::SOL_SOCKET, libc::SO_RCVBUF) => {
                 let v = get_int(val)?.max(0) as usize;
-                o.rcvbuf = Some(v.min(MAX_BUF).max(MIN_RCVBUF / 2) * 2);
+                o.rcvbuf = Some(v.clamp(MIN_RCVBUF / 2, MAX_BUF) * 2);
             }
             (libc::SOL_SOCKET, libc::SO_SNDBUF) => {
                 let v = get_int(val)?.max(0) as usize;
-                o.sndbuf = Some(v.min(MAX_BUF).max(MIN_SNDBUF / 2) * 2);
+                o.sndbuf = Some(v.clamp(MIN_SNDBUF / 2, MAX_BUF) * 2);
             }
             (libc::SOL_SOCKET, libc::SO_LINGER) => {
                 if val.len() < 8 {

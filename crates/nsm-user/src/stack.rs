@@ -162,7 +162,10 @@ pub struct UdpState {
 pub enum St {
     /// TCP before listen/connect (bound or not).
     Idle,
-    Listen { backlog: usize, pending: Vec<Pending> },
+    Listen {
+        backlog: usize,
+        pending: Vec<Pending>,
+    },
     Tcp(Conn),
     Udp(UdpState),
 }
@@ -351,7 +354,10 @@ impl UserStack {
     /// Addresses a socket may bind: the wildcard, loopback's one address per family and the
     /// configured ones.
     pub(crate) fn bindable(&self, ip: IpAddr) -> bool {
-        ip.is_unspecified() || ip == IpAddr::V4(Ipv4Addr::LOCALHOST) || ip == IpAddr::V6(Ipv6Addr::LOCALHOST) || self.own(ip)
+        ip.is_unspecified()
+            || ip == IpAddr::V4(Ipv4Addr::LOCALHOST)
+            || ip == IpAddr::V6(Ipv6Addr::LOCALHOST)
+            || self.own(ip)
     }
 
     /// Which interface reaches `dst`, and the source address Linux would pick for it.
@@ -649,7 +655,12 @@ impl UserStack {
     }
 
     /// Advances both interfaces; see the trait's `poll`.
-    pub(crate) fn run(&mut self, now: std::time::Instant, woken: bool, ready: &mut Vec<Ready>) -> Option<std::time::Instant> {
+    pub(crate) fn run(
+        &mut self,
+        now: std::time::Instant,
+        woken: bool,
+        ready: &mut Vec<Ready>,
+    ) -> Option<std::time::Instant> {
         self.bury();
         let ts = self.ts(now);
         let mut more = false;
@@ -665,7 +676,7 @@ impl UserStack {
         }
 
         let mut frames = std::mem::take(&mut self.ext_dev.rx);
-        frames.retain(|f| frame::peek_ethernet(f).map_or(true, |p| self.note(EXT, p)));
+        frames.retain(|f| frame::peek_ethernet(f).is_none_or(|p| self.note(EXT, p)));
         self.ext_dev.rx = frames;
         let Net { iface, set } = &mut self.nets[EXT];
         iface.poll(ts, &mut self.ext_dev, set);
@@ -683,7 +694,7 @@ impl UserStack {
 
         for round in 0..LO_ROUNDS {
             let mut out = std::mem::take(&mut self.lo_dev.tx);
-            out.retain(|f| frame::peek_ip(f).map_or(true, |p| self.note(LO, p)));
+            out.retain(|f| frame::peek_ip(f).is_none_or(|p| self.note(LO, p)));
             self.lo_dev.rx.extend(out);
             if round > 0 && self.lo_dev.rx.is_empty() {
                 break;
@@ -729,7 +740,13 @@ impl UserStack {
                     use tcp::State as T;
                     if matches!(
                         state,
-                        T::Established | T::FinWait1 | T::FinWait2 | T::CloseWait | T::Closing | T::LastAck | T::TimeWait
+                        T::Established
+                            | T::FinWait1
+                            | T::FinWait2
+                            | T::CloseWait
+                            | T::Closing
+                            | T::LastAck
+                            | T::TimeWait
                     ) && !c.established
                     {
                         c.established = true;
@@ -775,7 +792,8 @@ impl UserStack {
                     }
                     c.last = state;
                 }
-                let transitional = !matches!(state, tcp::State::Established | tcp::State::CloseWait | tcp::State::Closed);
+                let transitional =
+                    !matches!(state, tcp::State::Established | tcp::State::CloseWait | tcp::State::Closed);
                 if s.orphan && gone {
                     let (l, r, bound) = (c.local, c.remote, s.bound);
                     self.nets[ifx].set.remove(h);

@@ -66,7 +66,9 @@ impl UserStack {
         };
         let st = match proto {
             Proto::Tcp => St::Idle,
-            Proto::Udp => St::Udp(UdpState { h: [None, None], peer: None, conn_local: None, rcv_shut: false, snd_shut: false }),
+            Proto::Udp => {
+                St::Udp(UdpState { h: [None, None], peer: None, conn_local: None, rcv_shut: false, snd_shut: false })
+            }
         };
         Ok(self.new_handle(Sock {
             family,

@@ -432,7 +432,9 @@ fn loopback_never_touches_the_wire() {
     // The interface's start-up IPv6 multicast report is the only frame allowed out.
     n.run(1);
     let before = n.a.wire_counters();
-    for (listen, to) in [("127.0.0.1:9000", "127.0.0.1:9000"), ("0.0.0.0:9001", "10.77.0.2:9001"), ("[::]:9002", "[::1]:9002")] {
+    for (listen, to) in
+        [("127.0.0.1:9000", "127.0.0.1:9000"), ("0.0.0.0:9001", "10.77.0.2:9001"), ("[::]:9002", "[::1]:9002")]
+    {
         let l = listener(&mut n.a, listen, 4);
         let c = if to.starts_with('[') { tcp6(&mut n.a) } else { tcp(&mut n.a) };
         assert_eq!(n.a.connect(&c, &sa(to)), Err(libc::EINPROGRESS));
@@ -588,11 +590,7 @@ fn linux_errnos_for_misuse() {
     assert_eq!(s.connect(&l, &sa("10.77.0.3:1")), Err(libc::EISCONN));
     assert_eq!(s.recv(&l, &mut [0; 4], 0, &mut []), Err(libc::ENOTCONN));
     assert_eq!(s.ioctl(&l, 0x541b), Err(libc::EINVAL));
-    let no6 = UserStack::new(
-        UserConfig { address6: None, gateway6: None, ..cfg(Link::Tap, 2) },
-        wire().0,
-    )
-    .unwrap();
+    let no6 = UserStack::new(UserConfig { address6: None, gateway6: None, ..cfg(Link::Tap, 2) }, wire().0).unwrap();
     let mut no6 = no6;
     let t6 = tcp6(&mut no6);
     assert_eq!(no6.connect(&t6, &sa("[fd77::3]:1")), Err(libc::ENETUNREACH));
@@ -721,4 +719,3 @@ fn many_connections_cost_little_per_packet() {
     assert!(looked <= 4, "one segment refreshed {looked} sockets");
     assert_eq!(n.a.socket_count(), 2001);
 }
-

@@ -131,11 +131,7 @@ impl UserStack {
         }
         let b = self.autobind(id)?;
         self.udp_open(id)?;
-        let src = if !b.ip().is_unspecified() {
-            b.ip()
-        } else {
-            conn_local.filter(|_| to.is_empty()).unwrap_or(src)
-        };
+        let src = if !b.ip().is_unspecified() { b.ip() } else { conn_local.filter(|_| to.is_empty()).unwrap_or(src) };
         if src.is_ipv4() != dst.is_ipv4() {
             return Err(libc::EAFNOSUPPORT);
         }
@@ -162,8 +158,7 @@ impl UserStack {
         for ifx in [LO, EXT] {
             let Some(h) = hs[ifx] else { continue };
             let sk = self.nets[ifx].set.get_mut::<udp::Socket>(h);
-            loop {
-                let Ok((data, meta)) = sk.peek() else { break };
+            while let Ok((data, meta)) = sk.peek() {
                 let src = SocketAddr::new(meta.endpoint.addr.into(), meta.endpoint.port);
                 let wrong_family = match family {
                     Family::V4 => src.is_ipv6(),
@@ -179,7 +174,13 @@ impl UserStack {
         None
     }
 
-    pub(crate) fn udp_recv(&mut self, id: usize, buf: &mut [u8], flags: i32, from: &mut [u8]) -> Result<(usize, usize), Errno> {
+    pub(crate) fn udp_recv(
+        &mut self,
+        id: usize,
+        buf: &mut [u8],
+        flags: i32,
+        from: &mut [u8],
+    ) -> Result<(usize, usize), Errno> {
         self.dirty.insert(id);
         if flags & libc::MSG_OOB != 0 {
             return Err(libc::EINVAL);
