@@ -18,6 +18,9 @@ pub const ETH_FRAME: usize = 1514;
 pub const LO_MTU: usize = 65535;
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const PACKET_AUXDATA: libc::c_int = 8;
+const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
+const TP_STATUS_CSUMNOTREADY: u32 = 1 << 3;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 
@@ -53,6 +56,74 @@ pub fn open_tap(name: &str) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// Opens an AF_PACKET socket on interface `name` (a veth end the NSM holds in a namespace of
+/// its own): every frame in and out, non-blocking and close-on-exec, without our own outgoing
+/// frames echoed back.
+pub fn open_packet(name: &str) -> io::Result<OwnedFd> {
+    let cname = std::ffi::CString::new(name).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in name"))?;
+    // SAFETY: cname is a live NUL-terminated string.
+    let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+    if ifindex == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let proto = (libc::ETH_P_ALL as u16).to_be();
+    // SAFETY: socket has no memory preconditions.
+    let fd = unsafe {
+        libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, i32::from(proto))
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned by socket and is owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: an all-zero sockaddr_ll is a valid value of this plain C struct.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = proto;
+    sll.sll_ifindex = ifindex as i32;
+    // SAFETY: sll is a live sockaddr_ll and the length passed is its size.
+    let r = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&sll as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let one: libc::c_int = 1;
+    // PACKET_IGNORE_OUTGOING (Linux 4.20): best effort, read_frames filters them anyway.
+    // SAFETY: one is a live c_int and the length passed is its size.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_PACKET,
+            PACKET_IGNORE_OUTGOING,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    Ok(fd)
+}
+
+/// The hardware address of the interface an AF_PACKET socket is bound to, if `fd` is one: the
+/// stack then uses the veth's own MAC, so the kernel on the other end and the veth agree.
+pub fn packet_mac(fd: BorrowedFd<'_>) -> Option<[u8; 6]> {
+    // SAFETY: an all-zero sockaddr_ll is a valid value of this plain C struct.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+    // SAFETY: sll and len are live and writable; len holds sll's size.
+    let r = unsafe { libc::getsockname(fd.as_raw_fd(), (&mut sll as *mut libc::sockaddr_ll).cast(), &mut len) };
+    if r < 0 || i32::from(sll.sll_family) != libc::AF_PACKET || sll.sll_halen != 6 {
+        return None;
+    }
+    let mut mac = [0u8; 6];
+    mac.copy_from_slice(&sll.sll_addr[..6]);
+    // Only a unicast address can be an interface's.
+    (mac[0] & 1 == 0 && mac != [0; 6]).then_some(mac)
+}
+
 /// What reading the wire fd found.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ReadOutcome {
@@ -85,11 +156,28 @@ impl FdDevice {
                 return Err(io::Error::last_os_error());
             }
         }
+        if link == Link::Packet {
+            // Ask which received frames a veth peer left with a partial checksum (its tx
+            // offload): the stack completes those. Not a packet socket (a test's socketpair):
+            // nothing to ask.
+            let one: libc::c_int = 1;
+            // SAFETY: one is a live c_int and the length passed is its size.
+            unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_PACKET,
+                    PACKET_AUXDATA,
+                    (&one as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+        }
         Ok(FdDevice {
             fd,
             link,
             rx: VecDeque::new(),
-            scratch: vec![0; 65536],
+            // Room for a 64 KiB GSO frame from a veth peer with TSO on, as well as for MTU frames.
+            scratch: vec![0; 128 * 1024],
             tx_dropped: 0,
             tx_frames: 0,
             rx_frames: 0,
@@ -110,26 +198,13 @@ impl FdDevice {
                     libc::read(self.fd.as_raw_fd(), self.scratch.as_mut_ptr().cast(), self.scratch.len())
                 },
                 Link::Packet => {
-                    // SAFETY: an all-zero sockaddr_ll is a valid value of this plain C struct.
-                    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-                    let mut sl = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
-                    // SAFETY: scratch, sll and sl are live and writable for the lengths given.
-                    let n = unsafe {
-                        libc::recvfrom(
-                            self.fd.as_raw_fd(),
-                            self.scratch.as_mut_ptr().cast(),
-                            self.scratch.len(),
-                            libc::MSG_DONTWAIT,
-                            (&mut sll as *mut libc::sockaddr_ll).cast(),
-                            &mut sl,
-                        )
-                    };
+                    let (n, outgoing, partial) = self.recv_packet();
                     // A packet socket also sees the frames we sent: they are not for us.
-                    if n >= 0
-                        && sl as usize >= std::mem::size_of::<libc::sockaddr_ll>()
-                        && sll.sll_pkttype == libc::PACKET_OUTGOING
-                    {
+                    if outgoing {
                         continue;
+                    }
+                    if n > 0 && partial {
+                        crate::frame::complete_checksum(&mut self.scratch[..n as usize]);
                     }
                     n
                 }
@@ -154,6 +229,49 @@ impl FdDevice {
         }
         out.more = true;
         Ok(out)
+    }
+
+    /// One recvmsg on a packet socket: (length or -1, our own outgoing frame, checksum left
+    /// to offload).
+    fn recv_packet(&mut self) -> (isize, bool, bool) {
+        // SAFETY: an all-zero sockaddr_ll is a valid value of this plain C struct.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        // u64 elements keep the control buffer aligned for cmsghdr.
+        let mut control = [0u64; 8];
+        let mut iov = libc::iovec { iov_base: self.scratch.as_mut_ptr().cast(), iov_len: self.scratch.len() };
+        // SAFETY: an all-zero msghdr is a valid value of this plain C struct.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_name = (&mut sll as *mut libc::sockaddr_ll).cast();
+        msg.msg_namelen = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&control);
+        // SAFETY: msg points at sll, iov (over scratch) and control, all live and writable for
+        // the lengths it states.
+        let n = unsafe { libc::recvmsg(self.fd.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT) };
+        if n < 0 {
+            return (n, false, false);
+        }
+        // A frame cut short (MSG_TRUNC) is dropped like our own outgoing ones: half a segment
+        // with a recomputed checksum must not look valid.
+        let outgoing = (msg.msg_namelen as usize >= std::mem::size_of::<libc::sockaddr_ll>()
+            && sll.sll_pkttype == libc::PACKET_OUTGOING)
+            || msg.msg_flags & libc::MSG_TRUNC != 0;
+        let mut partial = false;
+        // SAFETY: msg was filled by recvmsg; the CMSG macros walk its control buffer within
+        // msg_controllen, and the auxdata is read unaligned from inside it.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&msg);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_PACKET && (*c).cmsg_type == PACKET_AUXDATA {
+                    let aux: libc::tpacket_auxdata = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast());
+                    partial = aux.tp_status & TP_STATUS_CSUMNOTREADY != 0;
+                }
+                c = libc::CMSG_NXTHDR(&msg, c);
+            }
+        }
+        (n, outgoing, partial)
     }
 
     fn send_frame(&mut self, frame: &[u8]) {

@@ -13,7 +13,7 @@ use smoltcp::socket::udp;
 use smoltcp::time::Instant as SInstant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
 
-use crate::config::UserConfig;
+use crate::config::{Link, UserConfig};
 use crate::device::{FdDevice, LoopDevice};
 use crate::frame::{self, Peek};
 use crate::seam::{Errno, Ready};
@@ -256,10 +256,15 @@ impl UserStack {
         let seed = seed();
 
         let a4 = v4(cfg.address.0).ok_or("address must be IPv4")?;
-        // A locally administered unicast MAC derived from the address: stable across restarts
-        // of the NSM, so the gateway's neighbour entry stays right.
+        // On a veth, the veth's MAC; else a locally administered unicast MAC derived from the
+        // address: stable across restarts of the NSM, so the gateway's neighbour entry stays
+        // right.
         let o = a4.octets();
-        let mac = EthernetAddress([0x02, 0x4e, o[0], o[1], o[2], o[3]]);
+        let mac = match cfg.link {
+            Link::Packet => crate::device::packet_mac(ext_dev.fd()),
+            Link::Tap => None,
+        };
+        let mac = EthernetAddress(mac.unwrap_or([0x02, 0x4e, o[0], o[1], o[2], o[3]]));
         let mut c = Config::new(HardwareAddress::Ethernet(mac));
         c.random_seed = seed;
         let mut ext = Interface::new(c, &mut ext_dev, SInstant::ZERO);

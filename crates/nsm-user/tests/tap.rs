@@ -1,6 +1,7 @@
-//! A UserStack on a real TAP device, in a network namespace this test makes for itself (it
-//! goes away with the test's thread): Linux's own TCP talks to it both ways, over IPv4 and
-//! IPv6. Needs root (CAP_NET_ADMIN) and `ip`; without them it says why and passes.
+//! A UserStack on a real TAP device and on an AF_PACKET socket on a veth, each in a network
+//! namespace the test makes for itself (it goes away with the test's thread): Linux's own TCP
+//! talks to it both ways, over IPv4 and IPv6. Needs root (CAP_NET_ADMIN) and `ip`; without
+//! them it says why and passes.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -10,9 +11,11 @@ use std::time::{Duration, Instant};
 
 use netkernel_nsm_user::seam::{Ready, Stack};
 use netkernel_nsm_user::sockaddr::{self, Family};
-use netkernel_nsm_user::{open_tap, UserConfig, UserStack};
+use netkernel_nsm_user::{open_packet, open_tap, UserConfig, UserStack};
 
 const TAP: &str = "nkuser0";
+const VETH: &str = "nkveth0";
+const VETH_PEER: &str = "nkveth1";
 
 fn ip(args: &[&str]) -> Result<(), String> {
     let out = Command::new("ip").args(args).output().map_err(|e| format!("ip: {e}"))?;
@@ -49,16 +52,22 @@ fn step(stack: &mut UserStack, deadline: Option<Instant>) -> Option<Instant> {
 
 /// An echo server on the user stack for kernel clients at `addrs`, and a user-stack client of
 /// a kernel echo server.
-fn run_in_namespace() -> Result<(), String> {
-    let tap = open_tap(TAP).map_err(|e| format!("open_tap: {e}"))?;
+fn run_in_namespace(link: &str) -> Result<(), String> {
     ip(&["link", "set", "lo", "up"])?;
-    ip(&["addr", "add", "10.77.0.1/24", "dev", TAP])?;
-    ip(&["-6", "addr", "add", "fd77::1/64", "dev", TAP, "nodad"])?;
-    ip(&["link", "set", TAP, "up"])?;
+    let (fd, kernel_side) = if link == "tap" {
+        (open_tap(TAP).map_err(|e| format!("open_tap: {e}"))?, TAP)
+    } else {
+        ip(&["link", "add", VETH, "type", "veth", "peer", "name", VETH_PEER])?;
+        ip(&["link", "set", VETH, "up"])?;
+        (open_packet(VETH).map_err(|e| format!("open_packet: {e}"))?, VETH_PEER)
+    };
+    ip(&["addr", "add", "10.77.0.1/24", "dev", kernel_side])?;
+    ip(&["-6", "addr", "add", "fd77::1/64", "dev", kernel_side, "nodad"])?;
+    ip(&["link", "set", kernel_side, "up"])?;
 
-    let cfg = UserConfig::parse("tap", "10.77.0.2/24", Some("fd77::2/64"), "10.77.0.1", Some("fd77::1"), None)
+    let cfg = UserConfig::parse(link, "10.77.0.2/24", Some("fd77::2/64"), "10.77.0.1", Some("fd77::1"), None)
         .map_err(|e| e.to_string())?;
-    let mut stack = UserStack::new(cfg, tap)?;
+    let mut stack = UserStack::new(cfg, fd)?;
     let l = stack.socket(libc::AF_INET6, libc::SOCK_STREAM, 0).map_err(|e| format!("socket: {e}"))?;
     stack.bind(&l, &sa("[::]:8080")).map_err(|e| format!("bind: {e}"))?;
     stack.listen(&l, 16).map_err(|e| format!("listen: {e}"))?;
@@ -71,7 +80,8 @@ fn run_in_namespace() -> Result<(), String> {
             std::thread::spawn(move || -> Result<(), String> {
                 let data = pattern(300_000, i as u32);
                 let to: SocketAddr = to.parse().unwrap();
-                let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5)).map_err(|e| format!("{to}: {e}"))?;
+                let mut s =
+                    TcpStream::connect_timeout(&to, Duration::from_secs(5)).map_err(|e| format!("{to}: {e}"))?;
                 s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
                 let w = {
                     let mut s = s.try_clone().unwrap();
@@ -117,7 +127,15 @@ fn run_in_namespace() -> Result<(), String> {
     let mut deadline = None;
     loop {
         if start.elapsed() > Duration::from_secs(30) {
-            return Err(format!("timed out: {} echo connections, {} of {} bytes back from the kernel", conns.len(), down.len(), up.len()));
+            let _ = Command::new("ip").args(["-s", "link"]).status();
+            let _ = Command::new("ip").args(["neigh"]).status();
+            return Err(format!(
+                "timed out: {} echo connections, {} of {} bytes back from the kernel; wire tx/rx/dropped {:?}",
+                conns.len(),
+                down.len(),
+                up.len(),
+                stack.wire_counters()
+            ));
         }
         deadline = step(&mut stack, deadline);
         let mut pa = [0u8; 28];
@@ -183,29 +201,38 @@ fn run_in_namespace() -> Result<(), String> {
     Ok(())
 }
 
-#[test]
-fn kernel_tcp_talks_to_user_stack_over_tap() {
+fn in_private_namespace(name: &str, link: &'static str) {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIPPED kernel_tcp_talks_to_user_stack_over_tap: needs root to make a network namespace and a TAP device");
+        eprintln!("SKIPPED {name}: needs root to make a network namespace and a {link} link");
         return;
     }
-    let r = std::thread::spawn(|| {
-        // A network namespace for this thread alone: the TAP, its addresses and the kernel
+    let r = std::thread::spawn(move || {
+        // A network namespace for this thread alone: the link, its addresses and the kernel
         // sockets exist only there, and the namespace dies with the thread and its children.
         // SAFETY: unshare has no memory preconditions; CLONE_NEWNET may be unshared by one
         // thread of a multi-threaded process.
         if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
             return Err(format!("SKIP: unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error()));
         }
-        run_in_namespace()
+        run_in_namespace(link)
     })
     .join()
     .unwrap();
     match r {
-        Err(e) if e.starts_with("SKIP") || e.starts_with("ip: ") || e.contains("open_tap") => {
-            eprintln!("SKIPPED kernel_tcp_talks_to_user_stack_over_tap: {e}");
+        Err(e) if e.starts_with("SKIP") || e.starts_with("ip: ") || e.starts_with("open_") => {
+            eprintln!("SKIPPED {name}: {e}");
         }
         r => r.unwrap(),
     }
+}
+
+#[test]
+fn kernel_tcp_talks_to_user_stack_over_tap() {
+    in_private_namespace("kernel_tcp_talks_to_user_stack_over_tap", "tap");
+}
+
+#[test]
+fn kernel_tcp_talks_to_user_stack_over_af_packet_on_veth() {
+    in_private_namespace("kernel_tcp_talks_to_user_stack_over_af_packet_on_veth", "packet");
 }
