@@ -719,3 +719,39 @@ fn many_connections_cost_little_per_packet() {
     assert!(looked <= 4, "one segment refreshed {looked} sockets");
     assert_eq!(n.a.socket_count(), 2001);
 }
+
+/// `cargo test --release -p netkernel-nsm-user -- --ignored --nocapture scale`: what one
+/// segment costs a poll with 10,000 connections open.
+#[test]
+#[ignore]
+fn scale_10k_connections() {
+    let mut n = Net::new();
+    let l = listener(&mut n.a, "127.0.0.1:7011", 4096);
+    let mut cs = Vec::new();
+    let mut ss = Vec::new();
+    let mut pa = [0u8; 16];
+    for _ in 0..10 {
+        for _ in 0..1000 {
+            let c = tcp(&mut n.a);
+            assert_eq!(n.a.connect(&c, &sa("127.0.0.1:7011")), Err(libc::EINPROGRESS));
+            cs.push(c);
+        }
+        n.run(3);
+        while let Ok((s, _)) = n.a.accept(&l, &mut pa) {
+            ss.push(s);
+        }
+    }
+    assert_eq!(ss.len(), 10_000);
+    n.run(100);
+    let t = Instant::now();
+    let rounds = 200;
+    let mut b = [0u8; 8];
+    for i in 0..rounds {
+        send_all(&mut n.a, &cs[i * 37 % 10_000], b"x");
+        n.now += Duration::from_millis(1);
+        n.a.poll(n.now, false, &mut n.ra);
+        assert_eq!(n.a.recv(&ss[i * 37 % 10_000], &mut b, 0, &mut []), Ok((1, 0)));
+    }
+    let per = t.elapsed() / rounds as u32;
+    eprintln!("10k connections: {per:?} per one-segment poll (send, deliver, ACK)");
+}
