@@ -1,0 +1,272 @@
+//! Socket options, ioctls and TCP statistics. Unknown options are ENOPROTOOPT, as Linux says
+//! for an option it does not have.
+
+use smoltcp::socket::tcp;
+
+use crate::seam::{Errno, TcpStats};
+use crate::sockaddr::Family;
+use crate::stack::{apply_tcp_opts, Proto, St, UserStack};
+
+const FIONREAD: u64 = 0x541b;
+const TIOCOUTQ: u64 = 0x5411;
+const SIOCATMARK: u64 = 0x8905;
+
+/// Linux's bounds on SO_RCVBUF/SO_SNDBUF (SOCK_MIN_RCVBUF, SOCK_MIN_SNDBUF, rmem_max and
+/// wmem_max defaults), applied before doubling.
+const MIN_RCVBUF: usize = 2304;
+const MIN_SNDBUF: usize = 4608;
+const MAX_BUF: usize = 212_992;
+
+/// Linux's state numbers (include/net/tcp_states.h).
+pub(crate) fn linux_state(s: tcp::State) -> u8 {
+    use tcp::State as T;
+    match s {
+        T::Established => 1,
+        T::SynSent => 2,
+        T::SynReceived => 3,
+        T::FinWait1 => 4,
+        T::FinWait2 => 5,
+        T::TimeWait => 6,
+        T::Closed => 7,
+        T::CloseWait => 8,
+        T::LastAck => 9,
+        T::Listen => 10,
+        T::Closing => 11,
+    }
+}
+
+fn put_int(val: &mut [u8], v: i32) -> usize {
+    let b = v.to_ne_bytes();
+    let n = val.len().min(4);
+    val[..n].copy_from_slice(&b[..n]);
+    n
+}
+
+fn get_int(val: &[u8]) -> Result<i32, Errno> {
+    if val.len() < 4 {
+        return Err(libc::EINVAL);
+    }
+    Ok(i32::from_ne_bytes([val[0], val[1], val[2], val[3]]))
+}
+
+fn put_bytes(val: &mut [u8], b: &[u8]) -> usize {
+    let n = val.len().min(b.len());
+    val[..n].copy_from_slice(&b[..n]);
+    n
+}
+
+impl UserStack {
+    fn tcp_state_of(&self, id: usize) -> tcp::State {
+        match self.socks.get(id).map(|s| &s.st) {
+            Some(St::Tcp(c)) => self.nets[c.ifx].set.get::<tcp::Socket>(c.h).state(),
+            Some(St::Listen { .. }) => tcp::State::Listen,
+            _ => tcp::State::Closed,
+        }
+    }
+
+    pub(crate) fn do_getsockopt(&mut self, id: usize, level: i32, name: i32, val: &mut [u8]) -> Result<usize, Errno> {
+        let state = self.tcp_state_of(id);
+        let cc = self.congestion_name();
+        let s = self.socks.get_mut(id).ok_or(libc::EBADF)?;
+        let o = &s.opts;
+        let tcp = s.proto == Proto::Tcp;
+        let int = |v: bool| i32::from(v);
+        let v: i32 = match (level, name) {
+            (libc::SOL_SOCKET, libc::SO_ERROR) => std::mem::take(&mut s.error),
+            (libc::SOL_SOCKET, libc::SO_TYPE) => {
+                if tcp {
+                    libc::SOCK_STREAM
+                } else {
+                    libc::SOCK_DGRAM
+                }
+            }
+            (libc::SOL_SOCKET, libc::SO_DOMAIN) => s.family.domain(),
+            (libc::SOL_SOCKET, libc::SO_PROTOCOL) => {
+                if tcp {
+                    libc::IPPROTO_TCP
+                } else {
+                    libc::IPPROTO_UDP
+                }
+            }
+            (libc::SOL_SOCKET, libc::SO_ACCEPTCONN) => int(matches!(s.st, St::Listen { .. })),
+            (libc::SOL_SOCKET, libc::SO_REUSEADDR) => int(o.reuseaddr),
+            (libc::SOL_SOCKET, libc::SO_KEEPALIVE) => int(o.keepalive),
+            (libc::SOL_SOCKET, libc::SO_BROADCAST) => int(o.broadcast),
+            // Linux's defaults for a socket nobody sized (tcp_rmem[1], tcp_wmem[1],
+            // rmem_default, wmem_default).
+            (libc::SOL_SOCKET, libc::SO_RCVBUF) => o.rcvbuf.unwrap_or(if tcp { 131_072 } else { 212_992 }) as i32,
+            (libc::SOL_SOCKET, libc::SO_SNDBUF) => o.sndbuf.unwrap_or(if tcp { 16_384 } else { 212_992 }) as i32,
+            (libc::SOL_SOCKET, libc::SO_LINGER) => {
+                let l = libc::linger { l_onoff: int(o.linger.is_some()), l_linger: o.linger.unwrap_or(0) };
+                let mut b = [0u8; 8];
+                b[..4].copy_from_slice(&l.l_onoff.to_ne_bytes());
+                b[4..].copy_from_slice(&l.l_linger.to_ne_bytes());
+                return Ok(put_bytes(val, &b));
+            }
+            (libc::SOL_SOCKET, libc::SO_RCVTIMEO) => return Ok(put_bytes(val, &o.rcvtimeo)),
+            (libc::SOL_SOCKET, libc::SO_SNDTIMEO) => return Ok(put_bytes(val, &o.sndtimeo)),
+            (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY) if s.family == Family::V6 => int(o.v6only),
+            (libc::IPPROTO_IP, libc::IP_TTL) if s.family == Family::V4 => i32::from(o.ttl.unwrap_or(64)),
+            (libc::IPPROTO_IPV6, libc::IPV6_UNICAST_HOPS) if s.family == Family::V6 => i32::from(o.ttl.unwrap_or(64)),
+            (libc::IPPROTO_TCP, _) if !tcp => return Err(libc::EOPNOTSUPP),
+            (libc::IPPROTO_TCP, libc::TCP_NODELAY) => int(o.nodelay),
+            (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE) => o.keepidle as i32,
+            (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL) => o.keepintvl as i32,
+            (libc::IPPROTO_TCP, libc::TCP_KEEPCNT) => o.keepcnt as i32,
+            (libc::IPPROTO_TCP, libc::TCP_MAXSEG) => 536,
+            (libc::IPPROTO_TCP, libc::TCP_CONGESTION) => {
+                let name = cc.as_bytes();
+                let mut b = [0u8; 16];
+                b[..name.len()].copy_from_slice(name);
+                return Ok(put_bytes(val, &b));
+            }
+            (libc::IPPROTO_TCP, libc::TCP_INFO) => {
+                // smoltcp keeps RTT, RTO and cwnd private: TCP_INFO carries the state and the
+                // queue sizes and leaves the rest zero.
+                // SAFETY: tcp_info is plain integers; all-zero is a valid value.
+                let mut ti: libc::tcp_info = unsafe { std::mem::zeroed() };
+                ti.tcpi_state = linux_state(state);
+                if let St::Tcp(c) = &s.st {
+                    let sk = self.nets[c.ifx].set.get::<tcp::Socket>(c.h);
+                    ti.tcpi_unacked = sk.send_queue() as u32;
+                    ti.tcpi_rcv_space = sk.recv_capacity() as u32;
+                    ti.tcpi_snd_mss = 536;
+                    ti.tcpi_rcv_mss = 536;
+                }
+                // SAFETY: ti is a live tcp_info; viewing its bytes is sound for its full size.
+                let b = unsafe {
+                    std::slice::from_raw_parts(
+                        (&ti as *const libc::tcp_info).cast::<u8>(),
+                        std::mem::size_of::<libc::tcp_info>(),
+                    )
+                };
+                return Ok(put_bytes(val, b));
+            }
+            _ => return Err(libc::ENOPROTOOPT),
+        };
+        Ok(put_int(val, v))
+    }
+
+    pub(crate) fn do_setsockopt(&mut self, id: usize, level: i32, name: i32, val: &[u8]) -> Result<(), Errno> {
+        let s = self.sock(id)?;
+        let tcp = s.proto == Proto::Tcp;
+        let family = s.family;
+        let unbound = s.bound.is_none();
+        let o = &mut s.opts;
+        match (level, name) {
+            (libc::SOL_SOCKET, libc::SO_REUSEADDR) => o.reuseaddr = get_int(val)? != 0,
+            (libc::SOL_SOCKET, libc::SO_KEEPALIVE) => o.keepalive = get_int(val)? != 0,
+            (libc::SOL_SOCKET, libc::SO_BROADCAST) => o.broadcast = get_int(val)? != 0,
+            // The buffers of a smoltcp socket are fixed when it is made: sizes set after
+            // connect/listen read back as set but apply to the next connection only.
+            (libc::SOL_SOCKET, libc::SO_RCVBUF) => {
+                let v = get_int(val)?.max(0) as usize;
+                o.rcvbuf = Some(v.clamp(MIN_RCVBUF / 2, MAX_BUF) * 2);
+            }
+            (libc::SOL_SOCKET, libc::SO_SNDBUF) => {
+                let v = get_int(val)?.max(0) as usize;
+                o.sndbuf = Some(v.clamp(MIN_SNDBUF / 2, MAX_BUF) * 2);
+            }
+            (libc::SOL_SOCKET, libc::SO_LINGER) => {
+                if val.len() < 8 {
+                    return Err(libc::EINVAL);
+                }
+                let on = get_int(&val[..4])?;
+                let secs = get_int(&val[4..8])?;
+                o.linger = (on != 0).then_some(secs.max(0));
+            }
+            (libc::SOL_SOCKET, libc::SO_RCVTIMEO | libc::SO_SNDTIMEO) => {
+                if val.len() < 16 {
+                    return Err(libc::EINVAL);
+                }
+                let mut b = [0u8; 16];
+                b.copy_from_slice(&val[..16]);
+                if name == libc::SO_RCVTIMEO {
+                    o.rcvtimeo = b;
+                } else {
+                    o.sndtimeo = b;
+                }
+            }
+            (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY) if family == Family::V6 => {
+                // Linux: only before bind.
+                if !unbound {
+                    return Err(libc::EINVAL);
+                }
+                o.v6only = get_int(val)? != 0;
+            }
+            (libc::IPPROTO_IP, libc::IP_TTL) if family == Family::V4 => o.ttl = ttl(get_int(val)?)?,
+            (libc::IPPROTO_IPV6, libc::IPV6_UNICAST_HOPS) if family == Family::V6 => o.ttl = ttl(get_int(val)?)?,
+            (libc::IPPROTO_TCP, _) if !tcp => return Err(libc::ENOPROTOOPT),
+            (libc::IPPROTO_TCP, libc::TCP_NODELAY) => o.nodelay = get_int(val)? != 0,
+            (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE) => o.keepidle = secs(get_int(val)?, 32767)?,
+            (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL) => o.keepintvl = secs(get_int(val)?, 32767)?,
+            (libc::IPPROTO_TCP, libc::TCP_KEEPCNT) => o.keepcnt = secs(get_int(val)?, 127)?,
+            (libc::IPPROTO_TCP, libc::TCP_CONGESTION) => {
+                let want = val.split(|&b| b == 0).next().unwrap_or(&[]);
+                if want != self.congestion_name().as_bytes() {
+                    // One congestion control per NSM; Linux says ENOENT for one it lacks.
+                    return Err(libc::ENOENT);
+                }
+            }
+            _ => return Err(libc::ENOPROTOOPT),
+        }
+        // Options smoltcp has a knob for apply to the live connection at once.
+        let s = self.sock(id)?;
+        let opts = s.opts.clone();
+        match &s.st {
+            St::Tcp(c) => {
+                let (ifx, h) = (c.ifx, c.h);
+                let sk = self.tcp(ifx, h);
+                apply_tcp_opts(sk, &opts);
+            }
+            St::Udp(u) => {
+                for (ifx, h) in u.h.into_iter().enumerate() {
+                    if let Some(h) = h {
+                        self.nets[ifx].set.get_mut::<smoltcp::socket::udp::Socket>(h).set_hop_limit(opts.ttl);
+                    }
+                }
+            }
+            _ => {}
+        }
+        self.timed.insert(id);
+        Ok(())
+    }
+
+    pub(crate) fn do_ioctl(&mut self, id: usize, request: u64) -> Result<i64, Errno> {
+        let s = self.socks.get(id).ok_or(libc::EBADF)?;
+        match (request, &s.st) {
+            (FIONREAD, St::Listen { .. }) | (TIOCOUTQ, St::Listen { .. }) => Err(libc::EINVAL),
+            (FIONREAD, St::Tcp(c)) => Ok(self.nets[c.ifx].set.get::<tcp::Socket>(c.h).recv_queue() as i64),
+            (TIOCOUTQ, St::Tcp(c)) => Ok(self.nets[c.ifx].set.get::<tcp::Socket>(c.h).send_queue() as i64),
+            (FIONREAD | TIOCOUTQ, St::Idle) => Ok(0),
+            (FIONREAD, St::Udp(_)) => Ok(self.udp_next_len(id) as i64),
+            (TIOCOUTQ, St::Udp(_)) => Ok(self.udp_outq(id) as i64),
+            // No urgent data in this stack: never at the mark.
+            (SIOCATMARK, _) if s.proto == Proto::Tcp => Ok(0),
+            _ => Err(libc::ENOTTY),
+        }
+    }
+
+    pub(crate) fn do_tcp_stats(&mut self, id: usize) -> Option<TcpStats> {
+        let s = self.socks.get(id)?;
+        if s.proto != Proto::Tcp {
+            return None;
+        }
+        Some(TcpStats { state: linux_state(self.tcp_state_of(id)), ..TcpStats::default() })
+    }
+}
+
+fn ttl(v: i32) -> Result<Option<u8>, Errno> {
+    match v {
+        -1 => Ok(None),
+        1..=255 => Ok(Some(v as u8)),
+        _ => Err(libc::EINVAL),
+    }
+}
+
+fn secs(v: i32, max: i32) -> Result<u32, Errno> {
+    if v < 1 || v > max {
+        return Err(libc::EINVAL);
+    }
+    Ok(v as u32)
+}

@@ -1,0 +1,974 @@
+//! UserStack: the state shared by all operations (interfaces, socket table, indexes, dirty
+//! sets) and the poll loop. The socket calls are in `tcp.rs`, `udp.rs` and `opts.rs`.
+
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::OwnedFd;
+use std::rc::Rc;
+
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::socket::tcp::{self, CongestionControl};
+use smoltcp::socket::udp;
+use smoltcp::time::Instant as SInstant;
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
+
+use crate::config::{Link, UserConfig};
+use crate::device::{FdDevice, LoopDevice};
+use crate::frame::{self, Peek};
+use crate::seam::{Errno, Ready};
+use crate::sockaddr::Family;
+use crate::table::{Index, Slab};
+
+/// The interface facing the wire.
+pub const EXT: usize = 0;
+/// The in-process loopback (127.0.0.1, ::1 and the stack's own addresses).
+pub const LO: usize = 1;
+
+/// Frames read from the wire per poll: bounds the work of one poll so the driver gets to
+/// answer its guests under a flood.
+const RX_BATCH: usize = 256;
+/// Loopback rounds per poll (each delivers what the previous one sent).
+const LO_ROUNDS: usize = 64;
+
+/// Linux's ephemeral port range (net.ipv4.ip_local_port_range).
+pub const EPHEMERAL: std::ops::RangeInclusive<u16> = 32768..=60999;
+
+/// Default buffer capacities. Linux reports SO_RCVBUF 131072 and SO_SNDBUF 16384 for a new
+/// TCP socket and autotunes both upwards; smoltcp's buffers are fixed at creation, so they get
+/// room for a window-scaled receive window and a send buffer that keeps a 1 Gb/s LAN busy.
+pub const TCP_RX_DEFAULT: usize = 256 * 1024;
+pub const TCP_TX_DEFAULT: usize = 256 * 1024;
+pub const UDP_RX_DEFAULT: usize = 212_992;
+pub const UDP_TX_DEFAULT: usize = 212_992;
+const UDP_PACKETS: usize = 256;
+
+/// A socket of the user stack. Dropping it closes the socket at the stack's next poll.
+pub struct Handle {
+    pub(crate) id: usize,
+    grave: Rc<RefCell<Vec<usize>>>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.grave.borrow_mut().push(self.id);
+    }
+}
+
+impl std::fmt::Debug for Handle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Handle({})", self.id)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub fn num(self) -> u8 {
+        match self {
+            Proto::Tcp => frame::TCP,
+            Proto::Udp => frame::UDP,
+        }
+    }
+}
+
+/// Socket options kept by the stack (applied to smoltcp sockets as they are created).
+#[derive(Debug, Clone)]
+pub struct Opts {
+    pub reuseaddr: bool,
+    pub keepalive: bool,
+    pub nodelay: bool,
+    pub keepidle: u32,
+    pub keepintvl: u32,
+    pub keepcnt: u32,
+    /// What SO_RCVBUF/SO_SNDBUF read back (Linux doubles what is set); None: never set.
+    pub rcvbuf: Option<usize>,
+    pub sndbuf: Option<usize>,
+    pub v6only: bool,
+    pub broadcast: bool,
+    pub linger: Option<i32>,
+    pub rcvtimeo: [u8; 16],
+    pub sndtimeo: [u8; 16],
+    pub ttl: Option<u8>,
+}
+
+impl Default for Opts {
+    fn default() -> Opts {
+        Opts {
+            reuseaddr: false,
+            keepalive: false,
+            nodelay: false,
+            keepidle: 7200,
+            keepintvl: 75,
+            keepcnt: 9,
+            rcvbuf: None,
+            sndbuf: None,
+            v6only: false,
+            broadcast: false,
+            linger: None,
+            rcvtimeo: [0; 16],
+            sndtimeo: [0; 16],
+            ttl: None,
+        }
+    }
+}
+
+/// A TCP connection (active or accepted) and what the stack learnt of its life.
+#[derive(Debug)]
+pub struct Conn {
+    pub ifx: usize,
+    pub h: SocketHandle,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub last: tcp::State,
+    /// Reached ESTABLISHED once.
+    pub established: bool,
+    /// connect() already reported the outcome (or the socket came from accept).
+    pub connect_reported: bool,
+    /// A RST for this connection arrived (peeked before smoltcp saw it).
+    pub saw_rst: bool,
+    pub peer_fin: bool,
+    /// smoltcp closed the connection: the socket is TCP_CLOSE.
+    pub dead: bool,
+    pub rcv_shut: bool,
+    pub snd_shut: bool,
+}
+
+/// A connection a listener's smoltcp socket holds until accept() takes it.
+#[derive(Debug)]
+pub struct Pending {
+    pub ifx: usize,
+    pub h: SocketHandle,
+    /// The tuple of the SYN this socket was made for (for the index).
+    pub tuple: (SocketAddr, SocketAddr),
+}
+
+#[derive(Debug)]
+pub struct UdpState {
+    /// One smoltcp socket per interface: a datagram can arrive through either.
+    pub h: [Option<SocketHandle>; 2],
+    pub peer: Option<SocketAddr>,
+    /// The local address a connect chose (getsockname of a socket bound to the wildcard).
+    pub conn_local: Option<IpAddr>,
+    pub rcv_shut: bool,
+    pub snd_shut: bool,
+}
+
+#[derive(Debug)]
+pub enum St {
+    /// TCP before listen/connect (bound or not).
+    Idle,
+    Listen {
+        backlog: usize,
+        pending: Vec<Pending>,
+    },
+    Tcp(Conn),
+    Udp(UdpState),
+}
+
+#[derive(Debug)]
+pub struct Sock {
+    pub family: Family,
+    pub proto: Proto,
+    pub opts: Opts,
+    /// Bound local address (IPv4 unmapped) and port.
+    pub bound: Option<SocketAddr>,
+    pub st: St,
+    /// Pending error (SO_ERROR), 0 for none.
+    pub error: i32,
+    pub key: Option<u64>,
+    /// Last reported (mask, bytes or connections readable, bytes writable).
+    pub reported: Option<(u32, usize, usize)>,
+    /// Data, FIN or RST arrived since the last report.
+    pub arrived: bool,
+    /// Closed by the guest; the stack keeps it until its connection is over.
+    pub orphan: bool,
+}
+
+/// One smoltcp interface and its sockets.
+pub struct Net {
+    pub iface: Interface,
+    pub set: SocketSet<'static>,
+}
+
+pub struct UserStack {
+    pub(crate) cfg: UserConfig,
+    pub(crate) cc: CongestionControl,
+    cc_name: &'static str,
+    epoch: std::time::Instant,
+    pub(crate) nets: [Net; 2],
+    pub(crate) ext_dev: FdDevice,
+    pub(crate) lo_dev: LoopDevice,
+    pub(crate) socks: Slab<Sock>,
+    pub(crate) index: Index,
+    grave: Rc<RefCell<Vec<usize>>>,
+    /// Sockets whose readiness may have changed since the last poll.
+    pub(crate) dirty: HashSet<usize>,
+    /// Sockets a timer can change (handshakes, unacknowledged data, closing, keepalive): looked
+    /// at when a smoltcp deadline passed.
+    pub(crate) timed: HashSet<usize>,
+    next_timer: Option<std::time::Instant>,
+    rng: u64,
+    /// A datagram larger than the wire's MTU was queued: smoltcp sends one IPv4 fragment per
+    /// egress pass, so the poll keeps passing until they are all out.
+    pub(crate) fragmenting: bool,
+    /// Sockets looked at by polls so far (the cost the dirty sets keep small).
+    refreshed: u64,
+}
+
+/// Maps the configured name to smoltcp's controller; the error lists the choices.
+pub fn parse_congestion(name: Option<&str>) -> Result<(CongestionControl, &'static str), crate::config::ConfigError> {
+    match name {
+        None | Some("reno") => Ok((CongestionControl::Reno, "reno")),
+        Some("cubic") => Ok((CongestionControl::Cubic, "cubic")),
+        Some("none") => Ok((CongestionControl::None, "none")),
+        Some(o) => Err(crate::config::ConfigError(format!(
+            "congestion {o:?}: the user stack has \"reno\", \"cubic\" or \"none\""
+        ))),
+    }
+}
+
+fn v4(ip: IpAddr) -> Option<Ipv4Addr> {
+    match ip {
+        IpAddr::V4(a) => Some(a),
+        IpAddr::V6(_) => None,
+    }
+}
+
+fn v6(ip: IpAddr) -> Option<Ipv6Addr> {
+    match ip {
+        IpAddr::V6(a) => Some(a),
+        IpAddr::V4(_) => None,
+    }
+}
+
+impl UserStack {
+    pub fn new(cfg: UserConfig, device: OwnedFd) -> Result<UserStack, String> {
+        cfg.validate().map_err(|e| e.to_string())?;
+        let (cc, cc_name) = parse_congestion(cfg.congestion.as_deref()).map_err(|e| e.to_string())?;
+        let epoch = std::time::Instant::now();
+        let mut ext_dev = FdDevice::new(device, cfg.link).map_err(|e| format!("user stack device: {e}"))?;
+        let mut lo_dev = LoopDevice::default();
+        let seed = seed();
+
+        let a4 = v4(cfg.address.0).ok_or("address must be IPv4")?;
+        // On a veth, the veth's MAC; else a locally administered unicast MAC derived from the
+        // address: stable across restarts of the NSM, so the gateway's neighbour entry stays
+        // right.
+        let o = a4.octets();
+        let mac = match cfg.link {
+            Link::Packet => crate::device::packet_mac(ext_dev.fd()),
+            Link::Tap => None,
+        };
+        let mac = EthernetAddress(mac.unwrap_or([0x02, 0x4e, o[0], o[1], o[2], o[3]]));
+        let mut c = Config::new(HardwareAddress::Ethernet(mac));
+        c.random_seed = seed;
+        let mut ext = Interface::new(c, &mut ext_dev, SInstant::ZERO);
+        let a6 = cfg.address6.map(|(a, p)| (v6(a), p));
+        ext.update_ip_addrs(|addrs| {
+            let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(a4), cfg.address.1));
+            if let Some((Some(a), p)) = a6 {
+                let _ = addrs.push(IpCidr::new(IpAddress::Ipv6(a), p));
+            }
+        });
+        let gw = v4(cfg.gateway).ok_or("gateway must be IPv4")?;
+        ext.routes_mut().add_default_ipv4_route(gw).map_err(|_| "too many routes")?;
+        if let Some(IpAddr::V6(g6)) = cfg.gateway6 {
+            ext.routes_mut().add_default_ipv6_route(g6).map_err(|_| "too many routes")?;
+        }
+
+        let mut c = Config::new(HardwareAddress::Ip);
+        c.random_seed = seed.rotate_left(17);
+        let mut lo = Interface::new(c, &mut lo_dev, SInstant::ZERO);
+        lo.update_ip_addrs(|addrs| {
+            let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(Ipv4Addr::LOCALHOST), 8));
+            let _ = addrs.push(IpCidr::new(IpAddress::Ipv6(Ipv6Addr::LOCALHOST), 128));
+            let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(a4), 32));
+            if let Some((Some(a), _)) = a6 {
+                let _ = addrs.push(IpCidr::new(IpAddress::Ipv6(a), 128));
+            }
+        });
+
+        Ok(UserStack {
+            cfg,
+            cc,
+            cc_name,
+            epoch,
+            nets: [Net { iface: ext, set: SocketSet::new(vec![]) }, Net { iface: lo, set: SocketSet::new(vec![]) }],
+            ext_dev,
+            lo_dev,
+            socks: Slab::default(),
+            index: Index::default(),
+            grave: Rc::new(RefCell::new(Vec::new())),
+            dirty: HashSet::new(),
+            timed: HashSet::new(),
+            next_timer: None,
+            rng: seed | 1,
+            refreshed: 0,
+            fragmenting: false,
+        })
+    }
+
+    pub fn congestion_name(&self) -> &'static str {
+        self.cc_name
+    }
+
+    /// Number of sockets in the table (open ones and closing ones the guest let go of).
+    pub fn socket_count(&self) -> usize {
+        self.socks.len()
+    }
+
+    /// How many sockets polls have looked at so far.
+    pub fn refreshes(&self) -> u64 {
+        self.refreshed
+    }
+
+    /// Frames written to and read from the wire.
+    pub fn wire_counters(&self) -> (u64, u64, u64) {
+        (self.ext_dev.tx_frames, self.ext_dev.rx_frames, self.ext_dev.tx_dropped)
+    }
+
+    pub(crate) fn ts(&self, now: std::time::Instant) -> SInstant {
+        SInstant::from_micros(now.saturating_duration_since(self.epoch).as_micros() as i64)
+    }
+
+    pub(crate) fn new_handle(&mut self, s: Sock) -> Handle {
+        let id = self.socks.insert(s);
+        Handle { id, grave: self.grave.clone() }
+    }
+
+    pub(crate) fn rand(&mut self) -> u64 {
+        // xorshift64: port and sequence choices need spread, not secrecy.
+        let mut x = self.rng;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng = x;
+        x
+    }
+
+    /// The stack's own addresses of a family (without loopback).
+    pub(crate) fn own(&self, ip: IpAddr) -> bool {
+        ip == self.cfg.address.0 || self.cfg.address6.is_some_and(|(a, _)| a == ip)
+    }
+
+    /// Addresses a socket may bind: the wildcard, loopback's one address per family and the
+    /// configured ones.
+    pub(crate) fn bindable(&self, ip: IpAddr) -> bool {
+        ip.is_unspecified()
+            || ip == IpAddr::V4(Ipv4Addr::LOCALHOST)
+            || ip == IpAddr::V6(Ipv6Addr::LOCALHOST)
+            || self.own(ip)
+    }
+
+    /// Which interface reaches `dst`, and the source address Linux would pick for it.
+    pub(crate) fn route(&self, dst: IpAddr) -> Result<(usize, IpAddr), Errno> {
+        if dst.is_loopback() {
+            let src = match dst {
+                IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+                IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            };
+            // Only 127.0.0.1 is configured on the loopback; smoltcp drops the rest of 127/8.
+            if dst != src {
+                return Err(libc::ENETUNREACH);
+            }
+            return Ok((LO, src));
+        }
+        if self.own(dst) {
+            return Ok((LO, dst));
+        }
+        match dst {
+            IpAddr::V4(_) => Ok((EXT, self.cfg.address.0)),
+            IpAddr::V6(_) => match self.cfg.address6 {
+                Some((a, _)) => Ok((EXT, a)),
+                None => Err(libc::ENETUNREACH),
+            },
+        }
+    }
+
+    /// Picks a free port of the ephemeral range for `proto`.
+    pub(crate) fn ephemeral(&mut self, proto: Proto) -> Option<u16> {
+        let span = u32::from(EPHEMERAL.end() - EPHEMERAL.start()) + 1;
+        let start = (self.rand() % u64::from(span)) as u32;
+        (0..span)
+            .map(|i| EPHEMERAL.start() + ((start + i) % span) as u16)
+            .find(|&p| !self.index.port_used(proto.num(), p))
+    }
+
+    pub(crate) fn tcp_buffers(&self, o: &Opts) -> (usize, usize) {
+        (o.rcvbuf.unwrap_or(TCP_RX_DEFAULT), o.sndbuf.unwrap_or(TCP_TX_DEFAULT))
+    }
+
+    /// A smoltcp TCP socket with the socket's options applied.
+    pub(crate) fn make_tcp(&self, o: &Opts) -> tcp::Socket<'static> {
+        let (rx, tx) = self.tcp_buffers(o);
+        let mut s = tcp::Socket::new(tcp::SocketBuffer::new(vec![0; rx]), tcp::SocketBuffer::new(vec![0; tx]));
+        s.set_congestion_control(self.cc);
+        apply_tcp_opts(&mut s, o);
+        s
+    }
+
+    pub(crate) fn make_udp(&self, o: &Opts) -> udp::Socket<'static> {
+        let rx = o.rcvbuf.unwrap_or(UDP_RX_DEFAULT);
+        let tx = o.sndbuf.unwrap_or(UDP_TX_DEFAULT).max(65536);
+        let mut s = udp::Socket::new(
+            udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; UDP_PACKETS], vec![0; rx]),
+            udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; UDP_PACKETS], vec![0; tx]),
+        );
+        s.set_hop_limit(o.ttl);
+        s
+    }
+
+    pub(crate) fn tcp(&mut self, ifx: usize, h: SocketHandle) -> &mut tcp::Socket<'static> {
+        self.nets[ifx].set.get_mut::<tcp::Socket>(h)
+    }
+
+    pub(crate) fn sock(&mut self, id: usize) -> Result<&mut Sock, Errno> {
+        self.socks.get_mut(id).ok_or(libc::EBADF)
+    }
+
+    /// Closes socket `id` whose handle was just dropped, rather than at the next poll.
+    pub(crate) fn close_now(&mut self, id: usize) {
+        let mut g = self.grave.borrow_mut();
+        if let Some(i) = g.iter().position(|&x| x == id) {
+            g.swap_remove(i);
+            drop(g);
+            self.close_id(id);
+        }
+    }
+
+    /// Closes the sockets whose handles were dropped.
+    fn bury(&mut self) {
+        let ids: Vec<usize> = std::mem::take(&mut *self.grave.borrow_mut());
+        for id in ids {
+            self.close_id(id);
+        }
+    }
+
+    /// Closes socket `id` as close(2) does: listeners reset their queued connections, a TCP
+    /// connection sends its FIN (or a RST when unread data is left, as Linux does) and lives on
+    /// as an orphan until it is over.
+    pub(crate) fn close_id(&mut self, id: usize) {
+        let Some(s) = self.socks.get_mut(id) else { return };
+        s.key = None;
+        let st = std::mem::replace(&mut s.st, St::Idle);
+        let bound = s.bound;
+        let linger0 = s.opts.linger == Some(0);
+        match st {
+            St::Idle => self.free(id, bound),
+            St::Listen { pending, .. } => {
+                self.drop_pending(id, pending);
+                self.free(id, bound);
+            }
+            St::Udp(u) => {
+                for (ifx, h) in u.h.iter().enumerate() {
+                    if let Some(h) = h {
+                        self.nets[ifx].set.remove(*h);
+                    }
+                }
+                self.free(id, bound);
+            }
+            St::Tcp(c) => {
+                let (ifx, h) = (c.ifx, c.h);
+                let sk = self.tcp(ifx, h);
+                if sk.state() == tcp::State::Closed && sk.local_endpoint().is_none() {
+                    self.nets[ifx].set.remove(h);
+                    self.index.tuples.remove(&(frame::TCP, c.local, c.remote));
+                    self.free(id, bound);
+                    return;
+                }
+                if sk.recv_queue() > 0 || linger0 || !c.established {
+                    sk.abort();
+                } else {
+                    sk.close();
+                }
+                let s = self.socks.get_mut(id).expect("checked above");
+                s.st = St::Tcp(c);
+                s.orphan = true;
+                self.timed.insert(id);
+                self.dirty.insert(id);
+            }
+        }
+    }
+
+    /// Resets the connections a listener holds and forgets their tuples.
+    pub(crate) fn drop_pending(&mut self, id: usize, pending: Vec<Pending>) {
+        for p in pending {
+            let sk = self.tcp(p.ifx, p.h);
+            let (l, r) = (sk.local_endpoint(), sk.remote_endpoint());
+            if sk.is_active() {
+                sk.abort();
+                // The RST goes out on the next poll; the orphan socket is kept until then.
+                let o = Sock {
+                    family: Family::V4,
+                    proto: Proto::Tcp,
+                    opts: Opts::default(),
+                    bound: None,
+                    st: St::Tcp(Conn {
+                        ifx: p.ifx,
+                        h: p.h,
+                        local: l.map_or(p.tuple.0, |e| SocketAddr::new(e.addr.into(), e.port)),
+                        remote: r.map_or(p.tuple.1, |e| SocketAddr::new(e.addr.into(), e.port)),
+                        last: tcp::State::Closed,
+                        established: true,
+                        connect_reported: true,
+                        saw_rst: false,
+                        peer_fin: false,
+                        dead: false,
+                        rcv_shut: false,
+                        snd_shut: false,
+                    }),
+                    error: 0,
+                    key: None,
+                    reported: None,
+                    arrived: false,
+                    orphan: true,
+                };
+                let oid = self.socks.insert(o);
+                self.timed.insert(oid);
+                if self.index.tuples.get(&(frame::TCP, p.tuple.0, p.tuple.1)) == Some(&id) {
+                    self.index.tuples.remove(&(frame::TCP, p.tuple.0, p.tuple.1));
+                }
+                if let St::Tcp(c) = &self.socks.get(oid).expect("just inserted").st {
+                    let t = (frame::TCP, c.local, c.remote);
+                    self.index.tuples.insert(t, oid);
+                }
+            } else {
+                self.nets[p.ifx].set.remove(p.h);
+                if self.index.tuples.get(&(frame::TCP, p.tuple.0, p.tuple.1)) == Some(&id) {
+                    self.index.tuples.remove(&(frame::TCP, p.tuple.0, p.tuple.1));
+                }
+            }
+        }
+    }
+
+    fn free(&mut self, id: usize, bound: Option<SocketAddr>) {
+        if let Some(s) = self.socks.remove(id) {
+            if let Some(b) = bound {
+                self.index.unbind(s.proto.num(), b.port(), id);
+            }
+        }
+        self.dirty.remove(&id);
+        self.timed.remove(&id);
+    }
+
+    /// Looks at a received packet: marks the socket it concerns dirty, notes RSTs, readies a
+    /// listener's socket for a SYN. Returns false to drop the packet (a SYN for a full
+    /// listen queue, which Linux drops too so that the client retries).
+    fn note(&mut self, ifx: usize, p: Peek) -> bool {
+        match p.proto {
+            frame::TCP => {
+                let key = (frame::TCP, p.dst, p.src);
+                if let Some(&id) = self.index.tuples.get(&key) {
+                    self.dirty.insert(id);
+                    let Some(s) = self.socks.get_mut(id) else { return true };
+                    if p.payload > 0 || p.flags & (frame::FIN | frame::RST) != 0 {
+                        s.arrived = true;
+                    }
+                    if let St::Tcp(c) = &mut s.st {
+                        if p.flags & frame::RST != 0 {
+                            c.saw_rst = true;
+                        }
+                        // Data for a connection the guest closed: Linux answers with a RST
+                        // (tcp_rcv_state_process, "data after close"); so does smoltcp once
+                        // the socket is aborted.
+                        if s.orphan && p.payload > 0 && c.established {
+                            let sk = self.nets[c.ifx].set.get_mut::<tcp::Socket>(c.h);
+                            if matches!(sk.state(), tcp::State::FinWait1 | tcp::State::FinWait2 | tcp::State::Closing) {
+                                sk.abort();
+                                return false;
+                            }
+                        }
+                    }
+                    return true;
+                }
+                if p.flags & (frame::SYN | frame::ACK | frame::RST) == frame::SYN {
+                    if let Some(lid) = self.find_listener(ifx, p.dst) {
+                        return self.prepare_syn(lid, ifx, p);
+                    }
+                }
+                true
+            }
+            frame::UDP => {
+                for &id in self.index.on_port(frame::UDP, p.dst.port()) {
+                    self.dirty.insert(id);
+                    if let Some(s) = self.socks.get_mut(id) {
+                        s.arrived = true;
+                    }
+                }
+                true
+            }
+            _ => true,
+        }
+    }
+
+    /// The listener a SYN to `dst` arriving on `ifx` is for: one bound to exactly that address
+    /// before one bound to the wildcard, as Linux's lookup scores them.
+    fn find_listener(&self, ifx: usize, dst: SocketAddr) -> Option<usize> {
+        let ok_dst = match ifx {
+            EXT => self.own(dst.ip()),
+            _ => self.own(dst.ip()) || dst.ip().is_loopback(),
+        };
+        if !ok_dst {
+            return None;
+        }
+        let mut best = None;
+        for &id in self.index.on_port(frame::TCP, dst.port()) {
+            let Some(s) = self.socks.get(id) else { continue };
+            if !matches!(s.st, St::Listen { .. }) {
+                continue;
+            }
+            let Some(b) = s.bound else { continue };
+            if b.ip() == dst.ip() {
+                return Some(id);
+            }
+            let fam_ok = match dst.ip() {
+                IpAddr::V4(_) => s.family == Family::V4 || !s.opts.v6only,
+                IpAddr::V6(_) => s.family == Family::V6,
+            };
+            if b.ip().is_unspecified() && fam_ok && (s.family == Family::V4) == b.is_ipv4() {
+                best = Some(id);
+            }
+        }
+        best
+    }
+
+    /// Gives listener `lid` a smoltcp socket listening on the SYN's address, unless its queue
+    /// (backlog + 1, as Linux's sk_acceptq_is_full) is full.
+    fn prepare_syn(&mut self, lid: usize, ifx: usize, p: Peek) -> bool {
+        let Some(s) = self.socks.get(lid) else { return true };
+        let St::Listen { backlog, pending } = &s.st else { return true };
+        if pending.len() > *backlog {
+            return false;
+        }
+        let mut sk = self.make_tcp(&s.opts);
+        if sk.listen(p.dst).is_err() {
+            return true;
+        }
+        let h = self.nets[ifx].set.add(sk);
+        if let Some(St::Listen { pending, .. }) = self.socks.get_mut(lid).map(|s| &mut s.st) {
+            pending.push(Pending { ifx, h, tuple: (p.dst, p.src) });
+        }
+        self.index.tuples.insert((frame::TCP, p.dst, p.src), lid);
+        self.timed.insert(lid);
+        self.dirty.insert(lid);
+        true
+    }
+
+    /// Advances both interfaces; see the trait's `poll`.
+    pub(crate) fn run(
+        &mut self,
+        now: std::time::Instant,
+        woken: bool,
+        ready: &mut Vec<Ready>,
+    ) -> Option<std::time::Instant> {
+        self.bury();
+        let ts = self.ts(now);
+        let mut more = false;
+        if woken {
+            // A read error other than EAGAIN leaves the link unusable (the TAP went away); the
+            // stack keeps serving loopback and lets TCP time out what used the wire.
+            if let Ok(o) = self.ext_dev.read_frames(RX_BATCH) {
+                more = o.more;
+            }
+        }
+        if self.next_timer.is_some_and(|t| now >= t) {
+            self.dirty.extend(self.timed.iter().copied());
+        }
+
+        let mut frames = std::mem::take(&mut self.ext_dev.rx);
+        frames.retain(|f| frame::peek_ethernet(f).is_none_or(|p| self.note(EXT, p)));
+        self.ext_dev.rx = frames;
+        let Net { iface, set } = &mut self.nets[EXT];
+        iface.poll(ts, &mut self.ext_dev, set);
+        if self.fragmenting {
+            self.fragmenting = false;
+            // 64 KiB is 45 fragments at MTU 1500.
+            for _ in 0..64 {
+                let sent = self.ext_dev.tx_frames + self.ext_dev.tx_dropped;
+                iface.poll_egress(ts, &mut self.ext_dev, set);
+                if self.ext_dev.tx_frames + self.ext_dev.tx_dropped == sent {
+                    break;
+                }
+            }
+        }
+
+        for round in 0..LO_ROUNDS {
+            let mut out = std::mem::take(&mut self.lo_dev.tx);
+            out.retain(|f| frame::peek_ip(f).is_none_or(|p| self.note(LO, p)));
+            self.lo_dev.rx.extend(out);
+            if round > 0 && self.lo_dev.rx.is_empty() {
+                break;
+            }
+            let Net { iface, set } = &mut self.nets[LO];
+            iface.poll(ts, &mut self.lo_dev, set);
+        }
+        more |= !self.lo_dev.tx.is_empty();
+
+        let dirty: Vec<usize> = self.dirty.drain().collect();
+        self.refreshed += dirty.len() as u64;
+        for id in dirty {
+            self.refresh(id);
+            self.report(id, ready);
+        }
+
+        let deadline = [EXT, LO]
+            .into_iter()
+            .filter_map(|i| {
+                let Net { iface, set } = &mut self.nets[i];
+                iface.poll_at(ts, set)
+            })
+            .min()
+            .map(|t| self.epoch + std::time::Duration::from_micros(t.total_micros().max(0) as u64));
+        self.next_timer = deadline;
+        if more {
+            return Some(now);
+        }
+        deadline.map(|d| d.max(now))
+    }
+
+    /// Brings the stack's view of socket `id` up to date with smoltcp's.
+    pub(crate) fn refresh(&mut self, id: usize) {
+        let Some(s) = self.socks.get_mut(id) else { return };
+        match &mut s.st {
+            St::Tcp(c) => {
+                let (ifx, h) = (c.ifx, c.h);
+                let sk = self.nets[ifx].set.get_mut::<tcp::Socket>(h);
+                let state = sk.state();
+                let gone = state == tcp::State::Closed && sk.local_endpoint().is_none();
+                let busy = sk.send_queue() > 0 || sk.keep_alive().is_some();
+                if state != c.last || (state == tcp::State::Closed && !c.dead) {
+                    use tcp::State as T;
+                    if matches!(
+                        state,
+                        T::Established
+                            | T::FinWait1
+                            | T::FinWait2
+                            | T::CloseWait
+                            | T::Closing
+                            | T::LastAck
+                            | T::TimeWait
+                    ) && !c.established
+                    {
+                        c.established = true;
+                        // The connect timeout has done its job; an idle connection lives
+                        // for ever, as on Linux (keepalive sets its own).
+                        if sk.keep_alive().is_none() {
+                            sk.set_timeout(None);
+                        }
+                    }
+                    if matches!(state, T::CloseWait | T::LastAck | T::Closing | T::TimeWait) {
+                        c.peer_fin = true;
+                    }
+                    // Linux hands TIME_WAIT to a minisocket and the socket itself is TCP_CLOSE;
+                    // the smoltcp socket stays to hold the port and answer late segments.
+                    if state == T::TimeWait && !c.dead {
+                        c.dead = true;
+                    }
+                    if state == T::Closed && !c.dead {
+                        c.dead = true;
+                        let orderly = c.peer_fin && matches!(c.last, T::LastAck | T::TimeWait | T::Closing);
+                        let err = if orderly {
+                            0
+                        } else if !c.established {
+                            if c.saw_rst {
+                                libc::ECONNREFUSED
+                            } else {
+                                libc::ETIMEDOUT
+                            }
+                        } else if c.saw_rst {
+                            if c.last == T::CloseWait {
+                                libc::EPIPE
+                            } else {
+                                libc::ECONNRESET
+                            }
+                        } else if c.snd_shut && c.peer_fin {
+                            0
+                        } else {
+                            libc::ETIMEDOUT
+                        };
+                        if err != 0 && s.error == 0 && !s.orphan {
+                            s.error = err;
+                        }
+                    }
+                    c.last = state;
+                }
+                let transitional =
+                    !matches!(state, tcp::State::Established | tcp::State::CloseWait | tcp::State::Closed);
+                if s.orphan && gone {
+                    let (l, r, bound) = (c.local, c.remote, s.bound);
+                    self.nets[ifx].set.remove(h);
+                    if self.index.tuples.get(&(frame::TCP, l, r)) == Some(&id) {
+                        self.index.tuples.remove(&(frame::TCP, l, r));
+                    }
+                    self.free(id, bound);
+                    return;
+                }
+                if transitional || busy || (state == tcp::State::Closed && !gone) {
+                    self.timed.insert(id);
+                } else {
+                    self.timed.remove(&id);
+                }
+            }
+            St::Listen { pending, .. } => {
+                let mut handshaking = false;
+                let mut i = 0;
+                while i < pending.len() {
+                    let p = &pending[i];
+                    let sk = self.nets[p.ifx].set.get::<tcp::Socket>(p.h);
+                    match sk.state() {
+                        // The SYN went elsewhere or the handshake was reset: give the slot back.
+                        tcp::State::Listen => {
+                            let p = pending.remove(i);
+                            self.nets[p.ifx].set.remove(p.h);
+                            let t = (frame::TCP, p.tuple.0, p.tuple.1);
+                            if self.index.tuples.get(&t) == Some(&id) {
+                                self.index.tuples.remove(&t);
+                            }
+                            continue;
+                        }
+                        tcp::State::SynReceived => handshaking = true,
+                        _ => {}
+                    }
+                    i += 1;
+                }
+                if handshaking {
+                    self.timed.insert(id);
+                } else {
+                    self.timed.remove(&id);
+                }
+            }
+            St::Idle | St::Udp(_) => {}
+        }
+    }
+
+    /// Reports socket `id` if watched and something new happened to it.
+    fn report(&mut self, id: usize, ready: &mut Vec<Ready>) {
+        let Some(key) = self.socks.get(id).and_then(|s| s.key) else { return };
+        let (mask, rd, wr) = self.readiness(id);
+        let s = self.socks.get_mut(id).expect("key read above");
+        let news = match s.reported {
+            None => mask != 0,
+            Some((m, r, w)) => {
+                m != mask
+                    || (mask & libc::POLLIN as u32 != 0 && (rd > r || s.arrived))
+                    || (mask & libc::POLLOUT as u32 != 0 && wr > w)
+            }
+        };
+        s.arrived = false;
+        s.reported = Some((mask, rd, wr));
+        if news {
+            ready.push(Ready { key, events: mask });
+        }
+    }
+
+    /// The poll(2) mask of socket `id` as Linux's tcp_poll/datagram_poll compute it, and the
+    /// readable/writable amounts behind it.
+    pub(crate) fn readiness(&mut self, id: usize) -> (u32, usize, usize) {
+        const IN: u32 = libc::POLLIN as u32;
+        const OUT: u32 = libc::POLLOUT as u32;
+        const HUP: u32 = libc::POLLHUP as u32;
+        const ERR: u32 = libc::POLLERR as u32;
+        const RDHUP: u32 = libc::POLLRDHUP as u32;
+        let Some(s) = self.socks.get(id) else { return (libc::POLLNVAL as u32, 0, 0) };
+        let err = if s.error != 0 { ERR } else { 0 };
+        match &s.st {
+            // A TCP socket that is not connected is TCP_CLOSE: hung up, and writable.
+            St::Idle => (HUP | OUT | err, 0, 0),
+            St::Listen { pending, .. } => {
+                let n = pending
+                    .iter()
+                    .filter(|p| {
+                        !matches!(
+                            self.nets[p.ifx].set.get::<tcp::Socket>(p.h).state(),
+                            tcp::State::Listen | tcp::State::SynReceived
+                        )
+                    })
+                    .count();
+                (if n > 0 { IN } else { 0 } | err, n, 0)
+            }
+            St::Tcp(c) => {
+                let sk = self.nets[c.ifx].set.get::<tcp::Socket>(c.h);
+                let rd = sk.recv_queue();
+                let queued = sk.send_queue();
+                let free = sk.send_capacity() - queued;
+                let shut_rd = c.rcv_shut || c.peer_fin || c.dead;
+                let shut_wr = c.snd_shut || c.dead;
+                let mut m = err;
+                if shut_rd && shut_wr {
+                    m |= HUP;
+                }
+                if shut_rd {
+                    m |= IN | RDHUP;
+                }
+                if c.established || c.dead {
+                    if rd > 0 {
+                        m |= IN;
+                    }
+                    // sk_stream_is_writeable: free space at least half of what is queued.
+                    if shut_wr || (free > 0 && free >= queued / 2) {
+                        m |= OUT;
+                    }
+                }
+                (m, rd, free)
+            }
+            St::Udp(u) => {
+                let mut rd = 0;
+                let mut free = usize::MAX;
+                for (ifx, h) in u.h.iter().enumerate() {
+                    if let Some(h) = h {
+                        let sk = self.nets[ifx].set.get::<udp::Socket>(*h);
+                        rd += sk.recv_queue();
+                        free = free.min(sk.payload_send_capacity() - sk.send_queue());
+                    }
+                }
+                let mut m = err;
+                if free > 0 {
+                    m |= OUT;
+                }
+                if rd > 0 {
+                    m |= IN;
+                }
+                if u.rcv_shut {
+                    m |= IN | RDHUP;
+                }
+                if u.rcv_shut && u.snd_shut {
+                    m |= HUP;
+                }
+                (m, rd, if free == usize::MAX { 0 } else { free })
+            }
+        }
+    }
+}
+
+/// Applies the options smoltcp has a knob for.
+pub(crate) fn apply_tcp_opts(s: &mut tcp::Socket<'static>, o: &Opts) {
+    use smoltcp::time::Duration;
+    s.set_nagle_enabled(!o.nodelay);
+    s.set_hop_limit(o.ttl);
+    if o.keepalive {
+        // smoltcp has one keepalive interval and no probe count: probe every TCP_KEEPINTVL
+        // once idle, and give up after TCP_KEEPIDLE + TCP_KEEPCNT * TCP_KEEPINTVL of silence,
+        // Linux's total.
+        s.set_keep_alive(Some(Duration::from_secs(u64::from(o.keepidle.min(o.keepintvl.max(1))))));
+        s.set_timeout(Some(Duration::from_secs(u64::from(o.keepidle) + u64::from(o.keepcnt) * u64::from(o.keepintvl))));
+    } else {
+        s.set_keep_alive(None);
+    }
+}
+
+fn seed() -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: getrandom writes at most b.len() bytes into the live buffer b.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), libc::GRND_NONBLOCK) };
+    if n == 8 {
+        u64::from_ne_bytes(b)
+    } else {
+        // No entropy yet (early boot): the clock still separates restarts.
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
+    }
+}
