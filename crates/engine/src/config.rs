@@ -69,9 +69,9 @@ pub struct NsmConfig {
 }
 
 impl NsmConfig {
-    /// A user NSM's link, checked: the span, field and message of the first thing wrong.
+    /// A user NSM's link, checked by the user stack's own rules: the span, field and message of
+    /// the first thing wrong.
     pub fn user_link(&self) -> Result<crate::link::UserLink, (usize, &'static str, String)> {
-        use crate::link::Cidr;
         let at = self.name.span().start;
         let medium = match self.link.as_ref().map(|l| (l, l.get_ref().as_str())) {
             None | Some((_, "tap")) => crate::link::Medium::Tap,
@@ -89,41 +89,34 @@ impl NsmConfig {
         };
         let address = need(&self.address, "nsm.address", "10.77.0.2/24")?;
         let gateway = need(&self.gateway, "nsm.gateway", "10.77.0.1")?;
-        let cidr: Cidr = address.get_ref().parse().map_err(|e| (address.span().start, "nsm.address", e))?;
-        let gw = gateway.get_ref().parse::<std::net::Ipv4Addr>().map_err(|_| {
-            (gateway.span().start, "nsm.gateway", format!("{:?} is not an IPv4 address", gateway.get_ref()))
-        })?;
-        if !cidr.addr.is_ipv4() || !cidr.contains(gw.into()) || cidr.addr == std::net::IpAddr::V4(gw) {
-            return Err((gateway.span().start, "nsm.gateway", format!("{gw} must be another IPv4 address in {cidr}")));
+        fn opt(v: &Option<Spanned<String>>) -> Option<&str> {
+            v.as_ref().map(|s| s.get_ref().as_str())
         }
-        let address6 = match &self.address6 {
-            Some(a) => {
-                let c: Cidr = a.get_ref().parse().map_err(|e| (a.span().start, "nsm.address6", e))?;
-                if !c.addr.is_ipv6() {
-                    return Err((a.span().start, "nsm.address6", format!("{c} is not an IPv6 address")));
-                }
-                Some(c)
-            }
-            None => None,
-        };
-        let gateway6 = match (&self.gateway6, address6) {
-            (Some(g), Some(c)) => {
-                let ip = g
-                    .get_ref()
-                    .parse::<std::net::Ipv6Addr>()
-                    .ok()
-                    .filter(|ip| c.contains((*ip).into()) && c.addr != std::net::IpAddr::V6(*ip));
-                Some(ip.ok_or((
-                    g.span().start,
-                    "nsm.gateway6",
-                    format!("{:?} must be another IPv6 address in {c}", g.get_ref()),
-                ))?)
-            }
-            (Some(g), None) => return Err((g.span().start, "nsm.gateway6", "needs nsm.address6".into())),
-            (None, Some(_)) => return Err((at, "nsm.gateway6", "nsm.address6 needs nsm.gateway6".into())),
-            (None, None) => None,
-        };
-        Ok(crate::link::UserLink { medium, address: cidr, gateway: gw, address6, gateway6 })
+        let config = netkernel_nsm_user::UserConfig::parse(
+            if medium == crate::link::Medium::Tap { "tap" } else { "packet" },
+            address.get_ref(),
+            opt(&self.address6),
+            gateway.get_ref(),
+            opt(&self.gateway6),
+            opt(&self.congestion),
+        )
+        .map_err(|e| {
+            // The user stack's messages begin with the value's name: point at that field.
+            let fields = [
+                ("address6", &self.address6, "nsm.address6"),
+                ("gateway6", &self.gateway6, "nsm.gateway6"),
+                ("address", &self.address, "nsm.address"),
+                ("gateway", &self.gateway, "nsm.gateway"),
+                ("congestion", &self.congestion, "nsm.congestion"),
+            ];
+            let (span, field) = fields
+                .iter()
+                .find(|(name, _, _)| e.0.starts_with(name))
+                .map(|(_, v, field)| (v.as_ref().map_or(at, |v| v.span().start), *field))
+                .unwrap_or((at, "nsm"));
+            (span, field, e.0)
+        })?;
+        Ok(crate::link::UserLink { medium, config })
     }
 }
 
@@ -361,7 +354,7 @@ impl Config {
                     }
                 }
             }
-            if let Some(cc) = &n.congestion {
+            if let Some(cc) = n.congestion.as_ref().filter(|_| n.kind == "kernel") {
                 let avail = available_congestion();
                 if !avail.is_empty() && !avail.iter().any(|a| a == cc.get_ref()) && !loadable(cc.get_ref()) {
                     return Err(invalid(
@@ -517,8 +510,10 @@ mod tests {
         let good = "kind = \"user\"\naddress = \"10.77.0.2/24\"\ngateway = \"10.77.0.1\"\naddress6 = \"fd77::2/64\"\ngateway6 = \"fd77::1\"";
         let c = Config::parse(Path::new("x.toml"), &cfg(good)).unwrap();
         let l = c.nsms[0].user_link().unwrap();
-        assert_eq!((l.address.to_string(), l.gateway.to_string()), ("10.77.0.2/24".into(), "10.77.0.1".into()));
-        assert_eq!(l.gateway6.unwrap().to_string(), "fd77::1");
+        assert_eq!(l.nsm_args()[..6], ["--link", "tap", "--address", "10.77.0.2/24", "--gateway", "10.77.0.1"]);
+        assert!(l.nsm_args().ends_with(&["--gateway6".to_string(), "fd77::1".to_string()]));
+        let e = err(&cfg(&format!("{good}\ncongestion = \"bbr\"")));
+        assert!(e.contains("nsm.congestion: congestion \"bbr\": the user stack has"), "{e}");
         let e = err(&cfg("kind = \"user\"\ngateway = \"10.77.0.1\""));
         assert!(e.starts_with("/etc/nk.toml:2: nsm.address: a kind = \"user\" NSM needs"), "{e}");
         let e = err(&cfg("kind = \"user\"\naddress = \"10.77.0.2/24\"\ngateway = \"10.78.0.1\""));

@@ -359,7 +359,7 @@ impl Engine {
             } else if let (true, Some((l, _))) = (veth, &link) {
                 let spawn_err = |e: String| EngineError::Spawn { name: name.clone(), source: std::io::Error::other(e) };
                 let net = netns::NsmNet::create_for_user(name, index, l).map_err(spawn_err)?;
-                log(format!("user NSM {name} runs in network namespace {} on veth, at {}", net.name, l.address));
+                log(format!("user NSM {name} runs in network namespace {} on veth, at {}", net.name, net.nsm_addr));
                 let json = serde_json::to_vec(&net).map_err(|e| spawn_err(e.to_string()))?;
                 std::fs::write(&net_file, json).map_err(|e| spawn_err(format!("{}: {e}", net_file.display())))?;
                 Some(net)

@@ -95,11 +95,12 @@ impl NsmNet {
     /// socket), and loopback is up. Needs root.
     pub fn create_for_user(nsm: &str, index: usize, link: &crate::link::UserLink) -> Result<NsmNet, String> {
         let (name, host_if, ns_if) = names(nsm, index);
-        let nsm_addr = match link.address.addr {
-            std::net::IpAddr::V4(a) => a,
-            std::net::IpAddr::V6(_) => return Err("a user NSM's address must be IPv4".into()),
+        let (std::net::IpAddr::V4(nsm_addr), std::net::IpAddr::V4(host_addr)) =
+            (link.config.address.0, link.config.gateway)
+        else {
+            return Err("a user NSM's address and gateway are IPv4 (IPv6 goes in address6, gateway6)".into());
         };
-        let net = NsmNet { name: name.clone(), host_addr: link.gateway, nsm_addr, ns_if: ns_if.clone() };
+        let net = NsmNet { name: name.clone(), host_addr, nsm_addr, ns_if: ns_if.clone() };
         ip(&["netns", "add", &name])?;
         ip(&["link", "add", &host_if, "type", "veth", "peer", "name", &ns_if])?;
         ip(&["link", "set", &ns_if, "netns", &name])?;

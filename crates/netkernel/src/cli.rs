@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use netkernel_engine::config::Config;
 use netkernel_engine::{default_socket, request, Engine};
 use netkernel_service::control::EngineRequest;
+use std::collections::HashMap;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -79,6 +80,8 @@ enum Cmd {
         /// A unix socket path where a restarted engine reconnects to adopt this NSM.
         #[arg(long)]
         listen: Option<PathBuf>,
+        #[command(flatten)]
+        user: UserNsmArgs,
     },
     /// Start an engine, serve an unmodified HTTP server and client through it, compare with native.
     Demo {
@@ -107,8 +110,8 @@ pub fn main() -> i32 {
         Cmd::Run { tenant, socket, isolate, token_file, program } => run(tenant, socket, isolate, token_file, program),
         Cmd::Ctl { socket, what, iterations, .. } if what == "top" => top(socket, iterations),
         Cmd::Ctl { socket, json, what, .. } => ctl(socket, json, &what),
-        Cmd::Nsm { kind, name, control_fd, congestion, hosts, listen } => {
-            nsm(&kind, name, control_fd, congestion, hosts, listen)
+        Cmd::Nsm { kind, name, control_fd, congestion, hosts, listen, user } => {
+            nsm(&kind, name, control_fd, congestion, hosts, listen, user)
         }
         Cmd::Demo { bytes } => demo::main(bytes),
         Cmd::Bench(a) => bench::main(a),
@@ -419,6 +422,52 @@ const NSM_COLUMNS: &[&str] = &[
     "violations",
 ];
 
+/// A user NSM's link, as the engine passes it (`kind = "user"`).
+#[derive(clap::Args)]
+struct UserNsmArgs {
+    /// The link's device, inherited: a TAP device's fd.
+    #[arg(long)]
+    device_fd: Option<i32>,
+    /// The link's device by name: a veth end in this NSM's namespace (AF_PACKET).
+    #[arg(long)]
+    device: Option<String>,
+    /// "tap" or "packet".
+    #[arg(long, default_value = "tap")]
+    link: String,
+    #[arg(long)]
+    address: Option<String>,
+    #[arg(long)]
+    gateway: Option<String>,
+    #[arg(long)]
+    address6: Option<String>,
+    #[arg(long)]
+    gateway6: Option<String>,
+}
+
+impl UserNsmArgs {
+    fn stack(self, congestion: Option<&str>) -> Result<netkernel_nsm_user::UserStack, String> {
+        let (Some(address), Some(gateway)) = (&self.address, &self.gateway) else {
+            return Err("a user NSM needs --address and --gateway".into());
+        };
+        let cfg = netkernel_nsm_user::UserConfig::parse(
+            &self.link,
+            address,
+            self.address6.as_deref(),
+            gateway,
+            self.gateway6.as_deref(),
+            congestion,
+        )
+        .map_err(|e| e.to_string())?;
+        let device = match (self.device_fd, &self.device) {
+            // SAFETY: the engine passed this fd at exec for this NSM alone; nothing else owns it.
+            (Some(fd), None) => unsafe { OwnedFd::from_raw_fd(fd) },
+            (None, Some(name)) => netkernel_nsm_user::open_packet(name).map_err(|e| format!("{name}: {e}"))?,
+            _ => return Err("a user NSM needs one of --device-fd and --device".into()),
+        };
+        netkernel_nsm_user::UserStack::new(cfg, device)
+    }
+}
+
 fn nsm(
     kind: &str,
     name: String,
@@ -426,40 +475,46 @@ fn nsm(
     congestion: Option<String>,
     hosts: Vec<String>,
     listen: Option<PathBuf>,
+    user: UserNsmArgs,
 ) -> i32 {
     let hosts = hosts.iter().filter_map(|h| h.split_once('=')).map(|(n, a)| (n.to_string(), a.to_string())).collect();
-    if kind != "kernel" {
-        return fail(format!("unknown NSM kind {kind:?}"));
-    }
-    let stack = match netkernel_nsm_kernel::KernelStack::new(congestion) {
-        Ok(s) => s,
-        Err(e) => return fail(format!("NSM {name}: {e}")),
+    let r = match kind {
+        "kernel" => netkernel_nsm_kernel::KernelStack::new(congestion)
+            .and_then(|stack| serve_nsm(stack, &name, control_fd, hosts, listen)),
+        "user" => {
+            user.stack(congestion.as_deref()).and_then(|stack| serve_nsm(stack, &name, control_fd, hosts, listen))
+        }
+        other => Err(format!("unknown NSM kind {other:?} (known: kernel, user)")),
     };
+    match r {
+        Ok(()) => 0,
+        Err(e) => fail(format!("NSM {name}: {e}")),
+    }
+}
+
+/// Runs ServiceLib over `stack` until the engine and the last guest are gone.
+fn serve_nsm<S: netkernel_service::Stack>(
+    stack: S,
+    name: &str,
+    control_fd: i32,
+    hosts: HashMap<String, String>,
+    listen: Option<PathBuf>,
+) -> Result<(), String> {
     // SAFETY: the engine passed this fd to us at exec and nothing else owns it.
     let control = unsafe { OwnedFd::from_raw_fd(control_fd) };
-    // SAFETY: setting FD_CLOEXEC on our own fd.
+    // SAFETY: setting FD_CLOEXEC on our own fd; no pointers.
     unsafe { libc::fcntl(control_fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-    let mut svc = match netkernel_service::Service::new(stack, name.clone(), control) {
-        Ok(s) => s.with_hosts(hosts),
-        Err(e) => return fail(format!("NSM {name}: {e}")),
-    };
+    let mut svc =
+        netkernel_service::Service::new(stack, name.to_string(), control).map_err(|e| e.to_string())?.with_hosts(hosts);
     if let Some(path) = listen {
         // A socket left by this NSM's predecessor (which is gone: the engine starts one NSM per
         // name) is replaced.
         let _ = std::fs::remove_file(&path);
-        let listener = match std::os::unix::net::UnixListener::bind(&path) {
-            Ok(l) => l,
-            Err(e) => return fail(format!("NSM {name}: cannot listen on {}: {e}", path.display())),
-        };
+        let listener = std::os::unix::net::UnixListener::bind(&path)
+            .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
         // Only the engine's uid may adopt the NSM (it checks SO_PEERCRED too).
         let _ = std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600));
-        svc = match svc.with_rendezvous(listener) {
-            Ok(s) => s,
-            Err(e) => return fail(format!("NSM {name}: {e}")),
-        };
+        svc = svc.with_rendezvous(listener).map_err(|e| e.to_string())?;
     }
-    match svc.run() {
-        Ok(()) => 0,
-        Err(e) => fail(format!("NSM {name}: {e}")),
-    }
+    svc.run().map_err(|e| e.to_string())
 }

@@ -11,8 +11,6 @@ pub mod config;
 pub mod device;
 mod frame;
 mod opts;
-// Kept byte for byte as ServiceLib has it, so the merge is a deletion.
-#[rustfmt::skip]
 pub mod seam;
 pub mod sockaddr;
 mod stack;
@@ -125,6 +123,20 @@ impl Stack for UserStack {
         st.reported = None;
         self.dirty.insert(s.id);
         Ok(())
+    }
+
+    fn unwatch(&mut self, s: &Handle) {
+        if let Ok(st) = self.sock(s.id) {
+            st.key = None;
+        }
+    }
+
+    fn is_local(&mut self, ip: std::net::IpAddr) -> bool {
+        let ip = match ip {
+            std::net::IpAddr::V6(a) => a.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(std::net::IpAddr::V6(a)),
+            v4 => v4,
+        };
+        ip.is_loopback() || self.own(ip)
     }
 
     fn wait_fd(&self) -> BorrowedFd<'_> {
