@@ -1,7 +1,8 @@
 //! Differential conformance: each scenario runs natively and under GuestLib, and the traces
 //! (return values, errno, bytes) must be identical. The kernel is the oracle. Every scenario
-//! runs twice under GuestLib: with the co-located short cut (both ends are guests of one NSM,
-//! so the NSM's pipe carries the bytes) and with it off (the NSM's kernel stack carries them).
+//! runs three times under GuestLib: with the co-located short cut (both ends are guests of one
+//! NSM, so the NSM's pipe carries the bytes), with it off (the NSM's kernel stack carries them),
+//! and through a user NSM (smoltcp in the NSM process) with it off.
 
 mod common;
 use common::*;
@@ -12,7 +13,18 @@ use std::time::Duration;
 const KERNEL_PATH: &str =
     "[[nsm]]\nname = \"kernel\"\ncolocate = false\n\n[[tenant]]\nname = \"default\"\nnsm = \"kernel\"\n";
 
-fn differential(scenario: &str, colocate: bool) {
+#[derive(Clone, Copy, PartialEq)]
+enum Path {
+    Colocated,
+    Kernel,
+    User,
+}
+
+fn differential(scenario: &str, path: Path) {
+    if path == Path::User && !is_root() {
+        eprintln!("skipping {scenario} through a user NSM: its TAP device needs root");
+        return;
+    }
     let native = output_within(
         {
             let mut c = Command::new(PROBE);
@@ -22,7 +34,11 @@ fn differential(scenario: &str, colocate: bool) {
         Duration::from_secs(120),
     );
     assert!(native.status.success(), "native {scenario} failed: {}", String::from_utf8_lossy(&native.stderr));
-    let engine = if colocate { TestEngine::start() } else { TestEngine::with_config(KERNEL_PATH) };
+    let engine = match path {
+        Path::Colocated => TestEngine::start(),
+        Path::Kernel => TestEngine::with_config(KERNEL_PATH),
+        Path::User => TestEngine::with_config(&user_nsm_config("colocate = false").0),
+    };
     let nk = output_within(engine.run(PROBE, &[scenario]), Duration::from_secs(120));
     assert!(
         nk.status.success(),
@@ -42,7 +58,7 @@ fn differential(scenario: &str, colocate: bool) {
     assert!(nsm["conns_total"].as_u64().unwrap() > 0 || !tcp, "no connection through the NSM: {nsm}");
     // ... and on the path this run is about.
     let colocated = nsm["conns_colocated"].as_u64().unwrap();
-    if colocate {
+    if path == Path::Colocated {
         assert!(colocated > 0 || !tcp, "no connection took the co-located path: {nsm}");
     } else {
         assert_eq!(colocated, 0, "a connection took the co-located path with it off: {nsm}");
@@ -55,7 +71,7 @@ macro_rules! scenarios {
             $(
                 #[test]
                 fn $name() {
-                    super::differential(stringify!($name), true);
+                    super::differential(stringify!($name), super::Path::Colocated);
                 }
             )*
         }
@@ -63,7 +79,15 @@ macro_rules! scenarios {
             $(
                 #[test]
                 fn $name() {
-                    super::differential(stringify!($name), false);
+                    super::differential(stringify!($name), super::Path::Kernel);
+                }
+            )*
+        }
+        mod user_path {
+            $(
+                #[test]
+                fn $name() {
+                    super::differential(stringify!($name), super::Path::User);
                 }
             )*
         }
