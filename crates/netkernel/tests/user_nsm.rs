@@ -1,0 +1,266 @@
+//! Unmodified programs through a user NSM (`kind = "user"`: smoltcp in the NSM process on a TAP
+//! device): to and from the host across the TAP, inside the user stack's own loopback, and to
+//! a guest of a kernel NSM. Every test needs root (the engine makes the TAP device).
+
+mod common;
+use common::*;
+use sha2::{Digest, Sha256};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn root_or_skip(what: &str) -> bool {
+    if !is_root() {
+        eprintln!("skipping {what}: a user NSM's TAP device needs root");
+    }
+    is_root()
+}
+
+/// The engine and its user NSM's address; the host's side of the link is `.1` of its subnet.
+fn engine(extra: &str) -> (TestEngine, Ipv4Addr) {
+    let (toml, addr) = user_nsm_config(extra);
+    (TestEngine::with_config(&toml), addr)
+}
+
+fn gateway(nsm: Ipv4Addr) -> Ipv4Addr {
+    let o = nsm.octets();
+    Ipv4Addr::new(o[0], o[1], o[2], 1)
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits until something accepts TCP connections at `addr` (natively, across the TAP).
+fn wait_listening(addr: SocketAddr, server: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        assert!(server.try_wait().unwrap().is_none(), "the server at {addr} exited");
+        assert!(Instant::now() < deadline, "nothing listens at {addr}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn run_ok(c: Command) -> String {
+    let out = output_within(c, Duration::from_secs(120));
+    assert!(
+        out.status.success(),
+        "command failed ({}): {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn sha256_file(p: &std::path::Path) -> String {
+    let mut h = Sha256::new();
+    std::io::copy(&mut std::fs::File::open(p).unwrap(), &mut h).unwrap();
+    format!("{:x}", h.finalize())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[test]
+fn a_guest_fetches_100mib_from_a_server_on_the_host() {
+    if !root_or_skip("the 100 MiB fetch") {
+        return;
+    }
+    let (engine, nsm) = engine("colocate = false");
+    let www = engine.dir.path().join("www");
+    std::fs::create_dir(&www).unwrap();
+    let file = www.join("blob.bin");
+    let mut data = vec![0u8; 100 << 20];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for w in data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        w.copy_from_slice(&x.to_le_bytes());
+    }
+    std::fs::write(&file, &data).unwrap();
+    // A native server on the host's end of the TAP.
+    let port = free_port();
+    let gw = gateway(nsm);
+    let mut server = Command::new(require("python3"));
+    server.args(["-m", "http.server", &port.to_string(), "--bind", &gw.to_string()]);
+    server.current_dir(&www).stdout(Stdio::null()).stderr(Stdio::null());
+    let mut server = Killed(server.spawn().unwrap());
+    wait_listening(SocketAddr::from((gw, port)), &mut server.0);
+    let got = engine.dir.path().join("got.bin");
+    let start = Instant::now();
+    run_ok(engine.run(
+        require("curl").to_str().unwrap(),
+        &["-sS", "-o", got.to_str().unwrap(), &format!("http://{gw}:{port}/blob.bin")],
+    ));
+    let took = start.elapsed();
+    assert_eq!(sha256_file(&got), sha256_file(&file), "content differs");
+    let nsm = engine.nsm();
+    assert!(nsm["bytes_in"].as_u64().unwrap() >= 100 << 20, "the NSM did not carry it: {nsm}");
+    eprintln!("100 MiB from the host through the user NSM in {took:?}");
+}
+
+#[test]
+fn nginx_with_workers_as_a_guest_answers_native_clients() {
+    if !root_or_skip("nginx") {
+        return;
+    }
+    let nginx = require("nginx");
+    let (engine, nsm) = engine("colocate = false");
+    let dir = engine.dir.path().join("nginx");
+    std::fs::create_dir_all(dir.join("logs")).unwrap();
+    std::fs::create_dir_all(dir.join("www")).unwrap();
+    std::fs::write(dir.join("www/index.html"), "hello from nginx on a user stack\n").unwrap();
+    let port = free_port();
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "worker_processes 2;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/logs/error.log info;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{ access_log off; keepalive_timeout 30;\n\
+               server {{ listen 0.0.0.0:{port}; root {d}/www; }} }}\n",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    let mut c = engine.run(nginx.to_str().unwrap(), &["-c", conf.to_str().unwrap(), "-p", dir.to_str().unwrap()]);
+    c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    let mut server = Killed(c.spawn().unwrap());
+    wait_listening(SocketAddr::from((nsm, port)), &mut server.0);
+    // Native clients on the host reach the guest at the NSM's address.
+    for _ in 0..20 {
+        let body = run_ok({
+            let mut c = Command::new(require("curl"));
+            c.args(["-sS", "--max-time", "10", &format!("http://{nsm}:{port}/")]);
+            c
+        });
+        assert_eq!(body, "hello from nginx on a user stack\n");
+    }
+    let out = run_ok({
+        let mut c = Command::new(require("wrk"));
+        c.args(["-t1", "-c8", "-d1s", &format!("http://{nsm}:{port}/")]);
+        c
+    });
+    assert!(out.contains("Requests/sec") && !out.contains("Non-2xx"), "{out}");
+}
+
+#[test]
+fn redis_server_and_redis_benchmark_as_guests() {
+    if !root_or_skip("redis") {
+        return;
+    }
+    let (engine, _) = engine("colocate = false");
+    let port = free_port().to_string();
+    let mut c = engine.run(
+        require("redis-server").to_str().unwrap(),
+        &["--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+    );
+    c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    let _server = Killed(c.spawn().unwrap());
+    let cli = require("redis-cli");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = output_within(engine.run(cli.to_str().unwrap(), &["-p", &port, "ping"]), Duration::from_secs(10));
+        if String::from_utf8_lossy(&out.stdout).trim() == "PONG" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "redis never answered through the user NSM's loopback");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = run_ok(engine.run(
+        require("redis-benchmark").to_str().unwrap(),
+        &["-p", &port, "-n", "5000", "-c", "20", "-P", "4", "-t", "set,get", "-q"],
+    ));
+    assert!(out.contains("SET") && out.contains("GET") && out.contains("requests per second"), "{out}");
+    let nsm = engine.nsm();
+    assert!(nsm["conns_total"].as_u64().unwrap() >= 20, "{nsm}");
+}
+
+#[test]
+fn iperf3_between_a_native_client_and_a_guest_both_ways() {
+    if !root_or_skip("iperf3") {
+        return;
+    }
+    let iperf = require("iperf3");
+    let (engine, nsm) = engine("colocate = false");
+    let port = free_port();
+    let p = port.to_string();
+    let mut c = engine.run(iperf.to_str().unwrap(), &["-s", "-p", &p]);
+    c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    let mut server = Killed(c.spawn().unwrap());
+    wait_listening(SocketAddr::from((nsm, port)), &mut server.0);
+    for reverse in [false, true] {
+        let target = nsm.to_string();
+        let mut args = vec!["-c", &target, "-p", &p, "-t", "2", "-J"];
+        if reverse {
+            args.push("-R");
+        }
+        let mut bytes = 0;
+        let mut out = String::new();
+        // The readiness probe above may still hold the server for a moment.
+        for _ in 0..5 {
+            let o = output_within(
+                {
+                    let mut c = Command::new(&iperf);
+                    c.args(&args);
+                    c
+                },
+                Duration::from_secs(60),
+            );
+            out = String::from_utf8_lossy(&o.stdout).into_owned();
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+            bytes = v["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
+            if bytes > 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        assert!(bytes > 10 << 20, "iperf3 (reverse: {reverse}) moved only {bytes} bytes: {out}");
+    }
+}
+
+#[test]
+fn a_user_nsm_guest_talks_to_a_kernel_nsm_guest() {
+    if !root_or_skip("user to kernel NSM") {
+        return;
+    }
+    let (user, nsm) = user_nsm_config("colocate = false");
+    let toml = format!("{user}\n[[nsm]]\nname = \"kernel\"\n\n[[tenant]]\nname = \"k\"\nnsm = \"kernel\"\n");
+    let engine = TestEngine::with_config(&toml);
+    let python = require("python3");
+    let port = free_port();
+    // An echo server, a guest of the kernel NSM (in the host's namespace).
+    let script = format!(
+        "import socket\nl=socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         l.bind(('0.0.0.0',{port})); l.listen()\nprint('ready', flush=True)\n\
+         while True:\n    c,_=l.accept(); d=b''\n    while not d.endswith(b'\\n'): d+=c.recv(100)\n    c.sendall(b'echo '+d); c.close()\n"
+    );
+    let mut c = Command::new(NETKERNEL);
+    c.args(["run", "--socket", engine.socket.to_str().unwrap(), "--tenant", "k", "--"]);
+    c.args([python.to_str().unwrap(), "-c", &script]);
+    c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
+    let mut server = Killed(c.spawn().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(server.0.stdout.take().unwrap()), &mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    // The user NSM's guest reaches it through the host, at the gateway.
+    let gw = gateway(nsm);
+    let client = format!(
+        "import socket\ns=socket.create_connection(('{gw}',{port}), timeout=10)\ns.sendall(b'from the user stack\\n')\n\
+         print(s.recv(100).decode().strip())\n"
+    );
+    let out = run_ok(engine.run(python.to_str().unwrap(), &["-c", &client]));
+    assert_eq!(out.trim(), "echo from the user stack");
+    let nsms = engine.ctl("nsms");
+    let by_name = |n: &str| nsms.as_array().unwrap().iter().find(|x| x["name"] == n).cloned().unwrap();
+    assert!(by_name("user")["conns_total"].as_u64().unwrap() >= 1, "{nsms}");
+    assert!(by_name("kernel")["conns_total"].as_u64().unwrap() >= 1, "{nsms}");
+}
