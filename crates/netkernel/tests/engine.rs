@@ -109,25 +109,7 @@ fn ctl_reports_status_tenants_nsms_and_conns() {
 
 #[test]
 fn idle_engine_nsm_and_guest_use_under_one_percent_cpu() {
-    let engine = TestEngine::start();
-    // A guest with a listener, a connection, and a thread blocked in accept and one in recv.
-    let script = "import socket,threading,sys\nl=socket.socket();l.bind(('127.0.0.1',0));l.listen()\nc=socket.create_connection(l.getsockname())\ns,_=l.accept()\nthreading.Thread(target=l.accept,daemon=True).start()\nthreading.Thread(target=s.recv,args=(10,),daemon=True).start()\nprint('ready',flush=True)\nsys.stdin.read()\n";
-    let mut child = engine.python_ready(script);
-    std::thread::sleep(Duration::from_millis(500));
-    let nsm_pid = engine.nsm()["pid"].as_u64().unwrap() as u32;
-    let pids = [engine.pid(), nsm_pid, child.id()];
-    let before: u64 = pids.iter().map(|&p| cpu_ticks(p)).sum();
-    let start = Instant::now();
-    std::thread::sleep(Duration::from_secs(10));
-    let after: u64 = pids.iter().map(|&p| cpu_ticks(p)).sum();
-    // SAFETY: sysconf is always safe.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let cpu = (after - before) as f64 / hz;
-    let share = cpu / start.elapsed().as_secs_f64();
-    eprintln!("idle CPU over 10 s: {cpu:.3} s ({:.2}% of a core)", share * 100.0);
-    assert!(share < 0.01, "idle NetKernel used {:.2}% of a core", share * 100.0);
-    drop(child.stdin.take());
-    child.wait().unwrap();
+    assert_idle_under_one_percent(&TestEngine::start());
 }
 
 /// A python guest with a connection to itself, blocked in recv on it once it has printed "ready";

@@ -264,3 +264,76 @@ fn a_user_nsm_guest_talks_to_a_kernel_nsm_guest() {
     assert!(by_name("user")["conns_total"].as_u64().unwrap() >= 1, "{nsms}");
     assert!(by_name("kernel")["conns_total"].as_u64().unwrap() >= 1, "{nsms}");
 }
+
+#[test]
+fn an_idle_engine_user_nsm_and_guest_use_under_one_percent_of_a_core() {
+    if root_or_skip("the idle test") {
+        assert_idle_under_one_percent(&engine("colocate = false").0);
+    }
+}
+
+/// A guest echo server holds 10,000 connections from a native client at once, all open until
+/// every one has echoed its byte.
+#[test]
+fn ten_thousand_concurrent_connections_through_one_user_nsm() {
+    if !root_or_skip("10,000 connections") {
+        return;
+    }
+    const N: usize = 10_000;
+    let (engine, nsm) = engine("colocate = false");
+    let python = require("python3");
+    let port = free_port();
+    let server = format!(
+        "import resource, selectors, socket\n\
+         resource.setrlimit(resource.RLIMIT_NOFILE, (20000, 20000))\n\
+         l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         l.bind(('0.0.0.0', {port})); l.listen(4096); l.setblocking(False)\n\
+         sel = selectors.DefaultSelector(); sel.register(l, selectors.EVENT_READ)\n\
+         print('ready', flush=True)\n\
+         while True:\n\
+         \x20   for key, _ in sel.select():\n\
+         \x20       if key.fileobj is l:\n\
+         \x20           while True:\n\
+         \x20               try: c, _ = l.accept()\n\
+         \x20               except BlockingIOError: break\n\
+         \x20               c.setblocking(False); sel.register(c, selectors.EVENT_READ)\n\
+         \x20       else:\n\
+         \x20           d = key.fileobj.recv(16)\n\
+         \x20           if d: key.fileobj.send(d)\n\
+         \x20           else: sel.unregister(key.fileobj); key.fileobj.close()\n"
+    );
+    let mut c = engine.run(python.to_str().unwrap(), &["-c", &server]);
+    c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+    let mut server = Killed(c.spawn().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(server.0.stdout.take().unwrap()), &mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    let client = format!(
+        "import resource, selectors, socket, time\n\
+         resource.setrlimit(resource.RLIMIT_NOFILE, (20000, 20000))\n\
+         socks = []\n\
+         for i in range({N}):\n\
+         \x20   s = socket.socket(); s.setblocking(False)\n\
+         \x20   s.connect_ex(('{nsm}', {port})); socks.append(s)\n\
+         \x20   if i % 500 == 499: time.sleep(0.05)\n\
+         sel = selectors.DefaultSelector()\n\
+         for s in socks: sel.register(s, selectors.EVENT_WRITE)\n\
+         pending, echoed, deadline = set(socks), 0, time.time() + 120\n\
+         while pending and time.time() < deadline:\n\
+         \x20   for key, ev in sel.select(1):\n\
+         \x20       s = key.fileobj\n\
+         \x20       if ev & selectors.EVENT_WRITE:\n\
+         \x20           s.send(b'x'); sel.modify(s, selectors.EVENT_READ)\n\
+         \x20       elif s.recv(16) == b'x':\n\
+         \x20           echoed += 1; pending.discard(s); sel.unregister(s)\n\
+         print(echoed, sum(1 for s in socks if s.fileno() >= 0))\n"
+    );
+    let start = Instant::now();
+    let out = run_ok({
+        let mut c = Command::new(&python);
+        c.args(["-c", &client]);
+        c
+    });
+    eprintln!("{N} connections through the user NSM, each echoing a byte, in {:?}", start.elapsed());
+    assert_eq!(out.trim(), format!("{N} {N}"), "echoed, still open");
+}

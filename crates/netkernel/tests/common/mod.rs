@@ -275,3 +275,25 @@ pub fn user_nsm_config(extra: &str) -> (String, std::net::Ipv4Addr) {
     );
     (toml, std::net::Ipv4Addr::new(10, 78, subnet, 2))
 }
+
+/// An idle engine, its first NSM and a guest holding a listener and a connection, with a thread
+/// blocked in accept and one in recv, together use under 1% of a core over 10 s.
+pub fn assert_idle_under_one_percent(engine: &TestEngine) {
+    let script = "import socket,threading,sys\nl=socket.socket();l.bind(('127.0.0.1',0));l.listen()\nc=socket.create_connection(l.getsockname())\ns,_=l.accept()\nthreading.Thread(target=l.accept,daemon=True).start()\nthreading.Thread(target=s.recv,args=(10,),daemon=True).start()\nprint('ready',flush=True)\nsys.stdin.read()\n";
+    let mut child = engine.python_ready(script);
+    std::thread::sleep(Duration::from_millis(500));
+    let nsm_pid = engine.nsm()["pid"].as_u64().unwrap() as u32;
+    let pids = [engine.pid(), nsm_pid, child.id()];
+    let before: u64 = pids.iter().map(|&p| cpu_ticks(p)).sum();
+    let start = Instant::now();
+    std::thread::sleep(Duration::from_secs(10));
+    let after: u64 = pids.iter().map(|&p| cpu_ticks(p)).sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let cpu = (after - before) as f64 / hz;
+    let share = cpu / start.elapsed().as_secs_f64();
+    eprintln!("idle CPU over 10 s: {cpu:.3} s ({:.2}% of a core)", share * 100.0);
+    assert!(share < 0.01, "idle NetKernel used {:.2}% of a core", share * 100.0);
+    drop(child.stdin.take());
+    child.wait().unwrap();
+}
