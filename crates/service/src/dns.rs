@@ -10,8 +10,8 @@
 //!
 //! A reply comes from the network, so from anyone who can guess a port: [`decode_response`]
 //! never panics, never loops (a compression pointer must point backwards, so every jump lands
-//! strictly earlier in the message) and allocates no more than a small multiple of the reply's
-//! size. It is public (not `pub(crate)`) so that the fuzz target and the user NSM's crate can
+//! strictly earlier in the message) and allocates in proportion to the reply (about 25 times
+//! its size at worst, a record of 12 bytes being kept with its decoded name). It is public (not `pub(crate)`) so that the fuzz target and the user NSM's crate can
 //! reach it.
 
 use std::fmt;
@@ -128,7 +128,7 @@ pub enum Malformed {
     QuestionCount(u16),
     /// A record of `rtype` whose data is `len` bytes where its type needs another size.
     RdLength { rtype: u16, len: u16 },
-    /// More CNAME hops than [`MAX_CNAMES`], or a CNAME loop.
+    /// More than 16 CNAME hops, or a CNAME loop.
     CnameChain,
 }
 
