@@ -951,6 +951,27 @@ mod tests {
     }
 
     #[test]
+    fn ptr_through_a_classless_delegation_cname() {
+        // RFC 2317: the PTR lives under a sub-zone the reverse name is an alias into. Its labels
+        // often hold '/', which no host name has: the chain is still followed (names compare in
+        // wire form), only the canonical name is not given.
+        let q = reverse_name(v4("192.0.2.5"));
+        for (target, canonical) in [("5.0-25.2.0.192.in-addr.arpa", true), ("5.0/25.2.0.192.in-addr.arpa", false)] {
+            let m = reply(
+                ID,
+                OK,
+                &q,
+                12,
+                &[rr(&Q, 5, 10, &wire(target)), rr(&wire(target), 12, 20, &wire("mail.example"))],
+            );
+            let a = decode_response(ID, &q, QType::Ptr, &m).unwrap();
+            assert_eq!(a.names, vec!["mail.example"]);
+            assert_eq!(a.canonical.as_deref(), canonical.then_some(target));
+            assert_eq!(a.ttl, 10);
+        }
+    }
+
+    #[test]
     fn server_errors() {
         let with = |rcode: u16| reply(ID, OK | rcode, "x.test", 1, &[]);
         let d = |m: &[u8]| decode_response(ID, "x.test", QType::A, m);
