@@ -14,6 +14,7 @@ mod cmsg;
 mod colocated;
 pub mod control;
 mod core;
+pub mod dns;
 mod exec;
 #[cfg(test)]
 mod fake;
