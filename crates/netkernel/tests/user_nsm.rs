@@ -30,7 +30,14 @@ fn gateway(nsm: Ipv4Addr) -> Ipv4Addr {
 struct Killed(Child);
 
 impl Drop for Killed {
+    /// SIGTERM first, so that a master (nginx) takes its workers down with it.
     fn drop(&mut self) {
+        // SAFETY: signalling our own child; no pointers.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.0.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
