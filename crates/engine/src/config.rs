@@ -47,6 +47,9 @@ pub struct NsmConfig {
     /// The host's IPv6 address on the link.
     #[serde(default)]
     pub gateway6: Option<Spanned<String>>,
+    /// Where a user NSM sends its guests' DNS queries (default: /etc/resolv.conf's nameservers).
+    #[serde(default)]
+    pub nameservers: Option<Spanned<Vec<String>>>,
     /// TCP congestion control for every connection of this NSM (e.g. "cubic", "bbr").
     #[serde(default)]
     pub congestion: Option<Spanned<String>>,
@@ -116,7 +119,14 @@ impl NsmConfig {
                 .unwrap_or((at, "nsm"));
             (span, field, e.0)
         })?;
-        Ok(crate::link::UserLink { medium, config })
+        let mut nameservers = Vec::new();
+        for s in self.nameservers.iter().flat_map(|v| v.get_ref()) {
+            let ns = self.nameservers.as_ref().expect("iterating it");
+            let ip =
+                s.parse().map_err(|_| (ns.span().start, "nsm.nameservers", format!("{s:?} is not an IP address")))?;
+            nameservers.push(ip);
+        }
+        Ok(crate::link::UserLink { medium, config, nameservers })
     }
 }
 
@@ -247,6 +257,7 @@ impl Config {
                 name: spanned("kernel".into()),
                 kind: "kernel".into(),
                 link: None,
+                nameservers: None,
                 address: None,
                 address6: None,
                 gateway: None,
@@ -321,6 +332,10 @@ impl Config {
             }
             match n.kind.as_str() {
                 "kernel" => {
+                    if let Some(ns) = &n.nameservers {
+                        let msg = "only a kind = \"user\" NSM resolves through its own stack; a kernel NSM uses its namespace's resolv.conf";
+                        return Err(invalid(ns.span().start, "nsm.nameservers", msg.into()));
+                    }
                     let user_only = [("nsm.link", &n.link), ("nsm.address", &n.address), ("nsm.address6", &n.address6)];
                     let user_only =
                         user_only.into_iter().chain([("nsm.gateway", &n.gateway), ("nsm.gateway6", &n.gateway6)]);

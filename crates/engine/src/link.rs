@@ -24,6 +24,8 @@ pub struct UserLink {
     pub medium: Medium,
     /// Addresses, gateways and congestion control, as the user stack checked them.
     pub config: UserConfig,
+    /// Where its DNS queries go (empty: /etc/resolv.conf's nameservers).
+    pub nameservers: Vec<std::net::IpAddr>,
 }
 
 /// The device fd the NSM gets, as `--device-fd`.
@@ -51,6 +53,9 @@ impl UserLink {
         }
         if let Some(g) = c.gateway6 {
             v.extend(["--gateway6".into(), g.to_string()]);
+        }
+        for ns in &self.nameservers {
+            v.extend(["--nameserver".into(), ns.to_string()]);
         }
         v
     }

@@ -442,6 +442,9 @@ struct UserNsmArgs {
     address6: Option<String>,
     #[arg(long)]
     gateway6: Option<String>,
+    /// Where DNS queries go (repeatable; default: /etc/resolv.conf's nameservers).
+    #[arg(long = "nameserver")]
+    nameservers: Vec<std::net::IpAddr>,
 }
 
 impl UserNsmArgs {
@@ -480,9 +483,11 @@ fn nsm(
     let hosts = hosts.iter().filter_map(|h| h.split_once('=')).map(|(n, a)| (n.to_string(), a.to_string())).collect();
     let r = match kind {
         "kernel" => netkernel_nsm_kernel::KernelStack::new(congestion)
-            .and_then(|stack| serve_nsm(stack, &name, control_fd, hosts, listen)),
+            .and_then(|stack| serve_nsm(stack, &name, control_fd, hosts, listen, Vec::new())),
         "user" => {
-            user.stack(congestion.as_deref()).and_then(|stack| serve_nsm(stack, &name, control_fd, hosts, listen))
+            let nameservers = user.nameservers.clone();
+            user.stack(congestion.as_deref())
+                .and_then(|stack| serve_nsm(stack, &name, control_fd, hosts, listen, nameservers))
         }
         other => Err(format!("unknown NSM kind {other:?} (known: kernel, user)")),
     };
@@ -499,13 +504,16 @@ fn serve_nsm<S: netkernel_service::Stack>(
     control_fd: i32,
     hosts: HashMap<String, String>,
     listen: Option<PathBuf>,
+    nameservers: Vec<std::net::IpAddr>,
 ) -> Result<(), String> {
     // SAFETY: the engine passed this fd to us at exec and nothing else owns it.
     let control = unsafe { OwnedFd::from_raw_fd(control_fd) };
     // SAFETY: setting FD_CLOEXEC on our own fd; no pointers.
     unsafe { libc::fcntl(control_fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-    let mut svc =
-        netkernel_service::Service::new(stack, name.to_string(), control).map_err(|e| e.to_string())?.with_hosts(hosts);
+    let mut svc = netkernel_service::Service::new(stack, name.to_string(), control)
+        .map_err(|e| e.to_string())?
+        .with_hosts(hosts)
+        .with_nameservers(nameservers);
     if let Some(path) = listen {
         // A socket left by this NSM's predecessor (which is gone: the engine starts one NSM per
         // name) is replaced.

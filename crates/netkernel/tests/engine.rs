@@ -5,7 +5,7 @@ mod common;
 use common::*;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 #[test]
 fn bad_config_exits_naming_file_line_and_field() {

@@ -344,3 +344,59 @@ fn ten_thousand_concurrent_connections_through_one_user_nsm() {
     eprintln!("{N} connections through the user NSM, each echoing a byte, in {:?}", start.elapsed());
     assert_eq!(out.trim(), format!("{N} {N}"), "echoed, still open");
 }
+
+/// A DNS server for the test, on the host's end of the link: A records for `*.example.test`
+/// (the gateway's address), no AAAA, NXDOMAIN for anything else; it prints each question.
+const DNS_SERVER: &str = r#"
+import socket, struct, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((sys.argv[1], 53))
+print('ready', flush=True)
+while True:
+    q, peer = s.recvfrom(512)
+    qid, flags = struct.unpack('!HH', q[:4])
+    i, labels = 12, []
+    while q[i]:
+        labels.append(q[i+1:i+1+q[i]].decode()); i += 1 + q[i]
+    qtype = struct.unpack('!H', q[i+1:i+3])[0]
+    question = q[12:i+5]
+    name = '.'.join(labels).lower()
+    print(name, qtype, flush=True)
+    ok = name.endswith('.example.test')
+    answers = b''
+    if ok and qtype == 1:
+        answers = b'\xc0\x0c' + struct.pack('!HHIH', 1, 1, 60, 4) + socket.inet_aton(sys.argv[1])
+    rcode = 0 if ok else 3
+    head = struct.pack('!HHHHHH', qid, 0x8180 | rcode, 1, 1 if answers else 0, 0, 0)
+    s.sendto(head + question + answers, peer)
+"#;
+
+#[test]
+fn names_resolve_through_the_user_stack_from_hosts_and_dns() {
+    if !root_or_skip("DNS through the user stack") {
+        return;
+    }
+    let (engine, nsm) =
+        engine("colocate = false\nnameservers = [\"{gateway}\"]\nhosts = { \"configured.name\" = \"10.9.8.7\" }");
+    let gw = gateway(nsm);
+    let python = require("python3");
+    let mut dns = Command::new(&python);
+    dns.args(["-c", DNS_SERVER, &gw.to_string()]).stdout(Stdio::piped()).stderr(Stdio::inherit());
+    let mut dns = Killed(dns.spawn().unwrap());
+    let mut questions = std::io::BufReader::new(dns.0.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut questions, &mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    let script = "import socket\n\
+        print(sorted({a[4][0] for a in socket.getaddrinfo('www.example.test', 80, type=socket.SOCK_STREAM)}))\n\
+        print(socket.getaddrinfo('configured.name', 'http', socket.AF_INET, socket.SOCK_STREAM)[0][4])\n\
+        try:\n    socket.getaddrinfo('nothing.invalid', 80)\nexcept socket.gaierror as e:\n    print('gaierror', e.errno == socket.EAI_NONAME)\n";
+    let out = run_ok(engine.run(python.to_str().unwrap(), &["-c", script]));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines, [format!("['{gw}']").as_str(), "('10.9.8.7', 80)", "gaierror True"], "{out}");
+    // The server saw the questions: both families for www, and none for the configured name.
+    drop(dns);
+    let mut asked = String::new();
+    std::io::Read::read_to_string(&mut questions, &mut asked).unwrap();
+    assert!(asked.contains("www.example.test 1") && asked.contains("www.example.test 28"), "{asked}");
+    assert!(!asked.contains("configured.name"), "{asked}");
+}

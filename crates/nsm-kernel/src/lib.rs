@@ -308,6 +308,11 @@ impl Stack for KernelStack {
         p.revents as u16 as u32
     }
 
+    /// The kernel's sockets and the system resolver share the NSM's namespace.
+    fn system_resolver(&self) -> bool {
+        true
+    }
+
     /// Loopback, or an address of an interface of the NSM's network namespace.
     fn is_local(&mut self, ip: IpAddr) -> bool {
         let ip = match ip {

@@ -131,6 +131,11 @@ impl Stack for UserStack {
         }
     }
 
+    /// The NSM's namespace has nothing in it: names are resolved through this stack.
+    fn system_resolver(&self) -> bool {
+        false
+    }
+
     fn is_local(&mut self, ip: std::net::IpAddr) -> bool {
         let ip = match ip {
             std::net::IpAddr::V6(a) => a.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(std::net::IpAddr::V6(a)),

@@ -6,6 +6,7 @@
 
 use crate::control::NsmStats;
 use crate::exec::{execute, settles, tenant, OVERFLOW};
+use crate::lookup::{StackResolver, TOK_DNS};
 use crate::sock::{close_slot, complete, publish, retire, Attachment, ListenerRef, Sock};
 use crate::stack::{Ready, Stack};
 use crate::{ratelimit, resolve, telemetry};
@@ -96,6 +97,8 @@ pub(crate) struct Core<S: Stack> {
     pub ended: Vec<Attachment<S::Handle>>,
     /// Outbox: lookups for the driver to hand to resolver threads.
     pub lookups: Vec<Lookup>,
+    /// For a stack without a system resolver: DNS through the stack itself.
+    pub resolver: Option<StackResolver<S::Handle>>,
 }
 
 impl<S: Stack> Core<S> {
@@ -125,6 +128,7 @@ impl<S: Stack> Core<S> {
             now: Instant::now(),
             ended: Vec::new(),
             lookups: Vec::new(),
+            resolver: None,
         }
     }
 
@@ -316,6 +320,12 @@ impl<S: Stack> Core<S> {
                 .to_vec();
                 resolve::Query::parse(&bytes, family, socktype, flags)
             };
+            if let (Some(q), Some(r)) = (&parsed, self.resolver.as_mut()) {
+                // Through the stack: completed when the replies come.
+                let region = a.region.clone();
+                r.start(&mut self.stack, &self.hosts, region, idx, query.off(), query.len(), q.clone(), self.now);
+                return Ok(());
+            }
             if let Some(q) = parsed {
                 // Completed by a resolver thread the driver starts.
                 self.lookups.push(Lookup {
@@ -374,6 +384,10 @@ impl<S: Stack> Core<S> {
     pub(crate) fn poll_stack(&mut self, woken: bool) -> bool {
         let mut ready = std::mem::take(&mut self.ready);
         self.stack_deadline = self.stack.poll(self.now, woken, &mut ready);
+        if let Some(r) = self.resolver.as_mut() {
+            r.poll(&mut self.stack, self.now);
+            self.stack_deadline = [self.stack_deadline, r.deadline()].into_iter().flatten().min();
+        }
         let any = !ready.is_empty();
         for r in ready.drain(..) {
             self.on_ready(r.key, r.events);
@@ -416,6 +430,10 @@ impl<S: Stack> Core<S> {
             publish(a, slot, mask, true);
             if exhausted {
                 self.hold_back(ai, slot);
+            }
+        } else if key == TOK_DNS {
+            if let Some(r) = self.resolver.as_mut() {
+                r.on_ready(&mut self.stack, self.now);
             }
         } else if key & TOK_LINGER == TOK_LINGER && key != TOK_CONTROL {
             let i = slot as usize;

@@ -181,6 +181,9 @@ impl Stack for FakeStack {
             self.socks[p].eof = true;
         }
     }
+    fn system_resolver(&self) -> bool {
+        true
+    }
     fn is_local(&mut self, ip: std::net::IpAddr) -> bool {
         ip.is_loopback()
     }

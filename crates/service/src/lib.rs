@@ -19,6 +19,7 @@ mod exec;
 #[cfg(test)]
 mod fake;
 mod holders;
+mod lookup;
 mod policy;
 mod ratelimit;
 mod resolve;
@@ -91,15 +92,23 @@ impl<S: Stack> Service<S> {
         let epfd = unsafe { OwnedFd::from_raw_fd(ep) };
         epoll_ctl(epfd.as_raw_fd(), libc::EPOLL_CTL_ADD, control.as_raw_fd(), libc::EPOLLIN as u32, TOK_CONTROL)?;
         epoll_ctl(epfd.as_raw_fd(), libc::EPOLL_CTL_ADD, stack.wait_fd().as_raw_fd(), libc::EPOLLIN as u32, TOK_STACK)?;
-        Ok(Service {
-            core: Core::new(stack, name, Limits::of_host()),
-            epfd,
-            control,
-            orphaned: false,
-            rendezvous: None,
-            reaper: None,
-            stopping: false,
-        })
+        let mut core = Core::new(stack, name, Limits::of_host());
+        if !core.stack.system_resolver() {
+            let conf = dns::parse_resolv_conf(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default());
+            let seed =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.subsec_nanos());
+            core.resolver = Some(lookup::StackResolver::new(conf, seed as u16));
+        }
+        Ok(Service { core, epfd, control, orphaned: false, rendezvous: None, reaper: None, stopping: false })
+    }
+
+    /// The nameservers a stack without a system resolver sends its DNS queries to, instead of
+    /// /etc/resolv.conf's.
+    pub fn with_nameservers(mut self, servers: Vec<std::net::IpAddr>) -> Self {
+        if let (Some(r), false) = (self.core.resolver.as_mut(), servers.is_empty()) {
+            r.set_nameservers(servers);
+        }
+        self
     }
 
     /// Static host entries (name to address) this NSM answers Op::Resolve with.

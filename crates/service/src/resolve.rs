@@ -15,6 +15,7 @@ use std::sync::Arc;
 const PASSED_FLAGS: i32 = libc::AI_ADDRCONFIG | libc::AI_V4MAPPED | libc::AI_ALL | libc::AI_NUMERICSERV;
 
 /// What a guest asked: node, service and hints, copied out of its region.
+#[derive(Clone)]
 pub(crate) struct Query {
     pub node: String,
     pub service: Option<String>,
@@ -85,11 +86,8 @@ pub(crate) fn resolve(hosts: &HashMap<String, String>, q: &Query) -> Result<Vec<
 /// system resolver (getnameinfo with NI_NAMEREQD, so an address without a name is EAI_NONAME).
 pub(crate) fn reverse(hosts: &HashMap<String, String>, q: &Query) -> Result<String, i32> {
     let ip: std::net::IpAddr = q.node.parse().map_err(|_| libc::EAI_NONAME)?;
-    let mut names: Vec<&String> =
-        hosts.iter().filter(|(_, a)| a.parse::<std::net::IpAddr>().ok() == Some(ip)).map(|(n, _)| n).collect();
-    names.sort();
-    if let Some(n) = names.first() {
-        return Ok(n.to_string());
+    if let Some(n) = reverse_from_hosts(hosts, q) {
+        return Ok(n);
     }
     let sa = sockaddr_of(ip);
     let mut host = [0 as libc::c_char; 1025];
@@ -110,6 +108,12 @@ pub(crate) fn reverse(hosts: &HashMap<String, String>, q: &Query) -> Result<Stri
     }
     // SAFETY: getnameinfo wrote a NUL-terminated name.
     Ok(unsafe { std::ffi::CStr::from_ptr(host.as_ptr()) }.to_string_lossy().into_owned())
+}
+
+/// The configured name of numeric address `q.node`: the first in order, when several share it.
+pub(crate) fn reverse_from_hosts(hosts: &HashMap<String, String>, q: &Query) -> Option<String> {
+    let ip: std::net::IpAddr = q.node.parse().ok()?;
+    hosts.iter().filter(|(_, a)| a.parse::<std::net::IpAddr>().ok() == Some(ip)).map(|(n, _)| n).min().cloned()
 }
 
 /// A sockaddr for `ip` (port 0), as bytes and length.
@@ -141,43 +145,53 @@ pub(crate) fn spawn(
 ) {
     std::thread::spawn(move || {
         let result = if q.flags as u32 & RESOLVE_REVERSE != 0 {
-            match reverse(&hosts, &q) {
-                Ok(name) => {
-                    let n = name.len().min(buf_len as usize);
-                    if n > 0 {
-                        let dst = region.pool_ptr(buf_off, n as u32);
-                        // SAFETY: dst covers n bytes inside the pool (checked by pool_ptr).
-                        unsafe { std::ptr::copy_nonoverlapping(name.as_ptr(), dst, n) };
-                    }
-                    n as i64
-                }
-                Err(eai) => RESOLVE_EAI_BASE + eai as i64,
-            }
+            reverse(&hosts, &q).map(Resolved::Name)
         } else {
-            match resolve(&hosts, &q) {
-                Ok(entries) => {
-                    let fit = entries.len().min(buf_len as usize / RESOLVED_SIZE);
-                    if fit > 0 {
-                        let dst = region.pool_ptr(buf_off, (fit * RESOLVED_SIZE) as u32);
-                        for (i, e) in entries.iter().take(fit).enumerate() {
-                            // SAFETY: dst covers fit entries inside the pool (checked by pool_ptr).
-                            unsafe {
-                                std::ptr::copy_nonoverlapping(e.as_ptr(), dst.add(i * RESOLVED_SIZE), RESOLVED_SIZE)
-                            };
-                        }
-                    }
-                    fit as i64
-                }
-                Err(eai) => RESOLVE_EAI_BASE + eai as i64,
-            }
+            resolve(&hosts, &q).map(Resolved::Entries)
         };
-        // SAFETY: nqe idx is in bounds; the guest reads result only after DONE.
-        unsafe { std::ptr::write_volatile(&mut (*region.nqe(idx)).result, result) };
-        let old = region.nqe_state(idx).swap(nqe_state::DONE, Ordering::AcqRel);
-        if old & nqe_state::WAITER != 0 {
-            sys::futex_wake(region.nqe_state(idx));
-        }
+        complete(&region, idx, buf_off, buf_len, result);
     });
+}
+
+/// What a lookup found: getaddrinfo's entries, or getnameinfo's name.
+pub(crate) enum Resolved {
+    Entries(Vec<[u8; RESOLVED_SIZE]>),
+    Name(String),
+}
+
+/// Writes a lookup's answer (as many entries, or as much of the name, as the guest's buffer
+/// `[buf_off, +buf_len)` holds) or its EAI_* code, and completes nqe `idx`.
+pub(crate) fn complete(region: &Region, idx: u32, buf_off: u64, buf_len: u32, r: Result<Resolved, i32>) {
+    let result = match r {
+        Ok(Resolved::Name(name)) => {
+            let n = name.len().min(buf_len as usize);
+            if n > 0 {
+                let dst = region.pool_ptr(buf_off, n as u32);
+                // SAFETY: pool_ptr checked that dst covers n bytes inside the pool.
+                unsafe { std::ptr::copy_nonoverlapping(name.as_ptr(), dst, n) };
+            }
+            n as i64
+        }
+        Ok(Resolved::Entries(entries)) => {
+            let fit = entries.len().min(buf_len as usize / RESOLVED_SIZE);
+            if fit > 0 {
+                let dst = region.pool_ptr(buf_off, (fit * RESOLVED_SIZE) as u32);
+                for (i, e) in entries.iter().take(fit).enumerate() {
+                    // SAFETY: pool_ptr checked that dst covers `fit` entries inside the pool.
+                    unsafe { std::ptr::copy_nonoverlapping(e.as_ptr(), dst.add(i * RESOLVED_SIZE), RESOLVED_SIZE) };
+                }
+            }
+            fit as i64
+        }
+        Err(eai) => RESOLVE_EAI_BASE + eai as i64,
+    };
+    // SAFETY: nqe idx is in bounds; the guest reads result only after DONE, which the swap
+    // below orders after this write.
+    unsafe { std::ptr::write_volatile(&mut (*region.nqe(idx)).result, result) };
+    let old = region.nqe_state(idx).swap(nqe_state::DONE, Ordering::AcqRel);
+    if old & nqe_state::WAITER != 0 {
+        sys::futex_wake(region.nqe_state(idx));
+    }
 }
 
 #[cfg(test)]

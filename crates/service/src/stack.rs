@@ -108,6 +108,9 @@ pub trait Stack {
     fn close(&mut self, s: Self::Handle) {
         drop(s);
     }
+    /// Whether the NSM's system resolver (getaddrinfo in its namespace) reaches the network this
+    /// stack serves; if not, ServiceLib resolves names with DNS queries through the stack.
+    fn system_resolver(&self) -> bool;
     /// Whether `ip` (IPv4 also as v4-mapped IPv6) is one of the stack's own addresses or
     /// loopback: where a connection to a wildcard listener of this stack stays.
     fn is_local(&mut self, ip: std::net::IpAddr) -> bool;

@@ -264,11 +264,13 @@ pub fn descendants(pid: u32) -> Vec<u32> {
 
 /// A configuration with one user NSM (`kind = "user"`, a TAP link) serving the default tenant,
 /// on a subnet of its own (tests run engines side by side, each with its TAP on the host): the
-/// TOML and the NSM's address. `extra` goes into the NSM's section.
+/// TOML and the NSM's address. `extra` goes into the NSM's section, with `{gateway}` replaced by
+/// the host's address on the link.
 pub fn user_nsm_config(extra: &str) -> (String, std::net::Ipv4Addr) {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let subnet = ((std::process::id() * 7 + n) % 250) as u8;
+    let extra = extra.replace("{gateway}", &format!("10.78.{subnet}.1"));
     let toml = format!(
         "[[nsm]]\nname = \"user\"\nkind = \"user\"\naddress = \"10.78.{subnet}.2/24\"\ngateway = \"10.78.{subnet}.1\"\n{extra}\n\n\
          [[tenant]]\nname = \"default\"\nnsm = \"user\"\n"
