@@ -32,7 +32,7 @@ const PEER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One NSM per NetKernel mode, so that each mode is charged its own NSM's CPU, and a tenant of
 /// the same name on each. Tenants admit any uid: the bench runs as whoever starts it.
-pub(crate) const ENGINE_CONFIG: &str = r#"# written by `netkernel bench`
+const ENGINE_CONFIG: &str = r#"# written by `netkernel bench`
 [[nsm]]
 name = "kernel"
 colocate = false   # every byte through the NSM's kernel TCP, even between two of its guests
@@ -48,6 +48,30 @@ nsm = "kernel"
 name = "colocated"
 nsm = "colocated"
 "#;
+
+/// The bench engine's configuration: [`ENGINE_CONFIG`], and as root a user NSM too (its TAP
+/// device needs root), on a subnet of its own for this run.
+pub(crate) fn engine_config() -> String {
+    if !user_mode() {
+        return ENGINE_CONFIG.into();
+    }
+    let subnet = std::process::id() % 250;
+    format!(
+        "{ENGINE_CONFIG}\n[[nsm]]\nname = \"user\"   # smoltcp in the NSM process, on a TAP device\nkind = \"user\"\n\
+         address = \"10.79.{subnet}.2/24\"\ngateway = \"10.79.{subnet}.1\"\ncolocate = false\n\n\
+         [[tenant]]\nname = \"user\"\nnsm = \"user\"\n"
+    )
+}
+
+fn user_mode() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The modes this run measures: all but the user NSM's without root.
+fn modes() -> Vec<Mode> {
+    MODES.into_iter().filter(|m| *m != Mode::User || user_mode()).collect()
+}
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -112,10 +136,11 @@ enum Mode {
     Native,
     Kernel,
     Colocated,
+    User,
     Unix,
 }
 
-const MODES: [Mode; 4] = [Mode::Native, Mode::Kernel, Mode::Colocated, Mode::Unix];
+const MODES: [Mode; 5] = [Mode::Native, Mode::Kernel, Mode::Colocated, Mode::User, Mode::Unix];
 
 impl Mode {
     fn key(self) -> &'static str {
@@ -123,6 +148,7 @@ impl Mode {
             Mode::Native => "native",
             Mode::Kernel => "nk_kernel",
             Mode::Colocated => "nk_colocated",
+            Mode::User => "nk_user",
             Mode::Unix => "unix",
         }
     }
@@ -132,6 +158,7 @@ impl Mode {
             Mode::Native => "native TCP",
             Mode::Kernel => "NK kernel",
             Mode::Colocated => "NK coloc",
+            Mode::User => "NK user",
             Mode::Unix => "AF_UNIX",
         }
     }
@@ -142,6 +169,7 @@ impl Mode {
         match self {
             Mode::Kernel => Some("kernel"),
             Mode::Colocated => Some("colocated"),
+            Mode::User => Some("user"),
             Mode::Native | Mode::Unix => None,
         }
     }
@@ -457,15 +485,16 @@ fn run(o: &Opts) -> Result<Value, String> {
     // First, while nothing else of the bench runs: the queue needs both CPUs to itself.
     eprintln!("netkernel bench: nqe queue ...");
     let queue = queue::run(o.queue_bytes, o.queue_samples)?;
-    let engine = TempEngine::with_config(Some(ENGINE_CONFIG))?;
+    let engine = TempEngine::with_config(Some(&engine_config()))?;
     let mut nsms = Vec::new();
-    for name in MODES.iter().filter_map(|m| m.nsm()) {
+    for name in modes().iter().filter_map(|m| m.nsm()) {
         nsms.push((name.to_string(), nsm_pid(&engine, name)?));
     }
     let b = Bench { o, exe, lib, engine: &engine, nsms };
+    let measured = modes();
     let mut modes = Map::new();
     let mut idle_nsm_cpu = 0.0;
-    for mode in MODES {
+    for &mode in &measured {
         eprintln!("netkernel bench: {} ...", mode.label());
         let (v, idle) = b.mode(mode)?;
         if mode.nsm().is_none() {
@@ -481,7 +510,7 @@ fn run(o: &Opts) -> Result<Value, String> {
     let machine_s = wall * machine["nproc"].as_f64().unwrap_or(1.0);
     let native = &modes[Mode::Native.key()];
     let mut ratio = Map::new();
-    for mode in &MODES[1..] {
+    for mode in &measured[1..] {
         let m = &modes[mode.key()];
         let r: Map<String, Value> = METRICS
             .iter()
@@ -541,8 +570,9 @@ fn print_table(r: &Value) {
         pct("other_share"),
         pct("steal_share")
     );
+    let measured: Vec<Mode> = MODES[1..].iter().copied().filter(|m| !r["modes"][m.key()].is_null()).collect();
     print!("{:<24} {:>10}", "metric", Mode::Native.label());
-    for mode in &MODES[1..] {
+    for mode in &measured {
         print!(" {:>10} {:>7}", mode.label(), "ratio");
     }
     println!();
@@ -550,7 +580,7 @@ fn print_table(r: &Value) {
     for (k, label, dp) in METRICS {
         let v = |mode: Mode| modes[mode.key()][k].as_f64().unwrap_or(f64::NAN);
         print!("{label:<24} {:>10.dp$}", v(Mode::Native));
-        for mode in &MODES[1..] {
+        for mode in &measured {
             print!(" {:>10.dp$} {:>6.2}x", v(*mode), r["ratio"][mode.key()][k].as_f64().unwrap_or(f64::NAN));
         }
         println!();

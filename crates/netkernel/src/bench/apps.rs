@@ -185,7 +185,7 @@ fn side_rows(side: &Side, dir: &Path, requests: u32, seconds: u32) -> Result<Vec
 
 pub fn run(requests: u32, seconds: u32) -> Result<Value, String> {
     let lib = guestlib::find()?;
-    let engine = TempEngine::with_config(Some(super::ENGINE_CONFIG))?;
+    let engine = TempEngine::with_config(Some(&super::engine_config()))?;
     // The bench's engine has an NSM and a tenant of the same name per path.
     let nsm = |name: &str| -> Result<Value, String> {
         let v = netkernel_engine::request(engine.socket(), &EngineRequest::Nsms)?;
