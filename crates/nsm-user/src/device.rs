@@ -296,8 +296,8 @@ impl FdDevice {
     }
 }
 
-pub struct FdRx(Vec<u8>);
-pub struct FdTx<'a>(&'a mut FdDevice);
+pub struct FdRx(pub(crate) Vec<u8>);
+pub struct FdTx<'a>(pub(crate) &'a mut FdDevice);
 
 impl phy::RxToken for FdRx {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
@@ -350,8 +350,8 @@ pub struct LoopDevice {
     pub tx: VecDeque<Vec<u8>>,
 }
 
-pub struct LoopRx(Vec<u8>);
-pub struct LoopTx<'a>(&'a mut VecDeque<Vec<u8>>);
+pub struct LoopRx(pub(crate) Vec<u8>);
+pub struct LoopTx<'a>(pub(crate) &'a mut VecDeque<Vec<u8>>);
 
 impl phy::RxToken for LoopRx {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {

@@ -11,6 +11,7 @@ pub mod config;
 pub mod device;
 mod frame;
 mod opts;
+mod shard;
 // Kept byte for byte as ServiceLib has it, so the merge is a deletion.
 #[rustfmt::skip]
 pub mod seam;

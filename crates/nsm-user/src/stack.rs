@@ -2,12 +2,12 @@
 //! sets) and the poll loop. The socket calls are in `tcp.rs`, `udp.rs` and `opts.rs`.
 
 use std::cell::RefCell;
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::OwnedFd;
 use std::rc::Rc;
 
-use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::iface::{Config, Interface};
 use smoltcp::socket::tcp::{self, CongestionControl};
 use smoltcp::socket::udp;
 use smoltcp::time::Instant as SInstant;
@@ -17,6 +17,7 @@ use crate::config::{Link, UserConfig};
 use crate::device::{FdDevice, LoopDevice};
 use crate::frame::{self, Peek};
 use crate::seam::{Errno, Ready};
+use crate::shard::{shard_of, ExtPort, LoPort, Net, Sk, SHARD0};
 use crate::sockaddr::Family;
 use crate::table::{Index, Slab};
 
@@ -30,6 +31,9 @@ pub const LO: usize = 1;
 const RX_BATCH: usize = 256;
 /// Loopback rounds per poll (each delivers what the previous one sent).
 const LO_ROUNDS: usize = 64;
+
+/// How long a passive handshake may take (tcp_synack_retries = 5: 63 s).
+const SYNACK_TIMEOUT_S: u64 = 63;
 
 /// Linux's ephemeral port range (net.ipv4.ip_local_port_range).
 pub const EPHEMERAL: std::ops::RangeInclusive<u16> = 32768..=60999;
@@ -121,7 +125,7 @@ impl Default for Opts {
 #[derive(Debug)]
 pub struct Conn {
     pub ifx: usize,
-    pub h: SocketHandle,
+    pub h: Sk,
     pub local: SocketAddr,
     pub remote: SocketAddr,
     pub last: tcp::State,
@@ -142,15 +146,17 @@ pub struct Conn {
 #[derive(Debug)]
 pub struct Pending {
     pub ifx: usize,
-    pub h: SocketHandle,
+    pub h: Sk,
     /// The tuple of the SYN this socket was made for (for the index).
     pub tuple: (SocketAddr, SocketAddr),
+    /// The handshake completed (what is closed after that is still accepted, as on Linux).
+    pub established: bool,
 }
 
 #[derive(Debug)]
 pub struct UdpState {
     /// One smoltcp socket per interface: a datagram can arrive through either.
-    pub h: [Option<SocketHandle>; 2],
+    pub h: [Option<Sk>; 2],
     pub peer: Option<SocketAddr>,
     /// The local address a connect chose (getsockname of a socket bound to the wildcard).
     pub conn_local: Option<IpAddr>,
@@ -189,12 +195,6 @@ pub struct Sock {
     pub orphan: bool,
 }
 
-/// One smoltcp interface and its sockets.
-pub struct Net {
-    pub iface: Interface,
-    pub set: SocketSet<'static>,
-}
-
 pub struct UserStack {
     pub(crate) cfg: UserConfig,
     pub(crate) cc: CongestionControl,
@@ -208,10 +208,6 @@ pub struct UserStack {
     grave: Rc<RefCell<Vec<usize>>>,
     /// Sockets whose readiness may have changed since the last poll.
     pub(crate) dirty: HashSet<usize>,
-    /// Sockets a timer can change (handshakes, unacknowledged data, closing, keepalive): looked
-    /// at when a smoltcp deadline passed.
-    pub(crate) timed: HashSet<usize>,
-    next_timer: Option<std::time::Instant>,
     rng: u64,
     /// A datagram larger than the wire's MTU was queued: smoltcp sends one IPv4 fragment per
     /// egress pass, so the poll keeps passing until they are all out.
@@ -298,15 +294,13 @@ impl UserStack {
             cc,
             cc_name,
             epoch,
-            nets: [Net { iface: ext, set: SocketSet::new(vec![]) }, Net { iface: lo, set: SocketSet::new(vec![]) }],
+            nets: [Net::new(ext), Net::new(lo)],
             ext_dev,
             lo_dev,
             socks: Slab::default(),
             index: Index::default(),
             grave: Rc::new(RefCell::new(Vec::new())),
             dirty: HashSet::new(),
-            timed: HashSet::new(),
-            next_timer: None,
             rng: seed | 1,
             refreshed: 0,
             fragmenting: false,
@@ -423,8 +417,8 @@ impl UserStack {
         s
     }
 
-    pub(crate) fn tcp(&mut self, ifx: usize, h: SocketHandle) -> &mut tcp::Socket<'static> {
-        self.nets[ifx].set.get_mut::<tcp::Socket>(h)
+    pub(crate) fn tcp(&mut self, ifx: usize, h: Sk) -> &mut tcp::Socket<'static> {
+        self.nets[ifx].get_mut::<tcp::Socket>(h)
     }
 
     pub(crate) fn sock(&mut self, id: usize) -> Result<&mut Sock, Errno> {
@@ -467,7 +461,7 @@ impl UserStack {
             St::Udp(u) => {
                 for (ifx, h) in u.h.iter().enumerate() {
                     if let Some(h) = h {
-                        self.nets[ifx].set.remove(*h);
+                        self.nets[ifx].remove(*h);
                     }
                 }
                 self.free(id, bound);
@@ -476,7 +470,7 @@ impl UserStack {
                 let (ifx, h) = (c.ifx, c.h);
                 let sk = self.tcp(ifx, h);
                 if sk.state() == tcp::State::Closed && sk.local_endpoint().is_none() {
-                    self.nets[ifx].set.remove(h);
+                    self.nets[ifx].remove(h);
                     self.index.tuples.remove(&(frame::TCP, c.local, c.remote));
                     self.free(id, bound);
                     return;
@@ -486,10 +480,10 @@ impl UserStack {
                 } else {
                     sk.close();
                 }
+                self.nets[ifx].time(h, id);
                 let s = self.socks.get_mut(id).expect("checked above");
                 s.st = St::Tcp(c);
                 s.orphan = true;
-                self.timed.insert(id);
                 self.dirty.insert(id);
             }
         }
@@ -529,7 +523,8 @@ impl UserStack {
                     orphan: true,
                 };
                 let oid = self.socks.insert(o);
-                self.timed.insert(oid);
+                self.nets[p.ifx].time(p.h, oid);
+                self.dirty.insert(oid);
                 if self.index.tuples.get(&(frame::TCP, p.tuple.0, p.tuple.1)) == Some(&id) {
                     self.index.tuples.remove(&(frame::TCP, p.tuple.0, p.tuple.1));
                 }
@@ -538,7 +533,7 @@ impl UserStack {
                     self.index.tuples.insert(t, oid);
                 }
             } else {
-                self.nets[p.ifx].set.remove(p.h);
+                self.nets[p.ifx].remove(p.h);
                 if self.index.tuples.get(&(frame::TCP, p.tuple.0, p.tuple.1)) == Some(&id) {
                     self.index.tuples.remove(&(frame::TCP, p.tuple.0, p.tuple.1));
                 }
@@ -553,7 +548,6 @@ impl UserStack {
             }
         }
         self.dirty.remove(&id);
-        self.timed.remove(&id);
     }
 
     /// Looks at a received packet: marks the socket it concerns dirty, notes RSTs, readies a
@@ -577,7 +571,7 @@ impl UserStack {
                         // (tcp_rcv_state_process, "data after close"); so does smoltcp once
                         // the socket is aborted.
                         if s.orphan && p.payload > 0 && c.established {
-                            let sk = self.nets[c.ifx].set.get_mut::<tcp::Socket>(c.h);
+                            let sk = self.nets[c.ifx].get_mut::<tcp::Socket>(c.h);
                             if matches!(sk.state(), tcp::State::FinWait1 | tcp::State::FinWait2 | tcp::State::Closing) {
                                 sk.abort();
                                 return false;
@@ -649,12 +643,14 @@ impl UserStack {
         if sk.listen(p.dst).is_err() {
             return true;
         }
-        let h = self.nets[ifx].set.add(sk);
+        // Linux gives up on a handshake after 5 SYN-ACK retries (about a minute).
+        sk.set_timeout(Some(smoltcp::time::Duration::from_secs(SYNACK_TIMEOUT_S)));
+        let h = self.nets[ifx].add(shard_of(p.dst, p.src), sk);
         if let Some(St::Listen { pending, .. }) = self.socks.get_mut(lid).map(|s| &mut s.st) {
-            pending.push(Pending { ifx, h, tuple: (p.dst, p.src) });
+            pending.push(Pending { ifx, h, tuple: (p.dst, p.src), established: false });
         }
         self.index.tuples.insert((frame::TCP, p.dst, p.src), lid);
-        self.timed.insert(lid);
+        self.nets[ifx].time(h, lid);
         self.dirty.insert(lid);
         true
     }
@@ -676,21 +672,18 @@ impl UserStack {
                 more = o.more;
             }
         }
-        if self.next_timer.is_some_and(|t| now >= t) {
-            self.dirty.extend(self.timed.iter().copied());
-        }
 
-        let mut frames = std::mem::take(&mut self.ext_dev.rx);
-        frames.retain(|f| frame::peek_ethernet(f).is_none_or(|p| self.note(EXT, p)));
-        self.ext_dev.rx = frames;
-        let Net { iface, set } = &mut self.nets[EXT];
-        iface.poll(ts, &mut self.ext_dev, set);
+        let frames = std::mem::take(&mut self.ext_dev.rx);
+        let wake_all = self.route_frames(EXT, frames);
+        self.poll_shards(EXT, ts, true, wake_all);
         if self.fragmenting {
             self.fragmenting = false;
+            let Net { iface, shards } = &mut self.nets[EXT];
+            let sh = &mut shards[SHARD0];
             // 64 KiB is 45 fragments at MTU 1500.
             for _ in 0..64 {
                 let sent = self.ext_dev.tx_frames + self.ext_dev.tx_dropped;
-                iface.poll_egress(ts, &mut self.ext_dev, set);
+                iface.poll_egress(ts, &mut ExtPort { rx: &mut sh.rx, dev: &mut self.ext_dev }, &mut sh.set);
                 if self.ext_dev.tx_frames + self.ext_dev.tx_dropped == sent {
                     break;
                 }
@@ -698,14 +691,11 @@ impl UserStack {
         }
 
         for round in 0..LO_ROUNDS {
-            let mut out = std::mem::take(&mut self.lo_dev.tx);
-            out.retain(|f| frame::peek_ip(f).is_none_or(|p| self.note(LO, p)));
-            self.lo_dev.rx.extend(out);
-            if round > 0 && self.lo_dev.rx.is_empty() {
+            let out = std::mem::take(&mut self.lo_dev.tx);
+            let wake_all = self.route_frames(LO, out);
+            if !self.poll_shards(LO, ts, round == 0, wake_all) {
                 break;
             }
-            let Net { iface, set } = &mut self.nets[LO];
-            iface.poll(ts, &mut self.lo_dev, set);
         }
         more |= !self.lo_dev.tx.is_empty();
 
@@ -718,26 +708,80 @@ impl UserStack {
 
         let deadline = [EXT, LO]
             .into_iter()
-            .filter_map(|i| {
-                let Net { iface, set } = &mut self.nets[i];
-                iface.poll_at(ts, set)
-            })
+            .filter_map(|i| self.nets[i].deadline())
             .min()
             .map(|t| self.epoch + std::time::Duration::from_micros(t.total_micros().max(0) as u64));
-        self.next_timer = deadline;
         if more {
             return Some(now);
         }
         deadline.map(|d| d.max(now))
     }
 
+    /// Hands received packets to the socket sets their 4-tuples hash to (after `note`). Returns
+    /// whether one was not TCP or UDP (ARP, NDP, ICMP): interface-wide news, such as a
+    /// resolved neighbour that sockets of any set may be waiting for.
+    fn route_frames(&mut self, ifx: usize, frames: VecDeque<Vec<u8>>) -> bool {
+        let mut wake_all = false;
+        for f in frames {
+            let peek = if ifx == EXT { frame::peek_ethernet(&f) } else { frame::peek_ip(&f) };
+            let sh = match peek {
+                Some(p) => {
+                    if !self.note(ifx, p) {
+                        continue;
+                    }
+                    if p.proto == frame::TCP {
+                        shard_of(p.dst, p.src)
+                    } else {
+                        SHARD0
+                    }
+                }
+                None => {
+                    wake_all = true;
+                    SHARD0
+                }
+            };
+            let shard = &mut self.nets[ifx].shards[sh];
+            shard.rx.push_back(f);
+            shard.due = true;
+        }
+        wake_all
+    }
+
+    /// Polls the sets of interface `ifx` that have work: packets, guest operations, and (with
+    /// `timers`) a passed deadline, whose timer-driven sockets are then looked at. `wake_all`
+    /// also polls every set waiting on a timer. Returns whether any set was polled.
+    fn poll_shards(&mut self, ifx: usize, ts: SInstant, timers: bool, wake_all: bool) -> bool {
+        let Net { iface, shards } = &mut self.nets[ifx];
+        let mut any = false;
+        for sh in shards.iter_mut() {
+            let expired = timers && sh.deadline.is_some_and(|d| d <= ts);
+            if expired {
+                self.dirty.extend(sh.timed.drain());
+            }
+            if !(sh.due || expired || (wake_all && sh.deadline.is_some())) {
+                continue;
+            }
+            sh.due = false;
+            any = true;
+            if ifx == EXT {
+                iface.poll(ts, &mut ExtPort { rx: &mut sh.rx, dev: &mut self.ext_dev }, &mut sh.set);
+            } else {
+                iface.poll(ts, &mut LoPort { rx: &mut sh.rx, dev: &mut self.lo_dev }, &mut sh.set);
+            }
+            sh.deadline = iface.poll_at(ts, &sh.set);
+        }
+        any
+    }
+
     /// Brings the stack's view of socket `id` up to date with smoltcp's.
     pub(crate) fn refresh(&mut self, id: usize) {
         let Some(s) = self.socks.get_mut(id) else { return };
+        let listener_opts = matches!(s.st, St::Listen { .. }).then(|| s.opts.clone());
         match &mut s.st {
             St::Tcp(c) => {
                 let (ifx, h) = (c.ifx, c.h);
-                let sk = self.nets[ifx].set.get_mut::<tcp::Socket>(h);
+                // Not get_mut: looking must not make the set due for a poll.
+                let sk = self.nets[ifx].shards[h.sh].set.get_mut::<tcp::Socket>(h.h);
                 let state = sk.state();
                 let gone = state == tcp::State::Closed && sk.local_endpoint().is_none();
                 let busy = sk.send_queue() > 0 || sk.keep_alive().is_some();
@@ -801,7 +845,7 @@ impl UserStack {
                     !matches!(state, tcp::State::Established | tcp::State::CloseWait | tcp::State::Closed);
                 if s.orphan && gone {
                     let (l, r, bound) = (c.local, c.remote, s.bound);
-                    self.nets[ifx].set.remove(h);
+                    self.nets[ifx].remove(h);
                     if self.index.tuples.get(&(frame::TCP, l, r)) == Some(&id) {
                         self.index.tuples.remove(&(frame::TCP, l, r));
                     }
@@ -809,37 +853,43 @@ impl UserStack {
                     return;
                 }
                 if transitional || busy || (state == tcp::State::Closed && !gone) {
-                    self.timed.insert(id);
-                } else {
-                    self.timed.remove(&id);
+                    self.nets[ifx].time(h, id);
                 }
             }
             St::Listen { pending, .. } => {
-                let mut handshaking = false;
                 let mut i = 0;
                 while i < pending.len() {
-                    let p = &pending[i];
-                    let sk = self.nets[p.ifx].set.get::<tcp::Socket>(p.h);
-                    match sk.state() {
-                        // The SYN went elsewhere or the handshake was reset: give the slot back.
-                        tcp::State::Listen => {
-                            let p = pending.remove(i);
-                            self.nets[p.ifx].set.remove(p.h);
-                            let t = (frame::TCP, p.tuple.0, p.tuple.1);
-                            if self.index.tuples.get(&t) == Some(&id) {
-                                self.index.tuples.remove(&t);
+                    let p = &mut pending[i];
+                    let state = self.nets[p.ifx].get::<tcp::Socket>(p.h).state();
+                    match state {
+                        tcp::State::SynReceived => self.nets[p.ifx].time(p.h, id),
+                        tcp::State::Listen | tcp::State::Closed => {}
+                        _ if !p.established => {
+                            p.established = true;
+                            // An accepted-to-be connection waits in the queue as long as it
+                            // takes, as on Linux: the handshake timeout is over.
+                            let sk = self.nets[p.ifx].get_mut::<tcp::Socket>(p.h);
+                            sk.set_timeout(None);
+                            if let Some(o) = &listener_opts {
+                                apply_tcp_opts(sk, o);
                             }
-                            continue;
                         }
-                        tcp::State::SynReceived => handshaking = true,
                         _ => {}
                     }
+                    // The SYN went elsewhere, the handshake was reset (smoltcp goes back to
+                    // LISTEN) or never completed (closed): give the slot back, as Linux drops
+                    // a request socket.
+                    let failed = state == tcp::State::Listen || (state == tcp::State::Closed && !p.established);
+                    if failed {
+                        let p = pending.remove(i);
+                        self.nets[p.ifx].remove(p.h);
+                        let t = (frame::TCP, p.tuple.0, p.tuple.1);
+                        if self.index.tuples.get(&t) == Some(&id) {
+                            self.index.tuples.remove(&t);
+                        }
+                        continue;
+                    }
                     i += 1;
-                }
-                if handshaking {
-                    self.timed.insert(id);
-                } else {
-                    self.timed.remove(&id);
                 }
             }
             St::Idle | St::Udp(_) => {}
@@ -884,7 +934,7 @@ impl UserStack {
                     .iter()
                     .filter(|p| {
                         !matches!(
-                            self.nets[p.ifx].set.get::<tcp::Socket>(p.h).state(),
+                            self.nets[p.ifx].get::<tcp::Socket>(p.h).state(),
                             tcp::State::Listen | tcp::State::SynReceived
                         )
                     })
@@ -892,7 +942,7 @@ impl UserStack {
                 (if n > 0 { IN } else { 0 } | err, n, 0)
             }
             St::Tcp(c) => {
-                let sk = self.nets[c.ifx].set.get::<tcp::Socket>(c.h);
+                let sk = self.nets[c.ifx].get::<tcp::Socket>(c.h);
                 let rd = sk.recv_queue();
                 let queued = sk.send_queue();
                 let free = sk.send_capacity() - queued;
@@ -921,7 +971,7 @@ impl UserStack {
                 let mut free = usize::MAX;
                 for (ifx, h) in u.h.iter().enumerate() {
                     if let Some(h) = h {
-                        let sk = self.nets[ifx].set.get::<udp::Socket>(*h);
+                        let sk = self.nets[ifx].get::<udp::Socket>(*h);
                         rd += sk.recv_queue();
                         free = free.min(sk.payload_send_capacity() - sk.send_queue());
                     }

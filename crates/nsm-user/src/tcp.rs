@@ -8,6 +8,7 @@ use smoltcp::socket::tcp;
 
 use crate::frame;
 use crate::seam::Errno;
+use crate::shard::shard_of;
 use crate::sockaddr::{self, Family, Parsed};
 use crate::stack::{Conn, Handle, Opts, Proto, Sock, St, UdpState, UserStack, EXT};
 
@@ -107,7 +108,7 @@ impl UserStack {
             }
             let time_wait = other.orphan
                 && match &other.st {
-                    St::Tcp(c) => self.nets[c.ifx].set.get::<tcp::Socket>(c.h).state() == tcp::State::TimeWait,
+                    St::Tcp(c) => self.nets[c.ifx].get::<tcp::Socket>(c.h).state() == tcp::State::TimeWait,
                     _ => false,
                 };
             let reuse = me.opts.reuseaddr && (time_wait || (other.opts.reuseaddr && !other_listens));
@@ -211,13 +212,13 @@ impl UserStack {
         let St::Listen { pending, .. } = &mut s.st else { return Err(libc::EINVAL) };
         let nets = &self.nets;
         let Some(i) = pending.iter().position(|p| {
-            !matches!(nets[p.ifx].set.get::<tcp::Socket>(p.h).state(), tcp::State::Listen | tcp::State::SynReceived)
+            !matches!(nets[p.ifx].get::<tcp::Socket>(p.h).state(), tcp::State::Listen | tcp::State::SynReceived)
         }) else {
             return Err(libc::EAGAIN);
         };
         let p = pending.remove(i);
         self.dirty.insert(id);
-        let sk = self.nets[p.ifx].set.get::<tcp::Socket>(p.h);
+        let sk = self.nets[p.ifx].get::<tcp::Socket>(p.h);
         let local = sk.local_endpoint().map_or(p.tuple.0, ep);
         let remote = sk.remote_endpoint().map_or(p.tuple.1, ep);
         let h = self.new_handle(Sock {
@@ -258,6 +259,7 @@ impl UserStack {
     /// Hands a live smoltcp connection to an orphan entry (the socket goes back to Idle).
     fn orphan_conn(&mut self, c: Conn) {
         let t = (frame::TCP, c.local, c.remote);
+        let (ifx, h) = (c.ifx, c.h);
         let o = Sock {
             family: Family::V4,
             proto: Proto::Tcp,
@@ -272,7 +274,7 @@ impl UserStack {
         };
         let oid = self.socks.insert(o);
         self.index.tuples.insert(t, oid);
-        self.timed.insert(oid);
+        self.nets[ifx].time(h, oid);
         self.dirty.insert(oid);
     }
 
@@ -385,9 +387,9 @@ impl UserStack {
         }
         let net = &mut self.nets[ifx];
         sk.connect(net.iface.context(), dst, local).map_err(|_| libc::EINVAL)?;
-        let h = net.set.add(sk);
+        let h = net.add(shard_of(local, dst), sk);
+        net.time(h, id);
         self.index.tuples.insert((frame::TCP, local, dst), id);
-        self.timed.insert(id);
         self.sock(id)?.st = St::Tcp(Conn {
             ifx,
             h,
@@ -423,7 +425,7 @@ impl UserStack {
             return Err(libc::EOPNOTSUPP);
         }
         let (ifx, h) = (c.ifx, c.h);
-        self.timed.insert(id);
+        self.nets[ifx].time(h, id);
         let sk = self.tcp(ifx, h);
         if !sk.may_send() {
             return Err(libc::EPIPE);
@@ -446,7 +448,7 @@ impl UserStack {
             return Err(libc::EAGAIN);
         }
         let (ifx, h, shut) = (c.ifx, c.h, c.rcv_shut || c.peer_fin || c.dead);
-        let sk = self.nets[ifx].set.get_mut::<tcp::Socket>(h);
+        let sk = self.nets[ifx].get_mut::<tcp::Socket>(h);
         if sk.recv_queue() > 0 && !buf.is_empty() {
             let n = if flags & MSG_PEEK != 0 {
                 sk.peek_slice(buf).unwrap_or(0)
@@ -516,7 +518,7 @@ impl UserStack {
                 if wr && !c.snd_shut {
                     c.snd_shut = true;
                     let (ifx, h) = (c.ifx, c.h);
-                    self.timed.insert(id);
+                    self.nets[ifx].time(h, id);
                     self.tcp(ifx, h).close();
                 }
                 Ok(())

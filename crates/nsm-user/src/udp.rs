@@ -6,6 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use smoltcp::socket::udp;
 
 use crate::seam::Errno;
+use crate::shard::SHARD0;
 use crate::sockaddr::{self, Family, Parsed};
 use crate::stack::{St, UserStack, EXT, LO};
 
@@ -39,7 +40,7 @@ impl UserStack {
                 smoltcp::wire::IpListenEndpoint { addr: Some(b.ip().into()), port: b.port() }
             };
             sk.bind(ep).map_err(|_| libc::EINVAL)?;
-            *slot = Some(self.nets[ifx].set.add(sk));
+            *slot = Some(self.nets[ifx].add(SHARD0, sk));
         }
         let _ = family;
         if let St::Udp(u) = &mut self.sock(id)?.st {
@@ -137,7 +138,7 @@ impl UserStack {
         }
         let St::Udp(u) = &self.sock(id)?.st else { return Err(libc::EINVAL) };
         let Some(h) = u.h[ifx] else { return Err(libc::ENETUNREACH) };
-        let sk = self.nets[ifx].set.get_mut::<udp::Socket>(h);
+        let sk = self.nets[ifx].get_mut::<udp::Socket>(h);
         let meta = udp::UdpMetadata { endpoint: dst.into(), local_address: Some(src.into()), meta: Default::default() };
         match sk.send_slice(data, meta) {
             Ok(()) => {
@@ -157,7 +158,7 @@ impl UserStack {
         let (family, v6only, peer, hs) = (s.family, s.opts.v6only, u.peer, u.h);
         for ifx in [LO, EXT] {
             let Some(h) = hs[ifx] else { continue };
-            let sk = self.nets[ifx].set.get_mut::<udp::Socket>(h);
+            let sk = self.nets[ifx].get_mut::<udp::Socket>(h);
             while let Ok((data, meta)) = sk.peek() {
                 let src = SocketAddr::new(meta.endpoint.addr.into(), meta.endpoint.port);
                 let wrong_family = match family {
@@ -189,7 +190,7 @@ impl UserStack {
         if let Some((ifx, _)) = self.udp_next(id) {
             let St::Udp(u) = &self.sock(id)?.st else { return Err(libc::EINVAL) };
             let h = u.h[ifx].expect("udp_next found a datagram there");
-            let sk = self.nets[ifx].set.get_mut::<udp::Socket>(h);
+            let sk = self.nets[ifx].get_mut::<udp::Socket>(h);
             let (data, meta) = if flags & libc::MSG_PEEK != 0 {
                 let (d, m) = sk.peek().map_err(|_| libc::EAGAIN)?;
                 (d, *m)
@@ -223,9 +224,6 @@ impl UserStack {
     /// TIOCOUTQ on a datagram socket: bytes not yet sent.
     pub(crate) fn udp_outq(&self, id: usize) -> usize {
         let Some(St::Udp(u)) = self.socks.get(id).map(|s| &s.st) else { return 0 };
-        u.h.iter()
-            .enumerate()
-            .filter_map(|(ifx, h)| h.map(|h| self.nets[ifx].set.get::<udp::Socket>(h).send_queue()))
-            .sum()
+        u.h.iter().enumerate().filter_map(|(ifx, h)| h.map(|h| self.nets[ifx].get::<udp::Socket>(h).send_queue())).sum()
     }
 }
