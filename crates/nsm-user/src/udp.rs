@@ -103,6 +103,10 @@ impl UserStack {
             return Err(libc::EOPNOTSUPP);
         }
         let (peer, conn_local) = (u.peer, u.conn_local);
+        // Linux binds an unbound socket before it looks at the destination
+        // (inet_send_prepare), so even a send that fails leaves it bound.
+        self.autobind(id)?;
+        self.udp_open(id)?;
         let dst = if to.is_empty() {
             peer.ok_or(libc::EDESTADDRREQ)?
         } else {
@@ -208,11 +212,8 @@ impl UserStack {
         if s.error != 0 {
             return Err(std::mem::take(&mut s.error));
         }
-        if let St::Udp(u) = &s.st {
-            if u.rcv_shut {
-                return Ok((0, 0));
-            }
-        }
+        // Even after SHUT_RD: a non-blocking datagram receive with nothing queued is EAGAIN
+        // on Linux (only a blocking one returns 0).
         Err(libc::EAGAIN)
     }
 
