@@ -151,6 +151,7 @@ pub struct Pending {
     pub tuple: (SocketAddr, SocketAddr),
     /// The handshake completed (what is closed after that is still accepted, as on Linux).
     pub established: bool,
+    pub saw_rst: bool,
 }
 
 #[derive(Debug)]
@@ -469,9 +470,15 @@ impl UserStack {
             St::Tcp(c) => {
                 let (ifx, h) = (c.ifx, c.h);
                 let sk = self.tcp(ifx, h);
-                if sk.state() == tcp::State::Closed && sk.local_endpoint().is_none() {
+                // Nothing left to say to the peer: a connection that is over, or one still in
+                // SYN-SENT, which Linux drops without a packet (a late SYN-ACK draws a RST).
+                let state = sk.state();
+                if (state == tcp::State::Closed && sk.local_endpoint().is_none()) || state == tcp::State::SynSent {
                     self.nets[ifx].remove(h);
-                    self.index.tuples.remove(&(frame::TCP, c.local, c.remote));
+                    let t = (frame::TCP, c.local, c.remote);
+                    if self.index.tuples.get(&t) == Some(&id) {
+                        self.index.tuples.remove(&t);
+                    }
                     self.free(id, bound);
                     return;
                 }
@@ -563,6 +570,14 @@ impl UserStack {
                     if p.payload > 0 || p.flags & (frame::FIN | frame::RST) != 0 {
                         s.arrived = true;
                     }
+                    if let St::Listen { pending, .. } = &mut s.st {
+                        // A connection not accepted yet: remember its reset for accept.
+                        if p.flags & frame::RST != 0 {
+                            if let Some(q) = pending.iter_mut().find(|q| q.tuple == (p.dst, p.src)) {
+                                q.saw_rst = true;
+                            }
+                        }
+                    }
                     if let St::Tcp(c) = &mut s.st {
                         if p.flags & frame::RST != 0 {
                             c.saw_rst = true;
@@ -647,7 +662,7 @@ impl UserStack {
         sk.set_timeout(Some(smoltcp::time::Duration::from_secs(SYNACK_TIMEOUT_S)));
         let h = self.nets[ifx].add(shard_of(p.dst, p.src), sk);
         if let Some(St::Listen { pending, .. }) = self.socks.get_mut(lid).map(|s| &mut s.st) {
-            pending.push(Pending { ifx, h, tuple: (p.dst, p.src), established: false });
+            pending.push(Pending { ifx, h, tuple: (p.dst, p.src), established: false, saw_rst: false });
         }
         self.index.tuples.insert((frame::TCP, p.dst, p.src), lid);
         self.nets[ifx].time(h, lid);

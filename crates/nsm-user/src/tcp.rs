@@ -234,7 +234,7 @@ impl UserStack {
                 last: tcp::State::SynReceived,
                 established: true,
                 connect_reported: true,
-                saw_rst: false,
+                saw_rst: p.saw_rst,
                 peer_fin: false,
                 dead: false,
                 rcv_shut: false,

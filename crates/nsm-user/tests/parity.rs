@@ -397,6 +397,38 @@ fn tcp_scenarios<A: Api>(a: &mut A, port: u16, six: bool) -> Vec<String> {
     log!("reset send", a.send(&c, b"x", None));
     log!("reset SO_ERROR", a.getsockopt(&c, libc::SOL_SOCKET, libc::SO_ERROR));
     a.close(c);
+
+    // Reset before accept: the connection is still accepted, and its first recv says so.
+    let c = a.socket(inet, stream).unwrap();
+    let _ = a.connect(&c, &at);
+    a.settle();
+    log!("client linger", a.setsockopt(&c, libc::SOL_SOCKET, libc::SO_LINGER, &lg));
+    a.close(c);
+    a.settle();
+    log!("listener mask after reset", masks(a.mask(&l)));
+    match a.accept(&l) {
+        Ok(s) => {
+            log!("reset-before-accept mask", masks(a.mask(&s)));
+            log!("reset-before-accept recv", a.recv(&s, 4, 0));
+            log!("reset-before-accept peer", a.name(&s, true).err());
+            a.close(s);
+        }
+        Err(e) => log!("reset-before-accept accept", e),
+    }
+
+    // Data and FIN before accept.
+    let c = a.socket(inet, stream).unwrap();
+    let _ = a.connect(&c, &at);
+    a.settle();
+    log!("early send", a.send(&c, b"early", None));
+    log!("early shutdown", a.shutdown(&c, libc::SHUT_WR));
+    a.settle();
+    let s = a.accept(&l).unwrap();
+    log!("early mask", masks(a.mask(&s)));
+    log!("early recv", a.recv(&s, 16, 0));
+    log!("early eof", a.recv(&s, 16, 0));
+    a.close(s);
+    a.close(c);
     a.close(l);
     t
 }
