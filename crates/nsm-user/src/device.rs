@@ -124,6 +124,14 @@ pub fn packet_mac(fd: BorrowedFd<'_>) -> Option<[u8; 6]> {
     (mac[0] & 1 == 0 && mac != [0; 6]).then_some(mac)
 }
 
+/// Opens the NSM's link: a TAP device `name`, or an AF_PACKET socket on interface `name`.
+pub fn open_link(link: Link, name: &str) -> io::Result<OwnedFd> {
+    match link {
+        Link::Tap => open_tap(name),
+        Link::Packet => open_packet(name),
+    }
+}
+
 /// What reading the wire fd found.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ReadOutcome {

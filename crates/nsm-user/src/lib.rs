@@ -28,7 +28,7 @@ use std::os::fd::BorrowedFd;
 use std::time::Instant;
 
 pub use config::{ConfigError, Link, UserConfig};
-pub use device::{open_packet, open_tap};
+pub use device::{open_link, open_packet, open_tap};
 pub use stack::{Handle, UserStack};
 
 use seam::{Errno, Ready, Stack, TcpStats};

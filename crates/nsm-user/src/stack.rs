@@ -213,6 +213,8 @@ pub struct UserStack {
     /// A datagram larger than the wire's MTU was queued: smoltcp sends one IPv4 fragment per
     /// egress pass, so the poll keeps passing until they are all out.
     pub(crate) fragmenting: bool,
+    /// The last read stopped at RX_BATCH frames.
+    rx_pending: bool,
     /// Sockets looked at by polls so far (the cost the dirty sets keep small).
     refreshed: u64,
 }
@@ -305,6 +307,7 @@ impl UserStack {
             rng: seed | 1,
             refreshed: 0,
             fragmenting: false,
+            rx_pending: false,
         })
     }
 
@@ -615,6 +618,25 @@ impl UserStack {
         }
     }
 
+    /// An ICMP error about a datagram a connected UDP socket sent becomes its pending error,
+    /// as on Linux (unconnected sockets ignore them without IP_RECVERR, which is not here).
+    fn note_icmp(&mut self, e: frame::IcmpError) {
+        if e.proto != frame::UDP {
+            return;
+        }
+        let ids: Vec<usize> = self.index.on_port(frame::UDP, e.local.port()).to_vec();
+        for id in ids {
+            let Some(s) = self.socks.get_mut(id) else { continue };
+            if let St::Udp(UdpState { peer: Some(p), .. }) = &s.st {
+                if *p == e.remote {
+                    s.error = e.errno;
+                    s.arrived = true;
+                    self.dirty.insert(id);
+                }
+            }
+        }
+    }
+
     /// The listener a SYN to `dst` arriving on `ifx` is for: one bound to exactly that address
     /// before one bound to the wildcard, as Linux's lookup scores them.
     fn find_listener(&self, ifx: usize, dst: SocketAddr) -> Option<usize> {
@@ -680,11 +702,15 @@ impl UserStack {
         self.bury();
         let ts = self.ts(now);
         let mut more = false;
-        if woken {
+        // After a batch cut short the fd may still hold frames though the driver's epoll
+        // (edge-triggered or not) does not say so again: read on.
+        if woken || self.rx_pending {
             // A read error other than EAGAIN leaves the link unusable (the TAP went away); the
             // stack keeps serving loopback and lets TCP time out what used the wire.
+            self.rx_pending = false;
             if let Ok(o) = self.ext_dev.read_frames(RX_BATCH) {
                 more = o.more;
+                self.rx_pending = o.more;
             }
         }
 
@@ -751,6 +777,10 @@ impl UserStack {
                     }
                 }
                 None => {
+                    let ip = if ifx == EXT { frame::ip_of_ethernet(&f) } else { Some(&f[..]) };
+                    if let Some(e) = ip.and_then(frame::peek_icmp_error) {
+                        self.note_icmp(e);
+                    }
                     wake_all = true;
                     SHARD0
                 }

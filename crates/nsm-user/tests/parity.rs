@@ -472,6 +472,25 @@ fn udp_scenarios<A: Api>(a: &mut A, port: u16) -> Vec<String> {
     log!("recv", a.recv(&u, 16, 0));
     log!("too big", a.send(&v, &vec![0; 70_000], None));
     log!("FIONREAD-less empty recv", a.recv(&u, 16, 0));
+    // Nobody at the port: the ICMP port unreachable becomes the connected socket's error.
+    let nobody = format!("127.0.0.1:{}", free_port());
+    let x = a.socket(libc::AF_INET, libc::SOCK_DGRAM).unwrap();
+    log!("connect nobody", a.connect(&x, &nobody));
+    log!("send nobody", a.send(&x, b"anyone?", None));
+    a.settle();
+    log!("refused mask", masks(a.mask(&x)));
+    log!("refused recv", a.recv(&x, 16, 0));
+    log!("refused recv again", a.recv(&x, 16, 0));
+    log!("send nobody again", a.send(&x, b"anyone?", None));
+    a.settle();
+    log!("refused SO_ERROR", a.getsockopt(&x, libc::SOL_SOCKET, libc::SO_ERROR));
+    log!("refused mask after", masks(a.mask(&x)));
+    // An unconnected socket ignores the ICMP error.
+    let y = a.socket(libc::AF_INET, libc::SOCK_DGRAM).unwrap();
+    log!("sendto nobody", a.send(&y, b"anyone?", Some(&nobody)));
+    a.settle();
+    log!("unconnected mask", masks(a.mask(&y)));
+    log!("unconnected recv", a.recv(&y, 16, 0));
     log!("disconnect", a.connect(&v, "0.0.0.0:0").err());
     t
 }
