@@ -109,6 +109,8 @@ impl UserStack {
             (libc::IPPROTO_IP, libc::IP_TTL) if s.family == Family::V4 => i32::from(o.ttl.unwrap_or(64)),
             (libc::IPPROTO_IPV6, libc::IPV6_UNICAST_HOPS) if s.family == Family::V6 => i32::from(o.ttl.unwrap_or(64)),
             (libc::IPPROTO_TCP, _) if !tcp => return Err(libc::EOPNOTSUPP),
+            // An AF_INET socket has no IPv6 level at all.
+            (libc::IPPROTO_IPV6, _) if s.family == Family::V4 => return Err(libc::EOPNOTSUPP),
             (libc::IPPROTO_TCP, libc::TCP_NODELAY) => int(o.nodelay),
             (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE) => o.keepidle as i32,
             (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL) => o.keepintvl as i32,

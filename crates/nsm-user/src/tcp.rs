@@ -106,12 +106,9 @@ impl UserStack {
                 }
                 continue;
             }
-            let time_wait = other.orphan
-                && match &other.st {
-                    St::Tcp(c) => self.nets[c.ifx].get::<tcp::Socket>(c.h).state() == tcp::State::TimeWait,
-                    _ => false,
-                };
-            let reuse = me.opts.reuseaddr && (time_wait || (other.opts.reuseaddr && !other_listens));
+            // Both must have asked, TIME_WAIT included (it keeps the flag of the socket it
+            // was): sk_reuse && sk2->sk_reuse && sk2 not listening.
+            let reuse = me.opts.reuseaddr && other.opts.reuseaddr && !other_listens;
             if !reuse {
                 return true;
             }

@@ -411,7 +411,12 @@ fn bind_conflicts_and_reuseaddr() {
 fn time_wait_holds_the_port_unless_reuseaddr() {
     let mut n = Net::new();
     let l = listener(&mut n.b, "0.0.0.0:7006", 4);
-    let (c, s, _) = connect_pair(&mut n, &l, "10.77.0.3:7006");
+    let c = tcp(&mut n.a);
+    // SO_REUSEADDR on the socket that will be in TIME_WAIT too: Linux wants both.
+    set_int(&mut n.a, &c, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1);
+    assert_eq!(n.a.connect(&c, &sa("10.77.0.3:7006")), Err(libc::EINPROGRESS));
+    n.run(20);
+    let (s, _) = n.b.accept(&l, &mut [0; 16]).unwrap();
     let mut name = [0u8; 16];
     n.a.getsockname(&c, &mut name).unwrap();
     let port = read_sa(Family::V4, &name).port();

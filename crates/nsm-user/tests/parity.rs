@@ -295,6 +295,37 @@ fn tcp_scenarios<A: Api>(a: &mut A, port: u16, six: bool) -> Vec<String> {
     log!("fresh nodelay", a.getsockopt(&s, libc::IPPROTO_TCP, libc::TCP_NODELAY));
     log!("fresh rcvbuf", a.getsockopt(&s, libc::SOL_SOCKET, libc::SO_RCVBUF));
     log!("bad shutdown", a.shutdown(&s, 9));
+    let int = |v: i32| v.to_ne_bytes();
+    for (what, level, name, v) in [
+        ("rcvbuf 100000", libc::SOL_SOCKET, libc::SO_RCVBUF, 100_000),
+        ("rcvbuf 1", libc::SOL_SOCKET, libc::SO_RCVBUF, 1),
+        ("sndbuf 1", libc::SOL_SOCKET, libc::SO_SNDBUF, 1),
+        ("sndbuf 50000", libc::SOL_SOCKET, libc::SO_SNDBUF, 50_000),
+        ("keepalive", libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+        ("reuseaddr", libc::SOL_SOCKET, libc::SO_REUSEADDR, 1),
+        ("nodelay", libc::IPPROTO_TCP, libc::TCP_NODELAY, 1),
+        ("keepidle 0", libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 0),
+        ("keepidle 30", libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 30),
+        ("keepintvl 5", libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 5),
+        ("keepcnt 3", libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3),
+        ("keepcnt 200", libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 200),
+    ] {
+        log!(format!("set {what}"), a.setsockopt(&s, level, name, &int(v)));
+        log!(format!("get {what}"), a.getsockopt(&s, level, name));
+    }
+    log!("short int option", a.setsockopt(&s, libc::SOL_SOCKET, libc::SO_KEEPALIVE, &[1]));
+    log!("SO_PROTOCOL", a.getsockopt(&s, libc::SOL_SOCKET, libc::SO_PROTOCOL));
+    log!("SO_DOMAIN", a.getsockopt(&s, libc::SOL_SOCKET, libc::SO_DOMAIN));
+    log!("SO_ACCEPTCONN", a.getsockopt(&s, libc::SOL_SOCKET, libc::SO_ACCEPTCONN));
+    log!("unknown option", a.getsockopt(&s, libc::SOL_SOCKET, 4242));
+    if six {
+        log!("v6only", a.getsockopt(&s, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY));
+        log!("hops", a.getsockopt(&s, libc::IPPROTO_IPV6, libc::IPV6_UNICAST_HOPS));
+    } else {
+        log!("ttl", a.getsockopt(&s, libc::IPPROTO_IP, libc::IP_TTL));
+        log!("ttl 0", a.setsockopt(&s, libc::IPPROTO_IP, libc::IP_TTL, &int(0)));
+        log!("v6only on v4", a.getsockopt(&s, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY));
+    }
     log!("bind non-local", a.bind(&s, if six { "[2001:db8::1]:1" } else { "192.0.2.1:1" }));
     log!("bind other family", a.bind(&s, if six { "192.0.2.1:1" } else { "[::1]:1" }));
     a.close(s);
@@ -429,7 +460,50 @@ fn tcp_scenarios<A: Api>(a: &mut A, port: u16, six: bool) -> Vec<String> {
     log!("early eof", a.recv(&s, 16, 0));
     a.close(s);
     a.close(c);
+    log!("SO_ACCEPTCONN listener", a.getsockopt(&l, libc::SOL_SOCKET, libc::SO_ACCEPTCONN));
+
+    // TIME_WAIT: the side that closes first keeps the port; SO_REUSEADDR gets past it.
+    let c = a.socket(inet, stream).unwrap();
+    let _ = a.connect(&c, &at);
+    a.settle();
+    let s = a.accept(&l).unwrap();
     a.close(l);
+    a.close(s);
+    a.settle();
+    a.close(c);
+    a.settle();
+    let x = a.socket(inet, stream).unwrap();
+    log!("bind over time-wait", a.bind(&x, &at));
+    log!("reuseaddr", a.setsockopt(&x, libc::SOL_SOCKET, libc::SO_REUSEADDR, &1i32.to_ne_bytes()));
+    log!("bind over time-wait with reuseaddr", a.bind(&x, &at));
+    log!("listen over time-wait", a.listen(&x, 1));
+    a.close(x);
+
+    // The same with SO_REUSEADDR on the listener (and so on its accepted sockets).
+    let one = 1i32.to_ne_bytes();
+    let l = a.socket(inet, stream).unwrap();
+    log!("reuse listener", a.setsockopt(&l, libc::SOL_SOCKET, libc::SO_REUSEADDR, &one));
+    let at2 = if six { format!("[::1]:{}", free_port()) } else { format!("127.0.0.1:{}", free_port()) };
+    log!("bind reuse listener", a.bind(&l, &at2));
+    log!("listen reuse listener", a.listen(&l, 4));
+    let y = a.socket(inet, stream).unwrap();
+    log!("reuseaddr 2", a.setsockopt(&y, libc::SOL_SOCKET, libc::SO_REUSEADDR, &one));
+    log!("bind next to a listener with reuseaddr", a.bind(&y, &at2));
+    a.close(y);
+    let c = a.socket(inet, stream).unwrap();
+    let _ = a.connect(&c, &at2);
+    a.settle();
+    let s = a.accept(&l).unwrap();
+    a.close(l);
+    a.close(s);
+    a.settle();
+    a.close(c);
+    a.settle();
+    let x = a.socket(inet, stream).unwrap();
+    log!("bind over reusable time-wait", a.bind(&x, &at2));
+    log!("reuseaddr 3", a.setsockopt(&x, libc::SOL_SOCKET, libc::SO_REUSEADDR, &one));
+    log!("bind over reusable time-wait with reuseaddr", a.bind(&x, &at2));
+    log!("listen there", a.listen(&x, 1));
     t
 }
 
