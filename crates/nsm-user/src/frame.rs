@@ -109,7 +109,7 @@ pub fn peek_icmp_error(p: &[u8]) -> Option<IcmpError> {
     let (errno, quoted) = match p.first()? >> 4 {
         4 => {
             let ihl = usize::from(p.first()? & 0x0f) * 4;
-            if p.len() < ihl + 8 || p[9] != 1 || p[ihl] != 3 {
+            if ihl < 20 || p.len() < ihl + 8 || p[9] != 1 || p[ihl] != 3 {
                 return None;
             }
             let errno = match p[ihl + 1] {
@@ -230,6 +230,35 @@ mod tests {
         assert_eq!(p.flags, SYN);
         assert_eq!(p.payload, 0);
         assert_eq!(peek_ethernet(&f[..30]), None);
+    }
+
+    #[test]
+    fn hostile_frames_never_panic() {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut rnd = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..200_000 {
+            let len = (rnd() % 120) as usize;
+            let mut f: Vec<u8> = (0..len).map(|_| rnd() as u8).collect();
+            // Bias towards headers that get past the first checks.
+            if len > 14 && rnd() % 2 == 0 {
+                f[12] = 0x08;
+                f[13] = 0;
+                f[14] = 0x40 | (rnd() % 16) as u8;
+                if len > 23 {
+                    f[23] = [1, 6, 17][(rnd() % 3) as usize];
+                }
+            }
+            let _ = peek_ethernet(&f);
+            let _ = ip_of_ethernet(&f).map(peek_icmp_error);
+            let _ = peek_ip(&f);
+            let _ = peek_icmp_error(&f);
+            complete_checksum(&mut f);
+        }
     }
 
     #[test]

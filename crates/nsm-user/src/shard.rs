@@ -46,12 +46,14 @@ pub struct Shard {
 
 /// One smoltcp interface and its socket sets.
 pub struct Net {
-    pub iface: Interface,
+    /// Boxed: with room to reassemble 64 KiB datagrams an Interface is 66 KB, too big to move
+    /// around on a thread's stack.
+    pub iface: Box<Interface>,
     pub shards: Vec<Shard>,
 }
 
 impl Net {
-    pub fn new(iface: Interface) -> Net {
+    pub fn new(iface: Box<Interface>) -> Net {
         let shards = (0..SHARDS)
             .map(|_| Shard {
                 set: SocketSet::new(vec![]),

@@ -266,7 +266,7 @@ impl UserStack {
         let mac = EthernetAddress(mac.unwrap_or([0x02, 0x4e, o[0], o[1], o[2], o[3]]));
         let mut c = Config::new(HardwareAddress::Ethernet(mac));
         c.random_seed = seed;
-        let mut ext = Interface::new(c, &mut ext_dev, SInstant::ZERO);
+        let mut ext = boxed_iface(c, &mut ext_dev);
         let a6 = cfg.address6.map(|(a, p)| (v6(a), p));
         ext.update_ip_addrs(|addrs| {
             let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(a4), cfg.address.1));
@@ -282,7 +282,7 @@ impl UserStack {
 
         let mut c = Config::new(HardwareAddress::Ip);
         c.random_seed = seed.rotate_left(17);
-        let mut lo = Interface::new(c, &mut lo_dev, SInstant::ZERO);
+        let mut lo = boxed_iface(c, &mut lo_dev);
         lo.update_ip_addrs(|addrs| {
             let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(Ipv4Addr::LOCALHOST), 8));
             let _ = addrs.push(IpCidr::new(IpAddress::Ipv6(Ipv6Addr::LOCALHOST), 128));
@@ -1054,6 +1054,13 @@ pub(crate) fn apply_tcp_opts(s: &mut tcp::Socket<'static>, o: &Opts) {
     } else {
         s.set_keep_alive(None);
     }
+}
+
+/// Makes an Interface straight into a box, in a frame of its own, so that its 66 KB are on the
+/// stack once.
+#[inline(never)]
+fn boxed_iface(c: Config, dev: &mut impl smoltcp::phy::Device) -> Box<Interface> {
+    Box::new(Interface::new(c, dev, SInstant::ZERO))
 }
 
 fn seed() -> u64 {
