@@ -899,3 +899,53 @@ fn random_packets_do_not_break_the_stack() {
 fn a_stack_is_small_to_move() {
     assert!(std::mem::size_of::<UserStack>() < 4096, "{}", std::mem::size_of::<UserStack>());
 }
+
+/// `cargo test --release -p netkernel-nsm-user -- --ignored --nocapture throughput`: bulk TCP
+/// over the loopback and over the SEQPACKET wire (MTU 1500), real time.
+#[test]
+#[ignore]
+fn throughput() {
+    for (name, to, listen_on_b) in [("loopback", "127.0.0.1:7100", false), ("wire", "10.77.0.3:7100", true)] {
+        let mut n = Net::new();
+        let total = 200usize << 20;
+        let l = if listen_on_b { listener(&mut n.b, "0.0.0.0:7100", 4) } else { listener(&mut n.a, "0.0.0.0:7100", 4) };
+        let c = tcp(&mut n.a);
+        assert_eq!(n.a.connect(&c, &sa(to)), Err(libc::EINPROGRESS));
+        let mut s = None;
+        for _ in 0..2000 {
+            n.now = Instant::now();
+            n.a.poll(n.now, true, &mut n.ra);
+            n.b.poll(n.now, true, &mut n.rb);
+            let srv = if listen_on_b { &mut n.b } else { &mut n.a };
+            if let Ok((h, _)) = srv.accept(&l, &mut [0; 16]) {
+                s = Some(h);
+                break;
+            }
+        }
+        let s = s.expect("connected");
+        let chunk = vec![7u8; 65536];
+        let mut buf = vec![0u8; 1 << 20];
+        let (mut sent, mut got) = (0usize, 0usize);
+        let t = Instant::now();
+        while got < total {
+            if sent < total {
+                if let Ok(k) = n.a.send(&c, &chunk[..chunk.len().min(total - sent)], 0, &[]) {
+                    sent += k;
+                }
+            }
+            n.now = Instant::now();
+            n.a.poll(n.now, true, &mut n.ra);
+            n.b.poll(n.now, true, &mut n.rb);
+            let srv = if listen_on_b { &mut n.b } else { &mut n.a };
+            while let Ok((k, _)) = srv.recv(&s, &mut buf, 0, &mut []) {
+                if k == 0 {
+                    break;
+                }
+                got += k;
+            }
+            assert!(t.elapsed() < Duration::from_secs(120), "{name}: {got} bytes in 120 s");
+        }
+        let secs = t.elapsed().as_secs_f64();
+        eprintln!("{name}: {:.0} MB/s ({:.2} Gbit/s)", total as f64 / secs / 1e6, total as f64 * 8.0 / secs / 1e9);
+    }
+}
