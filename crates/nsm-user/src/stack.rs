@@ -291,6 +291,23 @@ impl UserStack {
                 let _ = addrs.push(IpCidr::new(IpAddress::Ipv6(a), 128));
             }
         });
+        // All of 127.0.0.0/8 is local, as on Linux's lo: smoltcp's AnyIP takes packets for a
+        // prefix routed via one of the interface's own addresses.
+        lo.set_any_ip(true);
+        let mut full = false;
+        lo.routes_mut().update(|routes| {
+            full = routes
+                .push(smoltcp::iface::Route {
+                    cidr: IpCidr::new(IpAddress::Ipv4(Ipv4Addr::new(127, 0, 0, 0)), 8),
+                    via_router: IpAddress::Ipv4(Ipv4Addr::LOCALHOST),
+                    preferred_until: None,
+                    expires_at: None,
+                })
+                .is_err();
+        });
+        if full {
+            return Err("too many routes".into());
+        }
 
         Ok(UserStack {
             cfg,
@@ -354,13 +371,9 @@ impl UserStack {
         ip == self.cfg.address.0 || self.cfg.address6.is_some_and(|(a, _)| a == ip)
     }
 
-    /// Addresses a socket may bind: the wildcard, loopback's one address per family and the
-    /// configured ones.
+    /// Addresses a socket may bind: the wildcard, 127.0.0.0/8, ::1 and the configured ones.
     pub(crate) fn bindable(&self, ip: IpAddr) -> bool {
-        ip.is_unspecified()
-            || ip == IpAddr::V4(Ipv4Addr::LOCALHOST)
-            || ip == IpAddr::V6(Ipv6Addr::LOCALHOST)
-            || self.own(ip)
+        ip.is_unspecified() || ip.is_loopback() || self.own(ip)
     }
 
     /// Which interface reaches `dst`, and the source address Linux would pick for it.
@@ -370,10 +383,6 @@ impl UserStack {
                 IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
                 IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
             };
-            // Only 127.0.0.1 is configured on the loopback; smoltcp drops the rest of 127/8.
-            if dst != src {
-                return Err(libc::ENETUNREACH);
-            }
             return Ok((LO, src));
         }
         if self.own(dst) {

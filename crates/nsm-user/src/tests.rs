@@ -469,6 +469,17 @@ fn loopback_never_touches_the_wire() {
     assert_eq!(n.a.connect(&c, &sa("127.0.0.1:9009")), Err(libc::EINPROGRESS));
     n.run(2);
     assert_eq!(int_opt(&mut n.a, &c, libc::SOL_SOCKET, libc::SO_ERROR), libc::ECONNREFUSED);
+    // All of 127/8 is local: bound on 127.0.0.5, reached from 127.0.0.1.
+    let l5 = listener(&mut n.a, "127.0.0.5:9004", 4);
+    let c5 = tcp(&mut n.a);
+    assert_eq!(n.a.connect(&c5, &sa("127.0.0.5:9004")), Err(libc::EINPROGRESS));
+    n.run(3);
+    let mut pa = [0u8; 16];
+    let (s5, _) = n.a.accept(&l5, &mut pa).unwrap();
+    assert_eq!(read_sa(Family::V4, &pa).ip().to_string(), "127.0.0.1");
+    let mut name = [0u8; 16];
+    n.a.getsockname(&s5, &mut name).unwrap();
+    assert_eq!(read_sa(Family::V4, &name).to_string(), "127.0.0.5:9004");
     // Nothing of the above went out on the device (ARP included).
     assert_eq!(n.a.wire_counters().0, before.0);
 }
