@@ -1,11 +1,59 @@
 //! The user NSM's network stack: smoltcp in the NSM process, over one TAP device or AF_PACKET
 //! socket (the Machnet least-common-denominator model: one queue, no offloads), serving its
-//! guests' sockets through ServiceLib's `Stack` trait.
+//! guests' sockets through ServiceLib's `Stack` trait ([`seam::Stack`], a copy until the
+//! merge).
 //!
-//! Two smoltcp interfaces: one on the wire, one in memory for 127.0.0.1, ::1 and the stack's own
-//! addresses (traffic between two of its own sockets never reaches the device). Each received
-//! packet is peeked at before smoltcp sees it, so the stack knows from a hashed 4-tuple index
-//! which socket it concerns and recomputes readiness only for those.
+//! # Shape
+//!
+//! - Two smoltcp interfaces: the wire (Ethernet over the NSM's fd; the configured address,
+//!   optional IPv6 address, default routes via the gateways) and an in-memory loopback for
+//!   127.0.0.0/8, ::1 and the stack's own addresses, so traffic between two of its sockets never
+//!   reaches the device.
+//! - Each interface keeps its sockets in 256 socket sets, a TCP connection's set chosen by a
+//!   hash of its 4-tuple (`shard.rs`): smoltcp walks a whole set per packet and per egress pass,
+//!   so a single set of 20,000 sockets cost 1.3 ms per packet; sharded, 27 us (release,
+//!   10,000 loopback connections, `scale_10k_connections`).
+//! - Every received packet is peeked at before smoltcp sees it (`frame.rs`): a hashed 4-tuple
+//!   index (`table.rs`) names the socket it concerns, which alone is marked dirty; a SYN for a
+//!   listener gets a fresh smoltcp socket listening on its address if the accept queue
+//!   (backlog + 1) has room, else it is dropped as Linux drops it; RSTs are noted so a closed
+//!   connection's errno is Linux's (ECONNREFUSED, ECONNRESET, EPIPE, ETIMEDOUT). A poll runs
+//!   only the socket sets that have packets, guest operations or due timers, and recomputes
+//!   readiness only for dirty sockets (and, when a set's deadline passes, its sockets that
+//!   timers can change).
+//! - Handles close their socket when dropped (a graveyard the next poll empties).
+//!
+//! # Compared with Linux
+//!
+//! `tests/parity.rs` runs the same TCP (IPv4, IPv6) and UDP scenarios on Linux's loopback
+//! and on a UserStack and requires identical transcripts of results, errnos and poll masks:
+//! fresh, refused, connecting, established, half-closed, reset (peer close then send,
+//! SO_LINGER 0, reset before accept), data before accept, SHUT_RD/SHUT_WR, options and their
+//! read-back (buffer doubling and clamping, keepalive values), bind conflicts, SO_REUSEADDR
+//! with listeners and TIME_WAIT, UDP autobind, truncation, connected UDP and ICMP port
+//! unreachable.
+//!
+//! Known differences, each answering with Linux's errno for something unsupported:
+//! - No urgent data: send(MSG_OOB) is EOPNOTSUPP (recv(MSG_OOB) is EINVAL, as Linux without
+//!   urgent data); SIOCATMARK is always 0.
+//! - SO_RCVBUF/SO_SNDBUF read back as Linux's, but smoltcp sizes a socket's buffers when its
+//!   connection starts: set after connect/listen they apply to later connections only.
+//!   Defaults are 256 KiB each way (window scaling on); Linux autotunes instead.
+//! - TCP_INFO and `tcp_stats` carry the state and queue sizes only: smoltcp keeps RTT, RTO and
+//!   cwnd private. TCP_MAXSEG reads 536.
+//! - One congestion control per NSM (reno, cubic or none); TCP_CONGESTION can only name it.
+//! - Keepalive: smoltcp has one interval and no probe count: probes every
+//!   min(TCP_KEEPIDLE, TCP_KEEPINTVL) of idleness, gives up after TCP_KEEPIDLE + TCP_KEEPCNT x
+//!   TCP_KEEPINTVL of silence.
+//! - TIME_WAIT lasts smoltcp's 10 s, not 60 s.
+//! - IPv6 datagrams over the wire are not fragmented (EMSGSIZE past 1452 bytes); IPv4 ones
+//!   are. No IPv6 extension headers are looked into.
+//! - Options not listed in `opts.rs` are ENOPROTOOPT (IP_TOS, SO_REUSEPORT, multicast,
+//!   IP_PKTINFO and other ancillary data, SO_BINDTODEVICE...). SOCK_RAW is EPROTONOSUPPORT.
+//! - smoltcp sends one neighbour request per second per interface: the first contact with a
+//!   second neighbour (the IPv6 gateway right after the IPv4 one) can wait a second.
+//! - A veth peer with tx offload on hands over frames with partial checksums (completed here,
+//!   via PACKET_AUXDATA) and, with TSO, 64 KiB segments (taken as they come).
 
 pub mod config;
 pub mod device;
