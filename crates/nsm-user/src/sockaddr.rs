@@ -133,10 +133,6 @@ pub fn unmap(a: SocketAddr) -> SocketAddr {
     }
 }
 
-pub fn is_loopback(ip: IpAddr) -> bool {
-    ip.is_loopback()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,11 +1,10 @@
 //! UserStack: the state shared by all operations (interfaces, socket table, indexes, dirty
 //! sets) and the poll loop. The socket calls are in `tcp.rs`, `udp.rs` and `opts.rs`.
 
-use std::cell::RefCell;
 use std::collections::{HashSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::OwnedFd;
-use std::rc::Rc;
+use std::sync::{Arc, Mutex};
 
 use smoltcp::iface::{Config, Interface};
 use smoltcp::socket::tcp::{self, CongestionControl};
@@ -50,12 +49,17 @@ const UDP_PACKETS: usize = 256;
 /// A socket of the user stack. Dropping it closes the socket at the stack's next poll.
 pub struct Handle {
     pub(crate) id: usize,
-    grave: Rc<RefCell<Vec<usize>>>,
+    grave: Grave,
 }
+
+/// Ids of dropped handles. A mutex rather than a RefCell so that the stack and its handles
+/// can be built on one thread and run on another (the lock is taken once per drop and poll).
+type Grave = Arc<Mutex<Vec<usize>>>;
 
 impl Drop for Handle {
     fn drop(&mut self) {
-        self.grave.borrow_mut().push(self.id);
+        // A poisoned lock only means a panic elsewhere; the list itself is always whole.
+        self.grave.lock().unwrap_or_else(|e| e.into_inner()).push(self.id);
     }
 }
 
@@ -206,7 +210,7 @@ pub struct UserStack {
     pub(crate) lo_dev: LoopDevice,
     pub(crate) socks: Slab<Sock>,
     pub(crate) index: Index,
-    grave: Rc<RefCell<Vec<usize>>>,
+    grave: Grave,
     /// Sockets whose readiness may have changed since the last poll.
     pub(crate) dirty: HashSet<usize>,
     rng: u64,
@@ -319,7 +323,7 @@ impl UserStack {
             lo_dev,
             socks: Slab::default(),
             index: Index::default(),
-            grave: Rc::new(RefCell::new(Vec::new())),
+            grave: Arc::new(Mutex::new(Vec::new())),
             dirty: HashSet::new(),
             rng: seed | 1,
             refreshed: 0,
@@ -440,7 +444,7 @@ impl UserStack {
 
     /// Closes socket `id` whose handle was just dropped, rather than at the next poll.
     pub(crate) fn close_now(&mut self, id: usize) {
-        let mut g = self.grave.borrow_mut();
+        let mut g = self.grave.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(i) = g.iter().position(|&x| x == id) {
             g.swap_remove(i);
             drop(g);
@@ -450,7 +454,7 @@ impl UserStack {
 
     /// Closes the sockets whose handles were dropped.
     fn bury(&mut self) {
-        let ids: Vec<usize> = std::mem::take(&mut *self.grave.borrow_mut());
+        let ids: Vec<usize> = std::mem::take(&mut *self.grave.lock().unwrap_or_else(|e| e.into_inner()));
         for id in ids {
             self.close_id(id);
         }

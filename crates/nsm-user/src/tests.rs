@@ -907,6 +907,13 @@ fn random_packets_do_not_break_the_stack() {
 }
 
 #[test]
+fn a_stack_and_its_handles_can_move_to_another_thread() {
+    fn send<T: Send>() {}
+    send::<UserStack>();
+    send::<Handle>();
+}
+
+#[test]
 fn a_stack_is_small_to_move() {
     assert!(std::mem::size_of::<UserStack>() < 4096, "{}", std::mem::size_of::<UserStack>());
 }
