@@ -598,13 +598,15 @@ impl UserStack {
                         if p.flags & frame::RST != 0 {
                             c.saw_rst = true;
                         }
-                        // Data for a connection the guest closed: Linux answers with a RST
-                        // (tcp_rcv_state_process, "data after close"); so does smoltcp once
-                        // the socket is aborted.
-                        if s.orphan && p.payload > 0 && c.established {
+                        // Data for a connection whose receiving side is gone (closed, or
+                        // shut both ways): Linux answers with a RST and the socket, if any,
+                        // reads ECONNRESET (tcp_rcv_state_process on RCV_SHUTDOWN in
+                        // FIN_WAIT); smoltcp sends the RST once the socket is aborted.
+                        if (s.orphan || (c.rcv_shut && c.snd_shut)) && p.payload > 0 && c.established {
                             let sk = self.nets[c.ifx].get_mut::<tcp::Socket>(c.h);
                             if matches!(sk.state(), tcp::State::FinWait1 | tcp::State::FinWait2 | tcp::State::Closing) {
                                 sk.abort();
+                                c.saw_rst = true;
                                 return false;
                             }
                         }

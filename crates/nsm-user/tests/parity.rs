@@ -48,6 +48,7 @@ trait Api {
     fn getsockopt(&mut self, s: &Self::S, level: i32, name: i32) -> R<i32>;
     fn setsockopt(&mut self, s: &Self::S, level: i32, name: i32, v: &[u8]) -> R<()>;
     fn name(&mut self, s: &Self::S, peer: bool) -> R<SocketAddr>;
+    fn ioctl(&mut self, s: &Self::S, req: u64) -> R<i64>;
     fn close(&mut self, s: Self::S);
     /// Lets asynchronous things (handshakes, ACKs, FINs) finish.
     fn settle(&mut self);
@@ -157,6 +158,12 @@ impl Api for Kernel {
         rc(r)?;
         Ok(from_sa(&b[..l as usize]))
     }
+    fn ioctl(&mut self, s: &OwnedFd, req: u64) -> R<i64> {
+        let mut v: libc::c_int = 0;
+        // SAFETY: these ioctls write one int into v.
+        rc(unsafe { libc::ioctl(raw(s), req, &mut v as *mut libc::c_int) })?;
+        Ok(i64::from(v))
+    }
     fn close(&mut self, s: OwnedFd) {
         drop(s);
     }
@@ -230,6 +237,9 @@ impl Api for User {
         let mut b = [0u8; 28];
         let n = if peer { self.st.getpeername(s, &mut b)? } else { self.st.getsockname(s, &mut b)? };
         Ok(from_sa(&b[..n]))
+    }
+    fn ioctl(&mut self, s: &Handle, req: u64) -> R<i64> {
+        self.st.ioctl(s, req)
     }
     fn close(&mut self, s: Handle) {
         self.st.close(s);
@@ -373,6 +383,10 @@ fn tcp_scenarios<A: Api>(a: &mut A, port: u16, six: bool) -> Vec<String> {
     log!("send", a.send(&c, b"hello", None));
     a.settle();
     log!("readable mask", masks(a.mask(&s)));
+    log!("FIONREAD", a.ioctl(&s, 0x541b));
+    log!("TIOCOUTQ settled", a.ioctl(&c, 0x5411));
+    log!("listener FIONREAD", a.ioctl(&l, 0x541b));
+    log!("SIOCATMARK", a.ioctl(&s, 0x8905));
     log!("peek", a.recv(&s, 3, libc::MSG_PEEK));
     log!("recv", a.recv(&s, 16, 0));
     log!("recv oob", a.recv(&s, 16, libc::MSG_OOB));
@@ -462,6 +476,35 @@ fn tcp_scenarios<A: Api>(a: &mut A, port: u16, six: bool) -> Vec<String> {
     a.close(c);
     log!("SO_ACCEPTCONN listener", a.getsockopt(&l, libc::SOL_SOCKET, libc::SO_ACCEPTCONN));
 
+    // Closing with unread data resets the connection.
+    let c = a.socket(inet, stream).unwrap();
+    let _ = a.connect(&c, &at);
+    a.settle();
+    let s = a.accept(&l).unwrap();
+    log!("unread send", a.send(&c, b"never read", None));
+    a.settle();
+    a.close(s);
+    a.settle();
+    log!("unread-close mask", masks(a.mask(&c)));
+    log!("unread-close recv", a.recv(&c, 16, 0));
+    a.close(c);
+
+    // shutdown(SHUT_RDWR) on one side.
+    let c = a.socket(inet, stream).unwrap();
+    let _ = a.connect(&c, &at);
+    a.settle();
+    let s = a.accept(&l).unwrap();
+    log!("shutdown rdwr", a.shutdown(&c, libc::SHUT_RDWR));
+    a.settle();
+    log!("rdwr mask", masks(a.mask(&c)));
+    log!("rdwr peer mask", masks(a.mask(&s)));
+    log!("rdwr peer send", a.send(&s, b"x", None));
+    a.settle();
+    log!("rdwr recv", a.recv(&c, 4, 0));
+    log!("rdwr mask after", masks(a.mask(&c)));
+    a.close(s);
+    a.close(c);
+
     // TIME_WAIT: the side that closes first keeps the port; SO_REUSEADDR gets past it.
     let c = a.socket(inet, stream).unwrap();
     let _ = a.connect(&c, &at);
@@ -504,6 +547,35 @@ fn tcp_scenarios<A: Api>(a: &mut A, port: u16, six: bool) -> Vec<String> {
     log!("reuseaddr 3", a.setsockopt(&x, libc::SOL_SOCKET, libc::SO_REUSEADDR, &one));
     log!("bind over reusable time-wait with reuseaddr", a.bind(&x, &at2));
     log!("listen there", a.listen(&x, 1));
+    a.close(x);
+
+    if six {
+        // A dual-stack listener takes IPv4 and names it v4-mapped; IPV6_V6ONLY after bind
+        // is refused.
+        let port3 = free_port();
+        let d = a.socket(inet, stream).unwrap();
+        log!("dual bind", a.bind(&d, &format!("[::]:{port3}")));
+        log!("v6only after bind", a.setsockopt(&d, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, &one));
+        log!("dual listen", a.listen(&d, 4));
+        let c4 = a.socket(libc::AF_INET, stream).unwrap();
+        log!("v4 to dual", a.connect(&c4, &format!("127.0.0.1:{port3}")));
+        let c6 = a.socket(inet, stream).unwrap();
+        log!("mapped to dual", a.connect(&c6, &format!("[::ffff:127.0.0.1]:{port3}")));
+        a.settle();
+        for _ in 0..2 {
+            match a.accept(&d) {
+                Ok(s) => {
+                    log!("dual accepted peer", a.name(&s, true).map(|p| p.ip()));
+                    log!("dual accepted name ip", a.name(&s, false).map(|n| n.ip()));
+                }
+                Err(e) => log!("dual accept", e),
+            }
+        }
+        log!("mapped client name ip", a.name(&c6, false).map(|n| n.ip()));
+        let o = a.socket(inet, stream).unwrap();
+        log!("v6only", a.setsockopt(&o, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, &one));
+        log!("v6only to mapped", a.connect(&o, &format!("[::ffff:127.0.0.1]:{port3}")));
+    }
     t
 }
 
