@@ -50,6 +50,9 @@
 //!   are. No IPv6 extension headers are looked into.
 //! - Options not listed in `opts.rs` are ENOPROTOOPT (IP_TOS, SO_REUSEPORT, multicast,
 //!   IP_PKTINFO and other ancillary data, SO_BINDTODEVICE...). SOCK_RAW is EPROTONOSUPPORT.
+//! - Datagrams (and segments) that different sockets queue between two polls leave in socket
+//!   order, not in the order the sends happened; Linux sends within the call. Each socket's
+//!   own order is kept.
 //! - smoltcp sends one neighbour request per second per interface: the first contact with a
 //!   second neighbour (the IPv6 gateway right after the IPv4 one) can wait a second.
 //! - A veth peer with tx offload on hands over frames with partial checksums (completed here,
