@@ -254,9 +254,19 @@ impl UserStack {
     }
 
     /// Hands a live smoltcp connection to an orphan entry (the socket goes back to Idle).
-    fn orphan_conn(&mut self, c: Conn) {
+    fn orphan_conn(&mut self, id: usize, c: Conn) {
         let t = (frame::TCP, c.local, c.remote);
         let (ifx, h) = (c.ifx, c.h);
+        let sk = self.nets[ifx].get::<tcp::Socket>(h);
+        if sk.state() == tcp::State::Closed && sk.local_endpoint().is_none() {
+            // Over and with nothing left to send: no orphan needed, and the tuple is free for
+            // a new attempt from the same port.
+            self.nets[ifx].remove(h);
+            if self.index.tuples.get(&t) == Some(&id) {
+                self.index.tuples.remove(&t);
+            }
+            return;
+        }
         let o = Sock {
             family: Family::V4,
             proto: Proto::Tcp,
@@ -299,7 +309,7 @@ impl UserStack {
                     let St::Tcp(c) = std::mem::replace(&mut s.st, St::Idle) else { unreachable!() };
                     let sk = self.tcp(c.ifx, c.h);
                     sk.abort();
-                    self.orphan_conn(c);
+                    self.orphan_conn(id, c);
                     return Ok(());
                 }
                 if c.dead {
@@ -313,7 +323,7 @@ impl UserStack {
                     }
                     // A failed attempt already reported: connect again from scratch.
                     let St::Tcp(c) = std::mem::replace(&mut s.st, St::Idle) else { unreachable!() };
-                    self.orphan_conn(c);
+                    self.orphan_conn(id, c);
                 } else if !c.established {
                     return Err(libc::EALREADY);
                 } else if !c.connect_reported {
@@ -508,7 +518,7 @@ impl UserStack {
                     let St::Tcp(c) = std::mem::replace(&mut s.st, St::Idle) else { unreachable!() };
                     let sk = self.tcp(c.ifx, c.h);
                     sk.abort();
-                    self.orphan_conn(c);
+                    self.orphan_conn(id, c);
                     return Ok(());
                 }
                 c.rcv_shut |= rd;

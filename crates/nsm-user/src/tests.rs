@@ -234,6 +234,16 @@ fn connection_refused_by_rst() {
     n.run(20);
     assert_eq!(n.a.connect(&c, &sa("10.77.0.3:81")), Err(libc::ECONNREFUSED));
     assert_eq!(n.a.recv(&c, &mut [0; 4], 0, &mut []), Ok((0, 0)));
+    // The socket may try again (same port, same peer), and be refused again.
+    assert_eq!(n.a.connect(&c, &sa("10.77.0.3:81")), Err(libc::EINPROGRESS));
+    n.run(20);
+    assert_eq!(n.a.connect(&c, &sa("10.77.0.3:81")), Err(libc::ECONNREFUSED));
+    // And succeed once someone listens.
+    let l = listener(&mut n.b, "0.0.0.0:81", 1);
+    assert_eq!(n.a.connect(&c, &sa("10.77.0.3:81")), Err(libc::EINPROGRESS));
+    n.run(20);
+    assert_eq!(n.a.connect(&c, &sa("10.77.0.3:81")), Ok(()));
+    assert!(n.b.accept(&l, &mut [0; 16]).is_ok());
 }
 
 #[test]
@@ -966,4 +976,29 @@ fn throughput() {
         let secs = t.elapsed().as_secs_f64();
         eprintln!("{name}: {:.0} MB/s ({:.2} Gbit/s)", total as f64 / secs / 1e6, total as f64 * 8.0 / secs / 1e9);
     }
+}
+
+#[test]
+fn idle_stack_sleeps() {
+    let mut n = Net::new();
+    let l = listener(&mut n.b, "0.0.0.0:7012", 4);
+    let (c, s, _) = connect_pair(&mut n, &l, "10.77.0.3:7012");
+    send_all(&mut n.a, &c, b"x");
+    n.run(500);
+    assert_eq!(recv_str(&mut n.b, &s).unwrap(), "x");
+    n.run(500);
+    // Nothing in flight: the stacks ask to be polled not before a second from now (the
+    // neighbour cache's own timers), or never.
+    for st in [&mut n.a, &mut n.b] {
+        n.now += Duration::from_millis(1);
+        let next = st.poll(n.now, false, &mut Vec::new());
+        assert!(next.is_none_or(|t| t >= n.now + Duration::from_millis(900)), "{:?}", next.map(|t| t - n.now));
+    }
+    // A peer's close is reported once, with RDHUP.
+    n.a.watch(&c, 1).unwrap();
+    n.run(2);
+    n.ra.clear();
+    n.b.close(s);
+    n.run(5);
+    assert_eq!(n.ra, vec![Ready { key: 1, events: IN | OUT | RDHUP }]);
 }
