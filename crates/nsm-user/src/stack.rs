@@ -34,6 +34,11 @@ const LO_ROUNDS: usize = 64;
 /// How long a passive handshake may take (tcp_synack_retries = 5: 63 s).
 const SYNACK_TIMEOUT_S: u64 = 63;
 
+/// How long unacknowledged data or FIN is retransmitted (tcp_retries2 = 15: 924.6 s).
+const RETRIES2_TIMEOUT: smoltcp::time::Duration = smoltcp::time::Duration::from_millis(924_600);
+/// How long a closed socket waits in FIN-WAIT-2 for the peer's FIN (tcp_fin_timeout).
+const FIN_TIMEOUT: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(60);
+
 /// Linux's ephemeral port range (net.ipv4.ip_local_port_range).
 pub const EPHEMERAL: std::ops::RangeInclusive<u16> = 32768..=60999;
 
@@ -142,6 +147,8 @@ pub struct Conn {
     pub peer_fin: bool,
     /// smoltcp closed the connection: the socket is TCP_CLOSE.
     pub dead: bool,
+    /// When an orphan was first seen closed with its RST still unsent.
+    pub closed_at: Option<SInstant>,
     pub rcv_shut: bool,
     pub snd_shut: bool,
 }
@@ -219,6 +226,8 @@ pub struct UserStack {
     pub(crate) fragmenting: bool,
     /// The last read stopped at RX_BATCH frames.
     rx_pending: bool,
+    /// The time of the current (or last) poll.
+    now: SInstant,
     /// Sockets looked at by polls so far (the cost the dirty sets keep small).
     refreshed: u64,
 }
@@ -329,6 +338,7 @@ impl UserStack {
             refreshed: 0,
             fragmenting: false,
             rx_pending: false,
+            now: SInstant::ZERO,
         })
     }
 
@@ -536,6 +546,7 @@ impl UserStack {
                         saw_rst: false,
                         peer_fin: false,
                         dead: false,
+                        closed_at: None,
                         rcv_shut: false,
                         snd_shut: false,
                     }),
@@ -716,6 +727,7 @@ impl UserStack {
     ) -> Option<std::time::Instant> {
         self.bury();
         let ts = self.ts(now);
+        self.now = ts;
         let mut more = false;
         // After a batch cut short the fd may still hold frames though the driver's epoll
         // (edge-triggered or not) does not say so again: read on.
@@ -903,6 +915,37 @@ impl UserStack {
                 }
                 let transitional =
                     !matches!(state, tcp::State::Established | tcp::State::CloseWait | tcp::State::Closed);
+                // smoltcp retransmits for ever: give up as Linux does. Unacknowledged data or
+                // FIN: tcp_retries2 (about 15 minutes without an ACK); an orphan in FIN-WAIT-2:
+                // tcp_fin_timeout. Not on an idle connection, which lives for ever (smoltcp's
+                // timeout counts silence, so it is set only while something is outstanding).
+                if c.established && !s.opts.keepalive && state != tcp::State::Closed {
+                    use tcp::State as T;
+                    let sk = self.nets[ifx].shards[h.sh].set.get::<tcp::Socket>(h.h);
+                    let want = if s.orphan && state == T::FinWait2 {
+                        Some(FIN_TIMEOUT)
+                    } else if sk.send_queue() > 0 || matches!(state, T::FinWait1 | T::Closing | T::LastAck) {
+                        Some(RETRIES2_TIMEOUT)
+                    } else {
+                        None
+                    };
+                    if sk.timeout() != want {
+                        self.nets[ifx].get_mut::<tcp::Socket>(h).set_timeout(want);
+                    }
+                    if want.is_some() {
+                        self.nets[ifx].time(h, id);
+                    }
+                }
+                // A closed orphan whose last RST cannot go out (the peer's link address
+                // expired and it answers no more) is not kept for ever: Linux sends none on a
+                // timeout either.
+                let mut gone = gone;
+                if s.orphan && state == tcp::State::Closed && !gone {
+                    match c.closed_at {
+                        None => c.closed_at = Some(self.now),
+                        Some(t) => gone = self.now >= t + smoltcp::time::Duration::from_secs(3),
+                    }
+                }
                 if s.orphan && gone {
                     let (l, r, bound) = (c.local, c.remote, s.bound);
                     self.nets[ifx].remove(h);

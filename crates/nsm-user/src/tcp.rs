@@ -234,6 +234,7 @@ impl UserStack {
                 saw_rst: p.saw_rst,
                 peer_fin: false,
                 dead: false,
+                closed_at: None,
                 rcv_shut: false,
                 snd_shut: false,
             }),
@@ -408,6 +409,7 @@ impl UserStack {
             saw_rst: false,
             peer_fin: false,
             dead: false,
+            closed_at: None,
             rcv_shut: false,
             snd_shut: false,
         });

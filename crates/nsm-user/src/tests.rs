@@ -1002,3 +1002,53 @@ fn idle_stack_sleeps() {
     n.run(5);
     assert_eq!(n.ra, vec![Ready { key: 1, events: IN | OUT | RDHUP }]);
 }
+
+#[test]
+fn a_vanished_peer_times_out() {
+    let mut n = Net::new();
+    let l = listener(&mut n.b, "0.0.0.0:7013", 4);
+    let (c, s, _) = connect_pair(&mut n, &l, "10.77.0.3:7013");
+    let (c2, _s2, _) = connect_pair(&mut n, &l, "10.77.0.3:7013");
+    // c2 stays idle; c has data in flight when B goes silent (no more polls).
+    send_all(&mut n.a, &c, b"lost");
+    for _ in 0..1000 {
+        n.now += Duration::from_secs(1);
+        n.a.poll(n.now, false, &mut n.ra);
+    }
+    assert_eq!(n.a.recv(&c, &mut [0; 4], 0, &mut []), Err(libc::ETIMEDOUT));
+    assert_eq!(n.a.poll_mask(&c2), OUT, "an idle connection lives on");
+    drop(s);
+
+    // An orphan in FIN-WAIT-2 (the peer acknowledged our FIN but never sends its own) is
+    // gone after tcp_fin_timeout.
+    let mut n = Net::new();
+    let l = listener(&mut n.b, "0.0.0.0:7014", 4);
+    let (c, _s, _) = connect_pair(&mut n, &l, "10.77.0.3:7014");
+    let before = n.a.socket_count();
+    n.a.close(c);
+    n.run(50);
+    assert_eq!(n.a.socket_count(), before, "still closing");
+    // B stays alive (and answers ARP) but never closes.
+    for _ in 0..70 {
+        n.now += Duration::from_secs(1);
+        n.a.poll(n.now, true, &mut n.ra);
+        n.b.poll(n.now, true, &mut n.rb);
+    }
+    assert_eq!(n.a.socket_count(), before - 1);
+}
+
+#[test]
+fn an_orphan_of_a_vanished_peer_is_reaped() {
+    // A closes with data in flight, and B is gone for good (not even ARP): A's orphan times
+    // out, cannot send its RST, and is freed anyway.
+    let mut n = Net::new();
+    let l = listener(&mut n.b, "0.0.0.0:7015", 4);
+    let (c, _s, _) = connect_pair(&mut n, &l, "10.77.0.3:7015");
+    send_all(&mut n.a, &c, b"lost");
+    n.a.close(c);
+    for _ in 0..1000 {
+        n.now += Duration::from_secs(1);
+        n.a.poll(n.now, true, &mut n.ra);
+    }
+    assert_eq!(n.a.socket_count(), 0);
+}
