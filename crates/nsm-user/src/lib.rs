@@ -46,6 +46,10 @@
 //!   min(TCP_KEEPIDLE, TCP_KEEPINTVL) of idleness, gives up after TCP_KEEPIDLE + TCP_KEEPCNT x
 //!   TCP_KEEPINTVL of silence.
 //! - TIME_WAIT lasts smoltcp's 10 s, not 60 s.
+//! - smoltcp retransmits for ever; the stack sets its timeout while data or a FIN is
+//!   outstanding (tcp_retries2's 924.6 s, then ETIMEDOUT), for an orphan in FIN-WAIT-2
+//!   (tcp_fin_timeout, 60 s), for a handshake (127 s active, 63 s passive). The timeout counts
+//!   silence since the last segment received, not retransmissions.
 //! - IPv6 datagrams over the wire are not fragmented (EMSGSIZE past 1452 bytes); IPv4 ones
 //!   are. No IPv6 extension headers are looked into.
 //! - Options not listed in `opts.rs` are ENOPROTOOPT (IP_TOS, SO_REUSEPORT, multicast,
