@@ -1052,3 +1052,32 @@ fn an_orphan_of_a_vanished_peer_is_reaped() {
     }
     assert_eq!(n.a.socket_count(), 0);
 }
+
+#[test]
+fn a_full_send_buffer_reports_pollout_when_it_drains() {
+    let mut n = Net::new();
+    let l = listener(&mut n.b, "0.0.0.0:7016", 4);
+    let (c, s, _) = connect_pair(&mut n, &l, "10.77.0.3:7016");
+    n.a.watch(&c, 9).unwrap();
+    n.run(2);
+    let big = vec![1u8; 1 << 20];
+    let mut sent = 0;
+    while let Ok(k) = n.a.send(&c, &big, 0, &[]) {
+        sent += k;
+    }
+    assert_eq!(n.a.send(&c, &big, 0, &[]), Err(libc::EAGAIN));
+    assert_eq!(n.a.poll_mask(&c) & OUT, 0, "full after {sent} bytes");
+    n.ra.clear();
+    // B reads everything; A's buffer drains and A hears of it.
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got = 0;
+    for _ in 0..200 {
+        n.run(1);
+        while let Ok((k, _)) = n.b.recv(&s, &mut buf, 0, &mut []) {
+            got += k;
+        }
+    }
+    assert_eq!(got, sent);
+    assert!(n.ra.iter().any(|r| r.key == 9 && r.events & OUT != 0), "{:?}", n.ra);
+    assert_eq!(n.a.poll_mask(&c), OUT);
+}
