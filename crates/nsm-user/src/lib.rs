@@ -86,7 +86,7 @@ pub use config::{ConfigError, Link, UserConfig};
 pub use device::{open_link, open_packet, open_tap};
 pub use stack::{Handle, UserStack};
 
-use seam::{Errno, Ready, Stack, TcpStats};
+use seam::{Errno, Ready, Received, Stack, TcpStats};
 use stack::Proto;
 
 impl Stack for UserStack {
@@ -132,6 +132,31 @@ impl Stack for UserStack {
             // A stream socket reports no source address (msg_namelen 0).
             Proto::Tcp => self.tcp_recv(s.id, buf, flags).map(|n| (n, 0)),
             Proto::Udp => self.udp_recv(s.id, buf, flags, from),
+        }
+    }
+
+    /// No ancillary data in this stack; msg_flags carries MSG_TRUNC for a datagram cut short,
+    /// as Linux's does.
+    fn recvmsg(
+        &mut self,
+        s: &Handle,
+        buf: &mut [u8],
+        flags: i32,
+        from: &mut [u8],
+        control: &mut [u8],
+    ) -> Result<Received, Errno> {
+        let _ = control;
+        match self.sock(s.id)?.proto {
+            Proto::Tcp => {
+                let (len, from_len) = self.recv(s, buf, flags, from)?;
+                Ok(Received { len, from_len, control_len: 0, flags: 0 })
+            }
+            Proto::Udp => {
+                let (full, from_len) = self.udp_recv(s.id, buf, flags | libc::MSG_TRUNC, from)?;
+                let cut = full > buf.len();
+                let len = if flags & libc::MSG_TRUNC != 0 { full } else { full.min(buf.len()) };
+                Ok(Received { len, from_len, control_len: 0, flags: if cut { libc::MSG_TRUNC } else { 0 } })
+            }
         }
     }
 

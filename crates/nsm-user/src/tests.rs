@@ -514,6 +514,8 @@ fn udp_sendto_recvfrom_connect() {
     let mut from = [0u8; 16];
     // MSG_TRUNC reports the datagram's real length; the rest of it is gone.
     assert_eq!(n.b.recv(&srv, &mut b, libc::MSG_TRUNC | libc::MSG_PEEK, &mut from), Ok((5, 16)));
+    let r = n.b.recvmsg(&srv, &mut b, libc::MSG_PEEK, &mut from, &mut []).unwrap();
+    assert_eq!((r.len, r.from_len, r.control_len, r.flags), (3, 16, 0, libc::MSG_TRUNC));
     assert_eq!(n.b.recv(&srv, &mut b, 0, &mut from), Ok((3, 16)));
     assert_eq!(read_sa(Family::V4, &from), SocketAddr::new("10.77.0.2".parse().unwrap(), me.port()));
     assert_eq!(n.b.recv(&srv, &mut b, 0, &mut from), Err(libc::EAGAIN));

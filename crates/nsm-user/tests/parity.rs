@@ -253,11 +253,22 @@ impl Api for User {
     }
 }
 
-/// A listener on 127.0.0.1 at a port free on this machine (the same number is then used on
-/// the user stack, where everything is free).
+/// A port free on this machine for TCP and UDP on every address, below the ephemeral range
+/// so that no connect() of a test running alongside takes it meanwhile.
 fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = 20_000 + (std::process::id() % 5_000) as u16;
+    loop {
+        let p = base + NEXT.fetch_add(7, Ordering::Relaxed) % 12_000;
+        let t = std::net::TcpListener::bind(("::", p));
+        let u = std::net::UdpSocket::bind(("::", p));
+        let t4 = std::net::TcpListener::bind(("0.0.0.0", p));
+        // [::] may be v6-only on some systems: then the IPv4 wildcard must be free too.
+        if t.is_ok() && u.is_ok() && (t4.is_ok() || t4.err().and_then(|e| e.raw_os_error()) == Some(libc::EADDRINUSE)) {
+            return p;
+        }
+    }
 }
 
 fn masks(m: u32) -> String {
@@ -668,7 +679,9 @@ fn compare(name: &str, kernel: Vec<String>, user: Vec<String>) {
             bad.push(format!("  linux: {k}\n  user:  {u}"));
         }
     }
-    assert_eq!(kernel.len(), user.len());
+    if kernel.len() != user.len() {
+        bad.push(format!("  linux has {} lines, user {}", kernel.len(), user.len()));
+    }
     assert!(bad.is_empty(), "{name}: the user stack differs from Linux in {} places:\n{}", bad.len(), bad.join("\n"));
 }
 
