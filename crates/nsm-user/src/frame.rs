@@ -82,6 +82,19 @@ pub fn peek_ip(p: &[u8]) -> Option<Peek> {
     Some(Peek { proto, src: SocketAddr::new(src, sport), dst: SocketAddr::new(dst, dport), flags, payload })
 }
 
+/// Whether an Ethernet frame can teach the interface a neighbour's link address (ARP, or an
+/// ICMPv6 neighbour solicitation or advertisement): sockets of any set may be waiting for one.
+pub fn resolves_neighbour(f: &[u8]) -> bool {
+    if f.len() < 14 {
+        return false;
+    }
+    match u16::from_be_bytes([f[12], f[13]]) {
+        0x0806 => true,
+        0x86dd => f.len() > 54 && f[14 + 6] == 58 && matches!(f[14 + 40], 135 | 136),
+        _ => false,
+    }
+}
+
 /// An ICMP "destination unreachable" about a packet we sent: (protocol, our address, the
 /// address it was sent to, the errno Linux reports for it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -257,6 +270,7 @@ mod tests {
             let _ = ip_of_ethernet(&f).map(peek_icmp_error);
             let _ = peek_ip(&f);
             let _ = peek_icmp_error(&f);
+            let _ = resolves_neighbour(&f);
             complete_checksum(&mut f);
         }
     }

@@ -786,8 +786,8 @@ impl UserStack {
     }
 
     /// Hands received packets to the socket sets their 4-tuples hash to (after `note`). Returns
-    /// whether one was not TCP or UDP (ARP, NDP, ICMP): interface-wide news, such as a
-    /// resolved neighbour that sockets of any set may be waiting for.
+    /// whether one may have resolved a neighbour (ARP, NDP) that sockets of any set may be
+    /// waiting for.
     fn route_frames(&mut self, ifx: usize, frames: VecDeque<Vec<u8>>) -> bool {
         let mut wake_all = false;
         for f in frames {
@@ -808,7 +808,8 @@ impl UserStack {
                     if let Some(e) = ip.and_then(frame::peek_icmp_error) {
                         self.note_icmp(e);
                     }
-                    wake_all = true;
+                    // Only the wire has neighbours; a ping or a fragment concerns set 0 alone.
+                    wake_all |= ifx == EXT && frame::resolves_neighbour(&f);
                     SHARD0
                 }
             };
