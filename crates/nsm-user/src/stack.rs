@@ -205,6 +205,9 @@ pub struct Sock {
     pub arrived: bool,
     /// Closed by the guest; the stack keeps it until its connection is over.
     pub orphan: bool,
+    /// Bound by connect() to an ephemeral port, which other connects may share as long as
+    /// the 4-tuples differ (Linux's __inet_hash_connect); bind() may not.
+    pub conn_port: bool,
 }
 
 pub struct UserStack {
@@ -420,6 +423,22 @@ impl UserStack {
             .find(|&p| !self.index.port_used(proto.num(), p))
     }
 
+    /// Whether connect() may give `port` to a connection from `local` to `remote`: nobody
+    /// bind()s it (only other connects hold it) and the 4-tuple is new.
+    pub(crate) fn connect_port_ok(&self, port: u16, local: IpAddr, remote: SocketAddr) -> bool {
+        self.index.on_port(frame::TCP, port).iter().all(|&o| self.socks.get(o).is_some_and(|s| s.conn_port))
+            && !self.index.tuples.contains_key(&(frame::TCP, SocketAddr::new(local, port), remote))
+    }
+
+    /// An ephemeral port for a connection from `local` to `remote`.
+    pub(crate) fn ephemeral_connect(&mut self, local: IpAddr, remote: SocketAddr) -> Option<u16> {
+        let span = u32::from(EPHEMERAL.end() - EPHEMERAL.start()) + 1;
+        let start = (self.rand() % u64::from(span)) as u32;
+        (0..span)
+            .map(|i| EPHEMERAL.start() + ((start + i) % span) as u16)
+            .find(|&p| self.connect_port_ok(p, local, remote))
+    }
+
     pub(crate) fn tcp_buffers(&self, o: &Opts) -> (usize, usize) {
         (o.rcvbuf.unwrap_or(TCP_RX_DEFAULT), o.sndbuf.unwrap_or(TCP_TX_DEFAULT))
     }
@@ -555,6 +574,7 @@ impl UserStack {
                     reported: None,
                     arrived: false,
                     orphan: true,
+                    conn_port: false,
                 };
                 let oid = self.socks.insert(o);
                 self.nets[p.ifx].time(p.h, oid);

@@ -82,6 +82,7 @@ impl UserStack {
             reported: None,
             arrived: false,
             orphan: false,
+            conn_port: false,
         }))
     }
 
@@ -243,6 +244,7 @@ impl UserStack {
             reported: None,
             arrived: false,
             orphan: false,
+            conn_port: false,
         });
         if self.index.tuples.get(&(frame::TCP, p.tuple.0, p.tuple.1)) == Some(&id) {
             self.index.tuples.remove(&(frame::TCP, p.tuple.0, p.tuple.1));
@@ -279,6 +281,7 @@ impl UserStack {
             reported: None,
             arrived: false,
             orphan: true,
+            conn_port: false,
         };
         let oid = self.socks.insert(o);
         self.index.tuples.insert(t, oid);
@@ -322,8 +325,15 @@ impl UserStack {
                     if c.established {
                         return Err(libc::EISCONN);
                     }
-                    // A failed attempt already reported: connect again from scratch.
+                    // A failed attempt already reported: connect again from scratch. A port
+                    // the failed connect chose is given back, as Linux's inet_put_port does.
                     let St::Tcp(c) = std::mem::replace(&mut s.st, St::Idle) else { unreachable!() };
+                    if s.conn_port {
+                        s.conn_port = false;
+                        if let Some(b) = s.bound.take() {
+                            self.index.unbind(frame::TCP, b.port(), id);
+                        }
+                    }
                     self.orphan_conn(id, c);
                 } else if !c.established {
                     return Err(libc::EALREADY);
@@ -378,9 +388,11 @@ impl UserStack {
         let port = match bound {
             Some(b) => b.port(),
             None => {
-                let p = self.ephemeral(Proto::Tcp).ok_or(libc::EADDRNOTAVAIL)?;
+                let p = self.ephemeral_connect(local_ip, dst).ok_or(libc::EADDRNOTAVAIL)?;
                 self.index.bind(frame::TCP, p, id);
-                self.sock(id)?.bound = Some(SocketAddr::new(family.unspecified().ip(), p));
+                let s = self.sock(id)?;
+                s.bound = Some(SocketAddr::new(local_ip, p));
+                s.conn_port = true;
                 p
             }
         };

@@ -1083,3 +1083,23 @@ fn a_full_send_buffer_reports_pollout_when_it_drains() {
     assert!(n.ra.iter().any(|r| r.key == 9 && r.events & OUT != 0), "{:?}", n.ra);
     assert_eq!(n.a.poll_mask(&c), OUT);
 }
+
+#[test]
+fn connects_share_ephemeral_ports_binds_do_not() {
+    let mut n = Net::new();
+    let l = listener(&mut n.b, "0.0.0.0:7017", 4);
+    let (c, _s, _) = connect_pair(&mut n, &l, "10.77.0.3:7017");
+    let mut name = [0u8; 16];
+    n.a.getsockname(&c, &mut name).unwrap();
+    let me = read_sa(Family::V4, &name);
+    assert_eq!(me.ip().to_string(), "10.77.0.2", "connect binds the source address too");
+    let other: SocketAddr = "10.77.0.3:7018".parse().unwrap();
+    let same: SocketAddr = "10.77.0.3:7017".parse().unwrap();
+    assert!(n.a.connect_port_ok(me.port(), me.ip(), other), "another peer may share the port");
+    assert!(!n.a.connect_port_ok(me.port(), me.ip(), same), "the same 4-tuple may not");
+    let x = tcp(&mut n.a);
+    assert_eq!(n.a.bind(&x, &sa(&format!("0.0.0.0:{}", me.port()))), Err(libc::EADDRINUSE));
+    let y = tcp(&mut n.a);
+    n.a.bind(&y, &sa("0.0.0.0:40000")).unwrap();
+    assert!(!n.a.connect_port_ok(40000, me.ip(), other), "a bound port is not for connects");
+}
