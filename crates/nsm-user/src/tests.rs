@@ -753,13 +753,19 @@ fn many_connections_cost_little_per_packet() {
 #[test]
 #[ignore]
 fn scale_10k_connections() {
+    for total in [100, 10_000] {
+        scale_with(total);
+    }
+}
+
+fn scale_with(total: usize) {
     let mut n = Net::new();
     let l = listener(&mut n.a, "127.0.0.1:7011", 4096);
     let mut cs = Vec::new();
     let mut ss = Vec::new();
     let mut pa = [0u8; 16];
-    for _ in 0..10 {
-        for _ in 0..1000 {
+    for _ in 0..total.div_ceil(1000) {
+        for _ in 0..total.min(1000) {
             let c = tcp(&mut n.a);
             assert_eq!(n.a.connect(&c, &sa("127.0.0.1:7011")), Err(libc::EINPROGRESS));
             cs.push(c);
@@ -769,7 +775,7 @@ fn scale_10k_connections() {
             ss.push(s);
         }
     }
-    assert_eq!(ss.len(), 10_000);
+    assert_eq!(ss.len(), total);
     // Accepted in SYN order, which is not connect order: pair them by port.
     let mut by_port = std::collections::HashMap::new();
     for s in &ss {
@@ -778,21 +784,25 @@ fn scale_10k_connections() {
         by_port.insert(read_sa(Family::V4, &a).port(), s);
     }
     n.run(100);
-    let t = Instant::now();
-    let rounds = 200;
+    // The best of five batches: the machine is shared.
+    let mut per = Duration::MAX;
     let mut b = [0u8; 8];
-    for i in 0..rounds {
-        let c = &cs[i * 37 % 10_000];
-        let mut a = [0u8; 16];
-        n.a.getsockname(c, &mut a).unwrap();
-        let s = by_port[&read_sa(Family::V4, &a).port()];
-        send_all(&mut n.a, c, b"x");
-        n.now += Duration::from_millis(1);
-        n.a.poll(n.now, false, &mut n.ra);
-        assert_eq!(n.a.recv(s, &mut b, 0, &mut []), Ok((1, 0)));
+    for batch in 0..5 {
+        let t = Instant::now();
+        let rounds = 200;
+        for i in 0..rounds {
+            let c = &cs[(batch * rounds + i) * 37 % total];
+            let mut a = [0u8; 16];
+            n.a.getsockname(c, &mut a).unwrap();
+            let s = by_port[&read_sa(Family::V4, &a).port()];
+            send_all(&mut n.a, c, b"x");
+            n.now += Duration::from_millis(1);
+            n.a.poll(n.now, false, &mut n.ra);
+            assert_eq!(n.a.recv(s, &mut b, 0, &mut []), Ok((1, 0)));
+        }
+        per = per.min(t.elapsed() / rounds as u32);
     }
-    let per = t.elapsed() / rounds as u32;
-    eprintln!("10k connections: {per:?} per one-segment poll (send, deliver, ACK)");
+    eprintln!("{total} connections: {per:?} per one-segment poll (send, deliver, ACK)");
 }
 
 /// Hostile traffic: random TCP/UDP/ICMP packets (valid checksums, so smoltcp looks at them
