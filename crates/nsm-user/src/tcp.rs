@@ -189,16 +189,17 @@ impl UserStack {
             St::Idle => {}
             St::Tcp(_) | St::Udp(_) => return Err(libc::EINVAL),
         }
-        let b = match s.bound {
+        match s.bound {
             Some(b) => {
                 if self.conflicts(id, b.ip(), b.port(), true) {
                     return Err(libc::EADDRINUSE);
                 }
-                b
             }
-            None => self.autobind(id)?,
-        };
-        let _ = b;
+            // listen() on an unbound socket takes an ephemeral port, as inet_listen does.
+            None => {
+                self.autobind(id)?;
+            }
+        }
         self.sock(id)?.st = St::Listen { backlog, pending: Vec::new() };
         self.dirty.insert(id);
         Ok(())

@@ -22,7 +22,6 @@ impl UserStack {
         let s = self.sock(id)?;
         let Some(b) = s.bound else { return Err(libc::EINVAL) };
         let opts = s.opts.clone();
-        let family = s.family;
         let St::Udp(u) = &s.st else { return Err(libc::EINVAL) };
         let have = u.h;
         let on_ext = !b.ip().is_loopback();
@@ -42,7 +41,6 @@ impl UserStack {
             sk.bind(ep).map_err(|_| libc::EINVAL)?;
             *slot = Some(self.nets[ifx].add(SHARD0, sk));
         }
-        let _ = family;
         if let St::Udp(u) = &mut self.sock(id)?.st {
             u.h = h;
         }
