@@ -1016,7 +1016,12 @@ impl UserStack {
                     i += 1;
                 }
             }
-            St::Idle | St::Udp(_) => {}
+            // Datagrams the socket must not see (a stranger's on a connected socket, IPv6 on
+            // an AF_INET one) go before they make it look readable: Linux never queues them.
+            St::Udp(_) => {
+                self.udp_purge(id);
+            }
+            St::Idle => {}
         }
     }
 

@@ -537,6 +537,10 @@ fn udp_sendto_recvfrom_connect() {
     n.run(2);
     assert_eq!(n.a.recv(&cl, &mut bb, 0, &mut []), Ok((2, 0)));
     assert_eq!(n.a.recv(&cl, &mut bb, 0, &mut []), Err(libc::EAGAIN));
+    // A stranger's datagram alone does not make a connected socket readable.
+    assert_eq!(n.b.send(&stranger, b"spam", 0, &sa(&format!("10.77.0.2:{}", me.port()))), Ok(4));
+    n.run(2);
+    assert_eq!(n.a.poll_mask(&cl), OUT);
     assert_eq!(n.a.send(&cl, b"hi", 0, &[]), Ok(2));
     assert_eq!(n.a.send(&cl, &vec![0; 65508], 0, &[]), Err(libc::EMSGSIZE));
     assert_eq!(n.a.send(&cl, b"b", 0, &sa("10.77.0.255:9")), Err(libc::EACCES));

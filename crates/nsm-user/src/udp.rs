@@ -215,6 +215,11 @@ impl UserStack {
         Err(libc::EAGAIN)
     }
 
+    /// Drops the unwanted datagrams at the head of the socket's queues.
+    pub(crate) fn udp_purge(&mut self, id: usize) {
+        let _ = self.udp_next(id);
+    }
+
     /// FIONREAD on a datagram socket: the size of the next datagram.
     pub(crate) fn udp_next_len(&mut self, id: usize) -> usize {
         self.udp_next(id).map_or(0, |(_, n)| n)
