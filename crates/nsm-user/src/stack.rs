@@ -611,40 +611,17 @@ impl UserStack {
         match p.proto {
             frame::TCP => {
                 let key = (frame::TCP, p.dst, p.src);
+                let fresh_syn = p.flags & (frame::SYN | frame::ACK | frame::RST) == frame::SYN;
                 if let Some(&id) = self.index.tuples.get(&key) {
-                    self.dirty.insert(id);
-                    let Some(s) = self.socks.get_mut(id) else { return true };
-                    if p.payload > 0 || p.flags & (frame::FIN | frame::RST) != 0 {
-                        s.arrived = true;
+                    // A new SYN for the 4-tuple of a connection in TIME_WAIT starts a new
+                    // connection (tcp_timewait_state_process takes it); the old one is done.
+                    if fresh_syn && self.is_time_wait_orphan(id) {
+                        self.reap_orphan(id);
+                    } else {
+                        return self.note_known(id, p);
                     }
-                    if let St::Listen { pending, .. } = &mut s.st {
-                        // A connection not accepted yet: remember its reset for accept.
-                        if p.flags & frame::RST != 0 {
-                            if let Some(q) = pending.iter_mut().find(|q| q.tuple == (p.dst, p.src)) {
-                                q.saw_rst = true;
-                            }
-                        }
-                    }
-                    if let St::Tcp(c) = &mut s.st {
-                        if p.flags & frame::RST != 0 {
-                            c.saw_rst = true;
-                        }
-                        // Data for a connection whose receiving side is gone (closed, or
-                        // shut both ways): Linux answers with a RST and the socket, if any,
-                        // reads ECONNRESET (tcp_rcv_state_process on RCV_SHUTDOWN in
-                        // FIN_WAIT); smoltcp sends the RST once the socket is aborted.
-                        if (s.orphan || (c.rcv_shut && c.snd_shut)) && p.payload > 0 && c.established {
-                            let sk = self.nets[c.ifx].get_mut::<tcp::Socket>(c.h);
-                            if matches!(sk.state(), tcp::State::FinWait1 | tcp::State::FinWait2 | tcp::State::Closing) {
-                                sk.abort();
-                                c.saw_rst = true;
-                                return false;
-                            }
-                        }
-                    }
-                    return true;
                 }
-                if p.flags & (frame::SYN | frame::ACK | frame::RST) == frame::SYN {
+                if fresh_syn {
                     if let Some(lid) = self.find_listener(ifx, p.dst) {
                         return self.prepare_syn(lid, ifx, p);
                     }
@@ -662,6 +639,63 @@ impl UserStack {
             }
             _ => true,
         }
+    }
+
+    fn is_time_wait_orphan(&self, id: usize) -> bool {
+        match self.socks.get(id) {
+            Some(s) if s.orphan => match &s.st {
+                St::Tcp(c) => self.nets[c.ifx].get::<tcp::Socket>(c.h).state() == tcp::State::TimeWait,
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+
+    /// Frees an orphan at once (its smoltcp socket, tuple and port).
+    fn reap_orphan(&mut self, id: usize) {
+        let Some(s) = self.socks.get(id) else { return };
+        let St::Tcp(c) = &s.st else { return };
+        let (ifx, h, t, bound) = (c.ifx, c.h, (frame::TCP, c.local, c.remote), s.bound);
+        self.nets[ifx].remove(h);
+        if self.index.tuples.get(&t) == Some(&id) {
+            self.index.tuples.remove(&t);
+        }
+        self.free(id, bound);
+    }
+
+    /// A packet for a known 4-tuple: see `note`.
+    fn note_known(&mut self, id: usize, p: Peek) -> bool {
+        self.dirty.insert(id);
+        let Some(s) = self.socks.get_mut(id) else { return true };
+        if p.payload > 0 || p.flags & (frame::FIN | frame::RST) != 0 {
+            s.arrived = true;
+        }
+        if let St::Listen { pending, .. } = &mut s.st {
+            // A connection not accepted yet: remember its reset for accept.
+            if p.flags & frame::RST != 0 {
+                if let Some(q) = pending.iter_mut().find(|q| q.tuple == (p.dst, p.src)) {
+                    q.saw_rst = true;
+                }
+            }
+        }
+        if let St::Tcp(c) = &mut s.st {
+            if p.flags & frame::RST != 0 {
+                c.saw_rst = true;
+            }
+            // Data for a connection whose receiving side is gone (closed, or
+            // shut both ways): Linux answers with a RST and the socket, if any,
+            // reads ECONNRESET (tcp_rcv_state_process on RCV_SHUTDOWN in
+            // FIN_WAIT); smoltcp sends the RST once the socket is aborted.
+            if (s.orphan || (c.rcv_shut && c.snd_shut)) && p.payload > 0 && c.established {
+                let sk = self.nets[c.ifx].get_mut::<tcp::Socket>(c.h);
+                if matches!(sk.state(), tcp::State::FinWait1 | tcp::State::FinWait2 | tcp::State::Closing) {
+                    sk.abort();
+                    c.saw_rst = true;
+                    return false;
+                }
+            }
+        }
+        true
     }
 
     /// An ICMP error about a datagram a connected UDP socket sent becomes its pending error,

@@ -1117,3 +1117,27 @@ fn connects_share_ephemeral_ports_binds_do_not() {
     n.a.bind(&y, &sa("0.0.0.0:40000")).unwrap();
     assert!(!n.a.connect_port_ok(40000, me.ip(), other), "a bound port is not for connects");
 }
+
+#[test]
+fn a_new_syn_ends_time_wait() {
+    let mut n = Net::new();
+    let l = listener(&mut n.b, "0.0.0.0:7019", 4);
+    let c = tcp(&mut n.a);
+    set_int(&mut n.a, &c, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1);
+    n.a.bind(&c, &sa("0.0.0.0:45000")).unwrap();
+    assert_eq!(n.a.connect(&c, &sa("10.77.0.3:7019")), Err(libc::EINPROGRESS));
+    n.run(20);
+    let (s, _) = n.b.accept(&l, &mut [0; 16]).unwrap();
+    // The server closes first: its side of the 4-tuple waits in TIME_WAIT.
+    n.b.close(s);
+    n.run(5);
+    n.a.close(c);
+    n.run(5);
+    let c = tcp(&mut n.a);
+    set_int(&mut n.a, &c, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1);
+    n.a.bind(&c, &sa("0.0.0.0:45000")).unwrap();
+    assert_eq!(n.a.connect(&c, &sa("10.77.0.3:7019")), Err(libc::EINPROGRESS));
+    n.run(20);
+    assert_eq!(n.a.connect(&c, &sa("10.77.0.3:7019")), Ok(()));
+    assert!(n.b.accept(&l, &mut [0; 16]).is_ok());
+}
