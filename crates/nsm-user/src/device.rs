@@ -124,6 +124,14 @@ pub fn packet_mac(fd: BorrowedFd<'_>) -> Option<[u8; 6]> {
     (mac[0] & 1 == 0 && mac != [0; 6]).then_some(mac)
 }
 
+/// Opens the NSM's link: a TAP device `name`, or an AF_PACKET socket on interface `name`.
+pub fn open_link(link: Link, name: &str) -> io::Result<OwnedFd> {
+    match link {
+        Link::Tap => open_tap(name),
+        Link::Packet => open_packet(name),
+    }
+}
+
 /// What reading the wire fd found.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ReadOutcome {
@@ -296,8 +304,8 @@ impl FdDevice {
     }
 }
 
-pub struct FdRx(Vec<u8>);
-pub struct FdTx<'a>(&'a mut FdDevice);
+pub struct FdRx(pub(crate) Vec<u8>);
+pub struct FdTx<'a>(pub(crate) &'a mut FdDevice);
 
 impl phy::RxToken for FdRx {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
@@ -350,8 +358,8 @@ pub struct LoopDevice {
     pub tx: VecDeque<Vec<u8>>,
 }
 
-pub struct LoopRx(Vec<u8>);
-pub struct LoopTx<'a>(&'a mut VecDeque<Vec<u8>>);
+pub struct LoopRx(pub(crate) Vec<u8>);
+pub struct LoopTx<'a>(pub(crate) &'a mut VecDeque<Vec<u8>>);
 
 impl phy::RxToken for LoopRx {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {

@@ -82,6 +82,80 @@ pub fn peek_ip(p: &[u8]) -> Option<Peek> {
     Some(Peek { proto, src: SocketAddr::new(src, sport), dst: SocketAddr::new(dst, dport), flags, payload })
 }
 
+/// Whether an Ethernet frame can teach the interface a neighbour's link address (ARP, or an
+/// ICMPv6 neighbour solicitation or advertisement): sockets of any set may be waiting for one.
+pub fn resolves_neighbour(f: &[u8]) -> bool {
+    if f.len() < 14 {
+        return false;
+    }
+    match u16::from_be_bytes([f[12], f[13]]) {
+        0x0806 => true,
+        0x86dd => f.len() > 54 && f[14 + 6] == 58 && matches!(f[14 + 40], 135 | 136),
+        _ => false,
+    }
+}
+
+/// An ICMP "destination unreachable" about a packet we sent: (protocol, our address, the
+/// address it was sent to, the errno Linux reports for it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IcmpError {
+    pub proto: u8,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub errno: i32,
+}
+
+/// The IP packet inside an Ethernet frame.
+pub fn ip_of_ethernet(f: &[u8]) -> Option<&[u8]> {
+    if f.len() < 14 {
+        return None;
+    }
+    match u16::from_be_bytes([f[12], f[13]]) {
+        0x0800 | 0x86dd => Some(&f[14..]),
+        _ => None,
+    }
+}
+
+/// Reads an ICMPv4 type 3 or ICMPv6 type 1 message and the header of the packet it quotes,
+/// with the errno of Linux's icmp_err_convert / icmpv6_err_convert.
+pub fn peek_icmp_error(p: &[u8]) -> Option<IcmpError> {
+    let (errno, quoted) = match p.first()? >> 4 {
+        4 => {
+            let ihl = usize::from(p.first()? & 0x0f) * 4;
+            if ihl < 20 || p.len() < ihl + 8 || p[9] != 1 || p[ihl] != 3 {
+                return None;
+            }
+            let errno = match p[ihl + 1] {
+                0 | 6 | 11 => libc::ENETUNREACH,
+                1 | 7 | 12 => libc::EHOSTUNREACH,
+                2 => libc::ENOPROTOOPT,
+                3 => libc::ECONNREFUSED,
+                4 => libc::EMSGSIZE,
+                5 => libc::EOPNOTSUPP,
+                _ => libc::EHOSTUNREACH,
+            };
+            (errno, &p[ihl + 8..])
+        }
+        6 => {
+            if p.len() < 48 || p[6] != 58 || p[40] != 1 {
+                return None;
+            }
+            let errno = match p[41] {
+                0 => libc::ENETUNREACH,
+                1 => libc::EACCES,
+                3 => libc::EHOSTUNREACH,
+                4 => libc::ECONNREFUSED,
+                _ => libc::EPROTO,
+            };
+            (errno, &p[48..])
+        }
+        _ => return None,
+    };
+    // The quoted packet went from us to the remote: its source is our side.
+    let q = peek_ip(quoted)?;
+    Some(IcmpError { proto: q.proto, local: q.src, remote: q.dst, errno })
+}
+
 /// Completes the TCP/UDP checksum of an Ethernet frame whose sender left it to "hardware"
 /// (CHECKSUM_PARTIAL: a veth peer with tx offload on, reported by PACKET_AUXDATA as
 /// TP_STATUS_CSUMNOTREADY). Frames of other kinds are left alone.
@@ -169,6 +243,36 @@ mod tests {
         assert_eq!(p.flags, SYN);
         assert_eq!(p.payload, 0);
         assert_eq!(peek_ethernet(&f[..30]), None);
+    }
+
+    #[test]
+    fn hostile_frames_never_panic() {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut rnd = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..200_000 {
+            let len = (rnd() % 120) as usize;
+            let mut f: Vec<u8> = (0..len).map(|_| rnd() as u8).collect();
+            // Bias towards headers that get past the first checks.
+            if len > 14 && rnd() % 2 == 0 {
+                f[12] = 0x08;
+                f[13] = 0;
+                f[14] = 0x40 | (rnd() % 16) as u8;
+                if len > 23 {
+                    f[23] = [1, 6, 17][(rnd() % 3) as usize];
+                }
+            }
+            let _ = peek_ethernet(&f);
+            let _ = ip_of_ethernet(&f).map(peek_icmp_error);
+            let _ = peek_ip(&f);
+            let _ = peek_icmp_error(&f);
+            let _ = resolves_neighbour(&f);
+            complete_checksum(&mut f);
+        }
     }
 
     #[test]

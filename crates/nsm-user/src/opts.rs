@@ -58,7 +58,7 @@ fn put_bytes(val: &mut [u8], b: &[u8]) -> usize {
 impl UserStack {
     fn tcp_state_of(&self, id: usize) -> tcp::State {
         match self.socks.get(id).map(|s| &s.st) {
-            Some(St::Tcp(c)) => self.nets[c.ifx].set.get::<tcp::Socket>(c.h).state(),
+            Some(St::Tcp(c)) => self.nets[c.ifx].get::<tcp::Socket>(c.h).state(),
             Some(St::Listen { .. }) => tcp::State::Listen,
             _ => tcp::State::Closed,
         }
@@ -109,6 +109,8 @@ impl UserStack {
             (libc::IPPROTO_IP, libc::IP_TTL) if s.family == Family::V4 => i32::from(o.ttl.unwrap_or(64)),
             (libc::IPPROTO_IPV6, libc::IPV6_UNICAST_HOPS) if s.family == Family::V6 => i32::from(o.ttl.unwrap_or(64)),
             (libc::IPPROTO_TCP, _) if !tcp => return Err(libc::EOPNOTSUPP),
+            // An AF_INET socket has no IPv6 level at all.
+            (libc::IPPROTO_IPV6, _) if s.family == Family::V4 => return Err(libc::EOPNOTSUPP),
             (libc::IPPROTO_TCP, libc::TCP_NODELAY) => int(o.nodelay),
             (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE) => o.keepidle as i32,
             (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL) => o.keepintvl as i32,
@@ -127,7 +129,7 @@ impl UserStack {
                 let mut ti: libc::tcp_info = unsafe { std::mem::zeroed() };
                 ti.tcpi_state = linux_state(state);
                 if let St::Tcp(c) = &s.st {
-                    let sk = self.nets[c.ifx].set.get::<tcp::Socket>(c.h);
+                    let sk = self.nets[c.ifx].get::<tcp::Socket>(c.h);
                     ti.tcpi_unacked = sk.send_queue() as u32;
                     ti.tcpi_rcv_space = sk.recv_capacity() as u32;
                     ti.tcpi_snd_mss = 536;
@@ -216,19 +218,19 @@ impl UserStack {
         match &s.st {
             St::Tcp(c) => {
                 let (ifx, h) = (c.ifx, c.h);
+                self.nets[ifx].time(h, id);
                 let sk = self.tcp(ifx, h);
                 apply_tcp_opts(sk, &opts);
             }
             St::Udp(u) => {
                 for (ifx, h) in u.h.into_iter().enumerate() {
                     if let Some(h) = h {
-                        self.nets[ifx].set.get_mut::<smoltcp::socket::udp::Socket>(h).set_hop_limit(opts.ttl);
+                        self.nets[ifx].get_mut::<smoltcp::socket::udp::Socket>(h).set_hop_limit(opts.ttl);
                     }
                 }
             }
             _ => {}
         }
-        self.timed.insert(id);
         Ok(())
     }
 
@@ -236,8 +238,8 @@ impl UserStack {
         let s = self.socks.get(id).ok_or(libc::EBADF)?;
         match (request, &s.st) {
             (FIONREAD, St::Listen { .. }) | (TIOCOUTQ, St::Listen { .. }) => Err(libc::EINVAL),
-            (FIONREAD, St::Tcp(c)) => Ok(self.nets[c.ifx].set.get::<tcp::Socket>(c.h).recv_queue() as i64),
-            (TIOCOUTQ, St::Tcp(c)) => Ok(self.nets[c.ifx].set.get::<tcp::Socket>(c.h).send_queue() as i64),
+            (FIONREAD, St::Tcp(c)) => Ok(self.nets[c.ifx].get::<tcp::Socket>(c.h).recv_queue() as i64),
+            (TIOCOUTQ, St::Tcp(c)) => Ok(self.nets[c.ifx].get::<tcp::Socket>(c.h).send_queue() as i64),
             (FIONREAD | TIOCOUTQ, St::Idle) => Ok(0),
             (FIONREAD, St::Udp(_)) => Ok(self.udp_next_len(id) as i64),
             (TIOCOUTQ, St::Udp(_)) => Ok(self.udp_outq(id) as i64),

@@ -1,7 +1,7 @@
 //! struct sockaddr_in / sockaddr_in6 as bytes, read and written exactly as Linux lays them out
 //! (family in host order, port and address in network order).
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 use crate::seam::Errno;
 
@@ -131,10 +131,6 @@ pub fn unmap(a: SocketAddr) -> SocketAddr {
         },
         a => a,
     }
-}
-
-pub fn is_loopback(ip: IpAddr) -> bool {
-    ip.is_loopback()
 }
 
 #[cfg(test)]

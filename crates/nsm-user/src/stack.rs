@@ -1,13 +1,12 @@
 //! UserStack: the state shared by all operations (interfaces, socket table, indexes, dirty
 //! sets) and the poll loop. The socket calls are in `tcp.rs`, `udp.rs` and `opts.rs`.
 
-use std::cell::RefCell;
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::OwnedFd;
-use std::rc::Rc;
+use std::sync::{Arc, Mutex};
 
-use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::iface::{Config, Interface};
 use smoltcp::socket::tcp::{self, CongestionControl};
 use smoltcp::socket::udp;
 use smoltcp::time::Instant as SInstant;
@@ -17,6 +16,7 @@ use crate::config::{Link, UserConfig};
 use crate::device::{FdDevice, LoopDevice};
 use crate::frame::{self, Peek};
 use crate::seam::{Errno, Ready};
+use crate::shard::{shard_of, ExtPort, LoPort, Net, Sk, SHARD0};
 use crate::sockaddr::Family;
 use crate::table::{Index, Slab};
 
@@ -30,6 +30,14 @@ pub const LO: usize = 1;
 const RX_BATCH: usize = 256;
 /// Loopback rounds per poll (each delivers what the previous one sent).
 const LO_ROUNDS: usize = 64;
+
+/// How long a passive handshake may take (tcp_synack_retries = 5: 63 s).
+const SYNACK_TIMEOUT_S: u64 = 63;
+
+/// How long unacknowledged data or FIN is retransmitted (tcp_retries2 = 15: 924.6 s).
+const RETRIES2_TIMEOUT: smoltcp::time::Duration = smoltcp::time::Duration::from_millis(924_600);
+/// How long a closed socket waits in FIN-WAIT-2 for the peer's FIN (tcp_fin_timeout).
+const FIN_TIMEOUT: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(60);
 
 /// Linux's ephemeral port range (net.ipv4.ip_local_port_range).
 pub const EPHEMERAL: std::ops::RangeInclusive<u16> = 32768..=60999;
@@ -46,12 +54,17 @@ const UDP_PACKETS: usize = 256;
 /// A socket of the user stack. Dropping it closes the socket at the stack's next poll.
 pub struct Handle {
     pub(crate) id: usize,
-    grave: Rc<RefCell<Vec<usize>>>,
+    grave: Grave,
 }
+
+/// Ids of dropped handles. A mutex rather than a RefCell so that the stack and its handles
+/// can be built on one thread and run on another (the lock is taken once per drop and poll).
+type Grave = Arc<Mutex<Vec<usize>>>;
 
 impl Drop for Handle {
     fn drop(&mut self) {
-        self.grave.borrow_mut().push(self.id);
+        // A poisoned lock only means a panic elsewhere; the list itself is always whole.
+        self.grave.lock().unwrap_or_else(|e| e.into_inner()).push(self.id);
     }
 }
 
@@ -121,7 +134,7 @@ impl Default for Opts {
 #[derive(Debug)]
 pub struct Conn {
     pub ifx: usize,
-    pub h: SocketHandle,
+    pub h: Sk,
     pub local: SocketAddr,
     pub remote: SocketAddr,
     pub last: tcp::State,
@@ -134,6 +147,8 @@ pub struct Conn {
     pub peer_fin: bool,
     /// smoltcp closed the connection: the socket is TCP_CLOSE.
     pub dead: bool,
+    /// When an orphan was first seen closed with its RST still unsent.
+    pub closed_at: Option<SInstant>,
     pub rcv_shut: bool,
     pub snd_shut: bool,
 }
@@ -142,15 +157,18 @@ pub struct Conn {
 #[derive(Debug)]
 pub struct Pending {
     pub ifx: usize,
-    pub h: SocketHandle,
+    pub h: Sk,
     /// The tuple of the SYN this socket was made for (for the index).
     pub tuple: (SocketAddr, SocketAddr),
+    /// The handshake completed (what is closed after that is still accepted, as on Linux).
+    pub established: bool,
+    pub saw_rst: bool,
 }
 
 #[derive(Debug)]
 pub struct UdpState {
     /// One smoltcp socket per interface: a datagram can arrive through either.
-    pub h: [Option<SocketHandle>; 2],
+    pub h: [Option<Sk>; 2],
     pub peer: Option<SocketAddr>,
     /// The local address a connect chose (getsockname of a socket bound to the wildcard).
     pub conn_local: Option<IpAddr>,
@@ -187,12 +205,9 @@ pub struct Sock {
     pub arrived: bool,
     /// Closed by the guest; the stack keeps it until its connection is over.
     pub orphan: bool,
-}
-
-/// One smoltcp interface and its sockets.
-pub struct Net {
-    pub iface: Interface,
-    pub set: SocketSet<'static>,
+    /// Bound by connect() to an ephemeral port, which other connects may share as long as
+    /// the 4-tuples differ (Linux's __inet_hash_connect); bind() may not.
+    pub conn_port: bool,
 }
 
 pub struct UserStack {
@@ -205,17 +220,17 @@ pub struct UserStack {
     pub(crate) lo_dev: LoopDevice,
     pub(crate) socks: Slab<Sock>,
     pub(crate) index: Index,
-    grave: Rc<RefCell<Vec<usize>>>,
+    grave: Grave,
     /// Sockets whose readiness may have changed since the last poll.
     pub(crate) dirty: HashSet<usize>,
-    /// Sockets a timer can change (handshakes, unacknowledged data, closing, keepalive): looked
-    /// at when a smoltcp deadline passed.
-    pub(crate) timed: HashSet<usize>,
-    next_timer: Option<std::time::Instant>,
     rng: u64,
     /// A datagram larger than the wire's MTU was queued: smoltcp sends one IPv4 fragment per
     /// egress pass, so the poll keeps passing until they are all out.
     pub(crate) fragmenting: bool,
+    /// The last read stopped at RX_BATCH frames.
+    rx_pending: bool,
+    /// The time of the current (or last) poll.
+    now: SInstant,
     /// Sockets looked at by polls so far (the cost the dirty sets keep small).
     refreshed: u64,
 }
@@ -267,7 +282,7 @@ impl UserStack {
         let mac = EthernetAddress(mac.unwrap_or([0x02, 0x4e, o[0], o[1], o[2], o[3]]));
         let mut c = Config::new(HardwareAddress::Ethernet(mac));
         c.random_seed = seed;
-        let mut ext = Interface::new(c, &mut ext_dev, SInstant::ZERO);
+        let mut ext = boxed_iface(c, &mut ext_dev);
         let a6 = cfg.address6.map(|(a, p)| (v6(a), p));
         ext.update_ip_addrs(|addrs| {
             let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(a4), cfg.address.1));
@@ -283,7 +298,7 @@ impl UserStack {
 
         let mut c = Config::new(HardwareAddress::Ip);
         c.random_seed = seed.rotate_left(17);
-        let mut lo = Interface::new(c, &mut lo_dev, SInstant::ZERO);
+        let mut lo = boxed_iface(c, &mut lo_dev);
         lo.update_ip_addrs(|addrs| {
             let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(Ipv4Addr::LOCALHOST), 8));
             let _ = addrs.push(IpCidr::new(IpAddress::Ipv6(Ipv6Addr::LOCALHOST), 128));
@@ -292,24 +307,41 @@ impl UserStack {
                 let _ = addrs.push(IpCidr::new(IpAddress::Ipv6(a), 128));
             }
         });
+        // All of 127.0.0.0/8 is local, as on Linux's lo: smoltcp's AnyIP takes packets for a
+        // prefix routed via one of the interface's own addresses.
+        lo.set_any_ip(true);
+        let mut full = false;
+        lo.routes_mut().update(|routes| {
+            full = routes
+                .push(smoltcp::iface::Route {
+                    cidr: IpCidr::new(IpAddress::Ipv4(Ipv4Addr::new(127, 0, 0, 0)), 8),
+                    via_router: IpAddress::Ipv4(Ipv4Addr::LOCALHOST),
+                    preferred_until: None,
+                    expires_at: None,
+                })
+                .is_err();
+        });
+        if full {
+            return Err("too many routes".into());
+        }
 
         Ok(UserStack {
             cfg,
             cc,
             cc_name,
             epoch,
-            nets: [Net { iface: ext, set: SocketSet::new(vec![]) }, Net { iface: lo, set: SocketSet::new(vec![]) }],
+            nets: [Net::new(ext), Net::new(lo)],
             ext_dev,
             lo_dev,
             socks: Slab::default(),
             index: Index::default(),
-            grave: Rc::new(RefCell::new(Vec::new())),
+            grave: Arc::new(Mutex::new(Vec::new())),
             dirty: HashSet::new(),
-            timed: HashSet::new(),
-            next_timer: None,
             rng: seed | 1,
             refreshed: 0,
             fragmenting: false,
+            rx_pending: false,
+            now: SInstant::ZERO,
         })
     }
 
@@ -356,13 +388,9 @@ impl UserStack {
         ip == self.cfg.address.0 || self.cfg.address6.is_some_and(|(a, _)| a == ip)
     }
 
-    /// Addresses a socket may bind: the wildcard, loopback's one address per family and the
-    /// configured ones.
+    /// Addresses a socket may bind: the wildcard, 127.0.0.0/8, ::1 and the configured ones.
     pub(crate) fn bindable(&self, ip: IpAddr) -> bool {
-        ip.is_unspecified()
-            || ip == IpAddr::V4(Ipv4Addr::LOCALHOST)
-            || ip == IpAddr::V6(Ipv6Addr::LOCALHOST)
-            || self.own(ip)
+        ip.is_unspecified() || ip.is_loopback() || self.own(ip)
     }
 
     /// Which interface reaches `dst`, and the source address Linux would pick for it.
@@ -372,10 +400,6 @@ impl UserStack {
                 IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
                 IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
             };
-            // Only 127.0.0.1 is configured on the loopback; smoltcp drops the rest of 127/8.
-            if dst != src {
-                return Err(libc::ENETUNREACH);
-            }
             return Ok((LO, src));
         }
         if self.own(dst) {
@@ -397,6 +421,22 @@ impl UserStack {
         (0..span)
             .map(|i| EPHEMERAL.start() + ((start + i) % span) as u16)
             .find(|&p| !self.index.port_used(proto.num(), p))
+    }
+
+    /// Whether connect() may give `port` to a connection from `local` to `remote`: nobody
+    /// bind()s it (only other connects hold it) and the 4-tuple is new.
+    pub(crate) fn connect_port_ok(&self, port: u16, local: IpAddr, remote: SocketAddr) -> bool {
+        self.index.on_port(frame::TCP, port).iter().all(|&o| self.socks.get(o).is_some_and(|s| s.conn_port))
+            && !self.index.tuples.contains_key(&(frame::TCP, SocketAddr::new(local, port), remote))
+    }
+
+    /// An ephemeral port for a connection from `local` to `remote`.
+    pub(crate) fn ephemeral_connect(&mut self, local: IpAddr, remote: SocketAddr) -> Option<u16> {
+        let span = u32::from(EPHEMERAL.end() - EPHEMERAL.start()) + 1;
+        let start = (self.rand() % u64::from(span)) as u32;
+        (0..span)
+            .map(|i| EPHEMERAL.start() + ((start + i) % span) as u16)
+            .find(|&p| self.connect_port_ok(p, local, remote))
     }
 
     pub(crate) fn tcp_buffers(&self, o: &Opts) -> (usize, usize) {
@@ -423,8 +463,8 @@ impl UserStack {
         s
     }
 
-    pub(crate) fn tcp(&mut self, ifx: usize, h: SocketHandle) -> &mut tcp::Socket<'static> {
-        self.nets[ifx].set.get_mut::<tcp::Socket>(h)
+    pub(crate) fn tcp(&mut self, ifx: usize, h: Sk) -> &mut tcp::Socket<'static> {
+        self.nets[ifx].get_mut::<tcp::Socket>(h)
     }
 
     pub(crate) fn sock(&mut self, id: usize) -> Result<&mut Sock, Errno> {
@@ -433,7 +473,7 @@ impl UserStack {
 
     /// Closes socket `id` whose handle was just dropped, rather than at the next poll.
     pub(crate) fn close_now(&mut self, id: usize) {
-        let mut g = self.grave.borrow_mut();
+        let mut g = self.grave.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(i) = g.iter().position(|&x| x == id) {
             g.swap_remove(i);
             drop(g);
@@ -443,7 +483,7 @@ impl UserStack {
 
     /// Closes the sockets whose handles were dropped.
     fn bury(&mut self) {
-        let ids: Vec<usize> = std::mem::take(&mut *self.grave.borrow_mut());
+        let ids: Vec<usize> = std::mem::take(&mut *self.grave.lock().unwrap_or_else(|e| e.into_inner()));
         for id in ids {
             self.close_id(id);
         }
@@ -467,7 +507,7 @@ impl UserStack {
             St::Udp(u) => {
                 for (ifx, h) in u.h.iter().enumerate() {
                     if let Some(h) = h {
-                        self.nets[ifx].set.remove(*h);
+                        self.nets[ifx].remove(*h);
                     }
                 }
                 self.free(id, bound);
@@ -475,9 +515,15 @@ impl UserStack {
             St::Tcp(c) => {
                 let (ifx, h) = (c.ifx, c.h);
                 let sk = self.tcp(ifx, h);
-                if sk.state() == tcp::State::Closed && sk.local_endpoint().is_none() {
-                    self.nets[ifx].set.remove(h);
-                    self.index.tuples.remove(&(frame::TCP, c.local, c.remote));
+                // Nothing left to say to the peer: a connection that is over, or one still in
+                // SYN-SENT, which Linux drops without a packet (a late SYN-ACK draws a RST).
+                let state = sk.state();
+                if (state == tcp::State::Closed && sk.local_endpoint().is_none()) || state == tcp::State::SynSent {
+                    self.nets[ifx].remove(h);
+                    let t = (frame::TCP, c.local, c.remote);
+                    if self.index.tuples.get(&t) == Some(&id) {
+                        self.index.tuples.remove(&t);
+                    }
                     self.free(id, bound);
                     return;
                 }
@@ -486,10 +532,10 @@ impl UserStack {
                 } else {
                     sk.close();
                 }
+                self.nets[ifx].time(h, id);
                 let s = self.socks.get_mut(id).expect("checked above");
                 s.st = St::Tcp(c);
                 s.orphan = true;
-                self.timed.insert(id);
                 self.dirty.insert(id);
             }
         }
@@ -519,6 +565,7 @@ impl UserStack {
                         saw_rst: false,
                         peer_fin: false,
                         dead: false,
+                        closed_at: None,
                         rcv_shut: false,
                         snd_shut: false,
                     }),
@@ -527,9 +574,11 @@ impl UserStack {
                     reported: None,
                     arrived: false,
                     orphan: true,
+                    conn_port: false,
                 };
                 let oid = self.socks.insert(o);
-                self.timed.insert(oid);
+                self.nets[p.ifx].time(p.h, oid);
+                self.dirty.insert(oid);
                 if self.index.tuples.get(&(frame::TCP, p.tuple.0, p.tuple.1)) == Some(&id) {
                     self.index.tuples.remove(&(frame::TCP, p.tuple.0, p.tuple.1));
                 }
@@ -538,7 +587,7 @@ impl UserStack {
                     self.index.tuples.insert(t, oid);
                 }
             } else {
-                self.nets[p.ifx].set.remove(p.h);
+                self.nets[p.ifx].remove(p.h);
                 if self.index.tuples.get(&(frame::TCP, p.tuple.0, p.tuple.1)) == Some(&id) {
                     self.index.tuples.remove(&(frame::TCP, p.tuple.0, p.tuple.1));
                 }
@@ -553,7 +602,6 @@ impl UserStack {
             }
         }
         self.dirty.remove(&id);
-        self.timed.remove(&id);
     }
 
     /// Looks at a received packet: marks the socket it concerns dirty, notes RSTs, readies a
@@ -563,30 +611,17 @@ impl UserStack {
         match p.proto {
             frame::TCP => {
                 let key = (frame::TCP, p.dst, p.src);
+                let fresh_syn = p.flags & (frame::SYN | frame::ACK | frame::RST) == frame::SYN;
                 if let Some(&id) = self.index.tuples.get(&key) {
-                    self.dirty.insert(id);
-                    let Some(s) = self.socks.get_mut(id) else { return true };
-                    if p.payload > 0 || p.flags & (frame::FIN | frame::RST) != 0 {
-                        s.arrived = true;
+                    // A new SYN for the 4-tuple of a connection in TIME_WAIT starts a new
+                    // connection (tcp_timewait_state_process takes it); the old one is done.
+                    if fresh_syn && self.is_time_wait_orphan(id) {
+                        self.reap_orphan(id);
+                    } else {
+                        return self.note_known(id, p);
                     }
-                    if let St::Tcp(c) = &mut s.st {
-                        if p.flags & frame::RST != 0 {
-                            c.saw_rst = true;
-                        }
-                        // Data for a connection the guest closed: Linux answers with a RST
-                        // (tcp_rcv_state_process, "data after close"); so does smoltcp once
-                        // the socket is aborted.
-                        if s.orphan && p.payload > 0 && c.established {
-                            let sk = self.nets[c.ifx].set.get_mut::<tcp::Socket>(c.h);
-                            if matches!(sk.state(), tcp::State::FinWait1 | tcp::State::FinWait2 | tcp::State::Closing) {
-                                sk.abort();
-                                return false;
-                            }
-                        }
-                    }
-                    return true;
                 }
-                if p.flags & (frame::SYN | frame::ACK | frame::RST) == frame::SYN {
+                if fresh_syn {
                     if let Some(lid) = self.find_listener(ifx, p.dst) {
                         return self.prepare_syn(lid, ifx, p);
                     }
@@ -603,6 +638,82 @@ impl UserStack {
                 true
             }
             _ => true,
+        }
+    }
+
+    fn is_time_wait_orphan(&self, id: usize) -> bool {
+        match self.socks.get(id) {
+            Some(s) if s.orphan => match &s.st {
+                St::Tcp(c) => self.nets[c.ifx].get::<tcp::Socket>(c.h).state() == tcp::State::TimeWait,
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+
+    /// Frees an orphan at once (its smoltcp socket, tuple and port).
+    fn reap_orphan(&mut self, id: usize) {
+        let Some(s) = self.socks.get(id) else { return };
+        let St::Tcp(c) = &s.st else { return };
+        let (ifx, h, t, bound) = (c.ifx, c.h, (frame::TCP, c.local, c.remote), s.bound);
+        self.nets[ifx].remove(h);
+        if self.index.tuples.get(&t) == Some(&id) {
+            self.index.tuples.remove(&t);
+        }
+        self.free(id, bound);
+    }
+
+    /// A packet for a known 4-tuple: see `note`.
+    fn note_known(&mut self, id: usize, p: Peek) -> bool {
+        self.dirty.insert(id);
+        let Some(s) = self.socks.get_mut(id) else { return true };
+        if p.payload > 0 || p.flags & (frame::FIN | frame::RST) != 0 {
+            s.arrived = true;
+        }
+        if let St::Listen { pending, .. } = &mut s.st {
+            // A connection not accepted yet: remember its reset for accept.
+            if p.flags & frame::RST != 0 {
+                if let Some(q) = pending.iter_mut().find(|q| q.tuple == (p.dst, p.src)) {
+                    q.saw_rst = true;
+                }
+            }
+        }
+        if let St::Tcp(c) = &mut s.st {
+            if p.flags & frame::RST != 0 {
+                c.saw_rst = true;
+            }
+            // Data for a connection whose receiving side is gone (closed, or
+            // shut both ways): Linux answers with a RST and the socket, if any,
+            // reads ECONNRESET (tcp_rcv_state_process on RCV_SHUTDOWN in
+            // FIN_WAIT); smoltcp sends the RST once the socket is aborted.
+            if (s.orphan || (c.rcv_shut && c.snd_shut)) && p.payload > 0 && c.established {
+                let sk = self.nets[c.ifx].get_mut::<tcp::Socket>(c.h);
+                if matches!(sk.state(), tcp::State::FinWait1 | tcp::State::FinWait2 | tcp::State::Closing) {
+                    sk.abort();
+                    c.saw_rst = true;
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// An ICMP error about a datagram a connected UDP socket sent becomes its pending error,
+    /// as on Linux (unconnected sockets ignore them without IP_RECVERR, which is not here).
+    fn note_icmp(&mut self, e: frame::IcmpError) {
+        if e.proto != frame::UDP {
+            return;
+        }
+        let ids: Vec<usize> = self.index.on_port(frame::UDP, e.local.port()).to_vec();
+        for id in ids {
+            let Some(s) = self.socks.get_mut(id) else { continue };
+            if let St::Udp(UdpState { peer: Some(p), .. }) = &s.st {
+                if *p == e.remote {
+                    s.error = e.errno;
+                    s.arrived = true;
+                    self.dirty.insert(id);
+                }
+            }
         }
     }
 
@@ -649,12 +760,14 @@ impl UserStack {
         if sk.listen(p.dst).is_err() {
             return true;
         }
-        let h = self.nets[ifx].set.add(sk);
+        // Linux gives up on a handshake after 5 SYN-ACK retries (about a minute).
+        sk.set_timeout(Some(smoltcp::time::Duration::from_secs(SYNACK_TIMEOUT_S)));
+        let h = self.nets[ifx].add(shard_of(p.dst, p.src), sk);
         if let Some(St::Listen { pending, .. }) = self.socks.get_mut(lid).map(|s| &mut s.st) {
-            pending.push(Pending { ifx, h, tuple: (p.dst, p.src) });
+            pending.push(Pending { ifx, h, tuple: (p.dst, p.src), established: false, saw_rst: false });
         }
         self.index.tuples.insert((frame::TCP, p.dst, p.src), lid);
-        self.timed.insert(lid);
+        self.nets[ifx].time(h, lid);
         self.dirty.insert(lid);
         true
     }
@@ -668,29 +781,31 @@ impl UserStack {
     ) -> Option<std::time::Instant> {
         self.bury();
         let ts = self.ts(now);
+        self.now = ts;
         let mut more = false;
-        if woken {
+        // After a batch cut short the fd may still hold frames though the driver's epoll
+        // (edge-triggered or not) does not say so again: read on.
+        if woken || self.rx_pending {
             // A read error other than EAGAIN leaves the link unusable (the TAP went away); the
             // stack keeps serving loopback and lets TCP time out what used the wire.
+            self.rx_pending = false;
             if let Ok(o) = self.ext_dev.read_frames(RX_BATCH) {
                 more = o.more;
+                self.rx_pending = o.more;
             }
         }
-        if self.next_timer.is_some_and(|t| now >= t) {
-            self.dirty.extend(self.timed.iter().copied());
-        }
 
-        let mut frames = std::mem::take(&mut self.ext_dev.rx);
-        frames.retain(|f| frame::peek_ethernet(f).is_none_or(|p| self.note(EXT, p)));
-        self.ext_dev.rx = frames;
-        let Net { iface, set } = &mut self.nets[EXT];
-        iface.poll(ts, &mut self.ext_dev, set);
+        let frames = std::mem::take(&mut self.ext_dev.rx);
+        let wake_all = self.route_frames(EXT, frames);
+        self.poll_shards(EXT, ts, true, wake_all);
         if self.fragmenting {
             self.fragmenting = false;
+            let Net { iface, shards } = &mut self.nets[EXT];
+            let sh = &mut shards[SHARD0];
             // 64 KiB is 45 fragments at MTU 1500.
             for _ in 0..64 {
                 let sent = self.ext_dev.tx_frames + self.ext_dev.tx_dropped;
-                iface.poll_egress(ts, &mut self.ext_dev, set);
+                iface.poll_egress(ts, &mut ExtPort { rx: &mut sh.rx, dev: &mut self.ext_dev }, &mut sh.set);
                 if self.ext_dev.tx_frames + self.ext_dev.tx_dropped == sent {
                     break;
                 }
@@ -698,14 +813,11 @@ impl UserStack {
         }
 
         for round in 0..LO_ROUNDS {
-            let mut out = std::mem::take(&mut self.lo_dev.tx);
-            out.retain(|f| frame::peek_ip(f).is_none_or(|p| self.note(LO, p)));
-            self.lo_dev.rx.extend(out);
-            if round > 0 && self.lo_dev.rx.is_empty() {
+            let out = std::mem::take(&mut self.lo_dev.tx);
+            let wake_all = self.route_frames(LO, out);
+            if !self.poll_shards(LO, ts, round == 0, wake_all) {
                 break;
             }
-            let Net { iface, set } = &mut self.nets[LO];
-            iface.poll(ts, &mut self.lo_dev, set);
         }
         more |= !self.lo_dev.tx.is_empty();
 
@@ -718,26 +830,85 @@ impl UserStack {
 
         let deadline = [EXT, LO]
             .into_iter()
-            .filter_map(|i| {
-                let Net { iface, set } = &mut self.nets[i];
-                iface.poll_at(ts, set)
-            })
+            .filter_map(|i| self.nets[i].deadline())
             .min()
             .map(|t| self.epoch + std::time::Duration::from_micros(t.total_micros().max(0) as u64));
-        self.next_timer = deadline;
         if more {
             return Some(now);
         }
         deadline.map(|d| d.max(now))
     }
 
+    /// Hands received packets to the socket sets their 4-tuples hash to (after `note`). Returns
+    /// whether one may have resolved a neighbour (ARP, NDP) that sockets of any set may be
+    /// waiting for.
+    fn route_frames(&mut self, ifx: usize, frames: VecDeque<Vec<u8>>) -> bool {
+        let mut wake_all = false;
+        for f in frames {
+            let peek = if ifx == EXT { frame::peek_ethernet(&f) } else { frame::peek_ip(&f) };
+            let sh = match peek {
+                Some(p) => {
+                    if !self.note(ifx, p) {
+                        continue;
+                    }
+                    if p.proto == frame::TCP {
+                        shard_of(p.dst, p.src)
+                    } else {
+                        SHARD0
+                    }
+                }
+                None => {
+                    let ip = if ifx == EXT { frame::ip_of_ethernet(&f) } else { Some(&f[..]) };
+                    if let Some(e) = ip.and_then(frame::peek_icmp_error) {
+                        self.note_icmp(e);
+                    }
+                    // Only the wire has neighbours; a ping or a fragment concerns set 0 alone.
+                    wake_all |= ifx == EXT && frame::resolves_neighbour(&f);
+                    SHARD0
+                }
+            };
+            let shard = &mut self.nets[ifx].shards[sh];
+            shard.rx.push_back(f);
+            shard.due = true;
+        }
+        wake_all
+    }
+
+    /// Polls the sets of interface `ifx` that have work: packets, guest operations, and (with
+    /// `timers`) a passed deadline, whose timer-driven sockets are then looked at. `wake_all`
+    /// also polls every set waiting on a timer. Returns whether any set was polled.
+    fn poll_shards(&mut self, ifx: usize, ts: SInstant, timers: bool, wake_all: bool) -> bool {
+        let Net { iface, shards } = &mut self.nets[ifx];
+        let mut any = false;
+        for sh in shards.iter_mut() {
+            let expired = timers && sh.deadline.is_some_and(|d| d <= ts);
+            if expired {
+                self.dirty.extend(sh.timed.drain());
+            }
+            if !(sh.due || expired || (wake_all && sh.deadline.is_some())) {
+                continue;
+            }
+            sh.due = false;
+            any = true;
+            if ifx == EXT {
+                iface.poll(ts, &mut ExtPort { rx: &mut sh.rx, dev: &mut self.ext_dev }, &mut sh.set);
+            } else {
+                iface.poll(ts, &mut LoPort { rx: &mut sh.rx, dev: &mut self.lo_dev }, &mut sh.set);
+            }
+            sh.deadline = iface.poll_at(ts, &sh.set);
+        }
+        any
+    }
+
     /// Brings the stack's view of socket `id` up to date with smoltcp's.
     pub(crate) fn refresh(&mut self, id: usize) {
         let Some(s) = self.socks.get_mut(id) else { return };
+        let listener_opts = matches!(s.st, St::Listen { .. }).then(|| s.opts.clone());
         match &mut s.st {
             St::Tcp(c) => {
                 let (ifx, h) = (c.ifx, c.h);
-                let sk = self.nets[ifx].set.get_mut::<tcp::Socket>(h);
+                // Not get_mut: looking must not make the set due for a poll.
+                let sk = self.nets[ifx].shards[h.sh].set.get_mut::<tcp::Socket>(h.h);
                 let state = sk.state();
                 let gone = state == tcp::State::Closed && sk.local_endpoint().is_none();
                 let busy = sk.send_queue() > 0 || sk.keep_alive().is_some();
@@ -799,9 +970,40 @@ impl UserStack {
                 }
                 let transitional =
                     !matches!(state, tcp::State::Established | tcp::State::CloseWait | tcp::State::Closed);
+                // smoltcp retransmits for ever: give up as Linux does. Unacknowledged data or
+                // FIN: tcp_retries2 (about 15 minutes without an ACK); an orphan in FIN-WAIT-2:
+                // tcp_fin_timeout. Not on an idle connection, which lives for ever (smoltcp's
+                // timeout counts silence, so it is set only while something is outstanding).
+                if c.established && !s.opts.keepalive && state != tcp::State::Closed {
+                    use tcp::State as T;
+                    let sk = self.nets[ifx].shards[h.sh].set.get::<tcp::Socket>(h.h);
+                    let want = if s.orphan && state == T::FinWait2 {
+                        Some(FIN_TIMEOUT)
+                    } else if sk.send_queue() > 0 || matches!(state, T::FinWait1 | T::Closing | T::LastAck) {
+                        Some(RETRIES2_TIMEOUT)
+                    } else {
+                        None
+                    };
+                    if sk.timeout() != want {
+                        self.nets[ifx].get_mut::<tcp::Socket>(h).set_timeout(want);
+                    }
+                    if want.is_some() {
+                        self.nets[ifx].time(h, id);
+                    }
+                }
+                // A closed orphan whose last RST cannot go out (the peer's link address
+                // expired and it answers no more) is not kept for ever: Linux sends none on a
+                // timeout either.
+                let mut gone = gone;
+                if s.orphan && state == tcp::State::Closed && !gone {
+                    match c.closed_at {
+                        None => c.closed_at = Some(self.now),
+                        Some(t) => gone = self.now >= t + smoltcp::time::Duration::from_secs(3),
+                    }
+                }
                 if s.orphan && gone {
                     let (l, r, bound) = (c.local, c.remote, s.bound);
-                    self.nets[ifx].set.remove(h);
+                    self.nets[ifx].remove(h);
                     if self.index.tuples.get(&(frame::TCP, l, r)) == Some(&id) {
                         self.index.tuples.remove(&(frame::TCP, l, r));
                     }
@@ -809,40 +1011,51 @@ impl UserStack {
                     return;
                 }
                 if transitional || busy || (state == tcp::State::Closed && !gone) {
-                    self.timed.insert(id);
-                } else {
-                    self.timed.remove(&id);
+                    self.nets[ifx].time(h, id);
                 }
             }
             St::Listen { pending, .. } => {
-                let mut handshaking = false;
                 let mut i = 0;
                 while i < pending.len() {
-                    let p = &pending[i];
-                    let sk = self.nets[p.ifx].set.get::<tcp::Socket>(p.h);
-                    match sk.state() {
-                        // The SYN went elsewhere or the handshake was reset: give the slot back.
-                        tcp::State::Listen => {
-                            let p = pending.remove(i);
-                            self.nets[p.ifx].set.remove(p.h);
-                            let t = (frame::TCP, p.tuple.0, p.tuple.1);
-                            if self.index.tuples.get(&t) == Some(&id) {
-                                self.index.tuples.remove(&t);
+                    let p = &mut pending[i];
+                    let state = self.nets[p.ifx].get::<tcp::Socket>(p.h).state();
+                    match state {
+                        tcp::State::SynReceived => self.nets[p.ifx].time(p.h, id),
+                        tcp::State::Listen | tcp::State::Closed => {}
+                        _ if !p.established => {
+                            p.established = true;
+                            // An accepted-to-be connection waits in the queue as long as it
+                            // takes, as on Linux: the handshake timeout is over.
+                            let sk = self.nets[p.ifx].get_mut::<tcp::Socket>(p.h);
+                            sk.set_timeout(None);
+                            if let Some(o) = &listener_opts {
+                                apply_tcp_opts(sk, o);
                             }
-                            continue;
                         }
-                        tcp::State::SynReceived => handshaking = true,
                         _ => {}
+                    }
+                    // The SYN went elsewhere, the handshake was reset (smoltcp goes back to
+                    // LISTEN) or never completed (closed): give the slot back, as Linux drops
+                    // a request socket.
+                    let failed = state == tcp::State::Listen || (state == tcp::State::Closed && !p.established);
+                    if failed {
+                        let p = pending.remove(i);
+                        self.nets[p.ifx].remove(p.h);
+                        let t = (frame::TCP, p.tuple.0, p.tuple.1);
+                        if self.index.tuples.get(&t) == Some(&id) {
+                            self.index.tuples.remove(&t);
+                        }
+                        continue;
                     }
                     i += 1;
                 }
-                if handshaking {
-                    self.timed.insert(id);
-                } else {
-                    self.timed.remove(&id);
-                }
             }
-            St::Idle | St::Udp(_) => {}
+            // Datagrams the socket must not see (a stranger's on a connected socket, IPv6 on
+            // an AF_INET one) go before they make it look readable: Linux never queues them.
+            St::Udp(_) => {
+                self.udp_purge(id);
+            }
+            St::Idle => {}
         }
     }
 
@@ -884,7 +1097,7 @@ impl UserStack {
                     .iter()
                     .filter(|p| {
                         !matches!(
-                            self.nets[p.ifx].set.get::<tcp::Socket>(p.h).state(),
+                            self.nets[p.ifx].get::<tcp::Socket>(p.h).state(),
                             tcp::State::Listen | tcp::State::SynReceived
                         )
                     })
@@ -892,7 +1105,7 @@ impl UserStack {
                 (if n > 0 { IN } else { 0 } | err, n, 0)
             }
             St::Tcp(c) => {
-                let sk = self.nets[c.ifx].set.get::<tcp::Socket>(c.h);
+                let sk = self.nets[c.ifx].get::<tcp::Socket>(c.h);
                 let rd = sk.recv_queue();
                 let queued = sk.send_queue();
                 let free = sk.send_capacity() - queued;
@@ -921,7 +1134,7 @@ impl UserStack {
                 let mut free = usize::MAX;
                 for (ifx, h) in u.h.iter().enumerate() {
                     if let Some(h) = h {
-                        let sk = self.nets[ifx].set.get::<udp::Socket>(*h);
+                        let sk = self.nets[ifx].get::<udp::Socket>(*h);
                         rd += sk.recv_queue();
                         free = free.min(sk.payload_send_capacity() - sk.send_queue());
                     }
@@ -959,6 +1172,13 @@ pub(crate) fn apply_tcp_opts(s: &mut tcp::Socket<'static>, o: &Opts) {
     } else {
         s.set_keep_alive(None);
     }
+}
+
+/// Makes an Interface straight into a box, in a frame of its own, so that its 66 KB are on the
+/// stack once.
+#[inline(never)]
+fn boxed_iface(c: Config, dev: &mut impl smoltcp::phy::Device) -> Box<Interface> {
+    Box::new(Interface::new(c, dev, SInstant::ZERO))
 }
 
 fn seed() -> u64 {

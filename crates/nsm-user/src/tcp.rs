@@ -8,6 +8,7 @@ use smoltcp::socket::tcp;
 
 use crate::frame;
 use crate::seam::Errno;
+use crate::shard::shard_of;
 use crate::sockaddr::{self, Family, Parsed};
 use crate::stack::{Conn, Handle, Opts, Proto, Sock, St, UdpState, UserStack, EXT};
 
@@ -81,6 +82,7 @@ impl UserStack {
             reported: None,
             arrived: false,
             orphan: false,
+            conn_port: false,
         }))
     }
 
@@ -105,12 +107,9 @@ impl UserStack {
                 }
                 continue;
             }
-            let time_wait = other.orphan
-                && match &other.st {
-                    St::Tcp(c) => self.nets[c.ifx].set.get::<tcp::Socket>(c.h).state() == tcp::State::TimeWait,
-                    _ => false,
-                };
-            let reuse = me.opts.reuseaddr && (time_wait || (other.opts.reuseaddr && !other_listens));
+            // Both must have asked, TIME_WAIT included (it keeps the flag of the socket it
+            // was): sk_reuse && sk2->sk_reuse && sk2 not listening.
+            let reuse = me.opts.reuseaddr && other.opts.reuseaddr && !other_listens;
             if !reuse {
                 return true;
             }
@@ -190,16 +189,17 @@ impl UserStack {
             St::Idle => {}
             St::Tcp(_) | St::Udp(_) => return Err(libc::EINVAL),
         }
-        let b = match s.bound {
+        match s.bound {
             Some(b) => {
                 if self.conflicts(id, b.ip(), b.port(), true) {
                     return Err(libc::EADDRINUSE);
                 }
-                b
             }
-            None => self.autobind(id)?,
-        };
-        let _ = b;
+            // listen() on an unbound socket takes an ephemeral port, as inet_listen does.
+            None => {
+                self.autobind(id)?;
+            }
+        }
         self.sock(id)?.st = St::Listen { backlog, pending: Vec::new() };
         self.dirty.insert(id);
         Ok(())
@@ -211,13 +211,13 @@ impl UserStack {
         let St::Listen { pending, .. } = &mut s.st else { return Err(libc::EINVAL) };
         let nets = &self.nets;
         let Some(i) = pending.iter().position(|p| {
-            !matches!(nets[p.ifx].set.get::<tcp::Socket>(p.h).state(), tcp::State::Listen | tcp::State::SynReceived)
+            !matches!(nets[p.ifx].get::<tcp::Socket>(p.h).state(), tcp::State::Listen | tcp::State::SynReceived)
         }) else {
             return Err(libc::EAGAIN);
         };
         let p = pending.remove(i);
         self.dirty.insert(id);
-        let sk = self.nets[p.ifx].set.get::<tcp::Socket>(p.h);
+        let sk = self.nets[p.ifx].get::<tcp::Socket>(p.h);
         let local = sk.local_endpoint().map_or(p.tuple.0, ep);
         let remote = sk.remote_endpoint().map_or(p.tuple.1, ep);
         let h = self.new_handle(Sock {
@@ -233,9 +233,10 @@ impl UserStack {
                 last: tcp::State::SynReceived,
                 established: true,
                 connect_reported: true,
-                saw_rst: false,
+                saw_rst: p.saw_rst,
                 peer_fin: false,
                 dead: false,
+                closed_at: None,
                 rcv_shut: false,
                 snd_shut: false,
             }),
@@ -244,6 +245,7 @@ impl UserStack {
             reported: None,
             arrived: false,
             orphan: false,
+            conn_port: false,
         });
         if self.index.tuples.get(&(frame::TCP, p.tuple.0, p.tuple.1)) == Some(&id) {
             self.index.tuples.remove(&(frame::TCP, p.tuple.0, p.tuple.1));
@@ -256,8 +258,19 @@ impl UserStack {
     }
 
     /// Hands a live smoltcp connection to an orphan entry (the socket goes back to Idle).
-    fn orphan_conn(&mut self, c: Conn) {
+    fn orphan_conn(&mut self, id: usize, c: Conn) {
         let t = (frame::TCP, c.local, c.remote);
+        let (ifx, h) = (c.ifx, c.h);
+        let sk = self.nets[ifx].get::<tcp::Socket>(h);
+        if sk.state() == tcp::State::Closed && sk.local_endpoint().is_none() {
+            // Over and with nothing left to send: no orphan needed, and the tuple is free for
+            // a new attempt from the same port.
+            self.nets[ifx].remove(h);
+            if self.index.tuples.get(&t) == Some(&id) {
+                self.index.tuples.remove(&t);
+            }
+            return;
+        }
         let o = Sock {
             family: Family::V4,
             proto: Proto::Tcp,
@@ -269,10 +282,11 @@ impl UserStack {
             reported: None,
             arrived: false,
             orphan: true,
+            conn_port: false,
         };
         let oid = self.socks.insert(o);
         self.index.tuples.insert(t, oid);
-        self.timed.insert(oid);
+        self.nets[ifx].time(h, oid);
         self.dirty.insert(oid);
     }
 
@@ -300,7 +314,7 @@ impl UserStack {
                     let St::Tcp(c) = std::mem::replace(&mut s.st, St::Idle) else { unreachable!() };
                     let sk = self.tcp(c.ifx, c.h);
                     sk.abort();
-                    self.orphan_conn(c);
+                    self.orphan_conn(id, c);
                     return Ok(());
                 }
                 if c.dead {
@@ -312,9 +326,16 @@ impl UserStack {
                     if c.established {
                         return Err(libc::EISCONN);
                     }
-                    // A failed attempt already reported: connect again from scratch.
+                    // A failed attempt already reported: connect again from scratch. A port
+                    // the failed connect chose is given back, as Linux's inet_put_port does.
                     let St::Tcp(c) = std::mem::replace(&mut s.st, St::Idle) else { unreachable!() };
-                    self.orphan_conn(c);
+                    if s.conn_port {
+                        s.conn_port = false;
+                        if let Some(b) = s.bound.take() {
+                            self.index.unbind(frame::TCP, b.port(), id);
+                        }
+                    }
+                    self.orphan_conn(id, c);
                 } else if !c.established {
                     return Err(libc::EALREADY);
                 } else if !c.connect_reported {
@@ -368,9 +389,11 @@ impl UserStack {
         let port = match bound {
             Some(b) => b.port(),
             None => {
-                let p = self.ephemeral(Proto::Tcp).ok_or(libc::EADDRNOTAVAIL)?;
+                let p = self.ephemeral_connect(local_ip, dst).ok_or(libc::EADDRNOTAVAIL)?;
                 self.index.bind(frame::TCP, p, id);
-                self.sock(id)?.bound = Some(SocketAddr::new(family.unspecified().ip(), p));
+                let s = self.sock(id)?;
+                s.bound = Some(SocketAddr::new(local_ip, p));
+                s.conn_port = true;
                 p
             }
         };
@@ -385,9 +408,9 @@ impl UserStack {
         }
         let net = &mut self.nets[ifx];
         sk.connect(net.iface.context(), dst, local).map_err(|_| libc::EINVAL)?;
-        let h = net.set.add(sk);
+        let h = net.add(shard_of(local, dst), sk);
+        net.time(h, id);
         self.index.tuples.insert((frame::TCP, local, dst), id);
-        self.timed.insert(id);
         self.sock(id)?.st = St::Tcp(Conn {
             ifx,
             h,
@@ -399,6 +422,7 @@ impl UserStack {
             saw_rst: false,
             peer_fin: false,
             dead: false,
+            closed_at: None,
             rcv_shut: false,
             snd_shut: false,
         });
@@ -423,7 +447,7 @@ impl UserStack {
             return Err(libc::EOPNOTSUPP);
         }
         let (ifx, h) = (c.ifx, c.h);
-        self.timed.insert(id);
+        self.nets[ifx].time(h, id);
         let sk = self.tcp(ifx, h);
         if !sk.may_send() {
             return Err(libc::EPIPE);
@@ -446,7 +470,7 @@ impl UserStack {
             return Err(libc::EAGAIN);
         }
         let (ifx, h, shut) = (c.ifx, c.h, c.rcv_shut || c.peer_fin || c.dead);
-        let sk = self.nets[ifx].set.get_mut::<tcp::Socket>(h);
+        let sk = self.nets[ifx].get_mut::<tcp::Socket>(h);
         if sk.recv_queue() > 0 && !buf.is_empty() {
             let n = if flags & MSG_PEEK != 0 {
                 sk.peek_slice(buf).unwrap_or(0)
@@ -509,14 +533,14 @@ impl UserStack {
                     let St::Tcp(c) = std::mem::replace(&mut s.st, St::Idle) else { unreachable!() };
                     let sk = self.tcp(c.ifx, c.h);
                     sk.abort();
-                    self.orphan_conn(c);
+                    self.orphan_conn(id, c);
                     return Ok(());
                 }
                 c.rcv_shut |= rd;
                 if wr && !c.snd_shut {
                     c.snd_shut = true;
                     let (ifx, h) = (c.ifx, c.h);
-                    self.timed.insert(id);
+                    self.nets[ifx].time(h, id);
                     self.tcp(ifx, h).close();
                 }
                 Ok(())

@@ -234,6 +234,16 @@ fn connection_refused_by_rst() {
     n.run(20);
     assert_eq!(n.a.connect(&c, &sa("10.77.0.3:81")), Err(libc::ECONNREFUSED));
     assert_eq!(n.a.recv(&c, &mut [0; 4], 0, &mut []), Ok((0, 0)));
+    // The socket may try again (same port, same peer), and be refused again.
+    assert_eq!(n.a.connect(&c, &sa("10.77.0.3:81")), Err(libc::EINPROGRESS));
+    n.run(20);
+    assert_eq!(n.a.connect(&c, &sa("10.77.0.3:81")), Err(libc::ECONNREFUSED));
+    // And succeed once someone listens.
+    let l = listener(&mut n.b, "0.0.0.0:81", 1);
+    assert_eq!(n.a.connect(&c, &sa("10.77.0.3:81")), Err(libc::EINPROGRESS));
+    n.run(20);
+    assert_eq!(n.a.connect(&c, &sa("10.77.0.3:81")), Ok(()));
+    assert!(n.b.accept(&l, &mut [0; 16]).is_ok());
 }
 
 #[test]
@@ -411,7 +421,12 @@ fn bind_conflicts_and_reuseaddr() {
 fn time_wait_holds_the_port_unless_reuseaddr() {
     let mut n = Net::new();
     let l = listener(&mut n.b, "0.0.0.0:7006", 4);
-    let (c, s, _) = connect_pair(&mut n, &l, "10.77.0.3:7006");
+    let c = tcp(&mut n.a);
+    // SO_REUSEADDR on the socket that will be in TIME_WAIT too: Linux wants both.
+    set_int(&mut n.a, &c, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1);
+    assert_eq!(n.a.connect(&c, &sa("10.77.0.3:7006")), Err(libc::EINPROGRESS));
+    n.run(20);
+    let (s, _) = n.b.accept(&l, &mut [0; 16]).unwrap();
     let mut name = [0u8; 16];
     n.a.getsockname(&c, &mut name).unwrap();
     let port = read_sa(Family::V4, &name).port();
@@ -464,6 +479,17 @@ fn loopback_never_touches_the_wire() {
     assert_eq!(n.a.connect(&c, &sa("127.0.0.1:9009")), Err(libc::EINPROGRESS));
     n.run(2);
     assert_eq!(int_opt(&mut n.a, &c, libc::SOL_SOCKET, libc::SO_ERROR), libc::ECONNREFUSED);
+    // All of 127/8 is local: bound on 127.0.0.5, reached from 127.0.0.1.
+    let l5 = listener(&mut n.a, "127.0.0.5:9004", 4);
+    let c5 = tcp(&mut n.a);
+    assert_eq!(n.a.connect(&c5, &sa("127.0.0.5:9004")), Err(libc::EINPROGRESS));
+    n.run(3);
+    let mut pa = [0u8; 16];
+    let (s5, _) = n.a.accept(&l5, &mut pa).unwrap();
+    assert_eq!(read_sa(Family::V4, &pa).ip().to_string(), "127.0.0.1");
+    let mut name = [0u8; 16];
+    n.a.getsockname(&s5, &mut name).unwrap();
+    assert_eq!(read_sa(Family::V4, &name).to_string(), "127.0.0.5:9004");
     // Nothing of the above went out on the device (ARP included).
     assert_eq!(n.a.wire_counters().0, before.0);
 }
@@ -488,6 +514,8 @@ fn udp_sendto_recvfrom_connect() {
     let mut from = [0u8; 16];
     // MSG_TRUNC reports the datagram's real length; the rest of it is gone.
     assert_eq!(n.b.recv(&srv, &mut b, libc::MSG_TRUNC | libc::MSG_PEEK, &mut from), Ok((5, 16)));
+    let r = n.b.recvmsg(&srv, &mut b, libc::MSG_PEEK, &mut from, &mut []).unwrap();
+    assert_eq!((r.len, r.from_len, r.control_len, r.flags), (3, 16, 0, libc::MSG_TRUNC));
     assert_eq!(n.b.recv(&srv, &mut b, 0, &mut from), Ok((3, 16)));
     assert_eq!(read_sa(Family::V4, &from), SocketAddr::new("10.77.0.2".parse().unwrap(), me.port()));
     assert_eq!(n.b.recv(&srv, &mut b, 0, &mut from), Err(libc::EAGAIN));
@@ -509,6 +537,10 @@ fn udp_sendto_recvfrom_connect() {
     n.run(2);
     assert_eq!(n.a.recv(&cl, &mut bb, 0, &mut []), Ok((2, 0)));
     assert_eq!(n.a.recv(&cl, &mut bb, 0, &mut []), Err(libc::EAGAIN));
+    // A stranger's datagram alone does not make a connected socket readable.
+    assert_eq!(n.b.send(&stranger, b"spam", 0, &sa(&format!("10.77.0.2:{}", me.port()))), Ok(4));
+    n.run(2);
+    assert_eq!(n.a.poll_mask(&cl), OUT);
     assert_eq!(n.a.send(&cl, b"hi", 0, &[]), Ok(2));
     assert_eq!(n.a.send(&cl, &vec![0; 65508], 0, &[]), Err(libc::EMSGSIZE));
     assert_eq!(n.a.send(&cl, b"b", 0, &sa("10.77.0.255:9")), Err(libc::EACCES));
@@ -725,13 +757,19 @@ fn many_connections_cost_little_per_packet() {
 #[test]
 #[ignore]
 fn scale_10k_connections() {
+    for total in [100, 10_000] {
+        scale_with(total);
+    }
+}
+
+fn scale_with(total: usize) {
     let mut n = Net::new();
     let l = listener(&mut n.a, "127.0.0.1:7011", 4096);
     let mut cs = Vec::new();
     let mut ss = Vec::new();
     let mut pa = [0u8; 16];
-    for _ in 0..10 {
-        for _ in 0..1000 {
+    for _ in 0..total.div_ceil(1000) {
+        for _ in 0..total.min(1000) {
             let c = tcp(&mut n.a);
             assert_eq!(n.a.connect(&c, &sa("127.0.0.1:7011")), Err(libc::EINPROGRESS));
             cs.push(c);
@@ -741,17 +779,365 @@ fn scale_10k_connections() {
             ss.push(s);
         }
     }
-    assert_eq!(ss.len(), 10_000);
-    n.run(100);
-    let t = Instant::now();
-    let rounds = 200;
-    let mut b = [0u8; 8];
-    for i in 0..rounds {
-        send_all(&mut n.a, &cs[i * 37 % 10_000], b"x");
-        n.now += Duration::from_millis(1);
-        n.a.poll(n.now, false, &mut n.ra);
-        assert_eq!(n.a.recv(&ss[i * 37 % 10_000], &mut b, 0, &mut []), Ok((1, 0)));
+    assert_eq!(ss.len(), total);
+    // Accepted in SYN order, which is not connect order: pair them by port.
+    let mut by_port = std::collections::HashMap::new();
+    for s in &ss {
+        let mut a = [0u8; 16];
+        n.a.getpeername(s, &mut a).unwrap();
+        by_port.insert(read_sa(Family::V4, &a).port(), s);
     }
-    let per = t.elapsed() / rounds as u32;
-    eprintln!("10k connections: {per:?} per one-segment poll (send, deliver, ACK)");
+    n.run(100);
+    // The best of five batches: the machine is shared.
+    let mut per = Duration::MAX;
+    let mut b = [0u8; 8];
+    for batch in 0..5 {
+        let t = Instant::now();
+        let rounds = 200;
+        for i in 0..rounds {
+            let c = &cs[(batch * rounds + i) * 37 % total];
+            let mut a = [0u8; 16];
+            n.a.getsockname(c, &mut a).unwrap();
+            let s = by_port[&read_sa(Family::V4, &a).port()];
+            send_all(&mut n.a, c, b"x");
+            n.now += Duration::from_millis(1);
+            n.a.poll(n.now, false, &mut n.ra);
+            assert_eq!(n.a.recv(s, &mut b, 0, &mut []), Ok((1, 0)));
+        }
+        per = per.min(t.elapsed() / rounds as u32);
+    }
+    eprintln!("{total} connections: {per:?} per one-segment poll (send, deliver, ACK)");
+}
+
+/// Hostile traffic: random TCP/UDP/ICMP packets (valid checksums, so smoltcp looks at them
+/// too) at ports with listeners, connections and UDP sockets, in between real traffic. The
+/// stack must neither panic nor lose the real connection.
+#[test]
+fn random_packets_do_not_break_the_stack() {
+    let mut n = Net::new();
+    let l = listener(&mut n.a, "0.0.0.0:80", 8);
+    let u = udp(&mut n.a);
+    n.a.bind(&u, &sa("0.0.0.0:53")).unwrap();
+    let srv = listener(&mut n.b, "0.0.0.0:81", 8);
+    let c = tcp(&mut n.a);
+    assert_eq!(n.a.connect(&c, &sa("10.77.0.3:81")), Err(libc::EINPROGRESS));
+    n.run(20);
+    let (s, _) = n.b.accept(&srv, &mut [0; 16]).unwrap();
+    let mut a_port = [0u8; 16];
+    n.a.getsockname(&c, &mut a_port).unwrap();
+    let a_port = read_sa(Family::V4, &a_port).port();
+
+    // A raw end on the same wire as B, speaking as 10.77.0.3 with B's MAC.
+    let (x, y) = wire();
+    let mut a = UserStack::new(cfg(Link::Packet, 2), x).unwrap();
+    let mut b = UserStack::new(cfg(Link::Tap, 3), y).unwrap();
+    std::mem::swap(&mut n.a, &mut a);
+    std::mem::swap(&mut n.b, &mut b);
+    // (n now holds a fresh pair; the original pair is `a` and `b`, driven by hand below.)
+    let _ = n;
+    let mut now = Instant::now() + Duration::from_secs(1);
+    let mut ra = Vec::new();
+    let mut rb = Vec::new();
+    let a_mac = [0x02, 0x4e, 10, 77, 0, 2];
+    let b_mac = [0x02, 0x4e, 10, 77, 0, 3];
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rnd = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let inject = b.wait_fd().try_clone_to_owned().unwrap();
+    let mut got = Vec::new();
+    for round in 0..3000 {
+        let proto = [6u8, 6, 6, 17, 1][(rnd() % 5) as usize];
+        let l4_len = match proto {
+            6 => 20 + (rnd() % 16) as usize,
+            17 => 8 + (rnd() % 16) as usize,
+            _ => 36 + (rnd() % 16) as usize,
+        };
+        let mut f = vec![0u8; 14 + 20 + l4_len];
+        f[..6].copy_from_slice(&a_mac);
+        f[6..12].copy_from_slice(&b_mac);
+        f[12] = 0x08;
+        let ip = &mut f[14..];
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&((20 + l4_len) as u16).to_be_bytes());
+        ip[8] = 64;
+        ip[9] = proto;
+        ip[12..16].copy_from_slice(&[10, 77, 0, 3]);
+        ip[16..20].copy_from_slice(&[10, 77, 0, 2]);
+        for b in ip[20..].iter_mut() {
+            *b = rnd() as u8;
+        }
+        let ports = [80u16, 53, a_port, 81, (rnd() % 65536) as u16];
+        let sport = if rnd() % 2 == 0 { 81 } else { ports[(rnd() % 5) as usize] };
+        let dport = ports[(rnd() % 5) as usize];
+        if proto != 1 {
+            ip[20..22].copy_from_slice(&sport.to_be_bytes());
+            ip[22..24].copy_from_slice(&dport.to_be_bytes());
+        }
+        if proto == 6 {
+            ip[32] = 5 << 4;
+            ip[33] = [0x02, 0x10, 0x04, 0x11, 0x18, 0x12, rnd() as u8][(rnd() % 7) as usize];
+        }
+        if proto == 17 {
+            ip[24..26].copy_from_slice(&(l4_len as u16).to_be_bytes());
+        }
+        if proto == 1 && rnd() % 2 == 0 {
+            // A "port unreachable" quoting a datagram from our UDP socket.
+            ip[20] = 3;
+            ip[21] = 3;
+            ip[28] = 0x45;
+            ip[37] = 17;
+            ip[40..44].copy_from_slice(&[10, 77, 0, 2]);
+        }
+        let mut sum = 0u32;
+        for w in ip[..20].chunks(2) {
+            sum += u32::from(u16::from_be_bytes([w[0], w[1]]));
+        }
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        ip[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+        crate::frame::complete_checksum(&mut f);
+        // SAFETY: f is a live buffer of the length passed; the fd is B's end of the wire.
+        unsafe { libc::write(std::os::fd::AsRawFd::as_raw_fd(&inject), f.as_ptr().cast(), f.len()) };
+        if round % 10 == 0 {
+            let _ = a.send(&c, b"real", 0, &[]);
+        }
+        now += Duration::from_millis(1);
+        a.poll(now, true, &mut ra);
+        b.poll(now, true, &mut rb);
+        let mut buf = [0u8; 64];
+        while let Ok((k, _)) = b.recv(&s, &mut buf, 0, &mut []) {
+            if k == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..k]);
+        }
+        let mut pa = [0u8; 16];
+        while let Ok((h, _)) = a.accept(&l, &mut pa) {
+            drop(h);
+        }
+        let _ = a.recv(&u, &mut buf, 0, &mut []);
+    }
+    // Random segments may have been in the real connection's window (its 4-tuple is one of
+    // the choices): then it is legitimately reset or corrupted. Otherwise every byte arrived.
+    let mask = a.poll_mask(&c);
+    eprintln!("real connection: mask {mask:#x}, {} of 1200 bytes, {} sockets", got.len(), a.socket_count());
+    if mask & ERR == 0 && got.len() == 300 * 4 {
+        assert!(got.chunks(4).all(|w| w == b"real"));
+    }
+    assert!(a.socket_count() < 50, "{} sockets left", a.socket_count());
+}
+
+#[test]
+fn a_stack_and_its_handles_can_move_to_another_thread() {
+    fn send<T: Send>() {}
+    send::<UserStack>();
+    send::<Handle>();
+}
+
+#[test]
+fn a_stack_is_small_to_move() {
+    assert!(std::mem::size_of::<UserStack>() < 4096, "{}", std::mem::size_of::<UserStack>());
+}
+
+/// `cargo test --release -p netkernel-nsm-user -- --ignored --nocapture throughput`: bulk TCP
+/// over the loopback and over the SEQPACKET wire (MTU 1500), real time.
+#[test]
+#[ignore]
+fn throughput() {
+    for (name, to, listen_on_b) in [("loopback", "127.0.0.1:7100", false), ("wire", "10.77.0.3:7100", true)] {
+        let mut n = Net::new();
+        let total = 200usize << 20;
+        let l = if listen_on_b { listener(&mut n.b, "0.0.0.0:7100", 4) } else { listener(&mut n.a, "0.0.0.0:7100", 4) };
+        let c = tcp(&mut n.a);
+        assert_eq!(n.a.connect(&c, &sa(to)), Err(libc::EINPROGRESS));
+        let mut s = None;
+        for _ in 0..2000 {
+            n.now = Instant::now();
+            n.a.poll(n.now, true, &mut n.ra);
+            n.b.poll(n.now, true, &mut n.rb);
+            let srv = if listen_on_b { &mut n.b } else { &mut n.a };
+            if let Ok((h, _)) = srv.accept(&l, &mut [0; 16]) {
+                s = Some(h);
+                break;
+            }
+        }
+        let s = s.expect("connected");
+        let chunk = vec![7u8; 65536];
+        let mut buf = vec![0u8; 1 << 20];
+        let (mut sent, mut got) = (0usize, 0usize);
+        let t = Instant::now();
+        while got < total {
+            if sent < total {
+                if let Ok(k) = n.a.send(&c, &chunk[..chunk.len().min(total - sent)], 0, &[]) {
+                    sent += k;
+                }
+            }
+            n.now = Instant::now();
+            n.a.poll(n.now, true, &mut n.ra);
+            n.b.poll(n.now, true, &mut n.rb);
+            let srv = if listen_on_b { &mut n.b } else { &mut n.a };
+            while let Ok((k, _)) = srv.recv(&s, &mut buf, 0, &mut []) {
+                if k == 0 {
+                    break;
+                }
+                got += k;
+            }
+            assert!(t.elapsed() < Duration::from_secs(120), "{name}: {got} bytes in 120 s");
+        }
+        let secs = t.elapsed().as_secs_f64();
+        eprintln!("{name}: {:.0} MB/s ({:.2} Gbit/s)", total as f64 / secs / 1e6, total as f64 * 8.0 / secs / 1e9);
+    }
+}
+
+#[test]
+fn idle_stack_sleeps() {
+    let mut n = Net::new();
+    let l = listener(&mut n.b, "0.0.0.0:7012", 4);
+    let (c, s, _) = connect_pair(&mut n, &l, "10.77.0.3:7012");
+    send_all(&mut n.a, &c, b"x");
+    n.run(500);
+    assert_eq!(recv_str(&mut n.b, &s).unwrap(), "x");
+    n.run(500);
+    // Nothing in flight: the stacks ask to be polled not before a second from now (the
+    // neighbour cache's own timers), or never.
+    for st in [&mut n.a, &mut n.b] {
+        n.now += Duration::from_millis(1);
+        let next = st.poll(n.now, false, &mut Vec::new());
+        assert!(next.is_none_or(|t| t >= n.now + Duration::from_millis(900)), "{:?}", next.map(|t| t - n.now));
+    }
+    // A peer's close is reported once, with RDHUP.
+    n.a.watch(&c, 1).unwrap();
+    n.run(2);
+    n.ra.clear();
+    n.b.close(s);
+    n.run(5);
+    assert_eq!(n.ra, vec![Ready { key: 1, events: IN | OUT | RDHUP }]);
+}
+
+#[test]
+fn a_vanished_peer_times_out() {
+    let mut n = Net::new();
+    let l = listener(&mut n.b, "0.0.0.0:7013", 4);
+    let (c, s, _) = connect_pair(&mut n, &l, "10.77.0.3:7013");
+    let (c2, _s2, _) = connect_pair(&mut n, &l, "10.77.0.3:7013");
+    // c2 stays idle; c has data in flight when B goes silent (no more polls).
+    send_all(&mut n.a, &c, b"lost");
+    for _ in 0..1000 {
+        n.now += Duration::from_secs(1);
+        n.a.poll(n.now, false, &mut n.ra);
+    }
+    assert_eq!(n.a.recv(&c, &mut [0; 4], 0, &mut []), Err(libc::ETIMEDOUT));
+    assert_eq!(n.a.poll_mask(&c2), OUT, "an idle connection lives on");
+    drop(s);
+
+    // An orphan in FIN-WAIT-2 (the peer acknowledged our FIN but never sends its own) is
+    // gone after tcp_fin_timeout.
+    let mut n = Net::new();
+    let l = listener(&mut n.b, "0.0.0.0:7014", 4);
+    let (c, _s, _) = connect_pair(&mut n, &l, "10.77.0.3:7014");
+    let before = n.a.socket_count();
+    n.a.close(c);
+    n.run(50);
+    assert_eq!(n.a.socket_count(), before, "still closing");
+    // B stays alive (and answers ARP) but never closes.
+    for _ in 0..70 {
+        n.now += Duration::from_secs(1);
+        n.a.poll(n.now, true, &mut n.ra);
+        n.b.poll(n.now, true, &mut n.rb);
+    }
+    assert_eq!(n.a.socket_count(), before - 1);
+}
+
+#[test]
+fn an_orphan_of_a_vanished_peer_is_reaped() {
+    // A closes with data in flight, and B is gone for good (not even ARP): A's orphan times
+    // out, cannot send its RST, and is freed anyway.
+    let mut n = Net::new();
+    let l = listener(&mut n.b, "0.0.0.0:7015", 4);
+    let (c, _s, _) = connect_pair(&mut n, &l, "10.77.0.3:7015");
+    send_all(&mut n.a, &c, b"lost");
+    n.a.close(c);
+    for _ in 0..1000 {
+        n.now += Duration::from_secs(1);
+        n.a.poll(n.now, true, &mut n.ra);
+    }
+    assert_eq!(n.a.socket_count(), 0);
+}
+
+#[test]
+fn a_full_send_buffer_reports_pollout_when_it_drains() {
+    let mut n = Net::new();
+    let l = listener(&mut n.b, "0.0.0.0:7016", 4);
+    let (c, s, _) = connect_pair(&mut n, &l, "10.77.0.3:7016");
+    n.a.watch(&c, 9).unwrap();
+    n.run(2);
+    let big = vec![1u8; 1 << 20];
+    let mut sent = 0;
+    while let Ok(k) = n.a.send(&c, &big, 0, &[]) {
+        sent += k;
+    }
+    assert_eq!(n.a.send(&c, &big, 0, &[]), Err(libc::EAGAIN));
+    assert_eq!(n.a.poll_mask(&c) & OUT, 0, "full after {sent} bytes");
+    n.ra.clear();
+    // B reads everything; A's buffer drains and A hears of it.
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got = 0;
+    for _ in 0..200 {
+        n.run(1);
+        while let Ok((k, _)) = n.b.recv(&s, &mut buf, 0, &mut []) {
+            got += k;
+        }
+    }
+    assert_eq!(got, sent);
+    assert!(n.ra.iter().any(|r| r.key == 9 && r.events & OUT != 0), "{:?}", n.ra);
+    assert_eq!(n.a.poll_mask(&c), OUT);
+}
+
+#[test]
+fn connects_share_ephemeral_ports_binds_do_not() {
+    let mut n = Net::new();
+    let l = listener(&mut n.b, "0.0.0.0:7017", 4);
+    let (c, _s, _) = connect_pair(&mut n, &l, "10.77.0.3:7017");
+    let mut name = [0u8; 16];
+    n.a.getsockname(&c, &mut name).unwrap();
+    let me = read_sa(Family::V4, &name);
+    assert_eq!(me.ip().to_string(), "10.77.0.2", "connect binds the source address too");
+    let other: SocketAddr = "10.77.0.3:7018".parse().unwrap();
+    let same: SocketAddr = "10.77.0.3:7017".parse().unwrap();
+    assert!(n.a.connect_port_ok(me.port(), me.ip(), other), "another peer may share the port");
+    assert!(!n.a.connect_port_ok(me.port(), me.ip(), same), "the same 4-tuple may not");
+    let x = tcp(&mut n.a);
+    assert_eq!(n.a.bind(&x, &sa(&format!("0.0.0.0:{}", me.port()))), Err(libc::EADDRINUSE));
+    let y = tcp(&mut n.a);
+    n.a.bind(&y, &sa("0.0.0.0:40000")).unwrap();
+    assert!(!n.a.connect_port_ok(40000, me.ip(), other), "a bound port is not for connects");
+}
+
+#[test]
+fn a_new_syn_ends_time_wait() {
+    let mut n = Net::new();
+    let l = listener(&mut n.b, "0.0.0.0:7019", 4);
+    let c = tcp(&mut n.a);
+    set_int(&mut n.a, &c, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1);
+    n.a.bind(&c, &sa("0.0.0.0:45000")).unwrap();
+    assert_eq!(n.a.connect(&c, &sa("10.77.0.3:7019")), Err(libc::EINPROGRESS));
+    n.run(20);
+    let (s, _) = n.b.accept(&l, &mut [0; 16]).unwrap();
+    // The server closes first: its side of the 4-tuple waits in TIME_WAIT.
+    n.b.close(s);
+    n.run(5);
+    n.a.close(c);
+    n.run(5);
+    let c = tcp(&mut n.a);
+    set_int(&mut n.a, &c, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1);
+    n.a.bind(&c, &sa("0.0.0.0:45000")).unwrap();
+    assert_eq!(n.a.connect(&c, &sa("10.77.0.3:7019")), Err(libc::EINPROGRESS));
+    n.run(20);
+    assert_eq!(n.a.connect(&c, &sa("10.77.0.3:7019")), Ok(()));
+    assert!(n.b.accept(&l, &mut [0; 16]).is_ok());
 }

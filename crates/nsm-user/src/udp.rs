@@ -6,6 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use smoltcp::socket::udp;
 
 use crate::seam::Errno;
+use crate::shard::SHARD0;
 use crate::sockaddr::{self, Family, Parsed};
 use crate::stack::{St, UserStack, EXT, LO};
 
@@ -21,7 +22,6 @@ impl UserStack {
         let s = self.sock(id)?;
         let Some(b) = s.bound else { return Err(libc::EINVAL) };
         let opts = s.opts.clone();
-        let family = s.family;
         let St::Udp(u) = &s.st else { return Err(libc::EINVAL) };
         let have = u.h;
         let on_ext = !b.ip().is_loopback();
@@ -39,9 +39,8 @@ impl UserStack {
                 smoltcp::wire::IpListenEndpoint { addr: Some(b.ip().into()), port: b.port() }
             };
             sk.bind(ep).map_err(|_| libc::EINVAL)?;
-            *slot = Some(self.nets[ifx].set.add(sk));
+            *slot = Some(self.nets[ifx].add(SHARD0, sk));
         }
-        let _ = family;
         if let St::Udp(u) = &mut self.sock(id)?.st {
             u.h = h;
         }
@@ -102,6 +101,10 @@ impl UserStack {
             return Err(libc::EOPNOTSUPP);
         }
         let (peer, conn_local) = (u.peer, u.conn_local);
+        // Linux binds an unbound socket before it looks at the destination
+        // (inet_send_prepare), so even a send that fails leaves it bound.
+        self.autobind(id)?;
+        self.udp_open(id)?;
         let dst = if to.is_empty() {
             peer.ok_or(libc::EDESTADDRREQ)?
         } else {
@@ -137,7 +140,7 @@ impl UserStack {
         }
         let St::Udp(u) = &self.sock(id)?.st else { return Err(libc::EINVAL) };
         let Some(h) = u.h[ifx] else { return Err(libc::ENETUNREACH) };
-        let sk = self.nets[ifx].set.get_mut::<udp::Socket>(h);
+        let sk = self.nets[ifx].get_mut::<udp::Socket>(h);
         let meta = udp::UdpMetadata { endpoint: dst.into(), local_address: Some(src.into()), meta: Default::default() };
         match sk.send_slice(data, meta) {
             Ok(()) => {
@@ -157,7 +160,7 @@ impl UserStack {
         let (family, v6only, peer, hs) = (s.family, s.opts.v6only, u.peer, u.h);
         for ifx in [LO, EXT] {
             let Some(h) = hs[ifx] else { continue };
-            let sk = self.nets[ifx].set.get_mut::<udp::Socket>(h);
+            let sk = self.nets[ifx].get_mut::<udp::Socket>(h);
             while let Ok((data, meta)) = sk.peek() {
                 let src = SocketAddr::new(meta.endpoint.addr.into(), meta.endpoint.port);
                 let wrong_family = match family {
@@ -189,7 +192,7 @@ impl UserStack {
         if let Some((ifx, _)) = self.udp_next(id) {
             let St::Udp(u) = &self.sock(id)?.st else { return Err(libc::EINVAL) };
             let h = u.h[ifx].expect("udp_next found a datagram there");
-            let sk = self.nets[ifx].set.get_mut::<udp::Socket>(h);
+            let sk = self.nets[ifx].get_mut::<udp::Socket>(h);
             let (data, meta) = if flags & libc::MSG_PEEK != 0 {
                 let (d, m) = sk.peek().map_err(|_| libc::EAGAIN)?;
                 (d, *m)
@@ -207,12 +210,14 @@ impl UserStack {
         if s.error != 0 {
             return Err(std::mem::take(&mut s.error));
         }
-        if let St::Udp(u) = &s.st {
-            if u.rcv_shut {
-                return Ok((0, 0));
-            }
-        }
+        // Even after SHUT_RD: a non-blocking datagram receive with nothing queued is EAGAIN
+        // on Linux (only a blocking one returns 0).
         Err(libc::EAGAIN)
+    }
+
+    /// Drops the unwanted datagrams at the head of the socket's queues.
+    pub(crate) fn udp_purge(&mut self, id: usize) {
+        let _ = self.udp_next(id);
     }
 
     /// FIONREAD on a datagram socket: the size of the next datagram.
@@ -223,9 +228,6 @@ impl UserStack {
     /// TIOCOUTQ on a datagram socket: bytes not yet sent.
     pub(crate) fn udp_outq(&self, id: usize) -> usize {
         let Some(St::Udp(u)) = self.socks.get(id).map(|s| &s.st) else { return 0 };
-        u.h.iter()
-            .enumerate()
-            .filter_map(|(ifx, h)| h.map(|h| self.nets[ifx].set.get::<udp::Socket>(h).send_queue()))
-            .sum()
+        u.h.iter().enumerate().filter_map(|(ifx, h)| h.map(|h| self.nets[ifx].get::<udp::Socket>(h).send_queue())).sum()
     }
 }
