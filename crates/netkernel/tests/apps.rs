@@ -2,22 +2,9 @@
 
 mod common;
 use common::*;
-use sha2::{Digest, Sha256};
 use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
-
-fn sha256_file(p: &std::path::Path) -> String {
-    let mut h = Sha256::new();
-    let mut f = std::fs::File::open(p).unwrap();
-    std::io::copy(&mut f, &mut h).unwrap();
-    format!("{:x}", h.finalize())
-}
-
-/// A free loopback port (bound natively and released; good enough for a test).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 #[test]
 fn python_http_server_serves_100mib_to_curl() {
@@ -27,18 +14,7 @@ fn python_http_server_serves_100mib_to_curl() {
     let www = engine.dir.path().join("www");
     std::fs::create_dir(&www).unwrap();
     let file = www.join("blob.bin");
-    {
-        // 100 MiB of pseudo-random bytes.
-        let mut data = vec![0u8; 100 << 20];
-        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-        for w in data.chunks_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            w.copy_from_slice(&x.to_le_bytes());
-        }
-        std::fs::write(&file, &data).unwrap();
-    }
+    write_random(&file, 100 << 20);
     let port = free_port();
     let mut server =
         engine.run(python.to_str().unwrap(), &["-u", "-m", "http.server", &port.to_string(), "--bind", "127.0.0.1"]);

@@ -3,16 +3,11 @@
 
 mod common;
 use common::*;
-use sha2::{Digest, Sha256};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 /// Waits until something accepts on the port (probing with a native connection).
 fn wait_port(port: u16, server: &mut Child) {
@@ -65,39 +60,9 @@ fn spawn_server(engine: Option<&TestEngine>, program: &str, args: &[&str], port:
     Server(child)
 }
 
-fn run_ok(c: Command) -> String {
-    let out = output_within(c, Duration::from_secs(120));
-    assert!(
-        out.status.success(),
-        "command failed ({}): {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn sha256(data: &[u8]) -> String {
-    format!("{:x}", Sha256::digest(data))
-}
-
 /// Connections the NSM has carried so far.
 fn nsm_conns(e: &TestEngine) -> u64 {
     e.nsm()["conns_total"].as_u64().unwrap()
-}
-
-fn write_random(path: &Path, len: usize) -> Vec<u8> {
-    let mut x: u64 = 0x1234_5678_9abc_def1 ^ len as u64;
-    let data: Vec<u8> = (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    std::fs::write(path, &data).unwrap();
-    data
 }
 
 #[test]

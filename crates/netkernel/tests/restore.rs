@@ -72,10 +72,6 @@ while time.monotonic() < end:
 print('ok', rounds, 'rounds, longest gap %.3f s' % gap, flush=True)
 "#;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// Starts a guest python `script` with `args` and waits for its first line, "ready".
 fn guest_ready(engine: &TestEngine, script: &str, args: &[&str]) -> (Child, BufReader<ChildStdout>) {
     let python = require("python3");

@@ -4,7 +4,6 @@
 
 mod common;
 use common::*;
-use sha2::{Digest, Sha256};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -53,28 +52,6 @@ fn wait_listening(addr: SocketAddr, server: &mut Child) {
     }
 }
 
-fn run_ok(c: Command) -> String {
-    let out = output_within(c, Duration::from_secs(120));
-    assert!(
-        out.status.success(),
-        "command failed ({}): {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn sha256_file(p: &std::path::Path) -> String {
-    let mut h = Sha256::new();
-    std::io::copy(&mut std::fs::File::open(p).unwrap(), &mut h).unwrap();
-    format!("{:x}", h.finalize())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 #[test]
 fn a_guest_fetches_100mib_from_a_server_on_the_host() {
     if !root_or_skip("the 100 MiB fetch") {
@@ -84,15 +61,7 @@ fn a_guest_fetches_100mib_from_a_server_on_the_host() {
     let www = engine.dir.path().join("www");
     std::fs::create_dir(&www).unwrap();
     let file = www.join("blob.bin");
-    let mut data = vec![0u8; 100 << 20];
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    for w in data.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        w.copy_from_slice(&x.to_le_bytes());
-    }
-    std::fs::write(&file, &data).unwrap();
+    write_random(&file, 100 << 20);
     // A native server on the host's end of the TAP.
     let port = free_port();
     let gw = gateway(nsm);

@@ -299,3 +299,49 @@ pub fn assert_idle_under_one_percent(engine: &TestEngine) {
     drop(child.stdin.take());
     child.wait().unwrap();
 }
+
+/// A free loopback port (bound natively and released; good enough for a test).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Runs `c` (within two minutes) and returns its stdout; fails the test with its output if it
+/// fails.
+pub fn run_ok(c: Command) -> String {
+    let out = output_within(c, Duration::from_secs(120));
+    assert!(
+        out.status.success(),
+        "command failed ({}): {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn sha256(data: &[u8]) -> String {
+    use sha2::Digest;
+    format!("{:x}", sha2::Sha256::digest(data))
+}
+
+pub fn sha256_file(p: &Path) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    std::io::copy(&mut std::fs::File::open(p).unwrap(), &mut h).unwrap();
+    format!("{:x}", h.finalize())
+}
+
+/// Writes `len` pseudo-random bytes (xorshift, seeded by the length) to `path` and returns them.
+pub fn write_random(path: &Path, len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x1234_5678_9abc_def1 ^ len as u64;
+    let data: Vec<u8> = (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(path, &data).unwrap();
+    data
+}
