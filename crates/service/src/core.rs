@@ -168,6 +168,14 @@ impl<S: Stack> Core<S> {
         worked
     }
 
+    /// When the core next has something to do though nothing arrives: a throttled tenant's
+    /// tokens are back, a stack timer or a DNS query's timeout is due (None: only when
+    /// something arrives).
+    pub(crate) fn deadline(&mut self) -> Option<Instant> {
+        let throttled = self.throttle_wait().map(|w| self.now + w);
+        [throttled, self.stack_deadline].into_iter().flatten().min()
+    }
+
     /// How long until a throttled tenant may send again (None: nobody is throttled).
     pub(crate) fn throttle_wait(&mut self) -> Option<Duration> {
         let mut wait: Option<Duration> = None;

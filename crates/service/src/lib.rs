@@ -127,13 +127,7 @@ impl<S: Stack> Service<S> {
             let mut worked = self.core.drain_rings();
             self.start_lookups();
             let sleep = !worked && last_work.elapsed() >= SPIN;
-            // A throttled tenant is woken when its tokens are back, not by the stack; the stack
-            // may have a timer of its own.
-            let now = self.core.now;
-            let wait = [self.core.throttle_wait(), self.core.stack_deadline.map(|d| d.saturating_duration_since(now))]
-                .into_iter()
-                .flatten()
-                .min();
+            let wait = self.core.deadline().map(|d| d.saturating_duration_since(self.core.now));
             if sleep && !doorbell::nsm_may_sleep(|v| self.set_sleeping(v), || self.rings_have_work()) {
                 continue;
             }

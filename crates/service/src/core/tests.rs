@@ -172,7 +172,7 @@ fn a_rate_limited_tenant_sends_at_its_rate_on_the_made_up_clock() {
     assert_eq!(g.call(&mut core, c, send(&DATA, true)), 60_000);
     assert_eq!(core.stack.unread(server), 0);
     assert_eq!(g.mask(c) & libc::POLLOUT as u32, 0);
-    let wait = core.throttle_wait().expect("throttled");
+    let wait = core.deadline().expect("throttled") - core.now;
     assert!(wait <= Duration::from_millis(17), "{wait:?}");
     // 30 ms later 30 KB (but at most the 16 KiB burst) went out; 60 ms more, everything.
     let t0 = core.now;
