@@ -369,3 +369,49 @@ fn names_resolve_through_the_user_stack_from_hosts_and_dns() {
     assert!(asked.contains("www.example.test 1") && asked.contains("www.example.test 28"), "{asked}");
     assert!(!asked.contains("configured.name"), "{asked}");
 }
+
+/// `ctl conns` and /metrics show a user NSM's connections with the RTT, cwnd and retransmits its
+/// stack measures.
+#[test]
+fn ctl_conns_and_metrics_show_user_connections_with_rtt_and_cwnd() {
+    if !root_or_skip("user-NSM telemetry") {
+        return;
+    }
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let (user, nsm) = user_nsm_config("colocate = false");
+    let engine = TestEngine::with_config(&format!("[engine]\nmetrics = \"{metrics}\"\n\n{user}"));
+    let port = free_port();
+    // A guest server that reads 20 MB from a native client across the TAP, then holds the
+    // connection open until its stdin closes.
+    let script = format!(
+        "import socket,sys\nl=socket.create_server(('0.0.0.0',{port}))\nprint('ready',flush=True)\n\
+         s,_=l.accept()\nn=0\nwhile n<20000000: n+=len(s.recv(1<<20))\ns.sendall(b'done')\nsys.stdin.read()\n"
+    );
+    let mut guest = engine.python_ready(&script);
+    let mut c = TcpStream::connect((nsm, port)).unwrap();
+    std::io::Write::write_all(&mut c, &vec![7u8; 20_000_000]).unwrap();
+    let mut done = [0u8; 4];
+    std::io::Read::read_exact(&mut c, &mut done).unwrap();
+    let conns = engine.ctl("conns");
+    let conn = conns
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["nsm"] == "user" && c["state"] == "ESTABLISHED")
+        .unwrap_or_else(|| panic!("no established user-NSM connection: {conns}"))
+        .clone();
+    assert_eq!(conn["path"], "user", "{conn}");
+    assert!(conn["bytes_in"].as_u64().unwrap() >= 20_000_000, "{conn}");
+    assert!(conn["rtt_us"].as_u64().unwrap() > 0 && conn["cwnd"].as_u64().unwrap() > 0, "{conn}");
+    let mut s = TcpStream::connect(&metrics).unwrap();
+    std::io::Write::write_all(&mut s, b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut body = String::new();
+    std::io::Read::read_to_string(&mut s, &mut body).unwrap();
+    let rtt = body
+        .lines()
+        .find(|l| l.starts_with("netkernel_connection_rtt_seconds{") && l.contains("nsm=\"user\""))
+        .unwrap_or_else(|| panic!("no user-NSM RTT in /metrics:\n{body}"));
+    assert!(rtt.rsplit(' ').next().unwrap().parse::<f64>().unwrap() > 0.0, "{rtt}");
+    drop(guest.stdin.take());
+    let _ = guest.wait();
+}
