@@ -58,7 +58,11 @@ fn put_bytes(val: &mut [u8], b: &[u8]) -> usize {
 impl UserStack {
     fn tcp_state_of(&self, id: usize) -> tcp::State {
         match self.socks.get(id).map(|s| &s.st) {
-            Some(St::Tcp(c)) => self.nets[c.ifx].get::<tcp::Socket>(c.h).state(),
+            // Linux hands TIME_WAIT to a minisocket: the socket its owner holds is TCP_CLOSE.
+            Some(St::Tcp(c)) => match self.nets[c.ifx].get::<tcp::Socket>(c.h).state() {
+                tcp::State::TimeWait => tcp::State::Closed,
+                st => st,
+            },
             Some(St::Listen { .. }) => tcp::State::Listen,
             _ => tcp::State::Closed,
         }
@@ -163,11 +167,13 @@ impl UserStack {
             // connect/listen read back as set but apply to the next connection only.
             (libc::SOL_SOCKET, libc::SO_RCVBUF) => {
                 let v = get_int(val)?.max(0) as usize;
-                o.rcvbuf = Some(v.clamp(MIN_RCVBUF / 2, MAX_BUF) * 2);
+                let linux = || v.clamp(MIN_RCVBUF / 2, MAX_BUF) * 2;
+                o.rcvbuf = Some(kernel_int(tcp, name, v as i32).map_or_else(linux, |k| k as usize));
             }
             (libc::SOL_SOCKET, libc::SO_SNDBUF) => {
                 let v = get_int(val)?.max(0) as usize;
-                o.sndbuf = Some(v.clamp(MIN_SNDBUF / 2, MAX_BUF) * 2);
+                let linux = || v.clamp(MIN_SNDBUF / 2, MAX_BUF) * 2;
+                o.sndbuf = Some(kernel_int(tcp, name, v as i32).map_or_else(linux, |k| k as usize));
             }
             (libc::SOL_SOCKET, libc::SO_LINGER) => {
                 if val.len() < 8 {
@@ -183,6 +189,11 @@ impl UserStack {
                 }
                 let mut b = [0u8; 16];
                 b.copy_from_slice(&val[..16]);
+                // Linux keeps the timeout in jiffies (rounded up at CONFIG_HZ) and checks
+                // tv_usec: its answer and its read-back come from a kernel socket.
+                if let Some(k) = kernel_roundtrip(tcp, name, &b) {
+                    b = k?;
+                }
                 if name == libc::SO_RCVTIMEO {
                     o.rcvtimeo = b;
                 } else {
@@ -256,6 +267,37 @@ impl UserStack {
         }
         Some(TcpStats { state: linux_state(self.tcp_state_of(id)), ..TcpStats::default() })
     }
+}
+
+/// A scratch kernel socket of the same type, for options the stack only stores: setting one
+/// there and reading it back gives Linux's rounding, clamping (net.core.rmem_max, wmem_max)
+/// and errnos without restating the kernel's rules. socket(2) works in the NSM's empty network
+/// namespace. None: no kernel socket to be had (the stack then applies Linux's default rules).
+fn kernel_roundtrip<const N: usize>(tcp: bool, name: i32, val: &[u8; N]) -> Option<Result<[u8; N], Errno>> {
+    let ty = if tcp { libc::SOCK_STREAM } else { libc::SOCK_DGRAM };
+    // SAFETY: socket(2) takes no pointers; the fd is owned here and closed by OwnedFd.
+    let fd = unsafe { libc::socket(libc::AF_INET, ty | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: fd was just created and nothing else owns it.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+    // SAFETY: val is a live buffer of N bytes.
+    let r = unsafe { libc::setsockopt(raw, libc::SOL_SOCKET, name, val.as_ptr().cast(), N as libc::socklen_t) };
+    if r < 0 {
+        return Some(Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EINVAL)));
+    }
+    let mut out = [0u8; N];
+    let mut len = N as libc::socklen_t;
+    // SAFETY: out/len describe a live buffer of N bytes.
+    let r = unsafe { libc::getsockopt(raw, libc::SOL_SOCKET, name, out.as_mut_ptr().cast(), &mut len) };
+    (r == 0 && len as usize == N).then_some(Ok(out))
+}
+
+/// [`kernel_roundtrip`] for an int option; None also when the kernel refuses it.
+fn kernel_int(tcp: bool, name: i32, v: i32) -> Option<i32> {
+    kernel_roundtrip(tcp, name, &v.to_ne_bytes())?.ok().map(i32::from_ne_bytes)
 }
 
 fn ttl(v: i32) -> Result<Option<u8>, Errno> {

@@ -1141,3 +1141,73 @@ fn a_new_syn_ends_time_wait() {
     assert_eq!(n.a.connect(&c, &sa("10.77.0.3:7019")), Ok(()));
     assert!(n.b.accept(&l, &mut [0; 16]).is_ok());
 }
+
+fn tcp_info_state(s: &mut UserStack, h: &Handle) -> u8 {
+    let mut info = [0u8; std::mem::size_of::<libc::tcp_info>()];
+    s.getsockopt(h, libc::IPPROTO_TCP, libc::TCP_INFO, &mut info).unwrap();
+    info[0]
+}
+
+#[test]
+fn time_wait_reads_as_close_to_the_owner() {
+    let mut n = Net::new();
+    let l = listener(&mut n.b, "0.0.0.0:7010", 4);
+    let (c, s, _) = connect_pair(&mut n, &l, "10.77.0.3:7010");
+    n.a.shutdown(&c, libc::SHUT_WR).unwrap();
+    n.run(5);
+    n.b.shutdown(&s, libc::SHUT_WR).unwrap();
+    n.run(5);
+    // Linux's TIME_WAIT is a minisocket of its own; the first to shut holds a TCP_CLOSE one.
+    assert_eq!(tcp_info_state(&mut n.a, &c), 7);
+    assert_eq!(n.a.tcp_stats(&c).unwrap().state, 7);
+    assert_eq!(tcp_info_state(&mut n.b, &s), 7);
+}
+
+/// What a kernel socket of type `ty` reads back for an option set to `val`.
+fn kernel_readback(ty: i32, name: i32, val: &[u8]) -> Vec<u8> {
+    // SAFETY: plain calls on a socket owned here; val and out are live buffers.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, ty, 0);
+        assert!(fd >= 0);
+        assert_eq!(libc::setsockopt(fd, libc::SOL_SOCKET, name, val.as_ptr().cast(), val.len() as u32), 0);
+        let mut out = vec![0u8; val.len()];
+        let mut l = out.len() as libc::socklen_t;
+        assert_eq!(libc::getsockopt(fd, libc::SOL_SOCKET, name, out.as_mut_ptr().cast(), &mut l), 0);
+        libc::close(fd);
+        out
+    }
+}
+
+#[test]
+fn stored_options_read_back_as_the_kernel_rounds_and_clamps_them() {
+    let mut n = Net::new();
+    let s = &mut n.a;
+    let t = tcp(s);
+    let mut tv = [0u8; 16];
+    tv[8..].copy_from_slice(&150_000i64.to_ne_bytes());
+    s.setsockopt(&t, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv).unwrap();
+    let mut got = [0u8; 16];
+    assert_eq!(s.getsockopt(&t, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &mut got), Ok(16));
+    assert_eq!(got.to_vec(), kernel_readback(libc::SOCK_STREAM, libc::SO_RCVTIMEO, &tv), "jiffies");
+    let mut bad = [0u8; 16];
+    bad[8..].copy_from_slice(&2_000_000i64.to_ne_bytes());
+    assert_eq!(s.setsockopt(&t, libc::SOL_SOCKET, libc::SO_SNDTIMEO, &bad), Err(libc::EDOM));
+    for v in [1, 4096, 1 << 20, 1 << 30] {
+        let b = (v as i32).to_ne_bytes();
+        for name in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
+            s.setsockopt(&t, libc::SOL_SOCKET, name, &b).unwrap();
+            let want = kernel_readback(libc::SOCK_STREAM, name, &b);
+            assert_eq!(int_opt(s, &t, libc::SOL_SOCKET, name).to_ne_bytes().to_vec(), want, "{name} {v}");
+        }
+    }
+}
+
+#[test]
+fn all_of_127_8_is_loopback_and_refuses_without_a_listener() {
+    let mut n = Net::new();
+    let _l = listener(&mut n.a, "127.0.0.1:9010", 4);
+    let c = tcp(&mut n.a);
+    assert_eq!(n.a.connect(&c, &sa("127.0.0.2:9010")), Err(libc::EINPROGRESS));
+    n.run(3);
+    assert_eq!(int_opt(&mut n.a, &c, libc::SOL_SOCKET, libc::SO_ERROR), libc::ECONNREFUSED);
+}
