@@ -426,7 +426,7 @@ impl UserStack {
     /// Whether connect() may give `port` to a connection from `local` to `remote`: nobody
     /// bind()s it (only other connects hold it) and the 4-tuple is new.
     pub(crate) fn connect_port_ok(&self, port: u16, local: IpAddr, remote: SocketAddr) -> bool {
-        self.index.on_port(frame::TCP, port).iter().all(|&o| self.socks.get(o).is_some_and(|s| s.conn_port))
+        self.index.on_port(frame::TCP, port).all(|&o| self.socks.get(o).is_some_and(|s| s.conn_port))
             && !self.index.tuples.contains_key(&(frame::TCP, SocketAddr::new(local, port), remote))
     }
 
@@ -704,7 +704,7 @@ impl UserStack {
         if e.proto != frame::UDP {
             return;
         }
-        let ids: Vec<usize> = self.index.on_port(frame::UDP, e.local.port()).to_vec();
+        let ids: Vec<usize> = self.index.on_port(frame::UDP, e.local.port()).copied().collect();
         for id in ids {
             let Some(s) = self.socks.get_mut(id) else { continue };
             if let St::Udp(UdpState { peer: Some(p), .. }) = &s.st {
@@ -728,7 +728,7 @@ impl UserStack {
             return None;
         }
         let mut best = None;
-        for &id in self.index.on_port(frame::TCP, dst.port()) {
+        for &id in self.index.listeners(dst.port()) {
             let Some(s) = self.socks.get(id) else { continue };
             if !matches!(s.st, St::Listen { .. }) {
                 continue;

@@ -200,7 +200,10 @@ impl UserStack {
                 self.autobind(id)?;
             }
         }
-        self.sock(id)?.st = St::Listen { backlog, pending: Vec::new() };
+        let s = self.sock(id)?;
+        s.st = St::Listen { backlog, pending: Vec::new() };
+        let port = s.bound.map_or(0, |b| b.port());
+        self.index.listen(port, id);
         self.dirty.insert(id);
         Ok(())
     }
