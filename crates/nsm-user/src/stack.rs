@@ -182,7 +182,12 @@ pub enum St {
     Idle,
     Listen {
         backlog: usize,
+        /// Handshakes in progress, looked at whenever the listener is refreshed.
         pending: Vec<Pending>,
+        /// Completed connections in the order they completed, for accept(): kept apart so
+        /// that a listener thousands of connections behind its accepts is not walked per
+        /// packet (nothing that happens to them before accept needs the listener).
+        queue: VecDeque<Pending>,
     },
     Tcp(Conn),
     Udp(UdpState),
@@ -500,8 +505,8 @@ impl UserStack {
         let linger0 = s.opts.linger == Some(0);
         match st {
             St::Idle => self.free(id, bound),
-            St::Listen { pending, .. } => {
-                self.drop_pending(id, pending);
+            St::Listen { pending, queue, .. } => {
+                self.drop_pending(id, pending.into_iter().chain(queue));
                 self.free(id, bound);
             }
             St::Udp(u) => {
@@ -542,7 +547,7 @@ impl UserStack {
     }
 
     /// Resets the connections a listener holds and forgets their tuples.
-    pub(crate) fn drop_pending(&mut self, id: usize, pending: Vec<Pending>) {
+    pub(crate) fn drop_pending(&mut self, id: usize, pending: impl IntoIterator<Item = Pending>) {
         for p in pending {
             let sk = self.tcp(p.ifx, p.h);
             let (l, r) = (sk.local_endpoint(), sk.remote_endpoint());
@@ -670,10 +675,10 @@ impl UserStack {
         if p.payload > 0 || p.flags & (frame::FIN | frame::RST) != 0 {
             s.arrived = true;
         }
-        if let St::Listen { pending, .. } = &mut s.st {
+        if let St::Listen { pending, queue, .. } = &mut s.st {
             // A connection not accepted yet: remember its reset for accept.
             if p.flags & frame::RST != 0 {
-                if let Some(q) = pending.iter_mut().find(|q| q.tuple == (p.dst, p.src)) {
+                if let Some(q) = pending.iter_mut().chain(queue.iter_mut()).find(|q| q.tuple == (p.dst, p.src)) {
                     q.saw_rst = true;
                 }
             }
@@ -752,8 +757,8 @@ impl UserStack {
     /// (backlog + 1, as Linux's sk_acceptq_is_full) is full.
     fn prepare_syn(&mut self, lid: usize, ifx: usize, p: Peek) -> bool {
         let Some(s) = self.socks.get(lid) else { return true };
-        let St::Listen { backlog, pending } = &s.st else { return true };
-        if pending.len() > *backlog {
+        let St::Listen { backlog, pending, queue } = &s.st else { return true };
+        if pending.len() + queue.len() > *backlog {
             return false;
         }
         let mut sk = self.make_tcp(&s.opts);
@@ -1014,7 +1019,7 @@ impl UserStack {
                     self.nets[ifx].time(h, id);
                 }
             }
-            St::Listen { pending, .. } => {
+            St::Listen { pending, queue, .. } => {
                 let mut i = 0;
                 while i < pending.len() {
                     let p = &mut pending[i];
@@ -1039,12 +1044,16 @@ impl UserStack {
                     // a request socket.
                     let failed = state == tcp::State::Listen || (state == tcp::State::Closed && !p.established);
                     if failed {
-                        let p = pending.remove(i);
+                        let p = pending.swap_remove(i);
                         self.nets[p.ifx].remove(p.h);
                         let t = (frame::TCP, p.tuple.0, p.tuple.1);
                         if self.index.tuples.get(&t) == Some(&id) {
                             self.index.tuples.remove(&t);
                         }
+                        continue;
+                    }
+                    if p.established {
+                        queue.push_back(pending.remove(i));
                         continue;
                     }
                     i += 1;
@@ -1092,16 +1101,8 @@ impl UserStack {
         match &s.st {
             // A TCP socket that is not connected is TCP_CLOSE: hung up, and writable.
             St::Idle => (HUP | OUT | err, 0, 0),
-            St::Listen { pending, .. } => {
-                let n = pending
-                    .iter()
-                    .filter(|p| {
-                        !matches!(
-                            self.nets[p.ifx].get::<tcp::Socket>(p.h).state(),
-                            tcp::State::Listen | tcp::State::SynReceived
-                        )
-                    })
-                    .count();
+            St::Listen { queue, .. } => {
+                let n = queue.len();
                 (if n > 0 { IN } else { 0 } | err, n, 0)
             }
             St::Tcp(c) => {

@@ -1211,3 +1211,34 @@ fn all_of_127_8_is_loopback_and_refuses_without_a_listener() {
     n.run(3);
     assert_eq!(int_opt(&mut n.a, &c, libc::SOL_SOCKET, libc::SO_ERROR), libc::ECONNREFUSED);
 }
+
+#[test]
+fn a_long_accept_queue_hands_out_every_connection_once() {
+    let mut n = Net::new();
+    let l = listener(&mut n.b, "0.0.0.0:7011", 300);
+    let cs: Vec<Handle> = (0..200)
+        .map(|_| {
+            let c = tcp(&mut n.a);
+            assert_eq!(n.a.connect(&c, &sa("10.77.0.3:7011")), Err(libc::EINPROGRESS));
+            c
+        })
+        .collect();
+    n.run(30);
+    assert_eq!(n.b.poll_mask(&l), IN);
+    let mut peers = std::collections::HashSet::new();
+    let mut accepted = Vec::new();
+    while let Ok((s, len)) = n.b.accept(&l, &mut pa_buf()) {
+        assert_eq!(len, 16);
+        let mut name = [0u8; 16];
+        n.b.getpeername(&s, &mut name).unwrap();
+        peers.insert(read_sa(Family::V4, &name));
+        accepted.push(s);
+    }
+    assert_eq!((accepted.len(), peers.len()), (200, 200));
+    assert_eq!(n.b.poll_mask(&l), 0);
+    drop(cs);
+}
+
+fn pa_buf() -> [u8; 16] {
+    [0; 16]
+}
