@@ -1227,7 +1227,7 @@ fn a_long_accept_queue_hands_out_every_connection_once() {
     assert_eq!(n.b.poll_mask(&l), IN);
     let mut peers = std::collections::HashSet::new();
     let mut accepted = Vec::new();
-    while let Ok((s, len)) = n.b.accept(&l, &mut pa_buf()) {
+    while let Ok((s, len)) = n.b.accept(&l, &mut [0; 16]) {
         assert_eq!(len, 16);
         let mut name = [0u8; 16];
         n.b.getpeername(&s, &mut name).unwrap();
@@ -1237,8 +1237,4 @@ fn a_long_accept_queue_hands_out_every_connection_once() {
     assert_eq!((accepted.len(), peers.len()), (200, 200));
     assert_eq!(n.b.poll_mask(&l), 0);
     drop(cs);
-}
-
-fn pa_buf() -> [u8; 16] {
-    [0; 16]
 }
