@@ -805,7 +805,7 @@ impl UserStack {
         self.poll_shards(EXT, ts, true, wake_all);
         if self.fragmenting {
             self.fragmenting = false;
-            let Net { iface, shards } = &mut self.nets[EXT];
+            let Net { iface, shards, .. } = &mut self.nets[EXT];
             let sh = &mut shards[SHARD0];
             // 64 KiB is 45 fragments at MTU 1500.
             for _ in 0..64 {
@@ -872,9 +872,8 @@ impl UserStack {
                     SHARD0
                 }
             };
-            let shard = &mut self.nets[ifx].shards[sh];
-            shard.rx.push_back(f);
-            shard.due = true;
+            self.nets[ifx].shards[sh].rx.push_back(f);
+            self.nets[ifx].mark(sh);
         }
         wake_all
     }
@@ -883,24 +882,44 @@ impl UserStack {
     /// `timers`) a passed deadline, whose timer-driven sockets are then looked at. `wake_all`
     /// also polls every set waiting on a timer. Returns whether any set was polled.
     fn poll_shards(&mut self, ifx: usize, ts: SInstant, timers: bool, wake_all: bool) -> bool {
-        let Net { iface, shards } = &mut self.nets[ifx];
-        let mut any = false;
-        for sh in shards.iter_mut() {
-            let expired = timers && sh.deadline.is_some_and(|d| d <= ts);
-            if expired {
-                self.dirty.extend(sh.timed.drain());
+        let net = &mut self.nets[ifx];
+        let mut run = std::mem::take(&mut net.due);
+        if timers {
+            let mut expired = Vec::new();
+            net.expired(ts, &mut expired);
+            for sh in expired {
+                self.dirty.extend(net.shards[sh].timed.drain());
+                if !net.shards[sh].due {
+                    net.shards[sh].due = true;
+                    run.push(sh);
+                }
             }
-            if !(sh.due || expired || (wake_all && sh.deadline.is_some())) {
-                continue;
+        }
+        if wake_all {
+            for sh in 0..net.shards.len() {
+                if net.shards[sh].deadline.is_some() && !net.shards[sh].due {
+                    net.shards[sh].due = true;
+                    run.push(sh);
+                }
             }
-            sh.due = false;
-            any = true;
+        }
+        for &sh in &run {
+            let Net { iface, shards, .. } = &mut *net;
+            let s = &mut shards[sh];
+            s.due = false;
             if ifx == EXT {
-                iface.poll(ts, &mut ExtPort { rx: &mut sh.rx, dev: &mut self.ext_dev }, &mut sh.set);
+                iface.poll(ts, &mut ExtPort { rx: &mut s.rx, dev: &mut self.ext_dev }, &mut s.set);
             } else {
-                iface.poll(ts, &mut LoPort { rx: &mut sh.rx, dev: &mut self.lo_dev }, &mut sh.set);
+                iface.poll(ts, &mut LoPort { rx: &mut s.rx, dev: &mut self.lo_dev }, &mut s.set);
             }
-            sh.deadline = iface.poll_at(ts, &sh.set);
+            let d = iface.poll_at(ts, &s.set);
+            net.set_deadline(sh, d);
+        }
+        let any = !run.is_empty();
+        // Give the allocation back for the next poll.
+        run.clear();
+        if net.due.is_empty() {
+            net.due = run;
         }
         any
     }
