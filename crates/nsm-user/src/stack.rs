@@ -448,11 +448,17 @@ impl UserStack {
         (o.rcvbuf.unwrap_or(TCP_RX_DEFAULT), o.sndbuf.unwrap_or(TCP_TX_DEFAULT))
     }
 
-    /// A smoltcp TCP socket with the socket's options applied.
-    pub(crate) fn make_tcp(&self, o: &Opts) -> tcp::Socket<'static> {
+    /// A smoltcp TCP socket with the socket's options applied, for interface `ifx`.
+    pub(crate) fn make_tcp(&self, o: &Opts, ifx: usize) -> tcp::Socket<'static> {
         let (rx, tx) = self.tcp_buffers(o);
         let mut s = tcp::Socket::new(tcp::SocketBuffer::new(vec![0; rx]), tcp::SocketBuffer::new(vec![0; tx]));
         s.set_congestion_control(self.cc);
+        if ifx == LO {
+            // Linux delivers loopback segments within the sending call and acknowledges them
+            // at once (quickack): a delayed ACK would hold the sender's next small segment
+            // back (Nagle) past the poll that completes its send.
+            s.set_ack_delay(None);
+        }
         apply_tcp_opts(&mut s, o);
         s
     }
@@ -761,7 +767,7 @@ impl UserStack {
         if pending.len() + queue.len() > *backlog {
             return false;
         }
-        let mut sk = self.make_tcp(&s.opts);
+        let mut sk = self.make_tcp(&s.opts, ifx);
         if sk.listen(p.dst).is_err() {
             return true;
         }

@@ -401,7 +401,7 @@ impl UserStack {
             return Err(libc::EADDRNOTAVAIL);
         }
         let opts = self.sock(id)?.opts.clone();
-        let mut sk = self.make_tcp(&opts);
+        let mut sk = self.make_tcp(&opts, ifx);
         if !opts.keepalive {
             sk.set_timeout(Some(smoltcp::time::Duration::from_secs(SYN_TIMEOUT_S)));
         }

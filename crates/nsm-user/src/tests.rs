@@ -1238,3 +1238,22 @@ fn a_long_accept_queue_hands_out_every_connection_once() {
     assert_eq!(n.b.poll_mask(&l), 0);
     drop(cs);
 }
+
+#[test]
+fn one_poll_delivers_loopback_sends_past_nagle() {
+    let mut n = Net::new();
+    let l = listener(&mut n.a, "127.0.0.1:9011", 4);
+    let c = tcp(&mut n.a);
+    assert_eq!(n.a.connect(&c, &sa("127.0.0.1:9011")), Err(libc::EINPROGRESS));
+    n.run(2);
+    let (s, _) = n.a.accept(&l, &mut [0; 16]).unwrap();
+    n.a.shutdown(&s, libc::SHUT_WR).unwrap();
+    n.run(1);
+    // ServiceLib settles each synchronous call with one poll at the same instant.
+    let now = n.now;
+    send_all(&mut n.a, &c, b"one");
+    n.a.poll(now, false, &mut n.ra);
+    send_all(&mut n.a, &c, b"two");
+    n.a.poll(now, false, &mut n.ra);
+    assert_eq!(recv_str(&mut n.a, &s).unwrap(), "onetwo");
+}
