@@ -46,6 +46,7 @@ pub const EPHEMERAL: std::ops::RangeInclusive<u16> = 32768..=60999;
 /// TCP socket and autotunes both upwards; smoltcp's buffers are fixed at creation, so they get
 /// room for a window-scaled receive window and a send buffer that keeps a 1 Gb/s LAN busy.
 pub const TCP_RX_DEFAULT: usize = 256 * 1024;
+pub const TCP_RX_DEFAULT_LO: usize = 128 * 1024;
 pub const TCP_TX_DEFAULT: usize = 256 * 1024;
 pub const UDP_RX_DEFAULT: usize = 212_992;
 pub const UDP_TX_DEFAULT: usize = 212_992;
@@ -444,13 +445,18 @@ impl UserStack {
             .find(|&p| self.connect_port_ok(p, local, remote))
     }
 
-    pub(crate) fn tcp_buffers(&self, o: &Opts) -> (usize, usize) {
-        (o.rcvbuf.unwrap_or(TCP_RX_DEFAULT), o.sndbuf.unwrap_or(TCP_TX_DEFAULT))
+    /// Receive and send buffer sizes of a new connection on interface `ifx`.
+    pub(crate) fn tcp_buffers(&self, o: &Opts, ifx: usize) -> (usize, usize) {
+        // On loopback there is no bandwidth-delay product to cover: Linux's default receive
+        // buffer, so that a peer that never reads holds about what it would on Linux (an
+        // SO_RCVBUF set after accept cannot shrink a smoltcp buffer).
+        let rx = if ifx == LO { TCP_RX_DEFAULT_LO } else { TCP_RX_DEFAULT };
+        (o.rcvbuf.unwrap_or(rx), o.sndbuf.unwrap_or(TCP_TX_DEFAULT))
     }
 
     /// A smoltcp TCP socket with the socket's options applied, for interface `ifx`.
     pub(crate) fn make_tcp(&self, o: &Opts, ifx: usize) -> tcp::Socket<'static> {
-        let (rx, tx) = self.tcp_buffers(o);
+        let (rx, tx) = self.tcp_buffers(o, ifx);
         let mut s = tcp::Socket::new(tcp::SocketBuffer::new(vec![0; rx]), tcp::SocketBuffer::new(vec![0; tx]));
         s.set_congestion_control(self.cc);
         if ifx == LO {
