@@ -53,7 +53,12 @@
 //! - IPv6 datagrams over the wire are not fragmented (EMSGSIZE past 1452 bytes); IPv4 ones
 //!   are. No IPv6 extension headers are looked into.
 //! - Options not listed in `opts.rs` are ENOPROTOOPT (IP_TOS, SO_REUSEPORT, multicast,
-//!   IP_PKTINFO and other ancillary data, SO_BINDTODEVICE...). SOCK_RAW is EPROTONOSUPPORT.
+//!   SO_BINDTODEVICE...). SOCK_RAW is EPROTONOSUPPORT.
+//! - Ancillary data: only SO_TIMESTAMP/SO_TIMESTAMPNS, stamped with the time of the receive
+//!   (smoltcp keeps no arrival times). IP_RECVTOS and IP_PKTINFO are stored on TCP sockets,
+//!   where Linux gives no cmsg for them either; on UDP sockets they, IP_RECVTTL and the
+//!   IPv6 ones are ENOPROTOOPT (the stack keeps no per-datagram TOS, TTL or destination), and
+//!   sendmsg ignores control messages.
 //! - Datagrams (and segments) that different sockets queue between two polls leave in socket
 //!   order, not in the order the sends happened; Linux sends within the call. Each socket's
 //!   own order is kept.
@@ -133,8 +138,9 @@ impl Stack for UserStack {
         }
     }
 
-    /// No ancillary data in this stack; msg_flags carries MSG_TRUNC for a datagram cut short,
-    /// as Linux's does.
+    /// The only ancillary data is the receive timestamp (SO_TIMESTAMP, SO_TIMESTAMPNS), given
+    /// with data as Linux gives it; msg_flags carries MSG_TRUNC for a datagram cut short and
+    /// MSG_CTRUNC for a cmsg that did not fit, as Linux's does.
     fn recvmsg(
         &mut self,
         s: &Handle,
@@ -143,17 +149,23 @@ impl Stack for UserStack {
         from: &mut [u8],
         control: &mut [u8],
     ) -> Result<Received, Errno> {
-        let _ = control;
         match self.sock(s.id)?.proto {
             Proto::Tcp => {
                 let (len, from_len) = self.recv(s, buf, flags, from)?;
-                Ok(Received { len, from_len, control_len: 0, flags: 0 })
+                // tcp_recvmsg stamps only a receive that copied bytes.
+                let (control_len, cf) = if len > 0 && flags & libc::MSG_TRUNC == 0 {
+                    self.put_stamp(s.id, control)
+                } else {
+                    (0, 0)
+                };
+                Ok(Received { len, from_len, control_len, flags: cf })
             }
             Proto::Udp => {
                 let (full, from_len) = self.udp_recv(s.id, buf, flags | libc::MSG_TRUNC, from)?;
                 let cut = full > buf.len();
                 let len = if flags & libc::MSG_TRUNC != 0 { full } else { full.min(buf.len()) };
-                Ok(Received { len, from_len, control_len: 0, flags: if cut { libc::MSG_TRUNC } else { 0 } })
+                let (control_len, cf) = self.put_stamp(s.id, control);
+                Ok(Received { len, from_len, control_len, flags: cf | if cut { libc::MSG_TRUNC } else { 0 } })
             }
         }
     }

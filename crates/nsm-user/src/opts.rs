@@ -5,7 +5,7 @@ use smoltcp::socket::tcp;
 
 use crate::seam::{Errno, TcpStats};
 use crate::sockaddr::Family;
-use crate::stack::{apply_tcp_opts, Proto, St, UserStack};
+use crate::stack::{apply_tcp_opts, Proto, St, Stamp, UserStack};
 
 const FIONREAD: u64 = 0x541b;
 const TIOCOUTQ: u64 = 0x5411;
@@ -108,6 +108,10 @@ impl UserStack {
                 return Ok(put_bytes(val, &b));
             }
             (libc::SOL_SOCKET, libc::SO_RCVTIMEO) => return Ok(put_bytes(val, &o.rcvtimeo)),
+            (libc::SOL_SOCKET, libc::SO_TIMESTAMP) => int(o.stamp == Stamp::Micro),
+            (libc::SOL_SOCKET, libc::SO_TIMESTAMPNS) => int(o.stamp == Stamp::Nano),
+            (libc::IPPROTO_IP, libc::IP_RECVTOS) if tcp && s.family == Family::V4 => int(o.recvtos),
+            (libc::IPPROTO_IP, libc::IP_PKTINFO) if tcp && s.family == Family::V4 => int(o.pktinfo),
             (libc::SOL_SOCKET, libc::SO_SNDTIMEO) => return Ok(put_bytes(val, &o.sndtimeo)),
             (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY) if s.family == Family::V6 => int(o.v6only),
             (libc::IPPROTO_IP, libc::IP_TTL) if s.family == Family::V4 => i32::from(o.ttl.unwrap_or(64)),
@@ -183,6 +187,19 @@ impl UserStack {
                 let secs = get_int(&val[4..8])?;
                 o.linger = (on != 0).then_some(secs.max(0));
             }
+            // Linux: SO_TIMESTAMPNS sets both flags and the nanosecond one wins; turning
+            // either off clears both (sock_set_timestamp).
+            (libc::SOL_SOCKET, libc::SO_TIMESTAMP) => {
+                o.stamp = if get_int(val)? != 0 { Stamp::Micro } else { Stamp::None };
+            }
+            (libc::SOL_SOCKET, libc::SO_TIMESTAMPNS) => {
+                o.stamp = if get_int(val)? != 0 { Stamp::Nano } else { Stamp::None };
+            }
+            // Stored only on a stream socket, where Linux gives no cmsg for them either; a
+            // datagram socket would need the TOS and addresses of each datagram, which this
+            // stack does not keep (ENOPROTOOPT rather than silently missing cmsgs).
+            (libc::IPPROTO_IP, libc::IP_RECVTOS) if tcp && family == Family::V4 => o.recvtos = get_int(val)? != 0,
+            (libc::IPPROTO_IP, libc::IP_PKTINFO) if tcp && family == Family::V4 => o.pktinfo = get_int(val)? != 0,
             (libc::SOL_SOCKET, libc::SO_RCVTIMEO | libc::SO_SNDTIMEO) => {
                 if val.len() < 16 {
                     return Err(libc::EINVAL);
@@ -260,6 +277,26 @@ impl UserStack {
         }
     }
 
+    /// Writes the timestamp cmsg socket `id` asked for into `control` (the time of the
+    /// receive: smoltcp keeps no arrival times, and the data was in the stack's buffer by the
+    /// time the guest asked). Returns msg_controllen and the flags to add (MSG_CTRUNC when it
+    /// does not fit, as put_cmsg truncates).
+    pub(crate) fn put_stamp(&self, id: usize, control: &mut [u8]) -> (usize, i32) {
+        let Some(s) = self.socks.get(id) else { return (0, 0) };
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        match s.opts.stamp {
+            Stamp::None => (0, 0),
+            Stamp::Micro => {
+                let tv = libc::timeval { tv_sec: now.as_secs() as _, tv_usec: now.subsec_micros() as _ };
+                put_cmsg(control, libc::SOL_SOCKET, libc::SCM_TIMESTAMP, &tv)
+            }
+            Stamp::Nano => {
+                let ts = libc::timespec { tv_sec: now.as_secs() as _, tv_nsec: now.subsec_nanos() as _ };
+                put_cmsg(control, libc::SOL_SOCKET, libc::SCM_TIMESTAMPNS, &ts)
+            }
+        }
+    }
+
     pub(crate) fn do_tcp_stats(&mut self, id: usize) -> Option<TcpStats> {
         let s = self.socks.get(id)?;
         if s.proto != Proto::Tcp {
@@ -298,6 +335,26 @@ fn kernel_roundtrip<const N: usize>(tcp: bool, name: i32, val: &[u8; N]) -> Opti
 /// [`kernel_roundtrip`] for an int option; None also when the kernel refuses it.
 fn kernel_int(tcp: bool, name: i32, v: i32) -> Option<i32> {
     kernel_roundtrip(tcp, name, &v.to_ne_bytes())?.ok().map(i32::from_ne_bytes)
+}
+
+/// One control message at the start of `space`, as the kernel's put_cmsg writes it: cut to
+/// the space with MSG_CTRUNC, nothing if not even a header fits. Returns (bytes used, flags).
+fn put_cmsg<T: Copy>(space: &mut [u8], level: i32, ty: i32, v: &T) -> (usize, i32) {
+    // SAFETY: only called with timeval and timespec, plain integers without padding.
+    let data = unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>()) };
+    let hdr = std::mem::size_of::<libc::cmsghdr>();
+    if space.len() < hdr {
+        return (0, libc::MSG_CTRUNC);
+    }
+    // SAFETY: CMSG_LEN and CMSG_SPACE are arithmetic.
+    let (full, spaced) =
+        unsafe { (libc::CMSG_LEN(data.len() as u32) as usize, libc::CMSG_SPACE(data.len() as u32) as usize) };
+    let len = full.min(space.len());
+    let c = libc::cmsghdr { cmsg_len: len as _, cmsg_level: level, cmsg_type: ty };
+    // SAFETY: space holds at least a cmsghdr (checked above); it need not be aligned.
+    unsafe { std::ptr::write_unaligned(space.as_mut_ptr().cast::<libc::cmsghdr>(), c) };
+    space[hdr..len].copy_from_slice(&data[..len - hdr]);
+    (spaced.min(space.len()), if len < full { libc::MSG_CTRUNC } else { 0 })
 }
 
 fn ttl(v: i32) -> Result<Option<u8>, Errno> {

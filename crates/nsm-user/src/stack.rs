@@ -108,6 +108,21 @@ pub struct Opts {
     pub rcvtimeo: [u8; 16],
     pub sndtimeo: [u8; 16],
     pub ttl: Option<u8>,
+    /// SO_TIMESTAMP (Micro) or SO_TIMESTAMPNS (Nano): a receive carries a timestamp cmsg.
+    pub stamp: Stamp,
+    /// IP_RECVTOS and IP_PKTINFO: a TCP socket only stores them (Linux's tcp_recvmsg gives
+    /// no such cmsg).
+    pub recvtos: bool,
+    pub pktinfo: bool,
+}
+
+/// Which receive timestamp a socket asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Stamp {
+    #[default]
+    None,
+    Micro,
+    Nano,
 }
 
 impl Default for Opts {
@@ -127,6 +142,9 @@ impl Default for Opts {
             rcvtimeo: [0; 16],
             sndtimeo: [0; 16],
             ttl: None,
+            stamp: Stamp::None,
+            recvtos: false,
+            pktinfo: false,
         }
     }
 }

@@ -1257,3 +1257,49 @@ fn one_poll_delivers_loopback_sends_past_nagle() {
     n.a.poll(now, false, &mut n.ra);
     assert_eq!(recv_str(&mut n.a, &s).unwrap(), "onetwo");
 }
+
+#[test]
+fn receive_timestamps_as_cmsgs() {
+    let mut n = Net::new();
+    let l = listener(&mut n.a, "127.0.0.1:9012", 4);
+    let c = tcp(&mut n.a);
+    assert_eq!(n.a.connect(&c, &sa("127.0.0.1:9012")), Err(libc::EINPROGRESS));
+    n.run(2);
+    let (s, _) = n.a.accept(&l, &mut [0; 16]).unwrap();
+    set_int(&mut n.a, &s, libc::SOL_SOCKET, libc::SO_TIMESTAMP, 1);
+    set_int(&mut n.a, &s, libc::IPPROTO_IP, libc::IP_RECVTOS, 1);
+    assert_eq!(int_opt(&mut n.a, &s, libc::SOL_SOCKET, libc::SO_TIMESTAMP), 1);
+    assert_eq!(int_opt(&mut n.a, &s, libc::IPPROTO_IP, libc::IP_RECVTOS), 1);
+    let u = udp(&mut n.a);
+    assert_eq!(n.a.setsockopt(&u, libc::IPPROTO_IP, libc::IP_RECVTOS, &1i32.to_ne_bytes()), Err(libc::ENOPROTOOPT));
+    let mut ctl = [0u8; 64];
+    let mut buf = [0u8; 16];
+    send_all(&mut n.a, &c, b"stamped");
+    n.run(1);
+    let r = n.a.recvmsg(&s, &mut buf, 0, &mut [], &mut ctl).unwrap();
+    assert_eq!((r.len, r.control_len, r.flags), (7, 32, 0));
+    // SAFETY: ctl holds a cmsghdr written by the stack (unaligned read).
+    let h: libc::cmsghdr = unsafe { std::ptr::read_unaligned(ctl.as_ptr().cast()) };
+    assert_eq!((h.cmsg_level, h.cmsg_type, h.cmsg_len), (libc::SOL_SOCKET, libc::SCM_TIMESTAMP, 32));
+    let sec = i64::from_ne_bytes(ctl[16..24].try_into().unwrap());
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    assert!((now - sec).abs() <= 1);
+    // No room for it: MSG_CTRUNC, as put_cmsg says.
+    send_all(&mut n.a, &c, b"again");
+    n.run(1);
+    let r = n.a.recvmsg(&s, &mut buf, 0, &mut [], &mut []).unwrap();
+    assert_eq!((r.len, r.control_len, r.flags), (5, 0, libc::MSG_CTRUNC));
+    set_int(&mut n.a, &s, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 1);
+    assert_eq!(int_opt(&mut n.a, &s, libc::SOL_SOCKET, libc::SO_TIMESTAMP), 0);
+    send_all(&mut n.a, &c, b"nanos");
+    n.run(1);
+    let r = n.a.recvmsg(&s, &mut buf, 0, &mut [], &mut ctl).unwrap();
+    // SAFETY: as above.
+    let h: libc::cmsghdr = unsafe { std::ptr::read_unaligned(ctl.as_ptr().cast()) };
+    assert_eq!((r.control_len, h.cmsg_type), (32, libc::SCM_TIMESTAMPNS));
+    set_int(&mut n.a, &s, libc::SOL_SOCKET, libc::SO_TIMESTAMP, 0);
+    send_all(&mut n.a, &c, b"plain");
+    n.run(1);
+    let r = n.a.recvmsg(&s, &mut buf, 0, &mut [], &mut ctl).unwrap();
+    assert_eq!((r.len, r.control_len, r.flags), (5, 0, 0));
+}
