@@ -1192,7 +1192,7 @@ fn stored_options_read_back_as_the_kernel_rounds_and_clamps_them() {
     let mut bad = [0u8; 16];
     bad[8..].copy_from_slice(&2_000_000i64.to_ne_bytes());
     assert_eq!(s.setsockopt(&t, libc::SOL_SOCKET, libc::SO_SNDTIMEO, &bad), Err(libc::EDOM));
-    for v in [1, 4096, 1 << 20, 1 << 30] {
+    for v in [1i32, 4096, 1 << 20, 1 << 30] {
         let b = v.to_ne_bytes();
         for name in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
             s.setsockopt(&t, libc::SOL_SOCKET, name, &b).unwrap();
