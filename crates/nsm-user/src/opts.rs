@@ -5,7 +5,7 @@ use smoltcp::socket::tcp;
 
 use crate::seam::{Errno, TcpStats};
 use crate::sockaddr::Family;
-use crate::stack::{apply_tcp_opts, Proto, St, UserStack};
+use crate::stack::{apply_tcp_opts, Proto, St, Stamp, UserStack};
 
 const FIONREAD: u64 = 0x541b;
 const TIOCOUTQ: u64 = 0x5411;
@@ -58,7 +58,11 @@ fn put_bytes(val: &mut [u8], b: &[u8]) -> usize {
 impl UserStack {
     fn tcp_state_of(&self, id: usize) -> tcp::State {
         match self.socks.get(id).map(|s| &s.st) {
-            Some(St::Tcp(c)) => self.nets[c.ifx].get::<tcp::Socket>(c.h).state(),
+            // Linux hands TIME_WAIT to a minisocket: the socket its owner holds is TCP_CLOSE.
+            Some(St::Tcp(c)) => match self.nets[c.ifx].get::<tcp::Socket>(c.h).state() {
+                tcp::State::TimeWait => tcp::State::Closed,
+                st => st,
+            },
             Some(St::Listen { .. }) => tcp::State::Listen,
             _ => tcp::State::Closed,
         }
@@ -104,6 +108,10 @@ impl UserStack {
                 return Ok(put_bytes(val, &b));
             }
             (libc::SOL_SOCKET, libc::SO_RCVTIMEO) => return Ok(put_bytes(val, &o.rcvtimeo)),
+            (libc::SOL_SOCKET, libc::SO_TIMESTAMP) => int(o.stamp == Stamp::Micro),
+            (libc::SOL_SOCKET, libc::SO_TIMESTAMPNS) => int(o.stamp == Stamp::Nano),
+            (libc::IPPROTO_IP, libc::IP_RECVTOS) if tcp && s.family == Family::V4 => int(o.recvtos),
+            (libc::IPPROTO_IP, libc::IP_PKTINFO) if tcp && s.family == Family::V4 => int(o.pktinfo),
             (libc::SOL_SOCKET, libc::SO_SNDTIMEO) => return Ok(put_bytes(val, &o.sndtimeo)),
             (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY) if s.family == Family::V6 => int(o.v6only),
             (libc::IPPROTO_IP, libc::IP_TTL) if s.family == Family::V4 => i32::from(o.ttl.unwrap_or(64)),
@@ -134,6 +142,15 @@ impl UserStack {
                     ti.tcpi_rcv_space = sk.recv_capacity() as u32;
                     ti.tcpi_snd_mss = 536;
                     ti.tcpi_rcv_mss = 536;
+                    // Measured from the wire (meter.rs), not smoltcp's own estimator.
+                    if let Some(m) = self.meters.get(c.local, c.remote) {
+                        let (rtt, var) = m.rtt_us();
+                        ti.tcpi_rtt = rtt;
+                        ti.tcpi_rttvar = var;
+                        ti.tcpi_snd_cwnd = m.cwnd();
+                        ti.tcpi_total_retrans = m.retrans;
+                        ti.tcpi_snd_mss = m.mss();
+                    }
                 }
                 // SAFETY: ti is a live tcp_info; viewing its bytes is sound for its full size.
                 let b = unsafe {
@@ -163,11 +180,13 @@ impl UserStack {
             // connect/listen read back as set but apply to the next connection only.
             (libc::SOL_SOCKET, libc::SO_RCVBUF) => {
                 let v = get_int(val)?.max(0) as usize;
-                o.rcvbuf = Some(v.clamp(MIN_RCVBUF / 2, MAX_BUF) * 2);
+                let linux = || v.clamp(MIN_RCVBUF / 2, MAX_BUF) * 2;
+                o.rcvbuf = Some(kernel_int(tcp, name, v as i32).map_or_else(linux, |k| k as usize));
             }
             (libc::SOL_SOCKET, libc::SO_SNDBUF) => {
                 let v = get_int(val)?.max(0) as usize;
-                o.sndbuf = Some(v.clamp(MIN_SNDBUF / 2, MAX_BUF) * 2);
+                let linux = || v.clamp(MIN_SNDBUF / 2, MAX_BUF) * 2;
+                o.sndbuf = Some(kernel_int(tcp, name, v as i32).map_or_else(linux, |k| k as usize));
             }
             (libc::SOL_SOCKET, libc::SO_LINGER) => {
                 if val.len() < 8 {
@@ -177,12 +196,30 @@ impl UserStack {
                 let secs = get_int(&val[4..8])?;
                 o.linger = (on != 0).then_some(secs.max(0));
             }
+            // Linux: SO_TIMESTAMPNS sets both flags and the nanosecond one wins; turning
+            // either off clears both (sock_set_timestamp).
+            (libc::SOL_SOCKET, libc::SO_TIMESTAMP) => {
+                o.stamp = if get_int(val)? != 0 { Stamp::Micro } else { Stamp::None };
+            }
+            (libc::SOL_SOCKET, libc::SO_TIMESTAMPNS) => {
+                o.stamp = if get_int(val)? != 0 { Stamp::Nano } else { Stamp::None };
+            }
+            // Stored only on a stream socket, where Linux gives no cmsg for them either; a
+            // datagram socket would need the TOS and addresses of each datagram, which this
+            // stack does not keep (ENOPROTOOPT rather than silently missing cmsgs).
+            (libc::IPPROTO_IP, libc::IP_RECVTOS) if tcp && family == Family::V4 => o.recvtos = get_int(val)? != 0,
+            (libc::IPPROTO_IP, libc::IP_PKTINFO) if tcp && family == Family::V4 => o.pktinfo = get_int(val)? != 0,
             (libc::SOL_SOCKET, libc::SO_RCVTIMEO | libc::SO_SNDTIMEO) => {
                 if val.len() < 16 {
                     return Err(libc::EINVAL);
                 }
                 let mut b = [0u8; 16];
                 b.copy_from_slice(&val[..16]);
+                // Linux keeps the timeout in jiffies (rounded up at CONFIG_HZ) and checks
+                // tv_usec: its answer and its read-back come from a kernel socket.
+                if let Some(k) = kernel_roundtrip(tcp, name, &b) {
+                    b = k?;
+                }
                 if name == libc::SO_RCVTIMEO {
                     o.rcvtimeo = b;
                 } else {
@@ -249,13 +286,92 @@ impl UserStack {
         }
     }
 
+    /// Writes the timestamp cmsg socket `id` asked for into `control` (the time of the
+    /// receive: smoltcp keeps no arrival times, and the data was in the stack's buffer by the
+    /// time the guest asked). Returns msg_controllen and the flags to add (MSG_CTRUNC when it
+    /// does not fit, as put_cmsg truncates).
+    pub(crate) fn put_stamp(&self, id: usize, control: &mut [u8]) -> (usize, i32) {
+        let Some(s) = self.socks.get(id) else { return (0, 0) };
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        match s.opts.stamp {
+            Stamp::None => (0, 0),
+            Stamp::Micro => {
+                let tv = libc::timeval { tv_sec: now.as_secs() as _, tv_usec: now.subsec_micros() as _ };
+                put_cmsg(control, libc::SOL_SOCKET, libc::SCM_TIMESTAMP, &tv)
+            }
+            Stamp::Nano => {
+                let ts = libc::timespec { tv_sec: now.as_secs() as _, tv_nsec: now.subsec_nanos() as _ };
+                put_cmsg(control, libc::SOL_SOCKET, libc::SCM_TIMESTAMPNS, &ts)
+            }
+        }
+    }
+
     pub(crate) fn do_tcp_stats(&mut self, id: usize) -> Option<TcpStats> {
         let s = self.socks.get(id)?;
         if s.proto != Proto::Tcp {
             return None;
         }
-        Some(TcpStats { state: linux_state(self.tcp_state_of(id)), ..TcpStats::default() })
+        let mut st = TcpStats { state: linux_state(self.tcp_state_of(id)), ..TcpStats::default() };
+        if let St::Tcp(c) = &s.st {
+            if let Some(m) = self.meters.get(c.local, c.remote) {
+                st.rtt_us = m.rtt_us().0;
+                st.cwnd = m.cwnd();
+                st.retrans = m.retrans;
+            }
+        }
+        Some(st)
     }
+}
+
+/// A scratch kernel socket of the same type, for options the stack only stores: setting one
+/// there and reading it back gives Linux's rounding, clamping (net.core.rmem_max, wmem_max)
+/// and errnos without restating the kernel's rules. socket(2) works in the NSM's empty network
+/// namespace. None: no kernel socket to be had (the stack then applies Linux's default rules).
+fn kernel_roundtrip<const N: usize>(tcp: bool, name: i32, val: &[u8; N]) -> Option<Result<[u8; N], Errno>> {
+    let ty = if tcp { libc::SOCK_STREAM } else { libc::SOCK_DGRAM };
+    // SAFETY: socket(2) takes no pointers; the fd is owned here and closed by OwnedFd.
+    let fd = unsafe { libc::socket(libc::AF_INET, ty | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: fd was just created and nothing else owns it.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+    // SAFETY: val is a live buffer of N bytes.
+    let r = unsafe { libc::setsockopt(raw, libc::SOL_SOCKET, name, val.as_ptr().cast(), N as libc::socklen_t) };
+    if r < 0 {
+        return Some(Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EINVAL)));
+    }
+    let mut out = [0u8; N];
+    let mut len = N as libc::socklen_t;
+    // SAFETY: out/len describe a live buffer of N bytes.
+    let r = unsafe { libc::getsockopt(raw, libc::SOL_SOCKET, name, out.as_mut_ptr().cast(), &mut len) };
+    (r == 0 && len as usize == N).then_some(Ok(out))
+}
+
+/// [`kernel_roundtrip`] for an int option; None also when the kernel refuses it.
+fn kernel_int(tcp: bool, name: i32, v: i32) -> Option<i32> {
+    kernel_roundtrip(tcp, name, &v.to_ne_bytes())?.ok().map(i32::from_ne_bytes)
+}
+
+/// One control message at the start of `space`, as the kernel's put_cmsg writes it: cut to
+/// the space with MSG_CTRUNC, nothing if not even a header fits. Returns (bytes used, flags).
+fn put_cmsg<T: Copy>(space: &mut [u8], level: i32, ty: i32, v: &T) -> (usize, i32) {
+    // SAFETY: only called with timeval and timespec, plain integers without padding.
+    let data = unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>()) };
+    let hdr = std::mem::size_of::<libc::cmsghdr>();
+    if space.len() < hdr {
+        return (0, libc::MSG_CTRUNC);
+    }
+    // SAFETY: CMSG_LEN and CMSG_SPACE are arithmetic.
+    let (full, spaced) =
+        unsafe { (libc::CMSG_LEN(data.len() as u32) as usize, libc::CMSG_SPACE(data.len() as u32) as usize) };
+    let len = full.min(space.len());
+    let c = libc::cmsghdr { cmsg_len: len as _, cmsg_level: level, cmsg_type: ty };
+    // SAFETY: space holds at least a cmsghdr (checked above); it need not be aligned.
+    unsafe { std::ptr::write_unaligned(space.as_mut_ptr().cast::<libc::cmsghdr>(), c) };
+    space[hdr..len].copy_from_slice(&data[..len - hdr]);
+    (spaced.min(space.len()), if len < full { libc::MSG_CTRUNC } else { 0 })
 }
 
 fn ttl(v: i32) -> Result<Option<u8>, Errno> {

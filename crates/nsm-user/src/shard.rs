@@ -6,7 +6,8 @@
 //! handed only to the set its 4-tuple hashes to, and a poll runs only the sets that have
 //! packets, guest operations or due timers.
 
-use std::collections::{HashSet, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 
 use smoltcp::iface::{Interface, SocketHandle, SocketSet};
@@ -51,6 +52,13 @@ pub struct Net {
     /// around on a thread's stack.
     pub iface: Box<Interface>,
     pub shards: Vec<Shard>,
+    /// The sets marked due, each once: a poll visits these rather than scanning all 1024
+    /// (which, done for both interfaces and each loopback round, was most of a poll's cost
+    /// once connections arrived by the thousand).
+    pub due: Vec<usize>,
+    /// (deadline, set) for every deadline a set was given; an entry whose set has since got
+    /// another deadline is stale and skipped when it comes up.
+    pub timers: BinaryHeap<Reverse<(Instant, usize)>>,
 }
 
 impl Net {
@@ -64,10 +72,43 @@ impl Net {
                 timed: HashSet::new(),
             })
             .collect::<Vec<_>>();
-        let mut net = Net { iface, shards };
+        let mut net = Net { iface, shards, due: Vec::new(), timers: BinaryHeap::new() };
         // The interface has work of its own at start (IPv6 multicast reports): a first poll.
-        net.shards[SHARD0].due = true;
+        net.mark(SHARD0);
         net
+    }
+
+    /// Makes set `sh` due for the next poll.
+    pub fn mark(&mut self, sh: usize) {
+        if !self.shards[sh].due {
+            self.shards[sh].due = true;
+            self.due.push(sh);
+        }
+    }
+
+    /// Records the deadline smoltcp gave set `sh` after a poll.
+    pub fn set_deadline(&mut self, sh: usize, d: Option<Instant>) {
+        let s = &mut self.shards[sh];
+        if s.deadline != d {
+            s.deadline = d;
+            if let Some(d) = d {
+                self.timers.push(Reverse((d, sh)));
+            }
+        }
+    }
+
+    /// Takes the sets whose deadline is at or before `ts` (their deadline cleared).
+    pub fn expired(&mut self, ts: Instant, out: &mut Vec<usize>) {
+        while let Some(&Reverse((d, sh))) = self.timers.peek() {
+            if d > ts {
+                break;
+            }
+            self.timers.pop();
+            if self.shards[sh].deadline == Some(d) {
+                self.shards[sh].deadline = None;
+                out.push(sh);
+            }
+        }
     }
 
     pub fn get<T: AnySocket<'static>>(&self, s: Sk) -> &T {
@@ -75,12 +116,12 @@ impl Net {
     }
 
     pub fn get_mut<T: AnySocket<'static>>(&mut self, s: Sk) -> &mut T {
-        self.shards[s.sh].due = true;
+        self.mark(s.sh);
         self.shards[s.sh].set.get_mut::<T>(s.h)
     }
 
     pub fn add<T: AnySocket<'static>>(&mut self, sh: usize, socket: T) -> Sk {
-        self.shards[sh].due = true;
+        self.mark(sh);
         Sk { sh, h: self.shards[sh].set.add(socket) }
     }
 
@@ -93,8 +134,14 @@ impl Net {
     }
 
     /// The earliest deadline of all sets.
-    pub fn deadline(&self) -> Option<Instant> {
-        self.shards.iter().filter_map(|s| s.deadline).min()
+    pub fn deadline(&mut self) -> Option<Instant> {
+        while let Some(&Reverse((d, sh))) = self.timers.peek() {
+            if self.shards[sh].deadline == Some(d) {
+                return Some(d);
+            }
+            self.timers.pop();
+        }
+        None
     }
 }
 

@@ -46,6 +46,7 @@ pub const EPHEMERAL: std::ops::RangeInclusive<u16> = 32768..=60999;
 /// TCP socket and autotunes both upwards; smoltcp's buffers are fixed at creation, so they get
 /// room for a window-scaled receive window and a send buffer that keeps a 1 Gb/s LAN busy.
 pub const TCP_RX_DEFAULT: usize = 256 * 1024;
+pub const TCP_RX_DEFAULT_LO: usize = 128 * 1024;
 pub const TCP_TX_DEFAULT: usize = 256 * 1024;
 pub const UDP_RX_DEFAULT: usize = 212_992;
 pub const UDP_TX_DEFAULT: usize = 212_992;
@@ -107,6 +108,21 @@ pub struct Opts {
     pub rcvtimeo: [u8; 16],
     pub sndtimeo: [u8; 16],
     pub ttl: Option<u8>,
+    /// SO_TIMESTAMP (Micro) or SO_TIMESTAMPNS (Nano): a receive carries a timestamp cmsg.
+    pub stamp: Stamp,
+    /// IP_RECVTOS and IP_PKTINFO: a TCP socket only stores them (Linux's tcp_recvmsg gives
+    /// no such cmsg).
+    pub recvtos: bool,
+    pub pktinfo: bool,
+}
+
+/// Which receive timestamp a socket asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Stamp {
+    #[default]
+    None,
+    Micro,
+    Nano,
 }
 
 impl Default for Opts {
@@ -126,6 +142,9 @@ impl Default for Opts {
             rcvtimeo: [0; 16],
             sndtimeo: [0; 16],
             ttl: None,
+            stamp: Stamp::None,
+            recvtos: false,
+            pktinfo: false,
         }
     }
 }
@@ -182,7 +201,12 @@ pub enum St {
     Idle,
     Listen {
         backlog: usize,
+        /// Handshakes in progress, looked at whenever the listener is refreshed.
         pending: Vec<Pending>,
+        /// Completed connections in the order they completed, for accept(): kept apart so
+        /// that a listener thousands of connections behind its accepts is not walked per
+        /// packet (nothing that happens to them before accept needs the listener).
+        queue: VecDeque<Pending>,
     },
     Tcp(Conn),
     Udp(UdpState),
@@ -233,6 +257,8 @@ pub struct UserStack {
     now: SInstant,
     /// Sockets looked at by polls so far (the cost the dirty sets keep small).
     refreshed: u64,
+    /// RTT, cwnd and retransmissions of each connection, measured from its segments.
+    pub(crate) meters: crate::meter::Meters,
 }
 
 /// Maps the configured name to smoltcp's controller; the error lists the choices.
@@ -339,6 +365,7 @@ impl UserStack {
             dirty: HashSet::new(),
             rng: seed | 1,
             refreshed: 0,
+            meters: Default::default(),
             fragmenting: false,
             rx_pending: false,
             now: SInstant::ZERO,
@@ -426,7 +453,7 @@ impl UserStack {
     /// Whether connect() may give `port` to a connection from `local` to `remote`: nobody
     /// bind()s it (only other connects hold it) and the 4-tuple is new.
     pub(crate) fn connect_port_ok(&self, port: u16, local: IpAddr, remote: SocketAddr) -> bool {
-        self.index.on_port(frame::TCP, port).iter().all(|&o| self.socks.get(o).is_some_and(|s| s.conn_port))
+        self.index.on_port(frame::TCP, port).all(|&o| self.socks.get(o).is_some_and(|s| s.conn_port))
             && !self.index.tuples.contains_key(&(frame::TCP, SocketAddr::new(local, port), remote))
     }
 
@@ -439,15 +466,26 @@ impl UserStack {
             .find(|&p| self.connect_port_ok(p, local, remote))
     }
 
-    pub(crate) fn tcp_buffers(&self, o: &Opts) -> (usize, usize) {
-        (o.rcvbuf.unwrap_or(TCP_RX_DEFAULT), o.sndbuf.unwrap_or(TCP_TX_DEFAULT))
+    /// Receive and send buffer sizes of a new connection on interface `ifx`.
+    pub(crate) fn tcp_buffers(&self, o: &Opts, ifx: usize) -> (usize, usize) {
+        // On loopback there is no bandwidth-delay product to cover: Linux's default receive
+        // buffer, so that a peer that never reads holds about what it would on Linux (an
+        // SO_RCVBUF set after accept cannot shrink a smoltcp buffer).
+        let rx = if ifx == LO { TCP_RX_DEFAULT_LO } else { TCP_RX_DEFAULT };
+        (o.rcvbuf.unwrap_or(rx), o.sndbuf.unwrap_or(TCP_TX_DEFAULT))
     }
 
-    /// A smoltcp TCP socket with the socket's options applied.
-    pub(crate) fn make_tcp(&self, o: &Opts) -> tcp::Socket<'static> {
-        let (rx, tx) = self.tcp_buffers(o);
+    /// A smoltcp TCP socket with the socket's options applied, for interface `ifx`.
+    pub(crate) fn make_tcp(&self, o: &Opts, ifx: usize) -> tcp::Socket<'static> {
+        let (rx, tx) = self.tcp_buffers(o, ifx);
         let mut s = tcp::Socket::new(tcp::SocketBuffer::new(vec![0; rx]), tcp::SocketBuffer::new(vec![0; tx]));
         s.set_congestion_control(self.cc);
+        if ifx == LO {
+            // Linux delivers loopback segments within the sending call and acknowledges them
+            // at once (quickack): a delayed ACK would hold the sender's next small segment
+            // back (Nagle) past the poll that completes its send.
+            s.set_ack_delay(None);
+        }
         apply_tcp_opts(&mut s, o);
         s
     }
@@ -500,8 +538,8 @@ impl UserStack {
         let linger0 = s.opts.linger == Some(0);
         match st {
             St::Idle => self.free(id, bound),
-            St::Listen { pending, .. } => {
-                self.drop_pending(id, pending);
+            St::Listen { pending, queue, .. } => {
+                self.drop_pending(id, pending.into_iter().chain(queue));
                 self.free(id, bound);
             }
             St::Udp(u) => {
@@ -542,7 +580,7 @@ impl UserStack {
     }
 
     /// Resets the connections a listener holds and forgets their tuples.
-    pub(crate) fn drop_pending(&mut self, id: usize, pending: Vec<Pending>) {
+    pub(crate) fn drop_pending(&mut self, id: usize, pending: impl IntoIterator<Item = Pending>) {
         for p in pending {
             let sk = self.tcp(p.ifx, p.h);
             let (l, r) = (sk.local_endpoint(), sk.remote_endpoint());
@@ -670,10 +708,10 @@ impl UserStack {
         if p.payload > 0 || p.flags & (frame::FIN | frame::RST) != 0 {
             s.arrived = true;
         }
-        if let St::Listen { pending, .. } = &mut s.st {
+        if let St::Listen { pending, queue, .. } = &mut s.st {
             // A connection not accepted yet: remember its reset for accept.
             if p.flags & frame::RST != 0 {
-                if let Some(q) = pending.iter_mut().find(|q| q.tuple == (p.dst, p.src)) {
+                if let Some(q) = pending.iter_mut().chain(queue.iter_mut()).find(|q| q.tuple == (p.dst, p.src)) {
                     q.saw_rst = true;
                 }
             }
@@ -704,7 +742,7 @@ impl UserStack {
         if e.proto != frame::UDP {
             return;
         }
-        let ids: Vec<usize> = self.index.on_port(frame::UDP, e.local.port()).to_vec();
+        let ids: Vec<usize> = self.index.on_port(frame::UDP, e.local.port()).copied().collect();
         for id in ids {
             let Some(s) = self.socks.get_mut(id) else { continue };
             if let St::Udp(UdpState { peer: Some(p), .. }) = &s.st {
@@ -728,7 +766,7 @@ impl UserStack {
             return None;
         }
         let mut best = None;
-        for &id in self.index.on_port(frame::TCP, dst.port()) {
+        for &id in self.index.listeners(dst.port()) {
             let Some(s) = self.socks.get(id) else { continue };
             if !matches!(s.st, St::Listen { .. }) {
                 continue;
@@ -752,11 +790,11 @@ impl UserStack {
     /// (backlog + 1, as Linux's sk_acceptq_is_full) is full.
     fn prepare_syn(&mut self, lid: usize, ifx: usize, p: Peek) -> bool {
         let Some(s) = self.socks.get(lid) else { return true };
-        let St::Listen { backlog, pending } = &s.st else { return true };
-        if pending.len() > *backlog {
+        let St::Listen { backlog, pending, queue } = &s.st else { return true };
+        if pending.len() + queue.len() > *backlog {
             return false;
         }
-        let mut sk = self.make_tcp(&s.opts);
+        let mut sk = self.make_tcp(&s.opts, ifx);
         if sk.listen(p.dst).is_err() {
             return true;
         }
@@ -800,7 +838,7 @@ impl UserStack {
         self.poll_shards(EXT, ts, true, wake_all);
         if self.fragmenting {
             self.fragmenting = false;
-            let Net { iface, shards } = &mut self.nets[EXT];
+            let Net { iface, shards, .. } = &mut self.nets[EXT];
             let sh = &mut shards[SHARD0];
             // 64 KiB is 45 fragments at MTU 1500.
             for _ in 0..64 {
@@ -810,6 +848,10 @@ impl UserStack {
                     break;
                 }
             }
+        }
+
+        for p in std::mem::take(&mut self.ext_dev.sent) {
+            self.meter_sent(&p);
         }
 
         for round in 0..LO_ROUNDS {
@@ -848,6 +890,15 @@ impl UserStack {
             let peek = if ifx == EXT { frame::peek_ethernet(&f) } else { frame::peek_ip(&f) };
             let sh = match peek {
                 Some(p) => {
+                    if p.proto == frame::TCP {
+                        // On the loopback every packet is one of ours leaving as well.
+                        if ifx == LO {
+                            self.meter_sent(&p);
+                        }
+                        if let Some(m) = self.meters.get_mut(p.dst, p.src) {
+                            m.received(&p, self.now);
+                        }
+                    }
                     if !self.note(ifx, p) {
                         continue;
                     }
@@ -867,35 +918,64 @@ impl UserStack {
                     SHARD0
                 }
             };
-            let shard = &mut self.nets[ifx].shards[sh];
-            shard.rx.push_back(f);
-            shard.due = true;
+            self.nets[ifx].shards[sh].rx.push_back(f);
+            self.nets[ifx].mark(sh);
         }
         wake_all
+    }
+
+    /// Feeds a TCP segment one of our connections sent to its meter.
+    fn meter_sent(&mut self, p: &Peek) {
+        let index = &self.index;
+        if !index.tuples.contains_key(&(frame::TCP, p.src, p.dst)) {
+            return;
+        }
+        let alive = |k: &(SocketAddr, SocketAddr)| index.tuples.contains_key(&(frame::TCP, k.0, k.1));
+        self.meters.entry(p.src, p.dst, alive).sent(p, self.now);
     }
 
     /// Polls the sets of interface `ifx` that have work: packets, guest operations, and (with
     /// `timers`) a passed deadline, whose timer-driven sockets are then looked at. `wake_all`
     /// also polls every set waiting on a timer. Returns whether any set was polled.
     fn poll_shards(&mut self, ifx: usize, ts: SInstant, timers: bool, wake_all: bool) -> bool {
-        let Net { iface, shards } = &mut self.nets[ifx];
-        let mut any = false;
-        for sh in shards.iter_mut() {
-            let expired = timers && sh.deadline.is_some_and(|d| d <= ts);
-            if expired {
-                self.dirty.extend(sh.timed.drain());
+        let net = &mut self.nets[ifx];
+        let mut run = std::mem::take(&mut net.due);
+        if timers {
+            let mut expired = Vec::new();
+            net.expired(ts, &mut expired);
+            for sh in expired {
+                self.dirty.extend(net.shards[sh].timed.drain());
+                if !net.shards[sh].due {
+                    net.shards[sh].due = true;
+                    run.push(sh);
+                }
             }
-            if !(sh.due || expired || (wake_all && sh.deadline.is_some())) {
-                continue;
+        }
+        if wake_all {
+            for sh in 0..net.shards.len() {
+                if net.shards[sh].deadline.is_some() && !net.shards[sh].due {
+                    net.shards[sh].due = true;
+                    run.push(sh);
+                }
             }
-            sh.due = false;
-            any = true;
+        }
+        for &sh in &run {
+            let Net { iface, shards, .. } = &mut *net;
+            let s = &mut shards[sh];
+            s.due = false;
             if ifx == EXT {
-                iface.poll(ts, &mut ExtPort { rx: &mut sh.rx, dev: &mut self.ext_dev }, &mut sh.set);
+                iface.poll(ts, &mut ExtPort { rx: &mut s.rx, dev: &mut self.ext_dev }, &mut s.set);
             } else {
-                iface.poll(ts, &mut LoPort { rx: &mut sh.rx, dev: &mut self.lo_dev }, &mut sh.set);
+                iface.poll(ts, &mut LoPort { rx: &mut s.rx, dev: &mut self.lo_dev }, &mut s.set);
             }
-            sh.deadline = iface.poll_at(ts, &sh.set);
+            let d = iface.poll_at(ts, &s.set);
+            net.set_deadline(sh, d);
+        }
+        let any = !run.is_empty();
+        // Give the allocation back for the next poll.
+        run.clear();
+        if net.due.is_empty() {
+            net.due = run;
         }
         any
     }
@@ -1014,7 +1094,7 @@ impl UserStack {
                     self.nets[ifx].time(h, id);
                 }
             }
-            St::Listen { pending, .. } => {
+            St::Listen { pending, queue, .. } => {
                 let mut i = 0;
                 while i < pending.len() {
                     let p = &mut pending[i];
@@ -1039,12 +1119,16 @@ impl UserStack {
                     // a request socket.
                     let failed = state == tcp::State::Listen || (state == tcp::State::Closed && !p.established);
                     if failed {
-                        let p = pending.remove(i);
+                        let p = pending.swap_remove(i);
                         self.nets[p.ifx].remove(p.h);
                         let t = (frame::TCP, p.tuple.0, p.tuple.1);
                         if self.index.tuples.get(&t) == Some(&id) {
                             self.index.tuples.remove(&t);
                         }
+                        continue;
+                    }
+                    if p.established {
+                        queue.push_back(pending.remove(i));
                         continue;
                     }
                     i += 1;
@@ -1092,16 +1176,8 @@ impl UserStack {
         match &s.st {
             // A TCP socket that is not connected is TCP_CLOSE: hung up, and writable.
             St::Idle => (HUP | OUT | err, 0, 0),
-            St::Listen { pending, .. } => {
-                let n = pending
-                    .iter()
-                    .filter(|p| {
-                        !matches!(
-                            self.nets[p.ifx].get::<tcp::Socket>(p.h).state(),
-                            tcp::State::Listen | tcp::State::SynReceived
-                        )
-                    })
-                    .count();
+            St::Listen { queue, .. } => {
+                let n = queue.len();
                 (if n > 0 { IN } else { 0 } | err, n, 0)
             }
             St::Tcp(c) => {

@@ -1,7 +1,7 @@
 //! The stack's socket table: a slab of sockets addressed by small integers, and the hashed
 //! indexes that find a socket from a packet (4-tuple) or a port without walking the table.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 
 /// A slab: ids stay valid until removed and are reused after.
@@ -55,33 +55,56 @@ impl<T> Slab<T> {
 pub type Tuple = (u8, SocketAddr, SocketAddr);
 
 /// Which socket owns a TCP 4-tuple (a connection, or the listener of a connection not yet
-/// accepted), and which sockets are bound to a (protocol, port).
+/// accepted), which sockets are bound to a (protocol, port), and which of those listen.
+///
+/// Sets, not lists: every accepted connection is bound to its listener's port, so with 10,000
+/// of them a list made each accept (a duplicate check) and each close (a removal) cost a walk
+/// of the port's sockets; and SYNs look up the listeners alone, not every socket on the port.
 #[derive(Default)]
 pub struct Index {
     pub tuples: HashMap<Tuple, usize>,
-    ports: HashMap<(u8, u16), Vec<usize>>,
+    ports: HashMap<(u8, u16), HashSet<usize>>,
+    /// TCP sockets that called listen() on a port; a socket that stopped listening stays
+    /// until unbound, so readers check the socket's state.
+    listeners: HashMap<u16, Vec<usize>>,
 }
 
 impl Index {
     pub fn bind(&mut self, proto: u8, port: u16, id: usize) {
-        let v = self.ports.entry((proto, port)).or_default();
+        self.ports.entry((proto, port)).or_default().insert(id);
+    }
+
+    pub fn unbind(&mut self, proto: u8, port: u16, id: usize) {
+        if let Some(v) = self.ports.get_mut(&(proto, port)) {
+            v.remove(&id);
+            if v.is_empty() {
+                self.ports.remove(&(proto, port));
+            }
+        }
+        if let Some(v) = self.listeners.get_mut(&port).filter(|_| proto == crate::frame::TCP) {
+            v.retain(|&x| x != id);
+            if v.is_empty() {
+                self.listeners.remove(&port);
+            }
+        }
+    }
+
+    /// Notes that TCP socket `id`, bound to `port`, listens.
+    pub fn listen(&mut self, port: u16, id: usize) {
+        let v = self.listeners.entry(port).or_default();
         if !v.contains(&id) {
             v.push(id);
         }
     }
 
-    pub fn unbind(&mut self, proto: u8, port: u16, id: usize) {
-        if let Some(v) = self.ports.get_mut(&(proto, port)) {
-            v.retain(|&x| x != id);
-            if v.is_empty() {
-                self.ports.remove(&(proto, port));
-            }
-        }
+    /// The TCP sockets on the port that listen or once did.
+    pub fn listeners(&self, port: u16) -> &[usize] {
+        self.listeners.get(&port).map_or(&[], Vec::as_slice)
     }
 
     /// The sockets bound to the port (listeners, accepted and connected sockets, orphans).
-    pub fn on_port(&self, proto: u8, port: u16) -> &[usize] {
-        self.ports.get(&(proto, port)).map_or(&[], Vec::as_slice)
+    pub fn on_port(&self, proto: u8, port: u16) -> impl Iterator<Item = &usize> + '_ {
+        self.ports.get(&(proto, port)).into_iter().flatten()
     }
 
     pub fn port_used(&self, proto: u8, port: u16) -> bool {
@@ -111,9 +134,15 @@ mod tests {
         i.bind(6, 80, 1);
         i.bind(6, 80, 2);
         i.bind(6, 80, 2);
-        assert_eq!(i.on_port(6, 80), &[1, 2]);
+        let mut on: Vec<usize> = i.on_port(6, 80).copied().collect();
+        on.sort();
+        assert_eq!(on, [1, 2]);
+        i.listen(80, 2);
+        i.listen(80, 2);
+        assert_eq!(i.listeners(80), &[2]);
         i.unbind(6, 80, 1);
         i.unbind(6, 80, 2);
         assert!(!i.port_used(6, 80));
+        assert!(i.listeners(80).is_empty());
     }
 }

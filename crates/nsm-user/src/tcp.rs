@@ -200,7 +200,10 @@ impl UserStack {
                 self.autobind(id)?;
             }
         }
-        self.sock(id)?.st = St::Listen { backlog, pending: Vec::new() };
+        let s = self.sock(id)?;
+        s.st = St::Listen { backlog, pending: Vec::new(), queue: std::collections::VecDeque::new() };
+        let port = s.bound.map_or(0, |b| b.port());
+        self.index.listen(port, id);
         self.dirty.insert(id);
         Ok(())
     }
@@ -208,14 +211,8 @@ impl UserStack {
     pub(crate) fn do_accept(&mut self, id: usize, addr: &mut [u8]) -> Result<(Handle, usize), Errno> {
         let s = self.socks.get_mut(id).ok_or(libc::EBADF)?;
         let (family, opts) = (s.family, s.opts.clone());
-        let St::Listen { pending, .. } = &mut s.st else { return Err(libc::EINVAL) };
-        let nets = &self.nets;
-        let Some(i) = pending.iter().position(|p| {
-            !matches!(nets[p.ifx].get::<tcp::Socket>(p.h).state(), tcp::State::Listen | tcp::State::SynReceived)
-        }) else {
-            return Err(libc::EAGAIN);
-        };
-        let p = pending.remove(i);
+        let St::Listen { queue, .. } = &mut s.st else { return Err(libc::EINVAL) };
+        let Some(p) = queue.pop_front() else { return Err(libc::EAGAIN) };
         self.dirty.insert(id);
         let sk = self.nets[p.ifx].get::<tcp::Socket>(p.h);
         let local = sk.local_endpoint().map_or(p.tuple.0, ep);
@@ -303,8 +300,10 @@ impl UserStack {
             St::Listen { .. } => {
                 if parsed == Parsed::Unspec {
                     // Disconnecting a listener closes it (tcp_disconnect).
-                    let St::Listen { pending, .. } = std::mem::replace(&mut s.st, St::Idle) else { unreachable!() };
-                    self.drop_pending(id, pending);
+                    let St::Listen { pending, queue, .. } = std::mem::replace(&mut s.st, St::Idle) else {
+                        unreachable!()
+                    };
+                    self.drop_pending(id, pending.into_iter().chain(queue));
                     return Ok(());
                 }
                 return Err(libc::EISCONN);
@@ -402,7 +401,7 @@ impl UserStack {
             return Err(libc::EADDRNOTAVAIL);
         }
         let opts = self.sock(id)?.opts.clone();
-        let mut sk = self.make_tcp(&opts);
+        let mut sk = self.make_tcp(&opts, ifx);
         if !opts.keepalive {
             sk.set_timeout(Some(smoltcp::time::Duration::from_secs(SYN_TIMEOUT_S)));
         }
@@ -519,8 +518,10 @@ impl UserStack {
             St::Idle => Err(libc::ENOTCONN),
             St::Listen { .. } => {
                 if rd {
-                    let St::Listen { pending, .. } = std::mem::replace(&mut s.st, St::Idle) else { unreachable!() };
-                    self.drop_pending(id, pending);
+                    let St::Listen { pending, queue, .. } = std::mem::replace(&mut s.st, St::Idle) else {
+                        unreachable!()
+                    };
+                    self.drop_pending(id, pending.into_iter().chain(queue));
                 }
                 Ok(())
             }

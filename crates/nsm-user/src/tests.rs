@@ -1141,3 +1141,214 @@ fn a_new_syn_ends_time_wait() {
     assert_eq!(n.a.connect(&c, &sa("10.77.0.3:7019")), Ok(()));
     assert!(n.b.accept(&l, &mut [0; 16]).is_ok());
 }
+
+fn tcp_info_state(s: &mut UserStack, h: &Handle) -> u8 {
+    let mut info = [0u8; std::mem::size_of::<libc::tcp_info>()];
+    s.getsockopt(h, libc::IPPROTO_TCP, libc::TCP_INFO, &mut info).unwrap();
+    info[0]
+}
+
+#[test]
+fn time_wait_reads_as_close_to_the_owner() {
+    let mut n = Net::new();
+    let l = listener(&mut n.b, "0.0.0.0:7010", 4);
+    let (c, s, _) = connect_pair(&mut n, &l, "10.77.0.3:7010");
+    n.a.shutdown(&c, libc::SHUT_WR).unwrap();
+    n.run(5);
+    n.b.shutdown(&s, libc::SHUT_WR).unwrap();
+    n.run(5);
+    // Linux's TIME_WAIT is a minisocket of its own; the first to shut holds a TCP_CLOSE one.
+    assert_eq!(tcp_info_state(&mut n.a, &c), 7);
+    assert_eq!(n.a.tcp_stats(&c).unwrap().state, 7);
+    assert_eq!(tcp_info_state(&mut n.b, &s), 7);
+}
+
+/// What a kernel socket of type `ty` reads back for an option set to `val`.
+fn kernel_readback(ty: i32, name: i32, val: &[u8]) -> Vec<u8> {
+    // SAFETY: plain calls on a socket owned here; val and out are live buffers.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, ty, 0);
+        assert!(fd >= 0);
+        assert_eq!(libc::setsockopt(fd, libc::SOL_SOCKET, name, val.as_ptr().cast(), val.len() as u32), 0);
+        let mut out = vec![0u8; val.len()];
+        let mut l = out.len() as libc::socklen_t;
+        assert_eq!(libc::getsockopt(fd, libc::SOL_SOCKET, name, out.as_mut_ptr().cast(), &mut l), 0);
+        libc::close(fd);
+        out
+    }
+}
+
+#[test]
+fn stored_options_read_back_as_the_kernel_rounds_and_clamps_them() {
+    let mut n = Net::new();
+    let s = &mut n.a;
+    let t = tcp(s);
+    let mut tv = [0u8; 16];
+    tv[8..].copy_from_slice(&150_000i64.to_ne_bytes());
+    s.setsockopt(&t, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv).unwrap();
+    let mut got = [0u8; 16];
+    assert_eq!(s.getsockopt(&t, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &mut got), Ok(16));
+    assert_eq!(got.to_vec(), kernel_readback(libc::SOCK_STREAM, libc::SO_RCVTIMEO, &tv), "jiffies");
+    let mut bad = [0u8; 16];
+    bad[8..].copy_from_slice(&2_000_000i64.to_ne_bytes());
+    assert_eq!(s.setsockopt(&t, libc::SOL_SOCKET, libc::SO_SNDTIMEO, &bad), Err(libc::EDOM));
+    for v in [1i32, 4096, 1 << 20, 1 << 30] {
+        let b = v.to_ne_bytes();
+        for name in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
+            s.setsockopt(&t, libc::SOL_SOCKET, name, &b).unwrap();
+            let want = kernel_readback(libc::SOCK_STREAM, name, &b);
+            assert_eq!(int_opt(s, &t, libc::SOL_SOCKET, name).to_ne_bytes().to_vec(), want, "{name} {v}");
+        }
+    }
+}
+
+#[test]
+fn all_of_127_8_is_loopback_and_refuses_without_a_listener() {
+    let mut n = Net::new();
+    let _l = listener(&mut n.a, "127.0.0.1:9010", 4);
+    let c = tcp(&mut n.a);
+    assert_eq!(n.a.connect(&c, &sa("127.0.0.2:9010")), Err(libc::EINPROGRESS));
+    n.run(3);
+    assert_eq!(int_opt(&mut n.a, &c, libc::SOL_SOCKET, libc::SO_ERROR), libc::ECONNREFUSED);
+}
+
+#[test]
+fn a_long_accept_queue_hands_out_every_connection_once() {
+    let mut n = Net::new();
+    let l = listener(&mut n.b, "0.0.0.0:7011", 300);
+    let cs: Vec<Handle> = (0..200)
+        .map(|_| {
+            let c = tcp(&mut n.a);
+            assert_eq!(n.a.connect(&c, &sa("10.77.0.3:7011")), Err(libc::EINPROGRESS));
+            c
+        })
+        .collect();
+    n.run(30);
+    assert_eq!(n.b.poll_mask(&l), IN);
+    let mut peers = std::collections::HashSet::new();
+    let mut accepted = Vec::new();
+    while let Ok((s, len)) = n.b.accept(&l, &mut [0; 16]) {
+        assert_eq!(len, 16);
+        let mut name = [0u8; 16];
+        n.b.getpeername(&s, &mut name).unwrap();
+        peers.insert(read_sa(Family::V4, &name));
+        accepted.push(s);
+    }
+    assert_eq!((accepted.len(), peers.len()), (200, 200));
+    assert_eq!(n.b.poll_mask(&l), 0);
+    drop(cs);
+}
+
+#[test]
+fn one_poll_delivers_loopback_sends_past_nagle() {
+    let mut n = Net::new();
+    let l = listener(&mut n.a, "127.0.0.1:9011", 4);
+    let c = tcp(&mut n.a);
+    assert_eq!(n.a.connect(&c, &sa("127.0.0.1:9011")), Err(libc::EINPROGRESS));
+    n.run(2);
+    let (s, _) = n.a.accept(&l, &mut [0; 16]).unwrap();
+    n.a.shutdown(&s, libc::SHUT_WR).unwrap();
+    n.run(1);
+    // ServiceLib settles each synchronous call with one poll at the same instant.
+    let now = n.now;
+    send_all(&mut n.a, &c, b"one");
+    n.a.poll(now, false, &mut n.ra);
+    send_all(&mut n.a, &c, b"two");
+    n.a.poll(now, false, &mut n.ra);
+    assert_eq!(recv_str(&mut n.a, &s).unwrap(), "onetwo");
+}
+
+#[test]
+fn receive_timestamps_as_cmsgs() {
+    let mut n = Net::new();
+    let l = listener(&mut n.a, "127.0.0.1:9012", 4);
+    let c = tcp(&mut n.a);
+    assert_eq!(n.a.connect(&c, &sa("127.0.0.1:9012")), Err(libc::EINPROGRESS));
+    n.run(2);
+    let (s, _) = n.a.accept(&l, &mut [0; 16]).unwrap();
+    set_int(&mut n.a, &s, libc::SOL_SOCKET, libc::SO_TIMESTAMP, 1);
+    set_int(&mut n.a, &s, libc::IPPROTO_IP, libc::IP_RECVTOS, 1);
+    assert_eq!(int_opt(&mut n.a, &s, libc::SOL_SOCKET, libc::SO_TIMESTAMP), 1);
+    assert_eq!(int_opt(&mut n.a, &s, libc::IPPROTO_IP, libc::IP_RECVTOS), 1);
+    let u = udp(&mut n.a);
+    assert_eq!(n.a.setsockopt(&u, libc::IPPROTO_IP, libc::IP_RECVTOS, &1i32.to_ne_bytes()), Err(libc::ENOPROTOOPT));
+    let mut ctl = [0u8; 64];
+    let mut buf = [0u8; 16];
+    send_all(&mut n.a, &c, b"stamped");
+    n.run(1);
+    let r = n.a.recvmsg(&s, &mut buf, 0, &mut [], &mut ctl).unwrap();
+    assert_eq!((r.len, r.control_len, r.flags), (7, 32, 0));
+    // SAFETY: ctl holds a cmsghdr written by the stack (unaligned read).
+    let h: libc::cmsghdr = unsafe { std::ptr::read_unaligned(ctl.as_ptr().cast()) };
+    assert_eq!((h.cmsg_level, h.cmsg_type, h.cmsg_len), (libc::SOL_SOCKET, libc::SCM_TIMESTAMP, 32));
+    let sec = i64::from_ne_bytes(ctl[16..24].try_into().unwrap());
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    assert!((now - sec).abs() <= 1);
+    // No room for it: MSG_CTRUNC, as put_cmsg says.
+    send_all(&mut n.a, &c, b"again");
+    n.run(1);
+    let r = n.a.recvmsg(&s, &mut buf, 0, &mut [], &mut []).unwrap();
+    assert_eq!((r.len, r.control_len, r.flags), (5, 0, libc::MSG_CTRUNC));
+    set_int(&mut n.a, &s, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 1);
+    assert_eq!(int_opt(&mut n.a, &s, libc::SOL_SOCKET, libc::SO_TIMESTAMP), 0);
+    send_all(&mut n.a, &c, b"nanos");
+    n.run(1);
+    let r = n.a.recvmsg(&s, &mut buf, 0, &mut [], &mut ctl).unwrap();
+    // SAFETY: as above.
+    let h: libc::cmsghdr = unsafe { std::ptr::read_unaligned(ctl.as_ptr().cast()) };
+    assert_eq!((r.control_len, h.cmsg_type), (32, libc::SCM_TIMESTAMPNS));
+    set_int(&mut n.a, &s, libc::SOL_SOCKET, libc::SO_TIMESTAMP, 0);
+    send_all(&mut n.a, &c, b"plain");
+    n.run(1);
+    let r = n.a.recvmsg(&s, &mut buf, 0, &mut [], &mut ctl).unwrap();
+    assert_eq!((r.len, r.control_len, r.flags), (5, 0, 0));
+}
+
+#[test]
+fn rtt_cwnd_and_retransmits_measured_from_the_wire() {
+    let mut n = Net::new();
+    let l = listener(&mut n.b, "0.0.0.0:7012", 4);
+    let (c, s, _) = connect_pair(&mut n, &l, "10.77.0.3:7012");
+    let st = n.a.tcp_stats(&c).unwrap();
+    // The handshake is the first sample: each stack polls once per virtual millisecond.
+    assert!((1000..=3000).contains(&st.rtt_us), "{st:?}");
+    assert_eq!(st.retrans, 0);
+    // A flight of data: the window estimate follows it.
+    let data = vec![7u8; 20_000];
+    send_all(&mut n.a, &c, &data);
+    n.a.poll(n.now, false, &mut n.ra);
+    assert!(n.a.tcp_stats(&c).unwrap().cwnd >= 1);
+    let mut got = 0;
+    let mut cwnd = 0;
+    for _ in 0..200 {
+        n.run(1);
+        cwnd = cwnd.max(n.a.tcp_stats(&c).unwrap().cwnd);
+        let mut b = [0u8; 65536];
+        if let Ok((k, _)) = n.b.recv(&s, &mut b, 0, &mut []) {
+            got += k;
+        }
+        if got == data.len() {
+            break;
+        }
+    }
+    assert_eq!(got, data.len());
+    assert!(cwnd >= 3, "slow start opened the window: {cwnd}");
+    // B falls silent for longer than the retransmission timeout: A resends, and B then gets
+    // both copies. The resend counts; its ACK gives no RTT sample (Karn).
+    let before = n.a.tcp_stats(&c).unwrap();
+    send_all(&mut n.a, &c, b"late");
+    for _ in 0..1500 {
+        n.now += Duration::from_millis(1);
+        n.a.poll(n.now, true, &mut n.ra);
+    }
+    n.run(10);
+    assert_eq!(recv_str(&mut n.b, &s).unwrap(), "late");
+    let after = n.a.tcp_stats(&c).unwrap();
+    assert!(after.retrans >= 1, "{after:?}");
+    assert_eq!(after.rtt_us, before.rtt_us, "no sample from a retransmitted segment");
+    let mut info = [0u8; std::mem::size_of::<libc::tcp_info>()];
+    n.a.getsockopt(&c, libc::IPPROTO_TCP, libc::TCP_INFO, &mut info).unwrap();
+    // SAFETY: tcp_info is plain integers; info has its size.
+    let ti: libc::tcp_info = unsafe { std::ptr::read_unaligned(info.as_ptr().cast()) };
+    assert_eq!((ti.tcpi_rtt, ti.tcpi_total_retrans), (after.rtt_us, after.retrans));
+}
