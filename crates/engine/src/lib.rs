@@ -10,9 +10,10 @@ mod supervisor;
 
 use config::Config;
 pub use lobby::LobbyError;
+use netkernel_control::{AttachReply, EngineRequest, JoinReply, Reply};
 use netkernel_ring::region::Region;
 use netkernel_ring::sys;
-use netkernel_service::control::{AttachReply, EngineRequest, NsmStats, Reply};
+use netkernel_service::control::NsmStats;
 use serde::Serialize;
 use std::collections::HashMap;
 use std::io;
@@ -504,7 +505,7 @@ impl Engine {
                 Ok(None) => break,
                 Err(e) => {
                     log(format!("control connection: {e}; closing it"));
-                    let _ = sys::send_frame(fd, &reply_bytes(Reply::err(format!("unreadable request: {e}"))), &[]);
+                    let _ = sys::send_frame(fd, &Reply::err(format!("unreadable request: {e}")).encode(), &[]);
                     break;
                 }
             };
@@ -535,11 +536,11 @@ impl Engine {
     /// any) and says what becomes of the connection.
     fn serve_request(&self, conn: &UnixStream, attached: &mut Option<u64>, frame: &[u8], fds: Vec<OwnedFd>) -> Next {
         let fd = conn.as_raw_fd();
-        let req = match serde_json::from_slice::<EngineRequest>(frame) {
+        let req = match EngineRequest::parse(frame) {
             Ok(r) => r,
             Err(e) => {
                 log(format!("garbage on control socket ({e}); closing that connection"));
-                let _ = sys::send_frame(fd, &reply_bytes(Reply::err(format!("bad request: {e}"))), &[]);
+                let _ = sys::send_frame(fd, &Reply::err(format!("bad request: {e}")).encode(), &[]);
                 return Next::Close;
             }
         };
@@ -552,32 +553,32 @@ impl Engine {
                         *attached = Some(id);
                         kept = true;
                         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-                        sys::send_frame(fd, &reply_bytes(Reply::ok(reply)), &raw)
+                        sys::send_frame(fd, &Reply::ok(reply).encode(), &raw)
                     }
                     Err(msg) => {
                         log(&msg);
-                        sys::send_frame(fd, &reply_bytes(Reply::err(msg)), &[])
+                        sys::send_frame(fd, &Reply::err(msg).encode(), &[])
                     }
                 }
             }
-            EngineRequest::Attach { .. } => sys::send_frame(fd, &reply_bytes(Reply::err("already attached")), &[]),
+            EngineRequest::Attach { .. } => sys::send_frame(fd, &Reply::err("already attached").encode(), &[]),
             EngineRequest::Hold { attachment, pid, holder } => {
                 let r = self.hold(conn, attachment, pid, holder);
                 match &r {
                     Ok(()) => kept = true,
                     Err(msg) => log(msg),
                 }
-                sys::send_frame(fd, &reply_bytes(r.map_or_else(Reply::err, Reply::ok)), &[])
+                sys::send_frame(fd, &r.map_or_else(Reply::err, Reply::ok).encode(), &[])
             }
             EngineRequest::Join { attachment, holder } => match self.join(conn, attachment, holder, &fds) {
                 Ok((holder, bells)) => {
                     kept = true;
                     let raw: Vec<RawFd> = bells.iter().map(|f| f.as_raw_fd()).collect();
-                    sys::send_frame(fd, &reply_bytes(Reply::ok(serde_json::json!({ "holder": holder }))), &raw)
+                    sys::send_frame(fd, &Reply::ok(JoinReply { holder }).encode(), &raw)
                 }
                 Err(msg) => {
                     log(&msg);
-                    sys::send_frame(fd, &reply_bytes(Reply::err(msg)), &[])
+                    sys::send_frame(fd, &Reply::err(msg).encode(), &[])
                 }
             },
             EngineRequest::Shutdown => {
@@ -591,23 +592,20 @@ impl Engine {
                             c.pid, c.uid
                         ));
                         self.shutdown();
-                        let _ = sys::send_frame(fd, &reply_bytes(Reply::ok(())), &[]);
+                        let _ = sys::send_frame(fd, &Reply::ok(()).encode(), &[]);
                         std::process::exit(0);
                     }
                     Ok(c) => sys::send_frame(
                         fd,
-                        &reply_bytes(Reply::err(format!(
-                            "uid {} may not stop the engine (root or uid {me} may)",
-                            c.uid
-                        ))),
+                        &Reply::err(format!("uid {} may not stop the engine (root or uid {me} may)", c.uid)).encode(),
                         &[],
                     ),
-                    Err(e) => sys::send_frame(fd, &reply_bytes(Reply::err(format!("SO_PEERCRED: {e}"))), &[]),
+                    Err(e) => sys::send_frame(fd, &Reply::err(format!("SO_PEERCRED: {e}")).encode(), &[]),
                 }
             }
-            EngineRequest::Status => sys::send_frame(fd, &reply_bytes(Reply::ok(self.status())), &[]),
-            EngineRequest::Tenants => sys::send_frame(fd, &reply_bytes(Reply::ok(self.tenants())), &[]),
-            EngineRequest::Nsms => sys::send_frame(fd, &reply_bytes(Reply::ok(self.nsm_views())), &[]),
+            EngineRequest::Status => sys::send_frame(fd, &Reply::ok(self.status()).encode(), &[]),
+            EngineRequest::Tenants => sys::send_frame(fd, &Reply::ok(self.tenants()).encode(), &[]),
+            EngineRequest::Nsms => sys::send_frame(fd, &Reply::ok(self.nsm_views()).encode(), &[]),
             EngineRequest::Conns => {
                 // root sees every tenant's connections; anyone else only those of tenants
                 // that admit their uid or groups.
@@ -625,7 +623,7 @@ impl Engine {
                     .flat_map(|s| s.conns)
                     .filter(|c| visible.contains(&c.tenant.as_str()))
                     .collect();
-                sys::send_frame(fd, &reply_bytes(Reply::ok(conns)), &[])
+                sys::send_frame(fd, &Reply::ok(conns).encode(), &[])
             }
         };
         match (sent, kept) {
@@ -940,24 +938,11 @@ fn probe_backing() -> &'static str {
     }
 }
 
-fn reply_bytes(r: Reply) -> Vec<u8> {
-    serde_json::to_vec(&r).unwrap_or_default()
-}
-
 /// A `ctl` client's request/response over the control socket.
 pub fn request(socket: &Path, req: &EngineRequest) -> Result<serde_json::Value, String> {
     let s = UnixStream::connect(socket)
         .map_err(|e| format!("no NetKernel engine at {}: {e} (start one with `netkernel serve`)", socket.display()))?;
-    let body = serde_json::to_vec(req).map_err(|e| e.to_string())?;
-    sys::send_frame(s.as_raw_fd(), &body, &[]).map_err(|e| format!("sending to engine: {e}"))?;
-    let (payload, fds) = sys::recv_frame(s.as_raw_fd())
-        .map_err(|e| format!("reading engine reply: {e}"))?
-        .ok_or("engine closed the connection")?;
+    let (result, fds) = netkernel_control::call(s.as_raw_fd(), req, &[]).map_err(|e| format!("engine: {e}"))?;
     fds.into_iter().for_each(sys::close);
-    let reply: Reply = serde_json::from_slice(&payload).map_err(|e| format!("malformed engine reply: {e}"))?;
-    if reply.ok {
-        Ok(reply.result.unwrap_or_default())
-    } else {
-        Err(reply.error.unwrap_or_else(|| "engine error".into()))
-    }
+    Ok(result)
 }

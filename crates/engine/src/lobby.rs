@@ -15,10 +15,10 @@
 //! the request made the connection its process's for life (attach, hold, join): such a
 //! connection is read by its own thread without any time limit until it closes (Engine::keep).
 
-use crate::{log, reply_bytes, Engine, Next};
+use crate::{log, Engine, Next};
+use netkernel_control::Reply;
 use netkernel_ring::frame::Decoder;
 use netkernel_ring::sys;
-use netkernel_service::control::Reply;
 use std::convert::Infallible;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -259,7 +259,7 @@ impl Lobby {
                 }
                 Err(e) => {
                     log(format!("control connection: {e}; closing it"));
-                    let reply = reply_bytes(Reply::err(format!("unreadable request: {e}")));
+                    let reply = Reply::err(format!("unreadable request: {e}")).encode();
                     // Best effort: the connection is closed either way, and must not block us.
                     let _ = sys::send_with_fds(fd, &netkernel_ring::frame::encode(&reply), &[]);
                     self.take(slot);

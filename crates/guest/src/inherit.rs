@@ -15,6 +15,7 @@
 use crate::state::{self, lookup, Attachment, Fd, HIDDEN_FD_MIN, HOLDER, LOCAL_REFS, SLOT_INO};
 use libc::c_char;
 use netkernel_abi::SLOT_COUNT;
+use netkernel_control::{EngineRequest, JoinReply};
 use std::sync::atomic::Ordering;
 
 pub const VAR: &[u8] = b"NETKERNEL_INHERIT=";
@@ -541,12 +542,9 @@ fn join(ctl: i32, id: u64, holder: u32, memfd: i32) -> Result<(i32, u32, [i32; 2
         ctl
     };
     let fd = if ctl >= 0 { ctl } else { state::connect_engine()? };
-    let req = serde_json::json!({"op": "join", "attachment": id, "holder": holder});
-    match state::engine_call(fd, &req, &[memfd]) {
-        Ok((reply, bells)) if bells.len() == 2 => {
-            let held = reply["result"]["holder"].as_u64().and_then(|h| u32::try_from(h).ok()).unwrap_or(holder);
-            Ok((fd, held, [bells[0], bells[1]]))
-        }
+    let req = EngineRequest::Join { attachment: id, holder };
+    match state::engine_call::<JoinReply>(fd, &req, &[memfd]) {
+        Ok((reply, bells)) if bells.len() == 2 => Ok((fd, reply.holder, [bells[0], bells[1]])),
         Ok((_, other)) => {
             other.iter().for_each(|&f| netkernel_ring::sys::close(f));
             Err("no doorbells in the reply".into())

@@ -3,10 +3,12 @@
 //! nqe's completion and for a socket's next wakeup.
 
 use netkernel_abi::{nqe_state, GuestSock, Nqe, Op, ADDR_MAX, BUF_SIZE, NQE_COUNT, SHARE_ALL, SLOT_COUNT, STATE_DEAD};
+use netkernel_control::{AttachReply, EngineRequest};
 use netkernel_ring::doorbell;
 use netkernel_ring::nqes::NqePool;
 use netkernel_ring::region::Region;
 use netkernel_ring::sys;
+use serde::de::DeserializeOwned;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
@@ -333,31 +335,22 @@ pub fn connect_engine_raw() -> i32 {
     }
 }
 
-/// One request/response with the engine on `fd`; the reply's fds are returned.
-pub fn engine_call(fd: i32, req: &serde_json::Value, fds: &[i32]) -> Result<(serde_json::Value, Vec<i32>), String> {
-    sys::send_frame(fd, req.to_string().as_bytes(), fds).map_err(|e| format!("request to engine: {e}"))?;
-    let (payload, fds) = match sys::recv_frame(fd) {
-        Ok(Some(x)) => x,
-        Ok(None) => return Err("engine closed the control socket".into()),
-        Err(e) => return Err(format!("engine reply: {e}")),
-    };
-    let reply: serde_json::Value = serde_json::from_slice(&payload).unwrap_or_default();
-    if reply["ok"] != serde_json::Value::Bool(true) {
-        fds.iter().for_each(|&f| sys::close(f));
-        return Err(reply["error"].as_str().unwrap_or("malformed reply").to_string());
-    }
-    Ok((reply, fds))
+/// One request/response with the engine on `fd`; the reply's result and fds are returned.
+pub fn engine_call<T: DeserializeOwned>(fd: i32, req: &EngineRequest, fds: &[i32]) -> Result<(T, Vec<i32>), String> {
+    netkernel_control::call(fd, req, fds).map_err(|e| e.to_string())
 }
 
 fn attach() -> Result<Attachment, String> {
     let tenant = std::env::var("NETKERNEL_TENANT").ok();
     // `netkernel run --isolate` says so; the engine checks it against our network namespace.
     let isolated = std::env::var_os("NETKERNEL_ISOLATED").is_some_and(|v| v == "1");
-    let mut req = serde_json::json!({"op": "attach", "tenant": tenant, "isolated": isolated});
-    if let Ok(path) = std::env::var("NETKERNEL_TOKEN_FILE") {
-        let token = std::fs::read_to_string(&path).map_err(|e| format!("NETKERNEL_TOKEN_FILE {path}: {e}"))?;
-        req["token"] = token.trim().into();
-    }
+    let token = match std::env::var("NETKERNEL_TOKEN_FILE") {
+        Ok(path) => Some(
+            std::fs::read_to_string(&path).map_err(|e| format!("NETKERNEL_TOKEN_FILE {path}: {e}"))?.trim().to_string(),
+        ),
+        Err(_) => None,
+    };
+    let req = EngineRequest::Attach { tenant, token, isolated };
     let mut fd = connect_engine()?;
     let fail = |fd: i32, m: String| {
         sys::close(fd);
@@ -365,7 +358,7 @@ fn attach() -> Result<Attachment, String> {
     };
     let mut asked_again = false;
     let fds = loop {
-        match engine_call(fd, &req, &[]) {
+        match engine_call::<AttachReply>(fd, &req, &[]) {
             Ok((_, fds)) if fds.len() == 3 => break fds,
             Ok((_, fds)) => {
                 fds.iter().for_each(|&f| sys::close(f));
@@ -563,15 +556,15 @@ impl Attachment {
             }
         }
         let id = self.region.header().attachment_id;
-        let req = serde_json::json!({"op": "hold", "attachment": id, "pid": child, "holder": holder});
-        let mut r = r.and_then(|()| engine_call(fd, &req, &[]).map(|_| ()));
+        let req = EngineRequest::Hold { attachment: id, pid: child, holder };
+        let mut r = r.and_then(|()| engine_call::<()>(fd, &req, &[]).map(|_| ()));
         if r.is_err() && fd >= 0 && !engine_conn_alive(fd) {
             // The engine exited with the request unanswered: ask the next one, once.
             sys::close(fd);
             self.ctl.store(-1, Ordering::Release);
             r = connect_engine().and_then(|new| {
                 self.ctl.store(new, Ordering::Release);
-                engine_call(new, &req, &[]).map(|_| ())
+                engine_call::<()>(new, &req, &[]).map(|_| ())
             });
         }
         CTL_LOCK.store(false, Ordering::Release);

@@ -16,7 +16,7 @@ mod queue;
 
 use crate::guestlib;
 use crate::tempengine::TempEngine;
-use netkernel_service::control::EngineRequest;
+use netkernel_control::EngineRequest;
 pub use peer::{main as peer, PeerArgs};
 use peer::{Addr, Phase, BULK_WRITE, RR_BYTES};
 use serde_json::{json, Map, Value};

@@ -2,9 +2,9 @@
 
 use crate::{bench, demo, guestlib};
 use clap::{Parser, Subcommand};
+use netkernel_control::EngineRequest;
 use netkernel_engine::config::Config;
 use netkernel_engine::{default_socket, request, Engine};
-use netkernel_service::control::EngineRequest;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
