@@ -12,7 +12,9 @@ use std::time::Duration;
 const KERNEL_PATH: &str =
     "[[nsm]]\nname = \"kernel\"\ncolocate = false\n\n[[tenant]]\nname = \"default\"\nnsm = \"kernel\"\n";
 
-fn differential(scenario: &str, colocate: bool) {
+/// Runs `scenario` natively and under GuestLib; `tcp`: it opens a TCP connection, which must go
+/// through the NSM.
+fn differential(scenario: &str, tcp: bool, colocate: bool) {
     let native = output_within(
         {
             let mut c = Command::new(PROBE);
@@ -38,7 +40,6 @@ fn differential(scenario: &str, colocate: bool) {
     assert_eq!(n.lines().count(), k.lines().count(), "{scenario}: trace lengths differ\nnative:\n{n}\nnetkernel:\n{k}");
     // The traffic went through the NSM, not around it.
     let nsm = engine.nsm();
-    let tcp = !matches!(scenario, "addr_in_use" | "udp" | "fork_parent_exits" | "cmsg_udp");
     assert!(nsm["conns_total"].as_u64().unwrap() > 0 || !tcp, "no connection through the NSM: {nsm}");
     // ... and on the path this run is about.
     let colocated = nsm["conns_colocated"].as_u64().unwrap();
@@ -49,13 +50,16 @@ fn differential(scenario: &str, colocate: bool) {
     }
 }
 
-macro_rules! scenarios {
-    ($($name:ident),* $(,)?) => {
+// The scenarios, as nk-probe declares them.
+include!("../src/bin/nk-probe/scenarios.rs");
+
+macro_rules! tests {
+    ($($name:ident => $run:expr, tcp: $tcp:expr;)*) => {
         mod colocated {
             $(
                 #[test]
                 fn $name() {
-                    super::differential(stringify!($name), true);
+                    super::differential(stringify!($name), $tcp, true);
                 }
             )*
         }
@@ -63,49 +67,11 @@ macro_rules! scenarios {
             $(
                 #[test]
                 fn $name() {
-                    super::differential(stringify!($name), false);
+                    super::differential(stringify!($name), $tcp, false);
                 }
             )*
         }
     };
 }
 
-scenarios!(
-    connect_open,
-    connect_closed,
-    addr_in_use,
-    accept_nonblocking,
-    half_close,
-    peer_reset,
-    readiness,
-    flags,
-    sigpipe,
-    rcvtimeo,
-    eintr,
-    many,
-    bulk,
-    dup,
-    udp,
-    fork_accept,
-    fork_handoff,
-    fork_parent_exits,
-    threads,
-    sendfile,
-    exec_cloexec,
-    mmsg_and_splice,
-    small_writes,
-    exec_inherit,
-    vfork_exec,
-    spawn_listener,
-    spawn_dup2,
-    exec_no_guest,
-    addresses,
-    execl_family,
-    cmsg_udp,
-    cmsg_tcp,
-    oob,
-    names_after_reset,
-    send_after_close,
-    loopback_sync,
-    sockbuf,
-);
+scenarios!(tests);

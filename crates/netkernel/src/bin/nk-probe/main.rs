@@ -1374,56 +1374,40 @@ fn addresses() {
     println!("connect to 127.0.0.2 with a listener on 127.0.0.1 only: {:?}", r.map(|_| ()).map_err(|e| e.kind()));
 }
 
+include!("scenarios.rs");
+
+/// A differential scenario (scenarios.rs): what the conformance test runs natively and under
+/// GuestLib.
+struct Scenario {
+    name: &'static str,
+    run: fn(),
+}
+
+macro_rules! table {
+    ($($name:ident => $run:expr, tcp: $tcp:expr;)*) => {
+        &[$(Scenario { name: stringify!($name), run: || $run }),*]
+    };
+}
+
+const SCENARIOS: &[Scenario] = scenarios!(table);
+
+/// The probe's `i`th argument as a number.
+fn arg<T: std::str::FromStr>(i: usize) -> Option<T> {
+    std::env::args().nth(i).and_then(|a| a.parse().ok())
+}
+
 fn main() {
     let name = std::env::args().nth(1).unwrap_or_default();
+    if let Some(s) = SCENARIOS.iter().find(|s| s.name == name) {
+        return (s.run)();
+    }
+    // Helpers the scenarios start as programs of their own, and the list.
     match name.as_str() {
-        "connect_open" => connect_open(),
-        "connect_closed" => connect_closed(),
-        "addr_in_use" => addr_in_use(),
-        "accept_nonblocking" => accept_nonblocking(),
-        "half_close" => half_close(),
-        "peer_reset" => peer_reset(),
-        "readiness" => readiness(),
-        "flags" => flags(),
-        "sigpipe" => sigpipe(),
-        "rcvtimeo" => rcvtimeo(),
-        "eintr" => eintr(),
-        "many" => many(),
-        "bulk" => bulk(std::env::args().nth(2).and_then(|a| a.parse().ok()).unwrap_or(1024)),
-        "dup" => dup_and_fcntl(),
-        "udp" => udp(),
-        "fork_accept" => fork_accept(),
-        "fork_handoff" => fork_handoff(),
-        "fork_parent_exits" => fork_parent_exits(),
-        "threads" => threads(),
-        "sendfile" => sendfile_scenario(),
-        "exec_cloexec" => exec_cloexec(),
-        "mmsg_and_splice" => mmsg_and_splice(),
-        "small_writes" => small_writes(),
-        "addresses" => addresses(),
-        "execl_family" => execl_family(),
-        "exec_inherit" => exec_inherit(),
-        "vfork_exec" => vfork_exec(),
-        "spawn_listener" => spawn_listener(),
-        "spawn_dup2" => spawn_dup2(),
-        "exec_no_guest" => exec_no_guest(),
         "stdio_echo" => stdio_echo(),
         "c_stdio_echo" => c_stdio_echo(),
-        "cmsg_udp" => cmsg_udp(),
-        "cmsg_tcp" => cmsg_tcp(),
-        "oob" => oob(),
-        "names_after_reset" => names_after_reset(),
-        "send_after_close" => send_after_close(),
-        "loopback_sync" => loopback_sync(),
-        "sockbuf" => sockbuf(),
-        "sockbuf_fill" => {
-            let arg = |i: usize| std::env::args().nth(i).and_then(|a| a.parse().ok()).unwrap_or(0);
-            println!("{}", fill(arg(2), arg(3)).1);
-        }
-        "accept_on" => accept_on(std::env::args().nth(2).and_then(|a| a.parse().ok()).unwrap_or(-1)),
-        "list" => println!(
-            "connect_open connect_closed addr_in_use accept_nonblocking half_close peer_reset readiness flags sigpipe rcvtimeo eintr many bulk dup udp fork_accept fork_handoff fork_parent_exits threads sendfile exec_cloexec mmsg_and_splice small_writes exec_inherit vfork_exec spawn_listener spawn_dup2 exec_no_guest addresses execl_family cmsg_udp cmsg_tcp oob names_after_reset send_after_close loopback_sync sockbuf"
-        ),
+        "sockbuf_fill" => println!("{}", fill(arg(2).unwrap_or(0), arg(3).unwrap_or(0)).1),
+        "accept_on" => accept_on(arg(2).unwrap_or(-1)),
+        "list" => SCENARIOS.iter().for_each(|s| println!("{}", s.name)),
         other => {
             eprintln!("unknown scenario {other:?}");
             std::process::exit(2);
