@@ -31,7 +31,7 @@ pub fn default_socket() -> PathBuf {
     if let Some(p) = std::env::var_os("NETKERNEL_SOCKET") {
         return p.into();
     }
-    // SAFETY: getuid cannot fail.
+    // SAFETY: no arguments, no memory touched; getuid cannot fail.
     let uid = unsafe { libc::getuid() };
     if uid == 0 {
         return "/run/netkernel/engine.sock".into();
@@ -182,17 +182,17 @@ struct StatusView {
 }
 
 fn eventfd() -> io::Result<OwnedFd> {
-    // SAFETY: eventfd returns a fresh fd we own.
+    // SAFETY: eventfd returns a new fd that nothing else holds.
     sys::eventfd().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
-    // SAFETY: plain system call.
+    // SAFETY: integers only, no memory passed; an unknown pid is the kernel's to refuse.
     let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: fresh fd we own.
+    // SAFETY: pidfd_open returned a new fd (checked >= 0) that nothing else holds.
     Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
 }
 
@@ -220,7 +220,7 @@ fn token_matches(presented: Option<&str>, expected: Option<&String>) -> bool {
 }
 
 fn peer_cred(s: &UnixStream) -> io::Result<libc::ucred> {
-    // SAFETY: ucred is plain data.
+    // SAFETY: libc::ucred is integers only, so all-zero bytes are a valid value.
     let mut c: libc::ucred = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
     // SAFETY: c/len describe a live ucred.
@@ -264,7 +264,7 @@ impl Engine {
                 // What the engine finds there it trusts (it adopts the NSMs listening there), so
                 // the directory must be its own.
                 let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::symlink_metadata(&state_dir)?);
-                // SAFETY: geteuid cannot fail.
+                // SAFETY: no arguments, no memory touched; geteuid cannot fail.
                 let me = unsafe { libc::geteuid() };
                 if owner != me {
                     return Err(io::Error::other(format!("owned by uid {owner}, not this engine's uid {me}")));
@@ -583,7 +583,7 @@ impl Engine {
             },
             EngineRequest::Shutdown => {
                 // Only root or the engine's own uid may stop it.
-                // SAFETY: geteuid cannot fail.
+                // SAFETY: no arguments, no memory touched; geteuid cannot fail.
                 let me = unsafe { libc::geteuid() };
                 match peer_cred(conn) {
                     Ok(c) if c.uid == 0 || c.uid == me => {
@@ -747,7 +747,8 @@ impl Engine {
                 &[memfd, nsm_bell.as_raw_fd(), guest_bell.as_raw_fd(), pidfd.as_raw_fd()],
             )
             .map_err(|e| format!("NSM {}: {e}", nsm.name))?;
-        // SAFETY: dup of an fd the region owns.
+        // SAFETY: integers only; memfd stays open for the call (the region owns it), so the dup is
+        // of that file.
         let dup = unsafe { libc::fcntl(memfd, libc::F_DUPFD_CLOEXEC, 0) };
         if dup < 0 {
             return Err(format!("dup of the region memfd: {}", io::Error::last_os_error()));
@@ -820,9 +821,10 @@ impl Engine {
     fn join(&self, conn: &UnixStream, id: u64, holder: u32, fds: &[OwnedFd]) -> Result<(u32, [OwnedFd; 2]), String> {
         let cred = peer_cred(conn).map_err(|e| format!("SO_PEERCRED: {e}"))?;
         let ident = |fd: RawFd| {
-            // SAFETY: stat is plain data, filled by fstat.
+            // SAFETY: libc::stat is integers only, so all-zero bytes are a valid value (fstat
+            // overwrites it).
             let mut st: libc::stat = unsafe { std::mem::zeroed() };
-            // SAFETY: st is a valid out-pointer.
+            // SAFETY: &mut st is a live, writable libc::stat for the call; the kernel checks fd.
             (unsafe { libc::fstat(fd, &mut st) } == 0).then_some((st.st_dev, st.st_ino))
         };
         let (nsm_name, bells) = {
@@ -926,7 +928,8 @@ fn parent_of(pid: i32) -> Option<i32> {
 
 /// Whether a process still exists.
 fn alive(pid: i32) -> bool {
-    // SAFETY: signal 0 only checks for existence.
+    // SAFETY: signal 0 delivers nothing (the kernel only checks the pid); __errno_location points
+    // at this thread's errno, always valid.
     unsafe { libc::kill(pid, 0) == 0 || *libc::__errno_location() == libc::EPERM }
 }
 

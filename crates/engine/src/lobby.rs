@@ -88,7 +88,7 @@ fn epoll_ctl(epfd: RawFd, op: i32, fd: RawFd, token: u64) -> io::Result<()> {
 
 /// Serves the control socket until the process ends; returns only if it cannot start.
 pub(crate) fn serve(engine: Arc<Engine>, listener: UnixListener) -> Result<Infallible, LobbyError> {
-    // SAFETY: plain system call; the result is checked before use.
+    // SAFETY: integer flags only, no memory passed; the result is checked before use.
     let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
     if ep < 0 {
         return Err(LobbyError::Setup(io::Error::last_os_error()));

@@ -52,7 +52,7 @@ impl Running {
 }
 
 fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
-    // SAFETY: plain system call.
+    // SAFETY: integers only, no memory passed; an unknown pid is the kernel's to refuse.
     let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
     if r < 0 {
         return Err(io::Error::last_os_error());
@@ -171,7 +171,7 @@ impl Nsm {
     pub fn adopt(&self) -> Option<(Running, NsmState)> {
         let c = UnixStream::connect(&self.rendezvous).ok()?;
         // An NSM runs as the engine's uid; anything else listening there is not one of ours.
-        // SAFETY: geteuid cannot fail.
+        // SAFETY: no arguments, no memory touched; geteuid cannot fail.
         let me = unsafe { libc::geteuid() };
         if crate::peer_cred(&c).map(|cred| cred.uid).ok() != Some(me) {
             eprintln!(

@@ -228,7 +228,7 @@ fn isolate_network() -> Result<(), String> {
     if fd < 0 {
         return Err(format!("socket: {}", std::io::Error::last_os_error()));
     }
-    // SAFETY: ifreq is plain data.
+    // SAFETY: libc::ifreq is integers and bytes only, so all-zero bytes are a valid value.
     let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
     for (d, s) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
         *d = *s as libc::c_char;
@@ -437,7 +437,7 @@ fn nsm(
     };
     // SAFETY: the engine passed this fd to us at exec and nothing else owns it.
     let control = unsafe { OwnedFd::from_raw_fd(control_fd) };
-    // SAFETY: setting FD_CLOEXEC on our own fd.
+    // SAFETY: integers only, no memory passed; the kernel checks the fd.
     unsafe { libc::fcntl(control_fd, libc::F_SETFD, libc::FD_CLOEXEC) };
     let mut svc = match netkernel_service::Service::new(stack, name.clone(), control) {
         Ok(s) => s.with_hosts(hosts),

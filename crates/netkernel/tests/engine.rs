@@ -120,7 +120,7 @@ fn idle_engine_nsm_and_guest_use_under_one_percent_cpu() {
     let start = Instant::now();
     std::thread::sleep(Duration::from_secs(10));
     let after: u64 = pids.iter().map(|&p| cpu_ticks(p)).sum();
-    // SAFETY: sysconf is always safe.
+    // SAFETY: an integer in and out, no memory passed; sysconf cannot misbehave on any name.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let cpu = (after - before) as f64 / hz;
     let share = cpu / start.elapsed().as_secs_f64();
@@ -184,7 +184,8 @@ fn an_orphaned_nsm_that_crashes_still_resets_its_guests() {
     // SAFETY: killing the engine we started, then its NSM: the failures under test.
     unsafe { libc::kill(engine.pid() as i32, libc::SIGKILL) };
     std::thread::sleep(Duration::from_millis(300));
-    // SAFETY: as above.
+    // SAFETY: integers only, no memory passed: kill has no memory-safety preconditions; nsm is the
+    // NSM our engine started (the crash under test).
     unsafe { libc::kill(nsm, libc::SIGKILL) };
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
