@@ -4,11 +4,13 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use netkernel_service::control::{EngineRequest, NsmRequest, NsmStats, Reply};
+use netkernel_control::{AttachReply, EngineRequest, JoinReply, Reply};
+use netkernel_service::control::{NsmRequest, NsmStats};
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(r) = serde_json::from_slice::<EngineRequest>(data) {
-        let again: EngineRequest = serde_json::from_slice(&serde_json::to_vec(&r).unwrap()).unwrap();
+    // The engine reads its requests exactly so.
+    if let Ok(r) = EngineRequest::parse(data) {
+        let again = EngineRequest::parse(&serde_json::to_vec(&r).unwrap()).unwrap();
         assert_eq!(again, r);
     }
     if let Ok(r) = serde_json::from_slice::<NsmRequest>(data) {
@@ -16,6 +18,11 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(again, r);
     }
     // What the guest and ctl read back from the engine, and the engine from an NSM.
-    let _ = serde_json::from_slice::<Reply>(data);
+    if let Ok(r) = serde_json::from_slice::<Reply>(data) {
+        assert_eq!(serde_json::from_slice::<Reply>(&r.encode()).unwrap(), r);
+    }
+    let _ = Reply::decode::<AttachReply>(data);
+    let _ = Reply::decode::<JoinReply>(data);
+    let _ = Reply::decode::<()>(data);
     let _ = serde_json::from_slice::<NsmStats>(data);
 });

@@ -11,9 +11,10 @@ mod supervisor;
 
 use config::Config;
 pub use lobby::LobbyError;
+use netkernel_control::{AttachReply, EngineRequest, JoinReply, Reply};
 use netkernel_ring::region::Region;
 use netkernel_ring::sys;
-use netkernel_service::control::{AttachReply, EngineRequest, NsmStats, Reply};
+use netkernel_service::control::NsmStats;
 use serde::Serialize;
 use std::collections::HashMap;
 use std::io;
@@ -31,7 +32,7 @@ pub fn default_socket() -> PathBuf {
     if let Some(p) = std::env::var_os("NETKERNEL_SOCKET") {
         return p.into();
     }
-    // SAFETY: getuid cannot fail.
+    // SAFETY: no arguments, no memory touched; getuid cannot fail.
     let uid = unsafe { libc::getuid() };
     if uid == 0 {
         return "/run/netkernel/engine.sock".into();
@@ -182,17 +183,17 @@ struct StatusView {
 }
 
 fn eventfd() -> io::Result<OwnedFd> {
-    // SAFETY: eventfd returns a fresh fd we own.
+    // SAFETY: eventfd returns a new fd that nothing else holds.
     sys::eventfd().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
-    // SAFETY: plain system call.
+    // SAFETY: integers only, no memory passed; an unknown pid is the kernel's to refuse.
     let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: fresh fd we own.
+    // SAFETY: pidfd_open returned a new fd (checked >= 0) that nothing else holds.
     Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
 }
 
@@ -220,7 +221,7 @@ fn token_matches(presented: Option<&str>, expected: Option<&String>) -> bool {
 }
 
 fn peer_cred(s: &UnixStream) -> io::Result<libc::ucred> {
-    // SAFETY: ucred is plain data.
+    // SAFETY: libc::ucred is integers only, so all-zero bytes are a valid value.
     let mut c: libc::ucred = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
     // SAFETY: c/len describe a live ucred.
@@ -264,7 +265,7 @@ impl Engine {
                 // What the engine finds there it trusts (it adopts the NSMs listening there), so
                 // the directory must be its own.
                 let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::symlink_metadata(&state_dir)?);
-                // SAFETY: geteuid cannot fail.
+                // SAFETY: no arguments, no memory touched; geteuid cannot fail.
                 let me = unsafe { libc::geteuid() };
                 if owner != me {
                     return Err(io::Error::other(format!("owned by uid {owner}, not this engine's uid {me}")));
@@ -526,7 +527,7 @@ impl Engine {
                 Ok(None) => break,
                 Err(e) => {
                     log(format!("control connection: {e}; closing it"));
-                    let _ = sys::send_frame(fd, &reply_bytes(Reply::err(format!("unreadable request: {e}"))), &[]);
+                    let _ = sys::send_frame(fd, &Reply::err(format!("unreadable request: {e}")).encode(), &[]);
                     break;
                 }
             };
@@ -557,11 +558,11 @@ impl Engine {
     /// any) and says what becomes of the connection.
     fn serve_request(&self, conn: &UnixStream, attached: &mut Option<u64>, frame: &[u8], fds: Vec<OwnedFd>) -> Next {
         let fd = conn.as_raw_fd();
-        let req = match serde_json::from_slice::<EngineRequest>(frame) {
+        let req = match EngineRequest::parse(frame) {
             Ok(r) => r,
             Err(e) => {
                 log(format!("garbage on control socket ({e}); closing that connection"));
-                let _ = sys::send_frame(fd, &reply_bytes(Reply::err(format!("bad request: {e}"))), &[]);
+                let _ = sys::send_frame(fd, &Reply::err(format!("bad request: {e}")).encode(), &[]);
                 return Next::Close;
             }
         };
@@ -574,37 +575,37 @@ impl Engine {
                         *attached = Some(id);
                         kept = true;
                         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-                        sys::send_frame(fd, &reply_bytes(Reply::ok(reply)), &raw)
+                        sys::send_frame(fd, &Reply::ok(reply).encode(), &raw)
                     }
                     Err(msg) => {
                         log(&msg);
-                        sys::send_frame(fd, &reply_bytes(Reply::err(msg)), &[])
+                        sys::send_frame(fd, &Reply::err(msg).encode(), &[])
                     }
                 }
             }
-            EngineRequest::Attach { .. } => sys::send_frame(fd, &reply_bytes(Reply::err("already attached")), &[]),
+            EngineRequest::Attach { .. } => sys::send_frame(fd, &Reply::err("already attached").encode(), &[]),
             EngineRequest::Hold { attachment, pid, holder } => {
                 let r = self.hold(conn, attachment, pid, holder);
                 match &r {
                     Ok(()) => kept = true,
                     Err(msg) => log(msg),
                 }
-                sys::send_frame(fd, &reply_bytes(r.map_or_else(Reply::err, Reply::ok)), &[])
+                sys::send_frame(fd, &r.map_or_else(Reply::err, Reply::ok).encode(), &[])
             }
             EngineRequest::Join { attachment, holder } => match self.join(conn, attachment, holder, &fds) {
                 Ok((holder, bells)) => {
                     kept = true;
                     let raw: Vec<RawFd> = bells.iter().map(|f| f.as_raw_fd()).collect();
-                    sys::send_frame(fd, &reply_bytes(Reply::ok(serde_json::json!({ "holder": holder }))), &raw)
+                    sys::send_frame(fd, &Reply::ok(JoinReply { holder }).encode(), &raw)
                 }
                 Err(msg) => {
                     log(&msg);
-                    sys::send_frame(fd, &reply_bytes(Reply::err(msg)), &[])
+                    sys::send_frame(fd, &Reply::err(msg).encode(), &[])
                 }
             },
             EngineRequest::Shutdown => {
                 // Only root or the engine's own uid may stop it.
-                // SAFETY: geteuid cannot fail.
+                // SAFETY: no arguments, no memory touched; geteuid cannot fail.
                 let me = unsafe { libc::geteuid() };
                 match peer_cred(conn) {
                     Ok(c) if c.uid == 0 || c.uid == me => {
@@ -613,23 +614,20 @@ impl Engine {
                             c.pid, c.uid
                         ));
                         self.shutdown();
-                        let _ = sys::send_frame(fd, &reply_bytes(Reply::ok(())), &[]);
+                        let _ = sys::send_frame(fd, &Reply::ok(()).encode(), &[]);
                         std::process::exit(0);
                     }
                     Ok(c) => sys::send_frame(
                         fd,
-                        &reply_bytes(Reply::err(format!(
-                            "uid {} may not stop the engine (root or uid {me} may)",
-                            c.uid
-                        ))),
+                        &Reply::err(format!("uid {} may not stop the engine (root or uid {me} may)", c.uid)).encode(),
                         &[],
                     ),
-                    Err(e) => sys::send_frame(fd, &reply_bytes(Reply::err(format!("SO_PEERCRED: {e}"))), &[]),
+                    Err(e) => sys::send_frame(fd, &Reply::err(format!("SO_PEERCRED: {e}")).encode(), &[]),
                 }
             }
-            EngineRequest::Status => sys::send_frame(fd, &reply_bytes(Reply::ok(self.status())), &[]),
-            EngineRequest::Tenants => sys::send_frame(fd, &reply_bytes(Reply::ok(self.tenants())), &[]),
-            EngineRequest::Nsms => sys::send_frame(fd, &reply_bytes(Reply::ok(self.nsm_views())), &[]),
+            EngineRequest::Status => sys::send_frame(fd, &Reply::ok(self.status()).encode(), &[]),
+            EngineRequest::Tenants => sys::send_frame(fd, &Reply::ok(self.tenants()).encode(), &[]),
+            EngineRequest::Nsms => sys::send_frame(fd, &Reply::ok(self.nsm_views()).encode(), &[]),
             EngineRequest::Conns => {
                 // root sees every tenant's connections; anyone else only those of tenants
                 // that admit their uid or groups.
@@ -647,7 +645,7 @@ impl Engine {
                     .flat_map(|s| s.conns)
                     .filter(|c| visible.contains(&c.tenant.as_str()))
                     .collect();
-                sys::send_frame(fd, &reply_bytes(Reply::ok(conns)), &[])
+                sys::send_frame(fd, &Reply::ok(conns).encode(), &[])
             }
         };
         match (sent, kept) {
@@ -771,7 +769,8 @@ impl Engine {
                 &[memfd, nsm_bell.as_raw_fd(), guest_bell.as_raw_fd(), pidfd.as_raw_fd()],
             )
             .map_err(|e| format!("NSM {}: {e}", nsm.name))?;
-        // SAFETY: dup of an fd the region owns.
+        // SAFETY: integers only; memfd stays open for the call (the region owns it), so the dup is
+        // of that file.
         let dup = unsafe { libc::fcntl(memfd, libc::F_DUPFD_CLOEXEC, 0) };
         if dup < 0 {
             return Err(format!("dup of the region memfd: {}", io::Error::last_os_error()));
@@ -844,9 +843,10 @@ impl Engine {
     fn join(&self, conn: &UnixStream, id: u64, holder: u32, fds: &[OwnedFd]) -> Result<(u32, [OwnedFd; 2]), String> {
         let cred = peer_cred(conn).map_err(|e| format!("SO_PEERCRED: {e}"))?;
         let ident = |fd: RawFd| {
-            // SAFETY: stat is plain data, filled by fstat.
+            // SAFETY: libc::stat is integers only, so all-zero bytes are a valid value (fstat
+            // overwrites it).
             let mut st: libc::stat = unsafe { std::mem::zeroed() };
-            // SAFETY: st is a valid out-pointer.
+            // SAFETY: &mut st is a live, writable libc::stat for the call; the kernel checks fd.
             (unsafe { libc::fstat(fd, &mut st) } == 0).then_some((st.st_dev, st.st_ino))
         };
         let (nsm_name, bells) = {
@@ -950,7 +950,8 @@ fn parent_of(pid: i32) -> Option<i32> {
 
 /// Whether a process still exists.
 fn alive(pid: i32) -> bool {
-    // SAFETY: signal 0 only checks for existence.
+    // SAFETY: signal 0 delivers nothing (the kernel only checks the pid); __errno_location points
+    // at this thread's errno, always valid.
     unsafe { libc::kill(pid, 0) == 0 || *libc::__errno_location() == libc::EPERM }
 }
 
@@ -962,24 +963,11 @@ fn probe_backing() -> &'static str {
     }
 }
 
-fn reply_bytes(r: Reply) -> Vec<u8> {
-    serde_json::to_vec(&r).unwrap_or_default()
-}
-
 /// A `ctl` client's request/response over the control socket.
 pub fn request(socket: &Path, req: &EngineRequest) -> Result<serde_json::Value, String> {
     let s = UnixStream::connect(socket)
         .map_err(|e| format!("no NetKernel engine at {}: {e} (start one with `netkernel serve`)", socket.display()))?;
-    let body = serde_json::to_vec(req).map_err(|e| e.to_string())?;
-    sys::send_frame(s.as_raw_fd(), &body, &[]).map_err(|e| format!("sending to engine: {e}"))?;
-    let (payload, fds) = sys::recv_frame(s.as_raw_fd())
-        .map_err(|e| format!("reading engine reply: {e}"))?
-        .ok_or("engine closed the connection")?;
+    let (result, fds) = netkernel_control::call(s.as_raw_fd(), req, &[]).map_err(|e| format!("engine: {e}"))?;
     fds.into_iter().for_each(sys::close);
-    let reply: Reply = serde_json::from_slice(&payload).map_err(|e| format!("malformed engine reply: {e}"))?;
-    if reply.ok {
-        Ok(reply.result.unwrap_or_default())
-    } else {
-        Err(reply.error.unwrap_or_else(|| "engine error".into()))
-    }
+    Ok(result)
 }

@@ -15,10 +15,10 @@
 //! the request made the connection its process's for life (attach, hold, join): such a
 //! connection is read by its own thread without any time limit until it closes (Engine::keep).
 
-use crate::{log, reply_bytes, Engine, Next};
+use crate::{log, Engine, Next};
+use netkernel_control::Reply;
 use netkernel_ring::frame::Decoder;
 use netkernel_ring::sys;
-use netkernel_service::control::Reply;
 use std::convert::Infallible;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -88,7 +88,7 @@ fn epoll_ctl(epfd: RawFd, op: i32, fd: RawFd, token: u64) -> io::Result<()> {
 
 /// Serves the control socket until the process ends; returns only if it cannot start.
 pub(crate) fn serve(engine: Arc<Engine>, listener: UnixListener) -> Result<Infallible, LobbyError> {
-    // SAFETY: plain system call; the result is checked before use.
+    // SAFETY: integer flags only, no memory passed; the result is checked before use.
     let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
     if ep < 0 {
         return Err(LobbyError::Setup(io::Error::last_os_error()));
@@ -259,7 +259,7 @@ impl Lobby {
                 }
                 Err(e) => {
                     log(format!("control connection: {e}; closing it"));
-                    let reply = reply_bytes(Reply::err(format!("unreadable request: {e}")));
+                    let reply = Reply::err(format!("unreadable request: {e}")).encode();
                     // Best effort: the connection is closed either way, and must not block us.
                     let _ = sys::send_with_fds(fd, &netkernel_ring::frame::encode(&reply), &[]);
                     self.take(slot);

@@ -2,8 +2,8 @@
 //! they die (DESIGN.md D3). An NSM outlives its engine; a restarted engine adopts it through
 //! the rendezvous socket the NSM listens on in the engine's state directory (D11).
 
-use netkernel_ring::sys;
-use netkernel_service::control::{NsmRequest, NsmState, NsmStats, Reply, TenantPolicy};
+use netkernel_control as control;
+use netkernel_service::control::{NsmRequest, NsmState, NsmStats, TenantPolicy};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -52,7 +52,7 @@ impl Running {
 }
 
 fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
-    // SAFETY: plain system call.
+    // SAFETY: integers only, no memory passed; an unknown pid is the kernel's to refuse.
     let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
     if r < 0 {
         return Err(io::Error::last_os_error());
@@ -203,7 +203,7 @@ impl Nsm {
     pub fn adopt(&self) -> Option<(Running, NsmState)> {
         let c = UnixStream::connect(&self.rendezvous).ok()?;
         // An NSM runs as the engine's uid; anything else listening there is not one of ours.
-        // SAFETY: geteuid cannot fail.
+        // SAFETY: no arguments, no memory touched; geteuid cannot fail.
         let me = unsafe { libc::geteuid() };
         if crate::peer_cred(&c).map(|cred| cred.uid).ok() != Some(me) {
             eprintln!(
@@ -275,17 +275,14 @@ impl Nsm {
     /// One request/response with the NSM; also returns the fds that came with the reply.
     fn call_fds(p: &mut Proc, req: &NsmRequest, fds: &[RawFd]) -> io::Result<(serde_json::Value, Vec<OwnedFd>)> {
         let c = p.control.as_ref().ok_or_else(|| other("NSM is not running".into()))?;
-        let body = serde_json::to_vec(req).map_err(|e| other(e.to_string()))?;
-        sys::send_frame(c.as_raw_fd(), &body, fds)?;
-        let (payload, extra) = sys::recv_frame(c.as_raw_fd())?.ok_or_else(|| other("NSM closed its channel".into()))?;
+        let (result, extra) = control::call(c.as_raw_fd(), req, fds).map_err(|e| match e {
+            control::Error::Send(e) | control::Error::Recv(e) => e,
+            control::Error::Closed => other("NSM closed its channel".into()),
+            control::Error::Malformed(e) => other(format!("malformed NSM reply: {e}")),
+            control::Error::Refused(msg) => other(msg),
+        })?;
         // SAFETY: fds just received, owned by nobody else.
-        let extra: Vec<OwnedFd> = extra.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }).collect();
-        let reply: Reply = serde_json::from_slice(&payload).map_err(|e| other(format!("malformed NSM reply: {e}")))?;
-        if reply.ok {
-            Ok((reply.result.unwrap_or_default(), extra))
-        } else {
-            Err(other(reply.error.unwrap_or_default()))
-        }
+        Ok((result, extra.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }).collect()))
     }
 
     /// Attachment `id`'s region memfd, NSM doorbell and guest doorbell, from an adopted NSM.

@@ -15,6 +15,7 @@
 use crate::state::{self, lookup, Attachment, Fd, HIDDEN_FD_MIN, HOLDER, LOCAL_REFS, SLOT_INO};
 use libc::c_char;
 use netkernel_abi::SLOT_COUNT;
+use netkernel_control::{EngineRequest, JoinReply};
 use std::sync::atomic::Ordering;
 
 pub const VAR: &[u8] = b"NETKERNEL_INHERIT=";
@@ -99,7 +100,8 @@ fn dup_open(fd: i32) -> i32 {
     if fd < 0 {
         return -1;
     }
-    // SAFETY: plain system call; the copy is not close-on-exec, so it survives exec.
+    // SAFETY: integers only, no memory passed; the kernel checks fd. (The copy is not close-on-
+    // exec, so it survives exec.)
     unsafe { libc::syscall(libc::SYS_fcntl, fd, libc::F_DUPFD, HIDDEN_FD_MIN) as i32 }
 }
 
@@ -115,7 +117,7 @@ fn memfd_for_exec(memfd: i32) -> i32 {
     let mut path = [0u8; 64];
     let mut at = 6;
     path[..at].copy_from_slice(b"/proc/");
-    // SAFETY: plain system call.
+    // SAFETY: no arguments, no memory touched.
     put_num(&mut path, &mut at, unsafe { libc::syscall(libc::SYS_getppid) });
     path[at..at + 4].copy_from_slice(b"/fd/");
     at += 4;
@@ -136,7 +138,7 @@ fn memfd_for_exec(memfd: i32) -> i32 {
 fn mark_surviving(h: &mut Handoff) {
     let mut any = false;
     let mut visit = |fd: i32| {
-        // SAFETY: plain system call.
+        // SAFETY: integers only, no memory passed; the kernel checks fd.
         let fl = unsafe { libc::syscall(libc::SYS_fcntl, fd, libc::F_GETFD) };
         if fl < 0 || fl & libc::FD_CLOEXEC as i64 != 0 {
             return;
@@ -229,7 +231,8 @@ fn put_num(out: &mut [u8], at: &mut usize, v: i64) {
 pub unsafe fn prepare(envp: *const *const c_char, to: To, extra: &[u32]) -> Option<Handoff> {
     let a = state::current().filter(|a| !a.dead())?;
     let mut n = 0usize;
-    // SAFETY: per the contract.
+    // SAFETY: envp is null or a NULL-terminated array (this function's contract), so every index
+    // read before the terminator is in bounds.
     while !envp.is_null() && unsafe { !(*envp.add(n)).is_null() } {
         n += 1;
     }
@@ -254,7 +257,7 @@ pub unsafe fn prepare(envp: *const *const c_char, to: To, extra: &[u32]) -> Opti
         To::Spawn => {
             for fd in 0..state::MAX_FD as i32 {
                 if let Fd::Sock(s) = lookup(fd) {
-                    // SAFETY: plain system call.
+                    // SAFETY: integers only, no memory passed; the kernel checks fd.
                     let fl = unsafe { libc::syscall(libc::SYS_fcntl, fd, libc::F_GETFD) };
                     if fl >= 0 && fl & libc::FD_CLOEXEC as i64 == 0 {
                         h.mark(s);
@@ -499,7 +502,8 @@ pub fn rejoin_at_load() {
     }
     for &fd in &p.fds {
         if fd >= 0 {
-            // SAFETY: plain system call on an fd passed to us: it must not leak into further execs.
+            // SAFETY: integers only, no memory passed; the kernel checks fd. (An fd passed to us
+            // must not leak into further execs.)
             unsafe { libc::syscall(libc::SYS_fcntl, fd, libc::F_SETFD, libc::FD_CLOEXEC) };
         }
     }
@@ -541,12 +545,9 @@ fn join(ctl: i32, id: u64, holder: u32, memfd: i32) -> Result<(i32, u32, [i32; 2
         ctl
     };
     let fd = if ctl >= 0 { ctl } else { state::connect_engine()? };
-    let req = serde_json::json!({"op": "join", "attachment": id, "holder": holder});
-    match state::engine_call(fd, &req, &[memfd]) {
-        Ok((reply, bells)) if bells.len() == 2 => {
-            let held = reply["result"]["holder"].as_u64().and_then(|h| u32::try_from(h).ok()).unwrap_or(holder);
-            Ok((fd, held, [bells[0], bells[1]]))
-        }
+    let req = EngineRequest::Join { attachment: id, holder };
+    match state::engine_call::<JoinReply>(fd, &req, &[memfd]) {
+        Ok((reply, bells)) if bells.len() == 2 => Ok((fd, reply.holder, [bells[0], bells[1]])),
         Ok((_, other)) => {
             other.iter().for_each(|&f| netkernel_ring::sys::close(f));
             Err("no doorbells in the reply".into())

@@ -92,7 +92,8 @@ unsafe fn iov_slice<'a>(iov: *const iovec, n: c_int) -> Result<&'a [iovec], Errn
     if iov.is_null() {
         return Err(libc::EFAULT);
     }
-    // SAFETY: per the contract.
+    // SAFETY: iov is non-null and valid for n entries, n in 1..=UIO_MAXIOV (this function's
+    // contract, checked above).
     Ok(unsafe { std::slice::from_raw_parts(iov, n as usize) })
 }
 
@@ -105,7 +106,8 @@ pub unsafe extern "C" fn socket(domain: c_int, ty: c_int, proto: c_int) -> c_int
     if served(domain, ty, proto) {
         guard(|| sock::socket(domain, ty, proto))
     } else {
-        // SAFETY: forwarding.
+        // SAFETY: the caller's arguments go unchanged to the function this one interposes, and the
+        // caller meets that function's contract by calling it.
         unsafe { real::socket(domain, ty, proto) }
     }
 }
@@ -114,7 +116,8 @@ pub unsafe extern "C" fn socket(domain: c_int, ty: c_int, proto: c_int) -> c_int
 /// Interposes bind(2).
 #[no_mangle]
 pub unsafe extern "C" fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments go unchanged to the function this one interposes, and the
+    // caller meets that function's contract by calling it.
     on_fd!(fd, |s| sock::bind(s, addr, len), unsafe { real::bind(fd, addr, len) })
 }
 
@@ -122,7 +125,8 @@ pub unsafe extern "C" fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t) 
 /// Interposes listen(2).
 #[no_mangle]
 pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments go unchanged to the function this one interposes, and the
+    // caller meets that function's contract by calling it.
     on_fd!(fd, |s| sock::listen(s, backlog), unsafe { real::listen(fd, backlog) })
 }
 
@@ -130,7 +134,9 @@ pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
 /// Interposes accept(2).
 #[no_mangle]
 pub unsafe extern "C" fn accept(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
-    // SAFETY: forwarding the caller's pointers.
+    // SAFETY: the caller's pointers go unchanged to GuestLib's version or to the function this one
+    // interposes; both have the contract of the interposed call, which the caller meets by calling
+    // it.
     on_fd!(fd, |s| unsafe { sock::accept(s, addr, len, 0) }, unsafe { real::accept(fd, addr, len) })
 }
 
@@ -138,7 +144,9 @@ pub unsafe extern "C" fn accept(fd: c_int, addr: *mut sockaddr, len: *mut sockle
 /// Interposes accept4(2).
 #[no_mangle]
 pub unsafe extern "C" fn accept4(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t, flags: c_int) -> c_int {
-    // SAFETY: forwarding the caller's pointers.
+    // SAFETY: the caller's pointers go unchanged to GuestLib's version or to the function this one
+    // interposes; both have the contract of the interposed call, which the caller meets by calling
+    // it.
     on_fd!(fd, |s| unsafe { sock::accept(s, addr, len, flags) }, unsafe { real::accept4(fd, addr, len, flags) })
 }
 
@@ -146,7 +154,8 @@ pub unsafe extern "C" fn accept4(fd: c_int, addr: *mut sockaddr, len: *mut sockl
 /// Interposes connect(2).
 #[no_mangle]
 pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments go unchanged to the function this one interposes, and the
+    // caller meets that function's contract by calling it.
     on_fd!(fd, |s| sock::connect(s, addr, len), unsafe { real::connect(fd, addr, len) })
 }
 
@@ -154,7 +163,8 @@ pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_
 /// Interposes shutdown(2).
 #[no_mangle]
 pub unsafe extern "C" fn shutdown(fd: c_int, how: c_int) -> c_int {
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments go unchanged to the function this one interposes, and the
+    // caller meets that function's contract by calling it.
     on_fd!(fd, |s| sock::shutdown(s, how), unsafe { real::shutdown(fd, how) })
 }
 
@@ -184,7 +194,9 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
 /// Interposes getsockname(2).
 #[no_mangle]
 pub unsafe extern "C" fn getsockname(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
-    // SAFETY: forwarding the caller's pointers.
+    // SAFETY: the caller's pointers go unchanged to GuestLib's version or to the function this one
+    // interposes; both have the contract of the interposed call, which the caller meets by calling
+    // it.
     on_fd!(fd, |s| unsafe { sock::name(s, false, addr, len) }, unsafe { real::getsockname(fd, addr, len) })
 }
 
@@ -192,7 +204,9 @@ pub unsafe extern "C" fn getsockname(fd: c_int, addr: *mut sockaddr, len: *mut s
 /// Interposes getpeername(2).
 #[no_mangle]
 pub unsafe extern "C" fn getpeername(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
-    // SAFETY: forwarding the caller's pointers.
+    // SAFETY: the caller's pointers go unchanged to GuestLib's version or to the function this one
+    // interposes; both have the contract of the interposed call, which the caller meets by calling
+    // it.
     on_fd!(fd, |s| unsafe { sock::name(s, true, addr, len) }, unsafe { real::getpeername(fd, addr, len) })
 }
 
@@ -208,9 +222,12 @@ pub unsafe extern "C" fn getsockopt(
 ) -> c_int {
     on_fd!(
         fd,
-        // SAFETY: forwarding the caller's pointers.
+        // SAFETY: the caller's pointers go unchanged to GuestLib's version or to the function this
+        // one interposes; both have the contract of the interposed call, which the caller meets by
+        // calling it.
         |s| unsafe { sock::getsockopt(s, level, name, val.cast(), len) },
-        // SAFETY: forwarding.
+        // SAFETY: the caller's arguments go unchanged to the function this one interposes, and the
+        // caller meets that function's contract by calling it.
         unsafe { real::getsockopt(fd, level, name, val, len) }
     )
 }
@@ -221,9 +238,12 @@ pub unsafe extern "C" fn getsockopt(
 pub unsafe extern "C" fn setsockopt(fd: c_int, level: c_int, name: c_int, val: *const c_void, len: socklen_t) -> c_int {
     on_fd!(
         fd,
-        // SAFETY: forwarding the caller's pointers.
+        // SAFETY: the caller's pointers go unchanged to GuestLib's version or to the function this
+        // one interposes; both have the contract of the interposed call, which the caller meets by
+        // calling it.
         |s| unsafe { sock::setsockopt(s, level, name, val.cast(), len) },
-        // SAFETY: forwarding.
+        // SAFETY: the caller's arguments go unchanged to the function this one interposes, and the
+        // caller meets that function's contract by calling it.
         unsafe { real::setsockopt(fd, level, name, val, len) }
     )
 }
@@ -237,9 +257,11 @@ pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t
     let iov = [iovec { iov_base: buf, iov_len: n }];
     on_fd!(
         fd,
-        // SAFETY: the caller's buffer.
+        // SAFETY: the caller's buffer, valid as the contract of the call this function interposes
+        // requires, which GuestLib's version shares.
         |s| isize_of(unsafe { sock::recv(s, &iov, 0, &mut Default::default()) }),
-        // SAFETY: forwarding.
+        // SAFETY: the caller's arguments go unchanged to the function this one interposes, and the
+        // caller meets that function's contract by calling it.
         unsafe { real::read(fd, buf, n) }
     )
 }
@@ -251,9 +273,11 @@ pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssiz
     let iov = [iovec { iov_base: buf as *mut c_void, iov_len: n }];
     on_fd!(
         fd,
-        // SAFETY: the caller's buffer.
+        // SAFETY: the caller's buffer, valid as the contract of the call this function interposes
+        // requires, which GuestLib's version shares.
         |s| isize_of(unsafe { sock::send(s, &iov, 0, std::ptr::null(), 0) }),
-        // SAFETY: forwarding.
+        // SAFETY: the caller's arguments go unchanged to the function this one interposes, and the
+        // caller meets that function's contract by calling it.
         unsafe { real::write(fd, buf, n) }
     )
 }
@@ -264,9 +288,11 @@ pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssiz
 pub unsafe extern "C" fn readv(fd: c_int, iov: *const iovec, n: c_int) -> ssize_t {
     on_fd!(
         fd,
-        // SAFETY: the caller's iovecs.
+        // SAFETY: the caller's iovecs, valid as the contract of the call this function interposes
+        // requires, which GuestLib's version shares.
         |s| isize_of(unsafe { sock::recv(s, iov_slice(iov, n)?, 0, &mut Default::default()) }),
-        // SAFETY: forwarding.
+        // SAFETY: the caller's arguments go unchanged to the function this one interposes, and the
+        // caller meets that function's contract by calling it.
         unsafe { real::readv(fd, iov, n) }
     )
 }
@@ -277,9 +303,11 @@ pub unsafe extern "C" fn readv(fd: c_int, iov: *const iovec, n: c_int) -> ssize_
 pub unsafe extern "C" fn writev(fd: c_int, iov: *const iovec, n: c_int) -> ssize_t {
     on_fd!(
         fd,
-        // SAFETY: the caller's iovecs.
+        // SAFETY: the caller's iovecs, valid as the contract of the call this function interposes
+        // requires, which GuestLib's version shares.
         |s| isize_of(unsafe { sock::send(s, iov_slice(iov, n)?, 0, std::ptr::null(), 0) }),
-        // SAFETY: forwarding.
+        // SAFETY: the caller's arguments go unchanged to the function this one interposes, and the
+        // caller meets that function's contract by calling it.
         unsafe { real::writev(fd, iov, n) }
     )
 }
@@ -291,9 +319,11 @@ pub unsafe extern "C" fn send(fd: c_int, buf: *const c_void, n: size_t, flags: c
     let iov = [iovec { iov_base: buf as *mut c_void, iov_len: n }];
     on_fd!(
         fd,
-        // SAFETY: the caller's buffer.
+        // SAFETY: the caller's buffer, valid as the contract of the call this function interposes
+        // requires, which GuestLib's version shares.
         |s| isize_of(unsafe { sock::send(s, &iov, flags, std::ptr::null(), 0) }),
-        // SAFETY: forwarding.
+        // SAFETY: the caller's arguments go unchanged to the function this one interposes, and the
+        // caller meets that function's contract by calling it.
         unsafe { real::send(fd, buf, n, flags) }
     )
 }
@@ -312,9 +342,11 @@ pub unsafe extern "C" fn sendto(
     let iov = [iovec { iov_base: buf as *mut c_void, iov_len: n }];
     on_fd!(
         fd,
-        // SAFETY: the caller's buffer and address.
+        // SAFETY: the caller's buffer and address, valid as the contract of the call this function
+        // interposes requires, which GuestLib's version shares.
         |s| isize_of(unsafe { sock::send(s, &iov, flags, addr, alen) }),
-        // SAFETY: forwarding.
+        // SAFETY: the caller's arguments go unchanged to the function this one interposes, and the
+        // caller meets that function's contract by calling it.
         unsafe { real::sendto(fd, buf, n, flags, addr, alen) }
     )
 }
@@ -323,7 +355,8 @@ pub unsafe extern "C" fn sendto(
 /// Interposes sendmsg(2).
 #[no_mangle]
 pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) -> ssize_t {
-    // SAFETY: the caller's msghdr.
+    // SAFETY: the caller's msghdr, valid as the contract of the call this function interposes
+    // requires, which GuestLib's version shares.
     on_fd!(fd, |s| unsafe { sendmsg_one(s, msg, flags) }, unsafe { real::sendmsg(fd, msg, flags) })
 }
 
@@ -337,9 +370,11 @@ unsafe fn recv_into(
     alen: *mut socklen_t,
 ) -> Result<isize, Errno> {
     let mut info = sock::RecvInfo::default();
-    // SAFETY: the caller's buffers.
+    // SAFETY: the caller's buffers, valid as the contract of the call this function interposes
+    // requires, which GuestLib's version shares.
     let n = unsafe { sock::recv(s, iov, flags, &mut info) }?;
-    // SAFETY: the caller's address buffer.
+    // SAFETY: the caller's address buffer, valid as the contract of the call this function
+    // interposes requires, which GuestLib's version shares.
     unsafe { sock::addr_out(&info.from, info.from_len, addr, alen) };
     Ok(n as isize)
 }
@@ -351,9 +386,11 @@ pub unsafe extern "C" fn recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_i
     let iov = [iovec { iov_base: buf, iov_len: n }];
     on_fd!(
         fd,
-        // SAFETY: the caller's buffer.
+        // SAFETY: the caller's buffer, valid as the contract of the call this function interposes
+        // requires, which GuestLib's version shares.
         |s| unsafe { recv_into(s, &iov, flags, std::ptr::null_mut(), std::ptr::null_mut()) },
-        // SAFETY: forwarding.
+        // SAFETY: the caller's arguments go unchanged to the function this one interposes, and the
+        // caller meets that function's contract by calling it.
         unsafe { real::recv(fd, buf, n, flags) }
     )
 }
@@ -372,9 +409,11 @@ pub unsafe extern "C" fn recvfrom(
     let iov = [iovec { iov_base: buf, iov_len: n }];
     on_fd!(
         fd,
-        // SAFETY: the caller's buffers.
+        // SAFETY: the caller's buffers, valid as the contract of the call this function interposes
+        // requires, which GuestLib's version shares.
         |s| unsafe { recv_into(s, &iov, flags, addr, alen) },
-        // SAFETY: forwarding.
+        // SAFETY: the caller's arguments go unchanged to the function this one interposes, and the
+        // caller meets that function's contract by calling it.
         unsafe { real::recvfrom(fd, buf, n, flags, addr, alen) }
     )
 }
@@ -383,7 +422,8 @@ pub unsafe extern "C" fn recvfrom(
 /// Interposes recvmsg(2).
 #[no_mangle]
 pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> ssize_t {
-    // SAFETY: the caller's msghdr.
+    // SAFETY: the caller's msghdr, valid as the contract of the call this function interposes
+    // requires, which GuestLib's version shares.
     on_fd!(fd, |s| unsafe { recvmsg_one(s, msg, flags) }, unsafe { real::recvmsg(fd, msg, flags) })
 }
 
@@ -392,13 +432,16 @@ pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> s
 /// # Safety
 /// `msg` is null or a valid msghdr whose buffers are valid.
 unsafe fn recvmsg_one(s: u32, msg: *mut msghdr, flags: c_int) -> Result<isize, Errno> {
-    // SAFETY: per the contract.
+    // SAFETY: msg is null or a valid msghdr whose buffers are valid (this function's contract);
+    // as_mut maps null to None.
     let m = unsafe { msg.as_mut() }.ok_or(libc::EFAULT)?;
     let cap = if m.msg_control.is_null() { 0 } else { m.msg_controllen };
     let mut info = sock::RecvInfo { control: Some((m.msg_control.cast(), cap)), ..Default::default() };
-    // SAFETY: the caller's iovecs.
+    // SAFETY: the caller's iovecs, valid as the contract of the call this function interposes
+    // requires, which GuestLib's version shares.
     let n = unsafe { sock::recv(s, iov_slice(m.msg_iov, m.msg_iovlen as c_int)?, flags, &mut info) }?;
-    // SAFETY: the caller's address buffer.
+    // SAFETY: the caller's address buffer, valid as the contract of the call this function
+    // interposes requires, which GuestLib's version shares.
     unsafe { sock::addr_out(&info.from, info.from_len, m.msg_name.cast(), &mut m.msg_namelen) };
     m.msg_controllen = info.control_len;
     m.msg_flags = info.msg_flags | if info.truncated { libc::MSG_TRUNC } else { 0 };
@@ -410,15 +453,18 @@ unsafe fn recvmsg_one(s: u32, msg: *mut msghdr, flags: c_int) -> Result<isize, E
 /// # Safety
 /// `msg` is null or a valid msghdr whose buffers are valid.
 unsafe fn sendmsg_one(s: u32, msg: *const msghdr, flags: c_int) -> Result<isize, Errno> {
-    // SAFETY: per the contract.
+    // SAFETY: msg is null or a valid msghdr whose buffers are valid (this function's contract);
+    // as_ref maps null to None.
     let m = unsafe { msg.as_ref() }.ok_or(libc::EFAULT)?;
     let control: &[u8] = if m.msg_control.is_null() || m.msg_controllen == 0 {
         &[]
     } else {
-        // SAFETY: the caller's control buffer of msg_controllen bytes.
+        // SAFETY: the caller's control buffer of msg_controllen bytes, valid as the contract of the
+        // call this function interposes requires, which GuestLib's version shares.
         unsafe { std::slice::from_raw_parts(m.msg_control.cast(), m.msg_controllen) }
     };
-    // SAFETY: the caller's iovecs and address.
+    // SAFETY: the caller's iovecs and address, valid as the contract of the call this function
+    // interposes requires, which GuestLib's version shares.
     isize_of(unsafe {
         sock::send_msg(
             s,
@@ -446,7 +492,8 @@ unsafe fn each_msg(
     }
     let n = n.min(libc::UIO_MAXIOV as libc::c_uint) as usize;
     for i in 0..n {
-        // SAFETY: per the contract.
+        // SAFETY: vec is non-null (checked above) and valid for the caller's n entries (this
+        // function's contract), and i < n.
         let e = unsafe { &mut *vec.add(i) };
         match one(i, &mut e.msg_hdr) {
             Ok(len) => e.msg_len = len as libc::c_uint,
@@ -463,9 +510,11 @@ unsafe fn each_msg(
 pub unsafe extern "C" fn sendmmsg(fd: c_int, vec: *mut libc::mmsghdr, n: libc::c_uint, flags: c_int) -> c_int {
     on_fd!(
         fd,
-        // SAFETY: the caller's vector.
+        // SAFETY: the caller's vector, valid as the contract of the call this function interposes
+        // requires, which GuestLib's version shares.
         |s| unsafe { each_msg(vec, n, |_, m| sendmsg_one(s, m, flags)) },
-        // SAFETY: forwarding.
+        // SAFETY: the caller's arguments go unchanged to the function this one interposes, and the
+        // caller meets that function's contract by calling it.
         unsafe { real::sendmmsg(fd, vec, n, flags) }
     )
 }
@@ -481,11 +530,13 @@ pub unsafe extern "C" fn recvmmsg(
     flags: c_int,
     timeout: *mut libc::timespec,
 ) -> c_int {
-    // SAFETY: the caller's timespec.
+    // SAFETY: the caller's timespec, valid as the contract of the call this function interposes
+    // requires, which GuestLib's version shares.
     let deadline = unsafe { readiness::ts(timeout) }.map(|d| Instant::now() + d);
     on_fd!(
         fd,
-        // SAFETY: the caller's vector.
+        // SAFETY: the caller's vector, valid as the contract of the call this function interposes
+        // requires, which GuestLib's version shares.
         |s| unsafe {
             each_msg(vec, n, |i, m| {
                 if i > 0 && deadline.is_some_and(|d| Instant::now() >= d) {
@@ -495,7 +546,8 @@ pub unsafe extern "C" fn recvmmsg(
                 recvmsg_one(s, m, f & !libc::MSG_WAITFORONE)
             })
         },
-        // SAFETY: forwarding.
+        // SAFETY: the caller's arguments go unchanged to the function this one interposes, and the
+        // caller meets that function's contract by calling it.
         unsafe { real::recvmmsg(fd, vec, n, flags, timeout) }
     )
 }
@@ -536,7 +588,8 @@ pub unsafe extern "C" fn fcntl(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
 /// Interposes fcntl64.
 #[no_mangle]
 pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
-    // SAFETY: same contract.
+    // SAFETY: fcntl64 is fcntl on 64-bit Linux: the caller meets the contract of the fcntl called
+    // here.
     unsafe { fcntl(fd, cmd, arg) }
 }
 
@@ -545,7 +598,8 @@ pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
 #[no_mangle]
 pub unsafe extern "C" fn ioctl(fd: c_int, req: c_ulong, arg: c_ulong) -> c_int {
     let Fd::Sock(s) = lookup(fd) else {
-        // SAFETY: forwarding.
+        // SAFETY: the caller's arguments go unchanged to the function this one interposes, and the
+        // caller meets that function's contract by calling it.
         return unsafe { real::ioctl(fd, req, arg) };
     };
     const SIOCATMARK: c_ulong = 0x8905;
@@ -602,7 +656,8 @@ fn after_dup(old: c_int, new: c_int) {
 /// Interposes dup(2).
 #[no_mangle]
 pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments go unchanged to the function this one interposes, and the
+    // caller meets that function's contract by calling it.
     let r = unsafe { real::dup(fd) };
     after_dup(fd, r);
     r
@@ -612,7 +667,8 @@ pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
 /// Interposes dup2(2).
 #[no_mangle]
 pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments go unchanged to the function this one interposes, and the
+    // caller meets that function's contract by calling it.
     let r = unsafe { real::dup2(old, new) };
     after_dup(old, r);
     r
@@ -622,7 +678,8 @@ pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
 /// Interposes dup3(2).
 #[no_mangle]
 pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments go unchanged to the function this one interposes, and the
+    // caller meets that function's contract by calling it.
     let r = unsafe { real::dup3(old, new, flags) };
     after_dup(old, r);
     r
@@ -639,7 +696,8 @@ pub unsafe extern "C" fn fork() -> libc::pid_t {
     let att = state::current().filter(|a| !a.dead() && state::owns_memory());
     let holder = att.and_then(state::share_fds);
     IN_FORK.with(|f| f.set(true));
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments go unchanged to the function this one interposes, and the
+    // caller meets that function's contract by calling it.
     let pid = unsafe { real::fork() };
     IN_FORK.with(|f| f.set(false));
     match (pid, att, holder) {
@@ -770,7 +828,8 @@ unsafe fn exec_with(envp: *const CStr, f: impl FnOnce(*const CStr) -> c_int) -> 
         let _ = std::panic::catch_unwind(|| sock::close_slot(slot));
     }
     let to = if vfork || state::holder_shared() { inherit::To::ExecNewHolder } else { inherit::To::Exec };
-    // SAFETY: per the contract.
+    // SAFETY: envp is a NULL-terminated array of C strings, as the exec call this function serves
+    // requires of its caller: prepare's contract.
     let handoff = if enabled() { unsafe { inherit::prepare(envp, to, &[]) } } else { None };
     let r = f(handoff.as_ref().map_or(envp, |h| h.envp()));
     let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
@@ -786,7 +845,8 @@ unsafe fn exec_with(envp: *const CStr, f: impl FnOnce(*const CStr) -> c_int) -> 
 /// Interposes execve(2).
 #[no_mangle]
 pub unsafe extern "C" fn execve(path: CStr, argv: *const CStr, envp: *const CStr) -> c_int {
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments go unchanged to the function this one interposes, and the
+    // caller meets that function's contract by calling it.
     unsafe { exec_with(envp, |env| real::execve(path, argv, env)) }
 }
 
@@ -794,7 +854,8 @@ pub unsafe extern "C" fn execve(path: CStr, argv: *const CStr, envp: *const CStr
 /// Interposes execv(3).
 #[no_mangle]
 pub unsafe extern "C" fn execv(path: CStr, argv: *const CStr) -> c_int {
-    // SAFETY: forwarding, with the process's environment made explicit.
+    // SAFETY: the caller's arguments go unchanged to the function this one interposes, and environ
+    // is the process's own (valid) environment, as the execv family uses.
     unsafe { exec_with(environ, |env| real::execve(path, argv, env)) }
 }
 
@@ -802,7 +863,8 @@ pub unsafe extern "C" fn execv(path: CStr, argv: *const CStr) -> c_int {
 /// Interposes execvp(3).
 #[no_mangle]
 pub unsafe extern "C" fn execvp(file: CStr, argv: *const CStr) -> c_int {
-    // SAFETY: forwarding, with the process's environment made explicit.
+    // SAFETY: the caller's arguments go unchanged to the function this one interposes, and environ
+    // is the process's own (valid) environment, as the execv family uses.
     unsafe { exec_with(environ, |env| real::execvpe(file, argv, env)) }
 }
 
@@ -810,7 +872,8 @@ pub unsafe extern "C" fn execvp(file: CStr, argv: *const CStr) -> c_int {
 /// Interposes execvpe(3).
 #[no_mangle]
 pub unsafe extern "C" fn execvpe(file: CStr, argv: *const CStr, envp: *const CStr) -> c_int {
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments go unchanged to the function this one interposes, and the
+    // caller meets that function's contract by calling it.
     unsafe { exec_with(envp, |env| real::execvpe(file, argv, env)) }
 }
 
@@ -818,7 +881,8 @@ pub unsafe extern "C" fn execvpe(file: CStr, argv: *const CStr, envp: *const CSt
 /// Interposes fexecve(3).
 #[no_mangle]
 pub unsafe extern "C" fn fexecve(fd: c_int, argv: *const CStr, envp: *const CStr) -> c_int {
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments go unchanged to the function this one interposes, and the
+    // caller meets that function's contract by calling it.
     unsafe { exec_with(envp, |env| real::fexecve(fd, argv, env)) }
 }
 
@@ -832,7 +896,8 @@ pub unsafe extern "C" fn execveat(
     envp: *const CStr,
     flags: c_int,
 ) -> c_int {
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments go unchanged to the function this one interposes, and the
+    // caller meets that function's contract by calling it.
     unsafe { exec_with(envp, |env| real::execveat(dirfd, path, argv, env, flags)) }
 }
 
@@ -851,7 +916,8 @@ pub unsafe extern "C" fn posix_spawn_file_actions_adddup2(
     if let Fd::Sock(s) = lookup(fd) {
         SPAWN_DUPS.lock().unwrap_or_else(|e| e.into_inner()).push((fa as usize, s));
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments go unchanged to the function this one interposes, and the
+    // caller meets that function's contract by calling it.
     unsafe { real::posix_spawn_file_actions_adddup2(fa, fd, newfd) }
 }
 
@@ -860,7 +926,8 @@ pub unsafe extern "C" fn posix_spawn_file_actions_adddup2(
 #[no_mangle]
 pub unsafe extern "C" fn posix_spawn_file_actions_destroy(fa: *mut libc::posix_spawn_file_actions_t) -> c_int {
     SPAWN_DUPS.lock().unwrap_or_else(|e| e.into_inner()).retain(|&(f, _)| f != fa as usize);
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments go unchanged to the function this one interposes, and the
+    // caller meets that function's contract by calling it.
     unsafe { real::posix_spawn_file_actions_destroy(fa) }
 }
 
@@ -884,7 +951,8 @@ unsafe fn spawn_with(
             .filter(|&&(f, _)| !fa.is_null() && f == fa as usize)
             .map(|&(_, s)| s)
             .collect();
-        // SAFETY: per the contract.
+        // SAFETY: envp is a NULL-terminated array of C strings, as posix_spawn requires of its
+        // caller: prepare's contract.
         unsafe { inherit::prepare(envp, inherit::To::Spawn, &extra) }
     } else {
         None
@@ -892,7 +960,8 @@ unsafe fn spawn_with(
     let mut child: libc::pid_t = 0;
     let r = f(&mut child, handoff.as_ref().map_or(envp, |h| h.envp()));
     if !pid.is_null() {
-        // SAFETY: the caller's out-pointer.
+        // SAFETY: the caller's out-pointer, valid as the contract of the call this function
+        // interposes requires, which GuestLib's version shares.
         unsafe { *pid = child };
     }
     if let Some(h) = handoff {
@@ -917,7 +986,8 @@ pub unsafe extern "C" fn posix_spawn(
     argv: *const *mut libc::c_char,
     envp: *const *mut libc::c_char,
 ) -> c_int {
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments go unchanged to the function this one interposes, and the
+    // caller meets that function's contract by calling it.
     unsafe { spawn_with(pid, fa, envp.cast(), |p, env| real::posix_spawn(p, path, fa, attr, argv, env.cast())) }
 }
 
@@ -932,7 +1002,8 @@ pub unsafe extern "C" fn posix_spawnp(
     argv: *const *mut libc::c_char,
     envp: *const *mut libc::c_char,
 ) -> c_int {
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments go unchanged to the function this one interposes, and the
+    // caller meets that function's contract by calling it.
     unsafe { spawn_with(pid, fa, envp.cast(), |p, env| real::posix_spawnp(p, file, fa, attr, argv, env.cast())) }
 }
 
@@ -940,7 +1011,8 @@ pub unsafe extern "C" fn posix_spawnp(
 /// Interposes sendfile(2): file bytes go through the socket's ordinary send path.
 #[no_mangle]
 pub unsafe extern "C" fn sendfile(out: c_int, inp: c_int, off: *mut libc::off_t, count: size_t) -> ssize_t {
-    // SAFETY: the caller's offset pointer.
+    // SAFETY: the caller's offset pointer, valid as the contract of the call this function
+    // interposes requires, which GuestLib's version shares.
     on_fd!(out, |s| isize_of(unsafe { sock::sendfile(s, inp, off, count) }), unsafe {
         real::sendfile(out, inp, off, count)
     })
@@ -950,7 +1022,8 @@ pub unsafe extern "C" fn sendfile(out: c_int, inp: c_int, off: *mut libc::off_t,
 /// Interposes sendfile64 (the same call on 64-bit Linux).
 #[no_mangle]
 pub unsafe extern "C" fn sendfile64(out: c_int, inp: c_int, off: *mut libc::off_t, count: size_t) -> ssize_t {
-    // SAFETY: same contract.
+    // SAFETY: sendfile64 is sendfile on 64-bit Linux: the caller meets the contract of the sendfile
+    // called here.
     unsafe { sendfile(out, inp, off, count) }
 }
 
@@ -967,7 +1040,8 @@ pub unsafe extern "C" fn splice(
     flags: libc::c_uint,
 ) -> ssize_t {
     match (lookup(fd_in), lookup(fd_out)) {
-        // SAFETY: forwarding.
+        // SAFETY: the caller's arguments go unchanged to the function this one interposes, and the
+        // caller meets that function's contract by calling it.
         (Fd::Plain, Fd::Plain) => unsafe { real::splice(fd_in, off_in, fd_out, off_out, len, flags) },
         (Fd::Stale, _) | (_, Fd::Stale) => guard(|| Err(libc::ECONNRESET)),
         (Fd::Sock(_), Fd::Sock(_)) => guard(|| Err(libc::EINVAL)),
@@ -977,7 +1051,7 @@ pub unsafe extern "C" fn splice(
             }
             let mut buf = vec![0u8; len.min(1 << 16)];
             let iov = [iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() }];
-            // SAFETY: our own buffer.
+            // SAFETY: iov describes buf, a live Vec of buf.len() bytes owned here.
             // SPLICE_F_NONBLOCK concerns the pipe; the socket blocks per its own O_NONBLOCK.
             let n = unsafe { sock::recv(s, &iov, 0, &mut Default::default()) }?;
             // SAFETY: writing our own buffer to the caller's fd, at the caller's offset if any.
@@ -1001,9 +1075,11 @@ pub unsafe extern "C" fn splice(
             }
             let iov = [iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: n as usize }];
             // The bytes have left the pipe: send them all, blocking if need be.
-            // SAFETY: our own buffer.
+            // SAFETY: iov describes the first n bytes of buf, a live Vec owned here (n <=
+            // buf.len(): what the read into it returned).
             let sent = unsafe { sock::send(s, &iov, 0, std::ptr::null(), 0) }?;
-            // SAFETY: the caller's offset.
+            // SAFETY: off_in is null or a valid loff_t, as splice(2) requires of the caller; as_mut
+            // maps null to None.
             if let Some(o) = unsafe { off_in.as_mut() } {
                 *o += sent as libc::loff_t;
             }
@@ -1032,7 +1108,8 @@ unsafe fn write_all_to(fd: c_int, off: *mut libc::loff_t, mut data: &[u8]) -> Re
             }
             return Err(e);
         }
-        // SAFETY: the caller's offset.
+        // SAFETY: off is null or a valid off_t, as sendfile(2) requires of the caller; as_mut maps
+        // null to None.
         if let Some(o) = unsafe { off.as_mut() } {
             *o += r as libc::loff_t;
         }
@@ -1053,15 +1130,18 @@ pub unsafe extern "C" fn getaddrinfo(
     hints: *const libc::addrinfo,
     res: *mut *mut libc::addrinfo,
 ) -> c_int {
-    // SAFETY: the caller's arguments.
+    // SAFETY: the caller's arguments, valid as the contract of the call this function interposes
+    // requires, which GuestLib's version shares.
     if enabled() && unsafe { resolve::wants_provider(node, hints) } {
-        // SAFETY: the caller's arguments.
+        // SAFETY: the caller's arguments, valid as the contract of the call this function
+        // interposes requires, which GuestLib's version shares.
         return std::panic::catch_unwind(AssertUnwindSafe(|| unsafe {
             resolve::getaddrinfo(node, service, hints, res)
         }))
         .unwrap_or(libc::EAI_SYSTEM);
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments go unchanged to the function this one interposes, and the
+    // caller meets that function's contract by calling it.
     unsafe { real::getaddrinfo(node, service, hints, res) }
 }
 
@@ -1069,12 +1149,14 @@ pub unsafe extern "C" fn getaddrinfo(
 /// Interposes freeaddrinfo(3): lists GuestLib made are freed here, glibc's by glibc.
 #[no_mangle]
 pub unsafe extern "C" fn freeaddrinfo(ai: *mut libc::addrinfo) {
-    // SAFETY: the caller's list.
+    // SAFETY: the caller's list, valid as the contract of the call this function interposes
+    // requires, which GuestLib's version shares.
     if unsafe { resolve::is_ours(ai) } {
-        // SAFETY: ours, per the check.
+        // SAFETY: is_ours held: ai heads a list GuestLib allocated, freeaddrinfo's contract.
         unsafe { resolve::freeaddrinfo(ai) }
     } else {
-        // SAFETY: forwarding.
+        // SAFETY: the caller's arguments go unchanged to the function this one interposes, and the
+        // caller meets that function's contract by calling it.
         unsafe { real::freeaddrinfo(ai) }
     }
 }
@@ -1083,12 +1165,14 @@ pub unsafe extern "C" fn freeaddrinfo(ai: *mut libc::addrinfo) {
 /// Interposes gethostbyname(3): names go to the provider, numeric addresses to glibc.
 #[no_mangle]
 pub unsafe extern "C" fn gethostbyname(name: *const libc::c_char) -> *mut libc::hostent {
-    // SAFETY: the caller's name.
+    // SAFETY: the caller's name, valid as the contract of the call this function interposes
+    // requires, which GuestLib's version shares.
     if enabled() && unsafe { resolve::is_name(name) } {
         return std::panic::catch_unwind(|| resolve::gethostbyname2(name, libc::AF_INET))
             .unwrap_or(std::ptr::null_mut());
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments go unchanged to the function this one interposes, and the
+    // caller meets that function's contract by calling it.
     unsafe { real::gethostbyname(name) }
 }
 
@@ -1096,11 +1180,13 @@ pub unsafe extern "C" fn gethostbyname(name: *const libc::c_char) -> *mut libc::
 /// Interposes gethostbyname2(3).
 #[no_mangle]
 pub unsafe extern "C" fn gethostbyname2(name: *const libc::c_char, af: c_int) -> *mut libc::hostent {
-    // SAFETY: the caller's name.
+    // SAFETY: the caller's name, valid as the contract of the call this function interposes
+    // requires, which GuestLib's version shares.
     if enabled() && unsafe { resolve::is_name(name) } {
         return std::panic::catch_unwind(|| resolve::gethostbyname2(name, af)).unwrap_or(std::ptr::null_mut());
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments go unchanged to the function this one interposes, and the
+    // caller meets that function's contract by calling it.
     unsafe { real::gethostbyname2(name, af) }
 }
 
@@ -1115,7 +1201,8 @@ pub unsafe extern "C" fn gethostbyname_r(
     result: *mut *mut libc::hostent,
     h_errnop: *mut c_int,
 ) -> c_int {
-    // SAFETY: the caller's arguments.
+    // SAFETY: the caller's arguments, valid as the contract of the call this function interposes
+    // requires, which GuestLib's version shares.
     unsafe { gethostbyname2_r(name, libc::AF_INET, ret, buf, buflen, result, h_errnop) }
 }
 
@@ -1131,15 +1218,18 @@ pub unsafe extern "C" fn gethostbyname2_r(
     result: *mut *mut libc::hostent,
     h_errnop: *mut c_int,
 ) -> c_int {
-    // SAFETY: the caller's name.
+    // SAFETY: the caller's name, valid as the contract of the call this function interposes
+    // requires, which GuestLib's version shares.
     if enabled() && unsafe { resolve::is_name(name) } {
-        // SAFETY: the caller's arguments.
+        // SAFETY: the caller's arguments, valid as the contract of the call this function
+        // interposes requires, which GuestLib's version shares.
         return std::panic::catch_unwind(AssertUnwindSafe(|| unsafe {
             resolve::gethostbyname2_r(name, af, ret, buf, buflen, result, h_errnop)
         }))
         .unwrap_or(libc::EIO);
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments go unchanged to the function this one interposes, and the
+    // caller meets that function's contract by calling it.
     unsafe { real::gethostbyname2_r(name, af, ret, buf, buflen, result, h_errnop) }
 }
 
@@ -1150,7 +1240,8 @@ pub unsafe extern "C" fn gethostbyaddr(addr: *const c_void, len: socklen_t, af: 
     if enabled() {
         return std::panic::catch_unwind(|| resolve::gethostbyaddr(addr, len, af)).unwrap_or(std::ptr::null_mut());
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments go unchanged to the function this one interposes, and the
+    // caller meets that function's contract by calling it.
     unsafe { real::gethostbyaddr(addr, len, af) }
 }
 
@@ -1168,13 +1259,15 @@ pub unsafe extern "C" fn gethostbyaddr_r(
     h_errnop: *mut c_int,
 ) -> c_int {
     if enabled() {
-        // SAFETY: the caller's arguments.
+        // SAFETY: the caller's arguments, valid as the contract of the call this function
+        // interposes requires, which GuestLib's version shares.
         return std::panic::catch_unwind(AssertUnwindSafe(|| unsafe {
             resolve::gethostbyaddr_r(addr, len, af, ret, buf, buflen, result, h_errnop)
         }))
         .unwrap_or(libc::EIO);
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments go unchanged to the function this one interposes, and the
+    // caller meets that function's contract by calling it.
     unsafe { real::gethostbyaddr_r(addr, len, af, ret, buf, buflen, result, h_errnop) }
 }
 
@@ -1192,13 +1285,15 @@ pub unsafe extern "C" fn getnameinfo(
     flags: c_int,
 ) -> c_int {
     if enabled() && !host.is_null() && hostlen > 0 && flags & libc::NI_NUMERICHOST == 0 && !sa.is_null() {
-        // SAFETY: the caller's arguments.
+        // SAFETY: the caller's arguments, valid as the contract of the call this function
+        // interposes requires, which GuestLib's version shares.
         return std::panic::catch_unwind(AssertUnwindSafe(|| unsafe {
             resolve::getnameinfo(sa, salen, host, hostlen, serv, servlen, flags)
         }))
         .unwrap_or(libc::EAI_SYSTEM);
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments go unchanged to the function this one interposes, and the
+    // caller meets that function's contract by calling it.
     unsafe { real::getnameinfo(sa, salen, host, hostlen, serv, servlen, flags) }
 }
 
@@ -1213,13 +1308,15 @@ fn any_ours(fds: &[pollfd]) -> bool {
 #[no_mangle]
 pub unsafe extern "C" fn poll(fds: *mut pollfd, n: nfds_t, timeout: c_int) -> c_int {
     if !fds.is_null() && n > 0 {
-        // SAFETY: the caller's array of n pollfds.
+        // SAFETY: the caller's array of n pollfds, valid as the contract of the call this function
+        // interposes requires, which GuestLib's version shares.
         let s = unsafe { std::slice::from_raw_parts_mut(fds, n as usize) };
         if any_ours(s) {
             return guard(|| readiness::poll(s, readiness::ms(timeout), std::ptr::null()));
         }
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments go unchanged to the function this one interposes, and the
+    // caller meets that function's contract by calling it.
     unsafe { real::poll(fds, n, timeout) }
 }
 
@@ -1233,15 +1330,18 @@ pub unsafe extern "C" fn ppoll(
     mask: *const libc::sigset_t,
 ) -> c_int {
     if !fds.is_null() && n > 0 {
-        // SAFETY: the caller's array of n pollfds.
+        // SAFETY: the caller's array of n pollfds, valid as the contract of the call this function
+        // interposes requires, which GuestLib's version shares.
         let s = unsafe { std::slice::from_raw_parts_mut(fds, n as usize) };
         if any_ours(s) {
-            // SAFETY: the caller's timespec.
+            // SAFETY: the caller's timespec, valid as the contract of the call this function
+            // interposes requires, which GuestLib's version shares.
             let t = unsafe { readiness::ts(ts) };
             return guard(|| readiness::poll(s, t, mask));
         }
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments go unchanged to the function this one interposes, and the
+    // caller meets that function's contract by calling it.
     unsafe { real::ppoll(fds, n, ts, mask) }
 }
 
@@ -1275,14 +1375,17 @@ pub unsafe extern "C" fn select(
     tv: *mut libc::timeval,
 ) -> c_int {
     if !sets_hold_ours(n, [r, w, e]) {
-        // SAFETY: forwarding.
+        // SAFETY: the caller's arguments go unchanged to the function this one interposes, and the
+        // caller meets that function's contract by calling it.
         return unsafe { real::select(n, r, w, e, tv) };
     }
-    // SAFETY: the caller's timeval.
+    // SAFETY: the caller's timeval, valid as the contract of the call this function interposes
+    // requires, which GuestLib's version shares.
     let t = unsafe { tv.as_ref() }
         .map(|t| Duration::from_micros(t.tv_sec.max(0) as u64 * 1_000_000 + t.tv_usec.max(0) as u64));
     let start = Instant::now();
-    // SAFETY: the caller's sets.
+    // SAFETY: the caller's sets, valid as the contract of the call this function interposes
+    // requires, which GuestLib's version shares.
     let res = guard(|| unsafe { readiness::select(n, r, w, e, t, std::ptr::null()) });
     // SAFETY: the caller's timeval, null or valid.
     if let (Some(t), Some(tv)) = (t, unsafe { tv.as_mut() }) {
@@ -1306,10 +1409,12 @@ pub unsafe extern "C" fn pselect(
     mask: *const libc::sigset_t,
 ) -> c_int {
     if !sets_hold_ours(n, [r, w, e]) {
-        // SAFETY: forwarding.
+        // SAFETY: the caller's arguments go unchanged to the function this one interposes, and the
+        // caller meets that function's contract by calling it.
         return unsafe { real::pselect(n, r, w, e, ts, mask) };
     }
-    // SAFETY: the caller's timespec and sets.
+    // SAFETY: the caller's timespec and sets, valid as the contract of the call this function
+    // interposes requires, which GuestLib's version shares.
     guard(|| unsafe { readiness::select(n, r, w, e, readiness::ts(ts), mask) })
 }
 
@@ -1317,7 +1422,8 @@ pub unsafe extern "C" fn pselect(
 /// Interposes epoll_ctl(2).
 #[no_mangle]
 pub unsafe extern "C" fn epoll_ctl(epfd: c_int, op: c_int, fd: c_int, ev: *mut libc::epoll_event) -> c_int {
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments go unchanged to the function this one interposes, and the
+    // caller meets that function's contract by calling it.
     on_fd!(fd, |s| readiness::epoll_ctl(epfd, op, fd, s, ev), unsafe { real::epoll_ctl(epfd, op, fd, ev) })
 }
 
@@ -1326,10 +1432,12 @@ pub unsafe extern "C" fn epoll_ctl(epfd: c_int, op: c_int, fd: c_int, ev: *mut l
 #[no_mangle]
 pub unsafe extern "C" fn epoll_wait(epfd: c_int, evs: *mut libc::epoll_event, max: c_int, timeout: c_int) -> c_int {
     if readiness::is_mixed(epfd) {
-        // SAFETY: the caller's buffer.
+        // SAFETY: the caller's buffer, valid as the contract of the call this function interposes
+        // requires, which GuestLib's version shares.
         return guard(|| unsafe { readiness::epoll_wait(epfd, evs, max, readiness::ms(timeout), std::ptr::null()) });
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments go unchanged to the function this one interposes, and the
+    // caller meets that function's contract by calling it.
     unsafe { real::epoll_wait(epfd, evs, max, timeout) }
 }
 
@@ -1344,10 +1452,12 @@ pub unsafe extern "C" fn epoll_pwait(
     mask: *const libc::sigset_t,
 ) -> c_int {
     if readiness::is_mixed(epfd) {
-        // SAFETY: the caller's buffer.
+        // SAFETY: the caller's buffer, valid as the contract of the call this function interposes
+        // requires, which GuestLib's version shares.
         return guard(|| unsafe { readiness::epoll_wait(epfd, evs, max, readiness::ms(timeout), mask) });
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments go unchanged to the function this one interposes, and the
+    // caller meets that function's contract by calling it.
     unsafe { real::epoll_pwait(epfd, evs, max, timeout, mask) }
 }
 
@@ -1362,10 +1472,12 @@ pub unsafe extern "C" fn epoll_pwait2(
     mask: *const libc::sigset_t,
 ) -> c_int {
     if readiness::is_mixed(epfd) {
-        // SAFETY: the caller's buffer and timespec.
+        // SAFETY: the caller's buffer and timespec, valid as the contract of the call this function
+        // interposes requires, which GuestLib's version shares.
         return guard(|| unsafe { readiness::epoll_wait(epfd, evs, max, readiness::ts(ts), mask) });
     }
-    // SAFETY: forwarding.
+    // SAFETY: the caller's arguments go unchanged to the function this one interposes, and the
+    // caller meets that function's contract by calling it.
     unsafe { real::epoll_pwait2(epfd, evs, max, ts, mask) }
 }
 
@@ -1387,7 +1499,8 @@ unsafe fn chk_fail() -> ! {
 #[no_mangle]
 pub unsafe extern "C" fn __read_chk(fd: c_int, buf: *mut c_void, n: size_t, buflen: size_t) -> ssize_t {
     if n > buflen {
-        // SAFETY: fortify failure.
+        // SAFETY: chk_fail writes a static message and aborts; it touches no caller memory (the
+        // fortify check failed, as glibc's __chk_fail would report).
         unsafe { chk_fail() }
     }
     // SAFETY: same contract as read.
@@ -1399,7 +1512,8 @@ pub unsafe extern "C" fn __read_chk(fd: c_int, buf: *mut c_void, n: size_t, bufl
 #[no_mangle]
 pub unsafe extern "C" fn __recv_chk(fd: c_int, buf: *mut c_void, n: size_t, buflen: size_t, flags: c_int) -> ssize_t {
     if n > buflen {
-        // SAFETY: fortify failure.
+        // SAFETY: chk_fail writes a static message and aborts; it touches no caller memory (the
+        // fortify check failed, as glibc's __chk_fail would report).
         unsafe { chk_fail() }
     }
     // SAFETY: same contract as recv.
@@ -1419,7 +1533,8 @@ pub unsafe extern "C" fn __recvfrom_chk(
     alen: *mut socklen_t,
 ) -> ssize_t {
     if n > buflen {
-        // SAFETY: fortify failure.
+        // SAFETY: chk_fail writes a static message and aborts; it touches no caller memory (the
+        // fortify check failed, as glibc's __chk_fail would report).
         unsafe { chk_fail() }
     }
     // SAFETY: same contract as recvfrom.

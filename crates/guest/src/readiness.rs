@@ -89,13 +89,14 @@ fn thread_ep(a: &Attachment) -> Result<c_int, Errno> {
                 netkernel_ring::sys::close(t.ep.get());
                 t.ep.set(-1);
             }
-            // SAFETY: plain system calls on fds we own.
+            // SAFETY: integer flags only, no memory passed.
             let ep = unsafe { libc::syscall(libc::SYS_epoll_create1, libc::EPOLL_CLOEXEC) } as c_int;
             if ep < 0 {
                 return Err(libc::ENOMEM);
             }
             let ep = {
-                // SAFETY: as above.
+                // SAFETY: integers only, no memory passed; ep is the epoll fd just created, still
+                // ours.
                 let high = unsafe { libc::syscall(libc::SYS_fcntl, ep, libc::F_DUPFD_CLOEXEC, 800) } as c_int;
                 if high >= 0 {
                     netkernel_ring::sys::close(ep);
@@ -238,7 +239,7 @@ pub unsafe fn select(
     timeout: Option<Duration>,
     sigmask: *const libc::sigset_t,
 ) -> Result<c_int, Errno> {
-    // SAFETY: per the contract.
+    // SAFETY: a non-null set is valid for nfds bits (this function's contract) and fd < nfds.
     let isset = |s: *mut libc::fd_set, fd: c_int| !s.is_null() && unsafe { libc::FD_ISSET(fd, s) };
     let mut fds = Vec::new();
     for fd in 0..nfds.min(libc::FD_SETSIZE as c_int) {
@@ -262,7 +263,7 @@ pub unsafe fn select(
     }
     for s in [r, w, e] {
         if !s.is_null() {
-            // SAFETY: per the contract.
+            // SAFETY: a non-null set is a valid fd_set (this function's contract).
             unsafe { libc::FD_ZERO(s) };
         }
     }
@@ -273,7 +274,8 @@ pub unsafe fn select(
         for (set, bits, asked) in [(r, rset, libc::POLLIN), (w, wset, libc::POLLOUT), (e, libc::POLLPRI, libc::POLLPRI)]
         {
             if p.events & asked != 0 && p.revents & bits != 0 && !set.is_null() {
-                // SAFETY: per the contract.
+                // SAFETY: set is non-null, hence a valid fd_set (this function's contract), and
+                // p.fd < nfds <= FD_SETSIZE.
                 unsafe { libc::FD_SET(p.fd, set) };
                 n += 1;
             }
@@ -476,7 +478,8 @@ pub unsafe fn epoll_wait(
     if max <= 0 {
         return Err(libc::EINVAL);
     }
-    // SAFETY: per the contract.
+    // SAFETY: evs has room for max events (this function's contract), so it is non-null, and max >
+    // 0 was checked above.
     let out = unsafe { std::slice::from_raw_parts_mut(evs, max as usize) };
     let a = state::current().ok_or(libc::EBADF)?;
     let deadline = Deadline::new(timeout);
@@ -530,6 +533,6 @@ pub fn ms(timeout: c_int) -> Option<Duration> {
 /// # Safety
 /// `ts` is null or valid.
 pub unsafe fn ts(ts: *const libc::timespec) -> Option<Duration> {
-    // SAFETY: per the contract.
+    // SAFETY: ts is null or a valid timespec (this function's contract); as_ref maps null to None.
     unsafe { ts.as_ref() }.map(|t| Duration::new(t.tv_sec.max(0) as u64, t.tv_nsec.clamp(0, 999_999_999) as u32))
 }

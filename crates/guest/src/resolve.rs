@@ -29,11 +29,12 @@ pub unsafe fn wants_provider(node: *const c_char, hints: *const addrinfo) -> boo
     if node.is_null() {
         return false;
     }
-    // SAFETY: per the contract.
+    // SAFETY: hints is null or a valid addrinfo (this function's contract); as_ref maps null to
+    // None.
     if unsafe { hints.as_ref() }.is_some_and(|h| h.ai_flags & libc::AI_NUMERICHOST != 0) {
         return false;
     }
-    // SAFETY: per the contract.
+    // SAFETY: node is non-null here, and a valid C string by this function's contract.
     match unsafe { CStr::from_ptr(node) }.to_str() {
         Ok(name) => name.parse::<std::net::IpAddr>().is_err(),
         Err(_) => false,
@@ -63,14 +64,16 @@ pub unsafe fn getaddrinfo(
     if res.is_null() {
         return libc::EAI_SYSTEM;
     }
-    // SAFETY: per the contract.
+    // SAFETY: node (non-null: a name, per wants_provider) and service (null or valid) are C strings
+    // by getaddrinfo(3)'s contract, which this function has.
     let (name, serv) = unsafe {
         (CStr::from_ptr(node).to_bytes(), if service.is_null() { &[][..] } else { CStr::from_ptr(service).to_bytes() })
     };
     if name.len() + serv.len() + 2 > BUF_SIZE as usize {
         return libc::EAI_OVERFLOW;
     }
-    // SAFETY: per the contract.
+    // SAFETY: hints is null or a valid addrinfo by getaddrinfo(3)'s contract, which this function
+    // has.
     let h = unsafe { hints.as_ref() };
     let (family, socktype, protocol, flags) =
         h.map_or((libc::AF_UNSPEC, 0, 0, 0), |h| (h.ai_family, h.ai_socktype, h.ai_protocol, h.ai_flags));
@@ -258,7 +261,8 @@ fn set_h_errno(v: c_int) {
 /// # Safety
 /// `name` is null or a C string.
 pub unsafe fn is_name(name: *const c_char) -> bool {
-    // SAFETY: per the contract.
+    // SAFETY: name is a non-null C string here (this function's contract, null checked first);
+    // hints may be null.
     !name.is_null() && unsafe { wants_provider(name, std::ptr::null()) }
 }
 
@@ -318,7 +322,8 @@ unsafe fn finish_r(
     result: *mut *mut libc::hostent,
     h_errnop: *mut c_int,
 ) -> c_int {
-    // SAFETY: per the contract.
+    // SAFETY: ret, buf/buflen, result and h_errnop are valid as gethostbyname_r(3) requires (this
+    // function's contract), which is what fill_hostent and the writes below need.
     let filled = lookup
         .map_err(|e| (0, h_errno_of(e)))
         .and_then(|h| unsafe { fill_hostent(ret, buf, buflen, &h.name, h.af, &h.addrs).map_err(|e| (e, -1)) });
@@ -367,7 +372,8 @@ fn by_addr(addr: *const libc::c_void, len: libc::socklen_t, af: c_int) -> Result
     if addr.is_null() {
         return Err(libc::EAI_FAMILY);
     }
-    // SAFETY: the caller's address of `len` bytes.
+    // SAFETY: addr is valid for len bytes, as gethostbyaddr_r(3) requires of its caller (this
+    // function's contract).
     let a = unsafe { std::slice::from_raw_parts(addr.cast::<u8>(), len as usize) }.to_vec();
     let name = name_of(&a, af)?;
     Ok(Host { name, af, addrs: vec![a] })
@@ -386,7 +392,8 @@ pub unsafe fn gethostbyname2_r(
     result: *mut *mut libc::hostent,
     h_errnop: *mut c_int,
 ) -> c_int {
-    // SAFETY: per the contract.
+    // SAFETY: the arguments are valid as gethostbyname2_r(3) requires (this function's contract),
+    // which finish_r's contract repeats.
     unsafe { finish_r(by_name(name, af), ret, buf, buflen, result, h_errnop) }
 }
 
@@ -405,7 +412,8 @@ pub unsafe fn gethostbyaddr_r(
     result: *mut *mut libc::hostent,
     h_errnop: *mut c_int,
 ) -> c_int {
-    // SAFETY: per the contract.
+    // SAFETY: the arguments are valid as gethostbyaddr_r(3) requires (this function's contract),
+    // which finish_r's contract repeats.
     unsafe { finish_r(by_addr(addr, len, af), ret, buf, buflen, result, h_errnop) }
 }
 

@@ -25,7 +25,7 @@ fn blocking(slot: u32, flags: c_int) -> bool {
 /// FD_CLOEXEC and close behave as for any socket (DESIGN.md D6). It never carries traffic.
 fn reserve_fd(inet6: bool, ty: c_int) -> Result<c_int, Errno> {
     let domain = if inet6 { libc::AF_INET6 } else { libc::AF_INET };
-    // SAFETY: plain system call.
+    // SAFETY: integers only, no memory passed.
     let fd = unsafe { libc::syscall(libc::SYS_socket, domain, ty, 0) } as c_int;
     if fd < 0 {
         return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EMFILE));
@@ -37,7 +37,8 @@ fn reserve_fd(inet6: bool, ty: c_int) -> Result<c_int, Errno> {
     if ty & 0xf == libc::SOCK_DGRAM {
         // A program without GuestLib that inherits this fd (exec'd with LD_PRELOAD removed)
         // then reads EOF from it instead of blocking forever on a socket nobody sends to.
-        // SAFETY: plain system call on our fd; the kernel shuts even an unconnected socket.
+        // SAFETY: integers only, no memory passed; the kernel checks fd (and shuts even an
+        // unconnected socket).
         unsafe { libc::syscall(libc::SYS_shutdown, fd, libc::SHUT_RDWR) };
     }
     Ok(fd)
@@ -207,7 +208,8 @@ pub unsafe fn accept(slot: u32, addr: *mut sockaddr, len: *mut socklen_t, flags:
                 let (sa, full) = c.addr();
                 drop(c);
                 let fd = adopt(new as u32, st.flags.load(Ordering::Relaxed) & F_INET6 != 0, libc::SOCK_STREAM | flags)?;
-                // SAFETY: forwarded from the caller.
+                // SAFETY: addr and len are the caller's, valid (or null) as accept(2) and
+                // getsockname(2) require: addr_out's contract.
                 unsafe { addr_out(&sa, full, addr, len) };
                 return Ok(fd);
             }
@@ -491,7 +493,7 @@ pub unsafe fn sendfile(slot: u32, inp: c_int, off: *mut libc::off_t, count: usiz
 /// back; with one, nothing was moved.
 fn unread(inp: c_int, off: *mut libc::off_t, n: i64) {
     if off.is_null() && n > 0 {
-        // SAFETY: plain system call.
+        // SAFETY: integers only, no memory passed; the kernel checks inp.
         unsafe { libc::syscall(libc::SYS_lseek, inp, -n, libc::SEEK_CUR) };
     }
 }
@@ -636,7 +638,8 @@ pub unsafe fn name(slot: u32, peer: bool, addr: *mut sockaddr, len: *mut socklen
     let c = live()?.call(|w| w.set(if peer { Op::GetPeerName } else { Op::GetSockName }, slot))?;
     c.result()?;
     let (sa, full) = c.addr();
-    // SAFETY: forwarded from the caller.
+    // SAFETY: addr and len are the caller's, valid (or null) as accept(2) and getsockname(2)
+    // require: addr_out's contract.
     unsafe { addr_out(&sa, full, addr, len) };
     Ok(0)
 }
@@ -700,8 +703,13 @@ pub unsafe fn setsockopt(slot: u32, level: c_int, name: c_int, val: *const u8, l
     let c = live()?.call(|w| {
         w.set(Op::SetSockOpt, slot);
         w.args(level as u64, name as u64);
-        // SAFETY: per the contract.
-        unsafe { std::ptr::copy_nonoverlapping(val, w.buf(), len) };
+        // A null val with len 0 is not copied: copy_nonoverlapping wants non-null even for 0.
+        if len > 0 {
+            // SAFETY: val points at len readable bytes (this function's contract; non-null, as
+            // len > 0), and the nqe buffer holds BUF_SIZE >= len bytes (checked above) that are
+            // ours until submitted.
+            unsafe { std::ptr::copy_nonoverlapping(val, w.buf(), len) };
+        }
         w.use_buf(len);
     })?;
     c.result()?;

@@ -3,10 +3,12 @@
 //! nqe's completion and for a socket's next wakeup.
 
 use netkernel_abi::{nqe_state, GuestSock, Nqe, Op, ADDR_MAX, BUF_SIZE, NQE_COUNT, SHARE_ALL, SLOT_COUNT, STATE_DEAD};
+use netkernel_control::{AttachReply, EngineRequest};
 use netkernel_ring::doorbell;
 use netkernel_ring::nqes::NqePool;
 use netkernel_ring::region::Region;
 use netkernel_ring::sys;
+use serde::de::DeserializeOwned;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
@@ -88,7 +90,8 @@ pub static SLOT_INO: [AtomicU64; SLOT_COUNT as usize] = [const { AtomicU64::new(
 
 /// The inode of the file behind `fd`, if it is a socket.
 pub fn socket_ino(fd: i32) -> Option<u64> {
-    // SAFETY: stat is plain data, filled by fstat.
+    // SAFETY: libc::stat is integers only, so all-zero bytes are a valid value (fstat overwrites
+    // it).
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: st is a valid out-pointer; a raw system call, safe in a vfork child.
     let r = unsafe { libc::syscall(libc::SYS_fstat, fd, &mut st) };
@@ -205,7 +208,8 @@ pub fn attachment() -> Result<&'static Attachment, Errno> {
     lock(&ATTACH_LOCK);
     let r = (|| {
         let cur = ATTACHMENT.load(Ordering::Acquire);
-        // SAFETY: as above.
+        // SAFETY: a published attachment is leaked and never freed, so the pointer, if non-null,
+        // stays valid.
         if let Some(a) = unsafe { cur.as_ref() } {
             if a.region.header().state.load(Ordering::Acquire) != STATE_DEAD {
                 return Ok(a);
@@ -240,14 +244,14 @@ pub fn current() -> Option<&'static Attachment> {
 pub fn connect_engine() -> Result<i32, String> {
     let path = std::env::var("NETKERNEL_SOCKET")
         .map_err(|_| "NETKERNEL_SOCKET is not set; start programs with `netkernel run`".to_string())?;
-    // SAFETY: plain system call.
+    // SAFETY: integers only, no memory passed.
     let fd =
         unsafe { libc::syscall(libc::SYS_socket, libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) } as i32;
     if fd < 0 {
         return Err(format!("control socket: {}", std::io::Error::last_os_error()));
     }
     let fd = hide_fd(fd);
-    // SAFETY: sockaddr_un is plain data.
+    // SAFETY: libc::sockaddr_un is integers and bytes only, so all-zero bytes are a valid value.
     let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
     sa.sun_family = libc::AF_UNIX as u16;
     if path.len() >= sa.sun_path.len() {
@@ -302,7 +306,7 @@ fn remember_engine(sa: &libc::sockaddr_un) {
 
 /// A connection to the engine made with system calls alone (for a vfork child), or -1.
 pub fn connect_engine_raw() -> i32 {
-    // SAFETY: sockaddr_un is plain data.
+    // SAFETY: libc::sockaddr_un is integers and bytes only, so all-zero bytes are a valid value.
     let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
     sa.sun_family = libc::AF_UNIX as u16;
     for (d, s) in sa.sun_path.iter_mut().zip(ENGINE_ADDR.iter()) {
@@ -333,31 +337,22 @@ pub fn connect_engine_raw() -> i32 {
     }
 }
 
-/// One request/response with the engine on `fd`; the reply's fds are returned.
-pub fn engine_call(fd: i32, req: &serde_json::Value, fds: &[i32]) -> Result<(serde_json::Value, Vec<i32>), String> {
-    sys::send_frame(fd, req.to_string().as_bytes(), fds).map_err(|e| format!("request to engine: {e}"))?;
-    let (payload, fds) = match sys::recv_frame(fd) {
-        Ok(Some(x)) => x,
-        Ok(None) => return Err("engine closed the control socket".into()),
-        Err(e) => return Err(format!("engine reply: {e}")),
-    };
-    let reply: serde_json::Value = serde_json::from_slice(&payload).unwrap_or_default();
-    if reply["ok"] != serde_json::Value::Bool(true) {
-        fds.iter().for_each(|&f| sys::close(f));
-        return Err(reply["error"].as_str().unwrap_or("malformed reply").to_string());
-    }
-    Ok((reply, fds))
+/// One request/response with the engine on `fd`; the reply's result and fds are returned.
+pub fn engine_call<T: DeserializeOwned>(fd: i32, req: &EngineRequest, fds: &[i32]) -> Result<(T, Vec<i32>), String> {
+    netkernel_control::call(fd, req, fds).map_err(|e| e.to_string())
 }
 
 fn attach() -> Result<Attachment, String> {
     let tenant = std::env::var("NETKERNEL_TENANT").ok();
     // `netkernel run --isolate` says so; the engine checks it against our network namespace.
     let isolated = std::env::var_os("NETKERNEL_ISOLATED").is_some_and(|v| v == "1");
-    let mut req = serde_json::json!({"op": "attach", "tenant": tenant, "isolated": isolated});
-    if let Ok(path) = std::env::var("NETKERNEL_TOKEN_FILE") {
-        let token = std::fs::read_to_string(&path).map_err(|e| format!("NETKERNEL_TOKEN_FILE {path}: {e}"))?;
-        req["token"] = token.trim().into();
-    }
+    let token = match std::env::var("NETKERNEL_TOKEN_FILE") {
+        Ok(path) => Some(
+            std::fs::read_to_string(&path).map_err(|e| format!("NETKERNEL_TOKEN_FILE {path}: {e}"))?.trim().to_string(),
+        ),
+        Err(_) => None,
+    };
+    let req = EngineRequest::Attach { tenant, token, isolated };
     let mut fd = connect_engine()?;
     let fail = |fd: i32, m: String| {
         sys::close(fd);
@@ -365,7 +360,7 @@ fn attach() -> Result<Attachment, String> {
     };
     let mut asked_again = false;
     let fds = loop {
-        match engine_call(fd, &req, &[]) {
+        match engine_call::<AttachReply>(fd, &req, &[]) {
             Ok((_, fds)) if fds.len() == 3 => break fds,
             Ok((_, fds)) => {
                 fds.iter().for_each(|&f| sys::close(f));
@@ -478,7 +473,7 @@ pub fn unshare_fds(a: &Attachment, h: u32) {
 static OWNER_PID: AtomicI32 = AtomicI32::new(0);
 
 pub fn getpid() -> i32 {
-    // SAFETY: plain system call.
+    // SAFETY: no arguments, no memory touched.
     unsafe { libc::syscall(libc::SYS_getpid) as i32 }
 }
 
@@ -504,7 +499,7 @@ pub fn before_exec() -> (Vec<(i32, u32)>, Vec<u32>) {
     }
     for fd in 0..MAX_FD as i32 {
         if let Fd::Sock(slot) = lookup(fd) {
-            // SAFETY: plain system call on an fd we track.
+            // SAFETY: integers only, no memory passed; the kernel checks fd.
             let flags = unsafe { libc::syscall(libc::SYS_fcntl, fd, libc::F_GETFD) };
             if flags >= 0 && flags & libc::FD_CLOEXEC as i64 != 0 {
                 if let Some(s) = unmap_fd(fd) {
@@ -563,15 +558,15 @@ impl Attachment {
             }
         }
         let id = self.region.header().attachment_id;
-        let req = serde_json::json!({"op": "hold", "attachment": id, "pid": child, "holder": holder});
-        let mut r = r.and_then(|()| engine_call(fd, &req, &[]).map(|_| ()));
+        let req = EngineRequest::Hold { attachment: id, pid: child, holder };
+        let mut r = r.and_then(|()| engine_call::<()>(fd, &req, &[]).map(|_| ()));
         if r.is_err() && fd >= 0 && !engine_conn_alive(fd) {
             // The engine exited with the request unanswered: ask the next one, once.
             sys::close(fd);
             self.ctl.store(-1, Ordering::Release);
             r = connect_engine().and_then(|new| {
                 self.ctl.store(new, Ordering::Release);
-                engine_call(new, &req, &[]).map(|_| ())
+                engine_call::<()>(new, &req, &[]).map(|_| ())
             });
         }
         CTL_LOCK.store(false, Ordering::Release);
@@ -598,7 +593,7 @@ impl Attachment {
         // A pidfd opened for each look rather than kept: a program may close GuestLib's fds
         // (close_range before exec), and a kept number could then name another file. The look
         // comes after a long sleep only, so three system calls cost nothing.
-        // SAFETY: plain system call.
+        // SAFETY: integers only, no memory passed; an unknown pid is the kernel's to refuse.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
         let ended = if fd < 0 {
             std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
@@ -838,11 +833,13 @@ impl NqeWriter {
         }
     }
     pub fn flags(&mut self, v: u32) {
-        // SAFETY: as above.
+        // SAFETY: self.p is this writer's nqe, in the mapping and ours alone until submitted (the
+        // NSM reads only submitted nqes).
         unsafe { (*self.p).flags = v }
     }
     pub fn args(&mut self, a0: u64, a1: u64) {
-        // SAFETY: as above.
+        // SAFETY: self.p is this writer's nqe, in the mapping and ours alone until submitted (the
+        // NSM reads only submitted nqes).
         unsafe {
             (*self.p).arg0 = a0;
             (*self.p).arg1 = a1;
@@ -850,7 +847,8 @@ impl NqeWriter {
     }
     /// Uses `len` bytes of this nqe's buffer (filled by the caller via `buf`).
     pub fn use_buf(&mut self, len: usize) {
-        // SAFETY: as above.
+        // SAFETY: self.p is this writer's nqe, in the mapping and ours alone until submitted (the
+        // NSM reads only submitted nqes).
         unsafe {
             (*self.p).buf_off = self.buf_off;
             (*self.p).buf_len = len.min(BUF_SIZE as usize) as u32;
@@ -862,9 +860,14 @@ impl NqeWriter {
     }
     pub fn addr(&mut self, a: *const u8, len: usize) {
         let len = len.min(ADDR_MAX);
-        // SAFETY: the caller vouches for `a`; the nqe is ours.
+        // SAFETY: the nqe is ours until submitted. With len > 0, a is the caller's address of
+        // len <= ADDR_MAX bytes: sock::addr_in checked the length and refused null, and the
+        // interposed call's contract makes it readable. (A null `a` with len 0, as in
+        // connect(fd, NULL, 0), is not copied: copy_nonoverlapping wants non-null even for 0.)
         unsafe {
-            std::ptr::copy_nonoverlapping(a, (*self.p).addr.as_mut_ptr(), len);
+            if len > 0 {
+                std::ptr::copy_nonoverlapping(a, (*self.p).addr.as_mut_ptr(), len);
+            }
             (*self.p).addr_len = len as u32;
         }
     }
@@ -892,13 +895,15 @@ impl Call<'_> {
     }
     /// The socket's event sequence when the op completed: what to wait past after EAGAIN.
     pub fn seq(&self) -> u32 {
-        // SAFETY: as above.
+        // SAFETY: nqe() is in bounds of the mapping; DONE was observed with Acquire, so the NSM no
+        // longer writes it.
         unsafe { std::ptr::read_volatile(&(*self.nqe()).seq) }
     }
     /// The address the NSM returned and its full length.
     pub fn addr(&self) -> ([u8; ADDR_MAX], usize) {
         let mut a = [0u8; ADDR_MAX];
-        // SAFETY: as above.
+        // SAFETY: nqe() is in bounds of the mapping and its addr field holds ADDR_MAX bytes; DONE
+        // was observed with Acquire, so the NSM no longer writes it; a is ADDR_MAX bytes.
         let len = unsafe {
             std::ptr::copy_nonoverlapping((*self.nqe()).addr.as_ptr(), a.as_mut_ptr(), ADDR_MAX);
             std::ptr::read_volatile(&(*self.nqe()).addr_len) as usize

@@ -179,15 +179,15 @@ impl Link {
         };
         // SAFETY: the fds below were just returned to us by the kernel and are owned from here on.
         let sigfd = unsafe { OwnedFd::from_raw_fd(sigfd) };
-        // SAFETY: plain syscall; the result is checked.
+        // SAFETY: integer arguments only, no memory passed; the result is checked before use.
         let timer = check("timerfd_create", unsafe {
             libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC)
         })?;
-        // SAFETY: as above.
+        // SAFETY: timerfd_create returned a new fd (checked) that nothing else holds.
         let timer = unsafe { OwnedFd::from_raw_fd(timer) };
-        // SAFETY: plain syscall; the result is checked.
+        // SAFETY: integer arguments only, no memory passed; the result is checked before use.
         let ep = check("epoll_create1", unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
-        // SAFETY: as above.
+        // SAFETY: epoll_create1 returned a new fd (checked) that nothing else holds.
         let ep = unsafe { OwnedFd::from_raw_fd(ep) };
         for (fd, token) in
             [(self.a.raw(), A), (self.b.raw(), B), (timer.as_raw_fd(), TIMER), (sigfd.as_raw_fd(), SIGNAL)]

@@ -9,7 +9,7 @@ const TESTBED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/testbe
 const LINKEM: &str = env!("CARGO_BIN_EXE_linkem");
 
 fn is_root() -> bool {
-    // SAFETY: getuid cannot fail.
+    // SAFETY: no arguments, no memory touched; getuid cannot fail.
     unsafe { libc::getuid() == 0 }
 }
 
@@ -91,7 +91,8 @@ fn output_within(mut cmd: Command, limit: Duration) -> Output {
     let waiter = std::thread::spawn(move || child.wait_with_output().unwrap());
     while !waiter.is_finished() {
         if start.elapsed() > limit {
-            // SAFETY: killing our own child that overran its limit.
+            // SAFETY: integers only; pid is our child, not yet reaped, so the number cannot name
+            // another process.
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
             panic!("command overran {limit:?}");
         }

@@ -16,7 +16,7 @@ mod queue;
 
 use crate::guestlib;
 use crate::tempengine::TempEngine;
-use netkernel_service::control::EngineRequest;
+use netkernel_control::EngineRequest;
 pub use peer::{main as peer, PeerArgs};
 use peer::{Addr, Phase, BULK_WRITE, RR_BYTES};
 use serde_json::{json, Map, Value};
@@ -454,7 +454,7 @@ fn host_cpu() -> (f64, f64) {
     let field = |i: usize| v.get(i).copied().unwrap_or(0);
     // user nice system idle iowait irq softirq steal; guest time is already counted in user.
     let busy = field(0) + field(1) + field(2) + field(5) + field(6);
-    // SAFETY: sysconf has no preconditions.
+    // SAFETY: an integer in and out, no memory passed; sysconf cannot misbehave on any name.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     (busy as f64 / hz, field(7) as f64 / hz)
 }

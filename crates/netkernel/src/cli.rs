@@ -2,9 +2,9 @@
 
 use crate::{bench, demo, guestlib};
 use clap::{Parser, Subcommand};
+use netkernel_control::EngineRequest;
 use netkernel_engine::config::Config;
 use netkernel_engine::{default_socket, request, Engine};
-use netkernel_service::control::EngineRequest;
 use std::collections::HashMap;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
@@ -231,7 +231,7 @@ fn isolate_network() -> Result<(), String> {
     if fd < 0 {
         return Err(format!("socket: {}", std::io::Error::last_os_error()));
     }
-    // SAFETY: ifreq is plain data.
+    // SAFETY: libc::ifreq is integers and bytes only, so all-zero bytes are a valid value.
     let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
     for (d, s) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
         *d = *s as libc::c_char;

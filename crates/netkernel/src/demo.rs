@@ -3,8 +3,8 @@
 
 use crate::guestlib::{self, which};
 use crate::tempengine::TempEngine;
+use netkernel_control::EngineRequest;
 use netkernel_engine::request;
-use netkernel_service::control::EngineRequest;
 use sha2::{Digest, Sha256};
 use std::io::{BufRead, BufReader};
 use std::path::Path;

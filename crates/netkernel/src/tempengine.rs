@@ -73,8 +73,9 @@ impl Drop for TempEngine {
     fn drop(&mut self) {
         // Stops the engine and its NSMs (SIGTERM would leave NSMs serving guests running, for
         // a next engine); SIGTERM only if it does not answer.
-        if netkernel_engine::request(&self.socket, &netkernel_service::control::EngineRequest::Shutdown).is_err() {
-            // SAFETY: signalling our own child.
+        if netkernel_engine::request(&self.socket, &netkernel_control::EngineRequest::Shutdown).is_err() {
+            // SAFETY: integers only, no memory passed; the child is reaped only after this, so its
+            // pid cannot name another process.
             unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         }
         let start = Instant::now();

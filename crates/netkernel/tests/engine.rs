@@ -166,7 +166,8 @@ fn an_orphaned_nsm_that_crashes_still_resets_its_guests() {
     // SAFETY: killing the engine we started, then its NSM: the failures under test.
     unsafe { libc::kill(engine.pid() as i32, libc::SIGKILL) };
     std::thread::sleep(Duration::from_millis(300));
-    // SAFETY: as above.
+    // SAFETY: integers only, no memory passed: kill has no memory-safety preconditions; nsm is the
+    // NSM our engine started (the crash under test).
     unsafe { libc::kill(nsm, libc::SIGKILL) };
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {

@@ -26,7 +26,8 @@ struct Server(Child);
 
 impl Drop for Server {
     fn drop(&mut self) {
-        // SAFETY: signalling our own child.
+        // SAFETY: integers only, no memory passed; the child is reaped only after this, so its pid
+        // cannot name another process.
         unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(5) {
@@ -382,7 +383,7 @@ fn idle_redis_and_nginx_do_not_burn_cpu() {
     let start = Instant::now();
     std::thread::sleep(Duration::from_secs(5));
     let used = pids.iter().map(|&p| cpu_ticks(p)).sum::<u64>() - before;
-    // SAFETY: sysconf is always safe.
+    // SAFETY: an integer in and out, no memory passed; sysconf cannot misbehave on any name.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let share = used as f64 / hz / start.elapsed().as_secs_f64();
     eprintln!("idle redis + nginx ({} processes) + NSM: {:.2}% of a core", pids.len(), share * 100.0);

@@ -356,7 +356,7 @@ fn tenants_admit_by_uid_group_or_token() {
     std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
     let wrong = dir.path().join("wrong.token");
     std::fs::write(&wrong, "not-the-token-0123456789\n").unwrap();
-    // SAFETY: plain calls.
+    // SAFETY: no arguments, no memory touched; getuid and getgid cannot fail.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let other = uid.wrapping_add(4242);
     let engine = TestEngine::with_config(&format!(

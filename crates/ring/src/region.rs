@@ -129,9 +129,10 @@ impl Region {
     /// Maps a region received over a unix socket and checks its header. Takes ownership of `fd`
     /// only on success when `keep_fd` is set; otherwise the caller still owns it.
     pub fn map(fd: RawFd) -> Result<Region, MapError> {
-        // SAFETY: stat is plain data, filled by fstat.
+        // SAFETY: libc::stat is integers only, so all-zero bytes are a valid value (fstat
+        // overwrites it).
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: st is a valid out-pointer.
+        // SAFETY: &mut st is a live, writable libc::stat for the call; the kernel checks fd.
         if unsafe { libc::fstat(fd, &mut st) } != 0 {
             return Err(MapError::Io(io::Error::last_os_error()));
         }
@@ -160,7 +161,8 @@ impl Region {
     }
 
     fn mmap(fd: RawFd, len: usize, layout: Layout, backing: Backing) -> io::Result<Region> {
-        // SAFETY: mapping a file we hold; the kernel picks the address.
+        // SAFETY: a null hint lets the kernel choose the address, so no mapping of ours is
+        // replaced; the memfd's size was checked above to cover len.
         let p = unsafe {
             libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0)
         };
@@ -373,7 +375,8 @@ mod tests {
     fn sealed_region_cannot_shrink() {
         let _serial = LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let a = Region::create(1).unwrap();
-        // SAFETY: fd is valid; the call must fail because of the seal.
+        // SAFETY: integers only, no memory is passed; the kernel checks the fd (and must refuse
+        // because of the seal).
         let r = unsafe { libc::ftruncate(a.fd().unwrap(), 4096) };
         assert_eq!(r, -1);
         assert_eq!(io::Error::last_os_error().raw_os_error(), Some(libc::EPERM));
@@ -383,7 +386,7 @@ mod tests {
     fn unsealed_or_foreign_memfd_is_refused() {
         let _serial = LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let fd = memfd(false).unwrap();
-        // SAFETY: sizing our own memfd.
+        // SAFETY: integers only, no memory is passed; fd is the memfd this test created.
         unsafe { libc::ftruncate(fd, Layout::standard().region_size as i64) };
         assert!(matches!(Region::map(fd), Err(MapError::Header(_))));
         sys::close(fd);
@@ -401,7 +404,7 @@ mod hugetlb_tests {
     #[test]
     fn regions_use_reserved_hugepages() {
         let _serial = super::tests::LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        // SAFETY: getuid cannot fail.
+        // SAFETY: no arguments, no memory touched; getuid cannot fail.
         if unsafe { libc::getuid() } != 0 {
             eprintln!("SKIP regions_use_reserved_hugepages: reserving hugepages needs root");
             return;

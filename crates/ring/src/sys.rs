@@ -87,7 +87,7 @@ pub fn close(fd: RawFd) {
 pub fn send_with_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<usize> {
     let mut iov = libc::iovec { iov_base: data.as_ptr() as *mut _, iov_len: data.len() };
     let mut cbuf = [0u64; 16];
-    // SAFETY: msghdr is plain data; zeroed is a valid initial state.
+    // SAFETY: libc::msghdr holds integers and raw pointers only: all-zero bytes are a valid value.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
@@ -118,7 +118,7 @@ pub fn send_with_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<usiz
 pub fn recv_with_fds(sock: RawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<RawFd>)> {
     let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
     let mut cbuf = [0u64; 16];
-    // SAFETY: msghdr is plain data; zeroed is a valid initial state.
+    // SAFETY: libc::msghdr holds integers and raw pointers only: all-zero bytes are a valid value.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
@@ -233,7 +233,7 @@ pub fn recv_frame_max(sock: RawFd, max: usize) -> io::Result<Option<(Vec<u8>, Ve
 /// spin budget.
 pub fn relax(step: u32) {
     if step % 16 == 15 {
-        // SAFETY: plain system call.
+        // SAFETY: no arguments, no memory touched.
         unsafe { libc::syscall(libc::SYS_sched_yield) };
     } else {
         std::hint::spin_loop();

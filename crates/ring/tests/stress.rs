@@ -43,7 +43,8 @@ fn hundred_million_entries_cross_processes_in_order() {
         }
     }
     let mut status = 0;
-    // SAFETY: reaping our child.
+    // SAFETY: &mut status is a live c_int for the call; pid is our own child, so no other process's
+    // status is taken.
     unsafe { libc::waitpid(pid, &mut status, 0) };
     assert_eq!(status, 0);
     assert_eq!(c.pop(), Ok(None), "entries beyond the last one");

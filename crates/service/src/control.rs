@@ -1,73 +1,10 @@
-//! Messages on the control channels: guest <-> engine (attach), ctl <-> engine, and
-//! engine <-> NSM. Each is one JSON document in a frame of `netkernel_ring::sys::send_frame`,
-//! with file descriptors passed alongside by SCM_RIGHTS.
+//! Messages on the engine <-> NSM channel. Each is one JSON document in a frame of
+//! `netkernel_ring::sys::send_frame`, with file descriptors passed alongside by SCM_RIGHTS. The
+//! guest/ctl <-> engine messages, and the [`Reply`] envelope both channels share, are in
+//! `netkernel_control`.
 
+pub use netkernel_control::Reply;
 use serde::{Deserialize, Serialize};
-
-/// What a client of the engine's control socket asks.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(tag = "op", rename_all = "snake_case")]
-pub enum EngineRequest {
-    /// A guest process asks for an attachment. The engine identifies it by SO_PEERCRED; the
-    /// tenant named here must accept that uid. Reply fds: region memfd, NSM doorbell, guest doorbell.
-    Attach {
-        tenant: Option<String>,
-        /// The secret of a tenant with a token_file, read by GuestLib from NETKERNEL_TOKEN_FILE.
-        #[serde(default)]
-        token: Option<String>,
-        /// The guest says it runs in a network namespace of its own (`netkernel run --isolate`);
-        /// the engine checks that before giving it a private loopback.
-        #[serde(default)]
-        isolated: bool,
-    },
-    /// A guest process that just forked `pid` asks to keep the attachment alive for the child:
-    /// the attachment lives until its last process exits.
-    Hold {
-        attachment: u64,
-        pid: i32,
-        /// The holder index the parent reserved for the child (see GuestSock::holders).
-        holder: u32,
-    },
-    /// A process that inherited NetKernel sockets across exec (or posix_spawn, vfork+exec) holds
-    /// the attachment as `holder`; the region's memfd, passed with the request, proves it.
-    Join {
-        attachment: u64,
-        holder: u32,
-    },
-    Status,
-    Tenants,
-    Nsms,
-    Conns,
-    /// Stop the engine and its NSMs for good: guests' sockets are reset (`ctl shutdown`).
-    Shutdown,
-}
-
-/// The engine's answer to an attach.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct AttachReply {
-    pub attachment: u64,
-    pub tenant: String,
-    pub nsm: String,
-}
-
-/// Every engine reply: `ok` and either `result` or `error`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Reply {
-    pub ok: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub result: Option<serde_json::Value>,
-}
-
-impl Reply {
-    pub fn ok(result: impl Serialize) -> Reply {
-        Reply { ok: true, error: None, result: Some(serde_json::to_value(result).unwrap_or_default()) }
-    }
-    pub fn err(msg: impl Into<String>) -> Reply {
-        Reply { ok: false, error: Some(msg.into()), result: None }
-    }
-}
 
 /// What the engine tells an NSM.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

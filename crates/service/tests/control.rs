@@ -1,8 +1,10 @@
-//! Properties of the control messages (the fuzz target fuzz/fuzz_targets/control.rs feeds them
-//! arbitrary bytes): whatever a client sends parses or is refused, and every request survives
-//! its own encoding.
+//! Properties of the engine <-> NSM messages (the fuzz target fuzz/fuzz_targets/control.rs feeds
+//! them arbitrary bytes): whatever arrives parses or is refused, and whatever parses survives
+//! its own encoding. The guest/ctl <-> engine requests' own properties are in netkernel-control;
+//! their encodings serve here as JSON tagged by "op", as NsmRequests are.
 
-use netkernel_service::control::{EngineRequest, NsmRequest};
+use netkernel_control::EngineRequest;
+use netkernel_service::control::NsmRequest;
 use proptest::prelude::*;
 
 fn engine_request() -> impl Strategy<Value = EngineRequest> {
@@ -30,12 +32,6 @@ fn engine_request() -> impl Strategy<Value = EngineRequest> {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(5_000))]
 
-    #[test]
-    fn engine_requests_round_trip(r in engine_request()) {
-        let bytes = serde_json::to_vec(&r).unwrap();
-        prop_assert_eq!(serde_json::from_slice::<EngineRequest>(&bytes).unwrap(), r);
-    }
-
     /// Bytes that look like JSON requests, mangled: parsing answers without panicking, and a
     /// request that parses means the same after a round trip.
     #[test]
@@ -44,10 +40,6 @@ proptest! {
         let at = flip.0 % bytes.len();
         bytes[at] ^= flip.1;
         bytes.truncate(cut % (bytes.len() + 1));
-        if let Ok(parsed) = serde_json::from_slice::<EngineRequest>(&bytes) {
-            let again = serde_json::to_vec(&parsed).unwrap();
-            prop_assert_eq!(serde_json::from_slice::<EngineRequest>(&again).unwrap(), parsed);
-        }
         if let Ok(parsed) = serde_json::from_slice::<NsmRequest>(&bytes) {
             let again = serde_json::to_vec(&parsed).unwrap();
             prop_assert_eq!(serde_json::from_slice::<NsmRequest>(&again).unwrap(), parsed);

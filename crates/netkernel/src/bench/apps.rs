@@ -6,7 +6,7 @@
 use super::cpu;
 use crate::guestlib::{self, which};
 use crate::tempengine::TempEngine;
-use netkernel_service::control::EngineRequest;
+use netkernel_control::EngineRequest;
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};

@@ -20,7 +20,7 @@ pub fn process(pid: u32) -> Result<f64, String> {
     // The command name may contain spaces and parentheses; fields are counted after its last ')'.
     let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |x| x.1).split_whitespace().collect();
     let ticks: Vec<f64> = fields.iter().skip(11).take(2).filter_map(|x| x.parse().ok()).collect();
-    // SAFETY: sysconf has no preconditions.
+    // SAFETY: an integer in and out, no memory passed; sysconf cannot misbehave on any name.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     match ticks[..] {
         [user, sys] => Ok((user + sys) / hz),

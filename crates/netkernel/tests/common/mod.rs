@@ -72,7 +72,8 @@ impl TestEngine {
 
     /// Sends the engine process `signal` and waits for it to end.
     pub fn stop_with(&mut self, signal: i32) {
-        // SAFETY: signalling our own child.
+        // SAFETY: integers only, no memory passed; the child is reaped only after this, so its pid
+        // cannot name another process.
         unsafe { libc::kill(self.child.id() as i32, signal) };
         let status = self.child.wait().unwrap();
         assert!(signal == libc::SIGKILL || status.success(), "engine exited with {status}: {}", self.log());
@@ -167,7 +168,8 @@ impl Drop for TestEngine {
             .status()
             .is_ok_and(|s| s.success());
         if !stopped {
-            // SAFETY: signalling our own child.
+            // SAFETY: integers only, no memory passed; the child is reaped only after this, so its
+            // pid cannot name another process.
             unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         }
         let start = Instant::now();
@@ -231,7 +233,7 @@ pub fn which(program: &str) -> Option<PathBuf> {
 
 /// Whether the tests run as root (some scenarios need it).
 pub fn is_root() -> bool {
-    // SAFETY: getuid cannot fail.
+    // SAFETY: no arguments, no memory touched; getuid cannot fail.
     unsafe { libc::getuid() == 0 }
 }
 

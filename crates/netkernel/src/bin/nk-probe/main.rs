@@ -39,12 +39,12 @@ fn t(label: &str, r: isize) -> isize {
 }
 
 fn tcp() -> c_int {
-    // SAFETY: plain system call.
+    // SAFETY: integers only, no memory passed.
     unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) }
 }
 
 fn loopback(port: u16) -> sockaddr_in {
-    // SAFETY: sockaddr_in is plain data.
+    // SAFETY: libc::sockaddr_in is integers and bytes only, so all-zero bytes are a valid value.
     let mut a: sockaddr_in = unsafe { std::mem::zeroed() };
     a.sin_family = libc::AF_INET as u16;
     a.sin_port = port.to_be();
@@ -69,7 +69,7 @@ fn listener() -> (c_int, u16) {
     let fd = tcp();
     let a = loopback(0);
     let (p, l) = sa(&a);
-    // SAFETY: plain calls on our socket.
+    // SAFETY: p/l describe a, a live sockaddr_in of that length; the rest are integers.
     unsafe {
         assert_eq!(libc::bind(fd, p, l), 0, "bind: {}", errno());
         assert_eq!(libc::listen(fd, 1024), 0);
@@ -89,7 +89,8 @@ fn pair() -> (c_int, c_int) {
     let (l, port) = listener();
     let c = tcp();
     assert_eq!(connect_to(c, port), 0, "connect: {}", errno());
-    // SAFETY: accept on our listener.
+    // SAFETY: null address and length: accept(2) allows them when no peer address is wanted, so no
+    // memory is passed; the kernel checks l.
     let s = unsafe { libc::accept(l, std::ptr::null_mut(), std::ptr::null_mut()) };
     assert!(s >= 0);
     close(l);
@@ -102,7 +103,7 @@ fn close(fd: c_int) {
 }
 
 fn nonblock(fd: c_int) {
-    // SAFETY: fcntl on our fd.
+    // SAFETY: integers only, no memory passed; the kernel checks the fd.
     unsafe {
         let f = libc::fcntl(fd, libc::F_GETFL);
         libc::fcntl(fd, libc::F_SETFL, f | libc::O_NONBLOCK);
@@ -153,7 +154,8 @@ fn connect_open() {
     let (l, port) = listener();
     let c = tcp();
     t("connect", connect_to(c, port));
-    // SAFETY: accept on our listener.
+    // SAFETY: null address and length: accept(2) allows them when no peer address is wanted, so no
+    // memory is passed; the kernel checks l.
     let s = unsafe { libc::accept(l, std::ptr::null_mut(), std::ptr::null_mut()) };
     println!("accepted: {}", s >= 0);
     t("connect again", connect_to(c, port));
@@ -169,7 +171,7 @@ fn connect_open() {
     // SAFETY: live int.
     unsafe { libc::getsockopt(c, libc::SOL_SOCKET, libc::SO_TYPE, (&mut ty as *mut c_int).cast(), &mut len) };
     println!("SO_TYPE: {ty} len {len}");
-    // SAFETY: stat is plain data.
+    // SAFETY: libc::stat is integers and bytes only, so all-zero bytes are a valid value.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: live stat buffer.
     unsafe { libc::fstat(c, &mut st) };
@@ -217,7 +219,8 @@ fn addr_in_use() {
     t("bind in-use port with SO_REUSEADDR (listener active)", unsafe { libc::bind(b, p, len) } as isize);
     // SAFETY: live address.
     t("bind twice", unsafe { libc::bind(l, p, len) } as isize);
-    // SAFETY: plain call.
+    // SAFETY: integers and null pointers only (null where no peer address is wanted, which the call
+    // allows); no memory passed, and the kernel checks the fds.
     t("listen on unbound second socket", unsafe { libc::listen(tcp(), 5) } as isize);
     close(b);
     close(l);
@@ -226,9 +229,11 @@ fn addr_in_use() {
 fn accept_nonblocking() {
     let (l, port) = listener();
     nonblock(l);
-    // SAFETY: accept on our listener.
+    // SAFETY: null address and length: accept(2) allows them when no peer address is wanted, so no
+    // memory is passed; the kernel checks l.
     t("accept empty", unsafe { libc::accept(l, std::ptr::null_mut(), std::ptr::null_mut()) } as isize);
-    // SAFETY: as above.
+    // SAFETY: null address and length, which accept4(2) allows; the bad flags are an integer the
+    // kernel refuses.
     t("accept4 bad flags", unsafe { libc::accept4(l, std::ptr::null_mut(), std::ptr::null_mut(), 0x1234) } as isize);
     println!("poll empty: {}", poll1(l, libc::POLLIN, 0));
     recv_trace("recv on listener", l, 10, 0);
@@ -244,10 +249,12 @@ fn accept_nonblocking() {
     // SAFETY: fcntl on the accepted fd.
     println!("accepted nonblocking: {}", unsafe { libc::fcntl(s, libc::F_GETFL) } & libc::O_NONBLOCK != 0);
     recv_trace("recv on new nonblocking", s, 10, 0);
-    // SAFETY: accept on our listener.
+    // SAFETY: null address and length: accept(2) allows them when no peer address is wanted, so no
+    // memory is passed; the kernel checks l.
     t("accept drained", unsafe { libc::accept(l, std::ptr::null_mut(), std::ptr::null_mut()) } as isize);
     let c2 = tcp();
-    // SAFETY: plain call.
+    // SAFETY: integers and null pointers only (null where no peer address is wanted, which the call
+    // allows); no memory passed, and the kernel checks the fds.
     t("accept on non-listening", unsafe { libc::accept(c2, std::ptr::null_mut(), std::ptr::null_mut()) } as isize);
     close(c2);
     close(s);
@@ -258,21 +265,25 @@ fn accept_nonblocking() {
 fn half_close() {
     let (c, s) = pair();
     t("client send", send(c, b"hello", 0));
-    // SAFETY: plain call.
+    // SAFETY: integers and null pointers only (null where no peer address is wanted, which the call
+    // allows); no memory passed, and the kernel checks the fds.
     t("client shutdown WR", unsafe { libc::shutdown(c, libc::SHUT_WR) } as isize);
     t("client send after shutdown", send(c, b"x", libc::MSG_NOSIGNAL));
     recv_trace("server recv", s, 100, 0);
     recv_trace("server recv EOF", s, 100, 0);
     println!("server poll: {}", poll1(s, libc::POLLIN | libc::POLLOUT | libc::POLLRDHUP, 1000));
     t("server send", send(s, b"world", 0));
-    // SAFETY: plain call.
+    // SAFETY: integers and null pointers only (null where no peer address is wanted, which the call
+    // allows); no memory passed, and the kernel checks the fds.
     t("server shutdown RDWR", unsafe { libc::shutdown(s, libc::SHUT_RDWR) } as isize);
     recv_trace("client recv", c, 100, 0);
     recv_trace("client recv EOF", c, 100, 0);
-    // SAFETY: plain call.
+    // SAFETY: integers and null pointers only (null where no peer address is wanted, which the call
+    // allows); no memory passed, and the kernel checks the fds.
     t("shutdown bad how", unsafe { libc::shutdown(c, 7) } as isize);
     let u = tcp();
-    // SAFETY: plain call.
+    // SAFETY: integers and null pointers only (null where no peer address is wanted, which the call
+    // allows); no memory passed, and the kernel checks the fds.
     t("shutdown unconnected", unsafe { libc::shutdown(u, libc::SHUT_RD) } as isize);
     close(u);
     close(c);
@@ -313,7 +324,7 @@ fn readiness() {
     // SAFETY: live array.
     let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, 50) };
     println!("poll idle: {r} {:#x} {:#x}", fds[0].revents, fds[1].revents);
-    // SAFETY: pipe write.
+    // SAFETY: one byte from a static literal; the kernel checks the fd.
     unsafe { libc::write(pipe[1], b"p".as_ptr().cast(), 1) };
     // SAFETY: live array.
     let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) };
@@ -424,7 +435,7 @@ fn flags() {
     println!("FIONREAD: {n}");
     recv_trace("recv 4", s, 4, 0);
     // Blocking MSG_WAITALL: the rest arrives in two pieces from another thread.
-    // SAFETY: fcntl on our fd.
+    // SAFETY: integers only, no memory passed; the kernel checks the fd.
     unsafe { libc::fcntl(s, libc::F_SETFL, libc::O_RDWR) };
     let cc = c;
     let h = std::thread::spawn(move || {
@@ -438,7 +449,7 @@ fn flags() {
     let on: c_int = 1;
     // SAFETY: ioctl FIONBIO on our fd.
     unsafe { libc::ioctl(s, libc::FIONBIO, &on) };
-    // SAFETY: fcntl on our fd.
+    // SAFETY: integers only, no memory passed; the kernel checks the fd.
     println!("FIONBIO sets O_NONBLOCK: {}", unsafe { libc::fcntl(s, libc::F_GETFL) } & libc::O_NONBLOCK != 0);
     recv_trace("recv nonblocking empty", s, 10, 0);
     // readv/writev
@@ -458,14 +469,14 @@ fn flags() {
     t("readv", unsafe { libc::readv(s, riov.as_ptr(), 2) });
     println!("readv data: {:?} {:?}", String::from_utf8_lossy(&a), String::from_utf8_lossy(&bb));
     // sendmsg/recvmsg
-    // SAFETY: msghdr is plain data.
+    // SAFETY: libc::msghdr holds integers and raw pointers only: all-zero bytes are a valid value.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = iov.as_ptr() as *mut _;
     msg.msg_iovlen = 3;
     // SAFETY: live msghdr.
     t("sendmsg", unsafe { libc::sendmsg(c, &msg, 0) });
     std::thread::sleep(Duration::from_millis(50));
-    // SAFETY: msghdr is plain data.
+    // SAFETY: libc::msghdr holds integers and raw pointers only: all-zero bytes are a valid value.
     let mut rmsg: libc::msghdr = unsafe { std::mem::zeroed() };
     rmsg.msg_iov = riov.as_ptr() as *mut _;
     rmsg.msg_iovlen = 2;
@@ -512,7 +523,7 @@ fn sigpipe() {
     println!("MSG_NOSIGNAL sends: {results:?} signals {}", SIGS.load(Ordering::SeqCst));
     t("send without MSG_NOSIGNAL", send(c, b"data", 0));
     println!("signals after send: {}", SIGS.load(Ordering::SeqCst));
-    // SAFETY: write on our fd.
+    // SAFETY: 4 bytes from a static literal of 4 bytes; the kernel checks the fd.
     t("write", unsafe { libc::write(c, b"data".as_ptr().cast(), 4) });
     println!("signals after write: {}", SIGS.load(Ordering::SeqCst));
     close(c);
@@ -586,7 +597,8 @@ fn many() {
         let c = tcp();
         assert_eq!(connect_to(c, port), 0, "connect: {}", errno());
         clients.push(c);
-        // SAFETY: accept on our listener.
+        // SAFETY: null address and length: accept(2) allows them when no peer address is wanted, so
+        // no memory is passed; the kernel checks l.
         let s = unsafe { libc::accept(l, std::ptr::null_mut(), std::ptr::null_mut()) };
         assert!(s >= 0, "accept: {}", errno());
         servers.push(s);
@@ -648,7 +660,8 @@ fn bulk(mib: usize) {
         }
         sent += block.len();
     }
-    // SAFETY: plain call.
+    // SAFETY: integers and null pointers only (null where no peer address is wanted, which the call
+    // allows); no memory passed, and the kernel checks the fds.
     unsafe { libc::shutdown(c, libc::SHUT_WR) };
     let (got, digest) = h.join().unwrap();
     println!("sent {sent} sha256 {}", hex(&hasher.finalize()));
@@ -667,13 +680,15 @@ fn dup_and_fcntl() {
     close(c);
     t("send on dup after closing original", send(d, b"dup", 0));
     recv_trace("recv", s, 10, 0);
-    // SAFETY: plain calls.
+    // SAFETY: integers only, no memory passed; the kernel checks the fds.
     let d2 = unsafe { libc::fcntl(d, libc::F_DUPFD_CLOEXEC, 100) };
     println!("F_DUPFD_CLOEXEC >= 100: {}", d2 >= 100);
-    // SAFETY: plain call.
+    // SAFETY: integers and null pointers only (null where no peer address is wanted, which the call
+    // allows); no memory passed, and the kernel checks the fds.
     println!("FD_CLOEXEC: {}", unsafe { libc::fcntl(d2, libc::F_GETFD) } & libc::FD_CLOEXEC);
     let target = 150;
-    // SAFETY: plain call.
+    // SAFETY: integers and null pointers only (null where no peer address is wanted, which the call
+    // allows); no memory passed, and the kernel checks the fds.
     t("dup2", (unsafe { libc::dup2(d2, target) } == target) as isize);
     close(d);
     close(d2);
@@ -687,7 +702,7 @@ fn dup_and_fcntl() {
 }
 
 fn udp_socket() -> (c_int, u16) {
-    // SAFETY: plain system calls on our socket.
+    // SAFETY: p/l describe a, a live sockaddr_in of that length; the rest are integers.
     unsafe {
         let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
         let a = loopback(0);
@@ -726,7 +741,7 @@ fn udp() {
     t("recv MSG_TRUNC into 3 bytes", recv(a, &mut buf[..3], libc::MSG_TRUNC));
     let mut small = [0u8; 2];
     let iov = [libc::iovec { iov_base: small.as_mut_ptr().cast(), iov_len: 2 }];
-    // SAFETY: msghdr is plain data.
+    // SAFETY: libc::msghdr holds integers and raw pointers only: all-zero bytes are a valid value.
     let mut m: libc::msghdr = unsafe { std::mem::zeroed() };
     m.msg_iov = iov.as_ptr() as *mut _;
     m.msg_iovlen = 1;
@@ -755,7 +770,7 @@ fn udp() {
 
 fn wait_child(pid: libc::pid_t) -> c_int {
     let mut st = 0;
-    // SAFETY: reaping our child.
+    // SAFETY: &mut st is a live c_int for the call; pid is our own child.
     unsafe { libc::waitpid(pid, &mut st, 0) };
     st
 }
@@ -769,16 +784,19 @@ fn fork_accept() {
         let pid = unsafe { libc::fork() };
         if pid == 0 {
             for _ in 0..2 {
-                // SAFETY: accept on the inherited listener.
+                // SAFETY: null address and length: accept(2) allows them when no peer address is
+                // wanted, so no memory is passed; the kernel checks the fd.
                 let s = unsafe { libc::accept(l, std::ptr::null_mut(), std::ptr::null_mut()) };
                 if s < 0 {
-                    // SAFETY: leaving the child.
+                    // SAFETY: _exit ends the forked child at once, without running the parent's
+                    // destructors or atexit handlers on state the child only copied.
                     unsafe { libc::_exit(3) };
                 }
                 send(s, b"from child", 0);
                 close(s);
             }
-            // SAFETY: leaving the child.
+            // SAFETY: _exit ends the forked child at once, without running the parent's destructors
+            // or atexit handlers on state the child only copied.
             unsafe { libc::_exit(0) };
         }
         kids.push(pid);
@@ -803,7 +821,8 @@ fn fork_handoff() {
     let (l, port) = listener();
     let c = tcp();
     connect_to(c, port);
-    // SAFETY: accept on our listener.
+    // SAFETY: null address and length: accept(2) allows them when no peer address is wanted, so no
+    // memory is passed; the kernel checks l.
     let s = unsafe { libc::accept(l, std::ptr::null_mut(), std::ptr::null_mut()) };
     // SAFETY: the child only makes socket calls and exits with _exit.
     let pid = unsafe { libc::fork() };
@@ -814,7 +833,8 @@ fn fork_handoff() {
         send(s, &buf[..n.max(0) as usize], 0);
         send(s, b"!", 0);
         close(s);
-        // SAFETY: leaving the child.
+        // SAFETY: _exit ends the forked child at once, without running the parent's destructors or
+        // atexit handlers on state the child only copied.
         unsafe { libc::_exit(0) };
     }
     close(s);
@@ -835,7 +855,8 @@ fn fork_parent_exits() {
     let a = unsafe { libc::fork() };
     if a == 0 {
         let (c, s) = pair();
-        // SAFETY: as above.
+        // SAFETY: the grandchild, like its parent, only makes socket calls and leaves with _exit,
+        // touching no state that fork left inconsistent (a single-threaded probe at this point).
         let b = unsafe { libc::fork() };
         if b == 0 {
             std::thread::sleep(Duration::from_millis(300));
@@ -855,7 +876,7 @@ fn fork_parent_exits() {
     wait_child(a);
     close(pipe[1]);
     let mut buf = [0u8; 2];
-    // SAFETY: pipe read.
+    // SAFETY: buf is a live local array of the 2 bytes asked for.
     let n = unsafe { libc::read(pipe[0], buf.as_mut_ptr().cast(), 2) };
     println!("grandchild after its parent exited: {n} {:?}", String::from_utf8_lossy(&buf[..n.max(0) as usize]));
     close(pipe[0]);
@@ -869,17 +890,20 @@ fn threads() {
         recv(s, &mut buf, 0)
     });
     std::thread::sleep(Duration::from_millis(100));
-    // SAFETY: plain call.
+    // SAFETY: integers and null pointers only (null where no peer address is wanted, which the call
+    // allows); no memory passed, and the kernel checks the fds.
     unsafe { libc::shutdown(s, libc::SHUT_RD) };
     println!("blocked recv after shutdown(SHUT_RD) from another thread: {}", h.join().unwrap());
     let (l, _) = listener();
     let h = std::thread::spawn(move || {
-        // SAFETY: accept on our listener.
+        // SAFETY: null address and length: accept(2) allows them when no peer address is wanted, so
+        // no memory is passed; the kernel checks l.
         let r = unsafe { libc::accept(l, std::ptr::null_mut(), std::ptr::null_mut()) };
         (r, errno())
     });
     std::thread::sleep(Duration::from_millis(100));
-    // SAFETY: plain call.
+    // SAFETY: integers and null pointers only (null where no peer address is wanted, which the call
+    // allows); no memory passed, and the kernel checks the fds.
     unsafe { libc::shutdown(l, libc::SHUT_RDWR) };
     let (r, e) = h.join().unwrap();
     println!("blocked accept after shutdown: {r} {}", ename(e));
@@ -906,7 +930,7 @@ fn sendfile_scenario() {
     let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
     std::fs::write(&path, &data).unwrap();
     let cpath = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
-    // SAFETY: opening our file.
+    // SAFETY: cpath is a NUL-terminated CString that outlives the call.
     let f = unsafe { libc::open(cpath.as_ptr(), libc::O_RDONLY) };
     let (c, s) = pair();
     let h = std::thread::spawn(move || {
@@ -928,16 +952,19 @@ fn sendfile_scenario() {
     // SAFETY: live offset.
     t("sendfile with offset", unsafe { libc::sendfile(c, f, &mut off, 2_000_000) });
     println!("offset after: {off}");
-    // SAFETY: plain call.
+    // SAFETY: integers and null pointers only (null where no peer address is wanted, which the call
+    // allows); no memory passed, and the kernel checks the fds.
     println!("file position untouched: {}", unsafe { libc::lseek(f, 0, libc::SEEK_CUR) });
     // SAFETY: null offset: the file position moves.
     t("sendfile at file position", unsafe { libc::sendfile(c, f, std::ptr::null_mut(), 500_000) });
-    // SAFETY: plain call.
+    // SAFETY: integers and null pointers only (null where no peer address is wanted, which the call
+    // allows); no memory passed, and the kernel checks the fds.
     println!("file position after: {}", unsafe { libc::lseek(f, 0, libc::SEEK_CUR) });
     let mut end: libc::off_t = 2_999_000;
     // SAFETY: live offset; fewer bytes remain than asked.
     t("sendfile past end", unsafe { libc::sendfile(c, f, &mut end, 10_000) });
-    // SAFETY: plain call.
+    // SAFETY: integers and null pointers only (null where no peer address is wanted, which the call
+    // allows); no memory passed, and the kernel checks the fds.
     unsafe { libc::shutdown(c, libc::SHUT_WR) };
     let (got, digest) = h.join().unwrap();
     println!("received {got} sha256 {digest}");
@@ -950,7 +977,7 @@ fn sendfile_scenario() {
 /// closes it, the peer sees EOF although the exec'd child still runs.
 fn exec_cloexec() {
     let (c, s) = pair();
-    // SAFETY: setting FD_CLOEXEC on our fd.
+    // SAFETY: integers only, no memory passed; the kernel checks the fd.
     unsafe { libc::fcntl(s, libc::F_SETFD, libc::FD_CLOEXEC) };
     // SAFETY: the child only execs.
     let pid = unsafe { libc::fork() };
@@ -980,7 +1007,7 @@ fn mmsg_and_splice() {
     let msgs: [&[u8]; 3] = [b"first", b"second!", b"3"];
     let mut iovs: Vec<libc::iovec> =
         msgs.iter().map(|m| libc::iovec { iov_base: m.as_ptr() as *mut _, iov_len: m.len() }).collect();
-    // SAFETY: mmsghdr is plain data.
+    // SAFETY: libc::mmsghdr holds integers and raw pointers only: all-zero bytes are a valid value.
     let mut vec: Vec<libc::mmsghdr> = (0..3).map(|_| unsafe { std::mem::zeroed() }).collect();
     for (v, iov) in vec.iter_mut().zip(iovs.iter_mut()) {
         v.msg_hdr.msg_iov = iov;
@@ -993,7 +1020,7 @@ fn mmsg_and_splice() {
     let mut bufs = [[0u8; 16]; 5];
     let mut riovs: Vec<libc::iovec> =
         bufs.iter_mut().map(|b| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: 16 }).collect();
-    // SAFETY: mmsghdr is plain data.
+    // SAFETY: libc::mmsghdr holds integers and raw pointers only: all-zero bytes are a valid value.
     let mut rvec: Vec<libc::mmsghdr> = (0..5).map(|_| unsafe { std::mem::zeroed() }).collect();
     for (v, iov) in rvec.iter_mut().zip(riovs.iter_mut()) {
         v.msg_hdr.msg_iov = iov;
@@ -1162,7 +1189,8 @@ fn exec_inherit_with(helper: &str, via: &str) {
     let (l, port) = listener();
     let c = tcp();
     connect_to(c, port);
-    // SAFETY: accept on our listener.
+    // SAFETY: null address and length: accept(2) allows them when no peer address is wanted, so no
+    // memory is passed; the kernel checks l.
     let s = unsafe { libc::accept(l, std::ptr::null_mut(), std::ptr::null_mut()) };
     let args = cstrings(&[&me(), helper]);
     let argv = ptrs(&args);
@@ -1199,17 +1227,21 @@ fn vfork_exec() {
     let (l, port) = listener();
     let c = tcp();
     connect_to(c, port);
-    // SAFETY: accept on our listener.
+    // SAFETY: null address and length: accept(2) allows them when no peer address is wanted, so no
+    // memory is passed; the kernel checks l.
     let s = unsafe { libc::accept(l, std::ptr::null_mut(), std::ptr::null_mut()) };
     let args = cstrings(&[&me(), "stdio_echo"]);
     let argv = ptrs(&args);
     // vfork is what programs (python's subprocess, shells) use; the child only dup2()s, execs
     // or _exits with everything it needs computed beforehand, so it clobbers nothing.
-    // SAFETY: as above.
+    // SAFETY: the vfork child shares our memory and stack until it execs, so it must not return or
+    // clobber them: it only dup2()s, execs and _exits, with argv built beforehand and alive in our
+    // frame.
     #[allow(deprecated)]
     let pid = unsafe { libc::vfork() };
     if pid == 0 {
-        // SAFETY: as above.
+        // SAFETY: argv is a NULL-terminated array of live C strings built beforehand; dup2 and
+        // execv touch nothing of ours, and _exit leaves without running our destructors.
         unsafe {
             libc::dup2(s, 0);
             libc::dup2(s, 1);
@@ -1225,7 +1257,8 @@ fn vfork_exec() {
     // The parent's sockets are untouched by what the vfork child did.
     let c2 = tcp();
     t("connect again", connect_to(c2, port));
-    // SAFETY: accept on our listener.
+    // SAFETY: null address and length: accept(2) allows them when no peer address is wanted, so no
+    // memory is passed; the kernel checks l.
     let s2 = unsafe { libc::accept(l, std::ptr::null_mut(), std::ptr::null_mut()) };
     t("send on a new connection", send(c2, b"x", 0));
     recv_trace("recv on it", s2, 1, 0);
@@ -1267,18 +1300,19 @@ fn spawn_listener() {
 /// and stdout.
 fn spawn_dup2() {
     let (c, s) = pair();
-    // SAFETY: setting FD_CLOEXEC on our fd.
+    // SAFETY: integers only, no memory passed; the kernel checks the fd.
     unsafe { libc::fcntl(s, libc::F_SETFD, libc::FD_CLOEXEC) };
     // SAFETY: file actions are plain data initialised by glibc, destroyed below.
     let mut fa: libc::posix_spawn_file_actions_t = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
+    // SAFETY: fa is zero-initialised storage that posix_spawn_file_actions_init sets up before the
+    // other calls use it; s is our fd.
     unsafe {
         libc::posix_spawn_file_actions_init(&mut fa);
         libc::posix_spawn_file_actions_adddup2(&mut fa, s, 0);
         libc::posix_spawn_file_actions_adddup2(&mut fa, s, 1);
     }
     let pid = spawn(&[&me(), "stdio_echo"], &fa);
-    // SAFETY: as above.
+    // SAFETY: fa was initialised above and is destroyed once, after spawn no longer needs it.
     unsafe { libc::posix_spawn_file_actions_destroy(&mut fa) };
     close(s);
     t("send to spawned child", send(c, b"spawn", 0));
@@ -1291,7 +1325,8 @@ fn spawn_dup2() {
 /// The spawned side of spawn_listener: accepts twice on an inherited listener.
 fn accept_on(fd: c_int) {
     for i in 0..2 {
-        // SAFETY: accept on the inherited listener.
+        // SAFETY: null address and length: accept(2) allows them when no peer address is wanted, so
+        // no memory is passed; the kernel checks the fd.
         let s = unsafe { libc::accept(fd, std::ptr::null_mut(), std::ptr::null_mut()) };
         if s < 0 {
             std::process::exit(3);
@@ -1374,56 +1409,40 @@ fn addresses() {
     println!("connect to 127.0.0.2 with a listener on 127.0.0.1 only: {:?}", r.map(|_| ()).map_err(|e| e.kind()));
 }
 
+include!("scenarios.rs");
+
+/// A differential scenario (scenarios.rs): what the conformance test runs natively and under
+/// GuestLib.
+struct Scenario {
+    name: &'static str,
+    run: fn(),
+}
+
+macro_rules! table {
+    ($($name:ident => $run:expr, tcp: $tcp:expr;)*) => {
+        &[$(Scenario { name: stringify!($name), run: || $run }),*]
+    };
+}
+
+const SCENARIOS: &[Scenario] = scenarios!(table);
+
+/// The probe's `i`th argument as a number.
+fn arg<T: std::str::FromStr>(i: usize) -> Option<T> {
+    std::env::args().nth(i).and_then(|a| a.parse().ok())
+}
+
 fn main() {
     let name = std::env::args().nth(1).unwrap_or_default();
+    if let Some(s) = SCENARIOS.iter().find(|s| s.name == name) {
+        return (s.run)();
+    }
+    // Helpers the scenarios start as programs of their own, and the list.
     match name.as_str() {
-        "connect_open" => connect_open(),
-        "connect_closed" => connect_closed(),
-        "addr_in_use" => addr_in_use(),
-        "accept_nonblocking" => accept_nonblocking(),
-        "half_close" => half_close(),
-        "peer_reset" => peer_reset(),
-        "readiness" => readiness(),
-        "flags" => flags(),
-        "sigpipe" => sigpipe(),
-        "rcvtimeo" => rcvtimeo(),
-        "eintr" => eintr(),
-        "many" => many(),
-        "bulk" => bulk(std::env::args().nth(2).and_then(|a| a.parse().ok()).unwrap_or(1024)),
-        "dup" => dup_and_fcntl(),
-        "udp" => udp(),
-        "fork_accept" => fork_accept(),
-        "fork_handoff" => fork_handoff(),
-        "fork_parent_exits" => fork_parent_exits(),
-        "threads" => threads(),
-        "sendfile" => sendfile_scenario(),
-        "exec_cloexec" => exec_cloexec(),
-        "mmsg_and_splice" => mmsg_and_splice(),
-        "small_writes" => small_writes(),
-        "addresses" => addresses(),
-        "execl_family" => execl_family(),
-        "exec_inherit" => exec_inherit(),
-        "vfork_exec" => vfork_exec(),
-        "spawn_listener" => spawn_listener(),
-        "spawn_dup2" => spawn_dup2(),
-        "exec_no_guest" => exec_no_guest(),
         "stdio_echo" => stdio_echo(),
         "c_stdio_echo" => c_stdio_echo(),
-        "cmsg_udp" => cmsg_udp(),
-        "cmsg_tcp" => cmsg_tcp(),
-        "oob" => oob(),
-        "names_after_reset" => names_after_reset(),
-        "send_after_close" => send_after_close(),
-        "loopback_sync" => loopback_sync(),
-        "sockbuf" => sockbuf(),
-        "sockbuf_fill" => {
-            let arg = |i: usize| std::env::args().nth(i).and_then(|a| a.parse().ok()).unwrap_or(0);
-            println!("{}", fill(arg(2), arg(3)).1);
-        }
-        "accept_on" => accept_on(std::env::args().nth(2).and_then(|a| a.parse().ok()).unwrap_or(-1)),
-        "list" => println!(
-            "connect_open connect_closed addr_in_use accept_nonblocking half_close peer_reset readiness flags sigpipe rcvtimeo eintr many bulk dup udp fork_accept fork_handoff fork_parent_exits threads sendfile exec_cloexec mmsg_and_splice small_writes exec_inherit vfork_exec spawn_listener spawn_dup2 exec_no_guest addresses execl_family cmsg_udp cmsg_tcp oob names_after_reset send_after_close loopback_sync sockbuf"
-        ),
+        "sockbuf_fill" => println!("{}", fill(arg(2).unwrap_or(0), arg(3).unwrap_or(0)).1),
+        "accept_on" => accept_on(arg(2).unwrap_or(-1)),
+        "list" => SCENARIOS.iter().for_each(|s| println!("{}", s.name)),
         other => {
             eprintln!("unknown scenario {other:?}");
             std::process::exit(2);
@@ -1506,7 +1525,7 @@ fn recvmsg_trace(label: &str, fd: c_int, n: usize, control: Option<usize>, flags
     // u64s keep the control buffer aligned for cmsghdr.
     let mut ctl = vec![0u64; control.unwrap_or(0).div_ceil(8)];
     let iov = [libc::iovec { iov_base: data.as_mut_ptr().cast(), iov_len: n }];
-    // SAFETY: msghdr is plain data.
+    // SAFETY: libc::msghdr holds integers and raw pointers only: all-zero bytes are a valid value.
     let mut m: libc::msghdr = unsafe { std::mem::zeroed() };
     m.msg_iov = iov.as_ptr() as *mut _;
     m.msg_iovlen = 1;
@@ -1523,7 +1542,8 @@ fn recvmsg_trace(label: &str, fd: c_int, n: usize, control: Option<usize>, flags
 }
 
 fn udp6_socket() -> (c_int, u16) {
-    // SAFETY: plain system calls on our socket; sockaddr_in6 is plain data.
+    // SAFETY: the zeroed sockaddr_in6 is integers and bytes only, so a valid value; bind gets a
+    // pointer to it with its own length, and the rest are integers.
     unsafe {
         let fd = libc::socket(libc::AF_INET6, libc::SOCK_DGRAM, 0);
         let mut a: libc::sockaddr_in6 = std::mem::zeroed();
@@ -1621,7 +1641,7 @@ fn cmsg_udp() {
     t("sendto6 two", sendto6(b, b"six two", pa));
     recvmsg_trace("recvmsg6 with room", a, 100, Some(256), 0);
     recvmsg_trace("recvmsg6 control 40 bytes", a, 100, Some(40), 0);
-    // SAFETY: sockaddr_in6 is plain data.
+    // SAFETY: libc::sockaddr_in6 is integers and bytes only, so all-zero bytes are a valid value.
     let mut d6: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
     d6.sin6_family = libc::AF_INET6 as u16;
     d6.sin6_addr.s6_addr[15] = 1;
@@ -1774,7 +1794,7 @@ fn tcp_state(fd: c_int) -> String {
 
 fn names_after_reset() {
     let (c, s) = pair();
-    // SAFETY: plain calls.
+    // SAFETY: integers only, no memory passed; the kernel checks the fds.
     unsafe {
         libc::shutdown(c, libc::SHUT_WR);
         libc::shutdown(s, libc::SHUT_WR);
@@ -1824,7 +1844,8 @@ fn send_after_close() {
     close(c);
     // A half-closed peer (shutdown SHUT_WR) still reads: every send succeeds.
     let (c, s) = pair();
-    // SAFETY: plain call.
+    // SAFETY: integers and null pointers only (null where no peer address is wanted, which the call
+    // allows); no memory passed, and the kernel checks the fds.
     t("peer shutdown SHUT_WR", unsafe { libc::shutdown(s, libc::SHUT_WR) } as isize);
     t("send to a half-closed peer", send(c, b"one", libc::MSG_NOSIGNAL));
     t("send again", send(c, b"two", libc::MSG_NOSIGNAL));
@@ -1868,7 +1889,7 @@ fn loopback_sync() {
     }
     // select(0) too.
     t("send", send(c, b"sel", 0));
-    // SAFETY: fd_set is plain data.
+    // SAFETY: libc::fd_set is integers and bytes only, so all-zero bytes are a valid value.
     unsafe {
         let mut r: libc::fd_set = std::mem::zeroed();
         libc::FD_ZERO(&mut r);
@@ -1892,7 +1913,8 @@ fn loopback_sync() {
     }
     recv_trace("recv", s, 10, 0);
     // shutdown and close are seen at once too.
-    // SAFETY: plain call.
+    // SAFETY: integers and null pointers only (null where no peer address is wanted, which the call
+    // allows); no memory passed, and the kernel checks the fds.
     t("shutdown SHUT_WR", unsafe { libc::shutdown(c, libc::SHUT_WR) } as isize);
     println!("peer poll 0 after shutdown: {}", poll1(s, libc::POLLIN | libc::POLLRDHUP, 0));
     close(s);
@@ -1909,7 +1931,8 @@ fn fill(snd: c_int, rcv: c_int) -> (bool, usize) {
         setopt_int(c, libc::SOL_SOCKET, libc::SO_SNDBUF, snd);
     }
     assert_eq!(connect_to(c, port), 0);
-    // SAFETY: accept on our listener.
+    // SAFETY: null address and length: accept(2) allows them when no peer address is wanted, so no
+    // memory is passed; the kernel checks l.
     let s = unsafe { libc::accept(l, std::ptr::null_mut(), std::ptr::null_mut()) };
     if rcv > 0 {
         setopt_int(s, libc::SOL_SOCKET, libc::SO_RCVBUF, rcv);
