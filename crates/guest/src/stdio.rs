@@ -39,7 +39,7 @@ fn fd_of(cookie: *mut c_void) -> c_int {
 
 unsafe extern "C" fn cookie_read(cookie: *mut c_void, buf: *mut c_char, n: size_t) -> ssize_t {
     // SAFETY: stdio passes its own buffer of n bytes; read is GuestLib's.
-    unsafe { crate::read(fd_of(cookie), buf.cast(), n) }
+    unsafe { crate::hooks::read(fd_of(cookie), buf.cast(), n) }
 }
 
 /// glibc counts a short cookie write as an error, so this writes everything (a blocking socket
@@ -48,7 +48,7 @@ unsafe extern "C" fn cookie_write(cookie: *mut c_void, buf: *const c_char, n: si
     let mut done = 0;
     while done < n {
         // SAFETY: stdio passes its own buffer of n bytes; write is GuestLib's.
-        let r = unsafe { crate::write(fd_of(cookie), buf.add(done).cast(), n - done) };
+        let r = unsafe { crate::hooks::write(fd_of(cookie), buf.add(done).cast(), n - done) };
         if r < 0 {
             return if done > 0 { done as ssize_t } else { -1 };
         }
@@ -59,7 +59,7 @@ unsafe extern "C" fn cookie_write(cookie: *mut c_void, buf: *const c_char, n: si
 
 unsafe extern "C" fn cookie_close(cookie: *mut c_void) -> c_int {
     // SAFETY: fclose of the stream closes its fd, as it would natively; close is GuestLib's.
-    unsafe { crate::close(fd_of(cookie)) }
+    unsafe { crate::hooks::close(fd_of(cookie)) }
 }
 
 /// Replaces each standard stream whose fd is a NetKernel socket (runs before main, after the
