@@ -152,6 +152,8 @@ pub struct FdDevice {
     pub tx_dropped: u64,
     pub tx_frames: u64,
     pub rx_frames: u64,
+    /// Headers of the TCP segments sent since the stack last looked, for its meters.
+    pub sent: Vec<crate::frame::Peek>,
 }
 
 impl FdDevice {
@@ -189,6 +191,7 @@ impl FdDevice {
             tx_dropped: 0,
             tx_frames: 0,
             rx_frames: 0,
+            sent: Vec::new(),
         })
     }
 
@@ -321,6 +324,9 @@ impl phy::TxToken for FdTx<'_> {
         }
         let r = f(&mut buf[..len]);
         self.0.send_frame(&buf[..len]);
+        if let Some(p) = crate::frame::peek_ethernet(&buf[..len]).filter(|p| p.proto == crate::frame::TCP) {
+            self.0.sent.push(p);
+        }
         self.0.scratch = buf;
         r
     }

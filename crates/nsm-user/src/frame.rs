@@ -20,6 +20,9 @@ pub struct Peek {
     pub flags: u8,
     /// Transport payload bytes (data a TCP segment carries, a datagram's length).
     pub payload: usize,
+    /// TCP sequence and acknowledgement numbers (0 for UDP).
+    pub seq: u32,
+    pub ack: u32,
 }
 
 /// Peeks an Ethernet frame (IPv4 or IPv6 inside, no VLAN tag).
@@ -74,12 +77,14 @@ pub fn peek_ip(p: &[u8]) -> Option<Peek> {
     }
     let sport = u16::from_be_bytes([l4[0], l4[1]]);
     let dport = u16::from_be_bytes([l4[2], l4[3]]);
-    let (flags, payload) = if proto == TCP {
-        (l4[13], l4_len.saturating_sub(usize::from(l4[12] >> 4) * 4))
+    let (flags, payload, seq, ack) = if proto == TCP {
+        let word = |i: usize| u32::from_be_bytes([l4[i], l4[i + 1], l4[i + 2], l4[i + 3]]);
+        (l4[13], l4_len.saturating_sub(usize::from(l4[12] >> 4) * 4), word(4), word(8))
     } else {
-        (0, l4_len.saturating_sub(8))
+        (0, l4_len.saturating_sub(8), 0, 0)
     };
-    Some(Peek { proto, src: SocketAddr::new(src, sport), dst: SocketAddr::new(dst, dport), flags, payload })
+    let (src, dst) = (SocketAddr::new(src, sport), SocketAddr::new(dst, dport));
+    Some(Peek { proto, src, dst, flags, payload, seq, ack })
 }
 
 /// Whether an Ethernet frame can teach the interface a neighbour's link address (ARP, or an

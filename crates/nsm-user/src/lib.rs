@@ -39,8 +39,11 @@
 //! - SO_RCVBUF/SO_SNDBUF read back as Linux's, but smoltcp sizes a socket's buffers when its
 //!   connection starts: set after connect/listen they apply to later connections only.
 //!   Defaults are 256 KiB each way (window scaling on); Linux autotunes instead.
-//! - TCP_INFO and `tcp_stats` carry the state and queue sizes only: smoltcp keeps RTT, RTO and
-//!   cwnd private. TCP_MAXSEG reads 536.
+//! - TCP_INFO and `tcp_stats` carry the state, queue sizes and RTT, cwnd and retransmissions
+//!   measured passively from the segments on the wire (`meter.rs`): smoltcp keeps its own
+//!   private. The cwnd is the largest flight seen over the last RTT (which the receive window
+//!   or the application may have limited). No RTO, ssthresh or pacing figures; TCP_MAXSEG
+//!   reads 536.
 //! - One congestion control per NSM (reno, cubic or none); TCP_CONGESTION can only name it.
 //! - Keepalive: smoltcp has one interval and no probe count: probes every
 //!   min(TCP_KEEPIDLE, TCP_KEEPINTVL) of idleness, gives up after TCP_KEEPIDLE + TCP_KEEPCNT x
@@ -70,9 +73,10 @@
 pub mod config;
 pub mod device;
 mod frame;
+mod meter;
 mod opts;
-mod shard;
 pub mod seam;
+mod shard;
 pub mod sockaddr;
 mod stack;
 mod table;
@@ -153,11 +157,8 @@ impl Stack for UserStack {
             Proto::Tcp => {
                 let (len, from_len) = self.recv(s, buf, flags, from)?;
                 // tcp_recvmsg stamps only a receive that copied bytes.
-                let (control_len, cf) = if len > 0 && flags & libc::MSG_TRUNC == 0 {
-                    self.put_stamp(s.id, control)
-                } else {
-                    (0, 0)
-                };
+                let (control_len, cf) =
+                    if len > 0 && flags & libc::MSG_TRUNC == 0 { self.put_stamp(s.id, control) } else { (0, 0) };
                 Ok(Received { len, from_len, control_len, flags: cf })
             }
             Proto::Udp => {

@@ -142,6 +142,15 @@ impl UserStack {
                     ti.tcpi_rcv_space = sk.recv_capacity() as u32;
                     ti.tcpi_snd_mss = 536;
                     ti.tcpi_rcv_mss = 536;
+                    // Measured from the wire (meter.rs), not smoltcp's own estimator.
+                    if let Some(m) = self.meters.get(c.local, c.remote) {
+                        let (rtt, var) = m.rtt_us();
+                        ti.tcpi_rtt = rtt;
+                        ti.tcpi_rttvar = var;
+                        ti.tcpi_snd_cwnd = m.cwnd();
+                        ti.tcpi_total_retrans = m.retrans;
+                        ti.tcpi_snd_mss = m.mss();
+                    }
                 }
                 // SAFETY: ti is a live tcp_info; viewing its bytes is sound for its full size.
                 let b = unsafe {
@@ -302,7 +311,15 @@ impl UserStack {
         if s.proto != Proto::Tcp {
             return None;
         }
-        Some(TcpStats { state: linux_state(self.tcp_state_of(id)), ..TcpStats::default() })
+        let mut st = TcpStats { state: linux_state(self.tcp_state_of(id)), ..TcpStats::default() };
+        if let St::Tcp(c) = &s.st {
+            if let Some(m) = self.meters.get(c.local, c.remote) {
+                st.rtt_us = m.rtt_us().0;
+                st.cwnd = m.cwnd();
+                st.retrans = m.retrans;
+            }
+        }
+        Some(st)
     }
 }
 

@@ -257,6 +257,8 @@ pub struct UserStack {
     now: SInstant,
     /// Sockets looked at by polls so far (the cost the dirty sets keep small).
     refreshed: u64,
+    /// RTT, cwnd and retransmissions of each connection, measured from its segments.
+    pub(crate) meters: crate::meter::Meters,
 }
 
 /// Maps the configured name to smoltcp's controller; the error lists the choices.
@@ -363,6 +365,7 @@ impl UserStack {
             dirty: HashSet::new(),
             rng: seed | 1,
             refreshed: 0,
+            meters: Default::default(),
             fragmenting: false,
             rx_pending: false,
             now: SInstant::ZERO,
@@ -847,6 +850,10 @@ impl UserStack {
             }
         }
 
+        for p in std::mem::take(&mut self.ext_dev.sent) {
+            self.meter_sent(&p);
+        }
+
         for round in 0..LO_ROUNDS {
             let out = std::mem::take(&mut self.lo_dev.tx);
             let wake_all = self.route_frames(LO, out);
@@ -883,6 +890,15 @@ impl UserStack {
             let peek = if ifx == EXT { frame::peek_ethernet(&f) } else { frame::peek_ip(&f) };
             let sh = match peek {
                 Some(p) => {
+                    if p.proto == frame::TCP {
+                        // On the loopback every packet is one of ours leaving as well.
+                        if ifx == LO {
+                            self.meter_sent(&p);
+                        }
+                        if let Some(m) = self.meters.get_mut(p.dst, p.src) {
+                            m.received(&p, self.now);
+                        }
+                    }
                     if !self.note(ifx, p) {
                         continue;
                     }
@@ -906,6 +922,16 @@ impl UserStack {
             self.nets[ifx].mark(sh);
         }
         wake_all
+    }
+
+    /// Feeds a TCP segment one of our connections sent to its meter.
+    fn meter_sent(&mut self, p: &Peek) {
+        let index = &self.index;
+        if !index.tuples.contains_key(&(frame::TCP, p.src, p.dst)) {
+            return;
+        }
+        let alive = |k: &(SocketAddr, SocketAddr)| index.tuples.contains_key(&(frame::TCP, k.0, k.1));
+        self.meters.entry(p.src, p.dst, alive).sent(p, self.now);
     }
 
     /// Polls the sets of interface `ifx` that have work: packets, guest operations, and (with

@@ -1192,8 +1192,8 @@ fn stored_options_read_back_as_the_kernel_rounds_and_clamps_them() {
     let mut bad = [0u8; 16];
     bad[8..].copy_from_slice(&2_000_000i64.to_ne_bytes());
     assert_eq!(s.setsockopt(&t, libc::SOL_SOCKET, libc::SO_SNDTIMEO, &bad), Err(libc::EDOM));
-    for v in [1, 4096, 1 << 20, 1 << 30] {
-        let b = (v as i32).to_ne_bytes();
+    for v in [1i32, 4096, 1 << 20, 1 << 30] {
+        let b = v.to_ne_bytes();
         for name in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
             s.setsockopt(&t, libc::SOL_SOCKET, name, &b).unwrap();
             let want = kernel_readback(libc::SOCK_STREAM, name, &b);
@@ -1302,4 +1302,53 @@ fn receive_timestamps_as_cmsgs() {
     n.run(1);
     let r = n.a.recvmsg(&s, &mut buf, 0, &mut [], &mut ctl).unwrap();
     assert_eq!((r.len, r.control_len, r.flags), (5, 0, 0));
+}
+
+#[test]
+fn rtt_cwnd_and_retransmits_measured_from_the_wire() {
+    let mut n = Net::new();
+    let l = listener(&mut n.b, "0.0.0.0:7012", 4);
+    let (c, s, _) = connect_pair(&mut n, &l, "10.77.0.3:7012");
+    let st = n.a.tcp_stats(&c).unwrap();
+    // The handshake is the first sample: each stack polls once per virtual millisecond.
+    assert!((1000..=3000).contains(&st.rtt_us), "{st:?}");
+    assert_eq!(st.retrans, 0);
+    // A flight of data: the window estimate follows it.
+    let data = vec![7u8; 20_000];
+    send_all(&mut n.a, &c, &data);
+    n.a.poll(n.now, false, &mut n.ra);
+    assert!(n.a.tcp_stats(&c).unwrap().cwnd >= 1);
+    let mut got = 0;
+    let mut cwnd = 0;
+    for _ in 0..200 {
+        n.run(1);
+        cwnd = cwnd.max(n.a.tcp_stats(&c).unwrap().cwnd);
+        let mut b = [0u8; 65536];
+        if let Ok((k, _)) = n.b.recv(&s, &mut b, 0, &mut []) {
+            got += k;
+        }
+        if got == data.len() {
+            break;
+        }
+    }
+    assert_eq!(got, data.len());
+    assert!(cwnd >= 3, "slow start opened the window: {cwnd}");
+    // B falls silent for longer than the retransmission timeout: A resends, and B then gets
+    // both copies. The resend counts; its ACK gives no RTT sample (Karn).
+    let before = n.a.tcp_stats(&c).unwrap();
+    send_all(&mut n.a, &c, b"late");
+    for _ in 0..1500 {
+        n.now += Duration::from_millis(1);
+        n.a.poll(n.now, true, &mut n.ra);
+    }
+    n.run(10);
+    assert_eq!(recv_str(&mut n.b, &s).unwrap(), "late");
+    let after = n.a.tcp_stats(&c).unwrap();
+    assert!(after.retrans >= 1, "{after:?}");
+    assert_eq!(after.rtt_us, before.rtt_us, "no sample from a retransmitted segment");
+    let mut info = [0u8; std::mem::size_of::<libc::tcp_info>()];
+    n.a.getsockopt(&c, libc::IPPROTO_TCP, libc::TCP_INFO, &mut info).unwrap();
+    // SAFETY: tcp_info is plain integers; info has its size.
+    let ti: libc::tcp_info = unsafe { std::ptr::read_unaligned(info.as_ptr().cast()) };
+    assert_eq!((ti.tcpi_rtt, ti.tcpi_total_retrans), (after.rtt_us, after.retrans));
 }
