@@ -145,6 +145,11 @@ impl UserStack {
         match sk.send_slice(data, meta) {
             Ok(()) => {
                 self.fragmenting |= ifx == EXT && data.len() > 1500 - 28;
+                // As for TCP: room this send took and the settling poll gives back is news.
+                let free = sk.payload_send_capacity() - sk.send_queue();
+                if let Some(rep) = &mut self.sock(id)?.reported {
+                    rep.2 = rep.2.min(free);
+                }
                 Ok(data.len())
             }
             Err(udp::SendError::BufferFull) => Err(libc::EAGAIN),
