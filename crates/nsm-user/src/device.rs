@@ -307,12 +307,17 @@ impl FdDevice {
     }
 }
 
-pub struct FdRx(pub(crate) Vec<u8>);
+/// A frame and the id smoltcp hands back in a datagram's metadata (PacketMeta::id).
+pub struct FdRx(pub(crate) Vec<u8>, pub(crate) u32);
 pub struct FdTx<'a>(pub(crate) &'a mut FdDevice);
 
 impl phy::RxToken for FdRx {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
         f(&self.0)
+    }
+
+    fn meta(&self) -> phy::PacketMeta {
+        packet_meta(self.1)
     }
 }
 
@@ -338,7 +343,7 @@ impl phy::Device for FdDevice {
 
     fn receive(&mut self, _: Instant) -> Option<(FdRx, FdTx<'_>)> {
         let f = self.rx.pop_front()?;
-        Some((FdRx(f), FdTx(self)))
+        Some((FdRx(f, 0), FdTx(self)))
     }
 
     fn transmit(&mut self, _: Instant) -> Option<FdTx<'_>> {
@@ -364,12 +369,22 @@ pub struct LoopDevice {
     pub tx: VecDeque<Vec<u8>>,
 }
 
-pub struct LoopRx(pub(crate) Vec<u8>);
+fn packet_meta(id: u32) -> phy::PacketMeta {
+    let mut m = phy::PacketMeta::default();
+    m.id = id;
+    m
+}
+
+pub struct LoopRx(pub(crate) Vec<u8>, pub(crate) u32);
 pub struct LoopTx<'a>(pub(crate) &'a mut VecDeque<Vec<u8>>);
 
 impl phy::RxToken for LoopRx {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
         f(&self.0)
+    }
+
+    fn meta(&self) -> phy::PacketMeta {
+        packet_meta(self.1)
     }
 }
 
@@ -388,7 +403,7 @@ impl phy::Device for LoopDevice {
 
     fn receive(&mut self, _: Instant) -> Option<(LoopRx, LoopTx<'_>)> {
         let f = self.rx.pop_front()?;
-        Some((LoopRx(f), LoopTx(&mut self.tx)))
+        Some((LoopRx(f, 0), LoopTx(&mut self.tx)))
     }
 
     fn transmit(&mut self, _: Instant) -> Option<LoopTx<'_>> {

@@ -60,11 +60,13 @@
 //!   are. No IPv6 extension headers are looked into.
 //! - Options not listed in `opts.rs` are ENOPROTOOPT (IP_TOS, SO_REUSEPORT, multicast,
 //!   SO_BINDTODEVICE...). SOCK_RAW is EPROTONOSUPPORT.
-//! - Ancillary data: only SO_TIMESTAMP/SO_TIMESTAMPNS, stamped with the time of the receive
-//!   (smoltcp keeps no arrival times). IP_RECVTOS and IP_PKTINFO are stored on TCP sockets,
-//!   where Linux gives no cmsg for them either; on UDP sockets they, IP_RECVTTL and the
-//!   IPv6 ones are ENOPROTOOPT (the stack keeps no per-datagram TOS, TTL or destination), and
-//!   sendmsg ignores control messages.
+//! - Ancillary data on receive: SO_TIMESTAMP/SO_TIMESTAMPNS, stamped with the time of the
+//!   receive (smoltcp keeps no arrival times); for datagrams IP_PKTINFO, IP_RECVTTL,
+//!   IP_RECVTOS, IPV6_RECVPKTINFO, IPV6_RECVHOPLIMIT and IPV6_RECVTCLASS, from notes taken of
+//!   each datagram's IP header on arrival (PKTINFO's ifindex: 1 on loopback, 2 on the wire;
+//!   spec_dst is the destination; an IPv4 datagram on an AF_INET6 socket gets none). TCP
+//!   sockets store IP_RECVTOS/IP_PKTINFO, for which Linux gives no cmsg either. sendmsg
+//!   ignores control messages.
 //! - Datagrams (and segments) that different sockets queue between two polls leave in socket
 //!   order, not in the order the sends happened; Linux sends within the call. Each socket's
 //!   own order is kept.
@@ -145,8 +147,8 @@ impl Stack for UserStack {
         }
     }
 
-    /// The only ancillary data is the receive timestamp (SO_TIMESTAMP, SO_TIMESTAMPNS), given
-    /// with data as Linux gives it; msg_flags carries MSG_TRUNC for a datagram cut short and
+    /// Ancillary data: the receive timestamp (SO_TIMESTAMP, SO_TIMESTAMPNS) and, for a
+    /// datagram, the IP header's cmsgs the socket asked for; msg_flags carries MSG_TRUNC for a datagram cut short and
     /// MSG_CTRUNC for a cmsg that did not fit, as Linux's does.
     fn recvmsg(
         &mut self,
@@ -168,7 +170,7 @@ impl Stack for UserStack {
                 let (full, from_len) = self.udp_recv(s.id, buf, flags | libc::MSG_TRUNC, from)?;
                 let cut = full > buf.len();
                 let len = if flags & libc::MSG_TRUNC != 0 { full } else { full.min(buf.len()) };
-                let (control_len, cf) = self.put_stamp(s.id, control);
+                let (control_len, cf) = self.put_dgram_cmsgs(s.id, control);
                 Ok(Received { len, from_len, control_len, flags: cf | if cut { libc::MSG_TRUNC } else { 0 } })
             }
         }

@@ -1270,8 +1270,6 @@ fn receive_timestamps_as_cmsgs() {
     set_int(&mut n.a, &s, libc::IPPROTO_IP, libc::IP_RECVTOS, 1);
     assert_eq!(int_opt(&mut n.a, &s, libc::SOL_SOCKET, libc::SO_TIMESTAMP), 1);
     assert_eq!(int_opt(&mut n.a, &s, libc::IPPROTO_IP, libc::IP_RECVTOS), 1);
-    let u = udp(&mut n.a);
-    assert_eq!(n.a.setsockopt(&u, libc::IPPROTO_IP, libc::IP_RECVTOS, &1i32.to_ne_bytes()), Err(libc::ENOPROTOOPT));
     let mut ctl = [0u8; 64];
     let mut buf = [0u8; 16];
     send_all(&mut n.a, &c, b"stamped");
@@ -1413,4 +1411,69 @@ fn a_full_send_drained_within_its_own_poll_reports_pollout() {
     let now = n.now;
     n.a.poll(now, false, &mut n.ra);
     assert_eq!(n.ra, vec![Ready { key: 9, events: OUT }]);
+}
+
+/// (level, type, payload) of each cmsg in `ctl[..len]`.
+fn cmsgs(ctl: &[u8], len: usize) -> Vec<(i32, i32, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut off = 0;
+    while off + 16 <= len {
+        // SAFETY: a cmsghdr's worth of bytes, read unaligned.
+        let h: libc::cmsghdr = unsafe { std::ptr::read_unaligned(ctl[off..].as_ptr().cast()) };
+        out.push((h.cmsg_level, h.cmsg_type, ctl[off + 16..off + h.cmsg_len as usize].to_vec()));
+        off += (h.cmsg_len as usize).div_ceil(8) * 8;
+    }
+    out
+}
+
+#[test]
+fn datagram_cmsgs_carry_pktinfo_ttl_and_tos() {
+    let mut n = Net::new();
+    let a = udp(&mut n.a);
+    n.a.bind(&a, &sa("127.0.0.1:9015")).unwrap();
+    for opt in [libc::IP_PKTINFO, libc::IP_RECVTTL, libc::IP_RECVTOS] {
+        set_int(&mut n.a, &a, libc::IPPROTO_IP, opt, 1);
+        assert_eq!(int_opt(&mut n.a, &a, libc::IPPROTO_IP, opt), 1);
+    }
+    let b = udp(&mut n.a);
+    assert_eq!(n.a.send(&b, b"d0", 0, &sa("127.0.0.1:9015")), Ok(2));
+    assert_eq!(n.a.send(&b, b"d1", 0, &sa("127.0.0.1:9015")), Ok(2));
+    n.run(1);
+    let mut ctl = [0u8; 256];
+    let mut buf = [0u8; 16];
+    let r = n.a.recvmsg(&a, &mut buf, 0, &mut [], &mut ctl).unwrap();
+    assert_eq!((r.len, r.control_len, r.flags), (2, 80, 0));
+    let lo = [127, 0, 0, 1];
+    let pktinfo = [1i32.to_ne_bytes(), lo, lo].concat();
+    assert_eq!(
+        cmsgs(&ctl, r.control_len),
+        vec![
+            (libc::IPPROTO_IP, libc::IP_PKTINFO, pktinfo),
+            (libc::IPPROTO_IP, libc::IP_TTL, 64i32.to_ne_bytes().to_vec()),
+            (libc::IPPROTO_IP, libc::IP_TOS, vec![0]),
+        ]
+    );
+    // Room for the first only: cut there with MSG_CTRUNC.
+    let r = n.a.recvmsg(&a, &mut buf, 0, &mut [], &mut ctl[..40]).unwrap();
+    assert_eq!((r.len, r.control_len, r.flags), (2, 32, libc::MSG_CTRUNC));
+
+    let a6 = n.a.socket(libc::AF_INET6, libc::SOCK_DGRAM, 0).unwrap();
+    n.a.bind(&a6, &sa("[::1]:9016")).unwrap();
+    for opt in [libc::IPV6_RECVPKTINFO, libc::IPV6_RECVHOPLIMIT, libc::IPV6_RECVTCLASS] {
+        set_int(&mut n.a, &a6, libc::IPPROTO_IPV6, opt, 1);
+    }
+    let b6 = n.a.socket(libc::AF_INET6, libc::SOCK_DGRAM, 0).unwrap();
+    assert_eq!(n.a.send(&b6, b"six", 0, &sa("[::1]:9016")), Ok(3));
+    n.run(1);
+    let r = n.a.recvmsg(&a6, &mut buf, 0, &mut [], &mut ctl).unwrap();
+    let mut pi = std::net::Ipv6Addr::LOCALHOST.octets().to_vec();
+    pi.extend_from_slice(&1u32.to_ne_bytes());
+    assert_eq!(
+        cmsgs(&ctl, r.control_len),
+        vec![
+            (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO, pi),
+            (libc::IPPROTO_IPV6, libc::IPV6_HOPLIMIT, 64i32.to_ne_bytes().to_vec()),
+            (libc::IPPROTO_IPV6, libc::IPV6_TCLASS, 0i32.to_ne_bytes().to_vec()),
+        ]
+    );
 }

@@ -207,6 +207,7 @@ impl UserStack {
             let n = data.len().min(buf.len());
             buf[..n].copy_from_slice(&data[..n]);
             let full = data.len();
+            self.last_rx = self.rx_meta_of(meta.meta.id, flags & libc::MSG_PEEK != 0);
             let src = SocketAddr::new(meta.endpoint.addr.into(), meta.endpoint.port);
             let from_len = if from.is_empty() { 0 } else { sockaddr::write(family, src, from) };
             return Ok((if flags & libc::MSG_TRUNC != 0 { full } else { n }, from_len));
