@@ -58,14 +58,19 @@
 //!   silence since the last segment received, not retransmissions.
 //! - IPv6 datagrams over the wire are not fragmented (EMSGSIZE past 1452 bytes); IPv4 ones
 //!   are. No IPv6 extension headers are looked into.
-//! - Options not listed in `opts.rs` are ENOPROTOOPT (IP_TOS, SO_REUSEPORT, multicast,
-//!   SO_BINDTODEVICE...). SOCK_RAW is EPROTONOSUPPORT.
+//! - Options not listed in `opts.rs` are ENOPROTOOPT (IP_TOS on TCP sockets, SO_REUSEPORT,
+//!   multicast, SO_BINDTODEVICE...). SOCK_RAW is EPROTONOSUPPORT.
+//! - IP_TOS/IPV6_TCLASS on UDP sockets and sendmsg's IP_TOS, IP_TTL, IPV6_TCLASS and
+//!   IPV6_HOPLIMIT are applied by rewriting the datagram's IP header as it leaves (smoltcp has
+//!   no TOS knob); a marked IPv6 datagram is sent at once, with whatever else its socket set
+//!   had queued (smoltcp passes IPv6 packets no id to tell them apart). IPv4 fragments after
+//!   the first keep smoltcp's header.
 //! - Ancillary data on receive: SO_TIMESTAMP/SO_TIMESTAMPNS, stamped with the time of the
 //!   receive (smoltcp keeps no arrival times); for datagrams IP_PKTINFO, IP_RECVTTL,
 //!   IP_RECVTOS, IPV6_RECVPKTINFO, IPV6_RECVHOPLIMIT and IPV6_RECVTCLASS, from notes taken of
 //!   each datagram's IP header on arrival (PKTINFO's ifindex: 1 on loopback, 2 on the wire;
 //!   spec_dst is the destination; an IPv4 datagram on an AF_INET6 socket gets none). TCP
-//!   sockets store IP_RECVTOS/IP_PKTINFO, for which Linux gives no cmsg either. sendmsg
+//!   sockets store IP_RECVTOS/IP_PKTINFO, for which Linux gives no cmsg either; TCP's sendmsg
 //!   ignores control messages.
 //! - Datagrams (and segments) that different sockets queue between two polls leave in socket
 //!   order, not in the order the sends happened; Linux sends within the call. Each socket's
@@ -135,7 +140,20 @@ impl Stack for UserStack {
     fn send(&mut self, s: &Handle, data: &[u8], flags: i32, to: &[u8]) -> Result<usize, Errno> {
         match self.sock(s.id)?.proto {
             Proto::Tcp => self.tcp_send(s.id, data, flags),
-            Proto::Udp => self.udp_send(s.id, data, flags, to),
+            Proto::Udp => self.udp_send(s.id, data, flags, to, device::Mark::default()),
+        }
+    }
+
+    /// A datagram's control messages set its TOS and TTL; a stream socket ignores them, as
+    /// Linux's tcp_sendmsg does all but SCM_* ones.
+    fn sendmsg(&mut self, s: &Handle, data: &[u8], flags: i32, to: &[u8], control: &[u8]) -> Result<usize, Errno> {
+        let sock = self.sock(s.id)?;
+        match sock.proto {
+            Proto::Tcp => self.tcp_send(s.id, data, flags),
+            Proto::Udp => {
+                let mark = opts::parse_send_cmsgs(sock.family, control)?;
+                self.udp_send(s.id, data, flags, to, mark)
+            }
         }
     }
 

@@ -113,6 +113,8 @@ impl UserStack {
             (libc::IPPROTO_IP, libc::IP_RECVTOS) if s.family == Family::V4 => int(o.recvtos),
             (libc::IPPROTO_IP, libc::IP_PKTINFO) if s.family == Family::V4 => int(o.pktinfo),
             (libc::IPPROTO_IP, libc::IP_RECVTTL) if s.family == Family::V4 => int(o.recvttl),
+            (libc::IPPROTO_IP, libc::IP_TOS) if !tcp && s.family == Family::V4 => i32::from(o.tos.unwrap_or(0)),
+            (libc::IPPROTO_IPV6, libc::IPV6_TCLASS) if !tcp && s.family == Family::V6 => i32::from(o.tos.unwrap_or(0)),
             (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO) if s.family == Family::V6 => int(o.pktinfo6),
             (libc::IPPROTO_IPV6, libc::IPV6_RECVHOPLIMIT) if s.family == Family::V6 => int(o.hoplimit6),
             (libc::IPPROTO_IPV6, libc::IPV6_RECVTCLASS) if s.family == Family::V6 => int(o.tclass6),
@@ -213,6 +215,12 @@ impl UserStack {
             (libc::IPPROTO_IP, libc::IP_RECVTOS) if family == Family::V4 => o.recvtos = get_int(val)? != 0,
             (libc::IPPROTO_IP, libc::IP_PKTINFO) if family == Family::V4 => o.pktinfo = get_int(val)? != 0,
             (libc::IPPROTO_IP, libc::IP_RECVTTL) if family == Family::V4 => o.recvttl = get_int(val)? != 0,
+            // What a datagram socket's datagrams leave with (the IP header is rewritten on the
+            // way out: device.rs's Mark). Not on TCP sockets, whose segments carry no mark.
+            (libc::IPPROTO_IP, libc::IP_TOS) if !tcp && family == Family::V4 => o.tos = Some(get_int(val)? as u8),
+            (libc::IPPROTO_IPV6, libc::IPV6_TCLASS) if !tcp && family == Family::V6 => {
+                o.tos = Some(tclass(get_int(val)?)?);
+            }
             (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO) if family == Family::V6 => o.pktinfo6 = get_int(val)? != 0,
             (libc::IPPROTO_IPV6, libc::IPV6_RECVHOPLIMIT) if family == Family::V6 => o.hoplimit6 = get_int(val)? != 0,
             (libc::IPPROTO_IPV6, libc::IPV6_RECVTCLASS) if family == Family::V6 => o.tclass6 = get_int(val)? != 0,
@@ -426,6 +434,68 @@ fn put_cmsg_bytes(space: &mut [u8], level: i32, ty: i32, data: &[u8]) -> (usize,
     unsafe { std::ptr::write_unaligned(space.as_mut_ptr().cast::<libc::cmsghdr>(), c) };
     space[hdr..len].copy_from_slice(&data[..len - hdr]);
     (spaced.min(space.len()), if len < full { libc::MSG_CTRUNC } else { 0 })
+}
+
+/// IPV6_TCLASS: -1 is the default (0), else 0..=255.
+pub(crate) fn tclass(v: i32) -> Result<u8, Errno> {
+    match v {
+        -1 => Ok(0),
+        0..=255 => Ok(v as u8),
+        _ => Err(libc::EINVAL),
+    }
+}
+
+/// The TOS and TTL a sendmsg's control messages give one datagram (ip_cmsg_send,
+/// ip6_datagram_send_ctl): EINVAL for a malformed one or one of the IP level this stack does
+/// not know; other levels are left alone.
+pub(crate) fn parse_send_cmsgs(family: Family, control: &[u8]) -> Result<crate::device::Mark, Errno> {
+    let hdr = std::mem::size_of::<libc::cmsghdr>();
+    let mut mark = crate::device::Mark::default();
+    let mut off = 0;
+    while off + hdr <= control.len() {
+        // SAFETY: a cmsghdr's worth of bytes inside control, read unaligned.
+        let c: libc::cmsghdr = unsafe { std::ptr::read_unaligned(control[off..].as_ptr().cast()) };
+        let len = c.cmsg_len as usize;
+        if len < hdr || off + len > control.len() {
+            return Err(libc::EINVAL);
+        }
+        let data = &control[off + hdr..off + len];
+        let int = || -> Result<i32, Errno> {
+            match data.len() {
+                4 => Ok(i32::from_ne_bytes([data[0], data[1], data[2], data[3]])),
+                _ => Err(libc::EINVAL),
+            }
+        };
+        match (family, c.cmsg_level, c.cmsg_type) {
+            (Family::V4, libc::IPPROTO_IP, libc::IP_TTL) => mark.ttl = Some(ttl(int()?)?.ok_or(libc::EINVAL)?),
+            (Family::V4, libc::IPPROTO_IP, libc::IP_TOS) => {
+                // An int or, as Linux also takes, one byte.
+                let v = if data.len() == 1 { i32::from(data[0]) } else { int()? };
+                if !(0..=255).contains(&v) {
+                    return Err(libc::EINVAL);
+                }
+                mark.tos = Some(v as u8);
+            }
+            // The source address a datagram goes from: this stack picks it by route.
+            (Family::V4, libc::IPPROTO_IP, libc::IP_PKTINFO) | (Family::V6, libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) => {
+            }
+            (Family::V4, libc::IPPROTO_IP, _) => return Err(libc::EINVAL),
+            (Family::V6, libc::IPPROTO_IPV6, libc::IPV6_HOPLIMIT) => {
+                let v = int()?;
+                mark.ttl = match v {
+                    -1 => None,
+                    0..=255 => Some(v as u8),
+                    _ => return Err(libc::EINVAL),
+                };
+            }
+            (Family::V6, libc::IPPROTO_IPV6, libc::IPV6_TCLASS) => mark.tos = Some(tclass(int()?)?),
+            (Family::V6, libc::IPPROTO_IPV6, _) => return Err(libc::EINVAL),
+            _ => {}
+        }
+        // SAFETY: CMSG_SPACE is arithmetic.
+        off += unsafe { libc::CMSG_SPACE(data.len() as u32) } as usize;
+    }
+    Ok(mark)
 }
 
 fn ttl(v: i32) -> Result<Option<u8>, Errno> {

@@ -185,11 +185,11 @@ impl phy::Device for ExtPort<'_> {
 
     fn receive(&mut self, _: Instant) -> Option<(FdRx, FdTx<'_>)> {
         let (f, id) = self.rx.pop_front()?;
-        Some((FdRx(f, id), FdTx(self.dev)))
+        Some((FdRx(f, id), FdTx(self.dev, 0)))
     }
 
     fn transmit(&mut self, _: Instant) -> Option<FdTx<'_>> {
-        Some(FdTx(self.dev))
+        Some(FdTx(self.dev, 0))
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
@@ -215,11 +215,11 @@ impl phy::Device for LoPort<'_> {
 
     fn receive(&mut self, _: Instant) -> Option<(LoopRx, LoopTx<'_>)> {
         let (f, id) = self.rx.pop_front()?;
-        Some((LoopRx(f, id), LoopTx(&mut self.dev.tx)))
+        Some((LoopRx(f, id), LoopTx(self.dev, 0)))
     }
 
     fn transmit(&mut self, _: Instant) -> Option<LoopTx<'_>> {
-        Some(LoopTx(&mut self.dev.tx))
+        Some(LoopTx(self.dev, 0))
     }
 
     fn capabilities(&self) -> DeviceCapabilities {

@@ -115,6 +115,8 @@ pub struct Opts {
     pub recvtos: bool,
     pub pktinfo: bool,
     /// IP_RECVTTL, and the IPv6 ones: IPV6_RECVPKTINFO, IPV6_RECVHOPLIMIT, IPV6_RECVTCLASS.
+    /// IP_TOS / IPV6_TCLASS of a datagram socket (None: never set, 0).
+    pub tos: Option<u8>,
     pub recvttl: bool,
     pub pktinfo6: bool,
     pub hoplimit6: bool,
@@ -162,6 +164,7 @@ impl Default for Opts {
             stamp: Stamp::None,
             recvtos: false,
             pktinfo: false,
+            tos: None,
             recvttl: false,
             pktinfo6: false,
             hoplimit6: false,
@@ -965,6 +968,23 @@ impl UserStack {
             self.nets[ifx].mark(sh);
         }
         wake_all
+    }
+
+    /// Sends the datagrams queued on the UDP socket set of interface `ifx` now, those from
+    /// `port` with `mark` (IPv6 gets no per-packet id through smoltcp; see device.rs's Marks).
+    pub(crate) fn send_marked_now(&mut self, ifx: usize, h: Sk, port: u16, mark: crate::device::Mark) {
+        let ts = self.now;
+        let Net { iface, shards, .. } = &mut self.nets[ifx];
+        let sh = &mut shards[h.sh];
+        if ifx == EXT {
+            self.ext_dev.marks.live = Some((port, mark));
+            iface.poll_egress(ts, &mut ExtPort { rx: &mut sh.rx, dev: &mut self.ext_dev }, &mut sh.set);
+            self.ext_dev.marks.live = None;
+        } else {
+            self.lo_dev.marks.live = Some((port, mark));
+            iface.poll_egress(ts, &mut LoPort { rx: &mut sh.rx, dev: &mut self.lo_dev }, &mut sh.set);
+            self.lo_dev.marks.live = None;
+        }
     }
 
     /// Keeps a datagram's note; returns its id (never 0, which means none).

@@ -1477,3 +1477,83 @@ fn datagram_cmsgs_carry_pktinfo_ttl_and_tos() {
         ]
     );
 }
+
+/// One int control message (level, type, value), laid out as CMSG_* would.
+fn int_cmsg(level: i32, ty: i32, v: i32) -> Vec<u8> {
+    let mut c = vec![0u8; 24];
+    c[..8].copy_from_slice(&20u64.to_ne_bytes());
+    c[8..12].copy_from_slice(&level.to_ne_bytes());
+    c[12..16].copy_from_slice(&ty.to_ne_bytes());
+    c[16..20].copy_from_slice(&v.to_ne_bytes());
+    c
+}
+
+#[test]
+fn datagrams_leave_with_the_tos_and_ttl_asked_for() {
+    let mut n = Net::new();
+    let a = udp(&mut n.a);
+    n.a.bind(&a, &sa("127.0.0.1:9017")).unwrap();
+    set_int(&mut n.a, &a, libc::IPPROTO_IP, libc::IP_RECVTTL, 1);
+    set_int(&mut n.a, &a, libc::IPPROTO_IP, libc::IP_RECVTOS, 1);
+    let b = udp(&mut n.a);
+    set_int(&mut n.a, &b, libc::IPPROTO_IP, libc::IP_TOS, 0x28);
+    assert_eq!(int_opt(&mut n.a, &b, libc::IPPROTO_IP, libc::IP_TOS), 0x28);
+    let to = sa("127.0.0.1:9017");
+    assert_eq!(n.a.send(&b, b"x", 0, &to), Ok(1));
+    assert_eq!(n.a.sendmsg(&b, b"y", 0, &to, &int_cmsg(libc::IPPROTO_IP, libc::IP_TOS, 0x10)), Ok(1));
+    assert_eq!(n.a.sendmsg(&b, b"z", 0, &to, &int_cmsg(libc::IPPROTO_IP, libc::IP_TTL, 9)), Ok(1));
+    assert_eq!(n.a.sendmsg(&b, b"!", 0, &to, &int_cmsg(libc::IPPROTO_IP, 12345, 1)), Err(libc::EINVAL));
+    n.run(1);
+    let mut ctl = [0u8; 256];
+    let mut buf = [0u8; 16];
+    for (ttl, tos) in [(64i32, 0x28), (64, 0x10), (9, 0x28)] {
+        let r = n.a.recvmsg(&a, &mut buf, 0, &mut [], &mut ctl).unwrap();
+        assert_eq!(
+            cmsgs(&ctl, r.control_len),
+            vec![
+                (libc::IPPROTO_IP, libc::IP_TTL, ttl.to_ne_bytes().to_vec()),
+                (libc::IPPROTO_IP, libc::IP_TOS, vec![tos]),
+            ]
+        );
+    }
+}
+
+#[test]
+fn a_rewritten_ipv4_header_keeps_a_valid_checksum() {
+    // 20-byte header, TOS 0, TTL 64, checksum filled in as smoltcp would.
+    let mut ip = [0x45, 0, 0, 20, 0, 0, 0x40, 0, 64, 17, 0, 0, 10, 77, 0, 2, 10, 77, 0, 3];
+    crate::device::Mark { tos: Some(0x28), ttl: Some(9) }.apply(&mut ip);
+    let mut sum: u32 = ip.chunks(2).map(|w| u32::from(u16::from_be_bytes([w[0], w[1]]))).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    assert_eq!(sum, 0xffff, "ones' complement sum over a valid header");
+    assert_eq!((ip[1], ip[8]), (0x28, 9));
+}
+
+#[test]
+fn ipv6_datagrams_leave_with_the_tclass_and_hop_limit_asked_for() {
+    let mut n = Net::new();
+    let a = n.a.socket(libc::AF_INET6, libc::SOCK_DGRAM, 0).unwrap();
+    n.a.bind(&a, &sa("[::1]:9018")).unwrap();
+    set_int(&mut n.a, &a, libc::IPPROTO_IPV6, libc::IPV6_RECVHOPLIMIT, 1);
+    set_int(&mut n.a, &a, libc::IPPROTO_IPV6, libc::IPV6_RECVTCLASS, 1);
+    let b = n.a.socket(libc::AF_INET6, libc::SOCK_DGRAM, 0).unwrap();
+    set_int(&mut n.a, &b, libc::IPPROTO_IPV6, libc::IPV6_TCLASS, 0x20);
+    let to = sa("[::1]:9018");
+    assert_eq!(n.a.send(&b, b"x", 0, &to), Ok(1));
+    assert_eq!(n.a.sendmsg(&b, b"y", 0, &to, &int_cmsg(libc::IPPROTO_IPV6, libc::IPV6_HOPLIMIT, 2)), Ok(1));
+    n.run(1);
+    let mut ctl = [0u8; 256];
+    let mut buf = [0u8; 16];
+    for hop in [64i32, 2] {
+        let r = n.a.recvmsg(&a, &mut buf, 0, &mut [], &mut ctl).unwrap();
+        assert_eq!(
+            cmsgs(&ctl, r.control_len),
+            vec![
+                (libc::IPPROTO_IPV6, libc::IPV6_HOPLIMIT, hop.to_ne_bytes().to_vec()),
+                (libc::IPPROTO_IPV6, libc::IPV6_TCLASS, 0x20i32.to_ne_bytes().to_vec()),
+            ]
+        );
+    }
+}
