@@ -154,6 +154,10 @@ pub struct FdDevice {
     pub rx_frames: u64,
     /// Headers of the TCP segments sent since the stack last looked, for its meters.
     pub sent: Vec<crate::frame::Peek>,
+<<<<<<< HEAD
+=======
+    pub marks: Marks,
+>>>>>>> user2
 }
 
 impl FdDevice {
@@ -192,6 +196,10 @@ impl FdDevice {
             tx_frames: 0,
             rx_frames: 0,
             sent: Vec::new(),
+<<<<<<< HEAD
+=======
+            marks: Marks::default(),
+>>>>>>> user2
         })
     }
 
@@ -307,22 +315,37 @@ impl FdDevice {
     }
 }
 
-pub struct FdRx(pub(crate) Vec<u8>);
-pub struct FdTx<'a>(pub(crate) &'a mut FdDevice);
+/// A frame and the id smoltcp hands back in a datagram's metadata (PacketMeta::id).
+pub struct FdRx(pub(crate) Vec<u8>, pub(crate) u32);
+/// The device and the id of the datagram being sent (PacketMeta::id; 0: none).
+pub struct FdTx<'a>(pub(crate) &'a mut FdDevice, pub(crate) u32);
 
 impl phy::RxToken for FdRx {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
         f(&self.0)
     }
+
+    fn meta(&self) -> phy::PacketMeta {
+        packet_meta(self.1)
+    }
 }
 
 impl phy::TxToken for FdTx<'_> {
+    fn set_meta(&mut self, meta: phy::PacketMeta) {
+        self.1 = meta.id;
+    }
+
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
         let mut buf = std::mem::take(&mut self.0.scratch);
         if buf.len() < len {
             buf.resize(len, 0);
         }
         let r = f(&mut buf[..len]);
+        if let Some(ip) = buf.get_mut(14..len) {
+            if let Some(m) = self.0.marks.take(self.1, ip) {
+                m.apply(ip);
+            }
+        }
         self.0.send_frame(&buf[..len]);
         if let Some(p) = crate::frame::peek_ethernet(&buf[..len]).filter(|p| p.proto == crate::frame::TCP) {
             self.0.sent.push(p);
@@ -338,11 +361,11 @@ impl phy::Device for FdDevice {
 
     fn receive(&mut self, _: Instant) -> Option<(FdRx, FdTx<'_>)> {
         let f = self.rx.pop_front()?;
-        Some((FdRx(f), FdTx(self)))
+        Some((FdRx(f, 0), FdTx(self, 0)))
     }
 
     fn transmit(&mut self, _: Instant) -> Option<FdTx<'_>> {
-        Some(FdTx(self))
+        Some(FdTx(self, 0))
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
@@ -362,22 +385,120 @@ impl phy::Device for FdDevice {
 pub struct LoopDevice {
     pub rx: VecDeque<Vec<u8>>,
     pub tx: VecDeque<Vec<u8>>,
+    pub marks: Marks,
 }
 
-pub struct LoopRx(pub(crate) Vec<u8>);
-pub struct LoopTx<'a>(pub(crate) &'a mut VecDeque<Vec<u8>>);
+/// The TOS (traffic class) and TTL (hop limit) one datagram leaves with: smoltcp has no TOS
+/// knob and one hop limit per socket, so its IP header is rewritten on the way out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Mark {
+    pub tos: Option<u8>,
+    pub ttl: Option<u8>,
+}
+
+impl Mark {
+    /// Rewrites the IP header at the start of `ip` (the IPv4 header checksum included; the
+    /// UDP checksum's pseudo-header has neither field).
+    pub fn apply(&self, ip: &mut [u8]) {
+        match ip.first().map(|b| b >> 4) {
+            Some(4) if ip.len() >= 20 => {
+                if let Some(t) = self.tos {
+                    ip[1] = t;
+                }
+                if let Some(t) = self.ttl {
+                    ip[8] = t;
+                }
+                let ihl = usize::from(ip[0] & 0x0f) * 4;
+                if ihl < 20 || ip.len() < ihl {
+                    return;
+                }
+                ip[10] = 0;
+                ip[11] = 0;
+                let mut sum: u32 = ip[..ihl].chunks(2).map(|w| u32::from(u16::from_be_bytes([w[0], w[1]]))).sum();
+                while sum > 0xffff {
+                    sum = (sum & 0xffff) + (sum >> 16);
+                }
+                ip[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+            }
+            Some(6) if ip.len() >= 40 => {
+                if let Some(t) = self.tos {
+                    ip[0] = 0x60 | (t >> 4);
+                    ip[1] = (t << 4) | (ip[1] & 0x0f);
+                }
+                if let Some(t) = self.ttl {
+                    ip[7] = t;
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Marks of datagrams queued but not yet sent, by PacketMeta::id.
+#[derive(Default)]
+pub struct Marks {
+    map: std::collections::HashMap<u32, Mark>,
+    next: u32,
+    /// smoltcp hands no packet id to an IPv6 packet's TxToken: a marked IPv6 datagram is sent
+    /// at once, with this (source port, mark) set for the frames of that egress pass.
+    pub live: Option<(u16, Mark)>,
+}
+
+impl Marks {
+    /// Files a mark; returns the id to send the datagram with.
+    pub fn add(&mut self, m: Mark) -> u32 {
+        // Marks of datagrams smoltcp never sent (dropped with their socket) are not kept for
+        // ever.
+        if self.map.len() >= 1 << 16 {
+            self.map.clear();
+        }
+        self.next = self.next.wrapping_add(1).max(1);
+        self.map.insert(self.next, m);
+        self.next
+    }
+
+    /// The mark of a frame about to leave (`ip`: its IP packet).
+    fn take(&mut self, id: u32, ip: &[u8]) -> Option<Mark> {
+        if id != 0 {
+            return self.map.remove(&id);
+        }
+        let (port, m) = self.live?;
+        let p = crate::frame::peek_ip(ip)?;
+        (p.proto == crate::frame::UDP && p.src.port() == port && p.src.is_ipv6()).then_some(m)
+    }
+}
+
+fn packet_meta(id: u32) -> phy::PacketMeta {
+    let mut m = phy::PacketMeta::default();
+    m.id = id;
+    m
+}
+
+pub struct LoopRx(pub(crate) Vec<u8>, pub(crate) u32);
+pub struct LoopTx<'a>(pub(crate) &'a mut LoopDevice, pub(crate) u32);
 
 impl phy::RxToken for LoopRx {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
         f(&self.0)
     }
+
+    fn meta(&self) -> phy::PacketMeta {
+        packet_meta(self.1)
+    }
 }
 
 impl phy::TxToken for LoopTx<'_> {
+    fn set_meta(&mut self, meta: phy::PacketMeta) {
+        self.1 = meta.id;
+    }
+
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
         let mut buf = vec![0; len];
         let r = f(&mut buf);
-        self.0.push_back(buf);
+        if let Some(m) = self.0.marks.take(self.1, &buf) {
+            m.apply(&mut buf);
+        }
+        self.0.tx.push_back(buf);
         r
     }
 }
@@ -388,11 +509,11 @@ impl phy::Device for LoopDevice {
 
     fn receive(&mut self, _: Instant) -> Option<(LoopRx, LoopTx<'_>)> {
         let f = self.rx.pop_front()?;
-        Some((LoopRx(f), LoopTx(&mut self.tx)))
+        Some((LoopRx(f, 0), LoopTx(self, 0)))
     }
 
     fn transmit(&mut self, _: Instant) -> Option<LoopTx<'_>> {
-        Some(LoopTx(&mut self.tx))
+        Some(LoopTx(self, 0))
     }
 
     fn capabilities(&self) -> DeviceCapabilities {

@@ -36,9 +36,18 @@
 //! Known differences, each answering with Linux's errno for something unsupported:
 //! - No urgent data: send(MSG_OOB) is EOPNOTSUPP (recv(MSG_OOB) is EINVAL, as Linux without
 //!   urgent data); SIOCATMARK is always 0.
+<<<<<<< HEAD
 //! - SO_RCVBUF/SO_SNDBUF read back as Linux's, but smoltcp sizes a socket's buffers when its
 //!   connection starts: set after connect/listen they apply to later connections only.
 //!   Defaults are 256 KiB each way (window scaling on); Linux autotunes instead.
+=======
+//! - SO_RCVBUF/SO_SNDBUF, SO_RCVTIMEO/SO_SNDTIMEO read back as a scratch kernel socket of the
+//!   NSM's says (Linux's clamps to rmem_max/wmem_max, jiffy rounding, EDOM), but smoltcp sizes
+//!   a socket's buffers when its connection starts: set after connect/accept they apply to
+//!   later connections only (a peer that never reads then holds more than on Linux). Defaults
+//!   are 256 KiB each way on the wire (window scaling on) and a 128 KiB receive buffer on
+//!   loopback; Linux autotunes instead.
+>>>>>>> user2
 //! - TCP_INFO and `tcp_stats` carry the state, queue sizes and RTT, cwnd and retransmissions
 //!   measured passively from the segments on the wire (`meter.rs`): smoltcp keeps its own
 //!   private. The cwnd is the largest flight seen over the last RTT (which the receive window
@@ -55,13 +64,20 @@
 //!   silence since the last segment received, not retransmissions.
 //! - IPv6 datagrams over the wire are not fragmented (EMSGSIZE past 1452 bytes); IPv4 ones
 //!   are. No IPv6 extension headers are looked into.
-//! - Options not listed in `opts.rs` are ENOPROTOOPT (IP_TOS, SO_REUSEPORT, multicast,
-//!   SO_BINDTODEVICE...). SOCK_RAW is EPROTONOSUPPORT.
-//! - Ancillary data: only SO_TIMESTAMP/SO_TIMESTAMPNS, stamped with the time of the receive
-//!   (smoltcp keeps no arrival times). IP_RECVTOS and IP_PKTINFO are stored on TCP sockets,
-//!   where Linux gives no cmsg for them either; on UDP sockets they, IP_RECVTTL and the
-//!   IPv6 ones are ENOPROTOOPT (the stack keeps no per-datagram TOS, TTL or destination), and
-//!   sendmsg ignores control messages.
+//! - Options not listed in `opts.rs` are ENOPROTOOPT (IP_TOS on TCP sockets, SO_REUSEPORT,
+//!   multicast, SO_BINDTODEVICE...). SOCK_RAW is EPROTONOSUPPORT.
+//! - IP_TOS/IPV6_TCLASS on UDP sockets and sendmsg's IP_TOS, IP_TTL, IPV6_TCLASS and
+//!   IPV6_HOPLIMIT are applied by rewriting the datagram's IP header as it leaves (smoltcp has
+//!   no TOS knob); a marked IPv6 datagram is sent at once, with whatever else its socket set
+//!   had queued (smoltcp passes IPv6 packets no id to tell them apart). IPv4 fragments after
+//!   the first keep smoltcp's header.
+//! - Ancillary data on receive: SO_TIMESTAMP/SO_TIMESTAMPNS, stamped with the time of the
+//!   receive (smoltcp keeps no arrival times); for datagrams IP_PKTINFO, IP_RECVTTL,
+//!   IP_RECVTOS, IPV6_RECVPKTINFO, IPV6_RECVHOPLIMIT and IPV6_RECVTCLASS, from notes taken of
+//!   each datagram's IP header on arrival (PKTINFO's ifindex: 1 on loopback, 2 on the wire;
+//!   spec_dst is the destination; an IPv4 datagram on an AF_INET6 socket gets none). TCP
+//!   sockets store IP_RECVTOS/IP_PKTINFO, for which Linux gives no cmsg either; TCP's sendmsg
+//!   ignores control messages.
 //! - Datagrams (and segments) that different sockets queue between two polls leave in socket
 //!   order, not in the order the sends happened; Linux sends within the call. Each socket's
 //!   own order is kept.
@@ -130,7 +146,20 @@ impl Stack for UserStack {
     fn send(&mut self, s: &Handle, data: &[u8], flags: i32, to: &[u8]) -> Result<usize, Errno> {
         match self.sock(s.id)?.proto {
             Proto::Tcp => self.tcp_send(s.id, data, flags),
-            Proto::Udp => self.udp_send(s.id, data, flags, to),
+            Proto::Udp => self.udp_send(s.id, data, flags, to, device::Mark::default()),
+        }
+    }
+
+    /// A datagram's control messages set its TOS and TTL; a stream socket ignores them, as
+    /// Linux's tcp_sendmsg does all but SCM_* ones.
+    fn sendmsg(&mut self, s: &Handle, data: &[u8], flags: i32, to: &[u8], control: &[u8]) -> Result<usize, Errno> {
+        let sock = self.sock(s.id)?;
+        match sock.proto {
+            Proto::Tcp => self.tcp_send(s.id, data, flags),
+            Proto::Udp => {
+                let mark = opts::parse_send_cmsgs(sock.family, control)?;
+                self.udp_send(s.id, data, flags, to, mark)
+            }
         }
     }
 
@@ -142,8 +171,8 @@ impl Stack for UserStack {
         }
     }
 
-    /// The only ancillary data is the receive timestamp (SO_TIMESTAMP, SO_TIMESTAMPNS), given
-    /// with data as Linux gives it; msg_flags carries MSG_TRUNC for a datagram cut short and
+    /// Ancillary data: the receive timestamp (SO_TIMESTAMP, SO_TIMESTAMPNS) and, for a
+    /// datagram, the IP header's cmsgs the socket asked for; msg_flags carries MSG_TRUNC for a datagram cut short and
     /// MSG_CTRUNC for a cmsg that did not fit, as Linux's does.
     fn recvmsg(
         &mut self,
@@ -165,7 +194,7 @@ impl Stack for UserStack {
                 let (full, from_len) = self.udp_recv(s.id, buf, flags | libc::MSG_TRUNC, from)?;
                 let cut = full > buf.len();
                 let len = if flags & libc::MSG_TRUNC != 0 { full } else { full.min(buf.len()) };
-                let (control_len, cf) = self.put_stamp(s.id, control);
+                let (control_len, cf) = self.put_dgram_cmsgs(s.id, control);
                 Ok(Received { len, from_len, control_len, flags: cf | if cut { libc::MSG_TRUNC } else { 0 } })
             }
         }

@@ -110,8 +110,14 @@ impl UserStack {
             (libc::SOL_SOCKET, libc::SO_RCVTIMEO) => return Ok(put_bytes(val, &o.rcvtimeo)),
             (libc::SOL_SOCKET, libc::SO_TIMESTAMP) => int(o.stamp == Stamp::Micro),
             (libc::SOL_SOCKET, libc::SO_TIMESTAMPNS) => int(o.stamp == Stamp::Nano),
-            (libc::IPPROTO_IP, libc::IP_RECVTOS) if tcp && s.family == Family::V4 => int(o.recvtos),
-            (libc::IPPROTO_IP, libc::IP_PKTINFO) if tcp && s.family == Family::V4 => int(o.pktinfo),
+            (libc::IPPROTO_IP, libc::IP_RECVTOS) if s.family == Family::V4 => int(o.recvtos),
+            (libc::IPPROTO_IP, libc::IP_PKTINFO) if s.family == Family::V4 => int(o.pktinfo),
+            (libc::IPPROTO_IP, libc::IP_RECVTTL) if s.family == Family::V4 => int(o.recvttl),
+            (libc::IPPROTO_IP, libc::IP_TOS) if !tcp && s.family == Family::V4 => i32::from(o.tos.unwrap_or(0)),
+            (libc::IPPROTO_IPV6, libc::IPV6_TCLASS) if !tcp && s.family == Family::V6 => i32::from(o.tos.unwrap_or(0)),
+            (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO) if s.family == Family::V6 => int(o.pktinfo6),
+            (libc::IPPROTO_IPV6, libc::IPV6_RECVHOPLIMIT) if s.family == Family::V6 => int(o.hoplimit6),
+            (libc::IPPROTO_IPV6, libc::IPV6_RECVTCLASS) if s.family == Family::V6 => int(o.tclass6),
             (libc::SOL_SOCKET, libc::SO_SNDTIMEO) => return Ok(put_bytes(val, &o.sndtimeo)),
             (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY) if s.family == Family::V6 => int(o.v6only),
             (libc::IPPROTO_IP, libc::IP_TTL) if s.family == Family::V4 => i32::from(o.ttl.unwrap_or(64)),
@@ -204,11 +210,20 @@ impl UserStack {
             (libc::SOL_SOCKET, libc::SO_TIMESTAMPNS) => {
                 o.stamp = if get_int(val)? != 0 { Stamp::Nano } else { Stamp::None };
             }
-            // Stored only on a stream socket, where Linux gives no cmsg for them either; a
-            // datagram socket would need the TOS and addresses of each datagram, which this
-            // stack does not keep (ENOPROTOOPT rather than silently missing cmsgs).
-            (libc::IPPROTO_IP, libc::IP_RECVTOS) if tcp && family == Family::V4 => o.recvtos = get_int(val)? != 0,
-            (libc::IPPROTO_IP, libc::IP_PKTINFO) if tcp && family == Family::V4 => o.pktinfo = get_int(val)? != 0,
+            // A datagram's cmsgs come from the notes taken of its IP header on arrival; a
+            // stream socket only stores them (Linux's tcp_recvmsg gives no such cmsg).
+            (libc::IPPROTO_IP, libc::IP_RECVTOS) if family == Family::V4 => o.recvtos = get_int(val)? != 0,
+            (libc::IPPROTO_IP, libc::IP_PKTINFO) if family == Family::V4 => o.pktinfo = get_int(val)? != 0,
+            (libc::IPPROTO_IP, libc::IP_RECVTTL) if family == Family::V4 => o.recvttl = get_int(val)? != 0,
+            // What a datagram socket's datagrams leave with (the IP header is rewritten on the
+            // way out: device.rs's Mark). Not on TCP sockets, whose segments carry no mark.
+            (libc::IPPROTO_IP, libc::IP_TOS) if !tcp && family == Family::V4 => o.tos = Some(get_int(val)? as u8),
+            (libc::IPPROTO_IPV6, libc::IPV6_TCLASS) if !tcp && family == Family::V6 => {
+                o.tos = Some(tclass(get_int(val)?)?);
+            }
+            (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO) if family == Family::V6 => o.pktinfo6 = get_int(val)? != 0,
+            (libc::IPPROTO_IPV6, libc::IPV6_RECVHOPLIMIT) if family == Family::V6 => o.hoplimit6 = get_int(val)? != 0,
+            (libc::IPPROTO_IPV6, libc::IPV6_RECVTCLASS) if family == Family::V6 => o.tclass6 = get_int(val)? != 0,
             (libc::SOL_SOCKET, libc::SO_RCVTIMEO | libc::SO_SNDTIMEO) => {
                 if val.len() < 16 {
                     return Err(libc::EINVAL);
@@ -306,6 +321,49 @@ impl UserStack {
         }
     }
 
+    /// A datagram's cmsgs in Linux's order: the timestamp (sock_recv_timestamp), then
+    /// ip_cmsg_recv's PKTINFO, TTL, TOS or ip6_datagram_recv_ctl's PKTINFO, HOPLIMIT, TCLASS,
+    /// from the note of the datagram just received. Stops at the first that does not fit.
+    pub(crate) fn put_dgram_cmsgs(&self, id: usize, control: &mut [u8]) -> (usize, i32) {
+        let (mut used, flags) = self.put_stamp(id, control);
+        if flags != 0 {
+            return (used, flags);
+        }
+        let (Some(s), Some(m)) = (self.socks.get(id), self.last_rx) else { return (used, 0) };
+        let o = &s.opts;
+        let mut put = |on: bool, level: i32, ty: i32, data: &[u8]| -> bool {
+            if !on {
+                return true;
+            }
+            let (n, f) = put_cmsg_bytes(&mut control[used..], level, ty, data);
+            used += n;
+            f == 0
+        };
+        match (s.family, m.dst) {
+            (Family::V4, std::net::IpAddr::V4(dst)) => {
+                let mut pi = [0u8; 12];
+                pi[..4].copy_from_slice(&(m.ifindex as i32).to_ne_bytes());
+                pi[4..8].copy_from_slice(&dst.octets());
+                pi[8..].copy_from_slice(&dst.octets());
+                let ok = put(o.pktinfo, libc::IPPROTO_IP, libc::IP_PKTINFO, &pi)
+                    && put(o.recvttl, libc::IPPROTO_IP, libc::IP_TTL, &i32::from(m.ttl).to_ne_bytes())
+                    && put(o.recvtos, libc::IPPROTO_IP, libc::IP_TOS, &[m.tos]);
+                (used, if ok { 0 } else { libc::MSG_CTRUNC })
+            }
+            (Family::V6, std::net::IpAddr::V6(dst)) => {
+                let mut pi = [0u8; 20];
+                pi[..16].copy_from_slice(&dst.octets());
+                pi[16..].copy_from_slice(&m.ifindex.to_ne_bytes());
+                let ok = put(o.pktinfo6, libc::IPPROTO_IPV6, libc::IPV6_PKTINFO, &pi)
+                    && put(o.hoplimit6, libc::IPPROTO_IPV6, libc::IPV6_HOPLIMIT, &i32::from(m.ttl).to_ne_bytes())
+                    && put(o.tclass6, libc::IPPROTO_IPV6, libc::IPV6_TCLASS, &i32::from(m.tos).to_ne_bytes());
+                (used, if ok { 0 } else { libc::MSG_CTRUNC })
+            }
+            // An IPv4 datagram on an AF_INET6 socket: not looked into here.
+            _ => (used, 0),
+        }
+    }
+
     pub(crate) fn do_tcp_stats(&mut self, id: usize) -> Option<TcpStats> {
         let s = self.socks.get(id)?;
         if s.proto != Proto::Tcp {
@@ -359,6 +417,10 @@ fn kernel_int(tcp: bool, name: i32, v: i32) -> Option<i32> {
 fn put_cmsg<T: Copy>(space: &mut [u8], level: i32, ty: i32, v: &T) -> (usize, i32) {
     // SAFETY: only called with timeval and timespec, plain integers without padding.
     let data = unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>()) };
+    put_cmsg_bytes(space, level, ty, data)
+}
+
+fn put_cmsg_bytes(space: &mut [u8], level: i32, ty: i32, data: &[u8]) -> (usize, i32) {
     let hdr = std::mem::size_of::<libc::cmsghdr>();
     if space.len() < hdr {
         return (0, libc::MSG_CTRUNC);
@@ -372,6 +434,68 @@ fn put_cmsg<T: Copy>(space: &mut [u8], level: i32, ty: i32, v: &T) -> (usize, i3
     unsafe { std::ptr::write_unaligned(space.as_mut_ptr().cast::<libc::cmsghdr>(), c) };
     space[hdr..len].copy_from_slice(&data[..len - hdr]);
     (spaced.min(space.len()), if len < full { libc::MSG_CTRUNC } else { 0 })
+}
+
+/// IPV6_TCLASS: -1 is the default (0), else 0..=255.
+pub(crate) fn tclass(v: i32) -> Result<u8, Errno> {
+    match v {
+        -1 => Ok(0),
+        0..=255 => Ok(v as u8),
+        _ => Err(libc::EINVAL),
+    }
+}
+
+/// The TOS and TTL a sendmsg's control messages give one datagram (ip_cmsg_send,
+/// ip6_datagram_send_ctl): EINVAL for a malformed one or one of the IP level this stack does
+/// not know; other levels are left alone.
+pub(crate) fn parse_send_cmsgs(family: Family, control: &[u8]) -> Result<crate::device::Mark, Errno> {
+    let hdr = std::mem::size_of::<libc::cmsghdr>();
+    let mut mark = crate::device::Mark::default();
+    let mut off = 0;
+    while off + hdr <= control.len() {
+        // SAFETY: a cmsghdr's worth of bytes inside control, read unaligned.
+        let c: libc::cmsghdr = unsafe { std::ptr::read_unaligned(control[off..].as_ptr().cast()) };
+        let len = c.cmsg_len as usize;
+        if len < hdr || off + len > control.len() {
+            return Err(libc::EINVAL);
+        }
+        let data = &control[off + hdr..off + len];
+        let int = || -> Result<i32, Errno> {
+            match data.len() {
+                4 => Ok(i32::from_ne_bytes([data[0], data[1], data[2], data[3]])),
+                _ => Err(libc::EINVAL),
+            }
+        };
+        match (family, c.cmsg_level, c.cmsg_type) {
+            (Family::V4, libc::IPPROTO_IP, libc::IP_TTL) => mark.ttl = Some(ttl(int()?)?.ok_or(libc::EINVAL)?),
+            (Family::V4, libc::IPPROTO_IP, libc::IP_TOS) => {
+                // An int or, as Linux also takes, one byte.
+                let v = if data.len() == 1 { i32::from(data[0]) } else { int()? };
+                if !(0..=255).contains(&v) {
+                    return Err(libc::EINVAL);
+                }
+                mark.tos = Some(v as u8);
+            }
+            // The source address a datagram goes from: this stack picks it by route.
+            (Family::V4, libc::IPPROTO_IP, libc::IP_PKTINFO) | (Family::V6, libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) => {
+            }
+            (Family::V4, libc::IPPROTO_IP, _) => return Err(libc::EINVAL),
+            (Family::V6, libc::IPPROTO_IPV6, libc::IPV6_HOPLIMIT) => {
+                let v = int()?;
+                mark.ttl = match v {
+                    -1 => None,
+                    0..=255 => Some(v as u8),
+                    _ => return Err(libc::EINVAL),
+                };
+            }
+            (Family::V6, libc::IPPROTO_IPV6, libc::IPV6_TCLASS) => mark.tos = Some(tclass(int()?)?),
+            (Family::V6, libc::IPPROTO_IPV6, _) => return Err(libc::EINVAL),
+            _ => {}
+        }
+        // SAFETY: CMSG_SPACE is arithmetic.
+        off += unsafe { libc::CMSG_SPACE(data.len() as u32) } as usize;
+    }
+    Ok(mark)
 }
 
 fn ttl(v: i32) -> Result<Option<u8>, Errno> {

@@ -36,7 +36,8 @@ pub struct Sk {
 pub struct Shard {
     pub set: SocketSet<'static>,
     /// Packets for this set's sockets, waiting for the set's next poll.
-    pub rx: VecDeque<Vec<u8>>,
+    /// With the id of what the stack noted about each (0: nothing), see `RxMeta`.
+    pub rx: VecDeque<(Vec<u8>, u32)>,
     /// When smoltcp next needs this set polled though nothing arrives.
     pub deadline: Option<Instant>,
     /// Has packets or guest operations: poll it this round.
@@ -168,7 +169,7 @@ pub fn shard_of(local: SocketAddr, remote: SocketAddr) -> usize {
 
 /// The wire as one set sees it: its own received packets, the shared fd for sending.
 pub struct ExtPort<'a> {
-    pub rx: &'a mut VecDeque<Vec<u8>>,
+    pub rx: &'a mut VecDeque<(Vec<u8>, u32)>,
     pub dev: &'a mut FdDevice,
 }
 
@@ -183,12 +184,12 @@ impl phy::Device for ExtPort<'_> {
         Self: 'b;
 
     fn receive(&mut self, _: Instant) -> Option<(FdRx, FdTx<'_>)> {
-        let f = self.rx.pop_front()?;
-        Some((FdRx(f), FdTx(self.dev)))
+        let (f, id) = self.rx.pop_front()?;
+        Some((FdRx(f, id), FdTx(self.dev, 0)))
     }
 
     fn transmit(&mut self, _: Instant) -> Option<FdTx<'_>> {
-        Some(FdTx(self.dev))
+        Some(FdTx(self.dev, 0))
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
@@ -198,7 +199,7 @@ impl phy::Device for ExtPort<'_> {
 
 /// The loopback as one set sees it: its own received packets, the shared outgoing queue.
 pub struct LoPort<'a> {
-    pub rx: &'a mut VecDeque<Vec<u8>>,
+    pub rx: &'a mut VecDeque<(Vec<u8>, u32)>,
     pub dev: &'a mut LoopDevice,
 }
 
@@ -213,12 +214,12 @@ impl phy::Device for LoPort<'_> {
         Self: 'b;
 
     fn receive(&mut self, _: Instant) -> Option<(LoopRx, LoopTx<'_>)> {
-        let f = self.rx.pop_front()?;
-        Some((LoopRx(f), LoopTx(&mut self.dev.tx)))
+        let (f, id) = self.rx.pop_front()?;
+        Some((LoopRx(f, id), LoopTx(self.dev, 0)))
     }
 
     fn transmit(&mut self, _: Instant) -> Option<LoopTx<'_>> {
-        Some(LoopTx(&mut self.dev.tx))
+        Some(LoopTx(self.dev, 0))
     }
 
     fn capabilities(&self) -> DeviceCapabilities {

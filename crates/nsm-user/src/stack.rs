@@ -114,7 +114,26 @@ pub struct Opts {
     /// no such cmsg).
     pub recvtos: bool,
     pub pktinfo: bool,
+    /// IP_RECVTTL, and the IPv6 ones: IPV6_RECVPKTINFO, IPV6_RECVHOPLIMIT, IPV6_RECVTCLASS.
+    /// IP_TOS / IPV6_TCLASS of a datagram socket (None: never set, 0).
+    pub tos: Option<u8>,
+    pub recvttl: bool,
+    pub pktinfo6: bool,
+    pub hoplimit6: bool,
+    pub tclass6: bool,
 }
+
+/// What the stack noted of a received datagram's IP header, for its receiver's cmsgs.
+#[derive(Debug, Clone, Copy)]
+pub struct RxMeta {
+    pub tos: u8,
+    pub ttl: u8,
+    pub dst: IpAddr,
+    pub ifindex: u32,
+}
+
+/// Datagram notes kept at most (those smoltcp dropped are forgotten oldest first).
+const RX_META_MAX: usize = 1 << 16;
 
 /// Which receive timestamp a socket asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -145,6 +164,11 @@ impl Default for Opts {
             stamp: Stamp::None,
             recvtos: false,
             pktinfo: false,
+            tos: None,
+            recvttl: false,
+            pktinfo6: false,
+            hoplimit6: false,
+            tclass6: false,
         }
     }
 }
@@ -259,6 +283,15 @@ pub struct UserStack {
     refreshed: u64,
     /// RTT, cwnd and retransmissions of each connection, measured from its segments.
     pub(crate) meters: crate::meter::Meters,
+<<<<<<< HEAD
+=======
+    /// Received datagrams' notes by the id smoltcp hands back (PacketMeta::id), oldest first.
+    rx_meta: std::collections::HashMap<u32, RxMeta>,
+    rx_meta_order: VecDeque<u32>,
+    rx_meta_next: u32,
+    /// The note of the datagram the last udp_recv returned.
+    pub(crate) last_rx: Option<RxMeta>,
+>>>>>>> user2
 }
 
 /// Maps the configured name to smoltcp's controller; the error lists the choices.
@@ -366,6 +399,13 @@ impl UserStack {
             rng: seed | 1,
             refreshed: 0,
             meters: Default::default(),
+<<<<<<< HEAD
+=======
+            rx_meta: Default::default(),
+            rx_meta_order: VecDeque::new(),
+            rx_meta_next: 0,
+            last_rx: None,
+>>>>>>> user2
             fragmenting: false,
             rx_pending: false,
             now: SInstant::ZERO,
@@ -918,12 +958,67 @@ impl UserStack {
                     SHARD0
                 }
             };
-            self.nets[ifx].shards[sh].rx.push_back(f);
+            let id = if peek.is_some_and(|p| p.proto == frame::UDP) {
+                let ip = if ifx == EXT { frame::ip_of_ethernet(&f) } else { Some(&f[..]) };
+                match (ip.and_then(frame::tos_ttl), peek) {
+                    (Some((tos, ttl)), Some(p)) => {
+                        // Linux's lo is ifindex 1; the NSM's wire device is the one other.
+                        self.note_rx(RxMeta { tos, ttl, dst: p.dst.ip(), ifindex: if ifx == LO { 1 } else { 2 } })
+                    }
+                    _ => 0,
+                }
+            } else {
+                0
+            };
+            self.nets[ifx].shards[sh].rx.push_back((f, id));
             self.nets[ifx].mark(sh);
         }
         wake_all
     }
 
+<<<<<<< HEAD
+=======
+    /// Sends the datagrams queued on the UDP socket set of interface `ifx` now, those from
+    /// `port` with `mark` (IPv6 gets no per-packet id through smoltcp; see device.rs's Marks).
+    pub(crate) fn send_marked_now(&mut self, ifx: usize, h: Sk, port: u16, mark: crate::device::Mark) {
+        let ts = self.now;
+        let Net { iface, shards, .. } = &mut self.nets[ifx];
+        let sh = &mut shards[h.sh];
+        if ifx == EXT {
+            self.ext_dev.marks.live = Some((port, mark));
+            iface.poll_egress(ts, &mut ExtPort { rx: &mut sh.rx, dev: &mut self.ext_dev }, &mut sh.set);
+            self.ext_dev.marks.live = None;
+        } else {
+            self.lo_dev.marks.live = Some((port, mark));
+            iface.poll_egress(ts, &mut LoPort { rx: &mut sh.rx, dev: &mut self.lo_dev }, &mut sh.set);
+            self.lo_dev.marks.live = None;
+        }
+    }
+
+    /// Keeps a datagram's note; returns its id (never 0, which means none).
+    fn note_rx(&mut self, m: RxMeta) -> u32 {
+        self.rx_meta_next = self.rx_meta_next.wrapping_add(1).max(1);
+        let id = self.rx_meta_next;
+        self.rx_meta.insert(id, m);
+        self.rx_meta_order.push_back(id);
+        while self.rx_meta_order.len() > RX_META_MAX {
+            if let Some(old) = self.rx_meta_order.pop_front() {
+                self.rx_meta.remove(&old);
+            }
+        }
+        id
+    }
+
+    /// The note of a datagram being received (taken unless only peeked at).
+    pub(crate) fn rx_meta_of(&mut self, id: u32, peek: bool) -> Option<RxMeta> {
+        if peek {
+            self.rx_meta.get(&id).copied()
+        } else {
+            self.rx_meta.remove(&id)
+        }
+    }
+
+>>>>>>> user2
     /// Feeds a TCP segment one of our connections sent to its meter.
     fn meter_sent(&mut self, p: &Peek) {
         let index = &self.index;

@@ -451,11 +451,20 @@ impl UserStack {
         if !sk.may_send() {
             return Err(libc::EPIPE);
         }
-        match sk.send_slice(data) {
+        let r = match sk.send_slice(data) {
             Ok(0) if !data.is_empty() => Err(libc::EAGAIN),
             Ok(n) => Ok(n),
             Err(_) => Err(libc::EPIPE),
+        };
+        // The space this send took counts as gone from what was last reported: when the
+        // settling poll already drained it (a loopback peer with room took it all), the room
+        // that came back is news, or a guest that filled the buffer would wait for POLLOUT
+        // for ever.
+        let free = sk.send_capacity() - sk.send_queue();
+        if let Some(rep) = &mut self.sock(id)?.reported {
+            rep.2 = rep.2.min(free);
         }
+        r
     }
 
     pub(crate) fn tcp_recv(&mut self, id: usize, buf: &mut [u8], flags: i32) -> Result<usize, Errno> {

@@ -86,9 +86,19 @@ impl UserStack {
         Ok(())
     }
 
-    pub(crate) fn udp_send(&mut self, id: usize, data: &[u8], flags: i32, to: &[u8]) -> Result<usize, Errno> {
+    /// sendto(2); `mark`: the TOS and TTL a sendmsg's control messages gave this datagram.
+    pub(crate) fn udp_send(
+        &mut self,
+        id: usize,
+        data: &[u8],
+        flags: i32,
+        to: &[u8],
+        mark: crate::device::Mark,
+    ) -> Result<usize, Errno> {
         self.dirty.insert(id);
         let s = self.sock(id)?;
+        let tos = mark.tos.or(s.opts.tos);
+        let mark = crate::device::Mark { tos, ttl: mark.ttl };
         if s.error != 0 {
             return Err(std::mem::take(&mut s.error));
         }
@@ -133,6 +143,7 @@ impl UserStack {
             return Err(libc::EMSGSIZE);
         }
         let b = self.autobind(id)?;
+        let src_port = b.port();
         self.udp_open(id)?;
         let src = if !b.ip().is_unspecified() { b.ip() } else { conn_local.filter(|_| to.is_empty()).unwrap_or(src) };
         if src.is_ipv4() != dst.is_ipv4() {
@@ -140,11 +151,24 @@ impl UserStack {
         }
         let St::Udp(u) = &self.sock(id)?.st else { return Err(libc::EINVAL) };
         let Some(h) = u.h[ifx] else { return Err(libc::ENETUNREACH) };
+        let marked = mark != crate::device::Mark::default();
+        let mut pm = smoltcp::phy::PacketMeta::default();
+        if marked && dst.is_ipv4() {
+            pm.id = if ifx == EXT { self.ext_dev.marks.add(mark) } else { self.lo_dev.marks.add(mark) };
+        }
         let sk = self.nets[ifx].get_mut::<udp::Socket>(h);
-        let meta = udp::UdpMetadata { endpoint: dst.into(), local_address: Some(src.into()), meta: Default::default() };
+        let meta = udp::UdpMetadata { endpoint: dst.into(), local_address: Some(src.into()), meta: pm };
         match sk.send_slice(data, meta) {
             Ok(()) => {
                 self.fragmenting |= ifx == EXT && data.len() > 1500 - 28;
+                // As for TCP: room this send took and the settling poll gives back is news.
+                let free = sk.payload_send_capacity() - sk.send_queue();
+                if let Some(rep) = &mut self.sock(id)?.reported {
+                    rep.2 = rep.2.min(free);
+                }
+                if marked && dst.is_ipv6() {
+                    self.send_marked_now(ifx, h, src_port, mark);
+                }
                 Ok(data.len())
             }
             Err(udp::SendError::BufferFull) => Err(libc::EAGAIN),
@@ -202,6 +226,7 @@ impl UserStack {
             let n = data.len().min(buf.len());
             buf[..n].copy_from_slice(&data[..n]);
             let full = data.len();
+            self.last_rx = self.rx_meta_of(meta.meta.id, flags & libc::MSG_PEEK != 0);
             let src = SocketAddr::new(meta.endpoint.addr.into(), meta.endpoint.port);
             let from_len = if from.is_empty() { 0 } else { sockaddr::write(family, src, from) };
             return Ok((if flags & libc::MSG_TRUNC != 0 { full } else { n }, from_len));
