@@ -154,10 +154,7 @@ pub struct FdDevice {
     pub rx_frames: u64,
     /// Headers of the TCP segments sent since the stack last looked, for its meters.
     pub sent: Vec<crate::frame::Peek>,
-<<<<<<< HEAD
-=======
     pub marks: Marks,
->>>>>>> user2
 }
 
 impl FdDevice {
@@ -196,10 +193,7 @@ impl FdDevice {
             tx_frames: 0,
             rx_frames: 0,
             sent: Vec::new(),
-<<<<<<< HEAD
-=======
             marks: Marks::default(),
->>>>>>> user2
         })
     }
 

@@ -85,8 +85,6 @@ pub fn peek_ip(p: &[u8]) -> Option<Peek> {
     };
     let (src, dst) = (SocketAddr::new(src, sport), SocketAddr::new(dst, dport));
     Some(Peek { proto, src, dst, flags, payload, seq, ack })
-<<<<<<< HEAD
-=======
 }
 
 /// The TOS (traffic class) and TTL (hop limit) of an IP packet.
@@ -96,7 +94,6 @@ pub fn tos_ttl(p: &[u8]) -> Option<(u8, u8)> {
         6 if p.len() >= 40 => Some(((p[0] << 4) | (p[1] >> 4), p[7])),
         _ => None,
     }
->>>>>>> user2
 }
 
 /// Whether an Ethernet frame can teach the interface a neighbour's link address (ARP, or an

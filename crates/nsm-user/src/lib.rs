@@ -36,18 +36,12 @@
 //! Known differences, each answering with Linux's errno for something unsupported:
 //! - No urgent data: send(MSG_OOB) is EOPNOTSUPP (recv(MSG_OOB) is EINVAL, as Linux without
 //!   urgent data); SIOCATMARK is always 0.
-<<<<<<< HEAD
-//! - SO_RCVBUF/SO_SNDBUF read back as Linux's, but smoltcp sizes a socket's buffers when its
-//!   connection starts: set after connect/listen they apply to later connections only.
-//!   Defaults are 256 KiB each way (window scaling on); Linux autotunes instead.
-=======
 //! - SO_RCVBUF/SO_SNDBUF, SO_RCVTIMEO/SO_SNDTIMEO read back as a scratch kernel socket of the
 //!   NSM's says (Linux's clamps to rmem_max/wmem_max, jiffy rounding, EDOM), but smoltcp sizes
 //!   a socket's buffers when its connection starts: set after connect/accept they apply to
 //!   later connections only (a peer that never reads then holds more than on Linux). Defaults
 //!   are 256 KiB each way on the wire (window scaling on) and a 128 KiB receive buffer on
 //!   loopback; Linux autotunes instead.
->>>>>>> user2
 //! - TCP_INFO and `tcp_stats` carry the state, queue sizes and RTT, cwnd and retransmissions
 //!   measured passively from the segments on the wire (`meter.rs`): smoltcp keeps its own
 //!   private. The cwnd is the largest flight seen over the last RTT (which the receive window

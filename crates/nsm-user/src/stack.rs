@@ -283,15 +283,12 @@ pub struct UserStack {
     refreshed: u64,
     /// RTT, cwnd and retransmissions of each connection, measured from its segments.
     pub(crate) meters: crate::meter::Meters,
-<<<<<<< HEAD
-=======
     /// Received datagrams' notes by the id smoltcp hands back (PacketMeta::id), oldest first.
     rx_meta: std::collections::HashMap<u32, RxMeta>,
     rx_meta_order: VecDeque<u32>,
     rx_meta_next: u32,
     /// The note of the datagram the last udp_recv returned.
     pub(crate) last_rx: Option<RxMeta>,
->>>>>>> user2
 }
 
 /// Maps the configured name to smoltcp's controller; the error lists the choices.
@@ -399,13 +396,10 @@ impl UserStack {
             rng: seed | 1,
             refreshed: 0,
             meters: Default::default(),
-<<<<<<< HEAD
-=======
             rx_meta: Default::default(),
             rx_meta_order: VecDeque::new(),
             rx_meta_next: 0,
             last_rx: None,
->>>>>>> user2
             fragmenting: false,
             rx_pending: false,
             now: SInstant::ZERO,
@@ -976,8 +970,6 @@ impl UserStack {
         wake_all
     }
 
-<<<<<<< HEAD
-=======
     /// Sends the datagrams queued on the UDP socket set of interface `ifx` now, those from
     /// `port` with `mark` (IPv6 gets no per-packet id through smoltcp; see device.rs's Marks).
     pub(crate) fn send_marked_now(&mut self, ifx: usize, h: Sk, port: u16, mark: crate::device::Mark) {
@@ -1018,7 +1010,6 @@ impl UserStack {
         }
     }
 
->>>>>>> user2
     /// Feeds a TCP segment one of our connections sent to its meter.
     fn meter_sent(&mut self, p: &Peek) {
         let index = &self.index;

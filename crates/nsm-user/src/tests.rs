@@ -1350,8 +1350,6 @@ fn rtt_cwnd_and_retransmits_measured_from_the_wire() {
     let ti: libc::tcp_info = unsafe { std::ptr::read_unaligned(info.as_ptr().cast()) };
     assert_eq!((ti.tcpi_rtt, ti.tcpi_total_retrans), (after.rtt_us, after.retrans));
 }
-<<<<<<< HEAD
-=======
 
 #[test]
 fn loopback_bulk_with_large_buffers_never_stalls() {
@@ -1559,4 +1557,3 @@ fn ipv6_datagrams_leave_with_the_tclass_and_hop_limit_asked_for() {
         );
     }
 }
->>>>>>> user2
