@@ -73,29 +73,15 @@ fn nginx_master_and_two_workers_with_curl_and_wrk() {
     let wrk = require("wrk");
     let engine = TestEngine::start();
     let dir = engine.dir.path().join("nginx");
-    std::fs::create_dir_all(dir.join("www")).unwrap();
-    std::fs::create_dir_all(dir.join("logs")).unwrap();
+    let port = free_port();
+    let args = nginx_site(&dir, &format!("127.0.0.1:{port}"), "hello from nginx\n");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     // Workers drop to user nobody, who must read the files.
     for p in [engine.dir.path(), &dir, &dir.join("www")] {
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
-    std::fs::write(dir.join("www/index.html"), "hello from nginx\n").unwrap();
     let big = write_random(&dir.join("www/big.bin"), 5 << 20);
     std::fs::set_permissions(dir.join("www/big.bin"), std::fs::Permissions::from_mode(0o644)).unwrap();
-    let port = free_port();
-    let conf = dir.join("nginx.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "worker_processes 2;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/logs/error.log info;\n\
-             events {{ worker_connections 1024; }}\n\
-             http {{ access_log off; sendfile on; keepalive_timeout 30;\n\
-               server {{ listen 127.0.0.1:{port}; root {d}/www; }} }}\n",
-            d = dir.display()
-        ),
-    )
-    .unwrap();
-    let args = ["-c", conf.to_str().unwrap(), "-p", dir.to_str().unwrap(), "-e", "stderr"];
     let server = spawn_server(Some(&engine), nginx.to_str().unwrap(), &args, port);
     // The master listens before it forks its workers: give them a moment on a loaded machine.
     let count_workers = || {

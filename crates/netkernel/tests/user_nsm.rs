@@ -91,23 +91,10 @@ fn nginx_with_workers_as_a_guest_answers_native_clients() {
     let nginx = require("nginx");
     let (engine, nsm) = engine("colocate = false");
     let dir = engine.dir.path().join("nginx");
-    std::fs::create_dir_all(dir.join("logs")).unwrap();
-    std::fs::create_dir_all(dir.join("www")).unwrap();
-    std::fs::write(dir.join("www/index.html"), "hello from nginx on a user stack\n").unwrap();
     let port = free_port();
-    let conf = dir.join("nginx.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "worker_processes 2;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/logs/error.log info;\n\
-             events {{ worker_connections 1024; }}\n\
-             http {{ access_log off; keepalive_timeout 30;\n\
-               server {{ listen 0.0.0.0:{port}; root {d}/www; }} }}\n",
-            d = dir.display()
-        ),
-    )
-    .unwrap();
-    let mut c = engine.run(nginx.to_str().unwrap(), &["-c", conf.to_str().unwrap(), "-p", dir.to_str().unwrap()]);
+    let args = nginx_site(&dir, &format!("0.0.0.0:{port}"), "hello from nginx on a user stack\n");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut c = engine.run(nginx.to_str().unwrap(), &args);
     c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
     let mut server = Killed(c.spawn().unwrap());
     wait_listening(SocketAddr::from((nsm, port)), &mut server.0);

@@ -335,7 +335,7 @@ impl UserStack {
             if !on {
                 return true;
             }
-            let (n, f) = put_cmsg_bytes(&mut control[used..], level, ty, data);
+            let (n, f) = crate::seam::put_cmsg(&mut control[used..], level, ty, data);
             used += n;
             f == 0
         };
@@ -417,23 +417,7 @@ fn kernel_int(tcp: bool, name: i32, v: i32) -> Option<i32> {
 fn put_cmsg<T: Copy>(space: &mut [u8], level: i32, ty: i32, v: &T) -> (usize, i32) {
     // SAFETY: only called with timeval and timespec, plain integers without padding.
     let data = unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>()) };
-    put_cmsg_bytes(space, level, ty, data)
-}
-
-fn put_cmsg_bytes(space: &mut [u8], level: i32, ty: i32, data: &[u8]) -> (usize, i32) {
-    let hdr = std::mem::size_of::<libc::cmsghdr>();
-    if space.len() < hdr {
-        return (0, libc::MSG_CTRUNC);
-    }
-    // SAFETY: CMSG_LEN and CMSG_SPACE are arithmetic.
-    let (full, spaced) =
-        unsafe { (libc::CMSG_LEN(data.len() as u32) as usize, libc::CMSG_SPACE(data.len() as u32) as usize) };
-    let len = full.min(space.len());
-    let c = libc::cmsghdr { cmsg_len: len as _, cmsg_level: level, cmsg_type: ty };
-    // SAFETY: space holds at least a cmsghdr (checked above); it need not be aligned.
-    unsafe { std::ptr::write_unaligned(space.as_mut_ptr().cast::<libc::cmsghdr>(), c) };
-    space[hdr..len].copy_from_slice(&data[..len - hdr]);
-    (spaced.min(space.len()), if len < full { libc::MSG_CTRUNC } else { 0 })
+    crate::seam::put_cmsg(space, level, ty, data)
 }
 
 /// IPV6_TCLASS: -1 is the default (0), else 0..=255.

@@ -68,26 +68,6 @@ pub(crate) fn recv<S: Stack>(
     Ok((r.len, r.from_len))
 }
 
-/// Writes one control message (level, type, payload) at the start of `space`, as the kernel's
-/// put_cmsg does: truncated to the space with MSG_CTRUNC, nothing if not even a header fits.
-/// Returns the bytes used (msg_controllen) and the flags to add.
-fn put(space: &mut [u8], level: i32, ty: i32, data: &[u8]) -> (usize, i32) {
-    let hdr = std::mem::size_of::<libc::cmsghdr>();
-    if space.len() < hdr {
-        return (0, libc::MSG_CTRUNC);
-    }
-    // SAFETY: CMSG_LEN and CMSG_SPACE are arithmetic.
-    let (full, spaced) =
-        unsafe { (libc::CMSG_LEN(data.len() as u32) as usize, libc::CMSG_SPACE(data.len() as u32) as usize) };
-    let len = full.min(space.len());
-    let c = libc::cmsghdr { cmsg_len: len as _, cmsg_level: level, cmsg_type: ty };
-    // SAFETY: space has room for a cmsghdr (checked above); the pool gives no alignment.
-    unsafe { std::ptr::write_unaligned(space.as_mut_ptr().cast::<libc::cmsghdr>(), c) };
-    space[hdr..len].copy_from_slice(&data[..len - hdr]);
-    let flags = if len < full { libc::MSG_CTRUNC } else { 0 };
-    (spaced.min(space.len()), flags)
-}
-
 /// The ancillary data of a receive on a co-located socket: a TCP socket gives only the
 /// timestamp it asked for. The pipe keeps no arrival times; bytes arrive as they are sent,
 /// so the time of the receive stands for it.
@@ -97,11 +77,11 @@ pub(crate) fn colocated(area: Area, stamp: Stamp, flags: i32) {
         Stamp::None => (0, 0),
         Stamp::Micro => {
             let tv = libc::timeval { tv_sec: now.as_secs() as _, tv_usec: now.subsec_micros() as _ };
-            put(area.space, libc::SOL_SOCKET, libc::SCM_TIMESTAMP, as_bytes(&tv))
+            crate::stack::put_cmsg(area.space, libc::SOL_SOCKET, libc::SCM_TIMESTAMP, as_bytes(&tv))
         }
         Stamp::Nano => {
             let ts = libc::timespec { tv_sec: now.as_secs() as _, tv_nsec: now.subsec_nanos() as _ };
-            put(area.space, libc::SOL_SOCKET, libc::SCM_TIMESTAMPNS, as_bytes(&ts))
+            crate::stack::put_cmsg(area.space, libc::SOL_SOCKET, libc::SCM_TIMESTAMPNS, as_bytes(&ts))
         }
     };
     area.finish(len, flags | more);

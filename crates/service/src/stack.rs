@@ -129,3 +129,23 @@ pub trait Stack {
     /// next needs a `poll` though nothing arrives (None: only when the wait fd is readable).
     fn poll(&mut self, now: Instant, woken: bool, ready: &mut Vec<Ready>) -> Option<Instant>;
 }
+
+/// For a stack's `recvmsg`: writes one control message (level, type, payload) at the start of
+/// `space`, as the kernel's put_cmsg does: truncated to the space with MSG_CTRUNC, nothing if not
+/// even a header fits. Returns the bytes used (msg_controllen) and the flags to add.
+pub fn put_cmsg(space: &mut [u8], level: i32, ty: i32, data: &[u8]) -> (usize, i32) {
+    let hdr = std::mem::size_of::<libc::cmsghdr>();
+    if space.len() < hdr {
+        return (0, libc::MSG_CTRUNC);
+    }
+    // SAFETY: CMSG_LEN and CMSG_SPACE are arithmetic.
+    let (full, spaced) =
+        unsafe { (libc::CMSG_LEN(data.len() as u32) as usize, libc::CMSG_SPACE(data.len() as u32) as usize) };
+    let len = full.min(space.len());
+    let c = libc::cmsghdr { cmsg_len: len as _, cmsg_level: level, cmsg_type: ty };
+    // SAFETY: space has room for a cmsghdr (checked above); control buffers give no alignment.
+    unsafe { std::ptr::write_unaligned(space.as_mut_ptr().cast::<libc::cmsghdr>(), c) };
+    space[hdr..len].copy_from_slice(&data[..len - hdr]);
+    let flags = if len < full { libc::MSG_CTRUNC } else { 0 };
+    (spaced.min(space.len()), flags)
+}

@@ -347,3 +347,24 @@ pub fn write_random(path: &Path, len: usize) -> Vec<u8> {
     std::fs::write(path, &data).unwrap();
     data
 }
+
+/// An nginx prefix in `dir` (logs/, www/ holding `index`) with a master and two workers serving
+/// www/ on `listen`; returns the arguments to start it in the foreground.
+pub fn nginx_site(dir: &Path, listen: &str, index: &str) -> Vec<String> {
+    std::fs::create_dir_all(dir.join("www")).unwrap();
+    std::fs::create_dir_all(dir.join("logs")).unwrap();
+    std::fs::write(dir.join("www/index.html"), index).unwrap();
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "worker_processes 2;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/logs/error.log info;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{ access_log off; sendfile on; keepalive_timeout 30;\n\
+               server {{ listen {listen}; root {d}/www; }} }}\n",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    ["-c", conf.to_str().unwrap(), "-p", dir.to_str().unwrap(), "-e", "stderr"].map(String::from).to_vec()
+}
