@@ -116,6 +116,8 @@ struct Side {
 
 struct Pipe {
     sides: [Side; 2],
+    /// A fresh TCP socket's receive buffer (tcp_rmem's default) on this host.
+    default_rcvbuf: usize,
 }
 
 impl Pipe {
@@ -129,7 +131,7 @@ impl Pipe {
         if snd.is_none() && rcv.is_none() {
             return CAPACITY;
         }
-        (snd.unwrap_or(CAPACITY) + rcv.unwrap_or_else(default_rcvbuf)) / 2 + 24576
+        (snd.unwrap_or(CAPACITY) + rcv.unwrap_or(self.default_rcvbuf)) / 2 + 24576
     }
 
     /// Whether end `i`'s next byte is its urgent byte, out of the stream (not SO_OOBINLINE).
@@ -249,9 +251,10 @@ pub(crate) struct End {
 }
 
 /// A new connection: the connecting end and the end its listener will accept, each with its
-/// (local, peer) addresses as sockaddr bytes of its own socket's family.
-pub(crate) fn pair(client: (Vec<u8>, Vec<u8>), server: (Vec<u8>, Vec<u8>)) -> (End, End) {
-    let pipe = Rc::new(RefCell::new(Pipe { sides: Default::default() }));
+/// (local, peer) addresses as sockaddr bytes of its own socket's family. `default_rcvbuf`: a fresh
+/// TCP socket's receive buffer on this host.
+pub(crate) fn pair(client: (Vec<u8>, Vec<u8>), server: (Vec<u8>, Vec<u8>), default_rcvbuf: usize) -> (End, End) {
+    let pipe = Rc::new(RefCell::new(Pipe { sides: Default::default(), default_rcvbuf }));
     pipe.borrow_mut().sides[0].accepted = true;
     let c = End { pipe: pipe.clone(), side: 0, local: client.0, peer: client.1, opts: vec![], connecting: true };
     let s = End { pipe, side: 1, local: server.0, peer: server.1, opts: vec![], connecting: false };
@@ -507,17 +510,6 @@ impl Drop for End {
     }
 }
 
-/// A fresh TCP socket's receive buffer (tcp_rmem's default), read once.
-fn default_rcvbuf() -> usize {
-    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *V.get_or_init(|| {
-        std::fs::read_to_string("/proc/sys/net/ipv4/tcp_rmem")
-            .ok()
-            .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-            .unwrap_or(131072)
-    })
-}
-
 /// A listening socket's queue of co-located connections that wait for accept().
 #[derive(Default)]
 pub(crate) struct Backlog {
@@ -539,7 +531,7 @@ mod tests {
     use super::*;
 
     fn ends() -> (End, End) {
-        let (c, s) = pair((vec![1], vec![2]), (vec![2], vec![1]));
+        let (c, s) = pair((vec![1], vec![2]), (vec![2], vec![1]), 131072);
         s.pipe.borrow_mut().sides[1].accepted = true;
         (c, s)
     }
@@ -653,7 +645,7 @@ mod tests {
 
     #[test]
     fn an_end_never_accepted_resets_its_peer() {
-        let (mut c, s) = pair(Default::default(), Default::default());
+        let (mut c, s) = pair(Default::default(), Default::default(), 131072);
         s.pipe.borrow_mut().sides[1].accepted = false;
         drop(s);
         assert_eq!(c.take_error(), Some(libc::ECONNRESET));

@@ -41,6 +41,8 @@ pub(crate) struct Limits {
     pub somaxconn: usize,
     /// net.ipv4.ip_unprivileged_port_start: a non-root guest binds only from here up.
     pub unprivileged_port_start: u16,
+    /// net.ipv4.tcp_rmem's default: a fresh TCP socket's receive buffer (co-located pipes).
+    pub tcp_rmem_default: usize,
 }
 
 impl Limits {
@@ -49,6 +51,10 @@ impl Limits {
         Limits {
             somaxconn: read("/proc/sys/net/core/somaxconn").unwrap_or(4096) as usize,
             unprivileged_port_start: read("/proc/sys/net/ipv4/ip_unprivileged_port_start").unwrap_or(1024) as u16,
+            tcp_rmem_default: std::fs::read_to_string("/proc/sys/net/ipv4/tcp_rmem")
+                .ok()
+                .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+                .unwrap_or(131072),
         }
     }
 }

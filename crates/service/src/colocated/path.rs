@@ -143,7 +143,11 @@ impl<S: Stack> Core<S> {
         }
         let listener_v6 = self.atts[l.ai].as_ref()?.sock(l.slot).ok()?.backlog.as_ref()?.v6;
         let as_family = |a: SocketAddr| policy::encode(&same_family(a, listener_v6));
-        let (mut client, mut server) = colocated::pair((policy::encode(&me), peer), (as_family(target), as_family(me)));
+        let (mut client, mut server) = colocated::pair(
+            (policy::encode(&me), peer),
+            (as_family(target), as_family(me)),
+            self.limits.tcp_rmem_default,
+        );
         // Options set before connect (and on the listener, which its connections inherit)
         // hold for the pipe's ends too.
         let a = self.atts[ai].as_ref().expect("checked");

@@ -30,7 +30,11 @@ struct Guest {
 }
 
 fn core() -> Core<FakeStack> {
-    Core::new(FakeStack::new(), "test".into(), Limits { somaxconn: 128, unprivileged_port_start: 1024 })
+    Core::new(
+        FakeStack::new(),
+        "test".into(),
+        Limits { somaxconn: 128, unprivileged_port_start: 1024, tcp_rmem_default: 131072 },
+    )
 }
 
 fn attach(core: &mut Core<FakeStack>, tenant: &str, policy: TenantPolicy) -> Guest {
