@@ -402,3 +402,36 @@ fn ctl_conns_and_metrics_show_user_connections_with_rtt_and_cwnd() {
     drop(guest.stdin.take());
     let _ = guest.wait();
 }
+
+/// A user NSM on a veth (`link = "veth"`, an AF_PACKET socket in the NSM's namespace) serves a
+/// native client, and a tenant's rate limit holds on the user stack as on the kernel's.
+#[test]
+fn a_user_nsm_on_a_veth_sends_at_its_tenants_rate() {
+    if !root_or_skip("the veth link") {
+        return;
+    }
+    let (toml, nsm) = user_nsm_config("link = \"veth\"\ncolocate = false");
+    let engine = TestEngine::with_config(&format!("{toml}rate_limit = 50000000\n"));
+    let port = free_port();
+    // The guest sends for 4 s as fast as its tenant may.
+    let script = format!(
+        "import socket,time\nl=socket.create_server(('0.0.0.0',{port}))\nprint('ready',flush=True)\n\
+         c,_=l.accept()\nb=b'x'*65536\nt=time.time()\ntry:\n    while time.time()-t<4:\n        c.sendall(b)\n\
+         except OSError:\n    pass\n"
+    );
+    let mut guest = engine.python_ready(&script);
+    let mut c = TcpStream::connect_timeout(&SocketAddr::from((nsm, port)), Duration::from_secs(10)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = std::io::Read::read(&mut c, &mut buf).unwrap();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(3) {
+        n += std::io::Read::read(&mut c, &mut buf).unwrap();
+    }
+    let bps = n as f64 * 8.0 / start.elapsed().as_secs_f64();
+    eprintln!("a tenant capped at 50 Mbit/s on a user NSM over a veth: {:.1} Mbit/s", bps / 1e6);
+    assert!((35e6..57e6).contains(&bps), "{:.1} Mbit/s", bps / 1e6);
+    drop(c);
+    drop(guest.stdin.take());
+    let _ = guest.wait();
+}
