@@ -333,11 +333,10 @@ impl Engine {
             // Whatever namespace the old NSM had goes with it.
             drop(candidate);
             let _ = std::fs::remove_file(&net_file);
+            let spawn_err = |e: String| EngineError::Spawn { name: name.clone(), source: std::io::Error::other(e) };
             let net = if n.netns {
-                let net = netns::NsmNet::create(name, index)
-                    .map_err(|e| EngineError::Spawn { name: name.clone(), source: std::io::Error::other(e) })?;
+                let net = netns::NsmNet::create(name, index).map_err(spawn_err)?;
                 log(format!("NSM {name} runs in network namespace {}, reachable at {}", net.name, net.nsm_addr));
-                let spawn_err = |e: String| EngineError::Spawn { name: name.clone(), source: std::io::Error::other(e) };
                 // Tenants of a namespaced NSM without addresses of their own get a source address
                 // in its subnet: their connections leave from it, and shaping tells tenants
                 // apart by it.
@@ -353,20 +352,19 @@ impl Engine {
                 if let Some(bits) = n.egress_rate {
                     net.shape(bits, n.fair, &shaped).map_err(spawn_err)?;
                 }
-                // An engine that adopts this NSM later needs to know its namespace.
-                let json = serde_json::to_vec(&net).map_err(|e| spawn_err(e.to_string()))?;
-                std::fs::write(&net_file, json).map_err(|e| spawn_err(format!("{}: {e}", net_file.display())))?;
                 Some(net)
             } else if let (true, Some((l, _))) = (veth, &link) {
-                let spawn_err = |e: String| EngineError::Spawn { name: name.clone(), source: std::io::Error::other(e) };
                 let net = netns::NsmNet::create_for_user(name, index, l).map_err(spawn_err)?;
                 log(format!("user NSM {name} runs in network namespace {} on veth, at {}", net.name, net.nsm_addr));
-                let json = serde_json::to_vec(&net).map_err(|e| spawn_err(e.to_string()))?;
-                std::fs::write(&net_file, json).map_err(|e| spawn_err(format!("{}: {e}", net_file.display())))?;
                 Some(net)
             } else {
                 None
             };
+            if let Some(net) = &net {
+                // An engine that adopts this NSM later needs to know its namespace.
+                let json = serde_json::to_vec(net).map_err(|e| spawn_err(e.to_string()))?;
+                std::fs::write(&net_file, json).map_err(|e| spawn_err(format!("{}: {e}", net_file.display())))?;
+            }
             let nsm = Nsm::new(name.clone(), n.kind.clone(), congestion, hosts, net, link, rendezvous);
             let r = nsm.spawn().map_err(|source| EngineError::Spawn { name: name.clone(), source })?;
             nsms.push(Arc::new(nsm));
