@@ -221,23 +221,7 @@ fn token_matches(presented: Option<&str>, expected: Option<&String>) -> bool {
 }
 
 fn peer_cred(s: &UnixStream) -> io::Result<libc::ucred> {
-    // SAFETY: libc::ucred is integers only, so all-zero bytes are a valid value.
-    let mut c: libc::ucred = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: c/len describe a live ucred.
-    let r = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut c as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(c)
+    sys::peer_cred(s.as_raw_fd())
 }
 
 fn log(msg: impl AsRef<str>) {

@@ -12,15 +12,7 @@ fn bad_config_exits_naming_file_line_and_field() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("netkernel.toml");
     std::fs::write(&cfg, "[[nsm]]\nname = \"k\"\n\n[[tenant]]\nname = \"a\"\nnsm = \"missing\"\n").unwrap();
-    let out = Command::new(NETKERNEL)
-        .args(["serve", "--socket"])
-        .arg(dir.path().join("s"))
-        .arg("--config")
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = serve_refuses(&cfg);
     assert!(err.contains(&format!("{}:6: tenant.nsm:", cfg.display())), "{err}");
     std::fs::write(&cfg, "[[nsm]]\nname = \"k\"\ncongestoin = \"bbr\"\n").unwrap();
     let out = Command::new(NETKERNEL).args(["serve", "--config"]).arg(&cfg).output().unwrap();

@@ -130,14 +130,6 @@ fn host_loopback_with_addresses_is_a_config_error_naming_file_line_and_field() {
          host_loopback = true\n",
     )
     .unwrap();
-    let out = Command::new(NETKERNEL)
-        .args(["serve", "--socket"])
-        .arg(dir.path().join("e.sock"))
-        .arg("--config")
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = serve_refuses(&cfg);
     assert!(err.contains(&format!("{}:8: tenant.host_loopback:", cfg.display())), "{err}");
 }

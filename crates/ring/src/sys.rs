@@ -239,3 +239,19 @@ pub fn relax(step: u32) {
         std::hint::spin_loop();
     }
 }
+
+/// The credentials of the process at the other end of unix socket `sock` (SO_PEERCRED), which
+/// the engine and an NSM trust to decide who may attach or adopt.
+pub fn peer_cred(sock: RawFd) -> io::Result<libc::ucred> {
+    // SAFETY: libc::ucred is integers only, so all-zero bytes are a valid value.
+    let mut c: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: c and len describe a live ucred of the size passed, which the kernel fills.
+    let r = unsafe {
+        libc::getsockopt(sock, libc::SOL_SOCKET, libc::SO_PEERCRED, (&mut c as *mut libc::ucred).cast(), &mut len)
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(c)
+}

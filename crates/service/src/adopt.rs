@@ -5,36 +5,16 @@
 
 use crate::control::{AttachmentState, NsmState};
 use crate::{epoll_ctl, Service, Stack, TOK_CONTROL, TOK_RENDEZVOUS};
+use netkernel_ring::sys;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 
 /// The pid a pidfd refers to (`Pid:` in its fdinfo), or None once the process has exited.
 fn pid_of(pidfd: RawFd) -> Option<i32> {
     let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{pidfd}")).ok()?;
     let pid: i32 = info.lines().find_map(|l| l.strip_prefix("Pid:"))?.trim().parse().ok()?;
     (pid > 0).then_some(pid)
-}
-
-/// The uid at the other end of a unix socket.
-fn peer_uid(s: &UnixStream) -> io::Result<u32> {
-    // SAFETY: ucred is plain data.
-    let mut c: libc::ucred = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: c and len describe a live ucred the kernel fills.
-    let r = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut c as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(c.uid)
 }
 
 impl<S: Stack> Service<S> {
@@ -60,7 +40,7 @@ impl<S: Stack> Service<S> {
         while let Ok((conn, _)) = listener.accept() {
             // SAFETY: geteuid cannot fail.
             let me = unsafe { libc::geteuid() };
-            match peer_uid(&conn) {
+            match sys::peer_cred(conn.as_raw_fd()).map(|c| c.uid) {
                 Ok(uid) if uid == me && self.orphaned => {}
                 Ok(uid) if uid != me => {
                     eprintln!("netkernel nsm {}: uid {uid} may not adopt this NSM; closing", self.core.name);

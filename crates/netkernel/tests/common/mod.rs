@@ -368,3 +368,17 @@ pub fn nginx_site(dir: &Path, listen: &str, index: &str) -> Vec<String> {
     .unwrap();
     ["-c", conf.to_str().unwrap(), "-p", dir.to_str().unwrap(), "-e", "stderr"].map(String::from).to_vec()
 }
+
+/// `netkernel serve --config cfg` must refuse to start: returns what it printed on stderr.
+pub fn serve_refuses(cfg: &Path) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(NETKERNEL)
+        .args(["serve", "--socket"])
+        .arg(dir.path().join("engine.sock"))
+        .arg("--config")
+        .arg(cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "serve accepted {}", cfg.display());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
