@@ -53,6 +53,10 @@ pub struct NsmConfig {
     /// TCP congestion control for every connection of this NSM (e.g. "cubic", "bbr").
     #[serde(default)]
     pub congestion: Option<Spanned<String>>,
+    /// The order the NSM does its tenants' work in: "fifo" (default), "fair" (by CPU time and
+    /// `cpu_weight`) or "latency" (short requests and new connections first).
+    #[serde(default)]
+    pub scheduler: Option<Spanned<String>>,
     /// Run the NSM in a network namespace of its own, joined to the host by a veth (root).
     #[serde(default)]
     pub netns: bool,
@@ -153,6 +157,13 @@ pub struct TenantConfig {
     /// The tenant's share of a shaped NSM's egress relative to the other tenants' (default 1).
     #[serde(default)]
     pub weight: Option<u32>,
+    /// The tenant's share of its NSM's CPU relative to other tenants' under the `fair`
+    /// scheduler (default 1).
+    #[serde(default)]
+    pub cpu_weight: Option<Spanned<u32>>,
+    /// At most this many cores of its NSM's CPU (e.g. 0.5); absent: no cap.
+    #[serde(default)]
+    pub cpu_limit: Option<Spanned<f64>>,
     /// Sockets the tenant may hold open in its NSM at once.
     #[serde(default)]
     pub max_connections: Option<u32>,
@@ -263,6 +274,7 @@ impl Config {
                 gateway: None,
                 gateway6: None,
                 congestion: None,
+                scheduler: None,
                 netns: false,
                 egress_rate: None,
                 fair: true,
@@ -278,6 +290,8 @@ impl Config {
                 addresses: None,
                 max_connections: None,
                 weight: None,
+                cpu_weight: None,
+                cpu_limit: None,
                 rate_limit: None,
                 burst: None,
                 listen_ports: None,
@@ -369,6 +383,11 @@ impl Config {
                     }
                 }
             }
+            if let Some(s) = &n.scheduler {
+                if let Err(e) = s.get_ref().parse::<netkernel_service::sched::Kind>() {
+                    return Err(invalid(s.span().start, "nsm.scheduler", e.to_string()));
+                }
+            }
             if let Some(cc) = n.congestion.as_ref().filter(|_| n.kind == "kernel") {
                 let avail = available_congestion();
                 if !avail.is_empty() && !avail.iter().any(|a| a == cc.get_ref()) && !loadable(cc.get_ref()) {
@@ -394,6 +413,16 @@ impl Config {
                     t.name.span().start,
                     "tenant.name",
                     format!("tenant {:?} is defined twice", t.name.get_ref()),
+                ));
+            }
+            if let Some(w) = t.cpu_weight.as_ref().filter(|w| !(1..=10_000).contains(w.get_ref())) {
+                return Err(invalid(w.span().start, "tenant.cpu_weight", format!("{} is not 1 to 10000", w.get_ref())));
+            }
+            if let Some(l) = t.cpu_limit.as_ref().filter(|l| !(l.get_ref().is_finite() && *l.get_ref() > 0.0)) {
+                return Err(invalid(
+                    l.span().start,
+                    "tenant.cpu_limit",
+                    format!("{} is not a positive number of cores", l.get_ref()),
                 ));
             }
             if let Some(addrs) = &t.addresses {

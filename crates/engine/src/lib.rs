@@ -145,6 +145,9 @@ struct TenantView {
     /// Whether a token file admits processes too.
     token: bool,
     attachments: usize,
+    /// Its share of its NSM's CPU under the fair scheduler, and its cap in cores.
+    cpu_weight: u32,
+    cpu_limit: Option<f64>,
     /// Totals from the tenant's NSM since it started.
     #[serde(flatten)]
     totals: netkernel_service::control::TenantTotals,
@@ -155,6 +158,11 @@ struct NsmView {
     name: String,
     kind: String,
     congestion: String,
+    scheduler: String,
+    /// Executor threads running the NSM's tasks now.
+    executors: u32,
+    /// CPU the NSM's executors used since it started, seconds.
+    cpu_seconds: f64,
     pid: Option<u32>,
     restarts: u64,
     attachments: usize,
@@ -349,7 +357,8 @@ impl Engine {
                 let json = serde_json::to_vec(net).map_err(|e| spawn_err(e.to_string()))?;
                 std::fs::write(&net_file, json).map_err(|e| spawn_err(format!("{}: {e}", net_file.display())))?;
             }
-            let nsm = Nsm::new(name.clone(), n.kind.clone(), congestion, hosts, net, link, rendezvous);
+            let nsm = Nsm::new(name.clone(), n.kind.clone(), congestion, hosts, net, link, rendezvous)
+                .with_scheduler(n.scheduler.as_ref().map(|s| s.get_ref().clone()));
             let r = nsm.spawn().map_err(|source| EngineError::Spawn { name: name.clone(), source })?;
             nsms.push(Arc::new(nsm));
             running.push(r);
@@ -669,6 +678,8 @@ impl Engine {
             colocate: t.colocate.unwrap_or_else(|| {
                 self.cfg.nsms.iter().find(|n| n.name.get_ref() == t.nsm.get_ref()).is_none_or(|n| n.colocate)
             }),
+            cpu_weight: t.cpu_weight.as_ref().map_or(1, |w| *w.get_ref()),
+            cpu_limit: t.cpu_limit.as_ref().map(|l| *l.get_ref()),
         }
     }
 
@@ -859,6 +870,9 @@ impl Engine {
                 name: n.name.clone(),
                 kind: n.kind.clone(),
                 congestion: s.congestion.clone(),
+                scheduler: s.scheduler.clone(),
+                executors: s.executors,
+                cpu_seconds: s.cpu_seconds,
                 pid: n.pid(),
                 restarts: n.restarts(),
                 attachments: atts.values().filter(|a| a.nsm == n.name).count(),
@@ -886,6 +900,8 @@ impl Engine {
                 gids: t.gids.clone(),
                 token: t.token_file.is_some(),
                 attachments: atts.values().filter(|a| a.tenant == *t.name.get_ref()).count(),
+                cpu_weight: t.cpu_weight.as_ref().map_or(1, |w| *w.get_ref()),
+                cpu_limit: t.cpu_limit.as_ref().map(|l| *l.get_ref()),
                 totals: stats
                     .iter()
                     .filter(|s| s.nsm == *t.nsm.get_ref())

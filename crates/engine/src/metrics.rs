@@ -84,6 +84,25 @@ pub fn render(engine: &Engine) -> String {
             }
         }
     }
+    f.head("netkernel_nsm_cpu_seconds_total", "counter", "CPU the NSM's executors used.");
+    for (n, s) in &nsms {
+        if let Some(s) = s {
+            f.sample("netkernel_nsm_cpu_seconds_total", &[("nsm", &n.name)], s.cpu_seconds);
+        }
+    }
+    f.head("netkernel_nsm_executors", "gauge", "Executor threads running the NSM's tasks.");
+    for (n, s) in &nsms {
+        if let Some(s) = s {
+            f.sample("netkernel_nsm_executors", &[("nsm", &n.name)], s.executors);
+        }
+    }
+    let name = "netkernel_tenant_nsm_cpu_seconds_total";
+    f.head(name, "counter", "CPU the NSM spent for the tenant (its tasks' share of the NSM's CPU).");
+    for (n, s) in &nsms {
+        for (t, totals) in s.iter().flat_map(|s| s.tenants.iter()) {
+            f.sample(name, &[("tenant", t), ("nsm", &n.name)], totals.nsm_cpu_seconds);
+        }
+    }
     let conns: Vec<_> = nsms.iter().filter_map(|(_, s)| s.as_ref()).flat_map(|s| s.conns.iter()).collect();
     let conn_metrics: [(&str, &str, &str); 5] = [
         ("netkernel_connection_rtt_seconds", "gauge", "Smoothed round-trip time (TCP_INFO)."),

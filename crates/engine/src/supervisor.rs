@@ -66,6 +66,8 @@ pub struct Nsm {
     pub name: String,
     pub kind: String,
     congestion: Option<String>,
+    /// The scheduler the NSM orders its tasks with (None: its default).
+    scheduler: Option<String>,
     hosts: Vec<(String, String)>,
     /// The network namespace the NSM runs in, if one of its own.
     pub net: Option<crate::netns::NsmNet>,
@@ -96,6 +98,7 @@ impl Nsm {
             name,
             kind,
             congestion,
+            scheduler: None,
             hosts,
             net,
             link,
@@ -104,6 +107,12 @@ impl Nsm {
             restarts: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
         }
+    }
+
+    /// The scheduler the NSM runs (`scheduler` in its config).
+    pub fn with_scheduler(mut self, scheduler: Option<String>) -> Nsm {
+        self.scheduler = scheduler;
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Proc> {
@@ -119,6 +128,9 @@ impl Nsm {
         cmd.args(["nsm", "--kind", &self.kind, "--name", &self.name, "--control-fd", &CONTROL_FD.to_string()]);
         if let Some(cc) = &self.congestion {
             cmd.args(["--congestion", cc]);
+        }
+        if let Some(s) = &self.scheduler {
+            cmd.args(["--scheduler", s]);
         }
         for (name, addr) in &self.hosts {
             cmd.arg("--host").arg(format!("{name}={addr}"));

@@ -65,24 +65,7 @@ enum Cmd {
     },
     /// Run an NSM (started by the engine, not by hand).
     #[command(hide = true)]
-    Nsm {
-        #[arg(long)]
-        kind: String,
-        #[arg(long)]
-        name: String,
-        #[arg(long)]
-        control_fd: i32,
-        #[arg(long)]
-        congestion: Option<String>,
-        /// NAME=ADDRESS this NSM resolves itself (repeatable).
-        #[arg(long = "host")]
-        hosts: Vec<String>,
-        /// A unix socket path where a restarted engine reconnects to adopt this NSM.
-        #[arg(long)]
-        listen: Option<PathBuf>,
-        #[command(flatten)]
-        user: UserNsmArgs,
-    },
+    Nsm(NsmArgs),
     /// Start an engine, serve an unmodified HTTP server and client through it, compare with native.
     Demo {
         /// Bytes to transfer.
@@ -110,9 +93,7 @@ pub fn main() -> i32 {
         Cmd::Run { tenant, socket, isolate, token_file, program } => run(tenant, socket, isolate, token_file, program),
         Cmd::Ctl { socket, what, iterations, .. } if what == "top" => top(socket, iterations),
         Cmd::Ctl { socket, json, what, .. } => ctl(socket, json, &what),
-        Cmd::Nsm { kind, name, control_fd, congestion, hosts, listen, user } => {
-            nsm(&kind, name, control_fd, congestion, hosts, listen, user)
-        }
+        Cmd::Nsm(a) => nsm(a),
         Cmd::Demo { bytes } => demo::main(bytes),
         Cmd::Bench(a) => bench::main(a),
         Cmd::BenchPeer(a) => bench::peer(a),
@@ -342,6 +323,8 @@ fn ctl(socket: Option<PathBuf>, json: bool, what: &str) -> i32 {
                 "refused",
                 "throttled",
                 "violations",
+                "cpu_weight",
+                "nsm_cpu_seconds",
             ],
         ),
         "nsms" => print_table(&v, NSM_COLUMNS),
@@ -411,6 +394,9 @@ const NSM_COLUMNS: &[&str] = &[
     "name",
     "kind",
     "congestion",
+    "scheduler",
+    "executors",
+    "cpu_seconds",
     "pid",
     "restarts",
     "attachments",
@@ -421,6 +407,30 @@ const NSM_COLUMNS: &[&str] = &[
     "bytes_out",
     "violations",
 ];
+
+/// How the engine starts an NSM.
+#[derive(clap::Args)]
+struct NsmArgs {
+    #[arg(long)]
+    kind: String,
+    #[arg(long)]
+    name: String,
+    #[arg(long)]
+    control_fd: i32,
+    #[arg(long)]
+    congestion: Option<String>,
+    /// The order tasks run in: fifo, fair or latency.
+    #[arg(long, default_value = "fifo")]
+    scheduler: netkernel_service::sched::Kind,
+    /// NAME=ADDRESS this NSM resolves itself (repeatable).
+    #[arg(long = "host")]
+    hosts: Vec<String>,
+    /// A unix socket path where a restarted engine reconnects to adopt this NSM.
+    #[arg(long)]
+    listen: Option<PathBuf>,
+    #[command(flatten)]
+    user: UserNsmArgs,
+}
 
 /// A user NSM's link, as the engine passes it (`kind = "user"`).
 #[derive(clap::Args)]
@@ -448,7 +458,7 @@ struct UserNsmArgs {
 }
 
 impl UserNsmArgs {
-    fn stack(self, congestion: Option<&str>) -> Result<netkernel_nsm_user::UserStack, String> {
+    fn stack(&self, congestion: Option<&str>) -> Result<netkernel_nsm_user::UserStack, String> {
         let (Some(address), Some(gateway)) = (&self.address, &self.gateway) else {
             return Err("a user NSM needs --address and --gateway".into());
         };
@@ -471,57 +481,46 @@ impl UserNsmArgs {
     }
 }
 
-fn nsm(
-    kind: &str,
-    name: String,
-    control_fd: i32,
-    congestion: Option<String>,
-    hosts: Vec<String>,
-    listen: Option<PathBuf>,
-    user: UserNsmArgs,
-) -> i32 {
-    let hosts = hosts.iter().filter_map(|h| h.split_once('=')).map(|(n, a)| (n.to_string(), a.to_string())).collect();
-    let r = match kind {
-        "kernel" => netkernel_nsm_kernel::KernelStack::new(congestion)
-            .and_then(|stack| serve_nsm(stack, &name, control_fd, hosts, listen, Vec::new())),
+fn nsm(a: NsmArgs) -> i32 {
+    let r = match a.kind.as_str() {
+        "kernel" => netkernel_nsm_kernel::KernelStack::new(a.congestion.clone())
+            .and_then(|stack| serve_nsm(stack, &a, Vec::new())),
         "user" => {
-            let nameservers = user.nameservers.clone();
-            user.stack(congestion.as_deref())
-                .and_then(|stack| serve_nsm(stack, &name, control_fd, hosts, listen, nameservers))
+            a.user.stack(a.congestion.as_deref()).and_then(|stack| serve_nsm(stack, &a, a.user.nameservers.clone()))
         }
         other => Err(format!("unknown NSM kind {other:?} (known: kernel, user)")),
     };
     match r {
         Ok(()) => 0,
-        Err(e) => fail(format!("NSM {name}: {e}")),
+        Err(e) => fail(format!("NSM {}: {e}", a.name)),
     }
 }
 
 /// Runs ServiceLib over `stack` until the engine and the last guest are gone.
 fn serve_nsm<S: netkernel_service::Stack>(
     stack: S,
-    name: &str,
-    control_fd: i32,
-    hosts: HashMap<String, String>,
-    listen: Option<PathBuf>,
+    a: &NsmArgs,
     nameservers: Vec<std::net::IpAddr>,
 ) -> Result<(), String> {
+    let hosts: HashMap<String, String> =
+        a.hosts.iter().filter_map(|h| h.split_once('=')).map(|(n, a)| (n.to_string(), a.to_string())).collect();
     // SAFETY: the engine passed this fd to us at exec and nothing else owns it.
-    let control = unsafe { OwnedFd::from_raw_fd(control_fd) };
+    let control = unsafe { OwnedFd::from_raw_fd(a.control_fd) };
     // SAFETY: setting FD_CLOEXEC on our own fd; no pointers.
-    unsafe { libc::fcntl(control_fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-    let mut svc = netkernel_service::Service::new(stack, name.to_string(), control)
+    unsafe { libc::fcntl(a.control_fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    let mut svc = netkernel_service::Service::new(stack, a.name.clone(), control)
         .map_err(|e| e.to_string())?
         .with_hosts(hosts)
-        .with_nameservers(nameservers);
-    if let Some(path) = listen {
+        .with_nameservers(nameservers)
+        .with_scheduler(a.scheduler);
+    if let Some(path) = &a.listen {
         // A socket left by this NSM's predecessor (which is gone: the engine starts one NSM per
         // name) is replaced.
-        let _ = std::fs::remove_file(&path);
-        let listener = std::os::unix::net::UnixListener::bind(&path)
+        let _ = std::fs::remove_file(path);
+        let listener = std::os::unix::net::UnixListener::bind(path)
             .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
         // Only the engine's uid may adopt the NSM (it checks SO_PEERCRED too).
-        let _ = std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600));
+        let _ = std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600));
         svc = svc.with_rendezvous(listener).map_err(|e| e.to_string())?;
     }
     svc.run().map_err(|e| e.to_string())

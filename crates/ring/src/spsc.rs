@@ -72,6 +72,13 @@ impl<'a> Consumer<'a> {
         self.ring.tail.load(Ordering::Acquire) != self.head
     }
 
+    /// The next entry without taking it (None when empty). Unvalidated: good for a guess at
+    /// what comes, never for acting on it.
+    pub fn peek(&self) -> Option<u32> {
+        let tail = self.ring.tail.load(Ordering::Acquire);
+        (tail != self.head).then(|| self.ring.entries[(self.head % self.ring.cap()) as usize].load(Ordering::Relaxed))
+    }
+
     /// Takes the next entry, `Ok(None)` when empty, `Err` when the producer broke the protocol.
     pub fn pop(&mut self) -> Result<Option<u32>, Corrupt> {
         let tail = self.ring.tail.load(Ordering::Acquire);

@@ -74,6 +74,17 @@ pub struct TenantPolicy {
     /// tenants allow it.
     #[serde(default = "yes")]
     pub colocate: bool,
+    /// The tenant's share of the NSM's CPU relative to other tenants' under the `fair`
+    /// scheduler.
+    #[serde(default = "one")]
+    pub cpu_weight: u32,
+    /// At most this many cores of the NSM's CPU for the tenant; None: no cap.
+    #[serde(default)]
+    pub cpu_limit: Option<f64>,
+}
+
+fn one() -> u32 {
+    1
 }
 
 fn yes() -> bool {
@@ -91,6 +102,8 @@ impl Default for TenantPolicy {
             listen_ports: None,
             rate: None,
             colocate: true,
+            cpu_weight: 1,
+            cpu_limit: None,
         }
     }
 }
@@ -116,6 +129,9 @@ pub struct ConnInfo {
     pub retrans: u32,
     /// The stack's estimate of the connection's delivery rate, bytes per second (TCP_INFO).
     pub delivery_rate: u64,
+    /// Time the NSM spent running this socket's requests, microseconds.
+    #[serde(default)]
+    pub cpu_us: u64,
 }
 
 /// One tenant's totals in one NSM since the NSM started.
@@ -131,6 +147,9 @@ pub struct TenantTotals {
     /// Times one of its sockets had to wait for its rate limit's tokens.
     #[serde(default)]
     pub throttled: u64,
+    /// CPU the NSM spent for the tenant (its tasks' share of the NSM's CPU), seconds.
+    #[serde(default)]
+    pub nsm_cpu_seconds: f64,
 }
 
 /// An NSM's telemetry.
@@ -140,6 +159,19 @@ pub struct NsmStats {
     pub kind: String,
     pub pid: u32,
     pub congestion: String,
+    /// The scheduler ordering the NSM's tasks (fifo, fair, latency).
+    #[serde(default)]
+    pub scheduler: String,
+    /// Executor threads running tasks now.
+    #[serde(default)]
+    pub executors: u32,
+    /// CPU the NSM's executors used, seconds: the tenants' `nsm_cpu_seconds` plus
+    /// `overhead_cpu_seconds`.
+    #[serde(default)]
+    pub cpu_seconds: f64,
+    /// CPU used while no tenant's task ran (waking, polling with nothing to do), seconds.
+    #[serde(default)]
+    pub overhead_cpu_seconds: f64,
     pub attachments: usize,
     /// Bytes the NSM received from the network for guests since it started.
     pub bytes_in: u64,

@@ -3,15 +3,21 @@
 //! spawns nothing: the driver (lib.rs) wires it to the engine, the doorbells and the clock, and
 //! the stack behind [`Stack`] does the networking. Its only system calls are the futex wakes of
 //! the region protocol (docs/ABI.md) and whatever the stack makes.
+//!
+//! Work is done as tasks (sched.rs): a batch of one attachment's requests, or the readiness the
+//! stack reported for its sockets. The scheduler orders them; each is timed (`clock`, the
+//! monotonic clock but for tests) and charged to its tenant.
 
+use crate::account::Accounting;
 use crate::control::NsmStats;
 use crate::exec::{execute, settles, tenant, OVERFLOW};
 use crate::lookup::{StackResolver, TOK_DNS};
+use crate::sched::{Class, Scheduler, Task, Work};
 use crate::sock::{close_slot, complete, publish, retire, Attachment, ListenerRef, Sock};
 use crate::stack::{Ready, Stack};
-use crate::{ratelimit, resolve, telemetry};
+use crate::{ratelimit, resolve, sched, telemetry};
 use netkernel_abi::validate::{self, Call, Request, Violation};
-use netkernel_abi::{nqe_state, ADDR_MAX, NQE_COUNT};
+use netkernel_abi::{nqe_state, ADDR_MAX};
 use netkernel_ring::region::Region;
 use netkernel_ring::spsc::Consumer;
 use netkernel_ring::sys;
@@ -105,6 +111,17 @@ pub(crate) struct Core<S: Stack> {
     pub lookups: Vec<Lookup>,
     /// For a stack without a system resolver: DNS through the stack itself.
     pub resolver: Option<StackResolver<S::Handle>>,
+    /// Orders the tasks.
+    pub sched: Box<dyn Scheduler>,
+    /// CPU per tenant.
+    pub account: Accounting,
+    /// Tasks of tenants over their `cpu_limit`, and when they may run.
+    pub parked: Vec<(Task, Instant)>,
+    /// Refreshes that were queued before the last stack poll: complete once its readiness is
+    /// published.
+    pub polled_refreshes: Vec<(usize, u64, u32)>,
+    /// Times tasks and requests.
+    pub clock: fn() -> Instant,
 }
 
 impl<S: Stack> Core<S> {
@@ -135,23 +152,156 @@ impl<S: Stack> Core<S> {
             ended: Vec::new(),
             lookups: Vec::new(),
             resolver: None,
+            sched: crate::sched::Kind::Fifo.build(),
+            account: Accounting::default(),
+            parked: Vec::new(),
+            polled_refreshes: Vec::new(),
+            clock: Instant::now,
         }
     }
 
-    /// Processes every queued nqe of every attachment. Returns whether there was any.
-    pub(crate) fn drain_rings(&mut self) -> bool {
+    /// Sets a tenant's CPU weight and cap from its policy; returns its number.
+    pub(crate) fn tenant_policy(&mut self, name: &str, policy: &crate::control::TenantPolicy) -> sched::TenantId {
+        let id = self.account.id(name);
+        let t = &mut self.account.tenants[id as usize];
+        t.weight = policy.cpu_weight.max(1);
+        self.sched.set_weight(id, t.weight);
+        t.cap = match (policy.cpu_limit, t.cap.take()) {
+            (None, _) => None,
+            (Some(cores), Some(mut cap)) => {
+                cap.set_cores(cores);
+                Some(cap)
+            }
+            (Some(cores), None) => Some(sched::CpuCap::new(cores, self.now)),
+        };
+        id
+    }
+
+    /// Queues a task for every attachment whose guest queued requests and that has none queued.
+    pub(crate) fn gather(&mut self) {
+        for (ai, a) in self.atts.iter_mut().enumerate() {
+            let Some(a) = a.as_mut().filter(|a| !a.queued) else { continue };
+            let Some(entry) = Consumer::resume(a.region.ring(), a.head).peek() else { continue };
+            a.queued = true;
+            let class = class_of(&a.region, entry);
+            self.sched.push(Task {
+                tenant: a.tenant_id,
+                att: ai,
+                id: a.id,
+                work: Work::Requests,
+                class,
+                since: self.now,
+            });
+        }
+    }
+
+    /// Runs every task that may run now, in the scheduler's order, after queueing the guests'
+    /// new requests. Returns whether any ran.
+    pub(crate) fn run_tasks(&mut self) -> bool {
+        self.gather();
+        let mut last = (self.clock)();
+        self.unpark(last);
         let mut worked = false;
-        for ai in 0..self.atts.len() {
-            worked |= self.drain(ai);
+        while let Some(task) = self.sched.pop(last) {
+            if self.atts.get(task.att).and_then(|a| a.as_ref()).is_none_or(|a| a.id != task.id) {
+                continue;
+            }
+            let tenant = &mut self.account.tenants[task.tenant as usize];
+            if let (Work::Requests, Some(wait)) = (task.work, tenant.cap.as_mut().and_then(|c| c.wait(last))) {
+                self.parked.push((task, last + wait));
+                continue;
+            }
+            self.run(task);
+            worked = true;
+            let end = (self.clock)();
+            let took = end.saturating_duration_since(last);
+            last = end;
+            self.sched.charge(task.tenant, took);
+            self.account.record(task.tenant, took);
+            if let Some(cap) = self.account.tenants[task.tenant as usize].cap.as_mut() {
+                cap.charge(took);
+            }
+            if self.sched.preempts() {
+                self.gather();
+            }
         }
         worked
     }
 
-    /// Processes the queued nqes of attachment `ai`, at most one queue's worth so that a guest
-    /// that keeps submitting cannot starve the others; refuses it if it broke the ABI.
-    pub(crate) fn drain(&mut self, ai: usize) -> bool {
+    /// Gives back to the scheduler the parked tasks whose tenants may run again.
+    fn unpark(&mut self, now: Instant) {
+        let mut i = 0;
+        while i < self.parked.len() {
+            if self.parked[i].1 <= now {
+                let (task, _) = self.parked.swap_remove(i);
+                self.sched.push(task);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Runs one task. A requests task first publishes the readiness the stack reported for the
+    /// attachment, so that no request of its guest is followed by older readiness.
+    fn run(&mut self, task: Task) {
+        self.publish_ready(task.att);
+        if task.work == Work::Ready {
+            return;
+        }
+        self.drain(task.att, self.sched.quantum());
+        let Some(a) = self.atts[task.att].as_mut().filter(|a| a.id == task.id) else { return };
+        match Consumer::resume(a.region.ring(), a.head).peek() {
+            Some(entry) => {
+                let class = class_of(&a.region, entry);
+                self.sched.push(Task { class, since: self.now, ..task });
+            }
+            None => a.queued = false,
+        }
+    }
+
+    /// Publishes the readiness changes waiting for attachment `ai`.
+    fn publish_ready(&mut self, ai: usize) {
+        let Some(a) = self.atts.get_mut(ai).and_then(|a| a.as_mut()) else { return };
+        a.ready_queued = false;
+        if a.ready.is_empty() {
+            return;
+        }
+        let mut ready = std::mem::take(&mut a.ready);
+        for &(key, events) in &ready {
+            self.on_ready(key, events);
+        }
+        ready.clear();
+        if let Some(a) = self.atts.get_mut(ai).and_then(|a| a.as_mut()).filter(|a| a.ready.is_empty()) {
+            a.ready = ready;
+        }
+    }
+
+    /// Keeps a readiness change for its attachment's next task (other keys: handled now).
+    fn defer_ready(&mut self, key: u64, events: u32) {
+        let ai = ((key >> 32) & 0x3fff_ffff) as usize;
+        if key >> KIND_SHIFT != TOK_SOCK {
+            return self.on_ready(key, events);
+        }
+        let Some(a) = self.atts.get_mut(ai).and_then(|a| a.as_mut()) else { return };
+        a.ready.push((key, events));
+        if !a.ready_queued {
+            a.ready_queued = true;
+            let task = Task {
+                tenant: a.tenant_id,
+                att: ai,
+                id: a.id,
+                work: Work::Ready,
+                class: Class::Latency,
+                since: self.now,
+            };
+            self.sched.push(task);
+        }
+    }
+
+    /// Processes the queued nqes of attachment `ai`, at most `budget`; refuses the attachment if
+    /// it broke the ABI. Returns whether there was any.
+    pub(crate) fn drain(&mut self, ai: usize, mut budget: u32) -> bool {
         let mut worked = false;
-        let mut budget = NQE_COUNT;
         while let Some(a) = self.atts[ai].as_mut() {
             if budget == 0 {
                 break;
@@ -179,7 +329,8 @@ impl<S: Stack> Core<S> {
     /// something arrives).
     pub(crate) fn deadline(&mut self) -> Option<Instant> {
         let throttled = self.throttle_wait().map(|w| self.now + w);
-        [throttled, self.stack_deadline].into_iter().flatten().min()
+        let parked = self.parked.iter().map(|p| p.1).min();
+        [throttled, self.stack_deadline, parked].into_iter().flatten().min()
     }
 
     /// How long until a throttled tenant may send again (None: nobody is throttled).
@@ -296,7 +447,8 @@ impl<S: Stack> Core<S> {
     /// pidfd to stop watching.
     pub(crate) fn exited(&mut self, ai: usize, holder: u32) -> Option<OwnedFd> {
         self.atts.get(ai)?.as_ref()?;
-        self.drain(ai);
+        self.publish_ready(ai);
+        self.drain(ai, u32::MAX);
         let pidfd = self.release_holder(ai, holder);
         if self.atts.get(ai).and_then(|a| a.as_ref()).is_some_and(|a| !a.holders.any_process()) {
             let a = self.atts[ai].take().expect("checked");
@@ -308,6 +460,14 @@ impl<S: Stack> Core<S> {
     pub(crate) fn snapshot(&mut self) -> NsmStats {
         let mut s = self.stats.clone();
         s.attachments = self.atts.iter().flatten().count();
+        s.scheduler = self.sched.name().into();
+        s.executors = 1;
+        for t in &self.account.tenants {
+            let totals = tenant(&mut s, &t.name);
+            totals.nsm_cpu_seconds = t.cpu.as_secs_f64();
+        }
+        s.overhead_cpu_seconds = self.account.overhead.as_secs_f64();
+        s.cpu_seconds = s.tenants.values().map(|t| t.nsm_cpu_seconds).sum::<f64>() + s.overhead_cpu_seconds;
         for a in self.atts.iter().flatten() {
             for sock in a.socks.iter().flatten() {
                 s.conns.push(telemetry::conn_info(&mut self.stack, a, sock, &self.name));
@@ -321,6 +481,7 @@ impl<S: Stack> Core<S> {
         let a = self.atts[ai].as_mut().expect("caller checked");
         let p = a.region.nqe(idx);
         let req = validate::validate(idx, &a.region.nqe_snapshot(idx), a.region.layout())?;
+        let started = (self.clock)();
         let mut addr = [0u8; ADDR_MAX];
         let mut addr_out = None;
         if let Call::Resolve { query, family, socktype, flags } = req.call {
@@ -367,6 +528,9 @@ impl<S: Stack> Core<S> {
             self.register_listener(ai, req.sock, backlog);
         }
         let a = self.atts[ai].as_mut().expect("caller checked");
+        if let Some(Some(s)) = a.socks.get_mut(req.sock as usize) {
+            s.cpu += (self.clock)().saturating_duration_since(started);
+        }
         let seq = a.region.slot(req.seq_slot()).seq.load(Ordering::Acquire);
         // SAFETY: p points at nqe idx inside the mapping; the guest reads these fields only
         // after it sees DONE, which the Release swap below orders after these writes.
@@ -389,25 +553,41 @@ impl<S: Stack> Core<S> {
     /// learns the result: Linux delivers loopback synchronously, so a peer's poll right after a
     /// send, shutdown, close or connect returns already sees its effect. Stack sockets only;
     /// doorbells, pidfds and the control channel are level-triggered and wait for the loop.
+    /// Readiness found waiting here supersedes what an earlier poll left for a task.
     pub(crate) fn settle(&mut self) {
-        self.poll_stack(true);
+        let mut ready = self.poll_into(true);
+        for r in ready.drain(..) {
+            let ai = ((r.key >> 32) & 0x3fff_ffff) as usize;
+            if let (TOK_SOCK, Some(a)) = (r.key >> KIND_SHIFT, self.atts.get_mut(ai).and_then(|a| a.as_mut())) {
+                a.ready.retain(|&(k, _)| k != r.key);
+            }
+            self.on_ready(r.key, r.events);
+        }
+        self.ready = ready;
     }
 
-    /// Lets the stack advance (`woken`: its wait fd was readable) and publishes the readiness
-    /// changes it reports. Returns whether there were any.
+    /// Lets the stack advance (`woken`: its wait fd was readable) and queues tasks to publish
+    /// the readiness changes it reports. Returns whether there were any.
     pub(crate) fn poll_stack(&mut self, woken: bool) -> bool {
+        let mut ready = self.poll_into(woken);
+        let any = !ready.is_empty();
+        for r in ready.drain(..) {
+            self.defer_ready(r.key, r.events);
+        }
+        self.ready = ready;
+        self.polled_refreshes.append(&mut self.refreshes);
+        any
+    }
+
+    /// The readiness changes the stack reports now (in the reused buffer `self.ready`).
+    fn poll_into(&mut self, woken: bool) -> Vec<Ready> {
         let mut ready = std::mem::take(&mut self.ready);
         self.stack_deadline = self.stack.poll(self.now, woken, &mut ready);
         if let Some(r) = self.resolver.as_mut() {
             r.poll(&mut self.stack, self.now);
             self.stack_deadline = [self.stack_deadline, r.deadline()].into_iter().flatten().min();
         }
-        let any = !ready.is_empty();
-        for r in ready.drain(..) {
-            self.on_ready(r.key, r.events);
-        }
-        self.ready = ready;
-        any
+        ready
     }
 
     /// A watched stack socket's readiness changed (`key` from `Stack::watch`): queued sends go
@@ -462,10 +642,11 @@ impl<S: Stack> Core<S> {
         }
     }
 
-    /// Completes this round's readiness refreshes: every nqe queued before them has run and the
-    /// stack's wakeups since are published.
+    /// Completes the readiness refreshes queued before the last stack poll, once the tasks that
+    /// publish what it found have run: every nqe queued before them has run and the stack's
+    /// wakeups since are published.
     pub(crate) fn finish_refreshes(&mut self) {
-        for (ai, id, idx) in std::mem::take(&mut self.refreshes) {
+        for (ai, id, idx) in std::mem::take(&mut self.polled_refreshes) {
             if let Some(a) = self.atts.get(ai).and_then(|a| a.as_ref()).filter(|a| a.id == id) {
                 complete(&a.region, idx, 0);
             }
@@ -517,6 +698,18 @@ impl<S: Stack> Core<S> {
             self.hold_back(ai, req.sock);
         }
         Ok(result)
+    }
+}
+
+/// A guess at a task's class from the next request its guest queued (unvalidated: a guest that
+/// lies only misplaces its own work).
+fn class_of(region: &Region, entry: u32) -> Class {
+    match validate::nqe_index(entry) {
+        Ok(idx) => {
+            let s = region.nqe_snapshot(idx);
+            sched::class_of(s.op, s.buf_len)
+        }
+        Err(_) => Class::Latency,
     }
 }
 

@@ -27,6 +27,8 @@ pub(crate) struct FakeStack {
     pub rcvbuf: usize,
     next_port: u16,
     wait: std::fs::File,
+    /// The socket of every send, in the order they came.
+    pub sends: Vec<usize>,
 }
 
 pub(crate) fn sockaddr(port: u16) -> [u8; 16] {
@@ -48,6 +50,7 @@ impl FakeStack {
             rcvbuf: 64 * 1024,
             next_port: 40000,
             wait: std::fs::File::open("/dev/null").unwrap(),
+            sends: Vec::new(),
         }
     }
 
@@ -123,6 +126,7 @@ impl Stack for FakeStack {
             return Err(libc::EAGAIN);
         }
         self.socks[peer].rx.extend(&data[..n]);
+        self.sends.push(*s);
         Ok(n)
     }
     fn recv(&mut self, s: &usize, buf: &mut [u8], _: i32, _: &mut [u8]) -> Result<(usize, usize), Errno> {

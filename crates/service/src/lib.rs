@@ -9,6 +9,7 @@
 //! the doorbells, the guests' pidfds and the stack's wait fd) with `nsm_sleeping` published so
 //! that guests ring the doorbell only then (D5).
 
+mod account;
 mod adopt;
 mod cmsg;
 mod colocated;
@@ -23,6 +24,7 @@ mod lookup;
 mod policy;
 mod ratelimit;
 mod resolve;
+pub mod sched;
 mod sendq;
 mod sock;
 pub mod stack;
@@ -111,6 +113,12 @@ impl<S: Stack> Service<S> {
         self
     }
 
+    /// The scheduler that orders this NSM's tasks (default fifo).
+    pub fn with_scheduler(mut self, kind: sched::Kind) -> Self {
+        self.core.sched = kind.build();
+        self
+    }
+
     /// Static host entries (name to address) this NSM answers Op::Resolve with.
     pub fn with_hosts(mut self, hosts: HashMap<String, String>) -> Self {
         self.core.hosts = Arc::new(hosts.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect());
@@ -124,7 +132,7 @@ impl<S: Stack> Service<S> {
         let mut idle_steps = 0u32;
         loop {
             self.core.now = Instant::now();
-            let mut worked = self.core.drain_rings();
+            let mut worked = self.core.run_tasks();
             self.start_lookups();
             let sleep = !worked && last_work.elapsed() >= SPIN;
             let wait = self.core.deadline().map(|d| d.saturating_duration_since(self.core.now));
@@ -191,7 +199,11 @@ impl<S: Stack> Service<S> {
             }
             self.core.now = Instant::now();
             worked |= self.core.poll_stack(woken);
+            worked |= self.core.run_tasks();
             self.core.finish_refreshes();
+            if self.core.account.due() {
+                self.core.account.settle(account::thread_cpu());
+            }
             self.core.unthrottle();
             self.start_lookups();
             self.forget_ended();
@@ -268,8 +280,10 @@ impl<S: Stack> Service<S> {
         }
     }
 
+    /// Whether a guest queued requests no task is queued for yet (a parked task's wait for its
+    /// tenant's CPU is in the core's deadline).
     fn rings_have_work(&self) -> bool {
-        self.core.atts.iter().flatten().any(|a| Consumer::resume(a.region.ring(), a.head).has_work())
+        self.core.atts.iter().flatten().any(|a| !a.queued && Consumer::resume(a.region.ring(), a.head).has_work())
     }
 
     fn flush_bells(&mut self) {
@@ -339,7 +353,10 @@ impl<S: Stack> Service<S> {
                 Ok(()) => control::Reply::ok(()),
                 Err(e) => control::Reply::err(e),
             },
-            Ok(NsmRequest::Stats) => control::Reply::ok(self.core.snapshot()),
+            Ok(NsmRequest::Stats) => {
+                self.core.account.settle(account::thread_cpu());
+                control::Reply::ok(self.core.snapshot())
+            }
             Ok(NsmRequest::Adopt) => control::Reply::ok(self.state()),
             Ok(NsmRequest::Region { attachment }) => match self.region_fds(attachment) {
                 Ok(fds) => {
@@ -392,6 +409,7 @@ impl<S: Stack> Service<S> {
             self.core.buckets.entry(tenant.clone()).or_insert_with(|| ratelimit::Bucket::new(bits, burst, now));
         }
         let head = region.ring().head.load(Ordering::Acquire);
+        let tenant_id = self.core.tenant_policy(&tenant, &policy);
         self.core.atts[ai] = Some(Attachment {
             id,
             tenant,
@@ -407,6 +425,10 @@ impl<S: Stack> Service<S> {
             socks: Vec::new(),
             free: Vec::new(),
             bell: Rc::default(),
+            tenant_id,
+            queued: false,
+            ready: Vec::new(),
+            ready_queued: false,
         });
         Ok(())
     }

@@ -34,6 +34,8 @@ pub(crate) struct Sock<H> {
     /// Urgent data came and its mark is not passed yet: readiness then asks the stack whether
     /// the next byte is the urgent one (MASK_AT_MARK).
     pub(crate) urgent: Cell<bool>,
+    /// Time spent running its requests.
+    pub(crate) cpu: std::time::Duration,
 }
 
 /// Serials for sockets; an NSM has one service, so one counter.
@@ -52,6 +54,7 @@ impl<H> Sock<H> {
             pipe: None,
             backlog: None,
             urgent: Cell::new(false),
+            cpu: std::time::Duration::ZERO,
         }
     }
 
@@ -119,6 +122,14 @@ pub(crate) struct Attachment<H> {
     /// The guest's doorbell should ring: set by this attachment's sockets and by co-located
     /// peers in other attachments.
     pub(crate) bell: Rc<Cell<bool>>,
+    /// Its tenant's number in the NSM's scheduler and accounts.
+    pub(crate) tenant_id: crate::sched::TenantId,
+    /// A task to run its requests is queued.
+    pub(crate) queued: bool,
+    /// Readiness the stack reported for its sockets (key, events), latest per key, not yet
+    /// published; a task to publish it is queued when `ready_queued`.
+    pub(crate) ready: Vec<(u64, u32)>,
+    pub(crate) ready_queued: bool,
 }
 
 impl<H> Attachment<H> {

@@ -70,6 +70,7 @@ pub(crate) fn conn_info<S: Stack>(
         path: if s.pipe.is_some() { "colocated" } else { stack.kind() }.into(),
         bytes_in: s.bytes_in,
         bytes_out: s.bytes_out,
+        cpu_us: s.cpu.as_micros() as u64,
         ..Default::default()
     };
     if let Some(p) = &s.pipe {

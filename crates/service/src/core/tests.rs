@@ -6,7 +6,7 @@ use crate::control::TenantPolicy;
 use crate::fake::{sockaddr, FakeStack};
 use crate::holders::Holders;
 use netkernel_abi::validate::{PoolBuf, SockAddr};
-use netkernel_abi::Layout;
+use netkernel_abi::{Layout, NQE_COUNT};
 use std::cell::Cell;
 use std::os::fd::FromRawFd;
 use std::rc::Rc;
@@ -46,6 +46,7 @@ fn attach(core: &mut Core<FakeStack>, tenant: &str, policy: TenantPolicy) -> Gue
     if let Some((bits, burst)) = policy.rate {
         core.buckets.insert(tenant.into(), ratelimit::Bucket::new(bits, burst, core.now));
     }
+    let tenant_id = core.tenant_policy(tenant, &policy);
     core.atts.push(Some(Attachment {
         id: core.atts.len() as u64 + 1,
         tenant: tenant.into(),
@@ -61,6 +62,10 @@ fn attach(core: &mut Core<FakeStack>, tenant: &str, policy: TenantPolicy) -> Gue
         socks: Vec::new(),
         free: Vec::new(),
         bell: Rc::new(Cell::new(false)),
+        tenant_id,
+        queued: false,
+        ready: Vec::new(),
+        ready_queued: false,
     }));
     Guest { ai: core.atts.len() - 1, region, next: 0 }
 }
@@ -110,14 +115,21 @@ impl Guest {
     /// Submits `call`, lets the core run a step, and returns the result.
     fn call(&mut self, core: &mut Core<FakeStack>, sock: u32, call: impl FnOnce(&Guest, u32) -> Call) -> i64 {
         let idx = self.submit(sock, call);
-        core.drain_rings();
-        core.poll_stack(false);
+        step(core);
         self.result(idx)
     }
 
     fn mask(&self, slot: u32) -> u32 {
         self.region.slot(slot).mask.load(Ordering::Acquire)
     }
+}
+
+/// One round of the driver's loop: the guests' requests, a stack poll, the readiness tasks.
+fn step(core: &mut Core<FakeStack>) {
+    core.run_tasks();
+    core.poll_stack(false);
+    core.run_tasks();
+    core.finish_refreshes();
 }
 
 fn addr(port: u16) -> SockAddr {
@@ -187,7 +199,7 @@ fn a_rate_limited_tenant_sends_at_its_rate_on_the_made_up_clock() {
     for ms in (40..=200).step_by(10) {
         core.now = t0 + Duration::from_millis(ms);
         core.unthrottle();
-        core.poll_stack(false);
+        step(&mut core);
     }
     let total = 16_384 + core.stack.drain(server).len();
     assert_eq!(total, 60_000, "all of it after 200 ms at 1 MB/s");
@@ -203,7 +215,7 @@ fn a_guest_that_breaks_the_abi_loses_its_attachment_and_only_it() {
     let idx = bad.submit(0, socket);
     // SAFETY: the test is the guest: it scribbles an opcode no NSM knows.
     unsafe { (*bad.region.nqe(idx)).op = 999 };
-    core.drain_rings();
+    core.run_tasks();
     assert!(core.atts[bad.ai].is_none());
     assert_eq!(core.ended.len(), 1, "the driver gets it to forget");
     assert_eq!(bad.region.header().state.load(Ordering::Acquire), netkernel_abi::STATE_DEAD);
@@ -222,4 +234,107 @@ fn an_exited_guests_sockets_close_and_its_attachment_ends() {
     assert!(core.atts[ai].is_none() && core.ended.len() == 1);
     // The peer of the closed client (the server, fake socket 2) reads EOF.
     assert_ne!(core.stack.poll_mask(&2) & libc::POLLIN as u32, 0);
+}
+
+thread_local! {
+    static FAKE_NOW: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+/// A clock for the core's task timing: every reading is 10 µs after the one before, so a
+/// request (two readings) costs 20 µs.
+fn ticking_clock() -> Instant {
+    FAKE_NOW.with(|n| {
+        let t = n.get().unwrap_or_else(Instant::now) + Duration::from_micros(10);
+        n.set(Some(t));
+        t
+    })
+}
+
+/// Tenant "a" queues 40 sends of `a_len` bytes, then tenant "b" one short send; one round
+/// runs them all. Returns how many of a's sends went before b's, and the core.
+fn contend(kind: sched::Kind, a_len: usize) -> (usize, Core<FakeStack>) {
+    static BIG: [u8; 5000] = [7; 5000];
+    let mut core = core();
+    core.sched = kind.build();
+    core.clock = ticking_clock;
+    let policy = TenantPolicy { colocate: false, ..Default::default() };
+    let mut a = attach(&mut core, "a", policy.clone());
+    let mut b = attach(&mut core, "b", policy);
+    let (_, ca, _) = connected(&mut core, &mut a, 7000);
+    let (_, cb, _) = connected(&mut core, &mut b, 7001);
+    core.stack.sends.clear();
+    core.stack.rcvbuf = 1 << 20;
+    // What setting up cost is settled; only this round is left to account.
+    core.account.settle(Duration::ZERO);
+    for _ in 0..40 {
+        a.submit(ca, send(&BIG[..a_len], false));
+    }
+    b.submit(cb, send(b"ping", false));
+    core.run_tasks();
+    let sends = &core.stack.sends;
+    assert_eq!(sends.len(), 41, "every send ran in one round");
+    let b_sock = *sends.iter().find(|&&s| sends.iter().filter(|&&x| x == s).count() == 1).unwrap();
+    let before = sends.iter().position(|&s| s == b_sock).unwrap();
+    (before, core)
+}
+
+#[test]
+fn fifo_serves_a_flood_before_the_request_behind_it() {
+    let (before, _) = contend(sched::Kind::Fifo, 1);
+    assert_eq!(before, 40, "in arrival order, all of a's queue first");
+}
+
+#[test]
+fn fair_lets_a_light_tenant_in_after_one_quantum_of_a_flood() {
+    let (before, core) = contend(sched::Kind::Fair, 1);
+    assert!(before <= core.sched.quantum() as usize, "b waited behind {before} of a's requests");
+}
+
+#[test]
+fn latency_puts_a_short_request_before_bulk_sends() {
+    let (before, _) = contend(sched::Kind::Latency, 5000);
+    assert_eq!(before, 0, "the short request goes first");
+    let (before, _) = contend(sched::Kind::Latency, 1);
+    assert!(before > 0 && before <= 8, "among short requests, round robin: {before}");
+}
+
+#[test]
+fn each_tenants_tasks_are_timed_and_its_cpu_is_its_share() {
+    let (_, mut core) = contend(sched::Kind::Fair, 1);
+    // The thread used 1 s over the round (a made-up figure; the split is what matters).
+    core.account.settle(Duration::from_secs(1));
+    let stats = core.snapshot();
+    let (ta, tb) = (stats.tenants["a"].nsm_cpu_seconds, stats.tenants["b"].nsm_cpu_seconds);
+    assert!(ta > 20.0 * tb, "a ran 40 requests, b one: {ta} vs {tb}");
+    assert!((ta + tb + stats.overhead_cpu_seconds - 1.0).abs() < 1e-6, "{stats:?}");
+    assert!((stats.cpu_seconds - 1.0).abs() < 1e-6);
+    assert_eq!(stats.scheduler, "fair");
+    let conn = stats.conns.iter().filter(|c| c.tenant == "a").map(|c| c.cpu_us).max().unwrap();
+    assert!(conn >= 40 * 10, "a's client socket ran 40 requests of ≥10 µs: {conn} µs");
+}
+
+#[test]
+fn a_tenant_over_its_cpu_limit_waits_and_the_others_do_not() {
+    let mut core = core();
+    core.clock = ticking_clock;
+    let policy = TenantPolicy { colocate: false, ..Default::default() };
+    let mut a = attach(&mut core, "a", policy.clone());
+    let mut b = attach(&mut core, "b", policy.clone());
+    let (_, ca, _) = connected(&mut core, &mut a, 7100);
+    let (_, cb, _) = connected(&mut core, &mut b, 7101);
+    core.now = ticking_clock();
+    core.tenant_policy("a", &TenantPolicy { cpu_limit: Some(0.1), ..policy });
+    // a's first task runs on credit; at 0.1 cores it then owes time.
+    let first = a.submit(ca, send(b"x", false));
+    core.run_tasks();
+    assert_eq!(a.result(first), 1);
+    let ia = a.submit(ca, send(b"x", false));
+    let ib = b.submit(cb, send(b"y", false));
+    core.run_tasks();
+    assert_eq!(b.result(ib), 1, "b is not held back");
+    assert_eq!(a.region.nqe_state(ia).load(Ordering::Acquire), nqe_state::SUBMITTED, "a waits for its cap");
+    let due = core.deadline().expect("a's task is parked until then");
+    FAKE_NOW.with(|n| n.set(Some(due)));
+    core.run_tasks();
+    assert_eq!(a.result(ia), 1, "a's request runs once its CPU allowance is back");
 }
