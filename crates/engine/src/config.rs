@@ -513,6 +513,25 @@ mod tests {
     }
 
     #[test]
+    fn scheduler_and_cpu_shares_are_checked_where_they_are_written() {
+        let e = err("[[nsm]]\nname = \"k\"\nscheduler = \"wfq\"\n[[tenant]]\nname = \"a\"\nnsm = \"k\"\n");
+        assert!(
+            e.starts_with("/etc/nk.toml:3: nsm.scheduler: \"wfq\" is not a scheduler (known: fifo, fair, latency)"),
+            "{e}"
+        );
+        let base = "[[nsm]]\nname = \"k\"\nscheduler = \"fair\"\n[[tenant]]\nname = \"a\"\nnsm = \"k\"\n";
+        let e = err(&format!("{base}cpu_weight = 0\n"));
+        assert!(e.starts_with("/etc/nk.toml:7: tenant.cpu_weight: 0 is not 1 to 10000"), "{e}");
+        let e = err(&format!("{base}cpu_limit = -1.5\n"));
+        assert!(e.starts_with("/etc/nk.toml:7: tenant.cpu_limit: -1.5 is not a positive number of cores"), "{e}");
+        let c = Config::parse(Path::new("/etc/nk.toml"), &format!("{base}cpu_weight = 3\ncpu_limit = 0.5\n")).unwrap();
+        assert_eq!(
+            (*c.tenants[0].cpu_weight.as_ref().unwrap().get_ref(), *c.tenants[0].cpu_limit.as_ref().unwrap().get_ref()),
+            (3, 0.5)
+        );
+    }
+
+    #[test]
     fn embedded_default_is_valid_and_minimal() {
         let c = Config::embedded();
         assert_eq!(c.nsms.len(), 1);

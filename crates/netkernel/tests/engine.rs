@@ -328,11 +328,7 @@ fn prometheus_metrics_and_ctl_top() {
     let script = "import socket,sys\nl=socket.create_server(('127.0.0.1',0))\nc=socket.create_connection(l.getsockname())\n\
                   s,_=l.accept()\nc.sendall(b'x'*200000)\nn=0\nwhile n<200000: n+=len(s.recv(65536))\nprint('ready',flush=True)\nsys.stdin.read()\n";
     let mut child = engine.python_ready(script);
-    // Fetched natively: /metrics is the operator's, not a guest's.
-    let mut s = std::net::TcpStream::connect(&addr).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-    let mut resp = String::new();
-    std::io::Read::read_to_string(&mut s, &mut resp).unwrap();
+    let resp = metrics_response(&addr);
     let (head, body) = resp.split_once("\r\n\r\n").unwrap();
     assert!(head.starts_with("HTTP/1.1 200") && head.contains("text/plain; version=0.0.4"), "{head}");
     for want in [

@@ -390,10 +390,7 @@ fn ctl_conns_and_metrics_show_user_connections_with_rtt_and_cwnd() {
     assert_eq!(conn["path"], "user", "{conn}");
     assert!(conn["bytes_in"].as_u64().unwrap() >= 20_000_000, "{conn}");
     assert!(conn["rtt_us"].as_u64().unwrap() > 0 && conn["cwnd"].as_u64().unwrap() > 0, "{conn}");
-    let mut s = TcpStream::connect(&metrics).unwrap();
-    std::io::Write::write_all(&mut s, b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-    let mut body = String::new();
-    std::io::Read::read_to_string(&mut s, &mut body).unwrap();
+    let body = metrics_response(&metrics);
     let rtt = body
         .lines()
         .find(|l| l.starts_with("netkernel_connection_rtt_seconds{") && l.contains("nsm=\"user\""))

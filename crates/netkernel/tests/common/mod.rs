@@ -382,3 +382,13 @@ pub fn serve_refuses(cfg: &Path) -> String {
     assert!(!out.status.success(), "serve accepted {}", cfg.display());
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+
+/// The engine's Prometheus endpoint at `addr` (host:port), fetched natively (it is the
+/// operator's, not a guest's): the whole HTTP response.
+pub fn metrics_response(addr: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    std::io::Write::write_all(&mut s, b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    std::io::Read::read_to_string(&mut s, &mut resp).unwrap();
+    resp
+}
