@@ -36,6 +36,9 @@ pub(crate) const TOK_CONTROL: u64 = 3 << KIND_SHIFT;
 /// A closed socket still sending queued bytes: kind 3 with bit 32 set (TOK_CONTROL has none).
 pub(crate) const TOK_LINGER: u64 = (3 << KIND_SHIFT) | (1 << 32);
 
+/// How often a scheduler that lets new work go first looks at the stack during a round.
+const POLL_EVERY: Duration = Duration::from_micros(50);
+
 pub(crate) fn tok(kind: u64, att: usize, slot: u32) -> u64 {
     (kind << KIND_SHIFT) | ((att as u64) << 32) | slot as u64
 }
@@ -200,6 +203,7 @@ impl<S: Stack> Core<S> {
     pub(crate) fn run_tasks(&mut self) -> bool {
         self.gather();
         let mut last = (self.clock)();
+        let mut polled = last;
         self.unpark(last);
         let mut worked = false;
         while let Some(task) = self.sched.pop(last) {
@@ -222,7 +226,13 @@ impl<S: Stack> Core<S> {
                 cap.charge(took);
             }
             if self.sched.preempts() {
+                // New work may go first: look for it, in the rings and (now and then: it costs
+                // a system call) in the stack, which would otherwise wait for the round's end.
                 self.gather();
+                if end.saturating_duration_since(polled) >= POLL_EVERY {
+                    polled = end;
+                    self.poll_stack(true);
+                }
             }
         }
         worked
