@@ -38,6 +38,8 @@ pub(crate) const TOK_LINGER: u64 = (3 << KIND_SHIFT) | (1 << 32);
 
 /// How often a scheduler that lets new work go first looks at the stack during a round.
 const POLL_EVERY: Duration = Duration::from_micros(50);
+/// The longest the core runs tasks before the driver gets its turn.
+const ROUND: Duration = Duration::from_millis(1);
 
 pub(crate) fn tok(kind: u64, att: usize, slot: u32) -> u64 {
     (kind << KIND_SHIFT) | ((att as u64) << 32) | slot as u64
@@ -198,15 +200,19 @@ impl<S: Stack> Core<S> {
         }
     }
 
-    /// Runs every task that may run now, in the scheduler's order, after queueing the guests'
-    /// new requests. Returns whether any ran.
+    /// Runs the tasks that may run now, in the scheduler's order, after queueing the guests'
+    /// new requests, for at most [`ROUND`]: what is left waits for the next round, after the
+    /// driver has looked at its events, so that a guest that keeps submitting cannot hold the
+    /// loop. Returns whether any ran.
     pub(crate) fn run_tasks(&mut self) -> bool {
         self.gather();
-        let mut last = (self.clock)();
+        let start = (self.clock)();
+        let mut last = start;
         let mut polled = last;
         self.unpark(last);
         let mut worked = false;
-        while let Some(task) = self.sched.pop(last) {
+        while last.saturating_duration_since(start) < ROUND {
+            let Some(task) = self.sched.pop(last) else { break };
             if self.atts.get(task.att).and_then(|a| a.as_ref()).is_none_or(|a| a.id != task.id) {
                 continue;
             }
@@ -458,7 +464,7 @@ impl<S: Stack> Core<S> {
     pub(crate) fn exited(&mut self, ai: usize, holder: u32) -> Option<OwnedFd> {
         self.atts.get(ai)?.as_ref()?;
         self.publish_ready(ai);
-        self.drain(ai, u32::MAX);
+        self.drain(ai, netkernel_abi::NQE_COUNT);
         let pidfd = self.release_holder(ai, holder);
         if self.atts.get(ai).and_then(|a| a.as_ref()).is_some_and(|a| !a.holders.any_process()) {
             let a = self.atts[ai].take().expect("checked");
@@ -656,6 +662,9 @@ impl<S: Stack> Core<S> {
     /// publish what it found have run: every nqe queued before them has run and the stack's
     /// wakeups since are published.
     pub(crate) fn finish_refreshes(&mut self) {
+        if self.polled_refreshes.is_empty() || self.atts.iter().flatten().any(|a| !a.ready.is_empty()) {
+            return;
+        }
         for (ai, id, idx) in std::mem::take(&mut self.polled_refreshes) {
             if let Some(a) = self.atts.get(ai).and_then(|a| a.as_ref()).filter(|a| a.id == id) {
                 complete(&a.region, idx, 0);

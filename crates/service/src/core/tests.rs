@@ -338,3 +338,19 @@ fn a_tenant_over_its_cpu_limit_waits_and_the_others_do_not() {
     core.run_tasks();
     assert_eq!(a.result(ia), 1, "a's request runs once its CPU allowance is back");
 }
+
+#[test]
+fn a_round_of_tasks_ends_so_the_driver_gets_its_turn() {
+    let mut core = core();
+    core.sched = sched::Kind::Fair.build();
+    core.clock = ticking_clock;
+    let mut g = attach(&mut core, "t", TenantPolicy { colocate: false, ..Default::default() });
+    let (_, c, _) = connected(&mut core, &mut g, 7200);
+    // 60 requests of 20 µs (two clock readings each) are more than one round's worth.
+    let last = (0..60).map(|_| g.submit(c, send(b"x", false))).last().unwrap();
+    assert!(core.run_tasks());
+    assert_eq!(g.region.nqe_state(last).load(Ordering::Acquire), nqe_state::SUBMITTED, "left for the next round");
+    assert!(!core.sched.is_empty());
+    core.run_tasks();
+    assert_eq!(g.result(last), 1);
+}
