@@ -77,7 +77,8 @@ const TOOLS: [Tool; 5] = [
         label: "sockperf pp 64 B",
         programs: &["sockperf"],
         packages: "sockperf",
-        metrics: &[("p50_us", "p50 (us)", 2), ("p99_us", "p99 (us)", 2)],
+        // sockperf's latency is half the round trip (the peer bench's rr reports whole ones).
+        metrics: &[("p50_us", "p50 (us, RTT/2)", 2), ("p99_us", "p99 (us, RTT/2)", 2)],
         run: sockperf,
     },
     Tool {
@@ -300,7 +301,7 @@ pub fn print(r: &Value) {
         pct("steal_share")
     );
     println!("{}", super::warm_line(r));
-    print!("{:<30}", "tool, metric: median [min-max]");
+    print!("{:<32}", "tool, metric: median [min-max]");
     for path in PATHS {
         print!(" {:>26}", path.label());
         if path != Path::Native {
@@ -310,7 +311,7 @@ pub fn print(r: &Value) {
     println!();
     for tool in TOOLS.iter().filter(|t| !r["tools"][t.key].is_null()) {
         for (key, label, dp) in tool.metrics {
-            print!("{:<30}", format!("{} {label}", tool.label));
+            print!("{:<32}", format!("{} {label}", tool.label));
             for path in PATHS {
                 let v = &r["tools"][tool.key][key][path.key()];
                 let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
