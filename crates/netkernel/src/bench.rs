@@ -104,8 +104,8 @@ pub struct Args {
     /// natively, through the kernel NSM, from a guest client to a native server, and co-located.
     #[arg(long)]
     tools: bool,
-    /// With --tools: rounds, each running every tool on every path in turn [default: 3].
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    /// With --tools: rounds, each running every tool on every path in turn.
+    #[arg(long, default_value_t = 3, requires = "tools", value_parser = clap::value_parser!(u32).range(1..))]
     repeat: u32,
     /// Keep every CPU out of deep idle during the measurements, native and NetKernel alike
     /// (holds /dev/cpu_dma_latency at 0; root).

@@ -56,7 +56,10 @@ fn wait_listening(port: u16) -> Result<(), String> {
     let local = format!("0100007F:{port:04X}");
     let listening = || {
         let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
-        table.lines().any(|l| matches!(l.split_whitespace().collect::<Vec<_>>()[..], [_, l, _, "0A", ..] if l == local))
+        // Fields: slot, local address, remote address, state (0A: LISTEN), ...
+        table
+            .lines()
+            .any(|l| matches!(l.split_whitespace().collect::<Vec<_>>()[..], [_, addr, _, "0A", ..] if addr == local))
     };
     let end = Instant::now() + Duration::from_secs(10);
     while !listening() {
@@ -70,11 +73,12 @@ fn wait_listening(port: u16) -> Result<(), String> {
 
 /// Starts server `c` (output discarded) and waits until it listens on `port`.
 pub(super) fn server(mut c: Command, port: u16) -> Result<Killed, String> {
+    let name = c.get_program().to_string_lossy().into_owned();
     c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
-    let mut s = Killed(c.spawn().map_err(|e| format!("starting server: {e}"))?);
+    let mut s = Killed(c.spawn().map_err(|e| format!("starting {name}: {e}"))?);
     wait_listening(port).map_err(|e| match s.0.try_wait() {
-        Ok(Some(status)) => format!("the server exited ({status})"),
-        _ => e,
+        Ok(Some(status)) => format!("{name} exited ({status}) instead of listening on port {port}"),
+        _ => format!("{name}: {e}"),
     })?;
     Ok(s)
 }
