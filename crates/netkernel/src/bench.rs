@@ -1,7 +1,9 @@
 //! `netkernel bench`: four ways for two processes on this machine to talk over a stream socket,
 //! side by side in one run: native kernel TCP over loopback, NetKernel through the kernel NSM
 //! (the co-located short cut off), NetKernel co-located (the short cut on, the default), and
-//! AF_UNIX stream sockets; plus the raw nqe queue without sockets.
+//! AF_UNIX stream sockets; plus the raw nqe queue without sockets. `--apps` runs real servers
+//! instead (apps.rs), `--tools` the standard benchmark tools (tools.rs); `--warm` keeps CPUs out of
+//! deep idle during any of them.
 //!
 //! Every phase gets a fresh `bench-peer` server and client, so a GuestLib attachment, a slow
 //! start or a leftover socket of one phase cannot colour the next. Peers measure their own
@@ -13,6 +15,7 @@ mod chart;
 mod cpu;
 mod peer;
 mod queue;
+mod tools;
 
 use crate::guestlib;
 use crate::tempengine::TempEngine;
@@ -78,8 +81,8 @@ pub struct Args {
     /// Request/response round trips (64 bytes each way, TCP_NODELAY) [default: 20000, quick: 2000].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     rr_iters: Option<u32>,
-    /// Duration of each bulk transfer (1 flow, then 4), in seconds [default: 3, quick: 0.3]; with --apps,
-    /// of the wrk run.
+    /// Duration of each bulk transfer (1 flow, then 4), in seconds [default: 3, quick: 0.3]; with --apps
+    /// or --tools, of each run of a tool (whole seconds).
     #[arg(long)]
     seconds: Option<f64>,
     /// Duration of the connection-rate phase, in seconds [default: 1, quick: 0.3].
@@ -95,11 +98,22 @@ pub struct Args {
     #[arg(long)]
     svg: Option<PathBuf>,
     /// Benchmark real programs instead: redis-server with redis-benchmark, nginx with wrk.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "tools")]
     apps: bool,
-    /// With --apps: requests per redis-benchmark test.
-    #[arg(long, default_value_t = 100000)]
-    requests: u32,
+    /// Run the standard tools instead (sockperf, iperf3, redis-benchmark, wrk against nginx), each
+    /// natively, through the kernel NSM, from a guest client to a native server, and co-located.
+    #[arg(long)]
+    tools: bool,
+    /// With --tools: rounds, each running every tool on every path in turn.
+    #[arg(long, default_value_t = 3, requires = "tools", value_parser = clap::value_parser!(u32).range(1..))]
+    repeat: u32,
+    /// Keep every CPU out of deep idle during the measurements, native and NetKernel alike
+    /// (holds /dev/cpu_dma_latency at 0; root).
+    #[arg(long)]
+    warm: bool,
+    /// With --apps or --tools: requests per redis-benchmark test [default: 100000, --tools: 1000000].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    requests: Option<u32>,
 }
 
 /// The options with --quick and the defaults applied.
@@ -224,6 +238,18 @@ impl Peer {
         }
     }
 
+    /// Everything the child prints on stdout, once it has exited successfully.
+    fn output(&mut self, deadline: Instant) -> Result<String, String> {
+        let mut out = String::new();
+        loop {
+            match self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(l) => out += &(l + "\n"),
+                Err(RecvTimeoutError::Timeout) => return Err(self.fail("timed out")),
+                Err(_) => return self.wait(deadline).map(|()| out),
+            }
+        }
+    }
+
     /// Tells a waiting rr server to start echoing.
     fn go(&mut self) -> Result<(), String> {
         let r = self.stdin.take().map(|mut s| s.write_all(b"go\n"));
@@ -302,15 +328,8 @@ struct Bench<'a> {
 
 impl Bench<'_> {
     fn peer_cmd(&self, mode: Mode, args: &[String]) -> Command {
-        let exe = self.exe.to_string_lossy();
-        match mode.nsm() {
-            Some(tenant) => guestlib::command(&self.lib, self.engine.socket(), Some(tenant), &exe, args),
-            None => {
-                let mut c = Command::new(&self.exe);
-                c.args(args);
-                c
-            }
-        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        command(mode.nsm().map(|tenant| (&*self.lib, self.engine, tenant)), &self.exe.to_string_lossy(), &args)
     }
 
     fn nsm_cpus(&self) -> Result<Vec<f64>, String> {
@@ -383,15 +402,7 @@ impl Bench<'_> {
         let bulk4 = self.phase(mode, Phase::Bulk, 4)?;
         let conn = self.phase(mode, Phase::Conn, 1)?;
         if let (Some(name), Some(before)) = (mode.nsm(), before) {
-            let after = nsm_stats(self.engine, name)?;
-            let delta = |k: &str| after[k].as_i64().unwrap_or(0) - before[k].as_i64().unwrap_or(0);
-            if after["pid"] != before["pid"] || delta("restarts") != 0 {
-                return Err(format!("NSM {name} restarted during the run (pid {} -> {})", before["pid"], after["pid"]));
-            }
-            // Without this, a GuestLib that failed to hook the peers would silently report native figures.
-            if delta("conns_total") <= 0 {
-                return Err(format!("NSM {name} saw no connections: GuestLib did not serve the peers' sockets"));
-            }
+            check_served(self.engine, name, &before, mode == Mode::Colocated)?;
         }
         let f = Measured::f;
         let gb = |m: &Measured| f(&m.client, "bytes") / 1e9;
@@ -413,6 +424,44 @@ impl Bench<'_> {
         });
         Ok((v, idle))
     }
+}
+
+/// `program args`: natively, or with `guest` (GuestLib, the engine, a tenant) under GuestLib as a
+/// guest of that tenant.
+fn command(guest: Option<(&Path, &TempEngine, &str)>, program: &str, args: &[&str]) -> Command {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    match guest {
+        Some((lib, engine, tenant)) => guestlib::command(lib, engine.socket(), Some(tenant), program, &args),
+        None => {
+            let mut c = Command::new(program);
+            c.args(args);
+            c
+        }
+    }
+}
+
+/// Checks that NSM `name` served connections since `before` (its `ctl nsms` entry then), without
+/// restarting, and co-located some of them if and only if `colocated`: without this, a GuestLib
+/// that failed to hook the programs, or an NSM on the other path, would silently report figures of
+/// the wrong path.
+fn check_served(engine: &TempEngine, name: &str, before: &Value, colocated: bool) -> Result<(), String> {
+    let after = nsm_stats(engine, name)?;
+    let delta = |k: &str| after[k].as_i64().unwrap_or(0) - before[k].as_i64().unwrap_or(0);
+    if after["pid"] != before["pid"] || delta("restarts") != 0 {
+        return Err(format!("NSM {name} restarted during the run (pid {} -> {})", before["pid"], after["pid"]));
+    }
+    if delta("conns_total") <= 0 {
+        return Err(format!("NSM {name} saw no connections: GuestLib did not serve the programs' sockets"));
+    }
+    if colocated != (delta("conns_colocated") > 0) {
+        return Err(format!(
+            "NSM {name}: {} of {} connections were co-located, expected {}",
+            delta("conns_colocated"),
+            delta("conns_total"),
+            if colocated { "some" } else { "none" }
+        ));
+    }
+    Ok(())
 }
 
 /// Whether `conns` (`ctl conns`) shows the peers of NetKernel mode `mode` connected through its
@@ -446,6 +495,50 @@ fn path_taken(mode: Mode, conns: &Value) -> Result<(), String> {
     Ok(())
 }
 
+/// How loaded the machine was over a run: the CPU that processes other than the bench used, and
+/// the time the hypervisor stole.
+struct Noise {
+    host: (f64, f64),
+    own: f64,
+    t0: Instant,
+}
+
+impl Noise {
+    fn start() -> Noise {
+        Noise { host: host_cpu(), own: own_cpu(), t0: Instant::now() }
+    }
+
+    /// The noise so far, and the wall time. The engine and NSMs started within the run, so all of
+    /// their CPU is the bench's.
+    fn end(&self, engine: &TempEngine) -> Result<(Value, f64), String> {
+        let (host, wall) = (host_cpu(), self.t0.elapsed().as_secs_f64());
+        let others = (host.0 - self.host.0) - (own_cpu() - self.own) - engine_cpu(engine)?;
+        let machine_s = wall * nproc() as f64;
+        let steal = host.1 - self.host.1;
+        let noise = json!({"other_cpu_s": others.max(0.0), "other_share": others.max(0.0) / machine_s,
+                           "steal_s": steal, "steal_share": steal / machine_s, "loadavg_after": loadavg()});
+        Ok((noise, wall))
+    }
+}
+
+/// CPU seconds the engine and all its NSMs have used so far.
+fn engine_cpu(engine: &TempEngine) -> Result<f64, String> {
+    let nsms = netkernel_engine::request(engine.socket(), &EngineRequest::Nsms)?;
+    let pids: Vec<u32> =
+        nsms.as_array().into_iter().flatten().filter_map(|n| n["pid"].as_u64()).map(|p| p as u32).collect();
+    Ok(cpu::process(engine.pid())? + cpu::processes(&pids))
+}
+
+fn nproc() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+}
+
+/// The 1, 5 and 15 minute load averages.
+fn loadavg() -> String {
+    let l = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    l.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+}
+
 /// CPU seconds the whole machine has spent so far: (busy, stolen by the hypervisor).
 fn host_cpu() -> (f64, f64) {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
@@ -470,10 +563,11 @@ fn machine() -> Value {
     let model =
         cpuinfo.lines().find_map(|l| l.strip_prefix("model name")).map(|m| m.trim_start_matches([' ', '\t', ':']));
     json!({
-        "nproc": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "nproc": nproc(),
         "cpu": model.unwrap_or("unknown"),
         "kernel": read("/proc/sys/kernel/osrelease").trim(),
-        "loadavg_before": read("/proc/loadavg").split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+        "cpuidle_driver": cpu::idle_driver(),
+        "loadavg_before": loadavg(),
     })
 }
 
@@ -481,7 +575,7 @@ fn run(o: &Opts) -> Result<Value, String> {
     let exe = std::env::current_exe().map_err(|e| format!("locating netkernel binary: {e}"))?;
     let lib = guestlib::find()?;
     let machine = machine();
-    let (host0, own0, t0) = (host_cpu(), own_cpu(), Instant::now());
+    let noise = Noise::start();
     // First, while nothing else of the bench runs: the queue needs both CPUs to itself.
     eprintln!("netkernel bench: nqe queue ...");
     let queue = queue::run(o.queue_bytes, o.queue_samples)?;
@@ -502,12 +596,7 @@ fn run(o: &Opts) -> Result<Value, String> {
         }
         modes.insert(mode.key().into(), v);
     }
-    // Everything the machine did during the run that was not the bench: its noise. The engine
-    // and NSMs started within the run, so all of their CPU is the bench's.
-    let (host1, wall) = (host_cpu(), t0.elapsed().as_secs_f64());
-    let engine_cpu = cpu::process(engine.pid())? + b.nsm_cpus()?.iter().sum::<f64>();
-    let others = (host1.0 - host0.0) - (own_cpu() - own0) - engine_cpu;
-    let machine_s = wall * machine["nproc"].as_f64().unwrap_or(1.0);
+    let (noise, wall) = noise.end(&engine)?;
     let native = &modes[Mode::Native.key()];
     let mut ratio = Map::new();
     for mode in &measured[1..] {
@@ -524,9 +613,7 @@ fn run(o: &Opts) -> Result<Value, String> {
         "config": {"rr_iters": o.rr_iters, "rr_bytes": RR_BYTES, "bulk_seconds": o.seconds, "write_bytes": BULK_WRITE,
                    "conn_seconds": o.conn_seconds, "conn_kind": "connect + one 64-byte round trip + close",
                    "queue_bytes_per_size": o.queue_bytes, "queue_latency_samples": o.queue_samples},
-        "machine": machine, "wall_s": wall,
-        "noise": {"other_cpu_s": others.max(0.0), "other_share": others.max(0.0) / machine_s,
-                  "steal_s": host1.1 - host0.1, "steal_share": (host1.1 - host0.1) / machine_s},
+        "machine": machine, "wall_s": wall, "noise": noise,
         "modes": modes, "ratio": ratio, "queue": queue,
         "idle_nsm_cpu_s": idle_nsm_cpu,
     }))
@@ -570,6 +657,7 @@ fn print_table(r: &Value) {
         pct("other_share"),
         pct("steal_share")
     );
+    println!("{}", warm_line(r));
     let measured: Vec<Mode> = MODES[1..].iter().copied().filter(|m| !r["modes"][m.key()].is_null()).collect();
     print!("{:<24} {:>10}", "metric", Mode::Native.label());
     for mode in &measured {
@@ -612,31 +700,42 @@ fn print_table(r: &Value) {
     }
 }
 
-pub fn main(a: Args) -> i32 {
-    if a.apps {
-        let secs = a.seconds.unwrap_or(3.0).ceil().max(1.0) as u32;
-        return match apps::run(a.requests, secs) {
-            Ok(v) if a.json => {
-                println!("{v}");
-                0
-            }
-            Ok(v) => {
-                apps::print(&v);
-                0
-            }
-            Err(e) => {
-                eprintln!("netkernel bench --apps: {e}");
-                1
-            }
-        };
+/// Whether the run kept CPUs out of deep idle (--warm), for the table's header.
+fn warm_line(r: &Value) -> String {
+    let driver = r["machine"]["cpuidle_driver"].as_str().unwrap_or("none");
+    match r["warm"].as_bool() {
+        Some(true) => format!("--warm: CPUs kept out of deep idle (/dev/cpu_dma_latency held at 0; cpuidle {driver})"),
+        _ => format!("warm: off (CPUs may enter deep idle between packets; cpuidle {driver})"),
     }
-    let r = Opts::new(&a).and_then(|o| run(&o));
-    let r = r.and_then(|r| match &a.svg {
-        Some(p) => chart::write(&r, p).map(|()| r),
-        None => Ok(r),
-    });
-    match r {
+}
+
+/// One bench run of the kind `a` asks for, with the CPUs kept awake throughout if `--warm`.
+fn measure(a: &Args) -> Result<Value, String> {
+    let _awake = a.warm.then(cpu::keep_awake).transpose()?;
+    let secs = a.seconds.unwrap_or(3.0).ceil().max(1.0) as u32;
+    let mut r = if a.tools {
+        tools::run(a.repeat, secs, a.requests.unwrap_or(1_000_000))?
+    } else if a.apps {
+        let machine = machine();
+        let mut r = apps::run(a.requests.unwrap_or(100_000), secs)?;
+        r["machine"] = machine;
+        r
+    } else {
+        let r = run(&Opts::new(a)?)?;
+        if let Some(p) = &a.svg {
+            chart::write(&r, p)?;
+        }
+        r
+    };
+    r["warm"] = json!(a.warm);
+    Ok(r)
+}
+
+pub fn main(a: Args) -> i32 {
+    match measure(&a) {
         Ok(r) if a.json => println!("{r}"),
+        Ok(r) if a.tools => tools::print(&r),
+        Ok(r) if a.apps => apps::print(&r),
         Ok(r) => print_table(&r),
         Err(e) => {
             eprintln!("netkernel bench: {e}");

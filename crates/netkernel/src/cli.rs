@@ -72,7 +72,8 @@ enum Cmd {
         #[arg(long, default_value_t = 64 << 20)]
         bytes: u64,
     },
-    /// Benchmark native TCP, NetKernel (kernel NSM, co-located), AF_UNIX and the nqe queue in one run.
+    /// Benchmark native TCP, NetKernel (kernel NSM, co-located), AF_UNIX and the nqe queue in one run
+    /// (--apps: real servers; --tools: sockperf, iperf3, redis-benchmark and wrk side by side).
     Bench(bench::Args),
     /// Benchmark peer (used by `bench`).
     #[command(hide = true)]

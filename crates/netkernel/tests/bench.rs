@@ -1,5 +1,6 @@
-//! `netkernel bench --quick`: every mode and every metric is measured and sane. A behaviour test:
-//! the figures must exist, be positive and finite, and NetKernel modes must have used their NSM;
+//! `netkernel bench --quick` and `--tools`: every mode and every metric is measured and sane.
+//! Behaviour tests: the figures must exist, be positive and finite, and NetKernel modes must have
+//! used their NSM;
 //! how fast anything is is not asserted (CI machines are too noisy for that).
 
 mod common;
@@ -70,4 +71,58 @@ fn quick_bench_reports_every_mode_and_metric() {
     let chart = std::fs::read_to_string(&svg).expect("the --svg file");
     assert!(chart.starts_with("<svg") && chart.trim_end().ends_with("</svg>"), "not an SVG document");
     assert_eq!(chart.matches("<rect").count(), 1 + 7 * 3 + 3 + 7 + 6 + 2, "bars and legend swatches");
+}
+
+/// The tools `netkernel bench --tools` runs (JSON key), the programs each needs and the metrics
+/// it reports.
+const TOOLS: [(&str, &[&str], &[&str]); 5] = [
+    ("sockperf", &["sockperf"], &["p50_us", "p99_us"]),
+    ("iperf3_p1", &["iperf3"], &["gbps"]),
+    ("iperf3_p4", &["iperf3"], &["gbps"]),
+    ("redis", &["redis-server", "redis-benchmark"], &["set_rps", "get_rps"]),
+    ("nginx_wrk", &["nginx", "wrk"], &["rps"]),
+];
+const PATHS: [&str; 4] = ["native", "kernel", "guest_to_native", "colocated"];
+
+/// `netkernel bench --tools`, one short round: every installed tool reports a positive figure on
+/// every path (the bench itself fails if a path's NSM did not serve the connections); a tool
+/// that is not installed is skipped, naming its package. As root, with --warm.
+#[test]
+fn tools_bench_reports_every_installed_tool_on_every_path() {
+    let installed = |programs: &[&str]| programs.iter().all(|p| which(p).is_some());
+    if !TOOLS.iter().any(|(_, programs, _)| installed(programs)) {
+        eprintln!("skipping: none of sockperf, iperf3, redis, nginx + wrk is installed (scripts/test installs them)");
+        return;
+    }
+    let mut c = Command::new(NETKERNEL);
+    c.args(["bench", "--tools", "--repeat", "1", "--seconds", "1", "--requests", "100000", "--json"]);
+    if is_root() {
+        c.arg("--warm");
+    } else {
+        eprintln!("not root: running without --warm (/dev/cpu_dma_latency needs root)");
+    }
+    let out = output_within(c, Duration::from_secs(300));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench --tools failed: {stderr}");
+    let r: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("bad JSON ({e}): {stderr}"));
+    assert_eq!(r["warm"], is_root(), "warm reported wrongly");
+    for (tool, programs, metrics) in TOOLS {
+        let skipped = r["skipped"].as_array().unwrap().iter().find(|s| s["tool"] == tool);
+        if !installed(programs) {
+            let reason = skipped.unwrap_or_else(|| panic!("{tool} is not installed but not reported skipped"));
+            assert!(reason["reason"].as_str().unwrap().contains("apt-get install"), "{reason}");
+            eprintln!("{tool} skipped: {}", reason["reason"]);
+            continue;
+        }
+        assert!(skipped.is_none(), "{tool} is installed but was skipped");
+        for m in metrics {
+            for path in PATHS {
+                let v = &r["tools"][tool][m][path];
+                positive(&v["median"], &format!("{tool}.{m}.{path}"));
+                positive(&v["ratio"], &format!("{tool}.{m}.{path} ratio"));
+                assert_eq!(v["runs"].as_array().map(Vec::len), Some(1), "{tool}.{m}.{path}: one round, one run");
+            }
+        }
+    }
 }

@@ -3,10 +3,9 @@
 //! NSM, and co-located), with CPU per request counted over every process involved (servers,
 //! clients and, for NetKernel, the NSM).
 
-use super::cpu;
+use super::{check_served, command, cpu, nsm_stats};
 use crate::guestlib::{self, which};
 use crate::tempengine::TempEngine;
-use netkernel_control::EngineRequest;
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -30,7 +29,8 @@ fn children_cpu() -> f64 {
     cpu::rusage(libc::RUSAGE_CHILDREN)
 }
 
-struct Killed(Child);
+/// A server, stopped (SIGTERM, then SIGKILL after 5 s) and reaped on drop.
+pub(super) struct Killed(pub(super) Child);
 
 impl Drop for Killed {
     fn drop(&mut self) {
@@ -45,21 +45,42 @@ impl Drop for Killed {
     }
 }
 
-fn free_port() -> Result<u16, String> {
+pub(super) fn free_port() -> Result<u16, String> {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).map_err(|e| e.to_string())
 }
 
-fn wait_port(port: u16) -> Result<(), String> {
+/// Waits until a TCP socket listens on 127.0.0.1:`port` (/proc/net/tcp), without connecting: a
+/// probe connection would count as a client (iperf3 takes it for a test) and as an NSM connection.
+/// A guest's listener is the NSM's kernel socket, so this works for guest servers too.
+fn wait_listening(port: u16) -> Result<(), String> {
+    let local = format!("0100007F:{port:04X}");
+    let listening = || {
+        let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+        // Fields: slot, local address, remote address, state (0A: LISTEN), ...
+        table
+            .lines()
+            .any(|l| matches!(l.split_whitespace().collect::<Vec<_>>()[..], [_, addr, _, "0A", ..] if addr == local))
+    };
     let end = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+    while !listening() {
         if Instant::now() > end {
-            return Err(format!("no server on port {port}"));
+            return Err(format!("no server listening on 127.0.0.1:{port} after 10 s"));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    // Let the server finish with the probe connection.
-    std::thread::sleep(Duration::from_millis(200));
     Ok(())
+}
+
+/// Starts server `c` (output discarded) and waits until it listens on `port`.
+pub(super) fn server(mut c: Command, port: u16) -> Result<Killed, String> {
+    let name = c.get_program().to_string_lossy().into_owned();
+    c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    let mut s = Killed(c.spawn().map_err(|e| format!("starting {name}: {e}"))?);
+    wait_listening(port).map_err(|e| match s.0.try_wait() {
+        Ok(Some(status)) => format!("{name} exited ({status}) instead of listening on port {port}"),
+        _ => format!("{name}: {e}"),
+    })?;
+    Ok(s)
 }
 
 /// Everything one side (native or NetKernel) needs to start programs.
@@ -70,15 +91,7 @@ struct Side<'a> {
 
 impl Side<'_> {
     fn cmd(&self, program: &str, args: &[&str]) -> Command {
-        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        match self.nk {
-            Some((lib, e, _, tenant)) => guestlib::command(lib, e.socket(), Some(tenant), program, &args),
-            None => {
-                let mut c = Command::new(program);
-                c.args(&args);
-                c
-            }
-        }
+        command(self.nk.map(|(lib, e, _, tenant)| (lib, e, tenant)), program, args)
     }
 
     fn nsm(&self) -> Vec<u32> {
@@ -99,28 +112,34 @@ impl Side<'_> {
     }
 }
 
-/// `GET: 123.45 requests per second` lines of redis-benchmark -q.
-fn redis_rates(out: &str) -> Vec<(String, f64)> {
+/// (test, requests per second) of redis-benchmark --csv: `"SET","605693.50",...` after a header.
+pub(super) fn redis_rates(out: &str) -> Vec<(String, f64)> {
     out.lines()
         .filter_map(|l| {
-            let (name, rest) = l.trim().split_once(": ")?;
-            let rate = rest.split_whitespace().next()?.parse::<f64>().ok()?;
-            rest.contains("requests per second").then(|| (name.to_string(), rate))
+            let mut fields = l.split(',').map(|f| f.trim().trim_matches('"'));
+            let name = fields.next()?.to_string();
+            Some((name, fields.next()?.parse::<f64>().ok()?))
         })
         .collect()
+}
+
+/// redis-server on 127.0.0.1:`port`, without persistence, started by `cmd`.
+pub(super) fn redis_server(cmd: impl Fn(&str, &[&str]) -> Command, port: u16) -> Result<Killed, String> {
+    let p = port.to_string();
+    server(
+        cmd(&which("redis-server")?, &["--port", &p, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]),
+        port,
+    )
 }
 
 fn redis(side: &Side, requests: u32) -> Result<Vec<(String, f64, f64)>, String> {
     let port = free_port()?;
     let p = port.to_string();
-    let server =
-        side.cmd(&which("redis-server")?, &["--port", &p, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
-    let server = Killed(server_spawn(server)?);
-    wait_port(port)?;
+    let server = redis_server(|prog, args| side.cmd(prog, args), port)?;
     let n = requests.to_string();
     let mut rows = Vec::new();
     for (label, extra) in [("", &[][..]), (" -P 16", &["-P", "16"][..])] {
-        let mut args = vec!["-p", &p, "-c", "50", "-n", &n, "-t", "get,set", "-q"];
+        let mut args = vec!["-h", "127.0.0.1", "-p", &p, "-c", "50", "-n", &n, "-t", "get,set", "--csv"];
         args.extend_from_slice(extra);
         let (out, cpu) = side.load(server.0.id(), &which("redis-benchmark")?, &args)?;
         let rates = redis_rates(&out);
@@ -137,43 +156,52 @@ fn redis(side: &Side, requests: u32) -> Result<Vec<(String, f64, f64)>, String> 
     Ok(rows)
 }
 
-fn server_spawn(mut c: Command) -> Result<Child, String> {
-    c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
-    c.spawn().map_err(|e| format!("starting server: {e}"))
-}
-
-fn nginx(side: &Side, dir: &Path, seconds: u32) -> Result<(String, f64, f64), String> {
-    let port = free_port()?;
-    let d = dir.join(format!("nginx-{}", if side.nk.is_some() { "nk" } else { "native" }));
+/// nginx (master and 2 workers) in directory `d`, on 127.0.0.1:`port`, answering every request
+/// with `location` (an nginx location body), started by `cmd`.
+pub(super) fn nginx_server(
+    cmd: impl Fn(&str, &[&str]) -> Command,
+    d: &Path,
+    port: u16,
+    location: &str,
+) -> Result<Killed, String> {
     std::fs::create_dir_all(d.join("logs")).map_err(|e| e.to_string())?;
     let conf = d.join("nginx.conf");
     std::fs::write(
         &conf,
         format!(
             "worker_processes 2;\ndaemon off;\npid {p}/nginx.pid;\nerror_log {p}/logs/error.log;\nevents {{ worker_connections 1024; }}\n\
-             http {{ access_log off; keepalive_requests 100000;\n server {{ listen 127.0.0.1:{port}; location / {{ return 200 'hello'; }} }} }}\n",
+             http {{ access_log off; keepalive_requests 100000;\n server {{ listen 127.0.0.1:{port}; location / {{ {location} }} }} }}\n",
             p = d.display()
         ),
     )
     .map_err(|e| e.to_string())?;
-    let c = side
-        .cmd(&which("nginx")?, &["-c", &conf.display().to_string(), "-p", &d.display().to_string(), "-e", "stderr"]);
-    let server = Killed(server_spawn(c)?);
-    wait_port(port)?;
+    server(
+        cmd(&which("nginx")?, &["-c", &conf.display().to_string(), "-p", &d.display().to_string(), "-e", "stderr"]),
+        port,
+    )
+}
+
+/// wrk's (requests/s, requests) from its report; responses other than 2xx or 3xx are an error,
+/// not a rate.
+pub(super) fn wrk_rate(out: &str) -> Result<(f64, f64), String> {
+    if out.contains("Non-2xx or 3xx responses") {
+        return Err(format!("wrk got error responses:\n{out}"));
+    }
+    let rate = out.lines().find_map(|l| l.trim().strip_prefix("Requests/sec:")?.trim().parse::<f64>().ok());
+    let total = out.lines().find(|l| l.contains("requests in")).and_then(|l| l.split_whitespace().next()?.parse().ok());
+    match (rate, total) {
+        (Some(rate), Some(total)) => Ok((rate, total)),
+        _ => Err(format!("unexpected wrk output:\n{out}")),
+    }
+}
+
+fn nginx(side: &Side, dir: &Path, seconds: u32) -> Result<(String, f64, f64), String> {
+    let port = free_port()?;
+    let d = dir.join(format!("nginx-{}", if side.nk.is_some() { "nk" } else { "native" }));
+    let server = nginx_server(|prog, args| side.cmd(prog, args), &d, port, "return 200 'hello';")?;
     let url = format!("http://127.0.0.1:{port}/");
-    let dur = format!("{seconds}s");
-    let (out, cpu) = side.load(server.0.id(), &which("wrk")?, &["-t2", "-c50", &format!("-d{dur}"), &url])?;
-    let rate = out
-        .lines()
-        .find_map(|l| l.strip_prefix("Requests/sec:"))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .ok_or_else(|| format!("unexpected wrk output: {out}"))?;
-    let total = out
-        .lines()
-        .find(|l| l.contains("requests in"))
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or(rate * seconds as f64);
+    let (out, cpu) = side.load(server.0.id(), &which("wrk")?, &["-t2", "-c50", &format!("-d{seconds}s"), &url])?;
+    let (rate, total) = wrk_rate(&out)?;
     Ok(("nginx + wrk (50 conns)".into(), rate, cpu / total * 1e6))
 }
 
@@ -187,25 +215,15 @@ pub fn run(requests: u32, seconds: u32) -> Result<Value, String> {
     let lib = guestlib::find()?;
     let engine = TempEngine::with_config(Some(&super::engine_config()))?;
     // The bench's engine has an NSM and a tenant of the same name per path.
-    let nsm = |name: &str| -> Result<Value, String> {
-        let v = netkernel_engine::request(engine.socket(), &EngineRequest::Nsms)?;
-        v.as_array().into_iter().flatten().find(|n| n["name"] == name).cloned().ok_or(format!("no NSM {name}"))
-    };
     eprintln!("netkernel bench --apps: native ...");
     let native = side_rows(&Side { nk: None }, &engine.dir, requests, seconds)?;
     let mut paths = Vec::new();
     for path in ["kernel", "colocated"] {
         eprintln!("netkernel bench --apps: netkernel, {path} path ...");
-        let pid = nsm(path)?["pid"].as_u64().ok_or("NSM without a pid")? as u32;
+        let before = nsm_stats(&engine, path)?;
+        let pid = before["pid"].as_u64().ok_or("NSM without a pid")? as u32;
         paths.push(side_rows(&Side { nk: Some((&lib, &engine, pid, path)) }, &engine.dir, requests, seconds)?);
-        let n = nsm(path)?;
-        let (total, colocated) = (n["conns_total"].as_u64().unwrap_or(0), n["conns_colocated"].as_u64().unwrap_or(0));
-        if total < 100 {
-            return Err(format!("NSM {path} saw almost no connections: GuestLib did not serve the programs"));
-        }
-        if (path == "colocated") != (colocated > 0) {
-            return Err(format!("NSM {path}: {colocated} of {total} connections were co-located"));
-        }
+        check_served(&engine, path, &before, path == "colocated")?;
     }
     let rows: Vec<Value> = native
         .iter()
@@ -221,6 +239,7 @@ pub fn run(requests: u32, seconds: u32) -> Result<Value, String> {
 }
 
 pub fn print(v: &Value) {
+    println!("{}", super::warm_line(v));
     println!(
         "redis-benchmark: 50 clients, {} requests per test; wrk: 2 threads, 50 connections, {} s",
         v["requests"], v["wrk_seconds"]
