@@ -7,13 +7,14 @@ mod common;
 use common::*;
 use std::time::Duration;
 
-/// A python guest that ping-pongs 64 B between two of its own sockets for `secs` seconds (both
-/// through the NSM), then prints the round trips.
-fn ping_pong(secs: f64) -> String {
+/// A python guest that moves `mib` MiB between two of its own sockets (both through the NSM)
+/// and then ping-pongs 64 B `trips` times: a fixed amount of work, however loaded the machine.
+fn work(mib: usize, trips: usize) -> String {
     format!(
-        "import socket,time\nl=socket.create_server(('127.0.0.1',0))\nc=socket.create_connection(l.getsockname())\n\
-         s,_=l.accept()\nm=b'x'*64\nn=0\nt=time.time()\nwhile time.time()-t<{secs}:\n    c.sendall(m)\n    \
-         s.recv(64)\n    s.sendall(m)\n    c.recv(64)\n    n+=1\nprint(n)\n"
+        "import socket\nl=socket.create_server(('127.0.0.1',0))\nc=socket.create_connection(l.getsockname())\n\
+         s,_=l.accept()\nb=b'x'*(1<<20)\nfor _ in range({mib}):\n    c.sendall(b)\n    n=0\n    \
+         while n<len(b): n+=len(s.recv(1<<20))\nm=b'x'*64\nfor _ in range({trips}):\n    c.sendall(m)\n    \
+         s.recv(64)\n    s.sendall(m)\n    c.recv(64)\n"
     )
 }
 
@@ -27,21 +28,21 @@ fn the_nsms_cpu_is_accounted_to_the_tenants_that_used_it() {
     ));
     let nsm_pid = engine.nsm()["pid"].as_u64().unwrap() as u32;
     let ticks_before = cpu_ticks(nsm_pid);
-    let guest = |tenant: &str, secs: f64| {
+    let guest = |tenant: &str, mib: usize, trips: usize| {
         let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_netkernel"));
         c.args(["run", "--tenant", tenant, "--socket"]).arg(&engine.socket).args([
             "--",
             python.to_str().unwrap(),
             "-c",
-            &ping_pong(secs),
+            &work(mib, trips),
         ]);
         c
     };
     let busy = std::thread::spawn({
-        let c = guest("busy", 3.0);
-        move || output_within(c, Duration::from_secs(60))
+        let c = guest("busy", 2048, 20_000);
+        move || output_within(c, Duration::from_secs(120))
     });
-    let light = output_within(guest("light", 0.2), Duration::from_secs(60));
+    let light = output_within(guest("light", 0, 1000), Duration::from_secs(60));
     let busy = busy.join().unwrap();
     for o in [&busy, &light] {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -62,7 +63,7 @@ fn the_nsms_cpu_is_accounted_to_the_tenants_that_used_it() {
         nsms[0]["cpu_seconds"].as_f64().unwrap() - cpu(&b) - cpu(&l)
     );
     assert_eq!((b["cpu_weight"].as_u64(), l["cpu_weight"].as_u64()), (Some(3), Some(1)), "{tenants}");
-    assert!(cpu(&b) > 0.2, "3 s of ping-pong cost the NSM {:.3} s of CPU: {b}", cpu(&b));
+    assert!(cpu(&b) > 0.2, "2 GiB and 20,000 round trips cost the NSM {:.3} s of CPU: {b}", cpu(&b));
     assert!(cpu(&l) > 0.0 && cpu(&l) < cpu(&b) / 3.0, "light {:.3} s vs busy {:.3} s", cpu(&l), cpu(&b));
     assert_eq!(nsms[0]["scheduler"], "fair");
     assert_eq!(nsms[0]["executors"], 1);
