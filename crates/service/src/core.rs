@@ -264,7 +264,8 @@ impl<S: Stack> Core<S> {
         if task.work == Work::Ready {
             return;
         }
-        self.drain(task.att, self.sched.quantum());
+        let until = self.sched.slice().map(|s| (self.clock)() + s);
+        self.drain(task.att, self.sched.quantum(), until);
         let Some(a) = self.atts[task.att].as_mut().filter(|a| a.id == task.id) else { return };
         match Consumer::resume(a.region.ring(), a.head).peek() {
             Some(entry) => {
@@ -316,10 +317,11 @@ impl<S: Stack> Core<S> {
 
     /// Processes the queued nqes of attachment `ai`, at most `budget`; refuses the attachment if
     /// it broke the ABI. Returns whether there was any.
-    pub(crate) fn drain(&mut self, ai: usize, mut budget: u32) -> bool {
+    /// With `until`, it also stops once that time has passed.
+    pub(crate) fn drain(&mut self, ai: usize, mut budget: u32, until: Option<Instant>) -> bool {
         let mut worked = false;
         while let Some(a) = self.atts[ai].as_mut() {
-            if budget == 0 {
+            if budget == 0 || until.is_some_and(|t| worked && (self.clock)() >= t) {
                 break;
             }
             budget -= 1;
@@ -464,7 +466,7 @@ impl<S: Stack> Core<S> {
     pub(crate) fn exited(&mut self, ai: usize, holder: u32) -> Option<OwnedFd> {
         self.atts.get(ai)?.as_ref()?;
         self.publish_ready(ai);
-        self.drain(ai, netkernel_abi::NQE_COUNT);
+        self.drain(ai, netkernel_abi::NQE_COUNT, None);
         let pidfd = self.release_holder(ai, holder);
         if self.atts.get(ai).and_then(|a| a.as_ref()).is_some_and(|a| !a.holders.any_process()) {
             let a = self.atts[ai].take().expect("checked");

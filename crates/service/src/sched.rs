@@ -65,6 +65,11 @@ pub trait Scheduler {
     fn set_weight(&mut self, _tenant: TenantId, _weight: u32) {}
     /// How many requests a `Requests` task runs before it yields to other work.
     fn quantum(&self) -> u32;
+    /// How long a `Requests` task runs before it yields (after the request running then), if
+    /// its quantum of requests has not run out first: big sends make few requests long.
+    fn slice(&self) -> Option<Duration> {
+        None
+    }
     fn is_empty(&self) -> bool;
     /// Whether work found while a task runs may go before work found earlier: then the core
     /// looks for new work between tasks, not only once per round.
@@ -135,6 +140,9 @@ pub fn class_of(op: u32, len: u32) -> Class {
         Class::Latency
     }
 }
+
+/// The longest a short task runs before it yields (it finishes the request it is in).
+pub const SLICE: Duration = Duration::from_micros(20);
 
 /// Requests a short task runs before it yields: long enough to amortise the bookkeeping, short
 /// enough (tens of microseconds on the kernel stack) that nobody waits long behind it.
@@ -230,6 +238,9 @@ impl Scheduler for Fair {
     fn quantum(&self) -> u32 {
         SHORT_QUANTUM
     }
+    fn slice(&self) -> Option<Duration> {
+        Some(SLICE)
+    }
     fn is_empty(&self) -> bool {
         self.queued == 0
     }
@@ -268,6 +279,9 @@ impl Scheduler for Latency {
     fn charge(&mut self, _tenant: TenantId, _cpu: Duration) {}
     fn quantum(&self) -> u32 {
         SHORT_QUANTUM
+    }
+    fn slice(&self) -> Option<Duration> {
+        Some(SLICE)
     }
     fn is_empty(&self) -> bool {
         self.latency.is_empty() && self.bulk.is_empty()
