@@ -57,6 +57,10 @@ pub struct NsmConfig {
     /// `cpu_weight`) or "latency" (short requests and new connections first).
     #[serde(default)]
     pub scheduler: Option<Spanned<String>>,
+    /// Threads running the NSM's work: a number, or "auto" (up to the cores it may use, grown
+    /// and shrunk with load). Default 1.
+    #[serde(default)]
+    pub executors: Option<Spanned<Executors>>,
     /// Run the NSM in a network namespace of its own, joined to the host by a veth (root).
     #[serde(default)]
     pub netns: bool,
@@ -131,6 +135,24 @@ impl NsmConfig {
             nameservers.push(ip);
         }
         Ok(crate::link::UserLink { medium, config, nameservers })
+    }
+}
+
+/// An NSM's `executors`: a number or "auto".
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Executors {
+    Count(u32),
+    Named(String),
+}
+
+impl NsmConfig {
+    /// `--executors` for the NSM process (validated at load).
+    pub fn executors_arg(&self) -> Option<String> {
+        self.executors.as_ref().map(|e| match e.get_ref() {
+            Executors::Count(n) => n.to_string(),
+            Executors::Named(s) => s.clone(),
+        })
     }
 }
 
@@ -275,6 +297,7 @@ impl Config {
                 gateway6: None,
                 congestion: None,
                 scheduler: None,
+                executors: None,
                 netns: false,
                 egress_rate: None,
                 fair: true,
@@ -381,6 +404,20 @@ impl Config {
                             format!("{name:?} = {addr:?}: want a host name and an IP address"),
                         ));
                     }
+                }
+            }
+            if let Some(e) = &n.executors {
+                let bad = match e.get_ref() {
+                    Executors::Count(c) => !(1..=64).contains(c),
+                    Executors::Named(s) => s != "auto",
+                };
+                if bad {
+                    let msg = "want a number of threads from 1 to 64, or \"auto\"".to_string();
+                    return Err(invalid(e.span().start, "nsm.executors", msg));
+                }
+                if n.kind == "user" && !matches!(e.get_ref(), Executors::Count(1)) {
+                    let msg = "a kind = \"user\" NSM has one executor (one TAP device, one stack)".to_string();
+                    return Err(invalid(e.span().start, "nsm.executors", msg));
                 }
             }
             if let Some(s) = &n.scheduler {

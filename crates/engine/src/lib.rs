@@ -358,7 +358,7 @@ impl Engine {
                 std::fs::write(&net_file, json).map_err(|e| spawn_err(format!("{}: {e}", net_file.display())))?;
             }
             let nsm = Nsm::new(name.clone(), n.kind.clone(), congestion, hosts, net, link, rendezvous)
-                .with_scheduler(n.scheduler.as_ref().map(|s| s.get_ref().clone()));
+                .with_scheduler(n.scheduler.as_ref().map(|s| s.get_ref().clone()), n.executors_arg());
             let r = nsm.spawn().map_err(|source| EngineError::Spawn { name: name.clone(), source })?;
             nsms.push(Arc::new(nsm));
             running.push(r);

@@ -68,6 +68,8 @@ pub struct Nsm {
     congestion: Option<String>,
     /// The scheduler the NSM orders its tasks with (None: its default).
     scheduler: Option<String>,
+    /// Its executors (`--executors`; None: one).
+    executors: Option<String>,
     hosts: Vec<(String, String)>,
     /// The network namespace the NSM runs in, if one of its own.
     pub net: Option<crate::netns::NsmNet>,
@@ -99,6 +101,7 @@ impl Nsm {
             kind,
             congestion,
             scheduler: None,
+            executors: None,
             hosts,
             net,
             link,
@@ -109,9 +112,10 @@ impl Nsm {
         }
     }
 
-    /// The scheduler the NSM runs (`scheduler` in its config).
-    pub fn with_scheduler(mut self, scheduler: Option<String>) -> Nsm {
+    /// The scheduler the NSM runs and its executors (`scheduler`, `executors` in its config).
+    pub fn with_scheduler(mut self, scheduler: Option<String>, executors: Option<String>) -> Nsm {
         self.scheduler = scheduler;
+        self.executors = executors;
         self
     }
 
@@ -131,6 +135,9 @@ impl Nsm {
         }
         if let Some(s) = &self.scheduler {
             cmd.args(["--scheduler", s]);
+        }
+        if let Some(e) = &self.executors {
+            cmd.args(["--executors", e]);
         }
         for (name, addr) in &self.hosts {
             cmd.arg("--host").arg(format!("{name}={addr}"));

@@ -65,7 +65,7 @@ enum Cmd {
     },
     /// Run an NSM (started by the engine, not by hand).
     #[command(hide = true)]
-    Nsm(NsmArgs),
+    Nsm(Box<NsmArgs>),
     /// Start an engine, serve an unmodified HTTP server and client through it, compare with native.
     Demo {
         /// Bytes to transfer.
@@ -94,7 +94,7 @@ pub fn main() -> i32 {
         Cmd::Run { tenant, socket, isolate, token_file, program } => run(tenant, socket, isolate, token_file, program),
         Cmd::Ctl { socket, what, iterations, .. } if what == "top" => top(socket, iterations),
         Cmd::Ctl { socket, json, what, .. } => ctl(socket, json, &what),
-        Cmd::Nsm(a) => nsm(a),
+        Cmd::Nsm(a) => nsm(*a),
         Cmd::Demo { bytes } => demo::main(bytes),
         Cmd::Bench(a) => bench::main(a),
         Cmd::BenchPeer(a) => bench::peer(a),
@@ -423,6 +423,9 @@ struct NsmArgs {
     /// The order tasks run in: fifo, fair or latency.
     #[arg(long, default_value = "fifo")]
     scheduler: netkernel_service::sched::Kind,
+    /// Executor threads at most: a number, or "auto" (the cores this process may use).
+    #[arg(long, default_value = "1")]
+    executors: String,
     /// NAME=ADDRESS this NSM resolves itself (repeatable).
     #[arg(long = "host")]
     hosts: Vec<String>,
@@ -484,11 +487,16 @@ impl UserNsmArgs {
 
 fn nsm(a: NsmArgs) -> i32 {
     let r = match a.kind.as_str() {
-        "kernel" => netkernel_nsm_kernel::KernelStack::new(a.congestion.clone())
-            .and_then(|stack| serve_nsm(stack, &a, Vec::new())),
-        "user" => {
-            a.user.stack(a.congestion.as_deref()).and_then(|stack| serve_nsm(stack, &a, a.user.nameservers.clone()))
-        }
+        "kernel" => netkernel_nsm_kernel::KernelStack::new(a.congestion.clone()).and_then(|stack| {
+            let cc = a.congestion.clone();
+            let more = move || netkernel_nsm_kernel::KernelStack::new(cc.clone()).ok();
+            serve_nsm(stack, &a, Vec::new(), |svc| svc.with_executors(executors(&a.executors), more))
+        }),
+        // One TAP device, one smoltcp interface: a user NSM has one executor.
+        "user" => a
+            .user
+            .stack(a.congestion.as_deref())
+            .and_then(|stack| serve_nsm(stack, &a, a.user.nameservers.clone(), |svc| svc)),
         other => Err(format!("unknown NSM kind {other:?} (known: kernel, user)")),
     };
     match r {
@@ -497,11 +505,20 @@ fn nsm(a: NsmArgs) -> i32 {
     }
 }
 
+/// The most executors `--executors` allows ("auto": the cores this process may use).
+fn executors(arg: &str) -> usize {
+    match arg {
+        "auto" => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n.parse().unwrap_or(1),
+    }
+}
+
 /// Runs ServiceLib over `stack` until the engine and the last guest are gone.
 fn serve_nsm<S: netkernel_service::Stack>(
     stack: S,
     a: &NsmArgs,
     nameservers: Vec<std::net::IpAddr>,
+    executors: impl FnOnce(netkernel_service::Service<S>) -> netkernel_service::Service<S>,
 ) -> Result<(), String> {
     let hosts: HashMap<String, String> =
         a.hosts.iter().filter_map(|h| h.split_once('=')).map(|(n, a)| (n.to_string(), a.to_string())).collect();
@@ -514,6 +531,7 @@ fn serve_nsm<S: netkernel_service::Stack>(
         .with_hosts(hosts)
         .with_nameservers(nameservers)
         .with_scheduler(a.scheduler);
+    svc = executors(svc);
     if let Some(path) = &a.listen {
         // A socket left by this NSM's predecessor (which is gone: the engine starts one NSM per
         // name) is replaced.

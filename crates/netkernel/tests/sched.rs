@@ -82,3 +82,57 @@ fn the_nsms_cpu_is_accounted_to_the_tenants_that_used_it() {
     assert!(v >= cpu(&b), "{line}");
     assert!(text.contains("netkernel_nsm_executors{nsm=\"k\"} 1"), "{text}");
 }
+
+/// With `executors = 2`, a server and a client (two guest processes, two attachments) are served
+/// by two executor threads of one NSM: bytes arrive whole, the client's forked child sends on
+/// its inherited socket on the second executor (the engine's `hold` goes there), `ctl` adds both executors up, and once the guests are gone the
+/// NSM is back to one executor.
+#[test]
+fn executors_grow_with_attachments_and_shrink_when_they_end() {
+    let python = require("python3");
+    let engine = TestEngine::with_config(
+        "[[nsm]]\nname = \"k\"\ncolocate = false\nexecutors = 2\n\n[[tenant]]\nname = \"default\"\nnsm = \"k\"\n",
+    );
+    // The server answers each connection with the sha256 of what it read.
+    let server = engine.python_ready(
+        "import socket,os,hashlib,sys\nl=socket.create_server(('127.0.0.1',0))\n\
+         print('ready',flush=True)\nwhile True:\n    s,_=l.accept()\n    if os.fork()==0:\n        h=hashlib.sha256()\n        \
+         while True:\n            d=s.recv(1<<16)\n            if not d: break\n            h.update(d)\n        \
+         s.sendall(h.hexdigest().encode()); os._exit(0)\n    s.close()\n",
+    );
+    let _ = server;
+    let nsms = engine.ctl("nsms");
+    assert_eq!(nsms[0]["executors"], 1, "one guest: one executor");
+    let conns = engine.ctl("conns");
+    let port =
+        conns.as_array().unwrap().iter().find_map(|c| c["local"].as_str()?.rsplit(':').next()?.parse::<u16>().ok());
+    let port = port.expect("the server's listener");
+    let client = format!(
+        "import socket,hashlib,os\nc=socket.create_connection(('127.0.0.1',{port}))\nb=os.urandom(1<<20)\nh=hashlib.sha256()\n\
+         for _ in range(64): h.update(b)\npid=os.fork()\nif pid==0:\n    \
+         for _ in range(64): c.sendall(b)\n    os._exit(0)\nos.waitpid(pid,0)\nc.shutdown(socket.SHUT_WR)\nr=b''\nwhile True:\n    \
+         d=c.recv(100)\n    if not d: break\n    r+=d\nprint(r.decode()==h.hexdigest())\n"
+    );
+    let mut c = engine.run(python.to_str().unwrap(), &["-c", &client]);
+    c.stdout(std::process::Stdio::piped());
+    let child = c.spawn().unwrap();
+    // While the client runs, the NSM has two executors.
+    let start = std::time::Instant::now();
+    let mut two = false;
+    while start.elapsed() < Duration::from_secs(20) && !two {
+        two = engine.ctl("nsms")[0]["executors"] == 2;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(two, "a second attachment did not get a second executor");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "True", "64 MiB through two executors, sha256 checked");
+    let tenants = engine.ctl("tenants");
+    assert!(tenants[0]["bytes_in"].as_u64().unwrap() >= 64 << 20, "both executors' counters add up: {tenants}");
+    assert!(tenants[0]["nsm_cpu_seconds"].as_f64().unwrap() > 0.0);
+    // The client is gone: its executor stops within a second.
+    let start = std::time::Instant::now();
+    while engine.ctl("nsms")[0]["executors"] != 1 {
+        assert!(start.elapsed() < Duration::from_secs(2), "the second executor outlived its last guest");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -172,6 +172,9 @@ pub struct NsmStats {
     /// CPU used while no tenant's task ran (waking, polling with nothing to do), seconds.
     #[serde(default)]
     pub overhead_cpu_seconds: f64,
+    /// Cores its executors kept busy over the last moment (0.1 s).
+    #[serde(default)]
+    pub load: f64,
     pub attachments: usize,
     /// Bytes the NSM received from the network for guests since it started.
     pub bytes_in: u64,
@@ -187,4 +190,31 @@ pub struct NsmStats {
     /// Totals per tenant served.
     pub tenants: std::collections::BTreeMap<String, TenantTotals>,
     pub conns: Vec<ConnInfo>,
+}
+
+impl NsmStats {
+    /// Adds another executor's stats of the same NSM to these.
+    pub fn absorb(&mut self, o: NsmStats) {
+        self.executors += o.executors;
+        self.cpu_seconds += o.cpu_seconds;
+        self.overhead_cpu_seconds += o.overhead_cpu_seconds;
+        self.load += o.load;
+        self.attachments += o.attachments;
+        self.bytes_in += o.bytes_in;
+        self.bytes_out += o.bytes_out;
+        self.conns_total += o.conns_total;
+        self.conns_colocated += o.conns_colocated;
+        self.violations += o.violations;
+        for (name, t) in o.tenants {
+            let mine = self.tenants.entry(name).or_default();
+            mine.bytes_in += t.bytes_in;
+            mine.bytes_out += t.bytes_out;
+            mine.conns_total += t.conns_total;
+            mine.violations += t.violations;
+            mine.refused += t.refused;
+            mine.throttled += t.throttled;
+            mine.nsm_cpu_seconds += t.nsm_cpu_seconds;
+        }
+        self.conns.extend(o.conns);
+    }
 }

@@ -22,6 +22,7 @@ mod fake;
 mod holders;
 mod lookup;
 mod policy;
+mod pool;
 mod ratelimit;
 mod resolve;
 pub mod sched;
@@ -71,6 +72,25 @@ pub struct Service<S: Stack> {
     reaper: Option<libc::pid_t>,
     /// The engine asked this NSM to exit (`ctl shutdown`, or a config without it).
     stopping: bool,
+    /// On the first executor of an NSM that may have several: the others.
+    pool: Option<pool::Pool>,
+    /// This is an executor other than the first, whose "engine" is the first.
+    executor: bool,
+    /// The scheduler this NSM's executors run.
+    sched_kind: sched::Kind,
+    /// The load meter: when the window began, the thread's CPU clock then, the last window's load.
+    load: (Instant, Duration, f64),
+}
+
+/// The load meter's window.
+const LOAD_WINDOW: Duration = Duration::from_millis(100);
+
+/// Every live attachment's region and guest doorbell, whichever executor serves it: what a
+/// reaper marks dead when the NSM process ends.
+static REGIONS: std::sync::Mutex<Vec<(u64, Arc<Region>, RawFd)>> = std::sync::Mutex::new(Vec::new());
+
+fn regions() -> std::sync::MutexGuard<'static, Vec<(u64, Arc<Region>, RawFd)>> {
+    REGIONS.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn epoll_ctl(epfd: RawFd, op: i32, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
@@ -101,7 +121,19 @@ impl<S: Stack> Service<S> {
                 std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.subsec_nanos());
             core.resolver = Some(lookup::StackResolver::new(conf, seed as u16));
         }
-        Ok(Service { core, epfd, control, orphaned: false, rendezvous: None, reaper: None, stopping: false })
+        Ok(Service {
+            core,
+            epfd,
+            control,
+            orphaned: false,
+            rendezvous: None,
+            reaper: None,
+            stopping: false,
+            pool: None,
+            executor: false,
+            sched_kind: sched::Kind::Fifo,
+            load: (Instant::now(), account::thread_cpu(), 0.0),
+        })
     }
 
     /// The nameservers a stack without a system resolver sends its DNS queries to, instead of
@@ -116,7 +148,49 @@ impl<S: Stack> Service<S> {
     /// The scheduler that orders this NSM's tasks (default fifo).
     pub fn with_scheduler(mut self, kind: sched::Kind) -> Self {
         self.core.sched = kind.build();
+        self.sched_kind = kind;
         self
+    }
+
+    /// Lets the NSM run its work on up to `max` executor threads, each over a stack of its own
+    /// that `make` gives (pool.rs). Call after the other `with_`s: executors copy them.
+    pub fn with_executors(mut self, max: usize, make: impl Fn() -> Option<S> + 'static) -> Self
+    where
+        S: Send + 'static,
+    {
+        if max <= 1 {
+            return self;
+        }
+        let (name, hosts, kind) = (self.core.name.clone(), self.core.hosts.clone(), self.sched_kind);
+        let spawn: pool::Spawner = Box::new(move |chan| {
+            let stack = make().ok_or_else(|| io::Error::other("this stack has no second instance"))?;
+            let (name, hosts) = (name.clone(), hosts.clone());
+            std::thread::Builder::new().name("nk-executor".into()).spawn(move || {
+                let run = Service::new(stack, name.clone(), OwnedFd::from(chan)).and_then(|svc| {
+                    let mut svc = svc.with_scheduler(kind);
+                    svc.core.hosts = hosts;
+                    svc.executor = true;
+                    svc.run()
+                });
+                if let Err(e) = run {
+                    eprintln!("netkernel nsm {name}: executor: {e}");
+                }
+            })
+        });
+        self.pool = Some(pool::Pool::new(self.core.name.clone(), spawn, max));
+        self
+    }
+
+    /// Cores this executor kept busy over the last window (measured anew once it is over).
+    fn measure_load(&mut self) -> f64 {
+        let now = Instant::now();
+        let (at, cpu, _) = self.load;
+        if now.duration_since(at) >= LOAD_WINDOW {
+            let cpu_now = account::thread_cpu();
+            let load = cpu_now.saturating_sub(cpu).as_secs_f64() / now.duration_since(at).as_secs_f64();
+            self.load = (now, cpu_now, load);
+        }
+        self.load.2
     }
 
     /// Static host entries (name to address) this NSM answers Op::Resolve with.
@@ -135,7 +209,12 @@ impl<S: Stack> Service<S> {
             let mut worked = self.core.run_tasks();
             self.start_lookups();
             let sleep = !worked && last_work.elapsed() >= SPIN;
-            let wait = self.core.deadline().map(|d| d.saturating_duration_since(self.core.now));
+            let tend = self.pool.as_ref().filter(|p| p.executors() > 1).map(|p| p.next_tend);
+            let wait = [self.core.deadline(), tend]
+                .into_iter()
+                .flatten()
+                .min()
+                .map(|d| d.saturating_duration_since(self.core.now));
             if sleep && !doorbell::nsm_may_sleep(|v| self.set_sleeping(v), || self.rings_have_work()) {
                 continue;
             }
@@ -185,6 +264,10 @@ impl<S: Stack> Service<S> {
                         // engine may adopt this NSM; without one it ends with its last guest.
                         let _ = epoll_ctl(self.epfd.as_raw_fd(), libc::EPOLL_CTL_DEL, self.control.as_raw_fd(), 0, 0);
                         self.orphaned = true;
+                        // An executor's regions are in the first executor's reaper's care.
+                        if self.executor {
+                            continue;
+                        }
                         if let Err(e) = self.spawn_reaper() {
                             eprintln!(
                                 "netkernel nsm {}: no reaper; a crash now would go unnoticed: {e}",
@@ -204,6 +287,12 @@ impl<S: Stack> Service<S> {
             if self.core.account.due() {
                 self.core.account.settle(account::thread_cpu());
             }
+            if self.pool.is_some() || self.executor {
+                self.measure_load();
+            }
+            if let Some(p) = self.pool.as_mut().filter(|p| p.executors() > 1 && self.core.now >= p.next_tend) {
+                p.tend(self.core.now);
+            }
             self.core.unthrottle();
             self.start_lookups();
             self.forget_ended();
@@ -212,6 +301,7 @@ impl<S: Stack> Service<S> {
                 || self.orphaned
                     && self.core.atts.iter().all(|a| a.is_none())
                     && self.core.lingering.iter().all(|l| l.is_none())
+                    && !self.pool.as_ref().is_some_and(|p| p.serving())
             {
                 return Ok(());
             }
@@ -235,8 +325,7 @@ impl<S: Stack> Service<S> {
         if pidfd < 0 {
             return Err(io::Error::last_os_error());
         }
-        let regions: Vec<(&Region, RawFd)> =
-            self.core.atts.iter().flatten().map(|a| (&*a.region, a.guest_bell.as_raw_fd())).collect();
+        let regions: Vec<(Arc<Region>, RawFd)> = regions().iter().map(|(_, r, bell)| (r.clone(), *bell)).collect();
         let mut keep: Vec<u32> = regions.iter().map(|&(_, fd)| fd as u32).chain([pidfd as u32]).collect();
         keep.sort_unstable();
         // SAFETY: the child only makes system calls and touches the shared mappings, which is
@@ -260,8 +349,8 @@ impl<S: Stack> Service<S> {
                 let mut p = libc::pollfd { fd: pidfd, events: libc::POLLIN, revents: 0 };
                 // SAFETY: one live pollfd; POLLIN on a pidfd means the process ended.
                 while unsafe { libc::poll(&mut p, 1, -1) } < 0 {}
-                for (region, bell) in regions {
-                    region.mark_dead(Some(bell));
+                for (region, bell) in &regions {
+                    region.mark_dead(Some(*bell));
                 }
                 // SAFETY: leaving without running the parent's exit handlers.
                 unsafe { libc::_exit(0) }
@@ -297,6 +386,7 @@ impl<S: Stack> Service<S> {
     /// Stops watching an attachment's doorbell and processes. The guest may still hold the same
     /// files, so closing our copies alone would leave them registered.
     fn forget(&self, a: &Attachment<S::Handle>) {
+        regions().retain(|(id, r, _)| !(*id == a.id && Arc::ptr_eq(r, &a.region)));
         let ep = self.epfd.as_raw_fd();
         let _ = epoll_ctl(ep, libc::EPOLL_CTL_DEL, a.nsm_bell.as_raw_fd(), 0, 0);
         for (_, pidfd) in a.holders.pidfds() {
@@ -342,7 +432,13 @@ impl<S: Stack> Service<S> {
         };
         // SAFETY: the fds were just received and are owned by nobody else.
         let fds: Vec<OwnedFd> = fds.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }).collect();
-        let reply = match serde_json::from_slice::<NsmRequest>(&payload) {
+        let req = serde_json::from_slice::<NsmRequest>(&payload);
+        if let Some((answer, answer_fds)) = req.as_ref().ok().and_then(|r| self.route(r, &fds)) {
+            let raw: Vec<RawFd> = answer_fds.iter().map(|f| f.as_raw_fd()).collect();
+            sys::send_frame(self.control.as_raw_fd(), &answer, &raw)?;
+            return Ok(true);
+        }
+        let reply = match req {
             Ok(NsmRequest::Attach { attachment, tenant, pid, uid, policy }) => {
                 match self.attach(attachment, tenant, pid, uid, policy, fds) {
                     Ok(()) => control::Reply::ok(()),
@@ -355,9 +451,20 @@ impl<S: Stack> Service<S> {
             },
             Ok(NsmRequest::Stats) => {
                 self.core.account.settle(account::thread_cpu());
-                control::Reply::ok(self.core.snapshot())
+                let mut stats = self.core.snapshot();
+                stats.load = self.measure_load();
+                for other in self.pool.iter_mut().flat_map(|p| p.stats()) {
+                    stats.absorb(other);
+                }
+                control::Reply::ok(stats)
             }
-            Ok(NsmRequest::Adopt) => control::Reply::ok(self.state()),
+            Ok(NsmRequest::Adopt) => {
+                let mut state = self.state();
+                for other in self.pool.iter_mut().flat_map(|p| p.states()) {
+                    state.attachments.extend(other.attachments);
+                }
+                control::Reply::ok(state)
+            }
             Ok(NsmRequest::Region { attachment }) => match self.region_fds(attachment) {
                 Ok(fds) => {
                     let bytes = serde_json::to_vec(&control::Reply::ok(())).unwrap_or_default();
@@ -367,6 +474,9 @@ impl<S: Stack> Service<S> {
                 Err(e) => control::Reply::err(e),
             },
             Ok(NsmRequest::Shutdown) => {
+                if let Some(p) = self.pool.as_mut() {
+                    p.shutdown();
+                }
                 self.shutdown();
                 control::Reply::ok(())
             }
@@ -375,6 +485,34 @@ impl<S: Stack> Service<S> {
         let bytes = serde_json::to_vec(&reply).unwrap_or_default();
         sys::send_frame(self.control.as_raw_fd(), &bytes, &[])?;
         Ok(true)
+    }
+
+    /// Hands a message about an attachment another executor serves (or a new attachment placed
+    /// there) to that executor; returns its answer for the engine, or None to handle it here.
+    fn route(&mut self, req: &NsmRequest, fds: &[OwnedFd]) -> Option<(Vec<u8>, Vec<OwnedFd>)> {
+        self.pool.as_ref()?;
+        let count = self.core.atts.iter().flatten().count();
+        let here_has = |t: &str| self.core.atts.iter().flatten().any(|a| a.tenant == t);
+        let has = matches!(req, NsmRequest::Attach { tenant, .. } if here_has(tenant));
+        let pool = self.pool.as_mut()?;
+        let k = match req {
+            NsmRequest::Attach { tenant, policy, .. } => match pool.place(tenant, policy, count, has) {
+                pool::Place::Here => return None,
+                pool::Place::There(k) => k,
+            },
+            NsmRequest::Hold { attachment, .. } | NsmRequest::Region { attachment } => pool.owner(*attachment)?,
+            _ => return None,
+        };
+        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        let answer = pool
+            .ask(k, req, &raw)
+            .unwrap_or_else(|e| (control::Reply::err(format!("executor {}: {e}", k + 1)).encode(), Vec::new()));
+        if let NsmRequest::Attach { attachment, tenant, .. } = req {
+            if control::Reply::decode::<serde_json::Value>(&answer.0).is_ok() {
+                pool.placed(*attachment, k, tenant);
+            }
+        }
+        Some(answer)
     }
 
     fn attach(
@@ -410,6 +548,7 @@ impl<S: Stack> Service<S> {
         }
         let head = region.ring().head.load(Ordering::Acquire);
         let tenant_id = self.core.tenant_policy(&tenant, &policy);
+        regions().push((id, region.clone(), guest_bell.as_raw_fd()));
         self.core.atts[ai] = Some(Attachment {
             id,
             tenant,
