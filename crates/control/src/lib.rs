@@ -57,6 +57,20 @@ pub enum EngineRequest {
     Conns,
     /// Stop the engine and its NSMs for good: guests' sockets are reset (`ctl shutdown`).
     Shutdown,
+    /// Apply the configuration file anew (`ctl reload`). Reply: [`ReloadReport`].
+    Reload,
+}
+
+/// What a reload changed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ReloadReport {
+    pub config: String,
+    /// Tenants that may attach from now on.
+    pub added: Vec<String>,
+    /// Tenants gone: their guests' sockets were reset.
+    pub removed: Vec<String>,
+    /// Tenants whose admission or policy changed: in effect at once, for live guests too.
+    pub changed: Vec<String>,
 }
 
 impl EngineRequest {
@@ -196,6 +210,7 @@ mod tests {
             Just(EngineRequest::Nsms),
             Just(EngineRequest::Conns),
             Just(EngineRequest::Shutdown),
+            Just(EngineRequest::Reload),
         ]
     }
 

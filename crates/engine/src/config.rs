@@ -136,6 +136,31 @@ impl NsmConfig {
         }
         Ok(crate::link::UserLink { medium, config, nameservers })
     }
+
+    /// Everything an NSM is made from, without where it was written: two configurations whose
+    /// NSM has the same identity run the same NSM.
+    pub fn identity(&self) -> String {
+        let s = |v: &Option<Spanned<String>>| v.as_ref().map(|v| v.get_ref().clone());
+        format!(
+            "{:?}",
+            (
+                self.name.get_ref(),
+                &self.kind,
+                (s(&self.link), s(&self.address), s(&self.address6), s(&self.gateway), s(&self.gateway6)),
+                (self.nameservers.as_ref().map(|v| v.get_ref().clone()), s(&self.congestion), s(&self.scheduler)),
+                (self.executors_arg(), self.netns, self.egress_rate, self.fair, self.colocate),
+                self.hosts.as_ref().map(|h| h.get_ref().clone()),
+            )
+        )
+    }
+
+    /// `--executors` for the NSM process (validated at load).
+    pub fn executors_arg(&self) -> Option<String> {
+        self.executors.as_ref().map(|e| match e.get_ref() {
+            Executors::Count(n) => n.to_string(),
+            Executors::Named(s) => s.clone(),
+        })
+    }
 }
 
 /// An NSM's `executors`: a number or "auto".
@@ -144,16 +169,6 @@ impl NsmConfig {
 pub enum Executors {
     Count(u32),
     Named(String),
-}
-
-impl NsmConfig {
-    /// `--executors` for the NSM process (validated at load).
-    pub fn executors_arg(&self) -> Option<String> {
-        self.executors.as_ref().map(|e| match e.get_ref() {
-            Executors::Count(n) => n.to_string(),
-            Executors::Named(s) => s.clone(),
-        })
-    }
 }
 
 /// One tenant: who may attach, and which NSM serves it.
@@ -274,6 +289,9 @@ pub struct Config {
     pub nsms: Vec<NsmConfig>,
     #[serde(default, rename = "tenant")]
     pub tenants: Vec<TenantConfig>,
+    /// The file it was read from (None: the built-in configuration).
+    #[serde(skip)]
+    pub path: Option<PathBuf>,
 }
 
 fn spanned<T>(v: T) -> Spanned<T> {
@@ -321,12 +339,15 @@ impl Config {
                 colocate: None,
                 host_loopback: None,
             }],
+            path: None,
         }
     }
 
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        Self::parse(path, &text)
+        let mut cfg = Self::parse(path, &text)?;
+        cfg.path = Some(path.into());
+        Ok(cfg)
     }
 
     /// Parses and checks a configuration; `path` is only used in error messages.

@@ -120,9 +120,21 @@ struct Attachment {
     nsm_generation: u64,
 }
 
+/// The secrets of the tenants with a token_file (a file that cannot be read admits nobody).
+fn read_tokens(cfg: &Config) -> HashMap<String, String> {
+    cfg.tenants
+        .iter()
+        .filter_map(|t| {
+            let token = std::fs::read_to_string(t.token_file.as_ref()?.get_ref()).ok()?;
+            Some((t.name.get_ref().clone(), token.trim().to_string()))
+        })
+        .collect()
+}
+
 /// The running engine.
 pub struct Engine {
-    cfg: Config,
+    /// The configuration in effect (replaced whole by `ctl reload`).
+    cfg: std::sync::RwLock<Arc<Config>>,
     /// Source addresses the engine gave tenants of namespaced NSMs that configured no addresses.
     auto_addresses: HashMap<String, std::net::IpAddr>,
     socket: PathBuf,
@@ -132,8 +144,8 @@ pub struct Engine {
     attachments: Mutex<HashMap<u64, Attachment>>,
     next_id: AtomicU64,
     started: Instant,
-    /// The secrets of tenants with a token_file, read once at start.
-    tokens: HashMap<String, String>,
+    /// The secrets of tenants with a token_file, read at start and at each reload.
+    tokens: std::sync::RwLock<HashMap<String, String>>,
 }
 
 #[derive(Serialize)]
@@ -363,18 +375,11 @@ impl Engine {
             nsms.push(Arc::new(nsm));
             running.push(r);
         }
-        let tokens = cfg
-            .tenants
-            .iter()
-            .filter_map(|t| {
-                let token = std::fs::read_to_string(t.token_file.as_ref()?.get_ref()).ok()?;
-                Some((t.name.get_ref().clone(), token.trim().to_string()))
-            })
-            .collect();
+        let tokens = read_tokens(&cfg);
         let engine = Arc::new(Engine {
-            cfg,
+            cfg: std::sync::RwLock::new(Arc::new(cfg)),
             auto_addresses,
-            tokens,
+            tokens: std::sync::RwLock::new(tokens),
             socket,
             state_dir,
             nsms,
@@ -399,7 +404,7 @@ impl Engine {
             "listening on {} with {} NSM(s), {} tenant(s)",
             engine.socket.display(),
             engine.nsms.len(),
-            engine.cfg.tenants.len()
+            engine.cfg().tenants.len()
         ));
         Ok((engine, listener))
     }
@@ -616,6 +621,19 @@ impl Engine {
                     Err(e) => sys::send_frame(fd, &Reply::err(format!("SO_PEERCRED: {e}")).encode(), &[]),
                 }
             }
+            EngineRequest::Reload => {
+                // SAFETY: no arguments, no memory touched; geteuid cannot fail.
+                let me = unsafe { libc::geteuid() };
+                let reply = match peer_cred(conn) {
+                    Ok(c) if c.uid == 0 || c.uid == me => match self.reload() {
+                        Ok(report) => Reply::ok(report),
+                        Err(e) => Reply::err(e),
+                    },
+                    Ok(c) => Reply::err(format!("uid {} may not reload the engine (root or uid {me} may)", c.uid)),
+                    Err(e) => Reply::err(format!("SO_PEERCRED: {e}")),
+                };
+                sys::send_frame(fd, &reply.encode(), &[])
+            }
             EngineRequest::Status => sys::send_frame(fd, &Reply::ok(self.status()).encode(), &[]),
             EngineRequest::Tenants => sys::send_frame(fd, &Reply::ok(self.tenants()).encode(), &[]),
             EngineRequest::Nsms => sys::send_frame(fd, &Reply::ok(self.nsm_views()).encode(), &[]),
@@ -623,8 +641,8 @@ impl Engine {
                 // root sees every tenant's connections; anyone else only those of tenants
                 // that admit their uid or groups.
                 let (uid, gid) = peer_cred(conn).map(|c| (c.uid, c.gid)).unwrap_or((u32::MAX, u32::MAX));
-                let visible: Vec<&str> = self
-                    .cfg
+                let cfg = self.cfg();
+                let visible: Vec<&str> = cfg
                     .tenants
                     .iter()
                     .filter(|t| uid == 0 || t.admits(uid, &peer_groups(conn, gid), false))
@@ -646,6 +664,109 @@ impl Engine {
         }
     }
 
+    /// Applies the configuration file anew (`ctl reload`, SIGHUP): tenants added may attach,
+    /// tenants removed lose their guests (sockets reset), tenants changed are served by the new
+    /// policy at once, live guests too (weights, limits, addresses, admission). A file that does
+    /// not load, or an edit that cannot be applied live (an NSM's, a tenant moved to another
+    /// NSM, the [engine] section), is refused naming it, and the running configuration stays.
+    pub fn reload(&self) -> Result<netkernel_control::ReloadReport, String> {
+        let old = self.cfg();
+        let path =
+            old.path.clone().ok_or("the engine runs the built-in configuration (no --config): nothing to reload")?;
+        let new = Arc::new(Config::load(&path).map_err(|e| format!("{e}; the running configuration stays"))?);
+        let refuse = |what: String| Err(format!("{}: {what}; nothing applied", path.display()));
+        let nsm_ids = |c: &Config| c.nsms.iter().map(|n| (n.name.get_ref().clone(), n.identity())).collect::<Vec<_>>();
+        let (before, after) = (nsm_ids(&old), nsm_ids(&new));
+        if before != after {
+            let mut names: Vec<&str> = before
+                .iter()
+                .chain(&after)
+                .filter(|x| !before.contains(x) || !after.contains(x))
+                .map(|x| x.0.as_str())
+                .collect();
+            names.dedup();
+            return refuse(format!(
+                "[[nsm]] {} changed, which cannot change under running guests (restart the engine: NSMs and guests carry on)",
+                names.join(", ")
+            ));
+        }
+        if format!("{:?}", old.engine) != format!("{:?}", new.engine) {
+            return refuse("[engine] changed, which takes effect when the engine restarts".into());
+        }
+        let find = |c: &Config, name: &str| c.tenants.iter().find(|t| t.name.get_ref() == name).cloned();
+        for t in &new.tenants {
+            let name = t.name.get_ref();
+            match find(&old, name) {
+                Some(o) if o.nsm.get_ref() != t.nsm.get_ref() => {
+                    return refuse(format!(
+                        "tenant {name} moved from NSM {} to {}, which needs its guests to restart",
+                        o.nsm.get_ref(),
+                        t.nsm.get_ref()
+                    ))
+                }
+                None if new.nsms.iter().any(|n| n.name.get_ref() == t.nsm.get_ref() && n.netns) => {
+                    return refuse(format!(
+                        "tenant {name} is new on NSM {}, whose network namespace gives its tenants addresses at start",
+                        t.nsm.get_ref()
+                    ))
+                }
+                _ => {}
+            }
+        }
+        let names = |c: &Config| c.tenants.iter().map(|t| t.name.get_ref().clone()).collect::<Vec<_>>();
+        let added: Vec<String> = names(&new).into_iter().filter(|n| find(&old, n).is_none()).collect();
+        let removed: Vec<String> = names(&old).into_iter().filter(|n| find(&new, n).is_none()).collect();
+        let admission = |t: &config::TenantConfig| {
+            format!("{:?}", (&t.uids, &t.gids, t.token_file.as_ref().map(|f| f.get_ref().clone())))
+        };
+        let mut changed = Vec::new();
+        let mut policies = Vec::new();
+        for t in &new.tenants {
+            let Some(o) = find(&old, t.name.get_ref()) else { continue };
+            let (p_old, p_new) = (self.policy(&old, &o, false), self.policy(&new, t, false));
+            if p_old != p_new || admission(&o) != admission(t) {
+                changed.push(t.name.get_ref().clone());
+            }
+            if p_old != p_new {
+                policies.push((t.nsm.get_ref().clone(), t.name.get_ref().clone(), p_new));
+            }
+        }
+        *self.cfg.write().unwrap_or_else(|e| e.into_inner()) = new.clone();
+        *self.tokens.write().unwrap_or_else(|e| e.into_inner()) = read_tokens(&new);
+        let gone: Vec<(u64, String)> = {
+            let mut atts = self.attachments.lock().unwrap_or_else(|e| e.into_inner());
+            let ids: Vec<u64> = atts.iter().filter(|(_, a)| removed.contains(&a.tenant)).map(|(id, _)| *id).collect();
+            ids.into_iter()
+                .filter_map(|id| {
+                    let a = atts.remove(&id)?;
+                    a.region.mark_dead(Some(a.guest_bell.as_raw_fd()));
+                    Some((id, a.nsm))
+                })
+                .collect()
+        };
+        for (id, nsm) in gone {
+            if let Some(Err(e)) = self.nsms.iter().find(|n| n.name == nsm).map(|n| n.detach(id)) {
+                log(format!("reload: NSM {nsm} could not end attachment {id}: {e}"));
+            }
+        }
+        for (nsm, tenant, policy) in &policies {
+            if let Some(Err(e)) = self.nsms.iter().find(|n| &n.name == nsm).map(|n| n.set_policy(tenant, policy)) {
+                log(format!("reload: NSM {nsm} did not take tenant {tenant}'s new policy: {e}"));
+            }
+        }
+        let report = netkernel_control::ReloadReport { config: path.display().to_string(), added, removed, changed };
+        log(format!(
+            "reloaded {}: added {:?}, removed {:?}, changed {:?}",
+            report.config, report.added, report.removed, report.changed
+        ));
+        Ok(report)
+    }
+
+    /// The configuration in effect.
+    fn cfg(&self) -> Arc<Config> {
+        self.cfg.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// The private loopback address of the tenant at `index` in the configuration: 127.77.0.0/16
     /// holds one per tenant (the isolated guests of one tenant share it, as they share a tenant).
     fn private_loopback(index: usize) -> std::net::IpAddr {
@@ -655,13 +776,18 @@ impl Engine {
 
     /// What tenant `t`'s NSM enforces for an attachment of it; `isolated`: the guest runs in a
     /// network namespace of its own.
-    fn policy(&self, t: &config::TenantConfig, isolated: bool) -> netkernel_service::control::TenantPolicy {
-        let index = self.cfg.tenants.iter().position(|o| o.name.get_ref() == t.name.get_ref()).unwrap_or(0);
+    /// (Under configuration `cfg`.)
+    fn policy(
+        &self,
+        cfg: &Config,
+        t: &config::TenantConfig,
+        isolated: bool,
+    ) -> netkernel_service::control::TenantPolicy {
+        let index = cfg.tenants.iter().position(|o| o.name.get_ref() == t.name.get_ref()).unwrap_or(0);
         netkernel_service::control::TenantPolicy {
             addresses: t.addresses(),
             source: self.auto_addresses.get(t.name.get_ref()).copied(),
-            foreign: self
-                .cfg
+            foreign: cfg
                 .tenants
                 .iter()
                 .enumerate()
@@ -676,7 +802,7 @@ impl Engine {
             listen_ports: t.listen_ports.as_ref().map(|p| p.get_ref().iter().filter_map(|r| r.range()).collect()),
             rate: t.rate_limit.map(|bits| (bits, t.burst.unwrap_or(bits / 800))),
             colocate: t.colocate.unwrap_or_else(|| {
-                self.cfg.nsms.iter().find(|n| n.name.get_ref() == t.nsm.get_ref()).is_none_or(|n| n.colocate)
+                cfg.nsms.iter().find(|n| n.name.get_ref() == t.nsm.get_ref()).is_none_or(|n| n.colocate)
             }),
             cpu_weight: t.cpu_weight.as_ref().map_or(1, |w| *w.get_ref()),
             cpu_limit: t.cpu_limit.as_ref().map(|l| *l.get_ref()),
@@ -703,18 +829,18 @@ impl Engine {
         self.prune();
         let cred = peer_cred(conn).map_err(|e| format!("SO_PEERCRED: {e}"))?;
         let groups = peer_groups(conn, cred.gid);
+        let cfg = self.cfg();
+        let tokens = self.tokens.read().unwrap_or_else(|e| e.into_inner()).clone();
         let admits = |t: &config::TenantConfig| {
-            t.admits(cred.uid, &groups, token_matches(token.as_deref(), self.tokens.get(t.name.get_ref())))
+            t.admits(cred.uid, &groups, token_matches(token.as_deref(), tokens.get(t.name.get_ref())))
         };
         let t = match &tenant {
-            Some(name) => self
-                .cfg
+            Some(name) => cfg
                 .tenants
                 .iter()
                 .find(|t| t.name.get_ref() == name)
                 .ok_or_else(|| format!("pid {} (uid {}) asked for unknown tenant {name:?}", cred.pid, cred.uid))?,
-            None => self
-                .cfg
+            None => cfg
                 .tenants
                 .iter()
                 .find(|t| admits(t))
@@ -758,7 +884,7 @@ impl Engine {
                 t.name.get_ref(),
                 cred.pid,
                 cred.uid,
-                self.policy(t, isolated),
+                self.policy(&cfg, t, isolated),
                 &[memfd, nsm_bell.as_raw_fd(), guest_bell.as_raw_fd(), pidfd.as_raw_fd()],
             )
             .map_err(|e| format!("NSM {}: {e}", nsm.name))?;
@@ -890,7 +1016,7 @@ impl Engine {
     fn tenants(&self) -> Vec<TenantView> {
         let stats = self.stats();
         let atts = self.attachments.lock().unwrap_or_else(|e| e.into_inner());
-        self.cfg
+        self.cfg()
             .tenants
             .iter()
             .map(|t| TenantView {
@@ -928,7 +1054,7 @@ impl Engine {
             region_backing: backing,
             region_bytes: netkernel_abi::Layout::standard().region_size,
             attachments: atts.len(),
-            tenants: self.cfg.tenants.len(),
+            tenants: self.cfg().tenants.len(),
             nsms,
         }
     }

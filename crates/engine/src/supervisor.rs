@@ -340,6 +340,17 @@ impl Nsm {
         Self::call(&mut p, &NsmRequest::Hold { attachment: id, holder }, &[pidfd]).map(|_| ())
     }
 
+    /// Tenant `tenant`'s attachments follow `policy` from now on.
+    pub fn set_policy(&self, tenant: &str, policy: &netkernel_service::control::TenantPolicy) -> io::Result<()> {
+        let req = NsmRequest::Policy { tenant: tenant.into(), policy: policy.clone() };
+        Self::call(&mut self.lock(), &req, &[]).map(|_| ())
+    }
+
+    /// Ends attachment `id` now, its sockets reset.
+    pub fn detach(&self, id: u64) -> io::Result<()> {
+        Self::call(&mut self.lock(), &NsmRequest::Detach { attachment: id }, &[]).map(|_| ())
+    }
+
     pub fn stats(&self) -> io::Result<NsmStats> {
         let mut p = self.lock();
         let v = Self::call(&mut p, &NsmRequest::Stats, &[])?;

@@ -50,7 +50,8 @@ enum Cmd {
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         program: Vec<String>,
     },
-    /// Ask the engine: status, tenants, nsms, conns; or stop it and its NSMs (shutdown).
+    /// Ask the engine: status, tenants, nsms, conns; apply its configuration file anew (reload,
+    /// as SIGHUP does); or stop it and its NSMs (shutdown).
     Ctl {
         #[arg(long)]
         socket: Option<PathBuf>,
@@ -60,7 +61,7 @@ enum Cmd {
         /// With top: stop after this many refreshes (default: until interrupted).
         #[arg(long)]
         iterations: Option<u64>,
-        #[arg(value_parser = ["status", "tenants", "nsms", "conns", "top", "shutdown"])]
+        #[arg(value_parser = ["status", "tenants", "nsms", "conns", "top", "reload", "shutdown"])]
         what: String,
     },
     /// Run an NSM (started by the engine, not by hand).
@@ -119,6 +120,7 @@ fn serve(config: Option<PathBuf>, socket: Option<PathBuf>, metrics: Option<std::
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     };
@@ -139,8 +141,17 @@ fn serve(config: Option<PathBuf>, socket: Option<PathBuf>, metrics: Option<std::
     let e = engine.clone();
     std::thread::spawn(move || {
         let mut sig = 0;
-        // SAFETY: waits on the blocked set.
-        unsafe { libc::sigwait(&set, &mut sig) };
+        loop {
+            // SAFETY: waits on the blocked set.
+            unsafe { libc::sigwait(&set, &mut sig) };
+            if sig != libc::SIGHUP {
+                break;
+            }
+            // SIGHUP: the configuration file anew, as `ctl reload`.
+            if let Err(e) = e.reload() {
+                eprintln!("netkernel engine: SIGHUP: {e}");
+            }
+        }
         // Live restore: the guests keep their NSMs; the next engine adopts them.
         eprintln!("netkernel engine: signal {sig}, exiting; NSMs serving guests keep running");
         e.detach();
@@ -296,6 +307,7 @@ fn ctl(socket: Option<PathBuf>, json: bool, what: &str) -> i32 {
         "tenants" => EngineRequest::Tenants,
         "nsms" => EngineRequest::Nsms,
         "shutdown" => EngineRequest::Shutdown,
+        "reload" => EngineRequest::Reload,
         _ => EngineRequest::Conns,
     };
     let v = match request(&socket, &req) {
@@ -309,6 +321,14 @@ fn ctl(socket: Option<PathBuf>, json: bool, what: &str) -> i32 {
     match what {
         "status" => print_status(&v),
         "shutdown" => println!("engine stopped; its NSMs are stopped and their guests' sockets reset"),
+        "reload" => {
+            let list =
+                |k: &str| v[k].as_array().map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(" "));
+            println!("reloaded {}", cell(&v["config"]));
+            for (k, what) in [("added", "may attach"), ("removed", "guests reset"), ("changed", "in effect now")] {
+                println!("  {k:8} {} ({what})", list(k).filter(|l| !l.is_empty()).unwrap_or_else(|| "-".into()));
+            }
+        }
         "tenants" => print_table(
             &v,
             &[

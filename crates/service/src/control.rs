@@ -24,6 +24,11 @@ pub enum NsmRequest {
     Region { attachment: u64 },
     /// Reset every guest (regions declared dead) and exit.
     Shutdown,
+    /// Tenant `tenant`'s policy changed (`ctl reload`): its attachments, new and live, follow
+    /// `policy` (limits, weights, addresses) from now on.
+    Policy { tenant: String, policy: TenantPolicy },
+    /// End attachment `attachment` now, its sockets reset (its tenant was removed).
+    Detach { attachment: u64 },
 }
 
 /// What an NSM serves, as an adopting engine needs it to rebuild its attachment table.

@@ -182,6 +182,35 @@ impl<S: Stack> Core<S> {
         id
     }
 
+    /// Tenant `name`'s policy changed: its attachments follow the new one, its CPU weight, cap
+    /// and rate limit too (a rate limit starts anew).
+    pub(crate) fn set_policy(&mut self, name: &str, policy: &crate::control::TenantPolicy) {
+        self.tenant_policy(name, policy);
+        for a in self.atts.iter_mut().flatten().filter(|a| a.tenant == name) {
+            // An isolated guest's private loopback is its own, not the tenant's.
+            a.policy = crate::control::TenantPolicy { loopback: a.policy.loopback, ..policy.clone() };
+        }
+        match policy.rate {
+            Some((bits, burst)) => {
+                let now = self.now;
+                self.buckets.insert(name.to_string(), ratelimit::Bucket::new(bits, burst, now));
+            }
+            None => {
+                self.buckets.remove(name);
+            }
+        }
+    }
+
+    /// Ends attachment `id` at once, its sockets reset and its region declared dead. Returns
+    /// whether it was here.
+    pub(crate) fn detach(&mut self, id: u64) -> bool {
+        let Some(ai) = self.atts.iter().position(|a| a.as_ref().is_some_and(|a| a.id == id)) else { return false };
+        let a = self.atts[ai].take().expect("found above");
+        a.region.mark_dead(Some(a.guest_bell.as_raw_fd()));
+        self.end(a, false);
+        true
+    }
+
     /// Queues a task for every attachment whose guest queued requests and that has none queued.
     pub(crate) fn gather(&mut self) {
         for (ai, a) in self.atts.iter_mut().enumerate() {

@@ -480,6 +480,20 @@ impl<S: Stack> Service<S> {
                 self.shutdown();
                 control::Reply::ok(())
             }
+            Ok(NsmRequest::Policy { tenant, policy }) => {
+                if let Some(p) = self.pool.as_mut() {
+                    let req = NsmRequest::Policy { tenant: tenant.clone(), policy: policy.clone() };
+                    for k in 0..p.executors() as usize - 1 {
+                        let _ = p.ask(k, &req, &[]);
+                    }
+                }
+                self.core.set_policy(&tenant, &policy);
+                control::Reply::ok(())
+            }
+            Ok(NsmRequest::Detach { attachment }) => match self.core.detach(attachment) {
+                true => control::Reply::ok(()),
+                false => control::Reply::err(format!("no attachment {attachment}")),
+            },
             Err(e) => control::Reply::err(format!("bad request: {e}")),
         };
         let bytes = serde_json::to_vec(&reply).unwrap_or_default();
@@ -500,7 +514,9 @@ impl<S: Stack> Service<S> {
                 pool::Place::Here => return None,
                 pool::Place::There(k) => k,
             },
-            NsmRequest::Hold { attachment, .. } | NsmRequest::Region { attachment } => pool.owner(*attachment)?,
+            NsmRequest::Hold { attachment, .. }
+            | NsmRequest::Region { attachment }
+            | NsmRequest::Detach { attachment } => pool.owner(*attachment)?,
             _ => return None,
         };
         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();

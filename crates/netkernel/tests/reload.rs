@@ -1,0 +1,114 @@
+//! `netkernel ctl reload` and SIGHUP: an edited configuration applied to a running engine, with
+//! guests attached; a broken or not-live edit refused with the old configuration still serving.
+
+mod common;
+use common::*;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const NSM: &str = "[[nsm]]\nname = \"k\"\nscheduler = \"fair\"\ncolocate = false\n\n";
+
+fn tenant(name: &str, extra: &str) -> String {
+    format!("[[tenant]]\nname = \"{name}\"\nnsm = \"k\"\n{extra}\n")
+}
+
+/// `netkernel ctl reload`: its exit status and output (stdout and stderr).
+fn reload(engine: &TestEngine) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_netkernel"))
+        .args(["ctl", "--socket"])
+        .arg(&engine.socket)
+        .arg("reload")
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+/// A guest of `tenant` that echoes lines on a connection to itself for as long as its stdin
+/// gives them: "ok" per line while the connection works, "error ..." once it does not.
+fn echo_guest(engine: &TestEngine, tenant: &str) -> (std::process::Child, impl FnMut(&str) -> String) {
+    let script = "import socket,sys\nl=socket.create_server(('127.0.0.1',0))\nc=socket.create_connection(l.getsockname())\n\
+                  s,_=l.accept()\nprint('ready',flush=True)\nfor line in sys.stdin:\n    try:\n        c.sendall(line.encode())\n        \
+                  d=s.recv(100)\n        print('ok' if d==line.encode() else 'bad',flush=True)\n    except OSError as e:\n        \
+                  print('error',e.errno,flush=True)\n";
+    let mut c = Command::new(env!("CARGO_BIN_EXE_netkernel"));
+    c.args(["run", "--tenant", tenant, "--socket"]).arg(&engine.socket).args(["--", "python3", "-c", script]);
+    c.stdin(Stdio::piped()).stdout(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    let ask = move |msg: &str| {
+        writeln!(stdin, "{msg}").unwrap();
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        line.trim().to_string()
+    };
+    (child, ask)
+}
+
+fn tenants(engine: &TestEngine) -> Vec<serde_json::Value> {
+    engine.ctl("tenants").as_array().unwrap().clone()
+}
+
+#[test]
+fn reload_adds_reweights_and_removes_tenants_under_running_guests() {
+    require("python3");
+    let engine = TestEngine::with_config(&format!("{NSM}{}", tenant("blue", "cpu_weight = 1")));
+    let cfg = engine.config_path().unwrap();
+    let (mut blue, mut blue_ask) = echo_guest(&engine, "blue");
+    assert_eq!(blue_ask("hello"), "ok");
+
+    // A tenant added, a weight changed: applied without a restart, the running guest unharmed.
+    std::fs::write(&cfg, format!("{NSM}{}{}", tenant("blue", "cpu_weight = 4"), tenant("green", ""))).unwrap();
+    let (ok, text) = reload(&engine);
+    assert!(ok, "{text}");
+    assert!(text.contains("added    green") && text.contains("changed  blue"), "{text}");
+    let t = tenants(&engine);
+    assert_eq!(t.iter().find(|t| t["name"] == "blue").unwrap()["cpu_weight"], 4, "{t:?}");
+    let (mut green, mut green_ask) = echo_guest(&engine, "green");
+    assert_eq!(green_ask("hi"), "ok", "the new tenant attaches");
+    assert_eq!(blue_ask("still there"), "ok", "blue's connection went on through the reload");
+
+    // A broken edit is refused, naming file, line and field; the running configuration stays.
+    std::fs::write(&cfg, format!("{NSM}{}{}", tenant("blue", "cpu_weight = 0"), tenant("green", ""))).unwrap();
+    let (ok, text) = reload(&engine);
+    assert!(!ok, "{text}");
+    assert!(text.contains(&format!("{}:9: tenant.cpu_weight", cfg.display())), "{text}");
+    assert_eq!(tenants(&engine).iter().find(|t| t["name"] == "blue").unwrap()["cpu_weight"], 4);
+    // So is an edit to an NSM, which cannot change under running guests.
+    std::fs::write(&cfg, format!("{NSM}congestion = \"reno\"\n{}{}", tenant("blue", ""), tenant("green", ""))).unwrap();
+    let (ok, text) = reload(&engine);
+    assert!(!ok && text.contains("[[nsm]] k changed") && text.contains("nothing applied"), "{text}");
+
+    // SIGHUP, as `ctl reload`: green removed, its guest's sockets reset; blue goes on.
+    std::fs::write(&cfg, format!("{NSM}{}", tenant("blue", "cpu_weight = 2"))).unwrap();
+    // SAFETY: a signal to our own child, the engine.
+    unsafe { libc::kill(engine.pid() as i32, libc::SIGHUP) };
+    let start = std::time::Instant::now();
+    while tenants(&engine).iter().any(|t| t["name"] == "green") {
+        assert!(start.elapsed() < Duration::from_secs(5), "SIGHUP did not reload");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(green_ask("gone?"), format!("error {}", libc::ECONNRESET), "a removed tenant's guest is reset");
+    assert_eq!(blue_ask("and blue?"), "ok");
+    assert_eq!(tenants(&engine)[0]["cpu_weight"], 2);
+    let denied = Command::new(env!("CARGO_BIN_EXE_netkernel"))
+        .args(["run", "--tenant", "green", "--socket"])
+        .arg(&engine.socket)
+        .args(["--", "python3", "-c", "import socket; socket.socket()"])
+        .output()
+        .unwrap();
+    let why = String::from_utf8_lossy(&denied.stderr);
+    assert!(
+        !denied.status.success() && why.contains("unknown tenant \"green\""),
+        "a removed tenant cannot attach: {why}"
+    );
+    for c in [&mut blue, &mut green] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
