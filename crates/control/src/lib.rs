@@ -71,6 +71,9 @@ pub struct ReloadReport {
     pub removed: Vec<String>,
     /// Tenants whose admission or policy changed: in effect at once, for live guests too.
     pub changed: Vec<String>,
+    /// NSMs whose congestion control changed ("NAME: OLD -> NEW"): for new connections.
+    #[serde(default)]
+    pub nsms: Vec<String>,
 }
 
 impl EngineRequest {

@@ -137,8 +137,9 @@ impl NsmConfig {
         Ok(crate::link::UserLink { medium, config, nameservers })
     }
 
-    /// Everything an NSM is made from, without where it was written: two configurations whose
-    /// NSM has the same identity run the same NSM.
+    /// Everything an NSM is made from but its congestion control (a kernel NSM changes that
+    /// live), without where it was written: two configurations whose NSM has the same identity
+    /// run the same NSM.
     pub fn identity(&self) -> String {
         let s = |v: &Option<Spanned<String>>| v.as_ref().map(|v| v.get_ref().clone());
         format!(
@@ -147,7 +148,8 @@ impl NsmConfig {
                 self.name.get_ref(),
                 &self.kind,
                 (s(&self.link), s(&self.address), s(&self.address6), s(&self.gateway), s(&self.gateway6)),
-                (self.nameservers.as_ref().map(|v| v.get_ref().clone()), s(&self.congestion), s(&self.scheduler)),
+                (self.nameservers.as_ref().map(|v| v.get_ref().clone()), s(&self.scheduler)),
+                (self.kind != "kernel").then(|| s(&self.congestion)),
                 (self.executors_arg(), self.netns, self.egress_rate, self.fair, self.colocate),
                 self.hosts.as_ref().map(|h| h.get_ref().clone()),
             )

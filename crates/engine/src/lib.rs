@@ -731,6 +731,29 @@ impl Engine {
                 policies.push((t.nsm.get_ref().clone(), t.name.get_ref().clone(), p_new));
             }
         }
+        // Kernel NSMs whose congestion control changed: new connections take the new one.
+        let cc = |n: &config::NsmConfig| n.congestion.as_ref().map(|c| c.get_ref().clone());
+        let mut switches = Vec::new();
+        for (o, n) in old.nsms.iter().zip(&new.nsms).filter(|(o, n)| cc(o) != cc(n)) {
+            let Some(now) = cc(n) else {
+                return refuse(format!(
+                    "NSM {}: congestion removed (name the one new connections use)",
+                    n.name.get_ref()
+                ));
+            };
+            let Some(nsm) = self.nsms.iter().find(|x| x.name == *n.name.get_ref()) else { continue };
+            switches.push((nsm.clone(), cc(o).unwrap_or_else(|| "default".into()), now));
+        }
+        let mut nsms = Vec::new();
+        for (nsm, was, now) in switches {
+            // The kernel checks the name: one it does not offer leaves this NSM as it was.
+            nsm.set_congestion(&now).map_err(|e| {
+                let done =
+                    if nsms.is_empty() { "nothing applied".to_string() } else { format!("already applied: {nsms:?}") };
+                format!("{}: NSM {}: congestion {now:?}: {e}; {done}", path.display(), nsm.name)
+            })?;
+            nsms.push(format!("{}: {was} -> {now}", nsm.name));
+        }
         *self.cfg.write().unwrap_or_else(|e| e.into_inner()) = new.clone();
         *self.tokens.write().unwrap_or_else(|e| e.into_inner()) = read_tokens(&new);
         let gone: Vec<(u64, String)> = {
@@ -754,10 +777,11 @@ impl Engine {
                 log(format!("reload: NSM {nsm} did not take tenant {tenant}'s new policy: {e}"));
             }
         }
-        let report = netkernel_control::ReloadReport { config: path.display().to_string(), added, removed, changed };
+        let report =
+            netkernel_control::ReloadReport { config: path.display().to_string(), added, removed, changed, nsms };
         log(format!(
-            "reloaded {}: added {:?}, removed {:?}, changed {:?}",
-            report.config, report.added, report.removed, report.changed
+            "reloaded {}: added {:?}, removed {:?}, changed {:?}, congestion {:?}",
+            report.config, report.added, report.removed, report.changed, report.nsms
         ));
         Ok(report)
     }

@@ -65,7 +65,8 @@ fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
 pub struct Nsm {
     pub name: String,
     pub kind: String,
-    congestion: Option<String>,
+    /// Its congestion control (changed by `ctl reload`: a restarted NSM keeps the new one).
+    congestion: Mutex<Option<String>>,
     /// The scheduler the NSM orders its tasks with (None: its default).
     scheduler: Option<String>,
     /// Its executors (`--executors`; None: one).
@@ -99,7 +100,7 @@ impl Nsm {
         Nsm {
             name,
             kind,
-            congestion,
+            congestion: Mutex::new(congestion),
             scheduler: None,
             executors: None,
             hosts,
@@ -130,7 +131,7 @@ impl Nsm {
         let exe = std::env::current_exe()?;
         let mut cmd = Command::new(exe);
         cmd.args(["nsm", "--kind", &self.kind, "--name", &self.name, "--control-fd", &CONTROL_FD.to_string()]);
-        if let Some(cc) = &self.congestion {
+        if let Some(cc) = self.congestion.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
             cmd.args(["--congestion", cc]);
         }
         if let Some(s) = &self.scheduler {
@@ -344,6 +345,13 @@ impl Nsm {
     pub fn set_policy(&self, tenant: &str, policy: &netkernel_service::control::TenantPolicy) -> io::Result<()> {
         let req = NsmRequest::Policy { tenant: tenant.into(), policy: policy.clone() };
         Self::call(&mut self.lock(), &req, &[]).map(|_| ())
+    }
+
+    /// New TCP connections of this NSM use congestion control `cc` (a restart keeps it).
+    pub fn set_congestion(&self, cc: &str) -> io::Result<()> {
+        Self::call(&mut self.lock(), &NsmRequest::Congestion { congestion: cc.into() }, &[])?;
+        *self.congestion.lock().unwrap_or_else(|e| e.into_inner()) = Some(cc.into());
+        Ok(())
     }
 
     /// Ends attachment `id` now, its sockets reset.

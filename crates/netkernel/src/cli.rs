@@ -325,7 +325,12 @@ fn ctl(socket: Option<PathBuf>, json: bool, what: &str) -> i32 {
             let list =
                 |k: &str| v[k].as_array().map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(" "));
             println!("reloaded {}", cell(&v["config"]));
-            for (k, what) in [("added", "may attach"), ("removed", "guests reset"), ("changed", "in effect now")] {
+            for (k, what) in [
+                ("added", "may attach"),
+                ("removed", "guests reset"),
+                ("changed", "in effect now"),
+                ("nsms", "congestion control of new connections"),
+            ] {
                 println!("  {k:8} {} ({what})", list(k).filter(|l| !l.is_empty()).unwrap_or_else(|| "-".into()));
             }
         }

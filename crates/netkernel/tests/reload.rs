@@ -79,13 +79,26 @@ fn reload_adds_reweights_and_removes_tenants_under_running_guests() {
     assert!(!ok, "{text}");
     assert!(text.contains(&format!("{}:9: tenant.cpu_weight", cfg.display())), "{text}");
     assert_eq!(tenants(&engine).iter().find(|t| t["name"] == "blue").unwrap()["cpu_weight"], 4);
-    // So is an edit to an NSM, which cannot change under running guests.
-    std::fs::write(&cfg, format!("{NSM}congestion = \"reno\"\n{}{}", tenant("blue", ""), tenant("green", ""))).unwrap();
+    // So is an edit to an NSM's make-up, which cannot change under running guests.
+    std::fs::write(&cfg, format!("{NSM}executors = 2\n{}{}", tenant("blue", ""), tenant("green", ""))).unwrap();
     let (ok, text) = reload(&engine);
     assert!(!ok && text.contains("[[nsm]] k changed") && text.contains("nothing applied"), "{text}");
+    // A kernel NSM's congestion control changes live, for new connections.
+    std::fs::write(&cfg, format!("{NSM}congestion = \"reno\"\n{}{}", tenant("blue", ""), tenant("green", ""))).unwrap();
+    let (ok, text) = reload(&engine);
+    assert!(ok && text.contains("-> reno"), "{text}");
+    let cc = Command::new(env!("CARGO_BIN_EXE_netkernel"))
+        .args(["run", "--tenant", "blue", "--socket"])
+        .arg(&engine.socket)
+        .args(["--", "python3", "-c", "import socket\ns=socket.socket()\nprint(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).split(b'\\0')[0].decode())"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&cc.stdout).trim(), "reno", "{}", String::from_utf8_lossy(&cc.stderr));
+    assert_eq!(engine.ctl("nsms")[0]["congestion"], "reno");
+    assert_eq!(blue_ask("after the switch"), "ok", "blue's connection (opened before) goes on");
 
     // SIGHUP, as `ctl reload`: green removed, its guest's sockets reset; blue goes on.
-    std::fs::write(&cfg, format!("{NSM}{}", tenant("blue", "cpu_weight = 2"))).unwrap();
+    std::fs::write(&cfg, format!("{NSM}congestion = \"reno\"\n{}", tenant("blue", "cpu_weight = 2"))).unwrap();
     // SAFETY: a signal to our own child, the engine.
     unsafe { libc::kill(engine.pid() as i32, libc::SIGHUP) };
     let start = std::time::Instant::now();

@@ -103,17 +103,7 @@ impl KernelStack {
     /// kernel does not offer that algorithm.
     pub fn new(congestion: Option<String>) -> Result<Self, String> {
         if let Some(cc) = &congestion {
-            let avail = available_congestion();
-            if !avail.iter().any(|a| a == cc) {
-                // Loading the module makes it available where the kernel has it built.
-                let _ = std::process::Command::new("modprobe").arg(format!("tcp_{cc}")).status();
-                if !available_congestion().iter().any(|a| a == cc) {
-                    return Err(format!(
-                        "congestion control {cc:?} not available (kernel offers: {})",
-                        avail.join(" ")
-                    ));
-                }
-            }
+            offered(cc)?;
         }
         // SAFETY: no pointers; the result is checked.
         let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
@@ -126,8 +116,27 @@ impl KernelStack {
     }
 }
 
+/// Checks that the kernel offers congestion control `cc`, loading its module if need be.
+fn offered(cc: &str) -> Result<(), String> {
+    let avail = available_congestion();
+    if !avail.iter().any(|a| a == cc) {
+        // Loading the module makes it available where the kernel has it built.
+        let _ = std::process::Command::new("modprobe").arg(format!("tcp_{cc}")).status();
+        if !available_congestion().iter().any(|a| a == cc) {
+            return Err(format!("congestion control {cc:?} not available (kernel offers: {})", avail.join(" ")));
+        }
+    }
+    Ok(())
+}
+
 impl Stack for KernelStack {
     type Handle = KernelSocket;
+
+    fn set_congestion(&mut self, cc: &str) -> Result<(), String> {
+        offered(cc)?;
+        self.congestion = Some(cc.to_string());
+        Ok(())
+    }
 
     fn kind(&self) -> &'static str {
         "kernel"

@@ -29,6 +29,8 @@ pub enum NsmRequest {
     Policy { tenant: String, policy: TenantPolicy },
     /// End attachment `attachment` now, its sockets reset (its tenant was removed).
     Detach { attachment: u64 },
+    /// New TCP connections use congestion control `congestion` from now on (`ctl reload`).
+    Congestion { congestion: String },
 }
 
 /// What an NSM serves, as an adopting engine needs it to rebuild its attachment table.

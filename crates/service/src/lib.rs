@@ -80,6 +80,8 @@ pub struct Service<S: Stack> {
     sched_kind: sched::Kind,
     /// The load meter: when the window began, the thread's CPU clock then, the last window's load.
     load: (Instant, Duration, f64),
+    /// A congestion control set since the start (`ctl reload`), for executors started later.
+    congestion: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 /// The load meter's window.
@@ -133,6 +135,7 @@ impl<S: Stack> Service<S> {
             executor: false,
             sched_kind: sched::Kind::Fifo,
             load: (Instant::now(), account::thread_cpu(), 0.0),
+            congestion: Arc::default(),
         })
     }
 
@@ -162,8 +165,12 @@ impl<S: Stack> Service<S> {
             return self;
         }
         let (name, hosts, kind) = (self.core.name.clone(), self.core.hosts.clone(), self.sched_kind);
+        let congestion = self.congestion.clone();
         let spawn: pool::Spawner = Box::new(move |chan| {
-            let stack = make().ok_or_else(|| io::Error::other("this stack has no second instance"))?;
+            let mut stack = make().ok_or_else(|| io::Error::other("this stack has no second instance"))?;
+            if let Some(cc) = congestion.lock().unwrap_or_else(|e| e.into_inner()).as_deref() {
+                stack.set_congestion(cc).map_err(io::Error::other)?;
+            }
             let (name, hosts) = (name.clone(), hosts.clone());
             std::thread::Builder::new().name("nk-executor".into()).spawn(move || {
                 let run = Service::new(stack, name.clone(), OwnedFd::from(chan)).and_then(|svc| {
@@ -179,6 +186,20 @@ impl<S: Stack> Service<S> {
         });
         self.pool = Some(pool::Pool::new(self.core.name.clone(), spawn, max));
         self
+    }
+
+    /// New TCP connections use `cc`, on every executor and on executors started later.
+    fn set_congestion(&mut self, cc: &str) -> Result<(), String> {
+        self.core.stack.set_congestion(cc)?;
+        self.core.stats.congestion = self.core.stack.congestion();
+        *self.congestion.lock().unwrap_or_else(|e| e.into_inner()) = Some(cc.to_string());
+        if let Some(p) = self.pool.as_mut() {
+            let req = NsmRequest::Congestion { congestion: cc.to_string() };
+            for k in 0..p.executors() as usize - 1 {
+                p.ask(k, &req, &[]).map_err(|e| format!("executor {}: {e}", k + 2))?;
+            }
+        }
+        Ok(())
     }
 
     /// Cores this executor kept busy over the last window (measured anew once it is over).
@@ -490,6 +511,10 @@ impl<S: Stack> Service<S> {
                 self.core.set_policy(&tenant, &policy);
                 control::Reply::ok(())
             }
+            Ok(NsmRequest::Congestion { congestion }) => match self.set_congestion(&congestion) {
+                Ok(()) => control::Reply::ok(()),
+                Err(e) => control::Reply::err(e),
+            },
             Ok(NsmRequest::Detach { attachment }) => match self.core.detach(attachment) {
                 true => control::Reply::ok(()),
                 false => control::Reply::err(format!("no attachment {attachment}")),

@@ -57,6 +57,10 @@ pub trait Stack {
     fn kind(&self) -> &'static str;
     /// The congestion control new TCP sockets use.
     fn congestion(&self) -> String;
+    /// New TCP sockets use `cc` from now on (sockets that exist keep theirs).
+    fn set_congestion(&mut self, cc: &str) -> Result<(), String> {
+        Err(format!("the {} stack's congestion control is set when its NSM starts, not {cc:?} now", self.kind()))
+    }
 
     fn socket(&mut self, domain: i32, ty: i32, protocol: i32) -> Result<Self::Handle, Errno>;
     fn bind(&mut self, s: &Self::Handle, addr: &[u8]) -> Result<(), Errno>;
