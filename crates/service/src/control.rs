@@ -179,7 +179,7 @@ pub struct NsmStats {
     /// CPU used while no tenant's task ran (waking, polling with nothing to do), seconds.
     #[serde(default)]
     pub overhead_cpu_seconds: f64,
-    /// Cores its executors kept busy over the last moment (0.1 s).
+    /// Cores its executors kept busy since the stats before (over at least 0.1 s).
     #[serde(default)]
     pub load: f64,
     pub attachments: usize,

@@ -78,7 +78,8 @@ pub struct Service<S: Stack> {
     executor: bool,
     /// The scheduler this NSM's executors run.
     sched_kind: sched::Kind,
-    /// The load meter: when the window began, the thread's CPU clock then, the last window's load.
+    /// The load meter: when the window began, the thread's CPU clock then, the last window's load
+    /// (a window ends when stats are asked for, at least 0.1 s after it began).
     load: (Instant, Duration, f64),
     /// A congestion control set since the start (`ctl reload`), for executors started later.
     congestion: Arc<std::sync::Mutex<Option<String>>>,
@@ -307,9 +308,6 @@ impl<S: Stack> Service<S> {
             self.core.finish_refreshes();
             if self.core.account.due() {
                 self.core.account.settle(account::thread_cpu());
-            }
-            if self.pool.is_some() || self.executor {
-                self.measure_load();
             }
             if let Some(p) = self.pool.as_mut().filter(|p| p.executors() > 1 && self.core.now >= p.next_tend) {
                 p.tend(self.core.now);

@@ -27,7 +27,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-/// How often executor 0 looks at the others (their load, whether any is empty).
+/// How often executor 0 looks at the others (whether any is left empty).
 pub(crate) const TEND_EVERY: Duration = Duration::from_millis(500);
 
 /// Starts an executor on a thread of its own, taking orders on the socket it is given.
@@ -36,9 +36,8 @@ pub(crate) type Spawner = Box<dyn Fn(UnixStream) -> io::Result<std::thread::Join
 struct Executor {
     chan: UnixStream,
     thread: Option<std::thread::JoinHandle<()>>,
-    /// From its last stats: attachments served and load (cores).
+    /// Attachments it served at the last look.
     attachments: usize,
-    load: f64,
     /// Tenants with an attachment here.
     tenants: Vec<String>,
 }
@@ -80,7 +79,7 @@ impl Pool {
         let k = self.execs.len() + 1;
         let thread = (self.spawn)(theirs)?;
         eprintln!("netkernel nsm {}: executor {k} started", self.name);
-        self.execs.push(Executor { chan: ours, thread: Some(thread), attachments: 0, load: 0.0, tenants: Vec::new() });
+        self.execs.push(Executor { chan: ours, thread: Some(thread), attachments: 0, tenants: Vec::new() });
         Ok(self.execs.len() - 1)
     }
 
@@ -142,7 +141,6 @@ impl Pool {
             let Ok(s) = Reply::decode::<NsmStats>(&payload) else { continue };
             let e = &mut self.execs[k];
             e.attachments = s.attachments;
-            e.load = s.load;
             e.tenants = s.tenants.keys().filter(|_| s.attachments > 0).cloned().collect();
             all.push(s);
         }
