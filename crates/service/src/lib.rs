@@ -197,7 +197,7 @@ impl<S: Stack> Service<S> {
         if let Some(p) = self.pool.as_mut() {
             let req = NsmRequest::Congestion { congestion: cc.to_string() };
             for k in 0..p.executors() as usize - 1 {
-                p.ask(k, &req, &[]).map_err(|e| format!("executor {}: {e}", k + 2))?;
+                p.ask(k, &req, &[]).map_err(|e| format!("executor {}: {e}", k + 1))?;
             }
         }
         Ok(())
