@@ -76,8 +76,6 @@ pub struct Service<S: Stack> {
     pool: Option<pool::Pool>,
     /// This is an executor other than the first, whose "engine" is the first.
     executor: bool,
-    /// The scheduler this NSM's executors run.
-    sched_kind: sched::Kind,
     /// The load meter: when the window began, the thread's CPU clock then, the last window's load
     /// (a window ends when stats are asked for, at least 0.1 s after it began).
     load: (Instant, Duration, f64),
@@ -134,7 +132,6 @@ impl<S: Stack> Service<S> {
             stopping: false,
             pool: None,
             executor: false,
-            sched_kind: sched::Kind::Fifo,
             load: (Instant::now(), account::thread_cpu(), 0.0),
             congestion: Arc::default(),
         })
@@ -152,7 +149,6 @@ impl<S: Stack> Service<S> {
     /// The scheduler that orders this NSM's tasks (default fifo).
     pub fn with_scheduler(mut self, kind: sched::Kind) -> Self {
         self.core.sched = kind.build();
-        self.sched_kind = kind;
         self
     }
 
@@ -165,7 +161,8 @@ impl<S: Stack> Service<S> {
         if max <= 1 {
             return self;
         }
-        let (name, hosts, kind) = (self.core.name.clone(), self.core.hosts.clone(), self.sched_kind);
+        let kind: sched::Kind = self.core.sched.name().parse().unwrap_or_default();
+        let (name, hosts) = (self.core.name.clone(), self.core.hosts.clone());
         let congestion = self.congestion.clone();
         let spawn: pool::Spawner = Box::new(move |chan| {
             let mut stack = make().ok_or_else(|| io::Error::other("this stack has no second instance"))?;

@@ -19,7 +19,8 @@
 //! socket limit and CPU cap, which is why such a tenant's attachments all go to the executor of
 //! its first.
 
-use crate::control::{NsmRequest, NsmState, NsmStats, Reply, TenantPolicy};
+use crate::control::{NsmRequest, NsmState, NsmStats, TenantPolicy};
+use netkernel_control::call;
 use netkernel_ring::sys;
 use std::collections::HashMap;
 use std::io;
@@ -109,7 +110,8 @@ impl Pool {
         }
     }
 
-    /// Sends `req` (with `fds`) to executor `k` and returns its answer, fds included.
+    /// Sends `req` (with `fds`) to executor `k` and returns its answer as it came, fds included,
+    /// for the engine (`netkernel_control::call` where the answer is read here).
     pub(crate) fn ask(&mut self, k: usize, req: &NsmRequest, fds: &[RawFd]) -> io::Result<(Vec<u8>, Vec<OwnedFd>)> {
         let chan = self.execs[k].chan.as_raw_fd();
         sys::send_frame(chan, &serde_json::to_vec(req).unwrap_or_default(), fds)?;
@@ -137,8 +139,9 @@ impl Pool {
     pub(crate) fn stats(&mut self) -> Vec<NsmStats> {
         let mut all = Vec::new();
         for k in 0..self.execs.len() {
-            let Ok((payload, _)) = self.ask(k, &NsmRequest::Stats, &[]) else { continue };
-            let Ok(s) = Reply::decode::<NsmStats>(&payload) else { continue };
+            let Ok((s, _)) = call::<NsmStats>(self.execs[k].chan.as_raw_fd(), &NsmRequest::Stats, &[]) else {
+                continue;
+            };
             let e = &mut self.execs[k];
             e.attachments = s.attachments;
             e.tenants = s.tenants.keys().filter(|_| s.attachments > 0).cloned().collect();
@@ -149,12 +152,8 @@ impl Pool {
 
     /// What every other executor serves.
     pub(crate) fn states(&mut self) -> Vec<NsmState> {
-        (0..self.execs.len())
-            .map(|k| {
-                let answer = self.ask(k, &NsmRequest::Adopt, &[]).ok();
-                answer.and_then(|(payload, _)| Reply::decode::<NsmState>(&payload).ok()).unwrap_or_default()
-            })
-            .collect()
+        let adopt = |e: &Executor| call::<NsmState>(e.chan.as_raw_fd(), &NsmRequest::Adopt, &[]).map(|(s, _)| s);
+        self.execs.iter().map(|e| adopt(e).unwrap_or_default()).collect()
     }
 
     /// Looks at the other executors: stops those left with no attachment, forgets where ended
