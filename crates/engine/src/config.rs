@@ -364,8 +364,15 @@ impl Config {
         let cfg: Config = toml::from_str(text).map_err(|e| {
             let offset = e.span().map(|s| s.start).unwrap_or(0);
             let msg = e.message().to_string();
-            // toml names the offending key in its message ("unknown field `x`", "missing field `y`").
-            let field = msg.split('`').nth(1).unwrap_or("-").to_string();
+            // toml names the offending key in its message ("unknown field `x`", "missing field
+            // `y`"); a value it cannot read ("expected `\"`") is the key's on that line.
+            let key_like =
+                |k: &&str| !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c));
+            let line_key = || {
+                let line = text.lines().nth(line_of(offset) - 1)?;
+                Some(line.split_once('=')?.0.trim()).filter(key_like)
+            };
+            let field = msg.split('`').nth(1).filter(key_like).or_else(line_key).unwrap_or("-").to_string();
             invalid(offset, &field, msg)
         })?;
         if cfg.nsms.is_empty() {
@@ -582,6 +589,11 @@ mod tests {
         let base = "[[nsm]]\nname = \"k\"\nscheduler = \"fair\"\n[[tenant]]\nname = \"a\"\nnsm = \"k\"\n";
         let e = err(&format!("{base}cpu_weight = 0\n"));
         assert!(e.starts_with("/etc/nk.toml:7: tenant.cpu_weight: 0 is not 1 to 10000"), "{e}");
+        let e = err(&format!("{base}cpu_weight = x\n"));
+        assert!(
+            e.starts_with("/etc/nk.toml:7: tenant.cpu_weight:") || e.starts_with("/etc/nk.toml:7: cpu_weight:"),
+            "{e}"
+        );
         let e = err(&format!("{base}cpu_limit = -1.5\n"));
         assert!(e.starts_with("/etc/nk.toml:7: tenant.cpu_limit: -1.5 is not a positive number of cores"), "{e}");
         let c = Config::parse(Path::new("/etc/nk.toml"), &format!("{base}cpu_weight = 3\ncpu_limit = 0.5\n")).unwrap();
