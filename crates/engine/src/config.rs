@@ -590,10 +590,7 @@ mod tests {
         let e = err(&format!("{base}cpu_weight = 0\n"));
         assert!(e.starts_with("/etc/nk.toml:7: tenant.cpu_weight: 0 is not 1 to 10000"), "{e}");
         let e = err(&format!("{base}cpu_weight = x\n"));
-        assert!(
-            e.starts_with("/etc/nk.toml:7: tenant.cpu_weight:") || e.starts_with("/etc/nk.toml:7: cpu_weight:"),
-            "{e}"
-        );
+        assert!(e.starts_with("/etc/nk.toml:7: cpu_weight:"), "a value toml cannot read names its key: {e}");
         let e = err(&format!("{base}cpu_limit = -1.5\n"));
         assert!(e.starts_with("/etc/nk.toml:7: tenant.cpu_limit: -1.5 is not a positive number of cores"), "{e}");
         let c = Config::parse(Path::new("/etc/nk.toml"), &format!("{base}cpu_weight = 3\ncpu_limit = 0.5\n")).unwrap();
