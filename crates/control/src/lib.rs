@@ -59,6 +59,27 @@ pub enum EngineRequest {
     Shutdown,
     /// Apply the configuration file anew (`ctl reload`). Reply: [`ReloadReport`].
     Reload,
+    /// Replace NSM `nsm`'s process by a new one (from `binary`, else the engine's own) that
+    /// takes over its guests while they run (`ctl upgrade`). Reply: [`UpgradeReport`].
+    Upgrade {
+        nsm: String,
+        binary: Option<String>,
+    },
+}
+
+/// What an upgrade did.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct UpgradeReport {
+    pub nsm: String,
+    pub old_pid: u32,
+    pub new_pid: u32,
+    /// The longest time no guest request was served: from the old process stopping to the new
+    /// one serving, milliseconds.
+    pub blackout_ms: f64,
+    pub attachments: usize,
+    pub sockets: usize,
+    /// The binary the NSM runs now.
+    pub binary: String,
 }
 
 /// What a reload changed.
@@ -214,6 +235,8 @@ mod tests {
             Just(EngineRequest::Conns),
             Just(EngineRequest::Shutdown),
             Just(EngineRequest::Reload),
+            ("[a-z]{1,8}", proptest::option::of("/[a-z/]{1,20}"))
+                .prop_map(|(nsm, binary)| EngineRequest::Upgrade { nsm, binary }),
         ]
     }
 

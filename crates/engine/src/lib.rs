@@ -240,6 +240,17 @@ fn token_matches(presented: Option<&str>, expected: Option<&String>) -> bool {
     }
 }
 
+/// Only root and the engine's own uid may change what the engine runs (`what`: the request).
+fn operator(conn: &UnixStream, what: &str) -> Result<(), String> {
+    // SAFETY: no arguments, no memory touched; geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    match peer_cred(conn) {
+        Ok(c) if c.uid == 0 || c.uid == me => Ok(()),
+        Ok(c) => Err(format!("uid {} may not {what} (root or uid {me} may)", c.uid)),
+        Err(e) => Err(format!("SO_PEERCRED: {e}")),
+    }
+}
+
 fn peer_cred(s: &UnixStream) -> io::Result<libc::ucred> {
     sys::peer_cred(s.as_raw_fd())
 }
@@ -393,9 +404,9 @@ impl Engine {
         for (nsm, r) in engine.nsms.iter().zip(running) {
             let (e, n) = (Arc::downgrade(&engine), nsm.clone());
             std::thread::spawn(move || {
-                supervisor::supervise(n, r, move |name, generation| {
+                supervisor::supervise(n, r, move |name, generations| {
                     if let Some(e) = e.upgrade() {
-                        e.nsm_died(name, generation);
+                        e.nsm_died(name, generations);
                     }
                 })
             });
@@ -497,10 +508,15 @@ impl Engine {
 
     /// Every region served by a dead NSM is declared dead: its guests' calls fail with
     /// ECONNRESET instead of hanging, and their next socket attaches afresh.
-    fn nsm_died(&self, nsm: &str, generation: u64) {
+    /// `generations`: those the dead process served (its own and, after upgrades, its
+    /// predecessors').
+    fn nsm_died(&self, nsm: &str, generations: std::ops::RangeInclusive<u64>) {
         let mut atts = self.attachments.lock().unwrap_or_else(|e| e.into_inner());
-        let dead: Vec<u64> =
-            atts.iter().filter(|(_, a)| a.nsm == nsm && a.nsm_generation == generation).map(|(id, _)| *id).collect();
+        let dead: Vec<u64> = atts
+            .iter()
+            .filter(|(_, a)| a.nsm == nsm && generations.contains(&a.nsm_generation))
+            .map(|(id, _)| *id)
+            .collect();
         for id in &dead {
             if let Some(a) = atts.remove(id) {
                 a.region.mark_dead(Some(a.guest_bell.as_raw_fd()));
@@ -622,15 +638,16 @@ impl Engine {
                 }
             }
             EngineRequest::Reload => {
-                // SAFETY: no arguments, no memory touched; geteuid cannot fail.
-                let me = unsafe { libc::geteuid() };
-                let reply = match peer_cred(conn) {
-                    Ok(c) if c.uid == 0 || c.uid == me => match self.reload() {
-                        Ok(report) => Reply::ok(report),
-                        Err(e) => Reply::err(e),
-                    },
-                    Ok(c) => Reply::err(format!("uid {} may not reload the engine (root or uid {me} may)", c.uid)),
-                    Err(e) => Reply::err(format!("SO_PEERCRED: {e}")),
+                let reply = match operator(conn, "reload the engine").and_then(|()| self.reload()) {
+                    Ok(report) => Reply::ok(report),
+                    Err(e) => Reply::err(e),
+                };
+                sys::send_frame(fd, &reply.encode(), &[])
+            }
+            EngineRequest::Upgrade { nsm, binary } => {
+                let reply = match operator(conn, "upgrade an NSM").and_then(|()| self.upgrade(&nsm, binary)) {
+                    Ok(report) => Reply::ok(report),
+                    Err(e) => Reply::err(e),
                 };
                 sys::send_frame(fd, &reply.encode(), &[])
             }
@@ -662,6 +679,38 @@ impl Engine {
             (Ok(()), true) => Next::Keep,
             (Ok(()), false) => Next::More,
         }
+    }
+
+    /// Replaces NSM `name`'s process by a new one that takes over its guests while they run
+    /// (`ctl upgrade`); from `binary` if given (it must speak this engine's region ABI).
+    pub fn upgrade(&self, name: &str, binary: Option<String>) -> Result<netkernel_control::UpgradeReport, String> {
+        let nsm = self.nsms.iter().find(|n| n.name == name).ok_or_else(|| {
+            let names: Vec<&str> = self.nsms.iter().map(|n| n.name.as_str()).collect();
+            format!("no NSM named {name:?} (NSMs: {})", names.join(", "))
+        })?;
+        let binary = match binary {
+            Some(b) => Some(std::fs::canonicalize(&b).map_err(|e| format!("{b}: {e}"))?),
+            None => None,
+        };
+        let u = nsm.upgrade(binary).map_err(|e| e.to_string())?;
+        let blackout_ms = u.blackout.as_secs_f64() * 1000.0;
+        log(format!(
+            "NSM {name} upgraded: pid {} -> {} ({}), {} attachment(s), {} socket(s), blackout {blackout_ms:.1} ms",
+            u.old_pid,
+            u.new_pid,
+            u.binary.display(),
+            u.attachments,
+            u.sockets
+        ));
+        Ok(netkernel_control::UpgradeReport {
+            nsm: name.into(),
+            old_pid: u.old_pid,
+            new_pid: u.new_pid,
+            blackout_ms,
+            attachments: u.attachments,
+            sockets: u.sockets,
+            binary: u.binary.display().to_string(),
+        })
     }
 
     /// Applies the configuration file anew (`ctl reload`, SIGHUP): tenants added may attach,

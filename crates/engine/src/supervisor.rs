@@ -23,6 +23,9 @@ struct Proc {
     pidfd: Option<OwnedFd>,
     control: Option<UnixStream>,
     generation: u64,
+    /// The generation this process's line began with: an upgrade hands one process's work to
+    /// the next, so attachments made by any generation of the line are served by this process.
+    line: u64,
 }
 
 /// An NSM process the supervisor waits for.
@@ -78,6 +81,10 @@ pub struct Nsm {
     link: Option<(crate::link::UserLink, String)>,
     /// Where the NSM listens for a restarted engine (in the engine's state directory).
     rendezvous: PathBuf,
+    /// The binary NSMs are started from (None: the engine's own; `ctl upgrade --binary` sets it).
+    exe: Mutex<Option<PathBuf>>,
+    /// The process an upgrade started, for the supervisor to watch once the old one has gone.
+    next: Mutex<Option<Running>>,
     proc_: Mutex<Proc>,
     restarts: AtomicU64,
     stopping: AtomicBool,
@@ -107,7 +114,9 @@ impl Nsm {
             net,
             link,
             rendezvous,
-            proc_: Mutex::new(Proc { pid: None, pidfd: None, control: None, generation: 0 }),
+            exe: Mutex::new(None),
+            next: Mutex::new(None),
+            proc_: Mutex::new(Proc { pid: None, pidfd: None, control: None, generation: 0, line: 0 }),
             restarts: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
         }
@@ -124,11 +133,30 @@ impl Nsm {
         self.proc_.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Starts the NSM process (`netkernel nsm ...`, the same binary as the engine).
+    /// Starts the NSM process (`netkernel nsm ...`, the same binary as the engine unless an
+    /// upgrade named another).
     pub fn spawn(&self) -> io::Result<Running> {
+        let exe = self.exe.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let (child, ours, pidfd) = self.launch(exe.as_deref(), true)?;
+        let mut p = self.lock();
+        p.pid = Some(child.id());
+        p.pidfd = Some(pidfd);
+        p.control = Some(ours);
+        p.generation += 1;
+        p.line = p.generation;
+        Ok(Running::Child(child))
+    }
+
+    /// Starts an NSM process from `exe` (None: the engine's binary) with its engine channel;
+    /// with `listen` it makes the rendezvous socket anew (an upgraded NSM inherits its
+    /// predecessor's instead).
+    fn launch(&self, exe: Option<&std::path::Path>, listen: bool) -> io::Result<(Child, UnixStream, OwnedFd)> {
         let (ours, theirs) = UnixStream::pair()?;
         ours.set_read_timeout(Some(Duration::from_secs(10)))?;
-        let exe = std::env::current_exe()?;
+        let exe = match exe {
+            Some(e) => e.to_path_buf(),
+            None => std::env::current_exe()?,
+        };
         let mut cmd = Command::new(exe);
         cmd.args(["nsm", "--kind", &self.kind, "--name", &self.name, "--control-fd", &CONTROL_FD.to_string()]);
         if let Some(cc) = self.congestion.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
@@ -143,7 +171,9 @@ impl Nsm {
         for (name, addr) in &self.hosts {
             cmd.arg("--host").arg(format!("{name}={addr}"));
         }
-        cmd.arg("--listen").arg(&self.rendezvous);
+        if listen {
+            cmd.arg("--listen").arg(&self.rendezvous);
+        }
         // A user NSM's device: made anew for each process (it goes with the last fd to it).
         let device = match (&self.link, &self.net) {
             (Some((link, _)), Some(net)) => {
@@ -209,12 +239,7 @@ impl Nsm {
         drop(theirs);
         drop(device);
         let pidfd = pidfd_open(child.id())?;
-        let mut p = self.lock();
-        p.pid = Some(child.id());
-        p.pidfd = Some(pidfd);
-        p.control = Some(ours);
-        p.generation += 1;
-        Ok(Running::Child(child))
+        Ok((child, ours, pidfd))
     }
 
     /// Takes over the NSM a previous engine left running, if one listens on the rendezvous
@@ -234,7 +259,7 @@ impl Nsm {
         }
         // A live NSM answers within its event loop's next turn; a stuck one is not adopted.
         c.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        let mut p = Proc { pid: None, pidfd: None, control: Some(c), generation: 0 };
+        let mut p = Proc { pid: None, pidfd: None, control: Some(c), generation: 0, line: 0 };
         let state: NsmState = match Self::call(&mut p, &NsmRequest::Adopt, &[])
             .and_then(|v| serde_json::from_value(v).map_err(|e| other(e.to_string())))
         {
@@ -271,11 +296,19 @@ impl Nsm {
         mine.pidfd = Some(pidfd);
         mine.control = p.control.take();
         mine.generation += 1;
+        mine.line = mine.generation;
         Some((Running::Adopted(watch), state))
     }
 
     pub fn pid(&self) -> Option<u32> {
         self.lock().pid
+    }
+
+    /// The generations served by the NSM process now: each spawn or adoption is a new process
+    /// and begins a new line, each upgrade adds one to it.
+    pub fn generations(&self) -> std::ops::RangeInclusive<u64> {
+        let p = self.lock();
+        p.line..=p.generation
     }
 
     /// The NSM process's number: each spawn or adoption is a new one.
@@ -365,6 +398,74 @@ impl Nsm {
         serde_json::from_value(v).map_err(|e| other(e.to_string()))
     }
 
+    /// Replaces the NSM's process by a new one, from `binary` (None: the binary it runs now),
+    /// that takes over every attachment and socket while the guests run (service/handover.rs).
+    /// The old process exits once its closing sockets are flushed. On any failure the new
+    /// process is killed and the old one serves on.
+    pub fn upgrade(&self, binary: Option<PathBuf>) -> io::Result<Upgraded> {
+        if self.link.is_some() {
+            return Err(other(format!(
+                "NSM {} runs the user stack, whose connections live in its process and cannot be handed \
+                 over; restart it instead (its guests reconnect)",
+                self.name
+            )));
+        }
+        if let Some(b) = &binary {
+            check_abi(b)?;
+        }
+        let exe = binary.clone().or_else(|| self.exe.lock().unwrap_or_else(|e| e.into_inner()).clone());
+        let (mut child, ours, pidfd) = self.launch(exe.as_deref(), false)?;
+        let new_pid = child.id();
+        let (to_old, to_new) = UnixStream::pair()?;
+        // Holding the lock: no attach, hold or stats reaches either process meanwhile.
+        let mut p = self.lock();
+        let old_pid = p.pid.ok_or_else(|| other(format!("NSM {} is not running", self.name)))?;
+        let mut new = Proc { pid: Some(new_pid), pidfd: None, control: Some(ours), generation: 0, line: 0 };
+        // The new process waits for what the old one writes: it is asked from another thread.
+        let taker = std::thread::spawn(move || {
+            let took = Self::call(&mut new, &NsmRequest::Takeover, &[to_new.as_raw_fd()]);
+            (took, new.control)
+        });
+        let handed = Self::call(&mut p, &NsmRequest::Handover, &[to_old.as_raw_fd()]);
+        drop(to_old);
+        let (took, control) = taker.join().map_err(|_| other("the takeover thread panicked".into()))?;
+        let handed: netkernel_service::control::Handed = match handed
+            .and_then(|v| serde_json::from_value(v).map_err(|e| other(format!("malformed handover reply: {e}"))))
+        {
+            Ok(h) => h,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let why = match took {
+                    Err(t) => format!("{e}; the new NSM: {t}"),
+                    Ok(_) => e.to_string(),
+                };
+                return Err(other(format!("upgrade of NSM {} failed, the old process serves on: {why}", self.name)));
+            }
+        };
+        if let Err(e) = took {
+            // The old process let go only after the new one said it serves: it does.
+            eprintln!("netkernel engine: NSM {}: the new process's answer to takeover: {e}", self.name);
+        }
+        *self.next.lock().unwrap_or_else(|e| e.into_inner()) = Some(Running::Child(child));
+        p.pid = Some(new_pid);
+        p.pidfd = Some(pidfd);
+        // Dropping the old channel lets the old process exit.
+        p.control = control;
+        p.generation += 1;
+        if let Some(b) = binary {
+            *self.exe.lock().unwrap_or_else(|e| e.into_inner()) = Some(b);
+        }
+        Ok(Upgraded {
+            old_pid,
+            new_pid,
+            blackout: Duration::from_nanos(handed.serving_ns.saturating_sub(handed.stopped_ns)),
+            attachments: handed.attachments,
+            sockets: handed.sockets,
+            binary: exe.map_or_else(|| std::env::current_exe().unwrap_or_default(), |e| e.to_path_buf()),
+        })
+    }
+
     /// Stops the NSM for good: it resets its guests (their regions are declared dead) and
     /// exits; one that does not answer gets SIGTERM.
     pub fn stop(&self) {
@@ -382,26 +483,70 @@ impl Nsm {
     }
 }
 
+/// What an upgrade did.
+pub struct Upgraded {
+    pub old_pid: u32,
+    pub new_pid: u32,
+    /// From the old process stopping to the new one serving.
+    pub blackout: Duration,
+    pub attachments: usize,
+    pub sockets: usize,
+    pub binary: PathBuf,
+}
+
+/// Refuses a binary whose region ABI differs from this engine's: its NSM could not read the
+/// guests' regions. (`netkernel abi` prints the number.)
+fn check_abi(binary: &std::path::Path) -> io::Result<()> {
+    let out = Command::new(binary)
+        .arg("abi")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| other(format!("cannot run {}: {e}", binary.display())))?;
+    let theirs = String::from_utf8_lossy(&out.stdout).trim().parse::<u32>().ok().filter(|_| out.status.success());
+    match theirs {
+        Some(v) if v == netkernel_abi::ABI_VERSION => Ok(()),
+        Some(v) => Err(other(format!(
+            "{} speaks region ABI {v}, this engine and its guests {}: refused, the old NSM serves on",
+            binary.display(),
+            netkernel_abi::ABI_VERSION
+        ))),
+        None => Err(other(format!(
+            "{} does not say its region ABI (`{} abi` printed no number): refused, the old NSM serves on",
+            binary.display(),
+            binary.display()
+        ))),
+    }
+}
+
 /// Waits for the NSM to die, reports it, and starts it again, backing off when it keeps dying.
 /// An adopted NSM, no child of ours, is watched the same way through its pidfd; the NSM
 /// started in its place is our child.
-pub fn supervise(nsm: std::sync::Arc<Nsm>, mut running: Running, on_death: impl Fn(&str, u64)) {
+pub fn supervise(
+    nsm: std::sync::Arc<Nsm>,
+    mut running: Running,
+    on_death: impl Fn(&str, std::ops::RangeInclusive<u64>),
+) {
     let mut backoff = Duration::from_millis(100);
+    let mut started = Instant::now();
     loop {
-        let started = Instant::now();
         let status = running.wait();
-        let generation = {
+        let generations = {
             let mut p = nsm.lock();
+            // An upgrade handed the old process's work to a new one, which is ours to watch now.
+            if let Some(next) = nsm.next.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                running = next;
+                continue;
+            }
             p.control = None;
             p.pid = None;
             p.pidfd = None;
-            p.generation
+            p.line..=p.generation
         };
         if nsm.stopping.load(Ordering::SeqCst) {
             return;
         }
         eprintln!("netkernel engine: NSM {} exited ({status}); restarting", nsm.name);
-        on_death(&nsm.name, generation);
+        on_death(&nsm.name, generations);
         if started.elapsed() > Duration::from_secs(10) {
             backoff = Duration::from_millis(100);
         }
@@ -414,6 +559,7 @@ pub fn supervise(nsm: std::sync::Arc<Nsm>, mut running: Running, on_death: impl 
             match nsm.spawn() {
                 Ok(r) => {
                     running = r;
+                    started = Instant::now();
                     nsm.restarts.fetch_add(1, Ordering::Relaxed);
                     break;
                 }

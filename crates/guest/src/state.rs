@@ -586,16 +586,34 @@ impl Attachment {
         if self.dead() {
             return true;
         }
-        let pid = self.region.header().nsm_pid.load(Ordering::Acquire);
-        if pid == 0 {
-            return false;
+        let nsm_pid = &self.region.header().nsm_pid;
+        let mut pid = nsm_pid.load(Ordering::Acquire);
+        loop {
+            if pid == 0 {
+                return false;
+            }
+            if !Self::process_ended(pid) {
+                return false;
+            }
+            // An upgrade hands the region to a new NSM process, which writes its pid before the
+            // old one exits: an ended process that is no longer the region's NSM is not its end.
+            match nsm_pid.load(Ordering::Acquire) {
+                now if now == pid => break,
+                now => pid = now,
+            }
         }
+        self.region.mark_dead(Some(self.guest_bell));
+        true
+    }
+
+    /// Whether process `pid` has ended (seen on a pidfd).
+    fn process_ended(pid: u32) -> bool {
         // A pidfd opened for each look rather than kept: a program may close GuestLib's fds
         // (close_range before exec), and a kept number could then name another file. The look
         // comes after a long sleep only, so three system calls cost nothing.
         // SAFETY: integers only, no memory passed; an unknown pid is the kernel's to refuse.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
-        let ended = if fd < 0 {
+        if fd < 0 {
             std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
         } else {
             let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
@@ -603,11 +621,7 @@ impl Attachment {
             let r = unsafe { libc::syscall(libc::SYS_poll, &mut p, 1, 0) };
             sys::close(fd);
             r == 1
-        };
-        if ended {
-            self.region.mark_dead(Some(self.guest_bell));
         }
-        ended
     }
 
     /// Takes a free nqe. While every nqe is in flight the thread sleeps (they complete in

@@ -51,7 +51,8 @@ enum Cmd {
         program: Vec<String>,
     },
     /// Ask the engine: status, tenants, nsms, conns; apply its configuration file anew (reload,
-    /// as SIGHUP does); or stop it and its NSMs (shutdown).
+    /// as SIGHUP does); replace an NSM's process under its running guests (upgrade NSM
+    /// [--binary PATH]); or stop it and its NSMs (shutdown).
     Ctl {
         #[arg(long)]
         socket: Option<PathBuf>,
@@ -61,9 +62,18 @@ enum Cmd {
         /// With top: stop after this many refreshes (default: until interrupted).
         #[arg(long)]
         iterations: Option<u64>,
-        #[arg(value_parser = ["status", "tenants", "nsms", "conns", "top", "reload", "shutdown"])]
+        /// With upgrade: the NSM's new binary (default: the one it runs).
+        #[arg(long)]
+        binary: Option<String>,
+        #[arg(value_parser = ["status", "tenants", "nsms", "conns", "top", "reload", "upgrade", "shutdown"])]
         what: String,
+        /// With upgrade: the NSM.
+        name: Option<String>,
     },
+    /// Print the region ABI version this binary speaks (an engine checks it before `ctl upgrade
+    /// --binary`).
+    #[command(hide = true)]
+    Abi,
     /// Run an NSM (started by the engine, not by hand).
     #[command(hide = true)]
     Nsm(Box<NsmArgs>),
@@ -94,7 +104,27 @@ pub fn main() -> i32 {
         Cmd::Serve { config, socket, metrics } => serve(config, socket, metrics),
         Cmd::Run { tenant, socket, isolate, token_file, program } => run(tenant, socket, isolate, token_file, program),
         Cmd::Ctl { socket, what, iterations, .. } if what == "top" => top(socket, iterations),
-        Cmd::Ctl { socket, json, what, .. } => ctl(socket, json, &what),
+        Cmd::Ctl { socket, json, what, name, binary, .. } => {
+            let req = match (what.as_str(), name) {
+                ("status", None) => EngineRequest::Status,
+                ("tenants", None) => EngineRequest::Tenants,
+                ("nsms", None) => EngineRequest::Nsms,
+                ("conns", None) => EngineRequest::Conns,
+                ("shutdown", None) => EngineRequest::Shutdown,
+                ("reload", None) => EngineRequest::Reload,
+                ("upgrade", Some(nsm)) => EngineRequest::Upgrade { nsm, binary },
+                ("upgrade", None) => {
+                    return fail("ctl upgrade needs the NSM's name: netkernel ctl upgrade NSM [--binary PATH]")
+                }
+                (w, Some(extra)) => return fail(format!("ctl {w} takes no argument ({extra:?})")),
+                (w, None) => return fail(format!("ctl {w}: unknown request")),
+            };
+            ctl(socket, json, &what, req)
+        }
+        Cmd::Abi => {
+            println!("{}", netkernel_abi::ABI_VERSION);
+            0
+        }
         Cmd::Nsm(a) => nsm(*a),
         Cmd::Demo { bytes } => demo::main(bytes),
         Cmd::Bench(a) => bench::main(a),
@@ -300,16 +330,8 @@ fn top(socket: Option<PathBuf>, iterations: Option<u64>) -> i32 {
     }
 }
 
-fn ctl(socket: Option<PathBuf>, json: bool, what: &str) -> i32 {
+fn ctl(socket: Option<PathBuf>, json: bool, what: &str, req: EngineRequest) -> i32 {
     let socket = socket.unwrap_or_else(default_socket);
-    let req = match what {
-        "status" => EngineRequest::Status,
-        "tenants" => EngineRequest::Tenants,
-        "nsms" => EngineRequest::Nsms,
-        "shutdown" => EngineRequest::Shutdown,
-        "reload" => EngineRequest::Reload,
-        _ => EngineRequest::Conns,
-    };
     let v = match request(&socket, &req) {
         Ok(v) => v,
         Err(e) => return fail(e),
@@ -321,6 +343,16 @@ fn ctl(socket: Option<PathBuf>, json: bool, what: &str) -> i32 {
     match what {
         "status" => print_status(&v),
         "shutdown" => println!("engine stopped; its NSMs are stopped and their guests' sockets reset"),
+        "upgrade" => println!(
+            "NSM {} upgraded: pid {} -> {} ({}); {} attachment(s), {} socket(s) handed over; blackout {:.1} ms",
+            cell(&v["nsm"]),
+            v["old_pid"],
+            v["new_pid"],
+            cell(&v["binary"]),
+            v["attachments"],
+            v["sockets"],
+            v["blackout_ms"].as_f64().unwrap_or_default()
+        ),
         "reload" => {
             let list =
                 |k: &str| v[k].as_array().map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(" "));

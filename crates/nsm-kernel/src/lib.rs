@@ -395,6 +395,23 @@ impl Stack for KernelStack {
         }
     }
 
+    fn export(&self, s: &KernelSocket) -> Option<RawFd> {
+        Some(s.raw())
+    }
+
+    /// A socket from another NSM process; a TCP one takes this stack's congestion control, as
+    /// a socket made here would have.
+    fn import(&mut self, fd: OwnedFd) -> Result<KernelSocket, Errno> {
+        let sock = KernelSocket(Some(fd));
+        let mut ty = [0u8; 4];
+        let stream = self.getsockopt(&sock, libc::SOL_SOCKET, libc::SO_TYPE, &mut ty)? == 4
+            && i32::from_ne_bytes(ty) == libc::SOCK_STREAM;
+        if let (Some(cc), true) = (self.congestion.clone(), stream) {
+            self.setsockopt(&sock, libc::IPPROTO_TCP, libc::TCP_CONGESTION, cc.as_bytes())?;
+        }
+        Ok(sock)
+    }
+
     fn unwatch(&mut self, s: &KernelSocket) {
         let _ = epoll_ctl(self.epfd.as_raw_fd(), libc::EPOLL_CTL_DEL, s.raw(), 0, 0);
     }

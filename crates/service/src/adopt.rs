@@ -21,6 +21,12 @@ impl<S: Stack> Service<S> {
     /// Lets a restarted engine adopt this NSM through `listener` (created by the `nsm` command in
     /// the engine's state directory, mode 0600).
     pub fn with_rendezvous(mut self, listener: UnixListener) -> io::Result<Self> {
+        self.set_rendezvous(listener)?;
+        Ok(self)
+    }
+
+    /// Listens for a restarted engine on `listener`.
+    pub(crate) fn set_rendezvous(&mut self, listener: UnixListener) -> io::Result<()> {
         listener.set_nonblocking(true)?;
         epoll_ctl(
             self.epfd.as_raw_fd(),
@@ -30,7 +36,7 @@ impl<S: Stack> Service<S> {
             TOK_RENDEZVOUS,
         )?;
         self.rendezvous = Some(listener);
-        Ok(self)
+        Ok(())
     }
 
     /// An engine connects on the rendezvous socket. Only one engine gives orders at a time, and

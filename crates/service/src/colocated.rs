@@ -18,6 +18,7 @@ use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 
 mod path;
+pub(crate) mod state;
 pub(crate) use path::colocated_op;
 
 /// Bytes one direction of a pipe holds before the sender must wait.

@@ -31,6 +31,25 @@ pub enum NsmRequest {
     Detach { attachment: u64 },
     /// New TCP connections use congestion control `congestion` from now on (`ctl reload`).
     Congestion { congestion: String },
+    /// `ctl upgrade`, to the old NSM: stop serving and hand everything to the NSM at the other
+    /// end of the fd (a unix stream socket), then exit once closing sockets are flushed. Reply:
+    /// [`Handed`]. On failure the NSM serves on as before.
+    Handover,
+    /// `ctl upgrade`, to the new NSM (serving nothing yet): take over what the NSM at the other
+    /// end of the fd hands over and serve it. Reply: CLOCK_MONOTONIC (ns) when it began serving.
+    Takeover,
+}
+
+/// What an NSM handed over (`NsmRequest::Handover`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Handed {
+    pub old_pid: u32,
+    /// CLOCK_MONOTONIC (ns) when the old NSM stopped serving and when the new one began: the
+    /// blackout lies between.
+    pub stopped_ns: u64,
+    pub serving_ns: u64,
+    pub attachments: usize,
+    pub sockets: usize,
 }
 
 /// What an NSM serves, as an adopting engine needs it to rebuild its attachment table.

@@ -128,6 +128,25 @@ impl Holders {
         self.by_id.values().any(|h| h.pidfd.is_some())
     }
 
+    /// Every holder: its id, its pidfd if a process is tied to it, the slots it holds (to hand
+    /// the table to another NSM process).
+    pub fn export(&self) -> impl Iterator<Item = (u32, Option<&OwnedFd>, Vec<u32>)> {
+        self.by_id.iter().map(|(&id, h)| (id, h.pidfd.as_ref(), h.slots.iter().copied().collect()))
+    }
+
+    /// The table [`export`](Self::export) wrote down.
+    pub fn import(holders: impl IntoIterator<Item = (u32, Option<OwnedFd>, Vec<u32>)>) -> Holders {
+        let mut t = Holders::default();
+        for (id, pidfd, slots) in holders {
+            t.pending += pidfd.is_none() as usize;
+            for &s in &slots {
+                *t.refs.entry(s).or_default() += 1;
+            }
+            t.by_id.insert(id, Holder { pidfd, slots: slots.into_iter().collect() });
+        }
+        t
+    }
+
     /// The pidfds of the processes tied to the attachment, with their holder ids.
     pub fn pidfds(&self) -> impl Iterator<Item = (u32, &OwnedFd)> {
         self.by_id.iter().filter_map(|(&id, h)| h.pidfd.as_ref().map(|p| (id, p)))
@@ -188,6 +207,21 @@ mod tests {
         assert_eq!(h.remove(ids[9_999]).1, vec![0], "the last holder out closes the socket");
         assert_eq!(h.by_id.len(), 1, "only the attaching process is left");
         assert!(h.refs.is_empty());
+    }
+
+    #[test]
+    fn an_exported_table_imports_the_same() {
+        let mut h = Holders::new(fd());
+        h.created(0, 1);
+        h.share(0, 3, None).expect("share");
+        h.created(0, 2);
+        let copy = Holders::import(h.export().map(|(id, p, s)| (id, p.map(|p| p.try_clone().unwrap()), s)));
+        assert_eq!(copy.pending, 1, "holder 3 has no process yet");
+        assert_eq!(copy.refs, h.refs);
+        let mut copy = copy;
+        assert!(!copy.closed(0, 1), "holder 3 holds slot 1 too");
+        assert!(copy.closed(3, 1));
+        assert!(copy.closed(0, 2));
     }
 
     #[test]

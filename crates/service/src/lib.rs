@@ -19,6 +19,7 @@ pub mod dns;
 mod exec;
 #[cfg(test)]
 mod fake;
+mod handover;
 mod holders;
 mod lookup;
 mod policy;
@@ -81,6 +82,9 @@ pub struct Service<S: Stack> {
     load: (Instant, Duration, f64),
     /// A congestion control set since the start (`ctl reload`), for executors started later.
     congestion: Arc<std::sync::Mutex<Option<String>>>,
+    /// Its work went to a new NSM process (`ctl upgrade`): it serves nobody and watches no
+    /// region, so it needs no reaper and exits once its closing sockets are flushed.
+    retired: bool,
 }
 
 /// The load meter's window.
@@ -134,6 +138,7 @@ impl<S: Stack> Service<S> {
             executor: false,
             load: (Instant::now(), account::thread_cpu(), 0.0),
             congestion: Arc::default(),
+            retired: false,
         })
     }
 
@@ -283,8 +288,9 @@ impl<S: Stack> Service<S> {
                         // engine may adopt this NSM; without one it ends with its last guest.
                         let _ = epoll_ctl(self.epfd.as_raw_fd(), libc::EPOLL_CTL_DEL, self.control.as_raw_fd(), 0, 0);
                         self.orphaned = true;
-                        // An executor's regions are in the first executor's reaper's care.
-                        if self.executor {
+                        // An executor's regions are in the first executor's reaper's care; a
+                        // retired NSM's are in its successor's.
+                        if self.executor || self.retired {
                             continue;
                         }
                         if let Err(e) = self.spawn_reaper() {
@@ -319,6 +325,9 @@ impl<S: Stack> Service<S> {
                     && self.core.lingering.iter().all(|l| l.is_none())
                     && !self.pool.as_ref().is_some_and(|p| p.serving())
             {
+                if self.retired {
+                    resolve::wait_for_lookups(Duration::from_secs(10));
+                }
                 return Ok(());
             }
             if worked {
@@ -509,6 +518,20 @@ impl<S: Stack> Service<S> {
             Ok(NsmRequest::Congestion { congestion }) => match self.set_congestion(&congestion) {
                 Ok(()) => control::Reply::ok(()),
                 Err(e) => control::Reply::err(e),
+            },
+            Ok(NsmRequest::Handover) => match fds.into_iter().next() {
+                Some(to) => match self.handover(to) {
+                    Ok(done) => control::Reply::ok(done),
+                    Err(e) => control::Reply::err(e),
+                },
+                None => control::Reply::err("handover needs the new NSM's socket"),
+            },
+            Ok(NsmRequest::Takeover) => match fds.into_iter().next() {
+                Some(from) => match self.takeover(from) {
+                    Ok(at) => control::Reply::ok(at),
+                    Err(e) => control::Reply::err(e),
+                },
+                None => control::Reply::err("takeover needs the old NSM's socket"),
             },
             Ok(NsmRequest::Detach { attachment }) => match self.core.detach(attachment) {
                 true => control::Reply::ok(()),

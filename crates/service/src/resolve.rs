@@ -8,7 +8,7 @@ use netkernel_ring::region::Region;
 use netkernel_ring::sys;
 use std::collections::HashMap;
 use std::ffi::CString;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// ai_flags a guest may pass on; others (AI_PASSIVE, AI_CANONNAME, ...) are the guest's business.
@@ -143,6 +143,7 @@ pub(crate) fn spawn(
     buf_len: u32,
     q: Query,
 ) {
+    IN_FLIGHT.fetch_add(1, Ordering::AcqRel);
     std::thread::spawn(move || {
         let result = if q.flags as u32 & RESOLVE_REVERSE != 0 {
             reverse(&hosts, &q).map(Resolved::Name)
@@ -150,7 +151,20 @@ pub(crate) fn spawn(
             resolve(&hosts, &q).map(Resolved::Entries)
         };
         complete(&region, idx, buf_off, buf_len, result);
+        IN_FLIGHT.fetch_sub(1, Ordering::AcqRel);
     });
+}
+
+/// Lookups whose threads have not answered yet.
+static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+
+/// Waits (at most `limit`) until every lookup started has been answered: a process that handed
+/// its guests over must not leave one unanswered.
+pub(crate) fn wait_for_lookups(limit: std::time::Duration) {
+    let until = std::time::Instant::now() + limit;
+    while IN_FLIGHT.load(Ordering::Acquire) > 0 && std::time::Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }
 
 /// What a lookup found: getaddrinfo's entries, or getnameinfo's name.

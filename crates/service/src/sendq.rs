@@ -24,6 +24,16 @@ impl SendQueue {
         self.buf.len() - self.off
     }
 
+    /// The bytes still to send (to hand the queue to another NSM process).
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf[self.off..]
+    }
+
+    /// A queue holding `bytes`, as another process left it.
+    pub fn restore(bytes: &[u8], deferred: Option<Errno>, shutdown_after: Option<i32>) -> SendQueue {
+        SendQueue { buf: bytes.to_vec(), off: 0, deferred, shutdown_after }
+    }
+
     pub fn push(&mut self, data: &[u8]) {
         if self.off == self.buf.len() {
             self.buf.clear();

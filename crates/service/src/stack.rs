@@ -121,6 +121,18 @@ pub trait Stack {
     /// TCP state, RTT, cwnd, retransmits and delivery rate of a stream socket (None: not TCP).
     fn tcp_stats(&mut self, s: &Self::Handle) -> Option<TcpStats>;
 
+    /// The fd that carries socket `s` to another NSM process (`ctl upgrade`); None: the stack's
+    /// sockets live in this process and cannot move.
+    fn export(&self, s: &Self::Handle) -> Option<std::os::fd::RawFd> {
+        let _ = s;
+        None
+    }
+    /// A socket another NSM process exported (its fd, received by SCM_RIGHTS).
+    fn import(&mut self, fd: std::os::fd::OwnedFd) -> Result<Self::Handle, Errno> {
+        drop(fd);
+        Err(libc::EOPNOTSUPP)
+    }
+
     /// Reports readiness changes of `s` under `key` from now on (a second call changes the key).
     fn watch(&mut self, s: &Self::Handle, key: u64) -> Result<(), Errno>;
     /// Stops reporting `s` (a co-located connection's stack socket only holds its port).

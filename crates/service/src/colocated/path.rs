@@ -37,6 +37,21 @@ impl<S: Stack> Core<S> {
         self.listeners.entry(addr).or_default().push(ListenerRef { ai, slot, serial: s.serial });
     }
 
+    /// Makes attachment `ai`'s listening sockets findable again (after a handover brought them
+    /// with their backlogs).
+    pub(crate) fn find_listeners(&mut self, ai: usize) {
+        let Some(a) = self.atts.get(ai).and_then(|a| a.as_ref()) else { return };
+        for (slot, s) in a.socks.iter().enumerate() {
+            let Some(s) = s.as_ref().filter(|s| s.backlog.is_some()) else { continue };
+            let mut local = [0u8; ADDR_MAX];
+            let addr = s.handle().ok().and_then(|h| self.stack.getsockname(h, &mut local).ok());
+            if let Some(addr) = addr.and_then(|n| policy::decode(&local[..n])) {
+                let l = ListenerRef { ai, slot: slot as u32, serial: s.serial };
+                self.listeners.entry(addr).or_default().push(l);
+            }
+        }
+    }
+
     /// The listener a connect to `target` reaches inside this NSM, if one may take a
     /// co-located connection now.
     pub(crate) fn find_listener(&mut self, target: SocketAddr) -> Option<ListenerRef> {

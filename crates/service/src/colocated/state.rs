@@ -1,0 +1,167 @@
+//! A co-located connection written down and rebuilt in another process (`ctl upgrade`): the
+//! pipe's bytes and TCP-visible state, and which guest slot each end's readiness goes to.
+//! Writing one down changes nothing; the old process then forgets its ends without closing them
+//! ([`End::forget`]), so no FIN or reset reaches a peer that lives on in the new process.
+
+use super::{End, Owner, Pipe, Side, Stamp, Urgent};
+use crate::handover::{Blob, Bytes};
+use serde::{Deserialize, Serialize};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+#[derive(Serialize, Deserialize)]
+pub(crate) struct SideState {
+    rx: Bytes,
+    head: u64,
+    /// (stream position, byte, read with MSG_OOB)
+    urg: Option<(u64, u8, bool)>,
+    inline: bool,
+    sndbuf: Option<usize>,
+    rcvbuf: Option<usize>,
+    stamp: u8,
+    /// (attachment id, slot) its readiness goes to.
+    owner: Option<(u64, u32)>,
+    accepted: bool,
+    closed: bool,
+    fin: bool,
+    rd_shut: bool,
+    wr_shut: bool,
+    reset: bool,
+    err: Option<i32>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub(crate) struct PipeState {
+    sides: [SideState; 2],
+    default_rcvbuf: usize,
+}
+
+#[derive(Serialize, Deserialize)]
+pub(crate) struct EndState {
+    /// Index into the snapshot's pipes.
+    pipe: usize,
+    side: usize,
+    local: Vec<u8>,
+    peer: Vec<u8>,
+    opts: Vec<(i32, i32, Vec<u8>)>,
+    connecting: bool,
+}
+
+/// Writes down pipes as their ends are met; each pipe once, however many ends name it.
+#[derive(Default)]
+pub(crate) struct PipeWriter {
+    index: HashMap<*const RefCell<Pipe>, usize>,
+    pub pipes: Vec<PipeState>,
+}
+
+impl PipeWriter {
+    pub fn end(&mut self, e: &End, blob: &mut Blob) -> EndState {
+        let key = Rc::as_ptr(&e.pipe);
+        let pipe = match self.index.get(&key) {
+            Some(&i) => i,
+            None => {
+                let p = e.pipe.borrow();
+                let side = |s: &Side, blob: &mut Blob| SideState {
+                    rx: blob.put_deque(&s.rx),
+                    head: s.head,
+                    urg: s.urg.map(|u| (u.seq, u.byte, u.read)),
+                    inline: s.inline,
+                    sndbuf: s.sndbuf,
+                    rcvbuf: s.rcvbuf,
+                    stamp: s.stamp as u8,
+                    owner: s.owner.as_ref().map(|o| (o.region.header().attachment_id, o.slot)),
+                    accepted: s.accepted,
+                    closed: s.closed,
+                    fin: s.fin,
+                    rd_shut: s.rd_shut,
+                    wr_shut: s.wr_shut,
+                    reset: s.reset,
+                    err: s.err,
+                };
+                let state = PipeState {
+                    sides: [side(&p.sides[0], blob), side(&p.sides[1], blob)],
+                    default_rcvbuf: p.default_rcvbuf,
+                };
+                self.pipes.push(state);
+                self.index.insert(key, self.pipes.len() - 1);
+                self.pipes.len() - 1
+            }
+        };
+        EndState {
+            pipe,
+            side: e.side,
+            local: e.local.clone(),
+            peer: e.peer.clone(),
+            opts: e.opts.clone(),
+            connecting: e.connecting,
+        }
+    }
+}
+
+/// Rebuilds the pipes of a snapshot; `owner` finds a slot's region and doorbell flag by
+/// attachment id.
+pub(crate) struct PipeReader {
+    pipes: Vec<Rc<RefCell<Pipe>>>,
+}
+
+impl PipeReader {
+    pub fn new(
+        states: Vec<PipeState>,
+        blob: &Blob,
+        owner: impl Fn(u64, u32) -> Option<Owner>,
+    ) -> Result<PipeReader, String> {
+        let mut pipes = Vec::with_capacity(states.len());
+        for p in states {
+            let mut sides: [Side; 2] = Default::default();
+            for (s, st) in sides.iter_mut().zip(p.sides) {
+                *s = Side {
+                    rx: blob.get(st.rx)?.iter().copied().collect(),
+                    head: st.head,
+                    urg: st.urg.map(|(seq, byte, read)| Urgent { seq, byte, read }),
+                    inline: st.inline,
+                    sndbuf: st.sndbuf,
+                    rcvbuf: st.rcvbuf,
+                    stamp: match st.stamp {
+                        1 => Stamp::Micro,
+                        2 => Stamp::Nano,
+                        _ => Stamp::None,
+                    },
+                    owner: match st.owner {
+                        Some((att, slot)) => Some(owner(att, slot).ok_or("a pipe end's slot has no attachment")?),
+                        None => None,
+                    },
+                    accepted: st.accepted,
+                    closed: st.closed,
+                    fin: st.fin,
+                    rd_shut: st.rd_shut,
+                    wr_shut: st.wr_shut,
+                    reset: st.reset,
+                    err: st.err,
+                };
+            }
+            pipes.push(Rc::new(RefCell::new(Pipe { sides, default_rcvbuf: p.default_rcvbuf })));
+        }
+        Ok(PipeReader { pipes })
+    }
+
+    pub fn end(&self, st: EndState) -> Result<End, String> {
+        let pipe = self.pipes.get(st.pipe).ok_or("an end names a pipe the snapshot lacks")?.clone();
+        if st.side > 1 {
+            return Err("a pipe has two ends".into());
+        }
+        Ok(End { pipe, side: st.side, local: st.local, peer: st.peer, opts: st.opts, connecting: st.connecting })
+    }
+}
+
+impl End {
+    /// Lets go of this end in a process that handed it to another: its pipe lives on there, so
+    /// nothing may reach the peer (no FIN, no reset) and the slot it publishes to is not ours.
+    pub(crate) fn forget(self) {
+        for s in self.pipe.borrow_mut().sides.iter_mut() {
+            s.owner = None;
+            s.rx = Default::default();
+        }
+        std::mem::forget(self);
+    }
+}

@@ -1,0 +1,494 @@
+//! Handing an NSM's whole work to a new NSM process (`ctl upgrade`), while its guests run.
+//!
+//! The old process stops serving between two rounds (so no request is half done), writes down
+//! everything ServiceLib keeps outside the regions — attachments, their holders, sockets with
+//! their byte counters, queued asynchronous sends and urgent marks, co-located pipes with their
+//! bytes, pending readiness refreshes, telemetry counters — and sends it over a unix socket to
+//! the new process with every fd it holds (regions' memfds, doorbells, holders' pidfds, the stack's
+//! sockets, the rendezvous listener) by SCM_RIGHTS. The regions themselves, with the job queues,
+//! nqes and buffers in flight, are shared memory: they simply have a new reader. The new process
+//! rebuilds the state, publishes its pid in each region, watches the sockets on its own stack
+//! (each readable or writable socket then reports an edge, which the guest takes as a spurious
+//! wakeup) and answers; only then does the old process let go (without closing anything a guest
+//! can see) and exit once its closing sockets are flushed and its name lookups answered. Until
+//! the answer the old process changes nothing, so a new process that fails leaves the old one
+//! serving as before.
+
+use crate::colocated::state::{EndState, PipeReader, PipeState, PipeWriter};
+use crate::colocated::Backlog;
+use crate::control::{self, Handed, NsmStats};
+use crate::core::{tok, TOK_BELL, TOK_PIDFD, TOK_SOCK};
+use crate::sendq::SendQueue;
+use crate::sock::{Attachment, Sock, SERIAL};
+use crate::{epoll_ctl, holders, regions, Service, Stack};
+use netkernel_ring::region::Region;
+use netkernel_ring::sys;
+use serde::{Deserialize, Serialize};
+use std::cell::Cell;
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Fds per frame (what `sys::send_frame` passes at once).
+const FDS_PER_FRAME: usize = 8;
+/// Bulk bytes per frame, well under `sys::MAX_FRAME`.
+const BLOB_FRAME: usize = 16 << 20;
+/// The longest either side waits for the other.
+const PATIENCE: Duration = Duration::from_secs(10);
+
+/// A range of the snapshot's bulk bytes: (offset, length).
+pub(crate) type Bytes = (u64, u64);
+
+/// The bulk bytes of a snapshot (queued sends, pipes' contents), sent after it.
+#[derive(Default)]
+pub(crate) struct Blob(Vec<u8>);
+
+impl Blob {
+    pub fn put(&mut self, b: &[u8]) -> Bytes {
+        let at = self.0.len() as u64;
+        self.0.extend_from_slice(b);
+        (at, b.len() as u64)
+    }
+
+    pub fn put_deque(&mut self, d: &VecDeque<u8>) -> Bytes {
+        let (a, b) = d.as_slices();
+        let at = self.0.len() as u64;
+        self.0.extend_from_slice(a);
+        self.0.extend_from_slice(b);
+        (at, (a.len() + b.len()) as u64)
+    }
+
+    pub fn get(&self, (at, len): Bytes) -> Result<&[u8], String> {
+        let end =
+            at.checked_add(len).filter(|&e| e <= self.0.len() as u64).ok_or("a range past the snapshot's bytes")?;
+        Ok(&self.0[at as usize..end as usize])
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Snapshot {
+    /// CLOCK_MONOTONIC (ns) when the old process stopped serving.
+    stopped_ns: u64,
+    /// Index of the rendezvous listener among the fds.
+    rendezvous: Option<usize>,
+    attachments: Vec<AttState>,
+    pipes: Vec<PipeState>,
+    /// Readiness refreshes (attachment id, nqe) to complete once readiness is published.
+    refreshes: Vec<(u64, u32)>,
+    stats: NsmStats,
+    next_serial: u64,
+    fds: usize,
+    blob: usize,
+}
+
+#[derive(Serialize, Deserialize)]
+struct AttState {
+    id: u64,
+    tenant: String,
+    pid: i32,
+    uid: u32,
+    policy: control::TenantPolicy,
+    head: u32,
+    /// Indices into the fds.
+    memfd: usize,
+    nsm_bell: usize,
+    guest_bell: usize,
+    /// (holder id, its pidfd's index, the slots it holds)
+    holders: Vec<(u32, Option<usize>, Vec<u32>)>,
+    socks: Vec<Option<SockState>>,
+    free: Vec<u32>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SockState {
+    fd: Option<usize>,
+    stream: bool,
+    bytes_in: u64,
+    bytes_out: u64,
+    counted: bool,
+    serial: u64,
+    urgent: bool,
+    cpu_ns: u64,
+    sendq: Bytes,
+    deferred: Option<i32>,
+    shutdown_after: Option<i32>,
+    pipe: Option<EndState>,
+    /// A listener's co-located backlog: (limit, IPv6, ends waiting for accept).
+    backlog: Option<(usize, bool, Vec<EndState>)>,
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: one clock for both processes.
+pub(crate) fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: ts is a live timespec; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn patient(sock: &OwnedFd) -> io::Result<()> {
+    let s = std::os::unix::net::UnixStream::from(sock.try_clone()?);
+    s.set_read_timeout(Some(PATIENCE))?;
+    s.set_write_timeout(Some(PATIENCE))
+}
+
+fn io_err(e: io::Error) -> String {
+    format!("the handover socket: {e}")
+}
+
+impl<S: Stack> Service<S> {
+    /// Hands everything this NSM serves to the NSM process at the other end of `to` (which
+    /// runs [`takeover`](Self::takeover)). On success this process serves nothing any more and
+    /// exits once its engine lets go; on failure it serves on as before.
+    pub(crate) fn handover(&mut self, to: OwnedFd) -> Result<Handed, String> {
+        if self.pool.as_ref().is_some_and(|p| p.executors() > 1) {
+            return Err("the NSM runs more than one executor now; an upgrade hands over one executor's work \
+                        (retry once its load has fallen, or set executors = 1)"
+                .into());
+        }
+        patient(&to).map_err(io_err)?;
+        let stopped_ns = monotonic_ns();
+        let (snap, fds, blob) = self.write_down(stopped_ns)?;
+        let sockets = snap.attachments.iter().map(|a| a.socks.iter().flatten().count()).sum();
+        let attachments = snap.attachments.len();
+        let sent = send(to.as_raw_fd(), &snap, &fds, &blob.0);
+        let answer = sent.and_then(|()| sys::recv_frame(to.as_raw_fd())).map_err(io_err).and_then(|f| {
+            let (payload, _) = f.ok_or("the new NSM closed the handover socket")?;
+            control::Reply::decode::<u64>(&payload).map_err(|e| format!("the new NSM: {e}"))
+        });
+        let serving_ns = match answer {
+            Ok(t) => t,
+            Err(e) => {
+                // The new process may have published its pid already: guests watch ours again.
+                for a in self.core.atts.iter().flatten() {
+                    a.region.header().nsm_pid.store(std::process::id(), Ordering::Release);
+                }
+                return Err(e);
+            }
+        };
+        self.let_go();
+        Ok(Handed { old_pid: std::process::id(), stopped_ns, serving_ns, attachments, sockets })
+    }
+
+    /// Everything to hand over, without changing anything: the snapshot, the fds it indexes and
+    /// its bulk bytes.
+    fn write_down(&mut self, stopped_ns: u64) -> Result<(Snapshot, Vec<RawFd>, Blob), String> {
+        let mut fds: Vec<RawFd> = Vec::new();
+        let mut fd = |f: RawFd| {
+            fds.push(f);
+            fds.len() - 1
+        };
+        let mut blob = Blob::default();
+        let mut pipes = PipeWriter::default();
+        let rendezvous = self.rendezvous.as_ref().map(|l| fd(l.as_raw_fd()));
+        let mut attachments = Vec::new();
+        for a in self.core.atts.iter().flatten() {
+            let mut socks = Vec::with_capacity(a.socks.len());
+            for s in &a.socks {
+                let Some(s) = s else {
+                    socks.push(None);
+                    continue;
+                };
+                let sock_fd = match &s.handle {
+                    Some(h) => Some(fd(self.core.stack.export(h).ok_or_else(|| {
+                        format!(
+                            "the {} stack's sockets live in its process and cannot be handed to another",
+                            self.core.stack.kind()
+                        )
+                    })?)),
+                    None => None,
+                };
+                socks.push(Some(SockState {
+                    fd: sock_fd,
+                    stream: s.stream,
+                    bytes_in: s.bytes_in,
+                    bytes_out: s.bytes_out,
+                    counted: s.counted,
+                    serial: s.serial,
+                    urgent: s.urgent.get(),
+                    cpu_ns: s.cpu.as_nanos() as u64,
+                    sendq: blob.put(s.sendq.bytes()),
+                    deferred: s.sendq.deferred,
+                    shutdown_after: s.sendq.shutdown_after,
+                    pipe: s.pipe.as_ref().map(|e| pipes.end(e, &mut blob)),
+                    backlog: s
+                        .backlog
+                        .as_ref()
+                        .map(|b| (b.limit, b.v6, b.queue.iter().map(|e| pipes.end(e, &mut blob)).collect())),
+                }));
+            }
+            attachments.push(AttState {
+                id: a.id,
+                tenant: a.tenant.clone(),
+                pid: a.pid,
+                uid: a.uid,
+                policy: a.policy.clone(),
+                head: a.head,
+                memfd: fd(a.memfd.as_raw_fd()),
+                nsm_bell: fd(a.nsm_bell.as_raw_fd()),
+                guest_bell: fd(a.guest_bell.as_raw_fd()),
+                holders: a.holders.export().map(|(id, p, slots)| (id, p.map(|p| fd(p.as_raw_fd())), slots)).collect(),
+                socks,
+                free: a.free.clone(),
+            });
+        }
+        let id_of = |ai: usize| self.core.atts.get(ai).and_then(|a| a.as_ref()).map(|a| a.id);
+        let refreshes = self
+            .core
+            .refreshes
+            .iter()
+            .chain(&self.core.polled_refreshes)
+            .filter(|&&(ai, id, _)| id_of(ai) == Some(id))
+            .map(|&(_, id, idx)| (id, idx))
+            .collect();
+        let mut stats = self.core.stats.clone();
+        stats.conns.clear();
+        let snap = Snapshot {
+            stopped_ns,
+            rendezvous,
+            attachments,
+            pipes: pipes.pipes,
+            refreshes,
+            stats,
+            next_serial: SERIAL.load(Ordering::Relaxed),
+            fds: fds.len(),
+            blob: blob.0.len(),
+        };
+        Ok((snap, fds, blob))
+    }
+
+    /// After a handover: drops every attachment without a trace a guest could see (no FIN, no
+    /// reset, no readiness, no region marked dead) and stops listening for engines.
+    fn let_go(&mut self) {
+        self.drop_quietly();
+        if let Some(l) = self.rendezvous.take() {
+            let _ = epoll_ctl(self.epfd.as_raw_fd(), libc::EPOLL_CTL_DEL, l.as_raw_fd(), 0, 0);
+        }
+        self.retired = true;
+        eprintln!("netkernel nsm {}: handed over; exiting once closing sockets are flushed", self.core.name);
+    }
+
+    /// Drops every attachment without a trace a guest could see: no FIN, no reset, no
+    /// readiness, no region marked dead (another process serves them).
+    fn drop_quietly(&mut self) {
+        for a in std::mem::take(&mut self.core.atts).into_iter().flatten() {
+            self.forget(&a);
+            let Attachment { socks, .. } = a;
+            for s in socks.into_iter().flatten() {
+                let Sock { handle, pipe, backlog, .. } = s;
+                if let Some(h) = handle {
+                    self.core.stack.unwatch(&h);
+                }
+                if let Some(e) = pipe {
+                    e.forget();
+                }
+                for e in backlog.into_iter().flat_map(|b| b.queue) {
+                    e.forget();
+                }
+            }
+        }
+        self.core.listeners.clear();
+        self.core.refreshes.clear();
+        self.core.polled_refreshes.clear();
+        self.core.ready.clear();
+        self.core.throttled.clear();
+        self.core.parked.clear();
+        self.core.sched = self.core.sched.name().parse::<crate::sched::Kind>().unwrap_or_default().build();
+    }
+
+    /// Takes over what the NSM at the other end of `from` hands over (it runs
+    /// [`handover`](Self::handover)); from the answer on, this process serves its guests.
+    pub(crate) fn takeover(&mut self, from: OwnedFd) -> Result<u64, String> {
+        patient(&from).map_err(io_err)?;
+        let rebuilt = recv(from.as_raw_fd()).and_then(|(snap, fds, blob)| self.rebuild(snap, fds, blob));
+        let answer = match &rebuilt {
+            Ok(()) => control::Reply::ok(monotonic_ns()),
+            Err(e) => control::Reply::err(e.clone()),
+        };
+        sys::send_frame(from.as_raw_fd(), &answer.encode(), &[]).map_err(io_err)?;
+        rebuilt.map(|()| monotonic_ns())
+    }
+
+    fn rebuild(&mut self, snap: Snapshot, fds: Vec<Option<OwnedFd>>, blob: Blob) -> Result<(), String> {
+        if self.core.atts.iter().any(|a| a.is_some()) {
+            return Err("the new NSM serves attachments already".into());
+        }
+        let r = self.rebuild_all(snap, fds, &blob);
+        if r.is_err() {
+            self.drop_quietly();
+        }
+        r
+    }
+
+    fn rebuild_all(&mut self, snap: Snapshot, mut fds: Vec<Option<OwnedFd>>, blob: &Blob) -> Result<(), String> {
+        let mut take = |i: usize| fds.get_mut(i).and_then(|f| f.take()).ok_or("an fd index past the fds sent");
+        let rendezvous = match snap.rendezvous {
+            Some(i) => Some(std::os::unix::net::UnixListener::from(take(i)?)),
+            None => None,
+        };
+        let ep = self.epfd.as_raw_fd();
+        let mut socks = Vec::new();
+        for st in snap.attachments {
+            let ai = self.core.atts.len();
+            let memfd = take(st.memfd)?;
+            let region = Arc::new(Region::map(memfd.as_raw_fd()).map_err(|e| format!("attachment {}: {e}", st.id))?);
+            let (nsm_bell, guest_bell) = (take(st.nsm_bell)?, take(st.guest_bell)?);
+            let mut holders = Vec::new();
+            for (id, pidfd, slots) in st.holders {
+                holders.push((id, pidfd.map(&mut take).transpose()?, slots));
+            }
+            let holders = holders::Holders::import(holders);
+            let tenant_id = self.core.tenant_policy(&st.tenant, &st.policy);
+            if let Some((bits, burst)) = st.policy.rate {
+                let now = self.core.now;
+                self.core
+                    .buckets
+                    .entry(st.tenant.clone())
+                    .or_insert_with(|| crate::ratelimit::Bucket::new(bits, burst, now));
+            }
+            regions().push((st.id, region.clone(), guest_bell.as_raw_fd()));
+            self.core.atts.push(Some(Attachment {
+                id: st.id,
+                tenant: st.tenant,
+                pid: st.pid,
+                uid: st.uid,
+                policy: st.policy,
+                region,
+                memfd,
+                head: st.head,
+                nsm_bell,
+                guest_bell,
+                holders,
+                socks: Vec::new(),
+                free: st.free,
+                bell: Rc::new(Cell::new(true)),
+                tenant_id,
+                queued: false,
+                ready: Vec::new(),
+                ready_queued: false,
+            }));
+            let a = self.core.atts[ai].as_ref().expect("just pushed");
+            epoll_ctl(ep, libc::EPOLL_CTL_ADD, a.nsm_bell.as_raw_fd(), libc::EPOLLIN as u32, tok(TOK_BELL, ai, 0))
+                .map_err(|e| format!("epoll: {e}"))?;
+            for (id, pidfd) in a.holders.pidfds() {
+                epoll_ctl(ep, libc::EPOLL_CTL_ADD, pidfd.as_raw_fd(), libc::EPOLLIN as u32, tok(TOK_PIDFD, ai, id))
+                    .map_err(|e| format!("epoll: {e}"))?;
+            }
+            let mut handles = Vec::with_capacity(st.socks.len());
+            for s in &st.socks {
+                handles.push(match s.as_ref().and_then(|s| s.fd) {
+                    Some(i) => Some(take(i)?),
+                    None => None,
+                });
+            }
+            socks.push((ai, st.socks, handles));
+        }
+        let atts = &self.core.atts;
+        let pipes = PipeReader::new(snap.pipes, blob, |id, slot| {
+            atts.iter().flatten().find(|a| a.id == id).map(|a| a.owner(slot))
+        })?;
+        for (ai, states, handles) in socks {
+            let mut rebuilt = Vec::with_capacity(states.len());
+            for (slot, (st, fd)) in states.into_iter().zip(handles).enumerate() {
+                let Some(st) = st else {
+                    rebuilt.push(None);
+                    continue;
+                };
+                let handle = match fd {
+                    Some(fd) => Some(
+                        self.core
+                            .stack
+                            .import(fd)
+                            .map_err(|e| format!("the stack refused a socket: {}", io::Error::from_raw_os_error(e)))?,
+                    ),
+                    None => None,
+                };
+                let mut s = Sock::new(handle, st.stream);
+                s.serial = st.serial;
+                s.bytes_in = st.bytes_in;
+                s.bytes_out = st.bytes_out;
+                s.counted = st.counted;
+                s.urgent.set(st.urgent);
+                s.cpu = Duration::from_nanos(st.cpu_ns);
+                s.sendq = SendQueue::restore(blob.get(st.sendq)?, st.deferred, st.shutdown_after);
+                s.pipe = st.pipe.map(|e| pipes.end(e)).transpose()?;
+                if let Some((limit, v6, queue)) = st.backlog {
+                    let queue = queue.into_iter().map(|e| pipes.end(e)).collect::<Result<_, _>>()?;
+                    s.backlog = Some(Backlog { limit, v6, queue });
+                }
+                if let (Some(h), None) = (&s.handle, &s.pipe) {
+                    self.core
+                        .stack
+                        .watch(h, tok(TOK_SOCK, ai, slot as u32))
+                        .map_err(|e| format!("watching a socket: {}", io::Error::from_raw_os_error(e)))?;
+                }
+                rebuilt.push(Some(s));
+            }
+            self.core.atts[ai].as_mut().expect("pushed above").socks = rebuilt;
+        }
+        for ai in 0..self.core.atts.len() {
+            self.core.find_listeners(ai);
+        }
+        for (id, idx) in snap.refreshes {
+            if let Some(ai) = self.core.atts.iter().position(|a| a.as_ref().is_some_and(|a| a.id == id)) {
+                self.core.refreshes.push((ai, id, idx));
+            }
+        }
+        SERIAL.fetch_max(snap.next_serial, Ordering::Relaxed);
+        let s = &mut self.core.stats;
+        let old = snap.stats;
+        (s.bytes_in, s.bytes_out, s.conns_total, s.conns_colocated) =
+            (old.bytes_in, old.bytes_out, old.conns_total, old.conns_colocated);
+        (s.violations, s.tenants) = (old.violations, old.tenants);
+        for t in s.tenants.values_mut() {
+            // CPU is this process's to count.
+            t.nsm_cpu_seconds = 0.0;
+        }
+        if let Some(l) = rendezvous {
+            self.set_rendezvous(l).map_err(|e| format!("the rendezvous socket: {e}"))?;
+        }
+        // Guests watch this process from now on.
+        for a in self.core.atts.iter().flatten() {
+            a.region.header().nsm_pid.store(std::process::id(), Ordering::Release);
+        }
+        Ok(())
+    }
+}
+
+fn send(sock: RawFd, snap: &Snapshot, fds: &[RawFd], blob: &[u8]) -> io::Result<()> {
+    sys::send_frame(sock, &serde_json::to_vec(snap).map_err(io::Error::other)?, &[])?;
+    for chunk in fds.chunks(FDS_PER_FRAME) {
+        sys::send_frame(sock, b"fds", chunk)?;
+    }
+    for chunk in blob.chunks(BLOB_FRAME) {
+        sys::send_frame(sock, chunk, &[])?;
+    }
+    Ok(())
+}
+
+fn recv(sock: RawFd) -> Result<(Snapshot, Vec<Option<OwnedFd>>, Blob), String> {
+    let frame = || -> Result<(Vec<u8>, Vec<OwnedFd>), String> {
+        let (payload, fds) = sys::recv_frame(sock).map_err(io_err)?.ok_or("the old NSM closed the handover socket")?;
+        // SAFETY: the fds were just received and are owned by nobody else.
+        Ok((payload, fds.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }).collect()))
+    };
+    let (head, _) = frame()?;
+    let snap: Snapshot = serde_json::from_slice(&head).map_err(|e| format!("the old NSM's snapshot: {e}"))?;
+    let mut fds = Vec::with_capacity(snap.fds);
+    while fds.len() < snap.fds {
+        let (_, got) = frame()?;
+        if got.is_empty() {
+            return Err("a frame of the snapshot's fds came without fds".into());
+        }
+        fds.extend(got.into_iter().map(Some));
+    }
+    let mut blob = Blob(Vec::with_capacity(snap.blob));
+    while blob.0.len() < snap.blob {
+        let (bytes, _) = frame()?;
+        blob.0.extend_from_slice(&bytes);
+    }
+    Ok((snap, fds, blob))
+}
