@@ -1,0 +1,265 @@
+//! `netkernel ctl upgrade`: an NSM's process replaced by a new one under running guests, which
+//! see no error, lose no byte and only pause (service/src/handover.rs).
+
+mod common;
+use common::*;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// `netkernel ctl upgrade NSM [--binary PATH] --json`: Ok(report) or Err(message).
+fn upgrade(engine: &TestEngine, nsm: &str, binary: Option<&std::path::Path>) -> Result<serde_json::Value, String> {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_netkernel"));
+    c.args(["ctl", "--json", "--socket"]).arg(&engine.socket).args(["upgrade", nsm]);
+    if let Some(b) = binary {
+        c.arg("--binary").arg(b);
+    }
+    let out = c.output().unwrap();
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(serde_json::from_slice(&out.stdout).unwrap())
+}
+
+/// Sends 1 GiB paced over about 20 s to the port on stdin's first line and prints the sha256 of
+/// what it sent.
+const SENDER: &str = r#"
+import hashlib, random, socket, sys, time
+port = int(sys.stdin.readline())
+block = random.Random(7).randbytes(1 << 20)
+h = hashlib.sha256()
+s = socket.create_connection(('127.0.0.1', port))
+start = time.monotonic()
+for i in range(1024):
+    chunk = block[i % 997:] + block[:i % 997]
+    s.sendall(chunk)
+    h.update(chunk)
+    ahead = (i + 1) / 52.0 - (time.monotonic() - start)
+    if ahead > 0:
+        time.sleep(ahead)
+s.close()
+print(h.hexdigest(), flush=True)
+"#;
+
+/// Accepts one connection, prints its port first ("ready PORT"), then the byte count and sha256
+/// of everything received.
+const RECEIVER: &str = r#"
+import hashlib, socket
+l = socket.create_server(('127.0.0.1', 0))
+print('ready', l.getsockname()[1], flush=True)
+c, _ = l.accept()
+h, n = hashlib.sha256(), 0
+while True:
+    b = c.recv(1 << 20)
+    if not b:
+        break
+    h.update(b)
+    n += len(b)
+print(n, h.hexdigest(), flush=True)
+"#;
+
+fn wait_for_port(port: u16) {
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(start.elapsed() < Duration::from_secs(10), "nothing listens on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The acceptance run of issue 13: ten upgrades two seconds apart while iperf3, redis-benchmark
+/// and a 1 GiB transfer checked by sha256 run between guests of the NSM. Co-location is off, so
+/// every byte crosses kernel sockets that move from process to process.
+#[test]
+fn ten_upgrades_under_iperf3_redis_and_a_checked_transfer() {
+    let (iperf3, redis_server) = (require("iperf3"), require("redis-server"));
+    require("redis-benchmark");
+    require("python3");
+    let engine =
+        TestEngine::with_config("[[nsm]]\nname = \"k\"\ncolocate = false\n\n[[tenant]]\nname = \"t\"\nnsm = \"k\"\n");
+
+    let iperf_port = free_port().to_string();
+    let mut iperf_server = engine
+        .run(iperf3.to_str().unwrap(), &["-s", "-1", "--forceflush", "-p", &iperf_port])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut iperf_out = BufReader::new(iperf_server.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("Server listening") {
+        line.clear();
+        assert!(iperf_out.read_line(&mut line).unwrap() > 0, "iperf3 -s ended: {}", engine.log());
+    }
+    let redis_port = free_port().to_string();
+    let mut redis = engine
+        .run(redis_server.to_str().unwrap(), &["--port", &redis_port, "--save", "", "--appendonly", "no"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_port(redis_port.parse().unwrap());
+
+    let mut receiver = engine.run("python3", &["-c", RECEIVER]).stdout(Stdio::piped()).spawn().unwrap();
+    let mut received = BufReader::new(receiver.stdout.take().unwrap());
+    line.clear();
+    received.read_line(&mut line).unwrap();
+    let port = line.trim().strip_prefix("ready ").expect("receiver ready").to_string();
+    let mut sender =
+        engine.run("python3", &["-c", SENDER]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    writeln!(sender.stdin.take().unwrap(), "{port}").unwrap();
+
+    let iperf_client = engine
+        .run(iperf3.to_str().unwrap(), &["-c", "127.0.0.1", "-p", &iperf_port, "-t", "26", "-i", "1", "-J"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let bench = format!(
+        "end=$(($(date +%s) + 23)); n=0; while [ $(date +%s) -lt $end ]; do \
+         redis-benchmark -p {redis_port} -t set,get -n 20000 -P 16 -q || exit 1; n=$((n+1)); done; echo rounds $n"
+    );
+    let redis_bench = engine.run("sh", &["-c", &bench]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+
+    std::thread::sleep(Duration::from_secs(2));
+    let mut pid = engine.nsm()["pid"].as_u64().unwrap();
+    let mut blackouts = Vec::new();
+    for i in 0..10 {
+        let r = upgrade(&engine, "k", None).unwrap_or_else(|e| panic!("upgrade {i}: {e}\n{}", engine.log()));
+        assert_eq!(r["old_pid"].as_u64(), Some(pid), "{r}");
+        let new = r["new_pid"].as_u64().unwrap();
+        assert_ne!(new, pid, "{r}");
+        assert_eq!(engine.nsm()["pid"].as_u64(), Some(new), "ctl nsms shows the new pid at once");
+        assert!(r["sockets"].as_u64().unwrap() >= 6, "the guests' sockets moved: {r}");
+        blackouts.push(r["blackout_ms"].as_f64().unwrap());
+        pid = new;
+        std::thread::sleep(Duration::from_secs(2));
+    }
+
+    let iperf = iperf_client.wait_with_output().unwrap();
+    assert!(iperf.status.success(), "iperf3 failed: {}", String::from_utf8_lossy(&iperf.stdout));
+    let report: serde_json::Value = serde_json::from_slice(&iperf.stdout).unwrap();
+    let intervals = report["intervals"].as_array().unwrap();
+    assert!(intervals.len() >= 25, "{report}");
+    for iv in intervals {
+        assert!(iv["sum"]["bytes"].as_u64().unwrap() > 0, "an iperf3 interval at zero: {iv}");
+    }
+    let redis_out = redis_bench.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&redis_out.stdout);
+    assert!(redis_out.status.success(), "redis-benchmark failed: {text}{}", String::from_utf8_lossy(&redis_out.stderr));
+    assert!(text.contains("rounds") && text.matches("GET:").count() >= 2, "{text}");
+
+    let sent = sender.wait_with_output().unwrap();
+    assert!(sent.status.success());
+    line.clear();
+    received.read_line(&mut line).unwrap();
+    let got: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(got[0], (1u64 << 30).to_string(), "every byte arrived, once");
+    assert_eq!(got[1], String::from_utf8_lossy(&sent.stdout).trim(), "sha256 of what was sent and received");
+    let _ = receiver.wait();
+    let _ = iperf_server.wait();
+    let _ = redis.kill();
+    let _ = redis.wait();
+
+    blackouts.sort_by(f64::total_cmp);
+    let median = (blackouts[4] + blackouts[5]) / 2.0;
+    eprintln!("blackouts (ms, sorted): {blackouts:?}; median {median:.1}");
+    assert!(median < 50.0 && blackouts[9] < 200.0, "blackouts {blackouts:?}");
+    assert!(!engine.log().contains("died"), "{}", engine.log());
+}
+
+/// A guest that drives co-located connections from its stdin: a listener, a connection with
+/// bytes in flight, one waiting in the listener's backlog.
+const PIPES: &str = r#"
+import socket, sys
+l = socket.create_server(('127.0.0.1', 0))
+port = l.getsockname()[1]
+c = socket.create_connection(('127.0.0.1', port))
+s, _ = l.accept()
+c.sendall(b'before the upgrade')
+waiting = socket.create_connection(('127.0.0.1', port))
+print('ready', flush=True)
+for line in sys.stdin:
+    try:
+        if line.startswith('check'):
+            a = s.recv(100)
+            c.sendall(b'after')
+            b = s.recv(100)
+            w, _ = l.accept()
+            waiting.sendall(b'queued')
+            x = w.recv(100)
+            n = socket.create_connection(('127.0.0.1', port))
+            m, _ = l.accept()
+            n.sendall(b'new')
+            print(a.decode(), b.decode(), x.decode(), m.recv(10).decode(), flush=True)
+        else:
+            c.sendall(b'ping')
+            print(s.recv(10).decode(), flush=True)
+    except OSError as e:
+        print('error', e.errno, flush=True)
+"#;
+
+/// Co-located connections move with their unread bytes, a connection waiting in a listener's
+/// backlog is accepted after the upgrade, the listener takes new co-located connections; the new
+/// process is supervised as the old one was (killed, its guests are reset).
+#[test]
+fn colocated_pipes_and_backlogs_move_and_the_new_process_is_supervised() {
+    require("python3");
+    let engine = TestEngine::start();
+    let mut c = engine.run("python3", &["-c", PIPES]);
+    let mut guest = c.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    let mut stdin = guest.stdin.take().unwrap();
+    let mut out = BufReader::new(guest.stdout.take().unwrap());
+    let mut ready = String::new();
+    out.read_line(&mut ready).unwrap();
+    assert_eq!(ready.trim(), "ready");
+    let mut ask = |what: &str| {
+        writeln!(stdin, "{what}").unwrap();
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        line.trim().to_string()
+    };
+    let before = engine.nsm();
+    let r = upgrade(&engine, "kernel", None).unwrap();
+    assert_eq!(r["attachments"], 1, "{r}");
+    assert_eq!(ask("check"), "before the upgrade after queued new");
+    let after = engine.nsm();
+    assert_eq!(after["pid"], r["new_pid"]);
+    assert!(
+        after["conns_colocated"].as_u64() > before["conns_colocated"].as_u64(),
+        "counters carry over and the new connection was co-located: {before} {after}"
+    );
+    assert_eq!(ask("ping"), "ping");
+
+    // The new process is the NSM now: its death resets the guest, within a second.
+    let start = Instant::now();
+    // SAFETY: integers only; the pid is the NSM the engine reported a moment ago.
+    unsafe { libc::kill(r["new_pid"].as_u64().unwrap() as i32, libc::SIGKILL) };
+    let answer = ask("ping");
+    assert!(answer.starts_with("error"), "{answer}");
+    assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
+    drop(stdin);
+    let _ = guest.wait();
+}
+
+/// A binary that speaks another region ABI is refused, and the old NSM serves on.
+#[test]
+fn a_binary_of_another_abi_is_refused() {
+    require("python3");
+    let engine = TestEngine::start();
+    let dir = tempfile::tempdir().unwrap();
+    let other = dir.path().join("netkernel-next");
+    std::fs::write(&other, "#!/bin/sh\n[ \"$1\" = abi ] && echo 999\n").unwrap();
+    std::fs::set_permissions(&other, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut guest = engine.python_ready(
+        "import socket,sys\nl=socket.create_server(('127.0.0.1',0))\nprint('ready',flush=True)\nsys.stdin.read()",
+    );
+    let pid = engine.nsm()["pid"].clone();
+    let e = upgrade(&engine, "kernel", Some(&other)).unwrap_err();
+    assert!(e.contains("region ABI 999") && e.contains("old NSM serves on"), "{e}");
+    let e = upgrade(&engine, "nope", None).unwrap_err();
+    assert!(e.contains("no NSM named \"nope\""), "{e}");
+    assert_eq!(engine.nsm()["pid"], pid);
+    assert_eq!(engine.nsm()["attachments"], 1);
+    // The same binary is fine, and the upgrade keeps serving the guest.
+    let r = upgrade(&engine, "kernel", Some(std::path::Path::new(env!("CARGO_BIN_EXE_netkernel")))).unwrap();
+    assert_ne!(r["new_pid"], pid);
+    drop(guest.stdin.take());
+    let _ = guest.wait();
+}
