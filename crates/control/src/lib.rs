@@ -65,6 +65,28 @@ pub enum EngineRequest {
         nsm: String,
         binary: Option<String>,
     },
+    /// Serve tenant `tenant` by NSM `to` from now on, its running guests' connections too (`ctl
+    /// move`). Reply: [`MoveReport`].
+    Move {
+        tenant: String,
+        to: String,
+    },
+}
+
+/// What a move did.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct MoveReport {
+    pub tenant: String,
+    pub from: String,
+    pub to: String,
+    /// Attachments (guest processes) and sockets that moved with their connections.
+    pub attachments: usize,
+    pub sockets: usize,
+    /// From the old NSM stopping to the new one serving the moved guests, milliseconds (0 when
+    /// no guest was attached).
+    pub blackout_ms: f64,
+    /// What is in effect against what the configuration file says.
+    pub note: String,
 }
 
 /// What an upgrade did.
@@ -237,6 +259,7 @@ mod tests {
             Just(EngineRequest::Reload),
             ("[a-z]{1,8}", proptest::option::of("/[a-z/]{1,20}"))
                 .prop_map(|(nsm, binary)| EngineRequest::Upgrade { nsm, binary }),
+            (".{0,20}", ".{0,20}").prop_map(|(tenant, to)| EngineRequest::Move { tenant, to }),
         ]
     }
 

@@ -142,6 +142,9 @@ pub struct Engine {
     state_dir: PathBuf,
     nsms: Vec<Arc<Nsm>>,
     attachments: Mutex<HashMap<u64, Attachment>>,
+    /// Tenants `ctl move` gave another NSM than their configuration's (tenant -> NSM), until a
+    /// reload names that NSM or the engine restarts.
+    moved: Mutex<HashMap<String, String>>,
     next_id: AtomicU64,
     started: Instant,
     /// The secrets of tenants with a token_file, read at start and at each reload.
@@ -151,7 +154,11 @@ pub struct Engine {
 #[derive(Serialize)]
 struct TenantView {
     name: String,
+    /// The NSM serving it now.
     nsm: String,
+    /// The configuration's NSM, when `ctl move` put the tenant on another.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    configured_nsm: Option<String>,
     uids: Option<Vec<u32>>,
     gids: Option<Vec<u32>>,
     /// Whether a token file admits processes too.
@@ -395,6 +402,7 @@ impl Engine {
             state_dir,
             nsms,
             attachments: Mutex::new(HashMap::new()),
+            moved: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             started: Instant::now(),
         });
@@ -644,6 +652,13 @@ impl Engine {
                 };
                 sys::send_frame(fd, &reply.encode(), &[])
             }
+            EngineRequest::Move { tenant, to } => {
+                let reply = match operator(conn, "move a tenant").and_then(|()| self.move_tenant(&tenant, &to)) {
+                    Ok(report) => Reply::ok(report),
+                    Err(e) => Reply::err(e),
+                };
+                sys::send_frame(fd, &reply.encode(), &[])
+            }
             EngineRequest::Upgrade { nsm, binary } => {
                 let reply = match operator(conn, "upgrade an NSM").and_then(|()| self.upgrade(&nsm, binary)) {
                     Ok(report) => Reply::ok(report),
@@ -678,6 +693,103 @@ impl Engine {
             (Err(_), _) => Next::Close,
             (Ok(()), true) => Next::Keep,
             (Ok(()), false) => Next::More,
+        }
+    }
+
+    /// The NSM serving tenant `t` now: its configuration's, unless `ctl move` said otherwise.
+    fn nsm_of(&self, t: &config::TenantConfig) -> String {
+        let moved = self.moved.lock().unwrap_or_else(|e| e.into_inner());
+        moved.get(t.name.get_ref()).cloned().unwrap_or_else(|| t.nsm.get_ref().clone())
+    }
+
+    /// Serves tenant `tenant` by NSM `to` from now on (`ctl move`): new attachments go there,
+    /// and the running guests' attachments move with their sockets (connections, listeners,
+    /// co-located pipes), TCP ones taking `to`'s congestion control. Kernel NSMs only (a user
+    /// NSM's connections live in its process); refused with nothing moved if a co-located
+    /// connection joins the tenant to a guest that stays.
+    pub fn move_tenant(&self, tenant: &str, to: &str) -> Result<netkernel_control::MoveReport, String> {
+        let cfg = self.cfg();
+        let t = cfg.tenants.iter().find(|t| t.name.get_ref() == tenant).ok_or_else(|| {
+            let names: Vec<&str> = cfg.tenants.iter().map(|t| t.name.get_ref().as_str()).collect();
+            format!("no tenant named {tenant:?} (tenants: {})", names.join(", "))
+        })?;
+        let find = |name: &str| {
+            self.nsms.iter().find(|n| n.name == name).ok_or_else(|| {
+                let names: Vec<&str> = self.nsms.iter().map(|n| n.name.as_str()).collect();
+                format!("no NSM named {name:?} (NSMs: {})", names.join(", "))
+            })
+        };
+        let from_name = self.nsm_of(t);
+        let (from, target) = (find(&from_name)?, find(to)?);
+        if from.name == target.name {
+            return Err(format!("tenant {tenant} is served by NSM {to} already"));
+        }
+        if from.net.is_some() || target.net.is_some() {
+            return Err(format!(
+                "NSM {} or {to} runs in a network namespace of its own: sockets cannot change namespaces; \
+                 change the tenant's nsm in the configuration and restart its guests",
+                from.name
+            ));
+        }
+        // New attachments go to the target from now on; those already made move below.
+        self.moved.lock().unwrap_or_else(|e| e.into_inner()).insert(tenant.into(), to.into());
+        let ids: Vec<u64> = {
+            let atts = self.attachments.lock().unwrap_or_else(|e| e.into_inner());
+            atts.iter().filter(|(_, a)| a.tenant == tenant && a.nsm == from.name).map(|(id, _)| *id).collect()
+        };
+        let mut report = netkernel_control::MoveReport {
+            tenant: tenant.into(),
+            from: from.name.clone(),
+            to: to.into(),
+            ..Default::default()
+        };
+        if !ids.is_empty() {
+            let (handed, generation) = match from.move_to(target, ids.clone()) {
+                Ok(h) => h,
+                Err(e) => {
+                    self.unmove(tenant, t.nsm.get_ref(), &from.name);
+                    return Err(e.to_string());
+                }
+            };
+            let mut atts = self.attachments.lock().unwrap_or_else(|e| e.into_inner());
+            for id in &ids {
+                if let Some(a) = atts.get_mut(id) {
+                    a.nsm = target.name.clone();
+                    a.nsm_generation = generation;
+                }
+            }
+            report.attachments = handed.attachments;
+            report.sockets = handed.sockets;
+            report.blackout_ms = handed.serving_ns.saturating_sub(handed.stopped_ns) as f64 / 1e6;
+        }
+        // The target's own policy for the tenant (co-location follows the target's setting).
+        if let Err(e) = target.set_policy(tenant, &self.policy(&cfg, t, false)) {
+            log(format!("tenant {tenant} on NSM {to}: its policy: {e}"));
+        }
+        if *t.nsm.get_ref() == to {
+            self.moved.lock().unwrap_or_else(|e| e.into_inner()).remove(tenant);
+            report.note = format!("NSM {to} is the configuration's again");
+        } else {
+            report.note = format!(
+                "the configuration says nsm = {:?}; {to} serves the tenant until a reload names it there or the \
+                 engine restarts",
+                t.nsm.get_ref()
+            );
+        }
+        log(format!(
+            "tenant {tenant} moved from NSM {} to {to}: {} attachment(s), {} socket(s), blackout {:.1} ms",
+            report.from, report.attachments, report.sockets, report.blackout_ms
+        ));
+        Ok(report)
+    }
+
+    /// Undoes the override a failed move made: the tenant stays on `from`.
+    fn unmove(&self, tenant: &str, configured: &str, from: &str) {
+        let mut moved = self.moved.lock().unwrap_or_else(|e| e.into_inner());
+        if configured == from {
+            moved.remove(tenant);
+        } else {
+            moved.insert(tenant.into(), from.into());
         }
     }
 
@@ -746,7 +858,8 @@ impl Engine {
         for t in &new.tenants {
             let name = t.name.get_ref();
             match find(&old, name) {
-                Some(o) if o.nsm.get_ref() != t.nsm.get_ref() => {
+                // The edit names the NSM a `ctl move` put the tenant on: what is in effect.
+                Some(o) if o.nsm.get_ref() != t.nsm.get_ref() && self.nsm_of(&o) != *t.nsm.get_ref() => {
                     return refuse(format!(
                         "tenant {name} moved from NSM {} to {}, which needs its guests to restart",
                         o.nsm.get_ref(),
@@ -777,7 +890,7 @@ impl Engine {
                 changed.push(t.name.get_ref().clone());
             }
             if p_old != p_new {
-                policies.push((t.nsm.get_ref().clone(), t.name.get_ref().clone(), p_new));
+                policies.push((self.nsm_of(t), t.name.get_ref().clone(), p_new));
             }
         }
         // Kernel NSMs whose congestion control changed: new connections take the new one.
@@ -875,7 +988,8 @@ impl Engine {
             listen_ports: t.listen_ports.as_ref().map(|p| p.get_ref().iter().filter_map(|r| r.range()).collect()),
             rate: t.rate_limit.map(|bits| (bits, t.burst.unwrap_or(bits / 800))),
             colocate: t.colocate.unwrap_or_else(|| {
-                cfg.nsms.iter().find(|n| n.name.get_ref() == t.nsm.get_ref()).is_none_or(|n| n.colocate)
+                let nsm = self.nsm_of(t);
+                cfg.nsms.iter().find(|n| *n.name.get_ref() == nsm).is_none_or(|n| n.colocate)
             }),
             cpu_weight: t.cpu_weight.as_ref().map_or(1, |w| *w.get_ref()),
             cpu_limit: t.cpu_limit.as_ref().map(|l| *l.get_ref()),
@@ -932,7 +1046,8 @@ impl Engine {
                 t.name.get_ref()
             ));
         }
-        let nsm = self.nsms.iter().find(|n| n.name == *t.nsm.get_ref()).ok_or("tenant's NSM is not running")?;
+        let nsm_name = self.nsm_of(t);
+        let nsm = self.nsms.iter().find(|n| n.name == nsm_name).ok_or("tenant's NSM is not running")?;
         // The guest's word is checked: isolated means a network namespace other than ours.
         let isolated = isolated && {
             let theirs = net_namespace(cred.pid);
@@ -1094,18 +1209,22 @@ impl Engine {
             .iter()
             .map(|t| TenantView {
                 name: t.name.get_ref().clone(),
-                nsm: t.nsm.get_ref().clone(),
+                nsm: self.nsm_of(t),
+                configured_nsm: Some(t.nsm.get_ref().clone()).filter(|c| *c != self.nsm_of(t)),
                 uids: t.uids.clone(),
                 gids: t.gids.clone(),
                 token: t.token_file.is_some(),
                 attachments: atts.values().filter(|a| a.tenant == *t.name.get_ref()).count(),
                 cpu_weight: t.cpu_weight.as_ref().map_or(1, |w| *w.get_ref()),
                 cpu_limit: t.cpu_limit.as_ref().map(|l| *l.get_ref()),
-                totals: stats
-                    .iter()
-                    .filter(|s| s.nsm == *t.nsm.get_ref())
-                    .find_map(|s| s.tenants.get(t.name.get_ref()).cloned())
-                    .unwrap_or_default(),
+                // A moved tenant's totals are in both NSMs.
+                totals: stats.iter().filter_map(|s| s.tenants.get(t.name.get_ref())).fold(
+                    netkernel_service::control::TenantTotals::default(),
+                    |mut sum, t| {
+                        sum.add(t);
+                        sum
+                    },
+                ),
             })
             .collect()
     }

@@ -416,22 +416,12 @@ impl Nsm {
         let exe = binary.clone().or_else(|| self.exe.lock().unwrap_or_else(|e| e.into_inner()).clone());
         let (mut child, ours, pidfd) = self.launch(exe.as_deref(), false)?;
         let new_pid = child.id();
-        let (to_old, to_new) = UnixStream::pair()?;
         // Holding the lock: no attach, hold or stats reaches either process meanwhile.
         let mut p = self.lock();
         let old_pid = p.pid.ok_or_else(|| other(format!("NSM {} is not running", self.name)))?;
         let mut new = Proc { pid: Some(new_pid), pidfd: None, control: Some(ours), generation: 0, line: 0 };
-        // The new process waits for what the old one writes: it is asked from another thread.
-        let taker = std::thread::spawn(move || {
-            let took = Self::call(&mut new, &NsmRequest::Takeover, &[to_new.as_raw_fd()]);
-            (took, new.control)
-        });
-        let handed = Self::call(&mut p, &NsmRequest::Handover, &[to_old.as_raw_fd()]);
-        drop(to_old);
-        let (took, control) = taker.join().map_err(|_| other("the takeover thread panicked".into()))?;
-        let handed: netkernel_service::control::Handed = match handed
-            .and_then(|v| serde_json::from_value(v).map_err(|e| other(format!("malformed handover reply: {e}"))))
-        {
+        let (handed, took) = hand(&mut p, &mut new, None);
+        let handed = match handed {
             Ok(h) => h,
             Err(e) => {
                 let _ = child.kill();
@@ -451,7 +441,7 @@ impl Nsm {
         p.pid = Some(new_pid);
         p.pidfd = Some(pidfd);
         // Dropping the old channel lets the old process exit.
-        p.control = control;
+        p.control = new.control;
         p.generation += 1;
         if let Some(b) = binary {
             *self.exe.lock().unwrap_or_else(|e| e.into_inner()) = Some(b);
@@ -464,6 +454,36 @@ impl Nsm {
             sockets: handed.sockets,
             binary: exe.map_or_else(|| std::env::current_exe().unwrap_or_default(), |e| e.to_path_buf()),
         })
+    }
+
+    /// Hands attachments `ids` to NSM `to` (`ctl move`): their sockets, listeners and
+    /// co-located connections go on there. Returns what was handed and the generation of `to`
+    /// that serves them now. On failure both NSMs serve on as before.
+    pub fn move_to(&self, to: &Nsm, ids: Vec<u64>) -> io::Result<(netkernel_service::control::Handed, u64)> {
+        if self.link.is_some() || to.link.is_some() {
+            return Err(other(
+                "a user NSM's connections live in its process: they cannot move (new connections of the tenant \
+                 can: change its nsm in the configuration and reload)"
+                    .into(),
+            ));
+        }
+        // Both locks, always in the order of the names, so that two moves never wait on each other.
+        let (mut p, mut q) = if self.name < to.name {
+            let p = self.lock();
+            (p, to.lock())
+        } else {
+            let q = to.lock();
+            (self.lock(), q)
+        };
+        if q.control.is_none() {
+            return Err(other(format!("NSM {} is not running", to.name)));
+        }
+        let (handed, took) = hand(&mut p, &mut q, Some(ids));
+        let handed = handed.map_err(|e| other(format!("nothing moved, NSM {} serves on: {e}", self.name)))?;
+        if let Err(e) = took {
+            eprintln!("netkernel engine: NSM {}: its answer to takeover: {e}", to.name);
+        }
+        Ok((handed, q.generation))
     }
 
     /// Stops the NSM for good: it resets its guests (their regions are declared dead) and
@@ -481,6 +501,29 @@ impl Nsm {
         p.pid = None;
         p.pidfd = None;
     }
+}
+
+/// `giver` hands attachments (`only`; None: everything) to `taker` over a fresh socket pair.
+/// The taker is asked from a second thread, since it waits for what the giver writes; the
+/// giver answers only once the taker has said it serves them.
+fn hand(
+    giver: &mut Proc,
+    taker: &mut Proc,
+    only: Option<Vec<u64>>,
+) -> (io::Result<netkernel_service::control::Handed>, io::Result<serde_json::Value>) {
+    let (to_giver, to_taker) = match UnixStream::pair() {
+        Ok(p) => p,
+        Err(e) => return (Err(e), Err(other("no socket pair".into()))),
+    };
+    std::thread::scope(|s| {
+        let took = s.spawn(|| Nsm::call(taker, &NsmRequest::Takeover, &[to_taker.as_raw_fd()]));
+        let handed = Nsm::call(giver, &NsmRequest::Handover { attachments: only }, &[to_giver.as_raw_fd()])
+            .and_then(|v| serde_json::from_value(v).map_err(|e| other(format!("malformed handover reply: {e}"))));
+        // Our copy closed: a taker still waiting for a giver that refused reads the end.
+        drop(to_giver);
+        let took = took.join().unwrap_or_else(|_| Err(other("the takeover thread panicked".into())));
+        (handed, took)
+    })
 }
 
 /// What an upgrade did.

@@ -52,7 +52,8 @@ enum Cmd {
     },
     /// Ask the engine: status, tenants, nsms, conns; apply its configuration file anew (reload,
     /// as SIGHUP does); replace an NSM's process under its running guests (upgrade NSM
-    /// [--binary PATH]); or stop it and its NSMs (shutdown).
+    /// [--binary PATH]); serve a tenant, running guests included, by another NSM (move TENANT
+    /// --to NSM); or stop it and its NSMs (shutdown).
     Ctl {
         #[arg(long)]
         socket: Option<PathBuf>,
@@ -65,9 +66,12 @@ enum Cmd {
         /// With upgrade: the NSM's new binary (default: the one it runs).
         #[arg(long)]
         binary: Option<String>,
-        #[arg(value_parser = ["status", "tenants", "nsms", "conns", "top", "reload", "upgrade", "shutdown"])]
+        /// With move: the NSM to serve the tenant.
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(value_parser = ["status", "tenants", "nsms", "conns", "top", "reload", "upgrade", "move", "shutdown"])]
         what: String,
-        /// With upgrade: the NSM.
+        /// With upgrade: the NSM; with move: the tenant.
         name: Option<String>,
     },
     /// Print the region ABI version this binary speaks (an engine checks it before `ctl upgrade
@@ -104,7 +108,7 @@ pub fn main() -> i32 {
         Cmd::Serve { config, socket, metrics } => serve(config, socket, metrics),
         Cmd::Run { tenant, socket, isolate, token_file, program } => run(tenant, socket, isolate, token_file, program),
         Cmd::Ctl { socket, what, iterations, .. } if what == "top" => top(socket, iterations),
-        Cmd::Ctl { socket, json, what, name, binary, .. } => {
+        Cmd::Ctl { socket, json, what, name, binary, to, .. } => {
             let req = match (what.as_str(), name) {
                 ("status", None) => EngineRequest::Status,
                 ("tenants", None) => EngineRequest::Tenants,
@@ -116,6 +120,8 @@ pub fn main() -> i32 {
                 ("upgrade", None) => {
                     return fail("ctl upgrade needs the NSM's name: netkernel ctl upgrade NSM [--binary PATH]")
                 }
+                ("move", Some(tenant)) if to.is_some() => EngineRequest::Move { tenant, to: to.unwrap_or_default() },
+                ("move", _) => return fail("ctl move needs a tenant and an NSM: netkernel ctl move TENANT --to NSM"),
                 (w, Some(extra)) => return fail(format!("ctl {w} takes no argument ({extra:?})")),
                 (w, None) => return fail(format!("ctl {w}: unknown request")),
             };
@@ -343,6 +349,18 @@ fn ctl(socket: Option<PathBuf>, json: bool, what: &str, req: EngineRequest) -> i
     match what {
         "status" => print_status(&v),
         "shutdown" => println!("engine stopped; its NSMs are stopped and their guests' sockets reset"),
+        "move" => {
+            println!(
+                "tenant {} moved from NSM {} to {}: {} attachment(s), {} socket(s); blackout {:.1} ms",
+                cell(&v["tenant"]),
+                cell(&v["from"]),
+                cell(&v["to"]),
+                v["attachments"],
+                v["sockets"],
+                v["blackout_ms"].as_f64().unwrap_or_default()
+            );
+            println!("  {}", cell(&v["note"]));
+        }
         "upgrade" => println!(
             "NSM {} upgraded: pid {} -> {} ({}); {} attachment(s), {} socket(s) handed over; blackout {:.1} ms",
             cell(&v["nsm"]),

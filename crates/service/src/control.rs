@@ -31,12 +31,17 @@ pub enum NsmRequest {
     Detach { attachment: u64 },
     /// New TCP connections use congestion control `congestion` from now on (`ctl reload`).
     Congestion { congestion: String },
-    /// `ctl upgrade`, to the old NSM: stop serving and hand everything to the NSM at the other
-    /// end of the fd (a unix stream socket), then exit once closing sockets are flushed. Reply:
-    /// [`Handed`]. On failure the NSM serves on as before.
-    Handover,
-    /// `ctl upgrade`, to the new NSM (serving nothing yet): take over what the NSM at the other
-    /// end of the fd hands over and serve it. Reply: CLOCK_MONOTONIC (ns) when it began serving.
+    /// To the old NSM: stop serving and hand attachments `attachments` to the NSM at the other
+    /// end of the fd (a unix stream socket): `ctl move`. Without a list (`ctl upgrade`) it hands
+    /// over everything, its rendezvous socket too, and exits once closing sockets are flushed.
+    /// Reply: [`Handed`]. On failure the NSM serves on as before.
+    Handover {
+        #[serde(default)]
+        attachments: Option<Vec<u64>>,
+    },
+    /// To the new NSM (`ctl upgrade`: serving nothing yet) or the target of `ctl move`: take over
+    /// what the NSM at the other end of the fd hands over and serve it. Reply: CLOCK_MONOTONIC
+    /// (ns) when it began serving.
     Takeover,
 }
 
@@ -178,6 +183,19 @@ pub struct TenantTotals {
     pub nsm_cpu_seconds: f64,
 }
 
+impl TenantTotals {
+    /// Adds another part of the tenant's totals (another executor's, another NSM's).
+    pub fn add(&mut self, t: &TenantTotals) {
+        self.bytes_in += t.bytes_in;
+        self.bytes_out += t.bytes_out;
+        self.conns_total += t.conns_total;
+        self.violations += t.violations;
+        self.refused += t.refused;
+        self.throttled += t.throttled;
+        self.nsm_cpu_seconds += t.nsm_cpu_seconds;
+    }
+}
+
 /// An NSM's telemetry.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct NsmStats {
@@ -232,14 +250,7 @@ impl NsmStats {
         self.conns_colocated += o.conns_colocated;
         self.violations += o.violations;
         for (name, t) in o.tenants {
-            let mine = self.tenants.entry(name).or_default();
-            mine.bytes_in += t.bytes_in;
-            mine.bytes_out += t.bytes_out;
-            mine.conns_total += t.conns_total;
-            mine.violations += t.violations;
-            mine.refused += t.refused;
-            mine.throttled += t.throttled;
-            mine.nsm_cpu_seconds += t.nsm_cpu_seconds;
+            self.tenants.entry(name).or_default().add(&t);
         }
         self.conns.extend(o.conns);
     }

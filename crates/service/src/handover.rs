@@ -1,4 +1,5 @@
-//! Handing an NSM's whole work to a new NSM process (`ctl upgrade`), while its guests run.
+//! Handing an NSM's work to another NSM process while its guests run: all of it to a new
+//! process (`ctl upgrade`), or one tenant's attachments to another NSM (`ctl move`).
 //!
 //! The old process stops serving between two rounds (so no request is half done), writes down
 //! everything ServiceLib keeps outside the regions — attachments, their holders, sockets with
@@ -17,7 +18,7 @@
 use crate::colocated::state::{EndState, PipeReader, PipeState, PipeWriter};
 use crate::colocated::Backlog;
 use crate::control::{self, Handed, NsmStats};
-use crate::core::{tok, TOK_BELL, TOK_PIDFD, TOK_SOCK};
+use crate::core::{tok, KIND_SHIFT, TOK_BELL, TOK_PIDFD, TOK_SOCK};
 use crate::sendq::SendQueue;
 use crate::sock::{Attachment, Sock, SERIAL};
 use crate::{epoll_ctl, holders, regions, Service, Stack};
@@ -71,6 +72,8 @@ impl Blob {
 
 #[derive(Serialize, Deserialize)]
 struct Snapshot {
+    /// Everything the old process served (an upgrade), not some attachments (a move).
+    whole: bool,
     /// CLOCK_MONOTONIC (ns) when the old process stopped serving.
     stopped_ns: u64,
     /// Index of the rendezvous listener among the fds.
@@ -140,10 +143,11 @@ fn io_err(e: io::Error) -> String {
 }
 
 impl<S: Stack> Service<S> {
-    /// Hands everything this NSM serves to the NSM process at the other end of `to` (which
-    /// runs [`takeover`](Self::takeover)). On success this process serves nothing any more and
-    /// exits once its engine lets go; on failure it serves on as before.
-    pub(crate) fn handover(&mut self, to: OwnedFd) -> Result<Handed, String> {
+    /// Hands attachments `only` (None: everything this NSM serves, and its rendezvous socket) to
+    /// the NSM process at the other end of `to`, which runs [`takeover`](Self::takeover). On
+    /// success this process serves them no more (after handing over everything it exits once
+    /// its engine lets go); on failure it serves on as before.
+    pub(crate) fn handover(&mut self, to: OwnedFd, only: Option<&[u64]>) -> Result<Handed, String> {
         if self.pool.as_ref().is_some_and(|p| p.executors() > 1) {
             return Err("the NSM runs more than one executor now; an upgrade hands over one executor's work \
                         (retry once its load has fallen, or set executors = 1)"
@@ -151,7 +155,7 @@ impl<S: Stack> Service<S> {
         }
         patient(&to).map_err(io_err)?;
         let stopped_ns = monotonic_ns();
-        let (snap, fds, blob) = self.write_down(stopped_ns)?;
+        let (snap, fds, blob) = self.write_down(stopped_ns, only)?;
         let sockets = snap.attachments.iter().map(|a| a.socks.iter().flatten().count()).sum();
         let attachments = snap.attachments.len();
         let sent = send(to.as_raw_fd(), &snap, &fds, &blob.0);
@@ -169,13 +173,16 @@ impl<S: Stack> Service<S> {
                 return Err(e);
             }
         };
-        self.let_go();
+        match only {
+            None => self.let_go(),
+            Some(ids) => self.drop_quietly(|a| ids.contains(&a.id)),
+        }
         Ok(Handed { old_pid: std::process::id(), stopped_ns, serving_ns, attachments, sockets })
     }
 
     /// Everything to hand over, without changing anything: the snapshot, the fds it indexes and
     /// its bulk bytes.
-    fn write_down(&mut self, stopped_ns: u64) -> Result<(Snapshot, Vec<RawFd>, Blob), String> {
+    fn write_down(&mut self, stopped_ns: u64, only: Option<&[u64]>) -> Result<(Snapshot, Vec<RawFd>, Blob), String> {
         let mut fds: Vec<RawFd> = Vec::new();
         let mut fd = |f: RawFd| {
             fds.push(f);
@@ -183,9 +190,15 @@ impl<S: Stack> Service<S> {
         };
         let mut blob = Blob::default();
         let mut pipes = PipeWriter::default();
-        let rendezvous = self.rendezvous.as_ref().map(|l| fd(l.as_raw_fd()));
+        let rendezvous = self.rendezvous.as_ref().filter(|_| only.is_none()).map(|l| fd(l.as_raw_fd()));
         let mut attachments = Vec::new();
-        for a in self.core.atts.iter().flatten() {
+        let chosen = |id: u64| only.is_none_or(|ids| ids.contains(&id));
+        if let Some(missing) =
+            only.and_then(|ids| ids.iter().find(|&&id| !self.core.atts.iter().flatten().any(|a| a.id == id)))
+        {
+            return Err(format!("no attachment {missing} here"));
+        }
+        for a in self.core.atts.iter().flatten().filter(|a| chosen(a.id)) {
             let mut socks = Vec::with_capacity(a.socks.len());
             for s in &a.socks {
                 let Some(s) = s else {
@@ -235,7 +248,11 @@ impl<S: Stack> Service<S> {
                 free: a.free.clone(),
             });
         }
-        let id_of = |ai: usize| self.core.atts.get(ai).and_then(|a| a.as_ref()).map(|a| a.id);
+        // A co-located connection moves whole or not at all: both ends live in one process.
+        if let Some(other) = pipes.outside() {
+            return Err(format!("a co-located connection joins it to {other}, which stays; close it or move both"));
+        }
+        let id_of = |ai: usize| self.core.atts.get(ai).and_then(|a| a.as_ref()).map(|a| a.id).filter(|&id| chosen(id));
         let refreshes = self
             .core
             .refreshes
@@ -247,6 +264,7 @@ impl<S: Stack> Service<S> {
         let mut stats = self.core.stats.clone();
         stats.conns.clear();
         let snap = Snapshot {
+            whole: only.is_none(),
             stopped_ns,
             rendezvous,
             attachments,
@@ -263,7 +281,7 @@ impl<S: Stack> Service<S> {
     /// After a handover: drops every attachment without a trace a guest could see (no FIN, no
     /// reset, no readiness, no region marked dead) and stops listening for engines.
     fn let_go(&mut self) {
-        self.drop_quietly();
+        self.drop_quietly(|_| true);
         if let Some(l) = self.rendezvous.take() {
             let _ = epoll_ctl(self.epfd.as_raw_fd(), libc::EPOLL_CTL_DEL, l.as_raw_fd(), 0, 0);
         }
@@ -271,10 +289,17 @@ impl<S: Stack> Service<S> {
         eprintln!("netkernel nsm {}: handed over; exiting once closing sockets are flushed", self.core.name);
     }
 
-    /// Drops every attachment without a trace a guest could see: no FIN, no reset, no
-    /// readiness, no region marked dead (another process serves them).
-    fn drop_quietly(&mut self) {
-        for a in std::mem::take(&mut self.core.atts).into_iter().flatten() {
+    /// Drops the attachments `which` picks without a trace a guest could see: no FIN, no reset,
+    /// no readiness, no region marked dead (another process serves them).
+    fn drop_quietly(&mut self, which: impl Fn(&Attachment<S::Handle>) -> bool) {
+        let mut gone = Vec::new();
+        for slot in self.core.atts.iter_mut() {
+            if slot.as_ref().is_some_and(&which) {
+                gone.extend(slot.take());
+            }
+        }
+        let everything = self.core.atts.iter().all(|a| a.is_none());
+        for a in gone {
             self.forget(&a);
             let Attachment { socks, .. } = a;
             for s in socks.into_iter().flatten() {
@@ -290,13 +315,22 @@ impl<S: Stack> Service<S> {
                 }
             }
         }
-        self.core.listeners.clear();
-        self.core.refreshes.clear();
-        self.core.polled_refreshes.clear();
-        self.core.ready.clear();
-        self.core.throttled.clear();
-        self.core.parked.clear();
-        self.core.sched = self.core.sched.name().parse::<crate::sched::Kind>().unwrap_or_default().build();
+        let live = |ai: usize, atts: &[Option<Attachment<S::Handle>>]| atts.get(ai).is_some_and(|a| a.is_some());
+        let atts = &self.core.atts;
+        self.core.listeners.retain(|_, l| {
+            l.retain(|r| live(r.ai, atts));
+            !l.is_empty()
+        });
+        self.core.refreshes.retain(|r| live(r.0, atts));
+        self.core.polled_refreshes.retain(|r| live(r.0, atts));
+        self.core
+            .ready
+            .retain(|r| r.key >> KIND_SHIFT != TOK_SOCK || live(((r.key >> 32) & 0x3fff_ffff) as usize, atts));
+        self.core.throttled.retain(|r| live(r.0, atts));
+        if everything {
+            self.core.parked.clear();
+            self.core.sched = self.core.sched.name().parse::<crate::sched::Kind>().unwrap_or_default().build();
+        }
     }
 
     /// Takes over what the NSM at the other end of `from` hands over (it runs
@@ -313,12 +347,14 @@ impl<S: Stack> Service<S> {
     }
 
     fn rebuild(&mut self, snap: Snapshot, fds: Vec<Option<OwnedFd>>, blob: Blob) -> Result<(), String> {
-        if self.core.atts.iter().any(|a| a.is_some()) {
+        if snap.whole && self.core.atts.iter().any(|a| a.is_some()) {
             return Err("the new NSM serves attachments already".into());
         }
+        let first = self.core.atts.len();
         let r = self.rebuild_all(snap, fds, &blob);
         if r.is_err() {
-            self.drop_quietly();
+            let new: Vec<u64> = self.core.atts[first..].iter().flatten().map(|a| a.id).collect();
+            self.drop_quietly(|a| new.contains(&a.id));
         }
         r
     }
@@ -330,6 +366,7 @@ impl<S: Stack> Service<S> {
             None => None,
         };
         let ep = self.epfd.as_raw_fd();
+        let first = self.core.atts.len();
         let mut socks = Vec::new();
         for st in snap.attachments {
             let ai = self.core.atts.len();
@@ -429,7 +466,7 @@ impl<S: Stack> Service<S> {
             }
             self.core.atts[ai].as_mut().expect("pushed above").socks = rebuilt;
         }
-        for ai in 0..self.core.atts.len() {
+        for ai in first..self.core.atts.len() {
             self.core.find_listeners(ai);
         }
         for (id, idx) in snap.refreshes {
@@ -438,6 +475,10 @@ impl<S: Stack> Service<S> {
             }
         }
         SERIAL.fetch_max(snap.next_serial, Ordering::Relaxed);
+        // The first process's counters go on in its successor; a move's stay where they were.
+        if !snap.whole {
+            return Ok(());
+        }
         let s = &mut self.core.stats;
         let old = snap.stats;
         (s.bytes_in, s.bytes_out, s.conns_total, s.conns_colocated) =

@@ -519,8 +519,8 @@ impl<S: Stack> Service<S> {
                 Ok(()) => control::Reply::ok(()),
                 Err(e) => control::Reply::err(e),
             },
-            Ok(NsmRequest::Handover) => match fds.into_iter().next() {
-                Some(to) => match self.handover(to) {
+            Ok(NsmRequest::Handover { attachments }) => match fds.into_iter().next() {
+                Some(to) => match self.handover(to, attachments.as_deref()) {
                     Ok(done) => control::Reply::ok(done),
                     Err(e) => control::Reply::err(e),
                 },

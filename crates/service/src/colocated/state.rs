@@ -53,6 +53,8 @@ pub(crate) struct EndState {
 pub(crate) struct PipeWriter {
     index: HashMap<*const RefCell<Pipe>, usize>,
     pub pipes: Vec<PipeState>,
+    /// Which ends of each pipe were written down.
+    written: Vec<[bool; 2]>,
 }
 
 impl PipeWriter {
@@ -84,10 +86,12 @@ impl PipeWriter {
                     default_rcvbuf: p.default_rcvbuf,
                 };
                 self.pipes.push(state);
+                self.written.push([false; 2]);
                 self.index.insert(key, self.pipes.len() - 1);
                 self.pipes.len() - 1
             }
         };
+        self.written[pipe][e.side] = true;
         EndState {
             pipe,
             side: e.side,
@@ -96,6 +100,24 @@ impl PipeWriter {
             opts: e.opts.clone(),
             connecting: e.connecting,
         }
+    }
+}
+
+impl PipeWriter {
+    /// An open end of a written pipe that was not written itself (it belongs to an attachment
+    /// not handed over), described.
+    pub fn outside(&self) -> Option<String> {
+        for (p, written) in self.pipes.iter().zip(&self.written) {
+            for (s, done) in p.sides.iter().zip(written) {
+                if !done && !s.closed {
+                    return Some(match s.owner {
+                        Some((att, _)) => format!("attachment {att}"),
+                        None => "a listener's backlog".into(),
+                    });
+                }
+            }
+        }
+        None
     }
 }
 
