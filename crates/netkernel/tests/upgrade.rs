@@ -263,3 +263,120 @@ fn a_binary_of_another_abi_is_refused() {
     drop(guest.stdin.take());
     let _ = guest.wait();
 }
+
+/// `netkernel ctl move TENANT --to NSM --json`: Ok(report) or Err(message).
+fn move_tenant(engine: &TestEngine, tenant: &str, to: &str) -> Result<serde_json::Value, String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_netkernel"))
+        .args(["ctl", "--json", "--socket"])
+        .arg(&engine.socket)
+        .args(["move", tenant, "--to", to])
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(serde_json::from_slice(&out.stdout).unwrap())
+}
+
+/// A guest with a connection to a native server (port on argv), a listener, and, on request, a
+/// co-located connection to another tenant's listener (port on stdin).
+const MOVER: &str = r#"
+import socket, sys
+def cc(s):
+    return s.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).rstrip(b'\0').decode()
+c = socket.create_connection(('127.0.0.1', int(sys.argv[1])))
+l = socket.create_server(('127.0.0.1', 0))
+print('ready', l.getsockname()[1], cc(c), flush=True)
+other = None
+for line in sys.stdin:
+    try:
+        cmd = line.split()
+        if cmd[0] == 'join':
+            other = socket.create_connection(('127.0.0.1', int(cmd[1])))
+            print('joined', flush=True)
+        elif cmd[0] == 'leave':
+            other.close()
+            print('left', flush=True)
+        else:
+            c.sendall(b'still here')
+            a, _ = l.accept()
+            n = socket.create_connection(('127.0.0.1', int(sys.argv[1])))
+            print(cc(c), c.getsockname()[1], a.recv(10).decode(), cc(n), flush=True)
+    except OSError as e:
+        print('error', e.errno, flush=True)
+"#;
+
+/// A tenant moves to another kernel NSM with its running guest: the same connection goes on
+/// (same port, no reconnect) and takes the target's congestion control, the guest's listener
+/// keeps accepting, new sockets use the target; a co-located connection to a tenant that stays
+/// blocks the move until it is closed; `ctl tenants` and `ctl conns` say what is in effect.
+#[test]
+fn a_tenant_moves_to_another_nsm_with_its_connections() {
+    require("python3");
+    let cubic_bbr = "[[nsm]]\nname = \"c\"\ncongestion = \"cubic\"\n\n[[nsm]]\nname = \"b\"\ncongestion = \"bbr\"\n\n";
+    let engine = TestEngine::with_config(&format!(
+        "{cubic_bbr}[[tenant]]\nname = \"t\"\nnsm = \"c\"\n\n[[tenant]]\nname = \"u\"\nnsm = \"c\"\n"
+    ));
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port().to_string();
+    let mut c = Command::new(env!("CARGO_BIN_EXE_netkernel"));
+    c.args(["run", "--tenant", "t", "--socket"]).arg(&engine.socket).args(["--", "python3", "-c", MOVER, &port]);
+    let mut guest = c.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    let (mut conn, _) = server.accept().unwrap();
+    let mut stdin = guest.stdin.take().unwrap();
+    let mut out = BufReader::new(guest.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let ready: Vec<String> = line.split_whitespace().map(String::from).collect();
+    assert_eq!((ready[0].as_str(), ready[2].as_str()), ("ready", "cubic"), "{line}");
+    let guest_port = conn.peer_addr().unwrap().port();
+    let mut ask = |what: &str| {
+        writeln!(stdin, "{what}").unwrap();
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        line.trim().to_string()
+    };
+
+    // Tenant u's guest listens; t's guest joins it by the co-located path: t cannot move alone.
+    let script =
+        "import socket,sys\nl=socket.create_server(('127.0.0.1',0))\nprint('ready',l.getsockname()[1],flush=True)\n\
+                  c,_=l.accept()\nsys.stdin.read()";
+    let mut c = Command::new(env!("CARGO_BIN_EXE_netkernel"));
+    c.args(["run", "--tenant", "u", "--socket"]).arg(&engine.socket).args(["--", "python3", "-c", script]);
+    let mut other = c.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    let mut other_out = BufReader::new(other.stdout.take().unwrap());
+    line.clear();
+    other_out.read_line(&mut line).unwrap();
+    let other_port = line.split_whitespace().nth(1).unwrap().to_string();
+    assert_eq!(ask(&format!("join {other_port}")), "joined");
+    let e = move_tenant(&engine, "t", "b").unwrap_err();
+    assert!(e.contains("co-located connection") && e.contains("nothing moved"), "{e}");
+    assert_eq!(engine.ctl("tenants")[0]["nsm"], "c", "a refused move changes nothing");
+    assert_eq!(ask("leave"), "left");
+
+    let r = move_tenant(&engine, "t", "b").unwrap_or_else(|e| panic!("{e}\n{}", engine.log()));
+    assert_eq!(
+        (r["from"].as_str(), r["to"].as_str(), r["attachments"].as_u64()),
+        (Some("c"), Some("b"), Some(1)),
+        "{r}"
+    );
+    assert!(r["note"].as_str().unwrap().contains("configuration says nsm = \"c\""), "{r}");
+    // The same connection (same port) goes on, with BBR now; the listener accepts; new sockets are b's.
+    let mut l = std::net::TcpStream::connect(("127.0.0.1", ready[1].parse::<u16>().unwrap())).unwrap();
+    l.write_all(b"to listener").unwrap();
+    let answer = ask("check");
+    let mut got = [0u8; 10];
+    std::io::Read::read_exact(&mut conn, &mut got).unwrap();
+    assert_eq!(&got, b"still here");
+    assert_eq!(answer, format!("bbr {guest_port} to listene bbr"), "{}", engine.log());
+    let tenants = engine.ctl("tenants");
+    let t = tenants.as_array().unwrap().iter().find(|t| t["name"] == "t").unwrap();
+    assert_eq!((t["nsm"].as_str(), t["configured_nsm"].as_str()), (Some("b"), Some("c")), "{t}");
+    let conns = engine.ctl("conns");
+    let mine: Vec<&serde_json::Value> = conns.as_array().unwrap().iter().filter(|c| c["tenant"] == "t").collect();
+    assert!(!mine.is_empty() && mine.iter().all(|c| c["nsm"] == "b"), "{conns}");
+    drop(other.stdin.take());
+    let _ = other.wait();
+    let _ = guest.kill();
+    let _ = guest.wait();
+}
