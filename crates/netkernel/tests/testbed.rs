@@ -169,3 +169,99 @@ fn a_guest_sends_through_a_bbr_nsm_over_linkem() {
         String::from_utf8_lossy(&Command::new("ip").args(["-o", "link"]).output().unwrap().stdout).into_owned();
     assert!(!listed.contains(&prefix), "linkem's devices left behind: {listed}");
 }
+
+/// Counts what one connection brings, per second ("SECOND BYTES"), after "PORT" and then the
+/// peer's address ("from ADDR PORT").
+const PER_SECOND: &str = r#"import socket, time
+l = socket.create_server(('0.0.0.0', 0))
+print(l.getsockname()[1], flush=True)
+c, a = l.accept()
+print('from', a[0], a[1], flush=True)
+c.settimeout(1.0)
+start, n, sec = time.time(), 0, 0
+while True:
+    try:
+        d = c.recv(1 << 20)
+        if not d:
+            break
+        n += len(d)
+    except socket.timeout:
+        pass
+    now = int(time.time() - start)
+    if now > sec:
+        print(sec, n, flush=True)
+        sec, n = now, 0
+print('end', flush=True)
+"#;
+
+/// Sends for 26 s on one connection, then reports its congestion control.
+const LONG_SENDER: &str = r#"import socket, time
+c = socket.create_connection(('10.214.0.2', PORT))
+b = b'x' * 65536
+t = time.time()
+while time.time() - t < 26:
+    c.sendall(b)
+print(c.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).rstrip(b'\0').decode(), flush=True)
+"#;
+
+/// Issue 13's move over a long fat lossy link (linkem: 350 ms RTT, 1% loss): a tenant's
+/// transfer starts on a CUBIC NSM and moves, connection and all, to a BBR NSM: the receiver sees
+/// one connection from one port throughout, its throughput rises to BBR's, and new connections
+/// use BBR.
+#[test]
+fn a_long_transfer_moves_from_a_cubic_nsm_to_a_bbr_nsm() {
+    if !is_root() {
+        eprintln!("SKIP a_long_transfer_moves_from_a_cubic_nsm_to_a_bbr_nsm: the testbed needs root");
+        return;
+    }
+    let python = require("python3");
+    let prefix = format!("nkmv{}", std::process::id() % 100_000);
+    let _tb = Testbed::up_linkem(&prefix, &["--delay", "175ms", "--rate", "20mbit", "--loss", "1%"]);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("move.toml");
+    std::fs::write(
+        &cfg,
+        "[[nsm]]\nname = \"cubic\"\ncongestion = \"cubic\"\n\n[[nsm]]\nname = \"bbr\"\ncongestion = \"bbr\"\n\n\
+         [[tenant]]\nname = \"t\"\nnsm = \"cubic\"\n",
+    )
+    .unwrap();
+    let h1 = TestEngine::start_in(Some(&format!("{prefix}-h1")), &["--config", cfg.to_str().unwrap()]);
+    let mut rx = Command::new("ip");
+    rx.args(["netns", "exec", &format!("{prefix}-h2")]).arg(&python).args(["-c", PER_SECOND]).stdout(Stdio::piped());
+    let mut rx = rx.spawn().unwrap();
+    let mut out = std::io::BufReader::new(rx.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    let port = line.trim().to_string();
+    let mut tx = h1.run(python.to_str().unwrap(), &["-c", &LONG_SENDER.replace("PORT", &port)]);
+    let tx = tx.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    line.clear();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    let from = line.trim().to_string();
+    let mut seconds = Vec::new();
+    let mut moved = None;
+    loop {
+        line.clear();
+        if std::io::BufRead::read_line(&mut out, &mut line).unwrap() == 0 || line.starts_with("end") {
+            break;
+        }
+        let v: Vec<u64> = line.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+        seconds.push(v[1]);
+        if seconds.len() == 12 {
+            let r = h1.ctl_try(&["move", "t", "--to", "bbr"]).unwrap_or_else(|e| panic!("{e}\n{}", h1.log()));
+            eprintln!("moved: {r}");
+            moved = Some(r);
+        }
+    }
+    let tx = tx.wait_with_output().unwrap();
+    let _ = rx.wait();
+    assert!(tx.status.success(), "{}", String::from_utf8_lossy(&tx.stderr));
+    assert_eq!(String::from_utf8_lossy(&tx.stdout).trim(), "bbr", "the moved socket uses the target's BBR");
+    let moved = moved.expect("the transfer lasted 12 s");
+    assert_eq!(moved["attachments"], 1, "{moved}");
+    let mbit = |s: &[u64]| s.iter().sum::<u64>() as f64 * 8.0 / s.len() as f64 / 1e6;
+    let (before, after) = (mbit(&seconds[4..12]), mbit(&seconds[seconds.len() - 8..]));
+    eprintln!("one connection ({from}) over 350 ms RTT, 1% loss: CUBIC {before:.2} Mbit/s, after the move to BBR {after:.2} Mbit/s; per second: {seconds:?}");
+    assert!(seconds.len() >= 24, "the connection broke: {seconds:?}");
+    assert!(after > 2.0 * before, "BBR's throughput should be well above CUBIC's: {before:.2} -> {after:.2}");
+}

@@ -9,16 +9,10 @@ use std::time::{Duration, Instant};
 
 /// `netkernel ctl upgrade NSM [--binary PATH] --json`: Ok(report) or Err(message).
 fn upgrade(engine: &TestEngine, nsm: &str, binary: Option<&std::path::Path>) -> Result<serde_json::Value, String> {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_netkernel"));
-    c.args(["ctl", "--json", "--socket"]).arg(&engine.socket).args(["upgrade", nsm]);
-    if let Some(b) = binary {
-        c.arg("--binary").arg(b);
+    match binary {
+        Some(b) => engine.ctl_try(&["upgrade", nsm, "--binary", b.to_str().unwrap()]),
+        None => engine.ctl_try(&["upgrade", nsm]),
     }
-    let out = c.output().unwrap();
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-    }
-    Ok(serde_json::from_slice(&out.stdout).unwrap())
 }
 
 /// Sends 1 GiB paced over about 20 s to the port on stdin's first line and prints the sha256 of
@@ -266,16 +260,7 @@ fn a_binary_of_another_abi_is_refused() {
 
 /// `netkernel ctl move TENANT --to NSM --json`: Ok(report) or Err(message).
 fn move_tenant(engine: &TestEngine, tenant: &str, to: &str) -> Result<serde_json::Value, String> {
-    let out = Command::new(env!("CARGO_BIN_EXE_netkernel"))
-        .args(["ctl", "--json", "--socket"])
-        .arg(&engine.socket)
-        .args(["move", tenant, "--to", to])
-        .output()
-        .unwrap();
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-    }
-    Ok(serde_json::from_slice(&out.stdout).unwrap())
+    engine.ctl_try(&["move", tenant, "--to", to])
 }
 
 /// A guest with a connection to a native server (port on argv), a listener, and, on request, a

@@ -110,10 +110,17 @@ impl TestEngine {
 
     /// `netkernel ctl WHAT --json`, parsed.
     pub fn ctl(&self, what: &str) -> serde_json::Value {
+        self.ctl_try(&[what]).unwrap_or_else(|e| panic!("ctl {what}: {e}"))
+    }
+
+    /// `netkernel ctl ARGS... --json`: the answer parsed, or what it printed on stderr.
+    pub fn ctl_try(&self, args: &[&str]) -> Result<serde_json::Value, String> {
         let out =
-            Command::new(NETKERNEL).args(["ctl", "--json", "--socket"]).arg(&self.socket).arg(what).output().unwrap();
-        assert!(out.status.success(), "ctl {what}: {}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice(&out.stdout).unwrap()
+            Command::new(NETKERNEL).args(["ctl", "--json", "--socket"]).arg(&self.socket).args(args).output().unwrap();
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        Ok(serde_json::from_slice(&out.stdout).unwrap())
     }
 
     /// Starts a python3 guest running `script`, which prints "ready" once set up and then
