@@ -847,7 +847,9 @@ impl Engine {
                 .collect();
             names.dedup();
             return refuse(format!(
-                "[[nsm]] {} changed, which cannot change under running guests (restart the engine: NSMs and guests carry on)",
+                "[[nsm]] {} changed, which cannot change under running guests (a new NSM binary: `netkernel ctl \
+                 upgrade NSM --binary PATH`; a tenant on another NSM: `netkernel ctl move TENANT --to NSM`; the rest \
+                 takes effect when the engine restarts)",
                 names.join(", ")
             ));
         }
@@ -861,8 +863,10 @@ impl Engine {
                 // The edit names the NSM a `ctl move` put the tenant on: what is in effect.
                 Some(o) if o.nsm.get_ref() != t.nsm.get_ref() && self.nsm_of(&o) != *t.nsm.get_ref() => {
                     return refuse(format!(
-                        "tenant {name} moved from NSM {} to {}, which needs its guests to restart",
+                        "tenant {name} moved from NSM {} to {}: `netkernel ctl move {name} --to {}` moves it with its \
+                         running guests, then reload",
                         o.nsm.get_ref(),
+                        t.nsm.get_ref(),
                         t.nsm.get_ref()
                     ))
                 }
