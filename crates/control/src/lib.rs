@@ -117,6 +117,9 @@ pub struct ReloadReport {
     /// NSMs whose congestion control changed ("NAME: OLD -> NEW"): for new connections.
     #[serde(default)]
     pub nsms: Vec<String>,
+    /// NSMs the edit added, started now.
+    #[serde(default)]
+    pub nsms_added: Vec<String>,
 }
 
 impl EngineRequest {

@@ -140,7 +140,10 @@ pub struct Engine {
     socket: PathBuf,
     /// Where NSMs wait to be adopted by the next engine (next to the socket).
     state_dir: PathBuf,
-    nsms: Vec<Arc<Nsm>>,
+    /// The supervised NSMs (`ctl reload` may add some).
+    nsms: std::sync::RwLock<Vec<Arc<Nsm>>>,
+    /// This engine, for the supervisor threads of NSMs added later.
+    me: std::sync::Weak<Engine>,
     attachments: Mutex<HashMap<u64, Attachment>>,
     /// Tenants `ctl move` gave another NSM than their configuration's (tenant -> NSM), until a
     /// reload names that NSM or the engine restarts.
@@ -247,6 +250,26 @@ fn token_matches(presented: Option<&str>, expected: Option<&String>) -> bool {
     }
 }
 
+/// A user NSM's TAP device, named for this engine so that engines side by side (tests) do not
+/// collide; validated with the configuration.
+fn user_link(n: &config::NsmConfig, index: usize) -> Option<(link::UserLink, String)> {
+    (n.kind == "user").then(|| n.user_link().ok()).flatten().map(|l| {
+        // SAFETY: getpid cannot fail.
+        (l, format!("nku{index}p{}", unsafe { libc::getpid() } % 100_000))
+    })
+}
+
+/// NSM `n`, the `index`th of the configuration, as the engine supervises it; `net`: the network
+/// namespace of its own, if it has one.
+fn nsm_for(n: &config::NsmConfig, index: usize, state_dir: &Path, net: Option<netns::NsmNet>) -> Nsm {
+    let name = n.name.get_ref();
+    let hosts = n.hosts.as_ref().map(|h| h.get_ref().clone().into_iter().collect()).unwrap_or_default();
+    let congestion = n.congestion.as_ref().map(|c| c.get_ref().clone());
+    let rendezvous = state_dir.join(format!("{name}.sock"));
+    Nsm::new(name.clone(), n.kind.clone(), congestion, hosts, net, user_link(n, index), rendezvous)
+        .with_scheduler(n.scheduler.as_ref().map(|s| s.get_ref().clone()), n.executors_arg())
+}
+
 /// Only root and the engine's own uid may change what the engine runs (`what`: the request).
 fn operator(conn: &UnixStream, what: &str) -> Result<(), String> {
     // SAFETY: no arguments, no memory touched; geteuid cannot fail.
@@ -302,29 +325,12 @@ impl Engine {
         let mut auto_addresses = HashMap::new();
         for (index, n) in cfg.nsms.iter().enumerate() {
             let name = n.name.get_ref();
-            let hosts: Vec<(String, String)> =
-                n.hosts.as_ref().map(|h| h.get_ref().clone().into_iter().collect()).unwrap_or_default();
-            let congestion = n.congestion.as_ref().map(|c| c.get_ref().clone());
-            let rendezvous = state_dir.join(format!("{name}.sock"));
             let net_file = state_dir.join(format!("{name}.net"));
             let old_net: Option<netns::NsmNet> =
                 std::fs::read(&net_file).ok().and_then(|b| serde_json::from_slice(&b).ok());
             let had_net = old_net.is_some();
-            // A user NSM's TAP device, named for this engine so that engines side by side (tests)
-            // do not collide; validated with the configuration.
-            let link = (n.kind == "user").then(|| n.user_link().ok()).flatten().map(|l| {
-                // SAFETY: getpid cannot fail.
-                (l, format!("nku{index}p{}", unsafe { libc::getpid() } % 100_000))
-            });
-            let candidate = Nsm::new(
-                name.clone(),
-                n.kind.clone(),
-                congestion.clone(),
-                hosts.clone(),
-                old_net,
-                link.clone(),
-                rendezvous.clone(),
-            );
+            let link = user_link(n, index);
+            let candidate = nsm_for(n, index, &state_dir, old_net);
             let veth = link.as_ref().is_some_and(|(l, _)| l.medium == link::Medium::Veth);
             match candidate.adopt() {
                 Some((r, state)) if had_net == (n.netns || veth) => {
@@ -387,20 +393,20 @@ impl Engine {
                 let json = serde_json::to_vec(net).map_err(|e| spawn_err(e.to_string()))?;
                 std::fs::write(&net_file, json).map_err(|e| spawn_err(format!("{}: {e}", net_file.display())))?;
             }
-            let nsm = Nsm::new(name.clone(), n.kind.clone(), congestion, hosts, net, link, rendezvous)
-                .with_scheduler(n.scheduler.as_ref().map(|s| s.get_ref().clone()), n.executors_arg());
+            let nsm = nsm_for(n, index, &state_dir, net);
             let r = nsm.spawn().map_err(|source| EngineError::Spawn { name: name.clone(), source })?;
             nsms.push(Arc::new(nsm));
             running.push(r);
         }
         let tokens = read_tokens(&cfg);
-        let engine = Arc::new(Engine {
+        let engine = Arc::new_cyclic(|me| Engine {
+            me: me.clone(),
             cfg: std::sync::RwLock::new(Arc::new(cfg)),
             auto_addresses,
             tokens: std::sync::RwLock::new(tokens),
             socket,
             state_dir,
-            nsms,
+            nsms: std::sync::RwLock::new(nsms),
             attachments: Mutex::new(HashMap::new()),
             moved: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
@@ -409,20 +415,13 @@ impl Engine {
         for state in adopted {
             engine.rebuild(state);
         }
-        for (nsm, r) in engine.nsms.iter().zip(running) {
-            let (e, n) = (Arc::downgrade(&engine), nsm.clone());
-            std::thread::spawn(move || {
-                supervisor::supervise(n, r, move |name, generations| {
-                    if let Some(e) = e.upgrade() {
-                        e.nsm_died(name, generations);
-                    }
-                })
-            });
+        for (nsm, r) in engine.nsms().into_iter().zip(running) {
+            engine.supervise(nsm, r);
         }
         log(format!(
             "listening on {} with {} NSM(s), {} tenant(s)",
             engine.socket.display(),
-            engine.nsms.len(),
+            engine.nsms().len(),
             engine.cfg().tenants.len()
         ));
         Ok((engine, listener))
@@ -432,7 +431,7 @@ impl Engine {
     /// and its doorbells come back from the NSM, holders from its pidfds. New attachment ids
     /// start past every id it serves.
     fn rebuild(&self, state: netkernel_service::control::NsmState) {
-        let Some(nsm) = self.nsms.iter().find(|n| n.name == state.name) else { return };
+        let Ok(nsm) = self.nsm(&state.name) else { return };
         let generation = nsm.generation();
         let mut atts = self.attachments.lock().unwrap_or_else(|e| e.into_inner());
         for a in state.attachments {
@@ -484,7 +483,7 @@ impl Engine {
         for a in self.attachments.lock().unwrap_or_else(|e| e.into_inner()).values() {
             a.region.mark_dead(Some(a.guest_bell.as_raw_fd()));
         }
-        for n in &self.nsms {
+        for n in &self.nsms() {
             n.stop();
             if let Some(net) = &n.net {
                 net.remove();
@@ -499,7 +498,7 @@ impl Engine {
     /// adopt them. Idle ones are stopped (with their namespaces), as nothing would need them.
     pub fn detach(&self) {
         let atts = self.attachments.lock().unwrap_or_else(|e| e.into_inner());
-        for n in &self.nsms {
+        for n in &self.nsms() {
             let serving = atts.values().filter(|a| a.nsm == n.name).count();
             if serving > 0 {
                 log(format!("NSM {} keeps serving {serving} attachment(s) for the next engine", n.name));
@@ -696,6 +695,34 @@ impl Engine {
         }
     }
 
+    /// The NSMs now.
+    pub(crate) fn nsms(&self) -> Vec<Arc<Nsm>> {
+        self.nsms.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// NSM `name`, or an error that lists the NSMs there are.
+    fn nsm(&self, name: &str) -> Result<Arc<Nsm>, String> {
+        let nsms = self.nsms();
+        let found = nsms.iter().find(|n| n.name == name).cloned();
+        found.ok_or_else(|| {
+            let names: Vec<&str> = nsms.iter().map(|n| n.name.as_str()).collect();
+            format!("no NSM named {name:?} (NSMs: {})", names.join(", "))
+        })
+    }
+
+    /// Watches NSM `nsm` (running as `r`) from a thread of its own: restarts it when it dies,
+    /// after declaring its guests' regions dead.
+    fn supervise(&self, nsm: Arc<Nsm>, r: supervisor::Running) {
+        let e = self.me.clone();
+        std::thread::spawn(move || {
+            supervisor::supervise(nsm, r, move |name, generations| {
+                if let Some(e) = e.upgrade() {
+                    e.nsm_died(name, generations);
+                }
+            })
+        });
+    }
+
     /// The NSM serving tenant `t` now: its configuration's, unless `ctl move` said otherwise.
     fn nsm_of(&self, t: &config::TenantConfig) -> String {
         let moved = self.moved.lock().unwrap_or_else(|e| e.into_inner());
@@ -713,14 +740,7 @@ impl Engine {
             let names: Vec<&str> = cfg.tenants.iter().map(|t| t.name.get_ref().as_str()).collect();
             format!("no tenant named {tenant:?} (tenants: {})", names.join(", "))
         })?;
-        let find = |name: &str| {
-            self.nsms.iter().find(|n| n.name == name).ok_or_else(|| {
-                let names: Vec<&str> = self.nsms.iter().map(|n| n.name.as_str()).collect();
-                format!("no NSM named {name:?} (NSMs: {})", names.join(", "))
-            })
-        };
-        let from_name = self.nsm_of(t);
-        let (from, target) = (find(&from_name)?, find(to)?);
+        let (from, target) = (self.nsm(&self.nsm_of(t))?, self.nsm(to)?);
         if from.name == target.name {
             return Err(format!("tenant {tenant} is served by NSM {to} already"));
         }
@@ -744,7 +764,7 @@ impl Engine {
             ..Default::default()
         };
         if !ids.is_empty() {
-            let (handed, generation) = match from.move_to(target, ids.clone()) {
+            let (handed, generation) = match from.move_to(&target, ids.clone()) {
                 Ok(h) => h,
                 Err(e) => {
                     self.unmove(tenant, t.nsm.get_ref(), &from.name);
@@ -796,10 +816,7 @@ impl Engine {
     /// Replaces NSM `name`'s process by a new one that takes over its guests while they run
     /// (`ctl upgrade`); from `binary` if given (it must speak this engine's region ABI).
     pub fn upgrade(&self, name: &str, binary: Option<String>) -> Result<netkernel_control::UpgradeReport, String> {
-        let nsm = self.nsms.iter().find(|n| n.name == name).ok_or_else(|| {
-            let names: Vec<&str> = self.nsms.iter().map(|n| n.name.as_str()).collect();
-            format!("no NSM named {name:?} (NSMs: {})", names.join(", "))
-        })?;
+        let nsm = self.nsm(name)?;
         let binary = match binary {
             Some(b) => Some(std::fs::canonicalize(&b).map_err(|e| format!("{b}: {e}"))?),
             None => None,
@@ -838,20 +855,27 @@ impl Engine {
         let refuse = |what: String| Err(format!("{}: {what}; nothing applied", path.display()));
         let nsm_ids = |c: &Config| c.nsms.iter().map(|n| (n.name.get_ref().clone(), n.identity())).collect::<Vec<_>>();
         let (before, after) = (nsm_ids(&old), nsm_ids(&new));
-        if before != after {
-            let mut names: Vec<&str> = before
-                .iter()
-                .chain(&after)
-                .filter(|x| !before.contains(x) || !after.contains(x))
-                .map(|x| x.0.as_str())
-                .collect();
-            names.dedup();
+        // An NSM added starts now; one removed or changed cannot change under its guests.
+        let mut names: Vec<&str> = before.iter().filter(|b| !after.contains(b)).map(|b| b.0.as_str()).collect();
+        names.dedup();
+        if !names.is_empty() {
             return refuse(format!(
-                "[[nsm]] {} changed, which cannot change under running guests (a new NSM binary: `netkernel ctl \
-                 upgrade NSM --binary PATH`; a tenant on another NSM: `netkernel ctl move TENANT --to NSM`; the rest \
-                 takes effect when the engine restarts)",
+                "[[nsm]] {} changed or removed, which cannot change under running guests (a new NSM binary: \
+                 `netkernel ctl upgrade NSM --binary PATH`; a tenant on another NSM: `netkernel ctl move TENANT --to \
+                 NSM`; the rest takes effect when the engine restarts)",
                 names.join(", ")
             ));
+        }
+        let new_nsms: Vec<(usize, &config::NsmConfig)> =
+            new.nsms.iter().enumerate().filter(|(_, n)| !before.iter().any(|b| b.0 == *n.name.get_ref())).collect();
+        for (_, n) in &new_nsms {
+            if n.netns || n.user_link().is_ok_and(|l| l.medium == link::Medium::Veth) {
+                return refuse(format!(
+                    "NSM {} is new and runs in a network namespace of its own, which the engine makes at start \
+                     (restart the engine to add it)",
+                    n.name.get_ref()
+                ));
+            }
         }
         if format!("{:?}", old.engine) != format!("{:?}", new.engine) {
             return refuse("[engine] changed, which takes effect when the engine restarts".into());
@@ -900,15 +924,31 @@ impl Engine {
         // Kernel NSMs whose congestion control changed: new connections take the new one.
         let cc = |n: &config::NsmConfig| n.congestion.as_ref().map(|c| c.get_ref().clone());
         let mut switches = Vec::new();
-        for (o, n) in old.nsms.iter().zip(&new.nsms).filter(|(o, n)| cc(o) != cc(n)) {
+        let pairs = new.nsms.iter().filter_map(|n| Some((old.nsms.iter().find(|o| o.name == n.name)?, n)));
+        for (o, n) in pairs.filter(|(o, n)| cc(o) != cc(n)) {
             let Some(now) = cc(n) else {
                 return refuse(format!(
                     "NSM {}: congestion removed (name the one new connections use)",
                     n.name.get_ref()
                 ));
             };
-            let Some(nsm) = self.nsms.iter().find(|x| x.name == *n.name.get_ref()) else { continue };
+            let Ok(nsm) = self.nsm(n.name.get_ref()) else { continue };
             switches.push((nsm.clone(), cc(o).unwrap_or_else(|| "default".into()), now));
+        }
+        let mut nsms_added = Vec::new();
+        for (index, n) in new_nsms {
+            let nsm = Arc::new(nsm_for(n, index, &self.state_dir, None));
+            let r = nsm.spawn().map_err(|e| {
+                let done = if nsms_added.is_empty() {
+                    "nothing applied".to_string()
+                } else {
+                    format!("already started: {nsms_added:?}")
+                };
+                format!("{}: NSM {}: {e}; {done}", path.display(), nsm.name)
+            })?;
+            self.nsms.write().unwrap_or_else(|e| e.into_inner()).push(nsm.clone());
+            nsms_added.push(nsm.name.clone());
+            self.supervise(nsm, r);
         }
         let mut nsms = Vec::new();
         for (nsm, was, now) in switches {
@@ -934,20 +974,26 @@ impl Engine {
                 .collect()
         };
         for (id, nsm) in gone {
-            if let Some(Err(e)) = self.nsms.iter().find(|n| n.name == nsm).map(|n| n.detach(id)) {
+            if let Some(Err(e)) = self.nsm(&nsm).ok().map(|n| n.detach(id)) {
                 log(format!("reload: NSM {nsm} could not end attachment {id}: {e}"));
             }
         }
         for (nsm, tenant, policy) in &policies {
-            if let Some(Err(e)) = self.nsms.iter().find(|n| &n.name == nsm).map(|n| n.set_policy(tenant, policy)) {
+            if let Some(Err(e)) = self.nsm(nsm).ok().map(|n| n.set_policy(tenant, policy)) {
                 log(format!("reload: NSM {nsm} did not take tenant {tenant}'s new policy: {e}"));
             }
         }
-        let report =
-            netkernel_control::ReloadReport { config: path.display().to_string(), added, removed, changed, nsms };
+        let report = netkernel_control::ReloadReport {
+            config: path.display().to_string(),
+            added,
+            removed,
+            changed,
+            nsms,
+            nsms_added,
+        };
         log(format!(
-            "reloaded {}: added {:?}, removed {:?}, changed {:?}, congestion {:?}",
-            report.config, report.added, report.removed, report.changed, report.nsms
+            "reloaded {}: added {:?}, removed {:?}, changed {:?}, congestion {:?}, NSMs started {:?}",
+            report.config, report.added, report.removed, report.changed, report.nsms, report.nsms_added
         ));
         Ok(report)
     }
@@ -1051,7 +1097,7 @@ impl Engine {
             ));
         }
         let nsm_name = self.nsm_of(t);
-        let nsm = self.nsms.iter().find(|n| n.name == nsm_name).ok_or("tenant's NSM is not running")?;
+        let nsm = self.nsm(&nsm_name).map_err(|_| "tenant's NSM is not running")?;
         // The guest's word is checked: isolated means a network namespace other than ours.
         let isolated = isolated && {
             let theirs = net_namespace(cred.pid);
@@ -1136,7 +1182,7 @@ impl Engine {
             return Ok(h);
         }
         let pidfd = pidfd_open(pid).map_err(|e| format!("pidfd_open({pid}): {e}"))?;
-        let nsm = self.nsms.iter().find(|n| n.name == nsm_name).ok_or("attachment's NSM is gone")?;
+        let nsm = self.nsm(&nsm_name).map_err(|_| "attachment's NSM is gone")?;
         nsm.hold(id, holder, pidfd.as_raw_fd()).map_err(|e| format!("NSM {}: {e}", nsm.name))?;
         let mut atts = self.attachments.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(a) = atts.get_mut(&id) {
@@ -1174,15 +1220,15 @@ impl Engine {
     }
 
     fn stats(&self) -> Vec<NsmStats> {
-        self.nsms.iter().filter_map(|n| n.stats().ok()).collect()
+        self.nsms().iter().filter_map(|n| n.stats().ok()).collect()
     }
 
     fn nsm_views(&self) -> Vec<NsmView> {
         // Ask the NSMs before taking the attachments lock: a slow NSM must not stall attaches.
-        let stats: Vec<NsmStats> = self.nsms.iter().map(|n| n.stats().unwrap_or_default()).collect();
+        let nsms = self.nsms();
+        let stats: Vec<NsmStats> = nsms.iter().map(|n| n.stats().unwrap_or_default()).collect();
         let atts = self.attachments.lock().unwrap_or_else(|e| e.into_inner());
-        self.nsms
-            .iter()
+        nsms.iter()
             .zip(stats)
             .map(|(n, s)| NsmView {
                 name: n.name.clone(),

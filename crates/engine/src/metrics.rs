@@ -29,7 +29,8 @@ impl Family<'_> {
 
 /// The exposition text for the engine's current state.
 pub fn render(engine: &Engine) -> String {
-    let nsms: Vec<(&crate::Nsm, Option<NsmStats>)> = engine.nsms.iter().map(|n| (n.as_ref(), n.stats().ok())).collect();
+    let all = engine.nsms();
+    let nsms: Vec<(&crate::Nsm, Option<NsmStats>)> = all.iter().map(|n| (n.as_ref(), n.stats().ok())).collect();
     let mut out = String::new();
     let mut f = Family { out: &mut out };
     f.head("netkernel_nsm_up", "gauge", "Whether the NSM process answers its engine.");

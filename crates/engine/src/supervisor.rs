@@ -418,7 +418,11 @@ impl Nsm {
         let new_pid = child.id();
         // Holding the lock: no attach, hold or stats reaches either process meanwhile.
         let mut p = self.lock();
-        let old_pid = p.pid.ok_or_else(|| other(format!("NSM {} is not running", self.name)))?;
+        let Some(old_pid) = p.pid.filter(|_| p.control.is_some()) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(other(format!("NSM {} is not running (restarting?); nothing to upgrade", self.name)));
+        };
         let mut new = Proc { pid: Some(new_pid), pidfd: None, control: Some(ours), generation: 0, line: 0 };
         let (handed, took) = hand(&mut p, &mut new, None);
         let handed = match handed {

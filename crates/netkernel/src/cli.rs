@@ -380,6 +380,7 @@ fn ctl(socket: Option<PathBuf>, json: bool, what: &str, req: EngineRequest) -> i
                 ("removed", "guests reset"),
                 ("changed", "in effect now"),
                 ("nsms", "congestion control of new connections"),
+                ("nsms_added", "NSMs started"),
             ] {
                 println!("  {k:8} {} ({what})", list(k).filter(|l| !l.is_empty()).unwrap_or_else(|| "-".into()));
             }

@@ -125,3 +125,38 @@ fn reload_adds_reweights_and_removes_tenants_under_running_guests() {
         let _ = c.wait();
     }
 }
+
+/// An NSM added to the file starts at the reload, supervised as the others; a tenant added on it
+/// attaches there; removing an NSM is refused (its guests would lose their stack).
+#[test]
+fn reload_starts_an_added_nsm() {
+    require("python3");
+    let engine = TestEngine::with_config(&format!("{NSM}{}", tenant("blue", "")));
+    let cfg = engine.config_path().unwrap();
+    let (mut blue, mut blue_ask) = echo_guest(&engine, "blue");
+    let added = format!(
+        "{NSM}[[nsm]]\nname = \"k2\"\ncongestion = \"reno\"\n\n{}{}",
+        tenant("blue", ""),
+        "[[tenant]]\nname = \"red\"\nnsm = \"k2\"\n"
+    );
+    std::fs::write(&cfg, &added).unwrap();
+    let (ok, text) = reload(&engine);
+    assert!(ok && text.contains("nsms_added k2") && text.contains("added    red"), "{text}");
+    let nsms = engine.ctl("nsms");
+    let k2 = nsms.as_array().unwrap().iter().find(|n| n["name"] == "k2").unwrap_or_else(|| panic!("{nsms}"));
+    assert!(k2["pid"].as_u64().unwrap() > 0 && k2["congestion"] == "reno", "{k2}");
+    let (mut red, mut red_ask) = echo_guest(&engine, "red");
+    assert_eq!(red_ask("on the new NSM"), "ok");
+    let conns = engine.ctl("conns");
+    assert!(conns.as_array().unwrap().iter().any(|c| c["tenant"] == "red" && c["nsm"] == "k2"), "{conns}");
+    assert_eq!(blue_ask("unharmed"), "ok");
+    // Taking it away again is refused: red's guest runs on it.
+    std::fs::write(&cfg, format!("{NSM}{}", tenant("blue", ""))).unwrap();
+    let (ok, text) = reload(&engine);
+    assert!(!ok && text.contains("[[nsm]] k2 changed or removed") && text.contains("nothing applied"), "{text}");
+    assert_eq!(red_ask("still served"), "ok");
+    // The guests end when their stdin (held by the ask closures) closes.
+    drop((red_ask, blue_ask));
+    let _ = red.wait();
+    let _ = blue.wait();
+}
