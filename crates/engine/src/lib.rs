@@ -1182,7 +1182,7 @@ impl Engine {
             return Ok(h);
         }
         let pidfd = pidfd_open(pid).map_err(|e| format!("pidfd_open({pid}): {e}"))?;
-        let nsm = self.nsm(&nsm_name).map_err(|_| "attachment's NSM is gone")?;
+        let nsm = self.nsm(nsm_name).map_err(|_| "attachment's NSM is gone")?;
         nsm.hold(id, holder, pidfd.as_raw_fd()).map_err(|e| format!("NSM {}: {e}", nsm.name))?;
         let mut atts = self.attachments.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(a) = atts.get_mut(&id) {
