@@ -365,3 +365,40 @@ fn a_tenant_moves_to_another_nsm_with_its_connections() {
     let _ = guest.kill();
     let _ = guest.wait();
 }
+
+/// An NSM with two executors upgrades too: the second executor's attachments come to the first,
+/// then everything goes to the new process.
+#[test]
+fn an_nsm_with_two_executors_upgrades() {
+    require("python3");
+    let engine = TestEngine::with_config(
+        "[[nsm]]\nname = \"k\"\nexecutors = 2\ncolocate = false\n\n[[tenant]]\nname = \"t\"\nnsm = \"k\"\n",
+    );
+    let script =
+        "import socket,sys\nl=socket.create_server(('127.0.0.1',0))\nc=socket.create_connection(l.getsockname())\n\
+                  s,_=l.accept()\nprint('ready',flush=True)\nfor line in sys.stdin:\n    c.sendall(line.encode())\n    \
+                  print('ok' if s.recv(100)==line.encode() else 'bad',flush=True)\n";
+    let mut guests = Vec::new();
+    for _ in 0..2 {
+        let mut g =
+            engine.run("python3", &["-c", script]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+        let mut out = BufReader::new(g.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ready");
+        guests.push((g.stdin.take().unwrap(), out, g));
+    }
+    assert_eq!(engine.nsm()["executors"], 2, "{}", engine.nsm());
+    let r = upgrade(&engine, "k", None).unwrap_or_else(|e| panic!("{e}\n{}", engine.log()));
+    assert_eq!((r["attachments"].as_u64(), r["sockets"].as_u64()), (Some(2), Some(6)), "{r}");
+    for (stdin, out, _) in guests.iter_mut() {
+        writeln!(stdin, "after the upgrade").unwrap();
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ok");
+    }
+    for (stdin, _, mut g) in guests {
+        drop(stdin);
+        let _ = g.wait();
+    }
+}

@@ -148,13 +148,11 @@ impl<S: Stack> Service<S> {
     /// success this process serves them no more (after handing over everything it exits once
     /// its engine lets go); on failure it serves on as before.
     pub(crate) fn handover(&mut self, to: OwnedFd, only: Option<&[u64]>) -> Result<Handed, String> {
-        if self.pool.as_ref().is_some_and(|p| p.executors() > 1) {
-            return Err("the NSM runs more than one executor now; an upgrade hands over one executor's work \
-                        (retry once its load has fallen, or set executors = 1)"
-                .into());
-        }
         patient(&to).map_err(io_err)?;
         let stopped_ns = monotonic_ns();
+        if only.is_none() {
+            self.gather()?;
+        }
         let (snap, fds, blob) = self.write_down(stopped_ns, only)?;
         let sockets = snap.attachments.iter().map(|a| a.socks.iter().flatten().count()).sum();
         let attachments = snap.attachments.len();
@@ -178,6 +176,34 @@ impl<S: Stack> Service<S> {
             Some(ids) => self.drop_quietly(|a| ids.contains(&a.id)),
         }
         Ok(Handed { old_pid: std::process::id(), stopped_ns, serving_ns, attachments, sockets })
+    }
+
+    /// Brings the other executors' attachments to this one, each handed over as to another NSM
+    /// (within the process), so that one snapshot carries everything. An executor's co-located
+    /// connections are all its own, so they move whole.
+    fn gather(&mut self) -> Result<(), String> {
+        let Some(mut pool) = self.pool.take() else { return Ok(()) };
+        let r = (|| {
+            for (k, state) in pool.states().into_iter().enumerate() {
+                let ids: Vec<u64> = state.attachments.iter().map(|a| a.attachment).collect();
+                if ids.is_empty() {
+                    continue;
+                }
+                let (give, take) = std::os::unix::net::UnixStream::pair().map_err(io_err)?;
+                let req = crate::control::NsmRequest::Handover { attachments: Some(ids.clone()) };
+                pool.tell(k, &req, &[give.as_raw_fd()]).map_err(|e| format!("executor {}: {e}", k + 1))?;
+                drop(give);
+                let took = self.takeover(take.into());
+                let handed = pool.answer(k).map_err(io_err).and_then(|(payload, _)| {
+                    control::Reply::decode::<Handed>(&payload).map_err(|e| format!("executor {}: {e}", k + 1))
+                });
+                took.and(handed)?;
+                pool.came_home(k, &ids);
+            }
+            Ok(())
+        })();
+        self.pool = Some(pool);
+        r
     }
 
     /// Everything to hand over, without changing anything: the snapshot, the fds it indexes and

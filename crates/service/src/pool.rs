@@ -113,11 +113,28 @@ impl Pool {
     /// Sends `req` (with `fds`) to executor `k` and returns its answer as it came, fds included,
     /// for the engine (`netkernel_control::call` where the answer is read here).
     pub(crate) fn ask(&mut self, k: usize, req: &NsmRequest, fds: &[RawFd]) -> io::Result<(Vec<u8>, Vec<OwnedFd>)> {
+        self.tell(k, req, fds)?;
+        self.answer(k)
+    }
+
+    /// Sends `req` to executor `k` without waiting for its answer (read it with `answer`).
+    pub(crate) fn tell(&mut self, k: usize, req: &NsmRequest, fds: &[RawFd]) -> io::Result<()> {
+        sys::send_frame(self.execs[k].chan.as_raw_fd(), &serde_json::to_vec(req).unwrap_or_default(), fds)
+    }
+
+    /// Executor `k`'s answer to what it was told.
+    pub(crate) fn answer(&mut self, k: usize) -> io::Result<(Vec<u8>, Vec<OwnedFd>)> {
         let chan = self.execs[k].chan.as_raw_fd();
-        sys::send_frame(chan, &serde_json::to_vec(req).unwrap_or_default(), fds)?;
         let (payload, fds) = sys::recv_frame(chan)?.ok_or_else(|| io::Error::other("executor gone"))?;
         // SAFETY: the fds were just received and are owned by nobody else.
         Ok((payload, fds.into_iter().map(|fd| unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) }).collect()))
+    }
+
+    /// Attachments `ids` of executor `k` are executor 0's now.
+    pub(crate) fn came_home(&mut self, k: usize, ids: &[u64]) {
+        self.owner.retain(|id, _| !ids.contains(id));
+        let e = &mut self.execs[k];
+        e.attachments = e.attachments.saturating_sub(ids.len());
     }
 
     /// The executor serving attachment `id`, if not executor 0.
