@@ -402,3 +402,38 @@ fn an_nsm_with_two_executors_upgrades() {
         let _ = g.wait();
     }
 }
+
+/// An upgraded NSM keeps the rendezvous socket: an engine killed after the upgrade is replaced
+/// by one that adopts the new process, lists the guest's connections and upgrades it again.
+#[test]
+fn an_upgraded_nsm_is_adopted_by_a_restarted_engine() {
+    require("python3");
+    let mut engine = TestEngine::start();
+    let script =
+        "import socket,sys\nl=socket.create_server(('127.0.0.1',0))\nc=socket.create_connection(l.getsockname())\n\
+                  s,_=l.accept()\nprint('ready',flush=True)\nfor line in sys.stdin:\n    c.sendall(line.encode())\n    \
+                  print('ok' if s.recv(100)==line.encode() else 'bad',flush=True)\n";
+    let mut g = engine.run("python3", &["-c", script]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    let mut stdin = g.stdin.take().unwrap();
+    let mut out = BufReader::new(g.stdout.take().unwrap());
+    let mut ask = |what: &str| {
+        writeln!(stdin, "{what}").unwrap();
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        line.trim().to_string()
+    };
+    assert_eq!(ask("hello"), "ready");
+    let first = upgrade(&engine, "kernel", None).unwrap();
+    engine.stop_with(libc::SIGKILL);
+    assert_eq!(ask("no engine"), "ok");
+    engine.restart();
+    let nsm = engine.nsm();
+    assert_eq!(nsm["pid"], first["new_pid"], "the new engine adopted the upgraded process: {nsm}");
+    assert_eq!(nsm["attachments"], 1);
+    let second = upgrade(&engine, "kernel", None).unwrap_or_else(|e| panic!("{e}\n{}", engine.log()));
+    assert_eq!(second["old_pid"], first["new_pid"]);
+    assert_eq!(ask("after two upgrades and an engine restart"), "ok");
+    drop(ask);
+    drop(stdin);
+    let _ = g.wait();
+}
