@@ -3,8 +3,8 @@
 
 mod common;
 use common::*;
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
+
+use std::process::Command;
 use std::time::Duration;
 
 const NSM: &str = "[[nsm]]\nname = \"k\"\nscheduler = \"fair\"\ncolocate = false\n\n";
@@ -23,31 +23,6 @@ fn reload(engine: &TestEngine) -> (bool, String) {
         .unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     (out.status.success(), text)
-}
-
-/// A guest of `tenant` that echoes lines on a connection to itself for as long as its stdin
-/// gives them: "ok" per line while the connection works, "error ..." once it does not.
-fn echo_guest(engine: &TestEngine, tenant: &str) -> (std::process::Child, impl FnMut(&str) -> String) {
-    let script = "import socket,sys\nl=socket.create_server(('127.0.0.1',0))\nc=socket.create_connection(l.getsockname())\n\
-                  s,_=l.accept()\nprint('ready',flush=True)\nfor line in sys.stdin:\n    try:\n        c.sendall(line.encode())\n        \
-                  d=s.recv(100)\n        print('ok' if d==line.encode() else 'bad',flush=True)\n    except OSError as e:\n        \
-                  print('error',e.errno,flush=True)\n";
-    let mut c = Command::new(env!("CARGO_BIN_EXE_netkernel"));
-    c.args(["run", "--tenant", tenant, "--socket"]).arg(&engine.socket).args(["--", "python3", "-c", script]);
-    c.stdin(Stdio::piped()).stdout(Stdio::piped());
-    let mut child = c.spawn().unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "ready");
-    let ask = move |msg: &str| {
-        writeln!(stdin, "{msg}").unwrap();
-        let mut line = String::new();
-        out.read_line(&mut line).unwrap();
-        line.trim().to_string()
-    };
-    (child, ask)
 }
 
 fn tenants(engine: &TestEngine) -> Vec<serde_json::Value> {

@@ -374,31 +374,15 @@ fn an_nsm_with_two_executors_upgrades() {
     let engine = TestEngine::with_config(
         "[[nsm]]\nname = \"k\"\nexecutors = 2\ncolocate = false\n\n[[tenant]]\nname = \"t\"\nnsm = \"k\"\n",
     );
-    let script =
-        "import socket,sys\nl=socket.create_server(('127.0.0.1',0))\nc=socket.create_connection(l.getsockname())\n\
-                  s,_=l.accept()\nprint('ready',flush=True)\nfor line in sys.stdin:\n    c.sendall(line.encode())\n    \
-                  print('ok' if s.recv(100)==line.encode() else 'bad',flush=True)\n";
-    let mut guests = Vec::new();
-    for _ in 0..2 {
-        let mut g =
-            engine.run("python3", &["-c", script]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
-        let mut out = BufReader::new(g.stdout.take().unwrap());
-        let mut line = String::new();
-        out.read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), "ready");
-        guests.push((g.stdin.take().unwrap(), out, g));
-    }
+    let mut guests = vec![echo_guest(&engine, "t"), echo_guest(&engine, "t")];
     assert_eq!(engine.nsm()["executors"], 2, "{}", engine.nsm());
     let r = upgrade(&engine, "k", None).unwrap_or_else(|e| panic!("{e}\n{}", engine.log()));
     assert_eq!((r["attachments"].as_u64(), r["sockets"].as_u64()), (Some(2), Some(6)), "{r}");
-    for (stdin, out, _) in guests.iter_mut() {
-        writeln!(stdin, "after the upgrade").unwrap();
-        let mut line = String::new();
-        out.read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), "ok");
+    for (_, ask) in guests.iter_mut() {
+        assert_eq!(ask("after the upgrade"), "ok");
     }
-    for (stdin, _, mut g) in guests {
-        drop(stdin);
+    for (mut g, ask) in guests {
+        drop(ask);
         let _ = g.wait();
     }
 }
@@ -409,20 +393,7 @@ fn an_nsm_with_two_executors_upgrades() {
 fn an_upgraded_nsm_is_adopted_by_a_restarted_engine() {
     require("python3");
     let mut engine = TestEngine::start();
-    let script =
-        "import socket,sys\nl=socket.create_server(('127.0.0.1',0))\nc=socket.create_connection(l.getsockname())\n\
-                  s,_=l.accept()\nprint('ready',flush=True)\nfor line in sys.stdin:\n    c.sendall(line.encode())\n    \
-                  print('ok' if s.recv(100)==line.encode() else 'bad',flush=True)\n";
-    let mut g = engine.run("python3", &["-c", script]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
-    let mut stdin = g.stdin.take().unwrap();
-    let mut out = BufReader::new(g.stdout.take().unwrap());
-    let mut ask = |what: &str| {
-        writeln!(stdin, "{what}").unwrap();
-        let mut line = String::new();
-        out.read_line(&mut line).unwrap();
-        line.trim().to_string()
-    };
-    assert_eq!(ask("hello"), "ready");
+    let (mut g, mut ask) = echo_guest(&engine, "default");
     let first = upgrade(&engine, "kernel", None).unwrap();
     engine.stop_with(libc::SIGKILL);
     assert_eq!(ask("no engine"), "ok");
@@ -434,6 +405,5 @@ fn an_upgraded_nsm_is_adopted_by_a_restarted_engine() {
     assert_eq!(second["old_pid"], first["new_pid"]);
     assert_eq!(ask("after two upgrades and an engine restart"), "ok");
     drop(ask);
-    drop(stdin);
     let _ = g.wait();
 }
