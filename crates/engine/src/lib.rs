@@ -250,6 +250,26 @@ fn token_matches(presented: Option<&str>, expected: Option<&String>) -> bool {
     }
 }
 
+/// Where the engine keeps `ctl move`'s overrides, in its state directory.
+const MOVED: &str = "moved.json";
+
+/// The moves a previous engine made (tenant -> NSM) that `cfg` still allows.
+fn read_moved(state_dir: &Path, cfg: &Config) -> HashMap<String, String> {
+    let mut moved: HashMap<String, String> =
+        std::fs::read(state_dir.join(MOVED)).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+    keep_moved(&mut moved, cfg);
+    moved
+}
+
+/// Keeps the overrides that still say something: the tenant and the NSM exist, and the file does
+/// not name that NSM for the tenant already.
+fn keep_moved(moved: &mut HashMap<String, String>, cfg: &Config) {
+    moved.retain(|tenant, nsm| {
+        cfg.nsms.iter().any(|n| n.name.get_ref() == nsm)
+            && cfg.tenants.iter().any(|t| t.name.get_ref() == tenant && t.nsm.get_ref() != nsm)
+    });
+}
+
 /// A user NSM's TAP device, named for this engine so that engines side by side (tests) do not
 /// collide; validated with the configuration.
 fn user_link(n: &config::NsmConfig, index: usize) -> Option<(link::UserLink, String)> {
@@ -399,6 +419,7 @@ impl Engine {
             running.push(r);
         }
         let tokens = read_tokens(&cfg);
+        let moved = read_moved(&state_dir, &cfg);
         let engine = Arc::new_cyclic(|me| Engine {
             me: me.clone(),
             cfg: std::sync::RwLock::new(Arc::new(cfg)),
@@ -408,7 +429,7 @@ impl Engine {
             state_dir,
             nsms: std::sync::RwLock::new(nsms),
             attachments: Mutex::new(HashMap::new()),
-            moved: Mutex::new(HashMap::new()),
+            moved: Mutex::new(moved),
             next_id: AtomicU64::new(1),
             started: Instant::now(),
         });
@@ -752,7 +773,7 @@ impl Engine {
             ));
         }
         // New attachments go to the target from now on; those already made move below.
-        self.moved.lock().unwrap_or_else(|e| e.into_inner()).insert(tenant.into(), to.into());
+        self.serve_by(&cfg, tenant, to);
         let ids: Vec<u64> = {
             let atts = self.attachments.lock().unwrap_or_else(|e| e.into_inner());
             atts.iter().filter(|(_, a)| a.tenant == tenant && a.nsm == from.name).map(|(id, _)| *id).collect()
@@ -767,7 +788,7 @@ impl Engine {
             let (handed, generation) = match from.move_to(&target, ids.clone()) {
                 Ok(h) => h,
                 Err(e) => {
-                    self.unmove(tenant, t.nsm.get_ref(), &from.name);
+                    self.serve_by(&cfg, tenant, &from.name);
                     return Err(e.to_string());
                 }
             };
@@ -787,12 +808,11 @@ impl Engine {
             log(format!("tenant {tenant} on NSM {to}: its policy: {e}"));
         }
         if *t.nsm.get_ref() == to {
-            self.moved.lock().unwrap_or_else(|e| e.into_inner()).remove(tenant);
             report.note = format!("NSM {to} is the configuration's again");
         } else {
             report.note = format!(
-                "the configuration says nsm = {:?}; {to} serves the tenant until a reload names it there or the \
-                 engine restarts",
+                "the configuration says nsm = {:?}; {to} serves the tenant (across engine restarts too) until \
+                 another move, or a reload of a file that names {to} for it",
                 t.nsm.get_ref()
             );
         }
@@ -803,13 +823,24 @@ impl Engine {
         Ok(report)
     }
 
-    /// Undoes the override a failed move made: the tenant stays on `from`.
-    fn unmove(&self, tenant: &str, configured: &str, from: &str) {
+    /// Tenant `tenant`'s new attachments go to NSM `nsm` from now on: an override of `cfg` kept
+    /// in the state directory (a restarted engine keeps it), or none when `cfg` says so.
+    fn serve_by(&self, cfg: &Config, tenant: &str, nsm: &str) {
         let mut moved = self.moved.lock().unwrap_or_else(|e| e.into_inner());
-        if configured == from {
-            moved.remove(tenant);
-        } else {
-            moved.insert(tenant.into(), from.into());
+        moved.insert(tenant.into(), nsm.into());
+        keep_moved(&mut moved, cfg);
+        self.write_moved(&moved);
+    }
+
+    fn write_moved(&self, moved: &HashMap<String, String>) {
+        let path = self.state_dir.join(MOVED);
+        let tmp = path.with_extension("tmp");
+        let written = serde_json::to_vec(moved)
+            .map_err(io::Error::other)
+            .and_then(|b| std::fs::write(&tmp, b))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            log(format!("{}: {e}; a restarted engine will not know of the moves", path.display()));
         }
     }
 
@@ -961,6 +992,11 @@ impl Engine {
             nsms.push(format!("{}: {was} -> {now}", nsm.name));
         }
         *self.cfg.write().unwrap_or_else(|e| e.into_inner()) = new.clone();
+        {
+            let mut moved = self.moved.lock().unwrap_or_else(|e| e.into_inner());
+            keep_moved(&mut moved, &new);
+            self.write_moved(&moved);
+        }
         *self.tokens.write().unwrap_or_else(|e| e.into_inner()) = read_tokens(&new);
         let gone: Vec<(u64, String)> = {
             let mut atts = self.attachments.lock().unwrap_or_else(|e| e.into_inner());

@@ -299,7 +299,7 @@ for line in sys.stdin:
 fn a_tenant_moves_to_another_nsm_with_its_connections() {
     require("python3");
     let cubic_bbr = "[[nsm]]\nname = \"c\"\ncongestion = \"cubic\"\n\n[[nsm]]\nname = \"b\"\ncongestion = \"bbr\"\n\n";
-    let engine = TestEngine::with_config(&format!(
+    let mut engine = TestEngine::with_config(&format!(
         "{cubic_bbr}[[tenant]]\nname = \"t\"\nnsm = \"c\"\n\n[[tenant]]\nname = \"u\"\nnsm = \"c\"\n"
     ));
     let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -360,6 +360,12 @@ fn a_tenant_moves_to_another_nsm_with_its_connections() {
     let conns = engine.ctl("conns");
     let mine: Vec<&serde_json::Value> = conns.as_array().unwrap().iter().filter(|c| c["tenant"] == "t").collect();
     assert!(!mine.is_empty() && mine.iter().all(|c| c["nsm"] == "b"), "{conns}");
+    // A restarted engine keeps the move (the state directory has it).
+    engine.stop_with(libc::SIGTERM);
+    engine.restart();
+    let tenants = engine.ctl("tenants");
+    let t = tenants.as_array().unwrap().iter().find(|t| t["name"] == "t").unwrap();
+    assert_eq!((t["nsm"].as_str(), t["configured_nsm"].as_str()), (Some("b"), Some("c")), "{t}");
     drop(other.stdin.take());
     let _ = other.wait();
     let _ = guest.kill();
