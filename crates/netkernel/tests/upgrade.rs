@@ -413,3 +413,28 @@ fn an_upgraded_nsm_is_adopted_by_a_restarted_engine() {
     drop(ask);
     let _ = g.wait();
 }
+
+/// A tenant spread over two executors moves whole: the second executor's attachments come to the
+/// first, then go to the target NSM with the first's.
+#[test]
+fn a_tenant_on_two_executors_moves() {
+    require("python3");
+    let engine = TestEngine::with_config(
+        "[[nsm]]\nname = \"k\"\nexecutors = 2\ncolocate = false\n\n[[nsm]]\nname = \"k2\"\n\n\
+         [[tenant]]\nname = \"t\"\nnsm = \"k\"\n",
+    );
+    let mut guests = vec![echo_guest(&engine, "t"), echo_guest(&engine, "t")];
+    assert_eq!(engine.nsm()["executors"], 2, "{}", engine.nsm());
+    let r = move_tenant(&engine, "t", "k2").unwrap_or_else(|e| panic!("{e}\n{}", engine.log()));
+    assert_eq!((r["attachments"].as_u64(), r["sockets"].as_u64()), (Some(2), Some(6)), "{r}");
+    for (_, ask) in guests.iter_mut() {
+        assert_eq!(ask("on k2"), "ok");
+    }
+    let nsms = engine.ctl("nsms");
+    let k2 = nsms.as_array().unwrap().iter().find(|n| n["name"] == "k2").unwrap();
+    assert_eq!(k2["attachments"], 2, "{nsms}");
+    for (mut g, ask) in guests {
+        drop(ask);
+        let _ = g.wait();
+    }
+}

@@ -150,9 +150,7 @@ impl<S: Stack> Service<S> {
     pub(crate) fn handover(&mut self, to: OwnedFd, only: Option<&[u64]>) -> Result<Handed, String> {
         patient(&to).map_err(io_err)?;
         let stopped_ns = monotonic_ns();
-        if only.is_none() {
-            self.gather()?;
-        }
+        self.gather(only)?;
         let (snap, fds, blob) = self.write_down(stopped_ns, only)?;
         let sockets = snap.attachments.iter().map(|a| a.socks.iter().flatten().count()).sum();
         let attachments = snap.attachments.len();
@@ -178,14 +176,19 @@ impl<S: Stack> Service<S> {
         Ok(Handed { old_pid: std::process::id(), stopped_ns, serving_ns, attachments, sockets })
     }
 
-    /// Brings the other executors' attachments to this one, each handed over as to another NSM
-    /// (within the process), so that one snapshot carries everything. An executor's co-located
-    /// connections are all its own, so they move whole.
-    fn gather(&mut self) -> Result<(), String> {
+    /// Brings the other executors' attachments (`only` those, or all) to this one, each handed
+    /// over as to another NSM (within the process), so that one snapshot carries them. An
+    /// executor's co-located connections are all its own, so they move whole.
+    fn gather(&mut self, only: Option<&[u64]>) -> Result<(), String> {
         let Some(mut pool) = self.pool.take() else { return Ok(()) };
         let r = (|| {
             for (k, state) in pool.states().into_iter().enumerate() {
-                let ids: Vec<u64> = state.attachments.iter().map(|a| a.attachment).collect();
+                let ids: Vec<u64> = state
+                    .attachments
+                    .iter()
+                    .map(|a| a.attachment)
+                    .filter(|id| only.is_none_or(|o| o.contains(id)))
+                    .collect();
                 if ids.is_empty() {
                     continue;
                 }
