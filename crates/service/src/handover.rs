@@ -368,24 +368,34 @@ impl<S: Stack> Service<S> {
         patient(&from).map_err(io_err)?;
         let rebuilt = recv(from.as_raw_fd()).and_then(|(snap, fds, blob)| self.rebuild(snap, fds, blob));
         let answer = match &rebuilt {
-            Ok(()) => control::Reply::ok(monotonic_ns()),
+            Ok(_) => control::Reply::ok(monotonic_ns()),
             Err(e) => control::Reply::err(e.clone()),
         };
-        sys::send_frame(from.as_raw_fd(), &answer.encode(), &[]).map_err(io_err)?;
-        rebuilt.map(|()| monotonic_ns())
+        if let Err(e) = sys::send_frame(from.as_raw_fd(), &answer.encode(), &[]) {
+            // The giver never hears that we serve them: it serves on, so we must not.
+            if let Ok(ids) = &rebuilt {
+                self.drop_quietly(|a| ids.contains(&a.id));
+            }
+            return Err(io_err(e));
+        }
+        rebuilt.map(|_| monotonic_ns())
     }
 
-    fn rebuild(&mut self, snap: Snapshot, fds: Vec<Option<OwnedFd>>, blob: Blob) -> Result<(), String> {
+    /// Rebuilds what a snapshot holds; returns the ids of the attachments it added.
+    fn rebuild(&mut self, snap: Snapshot, fds: Vec<Option<OwnedFd>>, blob: Blob) -> Result<Vec<u64>, String> {
         if snap.whole && self.core.atts.iter().any(|a| a.is_some()) {
             return Err("the new NSM serves attachments already".into());
         }
         let first = self.core.atts.len();
         let r = self.rebuild_all(snap, fds, &blob);
-        if r.is_err() {
-            let new: Vec<u64> = self.core.atts[first..].iter().flatten().map(|a| a.id).collect();
-            self.drop_quietly(|a| new.contains(&a.id));
+        let new: Vec<u64> = self.core.atts[first..].iter().flatten().map(|a| a.id).collect();
+        match r {
+            Ok(()) => Ok(new),
+            Err(e) => {
+                self.drop_quietly(|a| new.contains(&a.id));
+                Err(e)
+            }
         }
-        r
     }
 
     fn rebuild_all(&mut self, snap: Snapshot, mut fds: Vec<Option<OwnedFd>>, blob: &Blob) -> Result<(), String> {
