@@ -220,6 +220,18 @@ fn colocated_pipes_and_backlogs_move_and_the_new_process_is_supervised() {
         "counters carry over and the new connection was co-located: {before} {after}"
     );
     assert_eq!(ask("ping"), "ping");
+    // The old process is gone, the new one idles (no spinning after a takeover).
+    let old = std::path::PathBuf::from(format!("/proc/{}", r["old_pid"]));
+    let start = Instant::now();
+    while old.exists() && start.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!old.exists(), "the old NSM process did not exit");
+    let new_pid = r["new_pid"].as_u64().unwrap() as u32;
+    let before = cpu_ticks(new_pid);
+    std::thread::sleep(Duration::from_secs(3));
+    let ticks = cpu_ticks(new_pid) - before;
+    assert!(ticks <= 3, "the idle new NSM used {ticks} ticks in 3 s");
 
     // The new process is the NSM now: its death resets the guest, within a second.
     let start = Instant::now();
