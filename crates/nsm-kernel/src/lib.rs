@@ -389,8 +389,9 @@ impl Stack for KernelStack {
 
     fn watch(&mut self, s: &KernelSocket, key: u64) -> Result<(), Errno> {
         let ep = self.epfd.as_raw_fd();
-        match epoll_ctl(ep, libc::EPOLL_CTL_MOD, s.raw(), SOCK_EVENTS, key) {
-            Err(libc::ENOENT) => epoll_ctl(ep, libc::EPOLL_CTL_ADD, s.raw(), SOCK_EVENTS, key),
+        // Most sockets are watched once, when made: one system call for them.
+        match epoll_ctl(ep, libc::EPOLL_CTL_ADD, s.raw(), SOCK_EVENTS, key) {
+            Err(libc::EEXIST) => epoll_ctl(ep, libc::EPOLL_CTL_MOD, s.raw(), SOCK_EVENTS, key),
             r => r,
         }
     }
@@ -399,10 +400,13 @@ impl Stack for KernelStack {
         Some(s.raw())
     }
 
-    /// A socket from another NSM process; a TCP one takes this stack's congestion control, as
-    /// a socket made here would have.
-    fn import(&mut self, fd: OwnedFd) -> Result<KernelSocket, Errno> {
+    /// A socket from another NSM process; with `adopt`, a TCP one takes this stack's congestion
+    /// control, as a socket made here would have.
+    fn import(&mut self, fd: OwnedFd, adopt: bool) -> Result<KernelSocket, Errno> {
         let sock = KernelSocket(Some(fd));
+        if !adopt || self.congestion.is_none() {
+            return Ok(sock);
+        }
         let mut ty = [0u8; 4];
         let stream = self.getsockopt(&sock, libc::SOL_SOCKET, libc::SO_TYPE, &mut ty)? == 4
             && i32::from_ne_bytes(ty) == libc::SOCK_STREAM;

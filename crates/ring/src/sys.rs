@@ -83,6 +83,10 @@ pub fn close(fd: RawFd) {
     }
 }
 
+/// The most fds one message carries, well within what `recv_with_fds`'s control buffer (128
+/// bytes) holds.
+pub const MAX_FDS: usize = 24;
+
 /// Sends `data` and `fds` as one message (SCM_RIGHTS) on a unix socket.
 pub fn send_with_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<usize> {
     let mut iov = libc::iovec { iov_base: data.as_ptr() as *mut _, iov_len: data.len() };
@@ -92,14 +96,14 @@ pub fn send_with_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<usiz
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     if !fds.is_empty() {
-        assert!(fds.len() <= 8, "at most 8 fds per message");
+        assert!(fds.len() <= MAX_FDS, "at most {MAX_FDS} fds per message");
         let payload = std::mem::size_of_val(fds) as u32;
         // SAFETY: CMSG_SPACE/CMSG_LEN are pure arithmetic.
         let space = unsafe { libc::CMSG_SPACE(payload) } as usize;
         msg.msg_control = cbuf.as_mut_ptr().cast();
         msg.msg_controllen = space;
         // SAFETY: msg_control points at cbuf, which has room for one cmsg of `space` bytes
-        // (128 bytes >= CMSG_SPACE(8 * 4)); the data pointer stays inside it.
+        // (128 bytes >= CMSG_SPACE(MAX_FDS * 4) = 112); the data pointer stays inside it.
         unsafe {
             let c = libc::CMSG_FIRSTHDR(&msg);
             (*c).cmsg_level = libc::SOL_SOCKET;
@@ -113,7 +117,7 @@ pub fn send_with_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<usiz
     check(r)
 }
 
-/// Receives one message and up to 8 fds (close-on-exec) from a unix socket.
+/// Receives one message and its fds (close-on-exec; at most 28 fit) from a unix socket.
 /// Returns the byte count (0 at end of stream) and the fds.
 pub fn recv_with_fds(sock: RawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<RawFd>)> {
     let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };

@@ -35,7 +35,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Fds per frame (what `sys::send_frame` passes at once).
-const FDS_PER_FRAME: usize = 8;
+const FDS_PER_FRAME: usize = sys::MAX_FDS;
 /// Bulk bytes per frame, well under `sys::MAX_FRAME`.
 const BLOB_FRAME: usize = 16 << 20;
 /// The longest either side waits for the other.
@@ -406,6 +406,7 @@ impl<S: Stack> Service<S> {
         };
         let ep = self.epfd.as_raw_fd();
         let first = self.core.atts.len();
+        let whole = snap.whole;
         let mut socks = Vec::new();
         for st in snap.attachments {
             let ai = self.core.atts.len();
@@ -477,7 +478,7 @@ impl<S: Stack> Service<S> {
                     Some(fd) => Some(
                         self.core
                             .stack
-                            .import(fd)
+                            .import(fd, !whole)
                             .map_err(|e| format!("the stack refused a socket: {}", io::Error::from_raw_os_error(e)))?,
                     ),
                     None => None,

@@ -127,8 +127,11 @@ pub trait Stack {
         let _ = s;
         None
     }
-    /// A socket another NSM process exported (its fd, received by SCM_RIGHTS).
-    fn import(&mut self, fd: std::os::fd::OwnedFd) -> Result<Self::Handle, Errno> {
+    /// A socket another NSM process exported (its fd, received by SCM_RIGHTS). With `adopt`, a
+    /// TCP socket takes this stack's congestion control (a move between NSMs; an upgrade keeps
+    /// the same one).
+    fn import(&mut self, fd: std::os::fd::OwnedFd, adopt: bool) -> Result<Self::Handle, Errno> {
+        let _ = adopt;
         drop(fd);
         Err(libc::EOPNOTSUPP)
     }
