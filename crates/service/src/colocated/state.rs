@@ -187,3 +187,51 @@ impl End {
         std::mem::forget(self);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::colocated::pair;
+
+    /// Writes both ends down and reads them back, as a handover does (no owners: not accepted
+    /// into a guest's slot here).
+    fn round_trip(c: &End, s: &End) -> (End, End) {
+        let (mut w, mut blob) = (PipeWriter::default(), Blob::default());
+        let (ce, se) = (w.end(c, &mut blob), w.end(s, &mut blob));
+        assert_eq!(w.pipes.len(), 1, "one pipe, written once");
+        assert!(w.outside().is_none(), "both ends were written");
+        let r = PipeReader::new(w.pipes, &blob, |_, _| None).unwrap();
+        (r.end(ce).unwrap(), r.end(se).unwrap())
+    }
+
+    #[test]
+    fn a_pipe_keeps_its_bytes_urgent_mark_and_fin_across_a_handover() {
+        let (mut c, s) = pair((vec![1], vec![2]), (vec![2], vec![1]), 131072);
+        s.pipe.borrow_mut().sides[1].accepted = true;
+        c.send(b"before", false, 0, false).unwrap();
+        c.send(b"!", false, 0, true).unwrap();
+        c.shutdown(libc::SHUT_WR).unwrap();
+        let (mask_c, mask_s) = (c.mask(), s.mask());
+        let (c2, mut s2) = round_trip(&c, &s);
+        c.forget();
+        s.forget();
+        assert_eq!((c2.mask(), s2.mask()), (mask_c, mask_s));
+        let mut buf = [0u8; 16];
+        assert_eq!(s2.recv(&mut buf, 0), Ok(6));
+        assert_eq!(&buf[..6], b"before");
+        assert!(s2.at_mark());
+        assert_eq!(s2.recv(&mut buf, libc::MSG_OOB), Ok(1));
+        assert_eq!(buf[0], b'!');
+        assert_eq!(s2.recv(&mut buf, 0), Ok(0), "the FIN came along");
+        drop(c2);
+    }
+
+    #[test]
+    fn an_end_left_behind_is_named() {
+        let (c, s) = pair((vec![1], vec![2]), (vec![2], vec![1]), 131072);
+        let (mut w, mut blob) = (PipeWriter::default(), Blob::default());
+        let _ = w.end(&c, &mut blob);
+        assert_eq!(w.outside().as_deref(), Some("a listener's backlog"), "the accepted end stays");
+        drop((c, s));
+    }
+}
