@@ -450,3 +450,45 @@ fn a_tenant_on_two_executors_moves() {
         let _ = g.wait();
     }
 }
+
+/// A closed socket still sending its queued bytes moves too: the old process exits at once
+/// although the peer has not read, and the peer then reads every byte, in order.
+#[test]
+fn a_closing_socket_with_queued_bytes_moves_and_delivers_them() {
+    require("python3");
+    let engine =
+        TestEngine::with_config("[[nsm]]\nname = \"k\"\ncolocate = false\n\n[[tenant]]\nname = \"t\"\nnsm = \"k\"\n");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let small = 4096i32;
+    // SAFETY: setsockopt on our own listener with a live int of the size passed.
+    unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&listener),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&small as *const i32).cast(),
+            4,
+        )
+    };
+    let port = listener.local_addr().unwrap().port().to_string();
+    // Small non-blocking writes of a counting pattern until the stack pushes back, then close.
+    let script = "import socket,sys\nc=socket.create_connection(('127.0.0.1',int(sys.argv[1])))\n\
+                  c.setsockopt(socket.SOL_SOCKET,socket.SO_SNDBUF,4096)\nc.setblocking(False)\nn=0\n\
+                  while True:\n    b=bytes((n+i)%251 for i in range(8192))\n    try:\n        k=c.send(b)\n    \
+                  except BlockingIOError:\n        break\n    n+=k\nc.close()\nprint(n,flush=True)\n";
+    let guest = engine.run("python3", &["-c", script, &port]).stdout(Stdio::piped()).spawn().unwrap();
+    let (mut conn, _) = listener.accept().unwrap();
+    let out = guest.wait_with_output().unwrap();
+    let sent: usize = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    let r = upgrade(&engine, "k", None).unwrap_or_else(|e| panic!("{e}\n{}", engine.log()));
+    let old = std::path::PathBuf::from(format!("/proc/{}", r["old_pid"]));
+    let start = Instant::now();
+    while old.exists() && start.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!old.exists(), "the old NSM waited for its closing socket instead of handing it over");
+    let mut got = Vec::new();
+    std::io::Read::read_to_end(&mut conn, &mut got).unwrap();
+    assert_eq!(got.len(), sent, "every byte the guest was told was sent arrives, once");
+    assert!(got.iter().enumerate().all(|(i, &b)| b as usize == i % 251), "the bytes arrive in order");
+}

@@ -33,7 +33,7 @@ pub enum NsmRequest {
     Congestion { congestion: String },
     /// To the old NSM: stop serving and hand attachments `attachments` to the NSM at the other
     /// end of the fd (a unix stream socket): `ctl move`. Without a list (`ctl upgrade`) it hands
-    /// over everything, its rendezvous socket too, and exits once closing sockets are flushed.
+    /// over everything, its closing sockets and rendezvous socket too, and exits.
     /// Reply: [`Handed`]. On failure the NSM serves on as before.
     Handover {
         #[serde(default)]

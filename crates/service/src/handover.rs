@@ -4,14 +4,16 @@
 //! The old process stops serving between two rounds (so no request is half done), writes down
 //! everything ServiceLib keeps outside the regions — attachments, their holders, sockets with
 //! their byte counters, queued asynchronous sends and urgent marks, co-located pipes with their
-//! bytes, pending readiness refreshes, telemetry counters — and sends it over a unix socket to
+//! bytes, closed sockets still sending queued bytes, pending readiness refreshes, telemetry
+//! counters — and sends it over a unix socket to
 //! the new process with every fd it holds (regions' memfds, doorbells, holders' pidfds, the stack's
 //! sockets, the rendezvous listener) by SCM_RIGHTS. The regions themselves, with the job queues,
 //! nqes and buffers in flight, are shared memory: they simply have a new reader. The new process
 //! rebuilds the state, publishes its pid in each region, watches the sockets on its own stack
 //! (each readable or writable socket then reports an edge, which the guest takes as a spurious
 //! wakeup) and answers; only then does the old process let go (without closing anything a guest
-//! can see) and exit once its closing sockets are flushed and its name lookups answered. Until
+//! can see) and exits once its name lookups are answered (their threads write into the
+//! regions). Until
 //! the answer the old process changes nothing, so a new process that fails leaves the old one
 //! serving as before.
 
@@ -80,6 +82,9 @@ struct Snapshot {
     rendezvous: Option<usize>,
     attachments: Vec<AttState>,
     pipes: Vec<PipeState>,
+    /// Closed sockets still sending queued asynchronous bytes (an upgrade only).
+    #[serde(default)]
+    lingering: Vec<SockState>,
     /// Readiness refreshes (attachment id, nqe) to complete once readiness is published.
     refreshes: Vec<(u64, u32)>,
     stats: NsmStats,
@@ -124,6 +129,52 @@ struct SockState {
     backlog: Option<(usize, bool, Vec<EndState>)>,
 }
 
+impl SockState {
+    /// Writes socket `s` down; `fd`: its stack fd's index among the snapshot's fds.
+    fn of<H>(s: &Sock<H>, fd: Option<usize>, blob: &mut Blob, pipes: &mut PipeWriter) -> SockState {
+        SockState {
+            fd,
+            stream: s.stream,
+            bytes_in: s.bytes_in,
+            bytes_out: s.bytes_out,
+            counted: s.counted,
+            serial: s.serial,
+            urgent: s.urgent.get(),
+            cpu_ns: s.cpu.as_nanos() as u64,
+            sendq: blob.put(s.sendq.bytes()),
+            deferred: s.sendq.deferred,
+            shutdown_after: s.sendq.shutdown_after,
+            pipe: s.pipe.as_ref().map(|e| pipes.end(e, blob)),
+            backlog: s.backlog.as_ref().map(|b| (b.limit, b.v6, b.queue.iter().map(|e| pipes.end(e, blob)).collect())),
+        }
+    }
+
+    /// The socket written down, over stack socket `handle` (imported from its fd).
+    fn into_sock<H>(self, handle: Option<H>, blob: &Blob, pipes: &PipeReader) -> Result<Sock<H>, String> {
+        let mut s = Sock::new(handle, self.stream);
+        s.serial = self.serial;
+        s.bytes_in = self.bytes_in;
+        s.bytes_out = self.bytes_out;
+        s.counted = self.counted;
+        s.urgent.set(self.urgent);
+        s.cpu = Duration::from_nanos(self.cpu_ns);
+        s.sendq = SendQueue::restore(blob.get(self.sendq)?, self.deferred, self.shutdown_after);
+        s.pipe = self.pipe.map(|e| pipes.end(e)).transpose()?;
+        if let Some((limit, v6, queue)) = self.backlog {
+            let queue = queue.into_iter().map(|e| pipes.end(e)).collect::<Result<_, _>>()?;
+            s.backlog = Some(Backlog { limit, v6, queue });
+        }
+        Ok(s)
+    }
+}
+
+/// The fd that carries stack socket `h` to another process.
+fn export<S: Stack>(stack: &S, h: &S::Handle) -> Result<RawFd, String> {
+    stack.export(h).ok_or_else(|| {
+        format!("the {} stack's sockets live in its process and cannot be handed to another", stack.kind())
+    })
+}
+
 /// CLOCK_MONOTONIC in nanoseconds: one clock for both processes.
 pub(crate) fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
@@ -143,7 +194,8 @@ fn io_err(e: io::Error) -> String {
 }
 
 impl<S: Stack> Service<S> {
-    /// Hands attachments `only` (None: everything this NSM serves, and its rendezvous socket) to
+    /// Hands attachments `only` (None: everything this NSM serves, its closing sockets and its
+    /// rendezvous socket) to
     /// the NSM process at the other end of `to`, which runs [`takeover`](Self::takeover). On
     /// success this process serves them no more (after handing over everything it exits once
     /// its engine lets go); on failure it serves on as before.
@@ -234,33 +286,8 @@ impl<S: Stack> Service<S> {
                     socks.push(None);
                     continue;
                 };
-                let sock_fd = match &s.handle {
-                    Some(h) => Some(fd(self.core.stack.export(h).ok_or_else(|| {
-                        format!(
-                            "the {} stack's sockets live in its process and cannot be handed to another",
-                            self.core.stack.kind()
-                        )
-                    })?)),
-                    None => None,
-                };
-                socks.push(Some(SockState {
-                    fd: sock_fd,
-                    stream: s.stream,
-                    bytes_in: s.bytes_in,
-                    bytes_out: s.bytes_out,
-                    counted: s.counted,
-                    serial: s.serial,
-                    urgent: s.urgent.get(),
-                    cpu_ns: s.cpu.as_nanos() as u64,
-                    sendq: blob.put(s.sendq.bytes()),
-                    deferred: s.sendq.deferred,
-                    shutdown_after: s.sendq.shutdown_after,
-                    pipe: s.pipe.as_ref().map(|e| pipes.end(e, &mut blob)),
-                    backlog: s
-                        .backlog
-                        .as_ref()
-                        .map(|b| (b.limit, b.v6, b.queue.iter().map(|e| pipes.end(e, &mut blob)).collect())),
-                }));
+                let sock_fd = s.handle.as_ref().map(|h| export(&self.core.stack, h)).transpose()?.map(&mut fd);
+                socks.push(Some(SockState::of(s, sock_fd, &mut blob, &mut pipes)));
             }
             attachments.push(AttState {
                 id: a.id,
@@ -290,6 +317,12 @@ impl<S: Stack> Service<S> {
             .filter(|&&(ai, id, _)| id_of(ai) == Some(id))
             .map(|&(_, id, idx)| (id, idx))
             .collect();
+        // Closed sockets still sending queued bytes go too, so the old process can exit at once.
+        let mut lingering = Vec::new();
+        for l in self.core.lingering.iter().flatten().filter(|_| only.is_none()) {
+            let sock_fd = l.handle.as_ref().map(|h| export(&self.core.stack, h)).transpose()?.map(&mut fd);
+            lingering.push(SockState::of(l, sock_fd, &mut blob, &mut pipes));
+        }
         let mut stats = self.core.stats.clone();
         stats.conns.clear();
         let snap = Snapshot {
@@ -298,6 +331,7 @@ impl<S: Stack> Service<S> {
             rendezvous,
             attachments,
             pipes: pipes.pipes,
+            lingering,
             refreshes,
             stats,
             next_serial: SERIAL.load(Ordering::Relaxed),
@@ -311,11 +345,16 @@ impl<S: Stack> Service<S> {
     /// reset, no readiness, no region marked dead) and stops listening for engines.
     fn let_go(&mut self) {
         self.drop_quietly(|_| true);
+        for s in std::mem::take(&mut self.core.lingering).into_iter().flatten() {
+            if let Some(h) = s.handle {
+                self.core.stack.unwatch(&h);
+            }
+        }
         if let Some(l) = self.rendezvous.take() {
             let _ = epoll_ctl(self.epfd.as_raw_fd(), libc::EPOLL_CTL_DEL, l.as_raw_fd(), 0, 0);
         }
         self.retired = true;
-        eprintln!("netkernel nsm {}: handed over; exiting once closing sockets are flushed", self.core.name);
+        eprintln!("netkernel nsm {}: handed over; exiting", self.core.name);
     }
 
     /// Drops the attachments `which` picks without a trace a guest could see: no FIN, no reset,
@@ -375,6 +414,15 @@ impl<S: Stack> Service<S> {
             // The giver never hears that we serve them: it serves on, so we must not.
             if let Ok(ids) = &rebuilt {
                 self.drop_quietly(|a| ids.contains(&a.id));
+                // A new process (an upgrade) had no closing sockets of its own: these were the
+                // giver's, which sends their bytes itself.
+                if self.core.atts.iter().all(|a| a.is_none()) {
+                    for s in std::mem::take(&mut self.core.lingering).into_iter().flatten() {
+                        if let Some(h) = s.handle {
+                            self.core.stack.unwatch(&h);
+                        }
+                    }
+                }
             }
             return Err(io_err(e));
         }
@@ -483,19 +531,7 @@ impl<S: Stack> Service<S> {
                     ),
                     None => None,
                 };
-                let mut s = Sock::new(handle, st.stream);
-                s.serial = st.serial;
-                s.bytes_in = st.bytes_in;
-                s.bytes_out = st.bytes_out;
-                s.counted = st.counted;
-                s.urgent.set(st.urgent);
-                s.cpu = Duration::from_nanos(st.cpu_ns);
-                s.sendq = SendQueue::restore(blob.get(st.sendq)?, st.deferred, st.shutdown_after);
-                s.pipe = st.pipe.map(|e| pipes.end(e)).transpose()?;
-                if let Some((limit, v6, queue)) = st.backlog {
-                    let queue = queue.into_iter().map(|e| pipes.end(e)).collect::<Result<_, _>>()?;
-                    s.backlog = Some(Backlog { limit, v6, queue });
-                }
+                let s = st.into_sock(handle, blob, &pipes)?;
                 if let (Some(h), None) = (&s.handle, &s.pipe) {
                     self.core
                         .stack
@@ -513,6 +549,16 @@ impl<S: Stack> Service<S> {
             if let Some(ai) = self.core.atts.iter().position(|a| a.as_ref().is_some_and(|a| a.id == id)) {
                 self.core.refreshes.push((ai, id, idx));
             }
+        }
+        for st in snap.lingering {
+            let Some(fd) = st.fd.map(&mut take).transpose()? else { continue };
+            let h = self.core.stack.import(fd, false).map_err(|e| format!("a closing socket: {e}"))?;
+            let s = st.into_sock(Some(h), blob, &pipes)?;
+            if let Some(h) = &s.handle {
+                let key = crate::core::TOK_LINGER | self.core.lingering.len() as u64;
+                self.core.stack.watch(h, key).map_err(|e| format!("watching a closing socket: {e}"))?;
+            }
+            self.core.lingering.push(Some(s));
         }
         SERIAL.fetch_max(snap.next_serial, Ordering::Relaxed);
         // The first process's counters go on in its successor; a move's stay where they were.

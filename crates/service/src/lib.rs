@@ -83,7 +83,7 @@ pub struct Service<S: Stack> {
     /// A congestion control set since the start (`ctl reload`), for executors started later.
     congestion: Arc<std::sync::Mutex<Option<String>>>,
     /// Its work went to a new NSM process (`ctl upgrade`): it serves nobody and watches no
-    /// region, so it needs no reaper and exits once its closing sockets are flushed.
+    /// region, so it needs no reaper and exits once its engine lets go.
     retired: bool,
 }
 
