@@ -187,6 +187,9 @@ struct NsmView {
     cpu_seconds: f64,
     pid: Option<u32>,
     restarts: u64,
+    /// `ctl upgrade`s since the engine started, and the last one's blackout.
+    upgrades: u64,
+    last_blackout_ms: f64,
     attachments: usize,
     bytes_in: u64,
     bytes_out: u64,
@@ -1275,6 +1278,8 @@ impl Engine {
                 cpu_seconds: s.cpu_seconds,
                 pid: n.pid(),
                 restarts: n.restarts(),
+                upgrades: n.upgrades().0,
+                last_blackout_ms: n.upgrades().1.as_secs_f64() * 1000.0,
                 attachments: atts.values().filter(|a| a.nsm == n.name).count(),
                 bytes_in: s.bytes_in,
                 bytes_out: s.bytes_out,

@@ -41,6 +41,18 @@ pub fn render(engine: &Engine) -> String {
     for (n, _) in &nsms {
         f.sample("netkernel_nsm_restarts_total", &[("nsm", &n.name)], n.restarts());
     }
+    f.head("netkernel_nsm_upgrades_total", "counter", "Times `ctl upgrade` replaced the NSM's process.");
+    for (n, _) in &nsms {
+        f.sample("netkernel_nsm_upgrades_total", &[("nsm", &n.name)], n.upgrades().0);
+    }
+    f.head(
+        "netkernel_nsm_upgrade_blackout_seconds",
+        "gauge",
+        "The last upgrade's blackout: from the old process stopping to the new one serving.",
+    );
+    for (n, _) in &nsms {
+        f.sample("netkernel_nsm_upgrade_blackout_seconds", &[("nsm", &n.name)], n.upgrades().1.as_secs_f64());
+    }
     type Get = fn(&NsmStats) -> u64;
     let per_nsm: [(&str, &str, &str, Get); 7] = [
         ("netkernel_nsm_received_bytes_total", "counter", "Bytes the NSM received for its guests.", |s| s.bytes_in),

@@ -87,6 +87,9 @@ pub struct Nsm {
     next: Mutex<Option<Running>>,
     proc_: Mutex<Proc>,
     restarts: AtomicU64,
+    /// `ctl upgrade`s done, and the last one's blackout in microseconds.
+    upgrades: AtomicU64,
+    last_blackout_us: AtomicU64,
     stopping: AtomicBool,
 }
 
@@ -118,6 +121,8 @@ impl Nsm {
             next: Mutex::new(None),
             proc_: Mutex::new(Proc { pid: None, pidfd: None, control: None, generation: 0, line: 0 }),
             restarts: AtomicU64::new(0),
+            upgrades: AtomicU64::new(0),
+            last_blackout_us: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
         }
     }
@@ -320,6 +325,12 @@ impl Nsm {
         self.restarts.load(Ordering::Relaxed)
     }
 
+    /// Upgrades done since the engine started, and the last one's blackout.
+    pub fn upgrades(&self) -> (u64, Duration) {
+        let us = self.last_blackout_us.load(Ordering::Relaxed);
+        (self.upgrades.load(Ordering::Relaxed), Duration::from_micros(us))
+    }
+
     /// One request/response with the NSM.
     fn call(p: &mut Proc, req: &NsmRequest, fds: &[RawFd]) -> io::Result<serde_json::Value> {
         Self::call_fds(p, req, fds).map(|(v, _)| v)
@@ -450,10 +461,13 @@ impl Nsm {
         if let Some(b) = binary {
             *self.exe.lock().unwrap_or_else(|e| e.into_inner()) = Some(b);
         }
+        let blackout = Duration::from_nanos(handed.serving_ns.saturating_sub(handed.stopped_ns));
+        self.upgrades.fetch_add(1, Ordering::Relaxed);
+        self.last_blackout_us.store(blackout.as_micros() as u64, Ordering::Relaxed);
         Ok(Upgraded {
             old_pid,
             new_pid,
-            blackout: Duration::from_nanos(handed.serving_ns.saturating_sub(handed.stopped_ns)),
+            blackout,
             attachments: handed.attachments,
             sockets: handed.sockets,
             binary: exe.map_or_else(|| std::env::current_exe().unwrap_or_default(), |e| e.to_path_buf()),

@@ -476,6 +476,7 @@ const NSM_COLUMNS: &[&str] = &[
     "cpu_seconds",
     "pid",
     "restarts",
+    "upgrades",
     "attachments",
     "conns_open",
     "conns_total",

@@ -68,8 +68,11 @@ fn ten_upgrades_under_iperf3_redis_and_a_checked_transfer() {
     let (iperf3, redis_server) = (require("iperf3"), require("redis-server"));
     require("redis-benchmark");
     require("python3");
-    let engine =
-        TestEngine::with_config("[[nsm]]\nname = \"k\"\ncolocate = false\n\n[[tenant]]\nname = \"t\"\nnsm = \"k\"\n");
+    let metrics = free_port();
+    let engine = TestEngine::with_config(&format!(
+        "[engine]\nmetrics = \"127.0.0.1:{metrics}\"\n\n[[nsm]]\nname = \"k\"\ncolocate = false\n\n\
+         [[tenant]]\nname = \"t\"\nnsm = \"k\"\n"
+    ));
 
     let iperf_port = free_port().to_string();
     let mut iperf_server = engine
@@ -156,6 +159,12 @@ fn ten_upgrades_under_iperf3_redis_and_a_checked_transfer() {
     eprintln!("blackouts (ms, sorted): {blackouts:?}; median {median:.1}");
     assert!(median < 50.0 && blackouts[9] < 200.0, "blackouts {blackouts:?}");
     assert!(!engine.log().contains("died"), "{}", engine.log());
+    // Telemetry counts them: ctl nsms and Prometheus.
+    let nsm = engine.nsm();
+    assert_eq!((nsm["upgrades"].as_u64(), nsm["restarts"].as_u64()), (Some(10), Some(0)), "{nsm}");
+    let text = metrics_response(&format!("127.0.0.1:{metrics}"));
+    assert!(text.contains("netkernel_nsm_upgrades_total{nsm=\"k\"} 10"), "{text}");
+    assert!(text.contains("netkernel_nsm_upgrade_blackout_seconds{nsm=\"k\"} 0."), "{text}");
 }
 
 /// A guest that drives co-located connections from its stdin: a listener, a connection with
