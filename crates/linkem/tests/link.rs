@@ -170,10 +170,15 @@ fn round_trip_is_twice_the_delay_at_12mbit_175ms() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let rtts: Vec<f64> = String::from_utf8_lossy(&out.stdout).split_whitespace().map(|v| v.parse().unwrap()).collect();
     eprintln!("round trips through 2 x 175 ms at 12 Mbit/s (ms): {rtts:?}");
-    // 350 ms plus serialization of two small frames at 12 Mbit/s (<0.2 ms) and scheduling.
-    for rtt in &rtts {
-        assert!((349.5..356.0).contains(rtt), "round trip {rtt:.2} ms through 2 x 175 ms");
-    }
+    // 350 ms plus serialization of two small frames at 12 Mbit/s (<0.2 ms) and scheduling: never
+    // shorter, typically within 6 ms. A loaded 2-CPU host may stall one round trip by tens of
+    // ms (a CI run saw 366 ms once among 350.5-358.8), which says nothing about the emulator.
+    let mut sorted = rtts.clone();
+    sorted.sort_by(f64::total_cmp);
+    assert!(sorted[0] >= 349.5, "a round trip of {:.2} ms through 2 x 175 ms: {rtts:?}", sorted[0]);
+    let median = sorted[sorted.len() / 2];
+    assert!(median < 356.0, "median round trip {median:.2} ms through 2 x 175 ms: {rtts:?}");
+    assert!(sorted[sorted.len() - 1] < 450.0, "a round trip stalled: {rtts:?}");
     bed.down();
 }
 
