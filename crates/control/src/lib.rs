@@ -85,6 +85,10 @@ pub struct MoveReport {
     /// From the old NSM stopping to the new one serving the moved guests, milliseconds (0 when
     /// no guest was attached).
     pub blackout_ms: f64,
+    /// Attachments left on the old NSM until their processes exit (a move to or from a user NSM,
+    /// whose connections cannot change process: they drain).
+    #[serde(default)]
+    pub draining: usize,
     /// What is in effect against what the configuration file says.
     pub note: String,
 }

@@ -754,10 +754,11 @@ impl Engine {
     }
 
     /// Serves tenant `tenant` by NSM `to` from now on (`ctl move`): new attachments go there,
-    /// and the running guests' attachments move with their sockets (connections, listeners,
-    /// co-located pipes), TCP ones taking `to`'s congestion control. Kernel NSMs only (a user
-    /// NSM's connections live in its process); refused with nothing moved if a co-located
-    /// connection joins the tenant to a guest that stays.
+    /// and between kernel NSMs the running guests' attachments move with their sockets
+    /// (connections, listeners, co-located pipes), TCP ones taking `to`'s congestion control;
+    /// refused with nothing moved if a co-located connection joins the tenant to a guest that
+    /// stays. To or from a user NSM (whose connections live in its process) or an NSM with a
+    /// namespace of its own, the running attachments drain where they are.
     pub fn move_tenant(&self, tenant: &str, to: &str) -> Result<netkernel_control::MoveReport, String> {
         let cfg = self.cfg();
         let t = cfg.tenants.iter().find(|t| t.name.get_ref() == tenant).ok_or_else(|| {
@@ -768,13 +769,10 @@ impl Engine {
         if from.name == target.name {
             return Err(format!("tenant {tenant} is served by NSM {to} already"));
         }
-        if from.net.is_some() || target.net.is_some() {
-            return Err(format!(
-                "NSM {} or {to} runs in a network namespace of its own: sockets cannot change namespaces; \
-                 change the tenant's nsm in the configuration and restart its guests",
-                from.name
-            ));
-        }
+        // A user NSM's connections live in its process, a namespaced NSM's sockets in its
+        // namespace: across either, the tenant's new attachments go to the target and the running
+        // ones drain where they are.
+        let drain = from.kind == "user" || target.kind == "user" || from.net.is_some() || target.net.is_some();
         // New attachments go to the target from now on; those already made move below.
         self.serve_by(&cfg, tenant, to);
         let ids: Vec<u64> = {
@@ -787,7 +785,9 @@ impl Engine {
             to: to.into(),
             ..Default::default()
         };
-        if !ids.is_empty() {
+        if drain {
+            report.draining = ids.len();
+        } else if !ids.is_empty() {
             let (handed, generation) = match from.move_to(&target, ids.clone()) {
                 Ok(h) => h,
                 Err(e) => {
@@ -810,10 +810,17 @@ impl Engine {
         if let Err(e) = target.set_policy(tenant, &self.policy(&cfg, t, false)) {
             log(format!("tenant {tenant} on NSM {to}: its policy: {e}"));
         }
-        if *t.nsm.get_ref() == to {
-            report.note = format!("NSM {to} is the configuration's again");
-        } else {
+        if report.draining > 0 {
             report.note = format!(
+                "{} attachment(s) stay on NSM {} until their processes exit (their connections cannot leave a \
+                 user NSM's process or an NSM's namespace); ",
+                report.draining, report.from
+            );
+        }
+        if *t.nsm.get_ref() == to {
+            report.note += &format!("NSM {to} is the configuration's again");
+        } else {
+            report.note += &format!(
                 "the configuration says nsm = {:?}; {to} serves the tenant (across engine restarts too) until \
                  another move, or a reload of a file that names {to} for it",
                 t.nsm.get_ref()

@@ -351,7 +351,7 @@ fn ctl(socket: Option<PathBuf>, json: bool, what: &str, req: EngineRequest) -> i
         "shutdown" => println!("engine stopped; its NSMs are stopped and their guests' sockets reset"),
         "move" => {
             println!(
-                "tenant {} moved from NSM {} to {}: {} attachment(s), {} socket(s); blackout {:.1} ms",
+                "tenant {} moved from NSM {} to {}: {} attachment(s), {} socket(s) moved; blackout {:.1} ms",
                 cell(&v["tenant"]),
                 cell(&v["from"]),
                 cell(&v["to"]),

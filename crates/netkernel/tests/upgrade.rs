@@ -501,3 +501,34 @@ fn a_closing_socket_with_queued_bytes_moves_and_delivers_them() {
     assert_eq!(got.len(), sent, "every byte the guest was told was sent arrives, once");
     assert!(got.iter().enumerate().all(|(i, &b)| b as usize == i % 251), "the bytes arrive in order");
 }
+
+/// A move to a user NSM (whose connections live in its process) drains: the running guest keeps
+/// its connection on the kernel NSM, a new guest of the tenant attaches to the user NSM.
+#[test]
+fn a_move_to_a_user_nsm_drains() {
+    if !is_root() {
+        eprintln!("SKIP a_move_to_a_user_nsm_drains: a user NSM needs root (TAP device, namespace)");
+        return;
+    }
+    require("python3");
+    let (user, _) = user_nsm_config("");
+    let engine =
+        TestEngine::with_config(&format!("[[nsm]]\nname = \"k\"\n\n{user}\n[[tenant]]\nname = \"t\"\nnsm = \"k\"\n"));
+    let (mut old, mut old_ask) = echo_guest(&engine, "t");
+    let r = move_tenant(&engine, "t", "user").unwrap_or_else(|e| panic!("{e}\n{}", engine.log()));
+    assert_eq!((r["attachments"].as_u64(), r["draining"].as_u64()), (Some(0), Some(1)), "{r}");
+    assert!(r["note"].as_str().unwrap().contains("stay on NSM k"), "{r}");
+    assert_eq!(old_ask("still on k"), "ok");
+    let (mut new, mut new_ask) = echo_guest(&engine, "t");
+    assert_eq!(new_ask("on the user NSM"), "ok");
+    let conns = engine.ctl("conns");
+    let by = |pid: u32| {
+        let c = conns.as_array().unwrap().iter().filter(|c| c["pid"] == pid).cloned().collect::<Vec<_>>();
+        c.iter().map(|c| c["nsm"].as_str().unwrap().to_string()).collect::<std::collections::BTreeSet<_>>()
+    };
+    assert_eq!(by(old.id()).into_iter().collect::<Vec<_>>(), ["k"], "{conns}");
+    assert_eq!(by(new.id()).into_iter().collect::<Vec<_>>(), ["user"], "{conns}");
+    drop((old_ask, new_ask));
+    let _ = old.wait();
+    let _ = new.wait();
+}
