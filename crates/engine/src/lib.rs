@@ -773,6 +773,15 @@ impl Engine {
         // namespace: across either, the tenant's new attachments go to the target and the running
         // ones drain where they are.
         let drain = from.kind == "user" || target.kind == "user" || from.net.is_some() || target.net.is_some();
+        // A namespaced NSM gives its tenants source addresses (and shaping classes) at start, as a
+        // reload that adds a tenant there is refused for.
+        if target.net.is_some() && t.addresses.is_none() && !self.auto_addresses.contains_key(tenant) {
+            return Err(format!(
+                "NSM {to} runs in a network namespace of its own, whose tenants get their addresses when the \
+                 engine starts: give tenant {tenant} `addresses`, or put it on {to} in the configuration and \
+                 restart the engine"
+            ));
+        }
         // New attachments go to the target from now on; those already made move below.
         self.serve_by(&cfg, tenant, to);
         let ids: Vec<u64> = {
