@@ -34,8 +34,8 @@ fn reload_adds_reweights_and_removes_tenants_under_running_guests() {
     require("python3");
     let engine = TestEngine::with_config(&format!("{NSM}{}", tenant("blue", "cpu_weight = 1")));
     let cfg = engine.config_path().unwrap();
-    let (mut blue, mut blue_ask) = echo_guest(&engine, "blue");
-    assert_eq!(blue_ask("hello"), "ok");
+    let mut blue = echo_guest(&engine, "blue");
+    assert_eq!(blue.ask("hello"), "ok");
 
     // A tenant added, a weight changed: applied without a restart, the running guest unharmed.
     std::fs::write(&cfg, format!("{NSM}{}{}", tenant("blue", "cpu_weight = 4"), tenant("green", ""))).unwrap();
@@ -44,9 +44,9 @@ fn reload_adds_reweights_and_removes_tenants_under_running_guests() {
     assert!(text.contains("added    green") && text.contains("changed  blue"), "{text}");
     let t = tenants(&engine);
     assert_eq!(t.iter().find(|t| t["name"] == "blue").unwrap()["cpu_weight"], 4, "{t:?}");
-    let (mut green, mut green_ask) = echo_guest(&engine, "green");
-    assert_eq!(green_ask("hi"), "ok", "the new tenant attaches");
-    assert_eq!(blue_ask("still there"), "ok", "blue's connection went on through the reload");
+    let mut green = echo_guest(&engine, "green");
+    assert_eq!(green.ask("hi"), "ok", "the new tenant attaches");
+    assert_eq!(blue.ask("still there"), "ok", "blue's connection went on through the reload");
 
     // A broken edit is refused, naming file, line and field; the running configuration stays.
     std::fs::write(&cfg, format!("{NSM}{}{}", tenant("blue", "cpu_weight = 0"), tenant("green", ""))).unwrap();
@@ -70,7 +70,7 @@ fn reload_adds_reweights_and_removes_tenants_under_running_guests() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&cc.stdout).trim(), "reno", "{}", String::from_utf8_lossy(&cc.stderr));
     assert_eq!(engine.ctl("nsms")[0]["congestion"], "reno");
-    assert_eq!(blue_ask("after the switch"), "ok", "blue's connection (opened before) goes on");
+    assert_eq!(blue.ask("after the switch"), "ok", "blue's connection (opened before) goes on");
 
     // SIGHUP, as `ctl reload`: green removed, its guest's sockets reset; blue goes on.
     std::fs::write(&cfg, format!("{NSM}congestion = \"reno\"\n{}", tenant("blue", "cpu_weight = 2"))).unwrap();
@@ -81,8 +81,8 @@ fn reload_adds_reweights_and_removes_tenants_under_running_guests() {
         assert!(start.elapsed() < Duration::from_secs(5), "SIGHUP did not reload");
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(green_ask("gone?"), format!("error {}", libc::ECONNRESET), "a removed tenant's guest is reset");
-    assert_eq!(blue_ask("and blue?"), "ok");
+    assert_eq!(green.ask("gone?"), format!("error {}", libc::ECONNRESET), "a removed tenant's guest is reset");
+    assert_eq!(blue.ask("and blue?"), "ok");
     assert_eq!(tenants(&engine)[0]["cpu_weight"], 2);
     let denied = Command::new(env!("CARGO_BIN_EXE_netkernel"))
         .args(["run", "--tenant", "green", "--socket"])
@@ -95,10 +95,6 @@ fn reload_adds_reweights_and_removes_tenants_under_running_guests() {
         !denied.status.success() && why.contains("unknown tenant \"green\""),
         "a removed tenant cannot attach: {why}"
     );
-    for c in [&mut blue, &mut green] {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
 }
 
 /// An NSM added to the file starts at the reload, supervised as the others; a tenant added on it
@@ -108,7 +104,7 @@ fn reload_starts_an_added_nsm() {
     require("python3");
     let engine = TestEngine::with_config(&format!("{NSM}{}", tenant("blue", "")));
     let cfg = engine.config_path().unwrap();
-    let (mut blue, mut blue_ask) = echo_guest(&engine, "blue");
+    let mut blue = echo_guest(&engine, "blue");
     let added = format!(
         "{NSM}[[nsm]]\nname = \"k2\"\ncongestion = \"reno\"\n\n{}{}",
         tenant("blue", ""),
@@ -120,18 +116,14 @@ fn reload_starts_an_added_nsm() {
     let nsms = engine.ctl("nsms");
     let k2 = nsms.as_array().unwrap().iter().find(|n| n["name"] == "k2").unwrap_or_else(|| panic!("{nsms}"));
     assert!(k2["pid"].as_u64().unwrap() > 0 && k2["congestion"] == "reno", "{k2}");
-    let (mut red, mut red_ask) = echo_guest(&engine, "red");
-    assert_eq!(red_ask("on the new NSM"), "ok");
+    let mut red = echo_guest(&engine, "red");
+    assert_eq!(red.ask("on the new NSM"), "ok");
     let conns = engine.ctl("conns");
     assert!(conns.as_array().unwrap().iter().any(|c| c["tenant"] == "red" && c["nsm"] == "k2"), "{conns}");
-    assert_eq!(blue_ask("unharmed"), "ok");
+    assert_eq!(blue.ask("unharmed"), "ok");
     // Taking it away again is refused: red's guest runs on it.
     std::fs::write(&cfg, format!("{NSM}{}", tenant("blue", ""))).unwrap();
     let (ok, text) = reload(&engine);
     assert!(!ok && text.contains("[[nsm]] k2 changed or removed") && text.contains("nothing applied"), "{text}");
-    assert_eq!(red_ask("still served"), "ok");
-    // The guests end when their stdin (held by the ask closures) closes.
-    drop((red_ask, blue_ask));
-    let _ = red.wait();
-    let _ = blue.wait();
+    assert_eq!(red.ask("still served"), "ok");
 }

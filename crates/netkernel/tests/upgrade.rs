@@ -401,16 +401,12 @@ fn an_nsm_with_two_executors_upgrades() {
     let engine = TestEngine::with_config(
         "[[nsm]]\nname = \"k\"\nexecutors = 2\ncolocate = false\n\n[[tenant]]\nname = \"t\"\nnsm = \"k\"\n",
     );
-    let mut guests = vec![echo_guest(&engine, "t"), echo_guest(&engine, "t")];
+    let mut guests = [echo_guest(&engine, "t"), echo_guest(&engine, "t")];
     assert_eq!(engine.nsm()["executors"], 2, "{}", engine.nsm());
     let r = upgrade(&engine, "k", None).unwrap_or_else(|e| panic!("{e}\n{}", engine.log()));
     assert_eq!((r["attachments"].as_u64(), r["sockets"].as_u64()), (Some(2), Some(6)), "{r}");
-    for (_, ask) in guests.iter_mut() {
-        assert_eq!(ask("after the upgrade"), "ok");
-    }
-    for (mut g, ask) in guests {
-        drop(ask);
-        let _ = g.wait();
+    for g in guests.iter_mut() {
+        assert_eq!(g.ask("after the upgrade"), "ok");
     }
 }
 
@@ -420,19 +416,17 @@ fn an_nsm_with_two_executors_upgrades() {
 fn an_upgraded_nsm_is_adopted_by_a_restarted_engine() {
     require("python3");
     let mut engine = TestEngine::start();
-    let (mut g, mut ask) = echo_guest(&engine, "default");
+    let mut g = echo_guest(&engine, "default");
     let first = upgrade(&engine, "kernel", None).unwrap();
     engine.stop_with(libc::SIGKILL);
-    assert_eq!(ask("no engine"), "ok");
+    assert_eq!(g.ask("no engine"), "ok");
     engine.restart();
     let nsm = engine.nsm();
     assert_eq!(nsm["pid"], first["new_pid"], "the new engine adopted the upgraded process: {nsm}");
     assert_eq!(nsm["attachments"], 1);
     let second = upgrade(&engine, "kernel", None).unwrap_or_else(|e| panic!("{e}\n{}", engine.log()));
     assert_eq!(second["old_pid"], first["new_pid"]);
-    assert_eq!(ask("after two upgrades and an engine restart"), "ok");
-    drop(ask);
-    let _ = g.wait();
+    assert_eq!(g.ask("after two upgrades and an engine restart"), "ok");
 }
 
 /// A tenant spread over two executors moves whole: the second executor's attachments come to the
@@ -444,20 +438,16 @@ fn a_tenant_on_two_executors_moves() {
         "[[nsm]]\nname = \"k\"\nexecutors = 2\ncolocate = false\n\n[[nsm]]\nname = \"k2\"\n\n\
          [[tenant]]\nname = \"t\"\nnsm = \"k\"\n",
     );
-    let mut guests = vec![echo_guest(&engine, "t"), echo_guest(&engine, "t")];
+    let mut guests = [echo_guest(&engine, "t"), echo_guest(&engine, "t")];
     assert_eq!(engine.nsm()["executors"], 2, "{}", engine.nsm());
     let r = move_tenant(&engine, "t", "k2").unwrap_or_else(|e| panic!("{e}\n{}", engine.log()));
     assert_eq!((r["attachments"].as_u64(), r["sockets"].as_u64()), (Some(2), Some(6)), "{r}");
-    for (_, ask) in guests.iter_mut() {
-        assert_eq!(ask("on k2"), "ok");
+    for g in guests.iter_mut() {
+        assert_eq!(g.ask("on k2"), "ok");
     }
     let nsms = engine.ctl("nsms");
     let k2 = nsms.as_array().unwrap().iter().find(|n| n["name"] == "k2").unwrap();
     assert_eq!(k2["attachments"], 2, "{nsms}");
-    for (mut g, ask) in guests {
-        drop(ask);
-        let _ = g.wait();
-    }
 }
 
 /// A closed socket still sending its queued bytes moves too: the old process exits at once
@@ -514,21 +504,18 @@ fn a_move_to_a_user_nsm_drains() {
     let (user, _) = user_nsm_config("");
     let engine =
         TestEngine::with_config(&format!("[[nsm]]\nname = \"k\"\n\n{user}\n[[tenant]]\nname = \"t\"\nnsm = \"k\"\n"));
-    let (mut old, mut old_ask) = echo_guest(&engine, "t");
+    let mut old = echo_guest(&engine, "t");
     let r = move_tenant(&engine, "t", "user").unwrap_or_else(|e| panic!("{e}\n{}", engine.log()));
     assert_eq!((r["attachments"].as_u64(), r["draining"].as_u64()), (Some(0), Some(1)), "{r}");
     assert!(r["note"].as_str().unwrap().contains("stay on NSM k"), "{r}");
-    assert_eq!(old_ask("still on k"), "ok");
-    let (mut new, mut new_ask) = echo_guest(&engine, "t");
-    assert_eq!(new_ask("on the user NSM"), "ok");
+    assert_eq!(old.ask("still on k"), "ok");
+    let mut new = echo_guest(&engine, "t");
+    assert_eq!(new.ask("on the user NSM"), "ok");
     let conns = engine.ctl("conns");
     let by = |pid: u32| {
         let c = conns.as_array().unwrap().iter().filter(|c| c["pid"] == pid).cloned().collect::<Vec<_>>();
         c.iter().map(|c| c["nsm"].as_str().unwrap().to_string()).collect::<std::collections::BTreeSet<_>>()
     };
-    assert_eq!(by(old.id()).into_iter().collect::<Vec<_>>(), ["k"], "{conns}");
-    assert_eq!(by(new.id()).into_iter().collect::<Vec<_>>(), ["user"], "{conns}");
-    drop((old_ask, new_ask));
-    let _ = old.wait();
-    let _ = new.wait();
+    assert_eq!(by(old.pid()).into_iter().collect::<Vec<_>>(), ["k"], "{conns}");
+    assert_eq!(by(new.pid()).into_iter().collect::<Vec<_>>(), ["user"], "{conns}");
 }

@@ -400,28 +400,53 @@ pub fn metrics_response(addr: &str) -> String {
     resp
 }
 
-/// A guest of `tenant` that echoes lines on a connection to itself for as long as its stdin
-/// gives them: "ok" per line while the connection works, "error ..." once it does not.
-pub fn echo_guest(engine: &TestEngine, tenant: &str) -> (std::process::Child, impl FnMut(&str) -> String) {
+/// A guest of `tenant` with a connection to itself that echoes each line `ask` gives it: "ok"
+/// while the connection works, "error ERRNO" once it does not. Dropping it closes its stdin and
+/// waits for it to end.
+pub struct EchoGuest {
+    child: Child,
+    stdin: Option<std::process::ChildStdin>,
+    out: std::io::BufReader<std::process::ChildStdout>,
+}
+
+pub fn echo_guest(engine: &TestEngine, tenant: &str) -> EchoGuest {
     let script = "import socket,sys\nl=socket.create_server(('127.0.0.1',0))\nc=socket.create_connection(l.getsockname())\n\
                   s,_=l.accept()\nprint('ready',flush=True)\nfor line in sys.stdin:\n    try:\n        c.sendall(line.encode())\n        \
                   d=s.recv(100)\n        print('ok' if d==line.encode() else 'bad',flush=True)\n    except OSError as e:\n        \
                   print('error',e.errno,flush=True)\n";
-    use std::io::{BufRead, Write};
     let mut c = Command::new(NETKERNEL);
     c.args(["run", "--tenant", tenant, "--socket"]).arg(&engine.socket).args(["--", "python3", "-c", script]);
     c.stdin(Stdio::piped()).stdout(Stdio::piped());
     let mut child = c.spawn().unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "ready");
-    let ask = move |msg: &str| {
-        writeln!(stdin, "{msg}").unwrap();
+    let stdin = child.stdin.take();
+    let out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut g = EchoGuest { child, stdin, out };
+    assert_eq!(g.line(), "ready");
+    g
+}
+
+impl EchoGuest {
+    /// Sends `msg` over the guest's connection; its answer.
+    pub fn ask(&mut self, msg: &str) -> String {
+        use std::io::Write;
+        writeln!(self.stdin.as_mut().expect("open until drop"), "{msg}").unwrap();
+        self.line()
+    }
+
+    fn line(&mut self) -> String {
         let mut line = String::new();
-        out.read_line(&mut line).unwrap();
+        std::io::BufRead::read_line(&mut self.out, &mut line).unwrap();
         line.trim().to_string()
-    };
-    (child, ask)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for EchoGuest {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        let _ = self.child.wait();
+    }
 }
