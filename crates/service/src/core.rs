@@ -45,6 +45,11 @@ pub(crate) fn tok(kind: u64, att: usize, slot: u32) -> u64 {
     (kind << KIND_SHIFT) | ((att as u64) << 32) | slot as u64
 }
 
+/// The attachment index a [`tok`] carries.
+pub(crate) fn tok_att(key: u64) -> usize {
+    ((key >> 32) & 0x3fff_ffff) as usize
+}
+
 /// What the core needs to know of the host, read once by the driver.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Limits {
@@ -324,7 +329,7 @@ impl<S: Stack> Core<S> {
 
     /// Keeps a readiness change for its attachment's next task (other keys: handled now).
     fn defer_ready(&mut self, key: u64, events: u32) {
-        let ai = ((key >> 32) & 0x3fff_ffff) as usize;
+        let ai = tok_att(key);
         if key >> KIND_SHIFT != TOK_SOCK {
             return self.on_ready(key, events);
         }
@@ -604,7 +609,7 @@ impl<S: Stack> Core<S> {
     pub(crate) fn settle(&mut self) {
         let mut ready = self.poll_into(true);
         for r in ready.drain(..) {
-            let ai = ((r.key >> 32) & 0x3fff_ffff) as usize;
+            let ai = tok_att(r.key);
             if let (TOK_SOCK, Some(a)) = (r.key >> KIND_SHIFT, self.atts.get_mut(ai).and_then(|a| a.as_mut())) {
                 a.ready.retain(|&(k, _)| k != r.key);
             }
@@ -640,7 +645,7 @@ impl<S: Stack> Core<S> {
     /// A watched stack socket's readiness changed (`key` from `Stack::watch`): queued sends go
     /// out as far as the tenant's rate allows, and the guest sees the new mask.
     pub(crate) fn on_ready(&mut self, key: u64, events: u32) {
-        let ai = ((key >> 32) & 0x3fff_ffff) as usize;
+        let ai = tok_att(key);
         let slot = key as u32;
         if key >> KIND_SHIFT == TOK_SOCK {
             let Some(a) = self.atts.get_mut(ai).and_then(|a| a.as_mut()) else { return };

@@ -20,7 +20,7 @@
 use crate::colocated::state::{EndState, PipeReader, PipeState, PipeWriter};
 use crate::colocated::Backlog;
 use crate::control::{self, Handed, NsmStats};
-use crate::core::{tok, KIND_SHIFT, TOK_BELL, TOK_PIDFD, TOK_SOCK};
+use crate::core::{tok, tok_att, KIND_SHIFT, TOK_BELL, TOK_PIDFD, TOK_SOCK};
 use crate::sendq::SendQueue;
 use crate::sock::{Attachment, Sock, SERIAL};
 use crate::{epoll_ctl, holders, regions, Service, Stack};
@@ -391,9 +391,7 @@ impl<S: Stack> Service<S> {
         });
         self.core.refreshes.retain(|r| live(r.0, atts));
         self.core.polled_refreshes.retain(|r| live(r.0, atts));
-        self.core
-            .ready
-            .retain(|r| r.key >> KIND_SHIFT != TOK_SOCK || live(((r.key >> 32) & 0x3fff_ffff) as usize, atts));
+        self.core.ready.retain(|r| r.key >> KIND_SHIFT != TOK_SOCK || live(tok_att(r.key), atts));
         self.core.throttled.retain(|r| live(r.0, atts));
         if everything {
             self.core.parked.clear();

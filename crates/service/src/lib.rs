@@ -34,7 +34,7 @@ mod telemetry;
 
 pub use stack::{Errno, Stack};
 
-use crate::core::{tok, Core, Limits, KIND_SHIFT, TOK_BELL, TOK_CONTROL, TOK_PIDFD};
+use crate::core::{tok, tok_att, Core, Limits, KIND_SHIFT, TOK_BELL, TOK_CONTROL, TOK_PIDFD};
 use control::NsmRequest;
 use netkernel_ring::doorbell;
 use netkernel_ring::region::Region;
@@ -420,7 +420,7 @@ impl<S: Stack> Service<S> {
     }
 
     fn on_event(&mut self, token: u64) {
-        let ai = ((token >> 32) & 0x3fff_ffff) as usize;
+        let ai = tok_att(token);
         match token >> KIND_SHIFT {
             TOK_BELL => {
                 if let Some(a) = self.core.atts.get(ai).and_then(|a| a.as_ref()) {
