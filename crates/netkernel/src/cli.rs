@@ -567,7 +567,8 @@ fn nsm(a: NsmArgs) -> i32 {
         "kernel" => netkernel_nsm_kernel::KernelStack::new(a.congestion.clone()).and_then(|stack| {
             let cc = a.congestion.clone();
             let more = move || netkernel_nsm_kernel::KernelStack::new(cc.clone()).ok();
-            serve_nsm(stack, &a, Vec::new(), |svc| svc.with_executors(executors(&a.executors), more))
+            let (max, elastic) = executors(&a.executors);
+            serve_nsm(stack, &a, Vec::new(), |svc| svc.with_executors(max, elastic, more))
         }),
         // One TAP device, one smoltcp interface: a user NSM has one executor.
         "user" => a
@@ -582,11 +583,13 @@ fn nsm(a: NsmArgs) -> i32 {
     }
 }
 
-/// The most executors `--executors` allows ("auto": the cores this process may use).
-fn executors(arg: &str) -> usize {
+/// The most executors `--executors` allows, and whether they follow the load ("auto": up to
+/// the cores this process may use, as the work calls for them; a number: attachments spread
+/// over that many).
+fn executors(arg: &str) -> (usize, bool) {
     match arg {
-        "auto" => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n.parse().unwrap_or(1),
+        "auto" => (std::thread::available_parallelism().map_or(1, |n| n.get()), true),
+        n => (n.parse().unwrap_or(1), false),
     }
 }
 

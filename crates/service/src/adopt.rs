@@ -97,6 +97,9 @@ impl<S: Stack> Service<S> {
                     pid: a.pid,
                     uid: a.uid,
                     holders: a.holders.pidfds().filter_map(|(id, fd)| Some((pid_of(fd.as_raw_fd())?, id))).collect(),
+                    busy_us: a.busy.as_micros() as u64,
+                    peers: colocated_peers(a),
+                    pinned: a.policy.pinned(),
                 })
                 .collect(),
         }
@@ -116,4 +119,20 @@ impl<S: Stack> Service<S> {
         eprintln!("netkernel nsm {}: stopping at the engine's request", self.core.name);
         self.stopping = true;
     }
+}
+
+/// The other attachments `a` has co-located connections with, established or in its listeners'
+/// backlogs (both ends live in one executor, so they move together).
+fn colocated_peers<H>(a: &crate::sock::Attachment<H>) -> Vec<u64> {
+    let mut peers: Vec<u64> = a
+        .socks
+        .iter()
+        .flatten()
+        .flat_map(|s| s.pipe.iter().chain(s.backlog.iter().flat_map(|b| b.queue.iter())))
+        .filter_map(|e| e.peer_attachment())
+        .filter(|&id| id != a.id)
+        .collect();
+    peers.sort_unstable();
+    peers.dedup();
+    peers
 }

@@ -271,6 +271,12 @@ impl End {
         p.sides[self.side].owner = Some(owner);
     }
 
+    /// The attachment holding the other end, once it is in a guest's slot.
+    pub fn peer_attachment(&self) -> Option<u64> {
+        let p = self.pipe.borrow();
+        p.sides[1 - self.side].owner.as_ref().map(|o| o.region.header().attachment_id)
+    }
+
     pub fn mask(&self) -> u32 {
         self.pipe.borrow().mask(self.side)
     }

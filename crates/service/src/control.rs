@@ -38,6 +38,10 @@ pub enum NsmRequest {
     Handover {
         #[serde(default)]
         attachments: Option<Vec<u64>>,
+        /// To another executor of the same NSM: the sockets keep their congestion control (a
+        /// move to another NSM gives them its own).
+        #[serde(default)]
+        within: bool,
     },
     /// To the new NSM (`ctl upgrade`: serving nothing yet) or the target of `ctl move`: take over
     /// what the NSM at the other end of the fd hands over and serve it. Reply: CLOCK_MONOTONIC
@@ -77,6 +81,15 @@ pub struct AttachmentState {
     /// (pid, holder id) of every live process holding the attachment, read from the NSM's
     /// pidfds.
     pub holders: Vec<(i32, u32)>,
+    /// Time the NSM's tasks for it took so far, µs (executors balance by it).
+    #[serde(default)]
+    pub busy_us: u64,
+    /// Attachments it has co-located connections with (they share an executor).
+    #[serde(default)]
+    pub peers: Vec<u64>,
+    /// Its tenant's limits keep the tenant's attachments on one executor.
+    #[serde(default)]
+    pub pinned: bool,
 }
 
 /// What an NSM enforces for one tenant (DESIGN.md D7).
@@ -112,6 +125,14 @@ pub struct TenantPolicy {
     /// At most this many cores of the NSM's CPU for the tenant; None: no cap.
     #[serde(default)]
     pub cpu_limit: Option<f64>,
+}
+
+impl TenantPolicy {
+    /// Whether its limits (rate, sockets, CPU cap) are kept in one place, which keeps all the
+    /// tenant's attachments on one executor.
+    pub fn pinned(&self) -> bool {
+        self.rate.is_some() || self.max_sockets.is_some() || self.cpu_limit.is_some()
+    }
 }
 
 fn one() -> u32 {

@@ -262,6 +262,9 @@ impl<S: Stack> Core<S> {
             last = end;
             self.sched.charge(task.tenant, took);
             self.account.record(task.tenant, took);
+            if let Some(Some(a)) = self.atts.get_mut(task.att) {
+                a.busy += took;
+            }
             if let Some(cap) = self.account.tenants[task.tenant as usize].cap.as_mut() {
                 cap.charge(took);
             }

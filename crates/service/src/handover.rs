@@ -76,6 +76,10 @@ impl Blob {
 struct Snapshot {
     /// Everything the old process served (an upgrade), not some attachments (a move).
     whole: bool,
+    /// The taker sets its own congestion control on the TCP sockets (a move to another NSM;
+    /// an upgrade or a move between executors keeps each socket's).
+    #[serde(default)]
+    impose_congestion: bool,
     /// CLOCK_MONOTONIC (ns) when the old process stopped serving.
     stopped_ns: u64,
     /// Index of the rendezvous listener among the fds.
@@ -199,11 +203,19 @@ impl<S: Stack> Service<S> {
     /// the NSM process at the other end of `to`, which runs [`takeover`](Self::takeover). On
     /// success this process serves them no more (after handing over everything it exits once
     /// its engine lets go); on failure it serves on as before.
-    pub(crate) fn handover(&mut self, to: OwnedFd, only: Option<&[u64]>) -> Result<Handed, String> {
+    /// `within`: to another executor of this NSM (the sockets keep their congestion control;
+    /// a move to another NSM gives them its own).
+    pub(crate) fn handover(&mut self, to: OwnedFd, only: Option<&[u64]>, within: bool) -> Result<Handed, String> {
+        self.gather(only)?;
+        self.hand(to, only, only.is_some() && !within)
+    }
+
+    /// Hands over attachments `only` (None: everything) that this executor serves.
+    fn hand(&mut self, to: OwnedFd, only: Option<&[u64]>, impose_congestion: bool) -> Result<Handed, String> {
         patient(&to).map_err(io_err)?;
         let stopped_ns = monotonic_ns();
-        self.gather(only)?;
-        let (snap, fds, blob) = self.write_down(stopped_ns, only)?;
+        let (mut snap, fds, blob) = self.write_down(stopped_ns, only)?;
+        snap.impose_congestion = impose_congestion;
         let sockets = snap.attachments.iter().map(|a| a.socks.iter().flatten().count()).sum();
         let attachments = snap.attachments.len();
         let sent = send(to.as_raw_fd(), &snap, &fds, &blob.0);
@@ -231,7 +243,7 @@ impl<S: Stack> Service<S> {
     /// Brings the other executors' attachments (`only` those, or all) to this one, each handed
     /// over as to another NSM (within the process), so that one snapshot carries them. An
     /// executor's co-located connections are all its own, so they move whole.
-    fn gather(&mut self, only: Option<&[u64]>) -> Result<(), String> {
+    pub(crate) fn gather(&mut self, only: Option<&[u64]>) -> Result<(), String> {
         let Some(mut pool) = self.pool.take() else { return Ok(()) };
         let r = (|| {
             for (k, state) in pool.states().into_iter().enumerate() {
@@ -245,7 +257,7 @@ impl<S: Stack> Service<S> {
                     continue;
                 }
                 let (give, take) = std::os::unix::net::UnixStream::pair().map_err(io_err)?;
-                let req = crate::control::NsmRequest::Handover { attachments: Some(ids.clone()) };
+                let req = crate::control::NsmRequest::Handover { attachments: Some(ids.clone()), within: true };
                 pool.tell(k, &req, &[give.as_raw_fd()]).map_err(|e| format!("executor {}: {e}", k + 1))?;
                 drop(give);
                 let took = self.takeover(take.into());
@@ -255,6 +267,45 @@ impl<S: Stack> Service<S> {
                 took.and(handed)?;
                 pool.came_home(k, &ids);
             }
+            Ok(())
+        })();
+        self.pool = Some(pool);
+        r
+    }
+
+    /// Starts an executor and hands it attachments `ids` of executor `from` (0: this one;
+    /// others' come here first): `executors = "auto"` spreading work that backed up (pool.rs).
+    pub(crate) fn split(&mut self, from: usize, ids: &[u64]) -> Result<(), String> {
+        if from != 0 {
+            self.gather(Some(ids))?;
+        }
+        let tenants: Vec<(u64, String)> =
+            self.core.atts.iter().flatten().filter(|a| ids.contains(&a.id)).map(|a| (a.id, a.tenant.clone())).collect();
+        let Some(mut pool) = self.pool.take() else { return Ok(()) };
+        let r = (|| {
+            let n = pool.grow().map_err(io_err)?;
+            let (give, take) = std::os::unix::net::UnixStream::pair().map_err(io_err)?;
+            pool.tell(n, &crate::control::NsmRequest::Takeover, &[take.as_raw_fd()]).map_err(io_err)?;
+            drop(take);
+            let handed = self.hand(give.into(), Some(ids), false);
+            // The new executor answers its "engine" (this thread) once it took them, or failed.
+            let took = pool.answer(n).map_err(io_err).and_then(|(payload, _)| {
+                control::Reply::decode::<u64>(&payload).map_err(|e| format!("executor {}: {e}", n + 1))
+            });
+            let handed = handed?;
+            took?;
+            for (id, tenant) in &tenants {
+                pool.placed(*id, n, tenant);
+            }
+            eprintln!(
+                "netkernel nsm {}: executor {} busy: {} attachments ({} sockets) moved to executor {} in {:.2} ms",
+                self.core.name,
+                from,
+                handed.attachments,
+                handed.sockets,
+                n + 1,
+                handed.serving_ns.saturating_sub(handed.stopped_ns) as f64 / 1e6
+            );
             Ok(())
         })();
         self.pool = Some(pool);
@@ -327,6 +378,7 @@ impl<S: Stack> Service<S> {
         stats.conns.clear();
         let snap = Snapshot {
             whole: only.is_none(),
+            impose_congestion: false,
             stopped_ns,
             rendezvous,
             attachments,
@@ -452,7 +504,7 @@ impl<S: Stack> Service<S> {
         };
         let ep = self.epfd.as_raw_fd();
         let first = self.core.atts.len();
-        let whole = snap.whole;
+        let impose = snap.impose_congestion;
         let mut socks = Vec::new();
         for st in snap.attachments {
             let ai = self.core.atts.len();
@@ -492,6 +544,7 @@ impl<S: Stack> Service<S> {
                 queued: false,
                 ready: Vec::new(),
                 ready_queued: false,
+                busy: Default::default(),
             }));
             let a = self.core.atts[ai].as_ref().expect("just pushed");
             epoll_ctl(ep, libc::EPOLL_CTL_ADD, a.nsm_bell.as_raw_fd(), libc::EPOLLIN as u32, tok(TOK_BELL, ai, 0))
@@ -524,7 +577,7 @@ impl<S: Stack> Service<S> {
                     Some(fd) => Some(
                         self.core
                             .stack
-                            .import(fd, !whole)
+                            .import(fd, impose)
                             .map_err(|e| format!("the stack refused a socket: {}", io::Error::from_raw_os_error(e)))?,
                     ),
                     None => None,

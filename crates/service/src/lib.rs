@@ -158,8 +158,9 @@ impl<S: Stack> Service<S> {
     }
 
     /// Lets the NSM run its work on up to `max` executor threads, each over a stack of its own
-    /// that `make` gives (pool.rs). Call after the other `with_`s: executors copy them.
-    pub fn with_executors(mut self, max: usize, make: impl Fn() -> Option<S> + 'static) -> Self
+    /// that `make` gives (pool.rs); `elastic`: as many as the work calls for, else spread
+    /// over as the attachments arrive. Call after the other `with_`s: executors copy them.
+    pub fn with_executors(mut self, max: usize, elastic: bool, make: impl Fn() -> Option<S> + 'static) -> Self
     where
         S: Send + 'static,
     {
@@ -187,7 +188,9 @@ impl<S: Stack> Service<S> {
                 }
             })
         });
-        self.pool = Some(pool::Pool::new(self.core.name.clone(), spawn, max));
+        let mut pool = pool::Pool::new(self.core.name.clone(), spawn, max);
+        pool.elastic = elastic;
+        self.pool = Some(pool);
         self
     }
 
@@ -203,6 +206,34 @@ impl<S: Stack> Service<S> {
             }
         }
         Ok(())
+    }
+
+    /// Executor 0 looks after the others: stops empty ones, and, when they follow the load,
+    /// splits a saturated executor or brings everything back to one (pool.rs).
+    fn tend_executors(&mut self) {
+        let now = self.core.now;
+        let plan = match self.pool.as_ref().is_some_and(|p| p.elastic) {
+            true => {
+                let here = self.state().attachments;
+                self.pool.as_mut().map_or(pool::Plan::Stay, |p| p.weigh(&here, now))
+            }
+            false => pool::Plan::Stay,
+        };
+        let done = match plan {
+            pool::Plan::Stay => Ok(()),
+            pool::Plan::Split { from, ids } => self.split(from, &ids),
+            pool::Plan::Compact => self.gather(None),
+        };
+        if let Err(e) = done {
+            eprintln!("netkernel nsm {}: executors: {e}", self.core.name);
+        }
+        if let Some(p) = self.pool.as_mut().filter(|p| p.executors() > 1) {
+            let next = p.next_tend;
+            p.tend(now);
+            if p.elastic {
+                p.next_tend = next;
+            }
+        }
     }
 
     /// Cores this executor kept busy over the last window (measured anew once it is over).
@@ -233,6 +264,7 @@ impl<S: Stack> Service<S> {
             let mut worked = self.core.run_tasks();
             self.start_lookups();
             let sleep = !worked && last_work.elapsed() >= SPIN;
+            // One executor wakes for nothing: the work that would make it grow wakes it anyway.
             let tend = self.pool.as_ref().filter(|p| p.executors() > 1).map(|p| p.next_tend);
             let wait = [self.core.deadline(), tend]
                 .into_iter()
@@ -312,8 +344,8 @@ impl<S: Stack> Service<S> {
             if self.core.account.due() {
                 self.core.account.settle(account::thread_cpu());
             }
-            if let Some(p) = self.pool.as_mut().filter(|p| p.executors() > 1 && self.core.now >= p.next_tend) {
-                p.tend(self.core.now);
+            if self.pool.as_ref().is_some_and(|p| (p.elastic || p.executors() > 1) && self.core.now >= p.next_tend) {
+                self.tend_executors();
             }
             self.core.unthrottle();
             self.start_lookups();
@@ -519,8 +551,8 @@ impl<S: Stack> Service<S> {
                 Ok(()) => control::Reply::ok(()),
                 Err(e) => control::Reply::err(e),
             },
-            Ok(NsmRequest::Handover { attachments }) => match fds.into_iter().next() {
-                Some(to) => match self.handover(to, attachments.as_deref()) {
+            Ok(NsmRequest::Handover { attachments, within }) => match fds.into_iter().next() {
+                Some(to) => match self.handover(to, attachments.as_deref(), within) {
                     Ok(done) => control::Reply::ok(done),
                     Err(e) => control::Reply::err(e),
                 },
@@ -627,6 +659,7 @@ impl<S: Stack> Service<S> {
             queued: false,
             ready: Vec::new(),
             ready_queued: false,
+            busy: Default::default(),
         });
         Ok(())
     }

@@ -8,18 +8,30 @@
 //! engine's messages about it there; a connection's work thus stays on one executor (its
 //! attachment's), in order.
 //!
-//! Executors grow with the attachments: a new one goes to an executor serving none, else to a
-//! new executor while there are cores for one, else to the executor serving fewest. They shrink:
-//! an executor left with no attachment is stopped within [`TEND_EVERY`]. An idle executor sleeps
-//! in epoll like any NSM. (An attachment stays where it was placed: its sockets, its readiness
-//! keys and its co-located peers live in that executor's state.)
+//! How executors grow and shrink depends on `executors`:
+//!
+//! - **A number** (the operator wants the work spread from the start): a new attachment goes to
+//!   an executor serving none, else to a new executor while there are cores for one, else to
+//!   the executor serving fewest. An executor left with no attachment stops within
+//!   [`TEND_EVERY`].
+//! - **"auto"** (elastic, like Snap's compacting engines): everything starts on executor 0 and new
+//!   attachments go to the executor with the least work. Every [`ELASTIC_TEND`] executor 0 looks
+//!   at how long each executor's tasks took ([`plan`]): when one was busy for most of the time
+//!   (its queues back up) and a core is free, a new executor starts and about half of that
+//!   executor's work moves there, as whole groups of attachments (a handover within the
+//!   process, handover.rs: the guests see a pause of a millisecond or so, nothing else); when
+//!   all executors together did less than half a core's work twice in a row, every attachment
+//!   comes back to executor 0 and the others stop, so an idle NSM is one sleeping thread.
+//!
+//! An idle executor sleeps in epoll like any NSM. A connection's work is on one executor at a
+//! time: a move stops the giver between two tasks and the taker starts where it stopped.
 //!
 //! What stays within one executor: the co-located short cut (a connect finds only its own
 //! executor's listeners; across executors it goes through the stack), and a tenant's rate limit,
 //! socket limit and CPU cap, which is why such a tenant's attachments all go to the executor of
 //! its first.
 
-use crate::control::{NsmRequest, NsmState, NsmStats, TenantPolicy};
+use crate::control::{AttachmentState, NsmRequest, NsmState, NsmStats, TenantPolicy};
 use netkernel_control::call;
 use netkernel_ring::sys;
 use std::collections::HashMap;
@@ -30,6 +42,14 @@ use std::time::{Duration, Instant};
 
 /// How often executor 0 looks at the others (whether any is left empty).
 pub(crate) const TEND_EVERY: Duration = Duration::from_millis(500);
+/// How often executor 0 weighs the executors' work when they follow the load.
+pub(crate) const ELASTIC_TEND: Duration = Duration::from_millis(250);
+/// An executor whose tasks took this share of the time is saturated: its queues back up.
+pub(crate) const GROW_AT: f64 = 0.7;
+/// All executors' work together below this share of one core fits on one executor.
+pub(crate) const COMPACT_BELOW: f64 = 0.5;
+/// After a split, the load settles this long before the next.
+const SETTLE: Duration = Duration::from_secs(1);
 
 /// Starts an executor on a thread of its own, taking orders on the socket it is given.
 pub(crate) type Spawner = Box<dyn Fn(UnixStream) -> io::Result<std::thread::JoinHandle<()>>>;
@@ -39,8 +59,12 @@ struct Executor {
     thread: Option<std::thread::JoinHandle<()>>,
     /// Attachments it served at the last look.
     attachments: usize,
+    /// Share of a core its tasks took at the last weighing (elastic).
+    work: f64,
     /// Tenants with an attachment here.
     tenants: Vec<String>,
+    /// Its last stats (kept for the NSM's totals once it stops).
+    last: Option<NsmStats>,
 }
 
 pub(crate) struct Pool {
@@ -52,6 +76,118 @@ pub(crate) struct Pool {
     /// The executor (index into `execs`) of each attachment not served by executor 0.
     owner: HashMap<u64, usize>,
     pub(crate) next_tend: Instant,
+    /// Executors follow the load (`executors = "auto"`) instead of the attachments.
+    pub(crate) elastic: bool,
+    /// Executor 0's work at the last weighing.
+    work0: f64,
+    /// Each attachment's busy time at the last weighing, and when that was.
+    busy_seen: HashMap<u64, u64>,
+    weighed: Instant,
+    /// Weighings in a row that found little work; no split before `settled`.
+    calm: u32,
+    settled: Instant,
+    /// Stats of stopped executors: the NSM's counters never go back.
+    retired: Option<NsmStats>,
+}
+
+/// One attachment as [`plan`] sees it.
+#[derive(Debug, Clone)]
+pub(crate) struct Weighed {
+    pub id: u64,
+    /// Its tenant, when the tenant's limits keep its attachments on one executor.
+    pub pinned: Option<String>,
+    /// Time its tasks took since the last weighing.
+    pub busy: Duration,
+    pub peers: Vec<u64>,
+}
+
+/// What executor 0 does after weighing the executors.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Plan {
+    Stay,
+    /// Start an executor and move these attachments of executor `from` (0: executor 0) there.
+    Split { from: usize, ids: Vec<u64> },
+    /// Bring every attachment to executor 0; the others stop.
+    Compact,
+}
+
+/// Decides from each executor's attachments (index 0: executor 0) what they did over `span`:
+/// split the busiest executor if it was saturated, has more than one group of attachments that
+/// must stay together (co-located connections, a tenant with limits) and `room` for another
+/// executor; compact when all of them did less than [`COMPACT_BELOW`] of a core and `calm`
+/// (the weighing before found as little). A split moves about half the executor's work: the
+/// heaviest group stays, each next group (heaviest first) goes to the lighter side.
+pub(crate) fn plan(execs: &[Vec<Weighed>], span: Duration, room: bool, calm: bool) -> Plan {
+    let span = span.as_secs_f64().max(1e-3);
+    let work = |atts: &[Weighed]| atts.iter().map(|a| a.busy.as_secs_f64()).sum::<f64>() / span;
+    let total: f64 = execs.iter().map(|e| work(e)).sum();
+    if execs.len() > 1 && total < COMPACT_BELOW && calm {
+        return Plan::Compact;
+    }
+    if !room {
+        return Plan::Stay;
+    }
+    let busiest = execs.iter().enumerate().map(|(k, e)| (k, work(e))).max_by(|a, b| a.1.total_cmp(&b.1));
+    let Some((from, _)) = busiest.filter(|&(_, w)| w >= GROW_AT) else { return Plan::Stay };
+    let mut groups = groups(&execs[from]);
+    if groups.len() < 2 {
+        return Plan::Stay;
+    }
+    groups.sort_by(|a, b| b.0.cmp(&a.0));
+    let (mut stay, mut go) = (Duration::ZERO, Duration::ZERO);
+    let mut ids = Vec::new();
+    for (busy, members) in groups {
+        if stay <= go {
+            stay += busy;
+        } else {
+            go += busy;
+            ids.extend(members);
+        }
+    }
+    if ids.is_empty() {
+        return Plan::Stay;
+    }
+    ids.sort_unstable();
+    Plan::Split { from, ids }
+}
+
+/// An executor's attachments in groups that must share an executor, each with its busy time.
+fn groups(atts: &[Weighed]) -> Vec<(Duration, Vec<u64>)> {
+    // Union-find over the attachments' indices.
+    let mut up: Vec<usize> = (0..atts.len()).collect();
+    fn root(up: &mut [usize], mut i: usize) -> usize {
+        while up[i] != i {
+            up[i] = up[up[i]];
+            i = up[i];
+        }
+        i
+    }
+    let index: HashMap<u64, usize> = atts.iter().enumerate().map(|(i, a)| (a.id, i)).collect();
+    let join = |up: &mut Vec<usize>, i: usize, j: usize| {
+        let (ri, rj) = (root(up, i), root(up, j));
+        up[ri] = rj;
+    };
+    for (i, a) in atts.iter().enumerate() {
+        for p in &a.peers {
+            if let Some(&j) = index.get(p) {
+                join(&mut up, i, j);
+            }
+        }
+        if let Some(t) = &a.pinned {
+            if let Some(j) = atts.iter().position(|b| b.pinned.as_ref() == Some(t)) {
+                join(&mut up, i, j);
+            }
+        }
+    }
+    let mut by_root: HashMap<usize, (Duration, Vec<u64>)> = HashMap::new();
+    for (i, a) in atts.iter().enumerate() {
+        let g = by_root.entry(root(&mut up, i)).or_default();
+        g.0 += a.busy;
+        g.1.push(a.id);
+    }
+    let mut out: Vec<_> = by_root.into_values().collect();
+    out.sort_by_key(|g| g.1[0]);
+    out
 }
 
 /// Where an attachment goes.
@@ -62,7 +198,22 @@ pub(crate) enum Place {
 
 impl Pool {
     pub(crate) fn new(name: String, spawn: Spawner, max: usize) -> Self {
-        Pool { name, spawn, max: max.max(1), execs: Vec::new(), owner: HashMap::new(), next_tend: Instant::now() }
+        let now = Instant::now();
+        Pool {
+            name,
+            spawn,
+            max: max.max(1),
+            execs: Vec::new(),
+            owner: HashMap::new(),
+            next_tend: now,
+            elastic: false,
+            work0: 0.0,
+            busy_seen: HashMap::new(),
+            weighed: now,
+            calm: 0,
+            settled: now,
+            retired: None,
+        }
     }
 
     pub(crate) fn executors(&self) -> u32 {
@@ -75,12 +226,12 @@ impl Pool {
     }
 
     /// Starts another executor.
-    fn grow(&mut self) -> io::Result<usize> {
+    pub(crate) fn grow(&mut self) -> io::Result<usize> {
         let (ours, theirs) = UnixStream::pair()?;
         let k = self.execs.len() + 1;
         let thread = (self.spawn)(theirs)?;
         eprintln!("netkernel nsm {}: executor {k} started", self.name);
-        self.execs.push(Executor { chan: ours, thread: Some(thread), attachments: 0, tenants: Vec::new() });
+        self.execs.push(Executor { chan: ours, thread: Some(thread), attachments: 0, work: 0.0, tenants: Vec::new(), last: None });
         Ok(self.execs.len() - 1)
     }
 
@@ -89,14 +240,21 @@ impl Pool {
     /// in one place; else on an executor serving none, or a new one while the cores allow,
     /// or the one serving fewest.
     pub(crate) fn place(&mut self, tenant: &str, policy: &TenantPolicy, here: usize, here_has: bool) -> Place {
-        let pinned = policy.rate.is_some() || policy.max_sockets.is_some() || policy.cpu_limit.is_some();
-        if pinned {
+        if policy.pinned() {
             if here_has {
                 return Place::Here;
             }
             if let Some(k) = self.execs.iter().position(|e| e.tenants.iter().any(|t| t == tenant)) {
                 return Place::There(k);
             }
+        }
+        if self.elastic {
+            // Executors start only when the work calls for them (`plan`).
+            let least = self.execs.iter().enumerate().min_by(|a, b| a.1.work.total_cmp(&b.1.work));
+            return match least {
+                Some((k, e)) if here > 0 && e.work < self.work0 => Place::There(k),
+                _ => Place::Here,
+            };
         }
         let fewest = self.execs.iter().enumerate().min_by_key(|(_, e)| e.attachments).map(|(k, e)| (k, e.attachments));
         if here == 0 || fewest.is_some_and(|(_, n)| n >= here) && (self.executors() as usize) >= self.max {
@@ -162,9 +320,52 @@ impl Pool {
             let e = &mut self.execs[k];
             e.attachments = s.attachments;
             e.tenants = s.tenants.keys().filter(|_| s.attachments > 0).cloned().collect();
+            e.last = Some(NsmStats { conns: Vec::new(), ..s.clone() });
             all.push(s);
         }
+        all.extend(self.retired.clone());
         all
+    }
+
+    /// Weighs every executor's work since the last weighing, given executor 0's attachments
+    /// (`here`), and says what to do about it.
+    pub(crate) fn weigh(&mut self, here: &[AttachmentState], now: Instant) -> Plan {
+        let span = now.saturating_duration_since(self.weighed);
+        self.weighed = now;
+        self.next_tend = now + ELASTIC_TEND;
+        let states = self.states();
+        let mut seen = HashMap::new();
+        let mut weigh = |atts: &[AttachmentState]| -> Vec<Weighed> {
+            atts.iter()
+                .map(|a| {
+                    let before = self.busy_seen.get(&a.attachment).copied().unwrap_or(a.busy_us);
+                    seen.insert(a.attachment, a.busy_us);
+                    Weighed {
+                        id: a.attachment,
+                        pinned: a.pinned.then(|| a.tenant.clone()),
+                        busy: Duration::from_micros(a.busy_us.saturating_sub(before)),
+                        peers: a.peers.clone(),
+                    }
+                })
+                .collect()
+        };
+        let execs: Vec<Vec<Weighed>> =
+            std::iter::once(weigh(here)).chain(states.iter().map(|s| weigh(&s.attachments))).collect();
+        self.busy_seen = seen;
+        let share = |atts: &[Weighed]| atts.iter().map(|a| a.busy.as_secs_f64()).sum::<f64>() / span.as_secs_f64().max(1e-3);
+        self.work0 = share(&execs[0]);
+        for (e, atts) in self.execs.iter_mut().zip(&execs[1..]) {
+            e.work = share(atts);
+            e.attachments = atts.len();
+        }
+        let total: f64 = execs.iter().map(|e| share(e)).sum();
+        self.calm = if total < COMPACT_BELOW { self.calm + 1 } else { 0 };
+        let room = self.execs.len() + 1 < self.max && now >= self.settled;
+        let p = plan(&execs, span, room, self.calm >= 2);
+        if matches!(p, Plan::Split { .. }) {
+            self.settled = now + SETTLE;
+        }
+        p
     }
 
     /// What every other executor serves.
@@ -189,6 +390,13 @@ impl Pool {
             let k = self.execs.len();
             let _ = self.ask(k - 1, &NsmRequest::Shutdown, &[]);
             let mut e = self.execs.pop().expect("checked");
+            if let Some(last) = e.last.take() {
+                let last = NsmStats { executors: 0, load: 0.0, attachments: 0, ..last };
+                match self.retired.as_mut() {
+                    Some(r) => r.absorb(last),
+                    None => self.retired = Some(last),
+                }
+            }
             let _ = e.chan.shutdown(std::net::Shutdown::Both);
             if let Some(t) = e.thread.take() {
                 let _ = t.join();
@@ -257,5 +465,80 @@ mod tests {
         p.placed(2, 0, "m");
         let limited_m = TenantPolicy { max_sockets: Some(10), ..Default::default() };
         assert_eq!(there(p.place("m", &limited_m, 0, false)), Some(0));
+    }
+
+    fn att(id: u64, busy_ms: u64, peers: &[u64], pinned: Option<&str>) -> Weighed {
+        Weighed { id, pinned: pinned.map(str::to_string), busy: Duration::from_millis(busy_ms), peers: peers.to_vec() }
+    }
+
+    const SPAN: Duration = Duration::from_millis(250);
+
+    #[test]
+    fn a_saturated_executor_splits_about_half_its_work_off() {
+        // 240 of 250 ms busy: 100 + 80 + 60; the heaviest stays, 80 goes, 60 joins the lighter side.
+        let e0 = vec![att(1, 100, &[], None), att(2, 80, &[], None), att(3, 60, &[], None)];
+        assert_eq!(plan(&[e0.clone()], SPAN, true, false), Plan::Split { from: 0, ids: vec![2, 3] });
+        // No core left, or not busy enough: it stays.
+        assert_eq!(plan(&[e0], SPAN, false, false), Plan::Stay);
+        let light = vec![att(1, 90, &[], None), att(2, 80, &[], None)];
+        assert_eq!(plan(&[light], SPAN, true, false), Plan::Stay, "170 of 250 ms is under GROW_AT");
+        // The busiest of several executors splits.
+        let busy = vec![att(5, 120, &[], None), att(6, 110, &[], None)];
+        assert_eq!(plan(&[vec![att(1, 10, &[], None)], busy], SPAN, true, false), Plan::Split { from: 1, ids: vec![6] });
+    }
+
+    #[test]
+    fn groups_that_must_stay_together_move_whole_or_not_at_all() {
+        // 1 and 2 share a co-located connection (known from either side), 3 and 4 a pinned tenant.
+        let e0 = vec![
+            att(1, 50, &[2], None),
+            att(2, 50, &[], None),
+            att(3, 40, &[], Some("l")),
+            att(4, 60, &[], Some("l")),
+        ];
+        let Plan::Split { ids, .. } = plan(&[e0], SPAN, true, false) else { panic!("saturated: splits") };
+        assert!(ids == vec![1, 2] || ids == vec![3, 4], "{ids:?}");
+        // One group only: nothing to split.
+        let one = vec![att(1, 120, &[2], None), att(2, 120, &[1], None)];
+        assert_eq!(plan(&[one], SPAN, true, false), Plan::Stay);
+        let pinned = vec![att(1, 120, &[], Some("l")), att(2, 120, &[], Some("l"))];
+        assert_eq!(plan(&[pinned], SPAN, true, false), Plan::Stay);
+    }
+
+    #[test]
+    fn little_work_twice_in_a_row_compacts_to_one_executor() {
+        let quiet = [vec![att(1, 30, &[], None)], vec![att(2, 40, &[], None)]];
+        assert_eq!(plan(&quiet, SPAN, true, false), Plan::Stay, "once is not enough");
+        assert_eq!(plan(&quiet, SPAN, true, true), Plan::Compact);
+        assert_eq!(plan(&quiet[..1], SPAN, true, true), Plan::Stay, "one executor is compact");
+        let busy = [vec![att(1, 100, &[], None)], vec![att(2, 100, &[], None)]];
+        assert_eq!(plan(&busy, SPAN, true, true), Plan::Stay);
+    }
+
+    proptest::proptest! {
+        /// Whatever the work, a split moves some but not all of one executor's attachments,
+        /// never parts of a group, and the two sides differ by no more than one attachment's work.
+        #[test]
+        fn a_split_keeps_groups_whole(busy in proptest::collection::vec(0u64..300, 2..12), links in proptest::collection::vec((0usize..12, 0usize..12), 0..6)) {
+            let n = busy.len();
+            let mut e0: Vec<Weighed> = busy.iter().enumerate().map(|(i, &b)| att(i as u64, b, &[], None)).collect();
+            for (a, b) in links {
+                let (a, b) = (a % n, b % n);
+                e0[a].peers.push(b as u64);
+            }
+            if let Plan::Split { from, ids } = plan(&[e0.clone()], SPAN, true, false) {
+                proptest::prop_assert_eq!(from, 0);
+                proptest::prop_assert!(!ids.is_empty() && ids.len() < n);
+                for a in &e0 {
+                    for p in &a.peers {
+                        proptest::prop_assert_eq!(ids.contains(&a.id), ids.contains(p));
+                    }
+                }
+                let moved: u64 = e0.iter().filter(|a| ids.contains(&a.id)).map(|a| a.busy.as_millis() as u64).sum();
+                let total: u64 = busy.iter().sum();
+                let biggest = groups(&e0).iter().map(|g| g.0.as_millis() as u64).max().unwrap_or(0);
+                proptest::prop_assert!(moved.abs_diff(total - moved) <= biggest, "moved {} of {}", moved, total);
+            }
+        }
     }
 }

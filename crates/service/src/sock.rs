@@ -130,6 +130,8 @@ pub(crate) struct Attachment<H> {
     /// published; a task to publish it is queued when `ready_queued`.
     pub(crate) ready: Vec<(u64, u32)>,
     pub(crate) ready_queued: bool,
+    /// Time its tasks took so far (what executors are balanced by, pool.rs).
+    pub(crate) busy: std::time::Duration,
 }
 
 impl<H> Attachment<H> {

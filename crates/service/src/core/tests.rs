@@ -66,6 +66,7 @@ fn attach(core: &mut Core<FakeStack>, tenant: &str, policy: TenantPolicy) -> Gue
         queued: false,
         ready: Vec::new(),
         ready_queued: false,
+        busy: Default::default(),
     }));
     Guest { ai: core.atts.len() - 1, region, next: 0 }
 }
