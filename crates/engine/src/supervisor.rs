@@ -535,8 +535,9 @@ fn hand(
     };
     std::thread::scope(|s| {
         let took = s.spawn(|| Nsm::call(taker, &NsmRequest::Takeover, &[to_taker.as_raw_fd()]));
-        let handed = Nsm::call(giver, &NsmRequest::Handover { attachments: only, within: false }, &[to_giver.as_raw_fd()])
-            .and_then(|v| serde_json::from_value(v).map_err(|e| other(format!("malformed handover reply: {e}"))));
+        let handed =
+            Nsm::call(giver, &NsmRequest::Handover { attachments: only, within: false }, &[to_giver.as_raw_fd()])
+                .and_then(|v| serde_json::from_value(v).map_err(|e| other(format!("malformed handover reply: {e}"))));
         // Our copy closed: a taker still waiting for a giver that refused reads the end.
         drop(to_giver);
         let took = took.join().unwrap_or_else(|_| Err(other("the takeover thread panicked".into())));

@@ -102,6 +102,7 @@ impl<S: Stack> Service<S> {
                     pinned: a.policy.pinned(),
                 })
                 .collect(),
+            idle_us: self.idle.as_micros() as u64,
         }
     }
 

@@ -68,6 +68,9 @@ pub struct NsmState {
     pub kind: String,
     pub pid: u32,
     pub attachments: Vec<AttachmentState>,
+    /// Time this executor had nothing to do (asleep, or looking for work in vain), µs.
+    #[serde(default)]
+    pub idle_us: u64,
 }
 
 /// One attachment an NSM serves.

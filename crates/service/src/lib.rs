@@ -80,6 +80,9 @@ pub struct Service<S: Stack> {
     /// The load meter: when the window began, the thread's CPU clock then, the last window's load
     /// (a window ends when stats are asked for, at least 0.1 s after it began).
     load: (Instant, Duration, f64),
+    /// Time the loop had nothing to do (asleep, or spinning in vain): an executor never idle
+    /// has work backing up (pool.rs).
+    idle: Duration,
     /// A congestion control set since the start (`ctl reload`), for executors started later.
     congestion: Arc<std::sync::Mutex<Option<String>>>,
     /// Its work went to a new NSM process (`ctl upgrade`): it serves nobody and watches no
@@ -137,6 +140,7 @@ impl<S: Stack> Service<S> {
             pool: None,
             executor: false,
             load: (Instant::now(), account::thread_cpu(), 0.0),
+            idle: Duration::ZERO,
             congestion: Arc::default(),
             retired: false,
         })
@@ -214,7 +218,7 @@ impl<S: Stack> Service<S> {
         let now = self.core.now;
         let plan = match self.pool.as_ref().is_some_and(|p| p.elastic) {
             true => {
-                let here = self.state().attachments;
+                let here = self.state();
                 self.pool.as_mut().map_or(pool::Plan::Stay, |p| p.weigh(&here, now))
             }
             false => pool::Plan::Stay,
@@ -261,6 +265,7 @@ impl<S: Stack> Service<S> {
         let mut idle_steps = 0u32;
         loop {
             self.core.now = Instant::now();
+            let turn = self.core.now;
             let mut worked = self.core.run_tasks();
             self.start_lookups();
             let sleep = !worked && last_work.elapsed() >= SPIN;
@@ -290,6 +295,7 @@ impl<S: Stack> Service<S> {
             };
             if sleep {
                 self.set_sleeping(0);
+                self.idle += turn.elapsed();
             }
             if n < 0 {
                 let e = io::Error::last_os_error();
@@ -368,6 +374,7 @@ impl<S: Stack> Service<S> {
             } else if !sleep {
                 sys::relax(idle_steps);
                 idle_steps += 1;
+                self.idle += turn.elapsed();
             }
         }
     }

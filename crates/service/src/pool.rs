@@ -31,7 +31,7 @@
 //! socket limit and CPU cap, which is why such a tenant's attachments all go to the executor of
 //! its first.
 
-use crate::control::{AttachmentState, NsmRequest, NsmState, NsmStats, TenantPolicy};
+use crate::control::{NsmRequest, NsmState, NsmStats, TenantPolicy};
 use netkernel_control::call;
 use netkernel_ring::sys;
 use std::collections::HashMap;
@@ -44,8 +44,9 @@ use std::time::{Duration, Instant};
 pub(crate) const TEND_EVERY: Duration = Duration::from_millis(500);
 /// How often executor 0 weighs the executors' work when they follow the load.
 pub(crate) const ELASTIC_TEND: Duration = Duration::from_millis(250);
-/// An executor whose tasks took this share of the time is saturated: its queues back up.
-pub(crate) const GROW_AT: f64 = 0.7;
+/// An executor idle for less than a fifth of the time is saturated: its queues back up (on a
+/// host short of cores the guests it serves take turns with it, so it is never idle for none).
+pub(crate) const GROW_AT: f64 = 0.8;
 /// All executors' work together below this share of one core fits on one executor.
 pub(crate) const COMPACT_BELOW: f64 = 0.5;
 /// After a split, the load settles this long before the next.
@@ -61,6 +62,8 @@ struct Executor {
     attachments: usize,
     /// Share of a core its tasks took at the last weighing (elastic).
     work: f64,
+    /// Its idle time (µs) at the last weighing.
+    idle_seen: Option<u64>,
     /// Tenants with an attachment here.
     tenants: Vec<String>,
     /// Its last stats (kept for the NSM's totals once it stops).
@@ -78,8 +81,9 @@ pub(crate) struct Pool {
     pub(crate) next_tend: Instant,
     /// Executors follow the load (`executors = "auto"`) instead of the attachments.
     pub(crate) elastic: bool,
-    /// Executor 0's work at the last weighing.
+    /// Executor 0's work and idle time at the last weighing.
     work0: f64,
+    idle0: Option<u64>,
     /// Each attachment's busy time at the last weighing, and when that was.
     busy_seen: HashMap<u64, u64>,
     weighed: Instant,
@@ -101,39 +105,48 @@ pub(crate) struct Weighed {
     pub peers: Vec<u64>,
 }
 
+/// One executor as [`plan`] sees it.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Weighing {
+    /// Share of the time it was not idle (1.0: never idle, its work backs up).
+    pub active: f64,
+    pub atts: Vec<Weighed>,
+}
+
 /// What executor 0 does after weighing the executors.
 #[derive(Debug, PartialEq)]
 pub(crate) enum Plan {
     Stay,
     /// Start an executor and move these attachments of executor `from` (0: executor 0) there.
-    Split { from: usize, ids: Vec<u64> },
+    Split {
+        from: usize,
+        ids: Vec<u64>,
+    },
     /// Bring every attachment to executor 0; the others stop.
     Compact,
 }
 
-/// Decides from each executor's attachments (index 0: executor 0) what they did over `span`:
-/// split the busiest executor if it was saturated, has more than one group of attachments that
+/// Decides from each executor's weighing (index 0: executor 0) over `span`: split the busiest
+/// executor if it was never idle (its queues back up), has more than one group of attachments that
 /// must stay together (co-located connections, a tenant with limits) and `room` for another
 /// executor; compact when all of them did less than [`COMPACT_BELOW`] of a core and `calm`
 /// (the weighing before found as little). A split moves about half the executor's work: the
 /// heaviest group stays, each next group (heaviest first) goes to the lighter side.
-pub(crate) fn plan(execs: &[Vec<Weighed>], span: Duration, room: bool, calm: bool) -> Plan {
-    let span = span.as_secs_f64().max(1e-3);
-    let work = |atts: &[Weighed]| atts.iter().map(|a| a.busy.as_secs_f64()).sum::<f64>() / span;
-    let total: f64 = execs.iter().map(|e| work(e)).sum();
+pub(crate) fn plan(execs: &[Weighing], span: Duration, room: bool, calm: bool) -> Plan {
+    let total = work(execs.iter().flat_map(|e| &e.atts), span);
     if execs.len() > 1 && total < COMPACT_BELOW && calm {
         return Plan::Compact;
     }
     if !room {
         return Plan::Stay;
     }
-    let busiest = execs.iter().enumerate().map(|(k, e)| (k, work(e))).max_by(|a, b| a.1.total_cmp(&b.1));
-    let Some((from, _)) = busiest.filter(|&(_, w)| w >= GROW_AT) else { return Plan::Stay };
-    let mut groups = groups(&execs[from]);
+    let busiest = execs.iter().enumerate().max_by(|a, b| a.1.active.total_cmp(&b.1.active));
+    let Some((from, _)) = busiest.filter(|(_, e)| e.active >= GROW_AT) else { return Plan::Stay };
+    let mut groups = groups(&execs[from].atts);
     if groups.len() < 2 {
         return Plan::Stay;
     }
-    groups.sort_by(|a, b| b.0.cmp(&a.0));
+    groups.sort_by_key(|g| std::cmp::Reverse(g.0));
     let (mut stay, mut go) = (Duration::ZERO, Duration::ZERO);
     let mut ids = Vec::new();
     for (busy, members) in groups {
@@ -149,6 +162,11 @@ pub(crate) fn plan(execs: &[Vec<Weighed>], span: Duration, room: bool, calm: boo
     }
     ids.sort_unstable();
     Plan::Split { from, ids }
+}
+
+/// Cores' worth of work `atts` did over `span`.
+fn work<'a>(atts: impl Iterator<Item = &'a Weighed>, span: Duration) -> f64 {
+    atts.map(|a| a.busy.as_secs_f64()).sum::<f64>() / span.as_secs_f64().max(1e-3)
 }
 
 /// An executor's attachments in groups that must share an executor, each with its busy time.
@@ -208,6 +226,7 @@ impl Pool {
             next_tend: now,
             elastic: false,
             work0: 0.0,
+            idle0: None,
             busy_seen: HashMap::new(),
             weighed: now,
             calm: 0,
@@ -231,7 +250,15 @@ impl Pool {
         let k = self.execs.len() + 1;
         let thread = (self.spawn)(theirs)?;
         eprintln!("netkernel nsm {}: executor {k} started", self.name);
-        self.execs.push(Executor { chan: ours, thread: Some(thread), attachments: 0, work: 0.0, tenants: Vec::new(), last: None });
+        self.execs.push(Executor {
+            chan: ours,
+            thread: Some(thread),
+            attachments: 0,
+            work: 0.0,
+            idle_seen: None,
+            tenants: Vec::new(),
+            last: None,
+        });
         Ok(self.execs.len() - 1)
     }
 
@@ -329,14 +356,16 @@ impl Pool {
 
     /// Weighs every executor's work since the last weighing, given executor 0's attachments
     /// (`here`), and says what to do about it.
-    pub(crate) fn weigh(&mut self, here: &[AttachmentState], now: Instant) -> Plan {
+    pub(crate) fn weigh(&mut self, here: &NsmState, now: Instant) -> Plan {
         let span = now.saturating_duration_since(self.weighed);
         self.weighed = now;
         self.next_tend = now + ELASTIC_TEND;
         let states = self.states();
         let mut seen = HashMap::new();
-        let mut weigh = |atts: &[AttachmentState]| -> Vec<Weighed> {
-            atts.iter()
+        let mut weigh = |s: &NsmState, idle_before: &mut Option<u64>| -> Weighing {
+            let atts = s
+                .attachments
+                .iter()
                 .map(|a| {
                     let before = self.busy_seen.get(&a.attachment).copied().unwrap_or(a.busy_us);
                     seen.insert(a.attachment, a.busy_us);
@@ -347,18 +376,23 @@ impl Pool {
                         peers: a.peers.clone(),
                     }
                 })
-                .collect()
+                .collect();
+            // An executor seen for the first time counts as idle until the next weighing.
+            let idle = idle_before.map_or(span, |b| Duration::from_micros(s.idle_us.saturating_sub(b)));
+            *idle_before = Some(s.idle_us);
+            Weighing { active: 1.0 - (idle.as_secs_f64() / span.as_secs_f64().max(1e-3)).min(1.0), atts }
         };
-        let execs: Vec<Vec<Weighed>> =
-            std::iter::once(weigh(here)).chain(states.iter().map(|s| weigh(&s.attachments))).collect();
-        self.busy_seen = seen;
-        let share = |atts: &[Weighed]| atts.iter().map(|a| a.busy.as_secs_f64()).sum::<f64>() / span.as_secs_f64().max(1e-3);
-        self.work0 = share(&execs[0]);
-        for (e, atts) in self.execs.iter_mut().zip(&execs[1..]) {
-            e.work = share(atts);
-            e.attachments = atts.len();
+        let mut execs = vec![weigh(here, &mut self.idle0)];
+        for (e, s) in self.execs.iter_mut().zip(&states) {
+            execs.push(weigh(s, &mut e.idle_seen));
         }
-        let total: f64 = execs.iter().map(|e| share(e)).sum();
+        self.busy_seen = seen;
+        self.work0 = work(execs[0].atts.iter(), span);
+        for (e, w) in self.execs.iter_mut().zip(&execs[1..]) {
+            e.work = work(w.atts.iter(), span);
+            e.attachments = w.atts.len();
+        }
+        let total = work(execs.iter().flat_map(|e| &e.atts), span);
         self.calm = if total < COMPACT_BELOW { self.calm + 1 } else { 0 };
         let room = self.execs.len() + 1 < self.max && now >= self.settled;
         let p = plan(&execs, span, room, self.calm >= 2);
@@ -471,47 +505,48 @@ mod tests {
         Weighed { id, pinned: pinned.map(str::to_string), busy: Duration::from_millis(busy_ms), peers: peers.to_vec() }
     }
 
+    fn exec(active: f64, atts: Vec<Weighed>) -> Weighing {
+        Weighing { active, atts }
+    }
+
     const SPAN: Duration = Duration::from_millis(250);
 
     #[test]
     fn a_saturated_executor_splits_about_half_its_work_off() {
-        // 240 of 250 ms busy: 100 + 80 + 60; the heaviest stays, 80 goes, 60 joins the lighter side.
-        let e0 = vec![att(1, 100, &[], None), att(2, 80, &[], None), att(3, 60, &[], None)];
-        assert_eq!(plan(&[e0.clone()], SPAN, true, false), Plan::Split { from: 0, ids: vec![2, 3] });
-        // No core left, or not busy enough: it stays.
-        assert_eq!(plan(&[e0], SPAN, false, false), Plan::Stay);
-        let light = vec![att(1, 90, &[], None), att(2, 80, &[], None)];
-        assert_eq!(plan(&[light], SPAN, true, false), Plan::Stay, "170 of 250 ms is under GROW_AT");
+        // Never idle; its tasks took 100 + 80 + 60 ms: the heaviest stays, 80 goes, 60 joins
+        // the lighter side.
+        let e0 = exec(0.97, vec![att(1, 100, &[], None), att(2, 80, &[], None), att(3, 60, &[], None)]);
+        assert_eq!(plan(std::slice::from_ref(&e0), SPAN, true, false), Plan::Split { from: 0, ids: vec![2, 3] });
+        // No core left, or idle a third of the time: it stays.
+        assert_eq!(plan(std::slice::from_ref(&e0), SPAN, false, false), Plan::Stay);
+        assert_eq!(plan(&[Weighing { active: 0.66, ..e0 }], SPAN, true, false), Plan::Stay);
         // The busiest of several executors splits.
-        let busy = vec![att(5, 120, &[], None), att(6, 110, &[], None)];
-        assert_eq!(plan(&[vec![att(1, 10, &[], None)], busy], SPAN, true, false), Plan::Split { from: 1, ids: vec![6] });
+        let busy = exec(0.95, vec![att(5, 120, &[], None), att(6, 110, &[], None)]);
+        let quiet = exec(0.1, vec![att(1, 10, &[], None)]);
+        assert_eq!(plan(&[quiet, busy], SPAN, true, false), Plan::Split { from: 1, ids: vec![6] });
     }
 
     #[test]
     fn groups_that_must_stay_together_move_whole_or_not_at_all() {
         // 1 and 2 share a co-located connection (known from either side), 3 and 4 a pinned tenant.
-        let e0 = vec![
-            att(1, 50, &[2], None),
-            att(2, 50, &[], None),
-            att(3, 40, &[], Some("l")),
-            att(4, 60, &[], Some("l")),
-        ];
-        let Plan::Split { ids, .. } = plan(&[e0], SPAN, true, false) else { panic!("saturated: splits") };
+        let e0 =
+            vec![att(1, 50, &[2], None), att(2, 50, &[], None), att(3, 40, &[], Some("l")), att(4, 60, &[], Some("l"))];
+        let Plan::Split { ids, .. } = plan(&[exec(1.0, e0)], SPAN, true, false) else { panic!("saturated: splits") };
         assert!(ids == vec![1, 2] || ids == vec![3, 4], "{ids:?}");
         // One group only: nothing to split.
         let one = vec![att(1, 120, &[2], None), att(2, 120, &[1], None)];
-        assert_eq!(plan(&[one], SPAN, true, false), Plan::Stay);
+        assert_eq!(plan(&[exec(1.0, one)], SPAN, true, false), Plan::Stay);
         let pinned = vec![att(1, 120, &[], Some("l")), att(2, 120, &[], Some("l"))];
-        assert_eq!(plan(&[pinned], SPAN, true, false), Plan::Stay);
+        assert_eq!(plan(&[exec(1.0, pinned)], SPAN, true, false), Plan::Stay);
     }
 
     #[test]
     fn little_work_twice_in_a_row_compacts_to_one_executor() {
-        let quiet = [vec![att(1, 30, &[], None)], vec![att(2, 40, &[], None)]];
+        let quiet = [exec(0.2, vec![att(1, 30, &[], None)]), exec(0.3, vec![att(2, 40, &[], None)])];
         assert_eq!(plan(&quiet, SPAN, true, false), Plan::Stay, "once is not enough");
         assert_eq!(plan(&quiet, SPAN, true, true), Plan::Compact);
         assert_eq!(plan(&quiet[..1], SPAN, true, true), Plan::Stay, "one executor is compact");
-        let busy = [vec![att(1, 100, &[], None)], vec![att(2, 100, &[], None)]];
+        let busy = [exec(0.6, vec![att(1, 100, &[], None)]), exec(0.6, vec![att(2, 100, &[], None)])];
         assert_eq!(plan(&busy, SPAN, true, true), Plan::Stay);
     }
 
@@ -526,7 +561,7 @@ mod tests {
                 let (a, b) = (a % n, b % n);
                 e0[a].peers.push(b as u64);
             }
-            if let Plan::Split { from, ids } = plan(&[e0.clone()], SPAN, true, false) {
+            if let Plan::Split { from, ids } = plan(&[exec(1.0, e0.clone())], SPAN, true, false) {
                 proptest::prop_assert_eq!(from, 0);
                 proptest::prop_assert!(!ids.is_empty() && ids.len() < n);
                 for a in &e0 {
