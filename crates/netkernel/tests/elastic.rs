@@ -31,7 +31,7 @@ fn auto_executors_split_under_load_and_compact_when_it_stops() {
         conns.as_array().unwrap().iter().find_map(|c| c["local"].as_str()?.rsplit(':').next()?.parse::<u16>().ok());
     let port = port.expect("the server's listener");
     let iperf_port = free_port().to_string();
-    let mut iperf_server = engine.run(iperf3.to_str().unwrap(), &["-s", "-p", &iperf_port]).spawn().unwrap();
+    let iperf_server = engine.run(iperf3.to_str().unwrap(), &["-s", "-p", &iperf_port]).spawn().unwrap();
     std::thread::sleep(Duration::from_millis(500));
     let mut load = engine.run(iperf3.to_str().unwrap(), &["-c", "127.0.0.1", "-p", &iperf_port, "-t", "6"]);
     load.stdout(std::process::Stdio::piped());
