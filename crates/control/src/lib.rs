@@ -104,6 +104,12 @@ pub struct UpgradeReport {
     pub blackout_ms: f64,
     pub attachments: usize,
     pub sockets: usize,
+    /// A user NSM's upgrade: the old process keeps serving these attachments and sockets until
+    /// they end (new attachments go to the new process); 0 for a kernel NSM.
+    #[serde(default)]
+    pub draining_attachments: usize,
+    #[serde(default)]
+    pub draining_sockets: usize,
     /// The binary the NSM runs now.
     pub binary: String,
 }

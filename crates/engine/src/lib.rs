@@ -190,6 +190,8 @@ struct NsmView {
     /// `ctl upgrade`s since the engine started, and the last one's blackout.
     upgrades: u64,
     last_blackout_ms: f64,
+    /// A user NSM's old processes still serving the attachments they had at an upgrade.
+    draining: Vec<u32>,
     attachments: usize,
     bytes_in: u64,
     bytes_out: u64,
@@ -873,13 +875,16 @@ impl Engine {
         };
         let u = nsm.upgrade(binary).map_err(|e| e.to_string())?;
         let blackout_ms = u.blackout.as_secs_f64() * 1000.0;
+        let (draining_attachments, draining_sockets) = u.draining.unwrap_or_default();
         log(format!(
-            "NSM {name} upgraded: pid {} -> {} ({}), {} attachment(s), {} socket(s), blackout {blackout_ms:.1} ms",
+            "NSM {name} upgraded: pid {} -> {} ({}), {} attachment(s), {} socket(s) handed over, {} attachment(s) \
+             draining in the old process, blackout {blackout_ms:.1} ms",
             u.old_pid,
             u.new_pid,
             u.binary.display(),
             u.attachments,
-            u.sockets
+            u.sockets,
+            draining_attachments
         ));
         Ok(netkernel_control::UpgradeReport {
             nsm: name.into(),
@@ -888,6 +893,8 @@ impl Engine {
             blackout_ms,
             attachments: u.attachments,
             sockets: u.sockets,
+            draining_attachments,
+            draining_sockets,
             binary: u.binary.display().to_string(),
         })
     }
@@ -1296,6 +1303,7 @@ impl Engine {
                 restarts: n.restarts(),
                 upgrades: n.upgrades().0,
                 last_blackout_ms: n.upgrades().1.as_secs_f64() * 1000.0,
+                draining: s.draining.clone(),
                 attachments: atts.values().filter(|a| a.nsm == n.name).count(),
                 bytes_in: s.bytes_in,
                 bytes_out: s.bytes_out,

@@ -37,9 +37,28 @@ pub enum Running {
 }
 
 impl Running {
-    /// Blocks until the process has ended; says how, as far as the engine can know.
-    fn wait(&mut self) -> String {
-        match self {
+    /// Blocks until the process has ended, and says how, as far as the engine can know; or
+    /// until `swap` (an eventfd) is signalled: then None.
+    fn wait(&mut self, swap: Option<&OwnedFd>) -> Option<String> {
+        let pidfd = match self {
+            Running::Child(c) => pidfd_open(c.id()).ok(),
+            Running::Adopted(pidfd) => pidfd.try_clone().ok(),
+        };
+        if let (Some(pidfd), Some(swap)) = (pidfd, swap) {
+            let mut fds = [
+                libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: swap.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            ];
+            // SAFETY: two live pollfds; a pidfd polls readable once its process has ended.
+            while unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {}
+            if fds[1].revents != 0 {
+                let mut n = 0u64;
+                // SAFETY: an eventfd read takes 8 bytes into a live u64.
+                unsafe { libc::read(swap.as_raw_fd(), (&mut n as *mut u64).cast(), 8) };
+                return None;
+            }
+        }
+        Some(match self {
             Running::Child(c) => match c.wait() {
                 Ok(s) => s.to_string(),
                 Err(e) => e.to_string(),
@@ -50,7 +69,7 @@ impl Running {
                 while unsafe { libc::poll(&mut p, 1, -1) } < 0 {}
                 "ended; it was adopted, so its status is its old engine's to read".into()
             }
-        }
+        })
     }
 }
 
@@ -83,8 +102,10 @@ pub struct Nsm {
     rendezvous: PathBuf,
     /// The binary NSMs are started from (None: the engine's own; `ctl upgrade --binary` sets it).
     exe: Mutex<Option<PathBuf>>,
-    /// The process an upgrade started, for the supervisor to watch once the old one has gone.
+    /// The process an upgrade started, for the supervisor to watch from now on; `swap` (an
+    /// eventfd) tells it so.
     next: Mutex<Option<Running>>,
+    swap: Option<OwnedFd>,
     proc_: Mutex<Proc>,
     restarts: AtomicU64,
     /// `ctl upgrade`s done, and the last one's blackout in microseconds.
@@ -95,6 +116,15 @@ pub struct Nsm {
 
 fn other(msg: String) -> io::Error {
     io::Error::other(msg)
+}
+
+/// A non-blocking eventfd (the supervisor's wake-up for an upgrade). Without one (fds
+/// exhausted) the supervisor notices an upgrade's new process only when the old one exits.
+fn eventfd() -> Option<OwnedFd> {
+    // SAFETY: integers only.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    // SAFETY: a fresh fd, ours alone.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 impl Nsm {
@@ -119,6 +149,7 @@ impl Nsm {
             rendezvous,
             exe: Mutex::new(None),
             next: Mutex::new(None),
+            swap: eventfd(),
             proc_: Mutex::new(Proc { pid: None, pidfd: None, control: None, generation: 0, line: 0 }),
             restarts: AtomicU64::new(0),
             upgrades: AtomicU64::new(0),
@@ -142,7 +173,7 @@ impl Nsm {
     /// upgrade named another).
     pub fn spawn(&self) -> io::Result<Running> {
         let exe = self.exe.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let (child, ours, pidfd) = self.launch(exe.as_deref(), true)?;
+        let (child, ours, pidfd) = self.launch(exe.as_deref(), true, false)?;
         let mut p = self.lock();
         p.pid = Some(child.id());
         p.pidfd = Some(pidfd);
@@ -154,8 +185,14 @@ impl Nsm {
 
     /// Starts an NSM process from `exe` (None: the engine's binary) with its engine channel;
     /// with `listen` it makes the rendezvous socket anew (an upgraded NSM inherits its
-    /// predecessor's instead).
-    fn launch(&self, exe: Option<&std::path::Path>, listen: bool) -> io::Result<(Child, UnixStream, OwnedFd)> {
+    /// predecessor's instead). A `successor` (a user NSM's upgrade) gets its link from the old
+    /// process, not a device of its own.
+    fn launch(
+        &self,
+        exe: Option<&std::path::Path>,
+        listen: bool,
+        successor: bool,
+    ) -> io::Result<(Child, UnixStream, OwnedFd)> {
         let (ours, theirs) = UnixStream::pair()?;
         ours.set_read_timeout(Some(Duration::from_secs(10)))?;
         let exe = match exe {
@@ -181,6 +218,10 @@ impl Nsm {
         }
         // A user NSM's device: made anew for each process (it goes with the last fd to it).
         let device = match (&self.link, &self.net) {
+            (Some((link, _)), _) if successor => {
+                cmd.arg("--successor").args(link.nsm_args());
+                None
+            }
             (Some((link, _)), Some(net)) => {
                 // A veth: the NSM opens its packet socket on its end, inside its namespace.
                 cmd.args(["--device", net.nsm_if()]).args(link.nsm_args());
@@ -193,6 +234,7 @@ impl Nsm {
             (None, _) => None,
         };
         let device_fd = device.as_ref().map(|d| d.as_raw_fd());
+        let tap = self.link.is_some() && self.net.is_none();
         // An NSM never serves its own sockets through NetKernel.
         cmd.env_remove("LD_PRELOAD").env_remove("NETKERNEL_SOCKET");
         cmd.stdin(Stdio::null());
@@ -222,11 +264,11 @@ impl Nsm {
                     if libc::dup2(dev, crate::link::DEVICE_FD) < 0 {
                         return Err(io::Error::last_os_error());
                     }
-                    // The user NSM's namespace has nothing but its device fd (the device stays
-                    // in the host's namespace): every packet it exchanges crosses the TAP.
-                    if libc::unshare(libc::CLONE_NEWNET) != 0 {
-                        return Err(io::Error::last_os_error());
-                    }
+                }
+                // The user NSM's namespace has nothing but its device fd (the device stays
+                // in the host's namespace): every packet it exchanges crosses the TAP.
+                if tap && libc::unshare(libc::CLONE_NEWNET) != 0 {
+                    return Err(io::Error::last_os_error());
                 }
                 // The engine blocks SIGINT and SIGTERM in every thread (its signal thread takes
                 // them with sigwait), and a blocked mask survives exec: an NSM started with it
@@ -414,18 +456,14 @@ impl Nsm {
     /// The old process exits once its closing sockets are flushed. On any failure the new
     /// process is killed and the old one serves on.
     pub fn upgrade(&self, binary: Option<PathBuf>) -> io::Result<Upgraded> {
-        if self.link.is_some() {
-            return Err(other(format!(
-                "NSM {} runs the user stack, whose connections live in its process and cannot be handed \
-                 over; restart it instead (its guests reconnect)",
-                self.name
-            )));
-        }
         if let Some(b) = &binary {
             check_abi(b)?;
         }
         let exe = binary.clone().or_else(|| self.exe.lock().unwrap_or_else(|e| e.into_inner()).clone());
-        let (mut child, ours, pidfd) = self.launch(exe.as_deref(), false)?;
+        if self.link.is_some() {
+            return self.upgrade_user(binary, exe);
+        }
+        let (mut child, ours, pidfd) = self.launch(exe.as_deref(), false, false)?;
         let new_pid = child.id();
         // Holding the lock: no attach, hold or stats reaches either process meanwhile.
         let mut p = self.lock();
@@ -452,7 +490,7 @@ impl Nsm {
             // The old process let go only after the new one said it serves: it does.
             eprintln!("netkernel engine: NSM {}: the new process's answer to takeover: {e}", self.name);
         }
-        *self.next.lock().unwrap_or_else(|e| e.into_inner()) = Some(Running::Child(child));
+        self.watch_next(child);
         p.pid = Some(new_pid);
         p.pidfd = Some(pidfd);
         // Dropping the old channel lets the old process exit.
@@ -470,8 +508,85 @@ impl Nsm {
             blackout,
             attachments: handed.attachments,
             sockets: handed.sockets,
+            draining: None,
             binary: exe.map_or_else(|| std::env::current_exe().unwrap_or_default(), |e| e.to_path_buf()),
         })
+    }
+
+    /// A user NSM's upgrade (service/src/drain.rs): the new process reads the link and takes
+    /// every new attachment; the old one serves the attachments it has, as the new one's
+    /// executor, until they end. The blackout is the time no process read the link.
+    fn upgrade_user(&self, binary: Option<PathBuf>, exe: Option<PathBuf>) -> io::Result<Upgraded> {
+        let (mut child, ours, pidfd) = self.launch(exe.as_deref(), false, true)?;
+        let new_pid = child.id();
+        let mut p = self.lock();
+        let give_up = |child: &mut Child, why: String| {
+            let _ = child.kill();
+            let _ = child.wait();
+            other(format!("upgrade of NSM {} failed: {why}", self.name))
+        };
+        let Some(old_pid) = p.pid.filter(|_| p.control.is_some()) else {
+            return Err(give_up(&mut child, "it is not running (restarting?)".into()));
+        };
+        let drained = Self::call_fds(&mut p, &NsmRequest::Drain, &[]).and_then(|(v, fds)| {
+            let d: netkernel_service::drain::Drained =
+                serde_json::from_value(v).map_err(|e| other(format!("malformed drain reply: {e}")))?;
+            Ok((d, fds))
+        });
+        let (drained, fds) = match drained {
+            Ok(d) => d,
+            Err(e) => return Err(give_up(&mut child, format!("{e}; the old process serves on"))),
+        };
+        let mut new = Proc { pid: Some(new_pid), pidfd: None, control: Some(ours), generation: 0, line: 0 };
+        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        let serving = Self::call(&mut new, &NsmRequest::Succeed { ports: drained.ports.clone() }, &raw);
+        drop(fds);
+        // The old process takes orders from the new one now: whatever happens, the engine's
+        // channel to it is gone.
+        let serving_ns = match serving.and_then(|v| serde_json::from_value::<u64>(v).map_err(|e| other(e.to_string())))
+        {
+            Ok(t) => t,
+            Err(e) => {
+                p.control = None;
+                return Err(give_up(
+                    &mut child,
+                    format!(
+                        "the new process: {e}; the old one (pid {old_pid}) gets its link back and serves its \
+                         guests until they leave, then the NSM restarts"
+                    ),
+                ));
+            }
+        };
+        self.watch_next(child);
+        p.pid = Some(new_pid);
+        p.pidfd = Some(pidfd);
+        p.control = new.control;
+        p.generation += 1;
+        if let Some(b) = binary {
+            *self.exe.lock().unwrap_or_else(|e| e.into_inner()) = Some(b);
+        }
+        let blackout = Duration::from_nanos(serving_ns.saturating_sub(drained.stopped_ns));
+        self.upgrades.fetch_add(1, Ordering::Relaxed);
+        self.last_blackout_us.store(blackout.as_micros() as u64, Ordering::Relaxed);
+        Ok(Upgraded {
+            old_pid,
+            new_pid,
+            blackout,
+            attachments: 0,
+            sockets: 0,
+            draining: Some((drained.attachments, drained.sockets)),
+            binary: exe.map_or_else(|| std::env::current_exe().unwrap_or_default(), |e| e.to_path_buf()),
+        })
+    }
+
+    /// The supervisor watches `child`, an upgrade's new process, from now on.
+    fn watch_next(&self, child: Child) {
+        *self.next.lock().unwrap_or_else(|e| e.into_inner()) = Some(Running::Child(child));
+        if let Some(swap) = &self.swap {
+            let one = 1u64;
+            // SAFETY: an eventfd write takes 8 bytes from a live u64.
+            unsafe { libc::write(swap.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        }
     }
 
     /// Hands attachments `ids` to NSM `to` (`ctl move`): their sockets, listeners and
@@ -553,6 +668,8 @@ pub struct Upgraded {
     pub blackout: Duration,
     pub attachments: usize,
     pub sockets: usize,
+    /// A user NSM's: the attachments and sockets the old process keeps until they end.
+    pub draining: Option<(usize, usize)>,
     pub binary: PathBuf,
 }
 
@@ -591,18 +708,23 @@ pub fn supervise(
     let mut backoff = Duration::from_millis(100);
     let mut started = Instant::now();
     loop {
-        let status = running.wait();
-        let generations = {
+        let status = running.wait(nsm.swap.as_ref());
+        let (generations, status) = {
             let mut p = nsm.lock();
             // An upgrade handed the old process's work to a new one, which is ours to watch now.
             if let Some(next) = nsm.next.lock().unwrap_or_else(|e| e.into_inner()).take() {
-                running = next;
+                let old = std::mem::replace(&mut running, next);
+                if let Running::Child(mut c) = old {
+                    // It exits once it has let go (a user NSM's, once its guests have left).
+                    std::thread::spawn(move || c.wait());
+                }
                 continue;
             }
+            let Some(status) = status else { continue };
             p.control = None;
             p.pid = None;
             p.pidfd = None;
-            p.line..=p.generation
+            (p.line..=p.generation, status)
         };
         if nsm.stopping.load(Ordering::SeqCst) {
             return;

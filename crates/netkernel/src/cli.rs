@@ -361,16 +361,24 @@ fn ctl(socket: Option<PathBuf>, json: bool, what: &str, req: EngineRequest) -> i
             );
             println!("  {}", cell(&v["note"]));
         }
-        "upgrade" => println!(
-            "NSM {} upgraded: pid {} -> {} ({}); {} attachment(s), {} socket(s) handed over; blackout {:.1} ms",
-            cell(&v["nsm"]),
-            v["old_pid"],
-            v["new_pid"],
-            cell(&v["binary"]),
-            v["attachments"],
-            v["sockets"],
-            v["blackout_ms"].as_f64().unwrap_or_default()
-        ),
+        "upgrade" => {
+            println!(
+                "NSM {} upgraded: pid {} -> {} ({}); {} attachment(s), {} socket(s) handed over; blackout {:.1} ms",
+                cell(&v["nsm"]),
+                v["old_pid"],
+                v["new_pid"],
+                cell(&v["binary"]),
+                v["attachments"],
+                v["sockets"],
+                v["blackout_ms"].as_f64().unwrap_or_default()
+            );
+            if v["draining_attachments"].as_u64().unwrap_or(0) > 0 {
+                println!(
+                    "  pid {} serves its {} attachment(s) ({} socket(s)) until they end; new ones go to pid {}",
+                    v["old_pid"], v["draining_attachments"], v["draining_sockets"], v["new_pid"]
+                );
+            }
+        }
         "reload" => {
             let list =
                 |k: &str| v[k].as_array().map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(" "));
@@ -509,6 +517,10 @@ struct NsmArgs {
     /// A unix socket path where a restarted engine reconnects to adopt this NSM.
     #[arg(long)]
     listen: Option<PathBuf>,
+    /// The new process of a user NSM's upgrade: its link and rendezvous socket come from the
+    /// old process, through the engine's first message (service/src/drain.rs).
+    #[arg(long)]
+    successor: bool,
     #[command(flatten)]
     user: UserNsmArgs,
 }
@@ -539,11 +551,11 @@ struct UserNsmArgs {
 }
 
 impl UserNsmArgs {
-    fn stack(&self, congestion: Option<&str>) -> Result<netkernel_nsm_user::UserStack, String> {
+    fn config(&self, congestion: Option<&str>) -> Result<netkernel_nsm_user::UserConfig, String> {
         let (Some(address), Some(gateway)) = (&self.address, &self.gateway) else {
             return Err("a user NSM needs --address and --gateway".into());
         };
-        let cfg = netkernel_nsm_user::UserConfig::parse(
+        netkernel_nsm_user::UserConfig::parse(
             &self.link,
             address,
             self.address6.as_deref(),
@@ -551,7 +563,11 @@ impl UserNsmArgs {
             self.gateway6.as_deref(),
             congestion,
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())
+    }
+
+    fn stack(&self, congestion: Option<&str>) -> Result<netkernel_nsm_user::UserStack, String> {
+        let cfg = self.config(congestion)?;
         let device = match (self.device_fd, &self.device) {
             // SAFETY: the engine passed this fd at exec for this NSM alone; nothing else owns it.
             (Some(fd), None) => unsafe { OwnedFd::from_raw_fd(fd) },
@@ -563,18 +579,32 @@ impl UserNsmArgs {
 }
 
 fn nsm(a: NsmArgs) -> i32 {
+    // SAFETY: the engine passed this fd to us at exec and nothing else owns it.
+    let control = unsafe { OwnedFd::from_raw_fd(a.control_fd) };
+    // SAFETY: setting FD_CLOEXEC on our own fd; no pointers.
+    unsafe { libc::fcntl(a.control_fd, libc::F_SETFD, libc::FD_CLOEXEC) };
     let r = match a.kind.as_str() {
         "kernel" => netkernel_nsm_kernel::KernelStack::new(a.congestion.clone()).and_then(|stack| {
             let cc = a.congestion.clone();
             let more = move || netkernel_nsm_kernel::KernelStack::new(cc.clone()).ok();
             let (max, elastic) = executors(&a.executors);
-            serve_nsm(stack, &a, Vec::new(), |svc| svc.with_executors(max, elastic, more))
+            serve_nsm(stack, &a, control, Vec::new(), |svc| Ok(svc.with_executors(max, elastic, more)))
+        }),
+        // The old process of an upgrade hands over its link and serves on beside this one.
+        "user" if a.successor => netkernel_service::drain::await_succession(&control).and_then(|s| {
+            let cfg = a.user.config(a.congestion.as_deref())?;
+            let stack = netkernel_nsm_user::UserStack::successor(cfg, s.wire, s.chan, s.ports)?;
+            serve_nsm(stack, &a, control, a.user.nameservers.clone(), |svc| {
+                let svc = svc.with_predecessor(s.predecessor, s.rendezvous).map_err(|e| e.to_string())?;
+                svc.succeeded().map_err(|e| format!("engine channel: {e}"))?;
+                Ok(svc)
+            })
         }),
         // One TAP device, one smoltcp interface: a user NSM has one executor.
         "user" => a
             .user
             .stack(a.congestion.as_deref())
-            .and_then(|stack| serve_nsm(stack, &a, a.user.nameservers.clone(), |svc| svc)),
+            .and_then(|stack| serve_nsm(stack, &a, control, a.user.nameservers.clone(), Ok)),
         other => Err(format!("unknown NSM kind {other:?} (known: kernel, user)")),
     };
     match r {
@@ -597,21 +627,18 @@ fn executors(arg: &str) -> (usize, bool) {
 fn serve_nsm<S: netkernel_service::Stack>(
     stack: S,
     a: &NsmArgs,
+    control: OwnedFd,
     nameservers: Vec<std::net::IpAddr>,
-    executors: impl FnOnce(netkernel_service::Service<S>) -> netkernel_service::Service<S>,
+    more: impl FnOnce(netkernel_service::Service<S>) -> Result<netkernel_service::Service<S>, String>,
 ) -> Result<(), String> {
     let hosts: HashMap<String, String> =
         a.hosts.iter().filter_map(|h| h.split_once('=')).map(|(n, a)| (n.to_string(), a.to_string())).collect();
-    // SAFETY: the engine passed this fd to us at exec and nothing else owns it.
-    let control = unsafe { OwnedFd::from_raw_fd(a.control_fd) };
-    // SAFETY: setting FD_CLOEXEC on our own fd; no pointers.
-    unsafe { libc::fcntl(a.control_fd, libc::F_SETFD, libc::FD_CLOEXEC) };
     let mut svc = netkernel_service::Service::new(stack, a.name.clone(), control)
         .map_err(|e| e.to_string())?
         .with_hosts(hosts)
         .with_nameservers(nameservers)
         .with_scheduler(a.scheduler);
-    svc = executors(svc);
+    svc = more(svc)?;
     if let Some(path) = &a.listen {
         // A socket left by this NSM's predecessor (which is gone: the engine starts one NSM per
         // name) is replaced.

@@ -519,3 +519,89 @@ fn a_move_to_a_user_nsm_drains() {
     assert_eq!(by(old.pid()).into_iter().collect::<Vec<_>>(), ["k"], "{conns}");
     assert_eq!(by(new.pid()).into_iter().collect::<Vec<_>>(), ["user"], "{conns}");
 }
+
+/// A user NSM's upgrade: its connections live in smoltcp inside its process, so the old process
+/// keeps the attachments it has, and their connections, until they end, while the new process
+/// reads the link and serves every new attachment; guests of both reach each other.
+#[test]
+fn a_user_nsm_upgrade_drains_the_old_process() {
+    if !is_root() {
+        eprintln!("SKIP a_user_nsm_upgrade_drains_the_old_process: a user NSM needs root (TAP device, namespace)");
+        return;
+    }
+    require("python3");
+    let (user, addr) = user_nsm_config("");
+    let engine = TestEngine::with_config(&user);
+    // Echoes each connection's bytes back, one thread a connection, on the NSM's address.
+    let echo_server = |port: u16| {
+        engine.python_ready(&format!(
+            "import socket,threading\nl=socket.create_server(('0.0.0.0',{port}))\nprint('ready',flush=True)\n\
+             def echo(s):\n    while True:\n        d=s.recv(100)\n        if not d: return\n        s.sendall(d)\n\
+             while True:\n    s,_=l.accept(); threading.Thread(target=echo,args=(s,),daemon=True).start()\n"
+        ))
+    };
+    let round_trip = |c: &mut std::net::TcpStream, msg: &[u8]| {
+        std::io::Write::write_all(c, msg).unwrap();
+        let mut got = vec![0; msg.len()];
+        std::io::Read::read_exact(c, &mut got).unwrap();
+        assert_eq!(got, msg);
+    };
+    let mut old_server = echo_server(7300);
+    let mut native = std::net::TcpStream::connect((addr, 7300)).unwrap();
+    native.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    round_trip(&mut native, b"before");
+    let mut old_guest = echo_guest(&engine, "default");
+
+    let r = upgrade(&engine, "user", None).unwrap_or_else(|e| panic!("{e}\n{}", engine.log()));
+    let (old_pid, new_pid) = (r["old_pid"].as_u64().unwrap(), r["new_pid"].as_u64().unwrap());
+    assert_ne!(old_pid, new_pid);
+    assert_eq!(r["draining_attachments"], 2, "{r}");
+    eprintln!("user NSM upgrade: blackout {} ms", r["blackout_ms"]);
+    // The old process's connections go on: to the host over the link, and its own loopback.
+    round_trip(&mut native, b"after the upgrade");
+    assert_eq!(old_guest.ask("after the upgrade"), "ok");
+    let nsm = engine.nsm();
+    assert_eq!(nsm["pid"], new_pid, "{nsm}");
+    assert_eq!(nsm["draining"], serde_json::json!([old_pid]), "{nsm}");
+
+    // New attachments are the new process's: a loopback connection, a connection to the old
+    // process's listener (through the bridged loopback), a listener the host reaches.
+    let mut new_guest = echo_guest(&engine, "default");
+    assert_eq!(new_guest.ask("new"), "ok");
+    let out = run_ok(engine.run(
+        "python3",
+        &[
+            "-c",
+            &format!(
+                "import socket\nc=socket.create_connection(('{addr}',7300))\nc.sendall(b'across')\n\
+                 print(c.recv(100).decode())\n"
+            ),
+        ],
+    ));
+    assert_eq!(out.trim(), "across", "a new guest reaches the old process's listener");
+    let mut new_server = echo_server(7301);
+    let mut native2 = std::net::TcpStream::connect((addr, 7301)).unwrap();
+    native2.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    round_trip(&mut native2, b"to the new process");
+    round_trip(&mut native, b"the old connection still");
+    // A new connection to the old listener goes to the old process, which still listens there.
+    let mut native3 = std::net::TcpStream::connect((addr, 7300)).unwrap();
+    native3.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    round_trip(&mut native3, b"old listener, new connection");
+
+    // Once its guests are gone the old process exits; the new one serves on.
+    drop((native, native3, old_guest));
+    let _ = old_server.kill();
+    let _ = old_server.wait();
+    let old = std::path::PathBuf::from(format!("/proc/{old_pid}"));
+    let start = Instant::now();
+    while old.exists() && start.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!old.exists(), "the old process outlived its last guest\n{}", engine.log());
+    assert_eq!(engine.nsm()["draining"], serde_json::json!([]));
+    assert_eq!(new_guest.ask("still served"), "ok");
+    round_trip(&mut native2, b"after the old one left");
+    let _ = new_server.kill();
+    let _ = new_server.wait();
+}

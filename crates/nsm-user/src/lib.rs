@@ -85,6 +85,7 @@ pub mod device;
 mod frame;
 mod meter;
 mod opts;
+mod peer;
 pub mod seam;
 mod shard;
 pub mod sockaddr;
@@ -262,7 +263,15 @@ impl Stack for UserStack {
     }
 
     fn wait_fd(&self) -> BorrowedFd<'_> {
-        self.ext_dev.fd()
+        self.rx_fd()
+    }
+
+    fn peer_fd(&self) -> Option<BorrowedFd<'_>> {
+        UserStack::peer_fd(self)
+    }
+
+    fn hand_link(&mut self) -> Result<seam::HandedLink, String> {
+        UserStack::hand_link(self)
     }
 
     fn poll(&mut self, now: Instant, woken: bool, ready: &mut Vec<Ready>) -> Option<Instant> {

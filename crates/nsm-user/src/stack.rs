@@ -3,7 +3,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
 use smoltcp::iface::{Config, Interface};
@@ -289,6 +289,14 @@ pub struct UserStack {
     rx_meta_next: u32,
     /// The note of the datagram the last udp_recv returned.
     pub(crate) last_rx: Option<RxMeta>,
+    /// The other process of this NSM during an upgrade (peer.rs).
+    pub(crate) peer: Option<crate::peer::Peer>,
+    /// Loopback frames the peer sent, for the next poll.
+    lo_from_peer: VecDeque<Vec<u8>>,
+    /// Ephemeral ports this process may take: those of this parity (2: any), and none the old
+    /// process used when the upgrade began.
+    parity: u16,
+    reserved: HashSet<(u8, u16)>,
 }
 
 /// Maps the configured name to smoltcp's controller; the error lists the choices.
@@ -403,7 +411,79 @@ impl UserStack {
             fragmenting: false,
             rx_pending: false,
             now: SInstant::ZERO,
+            peer: None,
+            lo_from_peer: VecDeque::new(),
+            parity: 2,
+            reserved: HashSet::new(),
         })
+    }
+
+    /// Makes this stack the new process of an upgrade (peer.rs): it reads the wire `device`
+    /// (the old process's), serves what is its own and passes the rest to the old process over
+    /// `chan`; `reserved`: the (protocol, port)s the old process used.
+    pub fn successor(
+        cfg: UserConfig,
+        device: OwnedFd,
+        chan: OwnedFd,
+        reserved: Vec<(u8, u16)>,
+    ) -> Result<UserStack, String> {
+        let mut s = UserStack::new(cfg, device)?;
+        s.peer = Some(crate::peer::Peer::new(chan, false).map_err(|e| format!("upgrade channel: {e}"))?);
+        s.parity = 1;
+        s.reserved = reserved.into_iter().collect();
+        Ok(s)
+    }
+
+    /// Hands the wire to a successor (the old process's side of an upgrade, peer.rs): returns a
+    /// copy of the wire fd, the successor's end of the channel and the ports in use. From now
+    /// on this stack reads its wire frames from the channel, and takes even ephemeral ports.
+    pub fn hand_link(&mut self) -> Result<crate::seam::HandedLink, String> {
+        if self.peer.as_ref().is_some_and(|p| !p.gone) {
+            return Err("this NSM process is draining after an upgrade already, or its successor still is".into());
+        }
+        let wire = self.ext_dev.fd().try_clone_to_owned().map_err(|e| format!("wire fd: {e}"))?;
+        let (ours, theirs) = crate::peer::pair().map_err(|e| format!("upgrade channel: {e}"))?;
+        self.peer = Some(crate::peer::Peer::new(ours, true).map_err(|e| format!("upgrade channel: {e}"))?);
+        self.parity = 0;
+        Ok(crate::seam::HandedLink { fds: vec![wire, theirs], ports: self.index.ports_used() })
+    }
+
+    /// The peer while it is there.
+    fn peer_live(&self) -> Option<&crate::peer::Peer> {
+        self.peer.as_ref().filter(|p| !p.gone)
+    }
+
+    /// The fd the driver sleeps on for frames: the channel while this process drains after
+    /// an upgrade (its successor reads the wire), else the wire.
+    pub(crate) fn rx_fd(&self) -> BorrowedFd<'_> {
+        match self.peer_live() {
+            Some(p) if p.old => p.chan.as_fd(),
+            _ => self.ext_dev.fd(),
+        }
+    }
+
+    /// A second fd to sleep on: the channel to the old process, while there is one.
+    pub(crate) fn peer_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.peer_live().filter(|p| !p.old).map(|p| p.chan.as_fd())
+    }
+
+    /// Whether this process serves the frame `p` arriving on `ifx`: a socket has its 4-tuple,
+    /// a listener takes its SYN, or a UDP socket its port.
+    fn owns(&self, ifx: usize, p: &Peek) -> bool {
+        match p.proto {
+            frame::TCP => {
+                self.index.tuples.contains_key(&(frame::TCP, p.dst, p.src))
+                    || p.flags & (frame::SYN | frame::ACK | frame::RST) == frame::SYN
+                        && self.find_listener(ifx, p.dst).is_some()
+            }
+            frame::UDP => self.index.on_port(frame::UDP, p.dst.port()).next().is_some(),
+            _ => true,
+        }
+    }
+
+    /// Whether an ephemeral port is this process's to take (see `parity`).
+    fn port_mine(&self, proto: u8, port: u16) -> bool {
+        (self.parity == 2 || port % 2 == self.parity) && !self.reserved.contains(&(proto, port))
     }
 
     pub fn congestion_name(&self) -> &'static str {
@@ -481,7 +561,7 @@ impl UserStack {
         let start = (self.rand() % u64::from(span)) as u32;
         (0..span)
             .map(|i| EPHEMERAL.start() + ((start + i) % span) as u16)
-            .find(|&p| !self.index.port_used(proto.num(), p))
+            .find(|&p| !self.index.port_used(proto.num(), p) && self.port_mine(proto.num(), p))
     }
 
     /// Whether connect() may give `port` to a connection from `local` to `remote`: nobody
@@ -497,7 +577,7 @@ impl UserStack {
         let start = (self.rand() % u64::from(span)) as u32;
         (0..span)
             .map(|i| EPHEMERAL.start() + ((start + i) % span) as u16)
-            .find(|&p| self.connect_port_ok(p, local, remote))
+            .find(|&p| self.connect_port_ok(p, local, remote) && self.port_mine(frame::TCP, p))
     }
 
     /// Receive and send buffer sizes of a new connection on interface `ifx`.
@@ -861,14 +941,22 @@ impl UserStack {
             // A read error other than EAGAIN leaves the link unusable (the TAP went away); the
             // stack keeps serving loopback and lets TCP time out what used the wire.
             self.rx_pending = false;
-            if let Ok(o) = self.ext_dev.read_frames(RX_BATCH) {
-                more = o.more;
-                self.rx_pending = o.more;
+            let draining = self.peer_live().is_some_and(|p| p.old);
+            if !draining {
+                if let Ok(o) = self.ext_dev.read_frames(RX_BATCH) {
+                    more = o.more;
+                    self.rx_pending = o.more;
+                }
+            }
+            if let Some(p) = self.peer.as_mut().filter(|p| !p.gone) {
+                let (_, m) = p.recv(&mut self.ext_dev.rx, &mut self.lo_from_peer, RX_BATCH);
+                more |= m;
+                self.rx_pending |= m;
             }
         }
 
         let frames = std::mem::take(&mut self.ext_dev.rx);
-        let wake_all = self.route_frames(EXT, frames);
+        let wake_all = self.route_frames(EXT, frames, false);
         self.poll_shards(EXT, ts, true, wake_all);
         if self.fragmenting {
             self.fragmenting = false;
@@ -888,9 +976,13 @@ impl UserStack {
             self.meter_sent(&p);
         }
 
+        let from_peer = std::mem::take(&mut self.lo_from_peer);
+        if !from_peer.is_empty() {
+            self.route_frames(LO, from_peer, true);
+        }
         for round in 0..LO_ROUNDS {
             let out = std::mem::take(&mut self.lo_dev.tx);
-            let wake_all = self.route_frames(LO, out);
+            let wake_all = self.route_frames(LO, out, false);
             if !self.poll_shards(LO, ts, round == 0, wake_all) {
                 break;
             }
@@ -918,10 +1010,35 @@ impl UserStack {
     /// Hands received packets to the socket sets their 4-tuples hash to (after `note`). Returns
     /// whether one may have resolved a neighbour (ARP, NDP) that sockets of any set may be
     /// waiting for.
-    fn route_frames(&mut self, ifx: usize, frames: VecDeque<Vec<u8>>) -> bool {
+    fn route_frames(&mut self, ifx: usize, frames: VecDeque<Vec<u8>>, from_peer: bool) -> bool {
         let mut wake_all = false;
+        // During an upgrade (peer.rs): the loopback's frames for the other process go there in
+        // both directions, the wire's from the new process to the old; never back again.
+        let tag = if ifx == EXT { crate::peer::TAG_EXT } else { crate::peer::TAG_LO };
+        let bridge = !from_peer && self.peer_live().is_some_and(|p| ifx == LO || !p.old);
         for f in frames {
             let peek = if ifx == EXT { frame::peek_ethernet(&f) } else { frame::peek_ip(&f) };
+            if bridge {
+                let theirs = match &peek {
+                    Some(p) => !self.owns(ifx, p),
+                    // Both need their neighbours and the errors about what they sent.
+                    None => {
+                        let ip = if ifx == EXT { frame::ip_of_ethernet(&f) } else { Some(&f[..]) };
+                        if frame::resolves_neighbour(&f) || ip.and_then(frame::peek_icmp_error).is_some() {
+                            if let Some(p) = self.peer.as_mut() {
+                                p.send(tag, &f);
+                            }
+                        }
+                        false
+                    }
+                };
+                if theirs {
+                    if let Some(p) = self.peer.as_mut() {
+                        p.send(tag, &f);
+                    }
+                    continue;
+                }
+            }
             let sh = match peek {
                 Some(p) => {
                     if p.proto == frame::TCP {

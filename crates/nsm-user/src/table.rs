@@ -110,6 +110,11 @@ impl Index {
     pub fn port_used(&self, proto: u8, port: u16) -> bool {
         self.ports.contains_key(&(proto, port))
     }
+
+    /// Every (protocol, port) some socket holds.
+    pub fn ports_used(&self) -> Vec<(u8, u16)> {
+        self.ports.keys().copied().collect()
+    }
 }
 
 #[cfg(test)]

@@ -47,6 +47,13 @@ pub enum NsmRequest {
     /// what the NSM at the other end of the fd hands over and serve it. Reply: CLOCK_MONOTONIC
     /// (ns) when it began serving.
     Takeover,
+    /// To a user NSM (`ctl upgrade`): hand the link to a new process and serve the attachments
+    /// it has until they end, taking orders from the new process (drain.rs). Reply:
+    /// [`crate::drain::Drained`] with fds.
+    Drain,
+    /// To the new process of a user NSM's upgrade, first: serve from the old process's link
+    /// (fds from its `Drain` answer); `ports` are the old process's.
+    Succeed { ports: Vec<(u8, u16)> },
 }
 
 /// What an NSM handed over (`NsmRequest::Handover`).
@@ -233,6 +240,9 @@ pub struct NsmStats {
     /// Executor threads running tasks now.
     #[serde(default)]
     pub executors: u32,
+    /// Old processes of a user NSM's upgrade still serving the attachments they had (drain.rs).
+    #[serde(default)]
+    pub draining: Vec<u32>,
     /// CPU the NSM's executors used, seconds: the tenants' `nsm_cpu_seconds` plus
     /// `overhead_cpu_seconds`.
     #[serde(default)]
@@ -264,6 +274,7 @@ impl NsmStats {
     /// Adds another executor's stats of the same NSM to these.
     pub fn absorb(&mut self, o: NsmStats) {
         self.executors += o.executors;
+        self.draining.extend(o.draining);
         self.cpu_seconds += o.cpu_seconds;
         self.overhead_cpu_seconds += o.overhead_cpu_seconds;
         self.load += o.load;

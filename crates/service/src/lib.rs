@@ -16,6 +16,7 @@ mod colocated;
 pub mod control;
 mod core;
 pub mod dns;
+pub mod drain;
 mod exec;
 #[cfg(test)]
 mod fake;
@@ -88,6 +89,11 @@ pub struct Service<S: Stack> {
     /// Its work went to a new NSM process (`ctl upgrade`): it serves nobody and watches no
     /// region, so it needs no reaper and exits once its engine lets go.
     retired: bool,
+    /// A user NSM's old process after an upgrade: it serves the attachments it had until they
+    /// end, as its successor's executor (drain.rs).
+    draining: bool,
+    /// The stack's fds this loop sleeps on (drain.rs: they change).
+    stack_fds: Vec<RawFd>,
 }
 
 /// The load meter's window.
@@ -121,7 +127,6 @@ impl<S: Stack> Service<S> {
         // SAFETY: ep is a fresh fd we own.
         let epfd = unsafe { OwnedFd::from_raw_fd(ep) };
         epoll_ctl(epfd.as_raw_fd(), libc::EPOLL_CTL_ADD, control.as_raw_fd(), libc::EPOLLIN as u32, TOK_CONTROL)?;
-        epoll_ctl(epfd.as_raw_fd(), libc::EPOLL_CTL_ADD, stack.wait_fd().as_raw_fd(), libc::EPOLLIN as u32, TOK_STACK)?;
         let mut core = Core::new(stack, name, Limits::of_host());
         if !core.stack.system_resolver() {
             let conf = dns::parse_resolv_conf(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default());
@@ -129,7 +134,9 @@ impl<S: Stack> Service<S> {
                 std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.subsec_nanos());
             core.resolver = Some(lookup::StackResolver::new(conf, seed as u16));
         }
-        Ok(Service {
+        let wait = core.stack.wait_fd().as_raw_fd();
+        epoll_ctl(epfd.as_raw_fd(), libc::EPOLL_CTL_ADD, wait, libc::EPOLLIN as u32, TOK_STACK)?;
+        let mut svc = Service {
             core,
             epfd,
             control,
@@ -143,7 +150,11 @@ impl<S: Stack> Service<S> {
             idle: Duration::ZERO,
             congestion: Arc::default(),
             retired: false,
-        })
+            draining: false,
+            stack_fds: vec![wait],
+        };
+        svc.sync_stack_fds();
+        Ok(svc)
     }
 
     /// The nameservers a stack without a system resolver sends its DNS queries to, instead of
@@ -345,6 +356,7 @@ impl<S: Stack> Service<S> {
             }
             self.core.now = Instant::now();
             worked |= self.core.poll_stack(woken);
+            self.sync_stack_fds();
             worked |= self.core.run_tasks();
             self.core.finish_refreshes();
             if self.core.account.due() {
@@ -517,6 +529,10 @@ impl<S: Stack> Service<S> {
                 self.core.account.settle(account::thread_cpu());
                 let mut stats = self.core.snapshot();
                 stats.load = self.measure_load();
+                if self.draining {
+                    stats.executors = 0;
+                    stats.draining.push(std::process::id());
+                }
                 for other in self.pool.iter_mut().flat_map(|p| p.stats()) {
                     stats.absorb(other);
                 }
@@ -565,6 +581,16 @@ impl<S: Stack> Service<S> {
                 },
                 None => control::Reply::err("handover needs the new NSM's socket"),
             },
+            Ok(NsmRequest::Drain) => match self.drain() {
+                Ok((drained, fds, successor)) => {
+                    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+                    sys::send_frame(self.control.as_raw_fd(), &control::Reply::ok(drained).encode(), &raw)?;
+                    self.take_orders_from(successor)?;
+                    return Ok(true);
+                }
+                Err(e) => control::Reply::err(e),
+            },
+            Ok(NsmRequest::Succeed { .. }) => control::Reply::err("this NSM process serves already"),
             Ok(NsmRequest::Takeover) => match fds.into_iter().next() {
                 Some(from) => match self.takeover(from) {
                     Ok(at) => control::Reply::ok(at),

@@ -68,6 +68,15 @@ struct Executor {
     tenants: Vec<String>,
     /// Its last stats (kept for the NSM's totals once it stops).
     last: Option<NsmStats>,
+    /// The old process of a user NSM's upgrade (drain.rs): it keeps what it serves, gets
+    /// nothing new, and stops once it serves nothing.
+    draining: bool,
+}
+
+impl Executor {
+    fn new(chan: UnixStream, thread: Option<std::thread::JoinHandle<()>>, draining: bool) -> Executor {
+        Executor { chan, thread, attachments: 0, work: 0.0, idle_seen: None, tenants: Vec::new(), last: None, draining }
+    }
 }
 
 pub(crate) struct Pool {
@@ -250,16 +259,23 @@ impl Pool {
         let k = self.execs.len() + 1;
         let thread = (self.spawn)(theirs)?;
         eprintln!("netkernel nsm {}: executor {k} started", self.name);
-        self.execs.push(Executor {
-            chan: ours,
-            thread: Some(thread),
-            attachments: 0,
-            work: 0.0,
-            idle_seen: None,
-            tenants: Vec::new(),
-            last: None,
-        });
+        self.execs.push(Executor::new(ours, Some(thread), false));
         Ok(self.execs.len() - 1)
+    }
+
+    /// The old process of an upgrade serves on through `chan` until its attachments end
+    /// (drain.rs); the engine's messages about them go there.
+    pub(crate) fn add_draining(&mut self, chan: UnixStream) {
+        let k = self.execs.len();
+        self.execs.push(Executor::new(chan, None, true));
+        let state = call::<NsmState>(self.execs[k].chan.as_raw_fd(), &NsmRequest::Adopt, &[]).map(|(s, _)| s);
+        for a in state.map(|s| s.attachments).unwrap_or_default() {
+            self.placed(a.attachment, k, &a.tenant);
+        }
+        eprintln!(
+            "netkernel nsm {}: the old process serves {} attachments until they end",
+            self.name, self.execs[k].attachments
+        );
     }
 
     /// Where a new attachment of `tenant` goes (`here`: how many executor 0 serves; `here_has`:
@@ -271,25 +287,27 @@ impl Pool {
             if here_has {
                 return Place::Here;
             }
-            if let Some(k) = self.execs.iter().position(|e| e.tenants.iter().any(|t| t == tenant)) {
+            if let Some(k) = self.execs.iter().position(|e| !e.draining && e.tenants.iter().any(|t| t == tenant)) {
                 return Place::There(k);
             }
         }
+        let open = || self.execs.iter().enumerate().filter(|(_, e)| !e.draining);
+        let running = 1 + open().count();
         if self.elastic {
             // Executors start only when the work calls for them (`plan`).
-            let least = self.execs.iter().enumerate().min_by(|a, b| a.1.work.total_cmp(&b.1.work));
+            let least = open().min_by(|a, b| a.1.work.total_cmp(&b.1.work));
             return match least {
                 Some((k, e)) if here > 0 && e.work < self.work0 => Place::There(k),
                 _ => Place::Here,
             };
         }
-        let fewest = self.execs.iter().enumerate().min_by_key(|(_, e)| e.attachments).map(|(k, e)| (k, e.attachments));
-        if here == 0 || fewest.is_some_and(|(_, n)| n >= here) && (self.executors() as usize) >= self.max {
+        let fewest = open().min_by_key(|(_, e)| e.attachments).map(|(k, e)| (k, e.attachments));
+        if here == 0 || fewest.is_some_and(|(_, n)| n >= here) && running >= self.max {
             return Place::Here;
         }
         match fewest {
             Some((k, 0)) => Place::There(k),
-            _ if (self.executors() as usize) < self.max => self.grow().map_or(Place::Here, Place::There),
+            _ if running < self.max => self.grow().map_or(Place::Here, Place::There),
             Some((k, n)) if n < here => Place::There(k),
             _ => Place::Here,
         }
@@ -425,7 +443,7 @@ impl Pool {
             let _ = self.ask(k - 1, &NsmRequest::Shutdown, &[]);
             let mut e = self.execs.pop().expect("checked");
             if let Some(last) = e.last.take() {
-                let last = NsmStats { executors: 0, load: 0.0, attachments: 0, ..last };
+                let last = NsmStats { executors: 0, load: 0.0, attachments: 0, draining: Vec::new(), ..last };
                 match self.retired.as_mut() {
                     Some(r) => r.absorb(last),
                     None => self.retired = Some(last),

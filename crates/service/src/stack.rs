@@ -48,6 +48,14 @@ pub struct TcpStats {
 /// The driver sleeps on [`wait_fd`](Stack::wait_fd) and the deadline [`poll`](Stack::poll)
 /// returns; after every round of requests and whenever the fd is readable it calls `poll`,
 /// which reports readiness changes of watched sockets.
+/// A user stack's link handed to a successor process (`Stack::hand_link`).
+pub struct HandedLink {
+    /// The wire fd (a copy) and the successor's end of the frame channel.
+    pub fds: Vec<std::os::fd::OwnedFd>,
+    /// (protocol, port)s the old process's sockets hold.
+    pub ports: Vec<(u8, u16)>,
+}
+
 pub trait Stack {
     /// A socket of this stack. Dropping it closes the socket (a stack that needs its own state
     /// to close one collects dropped handles on the next `poll`).
@@ -143,6 +151,17 @@ pub trait Stack {
     /// The fd the driver sleeps on: readable when the stack has something to do (the kernel
     /// stack's epoll fd; a userspace stack's TAP or packet socket).
     fn wait_fd(&self) -> BorrowedFd<'_>;
+    /// A second fd the driver sleeps on, if any (a user stack's channel to the old process
+    /// of an upgrade). The driver checks both after every poll: they may change.
+    fn peer_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
+    /// Gives this stack's link to a successor process that will read it, the old process
+    /// keeping its connections (a user stack's upgrade; the kernel stack hands sockets over
+    /// instead, `export`): the fds to send it and the (protocol, port)s in use.
+    fn hand_link(&mut self) -> Result<HandedLink, String> {
+        Err(format!("a {} stack hands its sockets over, not its link", self.kind()))
+    }
     /// Advances the stack to `now`: moves packets, runs timers and appends to `ready` the watched
     /// sockets whose readiness changed. `woken`: the wait fd was readable. Returns when the stack
     /// next needs a `poll` though nothing arrives (None: only when the wait fd is readable).
