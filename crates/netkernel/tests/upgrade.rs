@@ -531,9 +531,9 @@ fn a_user_nsm_upgrade_drains_the_old_process() {
     }
     require("python3");
     let (user, addr) = user_nsm_config("");
-    let engine = TestEngine::with_config(&user);
+    let mut engine = TestEngine::with_config(&user);
     // Echoes each connection's bytes back, one thread a connection, on the NSM's address.
-    let echo_server = |port: u16| {
+    let echo_server = |engine: &TestEngine, port: u16| {
         engine.python_ready(&format!(
             "import socket,threading\nl=socket.create_server(('0.0.0.0',{port}))\nprint('ready',flush=True)\n\
              def echo(s):\n    while True:\n        d=s.recv(100)\n        if not d: return\n        s.sendall(d)\n\
@@ -546,7 +546,7 @@ fn a_user_nsm_upgrade_drains_the_old_process() {
         std::io::Read::read_exact(c, &mut got).unwrap();
         assert_eq!(got, msg);
     };
-    let mut old_server = echo_server(7300);
+    let mut old_server = echo_server(&engine, 7300);
     let mut native = std::net::TcpStream::connect((addr, 7300)).unwrap();
     native.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     round_trip(&mut native, b"before");
@@ -563,6 +563,17 @@ fn a_user_nsm_upgrade_drains_the_old_process() {
     let nsm = engine.nsm();
     assert_eq!(nsm["pid"], new_pid, "{nsm}");
     assert_eq!(nsm["draining"], serde_json::json!([old_pid]), "{nsm}");
+    // One drain at a time: another upgrade now is refused, and nothing changes.
+    let again = upgrade(&engine, "user", None).expect_err("a second upgrade while the first drains");
+    assert!(again.contains("draining"), "{again}");
+    assert_eq!(engine.nsm()["pid"], new_pid);
+    // An engine killed now finds both: the new process adopts it, the old one through it.
+    engine.stop_with(libc::SIGKILL);
+    engine.restart();
+    let nsm = engine.nsm();
+    assert_eq!((&nsm["pid"], &nsm["draining"]), (&serde_json::json!(new_pid), &serde_json::json!([old_pid])), "{nsm}");
+    assert_eq!(engine.ctl("tenants")[0]["attachments"], 2, "the old process's attachments were adopted");
+    assert_eq!(old_guest.ask("after the engine's restart"), "ok");
 
     // New attachments are the new process's: a loopback connection, a connection to the old
     // process's listener (through the bridged loopback), a listener the host reaches.
@@ -579,7 +590,7 @@ fn a_user_nsm_upgrade_drains_the_old_process() {
         ],
     ));
     assert_eq!(out.trim(), "across", "a new guest reaches the old process's listener");
-    let mut new_server = echo_server(7301);
+    let mut new_server = echo_server(&engine, 7301);
     let mut native2 = std::net::TcpStream::connect((addr, 7301)).unwrap();
     native2.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     round_trip(&mut native2, b"to the new process");
