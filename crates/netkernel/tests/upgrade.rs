@@ -616,3 +616,39 @@ fn a_user_nsm_upgrade_drains_the_old_process() {
     let _ = new_server.kill();
     let _ = new_server.wait();
 }
+
+/// The new process of a user NSM's upgrade dies while the old one drains: the old one's guests
+/// get an error like any NSM crash's, and the engine starts the NSM again once the old process
+/// has let go of the device.
+#[test]
+fn a_user_nsm_successor_crash_during_the_drain_restarts_the_nsm() {
+    if !is_root() {
+        eprintln!("SKIP a_user_nsm_successor_crash_during_the_drain_restarts_the_nsm: a user NSM needs root");
+        return;
+    }
+    require("python3");
+    let (user, _) = user_nsm_config("");
+    let engine = TestEngine::with_config(&user);
+    let mut old_guest = echo_guest(&engine, "default");
+    let r = upgrade(&engine, "user", None).unwrap_or_else(|e| panic!("{e}\n{}", engine.log()));
+    let (old_pid, new_pid) = (r["old_pid"].as_u64().unwrap() as i32, r["new_pid"].as_u64().unwrap() as i32);
+    assert_eq!(old_guest.ask("draining"), "ok");
+    // SAFETY: integers only; the pid is the NSM's, alive (it just answered).
+    unsafe { libc::kill(new_pid, libc::SIGKILL) };
+    let start = Instant::now();
+    let mut answer = old_guest.ask("after the crash");
+    while answer == "ok" && start.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(100));
+        answer = old_guest.ask("after the crash");
+    }
+    assert!(answer.starts_with("error"), "the old process's guest was not told: {answer}");
+    drop(old_guest);
+    let old = std::path::PathBuf::from(format!("/proc/{old_pid}"));
+    let start = Instant::now();
+    while (old.exists() || engine.nsm()["pid"].as_u64().is_none()) && start.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!old.exists(), "the old process outlived its guests\n{}", engine.log());
+    let mut fresh = echo_guest(&engine, "default");
+    assert_eq!(fresh.ask("the restarted NSM"), "ok", "{}", engine.log());
+}
