@@ -6,7 +6,7 @@
 //! frames to the wire itself.
 //!
 //! A frame the new process has no socket for (no 4-tuple, no listener for a SYN, no UDP socket
-//! on the port) goes to the old one over a SOCK_SEQPACKET socket pair, where it is served or
+//! on the port) goes to the old one over a unix stream socket pair, where it is served or
 //! answered as any unknown frame (a RST). Neighbour resolution and ICMP errors reach both. The
 //! loopback (127/8 and the NSM's own addresses) is bridged the same way in both directions, so
 //! guests of either process reach each other's listeners; a frame that came from the peer is
@@ -24,26 +24,35 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 pub(crate) const TAG_EXT: u8 = 0;
 pub(crate) const TAG_LO: u8 = 1;
 
-/// Room for the largest frame either interface carries (the loopback's 64 KiB MTU) and a tag.
-const MAX_MESSAGE: usize = 65536 + 1;
+/// Frames waiting for room in the socket beyond this many bytes are dropped (TCP retransmits
+/// them), so a stalled peer cannot grow this process without bound.
+const MAX_QUEUED: usize = 16 << 20;
+
+/// A frame on the channel: its length (u32, little-endian, tag included), its tag, its bytes.
+/// A stream socket, not a datagram one: a unix datagram socket queues only
+/// net.unix.max_dgram_qlen (10) messages, which a burst of forwarded frames overflowed (tens of
+/// retransmissions a second on a draining iperf3 connection).
+const HEADER: usize = 5;
 
 pub(crate) struct Peer {
     pub chan: OwnedFd,
     /// This process is the old one: its wire frames come from the peer, not the wire.
     pub old: bool,
-    buf: Vec<u8>,
-    /// Frames sent to the peer, and frames the socket had no room for (TCP retransmits them).
+    /// Bytes read and not yet a whole frame; bytes to send that the socket had no room for.
+    inbuf: Vec<u8>,
+    out: VecDeque<u8>,
+    scratch: Vec<u8>,
+    /// Frames sent to the peer, and frames dropped for want of room (TCP retransmits them).
     pub sent: u64,
     pub dropped: u64,
     /// The peer closed its end (it exited).
     pub gone: bool,
 }
 
-/// A SOCK_SEQPACKET socket pair, non-blocking and close-on-exec, with large send buffers: a
-/// burst of forwarded frames should not be dropped for want of room.
+/// A unix stream socket pair, non-blocking and close-on-exec, with large buffers.
 pub(crate) fn pair() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
-    let ty = libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+    let ty = libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
     // SAFETY: fds is a live array of two c_ints, as socketpair writes.
     if unsafe { libc::socketpair(libc::AF_UNIX, ty, 0, fds.as_mut_ptr()) } < 0 {
         return Err(io::Error::last_os_error());
@@ -76,42 +85,89 @@ impl Peer {
                 return Err(io::Error::last_os_error());
             }
         }
-        Ok(Peer { chan, old, buf: vec![0; MAX_MESSAGE], sent: 0, dropped: 0, gone: false })
+        Ok(Peer {
+            chan,
+            old,
+            inbuf: Vec::new(),
+            out: VecDeque::new(),
+            scratch: vec![0; 256 << 10],
+            sent: 0,
+            dropped: 0,
+            gone: false,
+        })
     }
 
-    /// Sends one frame of interface `tag` to the peer; a full socket drops it, as a full queue.
+    /// Queues one frame of interface `tag` for the peer; `flush` sends what is queued (once a
+    /// batch, not a system call a frame).
     pub fn send(&mut self, tag: u8, frame: &[u8]) {
         if self.gone {
             return;
         }
-        let iov = [
-            libc::iovec { iov_base: (&tag as *const u8).cast_mut().cast(), iov_len: 1 },
-            libc::iovec { iov_base: frame.as_ptr().cast_mut().cast(), iov_len: frame.len() },
-        ];
-        // SAFETY: an all-zero msghdr is a valid value of this plain C struct.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = iov.as_ptr().cast_mut();
-        msg.msg_iovlen = iov.len();
-        // SAFETY: msg points at two live iovecs over readable memory of the lengths given;
-        // sendmsg only reads them.
-        let n = unsafe { libc::sendmsg(self.chan.as_raw_fd(), &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
-        if n < 0 {
+        if self.out.len() + frame.len() + HEADER > MAX_QUEUED {
             self.dropped += 1;
-            if io::Error::last_os_error().raw_os_error() == Some(libc::EPIPE) {
-                self.gone = true;
+            return;
+        }
+        self.out.extend(((frame.len() + 1) as u32).to_le_bytes());
+        self.out.push_back(tag);
+        self.out.extend(frame);
+        self.sent += 1;
+    }
+
+    /// Whether bytes wait for room in the socket.
+    pub fn backed_up(&self) -> bool {
+        !self.out.is_empty() && !self.gone
+    }
+
+    /// Writes what is queued, as far as the socket takes it.
+    pub fn flush(&mut self) {
+        while !self.out.is_empty() && !self.gone {
+            let (a, _) = self.out.as_slices();
+            // SAFETY: a is a live, readable slice of the length passed.
+            let n = unsafe {
+                libc::send(self.chan.as_raw_fd(), a.as_ptr().cast(), a.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+            };
+            if n < 0 {
+                match io::Error::last_os_error().raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    Some(libc::EAGAIN) => return,
+                    _ => {
+                        self.gone = true;
+                        return;
+                    }
+                }
             }
-        } else {
-            self.sent += 1;
+            self.out.drain(..n as usize);
         }
     }
 
-    /// Reads up to `max` frames the peer sent, onto `ext` or `lo` by tag. Returns how many, and
-    /// whether more may wait.
-    pub fn recv(&mut self, ext: &mut VecDeque<Vec<u8>>, lo: &mut VecDeque<Vec<u8>>, max: usize) -> (usize, bool) {
+    /// Reads what the peer sent, at most `max` frames onto `ext` or `lo` by tag. Returns whether
+    /// more may wait.
+    pub fn recv(&mut self, ext: &mut VecDeque<Vec<u8>>, lo: &mut VecDeque<Vec<u8>>, max: usize) -> bool {
+        self.flush();
         let mut got = 0;
-        while got < max {
-            // SAFETY: buf is a live, writable buffer of the length passed.
-            let n = unsafe { libc::recv(self.chan.as_raw_fd(), self.buf.as_mut_ptr().cast(), self.buf.len(), 0) };
+        loop {
+            // Whole frames first.
+            let mut at = 0;
+            while got < max && self.inbuf.len() >= at + 4 {
+                let len = u32::from_le_bytes(self.inbuf[at..at + 4].try_into().expect("4 bytes")) as usize;
+                if len == 0 || self.inbuf.len() < at + 4 + len {
+                    break;
+                }
+                let frame = self.inbuf[at + HEADER..at + 4 + len].to_vec();
+                match self.inbuf[at + 4] {
+                    TAG_EXT => ext.push_back(frame),
+                    _ => lo.push_back(frame),
+                }
+                at += 4 + len;
+                got += 1;
+            }
+            self.inbuf.drain(..at);
+            if got >= max {
+                return true;
+            }
+            // SAFETY: scratch is a live, writable buffer of the length passed.
+            let n =
+                unsafe { libc::recv(self.chan.as_raw_fd(), self.scratch.as_mut_ptr().cast(), self.scratch.len(), 0) };
             if n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
                 continue;
             }
@@ -119,15 +175,9 @@ impl Peer {
                 self.gone = true;
             }
             if n <= 0 {
-                return (got, false);
+                return false;
             }
-            let frame = self.buf[1..n as usize].to_vec();
-            match self.buf[0] {
-                TAG_EXT => ext.push_back(frame),
-                _ => lo.push_back(frame),
-            }
-            got += 1;
+            self.inbuf.extend_from_slice(&self.scratch[..n as usize]);
         }
-        (got, true)
     }
 }

@@ -949,7 +949,7 @@ impl UserStack {
                 }
             }
             if let Some(p) = self.peer.as_mut().filter(|p| !p.gone) {
-                let (_, m) = p.recv(&mut self.ext_dev.rx, &mut self.lo_from_peer, RX_BATCH);
+                let m = p.recv(&mut self.ext_dev.rx, &mut self.lo_from_peer, RX_BATCH);
                 more |= m;
                 self.rx_pending |= m;
             }
@@ -996,11 +996,19 @@ impl UserStack {
             self.report(id, ready);
         }
 
-        let deadline = [EXT, LO]
+        let mut deadline = [EXT, LO]
             .into_iter()
             .filter_map(|i| self.nets[i].deadline())
             .min()
             .map(|t| self.epoch + std::time::Duration::from_micros(t.total_micros().max(0) as u64));
+        if let Some(p) = self.peer.as_mut() {
+            // Frames for the peer wait for room in the channel: try again in a millisecond.
+            p.flush();
+            if p.backed_up() {
+                let soon = now + std::time::Duration::from_millis(1);
+                deadline = Some(deadline.map_or(soon, |d| d.min(soon)));
+            }
+        }
         if more {
             return Some(now);
         }
@@ -1083,6 +1091,9 @@ impl UserStack {
             };
             self.nets[ifx].shards[sh].rx.push_back((f, id));
             self.nets[ifx].mark(sh);
+        }
+        if let Some(p) = self.peer.as_mut().filter(|_| bridge) {
+            p.flush();
         }
         wake_all
     }
