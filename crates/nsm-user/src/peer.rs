@@ -181,3 +181,42 @@ impl Peer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Frames of any size (up to the loopback's 64 KiB) cross in order with their tags, however
+    /// the stream cuts them, and a peer that reads nothing holds no more than MAX_QUEUED.
+    #[test]
+    fn frames_cross_whole_in_order_with_their_tags() {
+        let (a, b) = pair().unwrap();
+        let (mut tx, mut rx) = (Peer::new(a, false).unwrap(), Peer::new(b, true).unwrap());
+        let frames: Vec<(u8, Vec<u8>)> =
+            (0..400u32).map(|i| ((i % 2) as u8, (0..(i * 163 % 65535 + 1)).map(|j| (j ^ i) as u8).collect())).collect();
+        let (mut ext, mut lo) = (VecDeque::new(), VecDeque::new());
+        for (tag, f) in &frames {
+            tx.send(*tag, f);
+            tx.flush();
+            // Read a little now and then: frames arrive cut anywhere.
+            rx.recv(&mut ext, &mut lo, 3);
+        }
+        while tx.backed_up() || rx.recv(&mut ext, &mut lo, usize::MAX) {
+            tx.flush();
+        }
+        rx.recv(&mut ext, &mut lo, usize::MAX);
+        let want = |t: u8| frames.iter().filter(|(tag, _)| *tag == t).map(|(_, f)| f.clone()).collect::<Vec<_>>();
+        assert_eq!(Vec::from(ext), want(TAG_EXT));
+        assert_eq!(Vec::from(lo), want(TAG_LO));
+        // Nobody reads: the queue stops at MAX_QUEUED and counts what it dropped.
+        let big = vec![7u8; 60_000];
+        for _ in 0..(2 * MAX_QUEUED / big.len()) {
+            tx.send(TAG_EXT, &big);
+            tx.flush();
+        }
+        assert!(tx.dropped > 0 && tx.out.len() <= MAX_QUEUED);
+        drop(rx);
+        tx.flush();
+        assert!(tx.gone, "a closed peer is noticed");
+    }
+}
