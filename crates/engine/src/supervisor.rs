@@ -467,11 +467,11 @@ impl Nsm {
         let new_pid = child.id();
         // Holding the lock: no attach, hold or stats reaches either process meanwhile.
         let mut p = self.lock();
-        let Some(old_pid) = p.pid.filter(|_| p.control.is_some()) else {
+        if p.pid.filter(|_| p.control.is_some()).is_none() {
             let _ = child.kill();
             let _ = child.wait();
             return Err(other(format!("NSM {} is not running (restarting?); nothing to upgrade", self.name)));
-        };
+        }
         let mut new = Proc { pid: Some(new_pid), pidfd: None, control: Some(ours), generation: 0, line: 0 };
         let (handed, took) = hand(&mut p, &mut new, None);
         let handed = match handed {
@@ -490,27 +490,12 @@ impl Nsm {
             // The old process let go only after the new one said it serves: it does.
             eprintln!("netkernel engine: NSM {}: the new process's answer to takeover: {e}", self.name);
         }
-        self.watch_next(child);
-        p.pid = Some(new_pid);
-        p.pidfd = Some(pidfd);
         // Dropping the old channel lets the old process exit.
-        p.control = new.control;
-        p.generation += 1;
-        if let Some(b) = binary {
-            *self.exe.lock().unwrap_or_else(|e| e.into_inner()) = Some(b);
-        }
         let blackout = Duration::from_nanos(handed.serving_ns.saturating_sub(handed.stopped_ns));
-        self.upgrades.fetch_add(1, Ordering::Relaxed);
-        self.last_blackout_us.store(blackout.as_micros() as u64, Ordering::Relaxed);
-        Ok(Upgraded {
-            old_pid,
-            new_pid,
-            blackout,
-            attachments: handed.attachments,
-            sockets: handed.sockets,
-            draining: None,
-            binary: exe.map_or_else(|| std::env::current_exe().unwrap_or_default(), |e| e.to_path_buf()),
-        })
+        Ok(self.become_new(&mut p, (child, new.control, pidfd), binary, blackout, |u| {
+            u.attachments = handed.attachments;
+            u.sockets = handed.sockets;
+        }))
     }
 
     /// A user NSM's upgrade (service/src/drain.rs): the new process reads the link and takes
@@ -557,26 +542,45 @@ impl Nsm {
                 ));
             }
         };
+        let blackout = Duration::from_nanos(serving_ns.saturating_sub(drained.stopped_ns));
+        Ok(self.become_new(&mut p, (child, new.control, pidfd), binary, blackout, |u| {
+            u.draining = Some((drained.attachments, drained.sockets))
+        }))
+    }
+
+    /// After an upgrade: the new process (`child`, its channel and pidfd) is the NSM, watched by
+    /// the supervisor, and later restarts use `binary` if one was given.
+    fn become_new(
+        &self,
+        p: &mut Proc,
+        (child, control, pidfd): (Child, Option<UnixStream>, OwnedFd),
+        binary: Option<PathBuf>,
+        blackout: Duration,
+        what: impl FnOnce(&mut Upgraded),
+    ) -> Upgraded {
+        let (old_pid, new_pid) = (p.pid.unwrap_or_default(), child.id());
+        let exe = binary.clone().or_else(|| self.exe.lock().unwrap_or_else(|e| e.into_inner()).clone());
         self.watch_next(child);
         p.pid = Some(new_pid);
         p.pidfd = Some(pidfd);
-        p.control = new.control;
+        p.control = control;
         p.generation += 1;
         if let Some(b) = binary {
             *self.exe.lock().unwrap_or_else(|e| e.into_inner()) = Some(b);
         }
-        let blackout = Duration::from_nanos(serving_ns.saturating_sub(drained.stopped_ns));
         self.upgrades.fetch_add(1, Ordering::Relaxed);
         self.last_blackout_us.store(blackout.as_micros() as u64, Ordering::Relaxed);
-        Ok(Upgraded {
+        let mut u = Upgraded {
             old_pid,
             new_pid,
             blackout,
             attachments: 0,
             sockets: 0,
-            draining: Some((drained.attachments, drained.sockets)),
-            binary: exe.map_or_else(|| std::env::current_exe().unwrap_or_default(), |e| e.to_path_buf()),
-        })
+            draining: None,
+            binary: exe.unwrap_or_else(|| std::env::current_exe().unwrap_or_default()),
+        };
+        what(&mut u);
+        u
     }
 
     /// The supervisor watches `child`, an upgrade's new process, from now on.

@@ -157,16 +157,21 @@ pub struct FdDevice {
     pub marks: Marks,
 }
 
+/// Makes `fd` non-blocking: the stack sleeps in the driver's epoll, never in a read.
+pub(crate) fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: F_GETFL/F_SETFL on a live fd; no memory is passed.
+    unsafe {
+        let fl = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        if fl < 0 || libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 impl FdDevice {
     pub fn new(fd: OwnedFd, link: Link) -> io::Result<FdDevice> {
-        // The stack sleeps in the driver's epoll, never in a read: make sure the fd cannot block.
-        // SAFETY: F_GETFL/F_SETFL on an fd we own; no memory is passed.
-        unsafe {
-            let fl = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
-            if fl < 0 || libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-        }
+        set_nonblocking(fd.as_fd())?;
         if link == Link::Packet {
             // Ask which received frames a veth peer left with a partial checksum (its tx
             // offload): the stack completes those. Not a packet socket (a test's socketpair):

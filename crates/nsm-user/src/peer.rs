@@ -78,13 +78,7 @@ pub(crate) fn pair() -> io::Result<(OwnedFd, OwnedFd)> {
 
 impl Peer {
     pub fn new(chan: OwnedFd, old: bool) -> io::Result<Peer> {
-        // SAFETY: F_GETFL/F_SETFL on an fd we own; no memory is passed.
-        unsafe {
-            let fl = libc::fcntl(chan.as_raw_fd(), libc::F_GETFL);
-            if fl < 0 || libc::fcntl(chan.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-        }
+        crate::device::set_nonblocking(std::os::fd::AsFd::as_fd(&chan))?;
         Ok(Peer {
             chan,
             old,
