@@ -551,11 +551,39 @@ fn a_user_nsm_upgrade_drains_the_old_process() {
     native.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     round_trip(&mut native, b"before");
     let mut old_guest = echo_guest(&engine, "default");
+    // A guest that closes its only connection after the upgrade and keeps running: nothing
+    // keeps it in the old process then, so it comes to the new one, and its next sockets too.
+    let mut lingering = engine
+        .run(
+            "python3",
+            &[
+                "-c",
+                &format!(
+                    "import socket,sys\nc=socket.create_connection(('{addr}',7300))\nprint('ready',flush=True)\n\
+                     sys.stdin.readline()\nc.close()\nprint('closed',flush=True)\nsys.stdin.readline()\n\
+                     l=socket.create_server(('127.0.0.1',0))\nd=socket.create_connection(l.getsockname())\n\
+                     s,_=l.accept()\nd.sendall(b'x')\nprint('ok' if s.recv(1)==b'x' else 'bad',flush=True)\n\
+                     sys.stdin.readline()\n"
+                ),
+            ],
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lingering_in = lingering.stdin.take().unwrap();
+    let mut lingering_out = BufReader::new(lingering.stdout.take().unwrap());
+    let mut said = || {
+        let mut l = String::new();
+        lingering_out.read_line(&mut l).unwrap();
+        l.trim().to_string()
+    };
+    assert_eq!(said(), "ready");
 
     let r = upgrade(&engine, "user", None).unwrap_or_else(|e| panic!("{e}\n{}", engine.log()));
     let (old_pid, new_pid) = (r["old_pid"].as_u64().unwrap(), r["new_pid"].as_u64().unwrap());
     assert_ne!(old_pid, new_pid);
-    assert_eq!(r["draining_attachments"], 2, "{r}");
+    assert_eq!(r["draining_attachments"], 3, "{r}");
     eprintln!("user NSM upgrade: blackout {} ms", r["blackout_ms"]);
     // The old process's connections go on: to the host over the link, and its own loopback.
     round_trip(&mut native, b"after the upgrade");
@@ -572,7 +600,7 @@ fn a_user_nsm_upgrade_drains_the_old_process() {
     engine.restart();
     let nsm = engine.nsm();
     assert_eq!((&nsm["pid"], &nsm["draining"]), (&serde_json::json!(new_pid), &serde_json::json!([old_pid])), "{nsm}");
-    assert_eq!(engine.ctl("tenants")[0]["attachments"], 2, "the old process's attachments were adopted");
+    assert_eq!(engine.ctl("tenants")[0]["attachments"], 3, "the old process's attachments were adopted");
     assert_eq!(old_guest.ask("after the engine's restart"), "ok");
 
     // New attachments are the new process's: a loopback connection, a connection to the old
@@ -600,7 +628,10 @@ fn a_user_nsm_upgrade_drains_the_old_process() {
     native3.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     round_trip(&mut native3, b"old listener, new connection");
 
-    // Once its guests are gone the old process exits; the new one serves on.
+    // Once its guests are gone, or hold no socket any more, the old process exits; the new one
+    // serves on.
+    writeln!(lingering_in).unwrap();
+    assert_eq!(said(), "closed");
     drop((native, native3, old_guest));
     let _ = old_server.kill();
     let _ = old_server.wait();
@@ -610,8 +641,13 @@ fn a_user_nsm_upgrade_drains_the_old_process() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(!old.exists(), "the old process outlived its last guest\n{}", engine.log());
+    assert!(engine.log().contains("1 attachment(s) with no socket left came from the old process"), "{}", engine.log());
     assert_eq!(engine.nsm()["draining"], serde_json::json!([]));
     assert_eq!(new_guest.ask("still served"), "ok");
+    writeln!(lingering_in).unwrap();
+    assert_eq!(said(), "ok", "the guest that came over makes sockets in the new process");
+    drop(lingering_in);
+    lingering.wait().unwrap();
     round_trip(&mut native2, b"after the old one left");
     let _ = new_server.kill();
     let _ = new_server.wait();

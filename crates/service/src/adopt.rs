@@ -100,6 +100,7 @@ impl<S: Stack> Service<S> {
                     busy_us: a.busy.as_micros() as u64,
                     peers: colocated_peers(a),
                     pinned: a.policy.pinned(),
+                    sockets: a.socks.iter().flatten().count(),
                 })
                 .collect(),
             idle_us: self.idle.as_micros() as u64,

@@ -100,6 +100,9 @@ pub struct AttachmentState {
     /// Its tenant's limits keep the tenant's attachments on one executor.
     #[serde(default)]
     pub pinned: bool,
+    /// Sockets it holds open.
+    #[serde(default)]
+    pub sockets: usize,
 }
 
 /// What an NSM enforces for one tenant (DESIGN.md D7).

@@ -244,9 +244,23 @@ impl<S: Stack> Service<S> {
         }
         if let Some(p) = self.pool.as_mut().filter(|p| p.executors() > 1) {
             let next = p.next_tend;
-            p.tend(now);
+            let socketless = p.tend(now);
             if p.elastic {
                 p.next_tend = next;
+            }
+            // A guest of a user NSM's old process whose connections have all closed comes here:
+            // its next ones are this process's, and the old one can exit sooner (drain.rs).
+            if !socketless.is_empty() {
+                match self.gather(Some(&socketless)) {
+                    Ok(()) => eprintln!(
+                        "netkernel nsm {}: {} attachment(s) with no socket left came from the old process",
+                        self.core.name,
+                        socketless.len()
+                    ),
+                    Err(e) => {
+                        eprintln!("netkernel nsm {}: taking attachments from the old process: {e}", self.core.name)
+                    }
+                }
             }
         }
     }

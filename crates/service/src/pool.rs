@@ -427,14 +427,19 @@ impl Pool {
     }
 
     /// Looks at the other executors: stops those left with no attachment, forgets where ended
-    /// attachments were.
-    pub(crate) fn tend(&mut self, now: Instant) {
+    /// attachments were. Returns the attachments of draining executors that hold no socket any
+    /// more: nothing keeps them in the old process (drain.rs).
+    pub(crate) fn tend(&mut self, now: Instant) -> Vec<u64> {
         self.next_tend = now + TEND_EVERY;
         if self.execs.is_empty() {
-            return;
+            return Vec::new();
         }
-        let live: Vec<Vec<u64>> =
-            self.states().iter().map(|s| s.attachments.iter().map(|a| a.attachment).collect()).collect();
+        let states = self.states();
+        let live: Vec<Vec<u64>> = states.iter().map(|s| s.attachments.iter().map(|a| a.attachment).collect()).collect();
+        let socketless = (self.execs.iter().zip(&states))
+            .filter(|(e, _)| e.draining)
+            .flat_map(|(_, s)| s.attachments.iter().filter(|a| a.sockets == 0).map(|a| a.attachment))
+            .collect();
         self.stats();
         self.owner.retain(|id, k| live.get(*k).is_some_and(|l| l.contains(id)));
         // Only the newest executor stops, so that the others keep their indices.
@@ -455,6 +460,7 @@ impl Pool {
             }
             eprintln!("netkernel nsm {}: executor {k} stopped (no attachments)", self.name);
         }
+        socketless
     }
 
     /// Tells every other executor to reset its guests and stop.
