@@ -22,7 +22,7 @@ use crate::{epoll_ctl, pool, Service, Stack, TOK_CONTROL};
 use netkernel_ring::sys;
 use serde::{Deserialize, Serialize};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 
 /// The old process's answer to `Drain`; the fds follow in this order: wire, frame channel,
@@ -124,19 +124,16 @@ impl<S: Stack> Service<S> {
     /// Watches the fds the stack sleeps on now (they change when a user stack hands its link
     /// over, or its peer goes away).
     pub(crate) fn sync_stack_fds(&mut self) {
-        let now: Vec<RawFd> = [Some(self.core.stack.wait_fd()), self.core.stack.peer_fd()]
-            .into_iter()
-            .flatten()
-            .map(|f| f.as_raw_fd())
-            .collect();
+        // Compared without allocating: this runs on every turn of the loop.
+        let now = [Some(self.core.stack.wait_fd().as_raw_fd()), self.core.stack.peer_fd().map(|f| f.as_raw_fd())];
         if now == self.stack_fds {
             return;
         }
         let ep = self.epfd.as_raw_fd();
-        for fd in self.stack_fds.iter().filter(|f| !now.contains(f)) {
+        for fd in self.stack_fds.iter().flatten().filter(|f| !now.contains(&Some(**f))) {
             let _ = epoll_ctl(ep, libc::EPOLL_CTL_DEL, *fd, 0, 0);
         }
-        for fd in now.iter().filter(|f| !self.stack_fds.contains(f)) {
+        for fd in now.iter().flatten().filter(|f| !self.stack_fds.contains(&Some(**f))) {
             if let Err(e) = epoll_ctl(ep, libc::EPOLL_CTL_ADD, *fd, libc::EPOLLIN as u32, crate::TOK_STACK) {
                 eprintln!("netkernel nsm {}: cannot watch the stack's fd: {e}", self.core.name);
             }

@@ -93,7 +93,7 @@ pub struct Service<S: Stack> {
     /// end, as its successor's executor (drain.rs).
     draining: bool,
     /// The stack's fds this loop sleeps on (drain.rs: they change).
-    stack_fds: Vec<RawFd>,
+    stack_fds: [Option<RawFd>; 2],
 }
 
 /// The load meter's window.
@@ -151,7 +151,7 @@ impl<S: Stack> Service<S> {
             congestion: Arc::default(),
             retired: false,
             draining: false,
-            stack_fds: vec![wait],
+            stack_fds: [Some(wait), None],
         };
         svc.sync_stack_fds();
         Ok(svc)
