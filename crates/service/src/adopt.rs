@@ -101,9 +101,12 @@ impl<S: Stack> Service<S> {
                     peers: colocated_peers(a),
                     pinned: a.policy.pinned(),
                     sockets: a.socks.iter().flatten().count(),
+                    tasks: a.tasks.0,
+                    latency_tasks: a.tasks.1,
                 })
                 .collect(),
             idle_us: self.idle.as_micros() as u64,
+            latency_misses: self.core.latency_misses,
         }
     }
 

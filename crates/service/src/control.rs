@@ -78,6 +78,9 @@ pub struct NsmState {
     /// Time this executor had nothing to do (asleep, or looking for work in vain), µs.
     #[serde(default)]
     pub idle_us: u64,
+    /// Latency-class tasks that waited past their target so far.
+    #[serde(default)]
+    pub latency_misses: u64,
 }
 
 /// One attachment an NSM serves.
@@ -103,6 +106,11 @@ pub struct AttachmentState {
     /// Sockets it holds open.
     #[serde(default)]
     pub sockets: usize,
+    /// Its request tasks so far, and of them the latency-class ones (short requests, connects).
+    #[serde(default)]
+    pub tasks: u64,
+    #[serde(default)]
+    pub latency_tasks: u64,
 }
 
 /// What an NSM enforces for one tenant (DESIGN.md D7).

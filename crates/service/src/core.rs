@@ -40,6 +40,10 @@ pub(crate) const TOK_LINGER: u64 = (3 << KIND_SHIFT) | (1 << 32);
 const POLL_EVERY: Duration = Duration::from_micros(50);
 /// The longest the core runs tasks before the driver gets its turn.
 const ROUND: Duration = Duration::from_millis(1);
+/// A latency-class task (a short request, a new connection) that waited longer than this in
+/// the queue missed its target: an executor that misses often splits off its latency-class
+/// guests (pool.rs).
+pub(crate) const LATENCY_TARGET: Duration = Duration::from_micros(500);
 
 pub(crate) fn tok(kind: u64, att: usize, slot: u32) -> u64 {
     (kind << KIND_SHIFT) | ((att as u64) << 32) | slot as u64
@@ -127,6 +131,8 @@ pub(crate) struct Core<S: Stack> {
     pub account: Accounting,
     /// Tasks of tenants over their `cpu_limit`, and when they may run.
     pub parked: Vec<(Task, Instant)>,
+    /// Latency-class tasks that waited longer than [`LATENCY_TARGET`], so far.
+    pub latency_misses: u64,
     /// Refreshes that were queued before the last stack poll: complete once its readiness is
     /// published.
     pub polled_refreshes: Vec<(usize, u64, u32)>,
@@ -165,6 +171,7 @@ impl<S: Stack> Core<S> {
             sched: crate::sched::Kind::Fifo.build(),
             account: Accounting::default(),
             parked: Vec::new(),
+            latency_misses: 0,
             polled_refreshes: Vec::new(),
             clock: Instant::now,
         }
@@ -255,6 +262,9 @@ impl<S: Stack> Core<S> {
                 self.parked.push((task, last + wait));
                 continue;
             }
+            if task.class == Class::Latency && last.saturating_duration_since(task.since) > LATENCY_TARGET {
+                self.latency_misses += 1;
+            }
             self.run(task);
             worked = true;
             let end = (self.clock)();
@@ -264,6 +274,10 @@ impl<S: Stack> Core<S> {
             self.account.record(task.tenant, took);
             if let Some(Some(a)) = self.atts.get_mut(task.att) {
                 a.busy += took;
+                if task.work == Work::Requests {
+                    a.tasks.0 += 1;
+                    a.tasks.1 += u64::from(task.class == Class::Latency);
+                }
             }
             if let Some(cap) = self.account.tenants[task.tenant as usize].cap.as_mut() {
                 cap.charge(took);

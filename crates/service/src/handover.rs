@@ -298,7 +298,7 @@ impl<S: Stack> Service<S> {
                 pool.placed(*id, n, tenant);
             }
             eprintln!(
-                "netkernel nsm {}: executor {} busy: {} attachments ({} sockets) moved to executor {} in {:.2} ms",
+                "netkernel nsm {}: executor {} backed up: {} attachments ({} sockets) moved to executor {} in {:.2} ms",
                 self.core.name,
                 from,
                 handed.attachments,
@@ -545,6 +545,7 @@ impl<S: Stack> Service<S> {
                 ready: Vec::new(),
                 ready_queued: false,
                 busy: Default::default(),
+                tasks: (0, 0),
             }));
             let a = self.core.atts[ai].as_ref().expect("just pushed");
             epoll_ctl(ep, libc::EPOLL_CTL_ADD, a.nsm_bell.as_raw_fd(), libc::EPOLLIN as u32, tok(TOK_BELL, ai, 0))

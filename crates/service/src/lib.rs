@@ -707,6 +707,7 @@ impl<S: Stack> Service<S> {
             ready: Vec::new(),
             ready_queued: false,
             busy: Default::default(),
+            tasks: (0, 0),
         });
         Ok(())
     }

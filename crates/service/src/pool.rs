@@ -49,6 +49,11 @@ pub(crate) const ELASTIC_TEND: Duration = Duration::from_millis(250);
 pub(crate) const GROW_AT: f64 = 0.8;
 /// All executors' work together below this share of one core fits on one executor.
 pub(crate) const COMPACT_BELOW: f64 = 0.5;
+/// An executor at least half busy whose latency-class tasks missed their target this often in
+/// a weighing (80 a second) has latency-sensitive guests waiting behind bulk ones.
+pub(crate) const MISSES_AT: u64 = 20;
+/// A guest whose requests are at least this share latency-class is latency-sensitive.
+const LATENCY_SHARE: f64 = 0.9;
 /// After a split, the load settles this long before the next.
 const SETTLE: Duration = Duration::from_secs(1);
 
@@ -62,8 +67,8 @@ struct Executor {
     attachments: usize,
     /// Share of a core its tasks took at the last weighing (elastic).
     work: f64,
-    /// Its idle time (µs) at the last weighing.
-    idle_seen: Option<u64>,
+    /// Its idle time (µs) and latency misses at the last weighing.
+    idle_seen: Option<(u64, u64)>,
     /// Tenants with an attachment here.
     tenants: Vec<String>,
     /// Its last stats (kept for the NSM's totals once it stops).
@@ -92,9 +97,10 @@ pub(crate) struct Pool {
     pub(crate) elastic: bool,
     /// Executor 0's work and idle time at the last weighing.
     work0: f64,
-    idle0: Option<u64>,
-    /// Each attachment's busy time at the last weighing, and when that was.
-    busy_seen: HashMap<u64, u64>,
+    idle0: Option<(u64, u64)>,
+    /// Each attachment's busy time (µs), request tasks and latency-class ones at the last
+    /// weighing, and when that was.
+    busy_seen: HashMap<u64, [u64; 3]>,
     weighed: Instant,
     /// Weighings in a row that found little work; no split before `settled`.
     calm: u32,
@@ -112,6 +118,9 @@ pub(crate) struct Weighed {
     /// Time its tasks took since the last weighing.
     pub busy: Duration,
     pub peers: Vec<u64>,
+    /// Its requests since the last weighing were nearly all latency-class (short requests,
+    /// connects): a guest that waits on each.
+    pub latency: bool,
 }
 
 /// One executor as [`plan`] sees it.
@@ -119,6 +128,8 @@ pub(crate) struct Weighed {
 pub(crate) struct Weighing {
     /// Share of the time it was not idle (1.0: never idle, its work backs up).
     pub active: f64,
+    /// Latency-class tasks that waited past their target since the last weighing.
+    pub missed: u64,
     pub atts: Vec<Weighed>,
 }
 
@@ -149,6 +160,17 @@ pub(crate) fn plan(execs: &[Weighing], span: Duration, room: bool, calm: bool) -
     if !room {
         return Plan::Stay;
     }
+    // Latency-sensitive guests waiting behind bulk ones go to an executor of their own.
+    let missing = execs.iter().enumerate().filter(|(_, e)| e.missed >= MISSES_AT && e.active >= 0.5);
+    if let Some((from, e)) = missing.max_by_key(|(_, e)| e.missed) {
+        let groups = groups(&e.atts);
+        let (quick, bulk): (Vec<_>, Vec<_>) = groups.into_iter().partition(|g| g.2);
+        if !quick.is_empty() && !bulk.is_empty() {
+            let mut ids: Vec<u64> = quick.into_iter().flat_map(|g| g.1).collect();
+            ids.sort_unstable();
+            return Plan::Split { from, ids };
+        }
+    }
     let busiest = execs.iter().enumerate().max_by(|a, b| a.1.active.total_cmp(&b.1.active));
     let Some((from, _)) = busiest.filter(|(_, e)| e.active >= GROW_AT) else { return Plan::Stay };
     let mut groups = groups(&execs[from].atts);
@@ -158,7 +180,7 @@ pub(crate) fn plan(execs: &[Weighing], span: Duration, room: bool, calm: bool) -
     groups.sort_by_key(|g| std::cmp::Reverse(g.0));
     let (mut stay, mut go) = (Duration::ZERO, Duration::ZERO);
     let mut ids = Vec::new();
-    for (busy, members) in groups {
+    for (busy, members, _) in groups {
         if stay <= go {
             stay += busy;
         } else {
@@ -178,8 +200,9 @@ fn work<'a>(atts: impl Iterator<Item = &'a Weighed>, span: Duration) -> f64 {
     atts.map(|a| a.busy.as_secs_f64()).sum::<f64>() / span.as_secs_f64().max(1e-3)
 }
 
-/// An executor's attachments in groups that must share an executor, each with its busy time.
-fn groups(atts: &[Weighed]) -> Vec<(Duration, Vec<u64>)> {
+/// An executor's attachments in groups that must share an executor, each with its busy time
+/// and whether all its members are latency-sensitive.
+fn groups(atts: &[Weighed]) -> Vec<(Duration, Vec<u64>, bool)> {
     // Union-find over the attachments' indices.
     let mut up: Vec<usize> = (0..atts.len()).collect();
     fn root(up: &mut [usize], mut i: usize) -> usize {
@@ -206,11 +229,12 @@ fn groups(atts: &[Weighed]) -> Vec<(Duration, Vec<u64>)> {
             }
         }
     }
-    let mut by_root: HashMap<usize, (Duration, Vec<u64>)> = HashMap::new();
+    let mut by_root: HashMap<usize, (Duration, Vec<u64>, bool)> = HashMap::new();
     for (i, a) in atts.iter().enumerate() {
-        let g = by_root.entry(root(&mut up, i)).or_default();
+        let g = by_root.entry(root(&mut up, i)).or_insert((Duration::ZERO, Vec::new(), true));
         g.0 += a.busy;
         g.1.push(a.id);
+        g.2 &= a.latency;
     }
     let mut out: Vec<_> = by_root.into_values().collect();
     out.sort_by_key(|g| g.1[0]);
@@ -380,25 +404,34 @@ impl Pool {
         self.next_tend = now + ELASTIC_TEND;
         let states = self.states();
         let mut seen = HashMap::new();
-        let mut weigh = |s: &NsmState, idle_before: &mut Option<u64>| -> Weighing {
+        let mut weigh = |s: &NsmState, before: &mut Option<(u64, u64)>| -> Weighing {
             let atts = s
                 .attachments
                 .iter()
                 .map(|a| {
-                    let before = self.busy_seen.get(&a.attachment).copied().unwrap_or(a.busy_us);
-                    seen.insert(a.attachment, a.busy_us);
+                    let now = [a.busy_us, a.tasks, a.latency_tasks];
+                    let was = self.busy_seen.get(&a.attachment).copied().unwrap_or(now);
+                    seen.insert(a.attachment, now);
+                    let [busy, tasks, quick] = [0, 1, 2].map(|i| now[i].saturating_sub(was[i]));
                     Weighed {
                         id: a.attachment,
                         pinned: a.pinned.then(|| a.tenant.clone()),
-                        busy: Duration::from_micros(a.busy_us.saturating_sub(before)),
+                        busy: Duration::from_micros(busy),
                         peers: a.peers.clone(),
+                        latency: tasks > 0 && quick as f64 >= LATENCY_SHARE * tasks as f64,
                     }
                 })
                 .collect();
             // An executor seen for the first time counts as idle until the next weighing.
-            let idle = idle_before.map_or(span, |b| Duration::from_micros(s.idle_us.saturating_sub(b)));
-            *idle_before = Some(s.idle_us);
-            Weighing { active: 1.0 - (idle.as_secs_f64() / span.as_secs_f64().max(1e-3)).min(1.0), atts }
+            let (idle, missed) = match *before {
+                Some((idle, missed)) => {
+                    (Duration::from_micros(s.idle_us.saturating_sub(idle)), s.latency_misses.saturating_sub(missed))
+                }
+                None => (span, 0),
+            };
+            *before = Some((s.idle_us, s.latency_misses));
+            let active = 1.0 - (idle.as_secs_f64() / span.as_secs_f64().max(1e-3)).min(1.0);
+            Weighing { active, missed, atts }
         };
         let mut execs = vec![weigh(here, &mut self.idle0)];
         for (e, s) in self.execs.iter_mut().zip(&states) {
@@ -526,11 +559,17 @@ mod tests {
     }
 
     fn att(id: u64, busy_ms: u64, peers: &[u64], pinned: Option<&str>) -> Weighed {
-        Weighed { id, pinned: pinned.map(str::to_string), busy: Duration::from_millis(busy_ms), peers: peers.to_vec() }
+        Weighed {
+            id,
+            pinned: pinned.map(str::to_string),
+            busy: Duration::from_millis(busy_ms),
+            peers: peers.to_vec(),
+            latency: false,
+        }
     }
 
     fn exec(active: f64, atts: Vec<Weighed>) -> Weighing {
-        Weighing { active, atts }
+        Weighing { active, missed: 0, atts }
     }
 
     const SPAN: Duration = Duration::from_millis(250);
@@ -572,6 +611,24 @@ mod tests {
         assert_eq!(plan(&quiet[..1], SPAN, true, true), Plan::Stay, "one executor is compact");
         let busy = [exec(0.6, vec![att(1, 100, &[], None)]), exec(0.6, vec![att(2, 100, &[], None)])];
         assert_eq!(plan(&busy, SPAN, true, true), Plan::Stay);
+    }
+
+    #[test]
+    fn latency_guests_that_miss_their_target_get_an_executor_of_their_own() {
+        let quick = |id, busy| Weighed { latency: true, ..att(id, busy, &[], None) };
+        // Half busy, latency work waiting behind bulk work 30 times in a weighing: the
+        // latency-sensitive guests (not one pinned with a bulk one) go, however light.
+        let e0 = vec![att(1, 90, &[], None), quick(2, 5), att(3, 40, &[], None), quick(4, 3)];
+        let w = Weighing { active: 0.6, missed: 30, atts: e0 };
+        assert_eq!(plan(std::slice::from_ref(&w), SPAN, true, false), Plan::Split { from: 0, ids: vec![2, 4] });
+        // Few misses: no reason to move them (not saturated either).
+        assert_eq!(plan(&[Weighing { missed: 3, ..w.clone() }], SPAN, true, false), Plan::Stay);
+        // All latency-sensitive, or a latency guest joined to a bulk one by a co-located
+        // connection: nothing to separate.
+        let all = Weighing { atts: vec![quick(1, 50), quick(2, 50)], ..w.clone() };
+        assert_eq!(plan(&[all], SPAN, true, false), Plan::Stay);
+        let joined = Weighing { atts: vec![att(1, 90, &[2], None), quick(2, 5)], ..w };
+        assert_eq!(plan(&[joined], SPAN, true, false), Plan::Stay);
     }
 
     proptest::proptest! {

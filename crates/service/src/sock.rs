@@ -132,6 +132,9 @@ pub(crate) struct Attachment<H> {
     pub(crate) ready_queued: bool,
     /// Time its tasks took so far (what executors are balanced by, pool.rs).
     pub(crate) busy: std::time::Duration,
+    /// Its request tasks so far, and how many of them were latency-class (pool.rs keeps mostly
+    /// latency-class guests apart from bulk ones when an executor misses its latency target).
+    pub(crate) tasks: (u64, u64),
 }
 
 impl<H> Attachment<H> {

@@ -67,6 +67,7 @@ fn attach(core: &mut Core<FakeStack>, tenant: &str, policy: TenantPolicy) -> Gue
         ready: Vec::new(),
         ready_queued: false,
         busy: Default::default(),
+        tasks: (0, 0),
     }));
     Guest { ai: core.atts.len() - 1, region, next: 0 }
 }
