@@ -123,6 +123,7 @@ impl<S: Stack> Service<S> {
         }
         eprintln!("netkernel nsm {}: stopping at the engine's request", self.core.name);
         self.stopping = true;
+        self.stopped_at.get_or_insert_with(std::time::Instant::now);
     }
 }
 

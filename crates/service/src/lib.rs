@@ -92,9 +92,14 @@ pub struct Service<S: Stack> {
     /// A user NSM's old process after an upgrade: it serves the attachments it had until they
     /// end, as its successor's executor (drain.rs).
     draining: bool,
+    /// When the engine (or the successor) asked it to stop.
+    stopped_at: Option<Instant>,
     /// The stack's fds this loop sleeps on (drain.rs: they change).
     stack_fds: [Option<RawFd>; 2],
 }
+
+/// How long a stopped draining process still sends its closed sockets' queued bytes.
+const LINGER_AT_STOP: Duration = Duration::from_secs(10);
 
 /// The load meter's window.
 const LOAD_WINDOW: Duration = Duration::from_millis(100);
@@ -151,6 +156,7 @@ impl<S: Stack> Service<S> {
             congestion: Arc::default(),
             retired: false,
             draining: false,
+            stopped_at: None,
             stack_fds: [Some(wait), None],
         };
         svc.sync_stack_fds();
@@ -296,7 +302,8 @@ impl<S: Stack> Service<S> {
             let sleep = !worked && last_work.elapsed() >= SPIN;
             // One executor wakes for nothing: the work that would make it grow wakes it anyway.
             let tend = self.pool.as_ref().filter(|p| p.executors() > 1).map(|p| p.next_tend);
-            let wait = [self.core.deadline(), tend]
+            let give_up = self.stopped_at.filter(|_| self.draining).map(|t| t + LINGER_AT_STOP);
+            let wait = [self.core.deadline(), tend, give_up]
                 .into_iter()
                 .flatten()
                 .min()
@@ -383,10 +390,15 @@ impl<S: Stack> Service<S> {
             self.start_lookups();
             self.forget_ended();
             self.flush_bells();
-            if self.stopping
+            // A draining old process stopped by its successor first sends what closed sockets
+            // still have queued (its guests are gone; their peers are owed those bytes), for at
+            // most LINGER_AT_STOP.
+            let flushed = self.core.lingering.iter().all(|l| l.is_none())
+                || self.stopped_at.is_some_and(|t| t.elapsed() > LINGER_AT_STOP);
+            if self.stopping && (flushed || !self.draining)
                 || self.orphaned
                     && self.core.atts.iter().all(|a| a.is_none())
-                    && self.core.lingering.iter().all(|l| l.is_none())
+                    && flushed
                     && !self.pool.as_ref().is_some_and(|p| p.serving())
             {
                 if self.retired {
