@@ -7,8 +7,10 @@
 //! To the engine the NSM is the new process from the handover on: the old one becomes one of
 //! its executors (pool.rs), "draining": the new process routes the engine's messages about the
 //! old attachments there, adds its stats in, never places an attachment there, and tells it to
-//! stop once it serves none. Should the new process die, the old one gets its link back and
-//! serves on until its last guest leaves.
+//! stop once it serves none (after at most 10 s of sending what its closed sockets still have
+//! queued). An old attachment left with no socket comes over to the new process. Should the new
+//! process die, the old one reads its link again; the engine, which sees one NSM, declares the
+//! line's regions dead and the old process exits with its guests.
 //!
 //! 1. Engine → old: `Drain`. The old process makes the channels, answers with [`Drained`] and
 //!    the fds (wire, frame channel, its new control channel, rendezvous socket), and from then
