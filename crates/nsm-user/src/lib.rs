@@ -266,6 +266,14 @@ impl Stack for UserStack {
         self.rx_fd()
     }
 
+    fn describe(&self, s: &Handle) -> Option<Vec<u8>> {
+        UserStack::describe(self, s.id)
+    }
+
+    fn recreate(&mut self, desc: &[u8]) -> Result<Handle, Errno> {
+        UserStack::recreate(self, desc)
+    }
+
     fn peer_fd(&self) -> Option<BorrowedFd<'_>> {
         UserStack::peer_fd(self)
     }

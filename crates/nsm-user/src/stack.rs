@@ -91,7 +91,7 @@ impl Proto {
 }
 
 /// Socket options kept by the stack (applied to smoltcp sockets as they are created).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Opts {
     pub reuseaddr: bool,
     pub keepalive: bool,
@@ -136,7 +136,7 @@ pub struct RxMeta {
 const RX_META_MAX: usize = 1 << 16;
 
 /// Which receive timestamp a socket asked for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum Stamp {
     #[default]
     None,
@@ -299,6 +299,15 @@ pub struct UserStack {
     reserved: HashSet<(u8, u16)>,
 }
 
+/// What `describe` writes down of an idle listener.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct IdleListener {
+    v6: bool,
+    bound: SocketAddr,
+    backlog: usize,
+    opts: Opts,
+}
+
 /// Maps the configured name to smoltcp's controller; the error lists the choices.
 pub fn parse_congestion(name: Option<&str>) -> Result<(CongestionControl, &'static str), crate::config::ConfigError> {
     match name {
@@ -446,6 +455,32 @@ impl UserStack {
         self.peer = Some(crate::peer::Peer::new(ours, true).map_err(|e| format!("upgrade channel: {e}"))?);
         self.parity = 0;
         Ok(crate::seam::HandedLink { fds: vec![wire, theirs], ports: self.index.ports_used() })
+    }
+
+    /// A listener with nothing waiting for accept, written down for another process of this NSM
+    /// to make anew (an upgrade's drain: its guest then moves there). None for anything else:
+    /// connections and handshakes live in smoltcp here.
+    pub(crate) fn describe(&self, id: usize) -> Option<Vec<u8>> {
+        let s = self.socks.get(id)?;
+        let St::Listen { backlog, pending, queue } = &s.st else { return None };
+        if !pending.is_empty() || !queue.is_empty() || s.orphan || s.error != 0 {
+            return None;
+        }
+        let d = IdleListener { v6: s.family == Family::V6, bound: s.bound?, backlog: *backlog, opts: s.opts.clone() };
+        serde_json::to_vec(&d).ok()
+    }
+
+    /// Makes anew a listener `describe` wrote down in another process.
+    pub(crate) fn recreate(&mut self, desc: &[u8]) -> Result<Handle, Errno> {
+        let d: IdleListener = serde_json::from_slice(desc).map_err(|_| libc::EINVAL)?;
+        let family = if d.v6 { Family::V6 } else { Family::V4 };
+        let h = self.do_socket(family.domain(), libc::SOCK_STREAM, 0)?;
+        self.sock(h.id)?.opts = d.opts;
+        let mut addr = [0u8; 28];
+        let n = crate::sockaddr::write(family, d.bound, &mut addr);
+        self.do_bind(h.id, &addr[..n])?;
+        self.do_listen(h.id, d.backlog as i32)?;
+        Ok(h)
     }
 
     /// The peer while it is there.

@@ -100,7 +100,15 @@ impl<S: Stack> Service<S> {
                     busy_us: a.busy.as_micros() as u64,
                     peers: colocated_peers(a),
                     pinned: a.policy.pinned(),
-                    sockets: a.socks.iter().flatten().count(),
+                    staying: a
+                        .socks
+                        .iter()
+                        .flatten()
+                        .filter(|s| match &s.handle {
+                            Some(h) => self.core.stack.export(h).is_none() && self.core.stack.describe(h).is_none(),
+                            None => s.pipe.is_some(),
+                        })
+                        .count(),
                     tasks: a.tasks.0,
                     latency_tasks: a.tasks.1,
                 })

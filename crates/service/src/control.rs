@@ -103,9 +103,10 @@ pub struct AttachmentState {
     /// Its tenant's limits keep the tenant's attachments on one executor.
     #[serde(default)]
     pub pinned: bool,
-    /// Sockets it holds open.
+    /// Sockets it holds that cannot leave this process (a user stack's connections: their
+    /// state is smoltcp's); 0: the attachment can be handed over.
     #[serde(default)]
-    pub sockets: usize,
+    pub staying: usize,
     /// Its request tasks so far, and of them the latency-class ones (short requests, connects).
     #[serde(default)]
     pub tasks: u64,

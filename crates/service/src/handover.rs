@@ -118,6 +118,9 @@ struct AttState {
 #[derive(Serialize, Deserialize)]
 struct SockState {
     fd: Option<usize>,
+    /// The stack's description of a socket it makes anew instead (`Stack::describe`).
+    #[serde(default)]
+    desc: Option<Vec<u8>>,
     stream: bool,
     bytes_in: u64,
     bytes_out: u64,
@@ -134,10 +137,12 @@ struct SockState {
 }
 
 impl SockState {
-    /// Writes socket `s` down; `fd`: its stack fd's index among the snapshot's fds.
-    fn of<H>(s: &Sock<H>, fd: Option<usize>, blob: &mut Blob, pipes: &mut PipeWriter) -> SockState {
+    /// Writes socket `s` down; `fd`: its stack fd's index among the snapshot's fds, or `desc`
+    /// (`Stack::describe`).
+    fn of<H>(s: &Sock<H>, (fd, desc): Carried, blob: &mut Blob, pipes: &mut PipeWriter) -> SockState {
         SockState {
             fd,
+            desc,
             stream: s.stream,
             bytes_in: s.bytes_in,
             bytes_out: s.bytes_out,
@@ -172,11 +177,21 @@ impl SockState {
     }
 }
 
-/// The fd that carries stack socket `h` to another process.
-fn export<S: Stack>(stack: &S, h: &S::Handle) -> Result<RawFd, String> {
-    stack.export(h).ok_or_else(|| {
-        format!("the {} stack's sockets live in its process and cannot be handed to another", stack.kind())
-    })
+/// How a stack socket travels: its fd's index among the snapshot's fds, or a description.
+type Carried = (Option<usize>, Option<Vec<u8>>);
+
+/// How stack socket `h` goes to another process: as its fd (pushed with `fd`), or described.
+fn carry<S: Stack>(stack: &S, h: Option<&S::Handle>, fd: &mut impl FnMut(RawFd) -> usize) -> Result<Carried, String> {
+    let Some(h) = h else { return Ok((None, None)) };
+    if let Some(f) = stack.export(h) {
+        return Ok((Some(fd(f)), None));
+    }
+    match stack.describe(h) {
+        Some(d) => Ok((None, Some(d))),
+        None => {
+            Err(format!("the {} stack's connections live in its process and cannot be handed to another", stack.kind()))
+        }
+    }
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: one clock for both processes.
@@ -337,8 +352,8 @@ impl<S: Stack> Service<S> {
                     socks.push(None);
                     continue;
                 };
-                let sock_fd = s.handle.as_ref().map(|h| export(&self.core.stack, h)).transpose()?.map(&mut fd);
-                socks.push(Some(SockState::of(s, sock_fd, &mut blob, &mut pipes)));
+                let carried = carry(&self.core.stack, s.handle.as_ref(), &mut fd)?;
+                socks.push(Some(SockState::of(s, carried, &mut blob, &mut pipes)));
             }
             attachments.push(AttState {
                 id: a.id,
@@ -371,8 +386,8 @@ impl<S: Stack> Service<S> {
         // Closed sockets still sending queued bytes go too, so the old process can exit at once.
         let mut lingering = Vec::new();
         for l in self.core.lingering.iter().flatten().filter(|_| only.is_none()) {
-            let sock_fd = l.handle.as_ref().map(|h| export(&self.core.stack, h)).transpose()?.map(&mut fd);
-            lingering.push(SockState::of(l, sock_fd, &mut blob, &mut pipes));
+            let carried = carry(&self.core.stack, l.handle.as_ref(), &mut fd)?;
+            lingering.push(SockState::of(l, carried, &mut blob, &mut pipes));
         }
         let mut stats = self.core.stats.clone();
         stats.conns.clear();
@@ -574,14 +589,11 @@ impl<S: Stack> Service<S> {
                     rebuilt.push(None);
                     continue;
                 };
-                let handle = match fd {
-                    Some(fd) => Some(
-                        self.core
-                            .stack
-                            .import(fd, impose)
-                            .map_err(|e| format!("the stack refused a socket: {}", io::Error::from_raw_os_error(e)))?,
-                    ),
-                    None => None,
+                let refused = |e| format!("the stack refused a socket: {}", io::Error::from_raw_os_error(e));
+                let handle = match (fd, &st.desc) {
+                    (Some(fd), _) => Some(self.core.stack.import(fd, impose).map_err(refused)?),
+                    (None, Some(d)) => Some(self.core.stack.recreate(d).map_err(refused)?),
+                    (None, None) => None,
                 };
                 let s = st.into_sock(handle, blob, &pipes)?;
                 if let (Some(h), None) = (&s.handle, &s.pipe) {

@@ -254,12 +254,13 @@ impl<S: Stack> Service<S> {
             if p.elastic {
                 p.next_tend = next;
             }
-            // A guest of a user NSM's old process whose connections have all closed comes here:
-            // its next ones are this process's, and the old one can exit sooner (drain.rs).
+            // A guest of a user NSM's old process whose connections have all closed comes here,
+            // idle listeners made anew: its next connections are this process's, and the old one
+            // can exit sooner (drain.rs).
             if !socketless.is_empty() {
                 match self.gather(Some(&socketless)) {
                     Ok(()) => eprintln!(
-                        "netkernel nsm {}: {} attachment(s) with no socket left came from the old process",
+                        "netkernel nsm {}: {} attachment(s) with no connection left came from the old process",
                         self.core.name,
                         socketless.len()
                     ),

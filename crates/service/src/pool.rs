@@ -460,8 +460,9 @@ impl Pool {
     }
 
     /// Looks at the other executors: stops those left with no attachment, forgets where ended
-    /// attachments were. Returns the attachments of draining executors that hold no socket any
-    /// more: nothing keeps them in the old process (drain.rs).
+    /// attachments were. Returns the attachments of draining executors that hold no socket that
+    /// must stay (no connection, at most idle listeners): nothing keeps them in the old process
+    /// (drain.rs).
     pub(crate) fn tend(&mut self, now: Instant) -> Vec<u64> {
         self.next_tend = now + TEND_EVERY;
         if self.execs.is_empty() {
@@ -471,7 +472,7 @@ impl Pool {
         let live: Vec<Vec<u64>> = states.iter().map(|s| s.attachments.iter().map(|a| a.attachment).collect()).collect();
         let socketless = (self.execs.iter().zip(&states))
             .filter(|(e, _)| e.draining)
-            .flat_map(|(_, s)| s.attachments.iter().filter(|a| a.sockets == 0).map(|a| a.attachment))
+            .flat_map(|(_, s)| s.attachments.iter().filter(|a| a.staying == 0).map(|a| a.attachment))
             .collect();
         self.stats();
         self.owner.retain(|id, k| live.get(*k).is_some_and(|l| l.contains(id)));

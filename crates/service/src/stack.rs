@@ -151,6 +151,16 @@ pub trait Stack {
     /// The fd the driver sleeps on: readable when the stack has something to do (the kernel
     /// stack's epoll fd; a userspace stack's TAP or packet socket).
     fn wait_fd(&self) -> BorrowedFd<'_>;
+    /// For a socket that cannot travel as an fd (`export`), a description from which a stack of
+    /// the same kind in another process makes it anew (`recreate`): a user stack's listener
+    /// with nothing waiting for accept. None: it stays where it is.
+    fn describe(&self, _s: &Self::Handle) -> Option<Vec<u8>> {
+        None
+    }
+    /// Makes anew the socket `describe` wrote down.
+    fn recreate(&mut self, _desc: &[u8]) -> Result<Self::Handle, Errno> {
+        Err(libc::EOPNOTSUPP)
+    }
     /// A second fd the driver sleeps on, if any (a user stack's channel to the old process
     /// of an upgrade). The driver checks both after every poll: they may change.
     fn peer_fd(&self) -> Option<BorrowedFd<'_>> {
