@@ -267,11 +267,11 @@ impl Stack for UserStack {
     }
 
     fn describe(&self, s: &Handle) -> Option<Vec<u8>> {
-        UserStack::describe(self, s.id)
+        self.describe_listener(s.id)
     }
 
     fn recreate(&mut self, desc: &[u8]) -> Result<Handle, Errno> {
-        UserStack::recreate(self, desc)
+        self.recreate_listener(desc)
     }
 
     fn peer_fd(&self) -> Option<BorrowedFd<'_>> {

@@ -460,7 +460,7 @@ impl UserStack {
     /// A listener with nothing waiting for accept, written down for another process of this NSM
     /// to make anew (an upgrade's drain: its guest then moves there). None for anything else:
     /// connections and handshakes live in smoltcp here.
-    pub(crate) fn describe(&self, id: usize) -> Option<Vec<u8>> {
+    pub(crate) fn describe_listener(&self, id: usize) -> Option<Vec<u8>> {
         let s = self.socks.get(id)?;
         let St::Listen { backlog, pending, queue } = &s.st else { return None };
         if !pending.is_empty() || !queue.is_empty() || s.orphan || s.error != 0 {
@@ -470,8 +470,8 @@ impl UserStack {
         serde_json::to_vec(&d).ok()
     }
 
-    /// Makes anew a listener `describe` wrote down in another process.
-    pub(crate) fn recreate(&mut self, desc: &[u8]) -> Result<Handle, Errno> {
+    /// Makes anew a listener `describe_listener` wrote down in another process.
+    pub(crate) fn recreate_listener(&mut self, desc: &[u8]) -> Result<Handle, Errno> {
         let d: IdleListener = serde_json::from_slice(desc).map_err(|_| libc::EINVAL)?;
         let family = if d.v6 { Family::V6 } else { Family::V4 };
         let h = self.do_socket(family.domain(), libc::SOCK_STREAM, 0)?;

@@ -1557,3 +1557,41 @@ fn ipv6_datagrams_leave_with_the_tclass_and_hop_limit_asked_for() {
         );
     }
 }
+
+/// An idle listener written down in one stack is made anew in another (a user NSM's upgrade
+/// moves a server guest whose connections have closed): same address, same options, and it
+/// accepts. A listener with a connection waiting, or a connection, is not written down.
+#[test]
+fn an_idle_listener_is_made_anew_in_another_stack() {
+    let mut n = Net::new();
+    let old = tcp6(&mut n.a);
+    set_int(&mut n.a, &old, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1);
+    set_int(&mut n.a, &old, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
+    set_int(&mut n.a, &old, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 0);
+    n.a.bind(&old, &sa6("[::]:8080")).unwrap();
+    n.a.listen(&old, 7).unwrap();
+    let desc = n.a.describe(&old).expect("an idle listener is written down");
+    let new = n.b.recreate(&desc).unwrap();
+    let mut got = [0u8; 28];
+    let len = n.b.getsockname(&new, &mut got).unwrap();
+    assert_eq!(read_sa(Family::V6, &got[..len]), "[::]:8080".parse().unwrap());
+    assert_eq!(int_opt(&mut n.b, &new, libc::SOL_SOCKET, libc::SO_REUSEADDR), 1);
+    assert_eq!(int_opt(&mut n.b, &new, libc::IPPROTO_TCP, libc::TCP_NODELAY), 1);
+    assert_eq!(int_opt(&mut n.b, &new, libc::SOL_SOCKET, libc::SO_ACCEPTCONN), 1);
+    // It takes an IPv4 connection (not v6-only), and then is not idle any more.
+    let c = tcp(&mut n.a);
+    assert_eq!(n.a.connect(&c, &sa("10.77.0.3:8080")), Err(libc::EINPROGRESS));
+    for _ in 0..1500 {
+        n.run(1);
+        if n.a.poll_mask(&c) != 0 {
+            break;
+        }
+    }
+    assert_eq!(n.a.connect(&c, &sa("10.77.0.3:8080")), Ok(()));
+    assert!(n.b.describe(&new).is_none(), "a connection waits for accept");
+    let mut pa = [0u8; 28];
+    let (s, _) = n.b.accept(&new, &mut pa).unwrap();
+    assert!(n.b.describe(&s).is_none(), "a connection stays");
+    assert!(n.b.describe(&new).is_some(), "idle again");
+    assert_eq!(n.b.recreate(b"not a listener").err(), Some(libc::EINVAL));
+}
