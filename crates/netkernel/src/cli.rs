@@ -439,6 +439,8 @@ fn cell(v: &serde_json::Value) -> String {
     match v {
         serde_json::Value::String(s) => s.clone(),
         serde_json::Value::Null => "-".into(),
+        serde_json::Value::Array(a) if a.is_empty() => "-".into(),
+        serde_json::Value::Array(a) => a.iter().map(cell).collect::<Vec<_>>().join(","),
         other => other.to_string(),
     }
 }
@@ -483,6 +485,7 @@ const NSM_COLUMNS: &[&str] = &[
     "executors",
     "cpu_seconds",
     "pid",
+    "draining",
     "restarts",
     "upgrades",
     "attachments",
