@@ -468,22 +468,18 @@ impl Nsm {
         // Holding the lock: no attach, hold or stats reaches either process meanwhile.
         let mut p = self.lock();
         if p.pid.filter(|_| p.control.is_some()).is_none() {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(other(format!("NSM {} is not running (restarting?); nothing to upgrade", self.name)));
+            return Err(self.give_up(&mut child, "it is not running (restarting?)".into()));
         }
         let mut new = Proc { pid: Some(new_pid), pidfd: None, control: Some(ours), generation: 0, line: 0 };
         let (handed, took) = hand(&mut p, &mut new, None);
         let handed = match handed {
             Ok(h) => h,
             Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
                 let why = match took {
                     Err(t) => format!("{e}; the new NSM: {t}"),
                     Ok(_) => e.to_string(),
                 };
-                return Err(other(format!("upgrade of NSM {} failed, the old process serves on: {why}", self.name)));
+                return Err(self.give_up(&mut child, format!("{why}; the old process serves on")));
             }
         };
         if let Err(e) = took {
@@ -505,13 +501,8 @@ impl Nsm {
         let (mut child, ours, pidfd) = self.launch(exe.as_deref(), false, true)?;
         let new_pid = child.id();
         let mut p = self.lock();
-        let give_up = |child: &mut Child, why: String| {
-            let _ = child.kill();
-            let _ = child.wait();
-            other(format!("upgrade of NSM {} failed: {why}", self.name))
-        };
         let Some(old_pid) = p.pid.filter(|_| p.control.is_some()) else {
-            return Err(give_up(&mut child, "it is not running (restarting?)".into()));
+            return Err(self.give_up(&mut child, "it is not running (restarting?)".into()));
         };
         let drained = Self::call_fds(&mut p, &NsmRequest::Drain, &[]).and_then(|(v, fds)| {
             let d: netkernel_service::drain::Drained =
@@ -520,7 +511,7 @@ impl Nsm {
         });
         let (drained, fds) = match drained {
             Ok(d) => d,
-            Err(e) => return Err(give_up(&mut child, format!("{e}; the old process serves on"))),
+            Err(e) => return Err(self.give_up(&mut child, format!("{e}; the old process serves on"))),
         };
         let mut new = Proc { pid: Some(new_pid), pidfd: None, control: Some(ours), generation: 0, line: 0 };
         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
@@ -533,7 +524,7 @@ impl Nsm {
             Ok(t) => t,
             Err(e) => {
                 p.control = None;
-                return Err(give_up(
+                return Err(self.give_up(
                     &mut child,
                     format!(
                         "the new process: {e}; the old one (pid {old_pid}) gets its link back and serves its \
@@ -546,6 +537,13 @@ impl Nsm {
         Ok(self.become_new(&mut p, (child, new.control, pidfd), binary, blackout, |u| {
             u.draining = Some((drained.attachments, drained.sockets))
         }))
+    }
+
+    /// An upgrade that cannot go on: its new process is stopped; the error says why.
+    fn give_up(&self, child: &mut Child, why: String) -> io::Error {
+        let _ = child.kill();
+        let _ = child.wait();
+        other(format!("upgrade of NSM {} failed: {why}", self.name))
     }
 
     /// After an upgrade: the new process (`child`, its channel and pidfd) is the NSM, watched by

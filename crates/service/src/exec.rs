@@ -379,9 +379,10 @@ pub(crate) fn execute<S: Stack>(
     );
     if req.call != Call::Close && !queries {
         if let Ok(s) = a.sock(req.sock) {
-            let before = a.region.slot(req.sock).mask.load(Ordering::Acquire);
             let known = s.pipe.is_none() && s.stream && !s.urgent.get() && s.sendq.queued() == 0;
-            let mut mask = known.then(|| mask_after(&req.call, &r, before)).flatten().unwrap_or_else(|| s.mask(stack));
+            let before = || a.region.slot(req.sock).mask.load(Ordering::Acquire);
+            let mut mask =
+                known.then(|| mask_after(&req.call, &r, before())).flatten().unwrap_or_else(|| s.mask(stack));
             if *throttled {
                 mask &= !((libc::POLLOUT | libc::POLLWRNORM) as u32);
             }

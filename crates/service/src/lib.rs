@@ -233,12 +233,20 @@ impl<S: Stack> Service<S> {
     /// splits a saturated executor or brings everything back to one (pool.rs).
     fn tend_executors(&mut self) {
         let now = self.core.now;
-        let plan = match self.pool.as_ref().is_some_and(|p| p.elastic) {
+        let weighed = match self.pool.as_ref().is_some_and(|p| p.elastic) {
             true => {
                 let here = self.state();
-                self.pool.as_mut().map_or(pool::Plan::Stay, |p| p.weigh(&here, now))
+                self.pool.as_mut().map(|p| p.weigh(&here, now))
             }
-            false => pool::Plan::Stay,
+            false => None,
+        };
+        // What the others serve, as weighing found it, is still true only if nothing moved.
+        let (plan, known) = match weighed {
+            Some((plan, states)) => {
+                let known = (plan == pool::Plan::Stay).then_some(states);
+                (plan, known)
+            }
+            None => (pool::Plan::Stay, None),
         };
         let done = match plan {
             pool::Plan::Stay => Ok(()),
@@ -249,11 +257,7 @@ impl<S: Stack> Service<S> {
             eprintln!("netkernel nsm {}: executors: {e}", self.core.name);
         }
         if let Some(p) = self.pool.as_mut().filter(|p| p.executors() > 1) {
-            let next = p.next_tend;
-            let socketless = p.tend(now);
-            if p.elastic {
-                p.next_tend = next;
-            }
+            let socketless = p.tend(now, known);
             // A guest of a user NSM's old process whose connections have all closed comes here,
             // idle listeners made anew: its next connections are this process's, and the old one
             // can exit sooner (drain.rs).
@@ -394,12 +398,14 @@ impl<S: Stack> Service<S> {
             // A draining old process stopped by its successor first sends what closed sockets
             // still have queued (its guests are gone; their peers are owed those bytes), for at
             // most LINGER_AT_STOP.
-            let flushed = self.core.lingering.iter().all(|l| l.is_none())
-                || self.stopped_at.is_some_and(|t| t.elapsed() > LINGER_AT_STOP);
-            if self.stopping && (flushed || !self.draining)
+            let flushed = || {
+                self.core.lingering.iter().all(|l| l.is_none())
+                    || self.stopped_at.is_some_and(|t| t.elapsed() > LINGER_AT_STOP)
+            };
+            if self.stopping && (!self.draining || flushed())
                 || self.orphaned
                     && self.core.atts.iter().all(|a| a.is_none())
-                    && flushed
+                    && flushed()
                     && !self.pool.as_ref().is_some_and(|p| p.serving())
             {
                 if self.retired {

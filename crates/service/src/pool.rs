@@ -397,8 +397,9 @@ impl Pool {
     }
 
     /// Weighs every executor's work since the last weighing, given executor 0's attachments
-    /// (`here`), and says what to do about it.
-    pub(crate) fn weigh(&mut self, here: &NsmState, now: Instant) -> Plan {
+    /// (`here`), and says what to do about it; also returns what the others serve (for `tend`,
+    /// which need not ask again unless the plan moved something).
+    pub(crate) fn weigh(&mut self, here: &NsmState, now: Instant) -> (Plan, Vec<NsmState>) {
         let span = now.saturating_duration_since(self.weighed);
         self.weighed = now;
         self.next_tend = now + ELASTIC_TEND;
@@ -450,7 +451,7 @@ impl Pool {
         if matches!(p, Plan::Split { .. }) {
             self.settled = now + SETTLE;
         }
-        p
+        (p, states)
     }
 
     /// What every other executor serves.
@@ -462,13 +463,13 @@ impl Pool {
     /// Looks at the other executors: stops those left with no attachment, forgets where ended
     /// attachments were. Returns the attachments of draining executors that hold no socket that
     /// must stay (no connection, at most idle listeners): nothing keeps them in the old process
-    /// (drain.rs).
-    pub(crate) fn tend(&mut self, now: Instant) -> Vec<u64> {
-        self.next_tend = now + TEND_EVERY;
+    /// (drain.rs). `known`: what the others serve, if just asked.
+    pub(crate) fn tend(&mut self, now: Instant, known: Option<Vec<NsmState>>) -> Vec<u64> {
+        self.next_tend = now + if self.elastic { ELASTIC_TEND } else { TEND_EVERY };
         if self.execs.is_empty() {
             return Vec::new();
         }
-        let states = self.states();
+        let states = known.filter(|k| k.len() == self.execs.len()).unwrap_or_else(|| self.states());
         let live: Vec<Vec<u64>> = states.iter().map(|s| s.attachments.iter().map(|a| a.attachment).collect()).collect();
         let socketless = (self.execs.iter().zip(&states))
             .filter(|(e, _)| e.draining)
