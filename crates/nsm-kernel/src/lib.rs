@@ -2,7 +2,7 @@
 //! the congestion control the provider configured. Every result and errno is the kernel's own,
 //! which is what makes guests see Linux semantics.
 
-use netkernel_service::stack::{Ready, Received, TcpStats};
+use netkernel_service::stack::{Exported, Ready, Received, TcpStats};
 use netkernel_service::{Errno, Stack};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -396,14 +396,18 @@ impl Stack for KernelStack {
         }
     }
 
-    fn export(&self, s: &KernelSocket) -> Option<RawFd> {
-        Some(s.raw())
+    fn movable(&self, _: &KernelSocket) -> bool {
+        true
+    }
+
+    fn export(&mut self, s: &KernelSocket) -> Option<Exported> {
+        Some(Exported { fd: Some(s.raw()), desc: None })
     }
 
     /// A socket from another NSM process; with `adopt`, a TCP one takes this stack's congestion
     /// control, as a socket made here would have.
-    fn import(&mut self, fd: OwnedFd, adopt: bool) -> Result<KernelSocket, Errno> {
-        let sock = KernelSocket(Some(fd));
+    fn import(&mut self, fd: Option<OwnedFd>, _: Option<&[u8]>, adopt: bool) -> Result<KernelSocket, Errno> {
+        let sock = KernelSocket(Some(fd.ok_or(libc::EBADF)?));
         if !adopt || self.congestion.is_none() {
             return Ok(sock);
         }

@@ -86,6 +86,7 @@ mod frame;
 mod meter;
 mod opts;
 mod peer;
+mod relay;
 pub mod seam;
 mod shard;
 pub mod sockaddr;
@@ -97,7 +98,7 @@ mod udp;
 #[cfg(test)]
 mod tests;
 
-use std::os::fd::BorrowedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::time::Instant;
 
 pub use config::{ConfigError, Link, UserConfig};
@@ -266,12 +267,24 @@ impl Stack for UserStack {
         self.rx_fd()
     }
 
-    fn describe(&self, s: &Handle) -> Option<Vec<u8>> {
-        self.describe_listener(s.id)
+    fn movable(&self, s: &Handle) -> bool {
+        self.can_export(s.id)
     }
 
-    fn recreate(&mut self, desc: &[u8]) -> Result<Handle, Errno> {
-        self.recreate_listener(desc)
+    fn export(&mut self, s: &Handle) -> Option<seam::Exported> {
+        self.export_sock(s.id)
+    }
+
+    fn relaying(&self) -> usize {
+        self.relay.relaying()
+    }
+
+    fn exported(&mut self, handed: bool) {
+        self.settle_exports(handed)
+    }
+
+    fn import(&mut self, fd: Option<OwnedFd>, desc: Option<&[u8]>, _: bool) -> Result<Handle, Errno> {
+        self.import_sock(fd, desc.ok_or(libc::EINVAL)?)
     }
 
     fn peer_fd(&self) -> Option<BorrowedFd<'_>> {

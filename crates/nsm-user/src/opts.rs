@@ -64,6 +64,7 @@ impl UserStack {
                 st => st,
             },
             Some(St::Listen { .. }) => tcp::State::Listen,
+            Some(St::Relayed(r)) if !r.dead => tcp::State::Established,
             _ => tcp::State::Closed,
         }
     }
@@ -293,6 +294,9 @@ impl UserStack {
             (FIONREAD, St::Tcp(c)) => Ok(self.nets[c.ifx].get::<tcp::Socket>(c.h).recv_queue() as i64),
             (TIOCOUTQ, St::Tcp(c)) => Ok(self.nets[c.ifx].get::<tcp::Socket>(c.h).send_queue() as i64),
             (FIONREAD | TIOCOUTQ, St::Idle) => Ok(0),
+            (FIONREAD | TIOCOUTQ, St::Relayed(r)) => {
+                Ok(crate::relay::int_ioctl(std::os::fd::AsRawFd::as_raw_fd(&r.fd), request as libc::c_ulong) as i64)
+            }
             (FIONREAD, St::Udp(_)) => Ok(self.udp_next_len(id) as i64),
             (TIOCOUTQ, St::Udp(_)) => Ok(self.udp_outq(id) as i64),
             // No urgent data in this stack: never at the mark.

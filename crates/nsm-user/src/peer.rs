@@ -23,6 +23,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 /// The interface a bridged frame belongs to.
 pub(crate) const TAG_EXT: u8 = 0;
 pub(crate) const TAG_LO: u8 = 1;
+/// A relayed connection's notice (relay.rs): its relay id (u64) and a code (i32), little-endian.
+const TAG_NOTICE: u8 = 2;
 
 /// Frames waiting for room in the socket beyond this many bytes are dropped (TCP retransmits
 /// them), so a stalled peer cannot grow this process without bound.
@@ -47,10 +49,12 @@ pub(crate) struct Peer {
     pub dropped: u64,
     /// The peer closed its end (it exited).
     pub gone: bool,
+    /// Notices received (relay.rs), for the stack to take.
+    pub notices: Vec<(u64, i32)>,
 }
 
-/// A unix stream socket pair, non-blocking and close-on-exec, with large buffers.
-pub(crate) fn pair() -> io::Result<(OwnedFd, OwnedFd)> {
+/// A unix stream socket pair, non-blocking and close-on-exec, with `size` bytes of buffer.
+pub(crate) fn pair(size: libc::c_int) -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
     let ty = libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
     // SAFETY: fds is a live array of two c_ints, as socketpair writes.
@@ -60,7 +64,6 @@ pub(crate) fn pair() -> io::Result<(OwnedFd, OwnedFd)> {
     // SAFETY: both fds were just returned by socketpair and are owned by nobody else.
     let (a, b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     for fd in [&a, &b] {
-        let size: libc::c_int = 8 << 20;
         // SAFETY: size is a live c_int and the length passed is its size. Best effort: without
         // CAP_NET_ADMIN SO_SNDBUFFORCE fails and the default stays.
         unsafe {
@@ -88,6 +91,7 @@ impl Peer {
             sent: 0,
             dropped: 0,
             gone: false,
+            notices: Vec::new(),
         })
     }
 
@@ -105,6 +109,15 @@ impl Peer {
         self.out.push_back(tag);
         self.out.extend(frame);
         self.sent += 1;
+    }
+
+    /// Queues a notice (relay.rs). Never dropped, unlike frames: TCP retransmits no notice.
+    pub fn send_notice(&mut self, notice: &[u8; 12]) {
+        if !self.gone {
+            self.out.extend(13u32.to_le_bytes());
+            self.out.push_back(TAG_NOTICE);
+            self.out.extend(notice);
+        }
     }
 
     /// Whether bytes wait for room in the socket.
@@ -150,6 +163,10 @@ impl Peer {
                 let frame = self.inbuf[at + HEADER..at + 4 + len].to_vec();
                 match self.inbuf[at + 4] {
                     TAG_EXT => ext.push_back(frame),
+                    TAG_NOTICE if frame.len() == 12 => self.notices.push((
+                        u64::from_le_bytes(frame[..8].try_into().expect("8 bytes")),
+                        i32::from_le_bytes(frame[8..].try_into().expect("4 bytes")),
+                    )),
                     _ => lo.push_back(frame),
                 }
                 at += 4 + len;
@@ -184,7 +201,7 @@ mod tests {
     /// the stream cuts them, and a peer that reads nothing holds no more than MAX_QUEUED.
     #[test]
     fn frames_cross_whole_in_order_with_their_tags() {
-        let (a, b) = pair().unwrap();
+        let (a, b) = pair(8 << 20).unwrap();
         let (mut tx, mut rx) = (Peer::new(a, false).unwrap(), Peer::new(b, true).unwrap());
         let frames: Vec<(u8, Vec<u8>)> =
             (0..400u32).map(|i| ((i % 2) as u8, (0..(i * 163 % 65535 + 1)).map(|j| (j ^ i) as u8).collect())).collect();

@@ -3,7 +3,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
 use smoltcp::iface::{Config, Interface};
@@ -234,6 +234,8 @@ pub enum St {
     },
     Tcp(Conn),
     Udp(UdpState),
+    /// A connection another process of this NSM relays (relay.rs).
+    Relayed(crate::relay::Relayed),
 }
 
 #[derive(Debug)]
@@ -297,18 +299,10 @@ pub struct UserStack {
     /// process used when the upgrade began.
     parity: u16,
     reserved: HashSet<(u8, u16)>,
+    /// Connections relayed between the two processes of an upgrade (relay.rs).
+    pub(crate) relay: crate::relay::Relays,
 }
 
-/// What `describe` writes down of an idle listener.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct IdleListener {
-    v6: bool,
-    bound: SocketAddr,
-    backlog: usize,
-    opts: Opts,
-}
-
-/// Maps the configured name to smoltcp's controller; the error lists the choices.
 pub fn parse_congestion(name: Option<&str>) -> Result<(CongestionControl, &'static str), crate::config::ConfigError> {
     match name {
         None | Some("reno") => Ok((CongestionControl::Reno, "reno")),
@@ -424,6 +418,7 @@ impl UserStack {
             lo_from_peer: VecDeque::new(),
             parity: 2,
             reserved: HashSet::new(),
+            relay: Default::default(),
         })
     }
 
@@ -437,6 +432,7 @@ impl UserStack {
         reserved: Vec<(u8, u16)>,
     ) -> Result<UserStack, String> {
         let mut s = UserStack::new(cfg, device)?;
+        s.relay_epoll_with(Some(chan.as_raw_fd())).map_err(|e| format!("relay epoll: {e}"))?;
         s.peer = Some(crate::peer::Peer::new(chan, false).map_err(|e| format!("upgrade channel: {e}"))?);
         s.parity = 1;
         s.reserved = reserved.into_iter().collect();
@@ -451,36 +447,11 @@ impl UserStack {
             return Err("this NSM process is draining after an upgrade already, or its successor still is".into());
         }
         let wire = self.ext_dev.fd().try_clone_to_owned().map_err(|e| format!("wire fd: {e}"))?;
-        let (ours, theirs) = crate::peer::pair().map_err(|e| format!("upgrade channel: {e}"))?;
+        let (ours, theirs) = crate::peer::pair(8 << 20).map_err(|e| format!("upgrade channel: {e}"))?;
+        self.relay_epoll_with(None).map_err(|e| format!("relay epoll: {e}"))?;
         self.peer = Some(crate::peer::Peer::new(ours, true).map_err(|e| format!("upgrade channel: {e}"))?);
         self.parity = 0;
         Ok(crate::seam::HandedLink { fds: vec![wire, theirs], ports: self.index.ports_used() })
-    }
-
-    /// A listener with nothing waiting for accept, written down for another process of this NSM
-    /// to make anew (an upgrade's drain: its guest then moves there). None for anything else:
-    /// connections and handshakes live in smoltcp here.
-    pub(crate) fn describe_listener(&self, id: usize) -> Option<Vec<u8>> {
-        let s = self.socks.get(id)?;
-        let St::Listen { backlog, pending, queue } = &s.st else { return None };
-        if !pending.is_empty() || !queue.is_empty() || s.orphan || s.error != 0 {
-            return None;
-        }
-        let d = IdleListener { v6: s.family == Family::V6, bound: s.bound?, backlog: *backlog, opts: s.opts.clone() };
-        serde_json::to_vec(&d).ok()
-    }
-
-    /// Makes anew a listener `describe_listener` wrote down in another process.
-    pub(crate) fn recreate_listener(&mut self, desc: &[u8]) -> Result<Handle, Errno> {
-        let d: IdleListener = serde_json::from_slice(desc).map_err(|_| libc::EINVAL)?;
-        let family = if d.v6 { Family::V6 } else { Family::V4 };
-        let h = self.do_socket(family.domain(), libc::SOCK_STREAM, 0)?;
-        self.sock(h.id)?.opts = d.opts;
-        let mut addr = [0u8; 28];
-        let n = crate::sockaddr::write(family, d.bound, &mut addr);
-        self.do_bind(h.id, &addr[..n])?;
-        self.do_listen(h.id, d.backlog as i32)?;
-        Ok(h)
     }
 
     /// The peer while it is there.
@@ -497,9 +468,10 @@ impl UserStack {
         }
     }
 
-    /// A second fd to sleep on: the channel to the old process, while there is one.
+    /// A second fd to sleep on during an upgrade: the epoll of the relayed connections' pairs
+    /// and, in the new process, of the channel to the old one (relay.rs).
     pub(crate) fn peer_fd(&self) -> Option<BorrowedFd<'_>> {
-        self.peer_live().filter(|p| !p.old).map(|p| p.chan.as_fd())
+        self.relay.ep.as_ref().map(|ep| ep.as_fd())
     }
 
     /// Whether this process serves the frame `p` arriving on `ifx`: a socket has its 4-tuple,
@@ -682,6 +654,10 @@ impl UserStack {
     pub(crate) fn close_id(&mut self, id: usize) {
         let Some(s) = self.socks.get_mut(id) else { return };
         s.key = None;
+        // Another process serves its guest now; this one relays it (relay.rs).
+        if self.relay.relaying_for(id) {
+            return;
+        }
         let st = std::mem::replace(&mut s.st, St::Idle);
         let bound = s.bound;
         let linger0 = s.opts.linger == Some(0);
@@ -697,6 +673,10 @@ impl UserStack {
                         self.nets[ifx].remove(*h);
                     }
                 }
+                self.free(id, bound);
+            }
+            St::Relayed(r) => {
+                self.relayed_close(r, linger0);
                 self.free(id, bound);
             }
             St::Tcp(c) => {
@@ -990,6 +970,9 @@ impl UserStack {
             }
         }
 
+        if self.relay.ep.is_some() {
+            self.relay_events();
+        }
         let frames = std::mem::take(&mut self.ext_dev.rx);
         let wake_all = self.route_frames(EXT, frames, false);
         self.poll_shards(EXT, ts, true, wake_all);
@@ -1028,6 +1011,8 @@ impl UserStack {
         self.refreshed += dirty.len() as u64;
         for id in dirty {
             self.refresh(id);
+            // Bytes a relay put into smoltcp go out on the next poll, at once.
+            more |= self.pump(id);
             self.report(id, ready);
         }
 
@@ -1388,7 +1373,7 @@ impl UserStack {
             St::Udp(_) => {
                 self.udp_purge(id);
             }
-            St::Idle => {}
+            St::Idle | St::Relayed(_) => {}
         }
     }
 
@@ -1479,6 +1464,7 @@ impl UserStack {
                 }
                 (m, rd, if free == usize::MAX { 0 } else { free })
             }
+            St::Relayed(r) => self.relayed_readiness(r, s.error),
         }
     }
 }

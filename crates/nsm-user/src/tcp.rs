@@ -187,7 +187,7 @@ impl UserStack {
                 return Ok(());
             }
             St::Idle => {}
-            St::Tcp(_) | St::Udp(_) => return Err(libc::EINVAL),
+            St::Tcp(_) | St::Udp(_) | St::Relayed(_) => return Err(libc::EINVAL),
         }
         match s.bound {
             Some(b) => {
@@ -349,6 +349,7 @@ impl UserStack {
                     return Ok(());
                 }
             }
+            St::Relayed(_) => return Err(libc::EISCONN),
             St::Udp(_) => unreachable!("handled above"),
         }
         let Parsed::Addr(a) = parsed else { return Ok(()) };
@@ -434,7 +435,11 @@ impl UserStack {
         if s.error != 0 {
             return Err(std::mem::take(&mut s.error));
         }
-        let St::Tcp(c) = &s.st else { return Err(libc::EPIPE) };
+        let c = match &s.st {
+            St::Tcp(c) => c,
+            St::Relayed(_) => return self.relayed_send(id, data),
+            _ => return Err(libc::EPIPE),
+        };
         if c.snd_shut || c.dead {
             return Err(libc::EPIPE);
         }
@@ -473,7 +478,11 @@ impl UserStack {
         if flags & MSG_OOB != 0 {
             return Err(libc::EINVAL);
         }
-        let St::Tcp(c) = &s.st else { return Err(libc::ENOTCONN) };
+        let c = match &s.st {
+            St::Tcp(c) => c,
+            St::Relayed(_) => return self.relayed_recv(id, buf, flags),
+            _ => return Err(libc::ENOTCONN),
+        };
         if !c.established && !c.dead {
             return Err(libc::EAGAIN);
         }
@@ -563,6 +572,10 @@ impl UserStack {
                 }
                 Ok(())
             }
+            St::Relayed(r) => {
+                UserStack::relayed_shutdown(r, how);
+                Ok(())
+            }
         }
     }
 
@@ -570,6 +583,7 @@ impl UserStack {
         let s = self.sock(id)?;
         let a = match &s.st {
             St::Tcp(c) => c.local,
+            St::Relayed(r) => r.local,
             St::Udp(UdpState { conn_local: Some(ip), .. }) => SocketAddr::new(*ip, s.bound.map_or(0, |b| b.port())),
             _ => s.bound.unwrap_or_else(|| s.family.unspecified()),
         };
@@ -581,6 +595,7 @@ impl UserStack {
         let s = self.sock(id)?;
         let a = match &s.st {
             St::Tcp(c) if c.established && !c.dead => c.remote,
+            St::Relayed(r) if !r.dead => r.remote,
             St::Udp(UdpState { peer: Some(p), .. }) => *p,
             _ => return Err(libc::ENOTCONN),
         };

@@ -1570,8 +1570,9 @@ fn an_idle_listener_is_made_anew_in_another_stack() {
     set_int(&mut n.a, &old, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 0);
     n.a.bind(&old, &sa6("[::]:8080")).unwrap();
     n.a.listen(&old, 7).unwrap();
-    let desc = n.a.describe(&old).expect("an idle listener is written down");
-    let new = n.b.recreate(&desc).unwrap();
+    let desc = n.a.export(&old).and_then(|e| e.desc).expect("an idle listener is written down");
+    n.a.exported(true);
+    let new = n.b.import(None, Some(&desc), false).unwrap();
     let mut got = [0u8; 28];
     let len = n.b.getsockname(&new, &mut got).unwrap();
     assert_eq!(read_sa(Family::V6, &got[..len]), "[::]:8080".parse().unwrap());
@@ -1588,10 +1589,10 @@ fn an_idle_listener_is_made_anew_in_another_stack() {
         }
     }
     assert_eq!(n.a.connect(&c, &sa("10.77.0.3:8080")), Ok(()));
-    assert!(n.b.describe(&new).is_none(), "a connection waits for accept");
+    assert!(!n.b.movable(&new), "a connection waits for accept");
     let mut pa = [0u8; 28];
     let (s, _) = n.b.accept(&new, &mut pa).unwrap();
-    assert!(n.b.describe(&s).is_none(), "a connection stays");
-    assert!(n.b.describe(&new).is_some(), "idle again");
-    assert_eq!(n.b.recreate(b"not a listener").err(), Some(libc::EINVAL));
+    assert!(!n.b.movable(&s), "a connection stays (only an upgrade's old process relays one)");
+    assert!(n.b.movable(&new), "idle again");
+    assert_eq!(n.b.import(None, Some(b"not a listener"), false).err(), Some(libc::EINVAL));
 }

@@ -105,7 +105,7 @@ impl<S: Stack> Service<S> {
                         .iter()
                         .flatten()
                         .filter(|s| match &s.handle {
-                            Some(h) => self.core.stack.export(h).is_none() && self.core.stack.describe(h).is_none(),
+                            Some(h) => !self.core.stack.movable(h),
                             None => s.pipe.is_some(),
                         })
                         .count(),

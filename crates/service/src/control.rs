@@ -255,6 +255,10 @@ pub struct NsmStats {
     /// Old processes of a user NSM's upgrade still serving the attachments they had (drain.rs).
     #[serde(default)]
     pub draining: Vec<u32>,
+    /// Connections those old processes relay for guests the new process serves now (their TCP
+    /// state stays in the old process's smoltcp until they close).
+    #[serde(default)]
+    pub relayed: usize,
     /// CPU the NSM's executors used, seconds: the tenants' `nsm_cpu_seconds` plus
     /// `overhead_cpu_seconds`.
     #[serde(default)]
@@ -287,6 +291,7 @@ impl NsmStats {
     pub fn absorb(&mut self, o: NsmStats) {
         self.executors += o.executors;
         self.draining.extend(o.draining);
+        self.relayed += o.relayed;
         self.cpu_seconds += o.cpu_seconds;
         self.overhead_cpu_seconds += o.overhead_cpu_seconds;
         self.load += o.load;

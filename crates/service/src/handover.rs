@@ -180,17 +180,17 @@ impl SockState {
 /// How a stack socket travels: its fd's index among the snapshot's fds, or a description.
 type Carried = (Option<usize>, Option<Vec<u8>>);
 
-/// How stack socket `h` goes to another process: as its fd (pushed with `fd`), or described.
-fn carry<S: Stack>(stack: &S, h: Option<&S::Handle>, fd: &mut impl FnMut(RawFd) -> usize) -> Result<Carried, String> {
+/// How stack socket `h` goes to another process: its fd (pushed with `fd`), a description, or
+/// both.
+fn carry<S: Stack>(
+    stack: &mut S,
+    h: Option<&S::Handle>,
+    fd: &mut impl FnMut(RawFd) -> usize,
+) -> Result<Carried, String> {
     let Some(h) = h else { return Ok((None, None)) };
-    if let Some(f) = stack.export(h) {
-        return Ok((Some(fd(f)), None));
-    }
-    match stack.describe(h) {
-        Some(d) => Ok((None, Some(d))),
-        None => {
-            Err(format!("the {} stack's connections live in its process and cannot be handed to another", stack.kind()))
-        }
+    match stack.export(h) {
+        Some(e) => Ok((e.fd.map(fd), e.desc)),
+        None => Err(format!("a {} stack socket is in a state that cannot leave its process yet", stack.kind())),
     }
 }
 
@@ -229,7 +229,13 @@ impl<S: Stack> Service<S> {
     fn hand(&mut self, to: OwnedFd, only: Option<&[u64]>, impose_congestion: bool) -> Result<Handed, String> {
         patient(&to).map_err(io_err)?;
         let stopped_ns = monotonic_ns();
-        let (mut snap, fds, blob) = self.write_down(stopped_ns, only)?;
+        let (mut snap, fds, blob) = match self.write_down(stopped_ns, only) {
+            Ok(w) => w,
+            Err(e) => {
+                self.core.stack.exported(false);
+                return Err(e);
+            }
+        };
         snap.impose_congestion = impose_congestion;
         let sockets = snap.attachments.iter().map(|a| a.socks.iter().flatten().count()).sum();
         let attachments = snap.attachments.len();
@@ -238,6 +244,7 @@ impl<S: Stack> Service<S> {
             let (payload, _) = f.ok_or("the new NSM closed the handover socket")?;
             control::Reply::decode::<u64>(&payload).map_err(|e| format!("the new NSM: {e}"))
         });
+        self.core.stack.exported(answer.is_ok());
         let serving_ns = match answer {
             Ok(t) => t,
             Err(e) => {
@@ -279,7 +286,8 @@ impl<S: Stack> Service<S> {
                 let handed = pool.answer(k).map_err(io_err).and_then(|(payload, _)| {
                     control::Reply::decode::<Handed>(&payload).map_err(|e| format!("executor {}: {e}", k + 1))
                 });
-                took.and(handed)?;
+                // The giver's error says why; ours would only say that it hung up.
+                handed.and(took)?;
                 pool.came_home(k, &ids);
             }
             Ok(())
@@ -352,7 +360,7 @@ impl<S: Stack> Service<S> {
                     socks.push(None);
                     continue;
                 };
-                let carried = carry(&self.core.stack, s.handle.as_ref(), &mut fd)?;
+                let carried = carry(&mut self.core.stack, s.handle.as_ref(), &mut fd)?;
                 socks.push(Some(SockState::of(s, carried, &mut blob, &mut pipes)));
             }
             attachments.push(AttState {
@@ -386,7 +394,7 @@ impl<S: Stack> Service<S> {
         // Closed sockets still sending queued bytes go too, so the old process can exit at once.
         let mut lingering = Vec::new();
         for l in self.core.lingering.iter().flatten().filter(|_| only.is_none()) {
-            let carried = carry(&self.core.stack, l.handle.as_ref(), &mut fd)?;
+            let carried = carry(&mut self.core.stack, l.handle.as_ref(), &mut fd)?;
             lingering.push(SockState::of(l, carried, &mut blob, &mut pipes));
         }
         let mut stats = self.core.stats.clone();
@@ -590,10 +598,9 @@ impl<S: Stack> Service<S> {
                     continue;
                 };
                 let refused = |e| format!("the stack refused a socket: {}", io::Error::from_raw_os_error(e));
-                let handle = match (fd, &st.desc) {
-                    (Some(fd), _) => Some(self.core.stack.import(fd, impose).map_err(refused)?),
-                    (None, Some(d)) => Some(self.core.stack.recreate(d).map_err(refused)?),
+                let handle = match (fd, st.desc.as_deref()) {
                     (None, None) => None,
+                    (fd, desc) => Some(self.core.stack.import(fd, desc, impose).map_err(refused)?),
                 };
                 let s = st.into_sock(handle, blob, &pipes)?;
                 if let (Some(h), None) = (&s.handle, &s.pipe) {
@@ -615,8 +622,12 @@ impl<S: Stack> Service<S> {
             }
         }
         for st in snap.lingering {
-            let Some(fd) = st.fd.map(&mut take).transpose()? else { continue };
-            let h = self.core.stack.import(fd, false).map_err(|e| format!("a closing socket: {e}"))?;
+            let fd = st.fd.map(&mut take).transpose()?;
+            if fd.is_none() && st.desc.is_none() {
+                continue;
+            }
+            let h =
+                self.core.stack.import(fd, st.desc.as_deref(), false).map_err(|e| format!("a closing socket: {e}"))?;
             let s = st.into_sock(Some(h), blob, &pipes)?;
             if let Some(h) = &s.handle {
                 let key = crate::core::TOK_LINGER | self.core.lingering.len() as u64;

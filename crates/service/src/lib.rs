@@ -257,16 +257,17 @@ impl<S: Stack> Service<S> {
             eprintln!("netkernel nsm {}: executors: {e}", self.core.name);
         }
         if let Some(p) = self.pool.as_mut().filter(|p| p.executors() > 1) {
-            let socketless = p.tend(now, known);
-            // A guest of a user NSM's old process whose connections have all closed comes here,
-            // idle listeners made anew: its next connections are this process's, and the old one
-            // can exit sooner (drain.rs).
-            if !socketless.is_empty() {
-                match self.gather(Some(&socketless)) {
+            let movable = p.tend(now, known);
+            // A user NSM's old process's guests come here as soon as nothing holds them there
+            // (a handshake in progress, a connection waiting for accept): their next sockets
+            // are this process's; their connections stay in the old one's smoltcp, relayed
+            // (drain.rs).
+            if !movable.is_empty() {
+                match self.gather(Some(&movable)) {
                     Ok(()) => eprintln!(
-                        "netkernel nsm {}: {} attachment(s) with no connection left came from the old process",
+                        "netkernel nsm {}: {} attachment(s) came from the old process",
                         self.core.name,
-                        socketless.len()
+                        movable.len()
                     ),
                     Err(e) => {
                         eprintln!("netkernel nsm {}: taking attachments from the old process: {e}", self.core.name)
@@ -307,7 +308,11 @@ impl<S: Stack> Service<S> {
             let sleep = !worked && last_work.elapsed() >= SPIN;
             // One executor wakes for nothing: the work that would make it grow wakes it anyway.
             let tend = self.pool.as_ref().filter(|p| p.executors() > 1).map(|p| p.next_tend);
-            let give_up = self.stopped_at.filter(|_| self.draining).map(|t| t + LINGER_AT_STOP);
+            let give_up = self
+                .stopped_at
+                .filter(|_| self.draining && self.core.lingering.iter().any(|l| l.is_some()))
+                .map(|t| t + LINGER_AT_STOP)
+                .filter(|&t| t > turn);
             let wait = [self.core.deadline(), tend, give_up]
                 .into_iter()
                 .flatten()
@@ -397,10 +402,12 @@ impl<S: Stack> Service<S> {
             self.flush_bells();
             // A draining old process stopped by its successor first sends what closed sockets
             // still have queued (its guests are gone; their peers are owed those bytes), for at
-            // most LINGER_AT_STOP.
+            // most LINGER_AT_STOP, and relays the connections of guests its successor serves
+            // now until they end.
             let flushed = || {
-                self.core.lingering.iter().all(|l| l.is_none())
-                    || self.stopped_at.is_some_and(|t| t.elapsed() > LINGER_AT_STOP)
+                (self.core.lingering.iter().all(|l| l.is_none())
+                    || self.stopped_at.is_some_and(|t| t.elapsed() > LINGER_AT_STOP))
+                    && self.core.stack.relaying() == 0
             };
             if self.stopping && (!self.draining || flushed())
                 || self.orphaned
@@ -565,6 +572,7 @@ impl<S: Stack> Service<S> {
                 if self.draining {
                     stats.executors = 0;
                     stats.draining.push(std::process::id());
+                    stats.relayed = self.core.stack.relaying();
                 }
                 for other in self.pool.iter_mut().flat_map(|p| p.stats()) {
                     stats.absorb(other);

@@ -76,11 +76,23 @@ struct Executor {
     /// The old process of a user NSM's upgrade (drain.rs): it keeps what it serves, gets
     /// nothing new, and stops once it serves nothing.
     draining: bool,
+    /// Connections a draining executor relays (drain.rs).
+    relayed: usize,
 }
 
 impl Executor {
     fn new(chan: UnixStream, thread: Option<std::thread::JoinHandle<()>>, draining: bool) -> Executor {
-        Executor { chan, thread, attachments: 0, work: 0.0, idle_seen: None, tenants: Vec::new(), last: None, draining }
+        Executor {
+            chan,
+            thread,
+            attachments: 0,
+            relayed: 0,
+            work: 0.0,
+            idle_seen: None,
+            tenants: Vec::new(),
+            last: None,
+            draining,
+        }
     }
 }
 
@@ -388,6 +400,7 @@ impl Pool {
             };
             let e = &mut self.execs[k];
             e.attachments = s.attachments;
+            e.relayed = s.relayed;
             e.tenants = s.tenants.keys().filter(|_| s.attachments > 0).cloned().collect();
             e.last = Some(NsmStats { conns: Vec::new(), ..s.clone() });
             all.push(s);
@@ -462,8 +475,8 @@ impl Pool {
 
     /// Looks at the other executors: stops those left with no attachment, forgets where ended
     /// attachments were. Returns the attachments of draining executors that hold no socket that
-    /// must stay (no connection, at most idle listeners): nothing keeps them in the old process
-    /// (drain.rs). `known`: what the others serve, if just asked.
+    /// must stay (a handshake in progress, a connection waiting for accept): nothing keeps them
+    /// in the old process (drain.rs). `known`: what the others serve, if just asked.
     pub(crate) fn tend(&mut self, now: Instant, known: Option<Vec<NsmState>>) -> Vec<u64> {
         self.next_tend = now + if self.elastic { ELASTIC_TEND } else { TEND_EVERY };
         if self.execs.is_empty() {
@@ -471,14 +484,15 @@ impl Pool {
         }
         let states = known.filter(|k| k.len() == self.execs.len()).unwrap_or_else(|| self.states());
         let live: Vec<Vec<u64>> = states.iter().map(|s| s.attachments.iter().map(|a| a.attachment).collect()).collect();
-        let socketless = (self.execs.iter().zip(&states))
+        let movable = (self.execs.iter().zip(&states))
             .filter(|(e, _)| e.draining)
             .flat_map(|(_, s)| s.attachments.iter().filter(|a| a.staying == 0).map(|a| a.attachment))
             .collect();
         self.stats();
         self.owner.retain(|id, k| live.get(*k).is_some_and(|l| l.contains(id)));
         // Only the newest executor stops, so that the others keep their indices.
-        while self.execs.last().is_some_and(|e| e.attachments == 0) {
+        // A draining old process relaying connections stays until they end.
+        while self.execs.last().is_some_and(|e| e.attachments == 0 && e.relayed == 0) {
             let k = self.execs.len();
             let _ = self.ask(k - 1, &NsmRequest::Shutdown, &[]);
             let mut e = self.execs.pop().expect("checked");
@@ -495,7 +509,7 @@ impl Pool {
             }
             eprintln!("netkernel nsm {}: executor {k} stopped (no attachments)", self.name);
         }
-        socketless
+        movable
     }
 
     /// Tells every other executor to reset its guests and stop.

@@ -1,7 +1,7 @@
 //! The one trait ServiceLib calls a network stack through: the seam between NetKernel's
 //! plumbing (regions, validation, policy, telemetry) and whatever moves the packets.
 
-use std::os::fd::BorrowedFd;
+use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
 use std::time::Instant;
 
 /// A Linux errno value (positive).
@@ -54,6 +54,15 @@ pub struct HandedLink {
     pub fds: Vec<std::os::fd::OwnedFd>,
     /// (protocol, port)s the old process's sockets hold.
     pub ports: Vec<(u8, u16)>,
+}
+
+/// How a socket travels to another NSM process (`Stack::export`).
+#[derive(Debug, Default)]
+pub struct Exported {
+    /// An fd to pass (the stack keeps owning it until `exported`).
+    pub fd: Option<RawFd>,
+    /// What the other stack needs besides.
+    pub desc: Option<Vec<u8>>,
 }
 
 pub trait Stack {
@@ -129,18 +138,36 @@ pub trait Stack {
     /// TCP state, RTT, cwnd, retransmits and delivery rate of a stream socket (None: not TCP).
     fn tcp_stats(&mut self, s: &Self::Handle) -> Option<TcpStats>;
 
-    /// The fd that carries socket `s` to another NSM process (`ctl upgrade`); None: the stack's
-    /// sockets live in this process and cannot move.
-    fn export(&self, s: &Self::Handle) -> Option<std::os::fd::RawFd> {
+    /// Whether socket `s` can be served from another NSM process now ([`export`](Stack::export)
+    /// would carry it): a user stack's handshake in progress cannot, for one.
+    fn movable(&self, s: &Self::Handle) -> bool {
+        let _ = s;
+        false
+    }
+    /// Readies socket `s` to be served from another NSM process (`ctl upgrade`, `ctl move`, an
+    /// executor's handover): the fd that carries it (SCM_RIGHTS), a description the other stack
+    /// makes it anew from, or both. None: it cannot leave (see `movable`). What this prepares
+    /// stays undone until [`exported`](Stack::exported) says how the handover ended.
+    fn export(&mut self, s: &Self::Handle) -> Option<Exported> {
         let _ = s;
         None
     }
-    /// A socket another NSM process exported (its fd, received by SCM_RIGHTS). With `adopt`, a
-    /// TCP socket takes this stack's congestion control (a move between NSMs; an upgrade keeps
-    /// the same one).
-    fn import(&mut self, fd: std::os::fd::OwnedFd, adopt: bool) -> Result<Self::Handle, Errno> {
-        let _ = adopt;
-        drop(fd);
+    /// The handover the last `export`s were for is over. `handed`: another process serves
+    /// those sockets now, and their handles, dropped next, must not close what it serves
+    /// through; else they stay here as they were.
+    fn exported(&mut self, handed: bool) {
+        let _ = handed;
+    }
+    /// Connections this process serves for another process of its NSM (a user stack's old
+    /// process relaying its connections to the new one's guests): it must outlive them.
+    fn relaying(&self) -> usize {
+        0
+    }
+    /// A socket another NSM process exported: its fd (received by SCM_RIGHTS), its description,
+    /// or both. With `adopt`, a TCP socket takes this stack's congestion control (a move between
+    /// NSMs; an upgrade keeps the same one).
+    fn import(&mut self, fd: Option<OwnedFd>, desc: Option<&[u8]>, adopt: bool) -> Result<Self::Handle, Errno> {
+        let _ = (fd, desc, adopt);
         Err(libc::EOPNOTSUPP)
     }
 
@@ -151,16 +178,6 @@ pub trait Stack {
     /// The fd the driver sleeps on: readable when the stack has something to do (the kernel
     /// stack's epoll fd; a userspace stack's TAP or packet socket).
     fn wait_fd(&self) -> BorrowedFd<'_>;
-    /// For a socket that cannot travel as an fd (`export`), a description from which a stack of
-    /// the same kind in another process makes it anew (`recreate`): a user stack's listener
-    /// with nothing waiting for accept. None: it stays where it is.
-    fn describe(&self, _s: &Self::Handle) -> Option<Vec<u8>> {
-        None
-    }
-    /// Makes anew the socket `describe` wrote down.
-    fn recreate(&mut self, _desc: &[u8]) -> Result<Self::Handle, Errno> {
-        Err(libc::EOPNOTSUPP)
-    }
     /// A second fd the driver sleeps on, if any (a user stack's channel to the old process
     /// of an upgrade). The driver checks both after every poll: they may change.
     fn peer_fd(&self) -> Option<BorrowedFd<'_>> {
