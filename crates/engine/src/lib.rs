@@ -192,6 +192,8 @@ struct NsmView {
     last_blackout_ms: f64,
     /// A user NSM's old processes still serving the attachments they had at an upgrade.
     draining: Vec<u32>,
+    /// Connections those old processes relay for guests the new one serves.
+    relayed: usize,
     attachments: usize,
     bytes_in: u64,
     bytes_out: u64,
@@ -878,7 +880,7 @@ impl Engine {
         let (draining_attachments, draining_sockets) = u.draining.unwrap_or_default();
         log(format!(
             "NSM {name} upgraded: pid {} -> {} ({}), {} attachment(s), {} socket(s) handed over, {} attachment(s) \
-             draining in the old process, blackout {blackout_ms:.1} ms",
+             following from the old process (it relays their connections until they close), blackout {blackout_ms:.1} ms",
             u.old_pid,
             u.new_pid,
             u.binary.display(),
@@ -1304,6 +1306,7 @@ impl Engine {
                 upgrades: n.upgrades().0,
                 last_blackout_ms: n.upgrades().1.as_secs_f64() * 1000.0,
                 draining: s.draining.clone(),
+                relayed: s.relayed,
                 attachments: atts.values().filter(|a| a.nsm == n.name).count(),
                 bytes_in: s.bytes_in,
                 bytes_out: s.bytes_out,

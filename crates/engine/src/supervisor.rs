@@ -496,7 +496,8 @@ impl Nsm {
 
     /// A user NSM's upgrade (service/src/drain.rs): the new process reads the link and takes
     /// every new attachment; the old one serves the attachments it has, as the new one's
-    /// executor, until they end. The blackout is the time no process read the link.
+    /// executor, until each can move there (no handshake in progress), and relays their
+    /// connections until they close. The blackout is the time no process read the link.
     fn upgrade_user(&self, binary: Option<PathBuf>, exe: Option<PathBuf>) -> io::Result<Upgraded> {
         let (mut child, ours, pidfd) = self.launch(exe.as_deref(), false, true)?;
         let new_pid = child.id();
@@ -670,7 +671,8 @@ pub struct Upgraded {
     pub blackout: Duration,
     pub attachments: usize,
     pub sockets: usize,
-    /// A user NSM's: the attachments and sockets the old process keeps until they end.
+    /// A user NSM's: the attachments and sockets the old process had (they follow to the new
+    /// one as soon as they can; their connections stay, relayed).
     pub draining: Option<(usize, usize)>,
     pub binary: PathBuf,
 }

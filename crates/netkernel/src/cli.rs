@@ -374,7 +374,8 @@ fn ctl(socket: Option<PathBuf>, json: bool, what: &str, req: EngineRequest) -> i
             );
             if v["draining_attachments"].as_u64().unwrap_or(0) > 0 {
                 println!(
-                    "  pid {} serves its {} attachment(s) ({} socket(s)) until they end; new ones go to pid {}",
+                    "  pid {} hands its {} attachment(s) ({} socket(s)) to pid {} as soon as no handshake holds them; \
+                     it relays their connections until they close, then exits",
                     v["old_pid"], v["draining_attachments"], v["draining_sockets"], v["new_pid"]
                 );
             }
@@ -486,6 +487,7 @@ const NSM_COLUMNS: &[&str] = &[
     "cpu_seconds",
     "pid",
     "draining",
+    "relayed",
     "restarts",
     "upgrades",
     "attachments",

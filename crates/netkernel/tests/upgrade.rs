@@ -692,3 +692,177 @@ fn a_user_nsm_successor_crash_during_the_drain_restarts_the_nsm() {
     let mut fresh = echo_guest(&engine, "default");
     assert_eq!(fresh.ask("the restarted NSM"), "ok", "{}", engine.log());
 }
+
+/// A guest server for `a_user_nsm_upgrade_moves_guests_with_open_connections`: each connection
+/// starts with a mode byte and a u64 word count. `S`: sends that many counting u32 words
+/// (big-endian) and closes. `R`: receives counting words until EOF, prints `got WORDS OK`,
+/// answers `done` and closes. `E`: echoes until EOF (`eof`) or an error (its name).
+const WORDS_SERVER: &str = r#"
+import socket, threading, sys
+from array import array
+l = socket.create_server(('0.0.0.0', 7400))
+print('ready', flush=True)
+def words(k, n):
+    a = array('I', range(k, k + n)); a.byteswap(); return a.tobytes()
+def exact(s, n):
+    b = b''
+    while len(b) < n:
+        d = s.recv(n - len(b))
+        if not d: raise EOFError
+        b += d
+    return b
+def serve(s):
+    try:
+        m = exact(s, 9); mode, n = m[:1], int.from_bytes(m[1:], 'big')
+        if mode == b'S':
+            k = 0
+            while k < n:
+                c = min(16384, n - k); s.sendall(words(k, c)); k += c
+            s.close()
+        elif mode == b'R':
+            k, rest, ok = 0, b'', True
+            while True:
+                d = s.recv(1 << 16)
+                if not d: break
+                rest += d; whole = len(rest) // 4 * 4
+                a = array('I'); a.frombytes(rest[:whole]); a.byteswap()
+                ok = ok and a == array('I', range(k, k + len(a)))
+                k += len(a); rest = rest[whole:]
+            print('got %d %s' % (k, ok and not rest), flush=True)
+            s.sendall(b'done'); s.close()
+        else:
+            while True:
+                d = s.recv(1 << 16)
+                if not d: print('eof', flush=True); return
+                s.sendall(d)
+    except Exception as e:
+        print(type(e).__name__, flush=True)
+while True:
+    threading.Thread(target=serve, args=(l.accept()[0],), daemon=True).start()
+"#;
+
+/// A user NSM's upgrade moves a guest whose connections stay open: they stay in the old
+/// process's smoltcp, relayed to the new process, which serves the guest from then on. Bytes
+/// cross both ways whole and in order while the upgrade happens, a reset reaches the guest as
+/// ECONNRESET, the guest's listener and new connections are the new process's, and the old
+/// process exits once its last relayed connection ends, the guest still running.
+#[test]
+fn a_user_nsm_upgrade_moves_guests_with_open_connections() {
+    if !is_root() {
+        eprintln!(
+            "SKIP a_user_nsm_upgrade_moves_guests_with_open_connections: a user NSM needs root (TAP device, namespace)"
+        );
+        return;
+    }
+    let (user, addr) = user_nsm_config("");
+    let engine = TestEngine::with_config(&user);
+    let mut server = engine.python_ready(WORDS_SERVER);
+    let lines = {
+        let out = BufReader::new(server.stdout.take().unwrap());
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || out.lines().map_while(Result::ok).for_each(|l| drop(tx.send(l))));
+        rx
+    };
+    let said = |want: &str| {
+        let l = lines
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("no line from the guest; wanted {want}"));
+        assert!(l.starts_with(want), "the guest said {l:?}, not {want:?}");
+        l
+    };
+    let open = |mode: u8, n: u64| {
+        let mut c = std::net::TcpStream::connect((addr, 7400)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut head = vec![mode];
+        head.extend(n.to_be_bytes());
+        std::io::Write::write_all(&mut c, &head).unwrap();
+        c
+    };
+    let words = |k: u64, n: u64| (k..k + n).flat_map(|w| (w as u32).to_be_bytes()).collect::<Vec<u8>>();
+    // Reads `n` counting words from `c`, starting at `k`.
+    let read_words = |c: &mut std::net::TcpStream, k: u64, n: u64| {
+        let mut buf = vec![0u8; n as usize * 4];
+        std::io::Read::read_exact(c, &mut buf).unwrap();
+        let bad = buf.chunks(4).zip(k..).find(|(w, i)| u32::from_be_bytes((*w).try_into().unwrap()) != *i as u32);
+        assert!(bad.is_none(), "word {} arrived wrong", bad.unwrap().1);
+    };
+    let echo = |c: &mut std::net::TcpStream, msg: &[u8]| {
+        std::io::Write::write_all(c, msg).unwrap();
+        let mut got = vec![0; msg.len()];
+        std::io::Read::read_exact(c, &mut got).unwrap();
+        assert_eq!(got, msg);
+    };
+    const DOWN: u64 = 16 << 20; // words the guest sends: 64 MiB
+    const UP: u64 = 8 << 20; // words the host sends: 32 MiB
+    let mut down = open(b'S', DOWN);
+    read_words(&mut down, 0, 1 << 20);
+    let mut up = open(b'R', 0);
+    std::io::Write::write_all(&mut up, &words(0, 1 << 20)).unwrap();
+    let mut held = open(b'E', 0);
+    echo(&mut held, b"before");
+    let mut reset = open(b'E', 0);
+    echo(&mut reset, b"before");
+
+    let r = upgrade(&engine, "user", None).unwrap_or_else(|e| panic!("{e}\n{}", engine.log()));
+    let old_pid = r["old_pid"].as_u64().unwrap();
+    eprintln!("user NSM upgrade with open connections: blackout {} ms", r["blackout_ms"]);
+    // The guest comes to the new process at once; its four connections stay in the old one.
+    let start = Instant::now();
+    while engine.nsm()["relayed"] != 4 && start.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let nsm = engine.nsm();
+    assert_eq!(
+        (&nsm["relayed"], &nsm["draining"]),
+        (&serde_json::json!(4), &serde_json::json!([old_pid])),
+        "{nsm}\n{}",
+        engine.log()
+    );
+    assert!(engine.log().contains("1 attachment(s) came from the old process"), "{}", engine.log());
+
+    // Both directions go on, whole and in order.
+    read_words(&mut down, 1 << 20, DOWN - (1 << 20));
+    let mut end = [0u8; 1];
+    assert_eq!(std::io::Read::read(&mut down, &mut end).unwrap(), 0, "the guest's close arrives as the end");
+    for k in (1 << 20..UP).step_by(1 << 20) {
+        std::io::Write::write_all(&mut up, &words(k, 1 << 20)).unwrap();
+    }
+    up.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(said("got"), format!("got {UP} True"));
+    let mut done = Vec::new();
+    std::io::Read::read_to_end(&mut up, &mut done).unwrap();
+    assert_eq!(done, b"done");
+    echo(&mut held, b"after the upgrade");
+    // A reset reaches the guest as one.
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: setsockopt on our own socket with a live linger of the size passed.
+    unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&reset),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as u32,
+        )
+    };
+    drop(reset);
+    said("ConnectionResetError");
+    // The guest's listener is the new process's now: a new connection is served there.
+    let mut fresh = open(b'E', 0);
+    echo(&mut fresh, b"a connection made after the upgrade");
+    // The last relayed connection ends: the old process exits, the guest and its new
+    // connection go on.
+    held.shutdown(std::net::Shutdown::Write).unwrap();
+    said("eof");
+    drop(held);
+    let old = std::path::PathBuf::from(format!("/proc/{old_pid}"));
+    let start = Instant::now();
+    while old.exists() && start.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!old.exists(), "the old process outlived its relayed connections\n{}", engine.log());
+    assert_eq!(engine.nsm()["draining"], serde_json::json!([]));
+    echo(&mut fresh, b"after the old process left");
+    let _ = server.kill();
+    let _ = server.wait();
+}

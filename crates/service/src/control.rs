@@ -47,8 +47,9 @@ pub enum NsmRequest {
     /// what the NSM at the other end of the fd hands over and serve it. Reply: CLOCK_MONOTONIC
     /// (ns) when it began serving.
     Takeover,
-    /// To a user NSM (`ctl upgrade`): hand the link to a new process and serve the attachments
-    /// it has until they end, taking orders from the new process (drain.rs). Reply:
+    /// To a user NSM (`ctl upgrade`): hand the link to a new process, taking orders from it, and
+    /// serve the attachments it has until they move there, relaying their connections until
+    /// they close (drain.rs). Reply:
     /// [`crate::drain::Drained`] with fds.
     Drain,
     /// To the new process of a user NSM's upgrade, first: serve from the old process's link

@@ -1,16 +1,21 @@
 //! A user NSM's upgrade (`ctl upgrade`). Its connections live in smoltcp inside the process,
 //! so they cannot be handed over as kernel sockets are (handover.rs). Instead the old process
 //! hands its link to the new one (nsm-user's peer.rs: the new one reads the wire and passes
-//! on what is the old one's) and keeps serving the attachments it has until their processes
-//! exit; every new attachment goes to the new process.
+//! on what is the old one's); every new attachment goes to the new process, and the old
+//! process's attachments follow as soon as nothing holds them (a handshake in progress, a
+//! connection waiting for accept; `Stack::movable`): their connections stay in the old
+//! process's smoltcp, which relays their bytes to the new process's sockets until they close
+//! (nsm-user's relay.rs). So a guest's new connections are the new process's within a
+//! fraction of a second, whatever it keeps open.
 //!
 //! To the engine the NSM is the new process from the handover on: the old one becomes one of
 //! its executors (pool.rs), "draining": the new process routes the engine's messages about the
-//! old attachments there, adds its stats in, never places an attachment there, and tells it to
-//! stop once it serves none (after at most 10 s of sending what its closed sockets still have
-//! queued). An old attachment left with no socket comes over to the new process. Should the new
-//! process die, the old one reads its link again; the engine, which sees one NSM, declares the
-//! line's regions dead and the old process exits with its guests.
+//! old attachments there, adds its stats in, never places an attachment there, takes over its
+//! attachments (the in-process handover, across processes) and tells it to stop once it
+//! serves none and relays nothing (after at most 10 s of sending what its closed sockets still
+//! have queued). Should the new process die, the old one reads its link again and resets what
+//! it relayed; the engine, which sees one NSM, declares the line's regions dead and the old
+//! process exits with its guests.
 //!
 //! 1. Engine → old: `Drain`. The old process makes the channels, answers with [`Drained`] and
 //!    the fds (wire, frame channel, its new control channel, rendezvous socket), and from then
@@ -36,7 +41,7 @@ pub struct Drained {
     pub ports: Vec<(u8, u16)>,
     /// CLOCK_MONOTONIC (ns) when it stopped reading the wire.
     pub stopped_ns: u64,
-    /// Attachments and sockets it keeps until they end.
+    /// Attachments and sockets it had (drain.rs: they follow; their connections stay).
     pub attachments: usize,
     pub sockets: usize,
 }
@@ -109,7 +114,8 @@ impl<S: Stack> Service<S> {
         let sockets = self.core.atts.iter().flatten().map(|a| a.socks.iter().flatten().count()).sum();
         let attachments = self.core.atts.iter().flatten().count();
         eprintln!(
-            "netkernel nsm {}: handed the link to a new process; {attachments} attachments stay here until they end",
+            "netkernel nsm {}: handed the link to a new process; {attachments} attachments follow it, their connections \
+             relayed from here until they close",
             self.core.name
         );
         Ok((Drained { old_pid: std::process::id(), ports, stopped_ns, attachments, sockets }, fds, ours.into()))

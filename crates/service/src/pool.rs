@@ -309,7 +309,7 @@ impl Pool {
             self.placed(a.attachment, k, &a.tenant);
         }
         eprintln!(
-            "netkernel nsm {}: the old process serves {} attachments until they end",
+            "netkernel nsm {}: the old process serves {} attachments until they can come here",
             self.name, self.execs[k].attachments
         );
     }
