@@ -866,3 +866,58 @@ fn a_user_nsm_upgrade_moves_guests_with_open_connections() {
     let _ = server.kill();
     let _ = server.wait();
 }
+
+/// The old process of a user NSM's upgrade dies while it relays a connection for a guest the
+/// new process serves: the guest gets ECONNRESET on it (never a clean end that would pass a
+/// cut stream for a whole one), the host's side is reset, and the guest's other connections
+/// and the new process go on.
+#[test]
+fn a_relaying_old_process_that_dies_resets_only_its_connections() {
+    if !is_root() {
+        eprintln!("SKIP a_relaying_old_process_that_dies_resets_only_its_connections: a user NSM needs root");
+        return;
+    }
+    let (user, addr) = user_nsm_config("");
+    let engine = TestEngine::with_config(&user);
+    let mut server = engine.python_ready(WORDS_SERVER);
+    let mut out = BufReader::new(server.stdout.take().unwrap());
+    let echo_conn = || {
+        let mut c = std::net::TcpStream::connect((addr, 7400)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        std::io::Write::write_all(&mut c, &[b'E', 0, 0, 0, 0, 0, 0, 0, 0]).unwrap();
+        c
+    };
+    let echo = |c: &mut std::net::TcpStream, msg: &[u8]| {
+        std::io::Write::write_all(c, msg).unwrap();
+        let mut got = vec![0; msg.len()];
+        std::io::Read::read_exact(c, &mut got).map(|_| got)
+    };
+    let mut relayed = echo_conn();
+    assert_eq!(echo(&mut relayed, b"before").unwrap(), b"before");
+    let r = upgrade(&engine, "user", None).unwrap_or_else(|e| panic!("{e}\n{}", engine.log()));
+    let old_pid = r["old_pid"].as_u64().unwrap() as i32;
+    let start = Instant::now();
+    while engine.nsm()["relayed"] != 1 && start.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(engine.nsm()["relayed"], 1, "{}", engine.log());
+    let mut fresh = echo_conn();
+    assert_eq!(echo(&mut fresh, b"new").unwrap(), b"new");
+    // SAFETY: integers only; the pid is the old NSM process's, alive (it relays).
+    unsafe { libc::kill(old_pid, libc::SIGKILL) };
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ConnectionResetError", "the guest was not told its relayed connection broke");
+    // The host's side: the new process answers its next segment with a RST.
+    let gone = echo(&mut relayed, b"anyone?");
+    assert!(gone.is_err() || gone.as_ref().is_ok_and(|g| g.is_empty()), "{gone:?}");
+    assert_eq!(echo(&mut fresh, b"still served").unwrap(), b"still served", "{}", engine.log());
+    let start = Instant::now();
+    while engine.nsm()["draining"] != serde_json::json!([]) && start.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(engine.nsm()["draining"], serde_json::json!([]), "{}", engine.log());
+    assert_eq!(engine.nsm()["restarts"], 0, "the NSM did not restart: only the old process died");
+    let _ = server.kill();
+    let _ = server.wait();
+}
