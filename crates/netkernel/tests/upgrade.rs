@@ -696,7 +696,8 @@ fn a_user_nsm_successor_crash_during_the_drain_restarts_the_nsm() {
 /// A guest server for `a_user_nsm_upgrade_moves_guests_with_open_connections`: each connection
 /// starts with a mode byte and a u64 word count. `S`: sends that many counting u32 words
 /// (big-endian) and closes. `R`: receives counting words until EOF, prints `got WORDS OK`,
-/// answers `done` and closes. `E`: echoes until EOF (`eof`) or an error (its name).
+/// answers `done` and closes. `Q`: answers `q` and closes. `E`: echoes until EOF (`eof`) or an
+/// error (its name).
 const WORDS_SERVER: &str = r#"
 import socket, threading, sys
 from array import array
@@ -730,6 +731,8 @@ def serve(s):
                 k += len(a); rest = rest[whole:]
             print('got %d %s' % (k, ok and not rest), flush=True)
             s.sendall(b'done'); s.close()
+        elif mode == b'Q':
+            s.sendall(b'q'); s.close()
         else:
             while True:
                 d = s.recv(1 << 16)
@@ -802,10 +805,37 @@ fn a_user_nsm_upgrade_moves_guests_with_open_connections() {
     echo(&mut held, b"before");
     let mut reset = open(b'E', 0);
     echo(&mut reset, b"before");
+    // New connections all along: the listener moves without refusing one.
+    let hammering = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let hammer = {
+        let hammering = hammering.clone();
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0, Vec::new());
+            while hammering.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = std::net::TcpStream::connect((addr, 7400)).and_then(|mut c| {
+                    c.set_read_timeout(Some(Duration::from_secs(10)))?;
+                    std::io::Write::write_all(&mut c, &[b'Q', 0, 0, 0, 0, 0, 0, 0, 0])?;
+                    let mut q = [0u8; 1];
+                    std::io::Read::read_exact(&mut c, &mut q)
+                });
+                match r {
+                    Ok(()) => ok += 1,
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (ok, failed)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
 
     let r = upgrade(&engine, "user", None).unwrap_or_else(|e| panic!("{e}\n{}", engine.log()));
     let old_pid = r["old_pid"].as_u64().unwrap();
     eprintln!("user NSM upgrade with open connections: blackout {} ms", r["blackout_ms"]);
+    std::thread::sleep(Duration::from_millis(1000));
+    hammering.store(false, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = hammer.join().unwrap();
+    eprintln!("{ok} connections made across the upgrade");
+    assert!(failed.is_empty() && ok > 50, "{ok} connections, failures: {failed:?}\n{}", engine.log());
     // The guest comes to the new process at once; its four connections stay in the old one.
     let start = Instant::now();
     while engine.nsm()["relayed"] != 4 && start.elapsed() < Duration::from_secs(5) {

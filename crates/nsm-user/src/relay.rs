@@ -99,12 +99,24 @@ pub(crate) struct Relays {
     next: u64,
     /// The frame channel is out of the epoll (the peer is gone).
     chan_dropped: bool,
+    /// Old process: (protocol, port)s of listeners and UDP sockets made anew in the new process,
+    /// whose frames go there (some reach this one before the new one has them).
+    given: std::collections::HashSet<(u8, u16)>,
+    giving: Vec<(u8, u16)>,
 }
 
 impl Relays {
     /// Connections this process still relays for another.
     pub fn relaying(&self) -> usize {
         self.out.len()
+    }
+
+    pub fn gave_any(&self) -> bool {
+        !self.given.is_empty()
+    }
+
+    pub fn gave(&self, proto: u8, port: u16) -> bool {
+        self.given.contains(&(proto, port))
     }
 
     /// Whether socket `id` is relayed for another process (its handle's drop must not close it).
@@ -205,10 +217,15 @@ impl UserStack {
         }
         let s = self.socks.get(id)?;
         let (v6, opts) = (s.family == Family::V6, s.opts.clone());
+        let port = s.bound.map(|b| (s.proto.num(), b.port()));
         let desc = match &s.st {
             St::Idle => Described::Idle { v6, bound: s.bound, opts },
-            St::Listen { backlog, .. } => Described::Listener { v6, bound: s.bound?, backlog: *backlog, opts },
+            St::Listen { backlog, .. } => {
+                self.relay.giving.extend(port);
+                Described::Listener { v6, bound: s.bound?, backlog: *backlog, opts }
+            }
             St::Udp(u) => {
+                self.relay.giving.extend(port);
                 Described::Udp { v6, bound: s.bound, peer: u.peer, opts, rcv_shut: u.rcv_shut, snd_shut: u.snd_shut }
             }
             St::Tcp(c) => {
@@ -236,6 +253,10 @@ impl UserStack {
     /// `Stack::exported`: the connections readied are relayed from now on (`handed`), or stay
     /// as they were.
     pub(crate) fn settle_exports(&mut self, handed: bool) {
+        let giving = std::mem::take(&mut self.relay.giving);
+        if handed && self.draining_old() {
+            self.relay.given.extend(giving);
+        }
         for p in std::mem::take(&mut self.relay.pending) {
             // The other process has its copy; ours would keep the pair open past its close.
             drop(p.theirs);

@@ -295,6 +295,9 @@ pub struct UserStack {
     pub(crate) peer: Option<crate::peer::Peer>,
     /// Loopback frames the peer sent, for the next poll.
     lo_from_peer: VecDeque<Vec<u8>>,
+    /// Wire frames the old process gave back: for a listener or UDP port it handed over
+    /// (relay.rs), which arrived there before this process made it anew.
+    ext_from_peer: VecDeque<Vec<u8>>,
     /// Ephemeral ports this process may take: those of this parity (2: any), and none the old
     /// process used when the upgrade began.
     parity: u16,
@@ -416,6 +419,7 @@ impl UserStack {
             now: SInstant::ZERO,
             peer: None,
             lo_from_peer: VecDeque::new(),
+            ext_from_peer: VecDeque::new(),
             parity: 2,
             reserved: HashSet::new(),
             relay: Default::default(),
@@ -964,7 +968,10 @@ impl UserStack {
                 }
             }
             if let Some(p) = self.peer.as_mut().filter(|p| !p.gone) {
-                let m = p.recv(&mut self.ext_dev.rx, &mut self.lo_from_peer, RX_BATCH);
+                // The old process's wire frames come from the peer; the new one's from the peer
+                // are the few it gave back.
+                let ext = if p.old { &mut self.ext_dev.rx } else { &mut self.ext_from_peer };
+                let m = p.recv(ext, &mut self.lo_from_peer, RX_BATCH);
                 more |= m;
                 self.rx_pending |= m;
             }
@@ -974,7 +981,11 @@ impl UserStack {
             self.relay_events();
         }
         let frames = std::mem::take(&mut self.ext_dev.rx);
-        let wake_all = self.route_frames(EXT, frames, false);
+        let mut wake_all = self.route_frames(EXT, frames, false);
+        let back = std::mem::take(&mut self.ext_from_peer);
+        if !back.is_empty() {
+            wake_all |= self.route_frames(EXT, back, true);
+        }
         self.poll_shards(EXT, ts, true, wake_all);
         if self.fragmenting {
             self.fragmenting = false;
@@ -1044,8 +1055,16 @@ impl UserStack {
         // both directions, the wire's from the new process to the old; never back again.
         let tag = if ifx == EXT { crate::peer::TAG_EXT } else { crate::peer::TAG_LO };
         let bridge = !from_peer && self.peer_live().is_some_and(|p| ifx == LO || !p.old);
+        // The old process gives back what arrives for a port it handed over (relay.rs).
+        let give_back = ifx == EXT && self.peer_live().is_some_and(|p| p.old) && self.relay.gave_any();
         for f in frames {
             let peek = if ifx == EXT { frame::peek_ethernet(&f) } else { frame::peek_ip(&f) };
+            if peek.is_some_and(|p| give_back && self.relay.gave(p.proto, p.dst.port()) && !self.owns(ifx, &p)) {
+                if let Some(peer) = self.peer.as_mut() {
+                    peer.send(tag, &f);
+                }
+                continue;
+            }
             if bridge {
                 let theirs = match &peek {
                     Some(p) => !self.owns(ifx, p),
@@ -1112,7 +1131,7 @@ impl UserStack {
             self.nets[ifx].shards[sh].rx.push_back((f, id));
             self.nets[ifx].mark(sh);
         }
-        if let Some(p) = self.peer.as_mut().filter(|_| bridge) {
+        if let Some(p) = self.peer.as_mut().filter(|_| bridge || give_back) {
             p.flush();
         }
         wake_all
