@@ -1596,3 +1596,147 @@ fn an_idle_listener_is_made_anew_in_another_stack() {
     assert!(n.b.movable(&new), "idle again");
     assert_eq!(n.b.import(None, Some(b"not a listener"), false).err(), Some(libc::EINVAL));
 }
+
+/// B's upgrade, as the engine runs it: B hands its link to a new process NB, which reads the
+/// wire from then on. Returns NB.
+fn upgrade_b(n: &mut Net) -> UserStack {
+    let link = n.b.hand_link().unwrap();
+    let mut fds = link.fds.into_iter();
+    let (wire, chan) = (fds.next().unwrap(), fds.next().unwrap());
+    UserStack::successor(cfg(Link::Tap, 3), wire, chan, link.ports).unwrap()
+}
+
+/// Runs A, the old B and the new NB for `ms` virtual milliseconds.
+fn run3(n: &mut Net, nb: &mut UserStack, ms: u64) {
+    let mut r = Vec::new();
+    for _ in 0..ms {
+        n.run(1);
+        nb.poll(n.now, true, &mut r);
+    }
+}
+
+/// What SCM_RIGHTS does with an exported fd: a copy the other process owns.
+fn received(fd: Option<std::os::fd::RawFd>) -> Option<OwnedFd> {
+    // SAFETY: dup of an fd the stack keeps open until `exported`; the copy is owned here.
+    fd.map(|f| unsafe { OwnedFd::from_raw_fd(libc::dup(f)) })
+}
+
+/// A user NSM's upgrade moves B's guest sockets to the new process: an established connection
+/// is relayed by the old process (bytes both ways in order, the peer's FIN as an end of stream
+/// once the old process says so, the guest's close as a FIN), a listener is made anew, and a
+/// SYN that reached the old process after it gave the listener away is given back, not refused.
+#[test]
+fn an_upgrade_relays_connections_and_gives_listeners_away() {
+    let mut n = Net::new();
+    let l = listener(&mut n.b, "0.0.0.0:8080", 8);
+    let (c, s, _) = connect_pair(&mut n, &l, "10.77.0.3:8080");
+    send_all(&mut n.a, &c, b"before");
+    n.run(5);
+    assert_eq!(recv_str(&mut n.b, &s).unwrap(), "before");
+    assert!(!n.b.movable(&s), "only an upgrade's old process relays a connection");
+
+    let mut nb = upgrade_b(&mut n);
+    assert!(n.b.movable(&s) && n.b.movable(&l));
+    // A second connection's SYN: NB has no listener yet and passes it to B, which sees it only
+    // after it handed the listener over.
+    let c2 = tcp(&mut n.a);
+    assert_eq!(n.a.connect(&c2, &sa("10.77.0.3:8080")), Err(libc::EINPROGRESS));
+    let mut r = Vec::new();
+    for _ in 0..3 {
+        n.now += Duration::from_millis(1);
+        n.a.poll(n.now, true, &mut r);
+        nb.poll(n.now, true, &mut r);
+    }
+    let es = n.b.export(&s).unwrap();
+    let el = n.b.export(&l).unwrap();
+    assert!(es.fd.is_some() && el.fd.is_none());
+    let fd = received(es.fd);
+    n.b.exported(true);
+    let s2 = nb.import(fd, es.desc.as_deref(), false).unwrap();
+    let l2 = nb.import(None, el.desc.as_deref(), false).unwrap();
+    n.b.close(s);
+    n.b.close(l);
+    assert_eq!(n.b.relaying(), 1);
+
+    run3(&mut n, &mut nb, 30);
+    assert_eq!(n.a.connect(&c2, &sa("10.77.0.3:8080")), Ok(()), "the SYN was given back and answered");
+    let mut pa = [0u8; 28];
+    let (s3, _) = nb.accept(&l2, &mut pa).expect("the new process's listener accepted it");
+    send_all(&mut n.a, &c2, b"new");
+    run3(&mut n, &mut nb, 5);
+    assert_eq!(recv_str(&mut nb, &s3).unwrap(), "new");
+
+    // The relayed connection: same addresses, bytes both ways in order.
+    let mut name = [0u8; 16];
+    assert_eq!(nb.getpeername(&s2, &mut name), Ok(16));
+    assert_eq!(read_sa(Family::V4, &name).ip().to_string(), "10.77.0.2");
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let (mut sent, mut got) = (0, Vec::new());
+    for _ in 0..3000 {
+        if sent < big.len() {
+            sent += n.a.send(&c, &big[sent..], 0, &[]).unwrap_or(0);
+        }
+        run3(&mut n, &mut nb, 1);
+        let mut b = [0u8; 65536];
+        while let Ok((k, _)) = nb.recv(&s2, &mut b, 0, &mut []) {
+            if k == 0 {
+                break;
+            }
+            got.extend_from_slice(&b[..k]);
+        }
+        if got.len() == big.len() {
+            break;
+        }
+    }
+    assert!(got == big, "{} of {} bytes, in order: {}", got.len(), big.len(), got == big[..got.len()]);
+    send_all(&mut nb, &s2, b"back");
+    run3(&mut n, &mut nb, 5);
+    assert_eq!(recv_str(&mut n.a, &c).unwrap(), "back");
+
+    // The peer's FIN is an end of stream in the new process; the guest's close, a FIN.
+    n.a.shutdown(&c, libc::SHUT_WR).unwrap();
+    run3(&mut n, &mut nb, 10);
+    assert_eq!(nb.poll_mask(&s2) & IN, IN);
+    assert_eq!(recv_str(&mut nb, &s2).unwrap(), "", "end of stream");
+    nb.close(s2);
+    run3(&mut n, &mut nb, 10);
+    assert_eq!(recv_str(&mut n.a, &c).unwrap(), "", "the guest's close reached the peer as a FIN");
+    assert_eq!(n.b.relaying(), 0, "the relay ended with the connection");
+}
+
+/// A connection the old process relays breaks: its guest in the new process gets the error
+/// (a reset), not an end of stream. And if the old process dies, what it relayed fails so too.
+#[test]
+fn a_relayed_connection_reports_resets_and_the_old_process_dying() {
+    let mut n = Net::new();
+    let l = listener(&mut n.b, "0.0.0.0:8081", 8);
+    let (c1, s1, _) = connect_pair(&mut n, &l, "10.77.0.3:8081");
+    let (_c2, s2, _) = connect_pair(&mut n, &l, "10.77.0.3:8081");
+    let mut nb = upgrade_b(&mut n);
+    let mut moved = Vec::new();
+    for s in [s1, s2] {
+        let e = n.b.export(&s).unwrap();
+        let fd = received(e.fd);
+        moved.push((s, fd, e.desc));
+    }
+    n.b.exported(true);
+    let mut news = Vec::new();
+    for (s, fd, desc) in moved {
+        news.push(nb.import(fd, desc.as_deref(), false).unwrap());
+        n.b.close(s);
+    }
+    run3(&mut n, &mut nb, 5);
+    // The peer resets the first.
+    let lg = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: linger is plain integers; viewed as its bytes for setsockopt.
+    let lg = unsafe { std::slice::from_raw_parts((&lg as *const libc::linger).cast::<u8>(), 8) };
+    n.a.setsockopt(&c1, libc::SOL_SOCKET, libc::SO_LINGER, lg).unwrap();
+    n.a.close(c1);
+    run3(&mut n, &mut nb, 10);
+    assert_ne!(nb.poll_mask(&news[0]) & libc::POLLERR as u32, 0);
+    assert_eq!(recv_str(&mut nb, &news[0]), Err(libc::ECONNRESET));
+    // The old process dies: the second fails, never ends cleanly.
+    drop(std::mem::replace(&mut n.b, UserStack::new(cfg(Link::Tap, 9), wire().0).unwrap()));
+    run3(&mut n, &mut nb, 5);
+    assert_eq!(recv_str(&mut nb, &news[1]), Err(libc::ECONNRESET));
+}
