@@ -443,6 +443,9 @@ impl UserStack {
     /// Old process: moves what it can between connection `id` and its pair, and ends the relay
     /// when the connection is over for the guest. Returns whether smoltcp got bytes to send.
     pub(crate) fn pump(&mut self, id: usize) -> bool {
+        if self.relay.out.is_empty() {
+            return false;
+        }
         let Some(r) = self.relay.out.get_mut(&id) else { return false };
         let Some(s) = self.socks.get(id) else {
             self.relay.out.remove(&id);
