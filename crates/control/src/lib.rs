@@ -60,10 +60,14 @@ pub enum EngineRequest {
     /// Apply the configuration file anew (`ctl reload`). Reply: [`ReloadReport`].
     Reload,
     /// Replace NSM `nsm`'s process by a new one (from `binary`, else the engine's own) that
-    /// takes over its guests while they run (`ctl upgrade`). Reply: [`UpgradeReport`].
+    /// takes over its guests while they run (`ctl upgrade`). `force`: an earlier user-NSM
+    /// upgrade's old process still relaying connections is stopped first (they are reset).
+    /// Reply: [`UpgradeReport`].
     Upgrade {
         nsm: String,
         binary: Option<String>,
+        #[serde(default)]
+        force: bool,
     },
     /// Serve tenant `tenant` by NSM `to` from now on, its running guests' connections too (`ctl
     /// move`). Reply: [`MoveReport`].
@@ -270,8 +274,8 @@ mod tests {
             Just(EngineRequest::Conns),
             Just(EngineRequest::Shutdown),
             Just(EngineRequest::Reload),
-            ("[a-z]{1,8}", proptest::option::of("/[a-z/]{1,20}"))
-                .prop_map(|(nsm, binary)| EngineRequest::Upgrade { nsm, binary }),
+            ("[a-z]{1,8}", proptest::option::of("/[a-z/]{1,20}"), proptest::bool::ANY)
+                .prop_map(|(nsm, binary, force)| EngineRequest::Upgrade { nsm, binary, force }),
             (".{0,20}", ".{0,20}").prop_map(|(tenant, to)| EngineRequest::Move { tenant, to }),
         ]
     }

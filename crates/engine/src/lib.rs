@@ -686,8 +686,8 @@ impl Engine {
                 };
                 sys::send_frame(fd, &reply.encode(), &[])
             }
-            EngineRequest::Upgrade { nsm, binary } => {
-                let reply = match operator(conn, "upgrade an NSM").and_then(|()| self.upgrade(&nsm, binary)) {
+            EngineRequest::Upgrade { nsm, binary, force } => {
+                let reply = match operator(conn, "upgrade an NSM").and_then(|()| self.upgrade(&nsm, binary, force)) {
                     Ok(report) => Reply::ok(report),
                     Err(e) => Reply::err(e),
                 };
@@ -869,13 +869,18 @@ impl Engine {
 
     /// Replaces NSM `name`'s process by a new one that takes over its guests while they run
     /// (`ctl upgrade`); from `binary` if given (it must speak this engine's region ABI).
-    pub fn upgrade(&self, name: &str, binary: Option<String>) -> Result<netkernel_control::UpgradeReport, String> {
+    pub fn upgrade(
+        &self,
+        name: &str,
+        binary: Option<String>,
+        force: bool,
+    ) -> Result<netkernel_control::UpgradeReport, String> {
         let nsm = self.nsm(name)?;
         let binary = match binary {
             Some(b) => Some(std::fs::canonicalize(&b).map_err(|e| format!("{b}: {e}"))?),
             None => None,
         };
-        let u = nsm.upgrade(binary).map_err(|e| e.to_string())?;
+        let u = nsm.upgrade(binary, force).map_err(|e| e.to_string())?;
         let blackout_ms = u.blackout.as_secs_f64() * 1000.0;
         let (draining_attachments, draining_sockets) = u.draining.unwrap_or_default();
         log(format!(

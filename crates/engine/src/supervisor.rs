@@ -455,13 +455,13 @@ impl Nsm {
     /// that takes over every attachment and socket while the guests run (service/handover.rs).
     /// The old process exits once its closing sockets are flushed. On any failure the new
     /// process is killed and the old one serves on.
-    pub fn upgrade(&self, binary: Option<PathBuf>) -> io::Result<Upgraded> {
+    pub fn upgrade(&self, binary: Option<PathBuf>, force: bool) -> io::Result<Upgraded> {
         if let Some(b) = &binary {
             check_abi(b)?;
         }
         let exe = binary.clone().or_else(|| self.exe.lock().unwrap_or_else(|e| e.into_inner()).clone());
         if self.link.is_some() {
-            return self.upgrade_user(binary, exe);
+            return self.upgrade_user(binary, exe, force);
         }
         let (mut child, ours, pidfd) = self.launch(exe.as_deref(), false, false)?;
         let new_pid = child.id();
@@ -498,18 +498,32 @@ impl Nsm {
     /// every new attachment; the old one serves the attachments it has, as the new one's
     /// executor, until each can move there (no handshake in progress), and relays their
     /// connections until they close. The blackout is the time no process read the link.
-    fn upgrade_user(&self, binary: Option<PathBuf>, exe: Option<PathBuf>) -> io::Result<Upgraded> {
+    fn upgrade_user(&self, binary: Option<PathBuf>, exe: Option<PathBuf>, force: bool) -> io::Result<Upgraded> {
         let (mut child, ours, pidfd) = self.launch(exe.as_deref(), false, true)?;
         let new_pid = child.id();
         let mut p = self.lock();
         let Some(old_pid) = p.pid.filter(|_| p.control.is_some()) else {
             return Err(self.give_up(&mut child, "it is not running (restarting?)".into()));
         };
-        let drained = Self::call_fds(&mut p, &NsmRequest::Drain, &[]).and_then(|(v, fds)| {
-            let d: netkernel_service::drain::Drained =
-                serde_json::from_value(v).map_err(|e| other(format!("malformed drain reply: {e}")))?;
-            Ok((d, fds))
-        });
+        let stopped = if force { Self::end_drain(&mut p) } else { Ok(false) };
+        let stopped = match stopped {
+            Ok(s) => s,
+            Err(e) => return Err(self.give_up(&mut child, format!("ending the previous drain: {e}"))),
+        };
+        let drain = |p: &mut Proc| {
+            Self::call_fds(p, &NsmRequest::Drain, &[]).and_then(|(v, fds)| {
+                let d: netkernel_service::drain::Drained =
+                    serde_json::from_value(v).map_err(|e| other(format!("malformed drain reply: {e}")))?;
+                Ok((d, fds))
+            })
+        };
+        let mut drained = drain(&mut p);
+        // A process just stopped is noticed by its successor's loop, not at once.
+        let patience = Instant::now() + Duration::from_secs(2);
+        while stopped && drained.is_err() && Instant::now() < patience {
+            std::thread::sleep(Duration::from_millis(20));
+            drained = drain(&mut p);
+        }
         let (drained, fds) = match drained {
             Ok(d) => d,
             Err(e) => return Err(self.give_up(&mut child, format!("{e}; the old process serves on"))),
@@ -538,6 +552,20 @@ impl Nsm {
         Ok(self.become_new(&mut p, (child, new.control, pidfd), binary, blackout, |u| {
             u.draining = Some((drained.attachments, drained.sockets))
         }))
+    }
+
+    /// `ctl upgrade --force` while an earlier upgrade's old process still serves or relays: it is
+    /// stopped at once, as if it crashed (its guests' relayed connections reset; the guests and
+    /// their other connections go on), so that this upgrade can begin. Returns whether one was.
+    fn end_drain(p: &mut Proc) -> io::Result<bool> {
+        let stats: NsmStats = serde_json::from_value(Self::call(p, &NsmRequest::Stats, &[])?)
+            .map_err(|e| other(format!("malformed stats: {e}")))?;
+        for &pid in &stats.draining {
+            crate::log(format!("ctl upgrade --force: stopping pid {pid}, the previous upgrade's old process"));
+            // SAFETY: integers only. The pid is a draining NSM process the NSM just named.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        Ok(!stats.draining.is_empty())
     }
 
     /// An upgrade that cannot go on: its new process is stopped; the error says why.

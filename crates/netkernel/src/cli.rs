@@ -66,6 +66,10 @@ enum Cmd {
         /// With upgrade: the NSM's new binary (default: the one it runs).
         #[arg(long)]
         binary: Option<String>,
+        /// With upgrade of a user NSM whose previous upgrade's old process still relays
+        /// connections: stop that process first (those connections are reset).
+        #[arg(long)]
+        force: bool,
         /// With move: the NSM to serve the tenant.
         #[arg(long)]
         to: Option<String>,
@@ -108,7 +112,7 @@ pub fn main() -> i32 {
         Cmd::Serve { config, socket, metrics } => serve(config, socket, metrics),
         Cmd::Run { tenant, socket, isolate, token_file, program } => run(tenant, socket, isolate, token_file, program),
         Cmd::Ctl { socket, what, iterations, .. } if what == "top" => top(socket, iterations),
-        Cmd::Ctl { socket, json, what, name, binary, to, .. } => {
+        Cmd::Ctl { socket, json, what, name, binary, force, to, .. } => {
             let req = match (what.as_str(), name) {
                 ("status", None) => EngineRequest::Status,
                 ("tenants", None) => EngineRequest::Tenants,
@@ -116,9 +120,11 @@ pub fn main() -> i32 {
                 ("conns", None) => EngineRequest::Conns,
                 ("shutdown", None) => EngineRequest::Shutdown,
                 ("reload", None) => EngineRequest::Reload,
-                ("upgrade", Some(nsm)) => EngineRequest::Upgrade { nsm, binary },
+                ("upgrade", Some(nsm)) => EngineRequest::Upgrade { nsm, binary, force },
                 ("upgrade", None) => {
-                    return fail("ctl upgrade needs the NSM's name: netkernel ctl upgrade NSM [--binary PATH]")
+                    return fail(
+                        "ctl upgrade needs the NSM's name: netkernel ctl upgrade NSM [--binary PATH] [--force]",
+                    )
                 }
                 ("move", Some(tenant)) if to.is_some() => EngineRequest::Move { tenant, to: to.unwrap_or_default() },
                 ("move", _) => return fail("ctl move needs a tenant and an NSM: netkernel ctl move TENANT --to NSM"),

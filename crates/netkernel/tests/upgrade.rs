@@ -951,3 +951,72 @@ fn a_relaying_old_process_that_dies_resets_only_its_connections() {
     let _ = server.kill();
     let _ = server.wait();
 }
+
+/// `ctl upgrade --force` of a user NSM whose previous upgrade's old process still relays a
+/// connection: that process is stopped (the connection's guest gets ECONNRESET, as if it had
+/// crashed) and the upgrade goes on; without --force the upgrade is refused and nothing changes.
+#[test]
+fn a_forced_user_nsm_upgrade_ends_the_previous_drain() {
+    if !is_root() {
+        eprintln!("SKIP a_forced_user_nsm_upgrade_ends_the_previous_drain: a user NSM needs root");
+        return;
+    }
+    let (user, addr) = user_nsm_config("");
+    let engine = TestEngine::with_config(&user);
+    let mut server = engine.python_ready(WORDS_SERVER);
+    let mut out = BufReader::new(server.stdout.take().unwrap());
+    let echo_conn = || {
+        let mut c = std::net::TcpStream::connect((addr, 7400)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        std::io::Write::write_all(&mut c, &[b'E', 0, 0, 0, 0, 0, 0, 0, 0]).unwrap();
+        c
+    };
+    let echo = |c: &mut std::net::TcpStream, msg: &[u8]| {
+        std::io::Write::write_all(c, msg).unwrap();
+        let mut got = vec![0; msg.len()];
+        std::io::Read::read_exact(c, &mut got).unwrap();
+        assert_eq!(got, msg);
+    };
+    let mut long_lived = echo_conn();
+    echo(&mut long_lived, b"before");
+    let first = upgrade(&engine, "user", None).unwrap_or_else(|e| panic!("{e}\n{}", engine.log()));
+    let start = Instant::now();
+    while engine.nsm()["relayed"] != 1 && start.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let refused = upgrade(&engine, "user", None).expect_err("an upgrade while the old process relays");
+    assert!(refused.contains("draining"), "{refused}");
+    assert_eq!(engine.nsm()["pid"], first["new_pid"]);
+    echo(&mut long_lived, b"still relayed");
+
+    let forced = engine.ctl_try(&["upgrade", "user", "--force"]).unwrap_or_else(|e| panic!("{e}\n{}", engine.log()));
+    assert_eq!(forced["old_pid"], first["new_pid"], "{forced}");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{}", first["old_pid"])).exists(),
+        "the first old process was stopped"
+    );
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ConnectionResetError", "the relayed connection's guest was told");
+    // The guest follows to the newest process (a connection it accepted before that would keep
+    // the one before relaying); then that one, relaying nothing, exits.
+    let start = Instant::now();
+    while engine.log().matches("came from the old process").count() < 2 && start.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut fresh = echo_conn();
+    echo(&mut fresh, b"after the forced upgrade");
+    while engine.nsm()["draining"] != serde_json::json!([]) && start.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let nsm = engine.nsm();
+    assert_eq!(
+        (&nsm["pid"], &nsm["draining"]),
+        (&forced["new_pid"], &serde_json::json!([])),
+        "{nsm}\n{}",
+        engine.log()
+    );
+    echo(&mut fresh, b"in the newest process");
+    let _ = server.kill();
+    let _ = server.wait();
+}

@@ -448,7 +448,11 @@ impl UserStack {
     /// on this stack reads its wire frames from the channel, and takes even ephemeral ports.
     pub fn hand_link(&mut self) -> Result<crate::seam::HandedLink, String> {
         if self.peer.as_ref().is_some_and(|p| !p.gone) {
-            return Err("this NSM process is draining after an upgrade already, or its successor still is".into());
+            return Err(
+                "the previous upgrade is still draining (its old process relays connections until they close: \
+                        ctl nsms, RELAYED); wait for it, or upgrade with --force to reset them"
+                    .into(),
+            );
         }
         let wire = self.ext_dev.fd().try_clone_to_owned().map_err(|e| format!("wire fd: {e}"))?;
         let (ours, theirs) = crate::peer::pair(8 << 20).map_err(|e| format!("upgrade channel: {e}"))?;
