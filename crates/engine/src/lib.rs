@@ -883,15 +883,20 @@ impl Engine {
         let u = nsm.upgrade(binary, force).map_err(|e| e.to_string())?;
         let blackout_ms = u.blackout.as_secs_f64() * 1000.0;
         let (draining_attachments, draining_sockets) = u.draining.unwrap_or_default();
+        let following = match u.draining {
+            Some((n, _)) => format!(
+                ", {n} attachment(s) following from the old process (it relays their connections until they close)"
+            ),
+            None => String::new(),
+        };
         log(format!(
-            "NSM {name} upgraded: pid {} -> {} ({}), {} attachment(s), {} socket(s) handed over, {} attachment(s) \
-             following from the old process (it relays their connections until they close), blackout {blackout_ms:.1} ms",
+            "NSM {name} upgraded: pid {} -> {} ({}), {} attachment(s), {} socket(s) handed over{following}, \
+             blackout {blackout_ms:.1} ms",
             u.old_pid,
             u.new_pid,
             u.binary.display(),
             u.attachments,
             u.sockets,
-            draining_attachments
         ));
         Ok(netkernel_control::UpgradeReport {
             nsm: name.into(),
