@@ -744,6 +744,78 @@ while True:
     threading.Thread(target=serve, args=(l.accept()[0],), daemon=True).start()
 "#;
 
+/// An engine with one user NSM whose guest runs WORDS_SERVER; the host talks to it.
+struct Words {
+    engine: TestEngine,
+    addr: std::net::Ipv4Addr,
+    server: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Words {
+    /// None (and a SKIP line) without root: a user NSM needs its TAP device.
+    fn start(test: &str) -> Option<Words> {
+        if !is_root() {
+            eprintln!("SKIP {test}: a user NSM needs root (TAP device, namespace)");
+            return None;
+        }
+        let (user, addr) = user_nsm_config("");
+        let engine = TestEngine::with_config(&user);
+        let mut server = engine.python_ready(WORDS_SERVER);
+        let out = BufReader::new(server.stdout.take().unwrap());
+        let (tx, lines) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || out.lines().map_while(Result::ok).for_each(|l| drop(tx.send(l))));
+        Some(Words { engine, addr, server, lines })
+    }
+
+    /// The guest's next line, which must start with `want`.
+    fn said(&self, want: &str) -> String {
+        let l = self
+            .lines
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("no line from the guest; wanted {want}"));
+        assert!(l.starts_with(want), "the guest said {l:?}, not {want:?}");
+        l
+    }
+
+    /// A connection to the guest in `mode` for `n` words.
+    fn open(&self, mode: u8, n: u64) -> std::net::TcpStream {
+        let mut c = std::net::TcpStream::connect((self.addr, 7400)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut head = vec![mode];
+        head.extend(n.to_be_bytes());
+        std::io::Write::write_all(&mut c, &head).unwrap();
+        c
+    }
+
+    /// Waits up to 5 s for the NSM's `field` to read `want`.
+    fn wait_nsm(&self, field: &str, want: serde_json::Value) {
+        let start = Instant::now();
+        while self.engine.nsm()[field] != want && start.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(self.engine.nsm()[field], want, "{field}\n{}", self.engine.log());
+    }
+}
+
+impl Drop for Words {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
+
+/// Sends `msg` on `c` and reads as many bytes back.
+fn try_echo(c: &mut std::net::TcpStream, msg: &[u8]) -> std::io::Result<Vec<u8>> {
+    std::io::Write::write_all(c, msg)?;
+    let mut got = vec![0; msg.len()];
+    std::io::Read::read_exact(c, &mut got).map(|_| got)
+}
+
+fn echo(c: &mut std::net::TcpStream, msg: &[u8]) {
+    assert_eq!(try_echo(c, msg).unwrap(), msg);
+}
+
 /// A user NSM's upgrade moves a guest whose connections stay open: they stay in the old
 /// process's smoltcp, relayed to the new process, which serves the guest from then on. Bytes
 /// cross both ways whole and in order while the upgrade happens, a reset reaches the guest as
@@ -751,36 +823,8 @@ while True:
 /// process exits once its last relayed connection ends, the guest still running.
 #[test]
 fn a_user_nsm_upgrade_moves_guests_with_open_connections() {
-    if !is_root() {
-        eprintln!(
-            "SKIP a_user_nsm_upgrade_moves_guests_with_open_connections: a user NSM needs root (TAP device, namespace)"
-        );
-        return;
-    }
-    let (user, addr) = user_nsm_config("");
-    let engine = TestEngine::with_config(&user);
-    let mut server = engine.python_ready(WORDS_SERVER);
-    let lines = {
-        let out = BufReader::new(server.stdout.take().unwrap());
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
-        std::thread::spawn(move || out.lines().map_while(Result::ok).for_each(|l| drop(tx.send(l))));
-        rx
-    };
-    let said = |want: &str| {
-        let l = lines
-            .recv_timeout(Duration::from_secs(20))
-            .unwrap_or_else(|_| panic!("no line from the guest; wanted {want}"));
-        assert!(l.starts_with(want), "the guest said {l:?}, not {want:?}");
-        l
-    };
-    let open = |mode: u8, n: u64| {
-        let mut c = std::net::TcpStream::connect((addr, 7400)).unwrap();
-        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        let mut head = vec![mode];
-        head.extend(n.to_be_bytes());
-        std::io::Write::write_all(&mut c, &head).unwrap();
-        c
-    };
+    let Some(w) = Words::start("a_user_nsm_upgrade_moves_guests_with_open_connections") else { return };
+    let (engine, addr, open) = (&w.engine, w.addr, |mode, n| w.open(mode, n));
     let words = |k: u64, n: u64| (k..k + n).flat_map(|w| (w as u32).to_be_bytes()).collect::<Vec<u8>>();
     // Reads `n` counting words from `c`, starting at `k`.
     let read_words = |c: &mut std::net::TcpStream, k: u64, n: u64| {
@@ -788,12 +832,6 @@ fn a_user_nsm_upgrade_moves_guests_with_open_connections() {
         std::io::Read::read_exact(c, &mut buf).unwrap();
         let bad = buf.chunks(4).zip(k..).find(|(w, i)| u32::from_be_bytes((*w).try_into().unwrap()) != *i as u32);
         assert!(bad.is_none(), "word {} arrived wrong", bad.unwrap().1);
-    };
-    let echo = |c: &mut std::net::TcpStream, msg: &[u8]| {
-        std::io::Write::write_all(c, msg).unwrap();
-        let mut got = vec![0; msg.len()];
-        std::io::Read::read_exact(c, &mut got).unwrap();
-        assert_eq!(got, msg);
     };
     const DOWN: u64 = 16 << 20; // words the guest sends: 64 MiB
     const UP: u64 = 8 << 20; // words the host sends: 32 MiB
@@ -828,7 +866,7 @@ fn a_user_nsm_upgrade_moves_guests_with_open_connections() {
     };
     std::thread::sleep(Duration::from_millis(300));
 
-    let r = upgrade(&engine, "user", None).unwrap_or_else(|e| panic!("{e}\n{}", engine.log()));
+    let r = upgrade(engine, "user", None).unwrap_or_else(|e| panic!("{e}\n{}", engine.log()));
     let old_pid = r["old_pid"].as_u64().unwrap();
     eprintln!("user NSM upgrade with open connections: blackout {} ms", r["blackout_ms"]);
     std::thread::sleep(Duration::from_millis(1000));
@@ -837,17 +875,8 @@ fn a_user_nsm_upgrade_moves_guests_with_open_connections() {
     eprintln!("{ok} connections made across the upgrade");
     assert!(failed.is_empty() && ok > 50, "{ok} connections, failures: {failed:?}\n{}", engine.log());
     // The guest comes to the new process at once; its four connections stay in the old one.
-    let start = Instant::now();
-    while engine.nsm()["relayed"] != 4 && start.elapsed() < Duration::from_secs(5) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let nsm = engine.nsm();
-    assert_eq!(
-        (&nsm["relayed"], &nsm["draining"]),
-        (&serde_json::json!(4), &serde_json::json!([old_pid])),
-        "{nsm}\n{}",
-        engine.log()
-    );
+    w.wait_nsm("relayed", serde_json::json!(4));
+    assert_eq!(engine.nsm()["draining"], serde_json::json!([old_pid]));
     assert!(engine.log().contains("1 attachment(s) came from the old process"), "{}", engine.log());
 
     // Both directions go on, whole and in order.
@@ -858,7 +887,7 @@ fn a_user_nsm_upgrade_moves_guests_with_open_connections() {
         std::io::Write::write_all(&mut up, &words(k, 1 << 20)).unwrap();
     }
     up.shutdown(std::net::Shutdown::Write).unwrap();
-    assert_eq!(said("got"), format!("got {UP} True"));
+    assert_eq!(w.said("got"), format!("got {UP} True"));
     let mut done = Vec::new();
     std::io::Read::read_to_end(&mut up, &mut done).unwrap();
     assert_eq!(done, b"done");
@@ -876,14 +905,14 @@ fn a_user_nsm_upgrade_moves_guests_with_open_connections() {
         )
     };
     drop(reset);
-    said("ConnectionResetError");
+    w.said("ConnectionResetError");
     // The guest's listener is the new process's now: a new connection is served there.
     let mut fresh = open(b'E', 0);
     echo(&mut fresh, b"a connection made after the upgrade");
     // The last relayed connection ends: the old process exits, the guest and its new
     // connection go on.
     held.shutdown(std::net::Shutdown::Write).unwrap();
-    said("eof");
+    w.said("eof");
     drop(held);
     let old = std::path::PathBuf::from(format!("/proc/{old_pid}"));
     let start = Instant::now();
@@ -891,10 +920,8 @@ fn a_user_nsm_upgrade_moves_guests_with_open_connections() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(!old.exists(), "the old process outlived its relayed connections\n{}", engine.log());
-    assert_eq!(engine.nsm()["draining"], serde_json::json!([]));
+    w.wait_nsm("draining", serde_json::json!([]));
     echo(&mut fresh, b"after the old process left");
-    let _ = server.kill();
-    let _ = server.wait();
 }
 
 /// The old process of a user NSM's upgrade dies while it relays a connection for a guest the
@@ -903,53 +930,23 @@ fn a_user_nsm_upgrade_moves_guests_with_open_connections() {
 /// and the new process go on.
 #[test]
 fn a_relaying_old_process_that_dies_resets_only_its_connections() {
-    if !is_root() {
-        eprintln!("SKIP a_relaying_old_process_that_dies_resets_only_its_connections: a user NSM needs root");
-        return;
-    }
-    let (user, addr) = user_nsm_config("");
-    let engine = TestEngine::with_config(&user);
-    let mut server = engine.python_ready(WORDS_SERVER);
-    let mut out = BufReader::new(server.stdout.take().unwrap());
-    let echo_conn = || {
-        let mut c = std::net::TcpStream::connect((addr, 7400)).unwrap();
-        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        std::io::Write::write_all(&mut c, &[b'E', 0, 0, 0, 0, 0, 0, 0, 0]).unwrap();
-        c
-    };
-    let echo = |c: &mut std::net::TcpStream, msg: &[u8]| {
-        std::io::Write::write_all(c, msg).unwrap();
-        let mut got = vec![0; msg.len()];
-        std::io::Read::read_exact(c, &mut got).map(|_| got)
-    };
-    let mut relayed = echo_conn();
-    assert_eq!(echo(&mut relayed, b"before").unwrap(), b"before");
-    let r = upgrade(&engine, "user", None).unwrap_or_else(|e| panic!("{e}\n{}", engine.log()));
+    let Some(w) = Words::start("a_relaying_old_process_that_dies_resets_only_its_connections") else { return };
+    let mut relayed = w.open(b'E', 0);
+    echo(&mut relayed, b"before");
+    let r = upgrade(&w.engine, "user", None).unwrap_or_else(|e| panic!("{e}\n{}", w.engine.log()));
     let old_pid = r["old_pid"].as_u64().unwrap() as i32;
-    let start = Instant::now();
-    while engine.nsm()["relayed"] != 1 && start.elapsed() < Duration::from_secs(5) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert_eq!(engine.nsm()["relayed"], 1, "{}", engine.log());
-    let mut fresh = echo_conn();
-    assert_eq!(echo(&mut fresh, b"new").unwrap(), b"new");
+    w.wait_nsm("relayed", serde_json::json!(1));
+    let mut fresh = w.open(b'E', 0);
+    echo(&mut fresh, b"new");
     // SAFETY: integers only; the pid is the old NSM process's, alive (it relays).
     unsafe { libc::kill(old_pid, libc::SIGKILL) };
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "ConnectionResetError", "the guest was not told its relayed connection broke");
+    w.said("ConnectionResetError");
     // The host's side: the new process answers its next segment with a RST.
-    let gone = echo(&mut relayed, b"anyone?");
+    let gone = try_echo(&mut relayed, b"anyone?");
     assert!(gone.is_err() || gone.as_ref().is_ok_and(|g| g.is_empty()), "{gone:?}");
-    assert_eq!(echo(&mut fresh, b"still served").unwrap(), b"still served", "{}", engine.log());
-    let start = Instant::now();
-    while engine.nsm()["draining"] != serde_json::json!([]) && start.elapsed() < Duration::from_secs(5) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert_eq!(engine.nsm()["draining"], serde_json::json!([]), "{}", engine.log());
-    assert_eq!(engine.nsm()["restarts"], 0, "the NSM did not restart: only the old process died");
-    let _ = server.kill();
-    let _ = server.wait();
+    echo(&mut fresh, b"still served");
+    w.wait_nsm("draining", serde_json::json!([]));
+    assert_eq!(w.engine.nsm()["restarts"], 0, "the NSM did not restart: only the old process died");
 }
 
 /// `ctl upgrade --force` of a user NSM whose previous upgrade's old process still relays a
@@ -957,66 +954,29 @@ fn a_relaying_old_process_that_dies_resets_only_its_connections() {
 /// crashed) and the upgrade goes on; without --force the upgrade is refused and nothing changes.
 #[test]
 fn a_forced_user_nsm_upgrade_ends_the_previous_drain() {
-    if !is_root() {
-        eprintln!("SKIP a_forced_user_nsm_upgrade_ends_the_previous_drain: a user NSM needs root");
-        return;
-    }
-    let (user, addr) = user_nsm_config("");
-    let engine = TestEngine::with_config(&user);
-    let mut server = engine.python_ready(WORDS_SERVER);
-    let mut out = BufReader::new(server.stdout.take().unwrap());
-    let echo_conn = || {
-        let mut c = std::net::TcpStream::connect((addr, 7400)).unwrap();
-        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        std::io::Write::write_all(&mut c, &[b'E', 0, 0, 0, 0, 0, 0, 0, 0]).unwrap();
-        c
-    };
-    let echo = |c: &mut std::net::TcpStream, msg: &[u8]| {
-        std::io::Write::write_all(c, msg).unwrap();
-        let mut got = vec![0; msg.len()];
-        std::io::Read::read_exact(c, &mut got).unwrap();
-        assert_eq!(got, msg);
-    };
-    let mut long_lived = echo_conn();
+    let Some(w) = Words::start("a_forced_user_nsm_upgrade_ends_the_previous_drain") else { return };
+    let engine = &w.engine;
+    let mut long_lived = w.open(b'E', 0);
     echo(&mut long_lived, b"before");
-    let first = upgrade(&engine, "user", None).unwrap_or_else(|e| panic!("{e}\n{}", engine.log()));
-    let start = Instant::now();
-    while engine.nsm()["relayed"] != 1 && start.elapsed() < Duration::from_secs(5) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let refused = upgrade(&engine, "user", None).expect_err("an upgrade while the old process relays");
-    assert!(refused.contains("draining"), "{refused}");
+    let first = upgrade(engine, "user", None).unwrap_or_else(|e| panic!("{e}\n{}", engine.log()));
+    w.wait_nsm("relayed", serde_json::json!(1));
+    let refused = upgrade(engine, "user", None).expect_err("an upgrade while the old process relays");
+    assert!(refused.contains("draining") && refused.contains("--force"), "{refused}");
     assert_eq!(engine.nsm()["pid"], first["new_pid"]);
     echo(&mut long_lived, b"still relayed");
 
     let forced = engine.ctl_try(&["upgrade", "user", "--force"]).unwrap_or_else(|e| panic!("{e}\n{}", engine.log()));
     assert_eq!(forced["old_pid"], first["new_pid"], "{forced}");
-    assert!(
-        !std::path::Path::new(&format!("/proc/{}", first["old_pid"])).exists(),
-        "the first old process was stopped"
-    );
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "ConnectionResetError", "the relayed connection's guest was told");
+    w.said("ConnectionResetError");
     // The guest follows to the newest process (a connection it accepted before that would keep
     // the one before relaying); then that one, relaying nothing, exits.
     let start = Instant::now();
     while engine.log().matches("came from the old process").count() < 2 && start.elapsed() < Duration::from_secs(5) {
         std::thread::sleep(Duration::from_millis(50));
     }
-    let mut fresh = echo_conn();
+    let mut fresh = w.open(b'E', 0);
     echo(&mut fresh, b"after the forced upgrade");
-    while engine.nsm()["draining"] != serde_json::json!([]) && start.elapsed() < Duration::from_secs(5) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let nsm = engine.nsm();
-    assert_eq!(
-        (&nsm["pid"], &nsm["draining"]),
-        (&forced["new_pid"], &serde_json::json!([])),
-        "{nsm}\n{}",
-        engine.log()
-    );
+    w.wait_nsm("draining", serde_json::json!([]));
+    assert_eq!(engine.nsm()["pid"], forced["new_pid"]);
     echo(&mut fresh, b"in the newest process");
-    let _ = server.kill();
-    let _ = server.wait();
 }

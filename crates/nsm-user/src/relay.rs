@@ -93,6 +93,8 @@ pub(crate) struct Relays {
     pub ep: Option<OwnedFd>,
     /// Old process: socket id -> the connection it relays.
     out: HashMap<usize, Relay>,
+    /// Old process: relay id -> socket id, for the new process's notices.
+    out_ids: HashMap<u64, usize>,
     /// New process: relay id -> socket id.
     by_id: HashMap<u64, usize>,
     pending: Vec<Prepared>,
@@ -117,6 +119,13 @@ impl Relays {
 
     pub fn gave(&self, proto: u8, port: u16) -> bool {
         self.given.contains(&(proto, port))
+    }
+
+    /// Socket `id` is relayed no more.
+    fn forget(&mut self, id: usize) {
+        if let Some(r) = self.out.remove(&id) {
+            self.out_ids.remove(&r.id);
+        }
     }
 
     /// Whether socket `id` is relayed for another process (its handle's drop must not close it).
@@ -273,6 +282,7 @@ impl UserStack {
                 }
             }
             self.relay.out.insert(p.sock, Relay { fd: p.ours, id: p.id, rd_done, wr_done: false, closed: false });
+            self.relay.out_ids.insert(p.id, p.sock);
             self.dirty.insert(p.sock);
         }
     }
@@ -360,10 +370,16 @@ impl UserStack {
                 break;
             }
         }
-        // Notices from the peer.
+        // Notices from the peer: about what it relays for this process, or (the old process)
+        // about what this process relays for it.
+        let old = self.peer.as_ref().is_some_and(|p| p.old);
         let notices = self.peer.as_mut().map(|p| std::mem::take(&mut p.notices)).unwrap_or_default();
         for (relay, code) in notices {
-            self.on_notice(relay, code);
+            if old {
+                self.on_guest_notice(relay, code);
+            } else {
+                self.on_relay_notice(relay, code);
+            }
         }
         let gone = self.peer.as_ref().is_some_and(|p| p.gone);
         if gone && !self.relay.chan_dropped {
@@ -392,22 +408,24 @@ impl UserStack {
         }
     }
 
-    fn on_notice(&mut self, relay: u64, code: i32) {
-        if let Some(&id) = self.relay.by_id.get(&relay) {
-            // New process: the stream is whole, or the connection failed.
-            let Some(s) = self.socks.get_mut(id) else { return };
-            let St::Relayed(r) = &mut s.st else { return };
-            if code == NOTICE_FIN {
-                r.fin = true;
-            } else if code > 0 {
-                r.dead = true;
-                s.error = code;
-            }
-            self.dirty.insert(id);
-            return;
+    /// New process: the stream of relayed connection `relay` is whole, or the connection failed.
+    fn on_relay_notice(&mut self, relay: u64, code: i32) {
+        let Some(&id) = self.relay.by_id.get(&relay) else { return };
+        let Some(s) = self.socks.get_mut(id) else { return };
+        let St::Relayed(r) = &mut s.st else { return };
+        if code == NOTICE_FIN {
+            r.fin = true;
+        } else if code > 0 {
+            r.dead = true;
+            s.error = code;
         }
-        // Old process: the guest closed or reset the connection.
-        let Some((&id, r)) = self.relay.out.iter_mut().find(|(_, r)| r.id == relay) else { return };
+        self.dirty.insert(id);
+    }
+
+    /// Old process: the guest of relayed connection `relay` closed or reset it.
+    fn on_guest_notice(&mut self, relay: u64, code: i32) {
+        let Some(&id) = self.relay.out_ids.get(&relay) else { return };
+        let Some(r) = self.relay.out.get_mut(&id) else { return };
         if code == NOTICE_CLOSED {
             r.closed = true;
             self.dirty.insert(id);
@@ -433,7 +451,7 @@ impl UserStack {
     /// The relay of socket `id` is over: the connection lives on in smoltcp alone, as a closed
     /// socket does, until it is over.
     fn end_relay(&mut self, id: usize) {
-        self.relay.out.remove(&id);
+        self.relay.forget(id);
         if let Some(s) = self.socks.get_mut(id) {
             s.orphan = true;
             self.dirty.insert(id);
@@ -448,11 +466,11 @@ impl UserStack {
         }
         let Some(r) = self.relay.out.get_mut(&id) else { return false };
         let Some(s) = self.socks.get(id) else {
-            self.relay.out.remove(&id);
+            self.relay.forget(id);
             return false;
         };
         let St::Tcp(c) = &s.st else {
-            self.relay.out.remove(&id);
+            self.relay.forget(id);
             return false;
         };
         let (ifx, h, fd, error, peer_fin) = (c.ifx, c.h, r.fd.as_raw_fd(), s.error, c.peer_fin);
@@ -626,13 +644,16 @@ impl UserStack {
         }
     }
 
-    /// Registers the frame channel in the relay epoll (new process), which then stands for it.
+    /// Makes the relay epoll (kept if there is one: a process that was an upgrade's new one and
+    /// is now the old one may still hold relayed connections) and, in a new process, registers
+    /// the frame channel in it, which it then stands for.
     pub(crate) fn relay_epoll_with(&mut self, chan: Option<RawFd>) -> std::io::Result<()> {
-        let ep = epoll()?;
-        if let Some(c) = chan {
+        if self.relay.ep.is_none() {
+            self.relay.ep = Some(epoll()?);
+        }
+        if let (Some(c), Some(ep)) = (chan, &self.relay.ep) {
             watch(ep.as_raw_fd(), c, CHAN_KEY, false)?;
         }
-        self.relay.ep = Some(ep);
         Ok(())
     }
 }

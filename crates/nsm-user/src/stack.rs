@@ -306,6 +306,7 @@ pub struct UserStack {
     pub(crate) relay: crate::relay::Relays,
 }
 
+/// Maps the configured name to smoltcp's controller; the error lists the choices.
 pub fn parse_congestion(name: Option<&str>) -> Result<(CongestionControl, &'static str), crate::config::ConfigError> {
     match name {
         None | Some("reno") => Ok((CongestionControl::Reno, "reno")),
