@@ -40,6 +40,7 @@ const ALWAYS: u32 = (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) as u32;
 fn mask_of(fd: c_int) -> u32 {
     match (lookup(fd), state::current()) {
         (Fd::Sock(slot), Some(a)) if !a.dead() => full_mask(a, slot),
+        (Fd::Sock(slot), Some(a)) if state::end_told(a, slot) => 0,
         _ => DEAD_MASK,
     }
 }
@@ -425,7 +426,11 @@ fn collect(set: &EpollSet, out: &mut [epoll_event]) -> usize {
         }
         let seq = a.region.slot(i.slot).seq.load(Ordering::Acquire);
         let want = i.events | (libc::EPOLLERR | libc::EPOLLHUP) as u32;
-        let ready = if a.dead() { DEAD_MASK } else { full_mask(a, i.slot) } & want;
+        let ready = match a.dead() {
+            false => full_mask(a, i.slot),
+            true if state::end_told(a, i.slot) => 0,
+            true => DEAD_MASK,
+        } & want;
         if ready == 0 {
             continue;
         }

@@ -30,6 +30,14 @@ pub const F_INET6: u32 = 4;
 pub const F_LISTEN: u32 = 8;
 /// shutdown(SHUT_WR) succeeded: sends fail (EPIPE), so none may go asynchronously.
 pub const F_WR_SHUT: u32 = 16;
+/// A listener of a dead NSM whose end an accept() reported: never ready again, as a listener
+/// that will never see a connection (level-triggered servers would spin on it otherwise).
+pub const F_END_TOLD: u32 = 32;
+
+/// Whether socket `slot` of `a` (a dead attachment) has told its end already (`F_END_TOLD`).
+pub fn end_told(a: &Attachment, slot: u32) -> bool {
+    a.region.guest_sock(slot).flags.load(Ordering::Relaxed) & F_END_TOLD != 0
+}
 
 /// Guest-side state of socket `slot`, shared by every fd that refers to it in every process of
 /// the attachment (dup, fork): like the kernel's open file description. It lives in the region.
