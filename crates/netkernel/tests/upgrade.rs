@@ -922,6 +922,13 @@ fn a_user_nsm_upgrade_moves_guests_with_open_connections() {
     assert!(!old.exists(), "the old process outlived its relayed connections\n{}", engine.log());
     w.wait_nsm("draining", serde_json::json!([]));
     echo(&mut fresh, b"after the old process left");
+    // Once the drain is over the new process idles as any NSM does.
+    let nsm_pid = engine.nsm()["pid"].as_u64().unwrap() as u32;
+    std::thread::sleep(Duration::from_millis(300));
+    let before = cpu_ticks(nsm_pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_ticks(nsm_pid) - before;
+    assert!(used <= 4, "the new process used {used} ticks in 2 s with nothing to do");
 }
 
 /// The old process of a user NSM's upgrade dies while it relays a connection for a guest the

@@ -99,8 +99,6 @@ pub(crate) struct Relays {
     by_id: HashMap<u64, usize>,
     pending: Vec<Prepared>,
     next: u64,
-    /// The frame channel is out of the epoll (the peer is gone).
-    chan_dropped: bool,
     /// Old process: (protocol, port)s of listeners and UDP sockets made anew in the new process,
     /// whose frames go there (some reach this one before the new one has them).
     given: std::collections::HashSet<(u8, u16)>,
@@ -381,31 +379,32 @@ impl UserStack {
                 self.on_relay_notice(relay, code);
             }
         }
-        let gone = self.peer.as_ref().is_some_and(|p| p.gone);
-        if gone && !self.relay.chan_dropped {
-            // A closed channel reads as ready for ever: it must not keep the epoll ready.
-            if let (Some(ep), Some(p)) = (&self.relay.ep, &self.peer) {
-                // SAFETY: integers only (a null event is allowed for a delete); the kernel checks both fds.
-                unsafe {
-                    libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_DEL, p.chan.as_raw_fd(), std::ptr::null_mut())
-                };
+        if !self.peer.as_ref().is_some_and(|p| p.gone) {
+            return;
+        }
+        if old {
+            // The new process died: what this process relayed for it is reset (`pump`).
+            self.dirty.extend(self.relay.out.keys().copied());
+            if self.relay.out.is_empty() {
+                self.relay.ep = None;
             }
-            self.relay.chan_dropped = true;
+            return;
         }
         // The old process is gone: a relayed stream that did not end in order failed.
-        if gone && !self.peer.as_ref().is_some_and(|p| p.old) && !self.relay.by_id.is_empty() {
-            for (_, id) in std::mem::take(&mut self.relay.by_id) {
-                if let Some(s) = self.socks.get_mut(id) {
-                    if let St::Relayed(r) = &mut s.st {
-                        if !r.fin && !r.dead {
-                            r.dead = true;
-                            s.error = libc::ECONNRESET;
-                        }
-                        self.dirty.insert(id);
+        for (_, id) in std::mem::take(&mut self.relay.by_id) {
+            if let Some(s) = self.socks.get_mut(id) {
+                if let St::Relayed(r) = &mut s.st {
+                    if !r.fin && !r.dead {
+                        r.dead = true;
+                        s.error = libc::ECONNRESET;
                     }
+                    self.dirty.insert(id);
                 }
             }
         }
+        // Nothing comes through the pairs any more, and the closed channel would keep the
+        // epoll ready: it goes (no system call a poll for it from now on).
+        self.relay.ep = None;
     }
 
     /// New process: the stream of relayed connection `relay` is whole, or the connection failed.
