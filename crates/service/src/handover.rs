@@ -118,7 +118,7 @@ struct AttState {
 #[derive(Serialize, Deserialize)]
 struct SockState {
     fd: Option<usize>,
-    /// The stack's description of a socket it makes anew instead (`Stack::describe`).
+    /// What the stack wrote down of the socket besides or instead of its fd (`Stack::export`).
     #[serde(default)]
     desc: Option<Vec<u8>>,
     stream: bool,
@@ -137,8 +137,8 @@ struct SockState {
 }
 
 impl SockState {
-    /// Writes socket `s` down; `fd`: its stack fd's index among the snapshot's fds, or `desc`
-    /// (`Stack::describe`).
+    /// Writes socket `s` down; `fd`: its stack fd's index among the snapshot's fds and `desc`
+    /// (`Stack::export`).
     fn of<H>(s: &Sock<H>, (fd, desc): Carried, blob: &mut Blob, pipes: &mut PipeWriter) -> SockState {
         SockState {
             fd,
@@ -177,7 +177,8 @@ impl SockState {
     }
 }
 
-/// How a stack socket travels: its fd's index among the snapshot's fds, or a description.
+/// How a stack socket travels: its fd's index among the snapshot's fds, a description, or both
+/// (`Stack::export`).
 type Carried = (Option<usize>, Option<Vec<u8>>);
 
 /// How stack socket `h` goes to another process: its fd (pushed with `fd`), a description, or
