@@ -877,6 +877,10 @@ fn a_user_nsm_upgrade_moves_guests_with_open_connections() {
     // The guest comes to the new process at once; its four connections stay in the old one.
     w.wait_nsm("relayed", serde_json::json!(4));
     assert_eq!(engine.nsm()["draining"], serde_json::json!([old_pid]));
+    // Their telemetry comes from the old process, which measures them.
+    let conns = engine.ctl("conns");
+    let measured = conns.as_array().unwrap().iter().filter(|c| c["cwnd"].as_u64().unwrap_or(0) > 0).count();
+    assert!(measured >= 4, "relayed connections without telemetry: {conns}");
     assert!(engine.log().contains("1 attachment(s) came from the old process"), "{}", engine.log());
 
     // Both directions go on, whole and in order.

@@ -373,6 +373,11 @@ impl UserStack {
         if s.proto != Proto::Tcp {
             return None;
         }
+        if let St::Relayed(r) = &s.st {
+            return Some(
+                r.stats.unwrap_or(TcpStats { state: linux_state(self.tcp_state_of(id)), ..TcpStats::default() }),
+            );
+        }
         let mut st = TcpStats { state: linux_state(self.tcp_state_of(id)), ..TcpStats::default() };
         if let St::Tcp(c) = &s.st {
             if let Some(m) = self.meters.get(c.local, c.remote) {

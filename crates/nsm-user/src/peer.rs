@@ -25,6 +25,10 @@ pub(crate) const TAG_EXT: u8 = 0;
 pub(crate) const TAG_LO: u8 = 1;
 /// A relayed connection's notice (relay.rs): its relay id (u64) and a code (i32), little-endian.
 const TAG_NOTICE: u8 = 2;
+/// A relayed connection's telemetry (relay.rs): relay id (u64), TCP state (u8), RTT µs, cwnd,
+/// retransmits (u32 each), little-endian.
+const TAG_STATS: u8 = 3;
+const STATS_LEN: usize = 8 + 1 + 4 * 3;
 
 /// Frames waiting for room in the socket beyond this many bytes are dropped (TCP retransmits
 /// them), so a stalled peer cannot grow this process without bound.
@@ -51,6 +55,8 @@ pub(crate) struct Peer {
     pub gone: bool,
     /// Notices received (relay.rs), for the stack to take.
     pub notices: Vec<(u64, i32)>,
+    /// Telemetry of relayed connections received, for the stack to take.
+    pub stats: Vec<(u64, crate::seam::TcpStats)>,
 }
 
 /// A unix stream socket pair, non-blocking and close-on-exec, with `size` bytes of buffer.
@@ -92,6 +98,7 @@ impl Peer {
             dropped: 0,
             gone: false,
             notices: Vec::new(),
+            stats: Vec::new(),
         })
     }
 
@@ -118,6 +125,17 @@ impl Peer {
             self.out.push_back(TAG_NOTICE);
             self.out.extend(notice);
         }
+    }
+
+    /// Queues a relayed connection's telemetry (relay.rs); dropped when the channel is full.
+    pub fn send_stats(&mut self, relay: u64, s: &crate::seam::TcpStats) {
+        let mut b = [0u8; STATS_LEN];
+        b[..8].copy_from_slice(&relay.to_le_bytes());
+        b[8] = s.state;
+        for (i, v) in [s.rtt_us, s.cwnd, s.retrans].into_iter().enumerate() {
+            b[9 + 4 * i..13 + 4 * i].copy_from_slice(&v.to_le_bytes());
+        }
+        self.send(TAG_STATS, &b);
     }
 
     /// Whether bytes wait for room in the socket.
@@ -167,6 +185,17 @@ impl Peer {
                         u64::from_le_bytes(frame[..8].try_into().expect("8 bytes")),
                         i32::from_le_bytes(frame[8..].try_into().expect("4 bytes")),
                     )),
+                    TAG_STATS if frame.len() == STATS_LEN => {
+                        let u32_at = |i: usize| u32::from_le_bytes(frame[i..i + 4].try_into().expect("4 bytes"));
+                        let s = crate::seam::TcpStats {
+                            state: frame[8],
+                            rtt_us: u32_at(9),
+                            cwnd: u32_at(13),
+                            retrans: u32_at(17),
+                            delivery_rate: 0,
+                        };
+                        self.stats.push((u64::from_le_bytes(frame[..8].try_into().expect("8 bytes")), s));
+                    }
                     _ => lo.push_back(frame),
                 }
                 at += 4 + len;

@@ -8,15 +8,17 @@
 //! connection's addresses. The kernel buffers the pair, so flow control, readiness and ordering
 //! come for free; what a byte stream cannot say travels as notices on the frame channel:
 //! "everything is in the stream" (the peer's FIN, or a connection that ended in order), "the
-//! connection failed with this errno" (old to new) and "reset it" (new to old: closed with
-//! unread bytes or SO_LINGER 0, as Linux sends a RST). An end of stream is believed only after
-//! its notice: a pair that ends without one (the old process died) reports ECONNRESET, never a
-//! clean end that would pass a cut transfer for a whole one.
+//! connection failed with this errno" and its telemetry once a second (old to new), "the guest
+//! closed it" and "reset it" (new to old: closed with unread bytes or SO_LINGER 0, as Linux
+//! sends a RST). An end of stream is believed only after its notice: a pair that ends without
+//! one (the old process died) reports ECONNRESET, never a clean end that would pass a cut
+//! transfer for a whole one.
 //!
 //! Listeners with nothing waiting for accept, sockets not yet connected and UDP sockets with no
-//! datagram queued are made anew in the new process from a description instead. Handshakes in
-//! progress and listeners with connections waiting stay until they are over (a fraction of a
-//! second), and their attachment with them.
+//! datagram queued are made anew in the new process from a description instead; what reaches
+//! the old process for their ports afterwards (it was on its way) is given back to the new one.
+//! Handshakes in progress and listeners with connections waiting stay until they are over (a
+//! fraction of a second), and their attachment with them.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -31,6 +33,9 @@ use crate::stack::{Opts, St, UdpState, UserStack};
 /// The pair's buffer each way: what a relayed connection may have in flight between the two
 /// processes (on top of smoltcp's own buffers).
 const PAIR_BUFFER: libc::c_int = 1 << 20;
+
+/// How often the old process sends the new one its relayed connections' telemetry.
+const STATS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A notice's code besides a positive errno.
 const NOTICE_FIN: i32 = 0;
@@ -63,6 +68,8 @@ pub struct Relayed {
     pub fin: bool,
     /// The connection failed (the error is the socket's).
     pub dead: bool,
+    /// Its RTT, cwnd and retransmits as the old process last measured them (every second).
+    pub stats: Option<crate::seam::TcpStats>,
 }
 
 /// The old process's side: a connection it relays for the new one.
@@ -99,6 +106,8 @@ pub(crate) struct Relays {
     by_id: HashMap<u64, usize>,
     pending: Vec<Prepared>,
     next: u64,
+    /// Old process: when the relayed connections' telemetry goes to the new one next.
+    stats_at: Option<std::time::Instant>,
     /// Old process: (protocol, port)s of listeners and UDP sockets made anew in the new process,
     /// whose frames go there (some reach this one before the new one has them).
     given: std::collections::HashSet<(u8, u16)>,
@@ -341,7 +350,17 @@ impl UserStack {
                 }
                 let s = self.sock(h.id)?;
                 s.opts = opts;
-                s.st = St::Relayed(Relayed { fd, relay, local, remote, rcv_shut, snd_shut, fin: false, dead: false });
+                s.st = St::Relayed(Relayed {
+                    fd,
+                    relay,
+                    local,
+                    remote,
+                    rcv_shut,
+                    snd_shut,
+                    fin: false,
+                    dead: false,
+                    stats: None,
+                });
                 self.relay.by_id.insert(relay, h.id);
                 self.dirty.insert(h.id);
                 Ok(h)
@@ -371,6 +390,7 @@ impl UserStack {
         // Notices from the peer: about what it relays for this process, or (the old process)
         // about what this process relays for it.
         let old = self.peer.as_ref().is_some_and(|p| p.old);
+        self.relay_stats(old);
         let notices = self.peer.as_mut().map(|p| std::mem::take(&mut p.notices)).unwrap_or_default();
         for (relay, code) in notices {
             if old {
@@ -405,6 +425,37 @@ impl UserStack {
         // Nothing comes through the pairs any more, and the closed channel would keep the
         // epoll ready: it goes (no system call a poll for it from now on).
         self.relay.ep = None;
+    }
+
+    /// Telemetry of relayed connections: the old process sends each one's every second, the new
+    /// one keeps the last for `ctl conns`.
+    fn relay_stats(&mut self, old: bool) {
+        if !old {
+            let got = self.peer.as_mut().map(|p| std::mem::take(&mut p.stats)).unwrap_or_default();
+            for (relay, st) in got {
+                let Some(&id) = self.relay.by_id.get(&relay) else { continue };
+                if let Some(St::Relayed(r)) = self.socks.get_mut(id).map(|s| &mut s.st) {
+                    r.stats = Some(st);
+                }
+            }
+            return;
+        }
+        let now = std::time::Instant::now();
+        if self.relay.out.is_empty() || self.relay.stats_at.is_some_and(|t| now < t) {
+            return;
+        }
+        self.relay.stats_at = Some(now + STATS_EVERY);
+        let ids: Vec<(usize, u64)> = self.relay.out.iter().map(|(&id, r)| (id, r.id)).collect();
+        for (id, relay) in ids {
+            if let Some(st) = self.do_tcp_stats(id) {
+                if let Some(p) = self.peer.as_mut() {
+                    p.send_stats(relay, &st);
+                }
+            }
+        }
+        if let Some(p) = self.peer.as_mut() {
+            p.flush();
+        }
     }
 
     /// New process: the stream of relayed connection `relay` is whole, or the connection failed.

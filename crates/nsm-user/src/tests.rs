@@ -1666,7 +1666,11 @@ fn an_upgrade_relays_connections_and_gives_listeners_away() {
     run3(&mut n, &mut nb, 5);
     assert_eq!(recv_str(&mut nb, &s3).unwrap(), "new");
 
-    // The relayed connection: same addresses, bytes both ways in order.
+    // The relayed connection: same addresses, its telemetry from the old process, bytes both
+    // ways in order.
+    let st = nb.tcp_stats(&s2).expect("a relayed connection is TCP");
+    assert_eq!(st.state, 1, "ESTABLISHED");
+    assert!(st.cwnd > 0, "the old process's measurements: {st:?}");
     let mut name = [0u8; 16];
     assert_eq!(nb.getpeername(&s2, &mut name), Ok(16));
     assert_eq!(read_sa(Family::V4, &name).ip().to_string(), "10.77.0.2");
