@@ -54,7 +54,7 @@ pub fn render(engine: &Engine) -> String {
         f.sample("netkernel_nsm_upgrade_blackout_seconds", &[("nsm", &n.name)], n.upgrades().1.as_secs_f64());
     }
     type Get = fn(&NsmStats) -> u64;
-    let per_nsm: [(&str, &str, &str, Get); 7] = [
+    let per_nsm: [(&str, &str, &str, Get); 9] = [
         ("netkernel_nsm_received_bytes_total", "counter", "Bytes the NSM received for its guests.", |s| s.bytes_in),
         ("netkernel_nsm_sent_bytes_total", "counter", "Bytes the NSM sent for its guests.", |s| s.bytes_out),
         ("netkernel_nsm_connections_total", "counter", "Connections accepted or opened.", |s| s.conns_total),
@@ -67,6 +67,18 @@ pub fn render(engine: &Engine) -> String {
         ("netkernel_nsm_violations_total", "counter", "Attachments refused for breaking the ABI.", |s| s.violations),
         ("netkernel_nsm_attachments", "gauge", "Guest processes attached.", |s| s.attachments as u64),
         ("netkernel_nsm_sockets", "gauge", "Sockets open in the NSM.", |s| s.conns.len() as u64),
+        (
+            "netkernel_nsm_draining_processes",
+            "gauge",
+            "Old processes of a user NSM's upgrade still serving or relaying for its guests.",
+            |s| s.draining.len() as u64,
+        ),
+        (
+            "netkernel_nsm_relayed_connections",
+            "gauge",
+            "Connections the old processes of a user NSM's upgrade relay until they close.",
+            |s| s.relayed as u64,
+        ),
     ];
     for (name, kind, help, get) in per_nsm {
         f.head(name, kind, help);

@@ -748,6 +748,8 @@ while True:
 struct Words {
     engine: TestEngine,
     addr: std::net::Ipv4Addr,
+    /// The engine's Prometheus port.
+    metrics: u16,
     server: std::process::Child,
     lines: std::sync::mpsc::Receiver<String>,
 }
@@ -760,12 +762,13 @@ impl Words {
             return None;
         }
         let (user, addr) = user_nsm_config("");
-        let engine = TestEngine::with_config(&user);
+        let metrics = free_port();
+        let engine = TestEngine::with_config(&format!("[engine]\nmetrics = \"127.0.0.1:{metrics}\"\n\n{user}"));
         let mut server = engine.python_ready(WORDS_SERVER);
         let out = BufReader::new(server.stdout.take().unwrap());
         let (tx, lines) = std::sync::mpsc::channel::<String>();
         std::thread::spawn(move || out.lines().map_while(Result::ok).for_each(|l| drop(tx.send(l))));
-        Some(Words { engine, addr, server, lines })
+        Some(Words { engine, addr, metrics, server, lines })
     }
 
     /// The guest's next line, which must start with `want`.
@@ -881,6 +884,9 @@ fn a_user_nsm_upgrade_moves_guests_with_open_connections() {
     let conns = engine.ctl("conns");
     let measured = conns.as_array().unwrap().iter().filter(|c| c["cwnd"].as_u64().unwrap_or(0) > 0).count();
     assert!(measured >= 4, "relayed connections without telemetry: {conns}");
+    let text = metrics_response(&format!("127.0.0.1:{}", w.metrics));
+    assert!(text.contains("netkernel_nsm_relayed_connections{nsm=\"user\"} 4"), "{text}");
+    assert!(text.contains("netkernel_nsm_draining_processes{nsm=\"user\"} 1"), "{text}");
     assert!(engine.log().contains("1 attachment(s) came from the old process"), "{}", engine.log());
 
     // Both directions go on, whole and in order.
