@@ -78,23 +78,12 @@ struct Lobby {
 }
 
 fn epoll_ctl(epfd: RawFd, op: i32, fd: RawFd, token: u64) -> io::Result<()> {
-    let mut ev = libc::epoll_event { events: (libc::EPOLLIN | libc::EPOLLRDHUP) as u32, u64: token };
-    // SAFETY: ev is a live local for the call; the kernel checks both fds.
-    if unsafe { libc::epoll_ctl(epfd, op, fd, &mut ev) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    sys::epoll_ctl(epfd, op, fd, (libc::EPOLLIN | libc::EPOLLRDHUP) as u32, token)
 }
 
 /// Serves the control socket until the process ends; returns only if it cannot start.
 pub(crate) fn serve(engine: Arc<Engine>, listener: UnixListener) -> Result<Infallible, LobbyError> {
-    // SAFETY: integer flags only, no memory passed; the result is checked before use.
-    let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-    if ep < 0 {
-        return Err(LobbyError::Setup(io::Error::last_os_error()));
-    }
-    // SAFETY: a fresh fd, ours alone.
-    let epfd = unsafe { OwnedFd::from_raw_fd(ep) };
+    let epfd = sys::epoll().map_err(LobbyError::Setup)?;
     // SAFETY: a fresh eventfd, ours alone.
     let bell = Arc::new(unsafe { OwnedFd::from_raw_fd(sys::eventfd().map_err(LobbyError::Setup)?) });
     listener.set_nonblocking(true).map_err(LobbyError::Setup)?;

@@ -64,9 +64,7 @@ impl Drop for KernelSocket {
 const SOCK_EVENTS: u32 = (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLPRI | libc::EPOLLET) as u32;
 
 fn epoll_ctl(epfd: RawFd, op: i32, fd: RawFd, events: u32, key: u64) -> Result<(), Errno> {
-    let mut ev = libc::epoll_event { events, u64: key };
-    // SAFETY: ev is a live local the kernel only reads; bad fds are refused with an errno.
-    ok(unsafe { libc::epoll_ctl(epfd, op, fd, &mut ev) })
+    netkernel_ring::sys::epoll_ctl(epfd, op, fd, events, key).map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))
 }
 
 fn errno() -> Errno {
@@ -105,13 +103,7 @@ impl KernelStack {
         if let Some(cc) = &congestion {
             offered(cc)?;
         }
-        // SAFETY: no pointers; the result is checked.
-        let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if ep < 0 {
-            return Err(format!("epoll_create1: {}", std::io::Error::last_os_error()));
-        }
-        // SAFETY: ep is a fresh fd nobody else owns.
-        let epfd = unsafe { OwnedFd::from_raw_fd(ep) };
+        let epfd = netkernel_ring::sys::epoll().map_err(|e| format!("epoll_create1: {e}"))?;
         Ok(KernelStack { congestion, epfd, events: vec![libc::epoll_event { events: 0, u64: 0 }; 256] })
     }
 }

@@ -148,30 +148,11 @@ fn errno() -> Errno {
     std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
 }
 
-pub(crate) fn epoll() -> std::io::Result<OwnedFd> {
-    // SAFETY: integer flags only; the fd is owned by nobody else.
-    let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fd was just created and is owned by nobody else.
-    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
-}
-
-pub(crate) fn watch(ep: RawFd, fd: RawFd, key: u64, edge: bool) -> std::io::Result<()> {
-    let mut ev = libc::epoll_event {
-        events: (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP) as u32
-            | if edge { libc::EPOLLET as u32 } else { 0 },
-        u64: key,
-    };
-    if !edge {
-        ev.events = libc::EPOLLIN as u32;
-    }
-    // SAFETY: ev is a live epoll_event; the kernel checks both fds.
-    if unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+/// Watches `fd` in `ep` under `key`: a pair edge-triggered for every change, or (`edge` false)
+/// the frame channel for input, level-triggered as the driver watches it.
+fn watch(ep: RawFd, fd: RawFd, key: u64, edge: bool) -> std::io::Result<()> {
+    let events = if edge { libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET } else { libc::EPOLLIN };
+    netkernel_ring::sys::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, events as u32, key)
 }
 
 /// poll(2) bits of `fd` now.
@@ -699,7 +680,7 @@ impl UserStack {
     /// the frame channel in it, which it then stands for.
     pub(crate) fn relay_epoll_with(&mut self, chan: Option<RawFd>) -> std::io::Result<()> {
         if self.relay.ep.is_none() {
-            self.relay.ep = Some(epoll()?);
+            self.relay.ep = Some(netkernel_ring::sys::epoll()?);
         }
         if let (Some(c), Some(ep)) = (chan, &self.relay.ep) {
             watch(ep.as_raw_fd(), c, CHAN_KEY, false)?;

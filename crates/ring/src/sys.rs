@@ -4,7 +4,7 @@
 
 use crate::frame;
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::AtomicU32;
 use std::time::Duration;
 
@@ -73,6 +73,27 @@ pub fn drain_bell(fd: RawFd) -> u64 {
     } else {
         0
     }
+}
+
+/// A new epoll instance (close-on-exec).
+pub fn epoll() -> io::Result<OwnedFd> {
+    // SAFETY: integer flags only; the result is checked.
+    let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// epoll_ctl(2) with `events` under `token`.
+pub fn epoll_ctl(epfd: RawFd, op: i32, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
+    let mut ev = libc::epoll_event { events, u64: token };
+    // SAFETY: ev is a live local the kernel only reads; it checks both fds.
+    if unsafe { libc::epoll_ctl(epfd, op, fd, &mut ev) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// close(2) without going through libc's (possibly interposed) wrapper.

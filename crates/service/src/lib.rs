@@ -112,25 +112,12 @@ fn regions() -> std::sync::MutexGuard<'static, Vec<(u64, Arc<Region>, RawFd)>> {
     REGIONS.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn epoll_ctl(epfd: RawFd, op: i32, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
-    let mut ev = libc::epoll_event { events, u64: token };
-    // SAFETY: ev is a live local; epoll_ctl validates the fds.
-    if unsafe { libc::epoll_ctl(epfd, op, fd, &mut ev) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
+use sys::epoll_ctl;
 
 impl<S: Stack> Service<S> {
     /// A service for NSM `name` that takes orders from the engine on `control`.
     pub fn new(stack: S, name: String, control: OwnedFd) -> io::Result<Self> {
-        // SAFETY: no pointers or fds go in; the result is checked.
-        let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if ep < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: ep is a fresh fd we own.
-        let epfd = unsafe { OwnedFd::from_raw_fd(ep) };
+        let epfd = sys::epoll()?;
         epoll_ctl(epfd.as_raw_fd(), libc::EPOLL_CTL_ADD, control.as_raw_fd(), libc::EPOLLIN as u32, TOK_CONTROL)?;
         let mut core = Core::new(stack, name, Limits::of_host());
         if !core.stack.system_resolver() {
