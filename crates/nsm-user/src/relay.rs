@@ -636,20 +636,21 @@ impl UserStack {
         if s.error != 0 && flags & libc::MSG_PEEK == 0 {
             return Err(std::mem::take(&mut s.error));
         }
-        if r.rcv_shut || r.dead {
+        if r.dead {
             return Ok(0);
         }
         let fl = libc::MSG_DONTWAIT | (flags & libc::MSG_PEEK);
         // SAFETY: buf is a live, writable slice of the length passed.
         let n = unsafe { libc::recv(r.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), fl) };
+        // Bytes already queued are read even after shutdown(SHUT_RD), as tcp_recvmsg does.
         match n {
             n if n > 0 => Ok(n as usize),
-            0 if r.fin || buf.is_empty() => Ok(0),
+            0 if r.fin || r.rcv_shut || buf.is_empty() => Ok(0),
             0 => Err(libc::EAGAIN),
-            _ => Err(match errno() {
-                libc::EAGAIN => libc::EAGAIN,
-                e => e,
-            }),
+            _ => match errno() {
+                libc::EAGAIN if r.rcv_shut => Ok(0),
+                e => Err(e),
+            },
         }
     }
 

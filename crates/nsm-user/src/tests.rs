@@ -1697,6 +1697,12 @@ fn an_upgrade_relays_connections_and_gives_listeners_away() {
     run3(&mut n, &mut nb, 5);
     assert_eq!(recv_str(&mut n.a, &c).unwrap(), "back");
 
+    // Bytes queued before shutdown(SHUT_RD) are still read, then the end.
+    send_all(&mut n.a, &c, b"tail");
+    run3(&mut n, &mut nb, 5);
+    nb.shutdown(&s2, libc::SHUT_RD).unwrap();
+    assert_eq!(recv_str(&mut nb, &s2).unwrap(), "tail");
+    assert_eq!(recv_str(&mut nb, &s2).unwrap(), "");
     // The peer's FIN is an end of stream in the new process; the guest's close, a FIN.
     n.a.shutdown(&c, libc::SHUT_WR).unwrap();
     run3(&mut n, &mut nb, 10);
