@@ -520,9 +520,10 @@ fn a_move_to_a_user_nsm_drains() {
     assert_eq!(by(new.pid()).into_iter().collect::<Vec<_>>(), ["user"], "{conns}");
 }
 
-/// A user NSM's upgrade: its connections live in smoltcp inside its process, so the old process
-/// keeps the attachments it has, and their connections, until they end, while the new process
-/// reads the link and serves every new attachment; guests of both reach each other.
+/// A user NSM's upgrade: the new process reads the link and serves every new attachment; the
+/// old process's guests follow it (their connections relayed by the old process, whose smoltcp
+/// keeps them); guests reach each other's listeners across the two; an engine restarted
+/// meanwhile adopts both; the old process exits once its connections are over.
 #[test]
 fn a_user_nsm_upgrade_drains_the_old_process() {
     if !is_root() {
@@ -551,8 +552,8 @@ fn a_user_nsm_upgrade_drains_the_old_process() {
     native.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     round_trip(&mut native, b"before");
     let mut old_guest = echo_guest(&engine, "default");
-    // A guest that closes its only connection after the upgrade and keeps running: nothing
-    // keeps it in the old process then, so it comes to the new one, and its next sockets too.
+    // A guest that closes its only connection after the upgrade and keeps running; its later
+    // sockets are the new process's.
     let mut lingering = engine
         .run(
             "python3",
@@ -603,8 +604,8 @@ fn a_user_nsm_upgrade_drains_the_old_process() {
     assert_eq!(engine.ctl("tenants")[0]["attachments"], 3, "the old process's attachments were adopted");
     assert_eq!(old_guest.ask("after the engine's restart"), "ok");
 
-    // New attachments are the new process's: a loopback connection, a connection to the old
-    // process's listener (through the bridged loopback), a listener the host reaches.
+    // New attachments are the new process's: a loopback connection, a connection to the echo
+    // server's listener, a listener the host reaches.
     let mut new_guest = echo_guest(&engine, "default");
     assert_eq!(new_guest.ask("new"), "ok");
     let out = run_ok(engine.run(
@@ -623,14 +624,13 @@ fn a_user_nsm_upgrade_drains_the_old_process() {
     native2.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     round_trip(&mut native2, b"to the new process");
     round_trip(&mut native, b"the old connection still");
-    // A new connection to the old listener goes to the old process, which still listens there.
+    // The echo server's listener (made anew in the new process) takes a new connection.
     let mut native3 = std::net::TcpStream::connect((addr, 7300)).unwrap();
     native3.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     round_trip(&mut native3, b"old listener, new connection");
 
-    // Once its guests are gone or hold no connection any more, the old process exits; the new
-    // one serves on. The echo server keeps running with its listener: once its connections are
-    // closed it comes over, its listener made anew in the new process.
+    // Once the connections it relays are over, the old process exits; the new one serves on,
+    // the echo server included.
     writeln!(lingering_in).unwrap();
     assert_eq!(said(), "closed");
     drop((native, native3, old_guest));
