@@ -24,8 +24,7 @@ fn demo_runs_and_cleans_up() {
 
 #[test]
 fn demo_runs_as_an_unprivileged_user() {
-    if !is_root() {
-        eprintln!("SKIP demo_runs_as_an_unprivileged_user: needs root to switch to user nobody");
+    if lacks_root("demo_runs_as_an_unprivileged_user: needs root to switch to user nobody") {
         return;
     }
     require("runuser");

@@ -176,8 +176,7 @@ fn an_orphaned_nsm_that_crashes_still_resets_its_guests() {
 
 #[test]
 fn isolated_guest_reaches_only_what_netkernel_serves() {
-    if !is_root() {
-        eprintln!("SKIP isolated_guest_reaches_only_what_netkernel_serves: --isolate needs root");
+    if lacks_root("isolated_guest_reaches_only_what_netkernel_serves: --isolate needs root") {
         return;
     }
     let curl = require("curl");
@@ -233,8 +232,7 @@ fn names_are_resolved_by_the_provider() {
         Duration::from_secs(30),
     );
     assert!(!native.status.success());
-    if !is_root() {
-        eprintln!("SKIP the isolated half of names_are_resolved_by_the_provider: --isolate needs root");
+    if lacks_root("the isolated half of names_are_resolved_by_the_provider: --isolate needs root") {
         return;
     }
     // In a guest with no network of its own, curl reaches a server by the provider's name.
@@ -302,8 +300,7 @@ fn host_and_reverse_names_are_the_providers() {
     assert!(nk.status.success(), "{}", String::from_utf8_lossy(&nk.stderr));
     assert_eq!(String::from_utf8_lossy(&nk.stdout), String::from_utf8_lossy(&native.stdout));
     assert!(String::from_utf8_lossy(&nk.stdout).contains("herror 1\n"), "{}", String::from_utf8_lossy(&nk.stdout));
-    if !is_root() {
-        eprintln!("SKIP the isolated half of host_and_reverse_names_are_the_providers: --isolate needs root");
+    if lacks_root("the isolated half of host_and_reverse_names_are_the_providers: --isolate needs root") {
         return;
     }
     let out = output_within(python_cmd(&known, true), Duration::from_secs(30));

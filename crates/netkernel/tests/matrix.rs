@@ -396,8 +396,7 @@ fn postgres_bin(name: &str) -> String {
 /// `postgres` user the Debian package creates.
 #[test]
 fn postgres_with_psql_and_pgbench() {
-    if !is_root() {
-        eprintln!("SKIP postgres_with_psql_and_pgbench: needs root to run PostgreSQL as user postgres");
+    if lacks_root("postgres_with_psql_and_pgbench: needs root to run PostgreSQL as user postgres") {
         return;
     }
     let (initdb, postgres) = (postgres_bin("initdb"), postgres_bin("postgres"));

@@ -98,8 +98,7 @@ fn tenants_keep_to_their_addresses_and_limits() {
 
 #[test]
 fn ctl_shows_a_user_only_the_tenants_that_admit_them() {
-    if !is_root() {
-        eprintln!("SKIP ctl_shows_a_user_only_the_tenants_that_admit_them: needs root to act as user nobody");
+    if lacks_root("ctl_shows_a_user_only_the_tenants_that_admit_them: needs root to act as user nobody") {
         return;
     }
     use std::os::unix::fs::PermissionsExt;
@@ -183,8 +182,7 @@ fn a_rate_limited_tenant_sends_at_its_rate() {
 
 #[test]
 fn an_nsm_in_a_network_namespace_of_its_own() {
-    if !is_root() {
-        eprintln!("SKIP an_nsm_in_a_network_namespace_of_its_own: needs root to create namespaces");
+    if lacks_root("an_nsm_in_a_network_namespace_of_its_own: needs root to create namespaces") {
         return;
     }
     let engine = TestEngine::with_config(
@@ -328,8 +326,7 @@ fn share_of_one_flow_against_eight(weights: (u32, u32), fair: bool) -> f64 {
 
 #[test]
 fn tenants_share_a_shaped_nsm_by_weight_not_by_flows() {
-    if !is_root() {
-        eprintln!("SKIP tenants_share_a_shaped_nsm_by_weight_not_by_flows: needs root for namespaces and tc");
+    if lacks_root("tenants_share_a_shaped_nsm_by_weight_not_by_flows: needs root for namespaces and tc") {
         return;
     }
     let equal = share_of_one_flow_against_eight((1, 1), true);

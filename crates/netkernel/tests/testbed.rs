@@ -65,8 +65,7 @@ except OSError:
 
 #[test]
 fn two_hosts_through_a_bottleneck() {
-    if !is_root() {
-        eprintln!("SKIP two_hosts_through_a_bottleneck: the testbed needs root");
+    if lacks_root("two_hosts_through_a_bottleneck: the testbed needs root") {
         return;
     }
     let python = require("python3");
@@ -111,8 +110,7 @@ print(c.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).rstrip(b'\0').
 
 #[test]
 fn a_guest_sends_through_a_bbr_nsm_over_linkem() {
-    if !is_root() {
-        eprintln!("SKIP a_guest_sends_through_a_bbr_nsm_over_linkem: the testbed needs root");
+    if lacks_root("a_guest_sends_through_a_bbr_nsm_over_linkem: the testbed needs root") {
         return;
     }
     let python = require("python3");
@@ -210,8 +208,7 @@ print(c.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).rstrip(b'\0').
 /// use BBR.
 #[test]
 fn a_long_transfer_moves_from_a_cubic_nsm_to_a_bbr_nsm() {
-    if !is_root() {
-        eprintln!("SKIP a_long_transfer_moves_from_a_cubic_nsm_to_a_bbr_nsm: the testbed needs root");
+    if lacks_root("a_long_transfer_moves_from_a_cubic_nsm_to_a_bbr_nsm: the testbed needs root") {
         return;
     }
     let python = require("python3");

@@ -496,8 +496,7 @@ fn a_closing_socket_with_queued_bytes_moves_and_delivers_them() {
 /// its connection on the kernel NSM, a new guest of the tenant attaches to the user NSM.
 #[test]
 fn a_move_to_a_user_nsm_drains() {
-    if !is_root() {
-        eprintln!("SKIP a_move_to_a_user_nsm_drains: a user NSM needs root (TAP device, namespace)");
+    if lacks_root("a_move_to_a_user_nsm_drains: a user NSM needs root (TAP device, namespace)") {
         return;
     }
     require("python3");
@@ -526,8 +525,7 @@ fn a_move_to_a_user_nsm_drains() {
 /// meanwhile adopts both; the old process exits once its connections are over.
 #[test]
 fn a_user_nsm_upgrade_drains_the_old_process() {
-    if !is_root() {
-        eprintln!("SKIP a_user_nsm_upgrade_drains_the_old_process: a user NSM needs root (TAP device, namespace)");
+    if lacks_root("a_user_nsm_upgrade_drains_the_old_process: a user NSM needs root (TAP device, namespace)") {
         return;
     }
     require("python3");
@@ -662,8 +660,7 @@ fn a_user_nsm_upgrade_drains_the_old_process() {
 /// has let go of the device.
 #[test]
 fn a_user_nsm_successor_crash_during_the_drain_restarts_the_nsm() {
-    if !is_root() {
-        eprintln!("SKIP a_user_nsm_successor_crash_during_the_drain_restarts_the_nsm: a user NSM needs root");
+    if lacks_root("a_user_nsm_successor_crash_during_the_drain_restarts_the_nsm: a user NSM needs root") {
         return;
     }
     require("python3");
@@ -757,8 +754,7 @@ struct Words {
 impl Words {
     /// None (and a SKIP line) without root: a user NSM needs its TAP device.
     fn start(test: &str) -> Option<Words> {
-        if !is_root() {
-            eprintln!("SKIP {test}: a user NSM needs root (TAP device, namespace)");
+        if lacks_root(&format!("{test}: a user NSM needs root (TAP device, namespace)")) {
             return None;
         }
         let (user, addr) = user_nsm_config("");

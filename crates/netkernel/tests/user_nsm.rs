@@ -9,10 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn root_or_skip(what: &str) -> bool {
-    if !is_root() {
-        eprintln!("skipping {what}: a user NSM's TAP device needs root");
-    }
-    is_root()
+    !lacks_root(&format!("{what}: a user NSM's TAP device needs root"))
 }
 
 /// The engine and its user NSM's address; the host's side of the link is `.1` of its subnet.

@@ -40,7 +40,7 @@ use control::NsmRequest;
 use netkernel_ring::doorbell;
 use netkernel_ring::region::Region;
 use netkernel_ring::spsc::Consumer;
-use netkernel_ring::sys;
+use netkernel_ring::sys::{self, epoll_ctl};
 use sock::Attachment;
 use std::collections::HashMap;
 use std::io;
@@ -111,8 +111,6 @@ static REGIONS: std::sync::Mutex<Vec<(u64, Arc<Region>, RawFd)>> = std::sync::Mu
 fn regions() -> std::sync::MutexGuard<'static, Vec<(u64, Arc<Region>, RawFd)>> {
     REGIONS.lock().unwrap_or_else(|e| e.into_inner())
 }
-
-use sys::epoll_ctl;
 
 impl<S: Stack> Service<S> {
     /// A service for NSM `name` that takes orders from the engine on `control`.

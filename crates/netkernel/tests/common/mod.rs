@@ -244,6 +244,15 @@ pub fn is_root() -> bool {
     unsafe { libc::getuid() == 0 }
 }
 
+/// Whether a test that needs root cannot run here; it then says so (`SKIP what`), for the log.
+pub fn lacks_root(what: &str) -> bool {
+    let lacks = !is_root();
+    if lacks {
+        eprintln!("SKIP {what}");
+    }
+    lacks
+}
+
 /// User + system clock ticks a process has used (/proc/PID/stat fields 14 and 15).
 pub fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
