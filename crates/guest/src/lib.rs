@@ -45,10 +45,14 @@ fn guard<T: From<i8>>(f: impl FnOnce() -> Result<T, Errno>) -> T {
 /// Dispatches on what `fd` is: NetKernel socket, a stale one (its NSM died), or plain.
 macro_rules! on_fd {
     ($fd:expr, |$slot:ident| $ours:expr, $plain:expr) => {
+        on_fd!($fd, |$slot| $ours, $plain, libc::ECONNRESET)
+    };
+    // `$stale`: the errno for a stale socket.
+    ($fd:expr, |$slot:ident| $ours:expr, $plain:expr, $stale:expr) => {
         match $crate::state::lookup($fd) {
             $crate::state::Fd::Plain => $plain,
             $crate::state::Fd::Sock($slot) => $crate::guard(|| $ours),
-            $crate::state::Fd::Stale => $crate::guard(|| Err(libc::ECONNRESET)),
+            $crate::state::Fd::Stale => $crate::guard(|| Err($stale)),
         }
     };
 }

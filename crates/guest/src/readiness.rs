@@ -41,6 +41,7 @@ fn mask_of(fd: c_int) -> u32 {
     match (lookup(fd), state::current()) {
         (Fd::Sock(slot), Some(a)) if !a.dead() => full_mask(a, slot),
         (Fd::Sock(slot), Some(a)) if state::end_told(a, slot) => 0,
+        (Fd::Stale, _) if state::stale_sock(fd).is_some_and(|(a, slot)| state::end_told(a, slot)) => 0,
         _ => DEAD_MASK,
     }
 }

@@ -3,7 +3,7 @@
 //! done here, the way the kernel does them for a blocking socket.
 
 use crate::state::{
-    self, attachment, sock_state, Attachment, Errno, F_END_TOLD, F_INET6, F_LISTEN, F_NONBLOCK, F_STREAM, F_WR_SHUT,
+    self, attachment, sock_state, Attachment, Errno, F_INET6, F_LISTEN, F_NONBLOCK, F_STREAM, F_WR_SHUT,
 };
 use libc::{c_int, iovec, sockaddr, socklen_t};
 use netkernel_abi::{Op, RecvControl, ADDR_MAX, BUF_SIZE, CONNECT_BLOCKING, CONTROL_MAX, RECV_CONTROL, SEND_CONTROL};
@@ -199,13 +199,7 @@ pub unsafe fn accept(slot: u32, addr: *mut sockaddr, len: *mut socklen_t, flags:
         return Err(libc::EINVAL);
     }
     let st = sock_state(slot);
-    let Ok(a) = live() else {
-        // The NSM died: ECONNRESET once; then a non-blocking listener is an idle one (see
-        // F_END_TOLD). A blocking accept keeps failing rather than wait for ever.
-        let told = st.flags.fetch_or(F_END_TOLD, Ordering::Relaxed) & F_END_TOLD != 0;
-        let nonblocking = st.flags.load(Ordering::Relaxed) & F_NONBLOCK != 0;
-        return Err(if told && nonblocking { libc::EAGAIN } else { libc::ECONNRESET });
-    };
+    let Ok(a) = live() else { return Err(state::dead_accept(st)) };
     loop {
         ready_or_wait(a, slot, libc::POLLIN as u32, 0, st.rcvtimeo_us.load(Ordering::Relaxed))?;
         let c = a.call(|w| w.set(Op::Accept, slot))?;

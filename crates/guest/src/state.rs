@@ -39,6 +39,39 @@ pub fn end_told(a: &Attachment, slot: u32) -> bool {
     a.region.guest_sock(slot).flags.load(Ordering::Relaxed) & F_END_TOLD != 0
 }
 
+/// accept() on a listener whose NSM died (`st`: its state in the dead region): ECONNRESET once;
+/// then a non-blocking listener is an idle one (`F_END_TOLD`). A blocking accept keeps failing
+/// rather than wait for ever.
+pub fn dead_accept(st: &GuestSock) -> Errno {
+    let told = st.flags.fetch_or(F_END_TOLD, Ordering::Relaxed) & F_END_TOLD != 0;
+    let nonblocking = st.flags.load(Ordering::Relaxed) & F_NONBLOCK != 0;
+    if told && nonblocking {
+        libc::EAGAIN
+    } else {
+        libc::ECONNRESET
+    }
+}
+
+/// Dead attachments of recent epochs (by epoch modulo the table's size, with the epoch), so
+/// that a stale fd still finds its socket's state: a listener told its end stays quiet.
+static RETIRED: [AtomicPtr<Attachment>; 64] = [const { AtomicPtr::new(std::ptr::null_mut()) }; 64];
+static RETIRED_EPOCH: [AtomicU32; 64] = [const { AtomicU32::new(NO_EPOCH) }; 64];
+
+/// The dead attachment and slot of stale fd `fd`, if its epoch is recent enough to be known.
+pub fn stale_sock(fd: i32) -> Option<(&'static Attachment, u32)> {
+    if fd < 0 || fd as usize >= MAX_FD {
+        return None;
+    }
+    let v = FDS[fd as usize].load(Ordering::Acquire).checked_sub(1)?;
+    let (epoch, slot) = (v >> 16, v & 0xffff);
+    let k = epoch as usize % RETIRED.len();
+    if epoch == NO_EPOCH || RETIRED_EPOCH[k].load(Ordering::Acquire) != epoch {
+        return None;
+    }
+    // SAFETY: attachments are leaked once published and never freed.
+    unsafe { RETIRED[k].load(Ordering::Acquire).as_ref() }.map(|a| (a, slot))
+}
+
 /// Guest-side state of socket `slot`, shared by every fd that refers to it in every process of
 /// the attachment (dup, fork): like the kernel's open file description. It lives in the region.
 pub fn sock_state(slot: u32) -> &'static GuestSock {
@@ -230,6 +263,10 @@ pub fn attachment() -> Result<&'static Attachment, Errno> {
         // An older, dead attachment stays mapped (threads may still be reading it); its
         // sockets are stale from now on.
         if !cur.is_null() {
+            let e = EPOCH.load(Ordering::Relaxed);
+            let k = e as usize % RETIRED.len();
+            RETIRED[k].store(cur, Ordering::Release);
+            RETIRED_EPOCH[k].store(e, Ordering::Release);
             new_epoch();
         }
         // The attaching process is holder 0 of its own attachment, whatever its parent was.

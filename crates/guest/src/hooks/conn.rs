@@ -43,17 +43,30 @@ pub unsafe extern "C" fn accept(fd: c_int, addr: *mut sockaddr, len: *mut sockle
     // SAFETY: the caller's pointers go unchanged to GuestLib's version or to the function this one
     // interposes; both have the contract of the interposed call, which the caller meets by calling
     // it.
-    on_fd!(fd, |s| unsafe { sock::accept(s, addr, len, 0) }, unsafe { real::accept(fd, addr, len) })
+    on_fd!(fd, |s| unsafe { sock::accept(s, addr, len, 0) }, unsafe { real::accept(fd, addr, len) }, stale_accept(fd))
 }
 
 /// # Safety
 /// Interposes accept4(2).
 #[no_mangle]
 pub unsafe extern "C" fn accept4(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t, flags: c_int) -> c_int {
-    // SAFETY: the caller's pointers go unchanged to GuestLib's version or to the function this one
-    // interposes; both have the contract of the interposed call, which the caller meets by calling
-    // it.
-    on_fd!(fd, |s| unsafe { sock::accept(s, addr, len, flags) }, unsafe { real::accept4(fd, addr, len, flags) })
+    on_fd!(
+        fd,
+        // SAFETY: the caller's pointers go unchanged to GuestLib's version, which has the
+        // contract of accept4(2); the caller meets it by calling.
+        |s| unsafe { sock::accept(s, addr, len, flags) },
+        // SAFETY: as above, to the function this one interposes.
+        unsafe { real::accept4(fd, addr, len, flags) },
+        stale_accept(fd)
+    )
+}
+
+/// accept() on a stale fd: a listener whose NSM died tells its end once (`state::dead_accept`).
+fn stale_accept(fd: c_int) -> state::Errno {
+    match state::stale_sock(fd) {
+        Some((a, slot)) => state::dead_accept(a.region.guest_sock(slot)),
+        None => libc::ECONNRESET,
+    }
 }
 
 /// # Safety
